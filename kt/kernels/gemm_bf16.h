@@ -1,0 +1,63 @@
+// BF16 matrix kernels for expert projections: y[M,N] = x[M,K] * W[N,K]^T with fp32 accumulation.
+//
+// Weights are packed once at load into panels of kPanelRows output rows. Inside a panel the K axis is
+// split into pairs and interleaved: panel[kp][r][2] = {W[r][2kp], W[r][2kp+1]}. One 32-bit lane then
+// holds two consecutive k of one output row, which is exactly the operand of vdpbf16ps, and a Highway
+// path recovers both fp32 values with one shift and one mask. A 16-row panel pair-row is 64 bytes, one
+// cache line and one zmm register, so a panel streams linearly through memory for any M (decode reads
+// every weight byte once; prefill re-reads a few panels from L2 while reusing x rows held in L1).
+// K is padded to even and N to a multiple of kPanelRows with zeros.
+#ifndef KT_KERNELS_GEMM_BF16_H_
+#define KT_KERNELS_GEMM_BF16_H_
+
+#include <cstddef>
+
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+
+namespace kt {
+
+inline constexpr size_t kPanelRows = 16;
+
+inline constexpr size_t KPairs(size_t k) { return (k + 1) / 2; }
+// Elements of one packed panel.
+inline constexpr size_t PanelStride(size_t k) { return KPairs(k) * 2 * kPanelRows; }
+inline constexpr size_t NumPanels(size_t n) { return (n + kPanelRows - 1) / kPanelRows; }
+// Elements of a packed [N,K] matrix.
+inline constexpr size_t PackedBf16Size(size_t n, size_t k) { return NumPanels(n) * PanelStride(k); }
+
+// Packs row-major w[N,K] (row stride ldw elements) into `packed` (PackedBf16Size(N,K) elements).
+void PackBf16(const bf16_t* w, size_t ldw, size_t n, size_t k, bf16_t* packed);
+
+// Inverse of PackBf16 (for tests and for copying experts back out).
+void UnpackBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* w, size_t ldw);
+
+// Computes y[m][j] = sum_k x[m][k] * W[j][k] for m < M and j < n_cols, where W's rows are the rows of the
+// panels starting at `panels` (so a caller covers a column range by offsetting `panels` by whole panels).
+// x rows have stride ldx (elements, any alignment), y rows stride ldy. y is overwritten. No allocation,
+// no threads: the caller splits work across panels.
+using GemmBf16Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
+                            size_t n_cols, float* y, size_t ldy);
+
+// The kernel of one path; nullptr for kAmx until the AMX issue lands (ResolveIsa never returns it yet).
+// The caller must have checked IsaSupported(isa, GetCpuFeatures()).
+GemmBf16Fn GetGemmBf16(Isa isa);
+
+// The slow, obvious truth, on unpacked row-major W[N,K]: double accumulation, so every fp32 path can be
+// judged against it with a bound derived from fp32 rounding.
+void GemmBf16Reference(size_t m, size_t n, size_t k, const bf16_t* x, size_t ldx, const bf16_t* w,
+                       size_t ldw, float* y, size_t ldy);
+
+namespace internal {
+// Per-library entry points, used by GetGemmBf16 and tests.
+void GemmBf16Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
+                    size_t n_cols, float* y, size_t ldy);
+void GemmBf16Avx512Bf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
+                        size_t n_cols, float* y, size_t ldy);
+// Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni; returns nullptr if not compiled in.
+GemmBf16Fn GemmBf16Hwy(Isa isa);
+}  // namespace internal
+
+}  // namespace kt
+
+#endif  // KT_KERNELS_GEMM_BF16_H_

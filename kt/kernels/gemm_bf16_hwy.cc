@@ -1,0 +1,150 @@
+// Highway kernels (AVX2, AVX3, AVX3_DL) for the BF16 GEMM over packed panels. Without a bf16 dot
+// instruction, each 32-bit weight lane {W[r][2kp], W[r][2kp+1]} becomes two fp32 values with one shift
+// (even k: low half moved up) and one mask (odd k: high half kept), then two FMAs against broadcast
+// x[2kp] and x[2kp+1]. Products of bf16 values are exact in fp32, so only the accumulation rounds.
+//
+// Register blocking per target: AVX3 has 32 vector registers: 8 rows x 2 panels (2 zmm) = 16
+// accumulators + 4 unpacked weights + 2 broadcasts. AVX2 has 16: 4 rows x 1 panel (2 ymm) = 8
+// accumulators + 4 weights + 2 broadcasts.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/gemm_bf16_hwy.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+
+#include "kt/kernels/gemm_bf16.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DU = hn::ScalableTag<uint32_t>;
+constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(float);
+// Vectors per 16-row panel pair-row (1 for AVX3, 2 for AVX2, 4 for 128-bit targets).
+constexpr size_t kVecsPerPanel = kPanelRows / kLanes;
+constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
+constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
+constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+
+template <int MR, int NP>
+HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
+                      const bf16_t* HWY_RESTRICT panels, size_t stride, float* HWY_RESTRICT y,
+                      size_t ldy, size_t cols) {
+  const DF df;
+  const DU du;
+  constexpr size_t kV = NP * kVecsPerPanel;
+  using VF = hn::Vec<DF>;
+  VF acc[MR][kV];
+  for (int m = 0; m < MR; ++m) {
+    for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(df);
+  }
+  const auto hi_mask = hn::Set(du, 0xffff0000u);
+  const size_t kpairs = KPairs(k);
+  for (size_t kp = 0; kp < kpairs; ++kp) {
+    VF w_even[kV], w_odd[kV];
+    for (int p = 0; p < NP; ++p) {
+      const uint32_t* src =
+          reinterpret_cast<const uint32_t*>(panels + p * stride + kp * 2 * kPanelRows);
+      for (size_t s = 0; s < kVecsPerPanel; ++s) {
+        const auto w = hn::LoadU(du, src + s * kLanes);
+        w_even[p * kVecsPerPanel + s] = hn::BitCast(df, hn::ShiftLeft<16>(w));
+        w_odd[p * kVecsPerPanel + s] = hn::BitCast(df, hn::And(w, hi_mask));
+      }
+    }
+    const bool has_odd = 2 * kp + 1 < k;
+    for (int m = 0; m < MR; ++m) {
+      const bf16_t* xr = x + m * ldx + 2 * kp;
+      const VF x0 = hn::Set(df, Bf16ToF32(xr[0]));
+      const VF x1 = hn::Set(df, has_odd ? Bf16ToF32(xr[1]) : 0.0f);
+      for (size_t v = 0; v < kV; ++v) {
+        acc[m][v] = hn::MulAdd(x0, w_even[v], acc[m][v]);
+        acc[m][v] = hn::MulAdd(x1, w_odd[v], acc[m][v]);
+      }
+    }
+  }
+  for (size_t v = 0; v < kV; ++v) {
+    const size_t c0 = v * kLanes;
+    if (c0 >= cols) break;
+    const size_t n = std::min(kLanes, cols - c0);
+    for (int m = 0; m < MR; ++m) {
+      if (n == kLanes) {
+        hn::StoreU(acc[m][v], df, y + m * ldy + c0);
+      } else {
+        HWY_ALIGN float tmp[kLanes];
+        hn::Store(acc[m][v], df, tmp);
+        std::copy(tmp, tmp + n, y + m * ldy + c0);
+      }
+    }
+  }
+}
+
+using MicroFn = void (*)(size_t, const bf16_t*, size_t, const bf16_t*, size_t, float*, size_t, size_t);
+
+template <int NP>
+MicroFn PickRows(size_t rows) {
+  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
+  switch (rows) {
+    case 1: return &Micro<1, NP>;
+    case 2: return &Micro<2, NP>;
+    case 3: return &Micro<3, NP>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
+    default: return &Micro<4, NP>;
+  }
+}
+
+void GemmBf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t n_cols,
+              float* y, size_t ldy) {
+  const size_t stride = PanelStride(k);
+  const size_t num_panels = NumPanels(n_cols);
+  for (size_t p = 0; p < num_panels; p += kMaxPanels) {
+    const size_t np = std::min<size_t>(kMaxPanels, num_panels - p);
+    const size_t c0 = p * kPanelRows;
+    const size_t cols = std::min(n_cols - c0, np * kPanelRows);
+    for (size_t i = 0; i < m;) {
+      const size_t rows = std::min<size_t>(kMaxRows, m - i);
+      const MicroFn fn = (np == 2 && kMaxPanels >= 2) ? PickRows<(kMaxPanels >= 2 ? 2 : 1)>(rows)
+                                                      : PickRows<1>(rows);
+      fn(k, x + i * ldx, ldx, panels + p * stride, stride, y + i * ldy + c0, ldy, cols);
+      i += rows;
+    }
+  }
+}
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace internal {
+
+// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
+// the target, and Highway's global chosen-target state is never touched.
+GemmBf16Fn GemmBf16Hwy(Isa isa) {
+  switch (isa) {
+#if HWY_TARGETS & HWY_AVX2
+    case Isa::kAvx2:
+      return &N_AVX2::GemmBf16;
+#endif
+#if HWY_TARGETS & HWY_AVX3
+    case Isa::kAvx512:
+      return &N_AVX3::GemmBf16;
+#endif
+#if HWY_TARGETS & HWY_AVX3_DL
+    case Isa::kAvx512Vnni:
+      return &N_AVX3_DL::GemmBf16;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace internal
+}  // namespace kt
+#endif  // HWY_ONCE

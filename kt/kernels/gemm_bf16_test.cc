@@ -1,0 +1,142 @@
+// Every BF16 GEMM path against the double-precision reference over shapes that hit every remainder:
+// M = 1..33 (row blocks of 8 and 4 plus tails), K odd and even (the pair tail), N not a multiple of the
+// 16-row panel or of the 2-3 panel blocks, misaligned x/y pointers and padded strides.
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/kernels/gemm_bf16.h"
+
+namespace kt {
+namespace {
+
+std::vector<bf16_t> RandomBf16(size_t n, std::mt19937& rng, float scale) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<bf16_t> v(n);
+  for (auto& e : v) e = F32ToBf16(dist(rng));
+  return v;
+}
+
+TEST(PackBf16, RoundTripsAndZeroPads) {
+  std::mt19937 rng(3);
+  for (size_t n : {1, 16, 17, 40}) {
+    for (size_t k : {1, 2, 7, 64}) {
+      const std::vector<bf16_t> w = RandomBf16(n * k, rng, 1.0f);
+      std::vector<bf16_t> packed(PackedBf16Size(n, k), bf16_t{0xffff});
+      PackBf16(w.data(), k, n, k, packed.data());
+      std::vector<bf16_t> back(n * k);
+      UnpackBf16(packed.data(), n, k, back.data(), k);
+      for (size_t i = 0; i < n * k; ++i) ASSERT_EQ(back[i].bits, w[i].bits);
+      // Padding (rows >= n, the odd k's partner) must be zero so kernels can run over it.
+      size_t nonzero = 0;
+      for (const bf16_t& e : packed) nonzero += (e.bits & 0x7fff) != 0;
+      size_t nonzero_w = 0;
+      for (const bf16_t& e : w) nonzero_w += (e.bits & 0x7fff) != 0;
+      EXPECT_EQ(nonzero, nonzero_w);
+    }
+  }
+}
+
+class GemmBf16Test : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (!IsaSupported(GetParam(), GetCpuFeatures())) {
+      GTEST_SKIP() << IsaName(GetParam()) << " is not supported by this CPU ("
+                   << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
+    }
+    fn_ = GetGemmBf16(GetParam());
+    ASSERT_NE(fn_, nullptr);
+  }
+
+  // Runs one shape and checks every element against the reference with the fp32 summation bound
+  // |err| <= K * 2^-23 * sum_k |x_k w_k| (+ a tiny absolute floor for all-zero rows). Products of bf16
+  // are exact in fp32, so only the K additions round; returns the worst error relative to its bound.
+  double Check(size_t m, size_t n, size_t k, size_t x_offset, std::mt19937& rng) {
+    const size_t ldx = k + 3, ldw = k, ldy = n + 5;
+    const std::vector<bf16_t> x = RandomBf16(m * ldx + x_offset, rng, 1.0f);
+    const std::vector<bf16_t> w = RandomBf16(n * ldw, rng, 0.5f);
+    std::vector<bf16_t> packed(PackedBf16Size(n, k));
+    PackBf16(w.data(), ldw, n, k, packed.data());
+    const float kSentinel = 12345.0f;
+    std::vector<float> y(m * ldy + 1, kSentinel), ref(m * n);
+    const bf16_t* xp = x.data() + x_offset;
+    GemmBf16Reference(m, n, k, xp, ldx, w.data(), ldw, ref.data(), n);
+    fn_(m, k, xp, ldx, packed.data(), n, y.data() + 1, ldy);
+    double worst = 0;
+    for (size_t i = 0; i < m; ++i) {
+      for (size_t j = 0; j < n; ++j) {
+        double mag = 0;
+        for (size_t kk = 0; kk < k; ++kk) {
+          mag += std::fabs(Bf16ToF32(xp[i * ldx + kk]) * Bf16ToF32(w[j * ldw + kk]));
+        }
+        const double bound = static_cast<double>(k) * std::ldexp(1.0, -23) * mag + 1e-30;
+        const double err = std::fabs(static_cast<double>(y[1 + i * ldy + j]) - ref[i * n + j]);
+        EXPECT_LE(err, bound) << "m=" << m << " n=" << n << " k=" << k << " at (" << i << "," << j
+                              << ") got " << y[1 + i * ldy + j] << " want " << ref[i * n + j];
+        worst = std::max(worst, err / bound);
+      }
+      // Columns between n and ldy belong to the caller: untouched.
+      for (size_t j = n; j < ldy && i * ldy + j + 1 < y.size(); ++j) {
+        EXPECT_EQ(y[1 + i * ldy + j], kSentinel) << "wrote past n_cols at row " << i;
+      }
+    }
+    EXPECT_EQ(y[0], kSentinel) << "wrote before y";
+    return worst;
+  }
+
+  GemmBf16Fn fn_ = nullptr;
+};
+
+TEST_P(GemmBf16Test, ShapeSweepMatchesReference) {
+  std::mt19937 rng(11);
+  double worst = 0;
+  for (size_t m = 1; m <= 33; ++m) {
+    for (size_t n : {1, 15, 16, 17, 33, 50}) {
+      for (size_t k : {1, 2, 3, 31, 64, 67}) {
+        worst = std::max(worst, Check(m, n, k, /*x_offset=*/m % 2, rng));
+        if (HasFailure()) return;
+      }
+    }
+  }
+  std::printf("[%s] worst error / fp32 bound = %.3g\n", IsaName(GetParam()), worst);
+}
+
+TEST_P(GemmBf16Test, ExpertShapes) {
+  // Realistic expert projections (gate/up: N=I, K=H; down: N=H, K=I), decode and a prefill block.
+  std::mt19937 rng(5);
+  for (size_t m : {1, 4, 37}) {
+    Check(m, 96, 256, 1, rng);
+    Check(m, 256, 96, 0, rng);
+  }
+}
+
+TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
+  // The MoE layer splits N across threads by offsetting `panels`: the result must equal the full product.
+  std::mt19937 rng(9);
+  const size_t m = 9, n = 70, k = 45;
+  const std::vector<bf16_t> x = RandomBf16(m * k, rng, 1.0f);
+  const std::vector<bf16_t> w = RandomBf16(n * k, rng, 1.0f);
+  std::vector<bf16_t> packed(PackedBf16Size(n, k));
+  PackBf16(w.data(), k, n, k, packed.data());
+  std::vector<float> full(m * n), parts(m * n);
+  fn_(m, k, x.data(), k, packed.data(), n, full.data(), n);
+  for (size_t p = 0; p < NumPanels(n); ++p) {
+    const size_t c0 = p * kPanelRows;
+    fn_(m, k, x.data(), k, packed.data() + p * PanelStride(k), std::min(kPanelRows, n - c0),
+        parts.data() + c0, n);
+  }
+  for (size_t i = 0; i < m * n; ++i) ASSERT_EQ(full[i], parts[i]) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test,
+                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
+                                           Isa::kAvx512Bf16),
+                         [](const auto& info) { return std::string(IsaName(info.param)); });
+
+}  // namespace
+}  // namespace kt

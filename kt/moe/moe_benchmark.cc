@@ -1,0 +1,240 @@
+// Google Benchmark of the BF16 routed-experts forward on Qwen3 layer shapes.
+//
+//   bazel run -c opt //kt/moe:moe_benchmark
+//   bazel run -c opt //kt/moe:moe_benchmark -- --benchmark_filter=30B --threads=2
+//
+// Benchmarks (names): Qwen3_30B_A3B/decode/qlen:1, Qwen3_30B_A3B/prefill/qlen:512, and the same for
+// Qwen3_235B_A22B (4.8 GB of weights, allocated only when one of its benchmarks runs).
+// Weights are deterministic random bf16 with standard deviation 1/sqrt(fan_in); every token is routed to
+// top_k distinct random experts; each iteration uses the next of several routing patterns so that
+// consecutive calls touch different experts. Counters (per second of real time):
+//   GB/s    bytes of the DISTINCT experts routed to in each call (3 * H * I * 2 bytes each), counted
+//           exactly from the generated ids
+//   TFLOPS  2 * 3 * H * I * top_k * qlen floating-point operations per call
+// The label names the kernel path (KT_ISA caps it) and the thread count.
+//
+// Flags besides Google Benchmark's: --threads=N (default: CPUs in the affinity mask), --pin.
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/moe/moe_bf16.h"
+#include "kt/moe/thread_pool.h"
+
+namespace kt {
+namespace {
+
+int g_threads = 0;
+bool g_pin = false;
+Isa g_isa = Isa::kScalar;
+
+struct Shape {
+  const char* name;
+  int experts, top_k, hidden, intermediate;
+};
+
+constexpr Shape kQwen3_30B{"Qwen3_30B_A3B", 128, 8, 2048, 768};
+constexpr Shape kQwen3_235B{"Qwen3_235B_A22B", 128, 8, 4096, 1536};
+constexpr int kMaxLen = 512;
+constexpr int kPatterns = 16;
+
+int HardwareThreads() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Counter-based (SplitMix64) so that the values do not depend on how the fill is split across threads.
+inline uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+inline float UniformSym(uint64_t stream, uint64_t i) {
+  return static_cast<float>(Mix(Mix(stream) ^ i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+void FillRandomBf16(ThreadPool& pool, uint64_t stream, size_t n, float std, bf16_t* out) {
+  const float a = std::sqrt(3.0f) * std;
+  constexpr size_t kChunk = size_t{1} << 20;
+  pool.ParallelFor((n + kChunk - 1) / kChunk, [&](size_t task, int) {
+    const size_t end = std::min(n, (task + 1) * kChunk);
+    for (size_t i = task * kChunk; i < end; ++i) out[i] = F32ToBf16(a * UniformSym(stream, i));
+  });
+}
+
+struct Routing {
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  int distinct_experts = 0;
+};
+
+Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts) {
+  Routing r;
+  r.ids.resize(static_cast<size_t>(qlen) * k);
+  r.weights.resize(r.ids.size());
+  std::vector<int> perm(num_experts);
+  std::vector<char> seen(num_experts, 0);
+  std::uniform_real_distribution<float> w(0.1f, 1.0f);
+  for (int t = 0; t < qlen; ++t) {
+    for (int e = 0; e < num_experts; ++e) perm[e] = e;
+    float sum = 0;
+    for (int j = 0; j < k; ++j) {
+      std::uniform_int_distribution<int> pick(j, num_experts - 1);
+      std::swap(perm[j], perm[pick(rng)]);
+      r.ids[t * k + j] = perm[j];
+      r.weights[t * k + j] = w(rng);
+      sum += r.weights[t * k + j];
+      if (!seen[perm[j]]) {
+        seen[perm[j]] = 1;
+        ++r.distinct_experts;
+      }
+    }
+    for (int j = 0; j < k; ++j) r.weights[t * k + j] /= sum;
+  }
+  return r;
+}
+
+// One loaded layer at a time: switching shape frees the previous one (the 235B layer alone is 4.8 GB).
+struct Layer {
+  const Shape* shape = nullptr;
+  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<Bf16Moe> moe;
+};
+
+Layer& GetLayer(const Shape& shape) {
+  static Layer* layer = new Layer;
+  if (layer->shape == &shape) return *layer;
+  layer->moe.reset();
+  if (!layer->pool) layer->pool = std::make_unique<ThreadPool>(ThreadPoolOptions{g_threads, g_pin});
+  MoeConfig config;
+  config.num_experts = shape.experts;
+  config.top_k = shape.top_k;
+  config.hidden = shape.hidden;
+  config.intermediate = shape.intermediate;
+  config.max_len = kMaxLen;
+  absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(config, g_isa);
+  if (!moe.ok()) {
+    std::fprintf(stderr, "Bf16Moe::Create: %s\n", moe.status().ToString().c_str());
+    std::exit(1);
+  }
+  const size_t E = shape.experts, H = shape.hidden, I = shape.intermediate;
+  const size_t n = E * I * H;
+  std::unique_ptr<bf16_t[]> gate(new bf16_t[n]), up(new bf16_t[n]), down(new bf16_t[n]);
+  ThreadPool& pool = *layer->pool;
+  FillRandomBf16(pool, 1, n, 1.0f / std::sqrt(static_cast<float>(H)), gate.get());
+  FillRandomBf16(pool, 2, n, 1.0f / std::sqrt(static_cast<float>(H)), up.get());
+  FillRandomBf16(pool, 3, n, 1.0f / std::sqrt(static_cast<float>(I)), down.get());
+  const absl::Status st = (*moe)->LoadWeights(gate.get(), up.get(), down.get(), nullptr, pool);
+  if (!st.ok()) {
+    std::fprintf(stderr, "LoadWeights: %s\n", st.ToString().c_str());
+    std::exit(1);
+  }
+  layer->moe = std::move(*moe);
+  layer->shape = &shape;
+  return *layer;
+}
+
+void BM_Moe(benchmark::State& state, const Shape* shape, int qlen) {
+  Layer& layer = GetLayer(*shape);
+  const int k = shape->top_k;
+  const size_t H = shape->hidden;
+  const double expert_bytes = 3.0 * shape->hidden * shape->intermediate * sizeof(bf16_t);
+  const double flop = 2.0 * 3.0 * shape->hidden * shape->intermediate * k * qlen;
+
+  std::mt19937_64 rng(1000 + qlen);
+  std::vector<Routing> patterns;
+  for (int p = 0; p < kPatterns; ++p) patterns.push_back(RandomRouting(rng, qlen, k, shape->experts));
+  std::vector<bf16_t> x(static_cast<size_t>(qlen) * H), y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) x[i] = F32ToBf16(std::sqrt(3.0f) * UniformSym(7, i));
+
+  double bytes = 0;
+  int64_t calls = 0;
+  size_t p = 0;
+  for (auto _ : state) {
+    const Routing& r = patterns[p];
+    const absl::Status st = layer.moe->Forward(*layer.pool, qlen, k, r.ids.data(), r.weights.data(),
+                                               x.data(), y.data(), nullptr);
+    if (!st.ok()) {
+      state.SkipWithError(st.ToString().c_str());
+      break;
+    }
+    bytes += r.distinct_experts * expert_bytes;
+    ++calls;
+    p = (p + 1) % patterns.size();
+  }
+  benchmark::DoNotOptimize(y.data());
+  state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsRate);
+  state.counters["TFLOPS"] = benchmark::Counter(flop * calls / 1e12, benchmark::Counter::kIsRate);
+  state.counters["threads"] = layer.pool->num_threads();
+  state.SetLabel(std::string("isa=") + IsaName(g_isa));
+}
+
+void Register(const Shape& shape) {
+  const std::string base = shape.name;
+  benchmark::RegisterBenchmark((base + "/decode/qlen:1").c_str(), BM_Moe, &shape, 1)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);
+  benchmark::RegisterBenchmark((base + "/prefill/qlen:512").c_str(), BM_Moe, &shape, 512)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);
+}
+
+}  // namespace
+}  // namespace kt
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  kt::g_threads = kt::HardwareThreads();
+  for (int i = 1; i < argc; ++i) {
+    const char* a = argv[i];
+    if (std::strncmp(a, "--threads=", 10) == 0) {
+      char* end = nullptr;
+      const long v = std::strtol(a + 10, &end, 10);
+      if (*end != '\0' || v < 1 || v > 4096) {
+        std::fprintf(stderr, "moe_benchmark: --threads wants a positive integer, got '%s'\n", a + 10);
+        return 2;
+      }
+      kt::g_threads = static_cast<int>(v);
+    } else if (std::strcmp(a, "--pin") == 0) {
+      kt::g_pin = true;
+    } else {
+      std::fprintf(stderr, "moe_benchmark: unknown flag '%s' (besides --benchmark_*: --threads=N, --pin)\n",
+                   a);
+      return 2;
+    }
+  }
+  const char* env = std::getenv("KT_ISA");
+  const absl::StatusOr<kt::Isa> isa = kt::ResolveIsa(env == nullptr ? "" : env, kt::GetCpuFeatures());
+  if (!isa.ok()) {
+    std::fprintf(stderr, "moe_benchmark: %s\n", std::string(isa.status().message()).c_str());
+    return 2;
+  }
+  kt::g_isa = *isa;
+  benchmark::AddCustomContext("kt_isa", kt::IsaName(kt::g_isa));
+  benchmark::AddCustomContext("kt_threads", std::to_string(kt::g_threads));
+  benchmark::AddCustomContext("cpu_brand", kt::GetCpuFeatures().brand);
+  kt::Register(kt::kQwen3_30B);
+  kt::Register(kt::kQwen3_235B);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,227 @@
+// The MoE forward on every kernel path against MoeForwardReference (double accumulation, same bf16
+// rounding of silu(g)*u), including the routing corner cases: invalid and GPU-masked ids, an expert
+// chosen twice by one token, all tokens on one expert, experts with no tokens, permuted expert slots.
+#include "kt/moe/moe_bf16.h"
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kt {
+namespace {
+
+struct Layer {
+  MoeConfig config;
+  std::vector<bf16_t> gate, up, down;
+};
+
+Layer MakeLayer(int e, int k, int h, int i, int max_len, uint32_t seed) {
+  Layer l;
+  l.config = MoeConfig{e, k, h, i, max_len};
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  auto fill = [&](std::vector<bf16_t>& v, size_t count, float scale) {
+    v.resize(count);
+    for (auto& x : v) x = F32ToBf16(n(rng) * scale);
+  };
+  fill(l.gate, static_cast<size_t>(e) * i * h, 1.0f / std::sqrt(static_cast<float>(h)));
+  fill(l.up, static_cast<size_t>(e) * i * h, 1.0f / std::sqrt(static_cast<float>(h)));
+  fill(l.down, static_cast<size_t>(e) * h * i, 1.0f / std::sqrt(static_cast<float>(i)));
+  return l;
+}
+
+struct Batch {
+  int qlen, k;
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  std::vector<bf16_t> input;
+};
+
+Batch RandomBatch(const MoeConfig& c, int qlen, std::mt19937& rng) {
+  Batch b{qlen, c.top_k, {}, {}, {}};
+  std::uniform_int_distribution<int> pick(0, c.num_experts - 1);
+  std::uniform_real_distribution<float> w(0.05f, 1.0f);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (int t = 0; t < qlen; ++t) {
+    for (int j = 0; j < c.top_k; ++j) {
+      b.ids.push_back(pick(rng));
+      b.weights.push_back(w(rng));
+    }
+  }
+  for (int t = 0; t < qlen * c.hidden; ++t) b.input.push_back(F32ToBf16(n(rng)));
+  return b;
+}
+
+class MoeBf16Test : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (!IsaSupported(GetParam(), GetCpuFeatures())) {
+      GTEST_SKIP() << IsaName(GetParam()) << " is not supported by this CPU ("
+                   << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
+    }
+  }
+
+  std::unique_ptr<Bf16Moe> Build(const Layer& l, ThreadPool& pool, const int64_t* map = nullptr) {
+    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(l.config, GetParam());
+    EXPECT_TRUE(moe.ok()) << moe.status();
+    EXPECT_TRUE((*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), map, pool).ok());
+    return std::move(*moe);
+  }
+
+  // Checks out (bf16) against the reference: each element within its own bf16 rounding (2^-8 relative)
+  // plus 2e-3 of the largest magnitude, which covers fp32 accumulation order and the rare bf16 rounding
+  // flip of an intermediate h element. Returns max|err| / max|ref|.
+  double Compare(const Layer& l, const Batch& b, const std::vector<bf16_t>& out,
+                 const bool* mask = nullptr) {
+    const size_t h = l.config.hidden;
+    std::vector<float> ref(static_cast<size_t>(b.qlen) * h);
+    MoeForwardReference(l.config, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
+                        l.gate.data(), l.up.data(), l.down.data(), mask, ref.data());
+    double max_ref = 0, max_err = 0;
+    for (float r : ref) max_ref = std::max(max_ref, std::fabs(static_cast<double>(r)));
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double err = std::fabs(Bf16ToF32(out[i]) - static_cast<double>(ref[i]));
+      max_err = std::max(max_err, err);
+      EXPECT_LE(err, std::ldexp(std::fabs(ref[i]), -8) + 2e-3 * max_ref)
+          << "element " << i << " token " << i / h << ": got " << Bf16ToF32(out[i]) << " want "
+          << ref[i];
+      if (HasFailure()) break;
+    }
+    return max_ref > 0 ? max_err / max_ref : max_err;
+  }
+};
+
+TEST_P(MoeBf16Test, QlenSweepMatchesReference) {
+  // H and I are not multiples of the 16-row panel or the 48-column task block.
+  const Layer l = MakeLayer(/*e=*/8, /*k=*/3, /*h=*/72, /*i=*/56, /*max_len=*/40, 1);
+  std::mt19937 rng(2);
+  double worst = 0;
+  for (int threads : {1, 3}) {
+    ThreadPool pool(threads);
+    auto moe = Build(l, pool);
+    for (int qlen = 1; qlen <= 33; ++qlen) {
+      const Batch b = RandomBatch(l.config, qlen, rng);
+      std::vector<bf16_t> out(static_cast<size_t>(qlen) * l.config.hidden);
+      ASSERT_TRUE(moe->Forward(pool, qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
+                               out.data(), nullptr)
+                      .ok());
+      worst = std::max(worst, Compare(l, b, out));
+      if (HasFailure()) return;
+    }
+  }
+  std::printf("[%s] worst max|err|/max|ref| = %.3g\n", IsaName(GetParam()), worst);
+}
+
+TEST_P(MoeBf16Test, RoutingCornerCases) {
+  const Layer l = MakeLayer(6, 4, 64, 48, 16, 3);
+  ThreadPool pool(2);
+  auto moe = Build(l, pool);
+  std::mt19937 rng(4);
+  Batch b = RandomBatch(l.config, 9, rng);
+  // Token 0: invalid ids on both sides and a valid one. Token 1: expert 2 chosen twice.
+  b.ids[0] = -1;
+  b.ids[1] = 6;
+  b.ids[2] = 1000;
+  b.ids[3] = 5;
+  b.ids[4] = 2;
+  b.ids[5] = 2;
+  b.ids[6] = 2;
+  b.ids[7] = 0;
+  // Token 2: every slot invalid -> output exactly zero.
+  for (int j = 0; j < 4; ++j) b.ids[8 + j] = -3;
+  std::vector<bf16_t> out(9 * 64);
+  ASSERT_TRUE(moe->Forward(pool, 9, 4, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                           nullptr)
+                  .ok());
+  Compare(l, b, out);
+  for (int c = 0; c < 64; ++c) EXPECT_EQ(out[2 * 64 + c].bits & 0x7fff, 0) << "token 2 must be 0";
+
+  // GPU-masked experts contribute nothing, and the mask is read at every call.
+  bool mask[6] = {false, false, true, false, false, true};
+  ASSERT_TRUE(moe->Forward(pool, 9, 4, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                           mask)
+                  .ok());
+  Compare(l, b, out, mask);
+  mask[2] = false;
+  ASSERT_TRUE(moe->Forward(pool, 9, 4, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                           mask)
+                  .ok());
+  Compare(l, b, out, mask);
+}
+
+TEST_P(MoeBf16Test, AllTokensOnOneExpertAndIdleExperts) {
+  const Layer l = MakeLayer(16, 2, 48, 40, 70, 5);
+  ThreadPool pool(2);
+  auto moe = Build(l, pool);
+  std::mt19937 rng(6);
+  Batch b = RandomBatch(l.config, 70, rng);
+  for (int t = 0; t < 70; ++t) {
+    b.ids[2 * t] = 7;                 // every token on expert 7 (70 rows: two row chunks)
+    b.ids[2 * t + 1] = t % 2 ? 3 : -1;  // expert 3 on odd tokens; 14 experts idle
+  }
+  std::vector<bf16_t> out(70 * 48);
+  ASSERT_TRUE(moe->Forward(pool, 70, 2, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                           nullptr)
+                  .ok());
+  Compare(l, b, out);
+}
+
+TEST_P(MoeBf16Test, PhysicalToLogicalMapAndSmallerK) {
+  const Layer l = MakeLayer(5, 3, 32, 32, 8, 7);
+  ThreadPool pool(2);
+  const int64_t map[5] = {4, 2, 0, 1, 3};  // slot i holds logical expert map[i]
+  auto moe = Build(l, pool, map);
+  std::mt19937 rng(8);
+  Batch b = RandomBatch(l.config, 5, rng);
+  std::vector<bf16_t> out(5 * 32);
+  ASSERT_TRUE(moe->Forward(pool, 5, 3, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                           nullptr)
+                  .ok());
+  Batch logical = b;
+  for (auto& id : logical.ids) id = map[id];
+  Compare(l, logical, out);
+
+  // k smaller than top_k: ids/weights are [qlen, k].
+  const Layer l2 = MakeLayer(5, 3, 32, 32, 8, 9);
+  auto moe2 = Build(l2, pool);
+  Batch b2 = RandomBatch(MoeConfig{5, 1, 32, 32, 8}, 4, rng);
+  std::vector<bf16_t> out2(4 * 32);
+  ASSERT_TRUE(moe2->Forward(pool, 4, 1, b2.ids.data(), b2.weights.data(), b2.input.data(),
+                            out2.data(), nullptr)
+                  .ok());
+  Compare(Layer{MoeConfig{5, 1, 32, 32, 8}, l2.gate, l2.up, l2.down}, b2, out2);
+}
+
+TEST_P(MoeBf16Test, ClearErrors) {
+  const Layer l = MakeLayer(4, 2, 32, 16, 4, 11);
+  ThreadPool pool(1);
+  absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(l.config, GetParam());
+  ASSERT_TRUE(moe.ok());
+  std::mt19937 rng(12);
+  Batch b = RandomBatch(l.config, 5, rng);
+  std::vector<bf16_t> out(5 * 32);
+  absl::Status s = (*moe)->Forward(pool, 1, 2, b.ids.data(), b.weights.data(), b.input.data(),
+                                   out.data(), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  ASSERT_TRUE((*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), nullptr, pool).ok());
+  s = (*moe)->Forward(pool, 5, 2, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                      nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("max_len"), absl::string_view::npos) << s;
+  const int64_t bad_map[4] = {0, 1, 4, 2};
+  s = (*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), bad_map, pool);
+  EXPECT_NE(s.message().find("physical_to_logical_map[2]"), absl::string_view::npos) << s;
+  EXPECT_FALSE(Bf16Moe::Create(MoeConfig{4, 5, 32, 16, 4}, GetParam()).ok());
+  EXPECT_FALSE(Bf16Moe::Create(MoeConfig{4, 2, 0, 16, 4}, GetParam()).ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPaths, MoeBf16Test,
+                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
+                                           Isa::kAvx512Bf16),
+                         [](const auto& info) { return std::string(IsaName(info.param)); });
+
+}  // namespace
+}  // namespace kt

@@ -1,0 +1,98 @@
+#include "kt/moe/thread_pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+namespace kt {
+namespace {
+
+// Pins the calling thread to the index-th CPU the process may run on (cgroup/taskset aware).
+void PinToAllowedCpu(int index) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
+  const int count = CPU_COUNT(&allowed);
+  if (count == 0) return;
+  int want = index % count;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &allowed)) continue;
+    if (want-- == 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpu, &one);
+      pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(const ThreadPoolOptions& options)
+    : num_threads_(options.num_threads < 1 ? 1 : options.num_threads) {
+  if (options.pin) PinToAllowedCpu(0);
+  for (int t = 1; t < num_threads_; ++t) {
+    workers_.emplace_back([this, t, pin = options.pin] {
+      if (pin) PinToAllowedCpu(t);
+      WorkerLoop(t);
+    });
+  }
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void ThreadPool::RunTasks(int thread) {
+  const auto& fn = *fn_;
+  for (;;) {
+    const size_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (task >= num_tasks_) return;
+    fn(task, thread);
+  }
+}
+
+void ThreadPool::WorkerLoop(int thread) {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+    }
+    RunTasks(thread);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--busy_workers_ == 0) done_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::ParallelFor(size_t num_tasks, const std::function<void(size_t, int)>& fn) {
+  if (num_tasks == 0) return;
+  if (num_threads_ == 1 || num_tasks == 1) {
+    for (size_t t = 0; t < num_tasks; ++t) fn(t, 0);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fn_ = &fn;
+    num_tasks_ = num_tasks;
+    next_task_.store(0, std::memory_order_relaxed);
+    busy_workers_ = num_threads_ - 1;
+    ++generation_;
+  }
+  wake_.notify_all();
+  RunTasks(0);
+  std::unique_lock<std::mutex> lock(mu_);
+  done_.wait(lock, [&] { return busy_workers_ == 0; });
+  fn_ = nullptr;
+}
+
+}  // namespace kt

@@ -1,0 +1,59 @@
+// A pool of persistent worker threads with a dynamically scheduled parallel-for. Passed explicitly to
+// whoever needs threads: kt has no hidden global pool in C++.
+#ifndef KT_MOE_THREAD_POOL_H_
+#define KT_MOE_THREAD_POOL_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kt {
+
+struct ThreadPoolOptions {
+  int num_threads = 1;  // Total threads including the caller of ParallelFor.
+  bool pin = false;     // Pin thread i to the i-th CPU of the process's affinity mask.
+};
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(const ThreadPoolOptions& options);
+  explicit ThreadPool(int num_threads) : ThreadPool(ThreadPoolOptions{num_threads, false}) {}
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Runs fn(task, thread) for every task in [0, num_tasks), thread in [0, num_threads()). Tasks are
+  // claimed one at a time from a shared atomic counter (dynamic scheduling: a thread that finishes early
+  // takes the next task, so uneven tasks balance). The calling thread works too and this returns when every
+  // task is done. Not reentrant: fn must not call ParallelFor on the same pool.
+  void ParallelFor(size_t num_tasks, const std::function<void(size_t task, int thread)>& fn);
+
+ private:
+  void WorkerLoop(int thread);
+  void RunTasks(int thread);
+
+  const int num_threads_;
+  std::vector<std::thread> workers_;
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  uint64_t generation_ = 0;  // Bumped per ParallelFor; workers wait for a new one.
+  bool stop_ = false;
+  int busy_workers_ = 0;
+
+  const std::function<void(size_t, int)>* fn_ = nullptr;
+  size_t num_tasks_ = 0;
+  std::atomic<size_t> next_task_{0};
+};
+
+}  // namespace kt
+
+#endif  // KT_MOE_THREAD_POOL_H_
