@@ -6,37 +6,40 @@
 namespace kt {
 namespace {
 
-// Pins the calling thread to the index-th CPU the process may run on (cgroup/taskset aware).
-void PinToAllowedCpu(int index) {
+// The CPUs this process may run on (cgroup/taskset aware), in order.
+std::vector<int> AllowedCpus() {
+  std::vector<int> cpus;
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
-  const int count = CPU_COUNT(&allowed);
-  if (count == 0) return;
-  int want = index % count;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
   for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-    if (!CPU_ISSET(cpu, &allowed)) continue;
-    if (want-- == 0) {
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(cpu, &one);
-      pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
-      return;
-    }
+    if (CPU_ISSET(cpu, &allowed)) cpus.push_back(cpu);
   }
+  return cpus;
+}
+
+void PinCurrentThread(int cpu) {
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
 }
 
 }  // namespace
 
 ThreadPool::ThreadPool(const ThreadPoolOptions& options)
     : num_threads_(options.num_threads < 1 ? 1 : options.num_threads) {
-  if (options.pin) PinToAllowedCpu(0);
+  // Read the allowed CPUs before pinning anything: a pinned caller's mask would be inherited by the workers.
+  const std::vector<int> cpus = options.pin ? AllowedCpus() : std::vector<int>();
   for (int t = 1; t < num_threads_; ++t) {
-    workers_.emplace_back([this, t, pin = options.pin] {
-      if (pin) PinToAllowedCpu(t);
+    const int cpu = cpus.empty() ? -1 : cpus[t % cpus.size()];
+    workers_.emplace_back([this, t, cpu] {
+      if (cpu >= 0) PinCurrentThread(cpu);
       WorkerLoop(t);
     });
   }
+  // The caller is thread 0 of every ParallelFor; pinning it is part of the option (documented in the header).
+  if (!cpus.empty()) PinCurrentThread(cpus[0]);
 }
 
 ThreadPool::~ThreadPool() {

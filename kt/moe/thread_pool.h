@@ -16,7 +16,10 @@ namespace kt {
 
 struct ThreadPoolOptions {
   int num_threads = 1;  // Total threads including the caller of ParallelFor.
-  bool pin = false;     // Pin thread i to the i-th CPU of the process's affinity mask.
+  // Pin thread i to the i-th CPU of the process's affinity mask at construction. Thread 0 is the thread that
+  // constructs the pool (it runs tasks in ParallelFor), so it is pinned too: threads it starts later
+  // inherit that one-CPU mask.
+  bool pin = false;
 };
 
 class ThreadPool {

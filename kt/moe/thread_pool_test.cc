@@ -1,5 +1,7 @@
 #include "kt/moe/thread_pool.h"
 
+#include <sched.h>
+
 #include <atomic>
 #include <numeric>
 #include <set>
@@ -50,11 +52,23 @@ TEST(ThreadPool, DynamicSchedulingBalancesUnevenTasks) {
   EXPECT_LT(others_on_slow, 10) << "the thread stuck in the slow task should not get most of the rest";
 }
 
-TEST(ThreadPool, PinnedPoolWorks) {
-  ThreadPool pool(ThreadPoolOptions{2, true});
-  std::atomic<int> n{0};
-  pool.ParallelFor(10, [&](size_t, int) { ++n; });
-  EXPECT_EQ(n.load(), 10);
+TEST(ThreadPool, PinnedThreadsLandOnDifferentCpus) {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  if (cpus < 2) GTEST_SKIP() << "needs 2 CPUs";
+  // Run in a separate thread so pinning does not affect the rest of the test binary.
+  std::thread([] {
+    ThreadPool pool(ThreadPoolOptions{2, true});
+    std::vector<int> cpu_of_thread(2, -1);
+    std::atomic<int> arrived{0};
+    pool.ParallelFor(2, [&](size_t, int thread) {
+      // Both tasks wait for each other, so each thread runs exactly one.
+      ++arrived;
+      while (arrived.load() < 2) std::this_thread::yield();
+      cpu_of_thread[thread] = sched_getcpu();
+    });
+    EXPECT_NE(cpu_of_thread[0], -1);
+    EXPECT_NE(cpu_of_thread[0], cpu_of_thread[1]) << "pinned threads share one CPU";
+  }).join();
 }
 
 }  // namespace

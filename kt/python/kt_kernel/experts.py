@@ -1,0 +1,229 @@
+"""KTMoEWrapper: the entry point that builds the CPU backend of one MoE layer's routed experts.
+
+``KTMoEWrapper(...)`` validates ``mode`` and ``method`` and returns a backend object (it is a factory: the
+result is not a KTMoEWrapper instance). The arguments, defaults, method names and validation messages are
+those of the original kt-kernel, so code written against it keeps working.
+
+What kt implements today: ``mode="inference"`` with ``method="BF16"`` (``NativeMoEWrapper``). Every other
+method, and the whole SFT mode, raises NotImplementedError naming the method: kt never substitutes a
+different method.
+
+Example::
+
+    gpu_mask = torch.zeros(8, dtype=torch.bool)   # or None: all experts on the CPU
+    gpu_mask[[0, 2, 5]] = True                     # experts 0, 2, 5 run on the GPU instead
+    moe = KTMoEWrapper(layer_idx=0, num_experts=8, num_experts_per_tok=2, hidden_size=4096,
+                       moe_intermediate_size=14336, gpu_experts_mask=gpu_mask, cpuinfer_threads=32,
+                       threadpool_count=1, weight_path=None, chunked_prefill_size=8192, method="BF16")
+    moe.load_weights_from_tensors(gate_proj, up_proj, down_proj, None)
+    out = moe.forward(hidden_states, topk_ids, topk_weights, cuda_stream=None)
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
+from .utils.amx import NativeMoEWrapper
+
+__all__ = ["KTMoEWrapper", "INFERENCE_METHODS", "SFT_METHODS", "BaseMoEWrapper", "KExpertsCPUBuffer"]
+
+# Valid methods for each mode (the original kt-kernel's names).
+INFERENCE_METHODS = frozenset(
+    [
+        "AMXINT4",
+        "AMXINT8",
+        "RAWINT4",
+        "FP8",
+        "BF16",
+        "FP8_PERCHANNEL",
+        "GPTQ_INT4",
+        "LLAMAFILE",
+        "MOE_INT4",
+        "MOE_INT8",
+    ]
+)
+
+SFT_METHODS = frozenset(
+    [
+        "AMXBF16_SFT",
+        "AMXINT8_SFT",
+        "AMXINT4_SFT",
+        "AMXINT4_1_SFT",
+        "AMXINT4_KGroup_SFT",
+        "AMXINT4_1KGroup_SFT",
+        "AMXBF16_SFT_SkipLoRA",
+        "AMXINT8_SFT_SkipLoRA",
+        "AMXINT4_SFT_SkipLoRA",
+        "AMXINT4_1_SFT_SkipLoRA",
+        "AMXINT4_KGroup_SFT_SkipLoRA",
+        "AMXINT4_1KGroup_SFT_SkipLoRA",
+    ]
+)
+
+# Inference methods kt implements, with their backend class.
+_INFERENCE_BACKENDS = {
+    "BF16": NativeMoEWrapper,
+}
+
+# Where each missing inference method is planned, for the NotImplementedError message.
+_PLANNED = {
+    "AMXINT4": "quantized-kernels issue",
+    "AMXINT8": "quantized-kernels issue",
+    "MOE_INT4": "quantized-kernels issue",
+    "MOE_INT8": "quantized-kernels issue",
+    "RAWINT4": "quantized-kernels issue",
+    "GPTQ_INT4": "quantized-kernels issue",
+    "FP8": "FP8 kernels issue",
+    "FP8_PERCHANNEL": "FP8 kernels issue",
+    "LLAMAFILE": "GGUF/llamafile issue",
+}
+
+
+class KTMoEWrapper:
+    """Factory for the CPU backend of one MoE layer's routed experts (inference or SFT).
+
+    ``KTMoEWrapper(...)`` returns the backend for ``mode``/``method``; see ``__new__`` for the arguments.
+    """
+
+    def __new__(
+        cls,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        gpu_experts_mask: Optional[torch.Tensor],
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path: str,
+        chunked_prefill_size: int,
+        # Inference-specific parameters
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+        # Mode and method selection
+        method: str = "AMXINT4",
+        numa_nodes: Optional[List[int]] = None,
+        mode: str = "inference",
+        # SFT-specific parameters (only used when mode="sft")
+        num_gpu_experts: int = 0,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        max_cache_depth: int = 1,
+        # Quantization config (for K-Group SFT methods)
+        group_size: int = 128,
+        zero_point: bool = True,
+    ):
+        """Creates the backend for ``mode`` and ``method``.
+
+        Args:
+            layer_idx: Index of the layer (>= 0).
+            num_experts: Number of routed experts E.
+            num_experts_per_tok: Experts per token (top-k).
+            hidden_size: Hidden size H.
+            moe_intermediate_size: Intermediate size I of one expert.
+            gpu_experts_mask: bool CPU tensor [E] or None (all experts on the CPU). ``mask[e] = True``:
+                expert e runs on the GPU, so the CPU result skips it. The tensor is kept and read at every
+                forward, so flipping its bits later takes effect. Inference only.
+            cpuinfer_threads: Worker threads (one pool shared by all layers of the process; see
+                ``kt_kernel._native``).
+            threadpool_count: NUMA sub-pools of the original; accepted, not split yet (one pool).
+            weight_path: Directory of converted weights, for ``load_weights`` (not implemented yet; may be
+                None when weights come from ``load_weights_from_tensors``).
+            chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
+            cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
+            max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
+                None or 0.
+            method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
+            numa_nodes: NUMA node of each sub-pool (None: sequential).
+            mode: "inference" or "sft".
+            num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, group_size, zero_point: SFT only.
+
+        Returns:
+            A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16").
+
+        Raises:
+            ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
+            NotImplementedError: ``method`` (or the SFT mode) is not implemented yet in kt.
+        """
+        # Validate mode
+        if mode not in ("inference", "sft"):
+            raise ValueError(f"Unknown mode: '{mode}'. Supported modes: 'inference', 'sft'")
+
+        # Validate method matches mode
+        if mode == "inference":
+            if method not in INFERENCE_METHODS:
+                raise ValueError(
+                    f"Method '{method}' not supported for inference mode. "
+                    f"Supported methods: {sorted(INFERENCE_METHODS)}"
+                )
+            return _create_inference_wrapper(
+                layer_idx=layer_idx,
+                num_experts=num_experts,
+                num_experts_per_tok=num_experts_per_tok,
+                hidden_size=hidden_size,
+                moe_intermediate_size=moe_intermediate_size,
+                gpu_experts_mask=gpu_experts_mask,
+                cpuinfer_threads=cpuinfer_threads,
+                threadpool_count=threadpool_count,
+                weight_path=weight_path,
+                chunked_prefill_size=chunked_prefill_size,
+                cpu_save=cpu_save,
+                max_deferred_experts_per_token=max_deferred_experts_per_token,
+                method=method,
+                numa_nodes=numa_nodes,
+            )
+
+        if method not in SFT_METHODS:
+            raise ValueError(
+                f"Method '{method}' not supported for SFT mode. " f"Supported methods: {sorted(SFT_METHODS)}"
+            )
+        return _create_sft_wrapper(method)
+
+    @staticmethod
+    def set_capture_batch_sizes(capture_bs: List[int]):
+        """Sets the batch sizes whose staging buffers are kept permanently (e.g. [1, 2, 4, 8, 16]).
+
+        See ``KExpertsCPUBuffer``: kt's synchronous CPU forward stages nothing yet, so this only records
+        the list.
+        """
+        BaseMoEWrapper.set_capture_batch_sizes(capture_bs)
+
+    @staticmethod
+    def get_capture_batch_sizes() -> List[int]:
+        """The batch sizes set by ``set_capture_batch_sizes``, ascending."""
+        return BaseMoEWrapper.get_capture_batch_sizes()
+
+    @staticmethod
+    def clear_buffer_cache():
+        """Drops all cached inference staging buffers."""
+        BaseMoEWrapper.clear_buffer_cache()
+
+    @staticmethod
+    def clear_sft_buffer_cache():
+        """Drops all cached SFT buffers."""
+        from .sft.base import KExpertsSFTBuffer
+
+        KExpertsSFTBuffer.clear_cache()
+
+
+def _create_inference_wrapper(method: str, **kwargs) -> BaseMoEWrapper:
+    """Builds the inference backend for ``method`` (already checked to be in INFERENCE_METHODS)."""
+    backend_cls = _INFERENCE_BACKENDS.get(method)
+    if backend_cls is None:
+        planned = _PLANNED.get(method, "a later issue")
+        raise NotImplementedError(
+            f"KTMoEWrapper: method '{method}' is not implemented yet in kt (planned: {planned}); "
+            f"implemented inference methods: {sorted(_INFERENCE_BACKENDS)}"
+        )
+    return backend_cls(method=method, **kwargs)
+
+
+def _create_sft_wrapper(method: str):
+    """SFT backends (``kt_kernel.sft``) are not implemented yet: always raises NotImplementedError."""
+    raise NotImplementedError(
+        f"KTMoEWrapper: SFT method '{method}' is not implemented yet in kt (planned: SFT issue; "
+        "see kt/sft/README.md)"
+    )

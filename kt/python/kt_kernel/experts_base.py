@@ -1,0 +1,203 @@
+"""Backend-independent parts of the inference wrappers: configuration checks, the expert mask, buffer
+bookkeeping and the methods every backend has.
+
+A backend (see ``kt_kernel.utils.amx.NativeMoEWrapper``) implements ``load_weights_from_tensors`` and
+``forward``; what it does not implement raises NotImplementedError naming the method.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import _native
+from ._checks import check_int, check_tensor
+
+
+class KExpertsCPUBuffer:
+    """Bookkeeping of per-batch-size staging buffers, shared by all layers of the process.
+
+    In the original kt-kernel these are pinned CPU tensors (input, ids, weights, output) that stage data
+    between a CUDA stream and the CPU kernels; batch sizes registered with ``set_capture_batch_sizes`` keep
+    their buffers for the life of the process (stable addresses for CUDA-graph capture), any other size
+    shares one temporary buffer.
+
+    kt's forward is synchronous on CPU tensors for now (``cuda_stream=None``): it reads the caller's tensors
+    in place and returns a freshly allocated output, so no staging buffer is needed and the cache stays
+    empty. The capture list is recorded so that callers configuring it keep working, and it will size the
+    staging buffers of the GPU-stream path when that lands.
+    """
+
+    _lock = threading.Lock()
+    _capture_batch_sizes: Tuple[int, ...] = ()
+    _cache: Dict[Tuple[int, int], object] = {}
+
+    @classmethod
+    def set_capture_batch_sizes(cls, capture_bs: List[int]) -> None:
+        sizes = []
+        for i, bs in enumerate(capture_bs):
+            sizes.append(check_int(f"capture_bs[{i}]", bs, minimum=1))
+        with cls._lock:
+            cls._capture_batch_sizes = tuple(sorted(set(sizes)))
+
+    @classmethod
+    def get_capture_batch_sizes(cls) -> List[int]:
+        with cls._lock:
+            return list(cls._capture_batch_sizes)
+
+    @classmethod
+    def clear_buffer_cache(cls) -> None:
+        with cls._lock:
+            cls._cache.clear()
+
+
+class BaseMoEWrapper:
+    """The routed experts of one MoE layer, computed on the CPU.
+
+    Created through ``kt_kernel.KTMoEWrapper`` (see there for the arguments). Subclasses implement the
+    weight loading and forward of one family of methods.
+
+    Threads: all wrappers share one process-wide worker pool sized by the largest ``cpuinfer_threads`` asked
+    for so far (see ``kt_kernel._native``). ``threadpool_count``/``numa_nodes`` (NUMA sub-pools with the
+    weights split across them) are accepted for API compatibility; kt does not split across NUMA nodes yet,
+    so all threads form one pool and results are the same.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        gpu_experts_mask: Optional[torch.Tensor],
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path: str,
+        chunked_prefill_size: int,
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+        method: str = "AMXINT4",
+        numa_nodes: Optional[List[int]] = None,
+    ):
+        self.layer_idx = check_int("layer_idx", layer_idx, minimum=0)
+        self.num_experts = check_int("num_experts", num_experts, minimum=1)
+        self.num_experts_per_tok = check_int("num_experts_per_tok", num_experts_per_tok, minimum=1)
+        if num_experts_per_tok > num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({num_experts_per_tok}) must be <= num_experts ({num_experts})"
+            )
+        self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        self.moe_intermediate_size = check_int("moe_intermediate_size", moe_intermediate_size, minimum=1)
+        self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, minimum=1)
+        self.threadpool_count = check_int("threadpool_count", threadpool_count, minimum=1)
+        self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, minimum=1)
+        if weight_path is not None and not isinstance(weight_path, str):
+            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
+        self.weight_path = weight_path
+        self.cpu_save = bool(cpu_save)
+        self.method = method
+        if numa_nodes is not None:
+            numa_nodes = [check_int(f"numa_nodes[{i}]", n, minimum=0) for i, n in enumerate(numa_nodes)]
+            if len(numa_nodes) != threadpool_count:
+                raise ValueError(
+                    f"numa_nodes must list one node per sub-pool (threadpool_count={threadpool_count}), "
+                    f"got {len(numa_nodes)}: {numa_nodes}"
+                )
+        self.numa_nodes = numa_nodes
+        if max_deferred_experts_per_token:
+            check_int("max_deferred_experts_per_token", max_deferred_experts_per_token, minimum=0)
+            # Deferring changes results (deferred experts land one layer late): refuse rather than ignore.
+            raise NotImplementedError(
+                f"{type(self).__name__}: max_deferred_experts_per_token="
+                f"{max_deferred_experts_per_token} (deferred experts) is not implemented yet in kt; "
+                "pass None or 0"
+            )
+        self.max_deferred_experts_per_token = max_deferred_experts_per_token
+
+        # Read by C++ at every forward (so flipping bits later takes effect): keep this very tensor.
+        if gpu_experts_mask is not None:
+            check_tensor("gpu_experts_mask", gpu_experts_mask, torch.bool, (num_experts,), "[num_experts]")
+        self.gpu_experts_mask = gpu_experts_mask
+
+        _native.get_thread_pool(cpuinfer_threads)
+
+    # -- buffer cache (class-wide) --------------------------------------------------------------------
+
+    @staticmethod
+    def set_capture_batch_sizes(capture_bs: List[int]) -> None:
+        """Sets the batch sizes whose staging buffers are kept permanently (see KExpertsCPUBuffer)."""
+        KExpertsCPUBuffer.set_capture_batch_sizes(capture_bs)
+
+    @staticmethod
+    def get_capture_batch_sizes() -> List[int]:
+        """The batch sizes set by set_capture_batch_sizes, ascending."""
+        return KExpertsCPUBuffer.get_capture_batch_sizes()
+
+    @staticmethod
+    def clear_buffer_cache() -> None:
+        """Drops every cached staging buffer."""
+        KExpertsCPUBuffer.clear_buffer_cache()
+
+    # -- helpers for subclasses -----------------------------------------------------------------------
+
+    @staticmethod
+    def _pool():
+        """The process-wide worker pool (looked up per call: a larger wrapper may have replaced it)."""
+        return _native.current_thread_pool()
+
+    def _not_implemented(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self).__name__} (method {self.method!r}): {what} is not implemented yet in kt"
+        )
+
+    # -- the backend API ------------------------------------------------------------------------------
+
+    def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
+        """Loads the experts from ``weight_path``. Not implemented yet: use load_weights_from_tensors."""
+        raise self._not_implemented(
+            "load_weights (reading weights from weight_path; weight file IO comes later — use "
+            "load_weights_from_tensors)"
+        )
+
+    def load_weights_from_tensors(
+        self,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        physical_to_logical_map_cpu: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Loads the experts from in-memory tensors (gate/up [E, I, H], down [E, H, I])."""
+        raise self._not_implemented("load_weights_from_tensors")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        cuda_stream=None,
+    ) -> torch.Tensor:
+        """Routed experts' weighted sum for a batch of tokens (synchronous)."""
+        raise self._not_implemented("forward")
+
+    def submit_forward(self, hidden_states, topk_ids, topk_weights, cuda_stream=None) -> None:
+        """Asynchronous forward (enqueue). Not implemented yet: use forward."""
+        raise self._not_implemented("submit_forward (asynchronous forward; use forward)")
+
+    def sync_forward(self, hidden_states, cuda_stream=None) -> torch.Tensor:
+        """Waits for submit_forward. Not implemented yet: use forward."""
+        raise self._not_implemented("sync_forward (asynchronous forward; use forward)")
+
+    def select_deferred_experts(self, *args, **kwargs):
+        """Deferred-experts selection. Not implemented yet."""
+        raise self._not_implemented("select_deferred_experts (deferred experts)")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layer_idx={self.layer_idx}, method={self.method!r}, "
+            f"num_experts={self.num_experts}, num_experts_per_tok={self.num_experts_per_tok}, "
+            f"hidden_size={self.hidden_size}, moe_intermediate_size={self.moe_intermediate_size}, "
+            f"chunked_prefill_size={self.chunked_prefill_size})"
+        )

@@ -1,0 +1,1 @@
+"""Backend implementations behind kt_kernel.KTMoEWrapper, one module per family of methods."""

@@ -1,0 +1,196 @@
+"""Backends for methods whose expert weights are used in their native format (no conversion step).
+
+Only ``BF16`` is implemented: the experts' gate/up/down matrices in bfloat16, computed by kt's C++
+``Bf16Moe`` on the kernel path chosen at import (``kt_kernel.__cpu_variant__``). The other native methods of
+the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come with the quantized kernels.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _native
+from .._checks import check_tensor
+from ..experts_base import BaseMoEWrapper
+
+_IMPLEMENTED_METHODS = frozenset(["BF16"])
+
+
+class NativeMoEWrapper(BaseMoEWrapper):
+    """BF16 routed experts on the CPU.
+
+    Usage::
+
+        moe = KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
+                           moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=8,
+                           threadpool_count=1, weight_path=None, chunked_prefill_size=512, method="BF16")
+        moe.load_weights_from_tensors(gate [E,I,H], up [E,I,H], down [E,H,I], None)
+        out = moe.forward(x [T,H] bf16, ids [T,k] int64, weights [T,k] float32, cuda_stream=None)
+
+    Per token t: ``out[t] = bf16(sum_j weights[t,j] * W_down[e] (silu(W_gate[e] x) * W_up[e] x))`` over its
+    slots j with expert e = ids[t,j]; ids < 0, >= num_experts, or with ``gpu_experts_mask[e]`` set contribute
+    nothing (those experts run elsewhere). The same expert may appear in several slots of a token.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        gpu_experts_mask: Optional[torch.Tensor],
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path: str,
+        chunked_prefill_size: int,
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+        method: str = "BF16",
+        numa_nodes: Optional[List[int]] = None,
+    ):
+        if method not in _IMPLEMENTED_METHODS:
+            raise NotImplementedError(
+                f"NativeMoEWrapper: method {method!r} is not implemented yet in kt "
+                f"(implemented: {sorted(_IMPLEMENTED_METHODS)})"
+            )
+        super().__init__(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            gpu_experts_mask=gpu_experts_mask,
+            cpuinfer_threads=cpuinfer_threads,
+            threadpool_count=threadpool_count,
+            weight_path=weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+            cpu_save=cpu_save,
+            max_deferred_experts_per_token=max_deferred_experts_per_token,
+            method=method,
+            numa_nodes=numa_nodes,
+        )
+        # Scratch is sized for chunked_prefill_size tokens; the C++ config check names any bad field.
+        self._moe = _native._kt.Bf16Moe(
+            num_experts=num_experts,
+            top_k=num_experts_per_tok,
+            hidden=hidden_size,
+            intermediate=moe_intermediate_size,
+            max_len=chunked_prefill_size,
+            isa=_native.ISA,
+        )
+
+    @property
+    def isa(self) -> str:
+        """The kernel path this layer runs (KT_ISA spelling)."""
+        return self._moe.isa
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._moe.loaded
+
+    def load_weights_from_tensors(
+        self,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        physical_to_logical_map_cpu: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Packs the experts' weights into the kernel layout.
+
+        Args:
+            gate_proj: bf16 CPU tensor [E, I, H] (E = num_experts, I = moe_intermediate_size,
+                H = hidden_size), contiguous.
+            up_proj: bf16 CPU tensor [E, I, H], contiguous.
+            down_proj: bf16 CPU tensor [E, H, I], contiguous.
+            physical_to_logical_map_cpu: int64 CPU tensor [E] or None (identity). Physical expert i (the id
+                used in topk_ids) computes with logical expert ``map[i]`` of the weight tensors. Every entry
+                must be in [0, E); an expert may be replicated (appear more than once).
+
+        The tensors are copied; they may be freed afterwards. Loading again replaces the weights.
+        """
+        E, I, H = self.num_experts, self.moe_intermediate_size, self.hidden_size
+        check_tensor("gate_proj", gate_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
+        check_tensor("up_proj", up_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
+        check_tensor("down_proj", down_proj, torch.bfloat16, (E, H, I), "[E, H, I]")
+        map_ptr = 0
+        if physical_to_logical_map_cpu is not None:
+            mapping = check_tensor(
+                "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
+            )
+            bad = (mapping < 0) | (mapping >= E)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at "
+                    f"index {i}"
+                )
+            map_ptr = mapping.data_ptr()
+        self._moe.load_weights(
+            gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), map_ptr, self._pool()
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        cuda_stream=None,
+    ) -> torch.Tensor:
+        """Routed experts' weighted sum for ``qlen`` tokens, computed synchronously.
+
+        Args:
+            hidden_states: bf16 CPU tensor [qlen, H], contiguous, qlen <= chunked_prefill_size.
+            topk_ids: int64 CPU tensor [qlen, k], 1 <= k <= num_experts_per_tok. Entries outside
+                [0, num_experts) (e.g. -1 padding) contribute nothing.
+            topk_weights: float32 CPU tensor [qlen, k].
+            cuda_stream: must be None (CPU tensors in and out). Ordering with a GPU stream comes with the
+                asynchronous submit_forward/sync_forward.
+
+        Returns:
+            A new bf16 CPU tensor [qlen, H].
+        """
+        if cuda_stream is not None:
+            raise self._not_implemented(
+                "forward with a cuda_stream (GPU tensors / stream ordering; pass cuda_stream=None and CPU "
+                "tensors)"
+            )
+        H = self.hidden_size
+        check_tensor("hidden_states", hidden_states, torch.bfloat16, (None, H), "[qlen, hidden_size]")
+        qlen = hidden_states.shape[0]
+        if qlen > self.chunked_prefill_size:
+            raise ValueError(
+                f"hidden_states has qlen={qlen} tokens, more than chunked_prefill_size="
+                f"{self.chunked_prefill_size}; split the batch into chunks of at most chunked_prefill_size "
+                "tokens (automatic chunking comes later)"
+            )
+        check_tensor("topk_ids", topk_ids, torch.int64, (qlen, None), "[qlen, k]")
+        k = topk_ids.shape[1]
+        if not 1 <= k <= self.num_experts_per_tok:
+            raise ValueError(
+                f"topk_ids must have 1 <= k <= num_experts_per_tok ({self.num_experts_per_tok}) columns, "
+                f"got shape {list(topk_ids.shape)}"
+            )
+        check_tensor("topk_weights", topk_weights, torch.float32, (qlen, k), "[qlen, k]")
+        if not self._moe.loaded:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): forward called before the expert weights "
+                "were loaded; call load_weights_from_tensors first"
+            )
+        output = torch.empty((qlen, H), dtype=torch.bfloat16)
+        if qlen == 0:
+            return output
+        mask = self.gpu_experts_mask
+        self._moe.forward(
+            self._pool(),
+            qlen,
+            k,
+            topk_ids.data_ptr(),
+            topk_weights.data_ptr(),
+            hidden_states.data_ptr(),
+            output.data_ptr(),
+            0 if mask is None else mask.data_ptr(),
+        )
+        return output

@@ -1,0 +1,178 @@
+// kt_kernel._kt: the pybind11 extension behind kt_kernel.
+//
+// This layer is deliberately thin and torch-free: tensors cross it as raw addresses (torch's data_ptr())
+// plus the sizes the C++ API needs. All argument checking a Python user can get wrong (dtype, shape,
+// device, contiguity, ranges) happens in kt_kernel's Python code, which owns the tensors and keeps them
+// alive for the duration of each call; what remains here is turning absl::Status into Python exceptions and
+// releasing the GIL around the compute.
+//
+// Concurrency: a kt::ThreadPool's ParallelFor is not reentrant and a Bf16Moe owns per-call scratch, so all
+// compute calls of the process (LoadWeights and Forward, any layer, any pool) are serialized by one mutex.
+// The GIL is released before waiting on it. MoE layers of one model run one after another anyway, and each
+// call already uses every worker thread, so nothing is lost.
+#include <Python.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/moe/moe_bf16.h"
+#include "kt/moe/thread_pool.h"
+#include "pybind11/pybind11.h"
+
+namespace py = pybind11;
+
+namespace kt {
+namespace {
+
+std::mutex& ComputeMutex() {
+  static std::mutex* mu = new std::mutex;
+  return *mu;
+}
+
+// InvalidArgument/OutOfRange are the caller's fault (ValueError); an unimplemented feature is
+// NotImplementedError; everything else (state, resources, internal) is RuntimeError.
+[[noreturn]] void ThrowStatus(const absl::Status& status) {
+  const std::string message(status.message());
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      throw py::value_error(message);
+    case absl::StatusCode::kUnimplemented:
+      PyErr_SetString(PyExc_NotImplementedError, message.c_str());
+      throw py::error_already_set();
+    default:
+      throw std::runtime_error(message);
+  }
+}
+
+template <typename T>
+T* AsPointer(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// The process's CPU features and the kernel path a KT_ISA-style request resolves to.
+std::string ResolveIsaName(const std::string& requested) {
+  absl::StatusOr<Isa> isa = ResolveIsa(requested, GetCpuFeatures());
+  if (!isa.ok()) ThrowStatus(isa.status());
+  return IsaName(*isa);
+}
+
+// The path named by `name` (a KT_ISA spelling), which must be one this CPU runs.
+Isa IsaFromName(const std::string& name) {
+  absl::StatusOr<Isa> isa = ResolveIsa(name, GetCpuFeatures());
+  if (!isa.ok()) ThrowStatus(isa.status());
+  return *isa;
+}
+
+class PyBf16Moe {
+ public:
+  PyBf16Moe(int num_experts, int top_k, int hidden, int intermediate, int max_len,
+            const std::string& isa_name) {
+    MoeConfig config;
+    config.num_experts = num_experts;
+    config.top_k = top_k;
+    config.hidden = hidden;
+    config.intermediate = intermediate;
+    config.max_len = max_len;
+    const Isa isa = IsaFromName(isa_name);
+    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe;
+    {
+      py::gil_scoped_release release;  // Create allocates the max_len-sized scratch.
+      moe = Bf16Moe::Create(config, isa);
+    }
+    if (!moe.ok()) ThrowStatus(moe.status());
+    moe_ = std::move(*moe);
+  }
+
+  void LoadWeights(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
+                   std::uintptr_t physical_to_logical, ThreadPool& pool) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      status = moe_->LoadWeights(AsPointer<const bf16_t>(gate), AsPointer<const bf16_t>(up),
+                                 AsPointer<const bf16_t>(down),
+                                 AsPointer<const int64_t>(physical_to_logical), pool);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
+  void Forward(ThreadPool& pool, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights,
+               std::uintptr_t input, std::uintptr_t output, std::uintptr_t gpu_experts_mask) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      status = moe_->Forward(pool, qlen, k, AsPointer<const int64_t>(ids), AsPointer<const float>(weights),
+                             AsPointer<const bf16_t>(input), AsPointer<bf16_t>(output),
+                             AsPointer<const bool>(gpu_experts_mask));
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
+  const Bf16Moe& moe() const { return *moe_; }
+
+ private:
+  std::unique_ptr<Bf16Moe> moe_;
+};
+
+}  // namespace
+}  // namespace kt
+
+PYBIND11_MODULE(_kt, m) {
+  using namespace kt;  // NOLINT: the bindings name many kt types.
+  m.doc() =
+      "kt's C++ MoE kernels (private; use kt_kernel.KTMoEWrapper). Tensors are passed as data_ptr() "
+      "addresses: the caller guarantees dtype, shape, contiguity and lifetime.";
+
+  m.def("cpu_features", []() { return GetCpuFeatures().ToString(); },
+        "One line describing the CPU features kt detected.");
+  m.def("cpu_brand", []() { return GetCpuFeatures().brand; }, "The CPU's brand string.");
+  m.def("resolve_isa", &ResolveIsaName, py::arg("requested"),
+        "The kernel path (KT_ISA spelling) to use for a KT_ISA-style request: the best supported path when "
+        "`requested` is empty, else exactly `requested`. Raises ValueError for an unknown name, "
+        "RuntimeError for a path this CPU cannot run and NotImplementedError for one kt does not have yet.");
+  m.def("best_isa", []() { return std::string(IsaName(BestIsa(GetCpuFeatures()))); },
+        "The best kernel path this CPU supports.");
+  m.def(
+      "isa_supported",
+      [](const std::string& name) {
+        absl::StatusOr<Isa> isa = ParseIsa(name);
+        if (!isa.ok()) ThrowStatus(isa.status());
+        return IsaSupported(*isa, GetCpuFeatures());
+      },
+      py::arg("name"), "Whether this CPU can run the named kernel path.");
+
+  py::class_<ThreadPool>(m, "ThreadPool",
+                         "Persistent worker threads (the caller of a compute call counts as one).")
+      .def(py::init([](int num_threads, bool pin) {
+             if (num_threads < 1) throw py::value_error("ThreadPool: num_threads must be >= 1");
+             return std::make_unique<ThreadPool>(ThreadPoolOptions{num_threads, pin});
+           }),
+           py::arg("num_threads"), py::arg("pin") = false)
+      .def_property_readonly("num_threads", &ThreadPool::num_threads);
+
+  py::class_<PyBf16Moe>(m, "Bf16Moe", "The routed experts of one MoE layer over BF16 weights.")
+      .def(py::init<int, int, int, int, int, const std::string&>(), py::arg("num_experts"),
+           py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"), py::arg("max_len"),
+           py::arg("isa"))
+      .def("load_weights", &PyBf16Moe::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("physical_to_logical"), py::arg("pool"),
+           "Packs gate/up [E,I,H] and down [E,H,I] bf16 weights (addresses; physical_to_logical is an "
+           "int64[E] address or 0 for the identity). The inputs may be freed afterwards.")
+      .def("forward", &PyBf16Moe::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
+           py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
+           "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "
+           "address read during this call, or 0).")
+      .def_property_readonly("loaded", [](const PyBf16Moe& self) { return self.moe().loaded(); })
+      .def_property_readonly("isa", [](const PyBf16Moe& self) { return std::string(IsaName(self.moe().isa())); })
+      .def_property_readonly("weight_bytes", [](const PyBf16Moe& self) { return self.moe().weight_bytes(); });
+}
+

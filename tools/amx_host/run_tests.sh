@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On the AMX host: runs the carried C++ tests (every path the CPU has) from .device/. Prints one summary line
+# per test binary; exits non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+status=0
+for t in dtype_test cpu_features_test gemm_bf16_test thread_pool_test moe_bf16_test; do
+  if .device/bin/$t > "/tmp/$t.log" 2>&1; then
+    echo "PASS $t ($(grep -c '^\[       OK' "/tmp/$t.log") ok, $(grep -c '^\[  SKIPPED' "/tmp/$t.log") skipped)"
+  else
+    echo "FAIL $t"; tail -n 30 "/tmp/$t.log"; status=1
+  fi
+  grep -h "worst" "/tmp/$t.log" || true
+done
+exit $status

@@ -1,0 +1,28 @@
+// Measures the machine's memory read bandwidth the way the decode path reads expert weights: every
+// thread streams its own contiguous slice of one buffer much larger than the last-level cache with
+// 64-byte vector loads (AVX-512 where the CPU has it, else AVX2, else 8-byte scalar loads).
+#ifndef KT_TOOLS_BANDWIDTH_H_
+#define KT_TOOLS_BANDWIDTH_H_
+
+#include <cstddef>
+#include <string>
+
+namespace kt {
+namespace tools {
+
+struct BandwidthResult {
+  double bytes_per_second = 0;  // Best repetition.
+  size_t buffer_bytes = 0;
+  int threads = 0;
+  int reps = 0;
+  std::string method;  // e.g. "AVX-512 64-byte loads".
+};
+
+// Allocates and touches `buffer_bytes` (rounded down to a multiple of 4 KiB * threads), then runs `reps`
+// timed passes on `threads` threads and keeps the fastest. The buffer is freed before returning.
+BandwidthResult MeasureReadBandwidth(size_t buffer_bytes, int threads, int reps, bool pin);
+
+}  // namespace tools
+}  // namespace kt
+
+#endif  // KT_TOOLS_BANDWIDTH_H_

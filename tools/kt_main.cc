@@ -1,0 +1,821 @@
+// kt: the command line tool.
+//
+//   kt bench [flags]   Benchmarks the BF16 routed experts of one MoE layer (decode and prefill) and prints
+//                      every rate beside a yardstick measured in the same run: GB/s beside the machine's
+//                      read bandwidth, TFLOPS beside the kernel path's peak, speed beside PyTorch.
+//   kt doctor          CPU, features, kernel paths, what KT_ISA resolves to.
+//   kt convert         Not implemented yet (weight IO issue).
+//
+// Strict argument parsing: an unknown flag or subcommand is an error naming it (exit code 2).
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/moe/moe_bf16.h"
+#include "kt/moe/thread_pool.h"
+#include "tools/bandwidth.h"
+#include "tools/parallel.h"
+#include "tools/peak.h"
+
+namespace kt {
+namespace tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int kExitUsage = 2;
+constexpr const char* kDefaultPython = "/usr/bin/python3";
+constexpr const char* kTorchScript = "tools/torch_moe_bench.py";
+constexpr int kAccuracyQlen = 7;
+constexpr double kAccuracyTolerance = 1e-2;
+
+double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Usage.
+
+constexpr const char* kUsage =
+    R"(usage: kt <command> [flags]
+
+commands:
+  bench    benchmark the BF16 routed experts of one MoE layer (decode + prefill), with yardsticks measured
+           in the same run: read bandwidth, the kernel path's peak compute, and PyTorch
+  doctor   print the CPU, its features, every kernel path (supported or not) and what KT_ISA selects
+  convert  convert checkpoint weights (not implemented yet)
+
+environment:
+  KT_ISA   cap the kernel path: scalar | avx2 | avx512 | avx512_vnni | avx512_bf16 | amx
+           (unset: the best path this CPU supports; a path it cannot run is an error, exit 2)
+
+`kt bench --help` lists the bench flags. Under Bazel: bazel run -c opt //tools:kt -- bench
+)";
+
+constexpr const char* kBenchUsage =
+    R"(usage: kt bench [flags]
+
+  --shape NAME          qwen3-30b-a3b (default: E=128, k=8, H=2048, I=768) or
+                        qwen3-235b-a22b (E=128, k=8, H=4096, I=1536; 4.8 GB of weights)
+  --threads N           threads for kt, the yardsticks and PyTorch (default: CPUs in the affinity mask)
+  --pin                 pin thread i to the i-th allowed CPU (kt and yardsticks)
+  --qlen-decode N       tokens per decode call (default 1)
+  --qlen-prefill N      tokens per prefill call (default 512)
+  --iters N             decode iterations, median reported (default 100, at least 50 recommended)
+  --prefill-iters N     prefill iterations (default 5)
+  --layers N            copies of the layer (same values, distinct memory) that the timed calls cycle
+                        through (default: enough to exceed 4x the last-level cache, at least 1)
+  --bandwidth-mib N     size of the read-bandwidth buffer in MiB (default 1024)
+  --seed N              seed of the random weights, inputs and routing (default 1)
+  --no-torch            skip the PyTorch yardstick
+  --python PATH         interpreter for the PyTorch yardstick (default /usr/bin/python3)
+  --torch-script PATH   tools/torch_moe_bench.py (default: $KT_TORCH_BENCH, else found in the runfiles)
+)";
+
+int UsageError(const std::string& message, const char* usage) {
+  std::fprintf(stderr, "kt: %s\n\n%s", message.c_str(), usage);
+  return kExitUsage;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ISA selection.
+
+absl::StatusOr<Isa> SelectIsa() {
+  const char* env = std::getenv("KT_ISA");
+  return ResolveIsa(env == nullptr ? "" : env, GetCpuFeatures());
+}
+
+std::string IsaOrigin() {
+  const char* env = std::getenv("KT_ISA");
+  if (env == nullptr || env[0] == '\0') return "best supported; KT_ISA unset";
+  return absl::StrCat("KT_ISA=", env);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// kt doctor
+
+int Doctor(const std::vector<std::string>& args) {
+  for (const std::string& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::printf("usage: kt doctor\n");
+      return kExitUsage;
+    }
+    return UsageError(absl::StrCat("doctor: unknown argument '", a, "'"), kUsage);
+  }
+  const CpuFeatures& f = GetCpuFeatures();
+  std::printf("CPU       %s\n", f.brand.empty() ? "(unknown brand)" : f.brand.c_str());
+  std::printf("features  %s\n", f.ToString().c_str());
+  std::printf("threads   %d (CPUs in this process's affinity mask; std::thread::hardware_concurrency %u)\n",
+              HardwareThreads(), std::thread::hardware_concurrency());
+  std::printf("kernel paths (increasing preference):\n");
+  const Isa best = BestIsa(f);
+  for (int i = 0; i <= static_cast<int>(Isa::kAmx); ++i) {
+    const Isa isa = static_cast<Isa>(i);
+    const bool ok = IsaSupported(isa, f);
+    std::string note;
+    if (isa == best) note = "  <- best";
+    if (!ok) {
+      const absl::StatusOr<Isa> why = ResolveIsa(IsaName(isa), f);
+      if (!why.ok()) note = absl::StrCat("  (", why.status().message(), ")");
+    }
+    std::printf("  %-12s %-3s%s\n", IsaName(isa), ok ? "yes" : "no", note.c_str());
+  }
+  const char* env = std::getenv("KT_ISA");
+  const absl::StatusOr<Isa> isa = SelectIsa();
+  if (!isa.ok()) {
+    std::printf("KT_ISA    '%s' -> error: %s\n", env == nullptr ? "" : env,
+                std::string(isa.status().message()).c_str());
+    return kExitUsage;
+  }
+  std::printf("KT_ISA    %s -> %s\n", env == nullptr ? "(unset)" : absl::StrCat("'", env, "'").c_str(),
+              IsaName(*isa));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// kt bench: flags.
+
+struct Shape {
+  const char* name;
+  int experts, top_k, hidden, intermediate, layers;
+};
+
+constexpr Shape kShapes[] = {
+    {"qwen3-30b-a3b", 128, 8, 2048, 768, 48},
+    {"qwen3-235b-a22b", 128, 8, 4096, 1536, 94},
+};
+
+struct BenchFlags {
+  Shape shape = kShapes[0];
+  int threads = 0;
+  bool pin = false;
+  int qlen_decode = 1;
+  int qlen_prefill = 512;
+  int iters = 100;
+  int prefill_iters = 5;
+  int bandwidth_mib = 1024;
+  int layers = 0;  // 0: enough copies of the layer to exceed 4x the last-level cache.
+  uint64_t seed = 1;
+  bool torch = true;
+  std::string python = kDefaultPython;
+  std::string torch_script;
+};
+
+// Returns an empty string on success, else the error message. Accepts "--flag value" and "--flag=value".
+std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* flags, bool* help) {
+  *help = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string name = args[i];
+    std::string value;
+    bool has_value = false;
+    const size_t eq = name.find('=');
+    if (name.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    auto take_value = [&](std::string* out) -> std::string {
+      if (has_value) {
+        *out = value;
+        return "";
+      }
+      if (i + 1 >= args.size()) return absl::StrCat("flag ", name, " needs a value");
+      *out = args[++i];
+      return "";
+    };
+    auto take_int = [&](int lo, int hi, int* out) -> std::string {
+      std::string text;
+      std::string err = take_value(&text);
+      if (!err.empty()) return err;
+      int v = 0;
+      if (!absl::SimpleAtoi(text, &v) || v < lo || v > hi) {
+        return absl::StrCat("flag ", name, " wants an integer in [", lo, ", ", hi, "], got '", text, "'");
+      }
+      *out = v;
+      return "";
+    };
+    auto no_value = [&]() -> std::string {
+      return has_value ? absl::StrCat("flag ", name, " takes no value") : "";
+    };
+    std::string err;
+    if (name == "--help" || name == "-h") {
+      *help = true;
+      return "";
+    } else if (name == "--shape") {
+      std::string s;
+      err = take_value(&s);
+      if (err.empty()) {
+        bool found = false;
+        for (const Shape& shape : kShapes) {
+          if (s == shape.name) {
+            flags->shape = shape;
+            found = true;
+          }
+        }
+        if (!found)
+          err = absl::StrCat("unknown --shape '", s, "'; expected qwen3-30b-a3b or qwen3-235b-a22b");
+      }
+    } else if (name == "--threads") {
+      err = take_int(1, 4096, &flags->threads);
+    } else if (name == "--pin") {
+      err = no_value();
+      flags->pin = true;
+    } else if (name == "--qlen-decode") {
+      err = take_int(1, 1 << 16, &flags->qlen_decode);
+    } else if (name == "--qlen-prefill") {
+      err = take_int(1, 1 << 16, &flags->qlen_prefill);
+    } else if (name == "--iters") {
+      err = take_int(1, 1 << 24, &flags->iters);
+    } else if (name == "--prefill-iters") {
+      err = take_int(1, 1 << 20, &flags->prefill_iters);
+    } else if (name == "--layers") {
+      err = take_int(1, 1024, &flags->layers);
+    } else if (name == "--bandwidth-mib") {
+      err = take_int(16, 1 << 20, &flags->bandwidth_mib);
+    } else if (name == "--seed") {
+      int s = 0;
+      err = take_int(0, 1 << 30, &s);
+      flags->seed = static_cast<uint64_t>(s);
+    } else if (name == "--no-torch") {
+      err = no_value();
+      flags->torch = false;
+    } else if (name == "--python") {
+      err = take_value(&flags->python);
+    } else if (name == "--torch-script") {
+      err = take_value(&flags->torch_script);
+    } else if (name.rfind("-", 0) == 0) {
+      err = absl::StrCat("bench: unknown flag '", name, "'");
+    } else {
+      err = absl::StrCat("bench: unexpected argument '", name, "'");
+    }
+    if (!err.empty()) return err;
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Deterministic random data.
+
+// Counter-based generator (SplitMix64 finaliser): value i of stream `seed` is independent of how the fill
+// is split across threads, so the weights are the same for any thread count.
+inline uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [-1, 1): value i of stream `key` (key = Mix(stream)).
+inline float UniformSym(uint64_t key, uint64_t i) {
+  return static_cast<float>(Mix(key ^ i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+// Fills n bf16 values uniform in [-a, a) with a = sqrt(3) * std, i.e. standard deviation `std`. One hash
+// gives two values (its two 24-bit halves).
+void FillRandomBf16(ThreadPool& pool, uint64_t stream, size_t n, float std, bf16_t* out) {
+  const float scale = std::sqrt(3.0f) * std * (2.0f / 16777216.0f);
+  const float a = std::sqrt(3.0f) * std;
+  const uint64_t key = Mix(stream);
+  constexpr size_t kChunk = size_t{1} << 20;
+  pool.ParallelFor((n + kChunk - 1) / kChunk, [&](size_t task, int) {
+    const size_t begin = task * kChunk;
+    const size_t end = std::min(n, begin + kChunk);
+    for (size_t i = begin; i < end; i += 2) {
+      const uint64_t r = Mix(key ^ i);
+      out[i] = F32ToBf16(static_cast<float>(r >> 40) * scale - a);
+      if (i + 1 < end) out[i + 1] = F32ToBf16(static_cast<float>((r >> 16) & 0xffffff) * scale - a);
+    }
+  });
+}
+
+// qlen tokens, each routed to k distinct experts with positive weights summing to 1.
+struct Routing {
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  int distinct_experts = 0;
+};
+
+Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts) {
+  Routing r;
+  r.ids.resize(static_cast<size_t>(qlen) * k);
+  r.weights.resize(r.ids.size());
+  std::vector<int> perm(num_experts);
+  std::vector<char> seen(num_experts, 0);
+  std::uniform_real_distribution<float> w(0.1f, 1.0f);
+  for (int t = 0; t < qlen; ++t) {
+    for (int e = 0; e < num_experts; ++e) perm[e] = e;
+    float sum = 0;
+    for (int j = 0; j < k; ++j) {  // Partial Fisher-Yates: k distinct experts.
+      std::uniform_int_distribution<int> pick(j, num_experts - 1);
+      std::swap(perm[j], perm[pick(rng)]);
+      r.ids[t * k + j] = perm[j];
+      r.weights[t * k + j] = w(rng);
+      sum += r.weights[t * k + j];
+      if (!seen[perm[j]]) {
+        seen[perm[j]] = 1;
+        ++r.distinct_experts;
+      }
+    }
+    for (int j = 0; j < k; ++j) r.weights[t * k + j] /= sum;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Statistics and formatting.
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  const double pos = p * (v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(v.size() - 1, lo + 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - lo);
+}
+
+std::string FormatTime(double s) {
+  if (s < 1e-3) return absl::StrFormat("%.1f us", s * 1e6);
+  if (s < 1.0) return absl::StrFormat("%.2f ms", s * 1e3);
+  return absl::StrFormat("%.3f s", s);
+}
+
+std::string FormatBytes(double b) {
+  if (b >= 1e9) return absl::StrFormat("%.2f GB", b / 1e9);
+  return absl::StrFormat("%.1f MB", b / 1e6);
+}
+
+// The size of the largest cache level cpu0 reports in sysfs (sysconf's value can be the host's in a VM), else
+// sysconf's; 0 if unknown.
+size_t LastLevelCacheBytes() {
+  int best_level = 0;
+  size_t best = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = absl::StrCat("/sys/devices/system/cpu/cpu0/cache/index", index, "/");
+    FILE* level_file = std::fopen((dir + "level").c_str(), "r");
+    if (level_file == nullptr) break;
+    int level = 0;
+    const bool have_level = std::fscanf(level_file, "%d", &level) == 1;
+    std::fclose(level_file);
+    FILE* size_file = std::fopen((dir + "size").c_str(), "r");
+    if (size_file == nullptr) continue;
+    unsigned long long size = 0;
+    char unit = 0;
+    const int n = std::fscanf(size_file, "%llu%c", &size, &unit);
+    std::fclose(size_file);
+    if (!have_level || n < 1) continue;
+    if (n == 2 && (unit == 'K' || unit == 'k')) size <<= 10;
+    if (n == 2 && (unit == 'M' || unit == 'm')) size <<= 20;
+    if (level > best_level || (level == best_level && size > best)) {
+      best_level = level;
+      best = size;
+    }
+  }
+  if (best > 0) return best;
+  const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return v > 0 ? static_cast<size_t>(v) : 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The PyTorch yardstick.
+
+bool FileExists(const std::string& path) { return !path.empty() && access(path.c_str(), R_OK) == 0; }
+
+std::string SelfExe() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "";
+  buf[n] = '\0';
+  return buf;
+}
+
+// --torch-script, then $KT_TORCH_BENCH, then the runfiles (bazel run's cwd is <binary>.runfiles/kt), then
+// the workspace of `bazel run`. Empty if none exists.
+std::string FindTorchScript(const BenchFlags& flags, std::vector<std::string>* tried) {
+  std::vector<std::string> candidates;
+  if (!flags.torch_script.empty()) {
+    candidates.push_back(flags.torch_script);
+  } else {
+    if (const char* env = std::getenv("KT_TORCH_BENCH")) candidates.push_back(env);
+    candidates.push_back(kTorchScript);
+    if (const char* dir = std::getenv("RUNFILES_DIR")) {
+      candidates.push_back(absl::StrCat(dir, "/kt/", kTorchScript));
+    }
+    const std::string exe = SelfExe();
+    if (!exe.empty()) candidates.push_back(absl::StrCat(exe, ".runfiles/kt/", kTorchScript));
+    if (const char* ws = std::getenv("BUILD_WORKSPACE_DIRECTORY")) {
+      candidates.push_back(absl::StrCat(ws, "/", kTorchScript));
+    }
+  }
+  for (const std::string& c : candidates) {
+    tried->push_back(c);
+    if (FileExists(c)) return c;
+  }
+  return "";
+}
+
+std::string ShellQuote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) {
+    if (c == '\'') {
+      out += "'\\''";
+    } else {
+      out += c;
+    }
+  }
+  return out + "'";
+}
+
+// Extracts the number after "key": in a flat JSON line; NaN if absent.
+double JsonNumber(const std::string& line, const std::string& key) {
+  const std::string needle = absl::StrCat("\"", key, "\"");
+  size_t pos = line.find(needle);
+  if (pos == std::string::npos) return std::nan("");
+  pos = line.find(':', pos + needle.size());
+  if (pos == std::string::npos) return std::nan("");
+  return std::strtod(line.c_str() + pos + 1, nullptr);
+}
+
+struct TorchResult {
+  bool ok = false;
+  double decode_seconds = std::nan("");
+  double prefill_seconds = std::nan("");
+  double prefill_tflops = std::nan("");
+  std::string version;
+};
+
+TorchResult RunTorch(const BenchFlags& flags) {
+  TorchResult result;
+  std::printf("\nPyTorch yardstick (bf16 eager loop over experts, same shape, %d threads)\n", flags.threads);
+  if (!flags.torch) {
+    std::printf("  skipped (--no-torch)\n");
+    return result;
+  }
+  const std::string probe = absl::StrCat(ShellQuote(flags.python), " -c 'import torch' >/dev/null 2>&1");
+  if (access(flags.python.c_str(), X_OK) != 0 || std::system(probe.c_str()) != 0) {
+    std::printf("  skipped: %s cannot import torch\n", flags.python.c_str());
+    return result;
+  }
+  std::vector<std::string> tried;
+  const std::string script = FindTorchScript(flags, &tried);
+  if (script.empty()) {
+    std::printf("  skipped: %s not found (tried %s; set --torch-script or KT_TORCH_BENCH)\n", kTorchScript,
+                absl::StrJoin(tried, ", ").c_str());
+    return result;
+  }
+  const Shape& s = flags.shape;
+  // Few prefill iterations: PyTorch's CPU bf16 matmuls may be slow on small machines.
+  const std::string cmd = absl::StrCat(
+      ShellQuote(flags.python), " ", ShellQuote(script), " --experts ", s.experts, " --topk ", s.top_k,
+      " --hidden ", s.hidden, " --inter ", s.intermediate, " --threads ", flags.threads, " --qlen ",
+      flags.qlen_decode, " ", flags.qlen_prefill, " --iters 20 2 --seed ", flags.seed, " 2>&1");
+  std::printf("  $ %s\n", cmd.c_str());
+  std::fflush(stdout);
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) {
+    std::printf("  failed to start the script\n");
+    return result;
+  }
+  char buf[4096];
+  int parsed = 0;
+  while (std::fgets(buf, sizeof(buf), pipe) != nullptr) {
+    std::string line(buf);
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
+    std::printf("  %s\n", line.c_str());
+    std::fflush(stdout);
+    if (line.empty() || line[0] != '{') continue;
+    const double qlen = JsonNumber(line, "qlen");
+    const double sec = JsonNumber(line, "seconds_per_iter");
+    if (std::isnan(qlen) || std::isnan(sec)) continue;
+    if (static_cast<int>(qlen) == flags.qlen_decode && std::isnan(result.decode_seconds)) {
+      result.decode_seconds = sec;
+      ++parsed;
+    } else if (static_cast<int>(qlen) == flags.qlen_prefill) {
+      result.prefill_seconds = sec;
+      result.prefill_tflops = JsonNumber(line, "tflops");
+      ++parsed;
+    }
+  }
+  const int rc = pclose(pipe);
+  if (rc != 0) std::printf("  the script exited with status %d\n", rc);
+  result.ok = parsed > 0;
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// kt bench
+
+struct TimedRuns {
+  std::vector<double> seconds;
+  std::vector<double> bytes;  // Distinct expert weight bytes touched by each call.
+};
+
+int Bench(const std::vector<std::string>& args) {
+  BenchFlags flags;
+  bool help = false;
+  const std::string err = ParseBenchFlags(args, &flags, &help);
+  if (!err.empty()) return UsageError(err, kBenchUsage);
+  if (help) {
+    std::printf("%s", kBenchUsage);
+    return kExitUsage;
+  }
+  if (flags.threads == 0) flags.threads = HardwareThreads();
+  cpu_set_t initial_affinity;
+  CPU_ZERO(&initial_affinity);
+  sched_getaffinity(0, sizeof(initial_affinity), &initial_affinity);
+
+  const CpuFeatures& features = GetCpuFeatures();
+  const absl::StatusOr<Isa> isa_or = SelectIsa();
+  if (!isa_or.ok()) {
+    std::fprintf(stderr, "kt bench: %s\n", std::string(isa_or.status().message()).c_str());
+    return kExitUsage;
+  }
+  const Isa isa = *isa_or;
+  const Shape& shape = flags.shape;
+  const size_t E = shape.experts, H = shape.hidden, I = shape.intermediate;
+  const int k = shape.top_k;
+  const double expert_bytes = 3.0 * H * I * sizeof(bf16_t);
+  const double flop_per_routed_row = 2.0 * 3.0 * H * I;
+
+  std::printf("kt bench: BF16 routed experts of one MoE layer\n");
+  std::printf("  CPU        %s\n", features.brand.empty() ? "(unknown brand)" : features.brand.c_str());
+  std::printf("  features   %s\n", features.ToString().c_str());
+  std::printf("  path       %s (%s)\n", IsaName(isa), IsaOrigin().c_str());
+  std::printf("  threads    %d%s\n", flags.threads, flags.pin ? " (pinned)" : "");
+  std::printf(
+      "  shape      %s: E=%zu experts, top-k=%d, hidden=%zu, intermediate=%zu; %s of bf16 expert "
+      "weights per layer, %d layers\n",
+      shape.name, E, k, H, I, FormatBytes(expert_bytes * E).c_str(), shape.layers);
+  std::fflush(stdout);
+
+  // Yardsticks first, while the weights are not yet allocated.
+  std::printf("\nYardsticks (measured in this run, %d threads)\n", flags.threads);
+  std::fflush(stdout);
+  const BandwidthResult bw =
+      MeasureReadBandwidth(static_cast<size_t>(flags.bandwidth_mib) << 20, flags.threads, 10, flags.pin);
+  if (bw.bytes_per_second <= 0) {
+    std::fprintf(stderr, "kt bench: could not allocate %d MiB for the bandwidth measurement\n",
+                 flags.bandwidth_mib);
+    return 1;
+  }
+  std::printf("  read bandwidth  %7.1f GB/s    (streaming read of %zu MiB, %s, best of %d)\n",
+              bw.bytes_per_second / 1e9, bw.buffer_bytes >> 20, bw.method.c_str(), bw.reps);
+  std::fflush(stdout);
+  const PeakResult peak = MeasurePeak(isa, flags.threads, flags.pin, 0.2, 5);
+  std::printf(
+      "  peak compute    %7.3f TFLOPS  (%s path: %s, %d FLOP each, %d independent chains per thread, "
+      "best of %d)\n",
+      peak.flops_per_second / 1e12, IsaName(isa), peak.instruction.c_str(), peak.flop_per_instruction,
+      peak.chains, peak.reps);
+  std::fflush(stdout);
+
+  ThreadPool pool(ThreadPoolOptions{flags.threads, flags.pin});
+  MoeConfig config;
+  config.num_experts = shape.experts;
+  config.top_k = k;
+  config.hidden = shape.hidden;
+  config.intermediate = shape.intermediate;
+  config.max_len = std::max({flags.qlen_decode, flags.qlen_prefill, kAccuracyQlen});
+
+  // Weights: uniform with standard deviation 1/sqrt(fan_in), deterministic in --seed.
+  Clock::time_point t0 = Clock::now();
+  const size_t n_gu = E * I * H;
+  std::unique_ptr<bf16_t[]> gate(new bf16_t[n_gu]), up(new bf16_t[n_gu]), down(new bf16_t[n_gu]);
+  FillRandomBf16(pool, flags.seed * 16 + 1, n_gu, 1.0f / std::sqrt(static_cast<float>(H)), gate.get());
+  FillRandomBf16(pool, flags.seed * 16 + 2, n_gu, 1.0f / std::sqrt(static_cast<float>(H)), up.get());
+  FillRandomBf16(pool, flags.seed * 16 + 3, n_gu, 1.0f / std::sqrt(static_cast<float>(I)), down.get());
+  const double gen_s = Seconds(t0);
+
+  // Several layers (copies of the same values in distinct memory) where one layer would not dwarf the
+  // last-level cache, so that the timed calls read their weights from DRAM as a real model does.
+  const size_t llc = LastLevelCacheBytes();
+  int num_layers = flags.layers;
+  if (num_layers == 0) {
+    const double want = 4.0 * static_cast<double>(llc) / (expert_bytes * E);
+    // At most half of the physical memory for the copies (the canonical weights are held meanwhile).
+    const double ram = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+    const int fit = static_cast<int>(0.5 * ram / (expert_bytes * E)) - 1;
+    num_layers = std::max(1, std::min({shape.layers, fit, static_cast<int>(std::ceil(want))}));
+  }
+  std::vector<std::unique_ptr<Bf16Moe>> layers;
+  t0 = Clock::now();
+  for (int l = 0; l < num_layers; ++l) {
+    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe_or = Bf16Moe::Create(config, isa);
+    if (!moe_or.ok()) {
+      std::fprintf(stderr, "kt bench: Bf16Moe::Create: %s\n", moe_or.status().ToString().c_str());
+      return 1;
+    }
+    const absl::Status load = (*moe_or)->LoadWeights(gate.get(), up.get(), down.get(), nullptr, pool);
+    if (!load.ok()) {
+      std::fprintf(stderr, "kt bench: LoadWeights: %s\n", load.ToString().c_str());
+      return 1;
+    }
+    layers.push_back(std::move(*moe_or));
+  }
+  const double load_s = Seconds(t0);
+  Bf16Moe& moe = *layers[0];
+  absl::Status st;
+  std::printf(
+      "\nWeights    random bf16, std 1/sqrt(fan_in), seed %llu: generated in %.1f s, packed in %.1f s\n"
+      "           %d layer cop%s in distinct memory, %s packed in all (last-level cache %s%s)\n",
+      static_cast<unsigned long long>(flags.seed), gen_s, load_s, num_layers, num_layers == 1 ? "y" : "ies",
+      FormatBytes(static_cast<double>(moe.weight_bytes()) * num_layers).c_str(),
+      llc > 0 ? FormatBytes(static_cast<double>(llc)).c_str() : "unknown",
+      flags.layers == 0 ? "; copies chosen to exceed 4x the cache, --layers overrides" : "");
+
+  std::mt19937_64 rng(flags.seed);
+  auto random_input = [&](int qlen, uint64_t stream) {
+    std::vector<bf16_t> x(static_cast<size_t>(qlen) * H);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = F32ToBf16(std::sqrt(3.0f) * UniformSym(Mix(stream), i));
+    return x;
+  };
+
+  // Accuracy against the double-accumulation reference.
+  bool accuracy_pass = false;
+  {
+    const Routing r = RandomRouting(rng, kAccuracyQlen, k, shape.experts);
+    const std::vector<bf16_t> x = random_input(kAccuracyQlen, flags.seed * 16 + 4);
+    std::vector<bf16_t> y(static_cast<size_t>(kAccuracyQlen) * H);
+    st = moe.Forward(pool, kAccuracyQlen, k, r.ids.data(), r.weights.data(), x.data(), y.data(), nullptr);
+    if (!st.ok()) {
+      std::fprintf(stderr, "kt bench: Forward: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    std::vector<float> ref(y.size());
+    MoeForwardReference(config, kAccuracyQlen, k, r.ids.data(), r.weights.data(), x.data(), gate.get(),
+                        up.get(), down.get(), nullptr, ref.data());
+    double max_err = 0, max_ref = 0;
+    bool finite = true;
+    for (size_t i = 0; i < y.size(); ++i) {
+      const double v = Bf16ToF32(y[i]);
+      if (!std::isfinite(v)) finite = false;
+      max_err = std::max(max_err, std::fabs(v - ref[i]));
+      max_ref = std::max(max_ref, std::fabs(static_cast<double>(ref[i])));
+    }
+    const double rel = max_ref > 0 ? max_err / max_ref : (max_err > 0 ? INFINITY : 0.0);
+    accuracy_pass = finite && max_ref > 0 && rel < kAccuracyTolerance;
+    std::printf(
+        "Accuracy   qlen %d vs MoeForwardReference (double accumulation): max|err|/max|ref| = "
+        "%.2e (max|ref| %.3g)  %s (< %.0e)\n",
+        kAccuracyQlen, rel, max_ref, accuracy_pass ? "PASS" : "FAIL", kAccuracyTolerance);
+  }
+  gate.reset();
+  up.reset();
+  down.reset();
+  std::fflush(stdout);
+
+  // Runs `iters` timed calls after `warmup` untimed ones, cycling through `patterns` routings.
+  auto run = [&](int qlen, int iters, int warmup, const std::vector<Routing>& patterns,
+                 TimedRuns* out) -> absl::Status {
+    const std::vector<bf16_t> x = random_input(qlen, flags.seed * 16 + 5 + qlen);
+    std::vector<bf16_t> y(static_cast<size_t>(qlen) * H);
+    for (int it = -warmup; it < iters; ++it) {
+      const Routing& r = patterns[(it + warmup) % patterns.size()];
+      Bf16Moe& layer = *layers[(it + warmup) % layers.size()];
+      const Clock::time_point start = Clock::now();
+      absl::Status s =
+          layer.Forward(pool, qlen, k, r.ids.data(), r.weights.data(), x.data(), y.data(), nullptr);
+      const double sec = Seconds(start);
+      if (!s.ok()) return s;
+      if (it >= 0) {
+        out->seconds.push_back(sec);
+        out->bytes.push_back(r.distinct_experts * expert_bytes);
+      }
+    }
+    return absl::OkStatus();
+  };
+
+  // Decode: many routing patterns so that consecutive calls touch different experts, and one layer of
+  // weights (>> last-level cache) so that the cache cannot serve them.
+  TimedRuns dec;
+  {
+    std::vector<Routing> patterns;
+    const int num_patterns = std::min(64, std::max(flags.iters, 1) + 3);
+    for (int p = 0; p < num_patterns; ++p)
+      patterns.push_back(RandomRouting(rng, flags.qlen_decode, k, shape.experts));
+    st = run(flags.qlen_decode, flags.iters, 3, patterns, &dec);
+    if (!st.ok()) {
+      std::fprintf(stderr, "kt bench: Forward (decode): %s\n", st.ToString().c_str());
+      return 1;
+    }
+    std::vector<double> gbps(dec.seconds.size());
+    for (size_t i = 0; i < gbps.size(); ++i) gbps[i] = dec.bytes[i] / dec.seconds[i] / 1e9;
+    const double med = Percentile(dec.seconds, 0.5);
+    const double med_gbps = Percentile(gbps, 0.5);
+    const double bw_gbps = bw.bytes_per_second / 1e9;
+    std::printf("\nDecode     qlen %d, %d iterations over %d routing patterns and %d layer cop%s\n",
+                flags.qlen_decode, flags.iters, num_patterns, num_layers, num_layers == 1 ? "y" : "ies");
+    std::printf("  latency     median %s per layer  (p10 %s, p90 %s)\n", FormatTime(med).c_str(),
+                FormatTime(Percentile(dec.seconds, 0.1)).c_str(),
+                FormatTime(Percentile(dec.seconds, 0.9)).c_str());
+    std::printf(
+        "  tokens/s    %.1f for one layer; %.2f for a %d-layer model (extrapolation: routed experts "
+        "only, x%d layers)\n",
+        flags.qlen_decode / med, flags.qlen_decode / (med * shape.layers), shape.layers, shape.layers);
+    std::printf(
+        "  weights     %s of distinct experts touched per call (median) -> %.1f GB/s = %.0f%% of the "
+        "measured read bandwidth %.1f GB/s\n",
+        FormatBytes(Percentile(dec.bytes, 0.5)).c_str(), med_gbps, 100.0 * med_gbps / bw_gbps, bw_gbps);
+    std::fflush(stdout);
+  }
+
+  // Prefill.
+  TimedRuns pre;
+  {
+    std::vector<Routing> patterns;
+    for (int p = 0; p < std::min(flags.prefill_iters + 1, 8); ++p) {
+      patterns.push_back(RandomRouting(rng, flags.qlen_prefill, k, shape.experts));
+    }
+    st = run(flags.qlen_prefill, flags.prefill_iters, 1, patterns, &pre);
+    if (!st.ok()) {
+      std::fprintf(stderr, "kt bench: Forward (prefill): %s\n", st.ToString().c_str());
+      return 1;
+    }
+    const double med = Percentile(pre.seconds, 0.5);
+    const double flop = flop_per_routed_row * k * flags.qlen_prefill;
+    const double tflops = flop / med / 1e12;
+    const double peak_tflops = peak.flops_per_second / 1e12;
+    const double med_bytes = Percentile(pre.bytes, 0.5);
+    std::printf("\nPrefill    qlen %d, %d iterations\n", flags.qlen_prefill, flags.prefill_iters);
+    std::printf("  latency     median %s per layer  (min %s, max %s); %.0f tokens/s for one layer\n",
+                FormatTime(med).c_str(), FormatTime(Percentile(pre.seconds, 0.0)).c_str(),
+                FormatTime(Percentile(pre.seconds, 1.0)).c_str(), flags.qlen_prefill / med);
+    std::printf("  compute     %.3f TFLOPS = %.0f%% of the measured %s peak %.3f TFLOPS (%s)\n", tflops,
+                100.0 * tflops / peak_tflops, IsaName(isa), peak_tflops, peak.instruction.c_str());
+    std::printf(
+        "  weights     %.0f distinct experts, %s touched per call -> %.1f GB/s (read bandwidth "
+        "%.1f GB/s)\n",
+        med_bytes / expert_bytes, FormatBytes(med_bytes).c_str(), med_bytes / med / 1e9,
+        bw.bytes_per_second / 1e9);
+    std::fflush(stdout);
+  }
+
+  // ThreadPoolOptions::pin pins the calling thread too, and a child process inherits that thread's
+  // affinity: give PyTorch back every CPU this process started with.
+  sched_setaffinity(0, sizeof(initial_affinity), &initial_affinity);
+  const TorchResult torch = RunTorch(flags);
+  if (torch.ok) {
+    const double kt_dec = Percentile(dec.seconds, 0.5);
+    const double kt_pre = Percentile(pre.seconds, 0.5);
+    if (!std::isnan(torch.decode_seconds)) {
+      std::printf("  decode   qlen %-4d kt %s vs torch %s per layer -> kt/torch speed %.2fx\n",
+                  flags.qlen_decode, FormatTime(kt_dec).c_str(), FormatTime(torch.decode_seconds).c_str(),
+                  torch.decode_seconds / kt_dec);
+    }
+    if (!std::isnan(torch.prefill_seconds)) {
+      const double flop = flop_per_routed_row * k * flags.qlen_prefill;
+      std::printf(
+          "  prefill  qlen %-4d kt %s (%.3f TFLOPS) vs torch %s (%.3f TFLOPS) per layer -> kt/torch speed "
+          "%.2fx\n",
+          flags.qlen_prefill, FormatTime(kt_pre).c_str(), flop / kt_pre / 1e12,
+          FormatTime(torch.prefill_seconds).c_str(), flop / torch.prefill_seconds / 1e12,
+          torch.prefill_seconds / kt_pre);
+    }
+  }
+  std::fflush(stdout);
+  if (!accuracy_pass) {
+    std::fprintf(stderr, "kt bench: accuracy check FAILED\n");
+    return 1;
+  }
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  if (argc < 2) return UsageError("missing command", kUsage);
+  const std::string cmd = argv[1];
+  const std::vector<std::string> rest(argv + 2, argv + argc);
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    std::printf("%s", kUsage);
+    return kExitUsage;
+  }
+  if (cmd == "bench") return Bench(rest);
+  if (cmd == "doctor") return Doctor(rest);
+  if (cmd == "convert") {
+    std::fprintf(stderr, "kt convert: not implemented yet (weight IO issue)\n");
+    return kExitUsage;
+  }
+  return UsageError(absl::StrCat("unknown command '", cmd, "'"), kUsage);
+}
+
+}  // namespace
+}  // namespace tools
+}  // namespace kt
+
+int main(int argc, char** argv) { return kt::tools::Main(argc, argv); }
