@@ -12,6 +12,7 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "kt/kernels/gemm_bf16.h"
 
@@ -29,39 +30,56 @@ constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
 constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
 constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
 
-template <int MR, int NP>
+// MR rows x NP panels. kSplit keeps the even-k and odd-k products in separate accumulators: with few rows
+// (decode) there are otherwise too few independent FMA chains to hide the FMA latency (2 dependent FMAs
+// per k-pair per accumulator), and the kernel would run at half speed even from cache.
+template <int MR, int NP, bool kSplit>
 HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
                       const bf16_t* HWY_RESTRICT panels, size_t stride, float* HWY_RESTRICT y,
                       size_t ldy, size_t cols) {
   const DF df;
   const DU du;
   constexpr size_t kV = NP * kVecsPerPanel;
+  constexpr size_t kAcc = kSplit ? 2 : 1;
   using VF = hn::Vec<DF>;
-  VF acc[MR][kV];
+  VF acc[MR][kV][kAcc];
   for (int m = 0; m < MR; ++m) {
-    for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(df);
+    for (size_t v = 0; v < kV; ++v) {
+      for (size_t a = 0; a < kAcc; ++a) acc[m][v][a] = hn::Zero(df);
+    }
   }
   const auto hi_mask = hn::Set(du, 0xffff0000u);
+  const size_t full_pairs = k / 2;
   const size_t kpairs = KPairs(k);
   for (size_t kp = 0; kp < kpairs; ++kp) {
-    VF w_even[kV], w_odd[kV];
+    // Per panel: unpack its weights (2 registers per vector), then every row's FMAs. x's pair
+    // {x[2kp], x[2kp+1]} is broadcast as one 32-bit value and split like the weights (shift, mask);
+    // keeping only one row's x live at a time keeps MR=4 x 2 vectors within AVX2's 16 registers.
+    const bool full = kp < full_pairs;
     for (int p = 0; p < NP; ++p) {
       const uint32_t* src =
           reinterpret_cast<const uint32_t*>(panels + p * stride + kp * 2 * kPanelRows);
+      VF w_even[kVecsPerPanel], w_odd[kVecsPerPanel];
       for (size_t s = 0; s < kVecsPerPanel; ++s) {
         const auto w = hn::LoadU(du, src + s * kLanes);
-        w_even[p * kVecsPerPanel + s] = hn::BitCast(df, hn::ShiftLeft<16>(w));
-        w_odd[p * kVecsPerPanel + s] = hn::BitCast(df, hn::And(w, hi_mask));
+        w_even[s] = hn::BitCast(df, hn::ShiftLeft<16>(w));
+        w_odd[s] = hn::BitCast(df, hn::And(w, hi_mask));
       }
-    }
-    const bool has_odd = 2 * kp + 1 < k;
-    for (int m = 0; m < MR; ++m) {
-      const bf16_t* xr = x + m * ldx + 2 * kp;
-      const VF x0 = hn::Set(df, Bf16ToF32(xr[0]));
-      const VF x1 = hn::Set(df, has_odd ? Bf16ToF32(xr[1]) : 0.0f);
-      for (size_t v = 0; v < kV; ++v) {
-        acc[m][v] = hn::MulAdd(x0, w_even[v], acc[m][v]);
-        acc[m][v] = hn::MulAdd(x1, w_odd[v], acc[m][v]);
+      for (int m = 0; m < MR; ++m) {
+        uint32_t pair;
+        if (full) {
+          std::memcpy(&pair, x + m * ldx + 2 * kp, sizeof(pair));
+        } else {
+          pair = x[m * ldx + 2 * kp].bits;  // odd K: the last k alone, no over-read
+        }
+        const auto xv = hn::Set(du, pair);
+        const VF x_even = hn::BitCast(df, hn::ShiftLeft<16>(xv));
+        const VF x_odd = hn::BitCast(df, hn::And(xv, hi_mask));
+        for (size_t s = 0; s < kVecsPerPanel; ++s) {
+          const size_t v = p * kVecsPerPanel + s;
+          acc[m][v][0] = hn::MulAdd(x_even, w_even[s], acc[m][v][0]);
+          acc[m][v][kAcc - 1] = hn::MulAdd(x_odd, w_odd[s], acc[m][v][kAcc - 1]);
+        }
       }
     }
   }
@@ -70,11 +88,12 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
     if (c0 >= cols) break;
     const size_t n = std::min(kLanes, cols - c0);
     for (int m = 0; m < MR; ++m) {
+      const VF sum = kSplit ? hn::Add(acc[m][v][0], acc[m][v][kAcc - 1]) : acc[m][v][0];
       if (n == kLanes) {
-        hn::StoreU(acc[m][v], df, y + m * ldy + c0);
+        hn::StoreU(sum, df, y + m * ldy + c0);
       } else {
         HWY_ALIGN float tmp[kLanes];
-        hn::Store(acc[m][v], df, tmp);
+        hn::Store(sum, df, tmp);
         std::copy(tmp, tmp + n, y + m * ldy + c0);
       }
     }
@@ -85,15 +104,15 @@ using MicroFn = void (*)(size_t, const bf16_t*, size_t, const bf16_t*, size_t, f
 
 template <int NP>
 MicroFn PickRows(size_t rows) {
-  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
+  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP, false>;
   switch (rows) {
-    case 1: return &Micro<1, NP>;
-    case 2: return &Micro<2, NP>;
-    case 3: return &Micro<3, NP>;
-    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
-    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
-    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
-    default: return &Micro<4, NP>;
+    case 1: return &Micro<1, NP, true>;
+    case 2: return &Micro<2, NP, true>;
+    case 3: return &Micro<3, NP, false>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP, false>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP, false>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP, false>;
+    default: return &Micro<4, NP, false>;
   }
 }
 
@@ -101,14 +120,15 @@ void GemmBf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* pan
               float* y, size_t ldy) {
   const size_t stride = PanelStride(k);
   const size_t num_panels = NumPanels(n_cols);
-  for (size_t p = 0; p < num_panels; p += kMaxPanels) {
-    const size_t np = std::min<size_t>(kMaxPanels, num_panels - p);
+  // Few rows (decode) leave registers free for a second panel even on AVX2: more independent streams.
+  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
+  for (size_t p = 0; p < num_panels; p += max_panels) {
+    const size_t np = std::min<size_t>(max_panels, num_panels - p);
     const size_t c0 = p * kPanelRows;
     const size_t cols = std::min(n_cols - c0, np * kPanelRows);
     for (size_t i = 0; i < m;) {
       const size_t rows = std::min<size_t>(kMaxRows, m - i);
-      const MicroFn fn = (np == 2 && kMaxPanels >= 2) ? PickRows<(kMaxPanels >= 2 ? 2 : 1)>(rows)
-                                                      : PickRows<1>(rows);
+      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
       fn(k, x + i * ldx, ldx, panels + p * stride, stride, y + i * ldy + c0, ldy, cols);
       i += rows;
     }

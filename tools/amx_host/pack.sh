@@ -18,7 +18,7 @@ for t in "${targets[@]}"; do
   cp "$path" "$out/bin/"
   # Debian libraries the binary loads, except the C/C++ runtime the host has in a newer version.
   ldd "$path" | awk '$3 ~ /^\// {print $3}' | grep -v -E '/(libc|libm|libstdc\+\+|libgcc_s|libpthread|libdl|librt)\.so' \
-    | xargs -r -I{} cp -L -n {} "$out/lib/"
+    | while read -r lib; do [ -e "$out/lib/$(basename "$lib")" ] || cp -L "$lib" "$out/lib/"; done || true
 done
 cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
 du -sh "$out" >&2
