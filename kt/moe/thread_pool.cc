@@ -3,6 +3,8 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <chrono>
+
 namespace kt {
 namespace {
 
@@ -45,11 +47,32 @@ ThreadPool::ThreadPool(const ThreadPoolOptions& options)
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (auto& w : workers_) w.join();
 }
+
+namespace {
+
+// How long an idle thread spins before sleeping: longer than the gap between the phases of one MoE
+// forward, short enough that a pool between layers does not hold cores for long.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+// Spins until pred() or kSpin elapsed; returns pred().
+template <typename Pred>
+bool SpinUntil(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if ((i & 255) == 255 && std::chrono::steady_clock::now() > deadline) return pred();
+  }
+}
+
+}  // namespace
 
 void ThreadPool::RunTasks(int thread) {
   const auto& fn = *fn_;
@@ -63,16 +86,21 @@ void ThreadPool::RunTasks(int thread) {
 void ThreadPool::WorkerLoop(int thread) {
   uint64_t seen = 0;
   for (;;) {
-    {
+    auto fresh = [&] {
+      return stop_.load(std::memory_order_acquire) ||
+             generation_.load(std::memory_order_acquire) != seen;
+    };
+    if (!SpinUntil(fresh)) {
       std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      wake_.wait(lock, fresh);
     }
+    if (stop_.load(std::memory_order_acquire)) return;
+    seen = generation_.load(std::memory_order_acquire);
     RunTasks(thread);
-    {
+    if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Under the lock, so a caller between its check and its wait cannot miss this.
       std::lock_guard<std::mutex> lock(mu_);
-      if (--busy_workers_ == 0) done_.notify_one();
+      done_.notify_one();
     }
   }
 }
@@ -83,18 +111,22 @@ void ThreadPool::ParallelFor(size_t num_tasks, const std::function<void(size_t, 
     for (size_t t = 0; t < num_tasks; ++t) fn(t, 0);
     return;
   }
+  fn_ = &fn;
+  num_tasks_ = num_tasks;
+  next_task_.store(0, std::memory_order_relaxed);
+  busy_workers_.store(num_threads_ - 1, std::memory_order_relaxed);
   {
+    // Under the lock, so a worker between its check and its wait cannot miss the new generation.
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    num_tasks_ = num_tasks;
-    next_task_.store(0, std::memory_order_relaxed);
-    busy_workers_ = num_threads_ - 1;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
   }
   wake_.notify_all();
   RunTasks(0);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_.wait(lock, [&] { return busy_workers_ == 0; });
+  auto done = [&] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  if (!SpinUntil(done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, done);
+  }
   fn_ = nullptr;
 }
 

@@ -45,12 +45,16 @@ class ThreadPool {
   const int num_threads_;
   std::vector<std::thread> workers_;
 
+  // Hand-off: ParallelFor publishes fn_/num_tasks_, then bumps generation_ (release). Workers spin on
+  // generation_ for up to kSpinMicros before sleeping on wake_; the caller likewise spins on busy_workers_
+  // before sleeping on done_. A decode step runs 4 phases of ~100 us each, so a futex wake-up per phase
+  // and thread would otherwise cost a large share of it.
   std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable done_;
-  uint64_t generation_ = 0;  // Bumped per ParallelFor; workers wait for a new one.
-  bool stop_ = false;
-  int busy_workers_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> busy_workers_{0};
 
   const std::function<void(size_t, int)>* fn_ = nullptr;
   size_t num_tasks_ = 0;
