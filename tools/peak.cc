@@ -51,7 +51,8 @@ std::atomic<float> g_sink{0};
 
 internal::PeakLoop LoopFor(Isa isa) {
   switch (isa) {
-    case Isa::kAmx:  // The AMX path runs the AVX512-BF16 kernel until the AMX issue lands.
+    case Isa::kAmx:
+      return internal::PeakLoopAmxBf16();
     case Isa::kAvx512Bf16:
       return internal::PeakLoopAvx512Bf16();
     case Isa::kAvx512Vnni:  // Highway AVX3 paths widen bf16 to fp32 and use fp32 FMA.

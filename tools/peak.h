@@ -3,7 +3,8 @@
 // (enough accumulator chains to cover latency x throughput), nothing else: no loads, no stores.
 //
 //   path          instruction                    FLOP per instruction
-//   avx512_bf16   vdpbf16ps zmm (also for amx)   64: 16 fp32 lanes x 2 bf16 products x (mul + add)
+//   amx           tdpbf16ps 16x16x32         16384: 16 x 16 outputs x 32 products x (mul + add)
+//   avx512_bf16   vdpbf16ps zmm                  64: 16 fp32 lanes x 2 bf16 products x (mul + add)
 //   avx512(_vnni) vfmadd231ps zmm                32: 16 lanes x (mul + add)
 //   avx2          vfmadd231ps ymm                16:  8 lanes x (mul + add)
 //   scalar        mulss + addss (x86-64 base)     2
@@ -42,6 +43,7 @@ struct PeakLoop {
   int flop_per_instruction;
   int chains;
 };
+PeakLoop PeakLoopAmxBf16();
 PeakLoop PeakLoopAvx512Bf16();
 PeakLoop PeakLoopAvx512Fma();
 PeakLoop PeakLoopAvx2Fma();

@@ -200,12 +200,8 @@ bool IsaSupported(Isa isa, const CpuFeatures& f) {
   return Avx3Dl(f) && f.avx512_bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8 && f.amx_permitted;
 }
 
-// AMX kernels land with the quantized-kernels issue; until then the best path stops at AVX512-BF16 and an
-// explicit KT_ISA=amx is refused rather than served by another path under AMX's name.
-constexpr Isa kBestImplemented = Isa::kAvx512Bf16;
-
 Isa BestIsa(const CpuFeatures& f) {
-  for (int i = static_cast<int>(kBestImplemented); i > 0; --i) {
+  for (int i = static_cast<int>(Isa::kAmx); i > 0; --i) {
     if (IsaSupported(static_cast<Isa>(i), f)) return static_cast<Isa>(i);
   }
   return Isa::kScalar;
@@ -215,12 +211,6 @@ absl::StatusOr<Isa> ResolveIsa(absl::string_view requested, const CpuFeatures& f
   if (absl::StripAsciiWhitespace(requested).empty()) return BestIsa(features);
   absl::StatusOr<Isa> isa = ParseIsa(requested);
   if (!isa.ok()) return isa.status();
-  if (*isa > kBestImplemented) {
-    return absl::UnimplementedError(absl::StrCat("KT_ISA=", IsaName(*isa),
-                                                 ": AMX kernels are not implemented yet; the best path "
-                                                 "available is ",
-                                                 IsaName(BestIsa(features))));
-  }
   if (!IsaSupported(*isa, features)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "KT_ISA=", IsaName(*isa), " needs CPU features this machine lacks: ", Missing(*isa, features),

@@ -52,17 +52,16 @@ TEST(Isa, UnsupportedRequestIsAnErrorNotADowngrade) {
   EXPECT_EQ(*ResolveIsa("", avx2_only), Isa::kAvx2);
 }
 
-TEST(Isa, AmxIsRefusedUntilImplemented) {
+TEST(Isa, AmxIsBestWhenPermitted) {
   CpuFeatures all;
   all.avx2 = all.fma = all.avx512f = all.avx512bw = all.avx512dq = all.avx512vl = true;
   all.avx512_vnni = all.avx512_vbmi = all.avx512_vbmi2 = all.avx512_bitalg = true;
   all.avx512_vpopcntdq = all.avx512_bf16 = true;
   all.amx_tile = all.amx_bf16 = all.amx_int8 = all.amx_permitted = true;
   EXPECT_TRUE(IsaSupported(Isa::kAmx, all));
-  EXPECT_EQ(BestIsa(all), Isa::kAvx512Bf16);
-  absl::StatusOr<Isa> r = ResolveIsa("amx", all);
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(BestIsa(all), Isa::kAmx);
+  EXPECT_EQ(*ResolveIsa("amx", all), Isa::kAmx);
+  EXPECT_EQ(*ResolveIsa("avx512_bf16", all), Isa::kAvx512Bf16);
 }
 
 TEST(Isa, AmxWithoutPermissionIsNotSupported) {

@@ -99,7 +99,7 @@ TEST_P(ConvertTest, BulkMatchesScalarBitForBit) {
 
 INSTANTIATE_TEST_SUITE_P(AllPaths, ConvertTest,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16),
+                                           Isa::kAvx512Bf16, Isa::kAmx),
                          [](const auto& info) { return std::string(IsaName(info.param)); });
 
 }  // namespace

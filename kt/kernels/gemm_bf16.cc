@@ -85,8 +85,8 @@ GemmBf16Fn GetGemmBf16(Isa isa) {
       return internal::GemmBf16Hwy(isa);
     case Isa::kAvx512Bf16:
       return &internal::GemmBf16Avx512Bf16;
-    case Isa::kAmx:  // AMX tiles come with the quantized-kernels issue; ResolveIsa refuses kAmx until then.
-      return nullptr;
+    case Isa::kAmx:
+      return &internal::GemmBf16Amx;
   }
   return nullptr;
 }

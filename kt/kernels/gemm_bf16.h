@@ -39,7 +39,7 @@ void UnpackBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* w, size_t ldw)
 using GemmBf16Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                             size_t n_cols, float* y, size_t ldy);
 
-// The kernel of one path; nullptr for kAmx until the AMX issue lands (ResolveIsa never returns it yet).
+// The kernel of one path.
 // The caller must have checked IsaSupported(isa, GetCpuFeatures()).
 GemmBf16Fn GetGemmBf16(Isa isa);
 
@@ -54,6 +54,11 @@ void GemmBf16Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_
                     size_t n_cols, float* y, size_t ldy);
 void GemmBf16Avx512Bf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                         size_t n_cols, float* y, size_t ldy);
+// AMX tiles for m >= kAmxMinRows, the AVX512-BF16 kernel below (a 16-row tile would be mostly padding
+// and decode is bound by reading the weights either way).
+inline constexpr size_t kAmxMinRows = 8;
+void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t n_cols,
+                 float* y, size_t ldy);
 // Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni; returns nullptr if not compiled in.
 GemmBf16Fn GemmBf16Hwy(Isa isa);
 }  // namespace internal

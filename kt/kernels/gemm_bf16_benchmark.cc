@@ -40,10 +40,10 @@ void BM_GemmBf16(benchmark::State& state) {
 }
 
 void Shapes(benchmark::internal::Benchmark* b) {
-  for (int isa = 0; isa <= static_cast<int>(Isa::kAvx512Bf16); ++isa) {
-    // Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048, K=768); M = 1 (decode) and 32
-    // (the average rows per expert at qlen 512, k=8, E=128).
-    for (int m : {1, 32}) {
+  for (int isa = 0; isa <= static_cast<int>(Isa::kAmx); ++isa) {
+    // Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048, K=768); M = 1 (decode), 8 and 16 (where
+    // AMX tiles start to pay), 32 (the mean rows per expert at qlen 512, k=8, E=128) and 256 (qlen 4096).
+    for (int m : {1, 8, 16, 32, 256}) {
       b->Args({isa, m, 768, 2048});
       b->Args({isa, m, 2048, 768});
     }

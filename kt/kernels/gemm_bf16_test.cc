@@ -109,7 +109,8 @@ TEST_P(GemmBf16Test, ShapeSweepMatchesReference) {
 TEST_P(GemmBf16Test, ExpertShapes) {
   // Realistic expert projections (gate/up: N=I, K=H; down: N=H, K=I), decode and a prefill block.
   std::mt19937 rng(5);
-  for (size_t m : {1, 4, 37}) {
+  // 8..64 rows cover AMX's one and two 16-row tiles with and without a remainder.
+  for (size_t m : {1, 4, 8, 16, 37, 64}) {
     Check(m, 96, 256, 1, rng);
     Check(m, 256, 96, 0, rng);
   }
@@ -135,7 +136,7 @@ TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
 
 INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16),
+                                           Isa::kAvx512Bf16, Isa::kAmx),
                          [](const auto& info) { return std::string(IsaName(info.param)); });
 
 }  // namespace

@@ -1,0 +1,103 @@
+// Quantization formats of the integer expert kernels: the scalar truth that the SIMD/AMX kernels are tested
+// against, and the canonical (unpacked-for-kernels) storage that they repack at load time.
+//
+// A weight matrix W[N, K] is row-major with one row per output channel. Every format is symmetric or
+// zero-point affine per output channel or per (channel, group of K), with fp32 scales, and dequantizes by
+// exactly one fp32 multiply: w' = q * scale, or (q - z) * scale. Rounding is half away from zero
+// (std::round), which is what the reference implementations of these formats use; ties matter only for
+// values exactly on a .5 boundary, which the tests construct on purpose. docs/FORMATS.md has the byte layout
+// and a version tag for each format.
+#ifndef KT_KERNELS_QUANT_H_
+#define KT_KERNELS_QUANT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kt/kernels/dtype.h"
+
+namespace kt {
+
+enum class QuantFormat : int {
+  kInt8PerChannel = 0,  // kt-int8-channel-v1: int8 q in [-127, 127], one scale per row.
+  kInt4PerChannel = 1,  // kt-int4-channel-v1: int4 q in [-7, 7], one scale per row.
+  kInt4GroupSym = 2,    // kt-int4-group{G}-sym-v1: int4 q in [-7, 7], one scale per G elements of a row.
+  kInt4GroupAsym = 3,   // kt-int4-group{G}-asym-v1: uint4 q in [0, 15], scale and zero point per group.
+};
+
+// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym"; "unknown" for anything else.
+const char* QuantFormatName(QuantFormat format);
+
+// Group sizes the group formats accept. 32 is the smallest group whose packed nibbles fill a 16-byte
+// vector; all three divide the expert K dimensions of the supported models.
+inline constexpr int kQuantGroupSizes[] = {32, 64, 128};
+
+struct QuantSpec {
+  QuantFormat format = QuantFormat::kInt8PerChannel;
+  int group_size = 0;  // G for the group formats (32, 64 or 128); must be 0 for the per-channel formats.
+};
+
+inline bool IsGroupFormat(QuantFormat f) {
+  return f == QuantFormat::kInt4GroupSym || f == QuantFormat::kInt4GroupAsym;
+}
+
+// The layout tag of docs/FORMATS.md, e.g. "kt-int4-group128-asym-v1". Empty if the spec is invalid.
+std::string QuantLayoutTag(const QuantSpec& spec);
+
+// OK iff `spec` is a known format with a group size it accepts and K fits it: the group formats need
+// G in {32, 64, 128} and K a multiple of G; the per-channel formats need group_size == 0 and take any K.
+// Errors are InvalidArgument naming the offending value and what was expected.
+absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k);
+
+// Storage of one row, for a spec valid for k (ValidateQuantSpec); 0 otherwise.
+size_t QuantizedRowBytes(const QuantSpec& spec, size_t k);  // bytes of `data` per row
+size_t ScalesPerRow(const QuantSpec& spec, size_t k);       // 1, or K / G for the group formats
+
+// A quantized matrix in canonical form (row-major, what kernels repack from):
+// - data:   N rows of QuantizedRowBytes(spec, K) bytes. int8: one two's-complement byte per element.
+//           int4: two elements per byte, element 2i in the low nibble and 2i+1 in the high nibble of byte i;
+//           signed nibbles (sym formats) are two's complement, asym nibbles are unsigned. Odd K (per-channel
+//           int4 only) leaves the last high nibble 0.
+// - scales: N * ScalesPerRow(spec, K) fp32, row-major [n][group].
+// - zeros:  asym only, one uint8 zero point in [0, 15] per scale, same order; empty otherwise.
+struct QuantizedMatrix {
+  QuantSpec spec;
+  size_t n = 0;
+  size_t k = 0;
+  std::vector<uint8_t> data;
+  std::vector<float> scales;
+  std::vector<uint8_t> zeros;
+};
+
+// Quantizes row-major bf16 w[N, K] (row stride ldw elements). InvalidArgument for an invalid spec, ldw < K,
+// a null w with N*K > 0, or a non-finite weight (named by row and column: an Inf would zero its whole row
+// or group silently).
+absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w, size_t ldw, size_t n,
+                                         size_t k);
+
+// Writes q * scale (sym) or (q - z) * scale (asym) as one fp32 multiply per element into w[N, K] (row
+// stride ldw >= K). `qm` must be well formed (as Quantize returns it).
+void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw);
+
+// Bytes the format stores for an [N, K] matrix: data + 4 * scales + zeros (what a kernel streams per
+// token, for bandwidth accounting). 0 if the spec is invalid for k.
+size_t QuantizedBytes(const QuantSpec& spec, size_t n, size_t k);
+
+// Per-token activation quantization for the integer kernels: scale = max|x| / 127 (0 for an all-zero
+// token, whose q are all 0), q = round_half_away(x / scale) clamped to [-127, 127]. x must be finite; a
+// non-finite input gives unspecified values but no undefined behaviour.
+void QuantizeActivationInt8(const bf16_t* x, size_t k, int8_t* q, float* scale);
+
+// The same per group of `group_size` consecutive elements: scales[k / group_size], one per group, for the
+// group-wise weight formats (the activation group matches the weight group, so a kernel combines
+// sum(q_x * q_w) of a group with one scale product). InvalidArgument unless group_size is in {32, 64, 128}
+// and divides k.
+absl::Status QuantizeActivationInt8Grouped(const bf16_t* x, size_t k, int group_size, int8_t* q,
+                                           float* scales);
+
+}  // namespace kt
+
+#endif  // KT_KERNELS_QUANT_H_

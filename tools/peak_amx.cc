@@ -1,0 +1,65 @@
+// The AMX peak loop: 4 independent tdpbf16ps (16x16x32, 16384 FLOP each) per iteration on accumulator
+// tiles tmm4..tmm7, from A tiles tmm0/tmm1 and B tiles tmm2/tmm3 loaded once. Same tile shapes as the
+// kernel (kt/kernels/gemm_bf16_amx.cc). The caller has obtained the AMX permission (GetCpuFeatures).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "tools/peak.h"
+
+namespace kt {
+namespace tools {
+namespace internal {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+float PeakLoopAmxBf16Loop(int64_t iters) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t data[16 * 32];
+  volatile uint16_t one_thousandth = 0x3a83;  // bf16 ~1e-3, through a volatile so nothing folds
+  for (auto& v : data) v = one_thousandth;
+  _tile_loadd(0, data, 64);
+  _tile_loadd(1, data, 64);
+  _tile_loadd(2, data, 64);
+  _tile_loadd(3, data, 64);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    _tile_dpbf16ps(6, 1, 2);
+    _tile_dpbf16ps(7, 1, 3);
+  }
+  alignas(64) float c[4][16 * 16];
+  _tile_stored(4, c[0], 64);
+  _tile_stored(5, c[1], 64);
+  _tile_stored(6, c[2], 64);
+  _tile_stored(7, c[3], 64);
+  _tile_release();
+  return c[0][0] + c[1][17] + c[2][34] + c[3][255];
+}
+
+}  // namespace
+
+PeakLoop PeakLoopAmxBf16() { return PeakLoop{PeakLoopAmxBf16Loop, "tdpbf16ps 16x16x32", 16384, 4}; }
+
+}  // namespace internal
+}  // namespace tools
+}  // namespace kt
