@@ -5,6 +5,7 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
+#include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/convert.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -32,21 +33,10 @@ void F32ToBf16(const float* HWY_RESTRICT in, bf16_t* HWY_RESTRICT out, size_t n)
   const hn::Rebind<uint16_t, decltype(du32)> du16;
   const size_t lanes = hn::Lanes(du32);
   uint16_t* dst = reinterpret_cast<uint16_t*>(out);
-  const auto k7fff = hn::Set(du32, 0x7fffu);
-  const auto kOne = hn::Set(du32, 1u);
-  const auto kAbsMask = hn::Set(du32, 0x7fffffffu);
-  const auto kInf = hn::Set(du32, 0x7f800000u);
-  const auto kQuiet = hn::Set(du32, 0x00400000u);
   size_t i = 0;
   for (; i + lanes <= n; i += lanes) {
-    const auto u = hn::BitCast(du32, hn::LoadU(df, in + i));
-    // Round to nearest even: add 0x7fff plus the lowest kept bit, then truncate.
-    const auto lsb = hn::And(hn::ShiftRight<16>(u), kOne);
-    const auto rounded = hn::Add(u, hn::Add(k7fff, lsb));
-    // NaN: keep the payload's top bits and force quiet, without rounding.
-    const auto is_nan = hn::Gt(hn::And(u, kAbsMask), kInf);
-    const auto r = hn::IfThenElse(is_nan, hn::Or(u, kQuiet), rounded);
-    hn::StoreU(hn::TruncateTo(du16, hn::ShiftRight<16>(r)), du16, dst + i);
+    const auto bits = RoundToBf16Bits(du32, hn::LoadU(df, in + i));
+    hn::StoreU(hn::TruncateTo(du16, bits), du16, dst + i);
   }
   for (; i < n; ++i) out[i] = kt::F32ToBf16(in[i]);
 }

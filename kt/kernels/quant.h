@@ -4,9 +4,8 @@
 // A weight matrix W[N, K] is row-major with one row per output channel. Every format is symmetric or
 // zero-point affine per output channel or per (channel, group of K), with fp32 scales, and dequantizes by
 // exactly one fp32 multiply: w' = q * scale, or (q - z) * scale. Rounding is half away from zero
-// (std::round), which is what the reference implementations of these formats use; ties matter only for
-// values exactly on a .5 boundary, which the tests construct on purpose. docs/FORMATS.md has the byte layout
-// and a version tag for each format.
+// (std::round, not the ties-to-even of torch.round); ties matter only for values exactly on a .5 step,
+// which the tests construct on purpose. docs/FORMATS.md has the byte layout and a version tag per format.
 #ifndef KT_KERNELS_QUANT_H_
 #define KT_KERNELS_QUANT_H_
 

@@ -6,6 +6,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "kt/kernels/activation.h"
 
 namespace kt {
 namespace {
@@ -14,19 +15,19 @@ namespace {
 // enough that a decode step (8 experts x 768/48 gate/up blocks = 128 tasks) balances across threads, big
 // enough that the atomic task counter is negligible; 3 panels is also the AVX512-BF16 kernel's register
 // block, so a task never splits one.
+// AMX works on panel pairs (2 x 16 columns per tile pass), so there a task is 4 panels.
 constexpr size_t kPanelsPerTask = 3;
-constexpr size_t kColsPerTask = kPanelsPerTask * kPanelRows;
+constexpr size_t kPanelsPerTaskAmx = 4;
+constexpr size_t kMaxColsPerTask = kPanelsPerTaskAmx * kPanelRows;
 // Rows of one expert processed together in the gate/up phase; bounds the per-thread fp32 scratch to
-// 2 x 64 x 48 floats (24 KiB, L1-resident) whatever the batch size.
+// 2 x 64 x 64 floats (32 KiB) whatever the batch size.
 constexpr size_t kRowChunk = 64;
-
-inline float Silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
 size_t Bf16Moe::ScratchPerThread() const {
   // Gate and up blocks of one task, or one token's fp32 output row in the weighted sum.
-  return std::max<size_t>(2 * kRowChunk * kColsPerTask, config_.hidden);
+  return std::max<size_t>(2 * kRowChunk * kMaxColsPerTask, config_.hidden);
 }
 
 template <typename T>
@@ -184,38 +185,38 @@ absl::Status Bf16Moe::Forward(ThreadPool& pool, int qlen, int k, const int64_t* 
       }
     });
 
+    const size_t cols_per_task =
+        (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
     // 3. Gate and up on the same column block, then h = bf16(silu(g) * u) for those columns.
-    const size_t inter_blocks = (inter + kColsPerTask - 1) / kColsPerTask;
+    const size_t inter_blocks = (inter + cols_per_task - 1) / cols_per_task;
     pool.ParallelFor(active_.size() * inter_blocks, [&](size_t task, int thread) {
       const int e = active_[task / inter_blocks];
-      const size_t c0 = (task % inter_blocks) * kColsPerTask;
-      const size_t cols = std::min(kColsPerTask, inter - c0);
+      const size_t c0 = (task % inter_blocks) * cols_per_task;
+      const size_t cols = std::min(cols_per_task, inter - c0);
       const size_t panel_offset = (c0 / kPanelRows) * PanelStride(h);
       const bf16_t* gate_panels = gate_.get() + e * gate_stride_ + panel_offset;
       const bf16_t* up_panels = up_.get() + e * gate_stride_ + panel_offset;
       float* g = gu_scratch_.get() + static_cast<size_t>(thread) * ScratchPerThread();
-      float* u = g + kRowChunk * kColsPerTask;
+      float* u = g + kRowChunk * cols_per_task;
       const size_t r_begin = expert_begin_[e], r_end = expert_begin_[e + 1];
       for (size_t r0 = r_begin; r0 < r_end; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, r_end - r0);
         const bf16_t* x = xs_.get() + r0 * h;
-        gemm_(m, h, x, h, gate_panels, cols, g, kColsPerTask);
-        gemm_(m, h, x, h, up_panels, cols, u, kColsPerTask);
+        gemm_(m, h, x, h, gate_panels, cols, g, cols_per_task);
+        gemm_(m, h, x, h, up_panels, cols, u, cols_per_task);
         for (size_t r = 0; r < m; ++r) {
-          bf16_t* hr = hs_.get() + (r0 + r) * inter + c0;
-          const float* gr = g + r * kColsPerTask;
-          const float* ur = u + r * kColsPerTask;
-          for (size_t c = 0; c < cols; ++c) hr[c] = F32ToBf16(Silu(gr[c]) * ur[c]);
+          SiluMulToBf16(isa_, g + r * cols_per_task, u + r * cols_per_task,
+                        hs_.get() + (r0 + r) * inter + c0, cols);
         }
       }
     });
 
     // 4. Down projection of every row, column block by column block.
-    const size_t hidden_blocks = (h + kColsPerTask - 1) / kColsPerTask;
+    const size_t hidden_blocks = (h + cols_per_task - 1) / cols_per_task;
     pool.ParallelFor(active_.size() * hidden_blocks, [&](size_t task, int) {
       const int e = active_[task / hidden_blocks];
-      const size_t c0 = (task % hidden_blocks) * kColsPerTask;
-      const size_t cols = std::min(kColsPerTask, h - c0);
+      const size_t c0 = (task % hidden_blocks) * cols_per_task;
+      const size_t cols = std::min(cols_per_task, h - c0);
       const bf16_t* panels =
           down_.get() + e * down_stride_ + (c0 / kPanelRows) * PanelStride(inter);
       const size_t r0 = expert_begin_[e];
