@@ -34,6 +34,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_bf16.h"
+#include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
@@ -58,67 +59,6 @@ int HardwareThreads() {
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
   return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// Counter-based (SplitMix64) so that the values do not depend on how the fill is split across threads.
-inline uint64_t Mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Uniform in [-1, 1): value i of stream `key` (key = Mix(stream)).
-inline float UniformSym(uint64_t key, uint64_t i) {
-  return static_cast<float>(Mix(key ^ i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
-
-// Standard deviation `std` (uniform in [-sqrt(3) std, sqrt(3) std)); one hash gives two values.
-void FillRandomBf16(ThreadPool& pool, uint64_t stream, size_t n, float std, bf16_t* out) {
-  const float scale = std::sqrt(3.0f) * std * (2.0f / 16777216.0f);
-  const float a = std::sqrt(3.0f) * std;
-  const uint64_t key = Mix(stream);
-  constexpr size_t kChunk = size_t{1} << 20;
-  pool.ParallelFor((n + kChunk - 1) / kChunk, [&](size_t task, int) {
-    const size_t end = std::min(n, (task + 1) * kChunk);
-    for (size_t i = task * kChunk; i < end; i += 2) {
-      const uint64_t r = Mix(key ^ i);
-      out[i] = F32ToBf16(static_cast<float>(r >> 40) * scale - a);
-      if (i + 1 < end) out[i + 1] = F32ToBf16(static_cast<float>((r >> 16) & 0xffffff) * scale - a);
-    }
-  });
-}
-
-struct Routing {
-  std::vector<int64_t> ids;
-  std::vector<float> weights;
-  int distinct_experts = 0;
-};
-
-Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts) {
-  Routing r;
-  r.ids.resize(static_cast<size_t>(qlen) * k);
-  r.weights.resize(r.ids.size());
-  std::vector<int> perm(num_experts);
-  std::vector<char> seen(num_experts, 0);
-  std::uniform_real_distribution<float> w(0.1f, 1.0f);
-  for (int t = 0; t < qlen; ++t) {
-    for (int e = 0; e < num_experts; ++e) perm[e] = e;
-    float sum = 0;
-    for (int j = 0; j < k; ++j) {
-      std::uniform_int_distribution<int> pick(j, num_experts - 1);
-      std::swap(perm[j], perm[pick(rng)]);
-      r.ids[t * k + j] = perm[j];
-      r.weights[t * k + j] = w(rng);
-      sum += r.weights[t * k + j];
-      if (!seen[perm[j]]) {
-        seen[perm[j]] = 1;
-        ++r.distinct_experts;
-      }
-    }
-    for (int j = 0; j < k; ++j) r.weights[t * k + j] /= sum;
-  }
-  return r;
 }
 
 // One loaded layer at a time: switching shape frees the previous one (the 235B layer alone is 4.8 GB).
