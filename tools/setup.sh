@@ -30,7 +30,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup.sh: installing ${#missing[@]} Debian packages (log: $log)"
   export DEBIAN_FRONTEND=noninteractive
   if ! { $SUDO apt-get update -qq && \
-         $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+         $SUDO apt-get install -y -qq "${missing[@]}"; } >"$log" 2>&1; then
     echo "setup.sh: apt-get failed installing: ${missing[*]}" >&2
     tail -n 30 "$log" >&2
     exit 1
