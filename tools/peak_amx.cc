@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kt/kernels/amx_tiles.h"
 #include "tools/peak.h"
 
 namespace kt {
@@ -13,23 +14,8 @@ namespace tools {
 namespace internal {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 float PeakLoopAmxBf16Loop(int64_t iters) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  ConfigureFullTiles();
   alignas(64) uint16_t data[16 * 32];
   volatile uint16_t one_thousandth = 0x3a83;  // bf16 ~1e-3, through a volatile so nothing folds
   for (auto& v : data) v = one_thousandth;

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kt/kernels/amx_tiles.h"
 #include "kt/kernels/gemm_bf16.h"
 
 namespace kt {
@@ -30,25 +31,6 @@ namespace {
 
 constexpr size_t kTileRows = 16;
 constexpr size_t kTileK = 32;  // bf16 per A-tile row (64 bytes)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void ConfigureTiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // One 32x32 block of y (fewer rows/columns at the edges): rows [0, rows) of x, panels [0, panels).
 void Block(size_t rows, size_t panels, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panel0,
@@ -146,7 +128,7 @@ void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* 
     GemmBf16Avx512Bf16(m, k, x, ldx, panels, n_cols, y, ldy);
     return;
   }
-  ConfigureTiles();
+  ConfigureFullTiles();
   const size_t stride = PanelStride(k);
   const size_t num_panels = NumPanels(n_cols);
   for (size_t p = 0; p < num_panels; p += 2) {
