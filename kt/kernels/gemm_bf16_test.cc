@@ -114,6 +114,10 @@ TEST_P(GemmBf16Test, ExpertShapes) {
     Check(m, 96, 256, 1, rng);
     Check(m, 256, 96, 0, rng);
   }
+  // K spanning several of AMX's 256-wide K blocks plus a tail, with whole and edge 32x32 blocks and a
+  // column count past one 8-panel group.
+  Check(64, 160, 600, 0, rng);
+  Check(45, 150, 547, 1, rng);
 }
 
 TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
