@@ -22,4 +22,26 @@ for t in "${targets[@]}"; do
     | while read -r lib; do [ -e "$out/lib/$(basename "$lib")" ] || cp -L "$lib" "$out/lib/"; done || true
 done
 cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
+
+# The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
+# pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the fixtures they read
+# (../shared does not travel to that host).
+py312_include="${KT_PY312_INCLUDE:-$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/3.12.1/include/python3.12}"
+if [ -f "$py312_include/Python.h" ]; then
+  repo=/tmp/kt_python312_headers
+  rm -rf "$repo" && mkdir -p "$repo"
+  cp -r "$py312_include"/. "$repo/"
+  echo 'workspace(name = "python_headers")' > "$repo/WORKSPACE"
+  cp third_party/python_headers.BUILD "$repo/BUILD"
+  bazel --output_base=/tmp/bazel_pack312 build -c opt --override_repository=python_headers="$repo" \
+    --jobs="$(nproc)" //kt/python:kt_kernel/_kt.so >&2
+  bin312=$(bazel --output_base=/tmp/bazel_pack312 info -c opt bazel-bin 2>/dev/null)
+  mkdir -p "$out/python"
+  cp -r kt/python/kt_kernel "$out/python/"
+  cp "$bin312/kt/python/kt_kernel/_kt.so" "$out/python/kt_kernel/"
+  cp -r kt/python/tests "$out/python/"
+  mkdir -p "$out/fixtures" && cp -r ../shared/fixtures/hf "$out/fixtures/" 2>/dev/null || true
+else
+  echo "pack.sh: no Python 3.12 headers at $py312_include; skipping the Python package" >&2
+fi
 du -sh "$out" >&2

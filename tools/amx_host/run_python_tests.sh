@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On the AMX host: the kt_kernel Python tests with the host's Python 3.12 and torch, against the package,
+# the 3.12 extension and the fixtures that pack.sh put in .device/, once with the best path and then with
+# KT_ISA capping it to each path the host has. (The wheel test needs Bazel's wheel and is run here only.)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_FIXTURES="$PWD/.device/fixtures"
+status=0
+python3 -m pytest -q .device/python/tests --ignore=.device/python/tests/wheel_test.py || status=1
+for isa in avx2 avx512 avx512_vnni avx512_bf16 amx; do
+  echo "KT_ISA=$isa"
+  KT_ISA=$isa python3 -m pytest -q .device/python/tests/hf_fixtures_test.py \
+    .device/python/tests/moe_bf16_test.py || status=1
+done
+exit $status
