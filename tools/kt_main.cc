@@ -32,7 +32,7 @@
 #include "absl/strings/str_join.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
-#include "kt/moe/moe_bf16.h"
+#include "kt/moe/moe_layer.h"
 #include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
 #include "tools/bandwidth.h"
@@ -551,12 +551,12 @@ int Bench(const std::vector<std::string>& args) {
     const int fit = static_cast<int>(0.5 * ram / (expert_bytes * E)) - 1;
     num_layers = std::max(1, std::min({shape.layers, fit, static_cast<int>(std::ceil(want))}));
   }
-  std::vector<std::unique_ptr<Bf16Moe>> layers;
+  std::vector<std::unique_ptr<MoeLayer>> layers;
   t0 = Clock::now();
   for (int l = 0; l < num_layers; ++l) {
-    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe_or = Bf16Moe::Create(config, isa);
+    absl::StatusOr<std::unique_ptr<MoeLayer>> moe_or = MoeLayer::Create(config, isa);
     if (!moe_or.ok()) {
-      std::fprintf(stderr, "kt bench: Bf16Moe::Create: %s\n", moe_or.status().ToString().c_str());
+      std::fprintf(stderr, "kt bench: MoeLayer::Create: %s\n", moe_or.status().ToString().c_str());
       return 1;
     }
     const absl::Status load = (*moe_or)->LoadWeights(gate.get(), up.get(), down.get(), nullptr, pool);
@@ -567,7 +567,7 @@ int Bench(const std::vector<std::string>& args) {
     layers.push_back(std::move(*moe_or));
   }
   const double load_s = Seconds(t0);
-  Bf16Moe& moe = *layers[0];
+  MoeLayer& moe = *layers[0];
   absl::Status st;
   std::printf(
       "\nWeights    random bf16, std 1/sqrt(fan_in), seed %llu: generated in %.1f s, packed in %.1f s\n"
@@ -625,7 +625,7 @@ int Bench(const std::vector<std::string>& args) {
     std::vector<bf16_t> y(static_cast<size_t>(qlen) * H);
     for (int it = -warmup; it < iters; ++it) {
       const Routing& r = patterns[(it + warmup) % patterns.size()];
-      Bf16Moe& layer = *layers[(it + warmup) % layers.size()];
+      MoeLayer& layer = *layers[(it + warmup) % layers.size()];
       const Clock::time_point start = Clock::now();
       absl::Status s =
           layer.Forward(pool, qlen, k, r.ids.data(), r.weights.data(), x.data(), y.data(), nullptr);

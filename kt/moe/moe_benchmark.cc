@@ -33,7 +33,7 @@
 #include "benchmark/benchmark.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
-#include "kt/moe/moe_bf16.h"
+#include "kt/moe/moe_layer.h"
 #include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
 
@@ -65,7 +65,7 @@ int HardwareThreads() {
 struct Layer {
   const Shape* shape = nullptr;
   std::unique_ptr<ThreadPool> pool;
-  std::unique_ptr<Bf16Moe> moe;
+  std::unique_ptr<MoeLayer> moe;
 };
 
 Layer& GetLayer(const Shape& shape) {
@@ -79,9 +79,9 @@ Layer& GetLayer(const Shape& shape) {
   config.hidden = shape.hidden;
   config.intermediate = shape.intermediate;
   config.max_len = kMaxLen;
-  absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(config, g_isa);
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(config, g_isa);
   if (!moe.ok()) {
-    std::fprintf(stderr, "Bf16Moe::Create: %s\n", moe.status().ToString().c_str());
+    std::fprintf(stderr, "MoeLayer::Create: %s\n", moe.status().ToString().c_str());
     std::exit(1);
   }
   const size_t E = shape.experts, H = shape.hidden, I = shape.intermediate;

@@ -8,7 +8,7 @@ out=.device
 targets=(
   //kt/kernels:dtype_test //kt/kernels:cpu_features_test //kt/kernels:gemm_bf16_test
   //kt/kernels:activation_test //kt/kernels:quant_test
-  //kt/moe:thread_pool_test //kt/moe:moe_bf16_test
+  //kt/moe:thread_pool_test //kt/moe:moe_layer_test
   //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt
 )
 bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --jobs="$(nproc)" "${targets[@]}" >&2

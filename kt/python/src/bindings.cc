@@ -6,7 +6,7 @@
 // alive for the duration of each call; what remains here is turning absl::Status into Python exceptions and
 // releasing the GIL around the compute.
 //
-// Concurrency: a kt::ThreadPool's ParallelFor is not reentrant and a Bf16Moe owns per-call scratch, so all
+// Concurrency: a kt::ThreadPool's ParallelFor is not reentrant and a MoeLayer owns per-call scratch, so all
 // compute calls of the process (LoadWeights and Forward, any layer, any pool) are serialized by one mutex.
 // The GIL is released before waiting on it. MoE layers of one model run one after another anyway, and each
 // call already uses every worker thread, so nothing is lost.
@@ -22,7 +22,7 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
-#include "kt/moe/moe_bf16.h"
+#include "kt/moe/moe_layer.h"
 #include "kt/moe/thread_pool.h"
 #include "pybind11/pybind11.h"
 
@@ -71,9 +71,9 @@ Isa IsaFromName(const std::string& name) {
   return *isa;
 }
 
-class PyBf16Moe {
+class PyMoeLayer {
  public:
-  PyBf16Moe(int num_experts, int top_k, int hidden, int intermediate, int max_len,
+  PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
             const std::string& isa_name) {
     MoeConfig config;
     config.num_experts = num_experts;
@@ -82,10 +82,10 @@ class PyBf16Moe {
     config.intermediate = intermediate;
     config.max_len = max_len;
     const Isa isa = IsaFromName(isa_name);
-    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe;
+    absl::StatusOr<std::unique_ptr<MoeLayer>> moe;
     {
       py::gil_scoped_release release;  // Create allocates the max_len-sized scratch.
-      moe = Bf16Moe::Create(config, isa);
+      moe = MoeLayer::Create(config, isa);
     }
     if (!moe.ok()) ThrowStatus(moe.status());
     moe_ = std::move(*moe);
@@ -117,10 +117,10 @@ class PyBf16Moe {
     if (!status.ok()) ThrowStatus(status);
   }
 
-  const Bf16Moe& moe() const { return *moe_; }
+  const MoeLayer& moe() const { return *moe_; }
 
  private:
-  std::unique_ptr<Bf16Moe> moe_;
+  std::unique_ptr<MoeLayer> moe_;
 };
 
 }  // namespace
@@ -159,20 +159,20 @@ PYBIND11_MODULE(_kt, m) {
            py::arg("num_threads"), py::arg("pin") = false)
       .def_property_readonly("num_threads", &ThreadPool::num_threads);
 
-  py::class_<PyBf16Moe>(m, "Bf16Moe", "The routed experts of one MoE layer over BF16 weights.")
+  py::class_<PyMoeLayer>(m, "MoeLayer", "The routed experts of one MoE layer over BF16 weights.")
       .def(py::init<int, int, int, int, int, const std::string&>(), py::arg("num_experts"),
            py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"), py::arg("max_len"),
            py::arg("isa"))
-      .def("load_weights", &PyBf16Moe::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
+      .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
            "Packs gate/up [E,I,H] and down [E,H,I] bf16 weights (addresses; physical_to_logical is an "
            "int64[E] address or 0 for the identity). The inputs may be freed afterwards.")
-      .def("forward", &PyBf16Moe::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
+      .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
            py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
            "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "
            "address read during this call, or 0).")
-      .def_property_readonly("loaded", [](const PyBf16Moe& self) { return self.moe().loaded(); })
-      .def_property_readonly("isa", [](const PyBf16Moe& self) { return std::string(IsaName(self.moe().isa())); })
-      .def_property_readonly("weight_bytes", [](const PyBf16Moe& self) { return self.moe().weight_bytes(); });
+      .def_property_readonly("loaded", [](const PyMoeLayer& self) { return self.moe().loaded(); })
+      .def_property_readonly("isa", [](const PyMoeLayer& self) { return std::string(IsaName(self.moe().isa())); })
+      .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); });
 }
 

@@ -1,7 +1,7 @@
 """Backends for methods whose expert weights are used in their native format (no conversion step).
 
 Only ``BF16`` is implemented: the experts' gate/up/down matrices in bfloat16, computed by kt's C++
-``Bf16Moe`` on the kernel path chosen at import (``kt_kernel.__cpu_variant__``). The other native methods of
+``MoeLayer`` on the kernel path chosen at import (``kt_kernel.__cpu_variant__``). The other native methods of
 the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come with the quantized kernels.
 """
 
@@ -73,7 +73,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
             numa_nodes=numa_nodes,
         )
         # Scratch is sized for chunked_prefill_size tokens; the C++ config check names any bad field.
-        self._moe = _native._kt.Bf16Moe(
+        self._moe = _native._kt.MoeLayer(
             num_experts=num_experts,
             top_k=num_experts_per_tok,
             hidden=hidden_size,

@@ -1,4 +1,4 @@
-#include "kt/moe/moe_bf16.h"
+#include "kt/moe/moe_layer.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,13 +28,13 @@ constexpr size_t kRowChunk = 64;
 
 }  // namespace
 
-size_t Bf16Moe::ScratchPerThread() const {
+size_t MoeLayer::ScratchPerThread() const {
   // Gate and up blocks of one task, or one token's fp32 output row in the weighted sum.
   return std::max<size_t>(2 * kRowChunk * kMaxColsPerTask, config_.hidden);
 }
 
 template <typename T>
-void Bf16Moe::AlignedArray<T>::Resize(size_t n) {
+void MoeLayer::AlignedArray<T>::Resize(size_t n) {
   if (n == size) return;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
   T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
@@ -64,10 +64,10 @@ absl::Status ValidateMoeConfig(const MoeConfig& c) {
   return absl::OkStatus();
 }
 
-Bf16Moe::Bf16Moe(const MoeConfig& config, Isa isa)
+MoeLayer::MoeLayer(const MoeConfig& config, Isa isa)
     : config_(config), isa_(isa), gemm_(GetGemmBf16(isa)) {}
 
-absl::StatusOr<std::unique_ptr<Bf16Moe>> Bf16Moe::Create(const MoeConfig& config, Isa isa) {
+absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& config, Isa isa) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
   if (!IsaSupported(isa, GetCpuFeatures())) {
     return absl::FailedPreconditionError(
@@ -76,7 +76,7 @@ absl::StatusOr<std::unique_ptr<Bf16Moe>> Bf16Moe::Create(const MoeConfig& config
   if (GetGemmBf16(isa) == nullptr) {
     return absl::UnimplementedError(absl::StrCat("no BF16 kernel for path ", IsaName(isa)));
   }
-  std::unique_ptr<Bf16Moe> moe(new Bf16Moe(config, isa));
+  std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa));
   const size_t e = config.num_experts, h = config.hidden, i = config.intermediate;
   const size_t rows = static_cast<size_t>(config.max_len) * config.top_k;
   moe->gate_stride_ = PackedBf16Size(i, h);
@@ -92,11 +92,11 @@ absl::StatusOr<std::unique_ptr<Bf16Moe>> Bf16Moe::Create(const MoeConfig& config
   return moe;
 }
 
-size_t Bf16Moe::weight_bytes() const {
+size_t MoeLayer::weight_bytes() const {
   return (gate_.size + up_.size + down_.size) * sizeof(bf16_t);
 }
 
-absl::Status Bf16Moe::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
+absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
                                   const int64_t* physical_to_logical, ThreadPool& pool) {
   if (gate == nullptr || up == nullptr || down == nullptr) {
     return absl::InvalidArgumentError("LoadWeights: gate, up and down must not be null");
@@ -127,7 +127,7 @@ absl::Status Bf16Moe::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf
   return absl::OkStatus();
 }
 
-absl::Status Bf16Moe::Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids,
+absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids,
                               const float* weights, const bf16_t* input, bf16_t* output,
                               const bool* gpu_experts_mask) {
   if (!loaded_) return absl::FailedPreconditionError("Forward before LoadWeights");

@@ -6,8 +6,8 @@
 //   y = W_down[e] h                                  (fp32)
 //   out_t = bf16( sum_j weights[t][j] * y )          (fp32 sum, one rounding at the end)
 // An id < 0, >= num_experts, or with gpu_experts_mask[id] set contributes nothing.
-#ifndef KT_MOE_MOE_BF16_H_
-#define KT_MOE_MOE_BF16_H_
+#ifndef KT_MOE_MOE_LAYER_H_
+#define KT_MOE_MOE_LAYER_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -35,10 +35,10 @@ struct MoeConfig {
 // Checks every field (positive, sane) and names the bad one.
 absl::Status ValidateMoeConfig(const MoeConfig& config);
 
-class Bf16Moe {
+class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
-  static absl::StatusOr<std::unique_ptr<Bf16Moe>> Create(const MoeConfig& config, Isa isa);
+  static absl::StatusOr<std::unique_ptr<MoeLayer>> Create(const MoeConfig& config, Isa isa);
 
   // Canonical weights: gate and up [E, I, H], down [E, H, I], row-major bf16. Physical slot i (the id used
   // at Forward) holds logical expert physical_to_logical[i] of these arrays; nullptr means the identity.
@@ -58,7 +58,7 @@ class Bf16Moe {
   size_t weight_bytes() const;
 
  private:
-  Bf16Moe(const MoeConfig& config, Isa isa);
+  MoeLayer(const MoeConfig& config, Isa isa);
   size_t ScratchPerThread() const;
 
   // A 64-byte aligned array: packed panels are read one cache line per load.
@@ -103,4 +103,4 @@ void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t
 
 }  // namespace kt
 
-#endif  // KT_MOE_MOE_BF16_H_
+#endif  // KT_MOE_MOE_LAYER_H_

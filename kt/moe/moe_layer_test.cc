@@ -1,7 +1,7 @@
 // The MoE forward on every kernel path against MoeForwardReference (double accumulation, same bf16
 // rounding of silu(g)*u), including the routing corner cases: invalid and GPU-masked ids, an expert
 // chosen twice by one token, all tokens on one expert, experts with no tokens, permuted expert slots.
-#include "kt/moe/moe_bf16.h"
+#include "kt/moe/moe_layer.h"
 
 #include <cmath>
 #include <random>
@@ -55,7 +55,7 @@ Batch RandomBatch(const MoeConfig& c, int qlen, std::mt19937& rng) {
   return b;
 }
 
-class MoeBf16Test : public ::testing::TestWithParam<Isa> {
+class MoeLayerTest : public ::testing::TestWithParam<Isa> {
  protected:
   void SetUp() override {
     if (!IsaSupported(GetParam(), GetCpuFeatures())) {
@@ -64,8 +64,8 @@ class MoeBf16Test : public ::testing::TestWithParam<Isa> {
     }
   }
 
-  std::unique_ptr<Bf16Moe> Build(const Layer& l, ThreadPool& pool, const int64_t* map = nullptr) {
-    absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(l.config, GetParam());
+  std::unique_ptr<MoeLayer> Build(const Layer& l, ThreadPool& pool, const int64_t* map = nullptr) {
+    absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, GetParam());
     EXPECT_TRUE(moe.ok()) << moe.status();
     EXPECT_TRUE((*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), map, pool).ok());
     return std::move(*moe);
@@ -94,7 +94,7 @@ class MoeBf16Test : public ::testing::TestWithParam<Isa> {
   }
 };
 
-TEST_P(MoeBf16Test, QlenSweepMatchesReference) {
+TEST_P(MoeLayerTest, QlenSweepMatchesReference) {
   // H and I are not multiples of the 16-row panel or the 48-column task block.
   const Layer l = MakeLayer(/*e=*/8, /*k=*/3, /*h=*/72, /*i=*/56, /*max_len=*/40, 1);
   std::mt19937 rng(2);
@@ -115,7 +115,7 @@ TEST_P(MoeBf16Test, QlenSweepMatchesReference) {
   std::printf("[%s] worst max|err|/max|ref| = %.3g\n", IsaName(GetParam()), worst);
 }
 
-TEST_P(MoeBf16Test, RoutingCornerCases) {
+TEST_P(MoeLayerTest, RoutingCornerCases) {
   const Layer l = MakeLayer(6, 4, 64, 48, 16, 3);
   ThreadPool pool(2);
   auto moe = Build(l, pool);
@@ -152,7 +152,7 @@ TEST_P(MoeBf16Test, RoutingCornerCases) {
   Compare(l, b, out, mask);
 }
 
-TEST_P(MoeBf16Test, AllTokensOnOneExpertAndIdleExperts) {
+TEST_P(MoeLayerTest, AllTokensOnOneExpertAndIdleExperts) {
   const Layer l = MakeLayer(16, 2, 48, 40, 70, 5);
   ThreadPool pool(2);
   auto moe = Build(l, pool);
@@ -169,7 +169,7 @@ TEST_P(MoeBf16Test, AllTokensOnOneExpertAndIdleExperts) {
   Compare(l, b, out);
 }
 
-TEST_P(MoeBf16Test, PhysicalToLogicalMapAndSmallerK) {
+TEST_P(MoeLayerTest, PhysicalToLogicalMapAndSmallerK) {
   const Layer l = MakeLayer(5, 3, 32, 32, 8, 7);
   ThreadPool pool(2);
   const int64_t map[5] = {4, 2, 0, 1, 3};  // slot i holds logical expert map[i]
@@ -195,10 +195,10 @@ TEST_P(MoeBf16Test, PhysicalToLogicalMapAndSmallerK) {
   Compare(Layer{MoeConfig{5, 1, 32, 32, 8}, l2.gate, l2.up, l2.down}, b2, out2);
 }
 
-TEST_P(MoeBf16Test, ClearErrors) {
+TEST_P(MoeLayerTest, ClearErrors) {
   const Layer l = MakeLayer(4, 2, 32, 16, 4, 11);
   ThreadPool pool(1);
-  absl::StatusOr<std::unique_ptr<Bf16Moe>> moe = Bf16Moe::Create(l.config, GetParam());
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, GetParam());
   ASSERT_TRUE(moe.ok());
   std::mt19937 rng(12);
   Batch b = RandomBatch(l.config, 5, rng);
@@ -214,11 +214,11 @@ TEST_P(MoeBf16Test, ClearErrors) {
   const int64_t bad_map[4] = {0, 1, 4, 2};
   s = (*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), bad_map, pool);
   EXPECT_NE(s.message().find("physical_to_logical_map[2]"), absl::string_view::npos) << s;
-  EXPECT_FALSE(Bf16Moe::Create(MoeConfig{4, 5, 32, 16, 4}, GetParam()).ok());
-  EXPECT_FALSE(Bf16Moe::Create(MoeConfig{4, 2, 0, 16, 4}, GetParam()).ok());
+  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 5, 32, 16, 4}, GetParam()).ok());
+  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 2, 0, 16, 4}, GetParam()).ok());
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, MoeBf16Test,
+INSTANTIATE_TEST_SUITE_P(AllPaths, MoeLayerTest,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
                                            Isa::kAvx512Bf16, Isa::kAmx),
                          [](const auto& info) { return std::string(IsaName(info.param)); });
