@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
+#include "kt/kernels/quant.h"
 
 namespace kt {
 namespace {
@@ -64,36 +65,107 @@ absl::Status ValidateMoeConfig(const MoeConfig& c) {
   return absl::OkStatus();
 }
 
-MoeLayer::MoeLayer(const MoeConfig& config, Isa isa)
-    : config_(config), isa_(isa), gemm_(GetGemmBf16(isa)) {}
+const char* ExpertFormatName(ExpertFormat format) {
+  return format == ExpertFormat::kInt8 ? "int8" : "bf16";
+}
 
-absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& config, Isa isa) {
+MoeLayer::MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format)
+    : config_(config), isa_(isa), format_(format) {
+  if (format == ExpertFormat::kBf16) {
+    gemm_bf16_ = GetGemmBf16(isa);
+  } else {
+    gemm_int8_ = GetGemmInt8(isa);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& config, Isa isa,
+                                                           ExpertFormat format) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
   if (!IsaSupported(isa, GetCpuFeatures())) {
     return absl::FailedPreconditionError(
         absl::StrCat("kernel path ", IsaName(isa), " is not supported by this CPU"));
   }
-  if (GetGemmBf16(isa) == nullptr) {
-    return absl::UnimplementedError(absl::StrCat("no BF16 kernel for path ", IsaName(isa)));
+  const bool int8 = format == ExpertFormat::kInt8;
+  if ((int8 ? GetGemmInt8(isa) != nullptr : GetGemmBf16(isa) != nullptr) == false) {
+    return absl::UnimplementedError(absl::StrCat("no ", ExpertFormatName(format), " kernel for path ",
+                                                 IsaName(isa)));
   }
-  std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa));
+  if (int8 && (static_cast<size_t>(config.hidden) >= kInt8MaxK ||
+               static_cast<size_t>(config.intermediate) >= kInt8MaxK)) {
+    return absl::InvalidArgumentError(absl::StrCat("int8 experts need hidden and intermediate < ",
+                                                   kInt8MaxK, " (exact int32 sums)"));
+  }
+  std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa, format));
   const size_t e = config.num_experts, h = config.hidden, i = config.intermediate;
   const size_t rows = static_cast<size_t>(config.max_len) * config.top_k;
-  moe->gate_stride_ = PackedBf16Size(i, h);
-  moe->down_stride_ = PackedBf16Size(h, i);
+  moe->InitProjection(moe->gate_, i, h);
+  moe->InitProjection(moe->up_, i, h);
+  moe->InitProjection(moe->down_, h, i);
   moe->expert_count_.assign(e, 0);
   moe->expert_begin_.assign(e + 1, 0);
   moe->row_token_.assign(rows, 0);
   moe->token_slot_row_.assign(rows, -1);
   moe->active_.reserve(e);
-  moe->xs_.Resize(rows * h);
+  if (!int8) moe->xs_.Resize(rows * h);  // kInt8 gathers straight into its quantized copy
   moe->hs_.Resize(rows * i);
   moe->ys_.Resize(rows * h);
+  if (int8) {
+    moe->qxs_.Resize(rows * h);
+    moe->sxs_.Resize(rows);
+    moe->qhs_.Resize(rows * i);
+    moe->shs_.Resize(rows);
+  }
   return moe;
 }
 
+void MoeLayer::InitProjection(Projection& p, size_t n, size_t k) const {
+  p.n = n;
+  p.k = k;
+  if (format_ == ExpertFormat::kBf16) {
+    p.panel_bytes = PanelStride(k) * sizeof(bf16_t);
+    p.expert_bytes = PackedBf16Size(n, k) * sizeof(bf16_t);
+  } else {
+    static_assert(kInt8PanelRows == kPanelRows, "column blocks address both layouts alike");
+    p.panel_bytes = Int8PanelStride(k);
+    p.expert_bytes = PackedInt8Bytes(n, k);
+    p.padded_rows = PackedInt8Rows(n);
+  }
+}
+
+void MoeLayer::Projection::Pack(ExpertFormat format, size_t slot, const bf16_t* w) {
+  if (format == ExpertFormat::kBf16) {
+    PackBf16(w, k, n, k, reinterpret_cast<bf16_t*>(data.get() + slot * expert_bytes));
+    return;
+  }
+  // LoadWeights has rejected non-finite weights, the only input Quantize refuses for this format.
+  absl::StatusOr<QuantizedMatrix> q = Quantize(QuantSpec{QuantFormat::kInt8PerChannel, 0}, w, k, n, k);
+  if (!q.ok()) return;
+  PackInt8(reinterpret_cast<const int8_t*>(q->data.data()), k, q->scales.data(), n, k,
+           reinterpret_cast<int8_t*>(data.get() + slot * expert_bytes), scales.get() + slot * padded_rows,
+           sums.get() + slot * padded_rows);
+}
+
 size_t MoeLayer::weight_bytes() const {
-  return (gate_.size + up_.size + down_.size) * sizeof(bf16_t);
+  size_t bytes = 0;
+  for (const Projection* p : {&gate_, &up_, &down_}) {
+    bytes += p->data.size + p->scales.size * sizeof(float) + p->sums.size * sizeof(int32_t);
+  }
+  return bytes;
+}
+
+void MoeLayer::Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input,
+                    size_t r0, size_t m, float* y, size_t ldy) const {
+  const size_t k = p.k;
+  if (format_ == ExpertFormat::kBf16) {
+    const bf16_t* x = (hidden_input ? hs_.get() : xs_.get()) + r0 * k;
+    gemm_bf16_(m, k, x, k, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
+  } else {
+    const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * k;
+    const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0;
+    const size_t row0 = e * p.padded_rows + c0;
+    gemm_int8_(m, k, qx, k, sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)), p.scales.get() + row0,
+               p.sums.get() + row0, cols, y, ldy);
+  }
 }
 
 absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
@@ -113,15 +185,37 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
     }
   }
   const size_t h = config_.hidden, i = config_.intermediate;
-  gate_.Resize(e * gate_stride_);
-  up_.Resize(e * gate_stride_);
-  down_.Resize(e * down_stride_);
+  if (format_ == ExpertFormat::kInt8) {
+    // Quantization needs finite weights; check before packing anything so a bad tensor loses nothing.
+    const struct {
+      const char* name;
+      const bf16_t* w;
+      size_t count;
+    } inputs[] = {{"gate", gate, e * i * h}, {"up", up, e * i * h}, {"down", down, e * h * i}};
+    for (const auto& in : inputs) {
+      for (size_t idx = 0; idx < in.count; ++idx) {
+        if ((in.w[idx].bits & 0x7f80u) == 0x7f80u) {
+          const size_t per_expert = in.count / e;
+          return absl::InvalidArgumentError(absl::StrCat(
+              "LoadWeights: ", in.name, " weight of expert ", idx / per_expert, " at flat index ",
+              idx % per_expert, " is not finite; int8 quantization needs finite weights"));
+        }
+      }
+    }
+  }
+  for (Projection* p : {&gate_, &up_, &down_}) {
+    p->data.Resize(e * p->expert_bytes);
+    if (format_ == ExpertFormat::kInt8) {
+      p->scales.Resize(e * p->padded_rows);
+      p->sums.Resize(e * p->padded_rows);
+    }
+  }
   pool.ParallelFor(static_cast<size_t>(e) * 3, [&](size_t task, int) {
     const size_t slot = task / 3, which = task % 3;
     const size_t logical = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
-    if (which == 0) PackBf16(gate + logical * i * h, h, i, h, gate_.get() + slot * gate_stride_);
-    if (which == 1) PackBf16(up + logical * i * h, h, i, h, up_.get() + slot * gate_stride_);
-    if (which == 2) PackBf16(down + logical * h * i, i, h, i, down_.get() + slot * down_stride_);
+    if (which == 0) gate_.Pack(format_, slot, gate + logical * i * h);
+    if (which == 1) up_.Pack(format_, slot, up + logical * i * h);
+    if (which == 2) down_.Pack(format_, slot, down + logical * h * i);
   });
   loaded_ = true;
   return absl::OkStatus();
@@ -183,8 +277,12 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     pool.ParallelFor(gather_tasks, [&](size_t task, int) {
       const size_t r1 = std::min(rows, (task + 1) * 64);
       for (size_t r = task * 64; r < r1; ++r) {
-        std::memcpy(xs_.get() + r * h, input + static_cast<size_t>(row_token_[r]) * h,
-                    h * sizeof(bf16_t));
+        const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
+        if (format_ == ExpertFormat::kInt8) {
+          QuantizeActivationInt8(x, h, qxs_.get() + r * h, sxs_.get() + r);
+        } else {
+          std::memcpy(xs_.get() + r * h, x, h * sizeof(bf16_t));
+        }
       }
     });
 
@@ -196,17 +294,13 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       const int e = active_[task / inter_blocks];
       const size_t c0 = (task % inter_blocks) * cols_per_task;
       const size_t cols = std::min(cols_per_task, inter - c0);
-      const size_t panel_offset = (c0 / kPanelRows) * PanelStride(h);
-      const bf16_t* gate_panels = gate_.get() + e * gate_stride_ + panel_offset;
-      const bf16_t* up_panels = up_.get() + e * gate_stride_ + panel_offset;
       float* g = gu_scratch_.get() + static_cast<size_t>(thread) * ScratchPerThread();
       float* u = g + kRowChunk * cols_per_task;
       const size_t r_begin = expert_begin_[e], r_end = expert_begin_[e + 1];
       for (size_t r0 = r_begin; r0 < r_end; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, r_end - r0);
-        const bf16_t* x = xs_.get() + r0 * h;
-        gemm_(m, h, x, h, gate_panels, cols, g, cols_per_task);
-        gemm_(m, h, x, h, up_panels, cols, u, cols_per_task);
+        Gemm(gate_, e, c0, cols, /*hidden_input=*/false, r0, m, g, cols_per_task);
+        Gemm(up_, e, c0, cols, /*hidden_input=*/false, r0, m, u, cols_per_task);
         for (size_t r = 0; r < m; ++r) {
           SiluMulToBf16(isa_, g + r * cols_per_task, u + r * cols_per_task,
                         hs_.get() + (r0 + r) * inter + c0, cols);
@@ -214,17 +308,25 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       }
     });
 
+    // 3b. kInt8: quantize each row of h (its absmax spans all I columns, so after the whole phase).
+    if (format_ == ExpertFormat::kInt8) {
+      pool.ParallelFor((rows + 63) / 64, [&](size_t task, int) {
+        const size_t r1 = std::min(rows, (task + 1) * 64);
+        for (size_t r = task * 64; r < r1; ++r) {
+          QuantizeActivationInt8(hs_.get() + r * inter, inter, qhs_.get() + r * inter, shs_.get() + r);
+        }
+      });
+    }
+
     // 4. Down projection of every row, column block by column block.
     const size_t hidden_blocks = (h + cols_per_task - 1) / cols_per_task;
     pool.ParallelFor(active_.size() * hidden_blocks, [&](size_t task, int) {
       const int e = active_[task / hidden_blocks];
       const size_t c0 = (task % hidden_blocks) * cols_per_task;
       const size_t cols = std::min(cols_per_task, h - c0);
-      const bf16_t* panels =
-          down_.get() + e * down_stride_ + (c0 / kPanelRows) * PanelStride(inter);
       const size_t r0 = expert_begin_[e];
       const size_t m = expert_begin_[e + 1] - r0;
-      gemm_(m, inter, hs_.get() + r0 * inter, inter, panels, cols, ys_.get() + r0 * h + c0, h);
+      Gemm(down_, e, c0, cols, /*hidden_input=*/true, r0, m, ys_.get() + r0 * h + c0, h);
     });
   }
 
@@ -249,26 +351,65 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   return absl::OkStatus();
 }
 
+namespace {
+
+// Expert e's [n, k] projection as the format sees it: the bf16 values, or their int8 quantization
+// dequantized (q * scale).
+std::vector<float> ReferenceWeights(ExpertFormat format, const bf16_t* w, size_t n, size_t k) {
+  std::vector<float> out(n * k);
+  if (format == ExpertFormat::kBf16) {
+    for (size_t i = 0; i < n * k; ++i) out[i] = Bf16ToF32(w[i]);
+    return out;
+  }
+  absl::StatusOr<QuantizedMatrix> q = Quantize(QuantSpec{QuantFormat::kInt8PerChannel, 0}, w, k, n, k);
+  if (q.ok()) Dequantize(*q, out.data(), k);
+  return out;
+}
+
+// A row as the format feeds it to a product: the bf16 values, or int8 per-row quantization dequantized.
+std::vector<float> ReferenceActivation(ExpertFormat format, const bf16_t* x, size_t k) {
+  std::vector<float> out(k);
+  if (format == ExpertFormat::kBf16) {
+    for (size_t i = 0; i < k; ++i) out[i] = Bf16ToF32(x[i]);
+    return out;
+  }
+  std::vector<int8_t> q(k);
+  float scale = 0;
+  QuantizeActivationInt8(x, k, q.data(), &scale);
+  for (size_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scale;
+  return out;
+}
+
+void MatVec(const std::vector<float>& w, size_t n, size_t k, const std::vector<float>& x, double* y) {
+  for (size_t r = 0; r < n; ++r) {
+    double acc = 0;
+    for (size_t c = 0; c < k; ++c) acc += static_cast<double>(w[r * k + c]) * x[c];
+    y[r] = acc;
+  }
+}
+
+}  // namespace
+
 void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t* ids,
                          const float* weights, const bf16_t* input, const bf16_t* gate,
                          const bf16_t* up, const bf16_t* down, const bool* gpu_experts_mask,
-                         float* output) {
+                         float* output, ExpertFormat format) {
   const size_t h = config.hidden, inter = config.intermediate;
-  std::vector<float> g(inter), u(inter), y(h);
+  std::vector<double> g(inter), u(inter), y(h);
   std::vector<bf16_t> hb(inter);
   for (int t = 0; t < qlen; ++t) {
     std::vector<double> acc(h, 0.0);
+    const std::vector<float> x = ReferenceActivation(format, input + static_cast<size_t>(t) * h, h);
     for (int j = 0; j < k; ++j) {
       const int64_t e = ids[t * k + j];
       if (e < 0 || e >= config.num_experts || (gpu_experts_mask && gpu_experts_mask[e])) continue;
-      const bf16_t* x = input + static_cast<size_t>(t) * h;
-      GemmBf16Reference(1, inter, h, x, h, gate + e * inter * h, h, g.data(), inter);
-      GemmBf16Reference(1, inter, h, x, h, up + e * inter * h, h, u.data(), inter);
+      MatVec(ReferenceWeights(format, gate + e * inter * h, inter, h), inter, h, x, g.data());
+      MatVec(ReferenceWeights(format, up + e * inter * h, inter, h), inter, h, x, u.data());
       for (size_t c = 0; c < inter; ++c) {
-        const double gd = g[c];
-        hb[c] = F32ToBf16(static_cast<float>(gd / (1.0 + std::exp(-gd)) * u[c]));
+        hb[c] = F32ToBf16(static_cast<float>(g[c] / (1.0 + std::exp(-g[c])) * u[c]));
       }
-      GemmBf16Reference(1, h, inter, hb.data(), inter, down + e * h * inter, inter, y.data(), h);
+      MatVec(ReferenceWeights(format, down + e * h * inter, h, inter), h, inter,
+             ReferenceActivation(format, hb.data(), inter), y.data());
       for (size_t c = 0; c < h; ++c) acc[c] += static_cast<double>(weights[t * k + j]) * y[c];
     }
     for (size_t c = 0; c < h; ++c) output[static_cast<size_t>(t) * h + c] = static_cast<float>(acc[c]);

@@ -1,4 +1,4 @@
-// The routed-experts forward of one MoE layer over BF16 expert weights.
+// The routed-experts forward of one MoE layer.
 //
 // For each token t and slot j with a valid expert e = ids[t][j]:
 //   g = W_gate[e] x_t, u = W_up[e] x_t              (fp32 accumulation)
@@ -6,6 +6,12 @@
 //   y = W_down[e] h                                  (fp32)
 //   out_t = bf16( sum_j weights[t][j] * y )          (fp32 sum, one rounding at the end)
 // An id < 0, >= num_experts, or with gpu_experts_mask[id] set contributes nothing.
+//
+// Expert weight formats (docs/FORMATS.md):
+//   kBf16  the weights as given, packed into kt-bf16-panel16-kpair-v1.
+//   kInt8  kt-int8-channel-v1 (symmetric int8 per output channel, quantized at load) packed into
+//          kt-int8-panel16-kquad-v1; x_t and h are quantized per row to int8 (absmax/127) right before
+//          each product, and the products are exact int32 sums scaled by both scales.
 #ifndef KT_MOE_MOE_LAYER_H_
 #define KT_MOE_MOE_LAYER_H_
 
@@ -20,9 +26,15 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/gemm_int8.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
+
+enum class ExpertFormat { kBf16, kInt8 };
+
+// "bf16" or "int8".
+const char* ExpertFormatName(ExpertFormat format);
 
 struct MoeConfig {
   int num_experts = 0;   // E
@@ -38,11 +50,12 @@ absl::Status ValidateMoeConfig(const MoeConfig& config);
 class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
-  static absl::StatusOr<std::unique_ptr<MoeLayer>> Create(const MoeConfig& config, Isa isa);
+  static absl::StatusOr<std::unique_ptr<MoeLayer>> Create(const MoeConfig& config, Isa isa,
+                                                          ExpertFormat format = ExpertFormat::kBf16);
 
   // Canonical weights: gate and up [E, I, H], down [E, H, I], row-major bf16. Physical slot i (the id used
   // at Forward) holds logical expert physical_to_logical[i] of these arrays; nullptr means the identity.
-  // Packs into the kernel layout using `pool`; the inputs can be freed afterwards.
+  // Quantizes (kInt8) and packs into the kernel layout using `pool`; the inputs can be freed afterwards.
   absl::Status LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
                            const int64_t* physical_to_logical, ThreadPool& pool);
 
@@ -53,12 +66,13 @@ class MoeLayer {
 
   const MoeConfig& config() const { return config_; }
   Isa isa() const { return isa_; }
+  ExpertFormat format() const { return format_; }
   bool loaded() const { return loaded_; }
-  // Bytes of packed expert weights held.
+  // Bytes of packed expert weights held, scales and row sums included.
   size_t weight_bytes() const;
 
  private:
-  MoeLayer(const MoeConfig& config, Isa isa);
+  MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format);
   size_t ScratchPerThread() const;
 
   // A 64-byte aligned array: packed panels are read one cache line per load.
@@ -73,13 +87,35 @@ class MoeLayer {
     T* get() const { return data.get(); }
   };
 
+  // One projection (gate, up or down) of every expert: [N, K] per expert, packed in the layer's format.
+  struct Projection {
+    size_t n = 0, k = 0;
+    size_t expert_bytes = 0;  // packed bytes per expert
+    size_t panel_bytes = 0;   // bytes per 16-row panel, to address a column block
+    size_t padded_rows = 0;   // entries per expert of scales/sums (kInt8)
+    AlignedArray<uint8_t> data;
+    AlignedArray<float> scales;  // kInt8: per output channel
+    AlignedArray<int32_t> sums;  // kInt8: per output channel, for the VNNI kernel's sign trick
+    // Packs expert `slot` from canonical bf16 w[N, K].
+    void Pack(ExpertFormat format, size_t slot, const bf16_t* w);
+    const uint8_t* Panels(size_t e, size_t col) const {
+      return data.get() + e * expert_bytes + (col / kPanelRows) * panel_bytes;
+    }
+  };
+  void InitProjection(Projection& p, size_t n, size_t k) const;
+
+  // y[m, cols] = x[m, K] * W^T for the rows of `act` starting at row r0 and the columns [c0, c0 + cols) of
+  // expert e's projection p, in the layer's format (act: xs_/hs_ for kBf16, their int8 copies for kInt8).
+  void Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input, size_t r0,
+            size_t m, float* y, size_t ldy) const;
+
   MoeConfig config_;
   Isa isa_;
-  GemmBf16Fn gemm_;
+  ExpertFormat format_;
+  GemmBf16Fn gemm_bf16_ = nullptr;
+  GemmInt8Fn gemm_int8_ = nullptr;
   bool loaded_ = false;
-  size_t gate_stride_ = 0;  // Elements per expert of packed gate (and of up): PackedBf16Size(I, H).
-  size_t down_stride_ = 0;  // Elements per expert of packed down: PackedBf16Size(H, I).
-  AlignedArray<bf16_t> gate_, up_, down_;
+  Projection gate_, up_, down_;
 
   // Routing and scratch, sized for max_len * top_k rows at Create (Forward never allocates).
   std::vector<int> expert_count_;    // [E] rows routed to each physical expert
@@ -89,17 +125,23 @@ class MoeLayer {
   std::vector<int> active_;          // experts with at least one row
   AlignedArray<bf16_t> xs_;          // [rows, H] gathered inputs
   AlignedArray<bf16_t> hs_;          // [rows, I] bf16(silu(g) * u)
+  AlignedArray<int8_t> qxs_;         // kInt8: [rows, H] xs_ quantized per row
+  AlignedArray<float> sxs_;          // kInt8: [rows] their scales
+  AlignedArray<int8_t> qhs_;         // kInt8: [rows, I] hs_ quantized per row
+  AlignedArray<float> shs_;          // kInt8: [rows] their scales
   AlignedArray<float> ys_;           // [rows, H] down projections
   AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
   int scratch_threads_ = 0;
 };
 
 // The plain reference of the same computation on canonical weights (double accumulation), for tests and
-// for `kt bench`'s accuracy line.
+// for `kt bench`'s accuracy line. With kInt8 it applies the format in plain code: weights quantized per
+// channel and dequantized (quant.h), x and h quantized per row and dequantized, then the same double
+// arithmetic; a kernel path must match it up to fp32 rounding, i.e. adds nothing to the format's error.
 void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t* ids,
                          const float* weights, const bf16_t* input, const bf16_t* gate,
                          const bf16_t* up, const bf16_t* down, const bool* gpu_experts_mask,
-                         float* output);
+                         float* output, ExpertFormat format = ExpertFormat::kBf16);
 
 }  // namespace kt
 

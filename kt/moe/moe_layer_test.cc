@@ -1,11 +1,13 @@
-// The MoE forward on every kernel path against MoeForwardReference (double accumulation, same bf16
-// rounding of silu(g)*u), including the routing corner cases: invalid and GPU-masked ids, an expert
+// The MoE forward on every kernel path and expert format (bf16, int8) against MoeForwardReference (double
+// accumulation, same bf16 rounding of silu(g)*u, and for int8 the same quantization applied in plain
+// code), including the routing corner cases: invalid and GPU-masked ids, an expert
 // chosen twice by one token, all tokens on one expert, experts with no tokens, permuted expert slots.
 #include "kt/moe/moe_layer.h"
 
 #include <cmath>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -55,17 +57,21 @@ Batch RandomBatch(const MoeConfig& c, int qlen, std::mt19937& rng) {
   return b;
 }
 
-class MoeLayerTest : public ::testing::TestWithParam<Isa> {
+class MoeLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertFormat>> {
+ public:
+  static Isa isa() { return std::get<0>(GetParam()); }
+  static ExpertFormat format() { return std::get<1>(GetParam()); }
+
  protected:
   void SetUp() override {
-    if (!IsaSupported(GetParam(), GetCpuFeatures())) {
-      GTEST_SKIP() << IsaName(GetParam()) << " is not supported by this CPU ("
+    if (!IsaSupported(isa(), GetCpuFeatures())) {
+      GTEST_SKIP() << IsaName(isa()) << " is not supported by this CPU ("
                    << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
     }
   }
 
   std::unique_ptr<MoeLayer> Build(const Layer& l, ThreadPool& pool, const int64_t* map = nullptr) {
-    absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, GetParam());
+    absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, isa(), format());
     EXPECT_TRUE(moe.ok()) << moe.status();
     EXPECT_TRUE((*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), map, pool).ok());
     return std::move(*moe);
@@ -79,13 +85,14 @@ class MoeLayerTest : public ::testing::TestWithParam<Isa> {
     const size_t h = l.config.hidden;
     std::vector<float> ref(static_cast<size_t>(b.qlen) * h);
     MoeForwardReference(l.config, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
-                        l.gate.data(), l.up.data(), l.down.data(), mask, ref.data());
+                        l.gate.data(), l.up.data(), l.down.data(), mask, ref.data(), format());
     double max_ref = 0, max_err = 0;
     for (float r : ref) max_ref = std::max(max_ref, std::fabs(static_cast<double>(r)));
     for (size_t i = 0; i < ref.size(); ++i) {
       const double err = std::fabs(Bf16ToF32(out[i]) - static_cast<double>(ref[i]));
       max_err = std::max(max_err, err);
-      EXPECT_LE(err, std::ldexp(std::fabs(ref[i]), -8) + 2e-3 * max_ref)
+      EXPECT_LE(err, std::ldexp(std::fabs(ref[i]), format() == ExpertFormat::kInt8 ? -7 : -8) +
+                         (format() == ExpertFormat::kInt8 ? 3e-3 : 2e-3) * max_ref)
           << "element " << i << " token " << i / h << ": got " << Bf16ToF32(out[i]) << " want "
           << ref[i];
       if (HasFailure()) break;
@@ -112,7 +119,8 @@ TEST_P(MoeLayerTest, QlenSweepMatchesReference) {
       if (HasFailure()) return;
     }
   }
-  std::printf("[%s] worst max|err|/max|ref| = %.3g\n", IsaName(GetParam()), worst);
+  std::printf("[%s %s] worst max|err|/max|ref| = %.3g\n", IsaName(isa()), ExpertFormatName(format()),
+              worst);
 }
 
 TEST_P(MoeLayerTest, RoutingCornerCases) {
@@ -198,7 +206,7 @@ TEST_P(MoeLayerTest, PhysicalToLogicalMapAndSmallerK) {
 TEST_P(MoeLayerTest, ClearErrors) {
   const Layer l = MakeLayer(4, 2, 32, 16, 4, 11);
   ThreadPool pool(1);
-  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, GetParam());
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, isa(), format());
   ASSERT_TRUE(moe.ok());
   std::mt19937 rng(12);
   Batch b = RandomBatch(l.config, 5, rng);
@@ -214,14 +222,19 @@ TEST_P(MoeLayerTest, ClearErrors) {
   const int64_t bad_map[4] = {0, 1, 4, 2};
   s = (*moe)->LoadWeights(l.gate.data(), l.up.data(), l.down.data(), bad_map, pool);
   EXPECT_NE(s.message().find("physical_to_logical_map[2]"), absl::string_view::npos) << s;
-  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 5, 32, 16, 4}, GetParam()).ok());
-  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 2, 0, 16, 4}, GetParam()).ok());
+  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 5, 32, 16, 4}, isa(), format()).ok());
+  EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 2, 0, 16, 4}, isa(), format()).ok());
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, MoeLayerTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(
+    AllPaths, MoeLayerTest,
+    ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
+                                         Isa::kAvx512Bf16, Isa::kAmx),
+                       ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8)),
+    [](const auto& info) {
+      return std::string(IsaName(std::get<0>(info.param))) + "_" +
+             ExpertFormatName(std::get<1>(info.param));
+    });
 
 }  // namespace
 }  // namespace kt

@@ -26,7 +26,8 @@ from typing import List, Optional
 import torch
 
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
-from .utils.amx import NativeMoEWrapper
+from .utils.amx import AMXMoEWrapper, NativeMoEWrapper
+from .utils.moe_kernel import GeneralMoEWrapper
 
 __all__ = ["KTMoEWrapper", "INFERENCE_METHODS", "SFT_METHODS", "BaseMoEWrapper", "KExpertsCPUBuffer"]
 
@@ -66,14 +67,14 @@ SFT_METHODS = frozenset(
 # Inference methods kt implements, with their backend class.
 _INFERENCE_BACKENDS = {
     "BF16": NativeMoEWrapper,
+    "AMXINT8": AMXMoEWrapper,
+    "MOE_INT8": GeneralMoEWrapper,
 }
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
     "AMXINT4": "quantized-kernels issue",
-    "AMXINT8": "quantized-kernels issue",
     "MOE_INT4": "quantized-kernels issue",
-    "MOE_INT8": "quantized-kernels issue",
     "RAWINT4": "quantized-kernels issue",
     "GPTQ_INT4": "quantized-kernels issue",
     "FP8": "FP8 kernels issue",

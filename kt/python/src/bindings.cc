@@ -74,7 +74,15 @@ Isa IsaFromName(const std::string& name) {
 class PyMoeLayer {
  public:
   PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
-            const std::string& isa_name) {
+             const std::string& isa_name, const std::string& format_name) {
+    ExpertFormat format;
+    if (format_name == "bf16") {
+      format = ExpertFormat::kBf16;
+    } else if (format_name == "int8") {
+      format = ExpertFormat::kInt8;
+    } else {
+      throw py::value_error("MoeLayer: format must be 'bf16' or 'int8', got '" + format_name + "'");
+    }
     MoeConfig config;
     config.num_experts = num_experts;
     config.top_k = top_k;
@@ -85,7 +93,7 @@ class PyMoeLayer {
     absl::StatusOr<std::unique_ptr<MoeLayer>> moe;
     {
       py::gil_scoped_release release;  // Create allocates the max_len-sized scratch.
-      moe = MoeLayer::Create(config, isa);
+      moe = MoeLayer::Create(config, isa, format);
     }
     if (!moe.ok()) ThrowStatus(moe.status());
     moe_ = std::move(*moe);
@@ -159,20 +167,24 @@ PYBIND11_MODULE(_kt, m) {
            py::arg("num_threads"), py::arg("pin") = false)
       .def_property_readonly("num_threads", &ThreadPool::num_threads);
 
-  py::class_<PyMoeLayer>(m, "MoeLayer", "The routed experts of one MoE layer over BF16 weights.")
-      .def(py::init<int, int, int, int, int, const std::string&>(), py::arg("num_experts"),
-           py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"), py::arg("max_len"),
-           py::arg("isa"))
+  py::class_<PyMoeLayer>(m, "MoeLayer",
+                         "The routed experts of one MoE layer; weights kept as bf16 or quantized to int8.")
+      .def(py::init<int, int, int, int, int, const std::string&, const std::string&>(),
+           py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
+           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16")
       .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
-           "Packs gate/up [E,I,H] and down [E,H,I] bf16 weights (addresses; physical_to_logical is an "
-           "int64[E] address or 0 for the identity). The inputs may be freed afterwards.")
+           "Packs (int8: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
+           "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
+           "may be freed afterwards.")
       .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
            py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
            "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "
            "address read during this call, or 0).")
       .def_property_readonly("loaded", [](const PyMoeLayer& self) { return self.moe().loaded(); })
       .def_property_readonly("isa", [](const PyMoeLayer& self) { return std::string(IsaName(self.moe().isa())); })
+      .def_property_readonly("format",
+                             [](const PyMoeLayer& self) { return std::string(ExpertFormatName(self.moe().format())); })
       .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); });
 }
 

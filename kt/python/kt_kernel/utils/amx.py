@@ -1,8 +1,12 @@
-"""Backends for methods whose expert weights are used in their native format (no conversion step).
+"""Backends computed by kt's C++ ``MoeLayer``.
 
-Only ``BF16`` is implemented: the experts' gate/up/down matrices in bfloat16, computed by kt's C++
-``MoeLayer`` on the kernel path chosen at import (``kt_kernel.__cpu_variant__``). The other native methods of
-the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come with the quantized kernels.
+- ``BF16`` (NativeMoEWrapper): the experts' gate/up/down matrices in bfloat16, on the kernel path chosen at
+  import (``kt_kernel.__cpu_variant__``).
+- ``AMXINT8`` (AMXMoEWrapper): weights quantized online at load to symmetric int8 per output channel
+  (kt-int8-channel-v1), activations quantized per token; AMX tiles (tdpbssd) where the CPU has them, else the
+  best path it has (AVX512-VNNI, Highway AVX3/AVX2, scalar): ``wrapper.isa`` names it.
+
+The other methods of the original kt-kernel (AMXINT4, RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come later.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from .. import _native
 from .._checks import check_tensor
 from ..experts_base import BaseMoEWrapper
 
-_IMPLEMENTED_METHODS = frozenset(["BF16"])
+# Method -> the C++ layer's expert format.
+_METHOD_FORMATS = {"BF16": "bf16", "AMXINT8": "int8", "MOE_INT8": "int8"}
+_IMPLEMENTED_METHODS = frozenset(_METHOD_FORMATS)
 
 
 class NativeMoEWrapper(BaseMoEWrapper):
@@ -79,8 +85,19 @@ class NativeMoEWrapper(BaseMoEWrapper):
             hidden=hidden_size,
             intermediate=moe_intermediate_size,
             max_len=chunked_prefill_size,
-            isa=_native.ISA,
+            isa=self._kernel_isa(_native.ISA),
+            format=_METHOD_FORMATS[method],
         )
+
+    @staticmethod
+    def _kernel_isa(process_isa: str) -> str:
+        """The kernel path for this backend given the process's (KT_ISA-capped) best path."""
+        return process_isa
+
+    @property
+    def weight_format(self) -> str:
+        """'bf16' or 'int8': how the expert weights are held."""
+        return self._moe.format
 
     @property
     def isa(self) -> str:
@@ -194,3 +211,12 @@ class NativeMoEWrapper(BaseMoEWrapper):
             0 if mask is None else mask.data_ptr(),
         )
         return output
+
+
+class AMXMoEWrapper(NativeMoEWrapper):
+    """``AMXINT8``: int8 experts, quantized online by ``load_weights_from_tensors``.
+
+    Uses AMX tiles where the CPU has them (and Linux grants the permission); elsewhere the best path the CPU
+    has, named by ``wrapper.isa``. Loading converted weights from ``weight_path`` comes with the weight-IO
+    issue. ``AMXINT4`` is not implemented yet.
+    """

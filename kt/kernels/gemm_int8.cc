@@ -1,0 +1,132 @@
+// Packing, the reference, the scalar path and the per-Isa kernel table for the INT8 GEMM.
+#include "kt/kernels/gemm_int8.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace kt {
+
+void PackInt8(const int8_t* q, size_t ldq, const float* scales, size_t n, size_t k, int8_t* panels,
+              float* packed_scales, int32_t* rowsums) {
+  const size_t kquads = KQuads(k);
+  const size_t stride = Int8PanelStride(k);
+  for (size_t p = 0; p < Int8NumPanels(n); ++p) {
+    int8_t* panel = panels + p * stride;
+    for (size_t kq = 0; kq < kquads; ++kq) {
+      for (size_t r = 0; r < kInt8PanelRows; ++r) {
+        const size_t row = p * kInt8PanelRows + r;
+        int8_t* dst = panel + (kq * kInt8PanelRows + r) * 4;
+        for (size_t j = 0; j < 4; ++j) {
+          const size_t kk = 4 * kq + j;
+          dst[j] = (row < n && kk < k) ? q[row * ldq + kk] : int8_t{0};
+        }
+      }
+    }
+  }
+  for (size_t row = 0; row < PackedInt8Rows(n); ++row) {
+    int32_t sum = 0;
+    if (row < n) {
+      for (size_t kk = 0; kk < k; ++kk) sum += q[row * ldq + kk];
+    }
+    rowsums[row] = sum;
+    packed_scales[row] = row < n ? scales[row] : 0.0f;
+  }
+}
+
+absl::Status PackInt8(const QuantizedMatrix& qm, int8_t* panels, float* packed_scales, int32_t* rowsums) {
+  if (qm.spec.format != QuantFormat::kInt8PerChannel || qm.spec.group_size != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PackInt8 needs kt-int8-channel-v1, got ", QuantFormatName(qm.spec.format),
+                     " with group_size = ", qm.spec.group_size));
+  }
+  if (qm.data.size() != qm.n * qm.k || qm.scales.size() != qm.n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "malformed int8_channel matrix: N = ", qm.n, ", K = ", qm.k, ", data bytes = ", qm.data.size(),
+        " (want N*K), scales = ", qm.scales.size(), " (want N)"));
+  }
+  if (qm.k >= kInt8MaxK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("K = ", qm.k, " is too large for exact int32 accumulation (limit ", kInt8MaxK, ")"));
+  }
+  PackInt8(reinterpret_cast<const int8_t*>(qm.data.data()), qm.k, qm.scales.data(), qm.n, qm.k, panels,
+           packed_scales, rowsums);
+  return absl::OkStatus();
+}
+
+void UnpackInt8(const int8_t* panels, const float* packed_scales, size_t n, size_t k, int8_t* q,
+                size_t ldq, float* scales) {
+  const size_t stride = Int8PanelStride(k);
+  for (size_t row = 0; row < n; ++row) {
+    const int8_t* panel = panels + (row / kInt8PanelRows) * stride;
+    const size_t r = row % kInt8PanelRows;
+    for (size_t kk = 0; kk < k; ++kk) {
+      q[row * ldq + kk] = panel[((kk / 4) * kInt8PanelRows + r) * 4 + (kk % 4)];
+    }
+    scales[row] = packed_scales[row];
+  }
+}
+
+void GemmInt8Reference(size_t m, size_t n, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                       const int8_t* qw, size_t ldqw, const float* sw, float* y, size_t ldy) {
+  for (size_t i = 0; i < m; ++i) {
+    for (size_t j = 0; j < n; ++j) {
+      int64_t acc = 0;
+      for (size_t kk = 0; kk < k; ++kk) {
+        acc += static_cast<int64_t>(qx[i * ldqx + kk]) * qw[j * ldqw + kk];
+      }
+      y[i * ldy + j] = static_cast<float>(static_cast<double>(sx[i]) * sw[j] * static_cast<double>(acc));
+    }
+  }
+}
+
+namespace internal {
+
+// Scalar path over the packed layout: int32 accumulation, then the same fp32 epilogue as every path.
+void GemmInt8Scalar(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                    const int8_t* panels, const float* w_scales, const int32_t* /*w_rowsums*/,
+                    size_t n_cols, float* y, size_t ldy) {
+  const size_t kquads = KQuads(k);
+  const size_t stride = Int8PanelStride(k);
+  for (size_t p = 0; p * kInt8PanelRows < n_cols; ++p) {
+    const int8_t* panel = panels + p * stride;
+    const float* sw = w_scales + p * kInt8PanelRows;
+    const size_t rows = std::min(kInt8PanelRows, n_cols - p * kInt8PanelRows);
+    for (size_t i = 0; i < m; ++i) {
+      int32_t acc[kInt8PanelRows] = {};
+      const int8_t* xr = qx + i * ldqx;
+      for (size_t kq = 0; kq < kquads; ++kq) {
+        int32_t xq[4];
+        for (size_t j = 0; j < 4; ++j) xq[j] = (4 * kq + j < k) ? xr[4 * kq + j] : 0;  // no over-read
+        const int8_t* wq = panel + kq * kInt8PanelRows * 4;
+        for (size_t r = 0; r < kInt8PanelRows; ++r) {
+          acc[r] += xq[0] * wq[4 * r] + xq[1] * wq[4 * r + 1] + xq[2] * wq[4 * r + 2] +
+                    xq[3] * wq[4 * r + 3];
+        }
+      }
+      float* yr = y + i * ldy + p * kInt8PanelRows;
+      for (size_t r = 0; r < rows; ++r) yr[r] = (sx[i] * sw[r]) * static_cast<float>(acc[r]);
+    }
+  }
+}
+
+}  // namespace internal
+
+GemmInt8Fn GetGemmInt8(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return &internal::GemmInt8Scalar;
+    case Isa::kAvx2:
+    case Isa::kAvx512:
+      return internal::GemmInt8Hwy(isa);
+    case Isa::kAvx512Vnni:
+    case Isa::kAvx512Bf16:
+      return &internal::GemmInt8Vnni;
+    case Isa::kAmx:
+      return &internal::GemmInt8Amx;
+  }
+  return nullptr;
+}
+
+}  // namespace kt

@@ -1,0 +1,156 @@
+// AMX INT8 kernel (tdpbssd: signed x signed bytes, int32 accumulation) over the packed quad panels of
+// gemm_int8.h.
+//
+// The panel layout is already AMX's INT8 B layout: a B tile is 16 rows of 64 bytes where row r holds, for
+// 16 output columns, the quad {W[c][4(k0/4 + r)] .. W[c][4(k0/4 + r) + 3]}. That is exactly 16
+// consecutive quad-rows of one panel (stride 64 bytes), so B tiles load straight from the packed weights.
+// A tiles are 16 rows of qx by 64 int8 of K (64 bytes), loaded straight from qx with stride ldqx. Both
+// operands are signed, so unlike the VNNI kernel no +128 shift or row-sum correction is needed.
+//
+// Tile registers (2 x 2 blocking: 32 rows x 32 columns of y per pass over K):
+//   tmm0, tmm1  A: qx rows [m, m+16) and [m+16, m+32), k in [k0, k0+64)
+//   tmm2, tmm3  B: panels p and p+1, quad-rows [k0/4, k0/4+16)
+//   tmm4..tmm7  C: int32 accumulators, C[i][j] = tmm(4 + 2i + j), 16 x 16 each
+// Four tdpbssd (16x16x64 each) per two A and two B loads: every loaded tile is used twice.
+//
+// Tails: rows beyond m, columns beyond n_cols and k beyond K are handled by staging a zero-padded tile in
+// a stack buffer (A and B); full tiles never touch the buffers. C always goes through a stack buffer,
+// because the int32 sums still need the fp32 epilogue y = (sx * sw) * float(C), done with AVX-512 (masked
+// stores keep columns past n_cols untouched). Few rows (decode) gain nothing from 16-row tiles: below
+// kAmxInt8MinRows the VNNI kernel runs.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kt/kernels/amx_tiles.h"
+#include "kt/kernels/gemm_int8.h"
+
+namespace kt {
+namespace internal {
+namespace {
+
+constexpr size_t kTileRows = 16;
+constexpr size_t kTileK = 64;  // int8 per A-tile row (64 bytes) = 16 quad-rows of B
+
+// Local helper: no out-of-line std::min compiled with AMX/AVX-512 flags for the linker to share.
+inline size_t MinSize(size_t a, size_t b) { return a < b ? a : b; }
+
+// Writes rows [0, rn) and columns [0, cn) of one int32 C tile held in c (16 x 16, row-major) to y.
+void Epilogue(const int32_t* c, size_t rn, size_t cn, const float* sx, const float* sw, float* y,
+              size_t ldy) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1u);
+  const __m512 w_scale = _mm512_loadu_ps(sw);  // padded to a whole panel: in bounds
+  for (size_t r = 0; r < rn; ++r) {
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sx[r]), w_scale);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + r * kInt8PanelRows));
+    _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_mul_ps(scale, dot));
+  }
+}
+
+// One 32x32 block of y (fewer rows/columns at the edges): rows [0, rows) of qx, panels [0, panels).
+void Block(size_t rows, size_t panels, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+           const int8_t* panel0, size_t stride, const float* sw, float* y, size_t ldy, size_t cols) {
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  alignas(64) int8_t a_buf[2][kTileRows * kTileK];
+  alignas(64) int8_t b_buf[2][kTileRows * 4 * kInt8PanelRows];
+  const size_t kquads = KQuads(k);
+  for (size_t k0 = 0; k0 < k; k0 += kTileK) {
+    const size_t kn = MinSize(kTileK, k - k0);
+    const size_t kq0 = k0 / 4;
+    const size_t quad_rows = MinSize(kTileRows, kquads - kq0);
+    const bool full_k = kn == kTileK;
+    // A tiles: straight from qx when whole, else the rows' kn bytes in a zeroed buffer.
+    for (size_t i = 0; i < 2; ++i) {
+      const size_t r0 = i * kTileRows;
+      if (r0 >= rows) break;
+      const size_t rn = MinSize(kTileRows, rows - r0);
+      const int8_t* tile = qx + r0 * ldqx + k0;
+      size_t ld = ldqx;
+      if (!full_k || rn < kTileRows) {
+        // Rows past rn stay zero between chunks (only rows < rn are rewritten, whole 64 bytes in full
+        // chunks), so the buffer is cleared only at the first chunk and the short last one.
+        if (k0 == 0 || !full_k) std::memset(a_buf[i], 0, sizeof(a_buf[i]));
+        for (size_t r = 0; r < rn; ++r) std::memcpy(a_buf[i] + r * kTileK, qx + (r0 + r) * ldqx + k0, kn);
+        tile = a_buf[i];
+        ld = kTileK;
+      }
+      if (i == 0) {
+        _tile_loadd(0, tile, ld);
+      } else {
+        _tile_loadd(1, tile, ld);
+      }
+    }
+    // B tiles: 16 quad-rows of each panel; the last chunk of K may have fewer (zero the rest so that
+    // nothing past the panel is read).
+    for (size_t j = 0; j < panels; ++j) {
+      const int8_t* src = panel0 + j * stride + kq0 * 4 * kInt8PanelRows;
+      const int8_t* tile = src;
+      if (quad_rows < kTileRows) {
+        std::memset(b_buf[j], 0, sizeof(b_buf[j]));
+        std::memcpy(b_buf[j], src, quad_rows * 4 * kInt8PanelRows);
+        tile = b_buf[j];
+      }
+      if (j == 0) {
+        _tile_loadd(2, tile, 64);
+      } else {
+        _tile_loadd(3, tile, 64);
+      }
+    }
+    _tile_dpbssd(4, 0, 2);
+    if (panels > 1) _tile_dpbssd(5, 0, 3);
+    if (rows > kTileRows) {
+      _tile_dpbssd(6, 1, 2);
+      if (panels > 1) _tile_dpbssd(7, 1, 3);
+    }
+  }
+  alignas(64) int32_t c_buf[kTileRows * kInt8PanelRows];
+  for (size_t i = 0; i < 2; ++i) {
+    const size_t r0 = i * kTileRows;
+    if (r0 >= rows) break;
+    const size_t rn = MinSize(kTileRows, rows - r0);
+    for (size_t j = 0; j < panels; ++j) {
+      const size_t c0 = j * kInt8PanelRows;
+      if (c0 >= cols) break;
+      const size_t cn = MinSize(kInt8PanelRows, cols - c0);
+      switch (2 * i + j) {
+        case 0: _tile_stored(4, c_buf, kInt8PanelRows * sizeof(int32_t)); break;
+        case 1: _tile_stored(5, c_buf, kInt8PanelRows * sizeof(int32_t)); break;
+        case 2: _tile_stored(6, c_buf, kInt8PanelRows * sizeof(int32_t)); break;
+        default: _tile_stored(7, c_buf, kInt8PanelRows * sizeof(int32_t)); break;
+      }
+      Epilogue(c_buf, rn, cn, sx + r0, sw + c0, y + r0 * ldy + c0, ldy);
+    }
+  }
+}
+
+}  // namespace
+
+void GemmInt8Amx(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                 const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
+                 float* y, size_t ldy) {
+  if (m < kAmxInt8MinRows) {
+    GemmInt8Vnni(m, k, qx, ldqx, sx, panels, w_scales, w_rowsums, n_cols, y, ldy);
+    return;
+  }
+  ConfigureFullTiles();
+  const size_t stride = Int8PanelStride(k);
+  const size_t num_panels = Int8NumPanels(n_cols);
+  for (size_t p = 0; p < num_panels; p += 2) {
+    const size_t np = MinSize(2, num_panels - p);
+    const size_t c0 = p * kInt8PanelRows;
+    const size_t cols = MinSize(n_cols - c0, np * kInt8PanelRows);
+    for (size_t i = 0; i < m; i += 2 * kTileRows) {
+      const size_t rows = MinSize(2 * kTileRows, m - i);
+      Block(rows, np, k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0,
+            y + i * ldy + c0, ldy, cols);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace internal
+}  // namespace kt

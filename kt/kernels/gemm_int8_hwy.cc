@@ -1,0 +1,183 @@
+// Highway kernels (AVX2, AVX3, AVX3_DL) for the INT8 GEMM over packed kquad panels. Without a byte dot
+// instruction in Highway 1.0.3, each 32-bit weight lane {w0, w1, w2, w3} (four k of one output row) is
+// viewed as two int16 lanes {w0 | w1 << 8, w2 | w3 << 8} and sign-extended in place with shifts:
+//   even = (v << 8) >> 8 = {w0, w2},   odd = v >> 8 = {w1, w3}   (arithmetic shifts on int16).
+// The broadcast x quad is split the same way, and ReorderWidenMulAccumulate (vpmaddwd on every x86
+// target: 32-bit lane j gets a[2j] * b[2j] + a[2j + 1] * b[2j + 1]) adds w0 x0 + w2 x2, then w1 x1 + w3 x3,
+// into the row's int32 lane. Products of int8 fit int16 exactly and vpmaddwd cannot saturate here (it does
+// only for two (-32768)^2 products), so the sum is exact. This relies on x86's lane order of
+// ReorderWidenMulAccumulate (Highway only promises the total over lanes); only x86 targets are dispatched.
+//
+// Register blocking per target: AVX3 has 32 vector registers: 8 rows x 2 panels (2 zmm) = 16 int32
+// accumulators + 2 split weights + 2 split x. AVX2 has 16: 4 rows x 1 panel (2 ymm) = 8 accumulators
+// + 4 split weights + 2 split x. The accumulator's dependency is only the vpaddd inside the
+// multiply-accumulate (vpmaddwd reads no accumulator), so one accumulator per output vector suffices.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/gemm_int8_hwy.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kt/kernels/gemm_int8.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DI32 = hn::ScalableTag<int32_t>;
+using DI16 = hn::ScalableTag<int16_t>;
+constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(int32_t);
+// Vectors per 16-row panel quad-row (1 for AVX3, 2 for AVX2, 4 for 128-bit targets).
+constexpr size_t kVecsPerPanel = kInt8PanelRows / kLanes;
+constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
+constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
+constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+
+// The 4 bytes qx[4kq .. 4kq+3] as one 32-bit value (zeros past k: no over-read of the row).
+HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t kq, size_t k) {
+  int32_t quad = 0;
+  const size_t k0 = 4 * kq;
+  std::memcpy(&quad, row + k0, std::min<size_t>(4, k - k0));
+  return quad;
+}
+
+// MR rows x NP panels of y: int32 accumulators, then y = (sx * sw) * float(acc).
+template <int MR, int NP>
+HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, const float* HWY_RESTRICT sx,
+                      const int8_t* HWY_RESTRICT panels, size_t stride, const float* HWY_RESTRICT sw,
+                      float* HWY_RESTRICT y, size_t ldy, size_t cols) {
+  const DF df;
+  const DI32 di32;
+  const DI16 di16;
+  constexpr size_t kV = NP * kVecsPerPanel;
+  using VI = hn::Vec<DI32>;
+  using VW = hn::Vec<DI16>;
+  VI acc[MR][kV];
+  for (int m = 0; m < MR; ++m) {
+    for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(di32);
+  }
+  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  const size_t kquads = KQuads(k);
+  const size_t full_quads = k / 4;
+  for (size_t kq = 0; kq < kquads; ++kq) {
+    const bool full = kq < full_quads;
+    for (int p = 0; p < NP; ++p) {
+      // Split this panel's weights once; every row reuses them.
+      const int32_t* src = reinterpret_cast<const int32_t*>(panels + p * stride + kq * 4 * kInt8PanelRows);
+      VW w_even[kVecsPerPanel], w_odd[kVecsPerPanel];
+      for (size_t s = 0; s < kVecsPerPanel; ++s) {
+        const VW w = hn::BitCast(di16, hn::LoadU(di32, src + s * kLanes));
+        w_even[s] = hn::ShiftRight<8>(hn::ShiftLeft<8>(w));
+        w_odd[s] = hn::ShiftRight<8>(w);
+      }
+      for (int m = 0; m < MR; ++m) {
+        int32_t quad;
+        if (full) {
+          std::memcpy(&quad, qx + m * ldqx + 4 * kq, sizeof(quad));
+        } else {
+          quad = LoadQuad(qx + m * ldqx, kq, k);
+        }
+        const VW xv = hn::BitCast(di16, hn::Set(di32, quad));
+        const VW x_even = hn::ShiftRight<8>(hn::ShiftLeft<8>(xv));
+        const VW x_odd = hn::ShiftRight<8>(xv);
+        for (size_t s = 0; s < kVecsPerPanel; ++s) {
+          const size_t v = p * kVecsPerPanel + s;
+          acc[m][v] = hn::ReorderWidenMulAccumulate(di32, x_even, w_even[s], acc[m][v], unused);
+          acc[m][v] = hn::ReorderWidenMulAccumulate(di32, x_odd, w_odd[s], acc[m][v], unused);
+        }
+      }
+    }
+  }
+  for (size_t v = 0; v < kV; ++v) {
+    const size_t c0 = v * kLanes;
+    if (c0 >= cols) break;
+    const size_t n = std::min(kLanes, cols - c0);
+    // Scales are padded to whole panels, so a full-vector load is always in bounds.
+    const auto w_scale = hn::LoadU(df, sw + c0);
+    for (int m = 0; m < MR; ++m) {
+      const auto out = hn::Mul(hn::Mul(hn::Set(df, sx[m]), w_scale), hn::ConvertTo(df, acc[m][v]));
+      if (n == kLanes) {
+        hn::StoreU(out, df, y + m * ldy + c0);
+      } else {
+        HWY_ALIGN float tmp[kLanes];
+        hn::Store(out, df, tmp);
+        std::copy(tmp, tmp + n, y + m * ldy + c0);
+      }
+    }
+  }
+}
+
+using MicroFn = void (*)(size_t, const int8_t*, size_t, const float*, const int8_t*, size_t, const float*,
+                         float*, size_t, size_t);
+
+template <int NP>
+MicroFn PickRows(size_t rows) {
+  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
+  switch (rows) {
+    case 1: return &Micro<1, NP>;
+    case 2: return &Micro<2, NP>;
+    case 3: return &Micro<3, NP>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
+    default: return &Micro<4, NP>;
+  }
+}
+
+void GemmInt8(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_t* panels,
+              const float* w_scales, const int32_t* /*w_rowsums*/, size_t n_cols, float* y, size_t ldy) {
+  const size_t stride = Int8PanelStride(k);
+  const size_t num_panels = Int8NumPanels(n_cols);
+  // Few rows (decode) leave registers free for a second panel even on AVX2: more independent streams.
+  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
+  for (size_t p = 0; p < num_panels; p += max_panels) {
+    const size_t np = std::min<size_t>(max_panels, num_panels - p);
+    const size_t c0 = p * kInt8PanelRows;
+    const size_t cols = std::min(n_cols - c0, np * kInt8PanelRows);
+    for (size_t i = 0; i < m;) {
+      const size_t rows = std::min<size_t>(kMaxRows, m - i);
+      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
+      fn(k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0, y + i * ldy + c0, ldy,
+         cols);
+      i += rows;
+    }
+  }
+}
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace internal {
+
+// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
+// the target, and Highway's global chosen-target state is never touched.
+GemmInt8Fn GemmInt8Hwy(Isa isa) {
+  switch (isa) {
+#if HWY_TARGETS & HWY_AVX2
+    case Isa::kAvx2:
+      return &N_AVX2::GemmInt8;
+#endif
+#if HWY_TARGETS & HWY_AVX3
+    case Isa::kAvx512:
+      return &N_AVX3::GemmInt8;
+#endif
+#if HWY_TARGETS & HWY_AVX3_DL
+    case Isa::kAvx512Vnni:
+      return &N_AVX3_DL::GemmInt8;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace internal
+}  // namespace kt
+#endif  // HWY_ONCE
