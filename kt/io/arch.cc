@@ -1,0 +1,715 @@
+#include "kt/io/arch.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "kt/io/json.h"
+
+namespace kt {
+namespace {
+
+// config.json files are a few KB; anything near this is not a config.
+constexpr size_t kMaxConfigBytes = size_t{16} << 20;
+constexpr int64_t kMaxLayers = 4096;
+constexpr int64_t kMaxExperts = 65536;
+constexpr int64_t kMaxDim = int64_t{1} << 20;
+
+// ---- Fractional numbers --------------------------------------------------------------------------------
+//
+// kt::json rejects numbers with a fraction or exponent (nothing in a weight header is fractional). A config
+// has many (rms_norm_eps, initializer_range, rope_theta 1000000.0, routed_scaling_factor 2.5). Rather than
+// loosening the shared parser, each such number is replaced, before parsing, by a string literal of exactly
+// the same length ("1e-06" -> "\"000\""), and remembered by its offset: a string Value whose offset is in the
+// table is that number. Same length means every JSON error offset is still the offset in the real file.
+//
+// Only tokens matching RFC 8259's number grammar exactly, with a fraction or exponent, are replaced; anything
+// malformed ("1.", "1e", "-.5", "01.5") is left for the parser to reject with its own message. A number
+// followed by ':' is left too, so "{1.5: 0}" stays an error instead of becoming a valid string key (an object
+// key is the only place where a string is valid and a number is not).
+struct FracNumber {
+  std::string text;
+  double value = 0;
+};
+using FracTable = std::map<size_t, FracNumber>;
+
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsJsonSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+// Scans an RFC 8259 number at text[i]; returns its end, or i when there is none. *fractional: it has a
+// fraction or an exponent.
+size_t ScanNumber(absl::string_view text, size_t i, bool* fractional) {
+  const size_t n = text.size();
+  size_t j = i;
+  *fractional = false;
+  if (j < n && text[j] == '-') ++j;
+  if (j >= n || !IsDigit(text[j])) return i;
+  if (text[j] == '0') {
+    ++j;
+  } else {
+    while (j < n && IsDigit(text[j])) ++j;
+  }
+  if (j < n && text[j] == '.') {
+    if (j + 1 >= n || !IsDigit(text[j + 1])) return i;
+    j += 1;
+    while (j < n && IsDigit(text[j])) ++j;
+    *fractional = true;
+  }
+  if (j < n && (text[j] == 'e' || text[j] == 'E')) {
+    size_t k = j + 1;
+    if (k < n && (text[k] == '+' || text[k] == '-')) ++k;
+    if (k >= n || !IsDigit(text[k])) return i;
+    while (k < n && IsDigit(text[k])) ++k;
+    j = k;
+    *fractional = true;
+  }
+  return j;
+}
+
+std::string MaskFractions(absl::string_view text, FracTable* table) {
+  std::string out(text);
+  const size_t n = text.size();
+  size_t i = 0;
+  bool in_string = false;
+  while (i < n) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        i += 2;
+        continue;
+      }
+      if (c == '"') in_string = false;
+      ++i;
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+      ++i;
+      continue;
+    }
+    if (c != '-' && !IsDigit(c)) {
+      ++i;
+      continue;
+    }
+    bool fractional = false;
+    const size_t end = ScanNumber(text, i, &fractional);
+    if (end == i) {  // A lone '-' or similar: the parser will report it.
+      ++i;
+      continue;
+    }
+    size_t next = end;
+    while (next < n && IsJsonSpace(text[next])) ++next;
+    const bool is_key = next < n && text[next] == ':';
+    if (fractional && !is_key) {
+      FracNumber number;
+      number.text = std::string(text.substr(i, end - i));
+      // from_chars-based and locale-independent; out-of-range values come back as +-inf or 0 and are
+      // rejected where a finite value is needed.
+      if (!absl::SimpleAtod(number.text, &number.value)) number.value = std::nan("");
+      // end - i >= 3 (a fraction needs "d.d", an exponent "dEd"), so both quotes fit.
+      out[i] = '"';
+      for (size_t k = i + 1; k + 1 < end; ++k) out[k] = '0';
+      out[end - 1] = '"';
+      table->emplace(i, std::move(number));
+    }
+    i = end;
+  }
+  return out;
+}
+
+// ---- Typed access with messages that name the key ------------------------------------------------------
+
+class Reader {
+ public:
+  Reader(absl::string_view origin, const json::Value* object, std::string path, const FracTable* fracs)
+      : origin_(origin), object_(object), path_(std::move(path)), fracs_(fracs) {}
+
+  const json::Value* object() const { return object_; }
+  const std::string& path() const { return path_; }
+  std::string Key(absl::string_view key) const { return absl::StrCat(path_, key); }
+  bool Has(absl::string_view key) const {
+    const json::Value* v = object_->Find(key);
+    return v != nullptr && !v->is_null();
+  }
+  const json::Value* Get(absl::string_view key) const { return object_->Find(key); }
+
+  bool IsFraction(const json::Value& v) const {
+    return v.is_string() && fracs_->find(v.offset()) != fracs_->end();
+  }
+
+  std::string Describe(const json::Value& v) const {
+    switch (v.type()) {
+      case json::Value::Type::kNull:
+        return "null";
+      case json::Value::Type::kBool:
+        return v.as_bool() ? "true" : "false";
+      case json::Value::Type::kInt:
+        return absl::StrCat(v.as_int());
+      case json::Value::Type::kString: {
+        auto it = fracs_->find(v.offset());
+        if (it != fracs_->end()) return it->second.text;
+        const std::string& s = v.as_string();
+        if (s.size() > 48) return absl::StrCat("a string ", json::Quote(s.substr(0, 48)), "...");
+        return absl::StrCat("the string ", json::Quote(s));
+      }
+      case json::Value::Type::kArray:
+        return absl::StrCat("an array of ", v.elements().size());
+      case json::Value::Type::kObject:
+        return "an object";
+    }
+    return "?";
+  }
+
+  absl::Status Error(absl::string_view key, absl::string_view expected, const json::Value& got) const {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin_, ": ", Key(key), " must be ", expected, ", got ", Describe(got)));
+  }
+  absl::Status Missing(absl::string_view key, absl::string_view why) const {
+    return absl::InvalidArgumentError(absl::StrCat(origin_, ": ", Key(key), " is missing (", why, ")"));
+  }
+
+  static std::string RangeText(int64_t lo, int64_t hi, absl::string_view hi_name) {
+    const std::string bound = hi_name.empty() ? absl::StrCat(hi) : absl::StrCat(hi_name, " (", hi, ")");
+    if (lo == 1) return absl::StrCat("a positive integer <= ", bound);
+    if (lo == 0) return absl::StrCat("a non-negative integer <= ", bound);
+    return absl::StrCat("an integer in [", lo, ", ", bound, "]");
+  }
+
+  // An integer in [lo, hi]. Absent or null: `fallback`, or an error when there is none.
+  absl::StatusOr<int> Int(absl::string_view key, int64_t lo, int64_t hi, std::optional<int> fallback,
+                          absl::string_view why_required = "", absl::string_view hi_name = "") const {
+    const json::Value* v = Get(key);
+    if (v == nullptr || v->is_null()) {
+      if (fallback.has_value()) return *fallback;
+      return Missing(key, why_required);
+    }
+    return IntValue(key, *v, lo, hi, hi_name);
+  }
+
+  absl::StatusOr<int> IntValue(absl::string_view key, const json::Value& v, int64_t lo, int64_t hi,
+                               absl::string_view hi_name = "") const {
+    if (!v.is_int() || v.as_int() < lo || v.as_int() > hi) return Error(key, RangeText(lo, hi, hi_name), v);
+    return static_cast<int>(v.as_int());
+  }
+
+  // A finite number (integer or fractional) > 0.
+  absl::StatusOr<float> PositiveNumber(absl::string_view key, std::optional<float> fallback,
+                                       absl::string_view why_required = "") const {
+    const json::Value* v = Get(key);
+    if (v == nullptr || v->is_null()) {
+      if (fallback.has_value()) return *fallback;
+      return Missing(key, why_required);
+    }
+    double d = 0;
+    if (v->is_int()) {
+      d = static_cast<double>(v->as_int());
+    } else if (IsFraction(*v)) {
+      d = fracs_->at(v->offset()).value;
+    } else {
+      return Error(key, "a positive number", *v);
+    }
+    if (!(d > 0) || !std::isfinite(d) || d > 3.0e38) return Error(key, "a positive finite number", *v);
+    return static_cast<float>(d);
+  }
+
+  absl::StatusOr<bool> Bool(absl::string_view key, bool fallback) const {
+    const json::Value* v = Get(key);
+    if (v == nullptr || v->is_null()) return fallback;
+    if (!v->is_bool()) return Error(key, "true or false", *v);
+    return v->as_bool();
+  }
+
+  // A string; "" when absent or null.
+  absl::StatusOr<std::string> String(absl::string_view key) const {
+    const json::Value* v = Get(key);
+    if (v == nullptr || v->is_null()) return std::string();
+    if (!v->is_string() || IsFraction(*v)) return Error(key, "a string", *v);
+    return v->as_string();
+  }
+
+ private:
+  absl::string_view origin_;
+  const json::Value* object_;
+  std::string path_;
+  const FracTable* fracs_;
+};
+
+#define KT_ASSIGN_OR_RETURN(lhs, expr) \
+  KT_ASSIGN_OR_RETURN_IMPL(KT_ARCH_CONCAT(status_or_, __LINE__), lhs, expr)
+#define KT_ARCH_CONCAT_INNER(a, b) a##b
+#define KT_ARCH_CONCAT(a, b) KT_ARCH_CONCAT_INNER(a, b)
+#define KT_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
+  auto tmp = (expr);                             \
+  if (!tmp.ok()) return tmp.status();            \
+  lhs = std::move(*tmp)
+
+// ---- The families ---------------------------------------------------------------------------------------
+
+struct ArchSpec {
+  const char* name;
+  MoeFamily family;
+  bool text_config;  // MoE keys under "text_config", layers under model.language_model.layers.
+};
+
+// The order of the unknown-architecture error.
+constexpr ArchSpec kArchs[] = {
+    {"Qwen2MoeForCausalLM", MoeFamily::kQwen2Moe, false},
+    {"Qwen3MoeForCausalLM", MoeFamily::kQwen3Moe, false},
+    {"Qwen3NextForCausalLM", MoeFamily::kQwen3Next, false},
+    {"Qwen3VLMoeForConditionalGeneration", MoeFamily::kQwen3VlMoe, true},
+    {"Qwen3_5MoeForConditionalGeneration", MoeFamily::kQwen35Moe, true},
+    {"DeepseekV2ForCausalLM", MoeFamily::kDeepseekV2, false},
+    {"DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, false},
+    {"DeepseekV32ForCausalLM", MoeFamily::kDeepseekV3, false},
+    {"Glm4MoeForCausalLM", MoeFamily::kGlm4Moe, false},
+    {"Glm4vMoeForConditionalGeneration", MoeFamily::kGlm4Moe, true},
+    {"MixtralForCausalLM", MoeFamily::kMixtral, false},
+    {"MiniMaxForCausalLM", MoeFamily::kMiniMax, false},
+    {"MiniMaxText01ForCausalLM", MoeFamily::kMiniMax, false},
+    {"MiniMaxM1ForCausalLM", MoeFamily::kMiniMax, false},
+    {"MiniMaxM2ForCausalLM", MoeFamily::kMiniMax, false},
+};
+
+bool IsQwen(MoeFamily f) {
+  return f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Moe || f == MoeFamily::kQwen3Next ||
+         f == MoeFamily::kQwen3VlMoe || f == MoeFamily::kQwen35Moe;
+}
+bool IsDeepseekStyle(MoeFamily f) {
+  return f == MoeFamily::kDeepseekV2 || f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe;
+}
+bool IsMixtralStyle(MoeFamily f) { return f == MoeFamily::kMixtral || f == MoeFamily::kMiniMax; }
+
+// The routed-expert keys a family reads: the expert count (one of `count_keys`), top-k, intermediate size.
+struct MoeKeys {
+  std::vector<const char*> count_keys;
+  const char* top_k_key = "num_experts_per_tok";
+  const char* intermediate_key = "moe_intermediate_size";
+};
+
+MoeKeys KeysFor(MoeFamily f) {
+  MoeKeys keys;
+  if (IsQwen(f)) {
+    // Qwen's own configs say num_experts; transformers 5 writes num_local_experts instead (the qwen3_moe
+    // fixture, saved by transformers 5.17, has only num_local_experts). Both are accepted; if both are
+    // present they must agree.
+    keys.count_keys = {"num_experts", "num_local_experts"};
+  } else if (IsDeepseekStyle(f)) {
+    keys.count_keys = {"n_routed_experts"};
+  } else {
+    keys.count_keys = {"num_local_experts"};
+    keys.intermediate_key = "intermediate_size";  // Mixtral and MiniMax: the experts' size, no dense MLP.
+  }
+  return keys;
+}
+
+std::string LookedFor(const MoeKeys& keys) {
+  return absl::StrCat(absl::StrJoin(keys.count_keys, " or "), ", ", keys.top_k_key, ", ",
+                      keys.intermediate_key);
+}
+
+absl::Status CheckRoutingGroups(const Reader& r, MoeArch* arch) {
+  KT_ASSIGN_OR_RETURN(arch->n_group, r.Int("n_group", 1, arch->num_experts, 1, "", "n_routed_experts"));
+  KT_ASSIGN_OR_RETURN(arch->topk_group, r.Int("topk_group", 1, arch->n_group, arch->n_group, "", "n_group"));
+  if (arch->num_experts % arch->n_group != 0) {
+    return r.Error("n_group", absl::StrCat("a divisor of n_routed_experts (", arch->num_experts, ")"),
+                   *r.Get("n_group"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseQuantization(absl::string_view origin, const json::Value& root, const FracTable& fracs,
+                               MoeArch* arch) {
+  const json::Value* q = root.Find("quantization_config");
+  if (q == nullptr || q->is_null()) return absl::OkStatus();
+  Reader top(origin, &root, "", &fracs);
+  if (!q->is_object()) return top.Error("quantization_config", "an object", *q);
+  Reader r(origin, q, "quantization_config.", &fracs);
+  MoeQuantization quant;
+  KT_ASSIGN_OR_RETURN(quant.quant_method, r.String("quant_method"));
+  if (quant.quant_method.empty()) return r.Missing("quant_method", "a quantization_config names its method");
+  if (quant.quant_method == "fp8") {
+    KT_ASSIGN_OR_RETURN(quant.fmt, r.String("fmt"));
+    KT_ASSIGN_OR_RETURN(quant.activation_scheme, r.String("activation_scheme"));
+    const json::Value* bs = r.Get("weight_block_size");
+    if (bs != nullptr && !bs->is_null()) {
+      const std::string expected = "an array of 2 positive integers <= 65536 ([rows, columns])";
+      if (!bs->is_array() || bs->elements().size() != 2) return r.Error("weight_block_size", expected, *bs);
+      for (const json::Value& e : bs->elements()) {
+        if (!e.is_int() || e.as_int() < 1 || e.as_int() > 65536) {
+          return r.Error("weight_block_size", expected, e);
+        }
+        quant.weight_block_size.push_back(static_cast<int>(e.as_int()));
+      }
+    }
+  }
+  arch->quantization = std::move(quant);
+  return absl::OkStatus();
+}
+
+std::string LayerList(const std::vector<int>& layers) {
+  if (layers.empty()) return "none";
+  // Runs of consecutive layers as "a..b".
+  std::vector<std::string> parts;
+  for (size_t i = 0; i < layers.size();) {
+    size_t j = i;
+    while (j + 1 < layers.size() && layers[j + 1] == layers[j] + 1) ++j;
+    parts.push_back(j == i ? absl::StrCat(layers[i]) : absl::StrCat(layers[i], "..", layers[j]));
+    i = j + 1;
+  }
+  return absl::StrJoin(parts, ", ");
+}
+
+}  // namespace
+
+const char* MoeFamilyName(MoeFamily family) {
+  switch (family) {
+    case MoeFamily::kQwen2Moe:
+      return "Qwen2-MoE";
+    case MoeFamily::kQwen3Moe:
+      return "Qwen3-MoE";
+    case MoeFamily::kQwen3Next:
+      return "Qwen3-Next";
+    case MoeFamily::kQwen3VlMoe:
+      return "Qwen3-VL-MoE";
+    case MoeFamily::kQwen35Moe:
+      return "Qwen3.5-MoE";
+    case MoeFamily::kDeepseekV2:
+      return "DeepSeek-V2";
+    case MoeFamily::kDeepseekV3:
+      return "DeepSeek-V3";
+    case MoeFamily::kGlm4Moe:
+      return "GLM-4-MoE";
+    case MoeFamily::kMixtral:
+      return "Mixtral";
+    case MoeFamily::kMiniMax:
+      return "MiniMax";
+  }
+  return "?";
+}
+
+std::vector<std::string> KnownMoeArchitectures() {
+  std::vector<std::string> names;
+  for (const ArchSpec& a : kArchs) names.push_back(a.name);
+  return names;
+}
+
+bool MoeArch::IsMoeLayer(int layer) const {
+  // moe_layers is ascending.
+  size_t lo = 0, hi = moe_layers.size();
+  while (lo < hi) {
+    const size_t mid = lo + (hi - lo) / 2;
+    if (moe_layers[mid] < layer) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < moe_layers.size() && moe_layers[lo] == layer;
+}
+
+absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view origin) {
+  if (text.size() > kMaxConfigBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": ", text.size(), " bytes; a config.json over ",
+                                                   kMaxConfigBytes, " bytes is not a config"));
+  }
+  FracTable fracs;
+  const std::string masked = MaskFractions(text, &fracs);
+  absl::StatusOr<json::Value> parsed = json::Parse(masked);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": ", parsed.status().message()));
+  }
+  const json::Value& root = *parsed;
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        origin, ": expected a JSON object, found ",
+        fracs.count(root.offset()) != 0 && root.is_string() ? "number" : json::TypeName(root.type())));
+  }
+  Reader top(origin, &root, "", &fracs);
+
+  // architectures: exactly one known name.
+  const json::Value* archs = root.Find("architectures");
+  if (archs == nullptr || archs->is_null()) {
+    return top.Missing("architectures", "it names the model class, e.g. [\"Qwen3MoeForCausalLM\"]");
+  }
+  if (!archs->is_array() || archs->elements().size() != 1 || !archs->elements()[0].is_string() ||
+      top.IsFraction(archs->elements()[0])) {
+    return top.Error("architectures", "an array of one string",
+                     archs->is_array() && archs->elements().size() == 1 ? archs->elements()[0] : *archs);
+  }
+  MoeArch arch;
+  arch.architecture = archs->elements()[0].as_string();
+  const ArchSpec* spec = nullptr;
+  for (const ArchSpec& a : kArchs) {
+    if (arch.architecture == a.name) spec = &a;
+  }
+  if (spec == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": unknown architecture ", json::Quote(arch.architecture),
+                     "; known: ", absl::StrJoin(KnownMoeArchitectures(), ", ")));
+  }
+  arch.family = spec->family;
+  KT_ASSIGN_OR_RETURN(arch.model_type, top.String("model_type"));
+
+  // Where the text model's keys are.
+  const json::Value* keys_object = &root;
+  std::string path;
+  if (spec->text_config) {
+    const json::Value* tc = root.Find("text_config");
+    if (tc == nullptr || tc->is_null()) {
+      return top.Missing("text_config",
+                         absl::StrCat(arch.architecture, " keeps the language model's keys there"));
+    }
+    if (!tc->is_object()) return top.Error("text_config", "an object", *tc);
+    keys_object = tc;
+    path = "text_config.";
+    arch.layer_prefix = "model.language_model.layers";
+  } else {
+    arch.layer_prefix = "model.layers";
+  }
+  const Reader r(origin, keys_object, path, &fracs);
+  const MoeFamily f = arch.family;
+  arch.block = IsMixtralStyle(f) ? "block_sparse_moe" : "mlp";
+  arch.layout = f == MoeFamily::kQwen3VlMoe  ? ExpertLayout::kFusedGateUpInOut
+                : f == MoeFamily::kQwen35Moe ? ExpertLayout::kFusedGateUpOutIn
+                                             : ExpertLayout::kPerExpert;
+
+  // The MoE keys: all missing is "not an MoE config"; one missing is that key.
+  const MoeKeys keys = KeysFor(f);
+  bool any = r.Has(keys.top_k_key) || r.Has(keys.intermediate_key);
+  for (const char* k : keys.count_keys) any = any || r.Has(k);
+  if (!any) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": no MoE fields for ", arch.architecture, ": looked for ", LookedFor(keys),
+                     path.empty() ? "" : absl::StrCat(" under ", path.substr(0, path.size() - 1))));
+  }
+  const std::string needed = absl::StrCat(arch.architecture, " needs ", LookedFor(keys));
+
+  KT_ASSIGN_OR_RETURN(arch.num_layers, r.Int("num_hidden_layers", 1, kMaxLayers, std::nullopt, needed));
+  KT_ASSIGN_OR_RETURN(arch.hidden, r.Int("hidden_size", 1, kMaxDim, std::nullopt, needed));
+
+  // Expert count.
+  const char* count_key = nullptr;
+  for (const char* k : keys.count_keys) {
+    if (!r.Has(k)) continue;
+    int n = 0;
+    KT_ASSIGN_OR_RETURN(n, r.Int(k, 1, kMaxExperts, std::nullopt));
+    if (count_key != nullptr && n != arch.num_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": ", r.Key(count_key), " (", arch.num_experts, ") and ", r.Key(k), " (", n,
+                       ") disagree; which one is the expert count is ambiguous"));
+    }
+    count_key = k;
+    arch.num_experts = n;
+  }
+  if (count_key == nullptr) return r.Missing(keys.count_keys[0], needed);
+  KT_ASSIGN_OR_RETURN(arch.top_k,
+                      r.Int(keys.top_k_key, 1, arch.num_experts, std::nullopt, needed, count_key));
+  KT_ASSIGN_OR_RETURN(arch.intermediate, r.Int(keys.intermediate_key, 1, kMaxDim, std::nullopt, needed));
+
+  // Which layers are MoE.
+  std::vector<bool> is_moe(static_cast<size_t>(arch.num_layers), true);
+  std::string layer_rule;
+  if (IsQwen(f)) {
+    // transformers: MoE iff layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
+    int step = 1;
+    KT_ASSIGN_OR_RETURN(step, r.Int("decoder_sparse_step", 1, kMaxLayers, 1));
+    const json::Value* only = r.Get("mlp_only_layers");
+    std::vector<int> dense;
+    if (only != nullptr && !only->is_null()) {
+      const std::string expected =
+          absl::StrCat("an array of layer indices in [0, num_hidden_layers (", arch.num_layers, "))");
+      if (!only->is_array()) return r.Error("mlp_only_layers", expected, *only);
+      for (const json::Value& e : only->elements()) {
+        if (!e.is_int() || e.as_int() < 0 || e.as_int() >= arch.num_layers) {
+          return r.Error("mlp_only_layers", expected, e);
+        }
+        dense.push_back(static_cast<int>(e.as_int()));
+      }
+    }
+    for (int i = 0; i < arch.num_layers; ++i) is_moe[i] = (i + 1) % step == 0;
+    for (int d : dense) is_moe[d] = false;
+    layer_rule = absl::StrCat("decoder_sparse_step = ", step, ", mlp_only_layers = [",
+                              absl::StrJoin(dense, ", "), "]");
+  } else if (IsDeepseekStyle(f)) {
+    // transformers: MoE iff layer >= first_k_dense_replace (and, DeepSeek only, layer % moe_layer_freq == 0).
+    // first_k_dense_replace is required: its transformers default differs by family (V2 0, V3 3, GLM 1),
+    // and every released config states it.
+    int first_dense = 0, freq = 1;
+    KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt,
+                                           absl::StrCat(arch.architecture,
+                                                        " configs state how many leading layers are dense"),
+                                           "num_hidden_layers"));
+    if (f == MoeFamily::kGlm4Moe) {
+      // Glm4Moe has no moe_layer_freq; a config that sets it to something else means something kt does not
+      // know.
+      KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, 1, 1));
+    } else {
+      KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, kMaxLayers, 1));
+    }
+    for (int i = 0; i < arch.num_layers; ++i) is_moe[i] = i >= first_dense && i % freq == 0;
+    layer_rule = absl::StrCat("first_k_dense_replace = ", first_dense, ", moe_layer_freq = ", freq);
+  } else {
+    layer_rule = "every layer";
+  }
+  for (int i = 0; i < arch.num_layers; ++i) {
+    if (is_moe[i]) arch.moe_layers.push_back(i);
+  }
+  if (arch.moe_layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": no MoE layer among the ", arch.num_layers,
+                                                   " layers (", path, layer_rule, ")"));
+  }
+
+  // Shared experts.
+  if (f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Next || f == MoeFamily::kQwen35Moe) {
+    KT_ASSIGN_OR_RETURN(arch.shared_intermediate, r.Int("shared_expert_intermediate_size", 0, kMaxDim, 0));
+    arch.num_shared_experts = arch.shared_intermediate > 0 ? 1 : 0;
+  } else if (IsDeepseekStyle(f)) {
+    KT_ASSIGN_OR_RETURN(arch.num_shared_experts, r.Int("n_shared_experts", 0, 64, 0));
+    arch.shared_intermediate = arch.num_shared_experts * arch.intermediate;  // <= 2^6 * 2^20: fits.
+  }
+
+  // Routing. The defaults, used when a key is absent, are transformers' config-class defaults.
+  if (f == MoeFamily::kMixtral) {
+    arch.norm_topk_prob = true;  // Mixtral always renormalises the top-k softmax weights.
+  } else {
+    // false for Qwen2-MoE, Qwen3-MoE and DeepSeek-V2; true for Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE (whose
+    // block renormalises; the key is honoured if present), DeepSeek-V3, GLM-4-MoE and MiniMax.
+    const bool fallback =
+        !(f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Moe || f == MoeFamily::kDeepseekV2);
+    KT_ASSIGN_OR_RETURN(arch.norm_topk_prob, r.Bool("norm_topk_prob", fallback));
+  }
+  const bool sigmoid_default =
+      f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe || arch.architecture == "MiniMaxM2ForCausalLM";
+  arch.scoring = sigmoid_default ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
+  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax) {
+    std::string scoring;
+    KT_ASSIGN_OR_RETURN(scoring, r.String("scoring_func"));
+    if (scoring == "softmax") {
+      arch.scoring = MoeScoring::kSoftmax;
+    } else if (scoring == "sigmoid") {
+      arch.scoring = MoeScoring::kSigmoid;
+    } else if (!scoring.empty()) {
+      return r.Error("scoring_func", "\"softmax\" or \"sigmoid\"", *r.Get("scoring_func"));
+    }
+  }
+  if (f == MoeFamily::kDeepseekV3) {
+    // Required: transformers' DeepseekV3Config defaults it to 2.5, not 1, so an absent key is ambiguous.
+    KT_ASSIGN_OR_RETURN(arch.routed_scaling_factor,
+                        r.PositiveNumber("routed_scaling_factor", std::nullopt,
+                                         "DeepSeek-V3 scales the routed experts' sum by it"));
+  } else if (IsDeepseekStyle(f)) {
+    KT_ASSIGN_OR_RETURN(arch.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.0f));
+  }
+  if (f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe) {
+    absl::Status s = CheckRoutingGroups(r, &arch);
+    if (!s.ok()) return s;
+  } else if (f == MoeFamily::kDeepseekV2) {
+    std::string method;
+    KT_ASSIGN_OR_RETURN(method, r.String("topk_method"));
+    if (method == "group_limited_greedy") {
+      absl::Status s = CheckRoutingGroups(r, &arch);
+      if (!s.ok()) return s;
+    } else if (!method.empty() && method != "greedy") {
+      return r.Error("topk_method", "\"greedy\" or \"group_limited_greedy\"", *r.Get("topk_method"));
+    }
+  }
+
+  absl::Status s = ParseQuantization(origin, root, fracs, &arch);
+  if (!s.ok()) return s;
+  return arch;
+}
+
+absl::StatusOr<MoeArch> LoadMoeConfig(const std::string& dir) {
+  const std::string path = absl::StrCat(dir, "/config.json");
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::string text;
+  char buf[65536];
+  size_t got = 0;
+  while ((got = std::fread(buf, 1, sizeof(buf), file)) > 0) {
+    text.append(buf, got);
+    if (text.size() > kMaxConfigBytes) break;
+  }
+  const bool failed = std::ferror(file) != 0;
+  std::fclose(file);
+  if (failed) return absl::DataLossError(absl::StrCat(path, ": read error"));
+  return ParseMoeConfig(text, path);
+}
+
+namespace {
+
+absl::Status CheckMoeLayer(const MoeArch& arch, int layer) {
+  if (layer < 0 || layer >= arch.num_layers) {
+    return absl::OutOfRangeError(
+        absl::StrCat(arch.architecture, ": layer ", layer, " out of range [0, ", arch.num_layers, ")"));
+  }
+  if (!arch.IsMoeLayer(layer)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(arch.architecture, ": layer ", layer,
+                     " is dense, not MoE (MoE layers: ", LayerList(arch.moe_layers), ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ExpertNames> ExpertTensorNames(const MoeArch& arch, int layer, int expert) {
+  absl::Status s = CheckMoeLayer(arch, layer);
+  if (!s.ok()) return s;
+  if (arch.fused_experts()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(arch.architecture,
+                     ": experts are fused (one gate_up_proj and one down_proj per layer), not stored "
+                     "per expert; use FusedExpertTensorNames"));
+  }
+  if (expert < 0 || expert >= arch.num_experts) {
+    return absl::OutOfRangeError(
+        absl::StrCat(arch.architecture, ": expert ", expert, " out of range [0, ", arch.num_experts, ")"));
+  }
+  const std::string base =
+      absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.", expert, ".");
+  ExpertNames names;
+  if (arch.block == "block_sparse_moe") {
+    names.gate = absl::StrCat(base, "w1.weight");
+    names.up = absl::StrCat(base, "w3.weight");
+    names.down = absl::StrCat(base, "w2.weight");
+  } else {
+    names.gate = absl::StrCat(base, "gate_proj.weight");
+    names.up = absl::StrCat(base, "up_proj.weight");
+    names.down = absl::StrCat(base, "down_proj.weight");
+  }
+  return names;
+}
+
+absl::StatusOr<FusedExpertNames> FusedExpertTensorNames(const MoeArch& arch, int layer) {
+  absl::Status s = CheckMoeLayer(arch, layer);
+  if (!s.ok()) return s;
+  if (!arch.fused_experts()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(arch.architecture, ": experts are stored one tensor per expert; use ExpertTensorNames"));
+  }
+  // No ".weight" suffix: these are bare nn.Parameters in transformers (as Qwen3-VL-MoE's index lists them).
+  const std::string base = absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.");
+  return FusedExpertNames{absl::StrCat(base, "gate_up_proj"), absl::StrCat(base, "down_proj")};
+}
+
+absl::StatusOr<std::string> RouterTensorName(const MoeArch& arch, int layer) {
+  absl::Status s = CheckMoeLayer(arch, layer);
+  if (!s.ok()) return s;
+  return absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".gate.weight");
+}
+
+std::string Fp8ScaleInvName(absl::string_view weight_name) { return absl::StrCat(weight_name, "_scale_inv"); }
+
+}  // namespace kt

@@ -1,0 +1,616 @@
+// ParseMoeConfig over the three real fixtures in $KT_FIXTURES/hf (fails, never skips, when it is not set),
+// whose expert names are then looked up in the fixture's model.safetensors, and over hand-written minimal
+// configs for the families without a fixture, the VL prefix, the fused layouts, and each error.
+#include "kt/io/arch.h"
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kt/io/checkpoint.h"
+#include "kt/io/safetensors.h"
+
+namespace kt {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// $KT_FIXTURES/<rel>, or "" after recording a failure that says how to run the test.
+std::string Fixture(absl::string_view rel) {
+  const char* root = std::getenv("KT_FIXTURES");
+  if (root == nullptr || *root == '\0') {
+    ADD_FAILURE()
+        << "KT_FIXTURES is not set: run with --test_env=KT_FIXTURES=<absolute path of shared/fixtures> "
+           "(e.g. /work/shared/fixtures)";
+    return "";
+  }
+  return absl::StrCat(root, "/", rel);
+}
+
+// Every MoE layer's every expert: the three names exist in the checkpoint with gate/up [I, H], down [H, I].
+void CheckNamesInCheckpoint(const MoeArch& arch, const Checkpoint& ckpt, Dtype dtype, bool fp8_scales) {
+  for (int layer : arch.moe_layers) {
+    absl::StatusOr<std::string> router = RouterTensorName(arch, layer);
+    ASSERT_TRUE(router.ok()) << router.status();
+    EXPECT_TRUE(ckpt.Expect(*router, Dtype::kBf16, {arch.num_experts, arch.hidden}).ok()) << *router;
+    for (int e = 0; e < arch.num_experts; ++e) {
+      absl::StatusOr<ExpertNames> n = ExpertTensorNames(arch, layer, e);
+      ASSERT_TRUE(n.ok()) << n.status();
+      for (const auto& [name, shape] : std::vector<std::pair<std::string, std::vector<int64_t>>>{
+               {n->gate, {arch.intermediate, arch.hidden}},
+               {n->up, {arch.intermediate, arch.hidden}},
+               {n->down, {arch.hidden, arch.intermediate}}}) {
+        absl::StatusOr<Checkpoint::Located> loc = ckpt.Expect(name, dtype, shape);
+        EXPECT_TRUE(loc.ok()) << loc.status();
+        if (fp8_scales) {
+          ASSERT_TRUE(arch.quantization.has_value());
+          const std::vector<int>& b = arch.quantization->weight_block_size;
+          ASSERT_EQ(b.size(), 2u);
+          const std::vector<int64_t> scale_shape = {(shape[0] + b[0] - 1) / b[0],
+                                                    (shape[1] + b[1] - 1) / b[1]};
+          absl::StatusOr<Checkpoint::Located> s =
+              ckpt.Expect(Fp8ScaleInvName(name), Dtype::kF32, scale_shape);
+          EXPECT_TRUE(s.ok()) << s.status();
+        }
+      }
+    }
+  }
+  // Dense layers have no experts in the checkpoint (and asking for their names is an error).
+  for (int layer = 0; layer < arch.num_layers; ++layer) {
+    if (arch.IsMoeLayer(layer)) continue;
+    EXPECT_EQ(
+        ckpt.Find(absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.0.gate_proj.weight"))
+            .info,
+        nullptr);
+    absl::StatusOr<ExpertNames> n = ExpertTensorNames(arch, layer, 0);
+    EXPECT_FALSE(n.ok());
+    EXPECT_THAT(n.status().message(), HasSubstr(absl::StrCat("layer ", layer, " is dense")));
+  }
+}
+
+void CheckFixtureShapes(const MoeArch& a) {
+  EXPECT_EQ(a.num_layers, 2);
+  EXPECT_EQ(a.num_experts, 16);
+  EXPECT_EQ(a.top_k, 4);
+  EXPECT_EQ(a.hidden, 256);
+  EXPECT_EQ(a.intermediate, 128);
+  EXPECT_EQ(a.layer_prefix, "model.layers");
+  EXPECT_FALSE(a.fused_experts());
+}
+
+TEST(ArchFixtureTest, Qwen3Moe) {
+  const std::string dir = Fixture("hf/qwen3_moe");
+  ASSERT_FALSE(dir.empty());
+  absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->architecture, "Qwen3MoeForCausalLM");
+  EXPECT_EQ(a->family, MoeFamily::kQwen3Moe);
+  CheckFixtureShapes(*a);
+  EXPECT_THAT(a->moe_layers, ElementsAre(0, 1));
+  EXPECT_TRUE(a->norm_topk_prob);
+  EXPECT_EQ(a->scoring, MoeScoring::kSoftmax);
+  EXPECT_EQ(a->num_shared_experts, 0);
+  EXPECT_FALSE(a->quantization.has_value());
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(*a, 1, 15);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.layers.1.mlp.experts.15.gate_proj.weight");
+  EXPECT_EQ(n->up, "model.layers.1.mlp.experts.15.up_proj.weight");
+  EXPECT_EQ(n->down, "model.layers.1.mlp.experts.15.down_proj.weight");
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kBf16, false);
+}
+
+TEST(ArchFixtureTest, Mixtral) {
+  const std::string dir = Fixture("hf/mixtral");
+  ASSERT_FALSE(dir.empty());
+  absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->family, MoeFamily::kMixtral);
+  CheckFixtureShapes(*a);
+  EXPECT_THAT(a->moe_layers, ElementsAre(0, 1));
+  EXPECT_EQ(a->block, "block_sparse_moe");
+  EXPECT_TRUE(a->norm_topk_prob);
+  EXPECT_EQ(a->routed_scaling_factor, 1.0f);
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(*a, 0, 3);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.layers.0.block_sparse_moe.experts.3.w1.weight");
+  EXPECT_EQ(n->up, "model.layers.0.block_sparse_moe.experts.3.w3.weight");
+  EXPECT_EQ(n->down, "model.layers.0.block_sparse_moe.experts.3.w2.weight");
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kBf16, false);
+}
+
+TEST(ArchFixtureTest, DeepseekV3Fp8) {
+  const std::string dir = Fixture("hf/deepseek_v3_fp8");
+  ASSERT_FALSE(dir.empty());
+  absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->family, MoeFamily::kDeepseekV3);
+  EXPECT_EQ(a->model_type, "deepseek_v3");
+  CheckFixtureShapes(*a);
+  EXPECT_THAT(a->moe_layers, ElementsAre(1));  // first_k_dense_replace = 1.
+  EXPECT_FALSE(a->IsMoeLayer(0));
+  EXPECT_TRUE(a->IsMoeLayer(1));
+  EXPECT_EQ(a->routed_scaling_factor, 2.5f);
+  EXPECT_EQ(a->scoring, MoeScoring::kSigmoid);
+  EXPECT_TRUE(a->norm_topk_prob);
+  EXPECT_EQ(a->n_group, 4);
+  EXPECT_EQ(a->topk_group, 2);
+  EXPECT_EQ(a->num_shared_experts, 1);
+  EXPECT_EQ(a->shared_intermediate, 128);
+  ASSERT_TRUE(a->quantization.has_value());
+  EXPECT_EQ(a->quantization->quant_method, "fp8");
+  EXPECT_EQ(a->quantization->fmt, "e4m3");
+  EXPECT_EQ(a->quantization->activation_scheme, "dynamic");
+  EXPECT_THAT(a->quantization->weight_block_size, ElementsAre(128, 128));
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(*a, 1, 0);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.layers.1.mlp.experts.0.gate_proj.weight");
+  EXPECT_EQ(Fp8ScaleInvName(n->gate), "model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv");
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kF8E4M3, true);
+}
+
+// ---- Hand-written configs ------------------------------------------------------------------------------
+
+MoeArch MustParse(absl::string_view json) {
+  absl::StatusOr<MoeArch> a = ParseMoeConfig(json, "config.json");
+  EXPECT_TRUE(a.ok()) << a.status() << "\n" << json;
+  return a.ok() ? *a : MoeArch();
+}
+
+// The error message of a config that must not parse.
+std::string ErrorOf(absl::string_view json) {
+  absl::StatusOr<MoeArch> a = ParseMoeConfig(json, "config.json");
+  EXPECT_FALSE(a.ok()) << json;
+  if (a.ok()) return "";
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a.status().message().substr(0, 13), "config.json: ") << a.status();
+  return std::string(a.status().message());
+}
+
+constexpr char kQwen2Moe[] = R"({
+  "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+  "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "rms_norm_eps": 1e-06,
+  "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+  "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "mlp_only_layers": [],
+  "norm_topk_prob": false, "rope_theta": 1000000.0, "initializer_range": 0.02
+})";
+
+TEST(ArchTest, Qwen2Moe) {
+  MoeArch a = MustParse(kQwen2Moe);
+  EXPECT_EQ(a.family, MoeFamily::kQwen2Moe);
+  EXPECT_EQ(a.num_experts, 60);
+  EXPECT_EQ(a.top_k, 4);
+  EXPECT_EQ(a.hidden, 2048);
+  EXPECT_EQ(a.intermediate, 1408);
+  EXPECT_EQ(a.moe_layers.size(), 24u);
+  EXPECT_EQ(a.num_shared_experts, 1);
+  EXPECT_EQ(a.shared_intermediate, 5632);
+  EXPECT_FALSE(a.norm_topk_prob);
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 23, 59);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->down, "model.layers.23.mlp.experts.59.down_proj.weight");
+}
+
+TEST(ArchTest, QwenSparseStepAndMlpOnlyLayers) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 8,
+      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2,
+      "mlp_only_layers": [3, 5]})");
+  // (i + 1) % 2 == 0: 1, 3, 5, 7; minus 3 and 5.
+  EXPECT_THAT(a.moe_layers, ElementsAre(1, 7));
+  EXPECT_FALSE(a.norm_topk_prob);  // transformers' Qwen3MoeConfig default.
+  absl::StatusOr<std::string> router = RouterTensorName(a, 7);
+  ASSERT_TRUE(router.ok());
+  EXPECT_EQ(*router, "model.layers.7.mlp.gate.weight");
+  absl::StatusOr<ExpertNames> dense = ExpertTensorNames(a, 3, 0);
+  ASSERT_FALSE(dense.ok());
+  EXPECT_THAT(dense.status().message(), HasSubstr("layer 3 is dense, not MoE (MoE layers: 1, 7)"));
+}
+
+TEST(ArchTest, QwenBothExpertCountKeysMustAgree) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+      "num_experts": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32})");
+  EXPECT_EQ(a.num_experts, 8);
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+      "num_experts": 8, "num_local_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 32})"),
+              HasSubstr("num_experts (8) and num_local_experts (16) disagree"));
+}
+
+TEST(ArchTest, Qwen3Next) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["Qwen3NextForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 48,
+      "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+      "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "norm_topk_prob": true})");
+  EXPECT_EQ(a.family, MoeFamily::kQwen3Next);
+  EXPECT_EQ(a.num_experts, 512);
+  EXPECT_EQ(a.top_k, 10);
+  EXPECT_EQ(a.moe_layers.size(), 48u);
+  EXPECT_EQ(a.num_shared_experts, 1);
+}
+
+TEST(ArchTest, Qwen3VlMoeFusedInOut) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+      "vision_config": {"hidden_size": 1152, "depth": 27},
+      "text_config": {"model_type": "qwen3_vl_moe_text", "hidden_size": 2048, "num_hidden_layers": 48,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_section": [24, 20, 20]}}})");
+  EXPECT_EQ(a.family, MoeFamily::kQwen3VlMoe);
+  EXPECT_EQ(a.layer_prefix, "model.language_model.layers");
+  EXPECT_EQ(a.layout, ExpertLayout::kFusedGateUpInOut);
+  EXPECT_TRUE(a.fused_experts());
+  EXPECT_EQ(a.hidden, 2048);
+  EXPECT_EQ(a.num_experts, 128);
+  EXPECT_EQ(a.intermediate, 768);
+  absl::StatusOr<FusedExpertNames> f = FusedExpertTensorNames(a, 0);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->gate_up, "model.language_model.layers.0.mlp.experts.gate_up_proj");
+  EXPECT_EQ(f->down, "model.language_model.layers.0.mlp.experts.down_proj");
+  absl::StatusOr<ExpertNames> per = ExpertTensorNames(a, 0, 0);
+  ASSERT_FALSE(per.ok());
+  EXPECT_THAT(per.status().message(), HasSubstr("fused"));
+  absl::StatusOr<std::string> router = RouterTensorName(a, 47);
+  ASSERT_TRUE(router.ok());
+  EXPECT_EQ(*router, "model.language_model.layers.47.mlp.gate.weight");
+}
+
+TEST(ArchTest, Qwen35MoeFusedOutIn) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+      "text_config": {"hidden_size": 2048, "num_hidden_layers": 40, "num_experts": 256,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+        "layer_types": ["linear_attention", "full_attention"]}})");
+  EXPECT_EQ(a.family, MoeFamily::kQwen35Moe);
+  EXPECT_EQ(a.layout, ExpertLayout::kFusedGateUpOutIn);
+  EXPECT_EQ(a.layer_prefix, "model.language_model.layers");
+  EXPECT_EQ(a.moe_layers.size(), 40u);
+  EXPECT_EQ(a.num_shared_experts, 1);
+  EXPECT_TRUE(a.norm_topk_prob);
+  absl::StatusOr<FusedExpertNames> f = FusedExpertTensorNames(a, 39);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->gate_up, "model.language_model.layers.39.mlp.experts.gate_up_proj");
+  EXPECT_EQ(f->down, "model.language_model.layers.39.mlp.experts.down_proj");
+}
+
+TEST(ArchTest, FusedNamesOnPerExpertLayoutIsAnError) {
+  MoeArch a = MustParse(kQwen2Moe);
+  absl::StatusOr<FusedExpertNames> f = FusedExpertTensorNames(a, 0);
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(f.status().message(), HasSubstr("one tensor per expert"));
+}
+
+TEST(ArchTest, DeepseekV2) {
+  MoeArch a = MustParse(R"({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+      "hidden_size": 2048, "intermediate_size": 10944, "num_hidden_layers": 27, "n_routed_experts": 64,
+      "num_experts_per_tok": 6, "moe_intermediate_size": 1408, "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+      "moe_layer_freq": 1, "routed_scaling_factor": 1.0, "topk_method": "greedy", "n_group": 1,
+        "topk_group": 1,
+      "scoring_func": "softmax", "norm_topk_prob": false})");
+  EXPECT_EQ(a.family, MoeFamily::kDeepseekV2);
+  EXPECT_EQ(a.moe_layers.size(), 26u);
+  EXPECT_EQ(a.moe_layers.front(), 1);
+  EXPECT_EQ(a.num_shared_experts, 2);
+  EXPECT_EQ(a.shared_intermediate, 2 * 1408);
+  EXPECT_EQ(a.routed_scaling_factor, 1.0f);
+  EXPECT_EQ(a.scoring, MoeScoring::kSoftmax);
+  EXPECT_FALSE(a.norm_topk_prob);
+}
+
+TEST(ArchTest, DeepseekMoeLayerFreq) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 8,
+      "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 3,
+      "moe_layer_freq": 2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2})");
+  EXPECT_THAT(a.moe_layers, ElementsAre(4, 6));
+  EXPECT_EQ(a.n_group, 4);
+  EXPECT_EQ(a.topk_group, 2);
+}
+
+TEST(ArchTest, KimiK2) {
+  // Kimi-K2 ships as DeepseekV3ForCausalLM with model_type "kimi_k2" (and auto_map to its own config class).
+  MoeArch a = MustParse(R"({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
+      "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+      "hidden_size": 7168, "num_hidden_layers": 61, "n_routed_experts": 384, "num_experts_per_tok": 8,
+      "moe_intermediate_size": 2048, "n_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+      "routed_scaling_factor": 2.827, "n_group": 1, "topk_group": 1, "scoring_func": "sigmoid",
+      "topk_method": "noaux_tc", "norm_topk_prob": true, "num_nextn_predict_layers": 0,
+      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [128, 128]}})");
+  EXPECT_EQ(a.family, MoeFamily::kDeepseekV3);
+  EXPECT_EQ(a.model_type, "kimi_k2");
+  EXPECT_EQ(a.num_experts, 384);
+  EXPECT_EQ(a.moe_layers.size(), 60u);
+  EXPECT_FLOAT_EQ(a.routed_scaling_factor, 2.827f);
+  ASSERT_TRUE(a.quantization.has_value());
+  EXPECT_THAT(a.quantization->weight_block_size, ElementsAre(128, 128));
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 60, 383);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->up, "model.layers.60.mlp.experts.383.up_proj.weight");
+}
+
+TEST(ArchTest, Glm4Moe) {
+  MoeArch a = MustParse(R"({"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+      "hidden_size": 5120, "intermediate_size": 12288, "num_hidden_layers": 92, "n_routed_experts": 160,
+      "num_experts_per_tok": 8, "moe_intermediate_size": 1536, "n_shared_experts": 1,
+        "first_k_dense_replace": 3,
+      "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": true,
+      "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5})");
+  EXPECT_EQ(a.family, MoeFamily::kGlm4Moe);
+  EXPECT_EQ(a.moe_layers.size(), 89u);
+  EXPECT_EQ(a.moe_layers.front(), 3);
+  EXPECT_EQ(a.routed_scaling_factor, 2.5f);
+  EXPECT_EQ(a.scoring, MoeScoring::kSigmoid);
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 3, 159);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.layers.3.mlp.experts.159.gate_proj.weight");
+}
+
+TEST(ArchTest, Glm4vMoeUsesLanguageModelPrefix) {
+  MoeArch a = MustParse(R"({"architectures": ["Glm4vMoeForConditionalGeneration"],
+      "text_config": {"hidden_size": 4096, "num_hidden_layers": 46, "n_routed_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "n_shared_experts": 1,
+          "first_k_dense_replace": 1,
+        "routed_scaling_factor": 1.0}})");
+  EXPECT_EQ(a.layer_prefix, "model.language_model.layers");
+  EXPECT_FALSE(a.fused_experts());
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 1, 0);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.language_model.layers.1.mlp.experts.0.gate_proj.weight");
+}
+
+TEST(ArchTest, MiniMaxM2) {
+  MoeArch a = MustParse(R"({"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
+      "hidden_size": 3072, "intermediate_size": 1536, "num_hidden_layers": 62, "num_local_experts": 256,
+      "num_experts_per_tok": 8, "scoring_func": "sigmoid", "use_routing_bias": true,
+      "quantization_config": {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                              "weight_block_size": [128, 128]}})");
+  EXPECT_EQ(a.family, MoeFamily::kMiniMax);
+  EXPECT_EQ(a.block, "block_sparse_moe");
+  EXPECT_EQ(a.intermediate, 1536);
+  EXPECT_EQ(a.moe_layers.size(), 62u);
+  EXPECT_EQ(a.scoring, MoeScoring::kSigmoid);
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 61, 255);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->gate, "model.layers.61.block_sparse_moe.experts.255.w1.weight");
+  EXPECT_EQ(n->up, "model.layers.61.block_sparse_moe.experts.255.w3.weight");
+  EXPECT_EQ(n->down, "model.layers.61.block_sparse_moe.experts.255.w2.weight");
+}
+
+TEST(ArchTest, MiniMaxText01) {
+  MoeArch a = MustParse(R"({"architectures": ["MiniMaxText01ForCausalLM"], "hidden_size": 6144,
+      "intermediate_size": 9216, "num_hidden_layers": 80, "num_local_experts": 32,
+        "num_experts_per_tok": 2})");
+  EXPECT_EQ(a.scoring, MoeScoring::kSoftmax);
+  EXPECT_EQ(a.num_experts, 32);
+}
+
+TEST(ArchTest, OtherQuantizationMethodsAreRecorded) {
+  MoeArch a =
+      MustParse(R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
+      "num_hidden_layers": 1, "num_local_experts": 4, "num_experts_per_tok": 2,
+      "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {}}})");
+  ASSERT_TRUE(a.quantization.has_value());
+  EXPECT_EQ(a.quantization->quant_method, "compressed-tensors");
+  EXPECT_TRUE(a.quantization->weight_block_size.empty());
+}
+
+TEST(ArchTest, FractionsKeepJsonErrorOffsets) {
+  // The number 2.5 before the error is masked with a same-length placeholder: the offset is the file's.
+  const std::string text = R"({"routed_scaling_factor": 2.5, "x": tru})";
+  EXPECT_THAT(ErrorOf(text), HasSubstr(absl::StrCat("JSON error at byte ", text.find("tru"))));
+  // A malformed fraction is the parser's error, not a masked string.
+  EXPECT_THAT(ErrorOf(R"({"a": 1.})"), HasSubstr("JSON error at byte"));
+  EXPECT_THAT(ErrorOf(R"({"a": 01.5})"), HasSubstr("JSON error at byte"));
+  // A fraction as an object key stays invalid.
+  EXPECT_THAT(ErrorOf(R"({1.5: 0})"), HasSubstr("JSON error at byte"));
+  // Numbers inside strings are left alone (and "1.5" as a string is a string, not a number).
+  EXPECT_THAT(
+      ErrorOf(R"({"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+      "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 0,
+      "routed_scaling_factor": "1.5"})"),
+      HasSubstr("routed_scaling_factor must be a positive number, got the string \"1.5\""));
+}
+
+// ---- Errors --------------------------------------------------------------------------------------------
+
+constexpr char kMixtralBase[] = R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 32, "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2})";
+
+std::string Mixtral(absl::string_view from, absl::string_view to) {
+  std::string s = absl::StrReplaceAll(kMixtralBase, {{from, to}});
+  EXPECT_NE(s, kMixtralBase) << from;
+  return s;
+}
+
+TEST(ArchErrorTest, UnknownArchitectureListsKnownOnes) {
+  const std::string e = ErrorOf(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})");
+  EXPECT_THAT(e, HasSubstr("unknown architecture \"LlamaForCausalLM\"; known: Qwen2MoeForCausalLM, "));
+  for (const std::string& name : KnownMoeArchitectures()) EXPECT_THAT(e, HasSubstr(name));
+  EXPECT_THAT(e, HasSubstr("MixtralForCausalLM"));
+  EXPECT_THAT(e, HasSubstr("Glm4MoeForCausalLM"));
+}
+
+TEST(ArchErrorTest, ArchitecturesMissingOrMalformed) {
+  EXPECT_THAT(ErrorOf(R"({"hidden_size": 64})"), HasSubstr("config.json: architectures is missing"));
+  EXPECT_THAT(
+      ErrorOf(R"({"architectures": "MixtralForCausalLM"})"),
+      HasSubstr("architectures must be an array of one string, got the string \"MixtralForCausalLM\""));
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["MixtralForCausalLM", "Qwen3MoeForCausalLM"]})"),
+              HasSubstr("architectures must be an array of one string, got an array of 2"));
+  EXPECT_THAT(ErrorOf(R"({"architectures": [7]})"),
+              HasSubstr("architectures must be an array of one string, got 7"));
+}
+
+TEST(ArchErrorTest, ConfigWithoutMoeFields) {
+  EXPECT_EQ(
+      ErrorOf(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+      "intermediate_size": 128})"),
+      "config.json: no MoE fields for Qwen3MoeForCausalLM: looked for num_experts or num_local_experts, "
+      "num_experts_per_tok, moe_intermediate_size");
+  EXPECT_EQ(
+      ErrorOf(R"({"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2})"),
+      "config.json: no MoE fields for DeepseekV3ForCausalLM: looked for n_routed_experts, "
+      "num_experts_per_tok, moe_intermediate_size");
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "num_experts": 8,
+      "text_config": {"hidden_size": 64}})"),
+              HasSubstr("no MoE fields for Qwen3VLMoeForConditionalGeneration: looked for num_experts or "
+                        "num_local_experts, num_experts_per_tok, moe_intermediate_size under text_config"));
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "hidden_size": 64})"),
+              HasSubstr("text_config is missing"));
+}
+
+TEST(ArchErrorTest, OneMoeKeyMissing) {
+  EXPECT_THAT(
+      ErrorOf(Mixtral(R"("num_local_experts": 8, )", "")),
+      HasSubstr("config.json: num_local_experts is missing (MixtralForCausalLM needs num_local_experts, "
+                "num_experts_per_tok, intermediate_size)"));
+  EXPECT_THAT(ErrorOf(Mixtral(R"(, "num_experts_per_tok": 2)", "")),
+              HasSubstr("num_experts_per_tok is missing"));
+  EXPECT_THAT(ErrorOf(Mixtral(R"("hidden_size": 64,)", "")), HasSubstr("hidden_size is missing"));
+  EXPECT_THAT(ErrorOf(Mixtral(R"("num_hidden_layers": 2,)", "")), HasSubstr("num_hidden_layers is missing"));
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3VLMoeForConditionalGeneration"],
+      "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 8,
+        "num_experts_per_tok": 2}})"),
+              HasSubstr("config.json: text_config.moe_intermediate_size is missing"));
+}
+
+TEST(ArchErrorTest, TopKOutOfRange) {
+  EXPECT_EQ(ErrorOf(Mixtral(R"("num_experts_per_tok": 2)", R"("num_experts_per_tok": 0)")),
+            "config.json: num_experts_per_tok must be a positive integer <= num_local_experts (8), got 0");
+  EXPECT_EQ(ErrorOf(Mixtral(R"("num_experts_per_tok": 2)", R"("num_experts_per_tok": 9)")),
+            "config.json: num_experts_per_tok must be a positive integer <= num_local_experts (8), got 9");
+}
+
+TEST(ArchErrorTest, WrongTypes) {
+  EXPECT_EQ(ErrorOf(Mixtral(R"("hidden_size": 64)", R"("hidden_size": "64")")),
+            "config.json: hidden_size must be a positive integer <= 1048576, got the string \"64\"");
+  EXPECT_EQ(ErrorOf(Mixtral(R"("hidden_size": 64)", R"("hidden_size": 64.0)")),
+            "config.json: hidden_size must be a positive integer <= 1048576, got 64.0");
+  EXPECT_EQ(ErrorOf(Mixtral(R"("num_local_experts": 8)", R"("num_local_experts": -8)")),
+            "config.json: num_local_experts must be a positive integer <= 65536, got -8");
+  EXPECT_EQ(ErrorOf(Mixtral(R"("num_hidden_layers": 2)", R"("num_hidden_layers": [2])")),
+            "config.json: num_hidden_layers must be a positive integer <= 4096, got an array of 1");
+  EXPECT_EQ(ErrorOf(Mixtral(R"("num_hidden_layers": 2)", R"("num_hidden_layers": 2000000000)")),
+            "config.json: num_hidden_layers must be a positive integer <= 4096, got 2000000000");
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": 1})"),
+              HasSubstr("norm_topk_prob must be true or false, got 1"));
+  EXPECT_THAT(ErrorOf(R"({"architectures": ["Qwen3VLMoeForConditionalGeneration"], "text_config": [1]})"),
+              HasSubstr("text_config must be an object, got an array of 1"));
+}
+
+constexpr char kDeepseekBase[] = R"({"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+    "num_hidden_layers": 4, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "n_group": 4, "topk_group": 2})";
+
+std::string Deepseek(absl::string_view from, absl::string_view to) {
+  std::string s = absl::StrReplaceAll(kDeepseekBase, {{from, to}});
+  EXPECT_NE(s, kDeepseekBase) << from;
+  return s;
+}
+
+TEST(ArchErrorTest, DeepseekKeys) {
+  EXPECT_THAT(MustParse(kDeepseekBase).moe_layers, ElementsAre(1, 2, 3));
+  EXPECT_THAT(
+      ErrorOf(Deepseek(R"("first_k_dense_replace": 1, )", "")),
+      HasSubstr("first_k_dense_replace is missing (DeepseekV3ForCausalLM configs state how many leading "
+                "layers are dense)"));
+  EXPECT_EQ(ErrorOf(Deepseek(R"("first_k_dense_replace": 1)", R"("first_k_dense_replace": 4)")),
+            "config.json: no MoE layer among the 4 layers (first_k_dense_replace = 4, moe_layer_freq = 1)");
+  EXPECT_EQ(
+      ErrorOf(Deepseek(R"("first_k_dense_replace": 1)", R"("first_k_dense_replace": 5)")),
+      "config.json: first_k_dense_replace must be a non-negative integer <= num_hidden_layers (4), got 5");
+  EXPECT_THAT(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5, )", "")),
+              HasSubstr("routed_scaling_factor is missing"));
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": -2.5)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got -2.5");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 1e999)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got 1e999");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("topk_group": 2)", R"("topk_group": 5)")),
+            "config.json: topk_group must be a positive integer <= n_group (4), got 5");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("n_group": 4)", R"("n_group": 3)")),
+            "config.json: n_group must be a divisor of n_routed_experts (8), got 3");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("n_group": 4)", R"("n_group": 4, "scoring_func": "relu")")),
+            "config.json: scoring_func must be \"softmax\" or \"sigmoid\", got the string \"relu\"");
+}
+
+TEST(ArchErrorTest, QwenLayerKeys) {
+  const std::string base =
+      R"({"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 4,
+      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, )";
+  EXPECT_EQ(
+      ErrorOf(base + R"("mlp_only_layers": [0, 4]})"),
+      "config.json: mlp_only_layers must be an array of layer indices in [0, num_hidden_layers (4)), got 4");
+  EXPECT_EQ(
+      ErrorOf(base + R"("mlp_only_layers": 0})"),
+      "config.json: mlp_only_layers must be an array of layer indices in [0, num_hidden_layers (4)), got 0");
+  EXPECT_EQ(ErrorOf(base + R"("decoder_sparse_step": 0})"),
+            "config.json: decoder_sparse_step must be a positive integer <= 4096, got 0");
+  EXPECT_EQ(ErrorOf(base + R"("mlp_only_layers": [0, 1, 2, 3]})"),
+            "config.json: no MoE layer among the 4 layers (decoder_sparse_step = 1, mlp_only_layers = [0, 1, "
+            "2, 3])");
+}
+
+TEST(ArchErrorTest, Quantization) {
+  const std::string base =
+      R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
+      "num_hidden_layers": 1, "num_local_experts": 4, "num_experts_per_tok": 2, "quantization_config": )";
+  EXPECT_EQ(ErrorOf(base + R"("fp8"})"),
+            "config.json: quantization_config must be an object, got the string \"fp8\"");
+  EXPECT_THAT(ErrorOf(base + R"({"fmt": "e4m3"}})"),
+              HasSubstr("quantization_config.quant_method is missing"));
+  EXPECT_EQ(
+      ErrorOf(base + R"({"quant_method": "fp8", "weight_block_size": [128]}})"),
+      "config.json: quantization_config.weight_block_size must be an array of 2 positive integers <= 65536 "
+      "([rows, columns]), got an array of 1");
+  EXPECT_EQ(
+      ErrorOf(base + R"({"quant_method": "fp8", "weight_block_size": [128, 0]}})"),
+      "config.json: quantization_config.weight_block_size must be an array of 2 positive integers <= 65536 "
+      "([rows, columns]), got 0");
+}
+
+TEST(ArchErrorTest, NotJsonOrNotAnObject) {
+  EXPECT_THAT(ErrorOf("{\"architectures\": "),
+              HasSubstr("config.json: JSON error at byte 18: unexpected end of input"));
+  EXPECT_EQ(ErrorOf("[1, 2]"), "config.json: expected a JSON object, found array");
+  EXPECT_THAT(ErrorOf(R"({"a": 1, "a": 2})"), HasSubstr("duplicate"));
+}
+
+TEST(ArchErrorTest, NamesOutOfRange) {
+  MoeArch a = MustParse(kMixtralBase);
+  absl::StatusOr<ExpertNames> n = ExpertTensorNames(a, 2, 0);
+  ASSERT_FALSE(n.ok());
+  EXPECT_EQ(n.status().message(), "MixtralForCausalLM: layer 2 out of range [0, 2)");
+  n = ExpertTensorNames(a, 0, 8);
+  ASSERT_FALSE(n.ok());
+  EXPECT_EQ(n.status().message(), "MixtralForCausalLM: expert 8 out of range [0, 8)");
+  n = ExpertTensorNames(a, -1, 0);
+  EXPECT_FALSE(n.ok());
+}
+
+TEST(ArchErrorTest, LoadMissingFolder) {
+  absl::StatusOr<MoeArch> a = LoadMoeConfig("/nonexistent/kt_arch_test");
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(a.status().message(), HasSubstr("/nonexistent/kt_arch_test/config.json"));
+}
+
+}  // namespace
+}  // namespace kt

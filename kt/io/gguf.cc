@@ -1,0 +1,909 @@
+#include "kt/io/gguf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "kt/io/json.h"
+
+namespace kt {
+
+namespace {
+
+constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian uint32.
+
+// Block geometry of each supported ggml type, checked against ggml.h / ggml-common.h:
+//   Q4_0: {fp16 d; uint8 qs[16]}                                        32 elements, 18 bytes
+//   Q4_1: {fp16 d, m; uint8 qs[16]}                                     32, 20
+//   Q5_0: {fp16 d; uint8 qh[4]; uint8 qs[16]}                           32, 22
+//   Q5_1: {fp16 d, m; uint8 qh[4]; uint8 qs[16]}                        32, 24
+//   Q8_0: {fp16 d; int8 qs[32]}                                         32, 34
+//   Q8_1: {fp16 d, s; int8 qs[32]}                                      32, 36
+//   Q2_K: {uint8 scales[16]; uint8 qs[64]; fp16 d, dmin}                256 (QK_K), 84
+//   Q3_K: {uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; fp16 d}     256, 110
+//   Q4_K: {fp16 d, dmin; uint8 scales[12]; uint8 qs[128]}               256, 144
+//   Q5_K: {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]} 256, 176
+//   Q6_K: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}        256, 210
+//   Q8_K: {float d; int8 qs[256]; int16 bsums[16]}                      256, 292
+struct GgmlTypeEntry {
+  GgmlType type;
+  const char* name;
+  uint64_t block;  // Elements per block.
+  uint64_t size;   // Bytes per block.
+};
+
+constexpr GgmlTypeEntry kGgmlTypes[] = {
+    {GgmlType::kF32, "F32", 1, 4},      {GgmlType::kF16, "F16", 1, 2},       {GgmlType::kQ4_0, "Q4_0", 32, 18},
+    {GgmlType::kQ4_1, "Q4_1", 32, 20},  {GgmlType::kQ5_0, "Q5_0", 32, 22},   {GgmlType::kQ5_1, "Q5_1", 32, 24},
+    {GgmlType::kQ8_0, "Q8_0", 32, 34},  {GgmlType::kQ8_1, "Q8_1", 32, 36},   {GgmlType::kQ2_K, "Q2_K", 256, 84},
+    {GgmlType::kQ3_K, "Q3_K", 256, 110}, {GgmlType::kQ4_K, "Q4_K", 256, 144}, {GgmlType::kQ5_K, "Q5_K", 256, 176},
+    {GgmlType::kQ6_K, "Q6_K", 256, 210}, {GgmlType::kQ8_K, "Q8_K", 256, 292}, {GgmlType::kI8, "I8", 1, 1},
+    {GgmlType::kI16, "I16", 1, 2},      {GgmlType::kI32, "I32", 1, 4},       {GgmlType::kI64, "I64", 1, 8},
+    {GgmlType::kF64, "F64", 1, 8},      {GgmlType::kBf16, "BF16", 1, 2},
+};
+
+const GgmlTypeEntry* FindType(uint32_t id) {
+  for (const GgmlTypeEntry& e : kGgmlTypes) {
+    if (static_cast<uint32_t>(e.type) == id) return &e;
+  }
+  return nullptr;
+}
+
+const GgmlTypeEntry& Entry(GgmlType type) {
+  const GgmlTypeEntry* e = FindType(static_cast<uint32_t>(type));
+  return e != nullptr ? *e : kGgmlTypes[0];  // Only an out-of-enum value cast in lands on the fallback.
+}
+
+constexpr const char* kValueTypeNames[] = {"UINT8",  "INT8",  "UINT16", "INT16",  "UINT32", "INT32", "FLOAT32",
+                                           "BOOL",   "STRING", "ARRAY", "UINT64", "INT64",  "FLOAT64"};
+constexpr uint32_t kNumValueTypes = 13;
+
+// Bytes of one scalar of this type in the file; 0 for STRING and ARRAY.
+uint64_t ScalarSize(GgufValueType type) {
+  switch (type) {
+    case GgufValueType::kUint8:
+    case GgufValueType::kInt8:
+    case GgufValueType::kBool:
+      return 1;
+    case GgufValueType::kUint16:
+    case GgufValueType::kInt16:
+      return 2;
+    case GgufValueType::kUint32:
+    case GgufValueType::kInt32:
+    case GgufValueType::kFloat32:
+      return 4;
+    case GgufValueType::kUint64:
+    case GgufValueType::kInt64:
+    case GgufValueType::kFloat64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+// The fewest bytes one element of this type takes in the file: bounds array counts by what is left.
+uint64_t MinEncodedSize(GgufValueType type) {
+  if (type == GgufValueType::kString) return 8;   // The length.
+  if (type == GgufValueType::kArray) return 12;   // Element type and count.
+  return ScalarSize(type);
+}
+
+// A name or key quoted for an error message, cut at 200 bytes so that a garbage megabyte-long name does not
+// make a megabyte-long message.
+std::string Q(absl::string_view s) {
+  if (s.size() <= 200) return json::Quote(s);
+  return absl::StrCat(json::Quote(s.substr(0, 200)), "... (", s.size(), " bytes)");
+}
+
+absl::Status Invalid(absl::string_view origin, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(origin, ": ", message));
+}
+
+// Prepends `prefix` to an error's message, keeping its code.
+absl::Status Wrap(const absl::Status& s, absl::string_view prefix) {
+  return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
+}
+
+// Bounds-checked little-endian reads over the whole file. Errors are relative ("truncated: ..."); the caller
+// adds the file and the key or tensor.
+class Reader {
+ public:
+  explicit Reader(absl::string_view file) : file_(file) {}
+
+  uint64_t pos() const { return pos_; }
+  uint64_t remaining() const { return file_.size() - pos_; }
+
+  absl::Status Need(uint64_t n, absl::string_view what) const {
+    if (n > remaining()) {
+      return absl::InvalidArgumentError(absl::StrCat("truncated: ", what, " at byte ", pos_, " needs ", n,
+                                                     " bytes, but only ", remaining(), " remain (the file has ",
+                                                     file_.size(), ")"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Uint(uint64_t size, absl::string_view what, uint64_t* out) {
+    absl::Status s = Need(size, what);
+    if (!s.ok()) return s;
+    uint64_t v = 0;
+    for (uint64_t i = size; i > 0; --i) v = (v << 8) | static_cast<uint8_t>(file_[pos_ + i - 1]);
+    pos_ += size;
+    *out = v;
+    return absl::OkStatus();
+  }
+  absl::Status U32(absl::string_view what, uint32_t* out) {
+    uint64_t v = 0;
+    absl::Status s = Uint(4, what, &v);
+    *out = static_cast<uint32_t>(v);
+    return s;
+  }
+  absl::Status U64(absl::string_view what, uint64_t* out) { return Uint(8, what, out); }
+
+  // A GGUF string: uint64 length, then that many bytes (checked against what is left before copying).
+  absl::Status String(absl::string_view what, std::string* out) {
+    uint64_t n;
+    absl::Status s = U64(absl::StrCat(what, " length"), &n);
+    if (!s.ok()) return s;
+    if (n > remaining()) {
+      return absl::InvalidArgumentError(absl::StrCat("bad string length: ", what, " at byte ", pos_ - 8,
+                                                     " has length ", n, ", but only ", remaining(),
+                                                     " bytes of the file follow"));
+    }
+    out->assign(file_.data() + pos_, n);
+    pos_ += n;
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::string_view file_;
+  uint64_t pos_ = 0;
+};
+
+absl::Status ReadValue(Reader& r, GgufValueType type, int depth, GgufValue* out);
+
+absl::Status ReadValueType(Reader& r, absl::string_view what, GgufValueType* out) {
+  uint32_t id;
+  absl::Status s = r.U32(what, &id);
+  if (!s.ok()) return s;
+  if (id >= kNumValueTypes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown ", what, " ", id, " at byte ", r.pos() - 4, " (expected 0..12)"));
+  }
+  *out = static_cast<GgufValueType>(id);
+  return absl::OkStatus();
+}
+
+absl::Status ReadArray(Reader& r, int depth, GgufValue* out) {
+  if (depth >= kGgufMaxArrayDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("arrays nested more than ", kGgufMaxArrayDepth, " deep at byte ", r.pos()));
+  }
+  GgufValueType element_type;
+  absl::Status s = ReadValueType(r, "array element type", &element_type);
+  if (!s.ok()) return s;
+  uint64_t count = 0;
+  s = r.U64("array length", &count);
+  if (!s.ok()) return s;
+  // Every element takes at least MinEncodedSize bytes, so a count beyond what the file can hold is rejected
+  // before anything is allocated.
+  const uint64_t min_size = MinEncodedSize(element_type);
+  if (count > r.remaining() / min_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad array length: ", count, " ", GgufValueTypeName(element_type), " elements at byte ", r.pos() - 8,
+        " need at least ", min_size, " bytes each, but only ", r.remaining(), " bytes of the file follow"));
+  }
+  std::vector<GgufValue> elements(count);
+  for (uint64_t i = 0; i < count; ++i) {
+    s = ReadValue(r, element_type, depth + 1, &elements[i]);
+    if (!s.ok()) return Wrap(s, absl::StrCat("element ", i, ": "));
+  }
+  *out = GgufValue::Array(element_type, std::move(elements));
+  return absl::OkStatus();
+}
+
+absl::Status ReadValue(Reader& r, GgufValueType type, int depth, GgufValue* out) {
+  switch (type) {
+    case GgufValueType::kString: {
+      std::string str;
+      absl::Status s = r.String("STRING", &str);
+      if (!s.ok()) return s;
+      *out = GgufValue::String(std::move(str));
+      return absl::OkStatus();
+    }
+    case GgufValueType::kArray:
+      return ReadArray(r, depth, out);
+    default:
+      break;
+  }
+  const uint64_t size = ScalarSize(type);
+  uint64_t bits;
+  absl::Status s = r.Uint(size, GgufValueTypeName(type), &bits);
+  if (!s.ok()) return s;
+  switch (type) {
+    case GgufValueType::kInt8:
+      *out = GgufValue::Int8(static_cast<int8_t>(bits));
+      break;
+    case GgufValueType::kInt16:
+      *out = GgufValue::Int16(static_cast<int16_t>(bits));
+      break;
+    case GgufValueType::kInt32:
+      *out = GgufValue::Int32(static_cast<int32_t>(bits));
+      break;
+    case GgufValueType::kInt64:
+      *out = GgufValue::Int64(static_cast<int64_t>(bits));
+      break;
+    case GgufValueType::kFloat32:
+      *out = GgufValue::Float32Bits(static_cast<uint32_t>(bits));
+      break;
+    case GgufValueType::kFloat64:
+      *out = GgufValue::Float64Bits(bits);
+      break;
+    case GgufValueType::kBool:
+      // The spec allows 0 and 1 only; anything else could be read as true or as corruption.
+      if (bits > 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("BOOL at byte ", r.pos() - 1, " is ", bits, ", expected 0 or 1"));
+      }
+      *out = GgufValue::Bool(bits != 0);
+      break;
+    case GgufValueType::kUint8:
+      *out = GgufValue::Uint8(static_cast<uint8_t>(bits));
+      break;
+    case GgufValueType::kUint16:
+      *out = GgufValue::Uint16(static_cast<uint16_t>(bits));
+      break;
+    case GgufValueType::kUint32:
+      *out = GgufValue::Uint32(static_cast<uint32_t>(bits));
+      break;
+    default:  // kUint64 (STRING and ARRAY returned above).
+      *out = GgufValue::Uint64(bits);
+      break;
+  }
+  return absl::OkStatus();
+}
+
+bool ProductFits(absl::Span<const uint64_t> dims, uint64_t* out) {
+  uint64_t n = 1;
+  for (const uint64_t d : dims) {
+    if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
+    if (__builtin_mul_overflow(n, d, &n)) return false;
+  }
+  if (n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
+  *out = n;
+  return true;
+}
+
+std::string DimsString(absl::Span<const uint64_t> dims) { return absl::StrCat("[", absl::StrJoin(dims, ", "), "]"); }
+
+bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+
+uint64_t AlignUp(uint64_t v, uint64_t alignment) { return (v + alignment - 1) / alignment * alignment; }
+
+// The alignment a `general.alignment` value asks for; `prefix` starts the error.
+absl::Status CheckAlignment(const GgufValue& v, absl::string_view prefix, uint64_t* out) {
+  if (v.type() != GgufValueType::kUint32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "expected UINT32, found ", GgufValueTypeName(v.type())));
+  }
+  if (!IsPowerOfTwo(v.uint_value())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "is ", v.uint_value(), ", expected a power of two"));
+  }
+  *out = v.uint_value();
+  return absl::OkStatus();
+}
+
+absl::Status ParseTensorInfo(Reader& r, uint64_t index, absl::string_view origin, GgufTensorInfo* info) {
+  const std::string where = absl::StrCat(origin, ": tensor #", index, ": ");
+  absl::Status s = r.String("name", &info->name);
+  if (!s.ok()) return Wrap(s, where);
+  const std::string prefix = absl::StrCat(origin, ": tensor ", Q(info->name), ": ");
+  uint32_t n_dims;
+  s = r.U32("n_dims", &n_dims);
+  if (!s.ok()) return Wrap(s, prefix);
+  if (n_dims > kGgufMaxDims) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "n_dims ", n_dims, " exceeds the maximum of ", kGgufMaxDims));
+  }
+  info->dims.resize(n_dims);
+  for (uint32_t i = 0; i < n_dims; ++i) {
+    s = r.U64(absl::StrCat("dims[", i, "]"), &info->dims[i]);
+    if (!s.ok()) return Wrap(s, prefix);
+  }
+  uint32_t type_id;
+  s = r.U32("ggml type", &type_id);
+  if (!s.ok()) return Wrap(s, prefix);
+  s = r.U64("offset", &info->offset);
+  if (!s.ok()) return Wrap(s, prefix);
+  absl::StatusOr<GgmlType> type = ParseGgmlType(type_id);
+  if (!type.ok()) return Wrap(type.status(), prefix);
+  info->type = *type;
+  absl::StatusOr<uint64_t> nbytes = GgmlNbytes(info->type, info->dims);
+  if (!nbytes.ok()) return Wrap(nbytes.status(), prefix);
+  info->nbytes = *nbytes;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string GgufValueTypeName(GgufValueType type) {
+  const uint32_t id = static_cast<uint32_t>(type);
+  if (id < kNumValueTypes) return kValueTypeNames[id];
+  return absl::StrCat("type ", id);
+}
+
+GgufValue GgufValue::Float32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return Float32Bits(bits);
+}
+
+GgufValue GgufValue::Float64(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return Float64Bits(bits);
+}
+
+GgufValue GgufValue::String(std::string v) {
+  GgufValue out;
+  out.type_ = GgufValueType::kString;
+  out.str_ = std::move(v);
+  return out;
+}
+
+GgufValue GgufValue::Array(GgufValueType element_type, std::vector<GgufValue> elements) {
+  GgufValue out;
+  out.type_ = GgufValueType::kArray;
+  out.element_type_ = element_type;
+  out.elements_ = std::move(elements);
+  return out;
+}
+
+bool GgufValue::is_unsigned() const {
+  return type_ == GgufValueType::kUint8 || type_ == GgufValueType::kUint16 || type_ == GgufValueType::kUint32 ||
+         type_ == GgufValueType::kUint64;
+}
+
+bool GgufValue::is_signed() const {
+  return type_ == GgufValueType::kInt8 || type_ == GgufValueType::kInt16 || type_ == GgufValueType::kInt32 ||
+         type_ == GgufValueType::kInt64;
+}
+
+bool GgufValue::is_float() const {
+  return type_ == GgufValueType::kFloat32 || type_ == GgufValueType::kFloat64;
+}
+
+double GgufValue::float_value() const {
+  if (type_ == GgufValueType::kFloat32) {
+    const uint32_t b = static_cast<uint32_t>(bits_);
+    float f;
+    std::memcpy(&f, &b, sizeof(f));
+    return f;
+  }
+  if (type_ == GgufValueType::kFloat64) {
+    double d;
+    std::memcpy(&d, &bits_, sizeof(d));
+    return d;
+  }
+  return 0;
+}
+
+bool GgufValue::operator==(const GgufValue& other) const {
+  if (type_ != other.type_) return false;
+  if (type_ == GgufValueType::kArray) {
+    return element_type_ == other.element_type_ && elements_ == other.elements_;
+  }
+  return bits_ == other.bits_ && str_ == other.str_;
+}
+
+std::string GgufValue::DebugString() const {
+  if (is_array()) {
+    return absl::StrCat("ARRAY<", GgufValueTypeName(element_type_), ">[", elements_.size(), "]");
+  }
+  if (is_string()) return absl::StrCat("STRING ", Q(str_));
+  if (is_signed()) return absl::StrCat(GgufValueTypeName(type_), " ", int_value());
+  if (is_float()) return absl::StrCat(GgufValueTypeName(type_), " ", float_value());
+  if (type_ == GgufValueType::kBool) return bits_ != 0 ? "BOOL true" : "BOOL false";
+  return absl::StrCat(GgufValueTypeName(type_), " ", bits_);
+}
+
+const char* GgmlTypeName(GgmlType type) { return Entry(type).name; }
+uint64_t GgmlBlockSize(GgmlType type) { return Entry(type).block; }
+uint64_t GgmlTypeSize(GgmlType type) { return Entry(type).size; }
+
+absl::StatusOr<GgmlType> ParseGgmlType(uint32_t id) {
+  const GgmlTypeEntry* e = FindType(id);
+  if (e != nullptr) return e->type;
+  std::vector<std::string> supported;
+  for (const GgmlTypeEntry& t : kGgmlTypes) supported.push_back(absl::StrCat(t.name, "=", static_cast<uint32_t>(t.type)));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported ggml type ", id, " (supported: ", absl::StrJoin(supported, ", "), ")"));
+}
+
+absl::StatusOr<uint64_t> GgmlNbytes(GgmlType type, absl::Span<const uint64_t> dims) {
+  const GgmlTypeEntry& e = Entry(type);
+  uint64_t elements;
+  if (!ProductFits(dims, &elements)) {
+    return absl::InvalidArgumentError(absl::StrCat("dims ", DimsString(dims), " of ", e.name,
+                                                   " overflow (the element count must fit in int64)"));
+  }
+  const uint64_t ne0 = dims.empty() ? 1 : dims[0];
+  if (ne0 % e.block != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("dims ", DimsString(dims), ": ne[0] = ", ne0,
+                                                   " is not a multiple of the ", e.name, " block size ",
+                                                   e.block));
+  }
+  uint64_t bytes;
+  if (__builtin_mul_overflow(elements / e.block, e.size, &bytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dims ", DimsString(dims), " of ", e.name, " have more bytes than fit in 64 bits"));
+  }
+  return bytes;
+}
+
+uint64_t GgufTensorInfo::num_elements() const {
+  uint64_t n = 1;
+  ProductFits(dims, &n);
+  return n;
+}
+
+const GgufTensorInfo* GgufHeader::Find(absl::string_view name) const {
+  auto it = std::lower_bound(by_name.begin(), by_name.end(), name,
+                             [this](size_t i, absl::string_view b) { return absl::string_view(tensors[i].name) < b; });
+  if (it == by_name.end() || tensors[*it].name != name) return nullptr;
+  return &tensors[*it];
+}
+
+const GgufValue* GgufHeader::FindMetadata(absl::string_view key) const {
+  auto it = metadata.find(std::string(key));
+  return it == metadata.end() ? nullptr : &it->second;
+}
+
+namespace {
+
+// The value for `key` or NotFound; on success `*prefix` is "file: metadata "key": ".
+absl::StatusOr<const GgufValue*> Lookup(const GgufHeader& h, absl::string_view key, std::string* prefix) {
+  const GgufValue* v = h.FindMetadata(key);
+  if (v == nullptr) {
+    return absl::NotFoundError(absl::StrCat(h.origin, ": no metadata key ", Q(key), " (the file has ",
+                                            h.metadata.size(), " keys)"));
+  }
+  *prefix = absl::StrCat(h.origin, ": metadata ", Q(key), ": ");
+  return v;
+}
+
+absl::Status Mismatch(absl::string_view prefix, absl::string_view expected, const GgufValue& v) {
+  return absl::InvalidArgumentError(absl::StrCat(prefix, "expected ", expected, ", found ", v.DebugString()));
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> GgufHeader::GetUint(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->is_unsigned()) return (*v)->uint_value();
+  if ((*v)->is_signed()) {
+    if ((*v)->int_value() >= 0) return static_cast<uint64_t>((*v)->int_value());
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "is ", (*v)->int_value(), ", expected a non-negative integer"));
+  }
+  return Mismatch(prefix, "an unsigned integer", **v);
+}
+
+absl::StatusOr<int64_t> GgufHeader::GetInt(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->is_signed()) return (*v)->int_value();
+  if ((*v)->is_unsigned()) {
+    if ((*v)->uint_value() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      return static_cast<int64_t>((*v)->uint_value());
+    }
+    return absl::InvalidArgumentError(absl::StrCat(prefix, "is ", (*v)->uint_value(), ", beyond INT64_MAX"));
+  }
+  return Mismatch(prefix, "an integer", **v);
+}
+
+absl::StatusOr<double> GgufHeader::GetFloat(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->is_float()) return (*v)->float_value();
+  return Mismatch(prefix, "FLOAT32 or FLOAT64", **v);
+}
+
+absl::StatusOr<bool> GgufHeader::GetBool(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->type() == GgufValueType::kBool) return (*v)->bool_value();
+  return Mismatch(prefix, "BOOL", **v);
+}
+
+absl::StatusOr<std::string> GgufHeader::GetString(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->is_string()) return (*v)->string_value();
+  return Mismatch(prefix, "STRING", **v);
+}
+
+absl::StatusOr<const GgufValue*> GgufHeader::GetArray(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if ((*v)->is_array()) return *v;
+  return Mismatch(prefix, "ARRAY", **v);
+}
+
+absl::StatusOr<std::vector<std::string>> GgufHeader::GetStringArray(absl::string_view key) const {
+  std::string prefix;
+  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
+  if (!v.ok()) return v.status();
+  if (!(*v)->is_array() || (*v)->element_type() != GgufValueType::kString) {
+    return Mismatch(prefix, "ARRAY<STRING>", **v);
+  }
+  std::vector<std::string> out;
+  out.reserve((*v)->elements().size());
+  for (const GgufValue& e : (*v)->elements()) out.push_back(e.string_value());
+  return out;
+}
+
+absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view origin) {
+  GgufHeader h;
+  h.origin = std::string(origin);
+  Reader r(file);
+  uint32_t magic;
+  absl::Status s = r.U32("the magic", &magic);
+  if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": not a GGUF file: "));
+  if (magic != kMagic) {
+    return Invalid(origin, absl::StrFormat("not a GGUF file: the first 4 bytes are %02x %02x %02x %02x, "
+                                           "expected 47 47 55 46 (\"GGUF\")",
+                                           magic & 0xFF, (magic >> 8) & 0xFF, (magic >> 16) & 0xFF, magic >> 24));
+  }
+  s = r.U32("the version", &h.version);
+  if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": "));
+  if (h.version != 2 && h.version != 3) {
+    const uint32_t swapped = __builtin_bswap32(h.version);
+    return Invalid(origin, absl::StrCat("unsupported GGUF version ", h.version, " (supported: 2, 3",
+                                        swapped == 2 || swapped == 3 ? "; is this a big-endian file?" : "",
+                                        h.version == 1 ? "; version 1 files predate 64-bit counts" : "", ")"));
+  }
+  uint64_t tensor_count = 0, kv_count = 0;
+  s = r.U64("tensor_count", &tensor_count);
+  if (s.ok()) s = r.U64("metadata_kv_count", &kv_count);
+  if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": "));
+  // A tensor info takes at least 24 bytes (name length, n_dims, type, offset) and a key/value at least 13
+  // (key length, value type, one byte): counts beyond what the file can hold are rejected before anything
+  // is allocated.
+  if (tensor_count > r.remaining() / 24 || kv_count > r.remaining() / 13 ||
+      tensor_count * 24 + kv_count * 13 > r.remaining()) {
+    return Invalid(origin, absl::StrCat("truncated or corrupt: tensor_count ", tensor_count, " and metadata_kv_count ",
+                                        kv_count, " need at least 24 and 13 bytes each, but only ", r.remaining(),
+                                        " bytes follow the header"));
+  }
+
+  for (uint64_t i = 0; i < kv_count; ++i) {
+    std::string key;
+    s = r.String("key", &key);
+    if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": metadata #", i, ": "));
+    const std::string prefix = absl::StrCat(origin, ": metadata ", Q(key), ": ");
+    GgufValueType type;
+    s = ReadValueType(r, "value type", &type);
+    if (!s.ok()) return Wrap(s, prefix);
+    GgufValue value;
+    s = ReadValue(r, type, 0, &value);
+    if (!s.ok()) return Wrap(s, prefix);
+    if (key == "general.alignment") {
+      s = CheckAlignment(value, prefix, &h.alignment);
+      if (!s.ok()) return s;
+    }
+    if (!h.metadata.emplace(std::move(key), std::move(value)).second) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate key (metadata #", i, ")"));
+    }
+  }
+
+  h.tensors.resize(tensor_count);
+  for (uint64_t i = 0; i < tensor_count; ++i) {
+    s = ParseTensorInfo(r, i, origin, &h.tensors[i]);
+    if (!s.ok()) return s;
+  }
+  h.by_name.resize(tensor_count);
+  for (uint64_t i = 0; i < tensor_count; ++i) h.by_name[i] = i;
+  std::sort(h.by_name.begin(), h.by_name.end(),
+            [&h](size_t a, size_t b) { return h.tensors[a].name < h.tensors[b].name; });
+  for (size_t i = 1; i < h.by_name.size(); ++i) {
+    const GgufTensorInfo& a = h.tensors[h.by_name[i - 1]];
+    const GgufTensorInfo& b = h.tensors[h.by_name[i]];
+    if (a.name == b.name) {
+      return Invalid(origin, absl::StrCat("duplicate tensor ", Q(a.name), " (tensors #",
+                                          std::min(h.by_name[i - 1], h.by_name[i]), " and #",
+                                          std::max(h.by_name[i - 1], h.by_name[i]), ")"));
+    }
+  }
+
+  h.data_offset = AlignUp(r.pos(), h.alignment);  // pos <= file size, alignment <= 2^31: no overflow.
+  if (h.data_offset > file.size()) {
+    if (tensor_count > 0) {
+      return Invalid(origin, absl::StrCat("truncated: the data section starts at byte ", h.data_offset,
+                                          " (the tensor infos end at ", r.pos(), ", aligned to ", h.alignment,
+                                          "), beyond the file of ", file.size(), " bytes"));
+    }
+    h.data_offset = file.size();  // No tensors: the padding may be left out.
+  }
+  h.data_size = file.size() - h.data_offset;
+
+  std::vector<const GgufTensorInfo*> by_offset;
+  for (const GgufTensorInfo& t : h.tensors) {
+    const std::string prefix = absl::StrCat(origin, ": tensor ", Q(t.name), ": ");
+    if (t.offset % h.alignment != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "offset ", t.offset, " is not a multiple of the alignment ", h.alignment));
+    }
+    uint64_t end;
+    if (__builtin_add_overflow(t.offset, t.nbytes, &end) || end > h.data_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          prefix, GgmlTypeName(t.type), " ", DimsString(t.dims), " needs ", t.nbytes, " bytes at offset ",
+          t.offset, ", beyond the data section of ", h.data_size, " bytes (is the file truncated?)"));
+    }
+    if (t.nbytes > 0) by_offset.push_back(&t);
+  }
+  // Overlap check over the non-empty ranges sorted by offset (as in safetensors.cc).
+  std::sort(by_offset.begin(), by_offset.end(), [](const GgufTensorInfo* a, const GgufTensorInfo* b) {
+    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
+  });
+  const GgufTensorInfo* furthest = nullptr;
+  for (const GgufTensorInfo* t : by_offset) {
+    if (furthest != nullptr && t->offset < furthest->offset + furthest->nbytes) {
+      return Invalid(origin, absl::StrCat("tensors ", Q(furthest->name), " [", furthest->offset, ", ",
+                                          furthest->offset + furthest->nbytes, ") and ", Q(t->name), " [",
+                                          t->offset, ", ", t->offset + t->nbytes,
+                                          ") overlap in the data section"));
+    }
+    if (furthest == nullptr || t->offset + t->nbytes > furthest->offset + furthest->nbytes) furthest = t;
+  }
+  return h;
+}
+
+namespace {
+
+// errno to the closest status code, keeping the message (as in safetensors.cc).
+absl::Status ErrnoError(int err, absl::string_view message) {
+  const std::string text = absl::StrCat(message, ": ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+      return absl::NotFoundError(text);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(text);
+    default:
+      return absl::UnavailableError(text);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError(errno, absl::StrCat(path, ": cannot open"));
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return ErrnoError(err, absl::StrCat(path, ": cannot stat"));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Invalid(path, "not a regular file");
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size == 0) {  // mmap cannot map 0 bytes; the parser reports the truncation.
+    ::close(fd);
+    return ParseGguf(absl::string_view(), path).status();
+  }
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int map_err = errno;
+  ::close(fd);  // The mapping keeps the file referenced.
+  if (map == MAP_FAILED) return ErrnoError(map_err, absl::StrCat(path, ": cannot mmap ", size, " bytes"));
+  const uint8_t* base = static_cast<const uint8_t*>(map);
+  absl::StatusOr<GgufHeader> header = ParseGguf(absl::string_view(reinterpret_cast<const char*>(base), size), path);
+  if (!header.ok()) {
+    ::munmap(map, size);
+    return header.status();
+  }
+  return std::unique_ptr<GgufFile>(new GgufFile(base, size, *std::move(header)));
+}
+
+GgufFile::~GgufFile() { ::munmap(const_cast<uint8_t*>(base_), size_); }
+
+// ---- Writer ----
+
+namespace {
+
+void PutUint(std::string* out, uint64_t v, int size) {
+  for (int i = 0; i < size; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+}
+
+void PutString(std::string* out, absl::string_view s) {
+  PutUint(out, s.size(), 8);
+  out->append(s.data(), s.size());
+}
+
+absl::Status PutValue(std::string* out, const GgufValue& v, int depth) {
+  const uint32_t id = static_cast<uint32_t>(v.type());
+  if (id >= kNumValueTypes) return absl::InvalidArgumentError(absl::StrCat("unknown value type ", id));
+  if (v.is_string()) {
+    PutString(out, v.string_value());
+  } else if (v.is_array()) {
+    if (depth >= kGgufMaxArrayDepth) {
+      return absl::InvalidArgumentError(absl::StrCat("arrays nested more than ", kGgufMaxArrayDepth, " deep"));
+    }
+    const uint32_t element_id = static_cast<uint32_t>(v.element_type());
+    if (element_id >= kNumValueTypes) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown array element type ", element_id));
+    }
+    PutUint(out, element_id, 4);
+    PutUint(out, v.elements().size(), 8);
+    for (size_t i = 0; i < v.elements().size(); ++i) {
+      const GgufValue& e = v.elements()[i];
+      if (e.type() != v.element_type()) {
+        return absl::InvalidArgumentError(absl::StrCat("element ", i, " is ", GgufValueTypeName(e.type()),
+                                                       " in an array of ", GgufValueTypeName(v.element_type())));
+      }
+      absl::Status s = PutValue(out, e, depth + 1);
+      if (!s.ok()) return Wrap(s, absl::StrCat("element ", i, ": "));
+    }
+  } else {
+    PutUint(out, v.bits(), static_cast<int>(ScalarSize(v.type())));
+  }
+  return absl::OkStatus();
+}
+
+// Everything before the data section, plus where each tensor goes.
+struct PlannedGguf {
+  std::string header;             // Padded to the alignment.
+  std::vector<uint64_t> padding;  // Zero bytes after each tensor's data.
+};
+
+absl::StatusOr<PlannedGguf> PlanGguf(const GgufMetadata& metadata, const std::vector<GgufTensorToWrite>& tensors) {
+  PlannedGguf plan;
+  std::string& out = plan.header;
+  uint64_t alignment = kGgufDefaultAlignment;
+  PutUint(&out, kMagic, 4);
+  PutUint(&out, 3, 4);
+  PutUint(&out, tensors.size(), 8);
+  PutUint(&out, metadata.size(), 8);
+  std::map<absl::string_view, size_t> seen;
+  for (size_t i = 0; i < metadata.size(); ++i) {
+    const std::string& key = metadata[i].first;
+    const GgufValue& value = metadata[i].second;
+    const std::string prefix = absl::StrCat("metadata ", Q(key), ": ");
+    if (!seen.emplace(key, i).second) return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate key"));
+    if (key == "general.alignment") {
+      absl::Status s = CheckAlignment(value, prefix, &alignment);
+      if (!s.ok()) return s;
+    }
+    PutString(&out, key);
+    PutUint(&out, static_cast<uint32_t>(value.type()), 4);
+    absl::Status s = PutValue(&out, value, 0);
+    if (!s.ok()) return Wrap(s, prefix);
+  }
+  std::map<absl::string_view, size_t> names;
+  uint64_t offset = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const GgufTensorToWrite& t = tensors[i];
+    const std::string prefix = absl::StrCat("tensor ", Q(t.name), ": ");
+    if (!names.emplace(t.name, i).second) return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate name"));
+    if (t.dims.size() > kGgufMaxDims) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, t.dims.size(), " dims, more than the maximum of ", kGgufMaxDims));
+    }
+    if (FindType(static_cast<uint32_t>(t.type)) == nullptr) {
+      return Wrap(ParseGgmlType(static_cast<uint32_t>(t.type)).status(), prefix);
+    }
+    absl::StatusOr<uint64_t> nbytes = GgmlNbytes(t.type, t.dims);
+    if (!nbytes.ok()) return Wrap(nbytes.status(), prefix);
+    if (*nbytes != t.bytes.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, t.bytes.size(), " bytes given, but ",
+                                                     GgmlTypeName(t.type), " ", DimsString(t.dims), " needs ",
+                                                     *nbytes));
+    }
+    PutString(&out, t.name);
+    PutUint(&out, t.dims.size(), 4);
+    for (const uint64_t d : t.dims) PutUint(&out, d, 8);
+    PutUint(&out, static_cast<uint32_t>(t.type), 4);
+    PutUint(&out, offset, 8);
+    const uint64_t padded = AlignUp(*nbytes, alignment);
+    plan.padding.push_back(padded - *nbytes);
+    if (__builtin_add_overflow(offset, padded, &offset)) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "the data section exceeds 64 bits"));
+    }
+  }
+  out.append(AlignUp(out.size(), alignment) - out.size(), '\0');
+  return plan;
+}
+
+absl::Status WriteAll(int fd, const void* data, size_t n, const std::string& tmp) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  while (n > 0) {
+    // Linux writes at most ~2 GiB per call; loop over partial writes and EINTR.
+    const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t{1} << 30));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(errno, absl::StrCat(tmp, ": write failed"));
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeGguf(const GgufMetadata& metadata,
+                                          const std::vector<GgufTensorToWrite>& tensors) {
+  absl::StatusOr<PlannedGguf> plan = PlanGguf(metadata, tensors);
+  if (!plan.ok()) return plan.status();
+  std::string out = std::move(plan->header);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    out.append(reinterpret_cast<const char*>(tensors[i].bytes.data()), tensors[i].bytes.size());
+    out.append(plan->padding[i], '\0');
+  }
+  return out;
+}
+
+absl::Status WriteGguf(const std::string& path, const GgufMetadata& metadata,
+                       const std::vector<GgufTensorToWrite>& tensors) {
+  absl::StatusOr<PlannedGguf> plan = PlanGguf(metadata, tensors);
+  if (!plan.ok()) return Wrap(plan.status(), absl::StrCat(path, ": "));
+
+  // The same temporary-file protocol as WriteSafetensors (see the comments there): O_TRUNC, fsync before
+  // rename, unlink on error, best-effort fsync of the folder.
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(errno, absl::StrCat(tmp, ": cannot create"));
+  static const char kZeros[4096] = {};
+  absl::Status status = WriteAll(fd, plan->header.data(), plan->header.size(), tmp);
+  for (size_t i = 0; i < tensors.size() && status.ok(); ++i) {
+    status = WriteAll(fd, tensors[i].bytes.data(), tensors[i].bytes.size(), tmp);
+    // Padding is below the alignment, at most 2^31: write it in page-sized pieces.
+    for (uint64_t left = plan->padding[i]; left > 0 && status.ok();) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(left, sizeof(kZeros)));
+      status = WriteAll(fd, kZeros, n, tmp);
+      left -= n;
+    }
+  }
+  if (status.ok() && ::fsync(fd) != 0) status = ErrnoError(errno, absl::StrCat(tmp, ": fsync failed"));
+  if (::close(fd) != 0 && status.ok()) status = ErrnoError(errno, absl::StrCat(tmp, ": close failed"));
+  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    status = ErrnoError(errno, absl::StrCat(path, ": cannot rename ", tmp, " to it"));
+  }
+  if (!status.ok()) {
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kt
