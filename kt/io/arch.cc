@@ -1,17 +1,17 @@
 #include "kt/io/arch.h"
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <map>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
@@ -26,114 +26,22 @@ constexpr int64_t kMaxLayers = 4096;
 constexpr int64_t kMaxExperts = 65536;
 constexpr int64_t kMaxDim = int64_t{1} << 20;
 
-// ---- Fractional numbers --------------------------------------------------------------------------------
-//
-// kt::json rejects numbers with a fraction or exponent (nothing in a weight header is fractional). A config
-// has many (rms_norm_eps, initializer_range, rope_theta 1000000.0, routed_scaling_factor 2.5). Rather than
-// loosening the shared parser, each such number is replaced, before parsing, by a string literal of exactly
-// the same length ("1e-06" -> "\"000\""), and remembered by its offset: a string Value whose offset is in the
-// table is that number. Same length means every JSON error offset is still the offset in the real file.
-//
-// Only tokens matching RFC 8259's number grammar exactly, with a fraction or exponent, are replaced; anything
-// malformed ("1.", "1e", "-.5", "01.5") is left for the parser to reject with its own message. A number
-// followed by ':' is left too, so "{1.5: 0}" stays an error instead of becoming a valid string key (an object
-// key is the only place where a string is valid and a number is not).
-struct FracNumber {
-  std::string text;
-  double value = 0;
-};
-using FracTable = std::map<size_t, FracNumber>;
-
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
-bool IsJsonSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-// Scans an RFC 8259 number at text[i]; returns its end, or i when there is none. *fractional: it has a
-// fraction or an exponent.
-size_t ScanNumber(absl::string_view text, size_t i, bool* fractional) {
-  const size_t n = text.size();
-  size_t j = i;
-  *fractional = false;
-  if (j < n && text[j] == '-') ++j;
-  if (j >= n || !IsDigit(text[j])) return i;
-  if (text[j] == '0') {
-    ++j;
-  } else {
-    while (j < n && IsDigit(text[j])) ++j;
-  }
-  if (j < n && text[j] == '.') {
-    if (j + 1 >= n || !IsDigit(text[j + 1])) return i;
-    j += 1;
-    while (j < n && IsDigit(text[j])) ++j;
-    *fractional = true;
-  }
-  if (j < n && (text[j] == 'e' || text[j] == 'E')) {
-    size_t k = j + 1;
-    if (k < n && (text[k] == '+' || text[k] == '-')) ++k;
-    if (k >= n || !IsDigit(text[k])) return i;
-    while (k < n && IsDigit(text[k])) ++k;
-    j = k;
-    *fractional = true;
-  }
-  return j;
-}
-
-std::string MaskFractions(absl::string_view text, FracTable* table) {
-  std::string out(text);
-  const size_t n = text.size();
-  size_t i = 0;
-  bool in_string = false;
-  while (i < n) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') {
-        i += 2;
-        continue;
-      }
-      if (c == '"') in_string = false;
-      ++i;
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-      ++i;
-      continue;
-    }
-    if (c != '-' && !IsDigit(c)) {
-      ++i;
-      continue;
-    }
-    bool fractional = false;
-    const size_t end = ScanNumber(text, i, &fractional);
-    if (end == i) {  // A lone '-' or similar: the parser will report it.
-      ++i;
-      continue;
-    }
-    size_t next = end;
-    while (next < n && IsJsonSpace(text[next])) ++next;
-    const bool is_key = next < n && text[next] == ':';
-    if (fractional && !is_key) {
-      FracNumber number;
-      number.text = std::string(text.substr(i, end - i));
-      // from_chars-based and locale-independent; out-of-range values come back as +-inf or 0 and are
-      // rejected where a finite value is needed.
-      if (!absl::SimpleAtod(number.text, &number.value)) number.value = std::nan("");
-      // end - i >= 3 (a fraction needs "d.d", an exponent "dEd"), so both quotes fit.
-      out[i] = '"';
-      for (size_t k = i + 1; k + 1 < end; ++k) out[k] = '0';
-      out[end - 1] = '"';
-      table->emplace(i, std::move(number));
-    }
-    i = end;
-  }
-  return out;
-}
-
 // ---- Typed access with messages that name the key ------------------------------------------------------
+
+// A fractional number as an error message shows it: the shortest text that reads back as the same double,
+// with ".0" where that would look like an integer ("got 64.0" for hidden_size 64.0, not "got 64").
+std::string DoubleText(double d) {
+  char buf[64];
+  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), d);
+  std::string text(buf, r.ec == std::errc() ? r.ptr : buf);
+  if (text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
+}
 
 class Reader {
  public:
-  Reader(absl::string_view origin, const json::Value* object, std::string path, const FracTable* fracs)
-      : origin_(origin), object_(object), path_(std::move(path)), fracs_(fracs) {}
+  Reader(absl::string_view origin, const json::Value* object, std::string path)
+      : origin_(origin), object_(object), path_(std::move(path)) {}
 
   const json::Value* object() const { return object_; }
   const std::string& path() const { return path_; }
@@ -144,10 +52,6 @@ class Reader {
   }
   const json::Value* Get(absl::string_view key) const { return object_->Find(key); }
 
-  bool IsFraction(const json::Value& v) const {
-    return v.is_string() && fracs_->find(v.offset()) != fracs_->end();
-  }
-
   std::string Describe(const json::Value& v) const {
     switch (v.type()) {
       case json::Value::Type::kNull:
@@ -156,9 +60,9 @@ class Reader {
         return v.as_bool() ? "true" : "false";
       case json::Value::Type::kInt:
         return absl::StrCat(v.as_int());
+      case json::Value::Type::kDouble:
+        return DoubleText(v.as_double());
       case json::Value::Type::kString: {
-        auto it = fracs_->find(v.offset());
-        if (it != fracs_->end()) return it->second.text;
         const std::string& s = v.as_string();
         if (s.size() > 48) return absl::StrCat("a string ", json::Quote(s.substr(0, 48)), "...");
         return absl::StrCat("the string ", json::Quote(s));
@@ -214,8 +118,8 @@ class Reader {
     double d = 0;
     if (v->is_int()) {
       d = static_cast<double>(v->as_int());
-    } else if (IsFraction(*v)) {
-      d = fracs_->at(v->offset()).value;
+    } else if (v->is_double()) {
+      d = v->as_double();  // Finite: the parser rejects literals that overflow a double.
     } else {
       return Error(key, "a positive number", *v);
     }
@@ -234,7 +138,7 @@ class Reader {
   absl::StatusOr<std::string> String(absl::string_view key) const {
     const json::Value* v = Get(key);
     if (v == nullptr || v->is_null()) return std::string();
-    if (!v->is_string() || IsFraction(*v)) return Error(key, "a string", *v);
+    if (!v->is_string()) return Error(key, "a string", *v);
     return v->as_string();
   }
 
@@ -242,7 +146,6 @@ class Reader {
   absl::string_view origin_;
   const json::Value* object_;
   std::string path_;
-  const FracTable* fracs_;
 };
 
 #define KT_ASSIGN_OR_RETURN(lhs, expr) \
@@ -328,13 +231,12 @@ absl::Status CheckRoutingGroups(const Reader& r, MoeArch* arch) {
   return absl::OkStatus();
 }
 
-absl::Status ParseQuantization(absl::string_view origin, const json::Value& root, const FracTable& fracs,
-                               MoeArch* arch) {
+absl::Status ParseQuantization(absl::string_view origin, const json::Value& root, MoeArch* arch) {
   const json::Value* q = root.Find("quantization_config");
   if (q == nullptr || q->is_null()) return absl::OkStatus();
-  Reader top(origin, &root, "", &fracs);
+  Reader top(origin, &root, "");
   if (!q->is_object()) return top.Error("quantization_config", "an object", *q);
-  Reader r(origin, q, "quantization_config.", &fracs);
+  Reader r(origin, q, "quantization_config.");
   MoeQuantization quant;
   KT_ASSIGN_OR_RETURN(quant.quant_method, r.String("quant_method"));
   if (quant.quant_method.empty()) return r.Missing("quant_method", "a quantization_config names its method");
@@ -423,27 +325,26 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
     return absl::InvalidArgumentError(absl::StrCat(origin, ": ", text.size(), " bytes; a config.json over ",
                                                    kMaxConfigBytes, " bytes is not a config"));
   }
-  FracTable fracs;
-  const std::string masked = MaskFractions(text, &fracs);
-  absl::StatusOr<json::Value> parsed = json::Parse(masked);
+  // config.json has fractional numbers (rms_norm_eps 1e-06, rope_theta 1000000.0, routed_scaling_factor 2.5).
+  json::ParseOptions options;
+  options.allow_fractions = true;
+  absl::StatusOr<json::Value> parsed = json::Parse(text, options);
   if (!parsed.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(origin, ": ", parsed.status().message()));
   }
   const json::Value& root = *parsed;
   if (!root.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        origin, ": expected a JSON object, found ",
-        fracs.count(root.offset()) != 0 && root.is_string() ? "number" : json::TypeName(root.type())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": expected a JSON object, found ", json::TypeName(root.type())));
   }
-  Reader top(origin, &root, "", &fracs);
+  Reader top(origin, &root, "");
 
   // architectures: exactly one known name.
   const json::Value* archs = root.Find("architectures");
   if (archs == nullptr || archs->is_null()) {
     return top.Missing("architectures", "it names the model class, e.g. [\"Qwen3MoeForCausalLM\"]");
   }
-  if (!archs->is_array() || archs->elements().size() != 1 || !archs->elements()[0].is_string() ||
-      top.IsFraction(archs->elements()[0])) {
+  if (!archs->is_array() || archs->elements().size() != 1 || !archs->elements()[0].is_string()) {
     return top.Error("architectures", "an array of one string",
                      archs->is_array() && archs->elements().size() == 1 ? archs->elements()[0] : *archs);
   }
@@ -477,7 +378,7 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
   } else {
     arch.layer_prefix = "model.layers";
   }
-  const Reader r(origin, keys_object, path, &fracs);
+  const Reader r(origin, keys_object, path);
   const MoeFamily f = arch.family;
   arch.block = IsMixtralStyle(f) ? "block_sparse_moe" : "mlp";
   arch.layout = f == MoeFamily::kQwen3VlMoe  ? ExpertLayout::kFusedGateUpInOut
@@ -625,7 +526,7 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
     }
   }
 
-  absl::Status s = ParseQuantization(origin, root, fracs, &arch);
+  absl::Status s = ParseQuantization(origin, root, &arch);
   if (!s.ok()) return s;
   return arch;
 }

@@ -26,8 +26,9 @@
 // each be the expert count and disagree, an unknown architecture, or a config without the MoE keys is an
 // error naming the origin (the file), the key (with its "text_config." path where it is nested) and the
 // expected against the found value. config.json holds fractional numbers (rms_norm_eps, 2.5 for
-// routed_scaling_factor), which kt::json rejects by design; ParseMoeConfig hands those to the parser as
-// same-length placeholder strings and remembers them by offset, so JSON error offsets stay exact.
+// routed_scaling_factor), which kt::json rejects by default; ParseMoeConfig parses with
+// json::ParseOptions::allow_fractions, so they are numbers (a literal that overflows a double is a JSON
+// error at its offset), and a key that wants a float also takes an integer (routed_scaling_factor: 1).
 #ifndef KT_IO_ARCH_H_
 #define KT_IO_ARCH_H_
 

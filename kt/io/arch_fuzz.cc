@@ -1,4 +1,4 @@
-// libFuzzer entry point for ParseMoeConfig (and through it the fraction masking and the JSON parser) over
+// libFuzzer entry point for ParseMoeConfig (and through it the JSON parser, fractions allowed) over
 // config.json text. Build it outside Bazel as the safetensors one (kt/io/README.md), with kt/io/arch.cc and
 // kt/io/json.cc; arch_fuzz_test runs it over a deterministic corpus under ASan/UBSan on every test run.
 #include <cstddef>

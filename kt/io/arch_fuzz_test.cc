@@ -1,7 +1,8 @@
 // Runs the libFuzzer entry point (arch_fuzz.cc) over a deterministic corpus: byte changes, insertions,
 // deletions and truncations of real-looking configs (the three fixtures' shapes, a VL config, a DeepSeek FP8
-// one), plus number-heavy snippets aimed at the fraction masking. Built with ASan and UBSan; every input must
-// either parse (the entry point checks the invariants) or fail with an error that starts with the origin.
+// one), plus number-heavy snippets aimed at the fractional-number grammar. Built with ASan and UBSan; every
+// input must either parse (the entry point checks the invariants) or fail with an error that starts with the
+// origin.
 #include <cstdint>
 #include <random>
 #include <string>

@@ -410,11 +410,40 @@ TEST(ArchTest, OtherQuantizationMethodsAreRecorded) {
   EXPECT_TRUE(a.quantization->weight_block_size.empty());
 }
 
+TEST(ArchTest, FloatKeysTakeIntegersAndFractions) {
+  const std::string base = R"({"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+      "num_hidden_layers": 2, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+      "first_k_dense_replace": 0, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+      "routed_scaling_factor": X})";
+  const struct {
+    const char* text;
+    float value;
+  } cases[] = {{"1", 1.0f}, {"3", 3.0f}, {"2.5", 2.5f}, {"2.827", 2.827f}, {"25e-1", 2.5f}, {"1E0", 1.0f}};
+  for (const auto& c : cases) {
+    MoeArch a = MustParse(absl::StrReplaceAll(base, {{"X", c.text}}));
+    EXPECT_FLOAT_EQ(a.routed_scaling_factor, c.value) << c.text;
+  }
+  // A fractional number where an integer, a string or a bool belongs is that key's error, shown as written.
+  EXPECT_EQ(ErrorOf(absl::StrReplaceAll(
+                base, {{"X", "2.5"}, {"\"n_routed_experts\": 8", "\"n_routed_experts\": 8.5"}})),
+            "config.json: n_routed_experts must be a positive integer <= 65536, got 8.5");
+  EXPECT_EQ(
+      ErrorOf(absl::StrReplaceAll(base, {{"X", "2.5"}, {"\"hidden_size\": 64", "\"hidden_size\": 6.4e1"}})),
+      "config.json: hidden_size must be a positive integer <= 1048576, got 64.0");
+  EXPECT_EQ(ErrorOf(absl::StrReplaceAll(base, {{"X", "2.5, \"scoring_func\": 1e-06"}})),
+            "config.json: scoring_func must be a string, got 1e-06");
+  EXPECT_EQ(ErrorOf(absl::StrReplaceAll(base, {{"X", "2.5, \"norm_topk_prob\": 1.0"}})),
+            "config.json: norm_topk_prob must be true or false, got 1.0");
+  EXPECT_THAT(ErrorOf(R"({"architectures": [1.5]})"),
+              HasSubstr("architectures must be an array of one string, got 1.5"));
+  EXPECT_EQ(ErrorOf("2.5"), "config.json: expected a JSON object, found number");
+}
+
 TEST(ArchTest, FractionsKeepJsonErrorOffsets) {
-  // The number 2.5 before the error is masked with a same-length placeholder: the offset is the file's.
+  // The number 2.5 before the error is parsed in place: the offset is the file's.
   const std::string text = R"({"routed_scaling_factor": 2.5, "x": tru})";
   EXPECT_THAT(ErrorOf(text), HasSubstr(absl::StrCat("JSON error at byte ", text.find("tru"))));
-  // A malformed fraction is the parser's error, not a masked string.
+  // A malformed fraction is the parser's error.
   EXPECT_THAT(ErrorOf(R"({"a": 1.})"), HasSubstr("JSON error at byte"));
   EXPECT_THAT(ErrorOf(R"({"a": 01.5})"), HasSubstr("JSON error at byte"));
   // A fraction as an object key stays invalid.
@@ -541,8 +570,22 @@ TEST(ArchErrorTest, DeepseekKeys) {
               HasSubstr("routed_scaling_factor is missing"));
   EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": -2.5)")),
             "config.json: routed_scaling_factor must be a positive finite number, got -2.5");
-  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 1e999)")),
-            "config.json: routed_scaling_factor must be a positive finite number, got 1e999");
+  // A literal that overflows a double is a JSON error at its offset (the parser never yields inf); one that
+  // is a finite double but overflows the float it is stored in is this key's error.
+  const std::string overflow =
+      Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 1e999)");
+  EXPECT_EQ(ErrorOf(overflow), absl::StrCat("config.json: JSON error at byte ", overflow.find("1e999"),
+                                            ": number 1e999 is outside the range of a double"));
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 1e39)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got 1e+39");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 0.0)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got 0.0");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 1e-400)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got 0.0");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": 0)")),
+            "config.json: routed_scaling_factor must be a positive finite number, got 0");
+  EXPECT_EQ(ErrorOf(Deepseek(R"("routed_scaling_factor": 2.5)", R"("routed_scaling_factor": [2.5])")),
+            "config.json: routed_scaling_factor must be a positive number, got an array of 1");
   EXPECT_EQ(ErrorOf(Deepseek(R"("topk_group": 2)", R"("topk_group": 5)")),
             "config.json: topk_group must be a positive integer <= n_group (4), got 5");
   EXPECT_EQ(ErrorOf(Deepseek(R"("n_group": 4)", R"("n_group": 3)")),

@@ -1,12 +1,14 @@
 #include "kt/io/json.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -31,6 +33,8 @@ const char* TypeName(Value::Type type) {
       return "bool";
     case Value::Type::kInt:
       return "integer";
+    case Value::Type::kDouble:
+      return "number";
     case Value::Type::kString:
       return "string";
     case Value::Type::kArray:
@@ -154,7 +158,7 @@ class Parser {
       out->type_ = Value::Type::kString;
       return ParseString(&out->string_);
     }
-    if (c == '-' || (c >= '0' && c <= '9')) return ParseInteger(out);
+    if (c == '-' || (c >= '0' && c <= '9')) return ParseNumber(out);
     if (ConsumeLiteral("true")) {
       out->type_ = Value::Type::kBool;
       out->bool_ = true;
@@ -261,34 +265,69 @@ class Parser {
     }
   }
 
-  // -?(0|[1-9][0-9]*), exactly, into int64 with an overflow check. A fraction or exponent is an error:
-  // nothing in a weight header is fractional, and silently truncating 1e3 or 2.0 would hide a broken writer.
-  bool ParseInteger(Value* out) {
+  bool AtDigit() const { return !AtEnd() && Peek() >= '0' && Peek() <= '9'; }
+
+  // RFC 8259's number, exactly: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?. Without a fraction or
+  // exponent it is an int64 (kInt) with an overflow check. With one, it is an error unless
+  // options_.allow_fractions: nothing in a weight header is fractional, and silently truncating 1e3 or 2.0
+  // would hide a broken writer. Allowed, it is a kDouble, converted from the exact token (locale-independent)
+  // and rejected when it overflows a double.
+  bool ParseNumber(Value* out) {
     const size_t start = pos_;
-    bool negative = false;
-    if (Peek() == '-') {
-      negative = true;
-      ++pos_;
-    }
-    if (AtEnd() || Peek() < '0' || Peek() > '9') {
-      return Fail(absl::StrCat("expected a digit, found ", Describe(text_, pos_)));
-    }
+    if (Peek() == '-') ++pos_;
+    if (!AtDigit()) return Fail(absl::StrCat("expected a digit, found ", Describe(text_, pos_)));
     if (Peek() == '0' && pos_ + 1 < text_.size() && text_[pos_ + 1] >= '0' && text_[pos_ + 1] <= '9') {
       return Fail("leading zeros are not allowed in a number");
     }
+    while (AtDigit()) ++pos_;
+    const size_t int_end = pos_;
+    if (AtEnd() || (Peek() != '.' && Peek() != 'e' && Peek() != 'E')) {
+      return ConvertInteger(start, int_end, out);
+    }
+    if (!options_.allow_fractions) {
+      return FailAt(start, "only integers are supported (found a fraction or exponent)");
+    }
+    if (Peek() == '.') {
+      ++pos_;
+      if (!AtDigit()) {
+        return Fail(absl::StrCat("expected a digit after the decimal point, found ", Describe(text_, pos_)));
+      }
+      while (AtDigit()) ++pos_;
+    }
+    if (!AtEnd() && (Peek() == 'e' || Peek() == 'E')) {
+      ++pos_;
+      if (!AtEnd() && (Peek() == '+' || Peek() == '-')) ++pos_;
+      if (!AtDigit()) {
+        return Fail(absl::StrCat("expected a digit in the exponent, found ", Describe(text_, pos_)));
+      }
+      while (AtDigit()) ++pos_;
+    }
+    const absl::string_view token = text_.substr(start, pos_ - start);
+    double value = 0;
+    // The token matches the grammar above, which SimpleAtod accepts in full; it returns +-inf on overflow
+    // and the nearest double (possibly 0 or subnormal) on underflow.
+    if (!absl::SimpleAtod(token, &value) || !std::isfinite(value)) {
+      const std::string shown =
+          token.size() <= 40 ? std::string(token) : absl::StrCat(token.substr(0, 40), "...");
+      return FailAt(start, absl::StrCat("number ", shown, " is outside the range of a double"));
+    }
+    out->type_ = Value::Type::kDouble;
+    out->double_ = value;
+    return true;
+  }
+
+  // text_[start, end) is -?(0|[1-9][0-9]*).
+  bool ConvertInteger(size_t start, size_t end, Value* out) {
+    size_t i = start;
+    const bool negative = text_[i] == '-';
+    if (negative) ++i;
     // Accumulate the magnitude as uint64 so that -9223372036854775808 is representable.
     const uint64_t limit = negative ? uint64_t{1} << 63 : (uint64_t{1} << 63) - 1;
     uint64_t magnitude = 0;
-    while (!AtEnd() && Peek() >= '0' && Peek() <= '9') {
-      const uint64_t digit = static_cast<uint64_t>(Peek() - '0');
-      if (magnitude > (limit - digit) / 10) {
-        return FailAt(start, "integer does not fit in 64 bits");
-      }
+    for (; i < end; ++i) {
+      const uint64_t digit = static_cast<uint64_t>(text_[i] - '0');
+      if (magnitude > (limit - digit) / 10) return FailAt(start, "integer does not fit in 64 bits");
       magnitude = magnitude * 10 + digit;
-      ++pos_;
-    }
-    if (!AtEnd() && (Peek() == '.' || Peek() == 'e' || Peek() == 'E')) {
-      return FailAt(start, "only integers are supported (found a fraction or exponent)");
     }
     out->type_ = Value::Type::kInt;
     out->int_ = negative ? static_cast<int64_t>(0 - magnitude) : static_cast<int64_t>(magnitude);

@@ -1,12 +1,14 @@
 // A small, strict JSON parser sized for what weight files contain: safetensors headers and
-// model.safetensors.index.json (objects, arrays, strings with escapes, integers, true/false/null).
+// model.safetensors.index.json (objects, arrays, strings with escapes, integers, true/false/null), and, when
+// ParseOptions::allow_fractions is set, numbers with a fraction or exponent (a Hugging Face config.json).
 //
 // Strict means: anything RFC 8259 rejects is rejected (trailing commas, leading zeros, control characters in
 // strings, invalid UTF-8, lone surrogates, trailing garbage), and so is what a weight header never needs but
-// would make later checks ambiguous: numbers with a fraction or exponent, integers outside int64, and
-// duplicate object keys (which value wins differs between parsers, so a file with two "dtype"s or two
-// entries for one tensor name could mean different things to different readers). Every error carries the
-// byte offset where the problem is. The input is never read out of bounds and recursion is depth-limited.
+// would make later checks ambiguous: numbers with a fraction or exponent (unless allowed), integers outside
+// int64, numbers outside the range of a double, and duplicate object keys (which value wins differs between
+// parsers, so a file with two "dtype"s or two entries for one tensor name could mean different things to
+// different readers). Every error carries the byte offset where the problem is. The input is never read out
+// of bounds and recursion is depth-limited.
 #ifndef KT_IO_JSON_H_
 #define KT_IO_JSON_H_
 
@@ -24,7 +26,9 @@ namespace json {
 
 class Value {
  public:
-  enum class Type { kNull, kBool, kInt, kString, kArray, kObject };
+  // kInt: a number without fraction or exponent ("-12"), always; kDouble: one with a fraction or exponent
+  // ("2.5", "1e-06", "64.0"), only under ParseOptions::allow_fractions.
+  enum class Type { kNull, kBool, kInt, kDouble, kString, kArray, kObject };
 
   Value() = default;
 
@@ -32,6 +36,7 @@ class Value {
   bool is_null() const { return type_ == Type::kNull; }
   bool is_bool() const { return type_ == Type::kBool; }
   bool is_int() const { return type_ == Type::kInt; }
+  bool is_double() const { return type_ == Type::kDouble; }
   bool is_string() const { return type_ == Type::kString; }
   bool is_array() const { return type_ == Type::kArray; }
   bool is_object() const { return type_ == Type::kObject; }
@@ -39,6 +44,9 @@ class Value {
   // Accessors; each must only be called on a value of that type (they return a default otherwise).
   bool as_bool() const { return bool_; }
   int64_t as_int() const { return int_; }
+  // Finite: a literal that overflows a double is a parse error. (It may be -0.0, or 0.0 for an underflow
+  // such as 1e-400: the nearest double.)
+  double as_double() const { return double_; }
   const std::string& as_string() const { return string_; }
   const std::vector<Value>& elements() const { return elements_; }
   // Object members sorted by key (keys are unique: duplicates are a parse error).
@@ -57,12 +65,13 @@ class Value {
   size_t offset_ = 0;
   bool bool_ = false;
   int64_t int_ = 0;
+  double double_ = 0;
   std::string string_;
   std::vector<Value> elements_;
   std::vector<std::pair<std::string, Value>> members_;
 };
 
-// "null", "bool", "integer", "string", "array", "object": for error messages.
+// "null", "bool", "integer", "number" (kDouble), "string", "array", "object": for error messages.
 const char* TypeName(Value::Type type);
 
 struct ParseOptions {
@@ -73,6 +82,10 @@ struct ParseOptions {
   // Added to every offset in error messages: the position of `text` in a larger file, so that errors point
   // at file offsets (a safetensors header starts at byte 8).
   size_t base_offset = 0;
+  // Accept numbers with a fraction or exponent (RFC 8259's grammar, exactly) as Type::kDouble. Off by
+  // default: nothing in a weight header is fractional, and a writer that puts 2.0 or 1e3 where an integer
+  // belongs is broken. Numbers without fraction or exponent are kInt either way, with the int64 check.
+  bool allow_fractions = false;
 };
 
 // Parses one JSON value followed only by whitespace. Errors read "JSON error at byte N: ..." where N is the

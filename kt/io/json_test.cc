@@ -1,6 +1,8 @@
 #include "kt/io/json.h"
 
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -64,6 +66,121 @@ TEST(JsonTest, RejectsNonIntegerNumbers) {
   EXPECT_THAT(ErrorOf("01"), HasSubstr("leading zeros"));
   EXPECT_THAT(ErrorOf("-"), HasSubstr("expected a digit"));
   EXPECT_THAT(ErrorOf("+1"), HasSubstr("expected a value"));
+}
+
+TEST(JsonTest, FractionsAreRejectedByDefault) {
+  // Every form that allow_fractions accepts is an error without it, at the number's first byte.
+  for (const char* text : {"1.5", "-0.0", "1e3", "1E+3", "2.0", "0.5e-2"}) {
+    EXPECT_THAT(ErrorOf(text), HasSubstr("at byte 0: only integers are supported")) << text;
+  }
+  EXPECT_THAT(ErrorOf(R"({"shape": [2, 3.0]})"), HasSubstr("at byte 14: only integers are supported"));
+}
+
+ParseOptions Fractions() {
+  ParseOptions options;
+  options.allow_fractions = true;
+  return options;
+}
+
+TEST(JsonTest, AllowFractionsParsesDoubles) {
+  const struct {
+    const char* text;
+    double value;
+  } cases[] = {
+      {"1.5", 1.5},
+      {"-1.5", -1.5},
+      {"0.5", 0.5},
+      {"2.0", 2.0},
+      {"1e3", 1000},
+      {"1E3", 1000},
+      {"1e+3", 1000},
+      {"1e-06", 1e-06},
+      {"-2.5E-3", -2.5e-3},
+      {"0e0", 0},
+      {"0.02", 0.02},
+      {"1000000.0", 1e6},
+      {"2.827", 2.827},
+      {"1.7976931348623157e308", 1.7976931348623157e308},
+      {"5e-324", 5e-324},  // The smallest subnormal.
+      {"0.1000000000000000055511151231257827021181583404541015625", 0.1},
+  };
+  for (const auto& c : cases) {
+    absl::StatusOr<Value> v = Parse(c.text, Fractions());
+    ASSERT_TRUE(v.ok()) << c.text << ": " << v.status();
+    EXPECT_TRUE(v->is_double()) << c.text;
+    EXPECT_FALSE(v->is_int()) << c.text;
+    EXPECT_EQ(v->type(), Value::Type::kDouble);
+    EXPECT_EQ(v->as_double(), c.value) << c.text;  // Exact: the conversion is correctly rounded.
+  }
+  // -0.0 keeps its sign; an underflow is the nearest double, 0.
+  EXPECT_TRUE(std::signbit(Parse("-0.0", Fractions())->as_double()));
+  EXPECT_EQ(Parse("1e-400", Fractions())->as_double(), 0.0);
+  EXPECT_STREQ(TypeName(Value::Type::kDouble), "number");
+}
+
+TEST(JsonTest, AllowFractionsKeepsIntegersExact) {
+  // Without fraction or exponent a number is still an int64, with the same overflow check.
+  absl::StatusOr<Value> v = Parse("[0, -0, 7, 9223372036854775807, -9223372036854775808]", Fractions());
+  ASSERT_TRUE(v.ok()) << v.status();
+  for (const Value& e : v->elements()) EXPECT_TRUE(e.is_int());
+  EXPECT_EQ(v->elements()[3].as_int(), INT64_MAX);
+  EXPECT_EQ(v->elements()[4].as_int(), INT64_MIN);
+  EXPECT_THAT(ErrorOf("9223372036854775808", Fractions()),
+              HasSubstr("at byte 0: integer does not fit in 64 bits"));
+  // A number that only a double can hold must be written as one.
+  EXPECT_EQ(Parse("9223372036854775808.0", Fractions())->as_double(), 9223372036854775808.0);
+}
+
+TEST(JsonTest, AllowFractionsInContainersAndOffsets) {
+  absl::StatusOr<Value> v =
+      Parse(R"({"rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "layers": 4, "x": [0.5, -2e3, "1.5"]})",
+            Fractions());
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->Find("rms_norm_eps")->as_double(), 1e-06);
+  EXPECT_EQ(v->Find("rms_norm_eps")->offset(), 17u);
+  EXPECT_EQ(v->Find("rope_theta")->as_double(), 1e6);
+  EXPECT_TRUE(v->Find("layers")->is_int());
+  const std::vector<Value>& x = v->Find("x")->elements();
+  EXPECT_EQ(x[0].as_double(), 0.5);
+  EXPECT_EQ(x[1].as_double(), -2000);
+  EXPECT_TRUE(x[2].is_string());  // Quoted numbers stay strings.
+  // A number is never a key.
+  EXPECT_THAT(ErrorOf("{1.5: 0}", Fractions()), HasSubstr("at byte 1: expected a string key, found '1'"));
+}
+
+TEST(JsonTest, AllowFractionsRejectsMalformedNumbers) {
+  ParseOptions options = Fractions();
+  EXPECT_THAT(ErrorOf("1.", options),
+              HasSubstr("at byte 2: expected a digit after the decimal point, found end of input"));
+  EXPECT_THAT(ErrorOf("[1.]", options),
+              HasSubstr("at byte 3: expected a digit after the decimal point, found ']'"));
+  EXPECT_THAT(ErrorOf("1.e5", options),
+              HasSubstr("at byte 2: expected a digit after the decimal point, found 'e'"));
+  EXPECT_THAT(ErrorOf(".5", options), HasSubstr("at byte 0: unexpected '.', expected a value"));
+  EXPECT_THAT(ErrorOf("-.5", options), HasSubstr("at byte 1: expected a digit, found '.'"));
+  EXPECT_THAT(ErrorOf("01.5", options), HasSubstr("at byte 0: leading zeros are not allowed"));
+  EXPECT_THAT(ErrorOf("-01.5", options), HasSubstr("at byte 1: leading zeros are not allowed"));
+  EXPECT_THAT(ErrorOf("1e", options),
+              HasSubstr("at byte 2: expected a digit in the exponent, found end of input"));
+  EXPECT_THAT(ErrorOf("1e+", options), HasSubstr("at byte 3: expected a digit in the exponent"));
+  EXPECT_THAT(ErrorOf("1E-x", options), HasSubstr("at byte 3: expected a digit in the exponent, found 'x'"));
+  EXPECT_THAT(ErrorOf("1e999", options),
+              HasSubstr("at byte 0: number 1e999 is outside the range of a double"));
+  EXPECT_THAT(ErrorOf("[0, -1.8e308]", options),
+              HasSubstr("at byte 4: number -1.8e308 is outside the range of a double"));
+  // A long literal is shown cut.
+  EXPECT_THAT(
+      ErrorOf("1" + std::string(400, '0') + ".0", options),
+      HasSubstr(absl::StrCat("at byte 0: number 1", std::string(39, '0'), "... is outside the range")));
+  EXPECT_THAT(ErrorOf("-", options), HasSubstr("at byte 1: expected a digit, found end of input"));
+  EXPECT_THAT(ErrorOf("+1.5", options), HasSubstr("expected a value"));
+  EXPECT_THAT(ErrorOf("1.5.5", options), HasSubstr("at byte 3: unexpected '.' after the top-level value"));
+  EXPECT_THAT(ErrorOf("1.5e5e5", options), HasSubstr("at byte 5: unexpected 'e' after the top-level value"));
+  EXPECT_THAT(ErrorOf("Infinity", options), HasSubstr("expected a value"));
+  EXPECT_THAT(ErrorOf("NaN", options), HasSubstr("expected a value"));
+  EXPECT_THAT(ErrorOf("0x1p3", options), HasSubstr("after the top-level value"));
+  options.base_offset = 8;
+  EXPECT_THAT(ErrorOf("[1e999]", options), HasSubstr("at byte 9: number 1e999"));
 }
 
 TEST(JsonTest, StringEscapes) {
