@@ -1,11 +1,5 @@
 #include "kt/io/gguf.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -17,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "kt/io/file_util.h"
 #include "kt/io/json.h"
 
 namespace kt {
@@ -679,56 +674,14 @@ absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view o
   return h;
 }
 
-namespace {
-
-// errno to the closest status code, keeping the message (as in safetensors.cc).
-absl::Status ErrnoError(int err, absl::string_view message) {
-  const std::string text = absl::StrCat(message, ": ", std::strerror(err));
-  switch (err) {
-    case ENOENT:
-      return absl::NotFoundError(text);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(text);
-    default:
-      return absl::UnavailableError(text);
-  }
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoError(errno, absl::StrCat(path, ": cannot open"));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoError(err, absl::StrCat(path, ": cannot stat"));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return Invalid(path, "not a regular file");
-  }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size == 0) {  // mmap cannot map 0 bytes; the parser reports the truncation.
-    ::close(fd);
-    return ParseGguf(absl::string_view(), path).status();
-  }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_err = errno;
-  ::close(fd);  // The mapping keeps the file referenced.
-  if (map == MAP_FAILED) return ErrnoError(map_err, absl::StrCat(path, ": cannot mmap ", size, " bytes"));
-  const uint8_t* base = static_cast<const uint8_t*>(map);
-  absl::StatusOr<GgufHeader> header = ParseGguf(absl::string_view(reinterpret_cast<const char*>(base), size), path);
-  if (!header.ok()) {
-    ::munmap(map, size);
-    return header.status();
-  }
-  return std::unique_ptr<GgufFile>(new GgufFile(base, size, *std::move(header)));
+  absl::StatusOr<MappedFile> map = MappedFile::Open(path);
+  if (!map.ok()) return map.status();
+  // An empty file maps to an empty view, which the parser reports as truncated.
+  absl::StatusOr<GgufHeader> header = ParseGguf(map->view(), path);
+  if (!header.ok()) return header.status();
+  return std::unique_ptr<GgufFile>(new GgufFile(*std::move(map), *std::move(header)));
 }
-
-GgufFile::~GgufFile() { ::munmap(const_cast<uint8_t*>(base_), size_); }
 
 // ---- Writer ----
 
@@ -837,21 +790,6 @@ absl::StatusOr<PlannedGguf> PlanGguf(const GgufMetadata& metadata, const std::ve
   return plan;
 }
 
-absl::Status WriteAll(int fd, const void* data, size_t n, const std::string& tmp) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  while (n > 0) {
-    // Linux writes at most ~2 GiB per call; loop over partial writes and EINTR.
-    const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t{1} << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, absl::StrCat(tmp, ": write failed"));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::StatusOr<std::string> SerializeGguf(const GgufMetadata& metadata,
@@ -871,39 +809,14 @@ absl::Status WriteGguf(const std::string& path, const GgufMetadata& metadata,
   absl::StatusOr<PlannedGguf> plan = PlanGguf(metadata, tensors);
   if (!plan.ok()) return Wrap(plan.status(), absl::StrCat(path, ": "));
 
-  // The same temporary-file protocol as WriteSafetensors (see the comments there): O_TRUNC, fsync before
-  // rename, unlink on error, best-effort fsync of the folder.
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError(errno, absl::StrCat(tmp, ": cannot create"));
-  static const char kZeros[4096] = {};
-  absl::Status status = WriteAll(fd, plan->header.data(), plan->header.size(), tmp);
-  for (size_t i = 0; i < tensors.size() && status.ok(); ++i) {
-    status = WriteAll(fd, tensors[i].bytes.data(), tensors[i].bytes.size(), tmp);
-    // Padding is below the alignment, at most 2^31: write it in page-sized pieces.
-    for (uint64_t left = plan->padding[i]; left > 0 && status.ok();) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(left, sizeof(kZeros)));
-      status = WriteAll(fd, kZeros, n, tmp);
-      left -= n;
+  return WriteFileAtomically(path, [&](FileSink& out) {
+    absl::Status status = out.Write(plan->header);
+    for (size_t i = 0; i < tensors.size() && status.ok(); ++i) {
+      status = out.Write(tensors[i].bytes.data(), tensors[i].bytes.size());
+      if (status.ok()) status = out.WriteZeros(plan->padding[i]);
     }
-  }
-  if (status.ok() && ::fsync(fd) != 0) status = ErrnoError(errno, absl::StrCat(tmp, ": fsync failed"));
-  if (::close(fd) != 0 && status.ok()) status = ErrnoError(errno, absl::StrCat(tmp, ": close failed"));
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = ErrnoError(errno, absl::StrCat(path, ": cannot rename ", tmp, " to it"));
-  }
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
     return status;
-  }
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return absl::OkStatus();
+  });
 }
 
 }  // namespace kt

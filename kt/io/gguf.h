@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "kt/io/file_util.h"
 
 namespace kt {
 
@@ -216,13 +217,12 @@ absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view o
 class GgufFile {
  public:
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
-  ~GgufFile();
 
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
 
   const std::string& path() const { return header_.origin; }
-  uint64_t file_size() const { return size_; }
+  uint64_t file_size() const { return map_.size(); }
   const GgufHeader& header() const { return header_; }
   uint32_t version() const { return header_.version; }
   uint64_t alignment() const { return header_.alignment; }
@@ -242,15 +242,15 @@ class GgufFile {
   }
 
   // The tensor's bytes inside the map; `info` must come from this file. Aligned to min(alignment, page).
-  const uint8_t* data(const GgufTensorInfo& info) const { return base_ + header_.data_offset + info.offset; }
+  const uint8_t* data(const GgufTensorInfo& info) const {
+    return map_.data() + header_.data_offset + info.offset;
+  }
   absl::Span<const uint8_t> bytes(const GgufTensorInfo& info) const { return {data(info), info.nbytes}; }
 
  private:
-  GgufFile(const uint8_t* base, uint64_t size, GgufHeader header)
-      : base_(base), size_(size), header_(std::move(header)) {}
+  GgufFile(MappedFile map, GgufHeader header) : map_(std::move(map)), header_(std::move(header)) {}
 
-  const uint8_t* base_;
-  uint64_t size_;
+  MappedFile map_;
   GgufHeader header_;
 };
 

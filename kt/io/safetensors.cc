@@ -1,11 +1,5 @@
 #include "kt/io/safetensors.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -16,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kt/io/file_util.h"
 #include "kt/io/json.h"
 
 namespace kt {
@@ -39,22 +34,6 @@ const DtypeEntry& Entry(Dtype dtype) {
     if (e.dtype == dtype) return e;
   }
   return kDtypes[0];  // Unreachable: every enumerator is in the table.
-}
-
-std::string ErrnoMessage(int err) { return std::strerror(err); }
-
-// Maps errno to the closest status code, keeping the message.
-absl::Status ErrnoError(int err, absl::string_view message) {
-  const std::string text = absl::StrCat(message, ": ", ErrnoMessage(err));
-  switch (err) {
-    case ENOENT:
-      return absl::NotFoundError(text);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(text);
-    default:
-      return absl::UnavailableError(text);
-  }
 }
 
 // product(shape) with an overflow check; false when it does not fit in 64 bits.
@@ -267,38 +246,13 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view file,
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoError(errno, absl::StrCat(path, ": cannot open"));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoError(err, absl::StrCat(path, ": cannot stat"));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size == 0) {  // mmap cannot map 0 bytes; the parser reports the truncation.
-    ::close(fd);
-    return ParseSafetensorsHeader(absl::string_view(), path).status();
-  }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_err = errno;
-  ::close(fd);  // The mapping keeps the file referenced.
-  if (map == MAP_FAILED) return ErrnoError(map_err, absl::StrCat(path, ": cannot mmap ", size, " bytes"));
-  const uint8_t* base = static_cast<const uint8_t*>(map);
-  absl::StatusOr<SafetensorsHeader> header =
-      ParseSafetensorsHeader(absl::string_view(reinterpret_cast<const char*>(base), size), path);
-  if (!header.ok()) {
-    ::munmap(map, size);
-    return header.status();
-  }
-  return std::unique_ptr<SafetensorsFile>(new SafetensorsFile(path, base, size, *std::move(header)));
+  absl::StatusOr<MappedFile> map = MappedFile::Open(path);
+  if (!map.ok()) return map.status();
+  // An empty file maps to an empty view, which the parser reports as truncated.
+  absl::StatusOr<SafetensorsHeader> header = ParseSafetensorsHeader(map->view(), path);
+  if (!header.ok()) return header.status();
+  return std::unique_ptr<SafetensorsFile>(new SafetensorsFile(*std::move(map), *std::move(header)));
 }
-
-SafetensorsFile::~SafetensorsFile() { ::munmap(const_cast<uint8_t*>(base_), size_); }
 
 const TensorInfo* SafetensorsFile::Find(absl::string_view name) const {
   const std::vector<TensorInfo>& t = header_.tensors;
@@ -320,11 +274,11 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::Expect(absl::string_view name
                                                           absl::Span<const int64_t> shape) const {
   const TensorInfo* info = Find(name);
   if (info == nullptr) {
-    return absl::NotFoundError(absl::StrCat(path_, ": no tensor ", json::Quote(name), " (the file has ",
+    return absl::NotFoundError(absl::StrCat(path(), ": no tensor ", json::Quote(name), " (the file has ",
                                             header_.tensors.size(), " tensors)"));
   }
   if (info->dtype != dtype || absl::Span<const int64_t>(info->shape) != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(TensorPrefix(path_, name), "expected ", DtypeName(dtype),
+    return absl::InvalidArgumentError(absl::StrCat(TensorPrefix(path(), name), "expected ", DtypeName(dtype),
                                                    " ", ShapeString(shape), ", found ",
                                                    DtypeName(info->dtype), " ", ShapeString(info->shape)));
   }
@@ -404,20 +358,6 @@ absl::StatusOr<PlannedFile> PlanFile(const std::vector<TensorToWrite>& tensors,
   return plan;
 }
 
-absl::Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& tmp) {
-  while (n > 0) {
-    // Linux writes at most ~2 GiB per call; loop over partial writes and EINTR.
-    const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t{1} << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, absl::StrCat(tmp, ": write failed"));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::StatusOr<std::string> BuildSafetensorsHeader(const std::vector<TensorToWrite>& tensors,
@@ -433,38 +373,14 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   if (!plan.ok())
     return absl::Status(plan.status().code(), absl::StrCat(path, ": ", plan.status().message()));
 
-  // O_TRUNC, not O_EXCL: a leftover <path>.tmp.<pid> can only come from a crashed process that had our pid
-  // (containers restart with the same small pids), and it must not block every later write.
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError(errno, absl::StrCat(tmp, ": cannot create"));
-
-  absl::Status status =
-      WriteAll(fd, reinterpret_cast<const uint8_t*>(plan->header.data()), plan->header.size(), tmp);
-  for (const TensorToWrite* t : plan->order) {
-    if (!status.ok()) break;
-    status = WriteAll(fd, t->bytes.data(), t->bytes.size(), tmp);
-  }
-  // fsync before rename: otherwise a power loss can leave the new name pointing at a file whose data never
-  // reached the disk.
-  if (status.ok() && ::fsync(fd) != 0) status = ErrnoError(errno, absl::StrCat(tmp, ": fsync failed"));
-  if (::close(fd) != 0 && status.ok()) status = ErrnoError(errno, absl::StrCat(tmp, ": close failed"));
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = ErrnoError(errno, absl::StrCat(path, ": cannot rename ", tmp, " to it"));
-  }
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
+  return WriteFileAtomically(path, [&plan](FileSink& out) {
+    absl::Status status = out.Write(plan->header);
+    for (const TensorToWrite* t : plan->order) {
+      if (!status.ok()) break;
+      status = out.Write(t->bytes.data(), t->bytes.size());
+    }
     return status;
-  }
-  // Persist the rename itself (best effort: some file systems refuse fsync on a directory).
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return absl::OkStatus();
+  });
 }
 
 }  // namespace kt

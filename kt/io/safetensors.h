@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "kt/io/file_util.h"
 #include "kt/kernels/dtype.h"
 
 namespace kt {
@@ -77,13 +78,12 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view file,
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
-  ~SafetensorsFile();
 
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
-  const std::string& path() const { return path_; }
-  uint64_t file_size() const { return size_; }
+  const std::string& path() const { return map_.path(); }
+  uint64_t file_size() const { return map_.size(); }
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
 
@@ -94,7 +94,7 @@ class SafetensorsFile {
 
   // The tensor's bytes inside the map; `info` must come from this file. No alignment is promised beyond
   // what the file's offsets give (copy with memcpy, or check alignment, before typed access).
-  const uint8_t* data(const TensorInfo& info) const { return base_ + header_.data_offset + info.begin; }
+  const uint8_t* data(const TensorInfo& info) const { return map_.data() + header_.data_offset + info.begin; }
   absl::Span<const uint8_t> bytes(const TensorInfo& info) const { return {data(info), info.num_bytes()}; }
 
   // The tensor called `name` if it has exactly this dtype and shape; otherwise an error naming the file, the
@@ -116,12 +116,10 @@ class SafetensorsFile {
   }
 
  private:
-  SafetensorsFile(std::string path, const uint8_t* base, uint64_t size, SafetensorsHeader header)
-      : path_(std::move(path)), base_(base), size_(size), header_(std::move(header)) {}
+  SafetensorsFile(MappedFile map, SafetensorsHeader header)
+      : map_(std::move(map)), header_(std::move(header)) {}
 
-  std::string path_;
-  const uint8_t* base_;  // The whole file, mapped; nullptr only for an empty map (never: size >= 8).
-  uint64_t size_;
+  MappedFile map_;  // The whole file (never empty once open: size >= 8).
   SafetensorsHeader header_;
 };
 

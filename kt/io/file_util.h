@@ -1,0 +1,87 @@
+// File primitives shared by the weight readers and writers: errno -> absl::Status, an atomic whole-file
+// writer (temporary file, fsync, rename) and a read-only memory map. Every error names the file.
+#ifndef KT_IO_FILE_UTIL_H_
+#define KT_IO_FILE_UTIL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace kt {
+
+// "<message>: <strerror(err)>" with the closest status code: NotFound for ENOENT, PermissionDenied for
+// EACCES/EPERM, Unavailable otherwise. `message` should name the file ("<path>: cannot open").
+absl::Status ErrnoError(int err, absl::string_view message);
+
+// Writes all `n` bytes to `fd`, looping over partial writes (Linux writes at most ~2 GiB per call) and
+// EINTR. `name` names the file in the error ("<name>: write failed: ...").
+absl::Status WriteAll(int fd, const void* data, size_t n, absl::string_view name);
+
+// Appends to the temporary file of WriteFileAtomically; only valid inside its callback.
+class FileSink {
+ public:
+  absl::Status Write(const void* data, size_t n) { return WriteAll(fd_, data, n, path_); }
+  absl::Status Write(absl::string_view bytes) { return Write(bytes.data(), bytes.size()); }
+  // `n` zero bytes (padding), written in page-sized pieces.
+  absl::Status WriteZeros(uint64_t n);
+  // The temporary file's path (errors name it).
+  const std::string& path() const { return path_; }
+
+ private:
+  friend absl::Status WriteFileAtomically(const std::string&, absl::FunctionRef<absl::Status(FileSink&)>);
+  FileSink(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+
+  int fd_;
+  std::string path_;
+};
+
+// Writes `path` atomically: `write` fills `<path>.tmp.<pid>` (created with O_TRUNC: a leftover from a crashed
+// process that had the same pid, common in containers, must not block later writes), which is fsynced and
+// renamed over `path`, then the folder is fsynced (best effort). A crash leaves the old file or the complete
+// new one. On any error, including one returned by `write` (returned unchanged), the temporary is removed.
+absl::Status WriteFileAtomically(const std::string& path, absl::FunctionRef<absl::Status(FileSink&)> write);
+// The same with the whole contents in memory.
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
+
+// A read-only MAP_PRIVATE map of a whole regular file, unmapped on destruction. Movable, not copyable.
+//
+// An empty file opens fine with size() 0 and data() nullptr (mmap cannot map 0 bytes): whether that is an
+// error is the format's to say. The file is assumed not to shrink while mapped (reads past a truncated end
+// raise SIGBUS, as with every mmap reader).
+class MappedFile {
+ public:
+  // Errors: "<path>: cannot open: <strerror>" (NotFound for a missing file), "<path>: cannot stat: ...",
+  // "<path>: not a regular file" (InvalidArgument), "<path>: cannot mmap <n> bytes: ...".
+  static absl::StatusOr<MappedFile> Open(const std::string& path);
+
+  MappedFile() = default;  // Empty: no file.
+  MappedFile(MappedFile&& other) noexcept { *this = std::move(other); }
+  MappedFile& operator=(MappedFile&& other) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile() { Unmap(); }
+
+  const std::string& path() const { return path_; }
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  absl::string_view view() const { return {reinterpret_cast<const char*>(data_), size_}; }
+
+ private:
+  MappedFile(std::string path, const uint8_t* data, size_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+  void Unmap();
+
+  std::string path_;
+  const uint8_t* data_ = nullptr;  // nullptr when size_ is 0.
+  size_t size_ = 0;
+};
+
+}  // namespace kt
+
+#endif  // KT_IO_FILE_UTIL_H_

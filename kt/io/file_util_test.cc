@@ -1,0 +1,180 @@
+#include "kt/io/file_util.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kt {
+namespace {
+
+using ::testing::HasSubstr;
+
+// A fresh folder for the current test (TempDir() ends with '/').
+std::string TestDir() {
+  const std::string dir =
+      absl::StrCat(::testing::TempDir(), ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  ::mkdir(dir.c_str(), 0755);
+  return dir;
+}
+
+void WriteRaw(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string ReadRaw(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::string> List(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return names;
+  while (dirent* e = readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  closedir(d);
+  return names;
+}
+
+TEST(ErrnoErrorTest, CodesAndMessage) {
+  absl::Status s = ErrnoError(ENOENT, "/x/y: cannot open");
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("/x/y: cannot open: "));
+  EXPECT_EQ(ErrnoError(EACCES, "f").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(ErrnoError(EPERM, "f").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(ErrnoError(EIO, "f").code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(WriteFileAtomicallyTest, CreatesAndReplaces) {
+  const std::string dir = TestDir();
+  const std::string path = dir + "/out.bin";
+  ASSERT_TRUE(WriteFileAtomically(path, "first version, longer").ok());
+  EXPECT_EQ(ReadRaw(path), "first version, longer");
+  ASSERT_TRUE(WriteFileAtomically(path, "second").ok());
+  EXPECT_EQ(ReadRaw(path), "second");
+  EXPECT_THAT(List(dir), ::testing::ElementsAre("out.bin"));
+}
+
+TEST(WriteFileAtomicallyTest, CallbackPiecesAndZeros) {
+  const std::string path = TestDir() + "/out.bin";
+  absl::Status s = WriteFileAtomically(path, [](FileSink& out) {
+    EXPECT_THAT(out.path(), HasSubstr("out.bin.tmp."));
+    absl::Status st = out.Write("ab");
+    if (st.ok()) st = out.WriteZeros(10000);  // More than one internal piece.
+    if (st.ok()) st = out.Write("cd", 2);
+    return st;
+  });
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(ReadRaw(path), absl::StrCat("ab", std::string(10000, '\0'), "cd"));
+}
+
+TEST(WriteFileAtomicallyTest, MissingFolderFailsAndLeavesNoTemporary) {
+  const std::string dir = TestDir();
+  const std::string path = dir + "/no/such/dir/out.bin";
+  absl::Status s = WriteFileAtomically(path, "x");
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr(absl::StrCat(path, ".tmp.", ::getpid(), ": cannot create")));
+  EXPECT_THAT(List(dir), ::testing::IsEmpty());
+}
+
+TEST(WriteFileAtomicallyTest, CallbackErrorKeepsOldFileAndRemovesTemporary) {
+  const std::string dir = TestDir();
+  const std::string path = dir + "/out.bin";
+  WriteRaw(path, "old");
+  absl::Status s = WriteFileAtomically(path, [](FileSink& out) {
+    absl::Status st = out.Write("partial new contents");
+    EXPECT_TRUE(st.ok());
+    return absl::InvalidArgumentError("callback failed");
+  });
+  EXPECT_EQ(s, absl::InvalidArgumentError("callback failed"));  // Returned unchanged.
+  EXPECT_EQ(ReadRaw(path), "old");
+  EXPECT_THAT(List(dir), ::testing::ElementsAre("out.bin"));
+}
+
+TEST(WriteFileAtomicallyTest, StaleTemporaryIsTruncated) {
+  // A leftover <path>.tmp.<pid> from a crashed process with our pid must not block or pollute the write.
+  const std::string dir = TestDir();
+  const std::string path = dir + "/out.bin";
+  WriteRaw(absl::StrCat(path, ".tmp.", ::getpid()), std::string(1000, 'z'));
+  ASSERT_TRUE(WriteFileAtomically(path, "new").ok());
+  EXPECT_EQ(ReadRaw(path), "new");
+  EXPECT_THAT(List(dir), ::testing::ElementsAre("out.bin"));
+}
+
+TEST(WriteFileAtomicallyTest, RenameOntoFolderFailsAndLeavesNoTemporary) {
+  const std::string dir = TestDir();
+  const std::string path = dir + "/sub";
+  ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+  absl::Status s = WriteFileAtomically(path, "x");
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr(absl::StrCat(path, ": cannot rename ", path, ".tmp.")));
+  EXPECT_THAT(List(dir), ::testing::ElementsAre("sub"));
+}
+
+TEST(MappedFileTest, MapsContents) {
+  const std::string path = TestDir() + "/in.bin";
+  WriteRaw(path, std::string("hello\0world", 11));
+  absl::StatusOr<MappedFile> f = MappedFile::Open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->path(), path);
+  EXPECT_EQ(f->size(), 11u);
+  EXPECT_EQ(f->view(), absl::string_view("hello\0world", 11));
+  EXPECT_EQ(f->data()[6], 'w');
+
+  // Moving hands over the map; the source is left empty.
+  MappedFile moved = *std::move(f);
+  EXPECT_EQ(moved.size(), 11u);
+  EXPECT_EQ(moved.view(), absl::string_view("hello\0world", 11));
+  MappedFile other;
+  EXPECT_EQ(other.size(), 0u);
+  other = std::move(moved);
+  EXPECT_EQ(other.view(), absl::string_view("hello\0world", 11));
+  EXPECT_EQ(moved.data(), nullptr);
+  EXPECT_EQ(moved.size(), 0u);
+}
+
+TEST(MappedFileTest, EmptyFileIsAnEmptyMap) {
+  // mmap cannot map 0 bytes; an empty file is not an error here (the format decides: the safetensors and
+  // GGUF readers report it as truncated, naming the file).
+  const std::string path = TestDir() + "/empty.bin";
+  WriteRaw(path, "");
+  absl::StatusOr<MappedFile> f = MappedFile::Open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->path(), path);
+  EXPECT_EQ(f->size(), 0u);
+  EXPECT_EQ(f->data(), nullptr);
+  EXPECT_TRUE(f->view().empty());
+}
+
+TEST(MappedFileTest, MissingFileNamesThePath) {
+  const std::string path = TestDir() + "/none.bin";
+  absl::StatusOr<MappedFile> f = MappedFile::Open(path);
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr(path + ": cannot open: "));
+}
+
+TEST(MappedFileTest, FolderIsNotARegularFile) {
+  const std::string dir = TestDir();
+  absl::StatusOr<MappedFile> f = MappedFile::Open(dir);
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.status().message(), dir + ": not a regular file");
+}
+
+}  // namespace
+}  // namespace kt
