@@ -15,11 +15,15 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kt/io/test_files.h"
 
 namespace kt {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_files::ReadRaw;
+using testing_files::TestPath;
+using testing_files::WriteRaw;
 
 // A fresh folder for the current test (TempDir() ends with '/').
 std::string TestDir() {
@@ -29,15 +33,7 @@ std::string TestDir() {
   return dir;
 }
 
-void WriteRaw(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
-std::string ReadRaw(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
 
 std::vector<std::string> List(const std::string& dir) {
   std::vector<std::string> names;

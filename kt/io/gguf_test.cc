@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kt/io/test_files.h"
 
 namespace kt {
 
@@ -22,22 +23,12 @@ void PrintTo(const GgufValue& v, std::ostream* os) { *os << v.DebugString(); }
 namespace {
 
 using ::testing::HasSubstr;
+using testing_files::ReadRaw;
+using testing_files::TestPath;
+using testing_files::WriteRaw;
 
-std::string TestPath(absl::string_view name) {
-  return absl::StrCat(::testing::TempDir(), ::testing::UnitTest::GetInstance()->current_test_info()->name(),
-                      "_", name);
-}
 
-void WriteRaw(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(f.good()) << path;
-}
 
-std::string ReadRaw(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
 
 std::string Le(uint64_t v, int size) {
   std::string s;

@@ -13,29 +13,19 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kt/io/test_files.h"
 #include "kt/kernels/dtype.h"
 
 namespace kt {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_files::ReadRaw;
+using testing_files::TestPath;
+using testing_files::WriteRaw;
 
-std::string TestPath(absl::string_view name) {
-  // TempDir() ends with '/'.
-  return absl::StrCat(::testing::TempDir(), ::testing::UnitTest::GetInstance()->current_test_info()->name(),
-                      "_", name);
-}
 
-void WriteRaw(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(f.good()) << path;
-}
 
-std::string ReadRaw(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
 
 std::string Le64(uint64_t n) {
   std::string s(8, '\0');
