@@ -101,6 +101,7 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
   moe->InitProjection(moe->gate_, i, h);
   moe->InitProjection(moe->up_, i, h);
   moe->InitProjection(moe->down_, h, i);
+  moe->AllocateWeights();
   moe->expert_count_.assign(e, 0);
   moe->expert_begin_.assign(e + 1, 0);
   moe->row_token_.assign(rows, 0);
@@ -132,15 +133,12 @@ void MoeLayer::InitProjection(Projection& p, size_t n, size_t k) const {
   }
 }
 
-void MoeLayer::Projection::Pack(ExpertFormat format, size_t slot, const bf16_t* w) {
-  if (format == ExpertFormat::kBf16) {
-    PackBf16(w, k, n, k, reinterpret_cast<bf16_t*>(data.get() + slot * expert_bytes));
-    return;
-  }
-  // LoadWeights has rejected non-finite weights, the only input Quantize refuses for this format.
-  absl::StatusOr<QuantizedMatrix> q = Quantize(QuantSpec{QuantFormat::kInt8PerChannel, 0}, w, k, n, k);
-  if (!q.ok()) return;
-  PackInt8(reinterpret_cast<const int8_t*>(q->data.data()), k, q->scales.data(), n, k,
+void MoeLayer::Projection::PackBf16(size_t slot, const bf16_t* w) {
+  kt::PackBf16(w, k, n, k, reinterpret_cast<bf16_t*>(data.get() + slot * expert_bytes));
+}
+
+void MoeLayer::Projection::PackQuantized(size_t slot, const QuantizedMatrix& qm) {
+  PackInt8(reinterpret_cast<const int8_t*>(qm.data.data()), k, qm.scales.data(), n, k,
            reinterpret_cast<int8_t*>(data.get() + slot * expert_bytes), scales.get() + slot * padded_rows,
            sums.get() + slot * padded_rows);
 }
@@ -203,20 +201,130 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
       }
     }
   }
+  std::fill(proj_loaded_.begin(), proj_loaded_.end(), 0);
+  loaded_ = false;
+  std::vector<absl::Status> failures(static_cast<size_t>(e) * 3);
+  pool.ParallelFor(static_cast<size_t>(e) * 3, [&](size_t task, int) {
+    const size_t slot = task / 3;
+    const auto proj = static_cast<ExpertProj>(task % 3);
+    const size_t logical = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+    const bf16_t* base = proj == ExpertProj::kGate ? gate : proj == ExpertProj::kUp ? up : down;
+    failures[task] = LoadExpert(static_cast<int>(slot), proj, base + logical * i * h);
+  });
+  for (const absl::Status& s : failures) {
+    if (!s.ok()) return s;
+  }
+  return FinishLoad();
+}
+
+const char* ExpertProjName(ExpertProj proj) {
+  switch (proj) {
+    case ExpertProj::kGate:
+      return "gate";
+    case ExpertProj::kUp:
+      return "up";
+    case ExpertProj::kDown:
+      return "down";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format) {
+  if (format == ExpertFormat::kInt8) return QuantSpec{QuantFormat::kInt8PerChannel, 0};
+  return absl::InvalidArgumentError(
+      absl::StrCat("expert format ", ExpertFormatName(format), " is not a quantized format"));
+}
+
+size_t MoeLayer::ProjRows(ExpertProj proj) const {
+  return proj == ExpertProj::kDown ? config_.hidden : config_.intermediate;
+}
+size_t MoeLayer::ProjCols(ExpertProj proj) const {
+  return proj == ExpertProj::kDown ? config_.intermediate : config_.hidden;
+}
+
+MoeLayer::Projection& MoeLayer::Proj(ExpertProj proj) {
+  return proj == ExpertProj::kGate ? gate_ : proj == ExpertProj::kUp ? up_ : down_;
+}
+
+void MoeLayer::AllocateWeights() {
+  if (!proj_loaded_.empty()) return;
+  const size_t e = config_.num_experts;
   for (Projection* p : {&gate_, &up_, &down_}) {
     p->data.Resize(e * p->expert_bytes);
-    if (format_ == ExpertFormat::kInt8) {
+    if (format_ != ExpertFormat::kBf16) {
       p->scales.Resize(e * p->padded_rows);
       p->sums.Resize(e * p->padded_rows);
     }
   }
-  pool.ParallelFor(static_cast<size_t>(e) * 3, [&](size_t task, int) {
-    const size_t slot = task / 3, which = task % 3;
-    const size_t logical = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
-    if (which == 0) gate_.Pack(format_, slot, gate + logical * i * h);
-    if (which == 1) up_.Pack(format_, slot, up + logical * i * h);
-    if (which == 2) down_.Pack(format_, slot, down + logical * h * i);
-  });
+  proj_loaded_.assign(e * 3, 0);
+}
+
+absl::Status MoeLayer::CheckSlot(const char* fn, int slot) const {
+  if (slot < 0 || slot >= config_.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(fn, ": slot = ", slot, " is not in [0, num_experts = ",
+                                                   config_.num_experts, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
+  if (absl::Status s = CheckSlot("LoadExpert", slot); !s.ok()) return s;
+  if (w == nullptr) return absl::InvalidArgumentError("LoadExpert: w must not be null");
+  const size_t n = ProjRows(proj), k = ProjCols(proj);
+  if (format_ == ExpertFormat::kBf16) {
+    Proj(proj).PackBf16(slot, w);
+    proj_loaded_[static_cast<size_t>(slot) * 3 + static_cast<int>(proj)] = 1;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<QuantSpec> spec = QuantSpecOf(format_);
+  if (!spec.ok()) return spec.status();
+  absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, w, k, n, k);
+  if (!q.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpert: ", ExpertProjName(proj),
+                                                   " weight of slot ", slot, ": ", q.status().message()));
+  }
+  return LoadExpertQuantized(slot, proj, *q);
+}
+
+absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm) {
+  if (absl::Status s = CheckSlot("LoadExpertQuantized", slot); !s.ok()) return s;
+  absl::StatusOr<QuantSpec> spec = QuantSpecOf(format_);
+  if (!spec.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: a ", ExpertFormatName(format_),
+                                                   " layer takes bf16 weights (LoadExpert)"));
+  }
+  const size_t n = ProjRows(proj), k = ProjCols(proj);
+  const char* name = ExpertProjName(proj);
+  if (qm.spec.format != spec->format || qm.spec.group_size != spec->group_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoadExpertQuantized: ", name, " of slot ", slot, " is ", QuantLayoutTag(qm.spec),
+        ", the layer expects ", QuantLayoutTag(*spec)));
+  }
+  if (qm.n != n || qm.k != k) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
+                                                   " is [", qm.n, ", ", qm.k, "], expected [", n, ", ",
+                                                   k, "]"));
+  }
+  if (qm.data.size() != n * QuantizedRowBytes(*spec, k) || qm.scales.size() != n * ScalesPerRow(*spec, k)) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
+                                                   " has ", qm.data.size(), " data bytes and ",
+                                                   qm.scales.size(), " scales, expected ",
+                                                   n * QuantizedRowBytes(*spec, k), " and ",
+                                                   n * ScalesPerRow(*spec, k)));
+  }
+  Proj(proj).PackQuantized(slot, qm);
+  proj_loaded_[static_cast<size_t>(slot) * 3 + static_cast<int>(proj)] = 1;
+  return absl::OkStatus();
+}
+
+absl::Status MoeLayer::FinishLoad() {
+  for (size_t i = 0; i < proj_loaded_.size(); ++i) {
+    if (proj_loaded_[i] == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("FinishLoad: expert slot ", i / 3, " has no ",
+                       ExpertProjName(static_cast<ExpertProj>(i % 3)), " weight loaded"));
+    }
+  }
   loaded_ = true;
   return absl::OkStatus();
 }

@@ -27,6 +27,7 @@
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_bf16.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/quant.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
@@ -35,6 +36,11 @@ enum class ExpertFormat { kBf16, kInt8 };
 
 // "bf16" or "int8".
 const char* ExpertFormatName(ExpertFormat format);
+
+// The three projections of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
+enum class ExpertProj : int { kGate = 0, kUp = 1, kDown = 2 };
+// "gate", "up" or "down".
+const char* ExpertProjName(ExpertProj proj);
 
 struct MoeConfig {
   int num_experts = 0;   // E
@@ -59,6 +65,18 @@ class MoeLayer {
   absl::Status LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
                            const int64_t* physical_to_logical, ThreadPool& pool);
 
+  // Streaming load, one expert projection at a time (a loader reading a checkpoint keeps one expert in
+  // memory, not E). Each (slot, proj) must be loaded once, then FinishLoad() makes the layer usable.
+  // Calls for different (slot, proj) may run concurrently on different threads; a failed call changes
+  // nothing and the layer stays unusable until every projection has loaded.
+  // From canonical bf16 w[N, K] (N, K of `proj`), quantized here if the format is quantized.
+  absl::Status LoadExpert(int slot, ExpertProj proj, const bf16_t* w);
+  // From a matrix already in the layer's quantized format (a converted checkpoint): spec, n and k must
+  // match (QuantSpecOf(format())); InvalidArgument naming the mismatch otherwise, and for a kBf16 layer.
+  absl::Status LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm);
+  // OK once every (slot, proj) has loaded; FailedPrecondition naming the first missing one otherwise.
+  absl::Status FinishLoad();
+
   // qlen in [1, max_len], k == top_k (or smaller). ids [qlen, k] int64, weights [qlen, k] fp32,
   // input/output [qlen, H] bf16. gpu_experts_mask: bool[E] read on every call, or nullptr.
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
@@ -68,6 +86,9 @@ class MoeLayer {
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return format_; }
   bool loaded() const { return loaded_; }
+  // [N, K] of a projection: (I, H) for gate and up, (H, I) for down.
+  size_t ProjRows(ExpertProj proj) const;
+  size_t ProjCols(ExpertProj proj) const;
   // Bytes of packed expert weights held, scales and row sums included.
   size_t weight_bytes() const;
 
@@ -96,13 +117,18 @@ class MoeLayer {
     AlignedArray<uint8_t> data;
     AlignedArray<float> scales;  // kInt8: per output channel
     AlignedArray<int32_t> sums;  // kInt8: per output channel, for the VNNI kernel's sign trick
-    // Packs expert `slot` from canonical bf16 w[N, K].
-    void Pack(ExpertFormat format, size_t slot, const bf16_t* w);
+    // Packs expert `slot` from canonical bf16 w[N, K] (kBf16) or from its quantized form (others).
+    void PackBf16(size_t slot, const bf16_t* w);
+    void PackQuantized(size_t slot, const QuantizedMatrix& qm);
     const uint8_t* Panels(size_t e, size_t col) const {
       return data.get() + e * expert_bytes + (col / kPanelRows) * panel_bytes;
     }
   };
   void InitProjection(Projection& p, size_t n, size_t k) const;
+  Projection& Proj(ExpertProj proj);
+  // Allocates the packed arrays (at Create: the OS commits pages as they are packed).
+  void AllocateWeights();
+  absl::Status CheckSlot(const char* fn, int slot) const;
 
   // y[m, cols] = x[m, K] * W^T for the rows of `act` starting at row r0 and the columns [c0, c0 + cols) of
   // expert e's projection p, in the layer's format (act: xs_/hs_ for kBf16, their int8 copies for kInt8).
@@ -116,6 +142,7 @@ class MoeLayer {
   GemmInt8Fn gemm_int8_ = nullptr;
   bool loaded_ = false;
   Projection gate_, up_, down_;
+  std::vector<uint8_t> proj_loaded_;  // [E * 3]: (slot, proj) loaded by LoadExpert*
 
   // Routing and scratch, sized for max_len * top_k rows at Create (Forward never allocates).
   std::vector<int> expert_count_;    // [E] rows routed to each physical expert
@@ -133,6 +160,10 @@ class MoeLayer {
   AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
   int scratch_threads_ = 0;
 };
+
+// The canonical quantized format a quantized ExpertFormat stores (kInt8: kt-int8-channel-v1).
+// InvalidArgument for kBf16, which stores the weights as given.
+absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format);
 
 // The plain reference of the same computation on canonical weights (double accumulation), for tests and
 // for `kt bench`'s accuracy line. With kInt8 it applies the format in plain code: weights quantized per

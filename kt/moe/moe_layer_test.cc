@@ -226,6 +226,69 @@ TEST_P(MoeLayerTest, ClearErrors) {
   EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 2, 0, 16, 4}, isa(), format()).ok());
 }
 
+TEST_P(MoeLayerTest, StreamingLoadMatchesBulkLoad) {
+  // One projection at a time, in reverse order, from bf16 or (quantized formats) from the canonical
+  // quantized matrix a converted checkpoint stores: the forward must equal the bulk load's bit for bit.
+  const Layer l = MakeLayer(4, 2, 48, 40, 6, 13);
+  ThreadPool pool(2);
+  auto bulk = Build(l, pool);
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(l.config, isa(), format());
+  ASSERT_TRUE(moe.ok());
+  MoeLayer& m = **moe;
+  const absl::StatusOr<QuantSpec> spec = QuantSpecOf(format());
+  EXPECT_EQ(spec.ok(), format() != ExpertFormat::kBf16);
+  for (int slot = 3; slot >= 0; --slot) {
+    for (ExpertProj proj : {ExpertProj::kDown, ExpertProj::kUp, ExpertProj::kGate}) {
+      const size_t n = m.ProjRows(proj), k = m.ProjCols(proj);
+      const std::vector<bf16_t>& all =
+          proj == ExpertProj::kGate ? l.gate : proj == ExpertProj::kUp ? l.up : l.down;
+      const bf16_t* w = all.data() + static_cast<size_t>(slot) * n * k;
+      if (slot == 0 && proj == ExpertProj::kGate) {
+        absl::Status early = m.FinishLoad();
+        EXPECT_EQ(early.code(), absl::StatusCode::kFailedPrecondition) << early;
+        EXPECT_NE(early.message().find("slot 0 has no gate"), absl::string_view::npos) << early;
+      }
+      if (!spec.ok() || slot % 2 == 0) {
+        ASSERT_TRUE(m.LoadExpert(slot, proj, w).ok());
+        continue;
+      }
+      absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, w, k, n, k);
+      ASSERT_TRUE(q.ok()) << q.status();
+      ASSERT_TRUE(m.LoadExpertQuantized(slot, proj, *q).ok());
+    }
+  }
+  EXPECT_FALSE(m.loaded());
+  ASSERT_TRUE(m.FinishLoad().ok());
+  std::mt19937 rng(14);
+  const Batch b = RandomBatch(l.config, 6, rng);
+  std::vector<bf16_t> out(6 * 48), want(6 * 48);
+  ASSERT_TRUE(m.Forward(pool, 6, 2, b.ids.data(), b.weights.data(), b.input.data(), out.data(), nullptr)
+                  .ok());
+  ASSERT_TRUE(bulk->Forward(pool, 6, 2, b.ids.data(), b.weights.data(), b.input.data(), want.data(),
+                            nullptr)
+                  .ok());
+  for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i].bits, want[i].bits) << "element " << i;
+
+  // Mismatches name what is wrong.
+  EXPECT_NE(m.LoadExpert(4, ExpertProj::kGate, l.gate.data()).message().find("slot = 4"),
+            absl::string_view::npos);
+  QuantizedMatrix wrong;
+  wrong.spec = QuantSpec{QuantFormat::kInt4GroupSym, 32};
+  wrong.n = 40;
+  wrong.k = 48;
+  absl::Status s = m.LoadExpertQuantized(0, ExpertProj::kGate, wrong);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  if (spec.ok()) {
+    EXPECT_NE(s.message().find("kt-int4-group32-sym-v1"), absl::string_view::npos) << s;
+    absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, l.down.data(), 40, 48, 40);
+    ASSERT_TRUE(q.ok());
+    s = m.LoadExpertQuantized(0, ExpertProj::kGate, *q);  // down's shape given for gate
+    EXPECT_NE(s.message().find("is [48, 40], expected [40, 48]"), absl::string_view::npos) << s;
+  } else {
+    EXPECT_NE(s.message().find("takes bf16 weights"), absl::string_view::npos) << s;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllPaths, MoeLayerTest,
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
