@@ -478,7 +478,19 @@ TorchResult RunTorch(const BenchFlags& flags) {
 struct TimedRuns {
   std::vector<double> seconds;
   std::vector<double> bytes;  // Distinct expert weight bytes touched by each call.
+  ForwardProfile phases;  // summed over the timed calls
 };
+
+// Where the calls' time went, phase by phase (MoeLayer::last_profile summed over the timed calls).
+void PrintPhases(const TimedRuns& runs) {
+  const ForwardProfile& p = runs.phases;
+  const double n = static_cast<double>(std::max<size_t>(1, runs.seconds.size()));
+  std::printf("  phases      mean per call: route %s, gather %s, gate/up+silu %s, quantize h %s, down %s, "
+              "weighted sum %s\n",
+              FormatTime(p.route / n).c_str(), FormatTime(p.gather / n).c_str(),
+              FormatTime(p.gate_up / n).c_str(), FormatTime(p.quant_h / n).c_str(),
+              FormatTime(p.down / n).c_str(), FormatTime(p.combine / n).c_str());
+}
 
 int Bench(const std::vector<std::string>& args) {
   BenchFlags flags;
@@ -666,6 +678,14 @@ int Bench(const std::vector<std::string>& args) {
       if (it >= 0) {
         out->seconds.push_back(sec);
         out->bytes.push_back(r.distinct_experts * expert_bytes);
+        const ForwardProfile& p = layer.last_profile();
+        ForwardProfile& sum = out->phases;
+        sum.route += p.route;
+        sum.gather += p.gather;
+        sum.gate_up += p.gate_up;
+        sum.quant_h += p.quant_h;
+        sum.down += p.down;
+        sum.combine += p.combine;
       }
     }
     return absl::OkStatus();
@@ -702,6 +722,7 @@ int Bench(const std::vector<std::string>& args) {
         "  weights     %s of distinct experts touched per call (median) -> %.1f GB/s = %.0f%% of the "
         "measured read bandwidth %.1f GB/s\n",
         FormatBytes(Percentile(dec.bytes, 0.5)).c_str(), med_gbps, 100.0 * med_gbps / bw_gbps, bw_gbps);
+    PrintPhases(dec);
     std::fflush(stdout);
   }
 
@@ -726,6 +747,7 @@ int Bench(const std::vector<std::string>& args) {
     std::printf("  latency     median %s per layer  (min %s, max %s); %.0f tokens/s for one layer\n",
                 FormatTime(med).c_str(), FormatTime(Percentile(pre.seconds, 0.0)).c_str(),
                 FormatTime(Percentile(pre.seconds, 1.0)).c_str(), flags.qlen_prefill / med);
+    PrintPhases(pre);
     if (flags.format == ExpertFormat::kBf16) {
       std::printf("  compute     %.3f TFLOPS = %.0f%% of the measured %s peak %.3f TFLOPS (%s)\n", tflops,
                   100.0 * tflops / peak_tflops, IsaName(isa), peak_tflops, peak.instruction.c_str());

@@ -59,6 +59,10 @@ void GemmBf16Avx512Bf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const b
 inline constexpr size_t kAmxMinRows = 8;
 void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t n_cols,
                  float* y, size_t ldy);
+// The AMX kernel with an explicit K block for its whole 32 x 32 blocks (0: no K blocking, each block walks
+// all of K; GemmBf16Amx uses 0, see gemm_bf16_amx.cc). For tests and the benchmark's block-size sweep.
+void GemmBf16AmxKBlocked(size_t kb, size_t m, size_t k, const bf16_t* x, size_t ldx,
+                         const bf16_t* panels, size_t n_cols, float* y, size_t ldy);
 // Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni; returns nullptr if not compiled in.
 GemmBf16Fn GemmBf16Hwy(Isa isa);
 }  // namespace internal

@@ -52,5 +52,32 @@ void Shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 
+// The AMX kernel's K block on one MoE task's shape: 128 output columns (kPanelsPerTaskAmx) of the
+// Qwen3-235B-A22B gate/up (K=H=4096) and down (K=I=1536) projections, 64 rows (the gate/up row chunk) and
+// 256 (an expert's rows at qlen 4096). kb = 0 is the unblocked schedule.
+void BM_GemmBf16AmxKBlock(benchmark::State& state) {
+  const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
+  if (!IsaSupported(Isa::kAmx, GetCpuFeatures())) {
+    state.SkipWithError("AMX not supported on this CPU");
+    return;
+  }
+  std::mt19937 rng(1);
+  std::normal_distribution<float> dist;
+  std::vector<bf16_t> x(m * k), w(n * k), packed(PackedBf16Size(n, k));
+  for (auto& v : x) v = F32ToBf16(dist(rng));
+  for (auto& v : w) v = F32ToBf16(dist(rng));
+  PackBf16(w.data(), k, n, k, packed.data());
+  std::vector<float> y(m * n);
+  for (auto _ : state) {
+    internal::GemmBf16AmxKBlocked(kb, m, k, x.data(), k, packed.data(), n, y.data(), n);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * state.iterations() * 1e-9,
+                                                benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_GemmBf16AmxKBlock)
+    ->ArgsProduct({{0, 128, 256, 512, 1024}, {64, 256}, {128}, {4096, 1536}})
+    ->ArgNames({"kb", "M", "N", "K"});
+
 }  // namespace
 }  // namespace kt

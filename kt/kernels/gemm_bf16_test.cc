@@ -120,6 +120,29 @@ TEST_P(GemmBf16Test, ExpertShapes) {
   Check(45, 150, 547, 1, rng);
 }
 
+// The AMX kernel at an explicit K block (GemmBf16AmxKBlocked): the K-blocked schedule must match the
+// reference for every block size, including K blocks that do not divide K, more rows than one row group
+// (256), and row/column remainders that fall back to whole-K blocks.
+size_t g_amx_kb = 0;
+void AmxAtKBlock(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t n_cols,
+                 float* y, size_t ldy) {
+  internal::GemmBf16AmxKBlocked(g_amx_kb, m, k, x, ldx, panels, n_cols, y, ldy);
+}
+
+TEST_P(GemmBf16Test, AmxKBlockSizes) {
+  if (GetParam() != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
+  fn_ = &AmxAtKBlock;
+  std::mt19937 rng(21);
+  for (size_t kb : {0, 32, 96, 256, 1024}) {
+    g_amx_kb = kb;
+    Check(64, 64, 640, 0, rng);
+    Check(100, 100, 320, 1, rng);
+    Check(300, 32, 256, 0, rng);
+    Check(33, 160, 96, 1, rng);
+    if (HasFailure()) return;
+  }
+}
+
 TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
   // The MoE layer splits N across threads by offsetting `panels`: the result must equal the full product.
   std::mt19937 rng(9);

@@ -87,6 +87,12 @@ inline constexpr size_t kAmxInt8MinRows = 8;
 void GemmInt8Amx(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
                  const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
                  float* y, size_t ldy);
+// The AMX kernel with an explicit K block (bytes of K) for its whole 32 x 32 blocks (0: no K blocking);
+// GemmInt8Amx uses kAmxInt8KBlock. For tests and the benchmark's block-size sweep.
+inline constexpr size_t kAmxInt8KBlock = 1024;
+void GemmInt8AmxKBlocked(size_t kb, size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                         const int8_t* panels, const float* w_scales, const int32_t* w_rowsums,
+                         size_t n_cols, float* y, size_t ldy);
 // Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni (AVX3_DL); returns nullptr if not compiled in.
 GemmInt8Fn GemmInt8Hwy(Isa isa);
 }  // namespace internal

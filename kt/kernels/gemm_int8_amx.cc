@@ -127,29 +127,103 @@ void Block(size_t rows, size_t panels, size_t k, const int8_t* qx, size_t ldqx, 
   }
 }
 
+// The K-blocked schedule for whole 32 x 32 blocks, as in gemm_bf16_amx.cc: a panel pair's K block of kb
+// (kb * 32 bytes: 16 KiB at kb = 512) stays in L1 while every 32-row block of up to kRowGroup rows runs over
+// it, so per K step only the two A tiles stream (from L2); the int32 partial sums of each block wait in
+// c_scratch between K blocks and get the fp32 epilogue after the last one.
+constexpr size_t kRowGroup = 256;
+
+void KBlocked(size_t kb, size_t rows, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+              const int8_t* pair0, size_t stride, const float* sw, float* y, size_t ldy) {
+  alignas(64) int32_t c_scratch[kRowGroup / 32][4][kTileRows * kInt8PanelRows];
+  const size_t row_blocks = rows / 32;
+  for (size_t k0b = 0; k0b < k; k0b += kb) {
+    const size_t k1b = MinSize(k, k0b + kb);
+    const bool first = k0b == 0;
+    for (size_t rb = 0; rb < row_blocks; ++rb) {
+      const int8_t* xr = qx + rb * 32 * ldqx;
+      if (first) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+      } else {
+        _tile_loadd(4, c_scratch[rb][0], 64);
+        _tile_loadd(5, c_scratch[rb][1], 64);
+        _tile_loadd(6, c_scratch[rb][2], 64);
+        _tile_loadd(7, c_scratch[rb][3], 64);
+      }
+      for (size_t k0 = k0b; k0 < k1b; k0 += kTileK) {
+        _tile_loadd(0, xr + k0, ldqx);
+        _tile_loadd(1, xr + kTileRows * ldqx + k0, ldqx);
+        _tile_loadd(2, pair0 + k0 * kInt8PanelRows, 64);  // quad-row k0/4, 64 bytes each
+        _tile_loadd(3, pair0 + stride + k0 * kInt8PanelRows, 64);
+        _tile_dpbssd(4, 0, 2);
+        _tile_dpbssd(5, 0, 3);
+        _tile_dpbssd(6, 1, 2);
+        _tile_dpbssd(7, 1, 3);
+      }
+      _tile_stored(4, c_scratch[rb][0], 64);
+      _tile_stored(5, c_scratch[rb][1], 64);
+      _tile_stored(6, c_scratch[rb][2], 64);
+      _tile_stored(7, c_scratch[rb][3], 64);
+    }
+  }
+  for (size_t rb = 0; rb < row_blocks; ++rb) {
+    for (size_t t = 0; t < 4; ++t) {
+      const size_t r0 = rb * 32 + (t / 2) * kTileRows, c0 = (t % 2) * kInt8PanelRows;
+      Epilogue(c_scratch[rb][t], kTileRows, kInt8PanelRows, sx + r0, sw + c0, y + r0 * ldy + c0, ldy);
+    }
+  }
+}
+
 }  // namespace
 
-void GemmInt8Amx(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
-                 const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
-                 float* y, size_t ldy) {
+void GemmInt8AmxKBlocked(size_t kb, size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                         const int8_t* panels, const float* w_scales, const int32_t* w_rowsums,
+                         size_t n_cols, float* y, size_t ldy) {
   if (m < kAmxInt8MinRows) {
     GemmInt8Vnni(m, k, qx, ldqx, sx, panels, w_scales, w_rowsums, n_cols, y, ldy);
     return;
   }
   ConfigureFullTiles();
+  kb = (kb + kTileK - 1) / kTileK * kTileK;
   const size_t stride = Int8PanelStride(k);
   const size_t num_panels = Int8NumPanels(n_cols);
+  // Whole panel pairs x whole 32-row blocks take the K-blocked schedule (K must split into whole A tiles);
+  // the rest the plain 32 x 32 blocks.
+  const bool blocked = kb > 0 && k % kTileK == 0;
+  const size_t full_pairs = blocked ? n_cols / (2 * kInt8PanelRows) : 0;
+  const size_t m_full = blocked ? m / 32 * 32 : 0;
   for (size_t p = 0; p < num_panels; p += 2) {
     const size_t np = MinSize(2, num_panels - p);
     const size_t c0 = p * kInt8PanelRows;
     const size_t cols = MinSize(n_cols - c0, np * kInt8PanelRows);
-    for (size_t i = 0; i < m; i += 2 * kTileRows) {
+    size_t i = 0;
+    if (p / 2 < full_pairs) {
+      for (i = 0; i < m_full; i += kRowGroup) {
+        KBlocked(kb, MinSize(kRowGroup, m_full - i), k, qx + i * ldqx, ldqx, sx + i, panels + p * stride,
+                 stride, w_scales + c0, y + i * ldy + c0, ldy);
+      }
+      i = m_full;
+    }
+    for (; i < m; i += 2 * kTileRows) {
       const size_t rows = MinSize(2 * kTileRows, m - i);
       Block(rows, np, k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0,
             y + i * ldy + c0, ldy, cols);
     }
   }
   _tile_release();
+}
+
+void GemmInt8Amx(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
+                 const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
+                 float* y, size_t ldy) {
+  // K blocks of kAmxInt8KBlock for many rows (the down projection, all of an expert's rows in one call):
+  // on the AMX host, single thread, 128 columns, K=1536, M=256 it measured 1.55-1.71 vs 0.90-1.08 TOPS
+  // unblocked in two runs; for the 64-row gate/up chunks the two runs disagreed, so those stay unblocked.
+  GemmInt8AmxKBlocked(m >= 128 ? kAmxInt8KBlock : 0, m, k, qx, ldqx, sx, panels, w_scales, w_rowsums,
+                      n_cols, y, ldy);
 }
 
 }  // namespace internal

@@ -232,6 +232,28 @@ TEST_P(GemmInt8Test, ExpertShapes) {
   Check(45, 150, 547, 1, rng);
 }
 
+// The AMX kernel at an explicit K block (GemmInt8AmxKBlocked): exact like every path, for K blocks that do
+// not divide K, more rows than one row group (256), and remainders that use whole-K blocks.
+size_t g_amx_kb = 0;
+void AmxAtKBlock(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_t* panels,
+                 const float* w_scales, const int32_t* w_rowsums, size_t n_cols, float* y, size_t ldy) {
+  internal::GemmInt8AmxKBlocked(g_amx_kb, m, k, qx, ldqx, sx, panels, w_scales, w_rowsums, n_cols, y, ldy);
+}
+
+TEST_P(GemmInt8Test, AmxKBlockSizes) {
+  if (kPaths[GetParam()].isa != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
+  fn_ = &AmxAtKBlock;
+  std::mt19937 rng(21);
+  for (size_t kb : {0, 64, 192, 512, 2048}) {
+    g_amx_kb = kb;
+    Check(64, 64, 1280, 0, rng);
+    Check(100, 100, 640, 1, rng);
+    Check(300, 32, 512, 0, rng);
+    Check(33, 160, 192, 1, rng);
+    if (HasFailure()) return;
+  }
+}
+
 TEST_P(GemmInt8Test, ExtremeValues) {
   // +-127 everywhere (what the quantizers produce at the row maximum), and the full int8 range including
   // -128, which QuantizeActivationInt8 never produces but every kernel handles exactly (VNNI's x + 128

@@ -1,11 +1,13 @@
 #include "kt/moe/moe_layer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "kt/kernels/act_quant.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/quant.h"
 
@@ -347,6 +349,13 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   }
   const int e_count = config_.num_experts;
   const size_t h = config_.hidden, inter = config_.intermediate;
+  profile_ = ForwardProfile{};
+  auto mark = std::chrono::steady_clock::now();
+  auto lap = [&mark](double& phase) {
+    const auto now = std::chrono::steady_clock::now();
+    phase = std::chrono::duration<double>(now - mark).count();
+    mark = now;
+  };
 
   // 1. Routing: counting sort of (token, slot) pairs by expert; skipped ids get no row.
   std::fill(expert_count_.begin(), expert_count_.end(), 0);
@@ -372,6 +381,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     row_token_[row] = t / k;
   }
   const size_t rows = static_cast<size_t>(expert_begin_[e_count]);
+  lap(profile_.route);
 
   // Per-thread fp32 scratch for one gate/up task (grows only when a larger pool is first seen).
   if (pool.num_threads() > scratch_threads_) {
@@ -387,12 +397,13 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       for (size_t r = task * 64; r < r1; ++r) {
         const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
         if (format_ == ExpertFormat::kInt8) {
-          QuantizeActivationInt8(x, h, qxs_.get() + r * h, sxs_.get() + r);
+          QuantizeRowInt8(isa_, x, h, qxs_.get() + r * h, sxs_.get() + r);
         } else {
           std::memcpy(xs_.get() + r * h, x, h * sizeof(bf16_t));
         }
       }
     });
+    lap(profile_.gather);
 
     const size_t cols_per_task =
         (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
@@ -415,16 +426,19 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
         }
       }
     });
+    lap(profile_.gate_up);
 
     // 3b. kInt8: quantize each row of h (its absmax spans all I columns, so after the whole phase).
     if (format_ == ExpertFormat::kInt8) {
       pool.ParallelFor((rows + 63) / 64, [&](size_t task, int) {
         const size_t r1 = std::min(rows, (task + 1) * 64);
         for (size_t r = task * 64; r < r1; ++r) {
-          QuantizeActivationInt8(hs_.get() + r * inter, inter, qhs_.get() + r * inter, shs_.get() + r);
+          QuantizeRowInt8(isa_, hs_.get() + r * inter, inter, qhs_.get() + r * inter, shs_.get() + r);
         }
       });
     }
+
+    lap(profile_.quant_h);
 
     // 4. Down projection of every row, column block by column block.
     const size_t hidden_blocks = (h + cols_per_task - 1) / cols_per_task;
@@ -436,6 +450,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       const size_t m = expert_begin_[e + 1] - r0;
       Gemm(down_, e, c0, cols, /*hidden_input=*/true, r0, m, ys_.get() + r0 * h + c0, h);
     });
+    lap(profile_.down);
   }
 
   // 5. Weighted sum per token in fp32, one rounding to bf16.
@@ -456,6 +471,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       for (size_t c = 0; c < h; ++c) out[c] = F32ToBf16(acc[c]);
     }
   });
+  lap(profile_.combine);
   return absl::OkStatus();
 }
 

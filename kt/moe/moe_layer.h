@@ -53,6 +53,16 @@ struct MoeConfig {
 // Checks every field (positive, sane) and names the bad one.
 absl::Status ValidateMoeConfig(const MoeConfig& config);
 
+// Wall time of each phase of the last Forward, in seconds (for benchmarks: where a forward's time goes).
+struct ForwardProfile {
+  double route = 0;    // counting sort of (token, slot) pairs by expert
+  double gather = 0;   // gathered (and for quantized formats, quantized) input rows
+  double gate_up = 0;  // gate and up GEMMs + silu(g) * u
+  double quant_h = 0;  // quantized formats: h rows quantized
+  double down = 0;     // down GEMMs
+  double combine = 0;  // weighted sum per token
+};
+
 class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
@@ -83,6 +93,7 @@ class MoeLayer {
                        const bf16_t* input, bf16_t* output, const bool* gpu_experts_mask);
 
   const MoeConfig& config() const { return config_; }
+  const ForwardProfile& last_profile() const { return profile_; }
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return format_; }
   bool loaded() const { return loaded_; }
@@ -141,6 +152,7 @@ class MoeLayer {
   GemmBf16Fn gemm_bf16_ = nullptr;
   GemmInt8Fn gemm_int8_ = nullptr;
   bool loaded_ = false;
+  ForwardProfile profile_;
   Projection gate_, up_, down_;
   std::vector<uint8_t> proj_loaded_;  // [E * 3]: (slot, proj) loaded by LoadExpert*
 

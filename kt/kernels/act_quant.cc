@@ -1,0 +1,143 @@
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/act_quant.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <cmath>
+
+#include "kt/kernels/act_quant.h"
+#include "kt/kernels/quant.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Eight bf16 -> fp32 lanes per u16 load of half a vector: bf16 is the high half of an fp32.
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadBf16(DF df, const bf16_t* HWY_RESTRICT p) {
+  const hn::RebindToUnsigned<DF> du32;
+  const hn::Rebind<uint16_t, decltype(du32)> du16;
+  const auto bits = hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p));
+  return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, bits)));
+}
+
+// Quantizes x[0, len) with the vector loop and a scalar tail, exactly as quant.cc's QuantizeSymmetric.
+float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRICT q) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t lanes = hn::Lanes(df);
+  // 1. max |x| (exact whatever the order).
+  auto vmax = hn::Zero(df);
+  size_t i = 0;
+  for (; i + lanes <= len; i += lanes) vmax = hn::Max(vmax, hn::Abs(LoadBf16(df, x + i)));
+  float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  for (; i < len; ++i) {
+    const float a = Bf16ToF32(x[i]);
+    amax = amax > (a < 0 ? -a : a) ? amax : (a < 0 ? -a : a);
+  }
+  const float scale = amax / 127.0f;
+  if (!(scale > 0.0f)) {
+    for (size_t j = 0; j < len; ++j) q[j] = 0;
+    return 0.0f;
+  }
+  // 2. q = clamp(round_half_away(x / scale)). x / scale - trunc(x / scale) is exact in fp32, so comparing
+  // its magnitude with 0.5 decides the tie the same way std::round does.
+  const auto vscale = hn::Set(df, scale);
+  const auto half = hn::Set(df, 0.5f);
+  const auto one = hn::Set(df, 1.0f);
+  const auto lim = hn::Set(df, 127.0f);
+  i = 0;
+  for (; i + lanes <= len; i += lanes) {
+    const auto v = hn::Min(hn::Max(hn::Div(LoadBf16(df, x + i), vscale), hn::Neg(lim)), lim);
+    const auto t = hn::Trunc(v);
+    const auto away = hn::Ge(hn::Abs(hn::Sub(v, t)), half);
+    const auto r = hn::IfThenElse(away, hn::Add(t, hn::CopySignToAbs(one, v)), t);
+    const auto qi = hn::ConvertTo(di32, r);
+    hn::StoreU(hn::DemoteTo(di8, qi), di8, q + i);
+  }
+  for (; i < len; ++i) {
+    // Clamping before rounding equals clamping after (the bounds are integers), and makes the cast
+    // defined for any input (a NaN lands on -127 as in the scalar code).
+    const float v = std::fmin(std::fmax(Bf16ToF32(x[i]) / scale, -127.0f), 127.0f);
+    float t = static_cast<float>(static_cast<int32_t>(v));
+    const float frac = v - t;
+    if (frac >= 0.5f) t += 1.0f;
+    if (frac <= -0.5f) t -= 1.0f;
+    q[i] = static_cast<int8_t>(t);
+  }
+  return scale;
+}
+
+void Row(const bf16_t* x, size_t k, int8_t* q, float* scale) { *scale = QuantizeSpan(x, k, q); }
+
+void RowGrouped(const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales) {
+  for (size_t g = 0; g * group < k; ++g) scales[g] = QuantizeSpan(x + g * group, group, q + g * group);
+}
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace {
+
+using RowFn = void (*)(const bf16_t*, size_t, int8_t*, float*);
+using RowGroupedFn = void (*)(const bf16_t*, size_t, size_t, int8_t*, float*);
+
+// The Highway target of a path; scalar uses quant.h's reference code itself.
+template <typename Fn>
+Fn Pick(Isa isa, Fn avx2, Fn avx3, Fn avx3_dl) {
+  switch (isa) {
+    case Isa::kScalar:
+      return nullptr;
+    case Isa::kAvx2:
+      return avx2;
+    case Isa::kAvx512:
+      return avx3 != nullptr ? avx3 : avx2;
+    default:  // kAvx512Vnni, kAvx512Bf16, kAmx: the AVX3_DL target
+      return avx3_dl != nullptr ? avx3_dl : (avx3 != nullptr ? avx3 : avx2);
+  }
+}
+
+#if HWY_TARGETS & HWY_AVX2
+#define KT_AQ_AVX2(f) &N_AVX2::f
+#else
+#define KT_AQ_AVX2(f) nullptr
+#endif
+#if HWY_TARGETS & HWY_AVX3
+#define KT_AQ_AVX3(f) &N_AVX3::f
+#else
+#define KT_AQ_AVX3(f) nullptr
+#endif
+#if HWY_TARGETS & HWY_AVX3_DL
+#define KT_AQ_AVX3_DL(f) &N_AVX3_DL::f
+#else
+#define KT_AQ_AVX3_DL(f) nullptr
+#endif
+
+}  // namespace
+
+void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale) {
+  const RowFn fn = Pick<RowFn>(isa, KT_AQ_AVX2(Row), KT_AQ_AVX3(Row), KT_AQ_AVX3_DL(Row));
+  if (fn == nullptr) return QuantizeActivationInt8(x, k, q, scale);
+  fn(x, k, q, scale);
+}
+
+void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales) {
+  const RowGroupedFn fn =
+      Pick<RowGroupedFn>(isa, KT_AQ_AVX2(RowGrouped), KT_AQ_AVX3(RowGrouped), KT_AQ_AVX3_DL(RowGrouped));
+  if (fn == nullptr) {
+    for (size_t g = 0; g * group < k; ++g) {
+      QuantizeActivationInt8(x + g * group, group, q + g * group, scales + g);
+    }
+    return;
+  }
+  fn(x, k, group, q, scales);
+}
+
+}  // namespace kt
+#endif  // HWY_ONCE
