@@ -214,9 +214,9 @@ void GemmBf16AmxKBlocked(size_t kb, size_t m, size_t k, const bf16_t* x, size_t 
 
 void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                  size_t n_cols, float* y, size_t ldy) {
-  // Not K-blocked: on the AMX host the K-blocked schedule measured no faster for bf16 on the MoE's task
-  // shapes (single thread, 128 columns; medians of 3: M=64 K=4096 434 vs 282 GFLOPS at kb=256, M=256
-  // K=1536 433 vs 525, M=256 K=4096 295 vs 210), and gate/up (M <= 64) carries two thirds of the FLOPs.
+  // Not K-blocked: the K-blocked schedule measured slower for bf16 in every MoE task shape on the AMX host
+  // (single thread, 128 columns, medians of 3, rows padded as the MoE layer pads them: 732 vs 544 GFLOPS at
+  // 64 x 4096, 759 vs 558 at 256 x 1536). The row padding is what mattered (408 -> 732 at 64 x 4096).
   GemmBf16AmxKBlocked(0, m, k, x, ldx, panels, n_cols, y, ldy);
 }
 

@@ -57,27 +57,28 @@ BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 // 256 (an expert's rows at qlen 4096). kb = 0 is the unblocked schedule.
 void BM_GemmBf16AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
+  const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
   if (!IsaSupported(Isa::kAmx, GetCpuFeatures())) {
     state.SkipWithError("AMX not supported on this CPU");
     return;
   }
   std::mt19937 rng(1);
   std::normal_distribution<float> dist;
-  std::vector<bf16_t> x(m * k), w(n * k), packed(PackedBf16Size(n, k));
+  std::vector<bf16_t> x(m * ldx), w(n * k), packed(PackedBf16Size(n, k));
   for (auto& v : x) v = F32ToBf16(dist(rng));
   for (auto& v : w) v = F32ToBf16(dist(rng));
   PackBf16(w.data(), k, n, k, packed.data());
   std::vector<float> y(m * n);
   for (auto _ : state) {
-    internal::GemmBf16AmxKBlocked(kb, m, k, x.data(), k, packed.data(), n, y.data(), n);
+    internal::GemmBf16AmxKBlocked(kb, m, k, x.data(), ldx, packed.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
   state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * state.iterations() * 1e-9,
                                                 benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_GemmBf16AmxKBlock)
-    ->ArgsProduct({{0, 128, 256, 512, 1024}, {64, 256}, {128}, {4096, 1536}})
-    ->ArgNames({"kb", "M", "N", "K"});
+    ->ArgsProduct({{0, 256}, {64, 256}, {128}, {4096, 2048, 1536}, {0, 32}})
+    ->ArgNames({"kb", "M", "N", "K", "pad"});
 
 }  // namespace
 }  // namespace kt

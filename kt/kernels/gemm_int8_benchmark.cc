@@ -63,13 +63,14 @@ BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 // Qwen3-235B-A22B gate/up (K=4096) and down (K=1536), 64 and 256 rows. kb = 0 is the unblocked schedule.
 void BM_GemmInt8AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
+  const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
   if (!IsaSupported(Isa::kAmx, GetCpuFeatures())) {
     state.SkipWithError("AMX not supported on this CPU");
     return;
   }
   std::mt19937 rng(1);
   std::uniform_int_distribution<int> q(-127, 127);
-  std::vector<int8_t> qx(m * k), qw(n * k), panels(PackedInt8Bytes(n, k));
+  std::vector<int8_t> qx(m * ldx), qw(n * k), panels(PackedInt8Bytes(n, k));
   std::vector<float> sx(m, 1e-3f), sw(n, 1e-3f), scales(PackedInt8Rows(n));
   std::vector<int32_t> rowsums(PackedInt8Rows(n));
   for (auto& v : qx) v = static_cast<int8_t>(q(rng));
@@ -77,7 +78,7 @@ void BM_GemmInt8AmxKBlock(benchmark::State& state) {
   PackInt8(qw.data(), k, sw.data(), n, k, panels.data(), scales.data(), rowsums.data());
   std::vector<float> y(m * n);
   for (auto _ : state) {
-    internal::GemmInt8AmxKBlocked(kb, m, k, qx.data(), k, sx.data(), panels.data(), scales.data(),
+    internal::GemmInt8AmxKBlocked(kb, m, k, qx.data(), ldx, sx.data(), panels.data(), scales.data(),
                                   rowsums.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
@@ -85,8 +86,8 @@ void BM_GemmInt8AmxKBlock(benchmark::State& state) {
                                               benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_GemmInt8AmxKBlock)
-    ->ArgsProduct({{0, 256, 512, 1024, 2048}, {64, 256}, {128}, {4096, 1536}})
-    ->ArgNames({"kb", "M", "N", "K"});
+    ->ArgsProduct({{0, 1024}, {64, 256}, {128}, {4096, 2048, 1536}, {0, 64}})
+    ->ArgNames({"kb", "M", "N", "K", "pad"});
 
 }  // namespace
 }  // namespace kt

@@ -162,13 +162,18 @@ class MoeLayer {
   std::vector<int> row_token_;       // [rows] token of each row
   std::vector<int> token_slot_row_;  // [max_len * k] row of (token, slot), -1 when skipped
   std::vector<int> active_;          // experts with at least one row
-  AlignedArray<bf16_t> xs_;          // [rows, H] gathered inputs
-  AlignedArray<bf16_t> hs_;          // [rows, I] bf16(silu(g) * u)
-  AlignedArray<int8_t> qxs_;         // kInt8: [rows, H] xs_ quantized per row
+  // Row strides (elements) of the activation arrays: padded past K by one cache line (moe_layer.cc says why).
+  size_t ldx_ = 0;                   // xs_ (bf16) or qxs_ (int8)
+  size_t ldh_ = 0;                   // hs_
+  size_t ldqh_ = 0;                  // qhs_
+  size_t ldy_ = 0;                   // ys_
+  AlignedArray<bf16_t> xs_;          // [rows, ldx_] gathered inputs
+  AlignedArray<bf16_t> hs_;          // [rows, ldh_] bf16(silu(g) * u)
+  AlignedArray<int8_t> qxs_;         // kInt8: [rows, ldx_] xs_ quantized per row
   AlignedArray<float> sxs_;          // kInt8: [rows] their scales
-  AlignedArray<int8_t> qhs_;         // kInt8: [rows, I] hs_ quantized per row
+  AlignedArray<int8_t> qhs_;         // kInt8: [rows, ldqh_] hs_ quantized per row
   AlignedArray<float> shs_;          // kInt8: [rows] their scales
-  AlignedArray<float> ys_;           // [rows, H] down projections
+  AlignedArray<float> ys_;           // [rows, ldy_] down projections
   AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
   int scratch_threads_ = 0;
 };
