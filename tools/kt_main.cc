@@ -90,6 +90,8 @@ constexpr const char* kBenchUsage =
   --format F            expert weights: bf16 (default) or int8 (quantized per output channel at load,
                         activations per token; the accuracy line then also reports the format's own
                         error against the bf16 model)
+  --tiling G,D          panels of 16 columns per task in the gate/up and down phases (1..8 each; 0
+                        keeps the layer's choice: 3, or 8 on the amx path); for tuning, results are equal
   --no-torch            skip the PyTorch yardstick
   --python PATH         interpreter for the PyTorch yardstick (default /usr/bin/python3)
   --torch-script PATH   tools/torch_moe_bench.py (default: $KT_TORCH_BENCH, else found in the runfiles)
@@ -181,6 +183,7 @@ struct BenchFlags {
   uint64_t seed = 1;
   bool torch = true;
   ExpertFormat format = ExpertFormat::kBf16;
+  MoeTiling tiling;  // 0, 0: the layer's own choice
   std::string python = kDefaultPython;
   std::string torch_script;
 };
@@ -271,6 +274,18 @@ std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* fl
         } else {
           err = absl::StrCat("unknown --format '", f, "'; expected bf16 or int8");
         }
+      }
+    } else if (name == "--tiling") {
+      std::string t;
+      err = take_value(&t);
+      const size_t comma = t.find(',');
+      if (err.empty() && (comma == std::string::npos ||
+                          !absl::SimpleAtoi(t.substr(0, comma), &flags->tiling.gate_up_panels) ||
+                          !absl::SimpleAtoi(t.substr(comma + 1), &flags->tiling.down_panels))) {
+        err = absl::StrCat("--tiling '", t, "': expected two integers G,D (panels of 16 columns per task)");
+      } else if (err.empty() && (flags->tiling.gate_up_panels < 0 || flags->tiling.gate_up_panels > 8 ||
+                                 flags->tiling.down_panels < 0 || flags->tiling.down_panels > 8)) {
+        err = absl::StrCat("--tiling '", t, "': each value must be 0 (automatic) or in [1, 8]");
       }
     } else if (name == "--no-torch") {
       err = no_value();
@@ -587,6 +602,10 @@ int Bench(const std::vector<std::string>& args) {
     absl::StatusOr<std::unique_ptr<MoeLayer>> moe_or = MoeLayer::Create(config, isa, flags.format);
     if (!moe_or.ok()) {
       std::fprintf(stderr, "kt bench: MoeLayer::Create: %s\n", moe_or.status().ToString().c_str());
+      return 1;
+    }
+    if (const absl::Status t = (*moe_or)->SetTiling(flags.tiling); !t.ok()) {
+      std::fprintf(stderr, "kt bench: --tiling: %s\n", t.ToString().c_str());
       return 1;
     }
     const absl::Status load = (*moe_or)->LoadWeights(gate.get(), up.get(), down.get(), nullptr, pool);

@@ -236,6 +236,18 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
   return FinishLoad();
 }
 
+absl::Status MoeLayer::SetTiling(const MoeTiling& tiling) {
+  for (const auto& [name, v] : {std::pair<const char*, int>{"gate_up_panels", tiling.gate_up_panels},
+                                {"down_panels", tiling.down_panels}}) {
+    if (v < 0 || v > static_cast<int>(kPanelsPerTaskAmx)) {
+      return absl::InvalidArgumentError(absl::StrCat("MoeTiling.", name, " must be 0 (automatic) or in [1, ",
+                                                     kPanelsPerTaskAmx, "], got ", v));
+    }
+  }
+  tiling_ = tiling;
+  return absl::OkStatus();
+}
+
 const char* ExpertProjName(ExpertProj proj) {
   switch (proj) {
     case ExpertProj::kGate:
@@ -422,8 +434,11 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     });
     lap(profile_.gather);
 
+    const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
     const size_t cols_per_task =
-        (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
+        (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : default_panels) * kPanelRows;
+    const size_t down_cols_per_task =
+        (tiling_.down_panels > 0 ? tiling_.down_panels : default_panels) * kPanelRows;
     // 3. Gate and up on the same column block, then h = bf16(silu(g) * u) for those columns.
     const size_t inter_blocks = (inter + cols_per_task - 1) / cols_per_task;
     pool.ParallelFor(active_.size() * inter_blocks, [&](size_t task, int thread) {
@@ -458,11 +473,11 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     lap(profile_.quant_h);
 
     // 4. Down projection of every row, column block by column block.
-    const size_t hidden_blocks = (h + cols_per_task - 1) / cols_per_task;
+    const size_t hidden_blocks = (h + down_cols_per_task - 1) / down_cols_per_task;
     pool.ParallelFor(active_.size() * hidden_blocks, [&](size_t task, int) {
       const int e = active_[task / hidden_blocks];
-      const size_t c0 = (task % hidden_blocks) * cols_per_task;
-      const size_t cols = std::min(cols_per_task, h - c0);
+      const size_t c0 = (task % hidden_blocks) * down_cols_per_task;
+      const size_t cols = std::min(down_cols_per_task, h - c0);
       const size_t r0 = expert_begin_[e];
       const size_t m = expert_begin_[e + 1] - r0;
       Gemm(down_, e, c0, cols, /*hidden_input=*/true, r0, m, ys_.get() + r0 * ldy_ + c0, ldy_);

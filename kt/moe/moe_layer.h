@@ -63,6 +63,14 @@ struct ForwardProfile {
   double combine = 0;  // weighted sum per token
 };
 
+// Work-unit sizes of the gate/up and down phases, in 16-column panels per task (1..8); 0 keeps the
+// built-in choice (3 panels, or 8 on the AMX path). A tuning knob for benchmarks, like the original's
+// tiling setters; results do not depend on it.
+struct MoeTiling {
+  int gate_up_panels = 0;
+  int down_panels = 0;
+};
+
 class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
@@ -94,6 +102,8 @@ class MoeLayer {
 
   const MoeConfig& config() const { return config_; }
   const ForwardProfile& last_profile() const { return profile_; }
+  // InvalidArgument unless each field is 0 or in [1, 8].
+  absl::Status SetTiling(const MoeTiling& tiling);
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return format_; }
   bool loaded() const { return loaded_; }
@@ -153,6 +163,7 @@ class MoeLayer {
   GemmInt8Fn gemm_int8_ = nullptr;
   bool loaded_ = false;
   ForwardProfile profile_;
+  MoeTiling tiling_;
   Projection gate_, up_, down_;
   std::vector<uint8_t> proj_loaded_;  // [E * 3]: (slot, proj) loaded by LoadExpert*
 

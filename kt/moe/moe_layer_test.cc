@@ -289,6 +289,30 @@ TEST_P(MoeLayerTest, StreamingLoadMatchesBulkLoad) {
   }
 }
 
+TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
+  // Each output column is one dot product over K in a fixed order whatever the task's column block, so
+  // every tiling gives the same bits.
+  const Layer l = MakeLayer(6, 2, 200, 136, 24, 15);
+  ThreadPool pool(3);
+  auto moe = Build(l, pool);
+  std::mt19937 rng(16);
+  const Batch b = RandomBatch(l.config, 24, rng);
+  std::vector<bf16_t> want(24 * 200), got(24 * 200);
+  ASSERT_TRUE(moe->Forward(pool, 24, 2, b.ids.data(), b.weights.data(), b.input.data(), want.data(), nullptr)
+                  .ok());
+  for (const MoeTiling t : {MoeTiling{1, 1}, MoeTiling{2, 7}, MoeTiling{8, 8}, MoeTiling{5, 0}}) {
+    ASSERT_TRUE(moe->SetTiling(t).ok());
+    ASSERT_TRUE(moe->Forward(pool, 24, 2, b.ids.data(), b.weights.data(), b.input.data(), got.data(), nullptr)
+                    .ok());
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(got[i].bits, want[i].bits) << "tiling " << t.gate_up_panels << "," << t.down_panels << " at " << i;
+    }
+  }
+  const absl::Status bad = moe->SetTiling(MoeTiling{9, 0});
+  EXPECT_NE(bad.message().find("gate_up_panels must be 0 (automatic) or in [1, 8], got 9"),
+            absl::string_view::npos) << bad;
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllPaths, MoeLayerTest,
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
