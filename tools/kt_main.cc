@@ -91,7 +91,8 @@ constexpr const char* kBenchUsage =
                         activations per token; the accuracy line then also reports the format's own
                         error against the bf16 model)
   --tiling G,D          panels of 16 columns per task in the gate/up and down phases (1..8 each; 0
-                        keeps the layer's choice: 3, or 8 on the amx path); for tuning, results are equal
+                        keeps the layer's choice: 3, on amx 2-8 sized to L2 and 8); for tuning only,
+                        results are bit-identical
   --no-torch            skip the PyTorch yardstick
   --python PATH         interpreter for the PyTorch yardstick (default /usr/bin/python3)
   --torch-script PATH   tools/torch_moe_bench.py (default: $KT_TORCH_BENCH, else found in the runfiles)

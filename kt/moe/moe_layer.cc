@@ -18,16 +18,30 @@ namespace {
 // enough that a decode step (8 experts x 768/48 gate/up blocks = 128 tasks) balances across threads, big
 // enough that the atomic task counter is negligible; 3 panels is also the AVX512-BF16 kernel's register
 // block, so a task never splits one.
-// AMX works on panel pairs (2 x 16 columns per tile pass). Its tasks are 8 panels (128 columns): at
-// >1 TFLOPS, re-reading an expert's A rows for every column block is what costs, and halving the number
-// of blocks took the AMX host's Qwen3-30B prefill (qlen 512) from 19.6-20.1 ms to 15.4-15.9 ms and the
-// 235B prefill at qlen 4096 from 247 to 207 ms, against 4-panel tasks.
+// AMX works on panel pairs (2 x 16 columns per tile pass) and is fast enough that a task's operands must
+// stay in L2 (2 MiB per core on the AMX host): a gate/up task re-reads its gate and up column blocks for
+// every 64-row chunk of the expert, so the chunk's A rows plus both blocks should fit in kAmxL2Budget
+// (AmxGateUpPanels). On the Qwen3-235B shape (K = 4096, bf16) that is 2 panels: 185 ms per prefill at qlen
+// 4096 against 195 ms with 4 and 203 ms with 8 (one machine, 16 threads, `kt bench --tiling`); at K = 2048
+// (Qwen3-30B) it is 8, which measured 15.4-15.9 ms against 19.6-20.1 ms with 4. The down phase keeps 8
+// panels (128 columns): its blocks are K = I wide and fit with all of an expert's rows.
 constexpr size_t kPanelsPerTask = 3;
 constexpr size_t kPanelsPerTaskAmx = 8;
 constexpr size_t kMaxColsPerTask = kPanelsPerTaskAmx * kPanelRows;
 // Rows of one expert processed together in the gate/up phase; bounds the per-thread fp32 scratch to
 // 2 x 64 x 128 floats (64 KiB) whatever the batch size.
 constexpr size_t kRowChunk = 64;
+constexpr size_t kAmxL2Budget = 1280 * 1024;
+
+// Panels per AMX gate/up task: the largest even count (whole tile pairs), 2 to 8, with
+// kRowChunk * K * act_bytes + 2 * cols * K * weight_bytes <= kAmxL2Budget.
+size_t AmxGateUpPanels(size_t k, size_t act_bytes, size_t weight_bytes) {
+  const size_t per_k = kAmxL2Budget / k;
+  const size_t a = kRowChunk * act_bytes;
+  const size_t cols = per_k > a ? (per_k - a) / (2 * weight_bytes) : 0;
+  const size_t panels = cols / (2 * kPanelRows) * 2;
+  return std::min<size_t>(kPanelsPerTaskAmx, std::max<size_t>(2, panels));
+}
 
 // Row stride, in elements of `elem_bytes`, of the scratch activation arrays for rows of `k` values: whole
 // cache lines plus one. Expert K dimensions are powers of two or small multiples of them, so unpadded rows
@@ -435,8 +449,11 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     lap(profile_.gather);
 
     const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
+    const size_t elem_bytes = format_ == ExpertFormat::kBf16 ? sizeof(bf16_t) : 1;
+    const size_t gate_up_panels =
+        isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
     const size_t cols_per_task =
-        (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : default_panels) * kPanelRows;
+        (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
     const size_t down_cols_per_task =
         (tiling_.down_panels > 0 ? tiling_.down_panels : default_panels) * kPanelRows;
     // 3. Gate and up on the same column block, then h = bf16(silu(g) * u) for those columns.
