@@ -64,8 +64,8 @@ struct ForwardProfile {
 };
 
 // Work-unit sizes of the gate/up and down phases, in 16-column panels per task (1..8); 0 keeps the
-// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down). A tuning knob for benchmarks, like the original's
-// tiling setters; results do not depend on it.
+// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down). A tuning
+// knob for benchmarks, like the original's tiling setters; results do not depend on it.
 struct MoeTiling {
   int gate_up_panels = 0;
   int down_panels = 0;
