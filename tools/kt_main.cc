@@ -561,12 +561,16 @@ int Bench(const std::vector<std::string>& args) {
   std::printf("  read bandwidth  %7.1f GB/s    (streaming read of %zu MiB, %s, best of %d)\n",
               bw.bytes_per_second / 1e9, bw.buffer_bytes >> 20, bw.method.c_str(), bw.reps);
   std::fflush(stdout);
-  const PeakResult peak = MeasurePeak(isa, flags.threads, flags.pin, 0.2, 5);
+  // The yardstick of the format's kernels: bf16/fp32 instructions, or the int8 ones for quantized experts.
+  const bool int_kernels = flags.format != ExpertFormat::kBf16;
+  const PeakResult peak = MeasurePeak(isa, flags.threads, flags.pin, 0.2, 5,
+                                      int_kernels ? PeakOperands::kInt8 : PeakOperands::kFloat);
+  const char* peak_unit = int_kernels ? "TOPS" : "TFLOPS";
   std::printf(
-      "  peak compute    %7.3f TFLOPS  (%s path: %s, %d FLOP each, %d independent chains per thread, "
+      "  peak compute    %7.3f %-6s  (%s path: %s, %d %s each, %d independent chains per thread, "
       "best of %d)\n",
-      peak.flops_per_second / 1e12, IsaName(isa), peak.instruction.c_str(), peak.flop_per_instruction,
-      peak.chains, peak.reps);
+      peak.flops_per_second / 1e12, peak_unit, IsaName(isa), peak.instruction.c_str(),
+      peak.flop_per_instruction, int_kernels ? "ops" : "FLOP", peak.chains, peak.reps);
   std::fflush(stdout);
 
   ThreadPool pool(ThreadPoolOptions{flags.threads, flags.pin});
@@ -768,15 +772,9 @@ int Bench(const std::vector<std::string>& args) {
                 FormatTime(med).c_str(), FormatTime(Percentile(pre.seconds, 0.0)).c_str(),
                 FormatTime(Percentile(pre.seconds, 1.0)).c_str(), flags.qlen_prefill / med);
     PrintPhases(pre);
-    if (flags.format == ExpertFormat::kBf16) {
-      std::printf("  compute     %.3f TFLOPS = %.0f%% of the measured %s peak %.3f TFLOPS (%s)\n", tflops,
-                  100.0 * tflops / peak_tflops, IsaName(isa), peak_tflops, peak.instruction.c_str());
-    } else {
-      // The peak yardstick measures the path's bf16/fp32 instruction; an int8 one (vpdpbusd, tdpbssd) is
-      // not measured yet, so no percentage is claimed.
-      std::printf("  compute     %.3f TOPS (int8 multiply-adds x2; the %s yardstick above is for bf16/fp32)\n",
-                  tflops, IsaName(isa));
-    }
+    std::printf("  compute     %.3f %s = %.0f%% of the measured %s peak %.3f %s (%s)%s\n", tflops, peak_unit,
+                100.0 * tflops / peak_tflops, IsaName(isa), peak_tflops, peak_unit, peak.instruction.c_str(),
+                int_kernels ? "; int8 multiply-adds count 2 ops" : "");
     std::printf(
         "  weights     %.0f distinct experts, %s touched per call -> %.1f GB/s (read bandwidth "
         "%.1f GB/s)\n",

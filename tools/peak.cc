@@ -49,7 +49,23 @@ using Clock = std::chrono::steady_clock;
 
 std::atomic<float> g_sink{0};
 
-internal::PeakLoop LoopFor(Isa isa) {
+internal::PeakLoop LoopFor(Isa isa, PeakOperands operands) {
+  if (operands == PeakOperands::kInt8) {
+    switch (isa) {
+      case Isa::kAmx:
+        return internal::PeakLoopAmxInt8();
+      case Isa::kAvx512Bf16:  // the int8 kernel of both is the native VNNI one
+      case Isa::kAvx512Vnni:
+        return internal::PeakLoopAvx512Vnni();
+      case Isa::kAvx512:
+        return internal::PeakLoopAvx512Maddwd();
+      case Isa::kAvx2:
+        return internal::PeakLoopAvx2Maddwd();
+      case Isa::kScalar:
+        break;
+    }
+    return internal::PeakLoopScalarInt();
+  }
   switch (isa) {
     case Isa::kAmx:
       return internal::PeakLoopAmxBf16();
@@ -74,8 +90,9 @@ double TimeOne(const internal::PeakLoop& loop, int64_t iters) {
 
 }  // namespace
 
-PeakResult MeasurePeak(Isa isa, int threads, bool pin, double seconds_per_rep, int reps) {
-  const internal::PeakLoop loop = LoopFor(isa);
+PeakResult MeasurePeak(Isa isa, int threads, bool pin, double seconds_per_rep, int reps,
+                       PeakOperands operands) {
+  const internal::PeakLoop loop = LoopFor(isa, operands);
   PeakResult result;
   result.instruction = loop.instruction;
   result.flop_per_instruction = loop.flop_per_instruction;

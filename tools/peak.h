@@ -8,6 +8,8 @@
 //   avx512(_vnni) vfmadd231ps zmm                32: 16 lanes x (mul + add)
 //   avx2          vfmadd231ps ymm                16:  8 lanes x (mul + add)
 //   scalar        mulss + addss (x86-64 base)     2
+// and, for the integer kernels (PeakOperands::kInt8, rates in int8 ops: a multiply-add counts 2), the
+// instructions listed in peak_int8.cc and tdpbssd 16x16x64 (32768 ops) on amx.
 #ifndef KT_TOOLS_PEAK_H_
 #define KT_TOOLS_PEAK_H_
 
@@ -28,9 +30,13 @@ struct PeakResult {
   int reps = 0;
 };
 
+// The instruction family of the yardstick: the bf16/fp32 kernels' or the int8 kernels'.
+enum class PeakOperands { kFloat, kInt8 };
+
 // `isa` must be supported by this CPU. Calibrates the loop to about `seconds_per_rep` on one thread, then
 // runs `reps` repetitions on `threads` threads released together and keeps the fastest.
-PeakResult MeasurePeak(Isa isa, int threads, bool pin, double seconds_per_rep, int reps);
+PeakResult MeasurePeak(Isa isa, int threads, bool pin, double seconds_per_rep, int reps,
+                       PeakOperands operands = PeakOperands::kFloat);
 
 namespace internal {
 
@@ -48,6 +54,11 @@ PeakLoop PeakLoopAvx512Bf16();
 PeakLoop PeakLoopAvx512Fma();
 PeakLoop PeakLoopAvx2Fma();
 PeakLoop PeakLoopScalar();
+PeakLoop PeakLoopAmxInt8();
+PeakLoop PeakLoopAvx512Vnni();
+PeakLoop PeakLoopAvx512Maddwd();
+PeakLoop PeakLoopAvx2Maddwd();
+PeakLoop PeakLoopScalarInt();
 
 }  // namespace internal
 }  // namespace tools

@@ -42,7 +42,38 @@ float PeakLoopAmxBf16Loop(int64_t iters) {
   return c[0][0] + c[1][17] + c[2][34] + c[3][255];
 }
 
+// The int8 twin: 4 independent tdpbssd (16x16x64 int8, 32768 ops each) on the same tile roles.
+float PeakLoopAmxInt8Loop(int64_t iters) {
+  ConfigureFullTiles();
+  alignas(64) int8_t data[16 * 64];
+  volatile int8_t seed = 1;
+  for (auto& v : data) v = seed;
+  _tile_loadd(0, data, 64);
+  _tile_loadd(1, data, 64);
+  _tile_loadd(2, data, 64);
+  _tile_loadd(3, data, 64);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbssd(4, 0, 2);
+    _tile_dpbssd(5, 0, 3);
+    _tile_dpbssd(6, 1, 2);
+    _tile_dpbssd(7, 1, 3);
+  }
+  alignas(64) int32_t c[4][16 * 16];
+  _tile_stored(4, c[0], 64);
+  _tile_stored(5, c[1], 64);
+  _tile_stored(6, c[2], 64);
+  _tile_stored(7, c[3], 64);
+  _tile_release();
+  return static_cast<float>((c[0][0] ^ c[1][17] ^ c[2][34] ^ c[3][255]) & 0xff);
+}
+
 }  // namespace
+
+PeakLoop PeakLoopAmxInt8() { return PeakLoop{PeakLoopAmxInt8Loop, "tdpbssd 16x16x64", 32768, 4}; }
 
 PeakLoop PeakLoopAmxBf16() { return PeakLoop{PeakLoopAmxBf16Loop, "tdpbf16ps 16x16x32", 16384, 4}; }
 

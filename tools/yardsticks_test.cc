@@ -28,6 +28,11 @@ TEST(Yardsticks, PeakOfEverySupportedPath) {
                 r.instruction.c_str(), r.flop_per_instruction, r.chains, r.flops_per_second / 1e9);
     EXPECT_GT(r.flops_per_second, 1e8) << IsaName(isa);
     EXPECT_LT(r.flops_per_second, 1e13) << IsaName(isa);
+    const PeakResult q = MeasurePeak(isa, 1, /*pin=*/false, 0.05, 1, PeakOperands::kInt8);
+    std::printf("%-12s %-16s %2d ops  x %2d chains: %.1f GOPS on 1 thread\n", IsaName(isa),
+                q.instruction.c_str(), q.flop_per_instruction, q.chains, q.flops_per_second / 1e9);
+    EXPECT_GT(q.flops_per_second, 1e8) << IsaName(isa);
+    EXPECT_LT(q.flops_per_second, 4e13) << IsaName(isa);
   }
 }
 
