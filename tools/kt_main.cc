@@ -87,9 +87,11 @@ constexpr const char* kBenchUsage =
                         through (default: enough to exceed 4x the last-level cache, at least 1)
   --bandwidth-mib N     size of the read-bandwidth buffer in MiB (default 1024)
   --seed N              seed of the random weights, inputs and routing (default 1)
-  --format F            expert weights: bf16 (default) or int8 (quantized per output channel at load,
-                        activations per token; the accuracy line then also reports the format's own
-                        error against the bf16 model)
+  --format F            expert weights: bf16 (default), int8 or int4 (quantized per output channel at
+                        load, activations per token), int4_group_sym or int4_group_asym (a scale, and for
+                        asym a zero point, per --group-size k; activations per token and group); the
+                        accuracy line then also reports the format's own error against the bf16 model
+  --group-size G        group of the int4_group_* formats: 32, 64 or 128 (default 128)
   --no-torch            skip the PyTorch yardstick
   --python PATH         interpreter for the PyTorch yardstick (default /usr/bin/python3)
   --torch-script PATH   tools/torch_moe_bench.py (default: $KT_TORCH_BENCH, else found in the runfiles)
@@ -181,6 +183,7 @@ struct BenchFlags {
   uint64_t seed = 1;
   bool torch = true;
   ExpertFormat format = ExpertFormat::kBf16;
+  int group_size = 128;
   std::string python = kDefaultPython;
   std::string torch_script;
 };
@@ -264,13 +267,17 @@ std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* fl
       std::string f;
       err = take_value(&f);
       if (err.empty()) {
-        if (f == "bf16") {
-          flags->format = ExpertFormat::kBf16;
-        } else if (f == "int8") {
-          flags->format = ExpertFormat::kInt8;
+        const absl::StatusOr<ExpertFormat> parsed = ParseExpertFormat(f);
+        if (parsed.ok()) {
+          flags->format = *parsed;
         } else {
-          err = absl::StrCat("unknown --format '", f, "'; expected bf16 or int8");
+          err = absl::StrCat("--format: ", parsed.status().message());
         }
+      }
+    } else if (name == "--group-size") {
+      err = take_int(32, 128, &flags->group_size);
+      if (err.empty() && flags->group_size != 32 && flags->group_size != 64 && flags->group_size != 128) {
+        err = absl::StrCat("--group-size ", flags->group_size, ": expected 32, 64 or 128");
       }
     } else if (name == "--no-torch") {
       err = no_value();
@@ -505,7 +512,10 @@ int Bench(const std::vector<std::string>& args) {
   const size_t E = shape.experts, H = shape.hidden, I = shape.intermediate;
   const int k = shape.top_k;
   // Bytes per expert; replaced by the packed size (scales included) once a layer is loaded.
-  double expert_bytes = 3.0 * H * I * (flags.format == ExpertFormat::kInt8 ? 1 : sizeof(bf16_t));
+  const double bytes_per_weight = flags.format == ExpertFormat::kBf16 ? sizeof(bf16_t)
+                                  : flags.format == ExpertFormat::kInt8 ? 1.0
+                                                                        : 0.5;
+  double expert_bytes = 3.0 * H * I * bytes_per_weight;
   const double flop_per_routed_row = 2.0 * 3.0 * H * I;
   const char* format = ExpertFormatName(flags.format);
 
@@ -548,6 +558,7 @@ int Bench(const std::vector<std::string>& args) {
   config.hidden = shape.hidden;
   config.intermediate = shape.intermediate;
   config.max_len = std::max({flags.qlen_decode, flags.qlen_prefill, kAccuracyQlen});
+  config.group_size = flags.group_size;
 
   // Weights: uniform with standard deviation 1/sqrt(fan_in), deterministic in --seed.
   Clock::time_point t0 = Clock::now();
@@ -732,7 +743,7 @@ int Bench(const std::vector<std::string>& args) {
     } else {
       // The peak yardstick measures the path's bf16/fp32 instruction; an int8 one (vpdpbusd, tdpbssd) is
       // not measured yet, so no percentage is claimed.
-      std::printf("  compute     %.3f TOPS (int8 multiply-adds x2; the %s yardstick above is for bf16/fp32)\n",
+      std::printf("  compute     %.3f TOPS (integer multiply-adds x2; the %s yardstick above is for bf16/fp32)\n",
                   tflops, IsaName(isa));
     }
     std::printf(
