@@ -87,8 +87,8 @@ constexpr const char* kBenchUsage =
                         through (default: enough to exceed 4x the last-level cache, at least 1)
   --bandwidth-mib N     size of the read-bandwidth buffer in MiB (default 1024)
   --seed N              seed of the random weights, inputs and routing (default 1)
-  --format F            expert weights: bf16 (default), int8 or int4 (quantized per output channel at
-                        load, activations per token), int4_group_sym or int4_group_asym (a scale, and for
+  --format F            expert weights: bf16 (default), int8, int4 or int4_asym (quantized per output
+                        channel at load, activations per token), int4_group_sym or int4_group_asym (a scale, and for
                         asym a zero point, per --group-size k; activations per token and group); the
                         accuracy line then also reports the format's own error against the bf16 model
   --group-size G        group of the int4_group_* formats: 32, 64 or 128 (default 128)

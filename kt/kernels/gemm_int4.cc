@@ -27,7 +27,7 @@ absl::Status PackInt4(const QuantizedMatrix& qm, uint8_t* panels, float* scales,
   if (absl::Status s = ValidateQuantSpec(spec, qm.k); !s.ok()) return s;
   const size_t groups = ScalesPerRow(spec, qm.k);
   const size_t row_bytes = QuantizedRowBytes(spec, qm.k);
-  const bool asym = spec.format == QuantFormat::kInt4GroupAsym;
+  const bool asym = IsAsymFormat(spec.format);
   if (qm.data.size() != qm.n * row_bytes || qm.scales.size() != qm.n * groups ||
       qm.zeros.size() != (asym ? qm.n * groups : 0)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -40,7 +40,7 @@ absl::Status PackInt4(const QuantizedMatrix& qm, uint8_t* panels, float* scales,
         absl::StrCat("K = ", qm.k, " is too large for exact int32 accumulation (limit ", kInt4MaxK, ")"));
   }
   if (asym && zeros == nullptr) {
-    return absl::InvalidArgumentError("PackInt4: int4_group_asym needs a zero-point buffer, got null");
+    return absl::InvalidArgumentError(absl::StrCat("PackInt4: ", QuantFormatName(spec.format), " needs a zero-point buffer, got null"));
   }
   const size_t n = qm.n, k = qm.k;
   const size_t stride = Int4PanelStride(k);
@@ -74,7 +74,7 @@ QuantizedMatrix UnpackInt4(const QuantSpec& spec, size_t n, size_t k, const uint
   qm.k = k;
   const size_t groups = ScalesPerRow(spec, k);
   const size_t row_bytes = QuantizedRowBytes(spec, k);
-  const bool asym = spec.format == QuantFormat::kInt4GroupAsym;
+  const bool asym = IsAsymFormat(spec.format);
   qm.data.assign(n * row_bytes, 0);
   qm.scales.resize(n * groups);
   if (asym) qm.zeros.resize(n * groups);

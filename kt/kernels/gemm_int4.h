@@ -1,7 +1,7 @@
 // INT4 matrix kernels for expert projections in the int4 formats of quant.h: kt-int4-channel-v1 (symmetric,
 // one scale per row; the original's AMXINT4), kt-int4-group{G}-sym-v1 and kt-int4-group{G}-asym-v1
 // (a scale, and for asym a zero point, per G = 32/64/128 consecutive k of a row; AWQ / the original's
-// INT4_1 K-group). Activations are int8 per token (QuantizeActivationInt8) for the per-channel format and
+// INT4_1 K-group) and kt-int4-channel-asym-v1 (a scale and zero point per row; the original's INT4_1). Activations are int8 per token (QuantizeActivationInt8) for the per-channel format and
 // per token and group (QuantizeActivationInt8Grouped) for the group formats.
 //
 // One kernel serves all three formats. Every weight nibble is stored unsigned, u in [0, 15], with a zero
@@ -14,7 +14,7 @@
 // sum_k (u - z) * qx = sum_k q * qx exactly, so the integer part is the same on every path; the fp32 part
 // is the same sequence of multiplies and adds, never fused (the libraries build with -ffp-contract=off),
 // so every path (scalar, Highway AVX2/AVX3/AVX3_DL, AVX512-VNNI, AMX) agrees bit for bit.
-// The per-channel format is one group spanning K (group = 0 below).
+// The per-channel formats are one group spanning K (group = 0 below).
 //
 // Unsigned u in [0, 15] is what the instructions want: vpdpbusd multiplies unsigned bytes (u) by signed
 // bytes (qx) with no +128 shift; AMX tdpbssd takes u as a non-negative signed byte; Highway's vpmaddwd
@@ -27,7 +27,7 @@
 // quad 2b + 1: one AND (and one shift) turn 64 packed bytes into two 64-byte int8 operand rows of vpdpbusd
 // or two rows of an AMX B tile. Panel p starts at byte p * Int4PanelStride(K).
 // Beside the panels: fp32 scales as [panel][group][16 rows] (a panel's 16 scales of one group are one
-// 64-byte vector) and, for asym only, uint8 zero points in the same order; padding rows hold 0.
+// 64-byte vector) and, for the asym formats only, uint8 zero points in the same order; padding rows hold 0.
 #ifndef KT_KERNELS_GEMM_INT4_H_
 #define KT_KERNELS_GEMM_INT4_H_
 
@@ -62,11 +62,11 @@ inline constexpr size_t PackedInt4Scales(size_t n, size_t k, size_t group) {
 // The kernel's `group` for a spec: G for the group formats, 0 for kt-int4-channel-v1.
 inline size_t Int4KernelGroup(const QuantSpec& spec) { return IsGroupFormat(spec.format) ? spec.group_size : 0; }
 inline bool IsInt4Format(QuantFormat f) {
-  return f == QuantFormat::kInt4PerChannel || IsGroupFormat(f);
+  return f == QuantFormat::kInt4PerChannel || f == QuantFormat::kInt4PerChannelAsym || IsGroupFormat(f);
 }
 
 // Repacks quant.h's canonical int4 form into kt-int4-panel16-kblock8-v1: `panels` (PackedInt4Bytes),
-// `scales` (PackedInt4Scales) and, for kInt4GroupAsym only, `zeros` (PackedInt4Scales; may be null
+// `scales` (PackedInt4Scales) and, for the asym formats only, `zeros` (PackedInt4Scales; may be null
 // otherwise). InvalidArgument unless qm is a well-formed int4 matrix with K < kInt4MaxK.
 absl::Status PackInt4(const QuantizedMatrix& qm, uint8_t* panels, float* scales, uint8_t* zeros);
 

@@ -46,7 +46,7 @@ void BM_GemmInt4(benchmark::State& state) {
   const size_t group = Int4KernelGroup(spec), groups = Int4Groups(k, group);
   std::vector<uint8_t> panels(PackedInt4Bytes(n, k));
   std::vector<float> scales(PackedInt4Scales(n, k, group));
-  std::vector<uint8_t> zeros(spec.format == QuantFormat::kInt4GroupAsym ? scales.size() : 0);
+  std::vector<uint8_t> zeros(IsAsymFormat(spec.format) ? scales.size() : 0);
   if (!PackInt4(*qm, panels.data(), scales.data(), zeros.empty() ? nullptr : zeros.data()).ok()) {
     state.SkipWithError("pack failed");
     return;

@@ -26,7 +26,7 @@ namespace {
 constexpr QuantSpec kSpecs[] = {
     {QuantFormat::kInt4PerChannel, 0},  {QuantFormat::kInt4GroupSym, 32},  {QuantFormat::kInt4GroupSym, 64},
     {QuantFormat::kInt4GroupSym, 128},  {QuantFormat::kInt4GroupAsym, 32}, {QuantFormat::kInt4GroupAsym, 64},
-    {QuantFormat::kInt4GroupAsym, 128},
+    {QuantFormat::kInt4GroupAsym, 128}, {QuantFormat::kInt4PerChannelAsym, 0},
 };
 
 QuantizedMatrix RandomWeights(const QuantSpec& spec, size_t n, size_t k, std::mt19937& rng) {
@@ -57,7 +57,7 @@ Packed Pack(const QuantizedMatrix& qm) {
   const size_t entries = PackedInt4Scales(qm.n, qm.k, Int4KernelGroup(qm.spec));
   p.panels.assign(PackedInt4Bytes(qm.n, qm.k), 0x5A);
   p.scales.assign(entries, -1.0f);
-  if (qm.spec.format == QuantFormat::kInt4GroupAsym) p.zeros.assign(entries, 0xEE);
+  if (IsAsymFormat(qm.spec.format)) p.zeros.assign(entries, 0xEE);
   const absl::Status s = PackInt4(qm, p.panels.data(), p.scales.data(), p.zeros.empty() ? nullptr : p.zeros.data());
   EXPECT_TRUE(s.ok()) << s;
   return p;
@@ -281,13 +281,13 @@ TEST_P(GemmInt4Test, ExtremeValues) {
   // Nibbles at both ends (u = 0 and 15, zero points 0 and 15) with activations at +-127: the largest
   // group sums and the largest z * xsum corrections.
   std::mt19937 rng(7);
-  for (const QuantSpec& spec : {kSpecs[0], kSpecs[3], kSpecs[4], kSpecs[6]}) {
+  for (const QuantSpec& spec : {kSpecs[0], kSpecs[3], kSpecs[4], kSpecs[6], kSpecs[7]}) {
     for (size_t m : {1, 9, 33}) {
       const size_t n = 33, k = 256;
       for (int pattern = 0; pattern < 3; ++pattern) {
         QuantizedMatrix qm = RandomWeights(spec, n, k, rng);
         for (size_t i = 0; i < qm.data.size(); ++i) {
-          const bool asym = spec.format == QuantFormat::kInt4GroupAsym;
+          const bool asym = IsAsymFormat(spec.format);
           // sym: q = +7 (0x7) or -7 (0x9); asym: u = 15 or 0
           const uint8_t hi = asym ? 0xF : 0x7, lo = asym ? 0x0 : 0x9;
           uint8_t a = pattern == 0 ? hi : pattern == 1 ? lo : ((rng() & 1) ? hi : lo);
@@ -308,7 +308,7 @@ TEST_P(GemmInt4Test, ExtremeValues) {
 TEST_P(GemmInt4Test, ColumnRangeThroughPanelOffset) {
   // The MoE layer splits N across threads by offsetting panels, scales and zeros by whole panels.
   std::mt19937 rng(9);
-  for (const QuantSpec& spec : {kSpecs[0], kSpecs[1], kSpecs[6]}) {
+  for (const QuantSpec& spec : {kSpecs[0], kSpecs[1], kSpecs[6], kSpecs[7]}) {
     const size_t m = 9, n = 70, k = 256, group = Int4KernelGroup(spec), groups = Int4Groups(k, group);
     const QuantizedMatrix qm = RandomWeights(spec, n, k, rng);
     const Packed p = Pack(qm);

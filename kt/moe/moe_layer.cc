@@ -77,18 +77,20 @@ const char* ExpertFormatName(ExpertFormat format) {
       return "int4_group_sym";
     case ExpertFormat::kInt4GroupAsym:
       return "int4_group_asym";
+    case ExpertFormat::kInt4Asym:
+      return "int4_asym";
   }
   return "unknown";
 }
 
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
   for (ExpertFormat f : {ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4,
-                         ExpertFormat::kInt4GroupSym, ExpertFormat::kInt4GroupAsym}) {
+                         ExpertFormat::kInt4GroupSym, ExpertFormat::kInt4GroupAsym, ExpertFormat::kInt4Asym}) {
     if (name == ExpertFormatName(f)) return f;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
-                                                 "'; expected bf16, int8, int4, int4_group_sym or "
-                                                 "int4_group_asym"));
+                                                 "'; expected bf16, int8, int4, int4_asym, int4_group_sym "
+                                                 "or int4_group_asym"));
 }
 
 MoeLayer::MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format)
@@ -323,6 +325,8 @@ absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size) {
       return QuantSpec{QuantFormat::kInt8PerChannel, 0};
     case ExpertFormat::kInt4:
       return QuantSpec{QuantFormat::kInt4PerChannel, 0};
+    case ExpertFormat::kInt4Asym:
+      return QuantSpec{QuantFormat::kInt4PerChannelAsym, 0};
     case ExpertFormat::kInt4GroupSym:
     case ExpertFormat::kInt4GroupAsym:
       if (group_size != 32 && group_size != 64 && group_size != 128) {
@@ -361,7 +365,9 @@ void MoeLayer::AllocateWeights() {
       p->sums.Resize(e * p->padded_rows);
     } else if (format_ != ExpertFormat::kBf16) {
       p->scales.Resize(e * p->scale_entries);
-      if (format_ == ExpertFormat::kInt4GroupAsym) p->zeros.Resize(e * p->scale_entries);
+      if (format_ == ExpertFormat::kInt4GroupAsym || format_ == ExpertFormat::kInt4Asym) {
+        p->zeros.Resize(e * p->scale_entries);
+      }
     }
   }
   proj_loaded_.assign(e * 3, 0);
@@ -413,7 +419,7 @@ absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const Quan
                                                    " is [", qm.n, ", ", qm.k, "], expected [", n, ", ",
                                                    k, "]"));
   }
-  const size_t want_zeros = spec->format == QuantFormat::kInt4GroupAsym ? n * ScalesPerRow(*spec, k) : 0;
+  const size_t want_zeros = IsAsymFormat(spec->format) ? n * ScalesPerRow(*spec, k) : 0;
   if (qm.zeros.size() != want_zeros) {
     return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
                                                    " has ", qm.zeros.size(), " zero points, expected ",

@@ -18,6 +18,8 @@
 //                   AMXINT4_1KGroup). All three are packed into kt-int4-panel16-kblock8-v1 (gemm_int4.h);
 //                   x_t and h are quantized to int8 per row (per row and group of G for the group formats)
 //                   right before each product.
+//   kInt4Asym       kt-int4-channel-asym-v1 (a scale and zero point per output channel; the original's
+//                   INT4_1), same kernel and activations as kInt4.
 #ifndef KT_MOE_MOE_LAYER_H_
 #define KT_MOE_MOE_LAYER_H_
 
@@ -40,14 +42,15 @@
 
 namespace kt {
 
-enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym };
+enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym };
 
-// "bf16", "int8", "int4", "int4_group_sym" or "int4_group_asym".
+// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym" or "int4_asym".
 const char* ExpertFormatName(ExpertFormat format);
 // Inverse of ExpertFormatName; InvalidArgument listing the names otherwise.
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name);
 inline bool IsInt4ExpertFormat(ExpertFormat f) {
-  return f == ExpertFormat::kInt4 || f == ExpertFormat::kInt4GroupSym || f == ExpertFormat::kInt4GroupAsym;
+  return f == ExpertFormat::kInt4 || f == ExpertFormat::kInt4GroupSym || f == ExpertFormat::kInt4GroupAsym ||
+         f == ExpertFormat::kInt4Asym;
 }
 inline bool IsGroupExpertFormat(ExpertFormat f) {
   return f == ExpertFormat::kInt4GroupSym || f == ExpertFormat::kInt4GroupAsym;
@@ -73,7 +76,8 @@ struct MoeConfig {
 absl::Status ValidateMoeConfig(const MoeConfig& config);
 
 // The canonical quantized format a quantized ExpertFormat stores (kInt8: kt-int8-channel-v1, kInt4:
-// kt-int4-channel-v1, kInt4Group*: kt-int4-group{group_size}-{sym,asym}-v1; group_size is ignored by
+// kt-int4-channel-v1, kInt4Asym: kt-int4-channel-asym-v1, kInt4Group*: kt-int4-group{group_size}-{sym,asym}-v1;
+// group_size is ignored by
 // the per-channel formats). InvalidArgument for kBf16, which stores the weights as given, and for a group
 // format with a group_size other than 32, 64, 128.
 absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size = 0);
@@ -147,7 +151,7 @@ class MoeLayer {
     AlignedArray<uint8_t> data;
     AlignedArray<float> scales;   // kInt8: per output channel; int4: [panel][group][16]
     AlignedArray<int32_t> sums;   // kInt8: per output channel, for the VNNI kernel's sign trick
-    AlignedArray<uint8_t> zeros;  // kInt4GroupAsym: zero points, as scales
+    AlignedArray<uint8_t> zeros;  // kInt4GroupAsym, kInt4Asym: zero points, as scales
     // Packs expert `slot` from canonical bf16 w[N, K] (kBf16) or from its quantized form (others).
     void PackBf16(size_t slot, const bf16_t* w);
     void PackQuantized(size_t slot, const QuantizedMatrix& qm);

@@ -1,4 +1,5 @@
-// The MoE forward on every kernel path and expert format (bf16, int8, int4 per channel, int4 group-wise
+// The MoE forward on every kernel path and expert format (bf16, int8, int4 per channel sym and asym, int4
+// group-wise
 // sym with G = 32 and asym with G = 64) against MoeForwardReference (double accumulation, same bf16
 // rounding of silu(g)*u, and for the quantized formats the same quantization applied in plain code), including the routing corner cases: invalid and GPU-masked ids, an expert
 // chosen twice by one token, all tokens on one expert, experts with no tokens, permuted expert slots.
@@ -329,7 +330,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
                                          Isa::kAvx512Bf16, Isa::kAmx),
                        ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4,
-                                         ExpertFormat::kInt4GroupSym, ExpertFormat::kInt4GroupAsym)),
+                                         ExpertFormat::kInt4GroupSym, ExpertFormat::kInt4GroupAsym,
+                                         ExpertFormat::kInt4Asym)),
     [](const auto& info) {
       return std::string(IsaName(std::get<0>(info.param))) + "_" +
              ExpertFormatName(std::get<1>(info.param));

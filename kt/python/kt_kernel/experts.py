@@ -59,8 +59,12 @@ INFERENCE_METHODS = frozenset(
 # expose them). INFERENCE_METHODS stays the original's set; KTMoEWrapper accepts both.
 #   AMXINT4_KGroup / MOE_INT4_KGroup    int4, a symmetric scale per group_size k (kt-int4-group{G}-sym-v1)
 #   AMXINT4_1KGroup / MOE_INT4_1KGroup  int4, scale and zero point per group (kt-int4-group{G}-asym-v1, AWQ)
+#   AMXINT4_1 / MOE_INT4_1              int4, scale and zero point per output channel (kt-int4-channel-asym-v1,
+#                                       the original's INT4_1)
 # The AMX* names use AMX tiles where present; the MOE_* names stop at AVX512-VNNI.
-KT_INFERENCE_EXTENSIONS = frozenset(["AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"])
+KT_INFERENCE_EXTENSIONS = frozenset(
+    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]
+)
 
 SFT_METHODS = frozenset(
     [
@@ -90,6 +94,8 @@ _INFERENCE_BACKENDS = {
     "AMXINT4_1KGroup": AMXMoEWrapper,
     "MOE_INT4_KGroup": GeneralMoEWrapper,
     "MOE_INT4_1KGroup": GeneralMoEWrapper,
+    "AMXINT4_1": AMXMoEWrapper,
+    "MOE_INT4_1": GeneralMoEWrapper,
 }
 
 # Where each missing inference method is planned, for the NotImplementedError message.

@@ -1,7 +1,7 @@
 """KTMoEWrapper int4 methods against PyTorch.
 
 Methods: AMXINT4 / MOE_INT4 (symmetric int4 per output channel, activations int8 per token) and kt's
-extensions AMXINT4_KGroup / MOE_INT4_KGroup (symmetric, a scale per group of G k) and AMXINT4_1KGroup /
+extensions AMXINT4_1 / MOE_INT4_1 (asymmetric per output channel, the original's INT4_1), AMXINT4_KGroup / MOE_INT4_KGroup (symmetric, a scale per group of G k) and AMXINT4_1KGroup /
 MOE_INT4_1KGroup (asymmetric, scale and zero point per group; activations int8 per token and group).
 
 Two references, as for int8:
@@ -34,6 +34,8 @@ METHODS = {
     "MOE_INT4_KGroup": ("int4_group_sym", True, False),
     "AMXINT4_1KGroup": ("int4_group_asym", True, True),
     "MOE_INT4_1KGroup": ("int4_group_asym", True, True),
+    "AMXINT4_1": ("int4_asym", False, True),
+    "MOE_INT4_1": ("int4_asym", False, True),
 }
 # The original's accepted mean relative error of INT4 experts against the bf16 model.
 ORIGINAL_INT4_BOUND = 0.35
@@ -62,6 +64,7 @@ def quantize_asym4(t: torch.Tensor, group: int) -> torch.Tensor:
     returned dequantized ((q - z) * scale). Constant groups are not produced by random weights."""
     t = t.float()
     shape = t.shape
+    group = group or shape[-1]  # 0: one group per row (kt-int4-channel-asym-v1)
     t = t.reshape(*shape[:-1], shape[-1] // group, group)
     lo = t.amin(dim=-1, keepdim=True).clamp(max=0.0)
     hi = t.amax(dim=-1, keepdim=True).clamp(min=0.0)
@@ -154,7 +157,7 @@ def fixtures_dir() -> str:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("method", ["AMXINT4", "AMXINT4_KGroup", "AMXINT4_1KGroup"])
+@pytest.mark.parametrize("method", ["AMXINT4", "AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup"])
 def test_format_error_on_hf_fixtures(arch, method):
     """The int4 formats on real (tiny) checkpoints against transformers' routed-experts output."""
     from safetensors_np import SafeTensorsFile
@@ -195,7 +198,7 @@ def test_paths_and_names():
     assert not (KT_INFERENCE_EXTENSIONS & INFERENCE_METHODS)
     amx = make("AMXINT4", 4, 2, 64, 32)
     assert amx.isa == _native.ISA  # AMX tiles where present, else the best path there is
-    for method in ["MOE_INT4", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]:
+    for method in ["MOE_INT4", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]:
         general = make(method, 4, 2, 64, 32, group_size=32)
         assert general.isa != "amx" and general.isa == ("avx512_bf16" if _native.ISA == "amx" else _native.ISA)
 
@@ -204,7 +207,7 @@ def test_portable_and_amx_methods_agree_bit_for_bit():
     """Every kernel path computes the same integer sums and fp32 epilogue: AMX* and MOE_* outputs match."""
     gate, up, down = random_experts(6, 128, 64, seed=3)
     x, ids, w = random_routing(20, 128, 6, 2, seed=4)
-    for amx, general in [("AMXINT4", "MOE_INT4"), ("AMXINT4_1KGroup", "MOE_INT4_1KGroup")]:
+    for amx, general in [("AMXINT4", "MOE_INT4"), ("AMXINT4_1", "MOE_INT4_1"), ("AMXINT4_1KGroup", "MOE_INT4_1KGroup")]:
         a, b = make(amx, 6, 2, 128, 64, group_size=64), make(general, 6, 2, 128, 64, group_size=64)
         a.load_weights_from_tensors(gate, up, down, None)
         b.load_weights_from_tensors(gate, up, down, None)

@@ -11,7 +11,8 @@
   int4 with a scale per ``group_size`` consecutive k of a row (kt-int4-group{G}-sym-v1), and
   ``AMXINT4_1KGroup``, asymmetric int4 with a scale and zero point per group (kt-int4-group{G}-asym-v1,
   AWQ-style); activations int8 per token and group. ``group_size`` (32, 64 or 128; default 128) is the
-  KTMoEWrapper keyword of the same name.
+  KTMoEWrapper keyword of the same name. ``AMXINT4_1``: asymmetric int4 with a scale and zero point per
+  output channel (kt-int4-channel-asym-v1, the original's INT4_1), activations per token.
 
 The other methods of the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come later.
 """
@@ -37,6 +38,8 @@ _METHOD_FORMATS = {
     "MOE_INT4_KGroup": "int4_group_sym",
     "AMXINT4_1KGroup": "int4_group_asym",
     "MOE_INT4_1KGroup": "int4_group_asym",
+    "AMXINT4_1": "int4_asym",
+    "MOE_INT4_1": "int4_asym",
 }
 _IMPLEMENTED_METHODS = frozenset(_METHOD_FORMATS)
 
@@ -250,7 +253,7 @@ def _check_group_size(group_size, weight_format: str) -> int:
 
 
 class AMXMoEWrapper(NativeMoEWrapper):
-    """``AMXINT8``, ``AMXINT4``, ``AMXINT4_KGroup``, ``AMXINT4_1KGroup``: quantized experts, quantized online
+    """``AMXINT8``, ``AMXINT4``, ``AMXINT4_1``, ``AMXINT4_KGroup``, ``AMXINT4_1KGroup``: quantized experts, quantized online
     by ``load_weights_from_tensors``.
 
     Uses AMX tiles where the CPU has them (and Linux grants the permission); elsewhere the best path the CPU

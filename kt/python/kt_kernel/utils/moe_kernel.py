@@ -2,8 +2,8 @@
 MoE kernel.
 
 Same formats as ``AMXINT8`` / ``AMXINT4`` (symmetric per output channel, activations per token), and the kt
-extensions ``MOE_INT4_KGroup`` / ``MOE_INT4_1KGroup`` (the formats of ``AMXINT4_KGroup`` /
-``AMXINT4_1KGroup``), but the kernel path stops at AVX512-VNNI (``vpdpbusd``) even on a CPU with AMX, so
+extensions ``MOE_INT4_1`` / ``MOE_INT4_KGroup`` / ``MOE_INT4_1KGroup`` (the formats of ``AMXINT4_1`` /
+``AMXINT4_KGroup`` / ``AMXINT4_1KGroup``), but the kernel path stops at AVX512-VNNI (``vpdpbusd``) even on a CPU with AMX, so
 speed matches CPUs without AMX (AMD EPYC, older Xeons). Every path computes the same integer sums and the
 same fp32 epilogue, so results equal the AMX methods' bit for bit.
 """
