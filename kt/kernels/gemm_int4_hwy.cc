@@ -11,6 +11,15 @@
 // results kept in a small stack array (the int32 accumulators already use most registers), added left to
 // right over groups exactly as the scalar path does (-ffp-contract=off: no fused multiply-add).
 //
+// On the dispatched targets (AVX2, AVX3, AVX3_DL) the inner loop instead uses vpmaddubsw (unsigned bytes
+// times signed bytes, adjacent pairs summed into int16; raw intrinsic, Highway 1.0.3 has no op for it):
+// `block & 0xF` and `(block >> 4) & 0xF` are the u bytes of quads 2b and 2b + 1 in the int8 kquad order,
+// multiplied with x's quads broadcast: maddubs(lo, x0) + maddubs(hi, x1) holds 4 products per int16 pair
+// (|sum| <= 4 * 15 * 127 = 7620, no saturation), and one vpmaddwd with ones widens each pair into the row's
+// int32 lane. That is 2 AND, 1 shift, 2 vpmaddubsw, 1 vpaddw, 1 vpmaddwd, 1 vpaddd per 64 multiply-adds of
+// a 32-byte vector, about half the work of the int16 route (the single-thread M = 1 rate on the dev box went
+// from 32-40 to the numbers in docs/PERFORMANCE.md). Exact either way.
+//
 // Register blocking: AVX3 (32 zmm): 8 rows x 2 panels = 16 accumulators + 8 nibble vectors + 4 x vectors.
 // AVX2 (16 ymm, a panel is 2 vectors): 4 rows x 1 panel = 8 accumulators; decode (m <= 2) takes 2 panels.
 #undef HWY_TARGET_INCLUDE
@@ -32,6 +41,22 @@ using DF = hn::ScalableTag<float>;
 using DI32 = hn::ScalableTag<int32_t>;
 using DI16 = hn::ScalableTag<int16_t>;
 using DU16 = hn::ScalableTag<uint16_t>;
+using DU8 = hn::ScalableTag<uint8_t>;
+
+#if HWY_TARGET == HWY_AVX2
+#define KT_INT4_MADDUBS 1
+// Pairwise u8 x s8 products summed into int16 (vpmaddubsw).
+HWY_INLINE hn::Vec<DI16> MulAddPairsU8I8(hn::Vec<DU8> u, hn::Vec<DI32> x) {
+  return hn::Vec<DI16>{_mm256_maddubs_epi16(u.raw, x.raw)};
+}
+#elif HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#define KT_INT4_MADDUBS 1
+HWY_INLINE hn::Vec<DI16> MulAddPairsU8I8(hn::Vec<DU8> u, hn::Vec<DI32> x) {
+  return hn::Vec<DI16>{_mm512_maddubs_epi16(u.raw, x.raw)};
+}
+#else
+#define KT_INT4_MADDUBS 0
+#endif
 constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(int32_t);
 constexpr size_t kVecsPerPanel = kInt4PanelRows / kLanes;  // 1 for AVX3, 2 for AVX2, 4 for 128-bit
 constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
@@ -73,6 +98,37 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
     const size_t b_end = std::min(blocks, (g + 1) * blocks_per_group);
     for (size_t b = g * blocks_per_group; b < b_end; ++b) {
       const bool full = b < full_blocks;
+#if KT_INT4_MADDUBS
+      const DU8 du8;
+      const auto mask4b = hn::Set(du8, uint8_t{0xF});
+      const auto ones = hn::Set(di16, int16_t{1});
+      // Expand the block of every panel once (2 vectors per panel vector); every row reuses them.
+      hn::Vec<DU8> lo[kV], hi[kV];
+      for (int p = 0; p < NP; ++p) {
+        const uint8_t* src = panels + p * stride + b * 64;
+        for (size_t s = 0; s < kVecsPerPanel; ++s) {
+          const auto v = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
+          lo[p * kVecsPerPanel + s] = hn::And(v, mask4b);
+          hi[p * kVecsPerPanel + s] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, v))), mask4b);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xr = qx + m * ldqx;
+        int32_t q0, q1;
+        if (full) {
+          std::memcpy(&q0, xr + 8 * b, 4);
+          std::memcpy(&q1, xr + 8 * b + 4, 4);
+        } else {
+          q0 = LoadQuad(xr, 2 * b, k);
+          q1 = LoadQuad(xr, 2 * b + 1, k);
+        }
+        const auto x0 = hn::Set(di32, q0), x1 = hn::Set(di32, q1);
+        for (size_t v = 0; v < kV; ++v) {
+          const VW pairs = hn::Add(MulAddPairsU8I8(lo[v], x0), MulAddPairsU8I8(hi[v], x1));
+          acc[m][v] = hn::ReorderWidenMulAccumulate(di32, pairs, ones, acc[m][v], unused);
+        }
+      }
+#else
       for (int p = 0; p < NP; ++p) {
         const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
         VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
@@ -106,6 +162,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
           }
         }
       }
+#endif
     }
     // Epilogue of group g. Lane c of vector v is row (v % kVecsPerPanel) * kLanes + c of panel
     // v / kVecsPerPanel; its scale and zero point sit at [(panel * groups + g) * 16 + row].
@@ -113,9 +170,9 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
       const size_t p = v / kVecsPerPanel, r0 = (v % kVecsPerPanel) * kLanes;
       const size_t e = (p * groups + g) * kInt4PanelRows + r0;
       const auto w_scale = hn::LoadU(df, sw + e);
-      HWY_ALIGN int32_t zbuf[kLanes];
-      for (size_t c = 0; c < kLanes; ++c) zbuf[c] = zw ? zw[e + c] : kInt4SymZero;
-      const VI z = hn::Load(di32, zbuf);
+      // Zero points: kLanes bytes widened to int32 (vpmovzxbd), or the symmetric formats' constant 8.
+      const VI z = zw ? hn::PromoteTo(di32, hn::LoadU(hn::Rebind<uint8_t, DI32>(), zw + e))
+                      : hn::Set(di32, kInt4SymZero);
       for (int m = 0; m < MR; ++m) {
         const VI dot = hn::Sub(acc[m][v], hn::Mul(z, hn::Set(di32, xsum[m * groups + g])));
         const auto t = hn::Mul(hn::Mul(hn::Set(df, sx[m * groups + g]), w_scale), hn::ConvertTo(df, dot));
@@ -166,6 +223,7 @@ void GemmInt4(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, c
   }
 }
 
+#undef KT_INT4_MADDUBS
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
 }  // namespace kt
