@@ -87,9 +87,11 @@ constexpr const char* kBenchUsage =
                         through (default: enough to exceed 4x the last-level cache, at least 1)
   --bandwidth-mib N     size of the read-bandwidth buffer in MiB (default 1024)
   --seed N              seed of the random weights, inputs and routing (default 1)
-  --format F            expert weights: bf16 (default) or int8 (quantized per output channel at load,
-                        activations per token; the accuracy line then also reports the format's own
-                        error against the bf16 model)
+  --format F            expert weights: bf16 (default), int8, int4 or int4_asym (quantized per output
+                        channel at load, activations per token), int4_group_sym or int4_group_asym (a scale, and for
+                        asym a zero point, per --group-size k; activations per token and group); the
+                        accuracy line then also reports the format's own error against the bf16 model
+  --group-size G        group of the int4_group_* formats: 32, 64 or 128 (default 128)
   --tiling G,D          panels of 16 columns per task in the gate/up and down phases (1..8 each; 0
                         keeps the layer's choice: 3, on amx 2-8 sized to L2 and 8); for tuning only,
                         results are bit-identical
@@ -185,6 +187,7 @@ struct BenchFlags {
   bool torch = true;
   ExpertFormat format = ExpertFormat::kBf16;
   MoeTiling tiling;  // 0, 0: the layer's own choice
+  int group_size = 128;
   std::string python = kDefaultPython;
   std::string torch_script;
 };
@@ -268,12 +271,11 @@ std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* fl
       std::string f;
       err = take_value(&f);
       if (err.empty()) {
-        if (f == "bf16") {
-          flags->format = ExpertFormat::kBf16;
-        } else if (f == "int8") {
-          flags->format = ExpertFormat::kInt8;
+        const absl::StatusOr<ExpertFormat> parsed = ParseExpertFormat(f);
+        if (parsed.ok()) {
+          flags->format = *parsed;
         } else {
-          err = absl::StrCat("unknown --format '", f, "'; expected bf16 or int8");
+          err = absl::StrCat("--format: ", parsed.status().message());
         }
       }
     } else if (name == "--tiling") {
@@ -287,6 +289,11 @@ std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* fl
       } else if (err.empty() && (flags->tiling.gate_up_panels < 0 || flags->tiling.gate_up_panels > 8 ||
                                  flags->tiling.down_panels < 0 || flags->tiling.down_panels > 8)) {
         err = absl::StrCat("--tiling '", t, "': each value must be 0 (automatic) or in [1, 8]");
+      }
+    } else if (name == "--group-size") {
+      err = take_int(32, 128, &flags->group_size);
+      if (err.empty() && flags->group_size != 32 && flags->group_size != 64 && flags->group_size != 128) {
+        err = absl::StrCat("--group-size ", flags->group_size, ": expected 32, 64 or 128");
       }
     } else if (name == "--no-torch") {
       err = no_value();
@@ -533,7 +540,10 @@ int Bench(const std::vector<std::string>& args) {
   const size_t E = shape.experts, H = shape.hidden, I = shape.intermediate;
   const int k = shape.top_k;
   // Bytes per expert; replaced by the packed size (scales included) once a layer is loaded.
-  double expert_bytes = 3.0 * H * I * (flags.format == ExpertFormat::kInt8 ? 1 : sizeof(bf16_t));
+  const double bytes_per_weight = flags.format == ExpertFormat::kBf16 ? sizeof(bf16_t)
+                                  : flags.format == ExpertFormat::kInt8 ? 1.0
+                                                                        : 0.5;
+  double expert_bytes = 3.0 * H * I * bytes_per_weight;
   const double flop_per_routed_row = 2.0 * 3.0 * H * I;
   const char* format = ExpertFormatName(flags.format);
 
@@ -580,6 +590,7 @@ int Bench(const std::vector<std::string>& args) {
   config.hidden = shape.hidden;
   config.intermediate = shape.intermediate;
   config.max_len = std::max({flags.qlen_decode, flags.qlen_prefill, kAccuracyQlen});
+  config.group_size = flags.group_size;
 
   // Weights: uniform with standard deviation 1/sqrt(fan_in), deterministic in --seed.
   Clock::time_point t0 = Clock::now();
@@ -774,7 +785,7 @@ int Bench(const std::vector<std::string>& args) {
     PrintPhases(pre);
     std::printf("  compute     %.3f %s = %.0f%% of the measured %s peak %.3f %s (%s)%s\n", tflops, peak_unit,
                 100.0 * tflops / peak_tflops, IsaName(isa), peak_tflops, peak_unit, peak.instruction.c_str(),
-                int_kernels ? "; int8 multiply-adds count 2 ops" : "");
+                int_kernels ? "; integer multiply-adds count 2 ops" : "");
     std::printf(
         "  weights     %.0f distinct experts, %s touched per call -> %.1f GB/s (read bandwidth "
         "%.1f GB/s)\n",

@@ -100,6 +100,8 @@ const char* QuantFormatName(QuantFormat format) {
       return "int4_group_sym";
     case QuantFormat::kInt4GroupAsym:
       return "int4_group_asym";
+    case QuantFormat::kInt4PerChannelAsym:
+      return "int4_channel_asym";
   }
   return "unknown";
 }
@@ -108,6 +110,7 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k) {
   switch (spec.format) {
     case QuantFormat::kInt8PerChannel:
     case QuantFormat::kInt4PerChannel:
+    case QuantFormat::kInt4PerChannelAsym:
       if (spec.group_size != 0) {
         return absl::InvalidArgumentError(absl::StrCat("group_size must be 0 for ",
                                                        QuantFormatName(spec.format),
@@ -128,7 +131,7 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k) {
       return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..3"));
+      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..4"));
 }
 
 std::string QuantLayoutTag(const QuantSpec& spec) {
@@ -143,6 +146,8 @@ std::string QuantLayoutTag(const QuantSpec& spec) {
       return absl::StrCat("kt-int4-group", spec.group_size, "-sym-v1");
     case QuantFormat::kInt4GroupAsym:
       return absl::StrCat("kt-int4-group", spec.group_size, "-asym-v1");
+    case QuantFormat::kInt4PerChannelAsym:
+      return "kt-int4-channel-asym-v1";
   }
   return "";
 }
@@ -159,7 +164,7 @@ size_t ScalesPerRow(const QuantSpec& spec, size_t k) {
 
 size_t QuantizedBytes(const QuantSpec& spec, size_t n, size_t k) {
   const size_t scales = n * ScalesPerRow(spec, k);
-  const size_t zeros = spec.format == QuantFormat::kInt4GroupAsym ? scales : 0;
+  const size_t zeros = IsAsymFormat(spec.format) ? scales : 0;
   return n * QuantizedRowBytes(spec, k) + scales * sizeof(float) + zeros;
 }
 
@@ -187,7 +192,7 @@ absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w,
   const size_t row_bytes = QuantizedRowBytes(spec, k);
   const size_t groups = ScalesPerRow(spec, k);
   const size_t g = IsGroupFormat(spec.format) ? static_cast<size_t>(spec.group_size) : k;
-  const bool asym = spec.format == QuantFormat::kInt4GroupAsym;
+  const bool asym = IsAsymFormat(spec.format);
   qm.data.assign(n * row_bytes, 0);
   qm.scales.assign(n * groups, 0.0f);
   if (asym) qm.zeros.assign(n * groups, 0);
@@ -224,7 +229,7 @@ void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw) {
         qv = static_cast<int8_t>(in[c]);
       } else {
         const int nib = (in[c / 2] >> (4 * (c & 1))) & 0x0f;
-        qv = spec.format == QuantFormat::kInt4GroupAsym ? nib - qm.zeros[idx] : (nib >= 8 ? nib - 16 : nib);
+        qv = IsAsymFormat(spec.format) ? nib - qm.zeros[idx] : (nib >= 8 ? nib - 16 : nib);
       }
       w[r * ldw + c] = static_cast<float>(qv) * qm.scales[idx];
     }

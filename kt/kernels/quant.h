@@ -25,9 +25,12 @@ enum class QuantFormat : int {
   kInt4PerChannel = 1,  // kt-int4-channel-v1: int4 q in [-7, 7], one scale per row.
   kInt4GroupSym = 2,    // kt-int4-group{G}-sym-v1: int4 q in [-7, 7], one scale per G elements of a row.
   kInt4GroupAsym = 3,   // kt-int4-group{G}-asym-v1: uint4 q in [0, 15], scale and zero point per group.
+  kInt4PerChannelAsym = 4,  // kt-int4-channel-asym-v1: uint4 q in [0, 15], scale and zero point per row
+                            // (the original's INT4_1).
 };
 
-// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym"; "unknown" for anything else.
+// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym", "int4_channel_asym"; "unknown" for
+// anything else.
 const char* QuantFormatName(QuantFormat format);
 
 // Group sizes the group formats accept. 32 is the smallest group whose packed nibbles fill a 16-byte
@@ -41,6 +44,10 @@ struct QuantSpec {
 
 inline bool IsGroupFormat(QuantFormat f) {
   return f == QuantFormat::kInt4GroupSym || f == QuantFormat::kInt4GroupAsym;
+}
+// The zero-point formats (unsigned nibbles, a zero point per scale).
+inline bool IsAsymFormat(QuantFormat f) {
+  return f == QuantFormat::kInt4GroupAsym || f == QuantFormat::kInt4PerChannelAsym;
 }
 
 // The layout tag of docs/FORMATS.md, e.g. "kt-int4-group128-asym-v1". Empty if the spec is invalid.

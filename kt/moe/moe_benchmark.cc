@@ -1,4 +1,4 @@
-// Google Benchmark of the BF16 routed-experts forward on Qwen3 layer shapes.
+// Google Benchmark of the routed-experts forward on Qwen3 layer shapes, in any expert format.
 //
 //   bazel run -c opt //kt/moe:moe_benchmark
 //   bazel run -c opt //kt/moe:moe_benchmark -- --benchmark_filter=30B --threads=2
@@ -8,13 +8,15 @@
 // Weights are deterministic random bf16 with standard deviation 1/sqrt(fan_in); every token is routed to
 // top_k distinct random experts; each iteration uses the next of several routing patterns so that
 // consecutive calls touch different experts. Counters (per second of real time):
-//   GB/s    bytes of the DISTINCT experts routed to in each call (3 * H * I * 2 bytes each), counted
-//           exactly from the generated ids
+//   GB/s    bytes of the DISTINCT experts routed to in each call (the packed bytes per expert, scales
+//           and zero points included: weight_bytes() / E), counted exactly from the generated ids
 //   TFLOPS  2 * 3 * H * I * top_k * qlen floating-point operations per call
 //   experts distinct experts per call (mean)
 // The label names the kernel path (KT_ISA caps it) and the thread count.
 //
-// Flags besides Google Benchmark's: --threads=N (default: CPUs in the affinity mask), --pin.
+// Flags besides Google Benchmark's: --threads=N (default: CPUs in the affinity mask), --pin,
+// --format=F (bf16, int8, int4, int4_group_sym, int4_group_asym; default bf16), --group-size=G (32, 64,
+// 128; default 128, for the int4_group_* formats).
 #include <sched.h>
 
 #include <algorithm>
@@ -43,6 +45,8 @@ namespace {
 int g_threads = 0;
 bool g_pin = false;
 Isa g_isa = Isa::kScalar;
+ExpertFormat g_format = ExpertFormat::kBf16;
+int g_group_size = 128;
 
 struct Shape {
   const char* name;
@@ -79,7 +83,8 @@ Layer& GetLayer(const Shape& shape) {
   config.hidden = shape.hidden;
   config.intermediate = shape.intermediate;
   config.max_len = kMaxLen;
-  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(config, g_isa);
+  config.group_size = g_group_size;
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(config, g_isa, g_format);
   if (!moe.ok()) {
     std::fprintf(stderr, "MoeLayer::Create: %s\n", moe.status().ToString().c_str());
     std::exit(1);
@@ -105,7 +110,7 @@ void BM_Moe(benchmark::State& state, const Shape* shape, int qlen) {
   Layer& layer = GetLayer(*shape);
   const int k = shape->top_k;
   const size_t H = shape->hidden;
-  const double expert_bytes = 3.0 * shape->hidden * shape->intermediate * sizeof(bf16_t);
+  const double expert_bytes = static_cast<double>(layer.moe->weight_bytes()) / shape->experts;
   const double flop = 2.0 * 3.0 * shape->hidden * shape->intermediate * k * qlen;
 
   std::mt19937_64 rng(1000 + qlen);
@@ -140,7 +145,7 @@ void BM_Moe(benchmark::State& state, const Shape* shape, int qlen) {
     state.counters["experts"] = bytes / expert_bytes / calls;  // Distinct experts per call (mean).
   }
   state.counters["threads"] = layer.pool->num_threads();
-  state.SetLabel(std::string("isa=") + IsaName(g_isa));
+  state.SetLabel(std::string("isa=") + IsaName(g_isa) + " format=" + ExpertFormatName(g_format));
 }
 
 void Register(const Shape& shape) {
@@ -173,8 +178,22 @@ int main(int argc, char** argv) {
       kt::g_threads = static_cast<int>(v);
     } else if (std::strcmp(a, "--pin") == 0) {
       kt::g_pin = true;
+    } else if (std::strncmp(a, "--format=", 9) == 0) {
+      const absl::StatusOr<kt::ExpertFormat> f = kt::ParseExpertFormat(a + 9);
+      if (!f.ok()) {
+        std::fprintf(stderr, "moe_benchmark: --format: %s\n", std::string(f.status().message()).c_str());
+        return 2;
+      }
+      kt::g_format = *f;
+    } else if (std::strncmp(a, "--group-size=", 13) == 0) {
+      const int g = std::atoi(a + 13);
+      if (g != 32 && g != 64 && g != 128) {
+        std::fprintf(stderr, "moe_benchmark: --group-size wants 32, 64 or 128, got '%s'\n", a + 13);
+        return 2;
+      }
+      kt::g_group_size = g;
     } else {
-      std::fprintf(stderr, "moe_benchmark: unknown flag '%s' (besides --benchmark_*: --threads=N, --pin)\n",
+      std::fprintf(stderr, "moe_benchmark: unknown flag '%s' (besides --benchmark_*: --threads=N, --pin, --format=F, --group-size=G)\n",
                    a);
       return 2;
     }

@@ -93,15 +93,41 @@ absl::Status ValidateMoeConfig(const MoeConfig& c) {
 }
 
 const char* ExpertFormatName(ExpertFormat format) {
-  return format == ExpertFormat::kInt8 ? "int8" : "bf16";
+  switch (format) {
+    case ExpertFormat::kBf16:
+      return "bf16";
+    case ExpertFormat::kInt8:
+      return "int8";
+    case ExpertFormat::kInt4:
+      return "int4";
+    case ExpertFormat::kInt4GroupSym:
+      return "int4_group_sym";
+    case ExpertFormat::kInt4GroupAsym:
+      return "int4_group_asym";
+    case ExpertFormat::kInt4Asym:
+      return "int4_asym";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
+  for (ExpertFormat f : {ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4,
+                         ExpertFormat::kInt4GroupSym, ExpertFormat::kInt4GroupAsym, ExpertFormat::kInt4Asym}) {
+    if (name == ExpertFormatName(f)) return f;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
+                                                 "'; expected bf16, int8, int4, int4_asym, int4_group_sym "
+                                                 "or int4_group_asym"));
 }
 
 MoeLayer::MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format)
     : config_(config), isa_(isa), format_(format) {
   if (format == ExpertFormat::kBf16) {
     gemm_bf16_ = GetGemmBf16(isa);
-  } else {
+  } else if (format == ExpertFormat::kInt8) {
     gemm_int8_ = GetGemmInt8(isa);
+  } else {
+    gemm_int4_ = GetGemmInt4(isa);
   }
 }
 
@@ -113,7 +139,11 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
         absl::StrCat("kernel path ", IsaName(isa), " is not supported by this CPU"));
   }
   const bool int8 = format == ExpertFormat::kInt8;
-  if ((int8 ? GetGemmInt8(isa) != nullptr : GetGemmBf16(isa) != nullptr) == false) {
+  const bool int4 = IsInt4ExpertFormat(format);
+  const bool has_kernel = int8 ? GetGemmInt8(isa) != nullptr
+                          : int4 ? GetGemmInt4(isa) != nullptr
+                                 : GetGemmBf16(isa) != nullptr;
+  if (!has_kernel) {
     return absl::UnimplementedError(absl::StrCat("no ", ExpertFormatName(format), " kernel for path ",
                                                  IsaName(isa)));
   }
@@ -121,6 +151,23 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
                static_cast<size_t>(config.intermediate) >= kInt8MaxK)) {
     return absl::InvalidArgumentError(absl::StrCat("int8 experts need hidden and intermediate < ",
                                                    kInt8MaxK, " (exact int32 sums)"));
+  }
+  if (int4 && (static_cast<size_t>(config.hidden) >= kInt4MaxK ||
+               static_cast<size_t>(config.intermediate) >= kInt4MaxK)) {
+    return absl::InvalidArgumentError(absl::StrCat("int4 experts need hidden and intermediate < ",
+                                                   kInt4MaxK, " (exact int32 sums)"));
+  }
+  if (IsGroupExpertFormat(format)) {
+    absl::StatusOr<QuantSpec> spec = QuantSpecOf(format, config.group_size);
+    if (!spec.ok()) return spec.status();
+    for (const auto& [name, v] : {std::pair<const char*, int>{"hidden", config.hidden},
+                                  {"intermediate", config.intermediate}}) {
+      if (v % config.group_size != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "MoeConfig.", name, " = ", v, " must be a multiple of group_size = ", config.group_size,
+            " for ", ExpertFormatName(format), " experts"));
+      }
+    }
   }
   std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa, format));
   const size_t e = config.num_experts, h = config.hidden, i = config.intermediate;
@@ -134,18 +181,23 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
   moe->row_token_.assign(rows, 0);
   moe->token_slot_row_.assign(rows, -1);
   moe->active_.reserve(e);
-  moe->ldx_ = PaddedStride(h, int8 ? 1 : sizeof(bf16_t));
+  const bool quantized = format != ExpertFormat::kBf16;
+  moe->ldx_ = PaddedStride(h, quantized ? 1 : sizeof(bf16_t));
   moe->ldh_ = PaddedStride(i, sizeof(bf16_t));
   moe->ldqh_ = PaddedStride(i, 1);
-  if (!int8) moe->xs_.Resize(rows * moe->ldx_);  // kInt8 gathers straight into its quantized copy
-  moe->hs_.Resize(rows * moe->ldh_);
   moe->ldy_ = PaddedStride(h, sizeof(float));  // tile stores of down's output alias like loads do
+  if (!quantized) moe->xs_.Resize(rows * moe->ldx_);  // others gather into the int8 copy
+  moe->hs_.Resize(rows * moe->ldh_);
   moe->ys_.Resize(rows * moe->ldy_);
-  if (int8) {
+  if (int8 || int4) {
     moe->qxs_.Resize(rows * moe->ldx_);
-    moe->sxs_.Resize(rows);
+    moe->sxs_.Resize(rows * moe->ActGroups(h));
     moe->qhs_.Resize(rows * moe->ldqh_);
-    moe->shs_.Resize(rows);
+    moe->shs_.Resize(rows * moe->ActGroups(i));
+  }
+  if (int4) {
+    moe->xsums_.Resize(rows * moe->ActGroups(h));
+    moe->hsums_.Resize(rows * moe->ActGroups(i));
   }
   return moe;
 }
@@ -156,11 +208,35 @@ void MoeLayer::InitProjection(Projection& p, size_t n, size_t k) const {
   if (format_ == ExpertFormat::kBf16) {
     p.panel_bytes = PanelStride(k) * sizeof(bf16_t);
     p.expert_bytes = PackedBf16Size(n, k) * sizeof(bf16_t);
-  } else {
+  } else if (format_ == ExpertFormat::kInt8) {
     static_assert(kInt8PanelRows == kPanelRows, "column blocks address both layouts alike");
     p.panel_bytes = Int8PanelStride(k);
     p.expert_bytes = PackedInt8Bytes(n, k);
     p.padded_rows = PackedInt8Rows(n);
+    p.scale_entries = p.padded_rows;
+  } else {
+    static_assert(kInt4PanelRows == kPanelRows, "column blocks address all layouts alike");
+    p.group = IsGroupExpertFormat(format_) ? static_cast<size_t>(config_.group_size) : 0;
+    p.panel_bytes = Int4PanelStride(k);
+    p.expert_bytes = PackedInt4Bytes(n, k);
+    p.scale_entries = PackedInt4Scales(n, k, p.group);
+  }
+}
+
+size_t MoeLayer::ActGroups(size_t k) const {
+  return IsGroupExpertFormat(format_) ? k / static_cast<size_t>(config_.group_size) : 1;
+}
+
+void MoeLayer::QuantizeRow(const bf16_t* x, size_t k, int8_t* q, float* scales, int32_t* sums) const {
+  // The vectorized quantizers (act_quant.h), bit-identical to quant.h's; group_size and k were validated
+  // at Create.
+  if (IsGroupExpertFormat(format_)) {
+    QuantizeRowInt8Grouped(isa_, x, k, static_cast<size_t>(config_.group_size), q, scales);
+  } else {
+    QuantizeRowInt8(isa_, x, k, q, scales);
+  }
+  if (IsInt4ExpertFormat(format_)) {
+    Int4ActivationSums(1, k, IsGroupExpertFormat(format_) ? config_.group_size : 0, q, k, sums);
   }
 }
 
@@ -169,6 +245,12 @@ void MoeLayer::Projection::PackBf16(size_t slot, const bf16_t* w) {
 }
 
 void MoeLayer::Projection::PackQuantized(size_t slot, const QuantizedMatrix& qm) {
+  if (qm.spec.format != QuantFormat::kInt8PerChannel) {
+    // The layer checked spec and shape (LoadExpertQuantized), so packing cannot fail.
+    (void)PackInt4(qm, data.get() + slot * expert_bytes, scales.get() + slot * scale_entries,
+                   zeros.size ? zeros.get() + slot * scale_entries : nullptr);
+    return;
+  }
   PackInt8(reinterpret_cast<const int8_t*>(qm.data.data()), k, qm.scales.data(), n, k,
            reinterpret_cast<int8_t*>(data.get() + slot * expert_bytes), scales.get() + slot * padded_rows,
            sums.get() + slot * padded_rows);
@@ -177,7 +259,7 @@ void MoeLayer::Projection::PackQuantized(size_t slot, const QuantizedMatrix& qm)
 size_t MoeLayer::weight_bytes() const {
   size_t bytes = 0;
   for (const Projection* p : {&gate_, &up_, &down_}) {
-    bytes += p->data.size + p->scales.size * sizeof(float) + p->sums.size * sizeof(int32_t);
+    bytes += p->data.size + p->scales.size * sizeof(float) + p->sums.size * sizeof(int32_t) + p->zeros.size;
   }
   return bytes;
 }
@@ -189,13 +271,23 @@ void MoeLayer::Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool 
     const size_t ld = hidden_input ? ldh_ : ldx_;
     const bf16_t* x = (hidden_input ? hs_.get() : xs_.get()) + r0 * ld;
     gemm_bf16_(m, k, x, ld, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
-  } else {
+  } else if (format_ == ExpertFormat::kInt8) {
     const size_t ld = hidden_input ? ldqh_ : ldx_;
     const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * ld;
     const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0;
     const size_t row0 = e * p.padded_rows + c0;
     gemm_int8_(m, k, qx, ld, sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)), p.scales.get() + row0,
                p.sums.get() + row0, cols, y, ldy);
+  } else {
+    const size_t groups = ActGroups(k);
+    const size_t ld = hidden_input ? ldqh_ : ldx_;
+    const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * ld;
+    const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0 * groups;
+    const int32_t* xsum = (hidden_input ? hsums_.get() : xsums_.get()) + r0 * groups;
+    // Scales and zero points of a column block start c0 / 16 panels into the expert's [panel][group][16].
+    const size_t e0 = e * p.scale_entries + c0 * groups;
+    gemm_int4_(m, k, p.group, qx, ld, sx, xsum, p.Panels(e, c0), p.scales.get() + e0,
+               p.zeros.size ? p.zeros.get() + e0 : nullptr, cols, y, ldy);
   }
 }
 
@@ -216,7 +308,7 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
     }
   }
   const size_t h = config_.hidden, i = config_.intermediate;
-  if (format_ == ExpertFormat::kInt8) {
+  if (format_ != ExpertFormat::kBf16) {
     // Quantization needs finite weights; check before packing anything so a bad tensor loses nothing.
     const struct {
       const char* name;
@@ -229,7 +321,8 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
           const size_t per_expert = in.count / e;
           return absl::InvalidArgumentError(absl::StrCat(
               "LoadWeights: ", in.name, " weight of expert ", idx / per_expert, " at flat index ",
-              idx % per_expert, " is not finite; int8 quantization needs finite weights"));
+              idx % per_expert, " is not finite; ", ExpertFormatName(format_),
+              " quantization needs finite weights"));
         }
       }
     }
@@ -274,8 +367,27 @@ const char* ExpertProjName(ExpertProj proj) {
   return "unknown";
 }
 
-absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format) {
-  if (format == ExpertFormat::kInt8) return QuantSpec{QuantFormat::kInt8PerChannel, 0};
+absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size) {
+  switch (format) {
+    case ExpertFormat::kInt8:
+      return QuantSpec{QuantFormat::kInt8PerChannel, 0};
+    case ExpertFormat::kInt4:
+      return QuantSpec{QuantFormat::kInt4PerChannel, 0};
+    case ExpertFormat::kInt4Asym:
+      return QuantSpec{QuantFormat::kInt4PerChannelAsym, 0};
+    case ExpertFormat::kInt4GroupSym:
+    case ExpertFormat::kInt4GroupAsym:
+      if (group_size != 32 && group_size != 64 && group_size != 128) {
+        return absl::InvalidArgumentError(absl::StrCat("group_size = ", group_size, " for ",
+                                                       ExpertFormatName(format),
+                                                       " experts; expected 32, 64 or 128"));
+      }
+      return QuantSpec{format == ExpertFormat::kInt4GroupSym ? QuantFormat::kInt4GroupSym
+                                                             : QuantFormat::kInt4GroupAsym,
+                       group_size};
+    case ExpertFormat::kBf16:
+      break;
+  }
   return absl::InvalidArgumentError(
       absl::StrCat("expert format ", ExpertFormatName(format), " is not a quantized format"));
 }
@@ -296,9 +408,14 @@ void MoeLayer::AllocateWeights() {
   const size_t e = config_.num_experts;
   for (Projection* p : {&gate_, &up_, &down_}) {
     p->data.Resize(e * p->expert_bytes);
-    if (format_ != ExpertFormat::kBf16) {
+    if (format_ == ExpertFormat::kInt8) {
       p->scales.Resize(e * p->padded_rows);
       p->sums.Resize(e * p->padded_rows);
+    } else if (format_ != ExpertFormat::kBf16) {
+      p->scales.Resize(e * p->scale_entries);
+      if (format_ == ExpertFormat::kInt4GroupAsym || format_ == ExpertFormat::kInt4Asym) {
+        p->zeros.Resize(e * p->scale_entries);
+      }
     }
   }
   proj_loaded_.assign(e * 3, 0);
@@ -321,7 +438,7 @@ absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
     proj_loaded_[static_cast<size_t>(slot) * 3 + static_cast<int>(proj)] = 1;
     return absl::OkStatus();
   }
-  absl::StatusOr<QuantSpec> spec = QuantSpecOf(format_);
+  absl::StatusOr<QuantSpec> spec = quant_spec();
   if (!spec.ok()) return spec.status();
   absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, w, k, n, k);
   if (!q.ok()) {
@@ -333,7 +450,7 @@ absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
 
 absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm) {
   if (absl::Status s = CheckSlot("LoadExpertQuantized", slot); !s.ok()) return s;
-  absl::StatusOr<QuantSpec> spec = QuantSpecOf(format_);
+  absl::StatusOr<QuantSpec> spec = quant_spec();
   if (!spec.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: a ", ExpertFormatName(format_),
                                                    " layer takes bf16 weights (LoadExpert)"));
@@ -349,6 +466,12 @@ absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const Quan
     return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
                                                    " is [", qm.n, ", ", qm.k, "], expected [", n, ", ",
                                                    k, "]"));
+  }
+  const size_t want_zeros = IsAsymFormat(spec->format) ? n * ScalesPerRow(*spec, k) : 0;
+  if (qm.zeros.size() != want_zeros) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
+                                                   " has ", qm.zeros.size(), " zero points, expected ",
+                                                   want_zeros));
   }
   if (qm.data.size() != n * QuantizedRowBytes(*spec, k) || qm.scales.size() != n * ScalesPerRow(*spec, k)) {
     return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: ", name, " of slot ", slot,
@@ -439,8 +562,10 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
       const size_t r1 = std::min(rows, (task + 1) * 64);
       for (size_t r = task * 64; r < r1; ++r) {
         const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
-        if (format_ == ExpertFormat::kInt8) {
-          QuantizeRowInt8(isa_, x, h, qxs_.get() + r * ldx_, sxs_.get() + r);
+        if (format_ != ExpertFormat::kBf16) {
+          const size_t groups = ActGroups(h);
+          QuantizeRow(x, h, qxs_.get() + r * ldx_, sxs_.get() + r * groups,
+                      xsums_.size ? xsums_.get() + r * groups : nullptr);
         } else {
           std::memcpy(xs_.get() + r * ldx_, x, h * sizeof(bf16_t));
         }
@@ -477,12 +602,15 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     });
     lap(profile_.gate_up);
 
-    // 3b. kInt8: quantize each row of h (its absmax spans all I columns, so after the whole phase).
-    if (format_ == ExpertFormat::kInt8) {
+    // 3b. Quantized formats: quantize each row of h (its absmax spans all I columns, or a group that
+    // may straddle column blocks, so after the whole phase).
+    if (format_ != ExpertFormat::kBf16) {
+      const size_t groups = ActGroups(inter);
       pool.ParallelFor((rows + 63) / 64, [&](size_t task, int) {
         const size_t r1 = std::min(rows, (task + 1) * 64);
         for (size_t r = task * 64; r < r1; ++r) {
-          QuantizeRowInt8(isa_, hs_.get() + r * ldh_, inter, qhs_.get() + r * ldqh_, shs_.get() + r);
+          QuantizeRow(hs_.get() + r * ldh_, inter, qhs_.get() + r * ldqh_, shs_.get() + r * groups,
+                      hsums_.size ? hsums_.get() + r * groups : nullptr);
         }
       });
     }
@@ -526,30 +654,39 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
 
 namespace {
 
-// Expert e's [n, k] projection as the format sees it: the bf16 values, or their int8 quantization
-// dequantized (q * scale).
-std::vector<float> ReferenceWeights(ExpertFormat format, const bf16_t* w, size_t n, size_t k) {
+// Expert e's [n, k] projection as the format sees it: the bf16 values, or their quantization
+// dequantized (quant.h's Quantize and Dequantize).
+std::vector<float> ReferenceWeights(ExpertFormat format, int group_size, const bf16_t* w, size_t n,
+                                    size_t k) {
   std::vector<float> out(n * k);
   if (format == ExpertFormat::kBf16) {
     for (size_t i = 0; i < n * k; ++i) out[i] = Bf16ToF32(w[i]);
     return out;
   }
-  absl::StatusOr<QuantizedMatrix> q = Quantize(QuantSpec{QuantFormat::kInt8PerChannel, 0}, w, k, n, k);
+  absl::StatusOr<QuantSpec> spec = QuantSpecOf(format, group_size);
+  if (!spec.ok()) return out;
+  absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, w, k, n, k);
   if (q.ok()) Dequantize(*q, out.data(), k);
   return out;
 }
 
-// A row as the format feeds it to a product: the bf16 values, or int8 per-row quantization dequantized.
-std::vector<float> ReferenceActivation(ExpertFormat format, const bf16_t* x, size_t k) {
+// A row as the format feeds it to a product: the bf16 values, or int8 quantization per row (per row and
+// group for the group formats) dequantized.
+std::vector<float> ReferenceActivation(ExpertFormat format, int group_size, const bf16_t* x, size_t k) {
   std::vector<float> out(k);
   if (format == ExpertFormat::kBf16) {
     for (size_t i = 0; i < k; ++i) out[i] = Bf16ToF32(x[i]);
     return out;
   }
   std::vector<int8_t> q(k);
-  float scale = 0;
-  QuantizeActivationInt8(x, k, q.data(), &scale);
-  for (size_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scale;
+  const size_t len = IsGroupExpertFormat(format) ? static_cast<size_t>(group_size) : k;
+  std::vector<float> scales(k / len);
+  if (IsGroupExpertFormat(format)) {
+    if (!QuantizeActivationInt8Grouped(x, k, group_size, q.data(), scales.data()).ok()) return out;
+  } else {
+    QuantizeActivationInt8(x, k, q.data(), scales.data());
+  }
+  for (size_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scales[i / len];
   return out;
 }
 
@@ -572,17 +709,17 @@ void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t
   std::vector<bf16_t> hb(inter);
   for (int t = 0; t < qlen; ++t) {
     std::vector<double> acc(h, 0.0);
-    const std::vector<float> x = ReferenceActivation(format, input + static_cast<size_t>(t) * h, h);
+    const std::vector<float> x = ReferenceActivation(format, config.group_size, input + static_cast<size_t>(t) * h, h);
     for (int j = 0; j < k; ++j) {
       const int64_t e = ids[t * k + j];
       if (e < 0 || e >= config.num_experts || (gpu_experts_mask && gpu_experts_mask[e])) continue;
-      MatVec(ReferenceWeights(format, gate + e * inter * h, inter, h), inter, h, x, g.data());
-      MatVec(ReferenceWeights(format, up + e * inter * h, inter, h), inter, h, x, u.data());
+      MatVec(ReferenceWeights(format, config.group_size, gate + e * inter * h, inter, h), inter, h, x, g.data());
+      MatVec(ReferenceWeights(format, config.group_size, up + e * inter * h, inter, h), inter, h, x, u.data());
       for (size_t c = 0; c < inter; ++c) {
         hb[c] = F32ToBf16(static_cast<float>(g[c] / (1.0 + std::exp(-g[c])) * u[c]));
       }
-      MatVec(ReferenceWeights(format, down + e * h * inter, h, inter), h, inter,
-             ReferenceActivation(format, hb.data(), inter), y.data());
+      MatVec(ReferenceWeights(format, config.group_size, down + e * h * inter, h, inter), h, inter,
+             ReferenceActivation(format, config.group_size, hb.data(), inter), y.data());
       for (size_t c = 0; c < h; ++c) acc[c] += static_cast<double>(weights[t * k + j]) * y[c];
     }
     for (size_t c = 0; c < h; ++c) output[static_cast<size_t>(t) * h + c] = static_cast<float>(acc[c]);

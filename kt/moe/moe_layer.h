@@ -12,6 +12,14 @@
 //   kInt8  kt-int8-channel-v1 (symmetric int8 per output channel, quantized at load) packed into
 //          kt-int8-panel16-kquad-v1; x_t and h are quantized per row to int8 (absmax/127) right before
 //          each product, and the products are exact int32 sums scaled by both scales.
+//   kInt4           kt-int4-channel-v1 (symmetric int4 per output channel; the original's AMXINT4).
+//   kInt4GroupSym   kt-int4-group{G}-sym-v1 (a scale per G = MoeConfig::group_size consecutive k).
+//   kInt4GroupAsym  kt-int4-group{G}-asym-v1 (a scale and zero point per group; AWQ, the original's
+//                   AMXINT4_1KGroup). All three are packed into kt-int4-panel16-kblock8-v1 (gemm_int4.h);
+//                   x_t and h are quantized to int8 per row (per row and group of G for the group formats)
+//                   right before each product.
+//   kInt4Asym       kt-int4-channel-asym-v1 (a scale and zero point per output channel; the original's
+//                   INT4_1), same kernel and activations as kInt4.
 #ifndef KT_MOE_MOE_LAYER_H_
 #define KT_MOE_MOE_LAYER_H_
 
@@ -23,19 +31,30 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
 
-enum class ExpertFormat { kBf16, kInt8 };
+enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym };
 
-// "bf16" or "int8".
+// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym" or "int4_asym".
 const char* ExpertFormatName(ExpertFormat format);
+// Inverse of ExpertFormatName; InvalidArgument listing the names otherwise.
+absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name);
+inline bool IsInt4ExpertFormat(ExpertFormat f) {
+  return f == ExpertFormat::kInt4 || f == ExpertFormat::kInt4GroupSym || f == ExpertFormat::kInt4GroupAsym ||
+         f == ExpertFormat::kInt4Asym;
+}
+inline bool IsGroupExpertFormat(ExpertFormat f) {
+  return f == ExpertFormat::kInt4GroupSym || f == ExpertFormat::kInt4GroupAsym;
+}
 
 // The three projections of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
 enum class ExpertProj : int { kGate = 0, kUp = 1, kDown = 2 };
@@ -48,6 +67,9 @@ struct MoeConfig {
   int hidden = 0;        // H
   int intermediate = 0;  // I
   int max_len = 0;       // Largest qlen one Forward accepts; sizes the scratch buffers.
+  // G of the group-wise formats (kInt4GroupSym/Asym): 32, 64 or 128, dividing hidden and intermediate.
+  // Ignored by the other formats.
+  int group_size = 128;
 };
 
 // Checks every field (positive, sane) and names the bad one.
@@ -71,6 +93,13 @@ struct MoeTiling {
   int down_panels = 0;
 };
 
+// The canonical quantized format a quantized ExpertFormat stores (kInt8: kt-int8-channel-v1, kInt4:
+// kt-int4-channel-v1, kInt4Asym: kt-int4-channel-asym-v1, kInt4Group*: kt-int4-group{group_size}-{sym,asym}-v1;
+// group_size is ignored by
+// the per-channel formats). InvalidArgument for kBf16, which stores the weights as given, and for a group
+// format with a group_size other than 32, 64, 128.
+absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size = 0);
+
 class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
@@ -90,7 +119,7 @@ class MoeLayer {
   // From canonical bf16 w[N, K] (N, K of `proj`), quantized here if the format is quantized.
   absl::Status LoadExpert(int slot, ExpertProj proj, const bf16_t* w);
   // From a matrix already in the layer's quantized format (a converted checkpoint): spec, n and k must
-  // match (QuantSpecOf(format())); InvalidArgument naming the mismatch otherwise, and for a kBf16 layer.
+  // match (quant_spec()); InvalidArgument naming the mismatch otherwise, and for a kBf16 layer.
   absl::Status LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm);
   // OK once every (slot, proj) has loaded; FailedPrecondition naming the first missing one otherwise.
   absl::Status FinishLoad();
@@ -106,6 +135,9 @@ class MoeLayer {
   absl::Status SetTiling(const MoeTiling& tiling);
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return format_; }
+  // The canonical quantized form the layer stores (QuantSpecOf(format(), config().group_size)); for
+  // kBf16 an InvalidArgument.
+  absl::StatusOr<QuantSpec> quant_spec() const { return QuantSpecOf(format_, config_.group_size); }
   bool loaded() const { return loaded_; }
   // [N, K] of a projection: (I, H) for gate and up, (H, I) for down.
   size_t ProjRows(ExpertProj proj) const;
@@ -134,10 +166,13 @@ class MoeLayer {
     size_t n = 0, k = 0;
     size_t expert_bytes = 0;  // packed bytes per expert
     size_t panel_bytes = 0;   // bytes per 16-row panel, to address a column block
-    size_t padded_rows = 0;   // entries per expert of scales/sums (kInt8)
+    size_t padded_rows = 0;   // entries per expert of sums (kInt8)
+    size_t scale_entries = 0; // entries per expert of scales (and int4 asym zero points)
+    size_t group = 0;         // int4: the kernel's group argument (G, or 0 per channel)
     AlignedArray<uint8_t> data;
-    AlignedArray<float> scales;  // kInt8: per output channel
-    AlignedArray<int32_t> sums;  // kInt8: per output channel, for the VNNI kernel's sign trick
+    AlignedArray<float> scales;   // kInt8: per output channel; int4: [panel][group][16]
+    AlignedArray<int32_t> sums;   // kInt8: per output channel, for the VNNI kernel's sign trick
+    AlignedArray<uint8_t> zeros;  // kInt4GroupAsym, kInt4Asym: zero points, as scales
     // Packs expert `slot` from canonical bf16 w[N, K] (kBf16) or from its quantized form (others).
     void PackBf16(size_t slot, const bf16_t* w);
     void PackQuantized(size_t slot, const QuantizedMatrix& qm);
@@ -152,7 +187,8 @@ class MoeLayer {
   absl::Status CheckSlot(const char* fn, int slot) const;
 
   // y[m, cols] = x[m, K] * W^T for the rows of `act` starting at row r0 and the columns [c0, c0 + cols) of
-  // expert e's projection p, in the layer's format (act: xs_/hs_ for kBf16, their int8 copies for kInt8).
+  // expert e's projection p, in the layer's format (act: xs_/hs_ for kBf16, their int8 copies for the
+  // quantized formats). The one place that dispatches products per format.
   void Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input, size_t r0,
             size_t m, float* y, size_t ldy) const;
 
@@ -161,6 +197,7 @@ class MoeLayer {
   ExpertFormat format_;
   GemmBf16Fn gemm_bf16_ = nullptr;
   GemmInt8Fn gemm_int8_ = nullptr;
+  GemmInt4Fn gemm_int4_ = nullptr;
   bool loaded_ = false;
   ForwardProfile profile_;
   MoeTiling tiling_;
@@ -184,18 +221,25 @@ class MoeLayer {
   AlignedArray<float> sxs_;          // kInt8: [rows] their scales
   AlignedArray<int8_t> qhs_;         // kInt8: [rows, ldqh_] hs_ quantized per row
   AlignedArray<float> shs_;          // kInt8: [rows] their scales
+  // Int4 formats use qxs_/qhs_ too, with one scale per row and group in sxs_/shs_ ([rows][groups]) and
+  // the int32 group sums of the quantized rows (Int4ActivationSums) here.
+  AlignedArray<int32_t> xsums_;      // int4: [rows][groups of H]
+  AlignedArray<int32_t> hsums_;      // int4: [rows][groups of I]
   AlignedArray<float> ys_;           // [rows, ldy_] down projections
   AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
   int scratch_threads_ = 0;
+
+  // Quantizes one activation row of length k into q, its scale(s) and (int4) group sums, per format.
+  void QuantizeRow(const bf16_t* x, size_t k, int8_t* q, float* scales, int32_t* sums) const;
+  // Activation scales per row for a K of k: 1, or k / G for the group formats.
+  size_t ActGroups(size_t k) const;
 };
 
-// The canonical quantized format a quantized ExpertFormat stores (kInt8: kt-int8-channel-v1).
-// InvalidArgument for kBf16, which stores the weights as given.
-absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format);
 
 // The plain reference of the same computation on canonical weights (double accumulation), for tests and
-// for `kt bench`'s accuracy line. With kInt8 it applies the format in plain code: weights quantized per
-// channel and dequantized (quant.h), x and h quantized per row and dequantized, then the same double
+// for `kt bench`'s accuracy line. With a quantized format it applies the format in plain code: weights
+// quantized and dequantized (quant.h; group size from config), x and h quantized per row (per row and
+// group for the group formats) and dequantized, then the same double
 // arithmetic; a kernel path must match it up to fp32 rounding, i.e. adds nothing to the format's error.
 void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t* ids,
                          const float* weights, const bf16_t* input, const bf16_t* gate,

@@ -7,7 +7,7 @@ the import fail) and reported as ``__cpu_variant__``.
 
 from ._version import __version__
 from . import _native
-from .experts import INFERENCE_METHODS, SFT_METHODS, KTMoEWrapper
+from .experts import INFERENCE_METHODS, KT_INFERENCE_EXTENSIONS, SFT_METHODS, KTMoEWrapper
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .masks import generate_gpu_experts_masks
 from .utils.amx import NativeMoEWrapper
@@ -26,6 +26,7 @@ __all__ = [
     "__cpu_variant__",
     "KTMoEWrapper",
     "INFERENCE_METHODS",
+    "KT_INFERENCE_EXTENSIONS",
     "SFT_METHODS",
     "BaseMoEWrapper",
     "KExpertsCPUBuffer",

@@ -4,9 +4,10 @@
 result is not a KTMoEWrapper instance). The arguments, defaults, method names and validation messages are
 those of the original kt-kernel, so code written against it keeps working.
 
-What kt implements today: ``mode="inference"`` with ``method="BF16"`` (``NativeMoEWrapper``). Every other
-method, and the whole SFT mode, raises NotImplementedError naming the method: kt never substitutes a
-different method.
+What kt implements today: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
+"AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
+``KT_INFERENCE_EXTENSIONS`` (group-wise int4; ``group_size`` keyword). Every other method, and the whole SFT
+mode, raises NotImplementedError naming the method: kt never substitutes a different method.
 
 Example::
 
@@ -29,7 +30,14 @@ from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .utils.amx import AMXMoEWrapper, NativeMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 
-__all__ = ["KTMoEWrapper", "INFERENCE_METHODS", "SFT_METHODS", "BaseMoEWrapper", "KExpertsCPUBuffer"]
+__all__ = [
+    "KTMoEWrapper",
+    "INFERENCE_METHODS",
+    "KT_INFERENCE_EXTENSIONS",
+    "SFT_METHODS",
+    "BaseMoEWrapper",
+    "KExpertsCPUBuffer",
+]
 
 # Valid methods for each mode (the original kt-kernel's names).
 INFERENCE_METHODS = frozenset(
@@ -45,6 +53,17 @@ INFERENCE_METHODS = frozenset(
         "MOE_INT4",
         "MOE_INT8",
     ]
+)
+
+# kt's inference methods beyond the original's list (its C++ has these kernels, its KTMoEWrapper does not
+# expose them). INFERENCE_METHODS stays the original's set; KTMoEWrapper accepts both.
+#   AMXINT4_KGroup / MOE_INT4_KGroup    int4, a symmetric scale per group_size k (kt-int4-group{G}-sym-v1)
+#   AMXINT4_1KGroup / MOE_INT4_1KGroup  int4, scale and zero point per group (kt-int4-group{G}-asym-v1, AWQ)
+#   AMXINT4_1 / MOE_INT4_1              int4, scale and zero point per output channel (kt-int4-channel-asym-v1,
+#                                       the original's INT4_1)
+# The AMX* names use AMX tiles where present; the MOE_* names stop at AVX512-VNNI.
+KT_INFERENCE_EXTENSIONS = frozenset(
+    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]
 )
 
 SFT_METHODS = frozenset(
@@ -69,12 +88,18 @@ _INFERENCE_BACKENDS = {
     "BF16": NativeMoEWrapper,
     "AMXINT8": AMXMoEWrapper,
     "MOE_INT8": GeneralMoEWrapper,
+    "AMXINT4": AMXMoEWrapper,
+    "MOE_INT4": GeneralMoEWrapper,
+    "AMXINT4_KGroup": AMXMoEWrapper,
+    "AMXINT4_1KGroup": AMXMoEWrapper,
+    "MOE_INT4_KGroup": GeneralMoEWrapper,
+    "MOE_INT4_1KGroup": GeneralMoEWrapper,
+    "AMXINT4_1": AMXMoEWrapper,
+    "MOE_INT4_1": GeneralMoEWrapper,
 }
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
-    "AMXINT4": "quantized-kernels issue",
-    "MOE_INT4": "quantized-kernels issue",
     "RAWINT4": "quantized-kernels issue",
     "GPTQ_INT4": "quantized-kernels issue",
     "FP8": "FP8 kernels issue",
@@ -140,10 +165,14 @@ class KTMoEWrapper:
             method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
             numa_nodes: NUMA node of each sub-pool (None: sequential).
             mode: "inference" or "sft".
-            num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, group_size, zero_point: SFT only.
+            group_size: K-group size (32, 64, 128) of the K-group int4 methods (inference extensions
+                AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
+                moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
+            num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
 
         Returns:
-            A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16").
+            A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16", ``AMXMoEWrapper`` for the
+            AMX* methods, ``GeneralMoEWrapper`` for MOE_*).
 
         Raises:
             ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
@@ -155,7 +184,7 @@ class KTMoEWrapper:
 
         # Validate method matches mode
         if mode == "inference":
-            if method not in INFERENCE_METHODS:
+            if method not in INFERENCE_METHODS and method not in KT_INFERENCE_EXTENSIONS:
                 raise ValueError(
                     f"Method '{method}' not supported for inference mode. "
                     f"Supported methods: {sorted(INFERENCE_METHODS)}"
@@ -175,6 +204,7 @@ class KTMoEWrapper:
                 max_deferred_experts_per_token=max_deferred_experts_per_token,
                 method=method,
                 numa_nodes=numa_nodes,
+                group_size=group_size,
             )
 
         if method not in SFT_METHODS:

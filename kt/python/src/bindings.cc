@@ -74,16 +74,14 @@ Isa IsaFromName(const std::string& name) {
 class PyMoeLayer {
  public:
   PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
-             const std::string& isa_name, const std::string& format_name) {
-    ExpertFormat format;
-    if (format_name == "bf16") {
-      format = ExpertFormat::kBf16;
-    } else if (format_name == "int8") {
-      format = ExpertFormat::kInt8;
-    } else {
-      throw py::value_error("MoeLayer: format must be 'bf16' or 'int8', got '" + format_name + "'");
+             const std::string& isa_name, const std::string& format_name, int group_size) {
+    const absl::StatusOr<ExpertFormat> format_or = ParseExpertFormat(format_name);
+    if (!format_or.ok()) {
+      throw py::value_error("MoeLayer: " + std::string(format_or.status().message()));
     }
+    const ExpertFormat format = *format_or;
     MoeConfig config;
+    config.group_size = group_size;
     config.num_experts = num_experts;
     config.top_k = top_k;
     config.hidden = hidden;
@@ -168,13 +166,14 @@ PYBIND11_MODULE(_kt, m) {
       .def_property_readonly("num_threads", &ThreadPool::num_threads);
 
   py::class_<PyMoeLayer>(m, "MoeLayer",
-                         "The routed experts of one MoE layer; weights kept as bf16 or quantized to int8.")
-      .def(py::init<int, int, int, int, int, const std::string&, const std::string&>(),
+                         "The routed experts of one MoE layer; weights kept as bf16 or quantized (int8, int4, "
+                         "int4_group_sym, int4_group_asym with group_size).")
+      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
-           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16")
+           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128)
       .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
-           "Packs (int8: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
+           "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
            "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
            "may be freed afterwards.")
       .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
@@ -185,6 +184,11 @@ PYBIND11_MODULE(_kt, m) {
       .def_property_readonly("isa", [](const PyMoeLayer& self) { return std::string(IsaName(self.moe().isa())); })
       .def_property_readonly("format",
                              [](const PyMoeLayer& self) { return std::string(ExpertFormatName(self.moe().format())); })
+      .def_property_readonly("group_size",
+                             [](const PyMoeLayer& self) {
+                               return IsGroupExpertFormat(self.moe().format()) ? self.moe().config().group_size
+                                                                               : 0;
+                             })
       .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); });
 }
 

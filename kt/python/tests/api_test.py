@@ -82,16 +82,18 @@ def test_method_not_valid_for_mode():
         make(method="NOPE")
 
 
-@pytest.mark.parametrize("method", sorted(INFERENCE_METHODS - {"BF16", "AMXINT8", "MOE_INT8"}))
+@pytest.mark.parametrize(
+    "method", sorted(INFERENCE_METHODS - {"BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4"})
+)
 def test_unimplemented_inference_methods(method):
     with pytest.raises(NotImplementedError, match=f"method '{method}' is not implemented yet in kt"):
         make(method=method)
 
 
-def test_default_method_is_not_silently_replaced():
-    kwargs = dict(BASE)
-    with pytest.raises(NotImplementedError, match="'AMXINT4'"):
-        KTMoEWrapper(**kwargs)
+def test_default_method_is_amxint4():
+    # The original's default method, AMXINT4: int4 experts, never silently another format.
+    moe = KTMoEWrapper(**dict(BASE))
+    assert moe.method == "AMXINT4" and moe.weight_format == "int4"
 
 
 @pytest.mark.parametrize("method", sorted(SFT_METHODS))

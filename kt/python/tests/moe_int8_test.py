@@ -93,9 +93,3 @@ def test_non_finite_weights_rejected_naming_the_tensor():
     with pytest.raises(ValueError, match="down"):
         moe.load_weights_from_tensors(gate, up, down, None)
     assert not moe.weights_loaded
-
-
-def test_int4_methods_still_not_implemented():
-    for method in ["AMXINT4", "MOE_INT4"]:
-        with pytest.raises(NotImplementedError, match=method):
-            make(method, 4, 2, 64, 32)

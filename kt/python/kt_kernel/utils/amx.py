@@ -5,8 +5,16 @@
 - ``AMXINT8`` (AMXMoEWrapper): weights quantized online at load to symmetric int8 per output channel
   (kt-int8-channel-v1), activations quantized per token; AMX tiles (tdpbssd) where the CPU has them, else the
   best path it has (AVX512-VNNI, Highway AVX3/AVX2, scalar): ``wrapper.isa`` names it.
+- ``AMXINT4`` (AMXMoEWrapper): symmetric int4 per output channel (kt-int4-channel-v1, scale = absmax / 7),
+  activations int8 per token; AMX tiles (nibbles expanded to int8, tdpbssd) where present, else the best path.
+- kt extensions (the original has these kernels but no KTMoEWrapper method): ``AMXINT4_KGroup``, symmetric
+  int4 with a scale per ``group_size`` consecutive k of a row (kt-int4-group{G}-sym-v1), and
+  ``AMXINT4_1KGroup``, asymmetric int4 with a scale and zero point per group (kt-int4-group{G}-asym-v1,
+  AWQ-style); activations int8 per token and group. ``group_size`` (32, 64 or 128; default 128) is the
+  KTMoEWrapper keyword of the same name. ``AMXINT4_1``: asymmetric int4 with a scale and zero point per
+  output channel (kt-int4-channel-asym-v1, the original's INT4_1), activations per token.
 
-The other methods of the original kt-kernel (AMXINT4, RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come later.
+The other methods of the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come later.
 """
 
 from __future__ import annotations
@@ -20,7 +28,19 @@ from .._checks import check_tensor
 from ..experts_base import BaseMoEWrapper
 
 # Method -> the C++ layer's expert format.
-_METHOD_FORMATS = {"BF16": "bf16", "AMXINT8": "int8", "MOE_INT8": "int8"}
+_METHOD_FORMATS = {
+    "BF16": "bf16",
+    "AMXINT8": "int8",
+    "MOE_INT8": "int8",
+    "AMXINT4": "int4",
+    "MOE_INT4": "int4",
+    "AMXINT4_KGroup": "int4_group_sym",
+    "MOE_INT4_KGroup": "int4_group_sym",
+    "AMXINT4_1KGroup": "int4_group_asym",
+    "MOE_INT4_1KGroup": "int4_group_asym",
+    "AMXINT4_1": "int4_asym",
+    "MOE_INT4_1": "int4_asym",
+}
 _IMPLEMENTED_METHODS = frozenset(_METHOD_FORMATS)
 
 
@@ -56,6 +76,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         max_deferred_experts_per_token: Optional[int] = None,
         method: str = "BF16",
         numa_nodes: Optional[List[int]] = None,
+        group_size: int = 128,
     ):
         if method not in _IMPLEMENTED_METHODS:
             raise NotImplementedError(
@@ -87,6 +108,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
             max_len=chunked_prefill_size,
             isa=self._kernel_isa(_native.ISA),
             format=_METHOD_FORMATS[method],
+            group_size=_check_group_size(group_size, _METHOD_FORMATS[method]),
         )
 
     @staticmethod
@@ -96,8 +118,13 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
     @property
     def weight_format(self) -> str:
-        """'bf16' or 'int8': how the expert weights are held."""
+        """'bf16', 'int8', 'int4', 'int4_group_sym' or 'int4_group_asym': how the expert weights are held."""
         return self._moe.format
+
+    @property
+    def group_size(self) -> int:
+        """G of the group-wise int4 formats; 0 for the others."""
+        return self._moe.group_size
 
     @property
     def isa(self) -> str:
@@ -213,10 +240,23 @@ class NativeMoEWrapper(BaseMoEWrapper):
         return output
 
 
+def _check_group_size(group_size, weight_format: str) -> int:
+    """group_size as the C++ layer takes it; only the group formats use it (the others ignore it)."""
+    if not weight_format.startswith("int4_group"):
+        return 128
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in (32, 64, 128):
+        raise ValueError(
+            f"group_size must be 32, 64 or 128 for the K-group int4 methods, got {group_size!r}; it must "
+            "also divide hidden_size and moe_intermediate_size"
+        )
+    return group_size
+
+
 class AMXMoEWrapper(NativeMoEWrapper):
-    """``AMXINT8``: int8 experts, quantized online by ``load_weights_from_tensors``.
+    """``AMXINT8``, ``AMXINT4``, ``AMXINT4_1``, ``AMXINT4_KGroup``, ``AMXINT4_1KGroup``: quantized experts, quantized online
+    by ``load_weights_from_tensors``.
 
     Uses AMX tiles where the CPU has them (and Linux grants the permission); elsewhere the best path the CPU
     has, named by ``wrapper.isa``. Loading converted weights from ``weight_path`` comes with the weight-IO
-    issue. ``AMXINT4`` is not implemented yet.
+    issue.
     """

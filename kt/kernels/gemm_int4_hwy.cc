@@ -1,0 +1,258 @@
+// Highway kernels (AVX2, AVX3, AVX3_DL) for the INT4 GEMM over kt-int4-panel16-kblock8-v1 panels.
+// Highway 1.0.3 has no byte dot product, so the nibbles go straight to int16 lanes for vpmaddwd
+// (ReorderWidenMulAccumulate on x86: 32-bit lane j gets a[2j] b[2j] + a[2j+1] b[2j+1]). A 16-bit lane of
+// a packed block holds bytes {4r + j, 4r + j + 1} (j even) of one output row r, i.e. four nibbles:
+//   v & 0xF       = u[8b + j]        (v >> 8) & 0xF  = u[8b + j + 1]        (quad 2b)
+//   (v >> 4) & 0xF = u[8b + 4 + j]    v >> 12         = u[8b + 4 + j + 1]    (quad 2b + 1)
+// so 3 shifts and 3 ANDs give four int16 vectors that pair with x's quads split as in gemm_int8_hwy.cc
+// ({x0, x2} and {x1, x3} sign-extended). |u x| <= 15 * 127 and vpmaddwd sums two such products: exact.
+//
+// Each group's int32 sums go through the epilogue t = (sx * sw) * float(acc - z * xsum) into fp32 partial
+// results kept in a small stack array (the int32 accumulators already use most registers), added left to
+// right over groups exactly as the scalar path does (-ffp-contract=off: no fused multiply-add).
+//
+// On the dispatched targets (AVX2, AVX3, AVX3_DL) the inner loop instead uses vpmaddubsw (unsigned bytes
+// times signed bytes, adjacent pairs summed into int16; raw intrinsic, Highway 1.0.3 has no op for it):
+// `block & 0xF` and `(block >> 4) & 0xF` are the u bytes of quads 2b and 2b + 1 in the int8 kquad order,
+// multiplied with x's quads broadcast: maddubs(lo, x0) + maddubs(hi, x1) holds 4 products per int16 pair
+// (|sum| <= 4 * 15 * 127 = 7620, no saturation), and one vpmaddwd with ones widens each pair into the row's
+// int32 lane. That is 2 AND, 1 shift, 2 vpmaddubsw, 1 vpaddw, 1 vpmaddwd, 1 vpaddd per 64 multiply-adds of
+// a 32-byte vector, about half the work of the int16 route (the single-thread M = 1 rate on the dev box went
+// from 32-40 to the numbers in docs/PERFORMANCE.md). Exact either way.
+//
+// Register blocking: AVX3 (32 zmm): 8 rows x 2 panels = 16 accumulators + 8 nibble vectors + 4 x vectors.
+// AVX2 (16 ymm, a panel is 2 vectors): 4 rows x 1 panel = 8 accumulators; decode (m <= 2) takes 2 panels.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/gemm_int4_hwy.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kt/kernels/gemm_int4.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DI32 = hn::ScalableTag<int32_t>;
+using DI16 = hn::ScalableTag<int16_t>;
+using DU16 = hn::ScalableTag<uint16_t>;
+using DU8 = hn::ScalableTag<uint8_t>;
+
+#if HWY_TARGET == HWY_AVX2
+#define KT_INT4_MADDUBS 1
+// Pairwise u8 x s8 products summed into int16 (vpmaddubsw).
+HWY_INLINE hn::Vec<DI16> MulAddPairsU8I8(hn::Vec<DU8> u, hn::Vec<DI32> x) {
+  return hn::Vec<DI16>{_mm256_maddubs_epi16(u.raw, x.raw)};
+}
+#elif HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#define KT_INT4_MADDUBS 1
+HWY_INLINE hn::Vec<DI16> MulAddPairsU8I8(hn::Vec<DU8> u, hn::Vec<DI32> x) {
+  return hn::Vec<DI16>{_mm512_maddubs_epi16(u.raw, x.raw)};
+}
+#else
+#define KT_INT4_MADDUBS 0
+#endif
+constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(int32_t);
+constexpr size_t kVecsPerPanel = kInt4PanelRows / kLanes;  // 1 for AVX3, 2 for AVX2, 4 for 128-bit
+constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
+constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
+constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+
+// The 4 bytes qx[4q .. 4q+3] as one 32-bit value, zeros past k (no over-read of the row).
+HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t q, size_t k) {
+  int32_t quad = 0;
+  const size_t k0 = 4 * q;
+  if (k0 < k) std::memcpy(&quad, row + k0, std::min<size_t>(4, k - k0));
+  return quad;
+}
+
+template <int MR, int NP>
+HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, size_t ldqx,
+                      const float* HWY_RESTRICT sx, const int32_t* HWY_RESTRICT xsum,
+                      const uint8_t* HWY_RESTRICT panels, size_t stride, const float* HWY_RESTRICT sw,
+                      const uint8_t* HWY_RESTRICT zw, float* HWY_RESTRICT y, size_t ldy, size_t cols) {
+  const DF df;
+  const DI32 di32;
+  const DI16 di16;
+  const DU16 du16;
+  constexpr size_t kV = NP * kVecsPerPanel;
+  using VI = hn::Vec<DI32>;
+  using VW = hn::Vec<DI16>;
+  const size_t groups = Int4Groups(k, group);
+  const size_t blocks = KBlocks8(k);
+  const size_t full_blocks = k / 8;
+  const size_t blocks_per_group = group == 0 ? blocks : group / 8;
+  HWY_ALIGN float out[MR][kV * kLanes];
+  const auto mask4 = hn::Set(du16, uint16_t{0xF});
+  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  for (size_t g = 0; g < groups; ++g) {
+    VI acc[MR][kV];
+    for (int m = 0; m < MR; ++m) {
+      for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(di32);
+    }
+    const size_t b_end = std::min(blocks, (g + 1) * blocks_per_group);
+    for (size_t b = g * blocks_per_group; b < b_end; ++b) {
+      const bool full = b < full_blocks;
+#if KT_INT4_MADDUBS
+      const DU8 du8;
+      const auto mask4b = hn::Set(du8, uint8_t{0xF});
+      const auto ones = hn::Set(di16, int16_t{1});
+      // Expand the block of every panel once (2 vectors per panel vector); every row reuses them.
+      hn::Vec<DU8> lo[kV], hi[kV];
+      for (int p = 0; p < NP; ++p) {
+        const uint8_t* src = panels + p * stride + b * 64;
+        for (size_t s = 0; s < kVecsPerPanel; ++s) {
+          const auto v = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
+          lo[p * kVecsPerPanel + s] = hn::And(v, mask4b);
+          hi[p * kVecsPerPanel + s] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, v))), mask4b);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xr = qx + m * ldqx;
+        int32_t q0, q1;
+        if (full) {
+          std::memcpy(&q0, xr + 8 * b, 4);
+          std::memcpy(&q1, xr + 8 * b + 4, 4);
+        } else {
+          q0 = LoadQuad(xr, 2 * b, k);
+          q1 = LoadQuad(xr, 2 * b + 1, k);
+        }
+        const auto x0 = hn::Set(di32, q0), x1 = hn::Set(di32, q1);
+        for (size_t v = 0; v < kV; ++v) {
+          const VW pairs = hn::Add(MulAddPairsU8I8(lo[v], x0), MulAddPairsU8I8(hi[v], x1));
+          acc[m][v] = hn::ReorderWidenMulAccumulate(di32, pairs, ones, acc[m][v], unused);
+        }
+      }
+#else
+      for (int p = 0; p < NP; ++p) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
+        VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
+        for (size_t s = 0; s < kVecsPerPanel; ++s) {
+          const auto v = hn::LoadU(du16, src + s * (kLanes * 2));
+          w[0][s] = hn::BitCast(di16, hn::And(v, mask4));
+          w[1][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v), mask4));
+          w[2][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v), mask4));
+          w[3][s] = hn::BitCast(di16, hn::ShiftRight<12>(v));
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* xr = qx + m * ldqx;
+          int32_t q0, q1;
+          if (full) {
+            std::memcpy(&q0, xr + 8 * b, 4);
+            std::memcpy(&q1, xr + 8 * b + 4, 4);
+          } else {
+            q0 = LoadQuad(xr, 2 * b, k);
+            q1 = LoadQuad(xr, 2 * b + 1, k);
+          }
+          const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
+          const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
+          const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
+          const VW x1e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x1)), x1o = hn::ShiftRight<8>(x1);
+          for (size_t s = 0; s < kVecsPerPanel; ++s) {
+            VI& a = acc[m][p * kVecsPerPanel + s];
+            a = hn::ReorderWidenMulAccumulate(di32, x0e, w[0][s], a, unused);
+            a = hn::ReorderWidenMulAccumulate(di32, x0o, w[1][s], a, unused);
+            a = hn::ReorderWidenMulAccumulate(di32, x1e, w[2][s], a, unused);
+            a = hn::ReorderWidenMulAccumulate(di32, x1o, w[3][s], a, unused);
+          }
+        }
+      }
+#endif
+    }
+    // Epilogue of group g. Lane c of vector v is row (v % kVecsPerPanel) * kLanes + c of panel
+    // v / kVecsPerPanel; its scale and zero point sit at [(panel * groups + g) * 16 + row].
+    for (size_t v = 0; v < kV; ++v) {
+      const size_t p = v / kVecsPerPanel, r0 = (v % kVecsPerPanel) * kLanes;
+      const size_t e = (p * groups + g) * kInt4PanelRows + r0;
+      const auto w_scale = hn::LoadU(df, sw + e);
+      // Zero points: kLanes bytes widened to int32 (vpmovzxbd), or the symmetric formats' constant 8.
+      const VI z = zw ? hn::PromoteTo(di32, hn::LoadU(hn::Rebind<uint8_t, DI32>(), zw + e))
+                      : hn::Set(di32, kInt4SymZero);
+      for (int m = 0; m < MR; ++m) {
+        const VI dot = hn::Sub(acc[m][v], hn::Mul(z, hn::Set(di32, xsum[m * groups + g])));
+        const auto t = hn::Mul(hn::Mul(hn::Set(df, sx[m * groups + g]), w_scale), hn::ConvertTo(df, dot));
+        float* o = out[m] + v * kLanes;
+        hn::Store(g == 0 ? t : hn::Add(hn::Load(df, o), t), df, o);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) std::copy(out[m], out[m] + cols, y + m * ldy);
+}
+
+using MicroFn = void (*)(size_t, size_t, const int8_t*, size_t, const float*, const int32_t*,
+                         const uint8_t*, size_t, const float*, const uint8_t*, float*, size_t, size_t);
+
+template <int NP>
+MicroFn PickRows(size_t rows) {
+  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
+  switch (rows) {
+    case 1: return &Micro<1, NP>;
+    case 2: return &Micro<2, NP>;
+    case 3: return &Micro<3, NP>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
+    default: return &Micro<4, NP>;
+  }
+}
+
+void GemmInt4(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* sx,
+              const int32_t* xsum, const uint8_t* panels, const float* w_scales, const uint8_t* w_zeros,
+              size_t n_cols, float* y, size_t ldy) {
+  const size_t stride = Int4PanelStride(k);
+  const size_t groups = Int4Groups(k, group);
+  const size_t num_panels = Int4NumPanels(n_cols);
+  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
+  for (size_t p = 0; p < num_panels; p += max_panels) {
+    const size_t np = std::min<size_t>(max_panels, num_panels - p);
+    const size_t c0 = p * kInt4PanelRows;
+    const size_t cols = std::min(n_cols - c0, np * kInt4PanelRows);
+    const size_t e0 = p * kInt4PanelRows * groups;
+    for (size_t i = 0; i < m;) {
+      const size_t rows = std::min<size_t>(kMaxRows, m - i);
+      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
+      fn(k, group, qx + i * ldqx, ldqx, sx + i * groups, xsum + i * groups, panels + p * stride, stride,
+         w_scales + e0, w_zeros ? w_zeros + e0 : nullptr, y + i * ldy + c0, ldy, cols);
+      i += rows;  // rows <= kMaxRows, so PickRows returns a kernel of exactly `rows` rows
+    }
+  }
+}
+
+#undef KT_INT4_MADDUBS
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace internal {
+
+// Explicit per-target selection (KT_ISA caps the path; Highway's chosen-target state is never touched).
+GemmInt4Fn GemmInt4Hwy(Isa isa) {
+  switch (isa) {
+#if HWY_TARGETS & HWY_AVX2
+    case Isa::kAvx2:
+      return &N_AVX2::GemmInt4;
+#endif
+#if HWY_TARGETS & HWY_AVX3
+    case Isa::kAvx512:
+      return &N_AVX3::GemmInt4;
+#endif
+#if HWY_TARGETS & HWY_AVX3_DL
+    case Isa::kAvx512Vnni:
+      return &N_AVX3_DL::GemmInt4;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace internal
+}  // namespace kt
+#endif  // HWY_ONCE
