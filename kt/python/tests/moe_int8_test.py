@@ -10,6 +10,8 @@ Two references:
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -93,3 +95,8 @@ def test_non_finite_weights_rejected_naming_the_tensor():
     with pytest.raises(ValueError, match="down"):
         moe.load_weights_from_tensors(gate, up, down, None)
     assert not moe.weights_loaded
+
+
+# Bazel runs this file as a script: without this block it would run no test at all (and pass).
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s", "-p", "no:cacheprovider"]))
