@@ -1,10 +1,11 @@
 // INT4 matrix kernels for expert projections in the int4 formats of quant.h: kt-int4-channel-v1 (symmetric,
-// one scale per row; the original's AMXINT4), kt-int4-group{G}-sym-v1 and kt-int4-group{G}-asym-v1
-// (a scale, and for asym a zero point, per G = 32/64/128 consecutive k of a row; AWQ / the original's
-// INT4_1 K-group) and kt-int4-channel-asym-v1 (a scale and zero point per row; the original's INT4_1). Activations are int8 per token (QuantizeActivationInt8) for the per-channel format and
-// per token and group (QuantizeActivationInt8Grouped) for the group formats.
+// one scale per row; the original's AMXINT4), kt-int4-channel-asym-v1 (a scale and zero point per row; the
+// original's INT4_1), kt-int4-group{G}-sym-v1 and kt-int4-group{G}-asym-v1 (a scale, and for asym a zero
+// point, per G = 32/64/128 consecutive k of a row; AWQ / the original's INT4_1 K-group). Activations are int8
+// per token (QuantizeActivationInt8) for the per-channel formats and per token and group
+// (QuantizeActivationInt8Grouped) for the group formats.
 //
-// One kernel serves all three formats. Every weight nibble is stored unsigned, u in [0, 15], with a zero
+// One kernel serves all four formats. Every weight nibble is stored unsigned, u in [0, 15], with a zero
 // point z: the asym formats store their own q and z; the symmetric ones store u = q + 8 with the implicit
 // z = 8 (q in [-7, 7] -> u in [1, 15]). Per group g of row n and token m the kernels compute
 //   acc = sum_k u[n][k] * qx[m][k]            exact in int32 (|u qx| <= 15 * 127)
@@ -17,8 +18,8 @@
 // The per-channel formats are one group spanning K (group = 0 below).
 //
 // Unsigned u in [0, 15] is what the instructions want: vpdpbusd multiplies unsigned bytes (u) by signed
-// bytes (qx) with no +128 shift; AMX tdpbssd takes u as a non-negative signed byte; Highway's vpmaddwd
-// sees u as a non-negative int16.
+// bytes (qx) with no +128 shift; AMX tdpbssd takes u as a non-negative signed byte; the Highway paths
+// use vpmaddubsw (unsigned u times signed qx) on AVX2/AVX3.
 //
 // Packed layout kt-int4-panel16-kblock8-v1 (docs/FORMATS.md): panels of 16 output rows; K is cut into
 // blocks of 8 (two k-quads, K padded with u = 0 to a multiple of 8). One block of a panel is 64 bytes:

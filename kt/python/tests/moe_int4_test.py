@@ -214,6 +214,40 @@ def test_portable_and_amx_methods_agree_bit_for_bit():
         assert torch.equal(a.forward(x, ids, w, None), b.forward(x, ids, w, None)), amx
 
 
+_PATH_PROBE = """
+import hashlib, sys, torch, kt_kernel
+from moe_reference import random_experts, random_routing
+out = []
+for method, g in [("AMXINT4", 128), ("AMXINT4_1", 128), ("AMXINT4_KGroup", 32), ("AMXINT4_1KGroup", 64)]:
+    m = kt_kernel.KTMoEWrapper(0, 6, 2, 128, 64, None, 2, 1, None, 24, method=method, group_size=g)
+    gate, up, down = random_experts(6, 128, 64, seed=11)
+    m.load_weights_from_tensors(gate, up, down, None)
+    x, ids, w = random_routing(19, 128, 6, 2, seed=12)
+    y = m.forward(x, ids, w, None)
+    out.append(method + ":" + hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest())
+print(kt_kernel.__cpu_variant__, " ".join(out))
+"""
+
+
+def test_every_kernel_path_gives_the_same_bits():
+    """Through KT_ISA, each path this CPU has (scalar, avx2, ... amx) must produce identical outputs: the
+    integer sums are exact and the fp32 epilogue is the same expression on every path."""
+    import subprocess
+
+    results = {}
+    for isa in ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"):
+        if not _native._kt.isa_supported(isa):
+            continue
+        env = dict(os.environ, KT_ISA=isa)
+        r = subprocess.run([sys.executable, "-c", _PATH_PROBE], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"KT_ISA={isa}: {r.stderr}"
+        variant, digests = r.stdout.strip().split(" ", 1)
+        assert variant == isa
+        results[isa] = digests
+    assert "scalar" in results and len(results) >= 2, results  # scalar and at least the best SIMD path
+    assert len(set(results.values())) == 1, results
+
+
 def test_bad_group_size_and_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="group_size must be 32, 64 or 128"):
         make("AMXINT4_KGroup", 4, 2, 64, 32, group_size=48)
