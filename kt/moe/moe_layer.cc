@@ -557,10 +557,12 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
 
   if (rows > 0) {
     // 2. Gather each row's token into contiguous per-expert blocks.
-    const size_t gather_tasks = (rows + 63) / 64;
+    // Blocks of up to 64 rows, smaller when there are few rows (decode) so every thread gets some.
+    const size_t row_block = std::clamp<size_t>(rows / (2 * static_cast<size_t>(pool.num_threads())), 1, 64);
+    const size_t gather_tasks = (rows + row_block - 1) / row_block;
     pool.ParallelFor(gather_tasks, [&](size_t task, int) {
-      const size_t r1 = std::min(rows, (task + 1) * 64);
-      for (size_t r = task * 64; r < r1; ++r) {
+      const size_t r1 = std::min(rows, (task + 1) * row_block);
+      for (size_t r = task * row_block; r < r1; ++r) {
         const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
         if (format_ != ExpertFormat::kBf16) {
           const size_t groups = ActGroups(h);
@@ -606,9 +608,9 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     // may straddle column blocks, so after the whole phase).
     if (format_ != ExpertFormat::kBf16) {
       const size_t groups = ActGroups(inter);
-      pool.ParallelFor((rows + 63) / 64, [&](size_t task, int) {
-        const size_t r1 = std::min(rows, (task + 1) * 64);
-        for (size_t r = task * 64; r < r1; ++r) {
+      pool.ParallelFor(gather_tasks, [&](size_t task, int) {
+        const size_t r1 = std::min(rows, (task + 1) * row_block);
+        for (size_t r = task * row_block; r < r1; ++r) {
           QuantizeRow(hs_.get() + r * ldh_, inter, qhs_.get() + r * ldqh_, shs_.get() + r * groups,
                       hsums_.size ? hsums_.get() + r * groups : nullptr);
         }
@@ -630,22 +632,29 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     lap(profile_.down);
   }
 
-  // 5. Weighted sum per token in fp32, one rounding to bf16.
-  const size_t token_tasks = (static_cast<size_t>(qlen) + 7) / 8;
-  pool.ParallelFor(token_tasks, [&](size_t task, int thread) {
+  // 5. Weighted sum per token in fp32, one rounding to bf16. Tasks are (8 tokens) x (a column range); with
+  // fewer tokens than threads (decode) the columns are split so the sum does not run on one thread.
+  const size_t threads = static_cast<size_t>(pool.num_threads());
+  const size_t token_groups = (static_cast<size_t>(qlen) + 7) / 8;
+  const size_t col_splits =
+      token_groups >= threads ? 1 : std::min((threads + token_groups - 1) / token_groups, (h + 255) / 256);
+  const size_t col_chunk = (h + col_splits - 1) / col_splits;
+  pool.ParallelFor(token_groups * col_splits, [&](size_t task, int thread) {
     float* acc = gu_scratch_.get() + static_cast<size_t>(thread) * ScratchPerThread();
-    const size_t t1 = std::min<size_t>(qlen, (task + 1) * 8);
-    for (size_t t = task * 8; t < t1; ++t) {
-      std::fill(acc, acc + h, 0.0f);
+    const size_t group = task / col_splits, c0 = (task % col_splits) * col_chunk;
+    const size_t c1 = std::min(h, c0 + col_chunk);
+    const size_t t1 = std::min<size_t>(qlen, (group + 1) * 8);
+    for (size_t t = group * 8; t < t1; ++t) {
+      std::fill(acc + c0, acc + c1, 0.0f);
       for (int j = 0; j < k; ++j) {
         const int row = token_slot_row_[t * k + j];
         if (row < 0) continue;
         const float w = weights[t * k + j];
         const float* y = ys_.get() + static_cast<size_t>(row) * ldy_;
-        for (size_t c = 0; c < h; ++c) acc[c] += w * y[c];
+        for (size_t c = c0; c < c1; ++c) acc[c] += w * y[c];
       }
       bf16_t* out = output + t * h;
-      for (size_t c = 0; c < h; ++c) out[c] = F32ToBf16(acc[c]);
+      for (size_t c = c0; c < c1; ++c) out[c] = F32ToBf16(acc[c]);
     }
   });
   lap(profile_.combine);

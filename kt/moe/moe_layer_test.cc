@@ -325,6 +325,23 @@ TEST_P(MoeLayerTest, StreamingLoadMatchesBulkLoad) {
   }
 }
 
+TEST_P(MoeLayerTest, FewTokensOnManyThreads) {
+  // Decode-sized calls on more threads than tokens: gather and h quantization run a row per task and the
+  // weighted sum splits its columns (H = 520 gives 2 column ranges on 4 threads, the second one short).
+  const Layer l = Make(4, 2, 520, 48, 4, 17);
+  ThreadPool pool(4);
+  auto moe = Build(l, pool);
+  std::mt19937 rng(18);
+  for (int qlen = 1; qlen <= 4; ++qlen) {
+    const Batch b = RandomBatch(l.config, qlen, rng);
+    std::vector<bf16_t> out(static_cast<size_t>(qlen) * l.config.hidden);
+    ASSERT_TRUE(moe->Forward(pool, qlen, 2, b.ids.data(), b.weights.data(), b.input.data(), out.data(), nullptr)
+                    .ok());
+    Compare(l, b, out);
+    if (HasFailure()) return;
+  }
+}
+
 TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
   // Each output column is one dot product over K in a fixed order whatever the task's column block, so
   // every tiling gives the same bits.
