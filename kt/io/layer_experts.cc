@@ -267,6 +267,32 @@ absl::Status LayerExperts::Verify(size_t task) const {
   return absl::OkStatus();
 }
 
+const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
+  if (expert < 0 || expert >= e_) return nullptr;
+  const int p = static_cast<int>(m);
+  const uint8_t* at = nullptr;
+  if (converted_) {
+    if (layout_.quantized) return nullptr;
+    const TensorInfo* t = tensors_[(static_cast<size_t>(expert) * 3 + p) * 3];
+    at = file_->data(*t);
+  } else if (!arch_.fused_experts()) {
+    const Checkpoint::Located& loc = per_expert_[static_cast<size_t>(expert) * 3 + p];
+    at = loc.file->data(*loc.info);
+  } else if (arch_.layout == ExpertLayout::kFusedGateUpOutIn) {
+    const size_t I = i_, H = h_;
+    const Checkpoint::Located& loc = fused_[m == ExpertMatrix::kDown ? 1 : 0];
+    const uint8_t* base = loc.file->data(*loc.info);
+    at = m == ExpertMatrix::kDown
+             ? base + static_cast<size_t>(expert) * H * I * 2
+             : base + (static_cast<size_t>(expert) * 2 * I + (m == ExpertMatrix::kUp ? I : 0)) * H * 2;
+  } else {
+    return nullptr;
+  }
+  // Safetensors data offsets are only byte offsets: typed access needs 2-byte alignment.
+  if (reinterpret_cast<uintptr_t>(at) % alignof(bf16_t) != 0) return nullptr;
+  return reinterpret_cast<const bf16_t*>(at);
+}
+
 absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) const {
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
   const int p = static_cast<int>(m);

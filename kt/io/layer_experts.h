@@ -71,7 +71,13 @@ class LayerExperts {
 
   // Canonical bf16 [N, K] of logical expert `expert` into `out` (N * K elements). Not for a quantized folder.
   absl::Status ReadBf16(int expert, ExpertMatrix m, bf16_t* out) const;
-  // The canonical quantized matrix (quantized folders only).
+  // Where the canonical bf16 [N, K] of `expert` already lies in the mapped files (a per-expert or fused
+  // [E, 2I, H] checkpoint, or a converted bf16 folder), or nullptr when it must be assembled by ReadBf16
+  // (fused [E, H, 2I]: a transpose) or the folder is quantized. Valid while this object lives. Saves a
+  // copy per matrix when loading: the packer reads the page cache directly.
+  const bf16_t* MappedBf16(int expert, ExpertMatrix m) const;
+  // The canonical quantized matrix (quantized folders only). `out`'s vectors are reused (resized), so a
+  // caller that keeps one per thread allocates nothing after the first expert.
   absl::Status ReadQuantized(int expert, ExpertMatrix m, QuantizedMatrix* out) const;
   // Releases the mapped pages of `expert`'s tensors from the resident set (streaming converters).
   void DropPages(int expert) const;

@@ -67,18 +67,25 @@ absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::st
   const size_t tasks = static_cast<size_t>(cfg.num_experts) * 3;
   std::vector<absl::Status> status(tasks);
   const bool quantized = (*le)->quantized();
-  pool.ParallelFor(tasks, [&](size_t task, int) {
+  // One scratch matrix per thread, reused across tasks: a fresh multi-MB vector per task would cost page
+  // faults and zeroing on every expert.
+  std::vector<QuantizedMatrix> qscratch(pool.num_threads());
+  std::vector<std::vector<bf16_t>> bscratch(pool.num_threads());
+  pool.ParallelFor(tasks, [&](size_t task, int thread) {
     const int slot = static_cast<int>(task / 3);
     const auto m = static_cast<ExpertMatrix>(task % 3);
     const auto proj = static_cast<ExpertProj>(task % 3);
     const int logical = physical_to_logical ? static_cast<int>(physical_to_logical[slot]) : slot;
     absl::Status s;
     if (quantized) {
-      QuantizedMatrix qm;
+      QuantizedMatrix& qm = qscratch[thread];
       s = (*le)->ReadQuantized(logical, m, &qm);
       if (s.ok()) s = moe.LoadExpertQuantized(slot, proj, qm);
+    } else if (const bf16_t* mapped = (*le)->MappedBf16(logical, m); mapped != nullptr) {
+      s = moe.LoadExpert(slot, proj, mapped);  // Packed straight from the page cache.
     } else {
-      std::vector<bf16_t> w((*le)->Rows(m) * (*le)->Cols(m));
+      std::vector<bf16_t>& w = bscratch[thread];
+      w.resize((*le)->Rows(m) * (*le)->Cols(m));
       s = (*le)->ReadBf16(logical, m, w.data());
       if (s.ok()) s = moe.LoadExpert(slot, proj, w.data());
     }
