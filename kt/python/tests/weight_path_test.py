@@ -10,6 +10,7 @@ kernels other weights, or another expert).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -41,22 +42,27 @@ def fixtures_dir() -> str:
 
 
 def kt_binary() -> str:
+    """//tools:kt from Bazel's runfiles, or $KT_BIN (the AMX host, where tools/amx_host/pack.sh carries it)."""
+    candidates = [os.environ.get("KT_BIN", "")]
     for root in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
         if root:
-            path = os.path.join(root, "kt", "tools", "kt")
-            if os.path.exists(path):
-                return path
-    pytest.fail("the kt binary (//tools:kt) is not in the runfiles", pytrace=False)
+            candidates.append(os.path.join(root, "kt", "tools", "kt"))
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    pytest.fail("the kt binary is not in the runfiles and $KT_BIN is not set", pytrace=False)
 
 
 _CONVERTED = {}
+_TMP = tempfile.mkdtemp(prefix="kt_wp_")
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 def converted(arch: str, method: str) -> str:
     """`kt convert` of a fixture, once per (arch, method) per test process."""
     key = (arch, method)
     if key not in _CONVERTED:
-        out = os.path.join(tempfile.mkdtemp(prefix="kt_wp_"), f"{arch}_{method}")
+        out = os.path.join(_TMP, f"{arch}_{method}")
         src = os.path.join(fixtures_dir(), "hf", arch)
         r = subprocess.run([kt_binary(), "convert", "--input", src, "--output", out, "--method", method,
                             "--threads", "2"], capture_output=True, text=True)
