@@ -26,6 +26,14 @@ def warm(path: str) -> None:
                     pass
 
 
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--path", required=True)
@@ -55,7 +63,7 @@ def main() -> None:
     print(f"{a.path} {a.method} threads={a.threads} isa={moe.isa} converted={s['converted']}: "
           f"{s['file_bytes'] / 1e9:.2f} GB in {dt:.2f} s = {s['file_bytes'] / 1e9 / dt:.2f} GB/s "
           f"(verify {s['verify_seconds']:.2f} s, read+pack {s['load_seconds']:.2f} s), "
-          f"packed {moe._moe.weight_bytes / 1e9:.2f} GB")
+          f"packed {moe._moe.weight_bytes / 1e9:.2f} GB, process RSS after load {rss_gb():.2f} GB")
 
 
 if __name__ == "__main__":

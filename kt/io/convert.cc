@@ -87,6 +87,9 @@ bool LayerIsDone(const std::string& file_path, const ManifestLayer& want_shape, 
   std::vector<uint32_t> crc(entry->crc32c.size());
   (void)ParallelTasks(crc.size(), threads, [&](size_t i) {
     crc[i] = ChunkCrc32c((*f)->file_data(), (*f)->file_size(), i);
+    // Verified pages need not stay resident (a resumed run then peaks at a few chunks, not a layer).
+    const uint64_t begin = static_cast<uint64_t>(i) * kChecksumChunkBytes;
+    DropMappedPages((*f)->file_data() + begin, std::min<uint64_t>(kChecksumChunkBytes, (*f)->file_size() - begin));
     return absl::OkStatus();
   });
   if (crc != entry->crc32c) return false;
@@ -254,6 +257,8 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
     entry.crc32c.assign(NumChecksumChunks(entry.bytes), 0);
     (void)ParallelTasks(entry.crc32c.size(), threads, [&](size_t i) {
       entry.crc32c[i] = ChunkCrc32c(written->data(), written->size(), i);
+      const uint64_t begin = static_cast<uint64_t>(i) * kChecksumChunkBytes;
+      DropMappedPages(written->data() + begin, std::min<uint64_t>(kChecksumChunkBytes, written->size() - begin));
       return absl::OkStatus();
     });
     *written = MappedFile();

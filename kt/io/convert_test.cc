@@ -454,6 +454,17 @@ std::vector<BadCase> BadCases() {
          WriteRaw(hf + "/model.safetensors", b);
        },
        "model.safetensors"},
+      {"duplicate_tensor",
+       [](const std::string& hf) {
+         WriteHf(hf, Layout::kPerExpert);
+         std::string b = ReadRaw(hf + "/model.safetensors");
+         const std::string from = "model.layers.0.mlp.experts.1.up_proj.weight";
+         const size_t at = b.find(from);
+         ASSERT_NE(at, std::string::npos);
+         b.replace(at, from.size(), "model.layers.0.mlp.experts.0.up_proj.weight");  // same length
+         WriteRaw(hf + "/model.safetensors", b);
+       },
+       "duplicate"},
   };
 }
 
@@ -483,7 +494,7 @@ TEST_P(BadInputTest, ClearErrorAndNoOutput) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(All, BadInputTest, ::testing::Range(0, 9));
+INSTANTIATE_TEST_SUITE_P(All, BadInputTest, ::testing::Range(0, 10));
 
 TEST(ConvertTest, UnsupportedMethodsAndOutputOverInput) {
   const std::string hf = FreshDir("hf"), out = TmpPath("out");
