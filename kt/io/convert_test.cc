@@ -301,6 +301,27 @@ TEST(ConvertTest, ResumeSkipsVerifiedLayersAndRedoesBadOnes) {
   EXPECT_EQ(ReadManifest(out)->layout, kBf16LayoutTag);
 }
 
+// The output depends on nothing but the input and the method: one thread or three give identical bytes
+// (layer files and manifest), so a folder converted on any machine loads anywhere.
+TEST(ConvertTest, OutputIsIndependentOfThreads) {
+  const std::string hf = FreshDir("hf"), a = TmpPath("a"), b = TmpPath("b");
+  RemoveTree(a);
+  RemoveTree(b);
+  WriteHf(hf, Layout::kOutIn);
+  ConvertOptions o = Options(hf, a, "AMXINT4_1KGroup");
+  o.group_size = 32;
+  o.threads = 1;
+  ASSERT_TRUE(ConvertCheckpoint(o).ok());
+  o.output = b;
+  o.threads = 3;
+  ASSERT_TRUE(ConvertCheckpoint(o).ok());
+  for (const std::string name : {std::string(kManifestName), LayerFileName(0), LayerFileName(1)}) {
+    const std::string x = ReadRaw(a + "/" + name);
+    EXPECT_FALSE(x.empty()) << name;
+    EXPECT_TRUE(x == ReadRaw(b + "/" + name)) << name;
+  }
+}
+
 TEST(ConvertTest, CorruptConvertedFileIsDetectedAtLoad) {
   const std::string hf = FreshDir("hf"), out = TmpPath("out");
   RemoveTree(out);
