@@ -4,7 +4,8 @@
 //                      every rate beside a yardstick measured in the same run: GB/s beside the machine's
 //                      read bandwidth, TFLOPS beside the kernel path's peak, speed beside PyTorch.
 //   kt doctor          CPU, features, kernel paths, what KT_ISA resolves to.
-//   kt convert         Not implemented yet (weight IO issue).
+//   kt convert         Converts a Hugging Face bf16 checkpoint into kt's converted folder for one method
+//                      (kt/io/convert.h): streaming, resumable, atomic, with a checksummed manifest.
 //
 // Strict argument parsing: an unknown flag or subcommand is an error naming it (exit code 2).
 #include <sched.h>
@@ -30,8 +31,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/io/convert.h"
+#include "kt/io/method.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
@@ -63,7 +67,7 @@ commands:
   bench    benchmark the BF16 routed experts of one MoE layer (decode + prefill), with yardsticks measured
            in the same run: read bandwidth, the kernel path's peak compute, and PyTorch
   doctor   print the CPU, its features, every kernel path (supported or not) and what KT_ISA selects
-  convert  convert checkpoint weights (not implemented yet)
+  convert  convert a Hugging Face bf16 checkpoint's routed experts for one method (`kt convert --help`)
 
 environment:
   KT_ISA   cap the kernel path: scalar | avx2 | avx512 | avx512_vnni | avx512_bf16 | amx
@@ -829,6 +833,75 @@ int Bench(const std::vector<std::string>& args) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// kt convert
+
+constexpr const char* kConvertUsage =
+    R"(usage: kt convert --input HF_DIR --output OUT_DIR --method METHOD [flags]
+
+  --input DIR        Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts
+  --output DIR       created if missing; rerunning into it resumes (layers whose checksums verify are kept)
+  --method M         BF16 | AMXINT8 | MOE_INT8 | AMXINT4 | MOE_INT4 | RAWINT4 | GPTQ_INT4 |
+                     AMXINT4_KGroup | AMXINT4_1KGroup (docs/FORMATS.md: method -> layout)
+  --group-size G     32 | 64 | 128, for AMXINT4_KGroup / AMXINT4_1KGroup (default 128)
+  --threads N        quantization threads (default: CPUs in the affinity mask)
+
+Progress (one line per layer, with GB/s and ETA) goes to stderr. Exit 0 on success, 1 on a conversion error
+(the message names the file and tensor; no finished-looking output is left), 2 on a usage error.
+)";
+
+int Convert(const std::vector<std::string>& args) {
+  ConvertOptions options;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string name = args[i], value;
+    if (name == "--help" || name == "-h") {
+      std::printf("%s", kConvertUsage);
+      return kExitUsage;
+    }
+    const size_t eq = name.find('=');
+    if (name.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else {
+      if (i + 1 >= args.size()) return UsageError(absl::StrCat("convert: ", name, " needs a value"), kConvertUsage);
+      value = args[++i];
+    }
+    int number = 0;
+    if (name == "--input") {
+      options.input = value;
+    } else if (name == "--output") {
+      options.output = value;
+    } else if (name == "--method") {
+      options.method = value;
+    } else if (name == "--group-size" || name == "--threads") {
+      if (!absl::SimpleAtoi(value, &number) || number < 1) {
+        return UsageError(absl::StrCat("convert: ", name, " must be a positive integer, got '", value, "'"),
+                          kConvertUsage);
+      }
+      (name == "--threads" ? options.threads : options.group_size) = number;
+    } else {
+      return UsageError(absl::StrCat("convert: unknown flag '", name, "'"), kConvertUsage);
+    }
+  }
+  if (options.input.empty() || options.output.empty() || options.method.empty()) {
+    return UsageError("convert: --input, --output and --method are required", kConvertUsage);
+  }
+  absl::StatusOr<ConvertStats> stats = ConvertCheckpoint(options);
+  if (!stats.ok()) {
+    std::fprintf(stderr, "kt convert: %s\n", std::string(stats.status().message()).c_str());
+    return stats.status().code() == absl::StatusCode::kInvalidArgument &&
+                   absl::StrContains(stats.status().message(), "unknown method")
+               ? kExitUsage
+               : 1;
+  }
+  std::fprintf(stderr,
+               "kt convert: done: %d MoE layers (%d converted, %d kept from an earlier run), %.2f GB read, "
+               "%.2f GB written in %.1f s (%.2f GB/s read)\n",
+               stats->layers_total, stats->layers_converted, stats->layers_skipped, stats->bytes_read / 1e9,
+               stats->bytes_written / 1e9, stats->seconds, stats->bytes_read / 1e9 / std::max(stats->seconds, 1e-9));
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   if (argc < 2) return UsageError("missing command", kUsage);
   const std::string cmd = argv[1];
@@ -839,10 +912,7 @@ int Main(int argc, char** argv) {
   }
   if (cmd == "bench") return Bench(rest);
   if (cmd == "doctor") return Doctor(rest);
-  if (cmd == "convert") {
-    std::fprintf(stderr, "kt convert: not implemented yet (weight IO issue)\n");
-    return kExitUsage;
-  }
+  if (cmd == "convert") return Convert(rest);
   return UsageError(absl::StrCat("unknown command '", cmd, "'"), kUsage);
 }
 

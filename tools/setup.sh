@@ -8,6 +8,8 @@ PACKAGES=(
   # Build: Debian's Bazel 4.2.3 and the repositories it asks for, offline.
   bazel-bootstrap bazel-platforms bazel-skylib bazel-rules-java
   g++ clang
+  # libFuzzer for clang 14 (libclang_rt.fuzzer-x86_64.a): tools/fuzz.sh, run by tools/test.sh.
+  clang-14 libclang-rt-14-dev
   # Libraries the C++ build links (wired in third_party/system.BUILD).
   libabsl-dev libhwy-dev libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev libnuma-dev
   # Python extension and its tests (Debian's /usr/bin/python3 3.11).

@@ -131,4 +131,13 @@ void MappedFile::Unmap() {
   size_ = 0;
 }
 
+void DropMappedPages(const void* p, size_t n) {
+  if (p == nullptr || n == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  // Only for MAP_PRIVATE maps never written (MappedFile's): DONTNEED then loses nothing.
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 }  // namespace kt

@@ -54,6 +54,11 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
 // An empty file opens fine with size() 0 and data() nullptr (mmap cannot map 0 bytes): whether that is an
 // error is the format's to say. The file is assumed not to shrink while mapped (reads past a truncated end
 // raise SIGBUS, as with every mmap reader).
+// Releases this process's pages of the read-only file mapping covering [p, p + n) (madvise MADV_DONTNEED,
+// the range widened to whole pages): they leave the resident set, stay in the page cache, and fault back
+// in from the file if read again. How a streaming converter keeps its RSS at one layer. Best effort.
+void DropMappedPages(const void* p, size_t n);
+
 class MappedFile {
  public:
   // Errors: "<path>: cannot open: <strerror>" (NotFound for a missing file), "<path>: cannot stat: ...",

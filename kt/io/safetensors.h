@@ -84,6 +84,8 @@ class SafetensorsFile {
 
   const std::string& path() const { return map_.path(); }
   uint64_t file_size() const { return map_.size(); }
+  // The whole mapped file (header included), file_size() bytes: what a file checksum covers.
+  const uint8_t* file_data() const { return map_.data(); }
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
 

@@ -327,8 +327,7 @@ absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const b
       }
     }
   }
-  std::fill(proj_loaded_.begin(), proj_loaded_.end(), 0);
-  loaded_ = false;
+  BeginLoad();
   std::vector<absl::Status> failures(static_cast<size_t>(e) * 3);
   pool.ParallelFor(static_cast<size_t>(e) * 3, [&](size_t task, int) {
     const size_t slot = task / 3;
@@ -419,6 +418,11 @@ void MoeLayer::AllocateWeights() {
     }
   }
   proj_loaded_.assign(e * 3, 0);
+}
+
+void MoeLayer::BeginLoad() {
+  std::fill(proj_loaded_.begin(), proj_loaded_.end(), 0);
+  loaded_ = false;
 }
 
 absl::Status MoeLayer::CheckSlot(const char* fn, int slot) const {

@@ -116,6 +116,9 @@ class MoeLayer {
   // memory, not E). Each (slot, proj) must be loaded once, then FinishLoad() makes the layer usable.
   // Calls for different (slot, proj) may run concurrently on different threads; a failed call changes
   // nothing and the layer stays unusable until every projection has loaded.
+  // BeginLoad() first marks every projection unloaded (loaded() turns false), so that a reload that fails
+  // half-way leaves a layer that refuses Forward rather than one mixing old and new experts.
+  void BeginLoad();
   // From canonical bf16 w[N, K] (N, K of `proj`), quantized here if the format is quantized.
   absl::Status LoadExpert(int slot, ExpertProj proj, const bf16_t* w);
   // From a matrix already in the layer's quantized format (a converted checkpoint): spec, n and k must

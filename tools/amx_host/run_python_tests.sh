@@ -6,11 +6,13 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_FIXTURES="$PWD/.device/fixtures"
+export KT_BIN="$PWD/.device/bin/kt"  # kt convert, for weight_path_test
 status=0
 python3 -m pytest -q .device/python/tests --ignore=.device/python/tests/wheel_test.py || status=1
 for isa in avx2 avx512 avx512_vnni avx512_bf16 amx; do
   echo "KT_ISA=$isa"
   KT_ISA=$isa python3 -m pytest -q .device/python/tests/hf_fixtures_test.py \
-    .device/python/tests/moe_bf16_test.py .device/python/tests/moe_int4_test.py || status=1
+    .device/python/tests/moe_bf16_test.py .device/python/tests/moe_int4_test.py \
+    .device/python/tests/weight_path_test.py || status=1
 done
 exit $status

@@ -24,7 +24,9 @@
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/thread_pool.h"
+#include "kt/python/src/weight_loader.h"
 #include "pybind11/pybind11.h"
+#include "pybind11/stl.h"
 
 namespace py = pybind11;
 
@@ -44,6 +46,13 @@ std::mutex& ComputeMutex() {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
       throw py::value_error(message);
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kDataLoss:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnavailable:
+      // Missing, unreadable or corrupt weight files: OSError, as Python's own file errors.
+      PyErr_SetString(PyExc_OSError, message.c_str());
+      throw py::error_already_set();
     case absl::StatusCode::kUnimplemented:
       PyErr_SetString(PyExc_NotImplementedError, message.c_str());
       throw py::error_already_set();
@@ -123,6 +132,24 @@ class PyMoeLayer {
     if (!status.ok()) ThrowStatus(status);
   }
 
+  py::dict LoadFromPath(const std::string& path, int layer, const std::string& method, int group_size,
+                        std::uintptr_t physical_to_logical, ThreadPool& pool) {
+    absl::StatusOr<FolderLoadStats> stats;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      stats = LoadLayerFromFolder(*moe_, path, layer, method, group_size,
+                                  AsPointer<const int64_t>(physical_to_logical), pool);
+    }
+    if (!stats.ok()) ThrowStatus(stats.status());
+    py::dict d;
+    d["converted"] = stats->converted;
+    d["file_bytes"] = stats->file_bytes;
+    d["verify_seconds"] = stats->verify_seconds;
+    d["load_seconds"] = stats->load_seconds;
+    return d;
+  }
+
   const MoeLayer& moe() const { return *moe_; }
 
  private:
@@ -176,6 +203,12 @@ PYBIND11_MODULE(_kt, m) {
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
            "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
            "may be freed afterwards.")
+      .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
+           py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"),
+           "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "
+           "a kt convert folder (checked against its manifest: layout, shapes, checksums). Returns "
+           "{converted, file_bytes, verify_seconds, load_seconds}. ValueError for a mismatch with the config "
+           "or manifest, OSError for a missing or corrupt file, NotImplementedError for FP8.")
       .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
            py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
            "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "

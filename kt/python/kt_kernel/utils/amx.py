@@ -135,6 +135,51 @@ class NativeMoEWrapper(BaseMoEWrapper):
     def weights_loaded(self) -> bool:
         return self._moe.loaded
 
+    def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
+        """Loads this layer's experts (layer ``layer_idx``) from ``weight_path``.
+
+        ``weight_path`` is either a Hugging Face folder (config.json + safetensors, bf16 experts; integer
+        methods quantize here, as ``load_weights_from_tensors`` does) or a folder written by
+        ``kt convert --method <this method's layout>`` (checked against its kt_manifest.json: layout, shapes
+        and CRC32C checksums). Experts are streamed one at a time per thread into the packed weights.
+
+        Args:
+            physical_to_logical_map_cpu: int64 CPU tensor [E] or None (identity): physical expert i (the id
+                used in topk_ids) computes with logical expert ``map[i]`` of the checkpoint.
+
+        Raises:
+            ValueError: weight_path is None, or the folder's shapes/layout differ from this layer's (the
+                message names the file, tensor and expected value).
+            OSError: a missing or corrupt file (checksum mismatch, truncation).
+            NotImplementedError: FP8 checkpoints (not supported yet).
+        """
+        if self.weight_path is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_weights: weight_path is None; pass weight_path= to KTMoEWrapper "
+                "(a Hugging Face or kt convert folder) or use load_weights_from_tensors"
+            )
+        map_ptr = self._check_map(physical_to_logical_map_cpu)
+        self.last_load_stats = self._moe.load_from_path(
+            self.weight_path, self.layer_idx, self.method, self.group_size, map_ptr, self._pool()
+        )
+
+    def _check_map(self, physical_to_logical_map_cpu: Optional[torch.Tensor]) -> int:
+        """Validates the physical -> logical map; its address, or 0 for None (identity)."""
+        E = self.num_experts
+        if physical_to_logical_map_cpu is None:
+            return 0
+        mapping = check_tensor(
+            "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
+        )
+        bad = (mapping < 0) | (mapping >= E)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at index {i}"
+            )
+        self._map_keepalive = mapping
+        return mapping.data_ptr()
+
     def load_weights_from_tensors(
         self,
         gate_proj: torch.Tensor,
@@ -159,19 +204,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         check_tensor("gate_proj", gate_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
         check_tensor("up_proj", up_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
         check_tensor("down_proj", down_proj, torch.bfloat16, (E, H, I), "[E, H, I]")
-        map_ptr = 0
-        if physical_to_logical_map_cpu is not None:
-            mapping = check_tensor(
-                "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
-            )
-            bad = (mapping < 0) | (mapping >= E)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at "
-                    f"index {i}"
-                )
-            map_ptr = mapping.data_ptr()
+        map_ptr = self._check_map(physical_to_logical_map_cpu)
         self._moe.load_weights(
             gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), map_ptr, self._pool()
         )
@@ -221,7 +254,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         if not self._moe.loaded:
             raise RuntimeError(
                 f"{type(self).__name__} (layer {self.layer_idx}): forward called before the expert weights "
-                "were loaded; call load_weights_from_tensors first"
+                "were loaded; call load_weights or load_weights_from_tensors first"
             )
         output = torch.empty((qlen, H), dtype=torch.bfloat16)
         if qlen == 0:
@@ -257,6 +290,6 @@ class AMXMoEWrapper(NativeMoEWrapper):
     by ``load_weights_from_tensors``.
 
     Uses AMX tiles where the CPU has them (and Linux grants the permission); elsewhere the best path the CPU
-    has, named by ``wrapper.isa``. Loading converted weights from ``weight_path`` comes with the weight-IO
-    issue.
+    has, named by ``wrapper.isa``. ``load_weights`` reads ``weight_path`` (an HF folder,
+    quantized at load, or ``kt convert --method AMXINT8`` output).
     """

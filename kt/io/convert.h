@@ -1,0 +1,49 @@
+// `kt convert`: a Hugging Face bf16 checkpoint -> kt's converted folder (manifest.h) for one method.
+//
+// Streaming: one MoE layer at a time. Its expert tensors are read through the checkpoint's memory maps
+// expert by expert (quantized on `threads` threads), and each expert's mapped pages are dropped from the
+// resident set once read, so the peak RSS is about one layer's output (held until its file is written) plus
+// the pages of the experts being read, plus ~tens of MB: within "one layer's input + output + 1 GiB".
+//
+// Atomic and resumable: each layer file is written to a temporary name and renamed (file_util.h); then its
+// manifest entry (size, shapes, chunk CRC32Cs) goes to layer_LLLL.safetensors.done, also atomically. A rerun
+// skips a layer whose .done entry matches the method's layout and shapes and whose file still has that size
+// and those checksums; anything else is converted again. kt_manifest.json is written last, so a folder
+// without it is never taken for a finished conversion.
+//
+// The output does not depend on the machine: no NUMA split (kt slices at load time), deterministic
+// quantization, tensors in name order.
+#ifndef KT_IO_CONVERT_H_
+#define KT_IO_CONVERT_H_
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace kt {
+
+struct ConvertOptions {
+  std::string input;   // Hugging Face folder (config.json + safetensors).
+  std::string output;  // Created if missing.
+  std::string method;  // method.h: BF16, AMXINT8, MOE_INT8, AMXINT4, ...
+  int group_size = 128;  // The k-group methods only.
+  int threads = 0;       // 0: the CPUs this process may run on.
+  std::FILE* progress = stderr;  // One line per layer; nullptr for none.
+};
+
+struct ConvertStats {
+  int layers_total = 0;      // MoE layers of the model.
+  int layers_converted = 0;  // Written by this run.
+  int layers_skipped = 0;    // Verified and kept from an earlier run.
+  uint64_t bytes_read = 0;   // Expert weight bytes read by this run.
+  uint64_t bytes_written = 0;
+  double seconds = 0;
+};
+
+absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options);
+
+}  // namespace kt
+
+#endif  // KT_IO_CONVERT_H_

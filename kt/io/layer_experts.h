@@ -1,0 +1,109 @@
+// The routed experts of one MoE layer of a weight folder, validated at Open and then read one expert
+// projection at a time (what `kt convert` and load_weights(weight_path) stream through).
+//
+// Two kinds of folder:
+//   - a Hugging Face folder (config.json + model.safetensors or a sharded index), bf16 expert weights in any
+//     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]);
+//   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method.
+// Open checks everything a later read relies on, so that a load never fails half-way: the config's MoE shape
+// against the caller's, every expert tensor's presence, dtype and shape, the manifest's method layout
+// against the caller's, and the layer file's size. Errors name the file, the tensor and the expected value.
+// The checksums of a converted layer are checked by Verify (chunk by chunk, so callers run it in parallel).
+#ifndef KT_IO_LAYER_EXPERTS_H_
+#define KT_IO_LAYER_EXPERTS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kt/io/arch.h"
+#include "kt/io/checkpoint.h"
+#include "kt/io/manifest.h"
+#include "kt/io/method.h"
+#include "kt/io/safetensors.h"
+#include "kt/kernels/dtype.h"
+#include "kt/kernels/quant.h"
+
+namespace kt {
+
+// The three matrices of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
+enum class ExpertMatrix : int { kGate = 0, kUp = 1, kDown = 2 };
+const char* ExpertMatrixName(ExpertMatrix m);  // "gate", "up", "down"
+
+// What the caller expects (a KTMoEWrapper's arguments): -1 in a shape field means "take the folder's".
+struct LayerRequest {
+  int layer = 0;
+  int num_experts = -1;
+  int hidden = -1;
+  int intermediate = -1;
+  MethodLayout method;  // A converted folder must hold method.tag; an HF folder is bf16 whatever the method.
+};
+
+class LayerExperts {
+ public:
+  // Opens `dir` (converted if it has kt_manifest.json, else HF through config.json).
+  static absl::StatusOr<std::unique_ptr<LayerExperts>> Open(const std::string& dir, const LayerRequest& want);
+  // An HF layer over an already opened checkpoint (kt convert opens the folder once for all layers).
+  static absl::StatusOr<std::unique_ptr<LayerExperts>> OpenHf(std::shared_ptr<const Checkpoint> ckpt,
+                                                              const MoeArch& arch, const std::string& config_path,
+                                                              const LayerRequest& want);
+
+  ~LayerExperts();
+
+  bool converted() const { return converted_; }
+  int num_experts() const { return e_; }
+  int hidden() const { return h_; }
+  int intermediate() const { return i_; }
+  // [N, K] of a matrix.
+  size_t Rows(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? h_ : i_; }
+  size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
+  // Whether ReadQuantized is the way to read (a converted quantized folder); otherwise ReadBf16.
+  bool quantized() const { return converted_ && layout_.quantized; }
+  // Bytes of expert weights this layer reads from its files (for throughput figures).
+  uint64_t weight_bytes() const { return weight_bytes_; }
+
+  // Checksum tasks: Verify(i) for i < num_verify_tasks() (0 for an HF folder, which has no checksums).
+  size_t num_verify_tasks() const;
+  absl::Status Verify(size_t task) const;
+
+  // Canonical bf16 [N, K] of logical expert `expert` into `out` (N * K elements). Not for a quantized folder.
+  absl::Status ReadBf16(int expert, ExpertMatrix m, bf16_t* out) const;
+  // Where the canonical bf16 [N, K] of `expert` already lies in the mapped files (a per-expert or fused
+  // [E, 2I, H] checkpoint, or a converted bf16 folder), or nullptr when it must be assembled by ReadBf16
+  // (fused [E, H, 2I]: a transpose) or the folder is quantized. Valid while this object lives. Saves a
+  // copy per matrix when loading: the packer reads the page cache directly.
+  const bf16_t* MappedBf16(int expert, ExpertMatrix m) const;
+  // The canonical quantized matrix (quantized folders only). `out`'s vectors are reused (resized), so a
+  // caller that keeps one per thread allocates nothing after the first expert.
+  absl::Status ReadQuantized(int expert, ExpertMatrix m, QuantizedMatrix* out) const;
+  // Releases the mapped pages of `expert`'s tensors from the resident set (streaming converters).
+  void DropPages(int expert) const;
+
+ private:
+  LayerExperts() = default;
+  absl::Status CheckExpert(int expert, const char* fn) const;
+
+  bool converted_ = false;
+  int layer_ = 0;
+  int e_ = 0, h_ = 0, i_ = 0;
+  MethodLayout layout_;
+  uint64_t weight_bytes_ = 0;
+  // HF.
+  std::shared_ptr<const Checkpoint> ckpt_;
+  MoeArch arch_;
+  // [E][3] per-expert tensors, or [2] fused (gate_up, down) in fused_.
+  std::vector<Checkpoint::Located> per_expert_;
+  Checkpoint::Located fused_[2];
+  // Converted.
+  std::unique_ptr<SafetensorsFile> file_;
+  ManifestLayer entry_;
+  // [E][3][3]: data/weight, scales, zeros.
+  std::vector<const TensorInfo*> tensors_;
+};
+
+}  // namespace kt
+
+#endif  // KT_IO_LAYER_EXPERTS_H_

@@ -1,0 +1,86 @@
+#include "kt/io/method.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace kt {
+namespace {
+
+struct Entry {
+  const char* method;
+  bool quantized;
+  QuantFormat format;
+  bool grouped;  // takes group_size
+};
+
+// Why each mapping (the original kt-kernel's formats, see docs/FORMATS.md):
+// - AMXINT8 / MOE_INT8: symmetric int8 per output row, scale = absmax / 127 (the original's exactly).
+// - AMXINT4 / MOE_INT4: symmetric int4 per output row, no groups (the original's AMXINT4 has no group size).
+// - RAWINT4: Kimi-K2's native int4 is symmetric with groups of 32 along K.
+// - GPTQ_INT4: the original accepts only sym=true GPTQ; 128 is GPTQ's usual group size.
+// - AMXINT4_KGroup / AMXINT4_1KGroup: the original's k-group kernels, symmetric / asymmetric (INT4_1:
+//   scale and zero point per group), group size chosen by the caller.
+constexpr Entry kEntries[] = {
+    {"BF16", false, QuantFormat::kInt8PerChannel, false},
+    {"AMXINT8", true, QuantFormat::kInt8PerChannel, false},
+    {"MOE_INT8", true, QuantFormat::kInt8PerChannel, false},
+    {"AMXINT4", true, QuantFormat::kInt4PerChannel, false},
+    {"MOE_INT4", true, QuantFormat::kInt4PerChannel, false},
+    {"RAWINT4", true, QuantFormat::kInt4GroupSym, false},
+    {"GPTQ_INT4", true, QuantFormat::kInt4GroupSym, false},
+    {"AMXINT4_KGroup", true, QuantFormat::kInt4GroupSym, true},
+    {"AMXINT4_1KGroup", true, QuantFormat::kInt4GroupAsym, true},
+    // kt's extensions (docs/FORMATS.md): the portable kernels' names for the group layouts, and INT4_1
+    // (the original's per-row asymmetric int4, scale and zero point per row).
+    {"MOE_INT4_KGroup", true, QuantFormat::kInt4GroupSym, true},
+    {"MOE_INT4_1KGroup", true, QuantFormat::kInt4GroupAsym, true},
+    {"AMXINT4_1", true, QuantFormat::kInt4PerChannelAsym, false},
+    {"MOE_INT4_1", true, QuantFormat::kInt4PerChannelAsym, false},
+};
+
+}  // namespace
+
+std::vector<std::string> ConvertibleMethods() {
+  std::vector<std::string> out;
+  for (const Entry& e : kEntries) out.push_back(e.method);
+  return out;
+}
+
+absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {
+  if (method == "FP8" || method == "FP8_PERCHANNEL") {
+    return absl::UnimplementedError(absl::StrCat(
+        "method ", method, ": FP8 weights are not supported yet (the FP8 kernels come later); convert or load "
+        "with BF16 or an integer method from a bf16 checkpoint"));
+  }
+  if (method == "LLAMAFILE") {
+    return absl::UnimplementedError(
+        "method LLAMAFILE: GGUF expert weights are not supported yet by kt convert / load_weights");
+  }
+  for (const Entry& e : kEntries) {
+    if (method != e.method) continue;
+    MethodLayout out;
+    out.method = e.method;
+    out.quantized = e.quantized;
+    if (!e.quantized) {
+      out.tag = kBf16LayoutTag;
+      return out;
+    }
+    out.spec.format = e.format;
+    if (e.format == QuantFormat::kInt4GroupSym || e.format == QuantFormat::kInt4GroupAsym) {
+      out.spec.group_size = e.grouped ? group_size : (method == "RAWINT4" ? 32 : 128);
+      bool ok = false;
+      for (int g : kQuantGroupSizes) ok = ok || g == out.spec.group_size;
+      if (!ok) {
+        return absl::InvalidArgumentError(absl::StrCat("method ", method, ": group_size must be 32, 64 or 128, got ",
+                                                       out.spec.group_size));
+      }
+    }
+    out.tag = QuantLayoutTag(out.spec);
+    return out;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\"; kt can store: ",
+                                                 absl::StrJoin(ConvertibleMethods(), ", "),
+                                                 " (FP8, FP8_PERCHANNEL and LLAMAFILE come later)"));
+}
+
+}  // namespace kt

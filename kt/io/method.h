@@ -1,0 +1,40 @@
+// KTMoEWrapper method names -> the canonical weight layout kt stores for them (what `kt convert --method`
+// writes and what load_weights(weight_path) expects). docs/FORMATS.md has the table.
+//
+// A method names a kernel family; the layout names the bytes. Several methods share one layout (AMXINT8 and
+// MOE_INT8 both store kt-int8-channel-v1), so a converted folder is checked against the layout of the method
+// it is loaded with, and its manifest still records which method it was converted for.
+#ifndef KT_IO_METHOD_H_
+#define KT_IO_METHOD_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "kt/kernels/quant.h"
+
+namespace kt {
+
+// The layout tag of unquantized bf16 experts (canonical [N, K] bf16, row-major, as in the checkpoint).
+inline constexpr char kBf16LayoutTag[] = "kt-bf16-v1";
+
+struct MethodLayout {
+  std::string method;      // As given, e.g. "AMXINT8".
+  bool quantized = false;  // false: bf16 weights; true: `spec`.
+  QuantSpec spec;          // Only when quantized.
+  std::string tag;         // kBf16LayoutTag or QuantLayoutTag(spec).
+};
+
+// The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup,
+// AMXINT4_1KGroup) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
+// (FP8, FP8_PERCHANNEL: "FP8 ... not supported yet"; LLAMAFILE: GGUF), InvalidArgument for an unknown name
+// (listing the known ones) or a bad group size.
+absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
+
+// Every method LayoutOfMethod maps, in documentation order.
+std::vector<std::string> ConvertibleMethods();
+
+}  // namespace kt
+
+#endif  // KT_IO_METHOD_H_

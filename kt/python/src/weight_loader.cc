@@ -1,0 +1,105 @@
+#include "kt/python/src/weight_loader.h"
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kt/io/layer_experts.h"
+#include "kt/io/method.h"
+#include "kt/kernels/quant.h"
+
+namespace kt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+}  // namespace
+
+absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
+                                                    const std::string& method, int group_size,
+                                                    const int64_t* physical_to_logical, ThreadPool& pool) {
+  absl::StatusOr<MethodLayout> layout = LayoutOfMethod(method, group_size);
+  if (!layout.ok()) return layout.status();
+  const absl::StatusOr<QuantSpec> held = moe.quant_spec();
+  const std::string held_tag = held.ok() ? QuantLayoutTag(*held) : kBf16LayoutTag;
+  if (held_tag != layout->tag) {
+    return absl::InvalidArgumentError(absl::StrCat("method ", method, " stores \"", layout->tag,
+                                                   "\" but this layer holds \"", held_tag, "\""));
+  }
+  const MoeConfig& cfg = moe.config();
+  if (physical_to_logical != nullptr) {
+    for (int i = 0; i < cfg.num_experts; ++i) {
+      if (physical_to_logical[i] < 0 || physical_to_logical[i] >= cfg.num_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("physical_to_logical[", i, "] = ", physical_to_logical[i],
+                                                       " is not in [0, ", cfg.num_experts, ")"));
+      }
+    }
+  }
+  LayerRequest want;
+  want.layer = layer;
+  want.num_experts = cfg.num_experts;
+  want.hidden = cfg.hidden;
+  want.intermediate = cfg.intermediate;
+  want.method = *layout;
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  if (!le.ok()) return le.status();
+
+  FolderLoadStats stats;
+  stats.converted = (*le)->converted();
+  stats.file_bytes = (*le)->weight_bytes();
+  moe.BeginLoad();
+
+  Clock::time_point t0 = Clock::now();
+  const size_t chunks = (*le)->num_verify_tasks();
+  std::vector<absl::Status> verify(chunks);
+  if (chunks > 0) {
+    pool.ParallelFor(chunks, [&](size_t i, int) { verify[i] = (*le)->Verify(i); });
+  }
+  for (const absl::Status& s : verify) {
+    if (!s.ok()) return s;
+  }
+  stats.verify_seconds = Since(t0);
+
+  t0 = Clock::now();
+  const size_t tasks = static_cast<size_t>(cfg.num_experts) * 3;
+  std::vector<absl::Status> status(tasks);
+  const bool quantized = (*le)->quantized();
+  // One scratch matrix per thread, reused across tasks: a fresh multi-MB vector per task would cost page
+  // faults and zeroing on every expert.
+  std::vector<QuantizedMatrix> qscratch(pool.num_threads());
+  std::vector<std::vector<bf16_t>> bscratch(pool.num_threads());
+  pool.ParallelFor(tasks, [&](size_t task, int thread) {
+    const int slot = static_cast<int>(task / 3);
+    const auto m = static_cast<ExpertMatrix>(task % 3);
+    const auto proj = static_cast<ExpertProj>(task % 3);
+    const int logical = physical_to_logical ? static_cast<int>(physical_to_logical[slot]) : slot;
+    absl::Status s;
+    if (quantized) {
+      QuantizedMatrix& qm = qscratch[thread];
+      s = (*le)->ReadQuantized(logical, m, &qm);
+      if (s.ok()) s = moe.LoadExpertQuantized(slot, proj, qm);
+    } else if (const bf16_t* mapped = (*le)->MappedBf16(logical, m); mapped != nullptr) {
+      s = moe.LoadExpert(slot, proj, mapped);  // Packed straight from the page cache.
+    } else {
+      std::vector<bf16_t>& w = bscratch[thread];
+      w.resize((*le)->Rows(m) * (*le)->Cols(m));
+      s = (*le)->ReadBf16(logical, m, w.data());
+      if (s.ok()) s = moe.LoadExpert(slot, proj, w.data());
+    }
+    if (!s.ok()) {
+      status[task] = absl::Status(s.code(), absl::StrCat(dir, ": layer ", layer, " expert ", logical, " ",
+                                                         ExpertMatrixName(m), " (slot ", slot, "): ", s.message()));
+    }
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  if (absl::Status s = moe.FinishLoad(); !s.ok()) return s;
+  stats.load_seconds = Since(t0);
+  return stats;
+}
+
+}  // namespace kt

@@ -1,0 +1,228 @@
+"""KTMoEWrapper(weight_path=...).load_weights(map) on the Hugging Face fixtures, read directly and after
+``kt convert``, against transformers' outputs and against load_weights_from_tensors.
+
+Tolerances: BF16 against transformers' routed_T is max|err|/max|ref| <= 1e-2 (moe_reference.REL_TOL, the
+same bound as hf_fixtures_test: bf16 rounding of h and of the output, fp32 accumulation in another order).
+Integer methods quantize, so they are compared with load_weights_from_tensors of the same weights, which
+quantizes with the same code: the outputs must be bit-identical (any difference means the reader handed the
+kernels other weights, or another expert).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from kt_kernel import KTMoEWrapper
+from moe_reference import REL_TOL, relative_error
+from safetensors_np import SafeTensorsFile
+
+ARCHS = {
+    "qwen3_moe": ("model.layers.{layer}.mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("model.layers.{layer}.block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
+}
+TOKENS = (1, 7, 33)
+# Every implemented method; the group ones at group_size 128 (the default of both kt convert and the
+# wrapper), which divides the fixtures' H = 256 and I = 128.
+METHODS = ("BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "AMXINT4_1", "AMXINT4_KGroup",
+           "AMXINT4_1KGroup")
+
+
+def fixtures_dir() -> str:
+    path = os.environ.get("KT_FIXTURES", "")
+    if not path or not os.path.isdir(os.path.join(path, "hf")):
+        pytest.fail(f"KT_FIXTURES={path!r} is not the shared/fixtures folder", pytrace=False)
+    return path
+
+
+def kt_binary() -> str:
+    """//tools:kt from Bazel's runfiles, or $KT_BIN (the AMX host, where tools/amx_host/pack.sh carries it)."""
+    candidates = [os.environ.get("KT_BIN", "")]
+    for root in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
+        if root:
+            candidates.append(os.path.join(root, "kt", "tools", "kt"))
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    pytest.fail("the kt binary is not in the runfiles and $KT_BIN is not set", pytrace=False)
+
+
+_CONVERTED = {}
+_TMP = tempfile.mkdtemp(prefix="kt_wp_")
+atexit.register(shutil.rmtree, _TMP, True)
+
+
+def converted(arch: str, method: str) -> str:
+    """`kt convert` of a fixture, once per (arch, method) per test process."""
+    key = (arch, method)
+    if key not in _CONVERTED:
+        out = os.path.join(_TMP, f"{arch}_{method}")
+        src = os.path.join(fixtures_dir(), "hf", arch)
+        r = subprocess.run([kt_binary(), "convert", "--input", src, "--output", out, "--method", method,
+                            "--threads", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "kt convert: done" in r.stderr
+        _CONVERTED[key] = out
+    return _CONVERTED[key]
+
+
+def shape(arch: str):
+    with open(os.path.join(fixtures_dir(), "hf", arch, "config.json")) as f:
+        c = json.load(f)
+    E = c.get("num_experts", c.get("num_local_experts"))
+    I = c.get("moe_intermediate_size", c.get("intermediate_size"))
+    return E, c["num_experts_per_tok"], c["hidden_size"], I
+
+
+def make(arch: str, method: str, weight_path, **kw):
+    E, k, H, I = shape(arch)
+    ref = np.load(os.path.join(fixtures_dir(), "hf", arch, "reference.npz"))
+    args = dict(layer_idx=int(ref["layer"]), num_experts=E, num_experts_per_tok=k, hidden_size=H,
+                moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1,
+                weight_path=weight_path, chunked_prefill_size=max(TOKENS), method=method)
+    args.update(kw)
+    return KTMoEWrapper(**args)
+
+
+def stacked(arch: str):
+    """gate/up [E, I, H], down [E, H, I] of the reference layer, read independently (numpy reader)."""
+    path = os.path.join(fixtures_dir(), "hf", arch)
+    ref = np.load(os.path.join(path, "reference.npz"))
+    layer = int(ref["layer"])
+    E = shape(arch)[0]
+    prefix, g, u, d = ARCHS[arch]
+    st = SafeTensorsFile(os.path.join(path, "model.safetensors"))
+
+    def stack(name):
+        return torch.stack([st.get(prefix.format(layer=layer, e=e) + name + ".weight") for e in range(E)]).contiguous()
+
+    return stack(g), stack(u), stack(d)
+
+
+def inputs(arch: str, T: int):
+    ref = np.load(os.path.join(fixtures_dir(), "hf", arch, "reference.npz"))
+    x = torch.from_numpy(ref[f"x_{T}"]).to(torch.bfloat16)
+    ids = torch.from_numpy(ref[f"ids_{T}"]).to(torch.int64).contiguous()
+    w = torch.from_numpy(ref[f"weights_{T}"]).to(torch.float32).contiguous()
+    return x, ids, w, torch.from_numpy(ref[f"routed_{T}"])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("source", ["hf", "converted"])
+def test_load_weights_matches(arch, method, source):
+    path = os.path.join(fixtures_dir(), "hf", arch) if source == "hf" else converted(arch, method)
+    moe = make(arch, method, path)
+    moe.load_weights(None)
+    assert moe.last_load_stats["converted"] == (source == "converted")
+    baseline = make(arch, method, None)
+    baseline.load_weights_from_tensors(*stacked(arch), None)
+    for T in TOKENS:
+        x, ids, w, expected = inputs(arch, T)
+        out = moe.forward(x, ids, w, None)
+        assert torch.equal(out, baseline.forward(x, ids, w, None)), f"{arch} {method} {source} T={T}"
+        if method == "BF16":
+            err = relative_error(out, expected)
+            assert err <= REL_TOL, f"{arch} {source} T={T}: {err:.3e}"
+
+
+@pytest.mark.parametrize("source", ["hf", "converted"])
+def test_physical_to_logical_map(source):
+    """Slot i holds logical expert map[i]: a permuted load, with the ids mapped to slots, gives the identity
+    load's output exactly; a map that replicates an expert equals load_weights_from_tensors with it."""
+    arch, method = "qwen3_moe", "AMXINT8"
+    path = os.path.join(fixtures_dir(), "hf", arch) if source == "hf" else converted(arch, method)
+    E = shape(arch)[0]
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(3)).to(torch.int64)
+    ident = make(arch, method, path)
+    ident.load_weights(None)
+    permuted = make(arch, method, path)
+    permuted.load_weights(perm)
+    slot_of = torch.empty(E, dtype=torch.int64)
+    slot_of[perm] = torch.arange(E)
+    x, ids, w, _ = inputs(arch, 33)
+    assert torch.equal(permuted.forward(x, slot_of[ids].contiguous(), w, None), ident.forward(x, ids, w, None))
+    assert not torch.equal(permuted.forward(x, ids, w, None), ident.forward(x, ids, w, None))
+    replicated = torch.tensor([(3 * i) % 5 for i in range(E)], dtype=torch.int64)
+    a = make(arch, method, path)
+    a.load_weights(replicated)
+    b = make(arch, method, None)
+    b.load_weights_from_tensors(*stacked(arch), replicated)
+    assert torch.equal(a.forward(x, ids, w, None), b.forward(x, ids, w, None))
+
+
+def test_fp8_fixture_is_rejected_naming_fp8():
+    path = os.path.join(fixtures_dir(), "hf", "deepseek_v3_fp8")
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    moe = KTMoEWrapper(layer_idx=1, num_experts=c["n_routed_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+                       hidden_size=c["hidden_size"], moe_intermediate_size=c["moe_intermediate_size"],
+                       gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1, weight_path=path,
+                       chunked_prefill_size=8, method="BF16")
+    with pytest.raises(NotImplementedError, match="FP8 checkpoints are not supported yet"):
+        moe.load_weights(None)
+    assert not moe.weights_loaded
+    with pytest.raises(NotImplementedError, match="FP8"):
+        KTMoEWrapper(layer_idx=1, num_experts=16, num_experts_per_tok=4, hidden_size=256, moe_intermediate_size=128,
+                     gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1, weight_path=path,
+                     chunked_prefill_size=8, method="FP8")
+
+
+def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
+    arch = "qwen3_moe"
+    src = os.path.join(fixtures_dir(), "hf", arch)
+    # Shape mismatch with the config, naming the key and both values.
+    moe = make(arch, "BF16", src, hidden_size=128)
+    with pytest.raises(ValueError, match=r"config.json: hidden_size = 256, but the layer was created with hidden_size = 128"):
+        moe.load_weights(None)
+    # A layer the model does not have.
+    moe = make(arch, "BF16", src, layer_idx=7)
+    with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):
+        moe.load_weights(None)
+    # A converted folder of another layout.
+    moe = make(arch, "BF16", converted(arch, "AMXINT8"))
+    with pytest.raises(ValueError, match=r"holds layout \"kt-int8-channel-v1\" .* method BF16 needs \"kt-bf16-v1\""):
+        moe.load_weights(None)
+    # A corrupt layer file: the checksum names the byte range; a previous good load is dropped, not mixed.
+    bad = str(tmp_path / "bad")
+    shutil.copytree(converted(arch, "AMXINT8"), bad)
+    moe = make(arch, "AMXINT8", bad)
+    moe.load_weights(None)
+    assert moe.weights_loaded
+    layer_file = os.path.join(bad, "layer_0000.safetensors")
+    with open(layer_file, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-64, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(OSError, match=r"layer_0000.safetensors: checksum mismatch in bytes \[0, "):
+        moe.load_weights(None)
+    assert not moe.weights_loaded
+    # Truncated.
+    with open(layer_file, "r+b") as f:
+        f.truncate(os.path.getsize(layer_file) - 10)
+    with pytest.raises((OSError, ValueError), match="layer_0000.safetensors"):
+        moe.load_weights(None)
+    # Not a weight folder.
+    moe = make(arch, "BF16", str(tmp_path))
+    with pytest.raises(OSError, match="not a weight folder"):
+        moe.load_weights(None)
+    # No weight_path at all.
+    with pytest.raises(ValueError, match="weight_path is None"):
+        make(arch, "BF16", None).load_weights(None)
+    # A bad map.
+    with pytest.raises(ValueError, match="physical_to_logical_map_cpu"):
+        make(arch, "BF16", src).load_weights(torch.full((16,), 16, dtype=torch.int64))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))
