@@ -11,24 +11,26 @@ namespace kt {
 void PackInt8(const int8_t* q, size_t ldq, const float* scales, size_t n, size_t k, int8_t* panels,
               float* packed_scales, int32_t* rowsums) {
   const size_t kquads = KQuads(k);
+  const size_t full_quads = k / 4;
   const size_t stride = Int8PanelStride(k);
-  for (size_t p = 0; p < Int8NumPanels(n); ++p) {
-    int8_t* panel = panels + p * stride;
-    for (size_t kq = 0; kq < kquads; ++kq) {
-      for (size_t r = 0; r < kInt8PanelRows; ++r) {
-        const size_t row = p * kInt8PanelRows + r;
-        int8_t* dst = panel + (kq * kInt8PanelRows + r) * 4;
-        for (size_t j = 0; j < 4; ++j) {
-          const size_t kk = 4 * kq + j;
-          dst[j] = (row < n && kk < k) ? q[row * ldq + kk] : int8_t{0};
-        }
-      }
-    }
-  }
+  // Row by row: each row's whole quads move as 4-byte words to their slots 64 bytes apart (a load pass
+  // over the row, the packed panel written in place), the ragged last quad and padding rows byte-wise
+  // zero-filled; the row sum comes from the same pass. Loading a converted int8 layer spends its time here.
   for (size_t row = 0; row < PackedInt8Rows(n); ++row) {
+    int8_t* base = panels + (row / kInt8PanelRows) * stride + (row % kInt8PanelRows) * 4;
     int32_t sum = 0;
     if (row < n) {
-      for (size_t kk = 0; kk < k; ++kk) sum += q[row * ldq + kk];
+      const int8_t* src = q + row * ldq;
+      for (size_t kq = 0; kq < full_quads; ++kq) {
+        std::memcpy(base + kq * kInt8PanelRows * 4, src + 4 * kq, 4);
+      }
+      for (size_t kk = 0; kk < k; ++kk) sum += src[kk];
+      for (size_t kq = full_quads; kq < kquads; ++kq) {
+        int8_t* dst = base + kq * kInt8PanelRows * 4;
+        for (size_t j = 0; j < 4; ++j) dst[j] = 4 * kq + j < k ? src[4 * kq + j] : int8_t{0};
+      }
+    } else {
+      for (size_t kq = 0; kq < kquads; ++kq) std::memset(base + kq * kInt8PanelRows * 4, 0, 4);
     }
     rowsums[row] = sum;
     packed_scales[row] = row < n ? scales[row] : 0.0f;
