@@ -154,16 +154,55 @@ size_t MoeLayer::weight_bytes() const {
 void MoeLayer::Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input,
                     size_t r0, size_t m, float* y, size_t ldy) const {
   const size_t k = p.k;
+  ProjInput in;
+  in.ld = k;
   if (format_ == ExpertFormat::kBf16) {
-    const bf16_t* x = (hidden_input ? hs_.get() : xs_.get()) + r0 * k;
-    gemm_bf16_(m, k, x, k, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
+    in.x = (hidden_input ? hs_.get() : xs_.get()) + r0 * k;
   } else {
-    const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * k;
-    const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0;
-    const size_t row0 = e * p.padded_rows + c0;
-    gemm_int8_(m, k, qx, k, sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)), p.scales.get() + row0,
-               p.sums.get() + row0, cols, y, ldy);
+    in.qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * k;
+    in.sx = (hidden_input ? shs_.get() : sxs_.get()) + r0;
   }
+  GemmRows(p, e, c0, cols, in, m, y, ldy);
+}
+
+void MoeLayer::GemmRows(const Projection& p, size_t e, size_t c0, size_t cols, const ProjInput& in,
+                        size_t m, float* y, size_t ldy) const {
+  if (format_ == ExpertFormat::kBf16) {
+    gemm_bf16_(m, p.k, in.x, in.ld, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
+  } else {
+    const size_t row0 = e * p.padded_rows + c0;
+    gemm_int8_(m, p.k, in.qx, in.ld, in.sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)),
+               p.scales.get() + row0, p.sums.get() + row0, cols, y, ldy);
+  }
+}
+
+void MoeLayer::PrepareRow(ExpertProj proj, const bf16_t* x, int8_t* q, float* scale) const {
+  QuantizeActivationInt8(x, ProjCols(proj), q, scale);
+}
+
+void MoeLayer::ProjectBlock(ExpertProj proj, int slot, size_t c0, size_t cols, const ProjInput& in,
+                            size_t m, float* y, size_t ldy) const {
+  GemmRows(Proj(proj), static_cast<size_t>(slot), c0, cols, in, m, y, ldy);
+}
+
+absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const {
+  if (absl::Status s = CheckSlot("UnpackExpert", slot); !s.ok()) return s;
+  if (!loaded_) return absl::FailedPreconditionError("UnpackExpert before the weights are loaded");
+  const Projection& p = Proj(proj);
+  const size_t e = static_cast<size_t>(slot);
+  if (format_ == ExpertFormat::kBf16) {
+    UnpackBf16(reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes), p.n, p.k, w, p.k);
+    return absl::OkStatus();
+  }
+  std::vector<int8_t> q(p.n * p.k);
+  std::vector<float> scales(p.n);
+  UnpackInt8(reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
+             p.scales.get() + e * p.padded_rows, p.n, p.k, q.data(), p.k, scales.data());
+  // The same one fp32 multiply as Dequantize (quant.h), then one rounding to bf16.
+  for (size_t r = 0; r < p.n; ++r) {
+    for (size_t c = 0; c < p.k; ++c) w[r * p.k + c] = F32ToBf16(static_cast<float>(q[r * p.k + c]) * scales[r]);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
@@ -243,6 +282,9 @@ size_t MoeLayer::ProjCols(ExpertProj proj) const {
 }
 
 MoeLayer::Projection& MoeLayer::Proj(ExpertProj proj) {
+  return proj == ExpertProj::kGate ? gate_ : proj == ExpertProj::kUp ? up_ : down_;
+}
+const MoeLayer::Projection& MoeLayer::Proj(ExpertProj proj) const {
   return proj == ExpertProj::kGate ? gate_ : proj == ExpertProj::kUp ? up_ : down_;
 }
 
