@@ -38,6 +38,13 @@ inline void ToF32(const bf16_t* x, float* y, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] = Bf16ToF32(x[i]);
 }
 
+// out[c][rr] = b[rr][c] for b [rows, cols] bf16 (a LoRA B block [cols_out, r] turned into [r, cols_out]).
+inline void TransposeToF32(const bf16_t* b, size_t rows, size_t cols, float* out) {
+  for (size_t i = 0; i < rows; ++i) {
+    for (size_t j = 0; j < cols; ++j) out[j * rows + i] = Bf16ToF32(b[i * cols + j]);
+  }
+}
+
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
 std::atomic<uint64_t> g_next_layer_id{1};
 
@@ -383,12 +390,13 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       const int e = c.active[task / inter_blocks];
       const size_t c0 = (task % inter_blocks) * cpt;
       const size_t cols = std::min(cpt, inter - c0);
+      // B_g, B_u rows c0..c0+cols transposed to [r, cols]: the LoRA term of a row is then r axpys of
+      // length cols (vectorized), not cols dot products of length r (a horizontal sum per element; the
+      // dot form made the SFT forward 1.5x the inference forward at qlen 4096 on the dev box).
       float* bg = w.thread_scratch.data() + thread * scratch;
       float* bu = bg + r * cpt;
-      if (r > 0) {
-        ToF32(lora_.gate_b + (e * inter + c0) * r, bg, cols * r);
-        ToF32(lora_.up_b + (e * inter + c0) * r, bu, cols * r);
-      }
+      TransposeToF32(lora_.gate_b + (e * inter + c0) * r, cols, r, bg);
+      TransposeToF32(lora_.up_b + (e * inter + c0) * r, cols, r, bu);
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
@@ -404,13 +412,9 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         for (size_t row = r0; row < r0 + m; ++row) {
           float* g = c.g.data() + row * inter + c0;
           float* u = c.u.data() + row * inter + c0;
-          if (r > 0) {
-            const float* axg = c.ax_g.data() + row * r;
-            const float* axu = c.ax_u.data() + row * r;
-            for (size_t j = 0; j < cols; ++j) {
-              g[j] += s * Dot(axg, bg + j * r, r);
-              u[j] += s * Dot(axu, bu + j * r, r);
-            }
+          for (size_t i = 0; i < r; ++i) {
+            Axpy(s * c.ax_g[row * r + i], bg + i * cols, g, cols);
+            Axpy(s * c.ax_u[row * r + i], bu + i * cols, u, cols);
           }
           SiluMulToBf16(isa_, g, u, c.h.data() + row * inter + c0, cols);
         }
@@ -444,8 +448,8 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       const int e = c.active[task / hidden_blocks];
       const size_t c0 = (task % hidden_blocks) * cpt;
       const size_t cols = std::min(cpt, h - c0);
-      float* bd = w.thread_scratch.data() + thread * scratch;
-      if (r > 0) ToF32(lora_.down_b + (e * h + c0) * r, bd, cols * r);
+      float* bd = w.thread_scratch.data() + thread * scratch;  // B_d rows c0.. transposed, [r, cols]
+      TransposeToF32(lora_.down_b + (e * h + c0) * r, cols, r, bd);
       const size_t r0 = c.expert_begin[e], m = c.expert_begin[e + 1] - r0;
       MoeLayer::ProjInput in;
       in.ld = inter;
@@ -458,10 +462,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       base_->ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, y0, h);
       for (size_t i = 0; i < m; ++i) {
         float* y = y0 + i * h;
-        if (r > 0) {
-          const float* ah = c.ah.data() + (r0 + i) * r;
-          for (size_t j = 0; j < cols; ++j) y[j] += s * Dot(ah, bd + j * r, r);
-        }
+        for (size_t q = 0; q < r; ++q) Axpy(s * c.ah[(r0 + i) * r + q], bd + q * cols, y, cols);
         if (save_for_backward) {
           bf16_t* yc = c.y.data() + (r0 + i) * h + c0;
           for (size_t j = 0; j < cols; ++j) yc[j] = F32ToBf16(y[j]);
@@ -539,7 +540,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       float* bd = w.thread_scratch.data() + thread * scratch;
       float* go = bd + h * r;
       float* yf = go + h;
-      if (r > 0) ToF32(lora_.down_b + e * h * r, bd, h * r);
+      TransposeToF32(lora_.down_b + e * h * r, h, r, bd);  // [r, H]: grad_y B_d as r long dot products
       for (size_t row = r0; row < r1; ++row) {
         const size_t tj = c.row_token[row];
         ToF32(grad_output + (tj / k) * h, go, h);
@@ -552,9 +553,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
           t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row);
         }
         if (r == 0) continue;
-        float* out = dyB + row * r;
-        std::fill(out, out + r, 0.0f);
-        for (size_t i = 0; i < h; ++i) Axpy(wt * go[i], bd + i * r, out, r);
+        for (size_t q = 0; q < r; ++q) dyB[row * r + q] = wt * Dot(go, bd + q * h, h);
       }
     });
 
@@ -603,10 +602,8 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         float* bu = bg + inter * r;
         float* dgf = bu + inter * r;
         float* duf = dgf + inter;
-        if (r > 0) {
-          ToF32(lora_.gate_b + e * inter * r, bg, inter * r);
-          ToF32(lora_.up_b + e * inter * r, bu, inter * r);
-        }
+        TransposeToF32(lora_.gate_b + e * inter * r, inter, r, bg);  // [r, I]
+        TransposeToF32(lora_.up_b + e * inter * r, inter, r, bu);
         for (size_t row = r0; row < r1; ++row) {
           if (quant) {
             t.PrepareRow(ExpertProj::kGate, dg_b + row * inter, w.q_rows_i0.data() + row * inter,
@@ -617,13 +614,9 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
           if (r == 0) continue;
           ToF32(dg_b + row * inter, dgf, inter);
           ToF32(du_b + row * inter, duf, inter);
-          float* og = dgB + row * r;
-          float* ou = duB + row * r;
-          std::fill(og, og + r, 0.0f);
-          std::fill(ou, ou + r, 0.0f);
-          for (size_t j = 0; j < inter; ++j) {
-            Axpy(dgf[j], bg + j * r, og, r);
-            Axpy(duf[j], bu + j * r, ou, r);
+          for (size_t q = 0; q < r; ++q) {
+            dgB[row * r + q] = Dot(dgf, bg + q * inter, inter);
+            duB[row * r + q] = Dot(duf, bu + q * inter, inter);
           }
         }
       });
