@@ -194,6 +194,12 @@ absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const 
     UnpackBf16(reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes), p.n, p.k, w, p.k);
     return absl::OkStatus();
   }
+  if (format_ != ExpertFormat::kInt8) {
+    // A format added later must say how its packed weights read back (kt/sft builds its transposed
+    // backward copy from this); never reinterpret its bytes as int8.
+    return absl::UnimplementedError(
+        absl::StrCat("UnpackExpert: not implemented for ", ExpertFormatName(format_), " experts"));
+  }
   std::vector<int8_t> q(p.n * p.k);
   std::vector<float> scales(p.n);
   UnpackInt8(reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),

@@ -84,6 +84,8 @@ class MoeLayer {
 
   // Low-level access for layers built on these packed experts (kt/sft): one expert's projection applied to
   // rows the caller owns, in the layer's format, without going through Forward's routing and scratch.
+  // A new ExpertFormat extends GemmRows (the one per-format dispatch), PrepareRow (e.g. grouped activation
+  // quantization) and UnpackExpert, which returns Unimplemented for formats it does not know.
   //
   // Rows prepared for a product with a projection: kBf16 reads bf16 rows `x`; a quantized format reads
   // its quantized rows `qx` with one scale per row `sx` (made by PrepareRow). `ld` is the row stride in

@@ -349,6 +349,15 @@ TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
   BackwardOnly(*l1, pool, b1, &r1);
   CheckAll("shared(l2)", r2, &g2, Reference(w2, b2, 2.0, kR));
   CheckAll("shared(l1)", r1, &g1, Reference(w1, b1, 2.0, kR));
+  // Reloading l1 with other weights invalidates the shared copy it built: the next backward rebuilds it.
+  ASSERT_TRUE(l1->LoadWeights(w2.gate.data(), w2.up.data(), w2.down.data(), nullptr, pool).ok());
+  Weights mixed = w1;  // w2's base with w1's LoRA
+  mixed.gate = w2.gate;
+  mixed.up = w2.up;
+  mixed.down = w2.down;
+  ForwardOnly(*l1, pool, b1, &r1);
+  BackwardOnly(*l1, pool, b1, &r1);
+  CheckAll("shared(reload)", r1, &g1, Reference(mixed, b1, 2.0, kR));
   // A shared copy of a different shape is refused by name.
   SftConfig other = c;
   other.moe.hidden = 96;
