@@ -266,29 +266,82 @@ size_t MoeLayer::weight_bytes() const {
 
 void MoeLayer::Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input,
                     size_t r0, size_t m, float* y, size_t ldy) const {
-  const size_t k = p.k;
+  ProjInput in;
   if (format_ == ExpertFormat::kBf16) {
-    const size_t ld = hidden_input ? ldh_ : ldx_;
-    const bf16_t* x = (hidden_input ? hs_.get() : xs_.get()) + r0 * ld;
-    gemm_bf16_(m, k, x, ld, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
-  } else if (format_ == ExpertFormat::kInt8) {
-    const size_t ld = hidden_input ? ldqh_ : ldx_;
-    const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * ld;
-    const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0;
-    const size_t row0 = e * p.padded_rows + c0;
-    gemm_int8_(m, k, qx, ld, sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)), p.scales.get() + row0,
-               p.sums.get() + row0, cols, y, ldy);
+    in.ld = hidden_input ? ldh_ : ldx_;
+    in.x = (hidden_input ? hs_.get() : xs_.get()) + r0 * in.ld;
   } else {
-    const size_t groups = ActGroups(k);
-    const size_t ld = hidden_input ? ldqh_ : ldx_;
-    const int8_t* qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * ld;
-    const float* sx = (hidden_input ? shs_.get() : sxs_.get()) + r0 * groups;
-    const int32_t* xsum = (hidden_input ? hsums_.get() : xsums_.get()) + r0 * groups;
+    const size_t groups = ActGroups(p.k);
+    in.ld = hidden_input ? ldqh_ : ldx_;
+    in.qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * in.ld;
+    in.sx = (hidden_input ? shs_.get() : sxs_.get()) + r0 * groups;
+    if (IsInt4ExpertFormat(format_)) in.xsum = (hidden_input ? hsums_.get() : xsums_.get()) + r0 * groups;
+  }
+  GemmRows(p, e, c0, cols, in, m, y, ldy);
+}
+
+void MoeLayer::GemmRows(const Projection& p, size_t e, size_t c0, size_t cols, const ProjInput& in,
+                        size_t m, float* y, size_t ldy) const {
+  if (format_ == ExpertFormat::kBf16) {
+    gemm_bf16_(m, p.k, in.x, in.ld, reinterpret_cast<const bf16_t*>(p.Panels(e, c0)), cols, y, ldy);
+  } else if (format_ == ExpertFormat::kInt8) {
+    const size_t row0 = e * p.padded_rows + c0;
+    gemm_int8_(m, p.k, in.qx, in.ld, in.sx, reinterpret_cast<const int8_t*>(p.Panels(e, c0)),
+               p.scales.get() + row0, p.sums.get() + row0, cols, y, ldy);
+  } else {
     // Scales and zero points of a column block start c0 / 16 panels into the expert's [panel][group][16].
-    const size_t e0 = e * p.scale_entries + c0 * groups;
-    gemm_int4_(m, k, p.group, qx, ld, sx, xsum, p.Panels(e, c0), p.scales.get() + e0,
+    const size_t e0 = e * p.scale_entries + c0 * ActGroups(p.k);
+    gemm_int4_(m, p.k, p.group, in.qx, in.ld, in.sx, in.xsum, p.Panels(e, c0), p.scales.get() + e0,
                p.zeros.size ? p.zeros.get() + e0 : nullptr, cols, y, ldy);
   }
+}
+
+void MoeLayer::PrepareRow(ExpertProj proj, const bf16_t* x, int8_t* q, float* scales, int32_t* sums) const {
+  QuantizeRow(x, ProjCols(proj), q, scales, sums);
+}
+
+void MoeLayer::ProjectBlock(ExpertProj proj, int slot, size_t c0, size_t cols, const ProjInput& in,
+                            size_t m, float* y, size_t ldy) const {
+  GemmRows(Proj(proj), static_cast<size_t>(slot), c0, cols, in, m, y, ldy);
+}
+
+absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const {
+  if (absl::Status s = CheckSlot("UnpackExpert", slot); !s.ok()) return s;
+  if (!loaded_) return absl::FailedPreconditionError("UnpackExpert before the weights are loaded");
+  const Projection& p = Proj(proj);
+  const size_t e = static_cast<size_t>(slot);
+  if (format_ == ExpertFormat::kBf16) {
+    UnpackBf16(reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes), p.n, p.k, w, p.k);
+    return absl::OkStatus();
+  }
+  if (IsInt4ExpertFormat(format_)) {
+    // Back to the canonical quantized matrix, then Dequantize's one fp32 multiply per element and one
+    // rounding to bf16.
+    absl::StatusOr<QuantSpec> spec = quant_spec();
+    if (!spec.ok()) return spec.status();
+    const size_t e0 = e * p.scale_entries;
+    const QuantizedMatrix qm = UnpackInt4(*spec, p.n, p.k, p.data.get() + e * p.expert_bytes,
+                                          p.scales.get() + e0, p.zeros.size ? p.zeros.get() + e0 : nullptr);
+    std::vector<float> deq(p.n * p.k);
+    Dequantize(qm, deq.data(), p.k);
+    for (size_t i = 0; i < p.n * p.k; ++i) w[i] = F32ToBf16(deq[i]);
+    return absl::OkStatus();
+  }
+  if (format_ != ExpertFormat::kInt8) {
+    // A format added later must say how its packed weights read back (kt/sft builds its transposed
+    // backward copy from this); never reinterpret its bytes as int8.
+    return absl::UnimplementedError(
+        absl::StrCat("UnpackExpert: not implemented for ", ExpertFormatName(format_), " experts"));
+  }
+  std::vector<int8_t> q(p.n * p.k);
+  std::vector<float> scales(p.n);
+  UnpackInt8(reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
+             p.scales.get() + e * p.padded_rows, p.n, p.k, q.data(), p.k, scales.data());
+  // The same one fp32 multiply as Dequantize (quant.h), then one rounding to bf16.
+  for (size_t r = 0; r < p.n; ++r) {
+    for (size_t c = 0; c < p.k; ++c) w[r * p.k + c] = F32ToBf16(static_cast<float>(q[r * p.k + c]) * scales[r]);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
@@ -399,6 +452,9 @@ size_t MoeLayer::ProjCols(ExpertProj proj) const {
 }
 
 MoeLayer::Projection& MoeLayer::Proj(ExpertProj proj) {
+  return proj == ExpertProj::kGate ? gate_ : proj == ExpertProj::kUp ? up_ : down_;
+}
+const MoeLayer::Projection& MoeLayer::Proj(ExpertProj proj) const {
   return proj == ExpertProj::kGate ? gate_ : proj == ExpertProj::kUp ? up_ : down_;
 }
 

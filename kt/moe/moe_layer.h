@@ -132,6 +132,38 @@ class MoeLayer {
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, bf16_t* output, const bool* gpu_experts_mask);
 
+  // Low-level access for layers built on these packed experts (kt/sft): one expert's projection applied to
+  // rows the caller owns, in the layer's format, without going through Forward's routing and scratch.
+  // A new ExpertFormat extends GemmRows (the one per-format dispatch), PrepareRow (e.g. grouped activation
+  // quantization) and UnpackExpert, which returns Unimplemented for formats it does not know.
+  //
+  // Rows prepared for a product with a projection: kBf16 reads bf16 rows `x`; a quantized format reads
+  // its quantized rows `qx` with ActivationGroups(proj) scales per row `sx` and, for the int4 formats, the
+  // int32 group sums `xsum` (all made by PrepareRow). `ld` is the row stride of x/qx in elements.
+  struct ProjInput {
+    const bf16_t* x = nullptr;
+    const int8_t* qx = nullptr;
+    const float* sx = nullptr;
+    const int32_t* xsum = nullptr;
+    size_t ld = 0;
+  };
+  // Activation scales (and int4 group sums) per row for `proj`: 1, or K / group_size for group formats.
+  size_t ActivationGroups(ExpertProj proj) const { return ActGroups(ProjCols(proj)); }
+  // Whether ProjectBlock reads quantized rows (qx, sx) rather than bf16 rows (x).
+  bool quantized_activations() const { return format_ != ExpertFormat::kBf16; }
+  // Quantizes one row x[K] (K = ProjCols(proj)) the way this format feeds `proj`: q[K],
+  // scales[ActivationGroups(proj)] and, for the int4 formats, sums[ActivationGroups(proj)] (may be null
+  // otherwise). Only for quantized formats (quantized_activations()).
+  void PrepareRow(ExpertProj proj, const bf16_t* x, int8_t* q, float* scales, int32_t* sums = nullptr) const;
+  // y[r][j] = sum_k x_r[k] W[c0 + j][k] for r < m, j < cols, with W expert `slot`'s projection `proj`
+  // [N, K]; c0 a multiple of kPanelRows and c0 + cols <= N. y is overwritten (row stride ldy). Needs a
+  // loaded layer. No allocation, no threads, no shared state: safe to call from several threads at once.
+  void ProjectBlock(ExpertProj proj, int slot, size_t c0, size_t cols, const ProjInput& in, size_t m,
+                    float* y, size_t ldy) const;
+  // Expert `slot`'s projection back in canonical form w[N, K] bf16: exact for kBf16; for a quantized
+  // format the dequantized weights rounded to bf16. FailedPrecondition before the layer has loaded.
+  absl::Status UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const;
+
   const MoeConfig& config() const { return config_; }
   const ForwardProfile& last_profile() const { return profile_; }
   // InvalidArgument unless each field is 0 or in [1, 8].
@@ -185,6 +217,7 @@ class MoeLayer {
   };
   void InitProjection(Projection& p, size_t n, size_t k) const;
   Projection& Proj(ExpertProj proj);
+  const Projection& Proj(ExpertProj proj) const;
   // Allocates the packed arrays (at Create: the OS commits pages as they are packed).
   void AllocateWeights();
   absl::Status CheckSlot(const char* fn, int slot) const;
@@ -194,6 +227,9 @@ class MoeLayer {
   // quantized formats). The one place that dispatches products per format.
   void Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool hidden_input, size_t r0,
             size_t m, float* y, size_t ldy) const;
+  // The same on rows given by `in` (the one per-format dispatch; Gemm and ProjectBlock call it).
+  void GemmRows(const Projection& p, size_t e, size_t c0, size_t cols, const ProjInput& in, size_t m,
+                float* y, size_t ldy) const;
 
   MoeConfig config_;
   Isa isa_;

@@ -367,6 +367,70 @@ TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
             absl::string_view::npos) << bad;
 }
 
+// The low-level access kt/sft builds on: UnpackExpert gives back the weights the format holds (bf16
+// exactly; int8 as q * scale rounded to bf16, the same values Dequantize gives), and ProjectBlock on rows
+// the caller prepared equals the double product of those rows and weights, for a column block that
+// starts mid-matrix and ends on a remainder.
+TEST_P(MoeLayerTest, ProjectBlockAndUnpackExpert) {
+  ThreadPool pool(2);
+  const Layer l = Make(3, 1, 72, 40, 4, 21);
+  std::unique_ptr<MoeLayer> moe = Build(l, pool);
+  const size_t n = l.config.hidden, k = l.config.intermediate;  // down: [H, I]
+  std::vector<bf16_t> w(n * k);
+  ASSERT_TRUE(moe->UnpackExpert(2, ExpertProj::kDown, w.data()).ok());
+  const bf16_t* src = l.down.data() + 2 * n * k;
+  absl::StatusOr<QuantSpec> spec = moe->quant_spec();
+  std::vector<float> deq(n * k);
+  if (spec.ok()) {
+    absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, src, k, n, k);
+    ASSERT_TRUE(q.ok());
+    Dequantize(*q, deq.data(), k);
+  } else {
+    for (size_t i = 0; i < n * k; ++i) deq[i] = Bf16ToF32(src[i]);
+  }
+  for (size_t i = 0; i < n * k; ++i) ASSERT_EQ(w[i].bits, F32ToBf16(deq[i]).bits) << i;
+
+  const size_t m = 5, c0 = 16, cols = n - c0;
+  std::mt19937 rng(22);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<bf16_t> x(m * k);
+  for (auto& v : x) v = F32ToBf16(d(rng));
+  const size_t groups = moe->ActivationGroups(ExpertProj::kDown);
+  const size_t group_len = k / groups;
+  std::vector<int8_t> qx(m * k);
+  std::vector<float> sx(m * groups);
+  std::vector<int32_t> sums(m * groups);
+  MoeLayer::ProjInput in;
+  in.x = x.data();
+  in.ld = k;
+  std::vector<float> xs(m * k);  // the rows as the kernel sees them
+  for (size_t i = 0; i < m * k; ++i) xs[i] = Bf16ToF32(x[i]);
+  if (moe->quantized_activations()) {
+    for (size_t r = 0; r < m; ++r) {
+      moe->PrepareRow(ExpertProj::kDown, x.data() + r * k, qx.data() + r * k, sx.data() + r * groups,
+                      sums.data() + r * groups);
+      for (size_t c = 0; c < k; ++c) xs[r * k + c] = qx[r * k + c] * sx[r * groups + c / group_len];
+    }
+    in.qx = qx.data();
+    in.sx = sx.data();
+    in.xsum = sums.data();
+  }
+  std::vector<float> y(m * cols, -1.0f);
+  moe->ProjectBlock(ExpertProj::kDown, 2, c0, cols, in, m, y.data(), cols);
+  for (size_t r = 0; r < m; ++r) {
+    for (size_t j = 0; j < cols; ++j) {
+      double want = 0, mag = 0;
+      for (size_t c = 0; c < k; ++c) {
+        want += static_cast<double>(xs[r * k + c]) * deq[(c0 + j) * k + c];
+        mag += std::abs(static_cast<double>(xs[r * k + c]) * deq[(c0 + j) * k + c]);
+      }
+      // fp32 summation bound K 2^-23 sum|x w| (docs/TESTING.md), plus the int8 path's final fp32 scaling.
+      ASSERT_NEAR(y[r * cols + j], want, k * std::ldexp(1.0, -23) * mag + 1e-6 * std::abs(want))
+          << r << "," << j;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllPaths, MoeLayerTest,
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,

@@ -11,6 +11,7 @@ targets=(
   //kt/kernels:gemm_int8_benchmark //kt/kernels:gemm_int4_test //kt/kernels:gemm_int4_benchmark
   //kt/kernels:act_quant_test
   //kt/moe:thread_pool_test //kt/moe:moe_layer_test
+  //kt/sft:sft_reference_test //kt/sft:sft_layer_test
   //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt
 )
 bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --jobs="$(nproc)" "${targets[@]}" >&2
@@ -24,6 +25,8 @@ for t in "${targets[@]}"; do
     | while read -r lib; do [ -e "$out/lib/$(basename "$lib")" ] || cp -L "$lib" "$out/lib/"; done || true
 done
 cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
+# The SFT benchmark is Python (kt_kernel + torch): PYTHONPATH=.device/python python3 .device/bin/sft_bench.py
+cp tools/sft_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the fixtures they read

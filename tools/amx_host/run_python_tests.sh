@@ -13,6 +13,6 @@ for isa in avx2 avx512 avx512_vnni avx512_bf16 amx; do
   echo "KT_ISA=$isa"
   KT_ISA=$isa python3 -m pytest -q .device/python/tests/hf_fixtures_test.py \
     .device/python/tests/moe_bf16_test.py .device/python/tests/moe_int4_test.py \
-    .device/python/tests/weight_path_test.py || status=1
+    .device/python/tests/weight_path_test.py .device/python/tests/sft_test.py || status=1
 done
 exit $status

@@ -6,8 +6,10 @@ those of the original kt-kernel, so code written against it keeps working.
 
 What kt implements today: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
-``KT_INFERENCE_EXTENSIONS`` (group-wise int4; ``group_size`` keyword). Every other method, and the whole SFT
-mode, raises NotImplementedError naming the method: kt never substitutes a different method.
+``KT_INFERENCE_EXTENSIONS`` (group-wise int4; ``group_size`` keyword); ``mode="sft"`` with the SFT methods
+whose base format this build has (``AMXBF16_SFT``, ``AMXINT8_SFT`` and their ``_SkipLoRA`` variants; see
+``kt_kernel.sft.amx``). Every other method raises NotImplementedError naming the method: kt never
+substitutes a different method.
 
 Example::
 
@@ -172,7 +174,7 @@ class KTMoEWrapper:
 
         Returns:
             A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16", ``AMXMoEWrapper`` for the
-            AMX* methods, ``GeneralMoEWrapper`` for MOE_*).
+            AMX* methods, ``GeneralMoEWrapper`` for MOE_*), a ``kt_kernel.sft.amx.AMXSFTMoEWrapper`` for SFT.
 
         Raises:
             ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
@@ -211,7 +213,24 @@ class KTMoEWrapper:
             raise ValueError(
                 f"Method '{method}' not supported for SFT mode. " f"Supported methods: {sorted(SFT_METHODS)}"
             )
-        return _create_sft_wrapper(method)
+        return _create_sft_wrapper(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_gpu_experts=num_gpu_experts,
+            cpuinfer_threads=cpuinfer_threads,
+            threadpool_count=threadpool_count,
+            weight_path=weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+            method=method,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            max_cache_depth=max_cache_depth,
+            group_size=group_size,
+            zero_point=zero_point,
+        )
 
     @staticmethod
     def set_capture_batch_sizes(capture_bs: List[int]):
@@ -252,9 +271,8 @@ def _create_inference_wrapper(method: str, **kwargs) -> BaseMoEWrapper:
     return backend_cls(method=method, **kwargs)
 
 
-def _create_sft_wrapper(method: str):
-    """SFT backends (``kt_kernel.sft``) are not implemented yet: always raises NotImplementedError."""
-    raise NotImplementedError(
-        f"KTMoEWrapper: SFT method '{method}' is not implemented yet in kt (planned: SFT issue; "
-        "see kt/sft/README.md)"
-    )
+def _create_sft_wrapper(**kwargs):
+    """Builds the SFT backend (``kt_kernel.sft``, imported only here so inference users never load it)."""
+    from .sft.amx import AMXSFTMoEWrapper
+
+    return AMXSFTMoEWrapper(**kwargs)

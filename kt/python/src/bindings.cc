@@ -25,13 +25,13 @@
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/thread_pool.h"
 #include "kt/python/src/weight_loader.h"
+#include "kt/python/src/common.h"
 #include "pybind11/pybind11.h"
 #include "pybind11/stl.h"
 
 namespace py = pybind11;
 
 namespace kt {
-namespace {
 
 std::mutex& ComputeMutex() {
   static std::mutex* mu = new std::mutex;
@@ -40,7 +40,7 @@ std::mutex& ComputeMutex() {
 
 // InvalidArgument/OutOfRange are the caller's fault (ValueError); an unimplemented feature is
 // NotImplementedError; everything else (state, resources, internal) is RuntimeError.
-[[noreturn]] void ThrowStatus(const absl::Status& status) {
+void ThrowStatus(const absl::Status& status) {
   const std::string message(status.message());
   switch (status.code()) {
     case absl::StatusCode::kInvalidArgument:
@@ -60,6 +60,8 @@ std::mutex& ComputeMutex() {
       throw std::runtime_error(message);
   }
 }
+
+namespace {
 
 template <typename T>
 T* AsPointer(std::uintptr_t address) {
@@ -223,5 +225,6 @@ PYBIND11_MODULE(_kt, m) {
                                                                                : 0;
                              })
       .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); });
-}
 
+  RegisterSftBindings(m);
+}

@@ -1,26 +1,333 @@
-"""Base pieces of the SFT backends (not implemented yet)."""
+"""Base pieces of the SFT backends: the shared buffer cache and the wrapper base class."""
 
 from __future__ import annotations
 
 import threading
-from typing import Dict
+from typing import Dict, List, Tuple
+
+import torch
+
+from .. import _native
+from .._checks import check_int, check_tensor
 
 
 class KExpertsSFTBuffer:
-    """Cache of the SFT forward/backward buffers, shared by all layers. Empty until SFT lands."""
+    """Process-wide SFT objects shared by layers: the C++ working memory (one ``SftWorkspace``, grow-only,
+    used by one call at a time since every compute call is serialized) and, with ``share_backward_bb``, one
+    transposed-weight copy per layer shape."""
 
     _lock = threading.Lock()
     _cache: Dict[object, object] = {}
 
     @classmethod
+    def get(cls, key, factory):
+        """The cached object for ``key``, made by ``factory()`` on first use."""
+        with cls._lock:
+            obj = cls._cache.get(key)
+            if obj is None:
+                obj = factory()
+                cls._cache[key] = obj
+            return obj
+
+    @classmethod
     def clear_cache(cls) -> None:
-        """Drops every cached SFT buffer."""
+        """Drops every cached SFT buffer (layers already built keep theirs alive)."""
         with cls._lock:
             cls._cache.clear()
 
 
 class BaseSFTMoEWrapper:
-    """The SFT backend of one MoE layer. Not implemented yet in kt."""
+    """The SFT backend of one MoE layer: forward with an activation cache, backward with LoRA gradients.
 
-    def __init__(self, *args, method: str = "AMXBF16_SFT", **kwargs):
-        raise NotImplementedError(f"BaseSFTMoEWrapper: SFT method '{method}' is not implemented yet in kt")
+    Subclasses build ``self._layer`` (a ``_kt.SftMoeLayer``). Shapes: E experts, k = num_experts_per_tok,
+    H = hidden_size, I = moe_intermediate_size, r = lora_rank.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_gpu_experts: int,
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path,
+        chunked_prefill_size: int,
+        lora_rank: int,
+        lora_alpha: float,
+        max_cache_depth: int,
+        method: str,
+    ):
+        self.layer_idx = check_int("layer_idx", layer_idx, 0)
+        self.num_experts = check_int("num_experts", num_experts, 1)
+        self.num_experts_per_tok = check_int("num_experts_per_tok", num_experts_per_tok, 1)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})"
+            )
+        self.hidden_size = check_int("hidden_size", hidden_size, 1)
+        self.moe_intermediate_size = check_int("moe_intermediate_size", moe_intermediate_size, 1)
+        self.num_gpu_experts = check_int("num_gpu_experts", num_gpu_experts, 0)
+        if self.num_gpu_experts != 0:
+            raise NotImplementedError(
+                f"num_gpu_experts={self.num_gpu_experts}: SFT with experts on the GPU is not implemented yet in "
+                "kt; all experts run on the CPU (num_gpu_experts=0)"
+            )
+        self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, 1)
+        self.threadpool_count = check_int("threadpool_count", threadpool_count, 1)
+        self.weight_path = weight_path
+        self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, 1)
+        self.lora_rank = check_int("lora_rank", lora_rank, 1)
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
+        self.lora_alpha = float(lora_alpha)
+        self.max_cache_depth = check_int("max_cache_depth", max_cache_depth, 1)
+        self.method = method
+        self._lora: Tuple[torch.Tensor, ...] = ()
+        self._lora_ptrs: Tuple[int, ...] = ()
+        self._pending: List[Tuple[int, int]] = []  # (qlen, k) of cached forwards, newest last
+        _native.get_thread_pool(self.cpuinfer_threads)
+
+    @property
+    def lora_scaling(self) -> float:
+        """s = lora_alpha / lora_rank, the factor of every LoRA product."""
+        return self.lora_alpha / self.lora_rank
+
+    def _pool(self):
+        return _native.get_thread_pool(self.cpuinfer_threads)
+
+    @property
+    def cache_depth(self) -> int:
+        """Forwards cached (save_for_backward=True) and not yet consumed by backward."""
+        return self._layer.cache_depth
+
+    # -- weights ------------------------------------------------------------------------------------------
+
+    def load_weights_from_tensors(
+        self,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        physical_to_logical_map_cpu=None,
+    ) -> None:
+        """Loads the frozen base weights: bf16 CPU contiguous gate_proj and up_proj [E, I, H], down_proj
+        [E, H, I]; physical_to_logical_map_cpu int64 [E] or None (identity). The tensors are copied (and
+        quantized for INT8), so they may be freed afterwards."""
+        E, I, H = self.num_experts, self.moe_intermediate_size, self.hidden_size
+        check_tensor("gate_proj", gate_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
+        check_tensor("up_proj", up_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
+        check_tensor("down_proj", down_proj, torch.bfloat16, (E, H, I), "[E, H, I]")
+        map_ptr = 0
+        if physical_to_logical_map_cpu is not None:
+            mapping = check_tensor(
+                "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
+            )
+            bad = (mapping < 0) | (mapping >= E)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at index {i}"
+                )
+            map_ptr = mapping.data_ptr()
+        self._layer.load_weights(
+            gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), map_ptr, self._pool()
+        )
+        self._weights_loaded = True
+
+    _LORA_NAMES = (
+        "gate_lora_a",
+        "gate_lora_b",
+        "up_lora_a",
+        "up_lora_b",
+        "down_lora_a",
+        "down_lora_b",
+    )
+
+    def _lora_shapes(self):
+        E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
+        return (
+            ((E, r, H), "[E, r, H]"),
+            ((E, I, r), "[E, I, r]"),
+            ((E, r, H), "[E, r, H]"),
+            ((E, I, r), "[E, I, r]"),
+            ((E, r, I), "[E, r, I]"),
+            ((E, H, r), "[E, H, r]"),
+        )
+
+    def init_lora_weights(
+        self,
+        gate_lora_a: torch.Tensor,
+        gate_lora_b: torch.Tensor,
+        up_lora_a: torch.Tensor,
+        up_lora_b: torch.Tensor,
+        down_lora_a: torch.Tensor,
+        down_lora_b: torch.Tensor,
+        grad_gate_lora_a: torch.Tensor,
+        grad_gate_lora_b: torch.Tensor,
+        grad_up_lora_a: torch.Tensor,
+        grad_up_lora_b: torch.Tensor,
+        grad_down_lora_a: torch.Tensor,
+        grad_down_lora_b: torch.Tensor,
+    ) -> None:
+        """Registers the caller's LoRA tensors (PEFT orientation: A = [E, r, in], B = [E, out, r]; gate/up
+        in = H, out = I; down in = I, out = H) and their gradient tensors of the same shapes. All bf16, CPU,
+        contiguous. They are used in place: an optimizer updating them is seen by the next forward, and
+        backward writes the gradients into the grad tensors. Keep them alive (this wrapper holds a
+        reference)."""
+        tensors = (
+            gate_lora_a,
+            gate_lora_b,
+            up_lora_a,
+            up_lora_b,
+            down_lora_a,
+            down_lora_b,
+            grad_gate_lora_a,
+            grad_gate_lora_b,
+            grad_up_lora_a,
+            grad_up_lora_b,
+            grad_down_lora_a,
+            grad_down_lora_b,
+        )
+        names = self._LORA_NAMES + tuple("grad_" + n for n in self._LORA_NAMES)
+        shapes = self._lora_shapes() * 2
+        for name, t, (shape, doc) in zip(names, tensors, shapes):
+            check_tensor(name, t, torch.bfloat16, shape, doc)
+        ptrs = [t.data_ptr() for t in tensors]
+        for i in range(6, 12):
+            for j in range(12):
+                if i != j and ptrs[i] == ptrs[j]:
+                    raise ValueError(f"{names[i]} must not share memory with {names[j]}")
+        self._lora = tensors
+        self._push_lora()
+
+    def update_lora_weights(self) -> None:
+        """Re-reads the registered LoRA tensors' storage (needed only if a tensor's ``.data`` was replaced;
+        in-place optimizer updates are seen anyway: nothing is repacked)."""
+        if not self._lora:
+            raise RuntimeError(f"{type(self).__name__}: update_lora_weights before init_lora_weights")
+        self._push_lora()
+
+    def _push_lora(self) -> None:
+        for name, t, (shape, doc) in zip(
+            self._LORA_NAMES + tuple("grad_" + n for n in self._LORA_NAMES), self._lora, self._lora_shapes() * 2
+        ):
+            check_tensor(name, t, torch.bfloat16, shape, doc)
+        self._lora_ptrs = tuple(t.data_ptr() for t in self._lora)
+        self._layer.set_lora(*self._lora_ptrs)
+
+    # -- compute ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> torch.Tensor:
+        """Routed experts with LoRA: ``out[t] = sum_j weights[t,j] * y(expert_ids[t,j], hidden_states[t])``.
+
+        Args:
+            hidden_states: bf16 CPU [qlen, H], contiguous, 1 <= qlen <= chunked_prefill_size.
+            expert_ids: int64 CPU [qlen, k], 1 <= k <= num_experts_per_tok; ids outside [0, E) contribute
+                nothing.
+            weights: float32 CPU [qlen, k].
+            save_for_backward: push the activations backward needs on this layer's cache stack (at most
+                max_cache_depth forwards may wait for their backward).
+
+        Returns:
+            A new bf16 CPU tensor [qlen, H].
+        """
+        H = self.hidden_size
+        check_tensor("hidden_states", hidden_states, torch.bfloat16, (None, H), "[qlen, hidden_size]")
+        qlen = hidden_states.shape[0]
+        if not 1 <= qlen <= self.chunked_prefill_size:
+            raise ValueError(
+                f"hidden_states has qlen={qlen} tokens; SFT forward takes 1..chunked_prefill_size="
+                f"{self.chunked_prefill_size} tokens per call"
+            )
+        check_tensor("expert_ids", expert_ids, torch.int64, (qlen, None), "[qlen, k]")
+        k = expert_ids.shape[1]
+        if not 1 <= k <= self.num_experts_per_tok:
+            raise ValueError(
+                f"expert_ids must have 1 <= k <= num_experts_per_tok ({self.num_experts_per_tok}) columns, "
+                f"got shape {list(expert_ids.shape)}"
+            )
+        check_tensor("weights", weights, torch.float32, (qlen, k), "[qlen, k]")
+        if not getattr(self, "_weights_loaded", False):
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): forward before the base weights were loaded; "
+                "call load_weights_from_tensors first"
+            )
+        if self._needs_lora() and not self._lora:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): forward before init_lora_weights"
+            )
+        if save_for_backward and len(self._pending) >= self.max_cache_depth:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): {len(self._pending)} forward(s) already wait "
+                f"for their backward and max_cache_depth={self.max_cache_depth}; call backward first or "
+                "create the wrapper with a larger max_cache_depth"
+            )
+        if self._lora and tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:
+            self._push_lora()  # a LoRA tensor's .data was replaced: follow it
+        output = torch.empty((qlen, H), dtype=torch.bfloat16)
+        self._layer.forward(
+            self._pool(),
+            qlen,
+            k,
+            expert_ids.data_ptr(),
+            weights.data_ptr(),
+            hidden_states.data_ptr(),
+            output.data_ptr(),
+            bool(save_for_backward),
+        )
+        if save_for_backward:
+            self._pending.append((qlen, k))
+        return output
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        optimizer_grad_scale: float = 1.0,
+        accumulate_optimizer_grads: bool = False,
+    ):
+        """Backward of the newest cached forward (LIFO).
+
+        Args:
+            grad_output: bf16 CPU [qlen, H] for that forward.
+            optimizer_grad_scale: multiplies the LoRA gradients written (e.g. 1/world_size).
+            accumulate_optimizer_grads: add to the grad tensors instead of overwriting them.
+
+        Returns:
+            (grad_input bf16 [qlen, H], grad_weights float32 [qlen, k]). The six LoRA gradients are written
+            into the grad tensors of init_lora_weights (experts with no tokens: 0, or unchanged when
+            accumulating).
+        """
+        if not self._pending:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): backward without a cached forward; call "
+                "forward(..., save_for_backward=True) first (each backward consumes the newest cached forward)"
+            )
+        qlen, k = self._pending[-1]
+        check_tensor("grad_output", grad_output, torch.bfloat16, (qlen, self.hidden_size), "[qlen, hidden_size]")
+        if isinstance(optimizer_grad_scale, bool) or not isinstance(optimizer_grad_scale, (int, float)):
+            raise TypeError(f"optimizer_grad_scale must be a number, got {type(optimizer_grad_scale).__name__}")
+        if self._lora and tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:
+            self._push_lora()
+        grad_input = torch.empty((qlen, self.hidden_size), dtype=torch.bfloat16)
+        grad_weights = torch.empty((qlen, k), dtype=torch.float32)
+        self._layer.backward(
+            self._pool(),
+            grad_output.data_ptr(),
+            grad_input.data_ptr(),
+            grad_weights.data_ptr(),
+            bool(accumulate_optimizer_grads),
+            float(optimizer_grad_scale),
+        )
+        self._pending.pop()
+        return grad_input, grad_weights
+
+    def _needs_lora(self) -> bool:
+        return True

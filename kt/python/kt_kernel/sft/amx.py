@@ -1,0 +1,148 @@
+"""``AMXSFTMoEWrapper``: the SFT methods of the original kt-kernel on kt's C++ ``SftMoeLayer``.
+
+Method -> frozen base format (each on the best kernel path of the CPU, ``kt_kernel.__cpu_variant__``; AMX
+tiles where present, else AVX512-BF16/VNNI, Highway AVX3/AVX2 or scalar):
+
+=========================  ==========================================================================
+AMXBF16_SFT                bf16 weights as given (kt-bf16-panel16-kpair-v1)
+AMXINT8_SFT                int8 per output channel, symmetric (kt-int8-channel-v1)
+AMXINT4_SFT                int4 per output channel, symmetric (kt-int4-channel-v1)
+AMXINT4_KGroup_SFT         int4 groups of ``group_size`` along K, symmetric (kt-int4-group{G}-sym-v1)
+AMXINT4_1KGroup_SFT        int4 groups of ``group_size``, asymmetric with zero points (kt-int4-group{G}-asym-v1)
+AMXINT4_1_SFT              int4 per channel, asymmetric: quant.h has no such format (asym exists only per
+                           group), so it raises NotImplementedError rather than substituting a group format
+=========================  ==========================================================================
+
+The INT4 formats need MoeLayer int4 kernels (a separate branch); until they are in this build the INT4
+methods raise NotImplementedError naming the missing format. ``*_SkipLoRA`` runs the same base without LoRA:
+backward gives grad_input and grad_weights only.
+
+Backward multiplies by the transposed base weights. With ``share_backward_bb=True`` all layers of the
+same shape share one transposed copy, rebuilt from the forward weights of whichever layer runs backward
+(saves E*3*H*I weights per layer, costs one repack per layer backward); the default (False) gives each
+layer its own copy, built at load.
+"""
+
+from __future__ import annotations
+
+from .. import _native
+from .._checks import check_int
+from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
+
+_SKIP_SUFFIX = "_SkipLoRA"
+
+
+def _base_format(method: str, group_size: int) -> str:
+    base = method[: -len(_SKIP_SUFFIX)] if method.endswith(_SKIP_SUFFIX) else method
+    if base == "AMXBF16_SFT":
+        return "bf16"
+    if base == "AMXINT8_SFT":
+        return "int8"
+    if base == "AMXINT4_SFT":
+        return "int4_channel"
+    if base in ("AMXINT4_KGroup_SFT", "AMXINT4_1KGroup_SFT"):
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128 for {method}, got {group_size}")
+        return f"int4_group{group_size}_{'asym' if base == 'AMXINT4_1KGroup_SFT' else 'sym'}"
+    if base == "AMXINT4_1_SFT":
+        raise NotImplementedError(
+            f"SFT method '{method}' (int4 per channel with zero points) is not implemented in kt: quant.h has "
+            "asymmetric int4 only per group; use AMXINT4_1KGroup_SFT (group_size=32/64/128) or AMXINT4_SFT"
+        )
+    raise ValueError(f"unknown SFT method {method!r}")
+
+
+class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
+    """SFT backend for the ``AMX*_SFT`` methods (see the module docstring for the formats)."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_gpu_experts: int,
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path,
+        chunked_prefill_size: int,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        max_cache_depth: int = 1,
+        method: str = "AMXBF16_SFT",
+        group_size: int = 128,
+        zero_point: bool = True,
+        share_backward_bb: bool = False,
+    ):
+        super().__init__(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_gpu_experts=num_gpu_experts,
+            cpuinfer_threads=cpuinfer_threads,
+            threadpool_count=threadpool_count,
+            weight_path=weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            max_cache_depth=max_cache_depth,
+            method=method,
+        )
+        self.group_size = check_int("group_size", group_size, 1)
+        self.zero_point = bool(zero_point)
+        self.skip_lora = method.endswith(_SKIP_SUFFIX)
+        self.share_backward_bb = bool(share_backward_bb)
+        fmt = _base_format(method, self.group_size)
+        isa = _native.ISA
+        bwd = None
+        if self.share_backward_bb:
+            key = ("backward_bb", num_experts, hidden_size, moe_intermediate_size, isa, fmt)
+            bwd = KExpertsSFTBuffer.get(
+                key,
+                lambda: _native._kt.SftBackwardWeights(
+                    num_experts=num_experts, hidden=hidden_size, intermediate=moe_intermediate_size,
+                    isa=isa, format=fmt,
+                ),
+            )
+        workspace = KExpertsSFTBuffer.get(("workspace",), _native._kt.SftWorkspace)
+        self._layer = _native._kt.SftMoeLayer(
+            num_experts=num_experts,
+            top_k=num_experts_per_tok,
+            hidden=hidden_size,
+            intermediate=moe_intermediate_size,
+            max_len=chunked_prefill_size,
+            lora_rank=lora_rank,
+            lora_alpha=float(lora_alpha),
+            max_cache_depth=max_cache_depth,
+            skip_lora=self.skip_lora,
+            isa=isa,
+            format=fmt,
+            backward_weights=bwd,
+            workspace=workspace,
+        )
+
+    def _needs_lora(self) -> bool:
+        return not self.skip_lora
+
+    @property
+    def isa(self) -> str:
+        """The kernel path this layer runs (KT_ISA spelling)."""
+        return self._layer.isa
+
+    @property
+    def weight_format(self) -> str:
+        """'bf16' or 'int8': how the frozen base weights are held."""
+        return self._layer.format
+
+    def memory_bytes(self) -> dict:
+        """Bytes held: forward base weights, transposed backward weights (a shared copy is the same object
+        for every layer), cached activations (entries kept for reuse), and the shared workspace."""
+        return {
+            "weights": self._layer.weight_bytes,
+            "backward_weights": self._layer.backward_weight_bytes,
+            "cache": self._layer.cache_bytes,
+            "workspace": self._layer.workspace_bytes,
+        }

@@ -1,0 +1,24 @@
+// What the binding files of _kt share: the one compute mutex and the Status -> Python exception mapping.
+#ifndef KT_PYTHON_SRC_COMMON_H_
+#define KT_PYTHON_SRC_COMMON_H_
+
+#include <mutex>
+
+#include "absl/status/status.h"
+#include "pybind11/pybind11.h"
+
+namespace kt {
+
+// Serializes every compute call of the process (a ThreadPool's ParallelFor is not reentrant and layers own
+// per-call scratch); taken with the GIL released.
+std::mutex& ComputeMutex();
+
+// InvalidArgument/OutOfRange -> ValueError, Unimplemented -> NotImplementedError, else RuntimeError.
+[[noreturn]] void ThrowStatus(const absl::Status& status);
+
+// kt/python/src/sft_bindings.cc: SftMoeLayer, SftBackwardWeights, SftWorkspace.
+void RegisterSftBindings(pybind11::module_& m);
+
+}  // namespace kt
+
+#endif  // KT_PYTHON_SRC_COMMON_H_

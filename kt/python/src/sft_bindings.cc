@@ -1,0 +1,198 @@
+// _kt's SFT classes: SftMoeLayer (forward with cache, backward with LoRA gradients), SftBackwardWeights
+// (transposed base weights, shareable by layers) and SftWorkspace (working memory, shareable). Same
+// conventions as bindings.cc: tensors cross as data_ptr() addresses, kt_kernel.sft validates them, every
+// compute call holds ComputeMutex with the GIL released.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/moe/moe_layer.h"
+#include "kt/moe/thread_pool.h"
+#include "kt/python/src/common.h"
+#include "kt/sft/sft_layer.h"
+#include "pybind11/pybind11.h"
+
+namespace py = pybind11;
+
+namespace kt {
+namespace {
+
+template <typename T>
+T* Ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+Isa IsaOf(const std::string& name) {
+  absl::StatusOr<Isa> isa = ResolveIsa(name, GetCpuFeatures());
+  if (!isa.ok()) ThrowStatus(isa.status());
+  return *isa;
+}
+
+// The base formats SFT runs on. The INT4 ones are named here so that the message says what is missing:
+// they map onto quant.h's int4 formats once MoeLayer has kernels for them.
+ExpertFormat FormatOf(const std::string& name) {
+  if (name == "bf16") return ExpertFormat::kBf16;
+  if (name == "int8") return ExpertFormat::kInt8;
+  if (name.rfind("int4", 0) == 0) {
+    PyErr_SetString(PyExc_NotImplementedError,
+                    ("SFT base format '" + name +
+                     "' needs int4 expert formats in kt/moe's MoeLayer, which this build does not have "
+                     "(formats here: bf16, int8)")
+                        .c_str());
+    throw py::error_already_set();
+  }
+  throw py::value_error("SFT base format must be 'bf16' or 'int8', got '" + name + "'");
+}
+
+MoeConfig Shape(int num_experts, int top_k, int hidden, int intermediate, int max_len) {
+  MoeConfig c;
+  c.num_experts = num_experts;
+  c.top_k = top_k;
+  c.hidden = hidden;
+  c.intermediate = intermediate;
+  c.max_len = max_len;
+  return c;
+}
+
+class PySftLayer {
+ public:
+  PySftLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len, int lora_rank,
+             float lora_alpha, int max_cache_depth, bool skip_lora, const std::string& isa,
+             const std::string& format, std::shared_ptr<SftBackwardWeights> backward_weights,
+             std::shared_ptr<SftWorkspace> workspace) {
+    SftConfig c;
+    c.moe = Shape(num_experts, top_k, hidden, intermediate, max_len);
+    c.lora_rank = lora_rank;
+    c.lora_alpha = lora_alpha;
+    c.max_cache_depth = max_cache_depth;
+    c.skip_lora = skip_lora;
+    absl::StatusOr<std::unique_ptr<SftMoeLayer>> l =
+        SftMoeLayer::Create(c, IsaOf(isa), FormatOf(format), std::move(backward_weights), std::move(workspace));
+    if (!l.ok()) ThrowStatus(l.status());
+    layer_ = std::move(*l);
+  }
+
+  template <typename Fn>
+  void Run(Fn&& fn) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      status = fn();
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
+  SftMoeLayer& layer() { return *layer_; }
+  const SftMoeLayer& layer() const { return *layer_; }
+
+ private:
+  std::unique_ptr<SftMoeLayer> layer_;
+};
+
+}  // namespace
+
+void RegisterSftBindings(py::module_& m) {
+  py::class_<SftBackwardWeights, std::shared_ptr<SftBackwardWeights>>(
+      m, "SftBackwardWeights",
+      "Transposed base weights for SFT backward; one object may be shared by all layers of one shape "
+      "(share_backward_bb): it is rebuilt from the forward weights of whichever layer runs backward.")
+      .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& isa,
+                       const std::string& format) {
+             absl::StatusOr<std::shared_ptr<SftBackwardWeights>> w = SftBackwardWeights::Create(
+                 Shape(num_experts, 1, hidden, intermediate, 1), IsaOf(isa), FormatOf(format));
+             if (!w.ok()) ThrowStatus(w.status());
+             return *w;
+           }),
+           py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("isa"),
+           py::arg("format"))
+      .def_property_readonly("bytes", &SftBackwardWeights::bytes);
+
+  py::class_<SftWorkspace, std::shared_ptr<SftWorkspace>>(
+      m, "SftWorkspace", "Working memory of SFT forward/backward, shareable by all layers (grow-only).")
+      .def(py::init<>())
+      .def_property_readonly("bytes", &SftWorkspace::bytes);
+
+  py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
+      .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
+                    std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>>(),
+           py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
+           py::arg("max_len"), py::arg("lora_rank"), py::arg("lora_alpha"), py::arg("max_cache_depth"),
+           py::arg("skip_lora"), py::arg("isa"), py::arg("format"), py::arg("backward_weights") = nullptr,
+           py::arg("workspace") = nullptr)
+      .def(
+          "load_weights",
+          [](PySftLayer& self, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
+             std::uintptr_t map, ThreadPool& pool) {
+            self.Run([&] {
+              return self.layer().LoadWeights(Ptr<const bf16_t>(gate), Ptr<const bf16_t>(up),
+                                              Ptr<const bf16_t>(down), Ptr<const int64_t>(map), pool);
+            });
+          },
+          py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("physical_to_logical"), py::arg("pool"))
+      .def(
+          "set_lora",
+          [](PySftLayer& self, std::uintptr_t ga, std::uintptr_t gb, std::uintptr_t ua, std::uintptr_t ub,
+             std::uintptr_t da, std::uintptr_t db, std::uintptr_t gga, std::uintptr_t ggb,
+             std::uintptr_t gua, std::uintptr_t gub, std::uintptr_t gda, std::uintptr_t gdb) {
+            SftLoraTensors t;
+            t.gate_a = Ptr<const bf16_t>(ga);
+            t.gate_b = Ptr<const bf16_t>(gb);
+            t.up_a = Ptr<const bf16_t>(ua);
+            t.up_b = Ptr<const bf16_t>(ub);
+            t.down_a = Ptr<const bf16_t>(da);
+            t.down_b = Ptr<const bf16_t>(db);
+            t.grad_gate_a = Ptr<bf16_t>(gga);
+            t.grad_gate_b = Ptr<bf16_t>(ggb);
+            t.grad_up_a = Ptr<bf16_t>(gua);
+            t.grad_up_b = Ptr<bf16_t>(gub);
+            t.grad_down_a = Ptr<bf16_t>(gda);
+            t.grad_down_b = Ptr<bf16_t>(gdb);
+            self.Run([&] { return self.layer().SetLora(t); });
+          },
+          py::arg("gate_a"), py::arg("gate_b"), py::arg("up_a"), py::arg("up_b"), py::arg("down_a"),
+          py::arg("down_b"), py::arg("grad_gate_a"), py::arg("grad_gate_b"), py::arg("grad_up_a"),
+          py::arg("grad_up_b"), py::arg("grad_down_a"), py::arg("grad_down_b"))
+      .def(
+          "forward",
+          [](PySftLayer& self, ThreadPool& pool, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights,
+             std::uintptr_t input, std::uintptr_t output, bool save_for_backward) {
+            self.Run([&] {
+              return self.layer().Forward(pool, qlen, k, Ptr<const int64_t>(ids), Ptr<const float>(weights),
+                                          Ptr<const bf16_t>(input), Ptr<bf16_t>(output), save_for_backward);
+            });
+          },
+          py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"), py::arg("weights"), py::arg("input"),
+          py::arg("output"), py::arg("save_for_backward"))
+      .def(
+          "backward",
+          [](PySftLayer& self, ThreadPool& pool, std::uintptr_t grad_output, std::uintptr_t grad_input,
+             std::uintptr_t grad_weights, bool accumulate, float grad_scale) {
+            self.Run([&] {
+              return self.layer().Backward(pool, Ptr<const bf16_t>(grad_output), Ptr<bf16_t>(grad_input),
+                                           Ptr<float>(grad_weights), accumulate, grad_scale);
+            });
+          },
+          py::arg("pool"), py::arg("grad_output"), py::arg("grad_input"), py::arg("grad_weights"),
+          py::arg("accumulate"), py::arg("grad_scale"))
+      .def_property_readonly("cache_depth", [](const PySftLayer& s) { return s.layer().cache_depth(); })
+      .def_property_readonly("rank", [](const PySftLayer& s) { return s.layer().rank(); })
+      .def_property_readonly("isa", [](const PySftLayer& s) { return std::string(IsaName(s.layer().isa())); })
+      .def_property_readonly("format",
+                             [](const PySftLayer& s) { return std::string(ExpertFormatName(s.layer().format())); })
+      .def_property_readonly("weight_bytes", [](const PySftLayer& s) { return s.layer().weight_bytes(); })
+      .def_property_readonly("backward_weight_bytes",
+                             [](const PySftLayer& s) { return s.layer().backward_weight_bytes(); })
+      .def_property_readonly("cache_bytes", [](const PySftLayer& s) { return s.layer().cache_bytes(); })
+      .def_property_readonly("workspace_bytes", [](const PySftLayer& s) { return s.layer().workspace_bytes(); })
+      .def("cache_bytes_per_forward",
+           [](const PySftLayer& s, int qlen) { return s.layer().CacheBytesPerForward(qlen); }, py::arg("qlen"));
+}
+
+}  // namespace kt

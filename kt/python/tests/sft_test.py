@@ -1,0 +1,262 @@
+"""KTMoEWrapper(mode="sft") against PyTorch autograd of the same computation (float64).
+
+Tolerance: relative L2 error ||kt - torch|| / ||torch|| <= 1e-2 for the BF16 base on the output, grad_input,
+grad_weights and every LoRA gradient (issue 5). kt rounds h = silu(g)u, the cached y, grad_y, grad_g and
+grad_u to bf16 (2^-9 relative each) and returns bf16, so the expected error is a few 1e-3. For the INT8
+base the format's own error dominates (int8 weights and activations, transposed weights quantized again
+for backward); it is printed and held to 0.12, the low end of what the original kt-kernel accepts
+(0.12-0.18) for its INT8/INT4 SFT tests.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from kt_kernel import KTMoEWrapper
+
+E, K, H, I, R = 8, 3, 96, 80, 8
+ALPHA = 16.0  # s = 2
+QLEN = 37
+
+
+def make(method="AMXBF16_SFT", depth=1, **overrides):
+    kwargs = dict(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        gpu_experts_mask=None,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=64,
+        method=method,
+        mode="sft",
+        lora_rank=R,
+        lora_alpha=ALPHA,
+        max_cache_depth=depth,
+    )
+    kwargs.update(overrides)
+    return KTMoEWrapper(**kwargs)
+
+
+def base_weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16()
+    up = (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16()
+    down = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
+    return gate, up, down
+
+
+def lora_weights(seed):
+    """A and B both random (PEFT initializes B to 0, which would leave the A gradients 0 and untested)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R)]
+    fan_in = [H, R, H, R, I, R]
+    weights = [(0.5 * torch.randn(*s, generator=g) / f**0.5).bfloat16() for s, f in zip(shapes, fan_in)]
+    grads = [torch.full(s, 7.0, dtype=torch.bfloat16) for s in shapes]  # garbage to be overwritten
+    return weights, grads
+
+
+def batch(seed, qlen=QLEN):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(qlen, H, generator=g).bfloat16()
+    ids = torch.randint(0, E - 1, (qlen, K), generator=g)  # expert E-1 never routed
+    ids[2, 1] = -1  # a skipped slot
+    w = torch.rand(qlen, K, generator=g) * 0.9 + 0.1
+    gout = torch.randn(qlen, H, generator=g).bfloat16()
+    return x, ids, w, gout
+
+
+def torch_reference(base, lora, x, ids, w, gout, rank=R, alpha=ALPHA):
+    """Autograd in float64 of g = W_g x + s B_g A_g x, u likewise, h = silu(g) u, y = W_d h + s B_d A_d h,
+    out = sum_j w_j y_j. Returns out and the gradients (input, weights, six LoRA)."""
+    s = alpha / rank if lora is not None else 0.0
+    gate, up, down = (t.double() for t in base)
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    params = [t.double().requires_grad_() for t in lora] if lora is not None else None
+    out = torch.zeros(x.shape[0], H, dtype=torch.float64)
+    for e in range(E):
+        for j in range(ids.shape[1]):
+            idx = (ids[:, j] == e).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            xe = xd[idx]
+            g = xe @ gate[e].T
+            u = xe @ up[e].T
+            if params is not None:
+                ag, bg, au, bu, ad, bd = params
+                g = g + s * (xe @ ag[e].T) @ bg[e].T
+                u = u + s * (xe @ au[e].T) @ bu[e].T
+            h = torch.nn.functional.silu(g) * u
+            y = h @ down[e].T
+            if params is not None:
+                y = y + s * (h @ ad[e].T) @ bd[e].T
+            out = out.index_add(0, idx, wd[idx, j : j + 1] * y)
+    out.backward(gout.double())
+    grads = {"grad_input": xd.grad, "grad_weights": wd.grad}
+    if params is not None:
+        for name, p in zip(["gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"], params):
+            grads[name] = p.grad
+    return out.detach(), grads
+
+
+def rel_l2(got, want):
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm())
+
+
+def build(method="AMXBF16_SFT", depth=1, seed=1, **kw):
+    moe = make(method, depth, **kw)
+    base = base_weights(seed)
+    moe.load_weights_from_tensors(*base, None)
+    lora, grads = lora_weights(seed + 100)
+    if not method.endswith("_SkipLoRA"):
+        moe.init_lora_weights(*lora, *grads)
+    return moe, base, lora, grads
+
+
+def compare(label, moe, out, gi, gw, grads, ref_out, ref, tol):
+    errs = {"output": rel_l2(out, ref_out), "grad_input": rel_l2(gi, ref["grad_input"])}
+    # Skipped slots get 0 in both.
+    errs["grad_weights"] = rel_l2(gw, ref["grad_weights"])
+    if grads is not None:
+        for name, g in zip(["gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"], grads):
+            errs[f"{name.replace('_', '_lora_')}"] = rel_l2(g, ref[name])
+    worst = max(errs.values())
+    print(f"{label} [{moe.method} on {moe.isa}] rel L2: " + ", ".join(f"{k}={v:.4f}" for k, v in errs.items()))
+    for name, err in errs.items():
+        assert err <= tol, f"{label}: {name} relative L2 error {err:.4f} > {tol}"
+    return worst
+
+
+@pytest.mark.parametrize("method,tol", [("AMXBF16_SFT", 1e-2), ("AMXINT8_SFT", 0.12)])
+def test_forward_backward_match_torch_autograd(method, tol):
+    moe, base, lora, grads = build(method)
+    x, ids, w, gout = batch(2)
+    out = moe.forward(x, ids, w, save_for_backward=True)
+    gi, gw = moe.backward(gout)
+    assert gi.dtype == torch.bfloat16 and gi.shape == (QLEN, H)
+    assert gw.dtype == torch.float32 and gw.shape == (QLEN, K)
+    ref_out, ref = torch_reference(base, lora, x, ids, w, gout)
+    compare("fwd+bwd", moe, out, gi, gw, grads, ref_out, ref, tol)
+    assert float(gw[2, 1]) == 0.0
+    # The never-routed expert's gradients are zeros (the 7.0 garbage was overwritten).
+    assert all(bool((g[E - 1] == 0).all()) for g in grads)
+
+
+def test_cache_depth_two_forwards_two_backwards_lifo():
+    moe, base, lora, grads = build(depth=2)
+    b1, b2 = batch(3), batch(4, qlen=21)
+    out1 = moe.forward(*b1[:3])
+    out2 = moe.forward(*b2[:3])
+    assert moe.cache_depth == 2
+    with pytest.raises(RuntimeError, match="max_cache_depth=2"):
+        moe.forward(*b1[:3])
+    moe.forward(*b1[:3], save_for_backward=False)  # not cached: always allowed
+    with pytest.raises(ValueError, match=r"grad_output must have shape \[qlen, hidden_size\] = \[21, 96\]"):
+        moe.backward(b1[3])  # the newest cached forward is b2's (21 tokens)
+    gi2, gw2 = moe.backward(b2[3])
+    ref_out2, ref2 = torch_reference(base, lora, *b2)
+    compare("lifo 2nd", moe, out2, gi2, gw2, grads, ref_out2, ref2, 1e-2)
+    gi1, gw1 = moe.backward(b1[3])
+    ref_out1, ref1 = torch_reference(base, lora, *b1)
+    compare("lifo 1st", moe, out1, gi1, gw1, grads, ref_out1, ref1, 1e-2)
+    assert moe.cache_depth == 0
+    with pytest.raises(RuntimeError, match="backward without a cached forward"):
+        moe.backward(b1[3])
+
+
+@pytest.mark.parametrize("method", ["AMXBF16_SFT_SkipLoRA", "AMXINT8_SFT_SkipLoRA"])
+def test_skip_lora(method):
+    moe, base, _, _ = build(method)
+    x, ids, w, gout = batch(5)
+    out = moe.forward(x, ids, w)
+    gi, gw = moe.backward(gout)
+    ref_out, ref = torch_reference(base, None, x, ids, w, gout)
+    compare("skip_lora", moe, out, gi, gw, None, ref_out, ref, 1e-2 if "BF16" in method else 0.12)
+
+
+def test_optimizer_updates_in_place_are_seen_and_accumulate_scale():
+    moe, base, lora, grads = build(depth=2)
+    x, ids, w, gout = batch(6)
+    with torch.no_grad():
+        for t in lora:
+            t.mul_(1.5)  # an optimizer step in place
+    out = moe.forward(x, ids, w)
+    moe.forward(x, ids, w)
+    moe.backward(gout, optimizer_grad_scale=0.5)
+    gi, gw = moe.backward(gout, optimizer_grad_scale=0.5, accumulate_optimizer_grads=True)
+    ref_out, ref = torch_reference(base, lora, x, ids, w, gout)
+    compare("in-place+accumulate", moe, out, gi, gw, grads, ref_out, ref, 1e-2)
+
+
+def test_share_backward_bb_two_layers():
+    from kt_kernel.sft.amx import AMXSFTMoEWrapper
+
+    def layer(seed, idx):
+        moe = AMXSFTMoEWrapper(
+            layer_idx=idx, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
+            num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
+            chunked_prefill_size=64, lora_rank=R, lora_alpha=ALPHA, max_cache_depth=1,
+            method="AMXBF16_SFT", share_backward_bb=True,
+        )
+        base = base_weights(seed)
+        moe.load_weights_from_tensors(*base, None)
+        lora, grads = lora_weights(seed + 100)
+        moe.init_lora_weights(*lora, *grads)
+        return moe, base, lora, grads
+
+    l1, l2 = layer(10, 0), layer(11, 1)
+    b1, b2 = batch(12), batch(13)
+    o1 = l1[0].forward(*b1[:3])
+    o2 = l2[0].forward(*b2[:3])
+    r2 = l2[0].backward(b2[3])
+    r1 = l1[0].backward(b1[3])
+    for (moe, base, lora, grads), out, (gi, gw), b in ((l1, o1, r1, b1), (l2, o2, r2, b2)):
+        ref_out, ref = torch_reference(base, lora, *b)
+        compare("shared bwd", moe, out, gi, gw, grads, ref_out, ref, 1e-2)
+    mem = l1[0].memory_bytes()
+    # The transposed bf16 copy holds as many bytes as the forward weights (H and I are multiples of 16,
+    # so neither packing pads): 3 E H I bf16 values.
+    assert mem["backward_weights"] == mem["weights"] == 3 * E * H * I * 2
+
+
+def test_validation_errors():
+    moe = make()
+    x, ids, w, gout = batch(7)
+    with pytest.raises(RuntimeError, match="before the base weights were loaded"):
+        moe.forward(x, ids, w)
+    moe.load_weights_from_tensors(*base_weights(1), None)
+    with pytest.raises(RuntimeError, match="before init_lora_weights"):
+        moe.forward(x, ids, w)
+    lora, grads = lora_weights(2)
+    bad = list(lora)
+    bad[1] = bad[1].float()
+    with pytest.raises(TypeError, match="gate_lora_b must have dtype torch.bfloat16"):
+        moe.init_lora_weights(*bad, *grads)
+    bad = list(grads)
+    bad[5] = torch.zeros(E, H, R + 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"grad_down_lora_b must have shape \[E, H, r\] = \[8, 96, 8\]"):
+        moe.init_lora_weights(*lora, *bad)
+    with pytest.raises(ValueError, match="grad_up_lora_a must not share memory"):
+        moe.init_lora_weights(*lora, *grads[:2], lora[2], *grads[3:])
+    moe.init_lora_weights(*lora, *grads)
+    with pytest.raises(RuntimeError, match="backward without a cached forward"):
+        moe.backward(gout)
+    with pytest.raises(TypeError, match="expert_ids must have dtype torch.int64"):
+        moe.forward(x, ids.int(), w)
+    with pytest.raises(ValueError, match="chunked_prefill_size=64"):
+        moe.forward(torch.zeros(65, H, dtype=torch.bfloat16), torch.zeros(65, K, dtype=torch.int64),
+                    torch.zeros(65, K))
+    with pytest.raises(NotImplementedError, match="num_gpu_experts=2"):
+        make(num_gpu_experts=2)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))

@@ -1,0 +1,184 @@
+// The SFT engine of one MoE layer: forward with LoRA and an activation cache, backward producing the input
+// gradient, the router gradient and the six LoRA gradients, over frozen base weights (kt/sft/README.md
+// has the math; sft_reference.h is its plain double-precision version).
+//
+// Base-weight GEMMs (97% of the flops at rank 16 for Qwen3-30B-A3B) run on the packed experts of a
+// MoeLayer (MoeLayer::ProjectBlock), so every kernel path and weight format of kt/moe serves SFT too.
+// Backward needs the transposed base weights (grad_h = grad_y W_d, grad_x = grad_g W_g + grad_u W_u): they
+// live in an SftBackwardWeights, a MoeLayer of the transposed shape (hidden and intermediate swapped: its
+// gate/up are W_g^T, W_u^T [H, I] and its down is W_d^T [I, H]) in the same format. A layer owns one, or
+// several layers share one (share_backward_bb): it is rebuilt from the forward weights of whichever layer
+// runs backward (MoeLayer::UnpackExpert, transposed, packed again), so only one layer's transposed copy
+// exists at a time.
+//
+// LoRA tensors are the caller's bf16 arrays, read in place at every call (an optimizer step on them is
+// seen by the next forward; nothing to repack). The LoRA GEMMs (rank r = 16) are 3% of the flops and run
+// in fp32 with vectorized axpy loops.
+//
+// Thread safety: one call at a time per layer and per shared SftWorkspace/SftBackwardWeights.
+#ifndef KT_SFT_SFT_LAYER_H_
+#define KT_SFT_SFT_LAYER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/moe/moe_layer.h"
+#include "kt/moe/thread_pool.h"
+
+namespace kt {
+
+struct SftConfig {
+  MoeConfig moe;             // E, k, H, I and max_len (largest qlen of one forward)
+  int lora_rank = 16;        // r; ignored with skip_lora
+  float lora_alpha = 32.0f;  // s = lora_alpha / lora_rank
+  int max_cache_depth = 1;   // forwards with save_for_backward that may wait for their backward
+  bool skip_lora = false;    // SkipLoRA: no LoRA in forward, backward gives grad_input and grad_weights only
+};
+
+absl::Status ValidateSftConfig(const SftConfig& config);
+
+// The caller's LoRA tensors (PEFT orientation, bf16, row-major), read in place:
+// A_gate, A_up [E, r, H]; B_gate, B_up [E, I, r]; A_down [E, r, I]; B_down [E, H, r]; grads alike.
+struct SftLoraTensors {
+  const bf16_t *gate_a = nullptr, *gate_b = nullptr, *up_a = nullptr, *up_b = nullptr,
+               *down_a = nullptr, *down_b = nullptr;
+  bf16_t *grad_gate_a = nullptr, *grad_gate_b = nullptr, *grad_up_a = nullptr, *grad_up_b = nullptr,
+         *grad_down_a = nullptr, *grad_down_b = nullptr;
+};
+
+// The transposed base weights backward multiplies by, for one layer at a time (see the file comment).
+class SftBackwardWeights {
+ public:
+  // For layers of shape `moe` (E, H, I) in `format` on path `isa`.
+  static absl::StatusOr<std::shared_ptr<SftBackwardWeights>> Create(const MoeConfig& moe, Isa isa,
+                                                                    ExpertFormat format);
+  size_t bytes() const { return t_->weight_bytes(); }
+
+ private:
+  friend class SftMoeLayer;
+  SftBackwardWeights() = default;
+  std::unique_ptr<MoeLayer> t_;   // transposed shape: gate/up W^T [H, I], down W_d^T [I, H]
+  const void* owner_ = nullptr;   // the layer whose weights t_ holds (nullptr: none yet)
+  uint64_t owner_version_ = 0;    // that layer's weights version when t_ was built
+  MoeConfig shape_;
+  ExpertFormat format_ = ExpertFormat::kBf16;
+  Isa isa_ = Isa::kScalar;
+};
+
+// Working memory of forward and backward (gathered rows, GEMM outputs), sized for max_len * k rows and
+// grown on demand. Nothing in it outlives a call, so all layers of a model may share one.
+class SftWorkspace {
+ public:
+  SftWorkspace() = default;
+  size_t bytes() const;
+
+ private:
+  friend class SftMoeLayer;
+  template <typename T>
+  using Buf = std::vector<T>;
+  Buf<bf16_t> rows_h;     // [rows, H]: forward gathered x; backward grad_y (bf16)
+  Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized
+  Buf<float> s_rows_h;    //   and their scales [rows]
+  Buf<float> f_rows_h;    // [rows, H] fp32: forward y; backward grad_x rows
+  Buf<bf16_t> rows_i0;    // [rows, I]: backward grad_g (bf16)
+  Buf<bf16_t> rows_i1;    // [rows, I]: backward grad_u (bf16)
+  Buf<int8_t> q_rows_i0, q_rows_i1;  // quantized formats: forward h / backward grad_g, grad_u quantized
+  Buf<float> s_rows_i0, s_rows_i1;
+  Buf<float> lora0, lora1, lora2;  // [rows, r]: backward grad_y B_d, grad_g B_g, grad_u B_u
+  Buf<float> thread_scratch;       // per thread, ScratchPerThread floats
+  int threads = 0;
+};
+
+class SftMoeLayer {
+ public:
+  // `backward_weights` and `workspace` may be shared with other layers of the same shape, format and
+  // path (nullptr: the layer makes its own). `isa` must be supported by this CPU.
+  static absl::StatusOr<std::unique_ptr<SftMoeLayer>> Create(
+      const SftConfig& config, Isa isa, ExpertFormat format,
+      std::shared_ptr<SftBackwardWeights> backward_weights = nullptr,
+      std::shared_ptr<SftWorkspace> workspace = nullptr);
+
+  // Canonical bf16 base weights gate/up [E, I, H], down [E, H, I] (MoeLayer::LoadWeights). With an
+  // unshared SftBackwardWeights the transposed copy is built here; a shared one is built at backward.
+  absl::Status LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
+                           const int64_t* physical_to_logical, ThreadPool& pool);
+
+  // The LoRA tensors (every pointer non-null unless skip_lora). Kept and read at every call.
+  absl::Status SetLora(const SftLoraTensors& lora);
+
+  // output[qlen, H] = sum_j w_tj y_tj (bf16). With save_for_backward the activations backward needs are
+  // pushed on the cache stack; FailedPrecondition when max_cache_depth caches are already waiting.
+  absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
+                       const bf16_t* input, bf16_t* output, bool save_for_backward);
+
+  // Pops the newest cache (LIFO) and computes, for grad_output [qlen, H] bf16 of that forward:
+  // grad_input [qlen, H] bf16, grad_weights [qlen, k] fp32 (<grad_output_t, y_tj>, 0 for skipped slots)
+  // and, unless skip_lora, the six LoRA gradients into SetLora's grad tensors:
+  //   grad = bf16(grad_scale * g)            (accumulate = false; experts without tokens get 0)
+  //   grad = bf16(grad + grad_scale * g)     (accumulate = true; experts without tokens unchanged)
+  // FailedPrecondition when no forward is cached.
+  absl::Status Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
+                        float* grad_weights, bool accumulate = false, float grad_scale = 1.0f);
+
+  int cache_depth() const { return static_cast<int>(stack_.size()); }
+  const SftConfig& config() const { return config_; }
+  Isa isa() const { return isa_; }
+  ExpertFormat format() const { return base_->format(); }
+  int rank() const { return rank_; }
+  // Bytes: forward base weights; transposed backward weights (shared ones counted once, by their owner);
+  // cached activations currently held (entries are kept for reuse after their backward).
+  size_t weight_bytes() const { return base_->weight_bytes(); }
+  size_t backward_weight_bytes() const { return bwd_->bytes(); }
+  size_t cache_bytes() const;
+  // Cache bytes of one forward of qlen tokens (all k slots routed): what max_cache_depth multiplies.
+  size_t CacheBytesPerForward(int qlen) const;
+  size_t workspace_bytes() const { return ws_->bytes(); }
+
+ private:
+  struct Cache {
+    int qlen = 0, k = 0;
+    size_t rows = 0;
+    std::vector<int64_t> ids;
+    std::vector<float> weights;
+    std::vector<bf16_t> input;       // [qlen, H]
+    std::vector<int> expert_begin;   // [E + 1]
+    std::vector<int> active;         // experts with rows
+    std::vector<int> row_token;      // [rows]
+    std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
+    std::vector<float> g, u;         // [rows, I] gate and up outputs (LoRA included)
+    std::vector<bf16_t> h;           // [rows, I] bf16(silu(g) u), what the down GEMM read
+    std::vector<bf16_t> y;           // [rows, H] expert outputs (LoRA included), for grad_weights
+    std::vector<float> ax_g, ax_u, ah;  // [rows, r] A_g x, A_u x, A_d h
+  };
+
+  SftMoeLayer(const SftConfig& config, Isa isa) : config_(config), isa_(isa) {}
+  void Route(Cache& c, int qlen, int k, const int64_t* ids) const;
+  void EnsureWorkspace(ThreadPool& pool);
+  size_t ScratchPerThread() const;
+  absl::Status EnsureBackwardWeights(ThreadPool& pool);
+
+  SftConfig config_;
+  Isa isa_;
+  int rank_ = 0;       // effective LoRA rank (0 with skip_lora)
+  float scale_ = 0;    // lora_alpha / lora_rank
+  uint64_t weights_version_ = 0;
+  std::unique_ptr<MoeLayer> base_;
+  std::shared_ptr<SftBackwardWeights> bwd_;
+  bool bwd_shared_ = false;
+  std::shared_ptr<SftWorkspace> ws_;
+  SftLoraTensors lora_;
+  bool lora_set_ = false;
+  std::vector<std::unique_ptr<Cache>> stack_;  // pushed forwards, newest last
+  std::vector<std::unique_ptr<Cache>> free_;   // popped entries kept for their buffers
+  Cache scratch_cache_;                        // a forward without save_for_backward
+};
+
+}  // namespace kt
+
+#endif  // KT_SFT_SFT_LAYER_H_

@@ -1,0 +1,396 @@
+// SftMoeLayer on every kernel path and base format against the double-precision reference
+// (sft_reference.h, itself checked against finite differences): output, grad_input, grad_weights and the
+// six LoRA gradients; cache-stack semantics (depth error, LIFO), SkipLoRA, accumulate/scale, experts with
+// no tokens, and one transposed-weight copy shared by two layers.
+//
+// Tolerances (worst |err| over max|ref| of each tensor):
+// - bf16 base: the engine rounds h = silu(g)u, y (cached), grad_y, grad_g, grad_u to bf16 before the
+//   GEMMs that read them, and every output to bf16: each rounding is <= 2^-9 = 0.2% of its element. A
+//   result passes through at most four of them in a chain (grad_x: grad_y -> grad_h -> grad_g -> out), so
+//   4 x 0.2% plus fp32 accumulation (2^-24 K, negligible at K <= 80): kBf16Tol = 1e-2.
+// - int8 base: the format's own error: weights and every GEMM input quantized to int8 per row (0.9%
+//   per tensor, FORMATS.md; 1.1% per product measured), and backward multiplies by the transposed weights
+//   quantized again per their own rows. Measured worst over all tensors and tests: 0.023 (grad_weights
+//   of the SkipLoRA case); kInt8Tol = 0.05 leaves 2x for other seeds and paths, while a wrong term
+//   (a missing LoRA product, a wrong sign) is O(0.1-1).
+#include "kt/sft/sft_layer.h"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kt/sft/sft_reference.h"
+
+namespace kt {
+namespace {
+
+constexpr double kBf16Tol = 1e-2;
+constexpr double kInt8Tol = 0.05;
+
+struct Weights {
+  int e, h, inter, r;
+  std::vector<bf16_t> gate, up, down, ga, gb, ua, ub, da, db;
+};
+
+std::vector<bf16_t> RandomBf16(size_t n, float scale, std::mt19937& rng) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<bf16_t> v(n);
+  for (auto& x : v) x = F32ToBf16(d(rng));
+  return v;
+}
+
+Weights MakeWeights(int e, int h, int inter, int r, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Weights w{e, h, inter, r, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+  const size_t E = e, H = h, I = inter, R = r;
+  w.gate = RandomBf16(E * I * H, 1.0f / std::sqrt(static_cast<float>(h)), rng);
+  w.up = RandomBf16(E * I * H, 1.0f / std::sqrt(static_cast<float>(h)), rng);
+  w.down = RandomBf16(E * H * I, 1.0f / std::sqrt(static_cast<float>(inter)), rng);
+  // LoRA of the same order as the base (B is non-zero, unlike PEFT's init, so every term is exercised).
+  w.ga = RandomBf16(E * R * H, 0.5f / std::sqrt(static_cast<float>(h)), rng);
+  w.gb = RandomBf16(E * I * R, 0.5f / std::sqrt(static_cast<float>(r > 0 ? r : 1)), rng);
+  w.ua = RandomBf16(E * R * H, 0.5f / std::sqrt(static_cast<float>(h)), rng);
+  w.ub = RandomBf16(E * I * R, 0.5f / std::sqrt(static_cast<float>(r > 0 ? r : 1)), rng);
+  w.da = RandomBf16(E * R * I, 0.5f / std::sqrt(static_cast<float>(inter)), rng);
+  w.db = RandomBf16(E * H * R, 0.5f / std::sqrt(static_cast<float>(r > 0 ? r : 1)), rng);
+  return w;
+}
+
+struct Batch {
+  int qlen, k;
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  std::vector<bf16_t> input, grad_out;
+};
+
+// Tokens 0..19 all pick expert 0 in slot 0 (more than one 64-row chunk together with the random ones),
+// one slot is invalid (-1), and expert e-1 is never chosen.
+Batch MakeBatch(int e, int k, int h, int qlen, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Batch b{qlen, k, {}, {}, {}, {}};
+  std::uniform_int_distribution<int> pick(0, e - 2);
+  std::uniform_real_distribution<float> wd(0.1f, 1.0f);
+  for (int t = 0; t < qlen; ++t) {
+    for (int j = 0; j < k; ++j) {
+      b.ids.push_back(j == 0 && t < 20 ? 0 : pick(rng));
+      b.weights.push_back(wd(rng));
+    }
+  }
+  b.ids[3 * k + 1] = -1;
+  b.input = RandomBf16(static_cast<size_t>(qlen) * h, 1.0f, rng);
+  b.grad_out = RandomBf16(static_cast<size_t>(qlen) * h, 1.0f, rng);
+  return b;
+}
+
+std::vector<double> ToDouble(const std::vector<bf16_t>& v) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = Bf16ToF32(v[i]);
+  return out;
+}
+
+struct Expected {
+  std::vector<double> out;
+  SftRefGrads grads;
+};
+
+Expected Reference(const Weights& w, const Batch& b, double scale, int rank) {
+  SftRefShape shape{w.e, w.h, w.inter, rank, scale};
+  SftRefParams p;
+  p.gate = ToDouble(w.gate);
+  p.up = ToDouble(w.up);
+  p.down = ToDouble(w.down);
+  if (rank > 0) {
+    p.a_gate = ToDouble(w.ga);
+    p.b_gate = ToDouble(w.gb);
+    p.a_up = ToDouble(w.ua);
+    p.b_up = ToDouble(w.ub);
+    p.a_down = ToDouble(w.da);
+    p.b_down = ToDouble(w.db);
+  }
+  SftRefBatch rb;
+  rb.qlen = b.qlen;
+  rb.k = b.k;
+  rb.ids = b.ids;
+  rb.weights.assign(b.weights.begin(), b.weights.end());
+  rb.input = ToDouble(b.input);
+  Expected ex;
+  SftForwardRef(shape, p, rb, &ex.out);
+  SftBackwardRef(shape, p, rb, ToDouble(b.grad_out), &ex.grads);
+  return ex;
+}
+
+// Worst |got - ref| / max|ref|.
+template <typename T>
+double RelErr(const std::vector<T>& got, const std::vector<double>& ref) {
+  double worst = 0, scale = 0;
+  for (double v : ref) scale = std::max(scale, std::abs(v));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    double g;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      g = Bf16ToF32(got[i]);
+    } else {
+      g = got[i];
+    }
+    worst = std::max(worst, std::abs(g - ref[i]));
+  }
+  return scale > 0 ? worst / scale : worst;
+}
+
+struct Grads {
+  std::vector<bf16_t> ga, gb, ua, ub, da, db;
+};
+
+Grads MakeGrads(const Weights& w, float fill) {
+  Grads g;
+  g.ga.assign(w.ga.size(), F32ToBf16(fill));
+  g.gb.assign(w.gb.size(), F32ToBf16(fill));
+  g.ua.assign(w.ua.size(), F32ToBf16(fill));
+  g.ub.assign(w.ub.size(), F32ToBf16(fill));
+  g.da.assign(w.da.size(), F32ToBf16(fill));
+  g.db.assign(w.db.size(), F32ToBf16(fill));
+  return g;
+}
+
+SftLoraTensors Tensors(const Weights& w, Grads& g) {
+  SftLoraTensors t;
+  t.gate_a = w.ga.data();
+  t.gate_b = w.gb.data();
+  t.up_a = w.ua.data();
+  t.up_b = w.ub.data();
+  t.down_a = w.da.data();
+  t.down_b = w.db.data();
+  t.grad_gate_a = g.ga.data();
+  t.grad_gate_b = g.gb.data();
+  t.grad_up_a = g.ua.data();
+  t.grad_up_b = g.ub.data();
+  t.grad_down_a = g.da.data();
+  t.grad_down_b = g.db.data();
+  return t;
+}
+
+class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertFormat>> {
+ public:
+  static Isa isa() { return std::get<0>(GetParam()); }
+  static ExpertFormat format() { return std::get<1>(GetParam()); }
+  static double tol() { return format() == ExpertFormat::kBf16 ? kBf16Tol : kInt8Tol; }
+
+ protected:
+  // E = 6, H = 80 and I = 56: column blocks of 48 (128 on AMX) with remainders; r = 4.
+  static constexpr int kE = 6, kK = 3, kH = 80, kI = 56, kR = 4, kQlen = 40;
+
+  void SetUp() override {
+    if (!IsaSupported(isa(), GetCpuFeatures())) {
+      GTEST_SKIP() << IsaName(isa()) << " is not supported by this CPU (" << GetCpuFeatures().ToString()
+                   << "); it is tested on a machine that has it.";
+    }
+  }
+
+  SftConfig Config(int depth, bool skip) const {
+    SftConfig c;
+    c.moe = MoeConfig{kE, kK, kH, kI, 64};
+    c.lora_rank = kR;
+    c.lora_alpha = 8.0f;  // s = 2
+    c.max_cache_depth = depth;
+    c.skip_lora = skip;
+    return c;
+  }
+
+  std::unique_ptr<SftMoeLayer> Build(const SftConfig& c, const Weights& w, ThreadPool& pool,
+                                     std::shared_ptr<SftBackwardWeights> bwd = nullptr,
+                                     std::shared_ptr<SftWorkspace> ws = nullptr) {
+    auto l = SftMoeLayer::Create(c, isa(), format(), std::move(bwd), std::move(ws));
+    EXPECT_TRUE(l.ok()) << l.status();
+    EXPECT_TRUE((*l)->LoadWeights(w.gate.data(), w.up.data(), w.down.data(), nullptr, pool).ok());
+    return std::move(*l);
+  }
+
+  struct Result {
+    std::vector<bf16_t> out, grad_input;
+    std::vector<float> grad_weights;
+  };
+
+  static void ForwardOnly(SftMoeLayer& l, ThreadPool& pool, const Batch& b, Result* res) {
+    res->out.assign(b.input.size(), bf16_t{0});
+    ASSERT_TRUE(l.Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
+                          res->out.data(), true)
+                    .ok());
+  }
+  static void BackwardOnly(SftMoeLayer& l, ThreadPool& pool, const Batch& b, Result* res,
+                           bool accumulate = false, float scale = 1.0f) {
+    res->grad_input.assign(b.input.size(), bf16_t{0});
+    res->grad_weights.assign(b.weights.size(), -7.0f);
+    absl::Status s = l.Backward(pool, b.grad_out.data(), res->grad_input.data(), res->grad_weights.data(),
+                                accumulate, scale);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+
+  void CheckAll(const std::string& what, const Result& res, const Grads* g, const Expected& ex) {
+    const double t = tol();
+    auto check = [&](const char* name, double err) {
+      std::printf("%s %s %s %-13s worst err / max|ref| = %.4f\n", what.c_str(), IsaName(isa()),
+                  ExpertFormatName(format()), name, err);
+      EXPECT_LE(err, t) << what << " " << name;
+    };
+    if (!res.out.empty()) check("output", RelErr(res.out, ex.out));
+    check("grad_input", RelErr(res.grad_input, ex.grads.input));
+    check("grad_weights", RelErr(res.grad_weights, ex.grads.weights));
+    if (g != nullptr) {
+      check("gate_lora_a", RelErr(g->ga, ex.grads.a_gate));
+      check("gate_lora_b", RelErr(g->gb, ex.grads.b_gate));
+      check("up_lora_a", RelErr(g->ua, ex.grads.a_up));
+      check("up_lora_b", RelErr(g->ub, ex.grads.b_up));
+      check("down_lora_a", RelErr(g->da, ex.grads.a_down));
+      check("down_lora_b", RelErr(g->db, ex.grads.b_down));
+    }
+  }
+};
+
+TEST_P(SftLayerTest, ForwardBackwardMatchReference) {
+  ThreadPool pool(3);
+  const Weights w = MakeWeights(kE, kH, kI, kR, 1);
+  const Batch b = MakeBatch(kE, kK, kH, kQlen, 2);
+  auto l = Build(Config(1, false), w, pool);
+  Grads g = MakeGrads(w, 123.0f);  // garbage that must be overwritten (zeros for the unused expert)
+  ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
+  Result res;
+  ForwardOnly(*l, pool, b, &res);
+  BackwardOnly(*l, pool, b, &res);
+  CheckAll("fwd+bwd", res, &g, Reference(w, b, 2.0, kR));
+  EXPECT_EQ(res.grad_weights[3 * kK + 1], 0.0f) << "an invalid slot has no router gradient";
+  const size_t unused = kE - 1;
+  for (size_t i = 0; i < kR * kH; ++i) ASSERT_EQ(g.ga[unused * kR * kH + i].bits, 0) << i;
+  EXPECT_EQ(l->cache_depth(), 0);
+}
+
+TEST_P(SftLayerTest, CacheStackIsLifoAndBounded) {
+  ThreadPool pool(2);
+  const Weights w = MakeWeights(kE, kH, kI, kR, 3);
+  const Batch b1 = MakeBatch(kE, kK, kH, kQlen, 4);
+  const Batch b2 = MakeBatch(kE, kK, kH, 17, 5);
+  auto l = Build(Config(2, false), w, pool);
+  Grads g = MakeGrads(w, 0.0f);
+  ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
+  Result r1, r2;
+  ForwardOnly(*l, pool, b1, &r1);
+  ForwardOnly(*l, pool, b2, &r2);
+  // A third cached forward exceeds max_cache_depth = 2; one without save_for_backward is fine.
+  std::vector<bf16_t> out(b1.input.size());
+  absl::Status s = l->Forward(pool, b1.qlen, b1.k, b1.ids.data(), b1.weights.data(), b1.input.data(),
+                              out.data(), true);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("max_cache_depth = 2"), std::string::npos) << s;
+  ASSERT_TRUE(l->Forward(pool, b1.qlen, b1.k, b1.ids.data(), b1.weights.data(), b1.input.data(),
+                         out.data(), false)
+                  .ok());
+  EXPECT_EQ(RelErr(out, Reference(w, b1, 2.0, kR).out), RelErr(r1.out, Reference(w, b1, 2.0, kR).out));
+  EXPECT_EQ(l->cache_depth(), 2);
+  // Newest first: b2's gradients, then b1's.
+  BackwardOnly(*l, pool, b2, &r2);
+  CheckAll("lifo(2nd)", r2, &g, Reference(w, b2, 2.0, kR));
+  BackwardOnly(*l, pool, b1, &r1);
+  CheckAll("lifo(1st)", r1, &g, Reference(w, b1, 2.0, kR));
+  std::vector<float> gw(b1.weights.size());
+  s = l->Backward(pool, b1.grad_out.data(), out.data(), gw.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("without a cached forward"), std::string::npos) << s;
+}
+
+TEST_P(SftLayerTest, SkipLoraGivesInputAndRouterGradients) {
+  ThreadPool pool(2);
+  const Weights w = MakeWeights(kE, kH, kI, kR, 6);
+  const Batch b = MakeBatch(kE, kK, kH, kQlen, 7);
+  auto l = Build(Config(1, true), w, pool);
+  EXPECT_EQ(l->rank(), 0);
+  Result res;
+  ForwardOnly(*l, pool, b, &res);  // no SetLora needed
+  BackwardOnly(*l, pool, b, &res);
+  CheckAll("skip_lora", res, nullptr, Reference(w, b, 0.0, 0));
+}
+
+TEST_P(SftLayerTest, AccumulateAndScale) {
+  ThreadPool pool(2);
+  const Weights w = MakeWeights(kE, kH, kI, kR, 8);
+  const Batch b = MakeBatch(kE, kK, kH, kQlen, 9);
+  auto l = Build(Config(2, false), w, pool);
+  Grads g = MakeGrads(w, 5.0f);
+  ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
+  Result res;
+  ForwardOnly(*l, pool, b, &res);
+  ForwardOnly(*l, pool, b, &res);
+  // 0.25 g, then + 0.75 g: the sum of two scaled passes is the full gradient.
+  BackwardOnly(*l, pool, b, &res, /*accumulate=*/false, 0.25f);
+  BackwardOnly(*l, pool, b, &res, /*accumulate=*/true, 0.75f);
+  CheckAll("accumulate", res, &g, Reference(w, b, 2.0, kR));
+  // The unused expert keeps what the first (non-accumulating) pass wrote: zeros.
+  for (size_t i = 0; i < kH * kR; ++i) ASSERT_EQ(g.db[(kE - 1) * kH * kR + i].bits, 0) << i;
+}
+
+TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
+  ThreadPool pool(3);
+  const SftConfig c = Config(1, false);
+  auto bwd = SftBackwardWeights::Create(c.moe, isa(), format());
+  ASSERT_TRUE(bwd.ok()) << bwd.status();
+  auto ws = std::make_shared<SftWorkspace>();
+  const Weights w1 = MakeWeights(kE, kH, kI, kR, 10), w2 = MakeWeights(kE, kH, kI, kR, 11);
+  const Batch b1 = MakeBatch(kE, kK, kH, kQlen, 12), b2 = MakeBatch(kE, kK, kH, 33, 13);
+  auto l1 = Build(c, w1, pool, *bwd, ws);
+  auto l2 = Build(c, w2, pool, *bwd, ws);
+  Grads g1 = MakeGrads(w1, 0.0f), g2 = MakeGrads(w2, 0.0f);
+  ASSERT_TRUE(l1->SetLora(Tensors(w1, g1)).ok());
+  ASSERT_TRUE(l2->SetLora(Tensors(w2, g2)).ok());
+  Result r1, r2;
+  ForwardOnly(*l1, pool, b1, &r1);
+  ForwardOnly(*l2, pool, b2, &r2);
+  BackwardOnly(*l2, pool, b2, &r2);
+  BackwardOnly(*l1, pool, b1, &r1);
+  CheckAll("shared(l2)", r2, &g2, Reference(w2, b2, 2.0, kR));
+  CheckAll("shared(l1)", r1, &g1, Reference(w1, b1, 2.0, kR));
+  // Reloading l1 with other weights invalidates the shared copy it built: the next backward rebuilds it.
+  ASSERT_TRUE(l1->LoadWeights(w2.gate.data(), w2.up.data(), w2.down.data(), nullptr, pool).ok());
+  Weights mixed = w1;  // w2's base with w1's LoRA
+  mixed.gate = w2.gate;
+  mixed.up = w2.up;
+  mixed.down = w2.down;
+  ForwardOnly(*l1, pool, b1, &r1);
+  BackwardOnly(*l1, pool, b1, &r1);
+  CheckAll("shared(reload)", r1, &g1, Reference(mixed, b1, 2.0, kR));
+  // A shared copy of a different shape is refused by name.
+  SftConfig other = c;
+  other.moe.hidden = 96;
+  auto bad = SftMoeLayer::Create(other, isa(), format(), *bwd, nullptr);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(SftLayerTest, ClearErrors) {
+  ThreadPool pool(1);
+  const Weights w = MakeWeights(kE, kH, kI, kR, 14);
+  const Batch b = MakeBatch(kE, kK, kH, 8, 15);
+  auto l = Build(Config(1, false), w, pool);
+  std::vector<bf16_t> out(b.input.size());
+  absl::Status s = l->Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
+                              out.data(), true);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("init_lora_weights"), std::string::npos) << s;
+  SftLoraTensors t;
+  s = l->SetLora(t);
+  EXPECT_NE(s.message().find("gate_lora_a"), std::string::npos) << s;
+  SftConfig c = Config(0, false);
+  EXPECT_EQ(SftMoeLayer::Create(c, isa(), format()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllPaths, SftLayerTest,
+    ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
+                                         Isa::kAvx512Bf16, Isa::kAmx),
+                       ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8)),
+    [](const ::testing::TestParamInfo<std::tuple<Isa, ExpertFormat>>& info) {
+      return std::string(IsaName(std::get<0>(info.param))) + "_" +
+             ExpertFormatName(std::get<1>(info.param));
+    });
+
+}  // namespace
+}  // namespace kt

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""SFT benchmark: forward + backward of one MoE layer with LoRA, kt against PyTorch autograd in the same run.
+
+    bazel run -c opt //tools:sft_benchmark                        # Qwen3-30B-A3B layer, qlen 4096, rank 16
+    bazel run -c opt //tools:sft_benchmark -- --method AMXINT8_SFT --qlen 1024 --torch-iters 0
+
+What is timed (seconds per iteration, median):
+  kt     KTMoEWrapper(mode="sft").forward(save_for_backward=True) then .backward(grad_output)
+  kt_inference_forward  (BF16 only) kt's inference forward on the same weights and routing: the floor for
+         the SFT forward, measured under the same machine conditions
+  torch  the same computation in eager PyTorch (bf16, the usual loop over experts; frozen base weights,
+         LoRA A/B as leaf tensors requiring grad) and autograd .backward(), in this process
+TFLOPS counts only the base-weight GEMMs, 6 per routed row (forward gate, up, down; backward grad_h = grad_y
+W_d and grad_x = grad_g W_g + grad_u W_u), 2 H I flops each; the LoRA products (3% more at rank 16) are not
+counted. Memory per layer: forward weights, transposed backward weights, the activation cache of one forward
+(what max_cache_depth multiplies) and the working memory (shareable by all layers). Prints one JSON line.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kt_kernel import KTMoEWrapper
+from kt_kernel import _native
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--qlen", type=int, default=4096)
+    p.add_argument("--method", default="AMXBF16_SFT")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--torch-iters", type=int, default=1, help="0: skip the PyTorch comparison")
+    p.add_argument("--share-backward-bb", action="store_true")
+    p.add_argument("--torch-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of the PyTorch peer (torch 1.13's CPU bf16 matmul without AVX512-BF16 is ~50x "
+                        "slower than its fp32 one, so on such machines float32 is the meaningful peer)")
+    args = p.parse_args()
+
+    E, K, H, I, R, T = args.experts, args.topk, args.hidden, args.inter, args.rank, args.qlen
+    torch.manual_seed(1)
+    torch.set_num_threads(args.threads)
+
+    def weights(rows, cols):  # std 1/sqrt(fan_in), generated per expert to bound the fp32 peak
+        w = torch.empty(E, rows, cols, dtype=torch.bfloat16)
+        for e in range(E):
+            w[e].copy_(torch.randn(rows, cols) / cols**0.5)
+        return w
+
+    gate, up, down = weights(I, H), weights(I, H), weights(H, I)
+    lora_shapes = [(E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R)]
+    lora = [(0.02 * torch.randn(*s)).bfloat16() for s in lora_shapes]
+    grads = [torch.zeros(*s, dtype=torch.bfloat16) for s in lora_shapes]
+    x = torch.randn(T, H).bfloat16()
+    ids = torch.rand(T, E).argsort(dim=1)[:, :K].contiguous()  # K distinct experts per token
+    w = torch.rand(T, K) + 0.1
+    w = (w / w.sum(dim=1, keepdim=True)).contiguous()
+    gout = (torch.randn(T, H) * 0.01).bfloat16()
+
+    from kt_kernel.sft.amx import AMXSFTMoEWrapper
+
+    moe = AMXSFTMoEWrapper(
+        layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
+        num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+        chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
+        share_backward_bb=args.share_backward_bb,
+    )
+    t0 = time.perf_counter()
+    moe.load_weights_from_tensors(gate, up, down, None)
+    load_s = time.perf_counter() - t0
+    if not moe.skip_lora:
+        moe.init_lora_weights(*lora, *grads)
+
+    inf = None
+    if args.method.startswith("AMXBF16"):
+        # Yardstick under the same machine conditions (the dev box is shared): kt's inference forward (no
+        # LoRA, no cache) on the same weights and routing, interleaved with the SFT iterations. The SFT
+        # forward runs the same three base GEMMs plus LoRA and caching; the backward three more GEMMs.
+        inf = KTMoEWrapper(
+            layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
+            gpu_experts_mask=None, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+            chunked_prefill_size=T, method="BF16",
+        )
+        inf.load_weights_from_tensors(gate, up, down, None)
+
+    flops = 6 * 2 * H * I * K * T
+    fwd, bwd, inf_times = [], [], []
+    for i in range(args.iters + 1):  # the first is warm-up (allocates the cache and workspace)
+        if inf is not None:
+            t = time.perf_counter()
+            inf.forward(x, ids, w, cuda_stream=None)
+            if i > 0:
+                inf_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        moe.forward(x, ids, w, save_for_backward=True)
+        t1 = time.perf_counter()
+        moe.backward(gout)
+        t2 = time.perf_counter()
+        if i > 0:
+            fwd.append(t1 - t)
+            bwd.append(t2 - t1)
+    kt_s = statistics.median(a + b for a, b in zip(fwd, bwd))
+    mem = moe.memory_bytes()
+    result = {
+        "device": _native._kt.cpu_brand(),
+        "method": args.method,
+        "isa": moe.isa,
+        "threads": args.threads,
+        "shape": {"E": E, "k": K, "H": H, "I": I, "r": R, "qlen": T},
+        "kt_seconds": round(kt_s, 4),
+        "kt_forward_seconds": round(statistics.median(fwd), 4),
+        "kt_backward_seconds": round(statistics.median(bwd), 4),
+        "kt_tflops": round(flops / kt_s / 1e12, 4),
+        "load_seconds": round(load_s, 2),
+        "memory_mib": {
+            "weights": round(mem["weights"] / 2**20, 1),
+            "backward_weights": round(mem["backward_weights"] / 2**20, 1),
+            "cache_per_forward": round(moe._layer.cache_bytes_per_forward(T) / 2**20, 1),
+            "workspace": round(mem["workspace"] / 2**20, 1),
+        },
+    }
+    if inf_times:
+        result["kt_inference_forward_seconds"] = round(statistics.median(inf_times), 4)
+    del moe, inf
+
+    if args.torch_iters > 0:
+        s = 2.0
+        dt = getattr(torch, args.torch_dtype)
+        gate, up, down = gate.to(dt), up.to(dt), down.to(dt)
+        x, gout = x.to(dt), gout.to(dt)
+        params = [t.to(dt).requires_grad_() for t in lora] if not args.method.endswith("SkipLoRA") else None
+
+        def torch_step():
+            xr = x.clone().requires_grad_()
+            wr = w.clone().requires_grad_()
+            out = torch.zeros(T, H, dtype=dt)
+            for e in torch.unique(ids).tolist():
+                tok, slot = torch.where(ids == e)
+                xe = xr[tok]
+                g = xe @ gate[e].T
+                u = xe @ up[e].T
+                if params is not None:
+                    g = g + s * (xe @ params[0][e].T) @ params[1][e].T
+                    u = u + s * (xe @ params[2][e].T) @ params[3][e].T
+                h = F.silu(g) * u
+                y = h @ down[e].T
+                if params is not None:
+                    y = y + s * (h @ params[4][e].T) @ params[5][e].T
+                out = out.index_add(0, tok, y * wr[tok, slot, None].to(y.dtype))
+            out.backward(gout)
+
+        times = []
+        for i in range(args.torch_iters):
+            t = time.perf_counter()
+            torch_step()
+            times.append(time.perf_counter() - t)
+        torch_s = statistics.median(times)
+        result["torch_seconds"] = round(torch_s, 4)
+        result["torch_tflops"] = round(flops / torch_s / 1e12, 4)
+        result["speedup_vs_torch"] = round(torch_s / kt_s, 2)
+        result["torch_version"] = torch.__version__
+        result["torch_dtype"] = args.torch_dtype
+    result["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
