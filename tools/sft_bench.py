@@ -3,6 +3,7 @@
 
     bazel run -c opt //tools:sft_benchmark                        # Qwen3-30B-A3B layer, qlen 4096, rank 16
     bazel run -c opt //tools:sft_benchmark -- --method AMXINT8_SFT --qlen 1024 --torch-iters 0
+    bazel run -c opt //tools:sft_benchmark -- --method AMXINT4_KGroup_SFT --group-size 128 --qlen 1024
 
 What is timed (seconds per iteration, median):
   kt     KTMoEWrapper(mode="sft").forward(save_for_backward=True) then .backward(grad_output)
@@ -39,6 +40,7 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--qlen", type=int, default=4096)
     p.add_argument("--method", default="AMXBF16_SFT")
+    p.add_argument("--group-size", type=int, default=128, help="G of AMXINT4_KGroup_SFT / AMXINT4_1KGroup_SFT")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--torch-iters", type=int, default=1, help="0: skip the PyTorch comparison")
@@ -74,7 +76,7 @@ def main():
         layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
         num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
         chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
-        share_backward_bb=args.share_backward_bb,
+        share_backward_bb=args.share_backward_bb, group_size=args.group_size,
     )
     t0 = time.perf_counter()
     moe.load_weights_from_tensors(gate, up, down, None)
@@ -115,6 +117,8 @@ def main():
     result = {
         "device": _native._kt.cpu_brand(),
         "method": args.method,
+        "format": moe.weight_format,
+        "group_size": args.group_size if "KGroup" in args.method else None,
         "isa": moe.isa,
         "threads": args.threads,
         "shape": {"E": E, "k": K, "H": H, "I": I, "r": R, "qlen": T},

@@ -76,6 +76,7 @@ absl::StatusOr<std::shared_ptr<SftBackwardWeights>> SftBackwardWeights::Create(c
   t.hidden = moe.intermediate;
   t.intermediate = moe.hidden;
   t.max_len = 1;
+  t.group_size = moe.group_size;  // the group formats quantize W^T in groups of the same G
   absl::StatusOr<std::unique_ptr<MoeLayer>> layer = MoeLayer::Create(t, isa, format);
   if (!layer.ok()) return layer.status();
   std::shared_ptr<SftBackwardWeights> w(new SftBackwardWeights);
@@ -90,7 +91,8 @@ size_t SftWorkspace::bytes() const {
   return rows_h.size() * 2 + q_rows_h.size() + s_rows_h.size() * 4 + f_rows_h.size() * 4 +
          rows_i0.size() * 2 + rows_i1.size() * 2 + q_rows_i0.size() + q_rows_i1.size() +
          (s_rows_i0.size() + s_rows_i1.size() + lora0.size() + lora1.size() + lora2.size() +
-          thread_scratch.size()) * 4;
+          thread_scratch.size()) * 4 +
+         (sum_rows_h.size() + sum_rows_i0.size() + sum_rows_i1.size()) * 4;
 }
 
 absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
@@ -109,13 +111,14 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
     const MoeConfig& s = backward_weights->shape_;
     if (s.num_experts != config.moe.num_experts || s.hidden != config.moe.hidden ||
         s.intermediate != config.moe.intermediate || backward_weights->format_ != format ||
-        backward_weights->isa_ != isa) {
+        backward_weights->isa_ != isa ||
+        (IsGroupExpertFormat(format) && s.group_size != config.moe.group_size)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "shared backward weights are for E = ", s.num_experts, ", H = ", s.hidden, ", I = ",
-          s.intermediate, ", ", ExpertFormatName(backward_weights->format_), " on ",
-          IsaName(backward_weights->isa_), "; this layer is E = ", config.moe.num_experts, ", H = ",
-          config.moe.hidden, ", I = ", config.moe.intermediate, ", ", ExpertFormatName(format), " on ",
-          IsaName(isa)));
+          s.intermediate, ", ", ExpertFormatName(backward_weights->format_), " (group_size ",
+          s.group_size, ") on ", IsaName(backward_weights->isa_), "; this layer is E = ",
+          config.moe.num_experts, ", H = ", config.moe.hidden, ", I = ", config.moe.intermediate, ", ",
+          ExpertFormatName(format), " (group_size ", config.moe.group_size, ") on ", IsaName(isa)));
     }
     l->bwd_ = std::move(backward_weights);
     l->bwd_shared_ = true;
@@ -124,6 +127,10 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
         SftBackwardWeights::Create(config.moe, isa, format);
     if (!w.ok()) return w.status();
     l->bwd_ = std::move(*w);
+  }
+  if (l->base_->quantized_activations()) {
+    l->groups_h_ = l->base_->ActivationGroups(ExpertProj::kGate);  // K = H
+    l->groups_i_ = l->base_->ActivationGroups(ExpertProj::kDown);  // K = I
   }
   l->ws_ = workspace != nullptr ? std::move(workspace) : std::make_shared<SftWorkspace>();
   l->rank_ = config.skip_lora ? 0 : config.lora_rank;
@@ -222,11 +229,14 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
   grow(w.rows_i1, rows * inter);
   if (base_->quantized_activations()) {
     grow(w.q_rows_h, rows * h);
-    grow(w.s_rows_h, rows);
+    grow(w.s_rows_h, rows * groups_h_);
+    grow(w.sum_rows_h, rows * groups_h_);
     grow(w.q_rows_i0, rows * inter);
     grow(w.q_rows_i1, rows * inter);
-    grow(w.s_rows_i0, rows);
-    grow(w.s_rows_i1, rows);
+    grow(w.s_rows_i0, rows * groups_i_);
+    grow(w.s_rows_i1, rows * groups_i_);
+    grow(w.sum_rows_i0, rows * groups_i_);
+    grow(w.sum_rows_i1, rows * groups_i_);
   }
   grow(w.lora0, rows * r);
   grow(w.lora1, rows * r);
@@ -329,6 +339,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   const float s = scale_;
   const bool quant = base_->quantized_activations();
+  const size_t gh = groups_h_, gi = groups_i_;  // activation scales per quantized row (H- / I-wide)
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
 
@@ -371,7 +382,8 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       for (size_t row = r0; row < r1; ++row) {
         const bf16_t* x = x_row(row);
         if (quant) {
-          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row);
+          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * h,
+                            w.s_rows_h.data() + row * gh, w.sum_rows_h.data() + row * gh);
         } else {
           std::memcpy(w.rows_h.data() + row * h, x, h * sizeof(bf16_t));
         }
@@ -405,7 +417,8 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         in.x = w.rows_h.data() + r0 * h;
         if (quant) {
           in.qx = w.q_rows_h.data() + r0 * h;
-          in.sx = w.s_rows_h.data() + r0;
+          in.sx = w.s_rows_h.data() + r0 * gh;
+          in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
         base_->ProjectBlock(ExpertProj::kGate, e, c0, cols, in, m, c.g.data() + r0 * inter + c0, inter);
         base_->ProjectBlock(ExpertProj::kUp, e, c0, cols, in, m, c.u.data() + r0 * inter + c0, inter);
@@ -433,7 +446,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
           const bf16_t* hb = c.h.data() + row * inter;
           if (quant) {
             base_->PrepareRow(ExpertProj::kDown, hb, w.q_rows_i0.data() + row * inter,
-                              w.s_rows_i0.data() + row);
+                              w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
           }
           if (r == 0) continue;
           ToF32(hb, hf, inter);
@@ -456,7 +469,8 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       in.x = c.h.data() + r0 * inter;
       if (quant) {
         in.qx = w.q_rows_i0.data() + r0 * inter;
-        in.sx = w.s_rows_i0.data() + r0;
+        in.sx = w.s_rows_i0.data() + r0 * gi;
+        in.xsum = w.sum_rows_i0.data() + r0 * gi;
       }
       float* y0 = w.f_rows_h.data() + r0 * h + c0;
       base_->ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, y0, h);
@@ -512,6 +526,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
   const size_t e_count = config_.moe.num_experts;
   const float s = scale_;
   const bool quant = t.quantized_activations();
+  const size_t gh = groups_h_, gi = groups_i_;  // t's down reads H-wide grad_y, its gate/up I-wide rows
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
   const size_t rows = c.rows;
@@ -550,7 +565,8 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         bf16_t* dy = dy_b + row * h;
         for (size_t i = 0; i < h; ++i) dy[i] = F32ToBf16(wt * go[i]);
         if (quant) {
-          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row);
+          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row * gh,
+                       w.sum_rows_h.data() + row * gh);
         }
         if (r == 0) continue;
         for (size_t q = 0; q < r; ++q) dyB[row * r + q] = wt * Dot(go, bd + q * h, h);
@@ -574,7 +590,8 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         in.x = dy_b + r0 * h;
         if (quant) {
           in.qx = w.q_rows_h.data() + r0 * h;
-          in.sx = w.s_rows_h.data() + r0;
+          in.sx = w.s_rows_h.data() + r0 * gh;
+          in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
         t.ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, dh, cpt);
         for (size_t i = 0; i < m; ++i) {
@@ -607,9 +624,9 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         for (size_t row = r0; row < r1; ++row) {
           if (quant) {
             t.PrepareRow(ExpertProj::kGate, dg_b + row * inter, w.q_rows_i0.data() + row * inter,
-                         w.s_rows_i0.data() + row);
+                         w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
             t.PrepareRow(ExpertProj::kUp, du_b + row * inter, w.q_rows_i1.data() + row * inter,
-                         w.s_rows_i1.data() + row);
+                         w.s_rows_i1.data() + row * gi, w.sum_rows_i1.data() + row * gi);
           }
           if (r == 0) continue;
           ToF32(dg_b + row * inter, dgf, inter);
@@ -645,9 +662,11 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         inu.x = du_b + r0 * inter;
         if (quant) {
           ing.qx = w.q_rows_i0.data() + r0 * inter;
-          ing.sx = w.s_rows_i0.data() + r0;
+          ing.sx = w.s_rows_i0.data() + r0 * gi;
+          ing.xsum = w.sum_rows_i0.data() + r0 * gi;
           inu.qx = w.q_rows_i1.data() + r0 * inter;
-          inu.sx = w.s_rows_i1.data() + r0;
+          inu.sx = w.s_rows_i1.data() + r0 * gi;
+          inu.xsum = w.sum_rows_i1.data() + r0 * gi;
         }
         float* out = gx + r0 * h + c0;
         t.ProjectBlock(ExpertProj::kGate, e, c0, cols, ing, m, out, h);

@@ -84,12 +84,15 @@ class SftWorkspace {
   using Buf = std::vector<T>;
   Buf<bf16_t> rows_h;     // [rows, H]: forward gathered x; backward grad_y (bf16)
   Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized
-  Buf<float> s_rows_h;    //   and their scales [rows]
+  Buf<float> s_rows_h;    //   and their scales [rows][groups of H] (1 group unless a group format)
+  Buf<int32_t> sum_rows_h;  //   and their int32 group sums [rows][groups of H] (the int4 kernels' zero
+                            //   point term; kept for every quantized format so row offsets stay simple)
   Buf<float> f_rows_h;    // [rows, H] fp32: forward y; backward grad_x rows
   Buf<bf16_t> rows_i0;    // [rows, I]: backward grad_g (bf16)
   Buf<bf16_t> rows_i1;    // [rows, I]: backward grad_u (bf16)
   Buf<int8_t> q_rows_i0, q_rows_i1;  // quantized formats: forward h / backward grad_g, grad_u quantized
-  Buf<float> s_rows_i0, s_rows_i1;
+  Buf<float> s_rows_i0, s_rows_i1;      // [rows][groups of I]
+  Buf<int32_t> sum_rows_i0, sum_rows_i1;  // [rows][groups of I]
   Buf<float> lora0, lora1, lora2;  // [rows, r]: backward grad_y B_d, grad_g B_g, grad_u B_u
   Buf<float> thread_scratch;       // per thread, ScratchPerThread floats
   int threads = 0;
@@ -167,6 +170,10 @@ class SftMoeLayer {
   Isa isa_;
   int rank_ = 0;       // effective LoRA rank (0 with skip_lora)
   float scale_ = 0;    // lora_alpha / lora_rank
+  // Activation scales (and int4 group sums) per quantized row of an H-wide input (forward x, backward
+  // grad_y) and of an I-wide one (forward h, backward grad_g/grad_u): 1, or H/G and I/G for the group
+  // formats (MoeLayer::ActivationGroups; the transposed layer's K are the same H and I).
+  size_t groups_h_ = 1, groups_i_ = 1;
   uint64_t weights_version_ = 0;
   std::unique_ptr<MoeLayer> base_;
   std::shared_ptr<SftBackwardWeights> bwd_;

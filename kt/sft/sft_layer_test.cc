@@ -13,6 +13,17 @@
 //   quantized again per their own rows. Measured worst over all tensors and tests: 0.023 (grad_weights
 //   of the SkipLoRA case); kInt8Tol = 0.05 leaves 2x for other seeds and paths, while a wrong term
 //   (a missing LoRA product, a wrong sign) is O(0.1-1).
+// - int4 bases (int4, int4_asym, int4_group_sym, int4_group_asym with G = 32): the format's weight error
+//   is ~10x int8's (16 levels instead of 255), so these tests compare against the reference run on the
+//   weights the engine effectively holds (EffectiveWeights: forward W quantized and dequantized; backward
+//   that W transposed and quantized again, as SftBackwardWeights does). What remains is the activations'
+//   int8 quantization and the bf16 roundings, as for int8: measured worst 0.029 over all tests on scalar
+//   and avx2 (int4_asym, after a reload); kInt4Tol = 0.05. Using the forward weights for backward too
+//   would leave the second quantization's error (~0.1-0.2) and fail. ForwardBackwardMatchReference also
+//   prints the format's own error against the unquantized weights and holds it to kInt4FormatTol = 0.5:
+//   measured worst 0.284 (int4 per channel, grad_input: W quantized per output channel in forward and
+//   again per input channel in backward, each a rounding of up to absmax/14 ~ 0.18 sigma of a weight with
+//   H = 80), 0.230 (int4_asym), 0.203 (group sym), 0.164 (group asym); 0.5 catches an O(1) wrong term.
 #include "kt/sft/sft_layer.h"
 
 #include <cmath>
@@ -30,6 +41,8 @@ namespace {
 
 constexpr double kBf16Tol = 1e-2;
 constexpr double kInt8Tol = 0.05;
+constexpr double kInt4Tol = 0.05;       // vs EffectiveWeights (see above)
+constexpr double kInt4FormatTol = 0.5;  // vs the unquantized weights (see above)
 
 struct Weights {
   int e, h, inter, r;
@@ -97,12 +110,72 @@ struct Expected {
   SftRefGrads grads;
 };
 
-Expected Reference(const Weights& w, const Batch& b, double scale, int rank) {
+// out[c][r] = in[r][c] per expert, for [e, rows, cols] arrays.
+std::vector<bf16_t> TransposeExperts(const std::vector<bf16_t>& in, int e, int rows, int cols) {
+  std::vector<bf16_t> out(in.size());
+  const size_t n = static_cast<size_t>(rows) * cols;
+  for (size_t x = 0; x < static_cast<size_t>(e); ++x) {
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < cols; ++c) out[x * n + static_cast<size_t>(c) * rows + r] = in[x * n + static_cast<size_t>(r) * cols + c];
+    }
+  }
+  return out;
+}
+
+// Loads gate/up/down ([E, n, k] as MoeLayer's shape `c` says) into a MoeLayer in `format` and returns them
+// dequantized (UnpackExpert: q * scale (- zero) rounded to bf16).
+void QuantizeDequantize(const MoeConfig& c, ExpertFormat format, std::vector<bf16_t>* gate,
+                        std::vector<bf16_t>* up, std::vector<bf16_t>* down) {
+  ThreadPool pool(1);
+  auto l = MoeLayer::Create(c, Isa::kScalar, format);  // quantization at load is the same on every path
+  ASSERT_TRUE(l.ok()) << l.status();
+  ASSERT_TRUE((*l)->LoadWeights(gate->data(), up->data(), down->data(), nullptr, pool).ok());
+  const size_t gate_n = static_cast<size_t>(c.hidden) * c.intermediate;
+  for (int e = 0; e < c.num_experts; ++e) {
+    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kGate, gate->data() + e * gate_n).ok());
+    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kUp, up->data() + e * gate_n).ok());
+    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kDown, down->data() + e * gate_n).ok());
+  }
+}
+
+// The weights an SftMoeLayer with a quantized base effectively multiplies by, to compare the engine
+// against the reference on equal weights (what remains is the activations' int8 rounding and the bf16
+// roundings, as for int8). Forward: the format's quantization of W, dequantized (rounded to bf16 by
+// UnpackExpert: 2^-9 relative per weight, beside the activations' ~1%). Backward: that W transposed and
+// quantized again in the same format by a MoeLayer of the transposed shape (what SftBackwardWeights
+// does), dequantized and transposed back. Both steps use MoeLayer's own quantization code, but the
+// GEMMs, LoRA terms and gradient chain they feed are checked independently.
+void EffectiveWeights(const Weights& w, ExpertFormat format, int group, SftRefParams* p) {
+  MoeConfig c{w.e, 1, w.h, w.inter, 1};
+  c.group_size = group;
+  std::vector<bf16_t> gate = w.gate, up = w.up, down = w.down;
+  QuantizeDequantize(c, format, &gate, &up, &down);
+  p->gate = ToDouble(gate);
+  p->up = ToDouble(up);
+  p->down = ToDouble(down);
+  MoeConfig t{w.e, 1, w.inter, w.h, 1};
+  t.group_size = group;
+  std::vector<bf16_t> gt = TransposeExperts(gate, w.e, w.inter, w.h);  // [E, H, I]
+  std::vector<bf16_t> ut = TransposeExperts(up, w.e, w.inter, w.h);
+  std::vector<bf16_t> dt = TransposeExperts(down, w.e, w.h, w.inter);  // [E, I, H]
+  QuantizeDequantize(t, format, &gt, &ut, &dt);
+  p->gate_bwd = ToDouble(TransposeExperts(gt, w.e, w.h, w.inter));
+  p->up_bwd = ToDouble(TransposeExperts(ut, w.e, w.h, w.inter));
+  p->down_bwd = ToDouble(TransposeExperts(dt, w.e, w.inter, w.h));
+}
+
+// With an int4 `format`, the reference runs on EffectiveWeights; otherwise on the bf16 weights as given.
+Expected Reference(const Weights& w, const Batch& b, double scale, int rank,
+                   ExpertFormat format = ExpertFormat::kBf16, int group = 0) {
   SftRefShape shape{w.e, w.h, w.inter, rank, scale};
   SftRefParams p;
-  p.gate = ToDouble(w.gate);
-  p.up = ToDouble(w.up);
-  p.down = ToDouble(w.down);
+  if (IsInt4ExpertFormat(format)) {
+    EffectiveWeights(w, format, group, &p);
+  } else {
+    p.gate = ToDouble(w.gate);
+    p.up = ToDouble(w.up);
+    p.down = ToDouble(w.down);
+  }
   if (rank > 0) {
     p.a_gate = ToDouble(w.ga);
     p.b_gate = ToDouble(w.gb);
@@ -176,11 +249,19 @@ class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
  public:
   static Isa isa() { return std::get<0>(GetParam()); }
   static ExpertFormat format() { return std::get<1>(GetParam()); }
-  static double tol() { return format() == ExpertFormat::kBf16 ? kBf16Tol : kInt8Tol; }
+  static double tol() {
+    if (format() == ExpertFormat::kBf16) return kBf16Tol;
+    return format() == ExpertFormat::kInt8 ? kInt8Tol : kInt4Tol;
+  }
 
  protected:
-  // E = 6, H = 80 and I = 56: column blocks of 48 (128 on AMX) with remainders; r = 4.
-  static constexpr int kE = 6, kK = 3, kH = 80, kI = 56, kR = 4, kQlen = 40;
+  // E = 6, H = 80 and I = 56: column blocks of 48 (128 on AMX) with remainders; r = 4. The int4 group
+  // formats need H and I multiples of G: G = 32 (the smallest, so several groups per row), H = 96 and
+  // I = 64 (I still ends in a partial block of 16 columns; H = 96 ends a 48-block exactly, which the
+  // other formats do not cover).
+  static constexpr int kE = 6, kK = 3, kR = 4, kQlen = 40, kGroup = 32;
+  static int H() { return IsGroupExpertFormat(format()) ? 96 : 80; }
+  static int I() { return IsGroupExpertFormat(format()) ? 64 : 56; }
 
   void SetUp() override {
     if (!IsaSupported(isa(), GetCpuFeatures())) {
@@ -191,12 +272,18 @@ class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
 
   SftConfig Config(int depth, bool skip) const {
     SftConfig c;
-    c.moe = MoeConfig{kE, kK, kH, kI, 64};
+    c.moe = MoeConfig{kE, kK, H(), I(), 64};
+    c.moe.group_size = kGroup;  // read by the group formats only
     c.lora_rank = kR;
     c.lora_alpha = 8.0f;  // s = 2
     c.max_cache_depth = depth;
     c.skip_lora = skip;
     return c;
+  }
+
+  // The reference for this format: bf16 and int8 on the weights as given, int4 on EffectiveWeights.
+  static Expected Ref(const Weights& w, const Batch& b, double scale, int rank) {
+    return Reference(w, b, scale, rank, format(), kGroup);
   }
 
   std::unique_ptr<SftMoeLayer> Build(const SftConfig& c, const Weights& w, ThreadPool& pool,
@@ -251,26 +338,46 @@ class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
 
 TEST_P(SftLayerTest, ForwardBackwardMatchReference) {
   ThreadPool pool(3);
-  const Weights w = MakeWeights(kE, kH, kI, kR, 1);
-  const Batch b = MakeBatch(kE, kK, kH, kQlen, 2);
+  const Weights w = MakeWeights(kE, H(), I(), kR, 1);
+  const Batch b = MakeBatch(kE, kK, H(), kQlen, 2);
   auto l = Build(Config(1, false), w, pool);
   Grads g = MakeGrads(w, 123.0f);  // garbage that must be overwritten (zeros for the unused expert)
   ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
   Result res;
   ForwardOnly(*l, pool, b, &res);
   BackwardOnly(*l, pool, b, &res);
-  CheckAll("fwd+bwd", res, &g, Reference(w, b, 2.0, kR));
+  CheckAll("fwd+bwd", res, &g, Ref(w, b, 2.0, kR));
+  if (IsInt4ExpertFormat(format())) {
+    // The int4 format's own error, against the reference on the unquantized weights (the number to set
+    // beside the original's accepted 0.12-0.18 relative L2; this is the stricter worst element / max).
+    const Expected plain = Reference(w, b, 2.0, kR);
+    const std::pair<const char*, double> errs[] = {
+        {"output", RelErr(res.out, plain.out)},
+        {"grad_input", RelErr(res.grad_input, plain.grads.input)},
+        {"grad_weights", RelErr(res.grad_weights, plain.grads.weights)},
+        {"gate_lora_a", RelErr(g.ga, plain.grads.a_gate)},
+        {"gate_lora_b", RelErr(g.gb, plain.grads.b_gate)},
+        {"up_lora_a", RelErr(g.ua, plain.grads.a_up)},
+        {"up_lora_b", RelErr(g.ub, plain.grads.b_up)},
+        {"down_lora_a", RelErr(g.da, plain.grads.a_down)},
+        {"down_lora_b", RelErr(g.db, plain.grads.b_down)}};
+    for (const auto& [name, err] : errs) {
+      std::printf("format error %s %s %-13s worst err / max|ref| vs unquantized = %.4f\n", IsaName(isa()),
+                  ExpertFormatName(format()), name, err);
+      EXPECT_LE(err, kInt4FormatTol) << name;
+    }
+  }
   EXPECT_EQ(res.grad_weights[3 * kK + 1], 0.0f) << "an invalid slot has no router gradient";
   const size_t unused = kE - 1;
-  for (size_t i = 0; i < kR * kH; ++i) ASSERT_EQ(g.ga[unused * kR * kH + i].bits, 0) << i;
+  for (size_t i = 0; i < kR * H(); ++i) ASSERT_EQ(g.ga[unused * kR * H() + i].bits, 0) << i;
   EXPECT_EQ(l->cache_depth(), 0);
 }
 
 TEST_P(SftLayerTest, CacheStackIsLifoAndBounded) {
   ThreadPool pool(2);
-  const Weights w = MakeWeights(kE, kH, kI, kR, 3);
-  const Batch b1 = MakeBatch(kE, kK, kH, kQlen, 4);
-  const Batch b2 = MakeBatch(kE, kK, kH, 17, 5);
+  const Weights w = MakeWeights(kE, H(), I(), kR, 3);
+  const Batch b1 = MakeBatch(kE, kK, H(), kQlen, 4);
+  const Batch b2 = MakeBatch(kE, kK, H(), 17, 5);
   auto l = Build(Config(2, false), w, pool);
   Grads g = MakeGrads(w, 0.0f);
   ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
@@ -286,13 +393,13 @@ TEST_P(SftLayerTest, CacheStackIsLifoAndBounded) {
   ASSERT_TRUE(l->Forward(pool, b1.qlen, b1.k, b1.ids.data(), b1.weights.data(), b1.input.data(),
                          out.data(), false)
                   .ok());
-  EXPECT_EQ(RelErr(out, Reference(w, b1, 2.0, kR).out), RelErr(r1.out, Reference(w, b1, 2.0, kR).out));
+  EXPECT_EQ(RelErr(out, Ref(w, b1, 2.0, kR).out), RelErr(r1.out, Ref(w, b1, 2.0, kR).out));
   EXPECT_EQ(l->cache_depth(), 2);
   // Newest first: b2's gradients, then b1's.
   BackwardOnly(*l, pool, b2, &r2);
-  CheckAll("lifo(2nd)", r2, &g, Reference(w, b2, 2.0, kR));
+  CheckAll("lifo(2nd)", r2, &g, Ref(w, b2, 2.0, kR));
   BackwardOnly(*l, pool, b1, &r1);
-  CheckAll("lifo(1st)", r1, &g, Reference(w, b1, 2.0, kR));
+  CheckAll("lifo(1st)", r1, &g, Ref(w, b1, 2.0, kR));
   std::vector<float> gw(b1.weights.size());
   s = l->Backward(pool, b1.grad_out.data(), out.data(), gw.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
@@ -301,20 +408,20 @@ TEST_P(SftLayerTest, CacheStackIsLifoAndBounded) {
 
 TEST_P(SftLayerTest, SkipLoraGivesInputAndRouterGradients) {
   ThreadPool pool(2);
-  const Weights w = MakeWeights(kE, kH, kI, kR, 6);
-  const Batch b = MakeBatch(kE, kK, kH, kQlen, 7);
+  const Weights w = MakeWeights(kE, H(), I(), kR, 6);
+  const Batch b = MakeBatch(kE, kK, H(), kQlen, 7);
   auto l = Build(Config(1, true), w, pool);
   EXPECT_EQ(l->rank(), 0);
   Result res;
   ForwardOnly(*l, pool, b, &res);  // no SetLora needed
   BackwardOnly(*l, pool, b, &res);
-  CheckAll("skip_lora", res, nullptr, Reference(w, b, 0.0, 0));
+  CheckAll("skip_lora", res, nullptr, Ref(w, b, 0.0, 0));
 }
 
 TEST_P(SftLayerTest, AccumulateAndScale) {
   ThreadPool pool(2);
-  const Weights w = MakeWeights(kE, kH, kI, kR, 8);
-  const Batch b = MakeBatch(kE, kK, kH, kQlen, 9);
+  const Weights w = MakeWeights(kE, H(), I(), kR, 8);
+  const Batch b = MakeBatch(kE, kK, H(), kQlen, 9);
   auto l = Build(Config(2, false), w, pool);
   Grads g = MakeGrads(w, 5.0f);
   ASSERT_TRUE(l->SetLora(Tensors(w, g)).ok());
@@ -324,9 +431,9 @@ TEST_P(SftLayerTest, AccumulateAndScale) {
   // 0.25 g, then + 0.75 g: the sum of two scaled passes is the full gradient.
   BackwardOnly(*l, pool, b, &res, /*accumulate=*/false, 0.25f);
   BackwardOnly(*l, pool, b, &res, /*accumulate=*/true, 0.75f);
-  CheckAll("accumulate", res, &g, Reference(w, b, 2.0, kR));
+  CheckAll("accumulate", res, &g, Ref(w, b, 2.0, kR));
   // The unused expert keeps what the first (non-accumulating) pass wrote: zeros.
-  for (size_t i = 0; i < kH * kR; ++i) ASSERT_EQ(g.db[(kE - 1) * kH * kR + i].bits, 0) << i;
+  for (size_t i = 0; i < H() * kR; ++i) ASSERT_EQ(g.db[(kE - 1) * H() * kR + i].bits, 0) << i;
 }
 
 TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
@@ -335,8 +442,8 @@ TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
   auto bwd = SftBackwardWeights::Create(c.moe, isa(), format());
   ASSERT_TRUE(bwd.ok()) << bwd.status();
   auto ws = std::make_shared<SftWorkspace>();
-  const Weights w1 = MakeWeights(kE, kH, kI, kR, 10), w2 = MakeWeights(kE, kH, kI, kR, 11);
-  const Batch b1 = MakeBatch(kE, kK, kH, kQlen, 12), b2 = MakeBatch(kE, kK, kH, 33, 13);
+  const Weights w1 = MakeWeights(kE, H(), I(), kR, 10), w2 = MakeWeights(kE, H(), I(), kR, 11);
+  const Batch b1 = MakeBatch(kE, kK, H(), kQlen, 12), b2 = MakeBatch(kE, kK, H(), 33, 13);
   auto l1 = Build(c, w1, pool, *bwd, ws);
   auto l2 = Build(c, w2, pool, *bwd, ws);
   Grads g1 = MakeGrads(w1, 0.0f), g2 = MakeGrads(w2, 0.0f);
@@ -347,8 +454,8 @@ TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
   ForwardOnly(*l2, pool, b2, &r2);
   BackwardOnly(*l2, pool, b2, &r2);
   BackwardOnly(*l1, pool, b1, &r1);
-  CheckAll("shared(l2)", r2, &g2, Reference(w2, b2, 2.0, kR));
-  CheckAll("shared(l1)", r1, &g1, Reference(w1, b1, 2.0, kR));
+  CheckAll("shared(l2)", r2, &g2, Ref(w2, b2, 2.0, kR));
+  CheckAll("shared(l1)", r1, &g1, Ref(w1, b1, 2.0, kR));
   // Reloading l1 with other weights invalidates the shared copy it built: the next backward rebuilds it.
   ASSERT_TRUE(l1->LoadWeights(w2.gate.data(), w2.up.data(), w2.down.data(), nullptr, pool).ok());
   Weights mixed = w1;  // w2's base with w1's LoRA
@@ -357,18 +464,18 @@ TEST_P(SftLayerTest, SharedBackwardWeightsServeTwoLayers) {
   mixed.down = w2.down;
   ForwardOnly(*l1, pool, b1, &r1);
   BackwardOnly(*l1, pool, b1, &r1);
-  CheckAll("shared(reload)", r1, &g1, Reference(mixed, b1, 2.0, kR));
+  CheckAll("shared(reload)", r1, &g1, Ref(mixed, b1, 2.0, kR));
   // A shared copy of a different shape is refused by name.
   SftConfig other = c;
-  other.moe.hidden = 96;
+  other.moe.hidden = H() + kGroup;
   auto bad = SftMoeLayer::Create(other, isa(), format(), *bwd, nullptr);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(SftLayerTest, ClearErrors) {
   ThreadPool pool(1);
-  const Weights w = MakeWeights(kE, kH, kI, kR, 14);
-  const Batch b = MakeBatch(kE, kK, kH, 8, 15);
+  const Weights w = MakeWeights(kE, H(), I(), kR, 14);
+  const Batch b = MakeBatch(kE, kK, H(), 8, 15);
   auto l = Build(Config(1, false), w, pool);
   std::vector<bf16_t> out(b.input.size());
   absl::Status s = l->Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
@@ -386,7 +493,9 @@ INSTANTIATE_TEST_SUITE_P(
     AllPaths, SftLayerTest,
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
                                          Isa::kAvx512Bf16, Isa::kAmx),
-                       ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8)),
+                       ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4,
+                                         ExpertFormat::kInt4Asym, ExpertFormat::kInt4GroupSym,
+                                         ExpertFormat::kInt4GroupAsym)),
     [](const ::testing::TestParamInfo<std::tuple<Isa, ExpertFormat>>& info) {
       return std::string(IsaName(std::get<0>(info.param))) + "_" +
              ExpertFormatName(std::get<1>(info.param));

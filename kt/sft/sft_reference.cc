@@ -132,13 +132,16 @@ void SftBackwardRef(const SftRefShape& sh, const SftRefParams& p, const SftRefBa
       }
       gr->weights[tj] = dw;
       const size_t ei = static_cast<size_t>(e);
-      LoraLinearVjp(v.wd, v.ad, v.bd, h, inter, r, sh.scale, hh.data(), dy.data(), dh.data(),
+      const double* wgb = p.gate_bwd.empty() ? v.wg : p.gate_bwd.data() + ei * inter * h;
+      const double* wub = p.up_bwd.empty() ? v.wu : p.up_bwd.data() + ei * inter * h;
+      const double* wdb = p.down_bwd.empty() ? v.wd : p.down_bwd.data() + ei * h * inter;
+      LoraLinearVjp(wdb, v.ad, v.bd, h, inter, r, sh.scale, hh.data(), dy.data(), dh.data(),
                     gr->a_down.data() + ei * r * inter, gr->b_down.data() + ei * h * r);
       SiluMulVjp(g.data(), u.data(), dh.data(), inter, dg.data(), du.data());
-      LoraLinearVjp(v.wg, v.ag, v.bg, inter, h, r, sh.scale, x, dg.data(), dx.data(),
+      LoraLinearVjp(wgb, v.ag, v.bg, inter, h, r, sh.scale, x, dg.data(), dx.data(),
                     gr->a_gate.data() + ei * r * h, gr->b_gate.data() + ei * inter * r);
       for (int c = 0; c < h; ++c) gr->input[static_cast<size_t>(t) * h + c] += dx[c];
-      LoraLinearVjp(v.wu, v.au, v.bu, inter, h, r, sh.scale, x, du.data(), dx.data(),
+      LoraLinearVjp(wub, v.au, v.bu, inter, h, r, sh.scale, x, du.data(), dx.data(),
                     gr->a_up.data() + ei * r * h, gr->b_up.data() + ei * inter * r);
       for (int c = 0; c < h; ++c) gr->input[static_cast<size_t>(t) * h + c] += dx[c];
     }

@@ -34,6 +34,10 @@ struct SftRefParams {
   std::vector<double> gate, up, down;                 // [E,I,H], [E,I,H], [E,H,I]
   std::vector<double> a_gate, b_gate, a_up, b_up;     // [E,r,H], [E,I,r], [E,r,H], [E,I,r]
   std::vector<double> a_down, b_down;                 // [E,r,I], [E,H,r]
+  // The frozen weights backward multiplies by (dx = W^T dy), same shapes as gate/up/down; empty: the
+  // forward's. The engine's quantized bases hold a second, re-quantized copy for backward (FORMATS.md,
+  // "SFT backward weights"), which tests model by putting its dequantized values here.
+  std::vector<double> gate_bwd, up_bwd, down_bwd;
 };
 
 struct SftRefBatch {

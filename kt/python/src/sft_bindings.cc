@@ -34,24 +34,17 @@ Isa IsaOf(const std::string& name) {
   return *isa;
 }
 
-// The base formats SFT runs on. The INT4 ones are named here so that the message says what is missing:
-// they map onto quant.h's int4 formats once MoeLayer has kernels for them.
+// The base formats SFT runs on: every MoeLayer format (ExpertFormatName's spelling: bf16, int8, int4,
+// int4_asym, int4_group_sym, int4_group_asym); ValueError listing them otherwise.
 ExpertFormat FormatOf(const std::string& name) {
-  if (name == "bf16") return ExpertFormat::kBf16;
-  if (name == "int8") return ExpertFormat::kInt8;
-  if (name.rfind("int4", 0) == 0) {
-    PyErr_SetString(PyExc_NotImplementedError,
-                    ("SFT base format '" + name +
-                     "' needs int4 expert formats in kt/moe's MoeLayer, which this build does not have "
-                     "(formats here: bf16, int8)")
-                        .c_str());
-    throw py::error_already_set();
-  }
-  throw py::value_error("SFT base format must be 'bf16' or 'int8', got '" + name + "'");
+  absl::StatusOr<ExpertFormat> f = ParseExpertFormat(name);
+  if (!f.ok()) throw py::value_error("SFT base format: " + std::string(f.status().message()));
+  return *f;
 }
 
-MoeConfig Shape(int num_experts, int top_k, int hidden, int intermediate, int max_len) {
+MoeConfig Shape(int num_experts, int top_k, int hidden, int intermediate, int max_len, int group_size) {
   MoeConfig c;
+  c.group_size = group_size;  // read by the int4 group formats only
   c.num_experts = num_experts;
   c.top_k = top_k;
   c.hidden = hidden;
@@ -64,10 +57,10 @@ class PySftLayer {
  public:
   PySftLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len, int lora_rank,
              float lora_alpha, int max_cache_depth, bool skip_lora, const std::string& isa,
-             const std::string& format, std::shared_ptr<SftBackwardWeights> backward_weights,
+             const std::string& format, int group_size, std::shared_ptr<SftBackwardWeights> backward_weights,
              std::shared_ptr<SftWorkspace> workspace) {
     SftConfig c;
-    c.moe = Shape(num_experts, top_k, hidden, intermediate, max_len);
+    c.moe = Shape(num_experts, top_k, hidden, intermediate, max_len, group_size);
     c.lora_rank = lora_rank;
     c.lora_alpha = lora_alpha;
     c.max_cache_depth = max_cache_depth;
@@ -104,14 +97,14 @@ void RegisterSftBindings(py::module_& m) {
       "Transposed base weights for SFT backward; one object may be shared by all layers of one shape "
       "(share_backward_bb): it is rebuilt from the forward weights of whichever layer runs backward.")
       .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& isa,
-                       const std::string& format) {
+                       const std::string& format, int group_size) {
              absl::StatusOr<std::shared_ptr<SftBackwardWeights>> w = SftBackwardWeights::Create(
-                 Shape(num_experts, 1, hidden, intermediate, 1), IsaOf(isa), FormatOf(format));
+                 Shape(num_experts, 1, hidden, intermediate, 1, group_size), IsaOf(isa), FormatOf(format));
              if (!w.ok()) ThrowStatus(w.status());
              return *w;
            }),
            py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("isa"),
-           py::arg("format"))
+           py::arg("format"), py::arg("group_size") = 128)
       .def_property_readonly("bytes", &SftBackwardWeights::bytes);
 
   py::class_<SftWorkspace, std::shared_ptr<SftWorkspace>>(
@@ -121,10 +114,11 @@ void RegisterSftBindings(py::module_& m) {
 
   py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
-                    std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>>(),
+                    int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
            py::arg("max_len"), py::arg("lora_rank"), py::arg("lora_alpha"), py::arg("max_cache_depth"),
-           py::arg("skip_lora"), py::arg("isa"), py::arg("format"), py::arg("backward_weights") = nullptr,
+           py::arg("skip_lora"), py::arg("isa"), py::arg("format"), py::arg("group_size") = 128,
+           py::arg("backward_weights") = nullptr,
            py::arg("workspace") = nullptr)
       .def(
           "load_weights",

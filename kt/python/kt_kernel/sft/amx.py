@@ -7,15 +7,20 @@ tiles where present, else AVX512-BF16/VNNI, Highway AVX3/AVX2 or scalar):
 AMXBF16_SFT                bf16 weights as given (kt-bf16-panel16-kpair-v1)
 AMXINT8_SFT                int8 per output channel, symmetric (kt-int8-channel-v1)
 AMXINT4_SFT                int4 per output channel, symmetric (kt-int4-channel-v1)
+AMXINT4_1_SFT              int4 per output channel, scale and zero point (kt-int4-channel-asym-v1; the
+                           original's INT4_1)
 AMXINT4_KGroup_SFT         int4 groups of ``group_size`` along K, symmetric (kt-int4-group{G}-sym-v1)
 AMXINT4_1KGroup_SFT        int4 groups of ``group_size``, asymmetric with zero points (kt-int4-group{G}-asym-v1)
-AMXINT4_1_SFT              int4 per channel, asymmetric: quant.h has no such format (asym exists only per
-                           group), so it raises NotImplementedError rather than substituting a group format
 =========================  ==========================================================================
 
-The INT4 formats need MoeLayer int4 kernels (a separate branch); until they are in this build the INT4
-methods raise NotImplementedError naming the missing format. ``*_SkipLoRA`` runs the same base without LoRA:
-backward gives grad_input and grad_weights only.
+``group_size`` (32, 64 or 128; default 128) is read by the two KGroup methods only; hidden_size and
+moe_intermediate_size must be multiples of it. ``*_SkipLoRA`` runs the same base without LoRA: backward
+gives grad_input and grad_weights only.
+
+Quantized bases are quantized at load from the bf16 weights given. Backward multiplies by the transposed
+base, which is the forward base dequantized, transposed and quantized again in the same format (per row
+of W^T, i.e. along the other axis): a second quantization error on top of the first, of the same size
+(kt/sft/README.md has the numbers).
 
 Backward multiplies by the transposed base weights. With ``share_backward_bb=True`` all layers of the
 same shape share one transposed copy, rebuilt from the forward weights of whichever layer runs backward
@@ -39,16 +44,13 @@ def _base_format(method: str, group_size: int) -> str:
     if base == "AMXINT8_SFT":
         return "int8"
     if base == "AMXINT4_SFT":
-        return "int4_channel"
+        return "int4"
+    if base == "AMXINT4_1_SFT":
+        return "int4_asym"
     if base in ("AMXINT4_KGroup_SFT", "AMXINT4_1KGroup_SFT"):
         if group_size not in (32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128 for {method}, got {group_size}")
-        return f"int4_group{group_size}_{'asym' if base == 'AMXINT4_1KGroup_SFT' else 'sym'}"
-    if base == "AMXINT4_1_SFT":
-        raise NotImplementedError(
-            f"SFT method '{method}' (int4 per channel with zero points) is not implemented in kt: quant.h has "
-            "asymmetric int4 only per group; use AMXINT4_1KGroup_SFT (group_size=32/64/128) or AMXINT4_SFT"
-        )
+        return "int4_group_asym" if base == "AMXINT4_1KGroup_SFT" else "int4_group_sym"
     raise ValueError(f"unknown SFT method {method!r}")
 
 
@@ -99,12 +101,12 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         isa = _native.ISA
         bwd = None
         if self.share_backward_bb:
-            key = ("backward_bb", num_experts, hidden_size, moe_intermediate_size, isa, fmt)
+            key = ("backward_bb", num_experts, hidden_size, moe_intermediate_size, isa, fmt, self.group_size)
             bwd = KExpertsSFTBuffer.get(
                 key,
                 lambda: _native._kt.SftBackwardWeights(
                     num_experts=num_experts, hidden=hidden_size, intermediate=moe_intermediate_size,
-                    isa=isa, format=fmt,
+                    isa=isa, format=fmt, group_size=self.group_size,
                 ),
             )
         workspace = KExpertsSFTBuffer.get(("workspace",), _native._kt.SftWorkspace)
@@ -120,6 +122,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
             skip_lora=self.skip_lora,
             isa=isa,
             format=fmt,
+            group_size=self.group_size,
             backward_weights=bwd,
             workspace=workspace,
         )
@@ -134,7 +137,8 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
 
     @property
     def weight_format(self) -> str:
-        """'bf16' or 'int8': how the frozen base weights are held."""
+        """How the frozen base weights are held: 'bf16', 'int8', 'int4', 'int4_asym', 'int4_group_sym' or
+        'int4_group_asym' (kt's ExpertFormat names)."""
         return self._layer.format
 
     def memory_bytes(self) -> dict:
