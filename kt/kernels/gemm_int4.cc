@@ -45,11 +45,28 @@ absl::Status PackInt4(const QuantizedMatrix& qm, uint8_t* panels, float* scales,
   const size_t n = qm.n, k = qm.k;
   const size_t stride = Int4PanelStride(k);
   std::memset(panels, 0, PackedInt4Bytes(n, k));
+  // Whole blocks of 8 k a word at a time: the row's 4 canonical bytes of block b hold nibbles n0..n7 of
+  // k = 8b..8b+7 (n_i at bit 4i); the packed block wants byte j = n_j | n_{j+4} << 4. Spreading the low and
+  // high 16 bits over 4 bytes does that with shifts and masks (loading a converted int4 layer was bound by
+  // the per-nibble loop below: 0.39 GB/s on 2 threads of the dev box).
+  const uint32_t flip = asym ? 0u : 0x88888888u;  // u = q + 8: bit 3 of every nibble flipped
+  auto spread = [](uint32_t x) {  // 16 bits n3 n2 n1 n0 -> bytes n0, n1, n2, n3
+    x = (x | (x << 8)) & 0x00FF00FFu;
+    return (x | (x << 4)) & 0x0F0F0F0Fu;
+  };
+  const size_t full_blocks = k / 8;
   for (size_t row = 0; row < n; ++row) {
     const uint8_t* src = qm.data.data() + row * row_bytes;
     uint8_t* panel = panels + (row / kInt4PanelRows) * stride;
     const size_t r = row % kInt4PanelRows;
-    for (size_t kk = 0; kk < k; ++kk) {
+    for (size_t b = 0; b < full_blocks; ++b) {
+      uint32_t w;
+      std::memcpy(&w, src + 4 * b, 4);
+      w ^= flip;
+      const uint32_t out = spread(w & 0xFFFFu) | (spread(w >> 16) << 4);
+      std::memcpy(panel + b * 64 + 4 * r, &out, 4);
+    }
+    for (size_t kk = full_blocks * 8; kk < k; ++kk) {
       // Symmetric nibbles are two's complement q in [-7, 7]; u = q + 8 is the nibble with bit 3 flipped.
       const uint8_t u = asym ? Nibble(src, kk) : static_cast<uint8_t>(Nibble(src, kk) ^ 0x8);
       const size_t b = kk / 8, j = kk % 4, high = (kk % 8) / 4;
