@@ -209,23 +209,8 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
         if (layout->spec.format == QuantFormat::kInt8PerChannel) {
           // The vectorized row quantizer computes kt-int8-channel-v1 bit for bit (act_quant_test); a
           // non-finite weight falls through to Quantize for its error naming row and column.
-          bool finite = true;
-          for (const bf16_t v : buf) finite &= (v.bits & 0x7f80u) != 0x7f80u;
-          if (finite) {
-            static const Isa isa = BestIsa(GetCpuFeatures());
-            QuantizedMatrix& qm = quant[e * 3 + p];
-            qm.spec = layout->spec;
-            qm.n = n;
-            qm.k = k;
-            qm.data.resize(n * k);
-            qm.scales.resize(n);
-            qm.zeros.clear();
-            for (size_t r = 0; r < n; ++r) {
-              QuantizeRowInt8(isa, buf.data() + r * k, k, reinterpret_cast<int8_t*>(qm.data.data()) + r * k,
-                              &qm.scales[r]);
-            }
-            continue;
-          }
+          static const Isa isa = BestIsa(GetCpuFeatures());
+          if (QuantizeInt8ChannelRows(isa, buf.data(), n, k, &quant[e * 3 + p])) continue;
         }
         absl::StatusOr<QuantizedMatrix> q = Quantize(layout->spec, buf.data(), k, n, k);
         if (!q.ok()) {

@@ -504,20 +504,8 @@ absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
     // kt-int8-channel-v1 is per-row absmax/127 quantization, exactly what the vectorized activation
     // quantizer computes (bit-identical to quant.h's Quantize, tested): 10x+ faster online loading. A
     // non-finite weight takes Quantize below, for its error message naming row and column.
-    bool finite = true;
-    for (size_t i = 0; i < n * k; ++i) finite &= (w[i].bits & 0x7f80u) != 0x7f80u;
-    if (finite) {
-      QuantizedMatrix qm;
-      qm.spec = *spec;
-      qm.n = n;
-      qm.k = k;
-      qm.data.resize(n * k);
-      qm.scales.resize(n);
-      for (size_t r = 0; r < n; ++r) {
-        QuantizeRowInt8(isa_, w + r * k, k, reinterpret_cast<int8_t*>(qm.data.data()) + r * k, &qm.scales[r]);
-      }
-      return LoadExpertQuantized(slot, proj, qm);
-    }
+    QuantizedMatrix qm;
+    if (QuantizeInt8ChannelRows(isa_, w, n, k, &qm)) return LoadExpertQuantized(slot, proj, qm);
   }
   absl::StatusOr<QuantizedMatrix> q = Quantize(*spec, w, k, n, k);
   if (!q.ok()) {
