@@ -120,56 +120,55 @@ void Block(size_t rows, size_t panels, size_t k, const bf16_t* x, size_t ldx, co
   }
 }
 
-// The K-blocked schedule for whole 32 x 32 blocks (the bulk of a prefill GEMM). Block() above walks all of
-// K for one 32 x 32 block, so per K step it loads 2 A and 2 B tiles (4 KiB) for 4 tdpbf16ps (64 cycles):
-// 64 B/cycle, which only L1 can feed, and neither operand stays in L1 (a panel pair is 64 KiB per 1024 of
-// K, and A rows are 2 KiB+ apart, so 16 A rows fall into one L1 set). Here a panel pair's K block of
-// kb (16 KiB at kb = 256) stays in L1 while every 32-row block of up to kRowGroup rows runs over it; only
-// A streams (from L2: 2 KiB per 64 cycles), and the fp32 partial sums of each block wait in c_scratch
-// between K blocks (a 4 KiB tile store + load per kb/32 steps).
-constexpr size_t kRowGroup = 256;
-
-void KBlocked(size_t kb, size_t rows, size_t k, const bf16_t* x, size_t ldx, const bf16_t* pair0,
-              size_t stride, float* y, size_t ldy) {
-  alignas(64) float c_scratch[kRowGroup / 32][4][kTileRows * kPanelRows];
+// The K-blocked schedule for whole 32-row blocks x whole panel pairs (the bulk of a prefill GEMM).
+// Block() above walks all of K for one 32 x 32 block, so per K step it loads 2 A and 2 B tiles (4 KiB) for 4
+// tdpbf16ps (64 cycles): 64 B/cycle. At K = 4096 neither operand fits L1 (32 A rows are 256 KiB, a panel
+// pair 256 KiB), so both stream from L2, which cannot deliver that.
+// Here the loops run K block (kb) -> 32-row block -> panel pair, so that
+//   - the 32 x kb block of A (32 KiB at kb = 512) is reused from L1 by every panel pair of the call;
+//   - the kb slice of all the call's panels (n_cols x kb x 2 bytes: 128 KiB for 128 columns at kb = 512)
+//     is reused from L2 by every 32-row block; only B tiles come from L2 (32 B/cycle at peak);
+//   - the fp32 partial sums wait in y itself between K blocks (4 tile loads + 4 stores per panel pair and K
+//     block: 8 KiB per 4 * kb / 32 tdpbf16ps, ~12% extra traffic at kb = 512, all L1/L2-resident).
+void KBlocked(size_t kb, size_t rows, size_t pairs, size_t k, const bf16_t* x, size_t ldx,
+              const bf16_t* panel0, size_t stride, float* y, size_t ldy) {
   const size_t row_blocks = rows / 32;
+  const size_t ldy_bytes = ldy * sizeof(float);
   for (size_t k0b = 0; k0b < k; k0b += kb) {
     const size_t k1b = std::min(k, k0b + kb);
-    const bool first = k0b == 0, last = k1b == k;
+    const bool first = k0b == 0;
     for (size_t rb = 0; rb < row_blocks; ++rb) {
       const bf16_t* xr = x + rb * 32 * ldx;
-      if (first) {
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_zero(6);
-        _tile_zero(7);
-      } else {
-        _tile_loadd(4, c_scratch[rb][0], 64);
-        _tile_loadd(5, c_scratch[rb][1], 64);
-        _tile_loadd(6, c_scratch[rb][2], 64);
-        _tile_loadd(7, c_scratch[rb][3], 64);
-      }
-      for (size_t k0 = k0b; k0 < k1b; k0 += kTileK) {
-        _tile_loadd(0, xr + k0, ldx * sizeof(bf16_t));
-        _tile_loadd(1, xr + kTileRows * ldx + k0, ldx * sizeof(bf16_t));
-        _tile_loadd(2, pair0 + k0 * kPanelRows, 64);  // pair-row k0/2, 32 bf16 each
-        _tile_loadd(3, pair0 + stride + k0 * kPanelRows, 64);
-        _tile_dpbf16ps(4, 0, 2);
-        _tile_dpbf16ps(5, 0, 3);
-        _tile_dpbf16ps(6, 1, 2);
-        _tile_dpbf16ps(7, 1, 3);
-      }
-      if (last) {
-        float* yr = y + rb * 32 * ldy;
-        _tile_stored(4, yr, ldy * sizeof(float));
-        _tile_stored(5, yr + kPanelRows, ldy * sizeof(float));
-        _tile_stored(6, yr + kTileRows * ldy, ldy * sizeof(float));
-        _tile_stored(7, yr + kTileRows * ldy + kPanelRows, ldy * sizeof(float));
-      } else {
-        _tile_stored(4, c_scratch[rb][0], 64);
-        _tile_stored(5, c_scratch[rb][1], 64);
-        _tile_stored(6, c_scratch[rb][2], 64);
-        _tile_stored(7, c_scratch[rb][3], 64);
+      float* yr = y + rb * 32 * ldy;
+      for (size_t pp = 0; pp < pairs; ++pp) {
+        const bf16_t* b0 = panel0 + 2 * pp * stride;
+        const bf16_t* b1 = b0 + stride;
+        float* yc = yr + pp * 2 * kPanelRows;
+        if (first) {
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+        } else {
+          _tile_loadd(4, yc, ldy_bytes);
+          _tile_loadd(5, yc + kPanelRows, ldy_bytes);
+          _tile_loadd(6, yc + kTileRows * ldy, ldy_bytes);
+          _tile_loadd(7, yc + kTileRows * ldy + kPanelRows, ldy_bytes);
+        }
+        for (size_t k0 = k0b; k0 < k1b; k0 += kTileK) {
+          _tile_loadd(0, xr + k0, ldx * sizeof(bf16_t));
+          _tile_loadd(1, xr + kTileRows * ldx + k0, ldx * sizeof(bf16_t));
+          _tile_loadd(2, b0 + k0 * kPanelRows, 64);  // pair-row k0/2, 32 bf16 each
+          _tile_loadd(3, b1 + k0 * kPanelRows, 64);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(5, 0, 3);
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(7, 1, 3);
+        }
+        _tile_stored(4, yc, ldy_bytes);
+        _tile_stored(5, yc + kPanelRows, ldy_bytes);
+        _tile_stored(6, yc + kTileRows * ldy, ldy_bytes);
+        _tile_stored(7, yc + kTileRows * ldy + kPanelRows, ldy_bytes);
       }
     }
   }
@@ -192,19 +191,12 @@ void GemmBf16AmxKBlocked(size_t kb, size_t m, size_t k, const bf16_t* x, size_t 
   const bool blocked = kb > 0 && k % kTileK == 0;
   const size_t full_pairs = blocked ? n_cols / (2 * kPanelRows) : 0;
   const size_t m_full = blocked ? m / 32 * 32 : 0;
+  if (full_pairs > 0 && m_full > 0) KBlocked(kb, m_full, full_pairs, k, x, ldx, panels, stride, y, ldy);
   for (size_t p = 0; p < num_panels; p += 2) {
     const size_t np = std::min<size_t>(2, num_panels - p);
     const size_t c0 = p * kPanelRows;
     const size_t cols = std::min(n_cols - c0, np * kPanelRows);
-    size_t i = 0;
-    if (p / 2 < full_pairs) {
-      for (i = 0; i < m_full; i += kRowGroup) {
-        KBlocked(kb, std::min(kRowGroup, m_full - i), k, x + i * ldx, ldx, panels + p * stride, stride,
-                 y + i * ldy + c0, ldy);
-      }
-      i = m_full;
-    }
-    for (; i < m; i += 2 * kTileRows) {
+    for (size_t i = p / 2 < full_pairs ? m_full : 0; i < m; i += 2 * kTileRows) {
       const size_t rows = std::min(2 * kTileRows, m - i);
       Block(rows, np, k, x + i * ldx, ldx, panels + p * stride, stride, y + i * ldy + c0, ldy, cols);
     }

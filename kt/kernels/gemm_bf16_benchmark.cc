@@ -52,9 +52,9 @@ void Shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 
-// The AMX kernel's K block on one MoE task's shape: 128 output columns (kPanelsPerTaskAmx) of the
-// Qwen3-235B-A22B gate/up (K=H=4096) and down (K=I=1536) projections, 64 rows (the gate/up row chunk) and
-// 256 (an expert's rows at qlen 4096). kb = 0 is the unblocked schedule.
+// The AMX kernel's K block on MoE task shapes: 128 and 256 output columns of the Qwen3-235B-A22B gate/up
+// (K=H=4096) and down (K=I=1536) projections, 64 rows (the default gate/up row chunk) and 256 (an expert's
+// rows at qlen 4096), rows padded by a cache line as the layer pads them. kb = 0 is the unblocked schedule.
 void BM_GemmBf16AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
   const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
@@ -77,7 +77,7 @@ void BM_GemmBf16AmxKBlock(benchmark::State& state) {
                                                 benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_GemmBf16AmxKBlock)
-    ->ArgsProduct({{0, 256}, {64, 256}, {128}, {4096, 2048, 1536}, {0, 32}})
+    ->ArgsProduct({{0, 256, 512, 1024}, {64, 256}, {128, 256}, {4096, 1536}, {32}})
     ->ArgNames({"kb", "M", "N", "K", "pad"});
 
 }  // namespace

@@ -127,52 +127,63 @@ void Block(size_t rows, size_t panels, size_t k, const int8_t* qx, size_t ldqx, 
   }
 }
 
-// The K-blocked schedule for whole 32 x 32 blocks, as in gemm_bf16_amx.cc: a panel pair's K block of kb
-// (kb * 32 bytes: 16 KiB at kb = 512) stays in L1 while every 32-row block of up to kRowGroup rows runs over
-// it, so per K step only the two A tiles stream (from L2); the int32 partial sums of each block wait in
-// c_scratch between K blocks and get the fp32 epilogue after the last one.
-constexpr size_t kRowGroup = 256;
-
-void KBlocked(size_t kb, size_t rows, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
-              const int8_t* pair0, size_t stride, const float* sw, float* y, size_t ldy) {
-  alignas(64) int32_t c_scratch[kRowGroup / 32][4][kTileRows * kInt8PanelRows];
+// The K-blocked schedule for whole 32-row blocks x whole panel pairs, as in gemm_bf16_amx.cc: loops run K
+// block (kb) -> 32-row block -> panel pair, so the 32 x kb block of A (32 KiB at kb = 1024) is reused from
+// L1 by every panel pair and the kb slice of the call's panels from L2 by every row block. The int32 partial
+// sums wait in y's own memory between K blocks (same 4 bytes per element) and get the fp32 epilogue,
+// in place, after the last one.
+void KBlocked(size_t kb, size_t rows, size_t pairs, size_t k, const int8_t* qx, size_t ldqx,
+              const float* sx, const int8_t* panel0, size_t stride, const float* sw, float* y, size_t ldy) {
   const size_t row_blocks = rows / 32;
+  const size_t ldy_bytes = ldy * sizeof(float);
+  int32_t* acc = reinterpret_cast<int32_t*>(y);
   for (size_t k0b = 0; k0b < k; k0b += kb) {
     const size_t k1b = MinSize(k, k0b + kb);
     const bool first = k0b == 0;
     for (size_t rb = 0; rb < row_blocks; ++rb) {
       const int8_t* xr = qx + rb * 32 * ldqx;
-      if (first) {
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_zero(6);
-        _tile_zero(7);
-      } else {
-        _tile_loadd(4, c_scratch[rb][0], 64);
-        _tile_loadd(5, c_scratch[rb][1], 64);
-        _tile_loadd(6, c_scratch[rb][2], 64);
-        _tile_loadd(7, c_scratch[rb][3], 64);
+      int32_t* yr = acc + rb * 32 * ldy;
+      for (size_t pp = 0; pp < pairs; ++pp) {
+        const int8_t* b0 = panel0 + 2 * pp * stride;
+        const int8_t* b1 = b0 + stride;
+        int32_t* yc = yr + pp * 2 * kInt8PanelRows;
+        if (first) {
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+        } else {
+          _tile_loadd(4, yc, ldy_bytes);
+          _tile_loadd(5, yc + kInt8PanelRows, ldy_bytes);
+          _tile_loadd(6, yc + kTileRows * ldy, ldy_bytes);
+          _tile_loadd(7, yc + kTileRows * ldy + kInt8PanelRows, ldy_bytes);
+        }
+        for (size_t k0 = k0b; k0 < k1b; k0 += kTileK) {
+          _tile_loadd(0, xr + k0, ldqx);
+          _tile_loadd(1, xr + kTileRows * ldqx + k0, ldqx);
+          _tile_loadd(2, b0 + k0 * kInt8PanelRows, 64);  // quad-row k0/4, 64 bytes each
+          _tile_loadd(3, b1 + k0 * kInt8PanelRows, 64);
+          _tile_dpbssd(4, 0, 2);
+          _tile_dpbssd(5, 0, 3);
+          _tile_dpbssd(6, 1, 2);
+          _tile_dpbssd(7, 1, 3);
+        }
+        _tile_stored(4, yc, ldy_bytes);
+        _tile_stored(5, yc + kInt8PanelRows, ldy_bytes);
+        _tile_stored(6, yc + kTileRows * ldy, ldy_bytes);
+        _tile_stored(7, yc + kTileRows * ldy + kInt8PanelRows, ldy_bytes);
       }
-      for (size_t k0 = k0b; k0 < k1b; k0 += kTileK) {
-        _tile_loadd(0, xr + k0, ldqx);
-        _tile_loadd(1, xr + kTileRows * ldqx + k0, ldqx);
-        _tile_loadd(2, pair0 + k0 * kInt8PanelRows, 64);  // quad-row k0/4, 64 bytes each
-        _tile_loadd(3, pair0 + stride + k0 * kInt8PanelRows, 64);
-        _tile_dpbssd(4, 0, 2);
-        _tile_dpbssd(5, 0, 3);
-        _tile_dpbssd(6, 1, 2);
-        _tile_dpbssd(7, 1, 3);
-      }
-      _tile_stored(4, c_scratch[rb][0], 64);
-      _tile_stored(5, c_scratch[rb][1], 64);
-      _tile_stored(6, c_scratch[rb][2], 64);
-      _tile_stored(7, c_scratch[rb][3], 64);
     }
   }
-  for (size_t rb = 0; rb < row_blocks; ++rb) {
-    for (size_t t = 0; t < 4; ++t) {
-      const size_t r0 = rb * 32 + (t / 2) * kTileRows, c0 = (t % 2) * kInt8PanelRows;
-      Epilogue(c_scratch[rb][t], kTileRows, kInt8PanelRows, sx + r0, sw + c0, y + r0 * ldy + c0, ldy);
+  // Epilogue in place: each row's int32 sums become fp32 (the load happens before the store of the same
+  // 64 bytes, so the aliasing is harmless).
+  const size_t cols = pairs * 2 * kInt8PanelRows;
+  for (size_t r = 0; r < rows; ++r) {
+    const __m512 x_scale = _mm512_set1_ps(sx[r]);
+    for (size_t c = 0; c < cols; c += kInt8PanelRows) {
+      const __m512 scale = _mm512_mul_ps(x_scale, _mm512_loadu_ps(sw + c));
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * ldy + c));
+      _mm512_storeu_ps(y + r * ldy + c, _mm512_mul_ps(scale, dot));
     }
   }
 }
@@ -195,19 +206,14 @@ void GemmInt8AmxKBlocked(size_t kb, size_t m, size_t k, const int8_t* qx, size_t
   const bool blocked = kb > 0 && k % kTileK == 0;
   const size_t full_pairs = blocked ? n_cols / (2 * kInt8PanelRows) : 0;
   const size_t m_full = blocked ? m / 32 * 32 : 0;
+  if (full_pairs > 0 && m_full > 0) {
+    KBlocked(kb, m_full, full_pairs, k, qx, ldqx, sx, panels, stride, w_scales, y, ldy);
+  }
   for (size_t p = 0; p < num_panels; p += 2) {
     const size_t np = MinSize(2, num_panels - p);
     const size_t c0 = p * kInt8PanelRows;
     const size_t cols = MinSize(n_cols - c0, np * kInt8PanelRows);
-    size_t i = 0;
-    if (p / 2 < full_pairs) {
-      for (i = 0; i < m_full; i += kRowGroup) {
-        KBlocked(kb, MinSize(kRowGroup, m_full - i), k, qx + i * ldqx, ldqx, sx + i, panels + p * stride,
-                 stride, w_scales + c0, y + i * ldy + c0, ldy);
-      }
-      i = m_full;
-    }
-    for (; i < m; i += 2 * kTileRows) {
+    for (size_t i = p / 2 < full_pairs ? m_full : 0; i < m; i += 2 * kTileRows) {
       const size_t rows = MinSize(2 * kTileRows, m - i);
       Block(rows, np, k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0,
             y + i * ldy + c0, ldy, cols);

@@ -59,8 +59,8 @@ void Shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 
-// The AMX kernel's K block on one MoE task's shape (see gemm_bf16_benchmark): 128 columns of the
-// Qwen3-235B-A22B gate/up (K=4096) and down (K=1536), 64 and 256 rows. kb = 0 is the unblocked schedule.
+// The AMX kernel's K block on MoE task shapes (see gemm_bf16_benchmark): 128 and 256 columns of the
+// Qwen3-235B-A22B gate/up (K=4096) and down (K=1536), 64 and 256 rows, padded rows. kb = 0 is unblocked.
 void BM_GemmInt8AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
   const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
@@ -86,7 +86,7 @@ void BM_GemmInt8AmxKBlock(benchmark::State& state) {
                                               benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_GemmInt8AmxKBlock)
-    ->ArgsProduct({{0, 1024}, {64, 256}, {128}, {4096, 2048, 1536}, {0, 64}})
+    ->ArgsProduct({{0, 512, 1024, 2048}, {64, 256}, {128, 256}, {4096, 1536}, {64}})
     ->ArgNames({"kb", "M", "N", "K", "pad"});
 
 }  // namespace

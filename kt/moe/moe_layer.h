@@ -23,6 +23,7 @@
 #ifndef KT_MOE_MOE_LAYER_H_
 #define KT_MOE_MOE_LAYER_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -75,22 +76,29 @@ struct MoeConfig {
 // Checks every field (positive, sane) and names the bad one.
 absl::Status ValidateMoeConfig(const MoeConfig& config);
 
-// Wall time of each phase of the last Forward, in seconds (for benchmarks: where a forward's time goes).
+// Where the last Forward's time went, in seconds (for benchmarks). route is wall time; gather, gate_up,
+// quant_h and down run as one pipeline (a task of one phase starts as soon as what it reads is ready, no
+// barrier in between), so theirs is the time the threads spent in that phase's tasks divided by the number
+// of threads, which adds up to the pipeline's wall time minus idle time.
 struct ForwardProfile {
   double route = 0;    // counting sort of (token, slot) pairs by expert
   double gather = 0;   // gathered (and for quantized formats, quantized) input rows
   double gate_up = 0;  // gate and up GEMMs + silu(g) * u
   double quant_h = 0;  // quantized formats: h rows quantized
-  double down = 0;     // down GEMMs
-  double combine = 0;  // weighted sum per token
+  double down = 0;     // down GEMMs, the weighted sum per token and its rounding to bf16
 };
 
-// Work-unit sizes of the gate/up and down phases, in 16-column panels per task (1..8); 0 keeps the
-// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down). A tuning
-// knob for benchmarks, like the original's tiling setters; results do not depend on it.
+// Work-unit sizes of the gate/up and down phases, in 16-column panels per task (1..16); 0 keeps the
+// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down). row_chunk: rows
+// of one expert per gate/up kernel call (0: built-in, 64; else 16..1024; an expert's rows are split into
+// near-equal chunks of at most this many). k_block: the AMX kernels' K block
+// (GemmBf16AmxKBlocked / GemmInt8AmxKBlocked; 0: built-in; other paths ignore it). A tuning knob for
+// benchmarks, like the original's tiling setters; results do not depend on it.
 struct MoeTiling {
   int gate_up_panels = 0;
   int down_panels = 0;
+  int row_chunk = 0;
+  int k_block = 0;
 };
 
 // The canonical quantized format a quantized ExpertFormat stores (kInt8: kt-int8-channel-v1, kInt4:
@@ -183,6 +191,8 @@ class MoeLayer {
  private:
   MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format);
   size_t ScratchPerThread() const;
+  size_t RowChunk() const;
+  size_t KBlock() const;
 
   // A 64-byte aligned array: packed panels are read one cache line per load.
   template <typename T>
@@ -247,13 +257,17 @@ class MoeLayer {
   std::vector<int> expert_count_;    // [E] rows routed to each physical expert
   std::vector<int> expert_begin_;    // [E+1] first row of each expert (rows grouped by expert)
   std::vector<int> row_token_;       // [rows] token of each row
+  std::vector<float> row_weight_;    // [rows] routing weight of each row
   std::vector<int> token_slot_row_;  // [max_len * k] row of (token, slot), -1 when skipped
   std::vector<int> active_;          // experts with at least one row
+  // Forward's pipeline: per active expert (index into active_), gate/up tasks and h-quantize tasks still
+  // to finish.
+  std::unique_ptr<std::atomic<int>[]> gu_left_, quant_left_;
   // Row strides (elements) of the activation arrays: padded past K by one cache line (moe_layer.cc says why).
   size_t ldx_ = 0;                   // xs_ (bf16) or qxs_ (int8)
   size_t ldh_ = 0;                   // hs_
   size_t ldqh_ = 0;                  // qhs_
-  size_t ldy_ = 0;                   // ys_
+  size_t ldy_ = 0;                   // acc_
   AlignedArray<bf16_t> xs_;          // [rows, ldx_] gathered inputs
   AlignedArray<bf16_t> hs_;          // [rows, ldh_] bf16(silu(g) * u)
   AlignedArray<int8_t> qxs_;         // kInt8: [rows, ldx_] xs_ quantized per row
@@ -264,7 +278,7 @@ class MoeLayer {
   // the int32 group sums of the quantized rows (Int4ActivationSums) here.
   AlignedArray<int32_t> xsums_;      // int4: [rows][groups of H]
   AlignedArray<int32_t> hsums_;      // int4: [rows][groups of I]
-  AlignedArray<float> ys_;           // [rows, ldy_] down projections
+  AlignedArray<float> acc_;          // [max_len, ldy_] fp32 weighted sums of the down projections
   AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
   int scratch_threads_ = 0;
 

@@ -343,28 +343,40 @@ TEST_P(MoeLayerTest, FewTokensOnManyThreads) {
 }
 
 TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
-  // Each output column is one dot product over K in a fixed order whatever the task's column block, so
-  // every tiling gives the same bits.
-  const Layer l = Make(6, 2, 200, 136, 24, 15);
+  // Each output column is one dot product over K in a fixed order whatever the task's column block, row
+  // chunk or AMX K block (partial sums wait in fp32/int32 memory between K blocks, exactly), so every
+  // tiling gives the same bits. H and I are multiples of 64 and experts get ~40 rows, so the AMX path
+  // takes its K-blocked schedule (whole 32-row blocks x panel pairs) plus remainders.
+  const Layer l = Make(6, 2, 256, 192, 128, 15);
   const size_t h = l.config.hidden;
+  const int qlen = 120;
   ThreadPool pool(3);
   auto moe = Build(l, pool);
   std::mt19937 rng(16);
-  const Batch b = RandomBatch(l.config, 24, rng);
-  std::vector<bf16_t> want(24 * h), got(24 * h);
-  ASSERT_TRUE(moe->Forward(pool, 24, 2, b.ids.data(), b.weights.data(), b.input.data(), want.data(), nullptr)
+  const Batch b = RandomBatch(l.config, qlen, rng);
+  std::vector<bf16_t> want(qlen * h), got(qlen * h);
+  ASSERT_TRUE(moe->Forward(pool, qlen, 2, b.ids.data(), b.weights.data(), b.input.data(), want.data(), nullptr)
                   .ok());
-  for (const MoeTiling t : {MoeTiling{1, 1}, MoeTiling{2, 7}, MoeTiling{8, 8}, MoeTiling{5, 0}}) {
+  for (const MoeTiling t : {MoeTiling{1, 1}, MoeTiling{2, 7}, MoeTiling{8, 8}, MoeTiling{5, 0},
+                            MoeTiling{4, 4, 40, 64}, MoeTiling{16, 16, 1024, 32}, MoeTiling{3, 6, 33, 1},
+                            MoeTiling{12, 2, 16, 128}, MoeTiling{2, 3, 17, 0}}) {
     ASSERT_TRUE(moe->SetTiling(t).ok());
-    ASSERT_TRUE(moe->Forward(pool, 24, 2, b.ids.data(), b.weights.data(), b.input.data(), got.data(), nullptr)
+    ASSERT_TRUE(moe->Forward(pool, qlen, 2, b.ids.data(), b.weights.data(), b.input.data(), got.data(), nullptr)
                     .ok());
     for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_EQ(got[i].bits, want[i].bits) << "tiling " << t.gate_up_panels << "," << t.down_panels << " at " << i;
+      ASSERT_EQ(got[i].bits, want[i].bits) << "tiling " << t.gate_up_panels << "," << t.down_panels << ","
+                                           << t.row_chunk << "," << t.k_block << " at " << i;
     }
   }
-  const absl::Status bad = moe->SetTiling(MoeTiling{9, 0});
-  EXPECT_NE(bad.message().find("gate_up_panels must be 0 (automatic) or in [1, 8], got 9"),
+  const absl::Status bad = moe->SetTiling(MoeTiling{17, 0});
+  EXPECT_NE(bad.message().find("gate_up_panels must be 0 (automatic) or in [1, 16], got 17"),
             absl::string_view::npos) << bad;
+  const absl::Status bad_rows = moe->SetTiling(MoeTiling{0, 0, 1025, 0});
+  EXPECT_NE(bad_rows.message().find("row_chunk must be 0 (automatic) or in [16, 1024], got 1025"),
+            absl::string_view::npos) << bad_rows;
+  EXPECT_FALSE(moe->SetTiling(MoeTiling{0, 0, 15, 0}).ok());
+  const absl::Status bad_kb = moe->SetTiling(MoeTiling{0, 0, 0, -1});
+  EXPECT_NE(bad_kb.message().find("k_block must be 0 (automatic)"), absl::string_view::npos) << bad_kb;
 }
 
 // The low-level access kt/sft builds on: UnpackExpert gives back the weights the format holds (bf16

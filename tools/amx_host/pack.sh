@@ -30,9 +30,11 @@ cp tools/sft_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the fixtures they read
-# (../shared does not travel to that host).
+# (../shared does not travel to that host). KT_PACK_NO_PYTHON=1 skips it (C++-only runs).
 py312_include="${KT_PY312_INCLUDE:-$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/3.12.1/include/python3.12}"
-if [ -f "$py312_include/Python.h" ]; then
+if [ -n "${KT_PACK_NO_PYTHON:-}" ]; then
+  echo "pack.sh: KT_PACK_NO_PYTHON set; skipping the Python package" >&2
+elif [ -f "$py312_include/Python.h" ]; then
   repo=/tmp/kt_python312_headers
   rm -rf "$repo" && mkdir -p "$repo"
   cp -r "$py312_include"/. "$repo/"
