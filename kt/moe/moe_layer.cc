@@ -86,6 +86,35 @@ void MoeLayer::AlignedArray<T>::Resize(size_t n) {
   size = n;
 }
 
+template <typename T>
+void MoeScratch::Array<T>::Reserve(size_t n) {
+  if (n <= size) return;
+  const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();
+  data.reset(p);
+  size = n;
+}
+
+std::shared_ptr<MoeScratch> MoeScratch::Shared() {
+  static std::mutex* mu = new std::mutex;
+  static std::weak_ptr<MoeScratch>* shared = new std::weak_ptr<MoeScratch>;
+  std::lock_guard<std::mutex> lock(*mu);
+  std::shared_ptr<MoeScratch> s = shared->lock();
+  if (s == nullptr) {
+    s = std::make_shared<MoeScratch>();
+    *shared = s;
+  }
+  return s;
+}
+
+size_t MoeScratch::bytes() const {
+  std::lock_guard<std::mutex> lock(mu);
+  return xs.size * sizeof(bf16_t) + hs.size * sizeof(bf16_t) + qxs.size + qhs.size +
+         (sxs.size + shs.size + acc.size + per_thread.size) * sizeof(float) +
+         (xsums.size + hsums.size) * sizeof(int32_t);
+}
+
 absl::Status ValidateMoeConfig(const MoeConfig& c) {
   auto positive = [](const char* name, int v) -> absl::Status {
     if (v <= 0) {
@@ -147,7 +176,8 @@ MoeLayer::MoeLayer(const MoeConfig& config, Isa isa, ExpertFormat format)
 }
 
 absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& config, Isa isa,
-                                                           ExpertFormat format) {
+                                                           ExpertFormat format,
+                                                           std::shared_ptr<MoeScratch> scratch) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
   if (!IsaSupported(isa, GetCpuFeatures())) {
     return absl::FailedPreconditionError(
@@ -204,18 +234,21 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
   moe->ldh_ = PaddedStride(i, sizeof(bf16_t));
   moe->ldqh_ = PaddedStride(i, 1);
   moe->ldy_ = PaddedStride(h, sizeof(float));  // acc_ rows
-  if (!quantized) moe->xs_.Resize(rows * moe->ldx_);  // others gather into the int8 copy
-  moe->hs_.Resize(rows * moe->ldh_);
-  moe->acc_.Resize(static_cast<size_t>(config.max_len) * moe->ldy_);
+  moe->scratch_ = scratch != nullptr ? std::move(scratch) : MoeScratch::Shared();
+  MoeScratch& sc = *moe->scratch_;
+  std::lock_guard<std::mutex> lock(sc.mu);
+  if (!quantized) sc.xs.Reserve(rows * moe->ldx_);  // others gather into the int8 copy
+  sc.hs.Reserve(rows * moe->ldh_);
+  sc.acc.Reserve(static_cast<size_t>(config.max_len) * moe->ldy_);
   if (int8 || int4) {
-    moe->qxs_.Resize(rows * moe->ldx_);
-    moe->sxs_.Resize(rows * moe->ActGroups(h));
-    moe->qhs_.Resize(rows * moe->ldqh_);
-    moe->shs_.Resize(rows * moe->ActGroups(i));
+    sc.qxs.Reserve(rows * moe->ldx_);
+    sc.sxs.Reserve(rows * moe->ActGroups(h));
+    sc.qhs.Reserve(rows * moe->ldqh_);
+    sc.shs.Reserve(rows * moe->ActGroups(i));
   }
   if (int4) {
-    moe->xsums_.Resize(rows * moe->ActGroups(h));
-    moe->hsums_.Resize(rows * moe->ActGroups(i));
+    sc.xsums.Reserve(rows * moe->ActGroups(h));
+    sc.hsums.Reserve(rows * moe->ActGroups(i));
   }
   return moe;
 }
@@ -287,13 +320,14 @@ void MoeLayer::Gemm(const Projection& p, size_t e, size_t c0, size_t cols, bool 
   ProjInput in;
   if (format_ == ExpertFormat::kBf16) {
     in.ld = hidden_input ? ldh_ : ldx_;
-    in.x = (hidden_input ? hs_.get() : xs_.get()) + r0 * in.ld;
+    in.x = (hidden_input ? scratch_->hs.get() : scratch_->xs.get()) + r0 * in.ld;
   } else {
     const size_t groups = ActGroups(p.k);
     in.ld = hidden_input ? ldqh_ : ldx_;
-    in.qx = (hidden_input ? qhs_.get() : qxs_.get()) + r0 * in.ld;
-    in.sx = (hidden_input ? shs_.get() : sxs_.get()) + r0 * groups;
-    if (IsInt4ExpertFormat(format_)) in.xsum = (hidden_input ? hsums_.get() : xsums_.get()) + r0 * groups;
+    const MoeScratch& sc = *scratch_;
+    in.qx = (hidden_input ? sc.qhs.get() : sc.qxs.get()) + r0 * in.ld;
+    in.sx = (hidden_input ? sc.shs.get() : sc.sxs.get()) + r0 * groups;
+    if (IsInt4ExpertFormat(format_)) in.xsum = (hidden_input ? sc.hsums.get() : sc.xsums.get()) + r0 * groups;
   }
   GemmRows(p, e, c0, cols, in, m, y, ldy);
 }
@@ -443,7 +477,6 @@ absl::Status MoeLayer::SetTiling(const MoeTiling& tiling) {
         absl::StrCat("MoeTiling.k_block must be 0 (automatic) or in [1, 1048576], got ", tiling.k_block));
   }
   tiling_ = tiling;
-  scratch_threads_ = 0;  // the per-thread scratch depends on row_chunk: size it again at the next Forward
   return absl::OkStatus();
 }
 
@@ -620,6 +653,8 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   if (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr) {
     return absl::InvalidArgumentError("Forward: ids, weights, input and output must not be null");
   }
+  // The scratch may be shared with other layers: one Forward at a time uses it.
+  std::lock_guard<std::mutex> scratch_lock(scratch_->mu);
   const int e_count = config_.num_experts;
   const size_t h = config_.hidden, inter = config_.intermediate;
   profile_ = ForwardProfile{};
@@ -657,11 +692,10 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   const size_t rows = static_cast<size_t>(expert_begin_[e_count]);
   lap(profile_.route);
 
-  // Per-thread fp32 scratch for one gate/up task (grows only when a larger pool is first seen).
-  if (pool.num_threads() > scratch_threads_) {
-    scratch_threads_ = pool.num_threads();
-    gu_scratch_.Resize(static_cast<size_t>(scratch_threads_) * ScratchPerThread());
-  }
+  // Per-thread fp32 blocks (grow only when a larger pool or row chunk is first seen).
+  MoeScratch& sc = *scratch_;
+  sc.per_thread.Reserve(static_cast<size_t>(pool.num_threads()) * ScratchPerThread());
+  const bool int4 = IsInt4ExpertFormat(format_);
 
   if (rows > 0) {
     // 2-4 run as one pipeline of tasks in this order: gather row blocks, gate/up blocks (expert-major),
@@ -731,10 +765,10 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
           const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
           if (quantized) {
             const size_t groups = ActGroups(h);
-            QuantizeRow(x, h, qxs_.get() + r * ldx_, sxs_.get() + r * groups,
-                        xsums_.size ? xsums_.get() + r * groups : nullptr);
+            QuantizeRow(x, h, sc.qxs.get() + r * ldx_, sc.sxs.get() + r * groups,
+                        int4 ? sc.xsums.get() + r * groups : nullptr);
           } else {
-            std::memcpy(xs_.get() + r * ldx_, x, h * sizeof(bf16_t));
+            std::memcpy(sc.xs.get() + r * ldx_, x, h * sizeof(bf16_t));
           }
         }
         gathered.fetch_add(1, std::memory_order_release);
@@ -746,7 +780,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
         const int e = active_[ai];
         const size_t c0 = ((task - t_gu) % inter_blocks) * cols_per_task;
         const size_t cols = std::min(cols_per_task, inter - c0);
-        float* g = gu_scratch_.get() + static_cast<size_t>(thread) * ScratchPerThread();
+        float* g = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
         float* u = g + row_chunk * cols_per_task;
         // The expert's rows in n near-equal chunks of at most row_chunk (>= 16) rows, so no chunk falls
         // below the AMX kernels' minimum of 8 rows when the expert has more: the kernel, and therefore the
@@ -762,7 +796,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
           Gemm(up_, e, c0, cols, /*hidden_input=*/false, r0, m, u, cols_per_task);
           for (size_t r = 0; r < m; ++r) {
             SiluMulToBf16(isa_, g + r * cols_per_task, u + r * cols_per_task,
-                          hs_.get() + (r0 + r) * ldh_ + c0, cols);
+                          sc.hs.get() + (r0 + r) * ldh_ + c0, cols);
           }
           r0 += m;
         }
@@ -776,8 +810,8 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
         const size_t groups = ActGroups(inter);
         const size_t r1 = std::min<size_t>(expert_begin_[e + 1], r_first + row_block);
         for (size_t r = r_first; r < r1; ++r) {
-          QuantizeRow(hs_.get() + r * ldh_, inter, qhs_.get() + r * ldqh_, shs_.get() + r * groups,
-                      hsums_.size ? hsums_.get() + r * groups : nullptr);
+          QuantizeRow(sc.hs.get() + r * ldh_, inter, sc.qhs.get() + r * ldqh_, sc.shs.get() + r * groups,
+                      int4 ? sc.hsums.get() + r * groups : nullptr);
         }
         quant_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
       } else {
@@ -790,9 +824,9 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
         const size_t c0 = (task - t_down) * down_cols_per_task;
         const size_t cols = std::min(down_cols_per_task, h - c0);
         for (size_t t = 0; t < static_cast<size_t>(qlen); ++t) {
-          std::fill_n(acc_.get() + t * ldy_ + c0, cols, 0.0f);
+          std::fill_n(sc.acc.get() + t * ldy_ + c0, cols, 0.0f);
         }
-        float* y = gu_scratch_.get() + static_cast<size_t>(thread) * ScratchPerThread();
+        float* y = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
         const size_t chunk = ScratchPerThread() / down_cols_per_task;  // rows of y per kernel call
         for (size_t ai = 0; ai < n_active; ++ai) {
           wait_for(gu_left_[ai]);
@@ -803,14 +837,14 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
             Gemm(down_, e, c0, cols, /*hidden_input=*/true, r0, m, y, down_cols_per_task);
             for (size_t r = 0; r < m; ++r) {
               const float w = row_weight_[r0 + r];
-              float* acc = acc_.get() + static_cast<size_t>(row_token_[r0 + r]) * ldy_ + c0;
+              float* acc = sc.acc.get() + static_cast<size_t>(row_token_[r0 + r]) * ldy_ + c0;
               const float* yr = y + r * down_cols_per_task;
               for (size_t c = 0; c < cols; ++c) acc[c] += w * yr[c];
             }
           }
         }
         for (size_t t = 0; t < static_cast<size_t>(qlen); ++t) {
-          const float* acc = acc_.get() + t * ldy_ + c0;
+          const float* acc = sc.acc.get() + t * ldy_ + c0;
           bf16_t* out = output + t * h + c0;
           for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
         }

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -108,11 +109,49 @@ struct MoeTiling {
 // format with a group_size other than 32, 64, 128.
 absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size = 0);
 
+// Forward's working memory: gathered (and quantized) activations, h, the fp32 output accumulators and the
+// per-thread blocks, sized for max_len * top_k rows. Layers run one at a time in a model, so they can share
+// one: by default every layer of the process shares MoeScratch::Shared(), which keeps a 94-layer
+// Qwen3-235B at one layer's scratch (~0.44 GB at max_len 4096, bf16) instead of 94 of them. Forward holds
+// the scratch's mutex for the whole call, so layers sharing one never run at the same time; give layers
+// that must run concurrently their own (std::make_shared<MoeScratch>()).
+class MoeScratch {
+ public:
+  // The process-wide scratch: the one every live layer created without an explicit scratch uses (a new one
+  // once they are all gone).
+  static std::shared_ptr<MoeScratch> Shared();
+  // Bytes allocated (grows to the largest layer that uses it).
+  size_t bytes() const;
+
+ private:
+  friend class MoeLayer;
+  template <typename T>
+  struct Array {
+    struct Free {
+      void operator()(T* p) const { std::free(p); }
+    };
+    std::unique_ptr<T[], Free> data;
+    size_t size = 0;
+    void Reserve(size_t n);  // grows (contents not kept), never shrinks
+    T* get() const { return data.get(); }
+  };
+  mutable std::mutex mu;
+  Array<bf16_t> xs;          // [rows, ldx] gathered inputs (kBf16)
+  Array<bf16_t> hs;          // [rows, ldh] bf16(silu(g) * u)
+  Array<int8_t> qxs, qhs;    // quantized formats: the same rows quantized (ldx, ldqh)
+  Array<float> sxs, shs;     // their scales, [rows][groups]
+  Array<int32_t> xsums, hsums;  // int4: [rows][groups] int32 group sums (Int4ActivationSums)
+  Array<float> acc;          // [max_len, ldy] fp32 weighted sums of the down projections
+  Array<float> per_thread;   // per pool thread: one gate/up task's g and u blocks, or one down block
+};
+
 class MoeLayer {
  public:
   // `isa` must be supported by this CPU (see ResolveIsa).
+  // `scratch`: Forward's working memory (see MoeScratch); nullptr shares MoeScratch::Shared().
   static absl::StatusOr<std::unique_ptr<MoeLayer>> Create(const MoeConfig& config, Isa isa,
-                                                          ExpertFormat format = ExpertFormat::kBf16);
+                                                          ExpertFormat format = ExpertFormat::kBf16,
+                                                          std::shared_ptr<MoeScratch> scratch = nullptr);
 
   // Canonical weights: gate and up [E, I, H], down [E, H, I], row-major bf16. Physical slot i (the id used
   // at Forward) holds logical expert physical_to_logical[i] of these arrays; nullptr means the identity.
@@ -264,23 +303,11 @@ class MoeLayer {
   // to finish.
   std::unique_ptr<std::atomic<int>[]> gu_left_, quant_left_;
   // Row strides (elements) of the activation arrays: padded past K by one cache line (moe_layer.cc says why).
-  size_t ldx_ = 0;                   // xs_ (bf16) or qxs_ (int8)
-  size_t ldh_ = 0;                   // hs_
-  size_t ldqh_ = 0;                  // qhs_
-  size_t ldy_ = 0;                   // acc_
-  AlignedArray<bf16_t> xs_;          // [rows, ldx_] gathered inputs
-  AlignedArray<bf16_t> hs_;          // [rows, ldh_] bf16(silu(g) * u)
-  AlignedArray<int8_t> qxs_;         // kInt8: [rows, ldx_] xs_ quantized per row
-  AlignedArray<float> sxs_;          // kInt8: [rows] their scales
-  AlignedArray<int8_t> qhs_;         // kInt8: [rows, ldqh_] hs_ quantized per row
-  AlignedArray<float> shs_;          // kInt8: [rows] their scales
-  // Int4 formats use qxs_/qhs_ too, with one scale per row and group in sxs_/shs_ ([rows][groups]) and
-  // the int32 group sums of the quantized rows (Int4ActivationSums) here.
-  AlignedArray<int32_t> xsums_;      // int4: [rows][groups of H]
-  AlignedArray<int32_t> hsums_;      // int4: [rows][groups of I]
-  AlignedArray<float> acc_;          // [max_len, ldy_] fp32 weighted sums of the down projections
-  AlignedArray<float> gu_scratch_;   // per thread: ScratchPerThread() floats
-  int scratch_threads_ = 0;
+  size_t ldx_ = 0;                   // scratch xs (bf16) or qxs (int8)
+  size_t ldh_ = 0;                   // scratch hs
+  size_t ldqh_ = 0;                  // scratch qhs
+  size_t ldy_ = 0;                   // scratch acc
+  std::shared_ptr<MoeScratch> scratch_;  // Forward's activations and blocks, with this layer's strides
 
   // Quantizes one activation row of length k into q, its scale(s) and (int4) group sums, per format.
   void QuantizeRow(const bf16_t* x, size_t k, int8_t* q, float* scales, int32_t* sums) const;

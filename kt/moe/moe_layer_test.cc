@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <random>
+#include <thread>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -340,6 +341,50 @@ TEST_P(MoeLayerTest, FewTokensOnManyThreads) {
     Compare(l, b, out);
     if (HasFailure()) return;
   }
+}
+
+TEST_P(MoeLayerTest, LayersShareOneScratch) {
+  // Two layers of different shapes share the process scratch (the default) and a third has its own: the
+  // shared one grows to the larger layer, interleaved calls give each layer the bits it gives alone, and two
+  // threads calling Forward on layers that share a scratch at the same time (serialized by its mutex) still
+  // get those bits.
+  const Layer small = Make(4, 2, 64, 48, 8, 31), big = Make(6, 3, 96, 80, 20, 32);
+  ThreadPool pool_a(2), pool_b(2);
+  auto a = Build(small, pool_a);
+  auto b = Build(big, pool_a);
+  absl::StatusOr<std::unique_ptr<MoeLayer>> own =
+      MoeLayer::Create(big.config, isa(), format(), std::make_shared<MoeScratch>());
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_TRUE((*own)->LoadWeights(big.gate.data(), big.up.data(), big.down.data(), nullptr, pool_a).ok());
+  const size_t hs = small.config.hidden, hb = big.config.hidden;
+  // At least the big layer's fp32 accumulators (max_len x H) and its gathered rows (max_len * k x H, >= 1 byte).
+  EXPECT_GE(MoeScratch::Shared()->bytes(), 20u * hb * sizeof(float) + 20u * 3 * hb);
+  std::mt19937 rng(33);
+  const Batch bs = RandomBatch(small.config, 8, rng), bb = RandomBatch(big.config, 20, rng);
+  auto run = [](MoeLayer& m, ThreadPool& pool, const Batch& x, size_t h) {
+    std::vector<bf16_t> out(static_cast<size_t>(x.qlen) * h);
+    EXPECT_TRUE(m.Forward(pool, x.qlen, x.k, x.ids.data(), x.weights.data(), x.input.data(), out.data(),
+                          nullptr).ok());
+    return out;
+  };
+  auto bits = [](const std::vector<bf16_t>& v) {
+    std::vector<uint16_t> r;
+    for (bf16_t x : v) r.push_back(x.bits);
+    return r;
+  };
+  const auto want_small = bits(run(*a, pool_a, bs, hs));
+  const auto want_big = bits(run(**own, pool_a, bb, hb));
+  Compare(small, bs, run(*a, pool_a, bs, hs));
+  EXPECT_EQ(bits(run(*b, pool_a, bb, hb)), want_big);
+  EXPECT_EQ(bits(run(*a, pool_a, bs, hs)), want_small);
+  std::vector<uint16_t> got_small, got_big;
+  std::thread other([&] {
+    for (int i = 0; i < 20; ++i) got_big = bits(run(*b, pool_b, bb, hb));
+  });
+  for (int i = 0; i < 20; ++i) got_small = bits(run(*a, pool_a, bs, hs));
+  other.join();
+  EXPECT_EQ(got_small, want_small);
+  EXPECT_EQ(got_big, want_big);
 }
 
 TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
