@@ -243,7 +243,7 @@ absl::StatusOr<QuantizedMatrix> QuantizeFast(Isa isa, const QuantSpec& spec, con
   qm.n = n;
   qm.k = k;
   const size_t groups = ScalesPerRow(spec, k);
-  // resize, not assign: every element is written by QuantizeMatrix (no zeroing pass over the output).
+  // QuantizeMatrix writes every element (the zeros resize writes first are not relied on).
   qm.data.resize(n * QuantizedRowBytes(spec, k));
   qm.scales.resize(n * groups);
   if (IsAsymFormat(spec.format)) qm.zeros.resize(n * groups);
