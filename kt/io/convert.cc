@@ -26,8 +26,8 @@
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
 #include "kt/io/safetensors.h"
-#include "kt/kernels/act_quant.h"
 #include "kt/kernels/cpu_features.h"
+#include "kt/kernels/quant_fast.h"
 
 namespace kt {
 namespace {
@@ -206,13 +206,10 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
         }
         buf.resize(n * k);
         if (absl::Status s = (*le)->ReadBf16(static_cast<int>(e), m, buf.data()); !s.ok()) return s;
-        if (layout->spec.format == QuantFormat::kInt8PerChannel) {
-          // The vectorized row quantizer computes kt-int8-channel-v1 bit for bit (act_quant_test); a
-          // non-finite weight falls through to Quantize for its error naming row and column.
-          static const Isa isa = BestIsa(GetCpuFeatures());
-          if (QuantizeInt8ChannelRows(isa, buf.data(), n, k, &quant[e * 3 + p])) continue;
-        }
-        absl::StatusOr<QuantizedMatrix> q = Quantize(layout->spec, buf.data(), k, n, k);
+        // The vectorized quantizer computes every format bit for bit as Quantize (quant_fast_test), and
+        // gives Quantize's errors (a non-finite weight named by row and column).
+        static const Isa isa = BestIsa(GetCpuFeatures());
+        absl::StatusOr<QuantizedMatrix> q = QuantizeFast(isa, layout->spec, buf.data(), k, n, k);
         if (!q.ok()) {
           return absl::InvalidArgumentError(absl::StrCat(options.input, ": layer ", layer, " expert ", e, " ",
                                                          ExpertMatrixName(m), ": ", q.status().message()));

@@ -324,6 +324,20 @@ TEST_P(MoeLayerTest, StreamingLoadMatchesBulkLoad) {
   } else {
     EXPECT_NE(s.message().find("takes bf16 weights"), absl::string_view::npos) << s;
   }
+  if (spec.ok()) {
+    // A non-finite weight in a streamed expert (quantized by the vectorized path) is refused with the
+    // projection, slot, row and column, and the loaded layer stays usable with its weights unchanged.
+    std::vector<bf16_t> bad(l.gate.begin(), l.gate.begin() + static_cast<size_t>(id) * hd);
+    bad[2 * static_cast<size_t>(hd) + 3] = bf16_t{0x7fc0};  // NaN at [2][3]
+    s = m.LoadExpert(0, ExpertProj::kGate, bad.data());
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("LoadExpert: gate weight of slot 0: w[2][3] = nan is not finite"),
+              absl::string_view::npos) << s;
+    EXPECT_TRUE(m.loaded());
+    ASSERT_TRUE(m.Forward(pool, 6, 2, b.ids.data(), b.weights.data(), b.input.data(), out.data(), nullptr)
+                    .ok());
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i].bits, want[i].bits) << "element " << i;
+  }
 }
 
 TEST_P(MoeLayerTest, FewTokensOnManyThreads) {
