@@ -139,21 +139,5 @@ void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, in
   fn(x, k, group, q, scales);
 }
 
-bool QuantizeInt8ChannelRows(Isa isa, const bf16_t* w, size_t n, size_t k, QuantizedMatrix* out) {
-  bool finite = true;
-  for (size_t i = 0; i < n * k; ++i) finite &= (w[i].bits & 0x7f80u) != 0x7f80u;
-  if (!finite) return false;
-  out->spec = QuantSpec{QuantFormat::kInt8PerChannel, 0};
-  out->n = n;
-  out->k = k;
-  out->data.resize(n * k);
-  out->scales.resize(n);
-  out->zeros.clear();
-  for (size_t r = 0; r < n; ++r) {
-    QuantizeRowInt8(isa, w + r * k, k, reinterpret_cast<int8_t*>(out->data.data()) + r * k, &out->scales[r]);
-  }
-  return true;
-}
-
 }  // namespace kt
 #endif  // HWY_ONCE

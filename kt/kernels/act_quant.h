@@ -26,11 +26,6 @@ void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale
 // QuantizeActivationInt8Grouped does): q[k], scales[k / group].
 void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales);
 
-// Weights in kt-int8-channel-v1 (per-row absmax / 127, the same arithmetic as a row of activations) from
-// row-major bf16 w[N, K], bit-identical to quant.h's Quantize, through QuantizeRowInt8: for fast loading
-// and conversion. Returns false, leaving *out unspecified, if a weight is not finite; Quantize then gives the
-// error naming row and column.
-bool QuantizeInt8ChannelRows(Isa isa, const bf16_t* w, size_t n, size_t k, QuantizedMatrix* out);
 
 }  // namespace kt
 

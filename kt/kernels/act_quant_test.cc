@@ -79,30 +79,6 @@ TEST_P(ActQuantTest, GroupsMatchScalarBitForBit) {
   }
 }
 
-TEST_P(ActQuantTest, Int8ChannelWeightsMatchQuantize) {
-  // The weight-side use (loading, kt convert): the whole kt-int8-channel-v1 matrix equals Quantize's, byte
-  // for byte; a non-finite weight is refused so that Quantize can name it.
-  std::mt19937 rng(5);
-  const size_t n = 37, k = 300;
-  std::vector<bf16_t> w;
-  for (size_t r = 0; r < n; ++r) {
-    const std::vector<bf16_t> row = RandomRow(k, rng, static_cast<int>(r % 4));
-    w.insert(w.end(), row.begin(), row.end());
-  }
-  QuantizedMatrix got;
-  ASSERT_TRUE(QuantizeInt8ChannelRows(GetParam(), w.data(), n, k, &got));
-  absl::StatusOr<QuantizedMatrix> want = Quantize(QuantSpec{QuantFormat::kInt8PerChannel, 0}, w.data(), k, n, k);
-  ASSERT_TRUE(want.ok()) << want.status();
-  EXPECT_EQ(got.n, n);
-  EXPECT_EQ(got.k, k);
-  EXPECT_EQ(got.data, want->data);
-  ASSERT_EQ(got.scales.size(), want->scales.size());
-  EXPECT_EQ(std::memcmp(got.scales.data(), want->scales.data(), n * sizeof(float)), 0);
-  EXPECT_TRUE(got.zeros.empty());
-  w[5 * k + 7] = bf16_t{0x7f80};  // +Inf
-  EXPECT_FALSE(QuantizeInt8ChannelRows(GetParam(), w.data(), n, k, &got));
-}
-
 INSTANTIATE_TEST_SUITE_P(AllPaths, ActQuantTest,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
                                            Isa::kAvx512Bf16, Isa::kAmx),
