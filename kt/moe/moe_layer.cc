@@ -73,12 +73,12 @@ size_t MoeLayer::RowChunk() const {
 size_t MoeLayer::KBlock() const { return tiling_.k_block > 0 ? static_cast<size_t>(tiling_.k_block) : 0; }
 
 size_t MoeLayer::ScratchPerThread() const {
-  // Gate and up blocks of one task, or one token's fp32 output row in the weighted sum.
+  // Gate and up blocks of one task (row_chunk x up to kMaxColsPerTask each), or a down block of rows.
   return std::max<size_t>(2 * RowChunk() * kMaxColsPerTask, config_.hidden);
 }
 
 template <typename T>
-void MoeLayer::AlignedArray<T>::Resize(size_t n) {
+void moe_internal::AlignedBuffer<T>::Resize(size_t n) {
   if (n == size) return;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
   T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
@@ -88,13 +88,8 @@ void MoeLayer::AlignedArray<T>::Resize(size_t n) {
 }
 
 template <typename T>
-void MoeScratch::Array<T>::Reserve(size_t n) {
-  if (n <= size) return;
-  const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (p == nullptr) throw std::bad_alloc();
-  data.reset(p);
-  size = n;
+void moe_internal::AlignedBuffer<T>::Reserve(size_t n) {
+  if (n > size) Resize(n);
 }
 
 std::shared_ptr<MoeScratch> MoeScratch::Shared() {

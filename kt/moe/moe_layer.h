@@ -109,6 +109,21 @@ struct MoeTiling {
 // format with a group_size other than 32, 64, 128.
 absl::StatusOr<QuantSpec> QuantSpecOf(ExpertFormat format, int group_size = 0);
 
+namespace moe_internal {
+// A 64-byte aligned array of trivially copyable T (contents unspecified after a size change).
+template <typename T>
+struct AlignedBuffer {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T[], Free> data;
+  size_t size = 0;
+  void Resize(size_t n);   // exactly n elements
+  void Reserve(size_t n);  // at least n: grows, never shrinks
+  T* get() const { return data.get(); }
+};
+}  // namespace moe_internal
+
 // Forward's working memory: gathered (and quantized) activations, h, the fp32 output accumulators and the
 // per-thread blocks, sized for max_len * top_k rows. Layers run one at a time in a model, so they can share
 // one: by default every layer of the process shares MoeScratch::Shared(), which keeps a 94-layer
@@ -126,15 +141,7 @@ class MoeScratch {
  private:
   friend class MoeLayer;
   template <typename T>
-  struct Array {
-    struct Free {
-      void operator()(T* p) const { std::free(p); }
-    };
-    std::unique_ptr<T[], Free> data;
-    size_t size = 0;
-    void Reserve(size_t n);  // grows (contents not kept), never shrinks
-    T* get() const { return data.get(); }
-  };
+  using Array = moe_internal::AlignedBuffer<T>;
   mutable std::mutex mu;
   Array<bf16_t> xs;          // [rows, ldx] gathered inputs (kBf16)
   Array<bf16_t> hs;          // [rows, ldh] bf16(silu(g) * u)
@@ -235,15 +242,7 @@ class MoeLayer {
 
   // A 64-byte aligned array: packed panels are read one cache line per load.
   template <typename T>
-  struct AlignedArray {
-    struct Free {
-      void operator()(T* p) const { std::free(p); }
-    };
-    std::unique_ptr<T[], Free> data;
-    size_t size = 0;
-    void Resize(size_t n);
-    T* get() const { return data.get(); }
-  };
+  using AlignedArray = moe_internal::AlignedBuffer<T>;
 
   // One projection (gate, up or down) of every expert: [N, K] per expert, packed in the layer's format.
   struct Projection {
