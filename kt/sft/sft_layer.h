@@ -13,7 +13,7 @@
 //
 // LoRA tensors are the caller's bf16 arrays, read in place at every call (an optimizer step on them is
 // seen by the next forward; nothing to repack). The LoRA GEMMs (rank r = 16) are 3% of the flops and run
-// in fp32 with vectorized axpy loops.
+// in fp32 through lora_kernels.h on the layer's Isa.
 //
 // Thread safety: one call at a time per layer and per shared SftWorkspace/SftBackwardWeights.
 #ifndef KT_SFT_SFT_LAYER_H_
