@@ -106,7 +106,9 @@ void Gemm(size_t m, size_t n, size_t k, float alpha, const TA* HWY_RESTRICT a, s
   const hn::ScalableTag<float> df;
   const size_t lanes = hn::Lanes(df);
   size_t j = 0;
-  for (; j + 2 * lanes <= n; j += 2 * lanes) Strip<2>(m, j, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  for (; j + 2 * lanes <= n; j += 2 * lanes) {
+    Strip<2>(m, j, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
   for (; j + lanes <= n; j += lanes) Strip<1>(m, j, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
   // Fewer than `lanes` columns left (a rank or block width not a multiple of the vector): plain code.
   if (j < n) GemmScalar(m, j, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);

@@ -23,7 +23,7 @@ namespace kt {
 
 // For i < m, j < n: c[i * ldc + j] = alpha · Σ_{q < k} A(i, q) · b[q * ldb + j]  (+ c[i * ldc + j] when
 // `accumulate`), with A(i, q) = a[i * a_row + q * a_col]. A is fp32 or bf16 (bf16 elements are widened
-// exactly), B and C fp32. k = 0 gives alpha · 0 (+ c). No allocation; a and b must not overlap c.
+// exactly), B and C fp32. k = 0 gives alpha · 0 (+ c). No allocation; c must not overlap a or b.
 void LoraGemm(Isa isa, size_t m, size_t n, size_t k, float alpha, const float* a, size_t a_row,
               size_t a_col, const float* b, size_t ldb, float* c, size_t ldc, bool accumulate);
 void LoraGemm(Isa isa, size_t m, size_t n, size_t k, float alpha, const bf16_t* a, size_t a_row,

@@ -47,6 +47,14 @@ inline void TransposeToF32(const bf16_t* b, size_t rows, size_t cols, float* out
   }
 }
 
+// Row stride, in elements, of the bf16 and int8 rows the base GEMMs read (x and grad_y rows, H wide; h,
+// grad_g, grad_u rows, I wide): whole cache lines of bf16 plus one. H and I are powers of two or small
+// multiples of them, so unpadded rows sit 2^n bytes apart and the 16 rows of an AMX A tile fall into one
+// L1 set; MoeLayer pads its own rows the same way for that reason (its PaddedStride measurement: the bf16
+// tile kernel 408 -> 732 GFLOPS at 64 x 4096 on the AMX host). One stride serves the bf16 and the int8
+// copy of a row (ProjInput has one ld): 2 (H + 32) or H + 32 bytes, never a multiple of 4 KiB either.
+size_t RowStride(size_t k) { return (k + 31) / 32 * 32 + 32; }
+
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
 std::atomic<uint64_t> g_next_layer_id{1};
 
@@ -225,16 +233,17 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
   auto grow = [](auto& v, size_t n) {
     if (v.size() < n) v.resize(n);
   };
-  grow(w.rows_h, rows * h);
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);
+  grow(w.rows_h, rows * ldh);
   grow(w.f_rows_h, rows * h);
-  grow(w.rows_i0, rows * inter);
-  grow(w.rows_i1, rows * inter);
+  grow(w.rows_i0, rows * ldi);
+  grow(w.rows_i1, rows * ldi);
   if (base_->quantized_activations()) {
-    grow(w.q_rows_h, rows * h);
+    grow(w.q_rows_h, rows * ldh);
     grow(w.s_rows_h, rows * groups_h_);
     grow(w.sum_rows_h, rows * groups_h_);
-    grow(w.q_rows_i0, rows * inter);
-    grow(w.q_rows_i1, rows * inter);
+    grow(w.q_rows_i0, rows * ldi);
+    grow(w.q_rows_i1, rows * ldi);
     grow(w.s_rows_i0, rows * groups_i_);
     grow(w.s_rows_i1, rows * groups_i_);
     grow(w.sum_rows_i0, rows * groups_i_);
@@ -282,7 +291,7 @@ size_t SftMoeLayer::CacheBytesPerForward(int qlen) const {
   const size_t rows = static_cast<size_t>(qlen) * config_.moe.top_k;
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   return static_cast<size_t>(qlen) * h * 2 +                  // input
-         rows * (2 * inter * 4 + inter * 2 + h * 2 + 3 * r * 4) +  // g, u, h, y, LoRA A products
+         rows * (2 * inter * 4 + RowStride(inter) * 2 + h * 2 + 3 * r * 4) +  // g, u, h, y, LoRA A x
          rows * (8 + 4 + 4 + 4) + (config_.moe.num_experts + 1) * 8;  // ids, weights, routing
 }
 
@@ -344,6 +353,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const size_t gh = groups_h_, gi = groups_i_;  // activation scales per quantized row (H- / I-wide)
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // x rows (bf16 and int8); h rows
 
   Route(c, qlen, k, ids);
   c.weights.assign(weights, weights + static_cast<size_t>(qlen) * k);
@@ -351,7 +361,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const size_t rows = c.rows;
   c.g.resize(rows * inter);
   c.u.resize(rows * inter);
-  c.h.resize(rows * inter);
+  c.h.resize(rows * ldi);
   c.y.resize(save_for_backward ? rows * h : 0);
   c.ax_g.resize(rows * r);
   c.ax_u.resize(rows * r);
@@ -377,11 +387,11 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       for (size_t row = r0; row < r1; ++row) {
         const bf16_t* x = x_row(row);
         if (quant) {
-          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * h,
+          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * ldh,
                             w.s_rows_h.data() + row * gh, w.sum_rows_h.data() + row * gh);
         }
         // The bf16 rows: what the bf16 GEMM reads, and the LoRA product's contiguous operand.
-        if (!quant || r > 0) std::memcpy(w.rows_h.data() + row * h, x, h * sizeof(bf16_t));
+        if (!quant || r > 0) std::memcpy(w.rows_h.data() + row * ldh, x, h * sizeof(bf16_t));
       }
       if (r == 0) return;
       // A x as dot products of the gathered rows with A's rows (both along H: no transposed copy). A in
@@ -390,9 +400,9 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       float* au = ag + r * h;
       ConvertBf16ToF32(isa_, lora_.gate_a + e * r * h, ag, r * h);
       ConvertBf16ToF32(isa_, lora_.up_a + e * r * h, au, r * h);
-      const bf16_t* xr = w.rows_h.data() + r0 * h;
-      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, h, ag, h, c.ax_g.data() + r0 * r, r, false);
-      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, h, au, h, c.ax_u.data() + r0 * r, r, false);
+      const bf16_t* xr = w.rows_h.data() + r0 * ldh;
+      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, ag, h, c.ax_g.data() + r0 * r, r, false);
+      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, au, h, c.ax_u.data() + r0 * r, r, false);
     });
 
     // 2. g = W_g x + s B_g (A_g x), u likewise, then h = bf16(silu(g) u), by column blocks of I.
@@ -412,10 +422,10 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput in;
-        in.ld = h;
-        in.x = w.rows_h.data() + r0 * h;
+        in.ld = ldh;
+        in.x = w.rows_h.data() + r0 * ldh;
         if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * h;
+          in.qx = w.q_rows_h.data() + r0 * ldh;
           in.sx = w.s_rows_h.data() + r0 * gh;
           in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
@@ -430,7 +440,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         }
         for (size_t row = r0; row < r0 + m; ++row) {
           SiluMulToBf16(isa_, c.g.data() + row * inter + c0, c.u.data() + row * inter + c0,
-                        c.h.data() + row * inter + c0, cols);
+                        c.h.data() + row * ldi + c0, cols);
         }
       }
     });
@@ -442,14 +452,14 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
         if (quant) {
           for (size_t row = r0; row < r1; ++row) {
-            base_->PrepareRow(ExpertProj::kDown, c.h.data() + row * inter, w.q_rows_i0.data() + row * inter,
+            base_->PrepareRow(ExpertProj::kDown, c.h.data() + row * ldi, w.q_rows_i0.data() + row * ldi,
                               w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
           }
         }
         if (r == 0) return;
         float* ad = w.thread_scratch.data() + thread * scratch;  // A_d [r, I] fp32
         ConvertBf16ToF32(isa_, lora_.down_a + e * r * inter, ad, r * inter);
-        LoraGemmNT(isa_, r1 - r0, r, inter, 1.0f, c.h.data() + r0 * inter, inter, ad, inter,
+        LoraGemmNT(isa_, r1 - r0, r, inter, 1.0f, c.h.data() + r0 * ldi, ldi, ad, inter,
                    c.ah.data() + r0 * r, r, false);
       });
     }
@@ -464,10 +474,10 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       TransposeToF32(lora_.down_b + (e * h + c0) * r, cols, r, bd);
       const size_t r0 = c.expert_begin[e], m = c.expert_begin[e + 1] - r0;
       MoeLayer::ProjInput in;
-      in.ld = inter;
-      in.x = c.h.data() + r0 * inter;
+      in.ld = ldi;
+      in.x = c.h.data() + r0 * ldi;
       if (quant) {
-        in.qx = w.q_rows_i0.data() + r0 * inter;
+        in.qx = w.q_rows_i0.data() + r0 * ldi;
         in.sx = w.s_rows_i0.data() + r0 * gi;
         in.xsum = w.sum_rows_i0.data() + r0 * gi;
       }
@@ -475,7 +485,9 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       base_->ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, y0, h);
       if (r > 0) LoraGemm(isa_, m, cols, r, s, c.ah.data() + r0 * r, r, 1, bd, cols, y0, h, true);
       if (save_for_backward) {
-        for (size_t i = 0; i < m; ++i) ConvertF32ToBf16(isa_, y0 + i * h, c.y.data() + (r0 + i) * h + c0, cols);
+        for (size_t i = 0; i < m; ++i) {
+          ConvertF32ToBf16(isa_, y0 + i * h, c.y.data() + (r0 + i) * h + c0, cols);
+        }
       }
     });
   }
@@ -525,6 +537,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
   const size_t rows = c.rows;
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // grad_y rows; grad_g, grad_u and h rows
 
   std::vector<std::pair<int, int>> chunks;
   for (int e : c.active) {
@@ -534,7 +547,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
     return std::min<size_t>(c.expert_begin[ch.first + 1], ch.second + kRowChunk);
   };
   std::fill(grad_weights, grad_weights + static_cast<size_t>(qlen) * k, 0.0f);
-  bf16_t* dy_b = w.rows_h.data();  // [rows, H] grad_y = w_tj grad_out_t, bf16
+  bf16_t* dy_b = w.rows_h.data();  // [rows, ldh] grad_y = w_tj grad_out_t, bf16
   float* dyB = w.lora0.data();     // [rows, r] grad_y B_d
   float* dgB = w.lora1.data();     // [rows, r] grad_g B_g
   float* duB = w.lora2.data();     // [rows, r] grad_u B_u
@@ -556,17 +569,17 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         ConvertBf16ToF32(isa_, c.y.data() + row * h, yf, h);
         grad_weights[tj] = Dot(go, yf, h);
         const float wt = c.weights[tj];
-        bf16_t* dy = dy_b + row * h;
+        bf16_t* dy = dy_b + row * ldh;
         for (size_t i = 0; i < h; ++i) dy[i] = F32ToBf16(wt * go[i]);
         if (quant) {
-          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row * gh,
+          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * ldh, w.s_rows_h.data() + row * gh,
                        w.sum_rows_h.data() + row * gh);
         }
       }
       if (r == 0) return;
       // grad_y B_d from the bf16 grad_y rows the base GEMM reads too: [m, r] = [m, H] [H, r].
       ConvertBf16ToF32(isa_, lora_.down_b + e * h * r, bd, h * r);
-      LoraGemm(isa_, r1 - r0, r, h, 1.0f, dy_b + r0 * h, h, 1, bd, r, dyB + r0 * r, r, false);
+      LoraGemm(isa_, r1 - r0, r, h, 1.0f, dy_b + r0 * ldh, ldh, 1, bd, r, dyB + r0 * r, r, false);
     });
 
     // 2. grad_h = grad_y W_d + s (grad_y B_d) A_d, then grad_g and grad_u, by column blocks of I.
@@ -584,18 +597,19 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput in;
-        in.ld = h;
-        in.x = dy_b + r0 * h;
+        in.ld = ldh;
+        in.x = dy_b + r0 * ldh;
         if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * h;
+          in.qx = w.q_rows_h.data() + r0 * ldh;
           in.sx = w.s_rows_h.data() + r0 * gh;
           in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
         t.ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, dh, cpt);
         if (r > 0) LoraGemm(isa_, m, cols, r, s, dyB + r0 * r, r, 1, ad, cols, dh, cpt, true);
         for (size_t i = 0; i < m; ++i) {
-          const size_t at = (r0 + i) * inter + c0;
-          SiluBackwardToBf16(isa_, dh + i * cpt, c.g.data() + at, c.u.data() + at, dg_b + at, du_b + at, cols);
+          const size_t at = (r0 + i) * inter + c0, bt = (r0 + i) * ldi + c0;
+          SiluBackwardToBf16(isa_, dh + i * cpt, c.g.data() + at, c.u.data() + at, dg_b + bt, du_b + bt,
+                             cols);
         }
       }
     });
@@ -606,9 +620,9 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         const int e = chunks[task].first;
         const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
         for (size_t row = r0; quant && row < r1; ++row) {
-          t.PrepareRow(ExpertProj::kGate, dg_b + row * inter, w.q_rows_i0.data() + row * inter,
+          t.PrepareRow(ExpertProj::kGate, dg_b + row * ldi, w.q_rows_i0.data() + row * ldi,
                        w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
-          t.PrepareRow(ExpertProj::kUp, du_b + row * inter, w.q_rows_i1.data() + row * inter,
+          t.PrepareRow(ExpertProj::kUp, du_b + row * ldi, w.q_rows_i1.data() + row * ldi,
                        w.s_rows_i1.data() + row * gi, w.sum_rows_i1.data() + row * gi);
         }
         if (r == 0) return;
@@ -616,8 +630,8 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         float* bu = bg + inter * r;
         ConvertBf16ToF32(isa_, lora_.gate_b + e * inter * r, bg, inter * r);
         ConvertBf16ToF32(isa_, lora_.up_b + e * inter * r, bu, inter * r);
-        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, dg_b + r0 * inter, inter, 1, bg, r, dgB + r0 * r, r, false);
-        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, du_b + r0 * inter, inter, 1, bu, r, duB + r0 * r, r, false);
+        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, dg_b + r0 * ldi, ldi, 1, bg, r, dgB + r0 * r, r, false);
+        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, du_b + r0 * ldi, ldi, 1, bu, r, duB + r0 * r, r, false);
       });
     }
 
@@ -639,14 +653,14 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput ing, inu;
-        ing.ld = inu.ld = inter;
-        ing.x = dg_b + r0 * inter;
-        inu.x = du_b + r0 * inter;
+        ing.ld = inu.ld = ldi;
+        ing.x = dg_b + r0 * ldi;
+        inu.x = du_b + r0 * ldi;
         if (quant) {
-          ing.qx = w.q_rows_i0.data() + r0 * inter;
+          ing.qx = w.q_rows_i0.data() + r0 * ldi;
           ing.sx = w.s_rows_i0.data() + r0 * gi;
           ing.xsum = w.sum_rows_i0.data() + r0 * gi;
-          inu.qx = w.q_rows_i1.data() + r0 * inter;
+          inu.qx = w.q_rows_i1.data() + r0 * ldi;
           inu.sx = w.s_rows_i1.data() + r0 * gi;
           inu.xsum = w.sum_rows_i1.data() + r0 * gi;
         }
@@ -699,12 +713,14 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         LoraGemm(isa_, r, h, m, s, dgB + r0 * r, 1, r, rows_f, h, ga, h, true);
         LoraGemm(isa_, r, h, m, s, duB + r0 * r, 1, r, rows_f, h, ua, h, true);
         // gate/up B: s grad^T (A x), [I, r] += s [I, m] [m, r]
-        LoraGemm(isa_, inter, r, m, s, dg_b + r0 * inter, 1, inter, c.ax_g.data() + r0 * r, r, gb, r, true);
-        LoraGemm(isa_, inter, r, m, s, du_b + r0 * inter, 1, inter, c.ax_u.data() + r0 * r, r, ub, r, true);
+        LoraGemm(isa_, inter, r, m, s, dg_b + r0 * ldi, 1, ldi, c.ax_g.data() + r0 * r, r, gb, r, true);
+        LoraGemm(isa_, inter, r, m, s, du_b + r0 * ldi, 1, ldi, c.ax_u.data() + r0 * r, r, ub, r, true);
         // down A: s (grad_y B_d)^T h, [r, I]; down B: s grad_y^T (A_d h), [H, r]
-        ConvertBf16ToF32(isa_, c.h.data() + r0 * inter, rows_f, m * inter);
+        for (size_t i = 0; i < m; ++i) {
+          ConvertBf16ToF32(isa_, c.h.data() + (r0 + i) * ldi, rows_f + i * inter, inter);
+        }
         LoraGemm(isa_, r, inter, m, s, dyB + r0 * r, 1, r, rows_f, inter, da, inter, true);
-        LoraGemm(isa_, h, r, m, s, dy_b + r0 * h, 1, h, c.ah.data() + r0 * r, r, db, r, true);
+        LoraGemm(isa_, h, r, m, s, dy_b + r0 * ldh, 1, ldh, c.ah.data() + r0 * r, r, db, r, true);
       }
       const float* src[6] = {ga, gb, ua, ub, da, db};
       for (int p = 0; p < 6; ++p) {
