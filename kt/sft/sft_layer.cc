@@ -9,6 +9,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
+#include "kt/kernels/convert.h"
+#include "kt/sft/lora_kernels.h"
 
 namespace kt {
 namespace {
@@ -19,9 +21,13 @@ namespace {
 constexpr size_t kPanelsPerTask = 3;
 constexpr size_t kPanelsPerTaskAmx = 8;
 constexpr size_t kRowChunk = 64;
+// Rows per step of the LoRA-gradient pass: the fp32 copy of their x (or h) rows, 32 x H x 4 B = 256 KiB
+// at H = 2048, stays in L2 while the r = 16 rows of dA_g and dA_u (2 x 128 KiB) stream past it.
+constexpr size_t kGradRows = 32;
 
-// The LoRA products have inner dimension r = 16 or H, I: plain loops with 8 independent partial sums,
-// which GCC vectorizes at -O3 without reassociating anything itself (the order is fixed by the code).
+// The LoRA products themselves run in lora_kernels (per Isa). What is left here is O(rows x H) work per
+// call (router gradient, weighted sums), plain loops with 8 independent partial sums that GCC vectorizes
+// at -O3 without reassociating anything itself (the order is fixed by the code).
 inline float Dot(const float* a, const float* b, size_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
@@ -36,16 +42,20 @@ inline void Axpy(float alpha, const float* x, float* y, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-inline void ToF32(const bf16_t* x, float* y, size_t n) {
-  for (size_t i = 0; i < n; ++i) y[i] = Bf16ToF32(x[i]);
-}
-
 // out[c][rr] = b[rr][c] for b [rows, cols] bf16 (a LoRA B block [cols_out, r] turned into [r, cols_out]).
 inline void TransposeToF32(const bf16_t* b, size_t rows, size_t cols, float* out) {
   for (size_t i = 0; i < rows; ++i) {
     for (size_t j = 0; j < cols; ++j) out[j * rows + i] = Bf16ToF32(b[i * cols + j]);
   }
 }
+
+// Row stride, in elements, of the bf16 and int8 rows the base GEMMs read (x and grad_y rows, H wide; h,
+// grad_g, grad_u rows, I wide): whole cache lines of bf16 plus one. H and I are powers of two or small
+// multiples of them, so unpadded rows sit 2^n bytes apart and the 16 rows of an AMX A tile fall into one
+// L1 set; MoeLayer pads its own rows the same way for that reason (its PaddedStride measurement: the bf16
+// tile kernel 408 -> 732 GFLOPS at 64 x 4096 on the AMX host). One stride serves the bf16 and the int8
+// copy of a row (ProjInput has one ld): 2 (H + 32) or H + 32 bytes, never a multiple of 4 KiB either.
+size_t RowStride(size_t k) { return (k + 31) / 32 * 32 + 32; }
 
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
 std::atomic<uint64_t> g_next_layer_id{1};
@@ -252,15 +262,15 @@ size_t SftMoeLayer::ScratchPerThread() const {
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t sizes[] = {
-      2 * r * h + h,                          // forward LoRA A of gate and up, one x row
+      2 * r * h,                              // forward LoRA A of gate and up (fp32)
       2 * r * cpt,                            // forward LoRA B block of gate and up
-      r * inter + inter,                      // forward LoRA A of down, one h row
+      r * inter,                              // forward LoRA A of down
       r * cpt,                                // forward LoRA B block of down
       h * r + 2 * h,                          // backward grad_y rows: B_d, one go and y row
       kRowChunk * cpt + r * cpt,              // backward grad_h block, A_d block
-      2 * inter * r + 2 * inter,              // backward grad_g B_g, grad_u B_u
+      2 * inter * r,                          // backward grad_g B_g, grad_u B_u
       kRowChunk * cpt + 2 * r * cpt,          // backward grad_x block, A_g and A_u blocks
-      r * (3 * h + 3 * inter) + h + 3 * inter,  // backward LoRA grads of one expert, one row each
+      r * (3 * h + 3 * inter) + kGradRows * std::max(h, inter),  // backward LoRA grads of one expert
       h,                                      // weighted sums
   };
   return *std::max_element(std::begin(sizes), std::end(sizes));
@@ -273,16 +283,17 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
   auto grow = [](auto& v, size_t n) {
     if (v.size() < n) v.resize(n);
   };
-  grow(w.rows_h, rows * h);
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);
+  grow(w.rows_h, rows * ldh);
   grow(w.f_rows_h, rows * h);
-  grow(w.rows_i0, rows * inter);
-  grow(w.rows_i1, rows * inter);
+  grow(w.rows_i0, rows * ldi);
+  grow(w.rows_i1, rows * ldi);
   if (base_->quantized_activations()) {
-    grow(w.q_rows_h, rows * h);
+    grow(w.q_rows_h, rows * ldh);
     grow(w.s_rows_h, rows * groups_h_);
     grow(w.sum_rows_h, rows * groups_h_);
-    grow(w.q_rows_i0, rows * inter);
-    grow(w.q_rows_i1, rows * inter);
+    grow(w.q_rows_i0, rows * ldi);
+    grow(w.q_rows_i1, rows * ldi);
     grow(w.s_rows_i0, rows * groups_i_);
     grow(w.s_rows_i1, rows * groups_i_);
     grow(w.sum_rows_i0, rows * groups_i_);
@@ -330,7 +341,7 @@ size_t SftMoeLayer::CacheBytesPerForward(int qlen) const {
   const size_t rows = static_cast<size_t>(qlen) * config_.moe.top_k;
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   return static_cast<size_t>(qlen) * h * 2 +                  // input
-         rows * (2 * inter * 4 + inter * 2 + h * 2 + 3 * r * 4) +  // g, u, h, y, LoRA A products
+         rows * (2 * inter * 4 + RowStride(inter) * 2 + h * 2 + 3 * r * 4) +  // g, u, h, y, LoRA A x
          rows * (8 + 4 + 4 + 4) + (config_.moe.num_experts + 1) * 8;  // ids, weights, routing
 }
 
@@ -392,6 +403,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const size_t gh = groups_h_, gi = groups_i_;  // activation scales per quantized row (H- / I-wide)
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // x rows (bf16 and int8); h rows
 
   Route(c, qlen, k, ids);
   c.weights.assign(weights, weights + static_cast<size_t>(qlen) * k);
@@ -399,7 +411,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const size_t rows = c.rows;
   c.g.resize(rows * inter);
   c.u.resize(rows * inter);
-  c.h.resize(rows * inter);
+  c.h.resize(rows * ldi);
   c.y.resize(save_for_backward ? rows * h : 0);
   c.ax_g.resize(rows * r);
   c.ax_u.resize(rows * r);
@@ -422,28 +434,25 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
     pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
       const int e = chunks[task].first;
       const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-      float* ag = w.thread_scratch.data() + thread * scratch;
-      float* au = ag + r * h;
-      float* xf = au + r * h;
-      if (r > 0) {
-        ToF32(lora_.gate_a + e * r * h, ag, r * h);
-        ToF32(lora_.up_a + e * r * h, au, r * h);
-      }
       for (size_t row = r0; row < r1; ++row) {
         const bf16_t* x = x_row(row);
         if (quant) {
-          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * h,
+          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * ldh,
                             w.s_rows_h.data() + row * gh, w.sum_rows_h.data() + row * gh);
-        } else {
-          std::memcpy(w.rows_h.data() + row * h, x, h * sizeof(bf16_t));
         }
-        if (r == 0) continue;
-        ToF32(x, xf, h);
-        for (size_t i = 0; i < r; ++i) {
-          c.ax_g[row * r + i] = Dot(xf, ag + i * h, h);
-          c.ax_u[row * r + i] = Dot(xf, au + i * h, h);
-        }
+        // The bf16 rows: what the bf16 GEMM reads, and the LoRA product's contiguous operand.
+        if (!quant || r > 0) std::memcpy(w.rows_h.data() + row * ldh, x, h * sizeof(bf16_t));
       }
+      if (r == 0) return;
+      // A x as dot products of the gathered rows with A's rows (both along H: no transposed copy). A in
+      // fp32 per task: 2 r H conversions against 4 r H multiply-adds per row of the chunk.
+      float* ag = w.thread_scratch.data() + thread * scratch;
+      float* au = ag + r * h;
+      ConvertBf16ToF32(isa_, lora_.gate_a + e * r * h, ag, r * h);
+      ConvertBf16ToF32(isa_, lora_.up_a + e * r * h, au, r * h);
+      const bf16_t* xr = w.rows_h.data() + r0 * ldh;
+      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, ag, h, c.ax_g.data() + r0 * r, r, false);
+      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, au, h, c.ax_u.data() + r0 * r, r, false);
     });
 
     // 2. g = W_g x + s B_g (A_g x), u likewise, then h = bf16(silu(g) u), by column blocks of I.
@@ -463,23 +472,25 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput in;
-        in.ld = h;
-        in.x = w.rows_h.data() + r0 * h;
+        in.ld = ldh;
+        in.x = w.rows_h.data() + r0 * ldh;
         if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * h;
+          in.qx = w.q_rows_h.data() + r0 * ldh;
           in.sx = w.s_rows_h.data() + r0 * gh;
           in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
         base_->ProjectBlock(ExpertProj::kGate, e, c0, cols, in, m, c.g.data() + r0 * inter + c0, inter);
         base_->ProjectBlock(ExpertProj::kUp, e, c0, cols, in, m, c.u.data() + r0 * inter + c0, inter);
+        if (r > 0) {
+          // [m, cols] += s [m, r] [r, cols]
+          LoraGemm(isa_, m, cols, r, s, c.ax_g.data() + r0 * r, r, 1, bg, cols, c.g.data() + r0 * inter + c0,
+                   inter, true);
+          LoraGemm(isa_, m, cols, r, s, c.ax_u.data() + r0 * r, r, 1, bu, cols, c.u.data() + r0 * inter + c0,
+                   inter, true);
+        }
         for (size_t row = r0; row < r0 + m; ++row) {
-          float* g = c.g.data() + row * inter + c0;
-          float* u = c.u.data() + row * inter + c0;
-          for (size_t i = 0; i < r; ++i) {
-            Axpy(s * c.ax_g[row * r + i], bg + i * cols, g, cols);
-            Axpy(s * c.ax_u[row * r + i], bu + i * cols, u, cols);
-          }
-          SiluMulToBf16(isa_, g, u, c.h.data() + row * inter + c0, cols);
+          SiluMulToBf16(isa_, c.g.data() + row * inter + c0, c.u.data() + row * inter + c0,
+                        c.h.data() + row * ldi + c0, cols);
         }
       }
     });
@@ -489,19 +500,17 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
         const int e = chunks[task].first;
         const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-        float* ad = w.thread_scratch.data() + thread * scratch;
-        float* hf = ad + r * inter;
-        if (r > 0) ToF32(lora_.down_a + e * r * inter, ad, r * inter);
-        for (size_t row = r0; row < r1; ++row) {
-          const bf16_t* hb = c.h.data() + row * inter;
-          if (quant) {
-            base_->PrepareRow(ExpertProj::kDown, hb, w.q_rows_i0.data() + row * inter,
+        if (quant) {
+          for (size_t row = r0; row < r1; ++row) {
+            base_->PrepareRow(ExpertProj::kDown, c.h.data() + row * ldi, w.q_rows_i0.data() + row * ldi,
                               w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
           }
-          if (r == 0) continue;
-          ToF32(hb, hf, inter);
-          for (size_t i = 0; i < r; ++i) c.ah[row * r + i] = Dot(hf, ad + i * inter, inter);
         }
+        if (r == 0) return;
+        float* ad = w.thread_scratch.data() + thread * scratch;  // A_d [r, I] fp32
+        ConvertBf16ToF32(isa_, lora_.down_a + e * r * inter, ad, r * inter);
+        LoraGemmNT(isa_, r1 - r0, r, inter, 1.0f, c.h.data() + r0 * ldi, ldi, ad, inter,
+                   c.ah.data() + r0 * r, r, false);
       });
     }
 
@@ -515,21 +524,19 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       TransposeToF32(lora_.down_b + (e * h + c0) * r, cols, r, bd);
       const size_t r0 = c.expert_begin[e], m = c.expert_begin[e + 1] - r0;
       MoeLayer::ProjInput in;
-      in.ld = inter;
-      in.x = c.h.data() + r0 * inter;
+      in.ld = ldi;
+      in.x = c.h.data() + r0 * ldi;
       if (quant) {
-        in.qx = w.q_rows_i0.data() + r0 * inter;
+        in.qx = w.q_rows_i0.data() + r0 * ldi;
         in.sx = w.s_rows_i0.data() + r0 * gi;
         in.xsum = w.sum_rows_i0.data() + r0 * gi;
       }
       float* y0 = w.f_rows_h.data() + r0 * h + c0;
       base_->ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, y0, h);
-      for (size_t i = 0; i < m; ++i) {
-        float* y = y0 + i * h;
-        for (size_t q = 0; q < r; ++q) Axpy(s * c.ah[(r0 + i) * r + q], bd + q * cols, y, cols);
-        if (save_for_backward) {
-          bf16_t* yc = c.y.data() + (r0 + i) * h + c0;
-          for (size_t j = 0; j < cols; ++j) yc[j] = F32ToBf16(y[j]);
+      if (r > 0) LoraGemm(isa_, m, cols, r, s, c.ah.data() + r0 * r, r, 1, bd, cols, y0, h, true);
+      if (save_for_backward) {
+        for (size_t i = 0; i < m; ++i) {
+          ConvertF32ToBf16(isa_, y0 + i * h, c.y.data() + (r0 + i) * h + c0, cols);
         }
       }
     });
@@ -546,7 +553,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         if (row < 0) continue;
         Axpy(weights[t * k + j], w.f_rows_h.data() + static_cast<size_t>(row) * h, acc, h);
       }
-      for (size_t i = 0; i < h; ++i) output[t * h + i] = F32ToBf16(acc[i]);
+      ConvertF32ToBf16(isa_, acc, output + t * h, h);
     }
   });
   return absl::OkStatus();
@@ -580,6 +587,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
   const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
   const size_t scratch = ScratchPerThread();
   const size_t rows = c.rows;
+  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // grad_y rows; grad_g, grad_u and h rows
 
   std::vector<std::pair<int, int>> chunks;
   for (int e : c.active) {
@@ -589,7 +597,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
     return std::min<size_t>(c.expert_begin[ch.first + 1], ch.second + kRowChunk);
   };
   std::fill(grad_weights, grad_weights + static_cast<size_t>(qlen) * k, 0.0f);
-  bf16_t* dy_b = w.rows_h.data();  // [rows, H] grad_y = w_tj grad_out_t, bf16
+  bf16_t* dy_b = w.rows_h.data();  // [rows, ldh] grad_y = w_tj grad_out_t, bf16
   float* dyB = w.lora0.data();     // [rows, r] grad_y B_d
   float* dgB = w.lora1.data();     // [rows, r] grad_g B_g
   float* duB = w.lora2.data();     // [rows, r] grad_u B_u
@@ -602,25 +610,26 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
     pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
       const int e = chunks[task].first;
       const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-      float* bd = w.thread_scratch.data() + thread * scratch;
+      float* bd = w.thread_scratch.data() + thread * scratch;  // B_d [H, r] fp32
       float* go = bd + h * r;
       float* yf = go + h;
-      TransposeToF32(lora_.down_b + e * h * r, h, r, bd);  // [r, H]: grad_y B_d as r long dot products
       for (size_t row = r0; row < r1; ++row) {
         const size_t tj = c.row_token[row];
-        ToF32(grad_output + (tj / k) * h, go, h);
-        ToF32(c.y.data() + row * h, yf, h);
+        ConvertBf16ToF32(isa_, grad_output + (tj / k) * h, go, h);
+        ConvertBf16ToF32(isa_, c.y.data() + row * h, yf, h);
         grad_weights[tj] = Dot(go, yf, h);
         const float wt = c.weights[tj];
-        bf16_t* dy = dy_b + row * h;
+        bf16_t* dy = dy_b + row * ldh;
         for (size_t i = 0; i < h; ++i) dy[i] = F32ToBf16(wt * go[i]);
         if (quant) {
-          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * h, w.s_rows_h.data() + row * gh,
+          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * ldh, w.s_rows_h.data() + row * gh,
                        w.sum_rows_h.data() + row * gh);
         }
-        if (r == 0) continue;
-        for (size_t q = 0; q < r; ++q) dyB[row * r + q] = wt * Dot(go, bd + q * h, h);
       }
+      if (r == 0) return;
+      // grad_y B_d from the bf16 grad_y rows the base GEMM reads too: [m, r] = [m, H] [H, r].
+      ConvertBf16ToF32(isa_, lora_.down_b + e * h * r, bd, h * r);
+      LoraGemm(isa_, r1 - r0, r, h, 1.0f, dy_b + r0 * ldh, ldh, 1, bd, r, dyB + r0 * r, r, false);
     });
 
     // 2. grad_h = grad_y W_d + s (grad_y B_d) A_d, then grad_g and grad_u, by column blocks of I.
@@ -631,31 +640,26 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       const size_t cols = std::min(cpt, inter - c0);
       float* dh = w.thread_scratch.data() + thread * scratch;
       float* ad = dh + kRowChunk * cpt;  // A_d[:, c0:c0+cols], [r, cols]
-      for (size_t i = 0; i < r; ++i) ToF32(lora_.down_a + (e * r + i) * inter + c0, ad + i * cols, cols);
+      for (size_t i = 0; i < r; ++i) {
+        ConvertBf16ToF32(isa_, lora_.down_a + (e * r + i) * inter + c0, ad + i * cols, cols);
+      }
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput in;
-        in.ld = h;
-        in.x = dy_b + r0 * h;
+        in.ld = ldh;
+        in.x = dy_b + r0 * ldh;
         if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * h;
+          in.qx = w.q_rows_h.data() + r0 * ldh;
           in.sx = w.s_rows_h.data() + r0 * gh;
           in.xsum = w.sum_rows_h.data() + r0 * gh;
         }
         t.ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, dh, cpt);
+        if (r > 0) LoraGemm(isa_, m, cols, r, s, dyB + r0 * r, r, 1, ad, cols, dh, cpt, true);
         for (size_t i = 0; i < m; ++i) {
-          const size_t row = r0 + i;
-          float* d = dh + i * cpt;
-          for (size_t q = 0; q < r; ++q) Axpy(s * dyB[row * r + q], ad + q * cols, d, cols);
-          const float* g = c.g.data() + row * inter + c0;
-          const float* u = c.u.data() + row * inter + c0;
-          for (size_t j = 0; j < cols; ++j) {
-            const float sig = 1.0f / (1.0f + std::exp(-g[j]));
-            // d silu(g) / dg = sigma (1 + g (1 - sigma))
-            dg_b[row * inter + c0 + j] = F32ToBf16(d[j] * u[j] * sig * (1.0f + g[j] * (1.0f - sig)));
-            du_b[row * inter + c0 + j] = F32ToBf16(d[j] * g[j] * sig);
-          }
+          const size_t at = (r0 + i) * inter + c0, bt = (r0 + i) * ldi + c0;
+          SiluBackwardToBf16(isa_, dh + i * cpt, c.g.data() + at, c.u.data() + at, dg_b + bt, du_b + bt,
+                             cols);
         }
       }
     });
@@ -665,27 +669,19 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
         const int e = chunks[task].first;
         const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-        float* bg = w.thread_scratch.data() + thread * scratch;
-        float* bu = bg + inter * r;
-        float* dgf = bu + inter * r;
-        float* duf = dgf + inter;
-        TransposeToF32(lora_.gate_b + e * inter * r, inter, r, bg);  // [r, I]
-        TransposeToF32(lora_.up_b + e * inter * r, inter, r, bu);
-        for (size_t row = r0; row < r1; ++row) {
-          if (quant) {
-            t.PrepareRow(ExpertProj::kGate, dg_b + row * inter, w.q_rows_i0.data() + row * inter,
-                         w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
-            t.PrepareRow(ExpertProj::kUp, du_b + row * inter, w.q_rows_i1.data() + row * inter,
-                         w.s_rows_i1.data() + row * gi, w.sum_rows_i1.data() + row * gi);
-          }
-          if (r == 0) continue;
-          ToF32(dg_b + row * inter, dgf, inter);
-          ToF32(du_b + row * inter, duf, inter);
-          for (size_t q = 0; q < r; ++q) {
-            dgB[row * r + q] = Dot(dgf, bg + q * inter, inter);
-            duB[row * r + q] = Dot(duf, bu + q * inter, inter);
-          }
+        for (size_t row = r0; quant && row < r1; ++row) {
+          t.PrepareRow(ExpertProj::kGate, dg_b + row * ldi, w.q_rows_i0.data() + row * ldi,
+                       w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
+          t.PrepareRow(ExpertProj::kUp, du_b + row * ldi, w.q_rows_i1.data() + row * ldi,
+                       w.s_rows_i1.data() + row * gi, w.sum_rows_i1.data() + row * gi);
         }
+        if (r == 0) return;
+        float* bg = w.thread_scratch.data() + thread * scratch;  // B_g [I, r] fp32
+        float* bu = bg + inter * r;
+        ConvertBf16ToF32(isa_, lora_.gate_b + e * inter * r, bg, inter * r);
+        ConvertBf16ToF32(isa_, lora_.up_b + e * inter * r, bu, inter * r);
+        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, dg_b + r0 * ldi, ldi, 1, bg, r, dgB + r0 * r, r, false);
+        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, du_b + r0 * ldi, ldi, 1, bu, r, duB + r0 * r, r, false);
       });
     }
 
@@ -700,34 +696,31 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       float* ag = tmp + kRowChunk * cpt;  // A_g[:, c0:c0+cols], [r, cols]
       float* au = ag + r * cols;
       for (size_t i = 0; i < r; ++i) {
-        ToF32(lora_.gate_a + (e * r + i) * h + c0, ag + i * cols, cols);
-        ToF32(lora_.up_a + (e * r + i) * h + c0, au + i * cols, cols);
+        ConvertBf16ToF32(isa_, lora_.gate_a + (e * r + i) * h + c0, ag + i * cols, cols);
+        ConvertBf16ToF32(isa_, lora_.up_a + (e * r + i) * h + c0, au + i * cols, cols);
       }
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
         MoeLayer::ProjInput ing, inu;
-        ing.ld = inu.ld = inter;
-        ing.x = dg_b + r0 * inter;
-        inu.x = du_b + r0 * inter;
+        ing.ld = inu.ld = ldi;
+        ing.x = dg_b + r0 * ldi;
+        inu.x = du_b + r0 * ldi;
         if (quant) {
-          ing.qx = w.q_rows_i0.data() + r0 * inter;
+          ing.qx = w.q_rows_i0.data() + r0 * ldi;
           ing.sx = w.s_rows_i0.data() + r0 * gi;
           ing.xsum = w.sum_rows_i0.data() + r0 * gi;
-          inu.qx = w.q_rows_i1.data() + r0 * inter;
+          inu.qx = w.q_rows_i1.data() + r0 * ldi;
           inu.sx = w.s_rows_i1.data() + r0 * gi;
           inu.xsum = w.sum_rows_i1.data() + r0 * gi;
         }
         float* out = gx + r0 * h + c0;
         t.ProjectBlock(ExpertProj::kGate, e, c0, cols, ing, m, out, h);
         t.ProjectBlock(ExpertProj::kUp, e, c0, cols, inu, m, tmp, cpt);
-        for (size_t i = 0; i < m; ++i) {
-          float* o = out + i * h;
-          Axpy(1.0f, tmp + i * cpt, o, cols);
-          for (size_t q = 0; q < r; ++q) {
-            Axpy(s * dgB[(r0 + i) * r + q], ag + q * cols, o, cols);
-            Axpy(s * duB[(r0 + i) * r + q], au + q * cols, o, cols);
-          }
+        for (size_t i = 0; i < m; ++i) Axpy(1.0f, tmp + i * cpt, out + i * h, cols);
+        if (r > 0) {
+          LoraGemm(isa_, m, cols, r, s, dgB + r0 * r, r, 1, ag, cols, out, h, true);
+          LoraGemm(isa_, m, cols, r, s, duB + r0 * r, r, 1, au, cols, out, h, true);
         }
       }
     });
@@ -756,31 +749,28 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       float* ub = ua + r * h;                                   // [I, r]
       float* da = ub + inter * r;                               // [r, I]
       float* db = da + r * inter;                               // [H, r]
-      float* xf = db + h * r;                                   // one x row, then one grad_y row
-      float* f0 = xf + h;                                       // one grad_g row, then one h row
-      float* f1 = f0 + inter;                                   // one grad_u row
-      std::fill(ga, xf, 0.0f);
-      for (size_t row = rb; row < re; ++row) {
-        const float* dgr = dgB + row * r;
-        const float* dur = duB + row * r;
-        const float* dyr = dyB + row * r;
-        // gate/up A: s (grad B)^T x ; gate/up B: s grad^T (A x)
-        ToF32(c.input.data() + (c.row_token[row] / k) * h, xf, h);
-        for (size_t q = 0; q < r; ++q) {
-          Axpy(s * dgr[q], xf, ga + q * h, h);
-          Axpy(s * dur[q], xf, ua + q * h, h);
+      float* rows_f = db + h * r;  // [kGradRows, H or I]: fp32 x rows, then h rows
+      std::fill(ga, rows_f, 0.0f);
+      // Each product is a small GEMM over kGradRows rows with the row index as its inner dimension: the
+      // [rows, r] factors (grad B, A x) are read transposed through LoraGemm's strides, and grad_g, grad_u,
+      // grad_y straight from their bf16 rows.
+      for (size_t r0 = rb; r0 < re; r0 += kGradRows) {
+        const size_t m = std::min(kGradRows, re - r0);
+        for (size_t i = 0; i < m; ++i) {
+          ConvertBf16ToF32(isa_, c.input.data() + (c.row_token[r0 + i] / k) * h, rows_f + i * h, h);
         }
-        ToF32(dg_b + row * inter, f0, inter);
-        ToF32(du_b + row * inter, f1, inter);
-        for (size_t j = 0; j < inter; ++j) {
-          Axpy(s * f0[j], c.ax_g.data() + row * r, gb + j * r, r);
-          Axpy(s * f1[j], c.ax_u.data() + row * r, ub + j * r, r);
+        // gate/up A: s (grad B)^T x, [r, H] += s [r, m] [m, H]
+        LoraGemm(isa_, r, h, m, s, dgB + r0 * r, 1, r, rows_f, h, ga, h, true);
+        LoraGemm(isa_, r, h, m, s, duB + r0 * r, 1, r, rows_f, h, ua, h, true);
+        // gate/up B: s grad^T (A x), [I, r] += s [I, m] [m, r]
+        LoraGemm(isa_, inter, r, m, s, dg_b + r0 * ldi, 1, ldi, c.ax_g.data() + r0 * r, r, gb, r, true);
+        LoraGemm(isa_, inter, r, m, s, du_b + r0 * ldi, 1, ldi, c.ax_u.data() + r0 * r, r, ub, r, true);
+        // down A: s (grad_y B_d)^T h, [r, I]; down B: s grad_y^T (A_d h), [H, r]
+        for (size_t i = 0; i < m; ++i) {
+          ConvertBf16ToF32(isa_, c.h.data() + (r0 + i) * ldi, rows_f + i * inter, inter);
         }
-        // down A: s (grad_y B_d)^T h ; down B: s grad_y^T (A_d h)
-        ToF32(c.h.data() + row * inter, f0, inter);
-        for (size_t q = 0; q < r; ++q) Axpy(s * dyr[q], f0, da + q * inter, inter);
-        ToF32(dy_b + row * h, xf, h);
-        for (size_t j = 0; j < h; ++j) Axpy(s * xf[j], c.ah.data() + row * r, db + j * r, r);
+        LoraGemm(isa_, r, inter, m, s, dyB + r0 * r, 1, r, rows_f, inter, da, inter, true);
+        LoraGemm(isa_, h, r, m, s, dy_b + r0 * ldh, 1, ldh, c.ah.data() + r0 * r, r, db, r, true);
       }
       const float* src[6] = {ga, gb, ua, ub, da, db};
       for (int p = 0; p < 6; ++p) {
@@ -803,7 +793,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
         const int row = c.token_slot_row[tok * k + j];
         if (row >= 0) Axpy(1.0f, gx + static_cast<size_t>(row) * h, acc, h);
       }
-      for (size_t i = 0; i < h; ++i) grad_input[tok * h + i] = F32ToBf16(acc[i]);
+      ConvertF32ToBf16(isa_, acc, grad_input + tok * h, h);
     }
   });
   free_.push_back(std::move(owned));

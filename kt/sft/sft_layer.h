@@ -13,7 +13,7 @@
 //
 // LoRA tensors are the caller's bf16 arrays, read in place at every call (an optimizer step on them is
 // seen by the next forward; nothing to repack). The LoRA GEMMs (rank r = 16) are 3% of the flops and run
-// in fp32 with vectorized axpy loops.
+// in fp32 through lora_kernels.h on the layer's Isa.
 //
 // Thread safety: one call at a time per layer and per shared SftWorkspace/SftBackwardWeights.
 #ifndef KT_SFT_SFT_LAYER_H_
@@ -72,7 +72,9 @@ class SftBackwardWeights {
 };
 
 // Working memory of forward and backward (gathered rows, GEMM outputs), sized for max_len * k rows and
-// grown on demand. Nothing in it outlives a call, so all layers of a model may share one.
+// grown on demand. Nothing in it outlives a call, so all layers of a model may share one. The bf16 and
+// int8 rows the base GEMMs read are padded to ldh = RowStride(H), ldi = RowStride(I) elements (a cache
+// line more than H, I: sft_layer.cc says why).
 class SftWorkspace {
  public:
   SftWorkspace() = default;
@@ -82,15 +84,15 @@ class SftWorkspace {
   friend class SftMoeLayer;
   template <typename T>
   using Buf = std::vector<T>;
-  Buf<bf16_t> rows_h;     // [rows, H]: forward gathered x; backward grad_y (bf16)
-  Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized
+  Buf<bf16_t> rows_h;     // [rows, ldh]: forward gathered x; backward grad_y (bf16)
+  Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized [rows, ldh]
   Buf<float> s_rows_h;    //   and their scales [rows][groups of H] (1 group unless a group format)
   Buf<int32_t> sum_rows_h;  //   and their int32 group sums [rows][groups of H] (the int4 kernels' zero
                             //   point term; kept for every quantized format so row offsets stay simple)
   Buf<float> f_rows_h;    // [rows, H] fp32: forward y; backward grad_x rows
-  Buf<bf16_t> rows_i0;    // [rows, I]: backward grad_g (bf16)
-  Buf<bf16_t> rows_i1;    // [rows, I]: backward grad_u (bf16)
-  Buf<int8_t> q_rows_i0, q_rows_i1;  // quantized formats: forward h / backward grad_g, grad_u quantized
+  Buf<bf16_t> rows_i0;    // [rows, ldi]: backward grad_g (bf16)
+  Buf<bf16_t> rows_i1;    // [rows, ldi]: backward grad_u (bf16)
+  Buf<int8_t> q_rows_i0, q_rows_i1;  // quantized formats [rows, ldi]: forward h / backward grad_g, grad_u
   Buf<float> s_rows_i0, s_rows_i1;      // [rows][groups of I]
   Buf<int32_t> sum_rows_i0, sum_rows_i1;  // [rows][groups of I]
   Buf<float> lora0, lora1, lora2;  // [rows, r]: backward grad_y B_d, grad_g B_g, grad_u B_u
@@ -155,7 +157,7 @@ class SftMoeLayer {
     std::vector<int> row_token;      // [rows]
     std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
     std::vector<float> g, u;         // [rows, I] gate and up outputs (LoRA included)
-    std::vector<bf16_t> h;           // [rows, I] bf16(silu(g) u), what the down GEMM read
+    std::vector<bf16_t> h;           // [rows, ldi] bf16(silu(g) u), what the down GEMM read
     std::vector<bf16_t> y;           // [rows, H] expert outputs (LoRA included), for grad_weights
     std::vector<float> ax_g, ax_u, ah;  // [rows, r] A_g x, A_u x, A_d h
   };
