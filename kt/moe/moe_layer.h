@@ -90,9 +90,10 @@ struct ForwardProfile {
 };
 
 // Work-unit sizes of the gate/up and down phases, in 16-column panels per task (1..16); 0 keeps the
-// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down). row_chunk: rows
-// of one expert per gate/up kernel call (0: built-in, 64; else 16..1024; an expert's rows are split into
-// near-equal chunks of at most this many). k_block: the AMX kernels' K block
+// built-in choice (3 panels; on the AMX path 2-8 for gate/up, sized to L2, and 8 for down, halved for
+// down until there are two tasks per thread). row_chunk: rows
+// of one expert per gate/up kernel call (0: built-in, 64; else 16..1024; a remainder of fewer than 16 rows
+// joins the last chunk). k_block: the AMX kernels' K block
 // (GemmBf16AmxKBlocked / GemmInt8AmxKBlocked; 0: built-in; other paths ignore it). A tuning knob for
 // benchmarks, like the original's tiling setters; results do not depend on it.
 struct MoeTiling {
