@@ -6,21 +6,13 @@
 #include <cmath>
 
 #include "kt/kernels/act_quant.h"
+#include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/quant.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// Eight bf16 -> fp32 lanes per u16 load of half a vector: bf16 is the high half of an fp32.
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadBf16(DF df, const bf16_t* HWY_RESTRICT p) {
-  const hn::RebindToUnsigned<DF> du32;
-  const hn::Rebind<uint16_t, decltype(du32)> du16;
-  const auto bits = hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p));
-  return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, bits)));
-}
 
 // Quantizes x[0, len) with the vector loop and a scalar tail, exactly as quant.cc's QuantizeSymmetric.
 float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRICT q) {

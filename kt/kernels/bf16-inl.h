@@ -10,6 +10,8 @@
 
 #include <hwy/highway.h>
 
+#include "kt/kernels/dtype.h"
+
 HWY_BEFORE_NAMESPACE();
 namespace kt {
 namespace HWY_NAMESPACE {
@@ -25,6 +27,17 @@ HWY_INLINE hwy::HWY_NAMESPACE::Vec<DU32> RoundToBf16Bits(DU32 du32, VF v) {
   const auto is_nan = hn::Gt(hn::And(u, hn::Set(du32, 0x7fffffffu)), hn::Set(du32, 0x7f800000u));
   const auto r = hn::IfThenElse(is_nan, hn::Or(u, hn::Set(du32, 0x00400000u)), rounded);
   return hn::ShiftRight<16>(r);
+}
+
+// Lanes(df) bf16 values at p widened to fp32 lanes (bf16 is the high half of an fp32): one u16 load of half
+// a vector, a widening and a shift.
+template <class DF>
+HWY_INLINE hwy::HWY_NAMESPACE::Vec<DF> LoadBf16(DF df, const bf16_t* HWY_RESTRICT p) {
+  namespace hn = hwy::HWY_NAMESPACE;
+  const hn::RebindToUnsigned<DF> du32;
+  const hn::Rebind<uint16_t, decltype(du32)> du16;
+  const auto bits = hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p)));
+  return hn::BitCast(df, hn::ShiftLeft<16>(bits));
 }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant.h"
@@ -25,15 +26,6 @@ HWY_BEFORE_NAMESPACE();
 namespace kt {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// bf16 -> fp32 lanes: bf16 is the high half of an fp32.
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadBf16(DF df, const bf16_t* HWY_RESTRICT p) {
-  const hn::RebindToUnsigned<DF> du32;
-  const hn::Rebind<uint16_t, decltype(du32)> du16;
-  const auto bits = hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p));
-  return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, bits)));
-}
 
 // std::round(v) for v already clamped to integer bounds (so |v| < 2^23): v - trunc(v) is exact in fp32,
 // and comparing its magnitude with 0.5 decides a tie away from zero, as std::round does.

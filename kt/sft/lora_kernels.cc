@@ -124,15 +124,6 @@ void GemmBf16A(size_t m, size_t n, size_t k, float alpha, const bf16_t* a, size_
   Gemm(m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
-// Widens `lanes` bf16 values at p to fp32 (bf16 is the high half of an fp32).
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadBf16(DF df, const bf16_t* HWY_RESTRICT p) {
-  const hn::RebindToUnsigned<DF> du32;
-  const hn::Rebind<uint16_t, decltype(du32)> du16;
-  const auto bits = hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p)));
-  return hn::BitCast(df, hn::ShiftLeft<16>(bits));
-}
-
 // R rows of a against C rows of b: R·C vector accumulators along k (2 x 4 = 8: per step 2 widened a loads
 // and 4 b loads feed 8 FMAs), each reduced across lanes once at the end; k's tail (< lanes) in plain code.
 template <size_t R, size_t C>
