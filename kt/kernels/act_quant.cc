@@ -80,21 +80,7 @@ namespace {
 using RowFn = void (*)(const bf16_t*, size_t, int8_t*, float*);
 using RowGroupedFn = void (*)(const bf16_t*, size_t, size_t, int8_t*, float*);
 
-// The Highway target of a path; scalar uses quant.h's reference code itself.
-template <typename Fn>
-Fn Pick(Isa isa, Fn avx2, Fn avx3, Fn avx3_dl) {
-  switch (isa) {
-    case Isa::kScalar:
-      return nullptr;
-    case Isa::kAvx2:
-      return avx2;
-    case Isa::kAvx512:
-      return avx3 != nullptr ? avx3 : avx2;
-    default:  // kAvx512Vnni, kAvx512Bf16, kAmx: the AVX3_DL target
-      return avx3_dl != nullptr ? avx3_dl : (avx3 != nullptr ? avx3 : avx2);
-  }
-}
-
+// The Highway targets compiled in (scalar uses quant.h's reference code itself).
 #if HWY_TARGETS & HWY_AVX2
 #define KT_AQ_AVX2(f) &N_AVX2::f
 #else
@@ -114,14 +100,14 @@ Fn Pick(Isa isa, Fn avx2, Fn avx3, Fn avx3_dl) {
 }  // namespace
 
 void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale) {
-  const RowFn fn = Pick<RowFn>(isa, KT_AQ_AVX2(Row), KT_AQ_AVX3(Row), KT_AQ_AVX3_DL(Row));
+  const RowFn fn = PickHwyTarget<RowFn>(isa, KT_AQ_AVX2(Row), KT_AQ_AVX3(Row), KT_AQ_AVX3_DL(Row));
   if (fn == nullptr) return QuantizeActivationInt8(x, k, q, scale);
   fn(x, k, q, scale);
 }
 
 void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales) {
-  const RowGroupedFn fn =
-      Pick<RowGroupedFn>(isa, KT_AQ_AVX2(RowGrouped), KT_AQ_AVX3(RowGrouped), KT_AQ_AVX3_DL(RowGrouped));
+  const RowGroupedFn fn = PickHwyTarget<RowGroupedFn>(isa, KT_AQ_AVX2(RowGrouped), KT_AQ_AVX3(RowGrouped),
+                                                      KT_AQ_AVX3_DL(RowGrouped));
   if (fn == nullptr) {
     for (size_t g = 0; g * group < k; ++g) {
       QuantizeActivationInt8(x + g * group, group, q + g * group, scales + g);

@@ -208,16 +208,7 @@ QuantizeMatrixFn Pick(Isa isa) {
 #if HWY_TARGETS & HWY_AVX3_DL
   avx3_dl = &N_AVX3_DL::QuantizeMatrix;
 #endif
-  switch (isa) {
-    case Isa::kScalar:
-      return nullptr;
-    case Isa::kAvx2:
-      return avx2;
-    case Isa::kAvx512:
-      return avx3 != nullptr ? avx3 : avx2;
-    default:  // kAvx512Vnni, kAvx512Bf16, kAmx: the AVX3_DL target
-      return avx3_dl != nullptr ? avx3_dl : (avx3 != nullptr ? avx3 : avx2);
-  }
+  return PickHwyTarget(isa, avx2, avx3, avx3_dl);
 }
 
 }  // namespace
