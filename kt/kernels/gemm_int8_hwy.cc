@@ -46,6 +46,8 @@ HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t kq, size_t k) {
 }
 
 // MR rows x NP panels of y: int32 accumulators, then y = (sx * sw) * float(acc).
+// Loops with compile-time trip counts are unrolled explicitly (as in gemm_int4_hwy.cc): as loops, GCC 12
+// kept the accumulators on the stack and every vpaddd went through a store and a reload.
 template <int MR, int NP>
 HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, const float* HWY_RESTRICT sx,
                       const int8_t* HWY_RESTRICT panels, size_t stride, const float* HWY_RESTRICT sw,
@@ -57,7 +59,9 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
   using VI = hn::Vec<DI32>;
   using VW = hn::Vec<DI16>;
   VI acc[MR][kV];
+  #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
+    #pragma GCC unroll 16
     for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(di32);
   }
   VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
@@ -65,15 +69,18 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
   const size_t full_quads = k / 4;
   for (size_t kq = 0; kq < kquads; ++kq) {
     const bool full = kq < full_quads;
+    #pragma GCC unroll 16
     for (int p = 0; p < NP; ++p) {
       // Split this panel's weights once; every row reuses them.
       const int32_t* src = reinterpret_cast<const int32_t*>(panels + p * stride + kq * 4 * kInt8PanelRows);
       VW w_even[kVecsPerPanel], w_odd[kVecsPerPanel];
+      #pragma GCC unroll 16
       for (size_t s = 0; s < kVecsPerPanel; ++s) {
         const VW w = hn::BitCast(di16, hn::LoadU(di32, src + s * kLanes));
         w_even[s] = hn::ShiftRight<8>(hn::ShiftLeft<8>(w));
         w_odd[s] = hn::ShiftRight<8>(w);
       }
+      #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         int32_t quad;
         if (full) {
@@ -84,6 +91,7 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
         const VW xv = hn::BitCast(di16, hn::Set(di32, quad));
         const VW x_even = hn::ShiftRight<8>(hn::ShiftLeft<8>(xv));
         const VW x_odd = hn::ShiftRight<8>(xv);
+        #pragma GCC unroll 16
         for (size_t s = 0; s < kVecsPerPanel; ++s) {
           const size_t v = p * kVecsPerPanel + s;
           acc[m][v] = hn::ReorderWidenMulAccumulate(di32, x_even, w_even[s], acc[m][v], unused);
@@ -92,12 +100,14 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
       }
     }
   }
+  #pragma GCC unroll 16
   for (size_t v = 0; v < kV; ++v) {
     const size_t c0 = v * kLanes;
     if (c0 >= cols) break;
     const size_t n = std::min(kLanes, cols - c0);
     // Scales are padded to whole panels, so a full-vector load is always in bounds.
     const auto w_scale = hn::LoadU(df, sw + c0);
+    #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const auto out = hn::Mul(hn::Mul(hn::Set(df, sx[m]), w_scale), hn::ConvertTo(df, acc[m][v]));
       if (n == kLanes) {
