@@ -4,7 +4,8 @@
 //   g = W_gate[e] x_t, u = W_up[e] x_t              (fp32 accumulation)
 //   h = bf16(silu(g) * u)                            (rounded to bf16, as the original does)
 //   y = W_down[e] h                                  (fp32)
-//   out_t = bf16( sum_j weights[t][j] * y )          (fp32 sum, one rounding at the end)
+//   out_t = bf16( sum_j weights[t][j] * y )          (fp32 sum over t's experts in expert-id order, one
+//                                                     rounding at the end)
 // An id < 0, >= num_experts, or with gpu_experts_mask[id] set contributes nothing.
 //
 // Expert weight formats (docs/FORMATS.md):
