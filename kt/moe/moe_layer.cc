@@ -717,7 +717,8 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     const size_t n_active = active_.size();
     // h-quantize tasks: row blocks within each expert (a row's absmax spans all I columns, or a group
     // that may straddle column blocks, so after all of the expert's gate/up blocks).
-    std::vector<std::pair<int, size_t>> quant_blocks;  // (active index, first row)
+    std::vector<std::pair<int, size_t>>& quant_blocks = quant_blocks_;  // (active index, first row)
+    quant_blocks.clear();
     if (quantized) {
       for (size_t i = 0; i < n_active; ++i) {
         const int e = active_[i];
@@ -737,7 +738,8 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     const size_t t_gu = gather_tasks, t_quant = t_gu + n_active * inter_blocks;
     const size_t t_down = t_quant + quant_blocks.size(), t_end = t_down + hidden_blocks;
     // Busy time per thread and phase (the profile).
-    std::vector<double> busy(threads * 4, 0.0);
+    std::vector<double>& busy = busy_;
+    busy.assign(threads * 4, 0.0);
     auto wait_for = [](const std::atomic<int>& left) {
       while (left.load(std::memory_order_acquire) != 0) Pause();
     };

@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -293,7 +294,8 @@ class MoeLayer {
   Projection gate_, up_, down_;
   std::vector<uint8_t> proj_loaded_;  // [E * 3]: (slot, proj) loaded by LoadExpert*
 
-  // Routing and scratch, sized for max_len * top_k rows at Create (Forward never allocates).
+  // Routing and scratch, sized for max_len * top_k rows at Create; the pipeline's task lists below grow to
+  // the largest call and pool seen, so Forward allocates nothing after its first calls.
   std::vector<int> expert_count_;    // [E] rows routed to each physical expert
   std::vector<int> expert_begin_;    // [E+1] first row of each expert (rows grouped by expert)
   std::vector<int> row_token_;       // [rows] token of each row
@@ -303,6 +305,8 @@ class MoeLayer {
   // Forward's pipeline: per active expert (index into active_), gate/up tasks and h-quantize tasks still
   // to finish.
   std::unique_ptr<std::atomic<int>[]> gu_left_, quant_left_;
+  std::vector<std::pair<int, size_t>> quant_blocks_;  // h-quantize tasks: (active index, first row)
+  std::vector<double> busy_;                           // [threads][4] busy seconds per phase (profile)
   // Row strides (elements) of the activation arrays: padded past K by one cache line (moe_layer.cc says why).
   size_t ldx_ = 0;                   // scratch xs (bf16) or qxs (int8)
   size_t ldh_ = 0;                   // scratch hs
