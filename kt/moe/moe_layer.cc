@@ -74,8 +74,8 @@ size_t MoeLayer::KBlock() const { return tiling_.k_block > 0 ? static_cast<size_
 
 size_t MoeLayer::ScratchPerThread() const {
   // Gate and up blocks of one task ((row_chunk + 15) x up to kMaxColsPerTask each: a short remainder joins
-  // the last chunk), or a down block of rows.
-  return std::max<size_t>(2 * (RowChunk() + 15) * kMaxColsPerTask, config_.hidden);
+  // the last chunk), or a down block of rows (at least 62 rows of the widest column block).
+  return 2 * (RowChunk() + 15) * kMaxColsPerTask;
 }
 
 template <typename T>
