@@ -59,6 +59,8 @@ size_t RowStride(size_t k) { return (k + 31) / 32 * 32 + 32; }
 
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
 std::atomic<uint64_t> g_next_layer_id{1};
+// Creation numbers of layers, to name a layer without layer_idx in the cache pool's errors.
+std::atomic<uint64_t> g_next_creation_id{0};
 
 }  // namespace
 
@@ -107,11 +109,44 @@ size_t SftWorkspace::bytes() const {
          (sum_rows_h.size() + sum_rows_i0.size() + sum_rows_i1.size()) * 4;
 }
 
+size_t SftForwardCache::bytes() const {
+  return input.capacity() * 2 + (g.capacity() + u.capacity()) * 4 + h.capacity() * 2 + y.capacity() * 2 +
+         (ax_g.capacity() + ax_u.capacity() + ah.capacity()) * 4 + ids.capacity() * 8 +
+         weights.capacity() * 4 +
+         (row_token.capacity() + token_slot_row.capacity() + expert_begin.capacity() + active.capacity()) * 4;
+}
+
+absl::StatusOr<std::shared_ptr<SftCachePool>> SftCachePool::Create(int max_cache_depth) {
+  if (max_cache_depth < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SftCachePool: max_cache_depth must be >= 1, got ", max_cache_depth));
+  }
+  return std::shared_ptr<SftCachePool>(new SftCachePool(max_cache_depth));
+}
+
+size_t SftCachePool::bytes() const {
+  size_t total = scratch_.bytes();
+  for (const auto& holder : holders_) total += holder.second->bytes();
+  for (const auto& c : free_) total += c->bytes();
+  return total;
+}
+
 absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
     const SftConfig& config, Isa isa, ExpertFormat format,
-    std::shared_ptr<SftBackwardWeights> backward_weights, std::shared_ptr<SftWorkspace> workspace) {
+    std::shared_ptr<SftBackwardWeights> backward_weights, std::shared_ptr<SftWorkspace> workspace,
+    std::shared_ptr<SftCachePool> cache_pool) {
   if (absl::Status s = ValidateSftConfig(config); !s.ok()) return s;
+  if (cache_pool != nullptr && cache_pool->max_cache_depth() != config.max_cache_depth) {
+    // The pool's capacity is what bounds the layers' caches; a layer expecting another depth would be
+    // refused (or allowed) forwards its own setting does not say.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "share_cache_pool: the shared cache pool holds max_cache_depth = ", cache_pool->max_cache_depth(),
+        " cached forwards; this layer has max_cache_depth = ", config.max_cache_depth,
+        ": layers sharing a pool must have its max_cache_depth"));
+  }
   std::unique_ptr<SftMoeLayer> l(new SftMoeLayer(config, isa));
+  l->pool_ = std::move(cache_pool);
+  l->id_ = g_next_creation_id.fetch_add(1);
   // The layer's own forward scratch is never used (SFT gathers into the workspace): one row.
   MoeConfig base = config.moe;
   base.max_len = 1;
@@ -148,6 +183,50 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
   l->rank_ = config.skip_lora ? 0 : config.lora_rank;
   l->scale_ = config.skip_lora ? 0.0f : config.lora_alpha / static_cast<float>(config.lora_rank);
   return l;
+}
+
+SftMoeLayer::~SftMoeLayer() {
+  while (!stack_.empty()) {
+    std::unique_ptr<Cache> c = std::move(stack_.back());
+    stack_.pop_back();
+    ReleaseEntry(std::move(c));
+  }
+}
+
+std::string SftMoeLayer::Name() const {
+  return config_.layer_idx >= 0 ? absl::StrCat("layer ", config_.layer_idx)
+                                : absl::StrCat("unnumbered layer #", id_);
+}
+
+SftMoeLayer::Cache& SftMoeLayer::PushEntry() {
+  std::vector<std::unique_ptr<Cache>>& from = pool_ != nullptr ? pool_->free_ : free_;
+  if (from.empty()) {
+    stack_.push_back(std::make_unique<Cache>());
+  } else {
+    stack_.push_back(std::move(from.back()));
+    from.pop_back();
+  }
+  if (pool_ != nullptr) pool_->holders_.emplace_back(this, stack_.back().get());
+  return *stack_.back();
+}
+
+SftMoeLayer::Cache& SftMoeLayer::ScratchEntry() {
+  return pool_ != nullptr ? pool_->scratch_ : scratch_cache_;
+}
+
+void SftMoeLayer::ReleaseEntry(std::unique_ptr<Cache> c) {
+  if (pool_ == nullptr) {
+    free_.push_back(std::move(c));
+    return;
+  }
+  auto& holders = pool_->holders_;
+  for (size_t i = holders.size(); i-- > 0;) {
+    if (holders[i].second == c.get()) {
+      holders.erase(holders.begin() + i);
+      break;
+    }
+  }
+  pool_->free_.push_back(std::move(c));
 }
 
 absl::Status SftMoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
@@ -346,17 +425,13 @@ size_t SftMoeLayer::CacheBytesPerForward(int qlen) const {
 }
 
 size_t SftMoeLayer::cache_bytes() const {
-  size_t total = 0;
-  auto add = [&](const Cache& c) {
-    total += c.input.capacity() * 2 + (c.g.capacity() + c.u.capacity()) * 4 + c.h.capacity() * 2 +
-             c.y.capacity() * 2 + (c.ax_g.capacity() + c.ax_u.capacity() + c.ah.capacity()) * 4 +
-             c.ids.capacity() * 8 + c.weights.capacity() * 4 +
-             (c.row_token.capacity() + c.token_slot_row.capacity() + c.expert_begin.capacity() +
-              c.active.capacity()) * 4;
-  };
-  for (const auto& c : stack_) add(*c);
-  for (const auto& c : free_) add(*c);
-  add(scratch_cache_);
+  // With a pool, stack_'s entries are the pool's (counted by SftCachePool::bytes); free_ and
+  // scratch_cache_ stay empty.
+  size_t total = scratch_cache_.bytes();
+  if (pool_ == nullptr) {
+    for (const auto& c : stack_) total += c->bytes();
+  }
+  for (const auto& c : free_) total += c->bytes();
   return total;
 }
 
@@ -384,18 +459,32 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         "backward and max_cache_depth = ", config_.max_cache_depth,
         "; run backward first or create the layer with a larger max_cache_depth"));
   }
-  EnsureWorkspace(pool);
-  Cache* cp = &scratch_cache_;
-  if (save_for_backward) {
-    if (free_.empty()) {
-      stack_.push_back(std::make_unique<Cache>());
-    } else {
-      stack_.push_back(std::move(free_.back()));
-      free_.pop_back();
+  if (save_for_backward && pool_ != nullptr && pool_->live() >= pool_->max_cache_depth()) {
+    // Name the layers whose caches fill the pool, in the order they cached them.
+    std::vector<std::pair<const SftMoeLayer*, int>> held;
+    for (const auto& holder : pool_->holders_) {
+      auto it = std::find_if(held.begin(), held.end(), [&](const auto& p) { return p.first == holder.first; });
+      if (it == held.end()) {
+        held.push_back({holder.first, 1});
+      } else {
+        ++it->second;
+      }
     }
-    cp = stack_.back().get();
+    std::string who;
+    for (size_t i = 0; i < held.size(); ++i) {
+      absl::StrAppend(&who, i == 0 ? "" : (i + 1 == held.size() ? " and " : ", "), held[i].first->Name(),
+                      " holds ", held[i].second);
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "forward_sft(save_for_backward=True) on ", Name(), ": the shared cache pool (share_cache_pool) "
+        "is full: it holds at most max_cache_depth = ", pool_->max_cache_depth(), " cached forward(s) for "
+        "all layers together, and ", who, " (waiting for backward). A shared pool is only valid when one "
+        "layer's caches are alive at a time (activation recomputation: each layer's recompute forward "
+        "directly followed by its backward). Run that backward first, or create the layers with "
+        "per-layer caches (share_cache_pool=False)"));
   }
-  Cache& c = *cp;
+  EnsureWorkspace(pool);
+  Cache& c = save_for_backward ? PushEntry() : ScratchEntry();
   SftWorkspace& w = *ws_;
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   const float s = scale_;
@@ -796,7 +885,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       ConvertF32ToBf16(isa_, acc, grad_input + tok * h, h);
     }
   });
-  free_.push_back(std::move(owned));
+  ReleaseEntry(std::move(owned));
   return absl::OkStatus();
 }
 

@@ -15,13 +15,19 @@
 // seen by the next forward; nothing to repack). The LoRA GEMMs (rank r = 16) are 3% of the flops and run
 // in fp32 through lora_kernels.h on the layer's Isa.
 //
-// Thread safety: one call at a time per layer and per shared SftWorkspace/SftBackwardWeights.
+// Activation caches live per layer by default; with share_cache_pool one SftCachePool serves all layers of
+// a model (see SftCachePool): valid only under activation recomputation, when one layer's cache is alive at
+// a time.
+//
+// Thread safety: one call at a time per layer and per shared SftWorkspace/SftBackwardWeights/SftCachePool.
 #ifndef KT_SFT_SFT_LAYER_H_
 #define KT_SFT_SFT_LAYER_H_
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -39,6 +45,7 @@ struct SftConfig {
   float lora_alpha = 32.0f;  // s = lora_alpha / lora_rank
   int max_cache_depth = 1;   // forwards with save_for_backward that may wait for their backward
   bool skip_lora = false;    // SkipLoRA: no LoRA in forward, backward gives grad_input and grad_weights only
+  int layer_idx = -1;        // the model's layer number, for error messages only (-1: not given)
 };
 
 absl::Status ValidateSftConfig(const SftConfig& config);
@@ -100,14 +107,75 @@ class SftWorkspace {
   int threads = 0;
 };
 
+// What one Forward(save_for_backward = true) keeps for its Backward. Internal to SftMoeLayer (declared
+// here because SftCachePool holds entries of it); every buffer is sized at each forward (grow-only), so an
+// entry serves any layer shape.
+struct SftForwardCache {
+  int qlen = 0, k = 0;
+  size_t rows = 0;
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  std::vector<bf16_t> input;       // [qlen, H]
+  std::vector<int> expert_begin;   // [E + 1]
+  std::vector<int> active;         // experts with rows
+  std::vector<int> row_token;      // [rows]
+  std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
+  std::vector<float> g, u;         // [rows, I] gate and up outputs (LoRA included)
+  std::vector<bf16_t> h;           // [rows, ldi] bf16(silu(g) u), what the down GEMM read
+  std::vector<bf16_t> y;           // [rows, H] expert outputs (LoRA included), for grad_weights
+  std::vector<float> ax_g, ax_u, ah;  // [rows, r] A_g x, A_u x, A_d h
+  size_t bytes() const;            // capacity of every buffer
+};
+
+class SftMoeLayer;
+
+// share_cache_pool: one store of activation caches for several layers, holding at most max_cache_depth
+// cached forwards in total, whichever layers they belong to. Per-layer caches cost
+// layers x max_cache_depth x (cache of one forward); a pool costs max_cache_depth x (cache of one forward)
+// for the whole model (Qwen3-30B-A3B, 48 layers, qlen 4096, depth 1: 48 x 393 MiB = 18.4 GiB -> 393 MiB).
+// That is only valid when one layer's caches are alive at a time: activation recomputation, where layer
+// L's recompute forward is directly followed by layer L's backward, then layer L-1's. Plain training
+// (all forwards, then all backwards) needs per-layer caches; a pooled forward that would exceed the pool
+// is FailedPrecondition naming the layers holding its entries, and changes nothing.
+//
+// Each layer still pops only its own entries (LIFO per layer); an entry popped by a backward goes back to
+// the pool with its buffers. Entries are sized per use and grow to the largest forward they served, so
+// layers of different shapes may share a pool (each layer's max_cache_depth must equal the pool's).
+// The pool also holds the one scratch entry of forwards without save_for_backward (e.g. the first,
+// no-grad forward of every layer under recomputation), which per-layer caches keep per layer.
+// Thread safety: one call at a time over all layers sharing the pool (as SftWorkspace).
+class SftCachePool {
+ public:
+  static absl::StatusOr<std::shared_ptr<SftCachePool>> Create(int max_cache_depth);
+  int max_cache_depth() const { return max_depth_; }
+  int live() const { return static_cast<int>(holders_.size()); }  // entries held by layers' stacks
+  // Bytes of every entry: held by layers, free for reuse, and the no-save scratch entry.
+  size_t bytes() const;
+
+ private:
+  friend class SftMoeLayer;
+  explicit SftCachePool(int max_cache_depth) : max_depth_(max_cache_depth) {}
+  int max_depth_;
+  // The layer and entry of each live entry, oldest first (the entries themselves are on the layers'
+  // stacks; a layer hands its entries back when popped or destroyed, and keeps the pool alive).
+  std::vector<std::pair<const SftMoeLayer*, const SftForwardCache*>> holders_;
+  std::vector<std::unique_ptr<SftForwardCache>> free_;
+  SftForwardCache scratch_;
+};
+
 class SftMoeLayer {
  public:
   // `backward_weights` and `workspace` may be shared with other layers of the same shape, format and
-  // path (nullptr: the layer makes its own). `isa` must be supported by this CPU.
+  // path (nullptr: the layer makes its own). `cache_pool` (nullptr: per-layer caches) may be shared by
+  // any layers whose max_cache_depth equals the pool's (SftCachePool says when that is valid).
+  // `isa` must be supported by this CPU.
   static absl::StatusOr<std::unique_ptr<SftMoeLayer>> Create(
       const SftConfig& config, Isa isa, ExpertFormat format,
       std::shared_ptr<SftBackwardWeights> backward_weights = nullptr,
-      std::shared_ptr<SftWorkspace> workspace = nullptr);
+      std::shared_ptr<SftWorkspace> workspace = nullptr,
+      std::shared_ptr<SftCachePool> cache_pool = nullptr);
+  // Hands the entries still cached (forwards without their backward) back to a shared pool.
+  ~SftMoeLayer();
 
   // Canonical bf16 base weights gate/up [E, I, H], down [E, H, I] (MoeLayer::LoadWeights). With an
   // unshared SftBackwardWeights the transposed copy is built here; a shared one is built at backward.
@@ -118,7 +186,8 @@ class SftMoeLayer {
   absl::Status SetLora(const SftLoraTensors& lora);
 
   // output[qlen, H] = sum_j w_tj y_tj (bf16). With save_for_backward the activations backward needs are
-  // pushed on the cache stack; FailedPrecondition when max_cache_depth caches are already waiting.
+  // pushed on the cache stack; FailedPrecondition when max_cache_depth caches are already waiting (on this
+  // layer, or with a shared pool on all layers sharing it), leaving everything unchanged.
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, bf16_t* output, bool save_for_backward);
 
@@ -137,36 +206,30 @@ class SftMoeLayer {
   ExpertFormat format() const { return base_->format(); }
   int rank() const { return rank_; }
   // Bytes: forward base weights; transposed backward weights (shared ones counted once, by their owner);
-  // cached activations currently held (entries are kept for reuse after their backward).
+  // cached activations this layer owns (entries are kept for reuse after their backward; 0 with a shared
+  // pool, which owns every entry); the shared pool's bytes (0 without one; the same object for every
+  // layer sharing it, so a model's total counts it once, as the shared workspace).
   size_t weight_bytes() const { return base_->weight_bytes(); }
   size_t backward_weight_bytes() const { return bwd_->bytes(); }
   size_t cache_bytes() const;
+  size_t cache_pool_bytes() const { return pool_ != nullptr ? pool_->bytes() : 0; }
+  bool shares_cache_pool() const { return pool_ != nullptr; }
   // Cache bytes of one forward of qlen tokens (all k slots routed): what max_cache_depth multiplies.
   size_t CacheBytesPerForward(int qlen) const;
   size_t workspace_bytes() const { return ws_->bytes(); }
 
  private:
-  struct Cache {
-    int qlen = 0, k = 0;
-    size_t rows = 0;
-    std::vector<int64_t> ids;
-    std::vector<float> weights;
-    std::vector<bf16_t> input;       // [qlen, H]
-    std::vector<int> expert_begin;   // [E + 1]
-    std::vector<int> active;         // experts with rows
-    std::vector<int> row_token;      // [rows]
-    std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
-    std::vector<float> g, u;         // [rows, I] gate and up outputs (LoRA included)
-    std::vector<bf16_t> h;           // [rows, ldi] bf16(silu(g) u), what the down GEMM read
-    std::vector<bf16_t> y;           // [rows, H] expert outputs (LoRA included), for grad_weights
-    std::vector<float> ax_g, ax_u, ah;  // [rows, r] A_g x, A_u x, A_d h
-  };
+  using Cache = SftForwardCache;
 
   SftMoeLayer(const SftConfig& config, Isa isa) : config_(config), isa_(isa) {}
   void Route(Cache& c, int qlen, int k, const int64_t* ids) const;
   void EnsureWorkspace(ThreadPool& pool);
   size_t ScratchPerThread() const;
   absl::Status EnsureBackwardWeights(ThreadPool& pool);
+  std::string Name() const;    // "layer 3" (layer_idx given) or "unnumbered layer #<creation id>"
+  Cache& PushEntry();          // a free entry (this layer's or the pool's) onto stack_
+  Cache& ScratchEntry();       // the entry of a forward without save_for_backward
+  void ReleaseEntry(std::unique_ptr<Cache> c);  // a popped entry back to free_ or the pool
 
   SftConfig config_;
   Isa isa_;
@@ -186,6 +249,9 @@ class SftMoeLayer {
   std::vector<std::unique_ptr<Cache>> stack_;  // pushed forwards, newest last
   std::vector<std::unique_ptr<Cache>> free_;   // popped entries kept for their buffers
   Cache scratch_cache_;                        // a forward without save_for_backward
+  std::shared_ptr<SftCachePool> pool_;         // share_cache_pool: owns the entries instead of free_ and
+                                               // scratch_cache_ (nullptr: per-layer caches)
+  uint64_t id_ = 0;                            // creation number, for Name() without layer_idx
 };
 
 }  // namespace kt

@@ -23,6 +23,14 @@ def check_int(name: str, value, minimum: Optional[int] = None) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """Checks that ``value`` is a bool (Python's, or numpy's bool_); an int such as 0/1 is not, so a
+    misplaced positional argument is caught."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return bool(value)
+
+
 def _shape_str(shape: Sequence[object]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 

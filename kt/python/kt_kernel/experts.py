@@ -143,6 +143,8 @@ class KTMoEWrapper:
         # Quantization config (for K-Group SFT methods)
         group_size: int = 128,
         zero_point: bool = True,
+        # Activation-cache storage (SFT only)
+        share_cache_pool: bool = False,
     ):
         """Creates the backend for ``mode`` and ``method``.
 
@@ -171,6 +173,11 @@ class KTMoEWrapper:
                 AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
                 moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
             num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
+            share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
+                max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
+                method and max_cache_depth share one cache pool holding max_cache_depth forwards in total,
+                which is valid only when one layer's caches are alive at a time (activation
+                recomputation); see ``kt_kernel.sft.amx``.
 
         Returns:
             A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16", ``AMXMoEWrapper`` for the
@@ -230,6 +237,7 @@ class KTMoEWrapper:
             max_cache_depth=max_cache_depth,
             group_size=group_size,
             zero_point=zero_point,
+            share_cache_pool=share_cache_pool,
         )
 
     @staticmethod

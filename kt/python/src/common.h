@@ -16,7 +16,7 @@ std::mutex& ComputeMutex();
 // InvalidArgument/OutOfRange -> ValueError, Unimplemented -> NotImplementedError, else RuntimeError.
 [[noreturn]] void ThrowStatus(const absl::Status& status);
 
-// kt/python/src/sft_bindings.cc: SftMoeLayer, SftBackwardWeights, SftWorkspace.
+// kt/python/src/sft_bindings.cc: SftMoeLayer, SftBackwardWeights, SftWorkspace, SftCachePool.
 void RegisterSftBindings(pybind11::module_& m);
 
 }  // namespace kt

@@ -1,5 +1,6 @@
 // _kt's SFT classes: SftMoeLayer (forward with cache, backward with LoRA gradients), SftBackwardWeights
-// (transposed base weights, shareable by layers) and SftWorkspace (working memory, shareable). Same
+// (transposed base weights, shareable by layers), SftWorkspace (working memory, shareable) and
+// SftCachePool (activation caches shared by layers under recomputation). Same
 // conventions as bindings.cc: tensors cross as data_ptr() addresses, kt_kernel.sft validates them, every
 // compute call holds ComputeMutex with the GIL released.
 #include <cstdint>
@@ -58,15 +59,16 @@ class PySftLayer {
   PySftLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len, int lora_rank,
              float lora_alpha, int max_cache_depth, bool skip_lora, const std::string& isa,
              const std::string& format, int group_size, std::shared_ptr<SftBackwardWeights> backward_weights,
-             std::shared_ptr<SftWorkspace> workspace) {
+             std::shared_ptr<SftWorkspace> workspace, std::shared_ptr<SftCachePool> cache_pool, int layer_idx) {
     SftConfig c;
     c.moe = Shape(num_experts, top_k, hidden, intermediate, max_len, group_size);
     c.lora_rank = lora_rank;
     c.lora_alpha = lora_alpha;
     c.max_cache_depth = max_cache_depth;
     c.skip_lora = skip_lora;
-    absl::StatusOr<std::unique_ptr<SftMoeLayer>> l =
-        SftMoeLayer::Create(c, IsaOf(isa), FormatOf(format), std::move(backward_weights), std::move(workspace));
+    c.layer_idx = layer_idx;
+    absl::StatusOr<std::unique_ptr<SftMoeLayer>> l = SftMoeLayer::Create(
+        c, IsaOf(isa), FormatOf(format), std::move(backward_weights), std::move(workspace), std::move(cache_pool));
     if (!l.ok()) ThrowStatus(l.status());
     layer_ = std::move(*l);
   }
@@ -112,14 +114,29 @@ void RegisterSftBindings(py::module_& m) {
       .def(py::init<>())
       .def_property_readonly("bytes", &SftWorkspace::bytes);
 
+  py::class_<SftCachePool, std::shared_ptr<SftCachePool>>(
+      m, "SftCachePool",
+      "Activation caches shared by layers (share_cache_pool): at most max_cache_depth cached forwards for "
+      "all layers together; valid only when one layer's caches are alive at a time (recomputation).")
+      .def(py::init([](int max_cache_depth) {
+             absl::StatusOr<std::shared_ptr<SftCachePool>> p = SftCachePool::Create(max_cache_depth);
+             if (!p.ok()) ThrowStatus(p.status());
+             return *p;
+           }),
+           py::arg("max_cache_depth"))
+      .def_property_readonly("max_cache_depth", &SftCachePool::max_cache_depth)
+      .def_property_readonly("live", &SftCachePool::live)
+      .def_property_readonly("bytes", &SftCachePool::bytes);
+
   py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
-                    int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>>(),
+                    int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>,
+                    std::shared_ptr<SftCachePool>, int>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
            py::arg("max_len"), py::arg("lora_rank"), py::arg("lora_alpha"), py::arg("max_cache_depth"),
            py::arg("skip_lora"), py::arg("isa"), py::arg("format"), py::arg("group_size") = 128,
            py::arg("backward_weights") = nullptr,
-           py::arg("workspace") = nullptr)
+           py::arg("workspace") = nullptr, py::arg("cache_pool") = nullptr, py::arg("layer_idx") = -1)
       .def(
           "load_weights",
           [](PySftLayer& self, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
@@ -184,6 +201,7 @@ void RegisterSftBindings(py::module_& m) {
       .def_property_readonly("backward_weight_bytes",
                              [](const PySftLayer& s) { return s.layer().backward_weight_bytes(); })
       .def_property_readonly("cache_bytes", [](const PySftLayer& s) { return s.layer().cache_bytes(); })
+      .def_property_readonly("cache_pool_bytes", [](const PySftLayer& s) { return s.layer().cache_pool_bytes(); })
       .def_property_readonly("workspace_bytes", [](const PySftLayer& s) { return s.layer().workspace_bytes(); })
       .def("cache_bytes_per_forward",
            [](const PySftLayer& s, int qlen) { return s.layer().CacheBytesPerForward(qlen); }, py::arg("qlen"));

@@ -56,12 +56,15 @@ def test_signature_matches_the_original():
         "gpu_experts_mask", "cpuinfer_threads", "threadpool_count", "weight_path", "chunked_prefill_size",
         "cpu_save", "max_deferred_experts_per_token", "method", "numa_nodes", "mode", "num_gpu_experts",
         "lora_rank", "lora_alpha", "max_cache_depth", "group_size", "zero_point",
+        # After the original's parameters, in their order, so positional calls are unchanged: the SFT
+        # option the original sets from its KTConfig (kt_share_cache_pool) on its SFT wrapper.
+        "share_cache_pool",
     ]  # fmt: skip
     defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
     assert defaults == dict(
         cpu_save=False, max_deferred_experts_per_token=None, method="AMXINT4", numa_nodes=None,
         mode="inference", num_gpu_experts=0, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-        group_size=128, zero_point=True,
+        group_size=128, zero_point=True, share_cache_pool=False,
     )  # fmt: skip
     assert len(INFERENCE_METHODS) == 10 and "BF16" in INFERENCE_METHODS
     assert len(SFT_METHODS) == 12 and "AMXBF16_SFT_SkipLoRA" in SFT_METHODS

@@ -305,6 +305,101 @@ def test_share_backward_bb_two_layers():
     assert mem["backward_weights"] == mem["weights"] == 3 * E * H * I * 2
 
 
+def _pooled_pair(depth=1, share=True, seeds=(30, 31)):
+    """Layers 0 and 1 built through KTMoEWrapper, sharing one cache pool when ``share``."""
+    layers = []
+    for idx, seed in enumerate(seeds):
+        moe, base, lora, grads = build(depth=depth, seed=seed, layer_idx=idx, share_cache_pool=share)
+        layers.append((moe, base, lora, grads))
+    return layers
+
+
+def test_share_cache_pool_recompute_matches_per_layer_caches():
+    # Activation recomputation over two layers: the no-grad forward of each, then per layer in backward
+    # order (1, then 0) its recompute forward and its backward. The pool only moves buffers between the
+    # layers, so the results equal the per-layer caches' bit for bit (those are checked against torch
+    # here and in the other tests), and the pool holds one layer's cache bytes instead of two.
+    KTMoEWrapper.clear_sft_buffer_cache()  # a fresh pool, whatever earlier tests left in the process
+    plain, pooled = _pooled_pair(share=False), _pooled_pair(share=True)
+    b = (batch(32), batch(33))  # same qlen: both layers' caches are of one size
+    results = {}
+    for name, layers in (("plain", plain), ("pooled", pooled)):
+        for (moe, *_), bt in zip(layers, b):
+            with torch.no_grad():
+                moe.forward(*bt[:3], save_for_backward=False)
+        res = []
+        for idx in (1, 0):
+            moe = layers[idx][0]
+            out = moe.forward(*b[idx][:3], save_for_backward=True)
+            gi, gw = moe.backward(b[idx][3])
+            res.append((idx, out, gi, gw, [g.clone() for g in layers[idx][3]]))
+        results[name] = res
+    for (idx, *p), (_, *q) in zip(results["plain"], results["pooled"]):
+        for name, x, y in zip(("output", "grad_input", "grad_weights"), p[:3], q[:3]):
+            assert torch.equal(x, y), f"layer {idx}: {name} differs with share_cache_pool"
+        for x, y in zip(p[3], q[3]):
+            assert torch.equal(x, y), f"layer {idx}: a LoRA gradient differs with share_cache_pool"
+    idx, out, gi, gw, grads = results["pooled"][1]  # layer 0 against torch too
+    ref_out, ref = torch_reference(pooled[0][1], pooled[0][2], *b[0])
+    compare("share_cache_pool", pooled[0][0], out, gi, gw, grads, ref_out, ref, 1e-2)
+    mem_plain = [m.memory_bytes() for m, *_ in plain]
+    mem_pooled = [m.memory_bytes() for m, *_ in pooled]
+    assert mem_plain[0]["cache"] == mem_plain[1]["cache"] > 0 and mem_plain[0]["cache_pool"] == 0
+    # The pooled layers own no cache; the pool is one object, counted once: one layer's bytes.
+    assert [m["cache"] for m in mem_pooled] == [0, 0]
+    assert mem_pooled[0]["cache_pool"] == mem_pooled[1]["cache_pool"] == mem_plain[0]["cache"]
+
+
+def test_share_cache_pool_full_is_clear_and_loses_nothing():
+    KTMoEWrapper.clear_sft_buffer_cache()
+    (l0, base0, lora0, grads0), (l1, base1, lora1, grads1) = _pooled_pair(seeds=(34, 35))
+    b0, b1 = batch(36), batch(37, qlen=19)
+    out1 = l1.forward(*b1[:3])
+    with pytest.raises(RuntimeError, match=r"on layer 0: the shared cache pool \(share_cache_pool\) is full.*"
+                       r"layer 1 holds 1.*per-layer caches"):
+        l0.forward(*b0[:3])
+    assert l0.cache_depth == 0 and l1.cache_depth == 1
+    l0.forward(*b0[:3], save_for_backward=False)  # not cached: allowed, and leaves layer 1's cache alone
+    gi1, gw1 = l1.backward(b1[3])
+    ref_out1, ref1 = torch_reference(base1, lora1, *b1)
+    compare("pool full, l1", l1, out1, gi1, gw1, grads1, ref_out1, ref1, 1e-2)
+    out0 = l0.forward(*b0[:3])
+    gi0, gw0 = l0.backward(b0[3])
+    ref_out0, ref0 = torch_reference(base0, lora0, *b0)
+    compare("pool full, l0", l0, out0, gi0, gw0, grads0, ref_out0, ref0, 1e-2)
+    with pytest.raises(RuntimeError, match="backward without a cached forward"):
+        l0.backward(b0[3])
+
+
+def test_share_cache_pool_depth_two_lifo():
+    KTMoEWrapper.clear_sft_buffer_cache()
+    moe, base, lora, grads = build(depth=2, seed=38, share_cache_pool=True)
+    b1, b2 = batch(39), batch(40, qlen=23)
+    out1 = moe.forward(*b1[:3])
+    out2 = moe.forward(*b2[:3])
+    gi2, gw2 = moe.backward(b2[3])
+    ref_out2, ref2 = torch_reference(base, lora, *b2)
+    compare("pool lifo 2nd", moe, out2, gi2, gw2, grads, ref_out2, ref2, 1e-2)
+    gi1, gw1 = moe.backward(b1[3])
+    ref_out1, ref1 = torch_reference(base, lora, *b1)
+    compare("pool lifo 1st", moe, out1, gi1, gw1, grads, ref_out1, ref1, 1e-2)
+    # A depth-1 wrapper of the same shape gets its own pool (the key includes max_cache_depth), so it
+    # can cache while this one's pool is in use.
+    other, *_ = build(depth=1, seed=41, share_cache_pool=True)
+    moe.forward(*b1[:3])
+    other.forward(*b1[:3])
+    assert other.memory_bytes()["cache_pool"] > 0
+    other.backward(b1[3])
+    moe.backward(b1[3])
+
+
+def test_share_cache_pool_type_checked():
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match="share_cache_pool must be a bool"):
+            make(share_cache_pool=bad)
+    assert make(share_cache_pool=False).share_cache_pool is False
+
+
 def test_validation_errors():
     moe = make()
     x, ids, w, gout = batch(7)

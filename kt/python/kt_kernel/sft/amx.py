@@ -26,12 +26,22 @@ Backward multiplies by the transposed base weights. With ``share_backward_bb=Tru
 same shape share one transposed copy, rebuilt from the forward weights of whichever layer runs backward
 (saves E*3*H*I weights per layer, costs one repack per layer backward); the default (False) gives each
 layer its own copy, built at load.
+
+Activation caches: by default each layer keeps up to ``max_cache_depth`` cached forwards (and the entries'
+buffers after their backward). With ``share_cache_pool=True`` all wrappers of the process with the same
+shape, method and max_cache_depth share one pool of ``max_cache_depth`` entries in total, as the original's
+``share_cache_pool`` does. That is only valid when one layer's caches are alive at a time, i.e. under
+activation recomputation (the no-grad forward of every layer, then per layer in backward order: its
+recompute forward with save_for_backward, then its backward). It saves (layers - 1) x max_cache_depth
+caches: Qwen3-30B-A3B (48 layers) at qlen 4096 holds 393 MiB per cached forward, 18.4 GiB per-layer against
+393 MiB pooled at depth 1. A forward with save_for_backward that would exceed the pool raises RuntimeError
+naming the layers that hold its entries; nothing is lost (their backwards still work).
 """
 
 from __future__ import annotations
 
 from .. import _native
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
 
 _SKIP_SUFFIX = "_SkipLoRA"
@@ -76,6 +86,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         group_size: int = 128,
         zero_point: bool = True,
         share_backward_bb: bool = False,
+        share_cache_pool: bool = False,
     ):
         super().__init__(
             layer_idx=layer_idx,
@@ -97,6 +108,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         self.zero_point = bool(zero_point)
         self.skip_lora = method.endswith(_SKIP_SUFFIX)
         self.share_backward_bb = bool(share_backward_bb)
+        self.share_cache_pool = check_bool("share_cache_pool", share_cache_pool)
         fmt = _base_format(method, self.group_size)
         isa = _native.ISA
         bwd = None
@@ -110,6 +122,18 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
                 ),
             )
         workspace = KExpertsSFTBuffer.get(("workspace",), _native._kt.SftWorkspace)
+        cache_pool = None
+        if self.share_cache_pool:
+            # One pool per model shape and method: the layers of one model share it. (The C++ pool sizes
+            # entries per use, so this key is about not mixing two models' layers, whose caches may be alive
+            # at the same time, rather than about sizes.)
+            key = (
+                "cache_pool", self.max_cache_depth, num_experts, num_experts_per_tok, hidden_size,
+                moe_intermediate_size, chunked_prefill_size, lora_rank, method, self.group_size,
+            )
+            cache_pool = KExpertsSFTBuffer.get(
+                key, lambda: _native._kt.SftCachePool(max_cache_depth=self.max_cache_depth)
+            )
         self._layer = _native._kt.SftMoeLayer(
             num_experts=num_experts,
             top_k=num_experts_per_tok,
@@ -125,6 +149,8 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
             group_size=self.group_size,
             backward_weights=bwd,
             workspace=workspace,
+            cache_pool=cache_pool,
+            layer_idx=self.layer_idx,
         )
 
     def _needs_lora(self) -> bool:
@@ -143,10 +169,13 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
 
     def memory_bytes(self) -> dict:
         """Bytes held: forward base weights, transposed backward weights (a shared copy is the same object
-        for every layer), cached activations (entries kept for reuse), and the shared workspace."""
+        for every layer), cached activations this layer owns (entries kept for reuse; 0 with
+        share_cache_pool), the shared cache pool (0 without one; the same object for every layer sharing
+        it), and the shared workspace. A model's total counts each shared object once."""
         return {
             "weights": self._layer.weight_bytes,
             "backward_weights": self._layer.backward_weight_bytes,
             "cache": self._layer.cache_bytes,
+            "cache_pool": self._layer.cache_pool_bytes,
             "workspace": self._layer.workspace_bytes,
         }

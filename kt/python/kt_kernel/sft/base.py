@@ -13,8 +13,9 @@ from .._checks import check_int, check_tensor
 
 class KExpertsSFTBuffer:
     """Process-wide SFT objects shared by layers: the C++ working memory (one ``SftWorkspace``, grow-only,
-    used by one call at a time since every compute call is serialized) and, with ``share_backward_bb``, one
-    transposed-weight copy per layer shape."""
+    used by one call at a time since every compute call is serialized), with ``share_backward_bb`` one
+    transposed-weight copy per layer shape, and with ``share_cache_pool`` one activation-cache pool per
+    layer shape, method and max_cache_depth."""
 
     _lock = threading.Lock()
     _cache: Dict[object, object] = {}
@@ -234,7 +235,9 @@ class BaseSFTMoEWrapper:
                 nothing.
             weights: float32 CPU [qlen, k].
             save_for_backward: push the activations backward needs on this layer's cache stack (at most
-                max_cache_depth forwards may wait for their backward).
+                max_cache_depth forwards may wait for their backward; with share_cache_pool, at most
+                max_cache_depth for all layers sharing the pool together, else RuntimeError naming the
+                layers holding them).
 
         Returns:
             A new bf16 CPU tensor [qlen, H].
