@@ -480,7 +480,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         "is full: it holds at most max_cache_depth = ", pool_->max_cache_depth(), " cached forward(s) for "
         "all layers together, and ", who, " (waiting for backward). A shared pool is only valid when one "
         "layer's caches are alive at a time (activation recomputation: each layer's recompute forward "
-        "directly followed by its backward). Run that backward first, or create the layers with "
+        "directly followed by its backward). Run the waiting backward first, or create the layers with "
         "per-layer caches (share_cache_pool=False)"));
   }
   EnsureWorkspace(pool);
