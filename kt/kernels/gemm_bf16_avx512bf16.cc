@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/prefetch.h"
 
 namespace kt {
 namespace internal {
@@ -40,6 +41,7 @@ void Micro(size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t s
   for (size_t kp = 0; kp < full_pairs; ++kp) {
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v) {
+      if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(w + v * stride + kp * 2 * kPanelRows);
       b[v] = (__m512bh)_mm512_loadu_si512(w + v * stride + kp * 2 * kPanelRows);
     }
     for (int m = 0; m < MR; ++m) {

@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_int4.h"
+#include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -113,6 +114,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
       #pragma GCC unroll 16
       for (int p = 0; p < NP; ++p) {
         const uint8_t* src = panels + p * stride + b * 64;
+        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
         #pragma GCC unroll 16
         for (size_t s = 0; s < kVecsPerPanel; ++s) {
           const auto v = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
@@ -142,6 +144,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
       #pragma GCC unroll 16
       for (int p = 0; p < NP; ++p) {
         const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
+        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
         VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
         #pragma GCC unroll 16
         for (size_t s = 0; s < kVecsPerPanel; ++s) {

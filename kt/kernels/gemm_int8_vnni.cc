@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/prefetch.h"
 
 namespace kt {
 namespace internal {
@@ -54,7 +55,10 @@ void Micro(size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_
   for (size_t kq = 0; kq < KQuads(k); ++kq) {
     const bool full = kq < full_quads;
     __m512i b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(panels + v * stride + kq * 4 * kInt8PanelRows);
+    for (int v = 0; v < NV; ++v) {
+      if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(panels + v * stride + kq * 4 * kInt8PanelRows);
+      b[v] = _mm512_loadu_si512(panels + v * stride + kq * 4 * kInt8PanelRows);
+    }
     for (int m = 0; m < MR; ++m) {
       const __m512i a = full ? BroadcastFullQuadU8(qx + m * ldqx + 4 * kq)
                              : BroadcastQuadU8(qx + m * ldqx, kq, k);
