@@ -7,15 +7,12 @@
 #include <cstdlib>
 #include <new>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/quant.h"
 #include "kt/kernels/quant_fast.h"
+#include "kt/moe/memory.h"
 
 namespace kt {
 namespace {
@@ -64,15 +61,6 @@ inline void Pause() {
 #endif
 }
 
-// Arrays of at least kHugePageMinBytes (an expert projection of a whole layer: 100-600 MB on Qwen3-30B) are
-// 2 MiB aligned and advised as transparent huge pages (Debian's default THP mode is `madvise`: without the
-// advice every array is 4 KiB pages). Decode streams each expert's weights once from DRAM, and on 4 KiB pages
-// the hardware prefetchers restart at every page and the TLB misses every 4 KiB. Dev box (AMD EPYC, AVX2,
-// one thread, M = 1 over a 201 MB matrix, 3 runs each): int4 6.6-7.1 -> 9.8-10.8 GB/s, int8 8.6-9.5 ->
-// 9.9-10.3 GB/s. The rounding to whole pages wastes under 2 MiB per array, under 6% at the threshold.
-constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kHugePageMinBytes = size_t{32} << 20;
-
 size_t PaddedStride(size_t k, size_t elem_bytes) {
   const size_t line_elems = 64 / elem_bytes;
   return (k + line_elems - 1) / line_elems * line_elems + line_elems;
@@ -95,19 +83,7 @@ size_t MoeLayer::ScratchPerThread() const {
 template <typename T>
 void moe_internal::AlignedBuffer<T>::Resize(size_t n) {
   if (n == size) return;
-  const size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
-  T* p;
-  if (bytes >= kHugePageMinBytes) {
-    // Whole 2 MiB pages, advised as transparent huge pages (see kHugePageMinBytes).
-    const size_t huge_bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    p = static_cast<T*>(std::aligned_alloc(kHugePage, huge_bytes));
-#if defined(__linux__)
-    if (p != nullptr) ::madvise(p, huge_bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
-#endif
-  } else {
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  }
-  if (p == nullptr) throw std::bad_alloc();
+  T* p = static_cast<T*>(AllocateArray(n * sizeof(T)));  // huge pages for large arrays (memory.h)
   data.reset(p);
   size = n;
 }

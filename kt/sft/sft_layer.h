@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/memory.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/thread_pool.h"
 
@@ -90,7 +91,7 @@ class SftWorkspace {
  private:
   friend class SftMoeLayer;
   template <typename T>
-  using Buf = std::vector<T>;
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
   Buf<bf16_t> rows_h;     // [rows, ldh]: forward gathered x; backward grad_y (bf16)
   Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized [rows, ldh]
   Buf<float> s_rows_h;    //   and their scales [rows][groups of H] (1 group unless a group format)
@@ -115,15 +116,17 @@ struct SftForwardCache {
   size_t rows = 0;
   std::vector<int64_t> ids;
   std::vector<float> weights;
-  std::vector<bf16_t> input;       // [qlen, H]
+  template <typename T>
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  Buf<bf16_t> input;               // [qlen, H]
   std::vector<int> expert_begin;   // [E + 1]
   std::vector<int> active;         // experts with rows
   std::vector<int> row_token;      // [rows]
   std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
-  std::vector<float> g, u;         // [rows, I] gate and up outputs (LoRA included)
-  std::vector<bf16_t> h;           // [rows, ldi] bf16(silu(g) u), what the down GEMM read
-  std::vector<bf16_t> y;           // [rows, H] expert outputs (LoRA included), for grad_weights
-  std::vector<float> ax_g, ax_u, ah;  // [rows, r] A_g x, A_u x, A_d h
+  Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
+  Buf<bf16_t> h;                   // [rows, ldi] bf16(silu(g) u), what the down GEMM read
+  Buf<bf16_t> y;                   // [rows, H] expert outputs (LoRA included), for grad_weights
+  Buf<float> ax_g, ax_u, ah;       // [rows, r] A_g x, A_u x, A_d h
   size_t bytes() const;            // capacity of every buffer
 };
 
