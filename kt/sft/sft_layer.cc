@@ -106,7 +106,7 @@ size_t SftWorkspace::bytes() const {
          rows_i0.size() * 2 + rows_i1.size() * 2 + q_rows_i0.size() + q_rows_i1.size() +
          (s_rows_i0.size() + s_rows_i1.size() + lora0.size() + lora1.size() + lora2.size() +
           thread_scratch.size()) * 4 +
-         (sum_rows_h.size() + sum_rows_i0.size() + sum_rows_i1.size()) * 4;
+         (sum_rows_h.size() + sum_rows_i0.size() + sum_rows_i1.size()) * 4 + scratch.bytes();
 }
 
 size_t SftForwardCache::bytes() const {
@@ -125,7 +125,7 @@ absl::StatusOr<std::shared_ptr<SftCachePool>> SftCachePool::Create(int max_cache
 }
 
 size_t SftCachePool::bytes() const {
-  size_t total = scratch_.bytes();
+  size_t total = 0;
   for (const auto& holder : holders_) total += holder.second->bytes();
   for (const auto& c : free_) total += c->bytes();
   return total;
@@ -211,7 +211,7 @@ SftMoeLayer::Cache& SftMoeLayer::PushEntry() {
 }
 
 SftMoeLayer::Cache& SftMoeLayer::ScratchEntry() {
-  return pool_ != nullptr ? pool_->scratch_ : scratch_cache_;
+  return ws_->scratch;
 }
 
 void SftMoeLayer::ReleaseEntry(std::unique_ptr<Cache> c) {
@@ -425,9 +425,9 @@ size_t SftMoeLayer::CacheBytesPerForward(int qlen) const {
 }
 
 size_t SftMoeLayer::cache_bytes() const {
-  // With a pool, stack_'s entries are the pool's (counted by SftCachePool::bytes); free_ and
-  // scratch_cache_ stay empty.
-  size_t total = scratch_cache_.bytes();
+  // With a pool, stack_'s entries are the pool's (counted by SftCachePool::bytes) and free_ stays empty.
+  // The no-save scratch entry is the workspace's (SftWorkspace::bytes).
+  size_t total = 0;
   if (pool_ == nullptr) {
     for (const auto& c : stack_) total += c->bytes();
   }

@@ -79,6 +79,28 @@ class SftBackwardWeights {
   Isa isa_ = Isa::kScalar;
 };
 
+// What one Forward(save_for_backward = true) keeps for its Backward. Internal to SftMoeLayer (declared
+// here because SftCachePool holds entries of it); every buffer is sized at each forward (grow-only), so an
+// entry serves any layer shape.
+struct SftForwardCache {
+  int qlen = 0, k = 0;
+  size_t rows = 0;
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  template <typename T>
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  Buf<bf16_t> input;               // [qlen, H]
+  std::vector<int> expert_begin;   // [E + 1]
+  std::vector<int> active;         // experts with rows
+  std::vector<int> row_token;      // [rows]
+  std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
+  Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
+  Buf<bf16_t> h;                   // [rows, ldi] bf16(silu(g) u), what the down GEMM read
+  Buf<bf16_t> y;                   // [rows, H] expert outputs (LoRA included), for grad_weights
+  Buf<float> ax_g, ax_u, ah;       // [rows, r] A_g x, A_u x, A_d h
+  size_t bytes() const;            // capacity of every buffer
+};
+
 // Working memory of forward and backward (gathered rows, GEMM outputs), sized for max_len * k rows and
 // grown on demand. Nothing in it outlives a call, so all layers of a model may share one. The bf16 and
 // int8 rows the base GEMMs read are padded to ldh = RowStride(H), ldi = RowStride(I) elements (a cache
@@ -105,29 +127,11 @@ class SftWorkspace {
   Buf<int32_t> sum_rows_i0, sum_rows_i1;  // [rows][groups of I]
   Buf<float> lora0, lora1, lora2;  // [rows, r]: backward grad_y B_d, grad_g B_g, grad_u B_u
   Buf<float> thread_scratch;       // per thread, ScratchPerThread floats
+  // The cache entry of a forward without save_for_backward (e.g. the first, no-grad forward of every layer
+  // under activation recomputation): nothing in it outlives the call, so one serves every layer sharing
+  // the workspace (it was one per layer: 265 MiB each on Qwen3-30B at qlen 4096, 12.4 GiB for 48 layers).
+  SftForwardCache scratch;
   int threads = 0;
-};
-
-// What one Forward(save_for_backward = true) keeps for its Backward. Internal to SftMoeLayer (declared
-// here because SftCachePool holds entries of it); every buffer is sized at each forward (grow-only), so an
-// entry serves any layer shape.
-struct SftForwardCache {
-  int qlen = 0, k = 0;
-  size_t rows = 0;
-  std::vector<int64_t> ids;
-  std::vector<float> weights;
-  template <typename T>
-  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
-  Buf<bf16_t> input;               // [qlen, H]
-  std::vector<int> expert_begin;   // [E + 1]
-  std::vector<int> active;         // experts with rows
-  std::vector<int> row_token;      // [rows]
-  std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
-  Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
-  Buf<bf16_t> h;                   // [rows, ldi] bf16(silu(g) u), what the down GEMM read
-  Buf<bf16_t> y;                   // [rows, H] expert outputs (LoRA included), for grad_weights
-  Buf<float> ax_g, ax_u, ah;       // [rows, r] A_g x, A_u x, A_d h
-  size_t bytes() const;            // capacity of every buffer
 };
 
 class SftMoeLayer;
@@ -144,15 +148,14 @@ class SftMoeLayer;
 // Each layer still pops only its own entries (LIFO per layer); an entry popped by a backward goes back to
 // the pool with its buffers. Entries are sized per use and grow to the largest forward they served, so
 // layers of different shapes may share a pool (each layer's max_cache_depth must equal the pool's).
-// The pool also holds the one scratch entry of forwards without save_for_backward (e.g. the first,
-// no-grad forward of every layer under recomputation), which per-layer caches keep per layer.
+// Forwards without save_for_backward use the workspace's scratch entry (SftWorkspace::scratch), pool or not.
 // Thread safety: one call at a time over all layers sharing the pool (as SftWorkspace).
 class SftCachePool {
  public:
   static absl::StatusOr<std::shared_ptr<SftCachePool>> Create(int max_cache_depth);
   int max_cache_depth() const { return max_depth_; }
   int live() const { return static_cast<int>(holders_.size()); }  // entries held by layers' stacks
-  // Bytes of every entry: held by layers, free for reuse, and the no-save scratch entry.
+  // Bytes of every entry: held by layers and free for reuse.
   size_t bytes() const;
 
  private:
@@ -163,7 +166,6 @@ class SftCachePool {
   // stacks; a layer hands its entries back when popped or destroyed, and keeps the pool alive).
   std::vector<std::pair<const SftMoeLayer*, const SftForwardCache*>> holders_;
   std::vector<std::unique_ptr<SftForwardCache>> free_;
-  SftForwardCache scratch_;
 };
 
 class SftMoeLayer {
@@ -251,9 +253,8 @@ class SftMoeLayer {
   bool lora_set_ = false;
   std::vector<std::unique_ptr<Cache>> stack_;  // pushed forwards, newest last
   std::vector<std::unique_ptr<Cache>> free_;   // popped entries kept for their buffers
-  Cache scratch_cache_;                        // a forward without save_for_backward
-  std::shared_ptr<SftCachePool> pool_;         // share_cache_pool: owns the entries instead of free_ and
-                                               // scratch_cache_ (nullptr: per-layer caches)
+  std::shared_ptr<SftCachePool> pool_;         // share_cache_pool: owns the entries instead of free_
+                                               // (nullptr: per-layer caches)
   uint64_t id_ = 0;                            // creation number, for Name() without layer_idx
 };
 

@@ -542,8 +542,8 @@ TEST_P(SftLayerTest, SharedCachePoolMatchesPerLayerCaches) {
   ExpectSameGrads(g0, h0);
   ExpectSameGrads(g1, h1);
   CheckAll("pool(l0)", q0, &h0, Ref(w0, b0, 2.0, kR));  // and both are right (as the other tests check)
-  // Memory: per-layer caches keep one entry and one no-save scratch entry per layer; the pool one of each
-  // for both layers, counted once (the layers own none).
+  // Memory: per-layer caches keep one entry per layer; the pool one for both layers, counted once (the
+  // layers own none). The no-save scratch entry is the workspace's in both cases.
   EXPECT_EQ(s0->cache_bytes() + s1->cache_bytes(), 0u);
   EXPECT_EQ(s0->cache_pool_bytes(), (*cache_pool)->bytes());
   EXPECT_EQ(s1->cache_pool_bytes(), (*cache_pool)->bytes());
@@ -553,9 +553,39 @@ TEST_P(SftLayerTest, SharedCachePoolMatchesPerLayerCaches) {
   EXPECT_EQ((*cache_pool)->bytes(), l0->cache_bytes()) << "the pool should hold one layer's cache bytes";
 }
 
+// Forwards without save_for_backward run on the workspace's scratch entry: layers sharing a workspace share
+// it (one entry for the model instead of one per layer), own no cache bytes for it, and compute exactly
+// what a layer with its own workspace computes.
+TEST_P(SftLayerTest, NoSaveForwardsShareTheWorkspaceScratch) {
+  ThreadPool pool(2);
+  const Weights w0 = MakeWeights(kE, H(), I(), kR, 30), w1 = MakeWeights(kE, H(), I(), kR, 31);
+  const Batch b = MakeBatch(kE, kK, H(), kQlen, 32);
+  auto ws = std::make_shared<SftWorkspace>();
+  auto s0 = Build(Config(1, false), w0, pool, nullptr, ws), s1 = Build(Config(1, false), w1, pool, nullptr, ws);
+  auto own = Build(Config(1, false), w1, pool);  // its own workspace: the reference
+  Grads g0 = MakeGrads(w0, 9.0f), g1 = MakeGrads(w1, 9.0f), g2 = MakeGrads(w1, 9.0f);
+  ASSERT_TRUE(s0->SetLora(Tensors(w0, g0)).ok());
+  ASSERT_TRUE(s1->SetLora(Tensors(w1, g1)).ok());
+  ASSERT_TRUE(own->SetLora(Tensors(w1, g2)).ok());
+  std::vector<bf16_t> out0(b.input.size()), out1(b.input.size()), ref(b.input.size());
+  auto forward = [&](SftMoeLayer& l, std::vector<bf16_t>& out) {
+    ASSERT_TRUE(
+        l.Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(), out.data(), false).ok());
+  };
+  forward(*s0, out0);
+  const size_t ws_bytes = s0->workspace_bytes();
+  forward(*s1, out1);
+  forward(*own, ref);
+  EXPECT_EQ(s1->workspace_bytes(), ws_bytes) << "the second layer's no-save forward reuses the scratch";
+  EXPECT_EQ(s0->cache_bytes() + s1->cache_bytes() + own->cache_bytes(), 0u);
+  EXPECT_GT(ws_bytes, 0u);
+  ExpectSameBits("output", out1, ref);
+  EXPECT_EQ(s1->cache_depth(), 0);
+}
+
 // A pooled forward that would exceed the pool fails by name and changes nothing: layer 1's cached forward
 // still gives the right gradients, layer 0 caches once it is consumed, and forwards without
-// save_for_backward run meanwhile (on the pool's scratch entry, not layer 1's).
+// save_for_backward run meanwhile (on the workspace's scratch entry, not layer 1's).
 TEST_P(SftLayerTest, SharedCachePoolFullIsClearAndLosesNothing) {
   ThreadPool pool(2);
   const Weights w0 = MakeWeights(kE, H(), I(), kR, 24), w1 = MakeWeights(kE, H(), I(), kR, 25);
