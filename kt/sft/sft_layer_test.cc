@@ -319,6 +319,15 @@ class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
     ASSERT_TRUE(s.ok()) << s;
   }
 
+  // A backward on a layer with nothing cached is the clear FailedPrecondition (pool or not).
+  static void ExpectNothingCached(SftMoeLayer& l, ThreadPool& pool, const Batch& b) {
+    std::vector<bf16_t> gi(b.input.size());
+    std::vector<float> gw(b.weights.size());
+    const absl::Status s = l.Backward(pool, b.grad_out.data(), gi.data(), gw.data());
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(s.message().find("without a cached forward"), std::string::npos) << s;
+  }
+
   void CheckAll(const std::string& what, const Result& res, const Grads* g, const Expected& ex) {
     const double t = tol();
     auto check = [&](const char* name, double err) {
@@ -404,10 +413,7 @@ TEST_P(SftLayerTest, CacheStackIsLifoAndBounded) {
   CheckAll("lifo(2nd)", r2, &g, Ref(w, b2, 2.0, kR));
   BackwardOnly(*l, pool, b1, &r1);
   CheckAll("lifo(1st)", r1, &g, Ref(w, b1, 2.0, kR));
-  std::vector<float> gw(b1.weights.size());
-  s = l->Backward(pool, b1.grad_out.data(), out.data(), gw.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_NE(s.message().find("without a cached forward"), std::string::npos) << s;
+  ExpectNothingCached(*l, pool, b1);
 }
 
 TEST_P(SftLayerTest, SkipLoraGivesInputAndRouterGradients) {
@@ -628,10 +634,7 @@ TEST_P(SftLayerTest, SharedCachePoolFullIsClearAndLosesNothing) {
   BackwardOnly(*l0, pool, b0, &r0);
   CheckAll("pool full(l0)", r0, &g0, ex0);
   // A backward with nothing cached stays the per-layer error, though the pool has free entries.
-  std::vector<float> gw(b0.weights.size());
-  s = l0->Backward(pool, b0.grad_out.data(), out.data(), gw.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_NE(s.message().find("without a cached forward"), std::string::npos) << s;
+  ExpectNothingCached(*l0, pool, b0);
 }
 
 // max_cache_depth = 2 with a pool: two forwards of one layer then two backwards (LIFO), and two layers

@@ -178,6 +178,14 @@ def test_forward_backward_match_torch_autograd(method, tol, kw):
     assert all(bool((g[E - 1] == 0).all()) for g in grads)
 
 
+def backward_lifo(tag, moe, base, lora, grads, first, second):
+    """Backward of two cached forwards, newest first, each against torch autograd of its own batch."""
+    for name, (b, out) in (("2nd", second), ("1st", first)):
+        gi, gw = moe.backward(b[3])
+        ref_out, ref = torch_reference(base, lora, *b)
+        compare(f"{tag} {name}", moe, out, gi, gw, grads, ref_out, ref, 1e-2)
+
+
 def test_cache_depth_two_forwards_two_backwards_lifo():
     moe, base, lora, grads = build(depth=2)
     b1, b2 = batch(3), batch(4, qlen=21)
@@ -189,12 +197,7 @@ def test_cache_depth_two_forwards_two_backwards_lifo():
     moe.forward(*b1[:3], save_for_backward=False)  # not cached: always allowed
     with pytest.raises(ValueError, match=r"grad_output must have shape \[qlen, hidden_size\] = \[21, 96\]"):
         moe.backward(b1[3])  # the newest cached forward is b2's (21 tokens)
-    gi2, gw2 = moe.backward(b2[3])
-    ref_out2, ref2 = torch_reference(base, lora, *b2)
-    compare("lifo 2nd", moe, out2, gi2, gw2, grads, ref_out2, ref2, 1e-2)
-    gi1, gw1 = moe.backward(b1[3])
-    ref_out1, ref1 = torch_reference(base, lora, *b1)
-    compare("lifo 1st", moe, out1, gi1, gw1, grads, ref_out1, ref1, 1e-2)
+    backward_lifo("lifo", moe, base, lora, grads, (b1, out1), (b2, out2))
     assert moe.cache_depth == 0
     with pytest.raises(RuntimeError, match="backward without a cached forward"):
         moe.backward(b1[3])
@@ -377,12 +380,7 @@ def test_share_cache_pool_depth_two_lifo():
     b1, b2 = batch(39), batch(40, qlen=23)
     out1 = moe.forward(*b1[:3])
     out2 = moe.forward(*b2[:3])
-    gi2, gw2 = moe.backward(b2[3])
-    ref_out2, ref2 = torch_reference(base, lora, *b2)
-    compare("pool lifo 2nd", moe, out2, gi2, gw2, grads, ref_out2, ref2, 1e-2)
-    gi1, gw1 = moe.backward(b1[3])
-    ref_out1, ref1 = torch_reference(base, lora, *b1)
-    compare("pool lifo 1st", moe, out1, gi1, gw1, grads, ref_out1, ref1, 1e-2)
+    backward_lifo("pool lifo", moe, base, lora, grads, (b1, out1), (b2, out2))
     # A depth-1 wrapper of the same shape gets its own pool (the key includes max_cache_depth), so it
     # can cache while this one's pool is in use.
     other, *_ = build(depth=1, seed=41, share_cache_pool=True)
