@@ -299,6 +299,33 @@ class SftLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
     return std::move(*l);
   }
 
+  // Two layers (weights of seeds `seed` and `seed` + 1) on one SftCachePool of `depth`, LoRA set with zeroed
+  // gradient buffers; layer 0's SftConfig::layer_idx is `idx0` (-1: unnamed), layer 1's is 1.
+  struct PooledPair {
+    Weights w0, w1;
+    std::shared_ptr<SftCachePool> cache_pool;
+    std::unique_ptr<SftMoeLayer> l0, l1;
+    Grads g0, g1;
+  };
+  std::unique_ptr<PooledPair> MakePooledPair(ThreadPool& pool, int depth, uint64_t seed, int idx0) {
+    auto p = std::make_unique<PooledPair>();
+    p->w0 = MakeWeights(kE, H(), I(), kR, seed);
+    p->w1 = MakeWeights(kE, H(), I(), kR, seed + 1);
+    SftConfig c0 = Config(depth, false), c1 = Config(depth, false);
+    c0.layer_idx = idx0;
+    c1.layer_idx = 1;
+    auto cache_pool = SftCachePool::Create(depth);
+    EXPECT_TRUE(cache_pool.ok()) << cache_pool.status();
+    p->cache_pool = *cache_pool;
+    p->l0 = Build(c0, p->w0, pool, nullptr, nullptr, p->cache_pool);
+    p->l1 = Build(c1, p->w1, pool, nullptr, nullptr, p->cache_pool);
+    p->g0 = MakeGrads(p->w0, 0.0f);
+    p->g1 = MakeGrads(p->w1, 0.0f);
+    EXPECT_TRUE(p->l0->SetLora(Tensors(p->w0, p->g0)).ok());
+    EXPECT_TRUE(p->l1->SetLora(Tensors(p->w1, p->g1)).ok());
+    return p;
+  }
+
   struct Result {
     std::vector<bf16_t> out, grad_input;
     std::vector<float> grad_weights;
@@ -594,21 +621,15 @@ TEST_P(SftLayerTest, NoSaveForwardsShareTheWorkspaceScratch) {
 // save_for_backward run meanwhile (on the workspace's scratch entry, not layer 1's).
 TEST_P(SftLayerTest, SharedCachePoolFullIsClearAndLosesNothing) {
   ThreadPool pool(2);
-  const Weights w0 = MakeWeights(kE, H(), I(), kR, 24), w1 = MakeWeights(kE, H(), I(), kR, 25);
   const Batch b0 = MakeBatch(kE, kK, H(), kQlen, 26), b1 = MakeBatch(kE, kK, H(), 29, 27);
-  SftConfig c0 = Config(1, false), c1 = Config(1, false);
-  c0.layer_idx = 0;
-  c1.layer_idx = 1;
-  auto cache_pool = SftCachePool::Create(1);
-  ASSERT_TRUE(cache_pool.ok());
-  auto l0 = Build(c0, w0, pool, nullptr, nullptr, *cache_pool);
-  auto l1 = Build(c1, w1, pool, nullptr, nullptr, *cache_pool);
-  Grads g0 = MakeGrads(w0, 0.0f), g1 = MakeGrads(w1, 0.0f);
-  ASSERT_TRUE(l0->SetLora(Tensors(w0, g0)).ok());
-  ASSERT_TRUE(l1->SetLora(Tensors(w1, g1)).ok());
+  auto pair = MakePooledPair(pool, 1, 24, 0);
+  const Weights &w0 = pair->w0, &w1 = pair->w1;
+  auto &cache_pool = pair->cache_pool;
+  auto &l0 = pair->l0, &l1 = pair->l1;
+  Grads &g0 = pair->g0, &g1 = pair->g1;
   Result r0, r1;
   ForwardOnly(*l1, pool, b1, &r1);
-  const size_t bytes = (*cache_pool)->bytes();
+  const size_t bytes = cache_pool->bytes();
   std::vector<bf16_t> out(b0.input.size(), F32ToBf16(7.0f));
   absl::Status s = l0->Forward(pool, b0.qlen, b0.k, b0.ids.data(), b0.weights.data(), b0.input.data(),
                                out.data(), true);
@@ -620,8 +641,8 @@ TEST_P(SftLayerTest, SharedCachePoolFullIsClearAndLosesNothing) {
   for (const bf16_t& v : out) ASSERT_EQ(Bf16ToF32(v), 7.0f) << "the failed forward wrote its output";
   EXPECT_EQ(l0->cache_depth(), 0);
   EXPECT_EQ(l1->cache_depth(), 1);
-  EXPECT_EQ((*cache_pool)->live(), 1);
-  EXPECT_EQ((*cache_pool)->bytes(), bytes);
+  EXPECT_EQ(cache_pool->live(), 1);
+  EXPECT_EQ(cache_pool->bytes(), bytes);
   // A forward without save_for_backward is not limited by the pool and must not touch layer 1's entry.
   ASSERT_TRUE(l0->Forward(pool, b0.qlen, b0.k, b0.ids.data(), b0.weights.data(), b0.input.data(),
                           out.data(), false)
@@ -642,21 +663,16 @@ TEST_P(SftLayerTest, SharedCachePoolFullIsClearAndLosesNothing) {
 // and a layer destroyed with a cached forward gives its entry back.
 TEST_P(SftLayerTest, SharedCachePoolDepthTwo) {
   ThreadPool pool(2);
-  const Weights w0 = MakeWeights(kE, H(), I(), kR, 30), w1 = MakeWeights(kE, H(), I(), kR, 31);
   const Batch b1 = MakeBatch(kE, kK, H(), kQlen, 32), b2 = MakeBatch(kE, kK, H(), 17, 33);
-  SftConfig c0 = Config(2, false), c1 = Config(2, false);
-  c1.layer_idx = 1;  // c0 without layer_idx: named by its creation number
-  auto cache_pool = SftCachePool::Create(2);
-  ASSERT_TRUE(cache_pool.ok());
-  auto l0 = Build(c0, w0, pool, nullptr, nullptr, *cache_pool);
-  auto l1 = Build(c1, w1, pool, nullptr, nullptr, *cache_pool);
-  Grads g0 = MakeGrads(w0, 0.0f), g1 = MakeGrads(w1, 0.0f);
-  ASSERT_TRUE(l0->SetLora(Tensors(w0, g0)).ok());
-  ASSERT_TRUE(l1->SetLora(Tensors(w1, g1)).ok());
+  auto pair = MakePooledPair(pool, 2, 30, -1);  // layer 0 without layer_idx: named by its creation number
+  const Weights &w0 = pair->w0, &w1 = pair->w1;
+  auto &cache_pool = pair->cache_pool;
+  auto &l0 = pair->l0, &l1 = pair->l1;
+  Grads &g0 = pair->g0, &g1 = pair->g1;
   Result r1, r2;
   ForwardOnly(*l0, pool, b1, &r1);
   ForwardOnly(*l0, pool, b2, &r2);
-  EXPECT_EQ((*cache_pool)->live(), 2);
+  EXPECT_EQ(cache_pool->live(), 2);
   BackwardOnly(*l0, pool, b2, &r2);
   CheckAll("pool lifo(2nd)", r2, &g0, Ref(w0, b2, 2.0, kR));
   BackwardOnly(*l0, pool, b1, &r1);
@@ -676,18 +692,18 @@ TEST_P(SftLayerTest, SharedCachePoolDepthTwo) {
   BackwardOnly(*l0, pool, b2, &q0);
   CheckAll("pool two layers(l0)", q0, &g0, Ref(w0, b2, 2.0, kR));
   // The pool's depth is the layers' depth.
-  auto bad = SftMoeLayer::Create(Config(1, false), isa(), format(), nullptr, nullptr, *cache_pool);
+  auto bad = SftMoeLayer::Create(Config(1, false), isa(), format(), nullptr, nullptr, cache_pool);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("max_cache_depth = 2"), std::string::npos) << bad.status();
   EXPECT_EQ(SftCachePool::Create(0).status().code(), absl::StatusCode::kInvalidArgument);
   // A layer destroyed while its forward waits gives the entry back to the pool.
   ForwardOnly(*l1, pool, b1, &q1);
   ForwardOnly(*l1, pool, b2, &q1);
-  EXPECT_EQ((*cache_pool)->live(), 2);
-  const size_t bytes = (*cache_pool)->bytes();
+  EXPECT_EQ(cache_pool->live(), 2);
+  const size_t bytes = cache_pool->bytes();
   l1.reset();
-  EXPECT_EQ((*cache_pool)->live(), 0);
-  EXPECT_EQ((*cache_pool)->bytes(), bytes) << "entries are kept for their buffers";
+  EXPECT_EQ(cache_pool->live(), 0);
+  EXPECT_EQ(cache_pool->bytes(), bytes) << "entries are kept for their buffers";
   ForwardOnly(*l0, pool, b1, &q0);
   BackwardOnly(*l0, pool, b1, &q0);
   CheckAll("pool after destroy(l0)", q0, &g0, Ref(w0, b1, 2.0, kR));
