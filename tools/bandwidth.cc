@@ -1,16 +1,17 @@
 #include "tools/bandwidth.h"
 
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "kt/kernels/cpu_features.h"
+#include "kt/moe/memory.h"
 #include "tools/parallel.h"
 
 namespace kt {
@@ -84,10 +85,14 @@ BandwidthResult MeasureReadBandwidth(size_t buffer_bytes, int threads, int reps,
     result.method = "AVX2 32-byte loads";
   }
 
-  // 2 MiB alignment lets the kernel back the buffer with huge pages where it does so for the weights too.
+  // The layer's own allocator (kt/moe/memory.h): the buffer gets the pages the weights get (huge pages
+  // unless KT_HUGE_PAGES=0), so the yardstick and the decode rate stay comparable.
   void* mem = nullptr;
-  if (posix_memalign(&mem, size_t{2} << 20, buffer_bytes) != 0) return result;
-  madvise(mem, buffer_bytes, MADV_HUGEPAGE);
+  try {
+    mem = AllocateArray(buffer_bytes);
+  } catch (const std::bad_alloc&) {
+    return result;
+  }
   uint8_t* buf = static_cast<uint8_t*>(mem);
   // Touch every page from the thread that will read it (first-touch placement), with non-zero data.
   RunOnThreads(threads, pin, [&](int t) { std::memset(buf + t * slice, 1 + t, slice); });
