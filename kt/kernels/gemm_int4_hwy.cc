@@ -72,6 +72,89 @@ HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t q, size_t k) {
   return quad;
 }
 
+#if KT_INT4_MADDUBS
+// Blocks whose int16 sums can be added before widening: one block adds at most
+// 2 * 2 * 15 * 128 = 7680 to an int16 lane (two vpmaddubsw of two u x qx products each, |qx| <= 128), so
+// 4 blocks stay within 30720 < 32767 with no wrap. Group sizes (32, 64, 128 k = 4, 8, 16 blocks) are
+// multiples of it, so a chunk never straddles a group.
+constexpr size_t kInt16Blocks = 4;
+
+// Adds block b of NP panels into the sums: pairs = maddubs(lo, x0) + maddubs(hi, x1), where lo / hi are
+// the low / high nibbles of the block's bytes (quads 2b and 2b + 1 of the panel's rows) and x0 / x1 row m's
+// quads 2b and 2b + 1 broadcast. kWiden (a chunk of one block): acc[m][v] += vpmaddwd(pairs, 1) at once;
+// otherwise int16 sums[m][v] += pairs, widened by the caller after the chunk. kFull: the block lies inside
+// K, so the quads are plain 4-byte loads; the last partial block reads them with LoadQuad (zeros past K).
+// Loop order: with up to 2 rows (decode) each nibble vector is expanded right before the rows use it and
+// the rows' x broadcasts stay in registers; with more rows the block's nibbles are expanded once up front
+// and each row's x is broadcast in turn (the rows' accumulators need the registers).
+template <int MR, int NP, bool kFull, bool kWiden>
+HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx,
+                             const uint8_t* HWY_RESTRICT panels, size_t stride,
+                             hn::Vec<DI16> (&sums)[MR][NP * kVecsPerPanel],
+                             hn::Vec<DI32> (&acc)[MR][NP * kVecsPerPanel]) {
+  constexpr size_t kV = NP * kVecsPerPanel;
+  const DI32 di32;
+  const DI16 di16;
+  const DU8 du8;
+  const DU16 du16;
+  const auto mask4 = hn::Set(du8, uint8_t{0xF});
+  const auto ones = hn::Set(di16, int16_t{1});
+  auto quads = [&](int m, hn::Vec<DI32>& x0, hn::Vec<DI32>& x1) {
+    const int8_t* xr = qx + m * ldqx;
+    int32_t q0, q1;
+    if (kFull) {
+      std::memcpy(&q0, xr + 8 * b, 4);
+      std::memcpy(&q1, xr + 8 * b + 4, 4);
+    } else {
+      q0 = LoadQuad(xr, 2 * b, k);
+      q1 = LoadQuad(xr, 2 * b + 1, k);
+    }
+    x0 = hn::Set(di32, q0);
+    x1 = hn::Set(di32, q1);
+  };
+  auto add = [&](int m, size_t v, hn::Vec<DU8> lo, hn::Vec<DU8> hi, hn::Vec<DI32> x0, hn::Vec<DI32> x1) {
+    const auto pairs = hn::Add(MulAddPairsU8I8(lo, x0), MulAddPairsU8I8(hi, x1));
+    if (kWiden) {
+      hn::Vec<DI32> unused = hn::Zero(di32);  // sum1 of ReorderWidenMulAccumulate: never written on x86
+      acc[m][v] = hn::ReorderWidenMulAccumulate(di32, pairs, ones, acc[m][v], unused);
+    } else {
+      sums[m][v] = hn::Add(sums[m][v], pairs);
+    }
+  };
+  auto expand = [&](size_t v, hn::Vec<DU8>& lo, hn::Vec<DU8>& hi) {
+    const size_t p = v / kVecsPerPanel, s = v % kVecsPerPanel;
+    const uint8_t* src = panels + p * stride + b * 64;
+    if (s == 0 && MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+    const auto w = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
+    lo = hn::And(w, mask4);
+    hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, w))), mask4);
+  };
+  if constexpr (MR <= 2) {
+    hn::Vec<DI32> x0[MR], x1[MR];
+    #pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) quads(m, x0[m], x1[m]);
+    #pragma GCC unroll 16
+    for (size_t v = 0; v < kV; ++v) {
+      hn::Vec<DU8> lo, hi;
+      expand(v, lo, hi);
+      #pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) add(m, v, lo, hi, x0[m], x1[m]);
+    }
+  } else {
+    hn::Vec<DU8> lo[kV], hi[kV];
+    #pragma GCC unroll 16
+    for (size_t v = 0; v < kV; ++v) expand(v, lo[v], hi[v]);
+    #pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      hn::Vec<DI32> x0, x1;
+      quads(m, x0, x1);
+      #pragma GCC unroll 16
+      for (size_t v = 0; v < kV; ++v) add(m, v, lo[v], hi[v], x0, x1);
+    }
+  }
+}
+#endif
+
 // The loops over rows, panels and vectors have compile-time trip counts and are unrolled explicitly (GCC
 // unroll pragmas): left as loops, GCC 12 kept acc[][] and the expanded nibbles on the stack, and every
 // vpaddd went through a store and a reload (perf on the dev box: 50% of Micro<1, 2>'s samples on that
@@ -88,6 +171,14 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   constexpr size_t kV = NP * kVecsPerPanel;
   using VI = hn::Vec<DI32>;
   using VW = hn::Vec<DI16>;
+#if KT_INT4_MADDUBS
+  // Blocks summed in int16 before widening: kInt16Blocks where the int16 sums and the int32 accumulators
+  // fit the registers beside what MaddubsBlock keeps live (up to 2 rows: the rows' x broadcasts and one
+  // vector's nibble halves; more rows: the block's nibble halves and one row's x), plus 2 constants: AVX2
+  // at M = 1, AVX3 up to 4 rows. Otherwise every block is widened at once (the registers of before).
+  constexpr size_t kLive = MR <= 2 ? 2 * MR + 2 : 2 * kV + 2;
+  constexpr size_t kChunk = 2 * MR * kV + kLive + 2 <= static_cast<size_t>(kRegs) ? kInt16Blocks : 1;
+#endif
   const size_t groups = Int4Groups(k, group);
   const size_t blocks = KBlocks8(k);
   const size_t full_blocks = k / 8;
@@ -103,44 +194,38 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
       for (size_t v = 0; v < kV; ++v) acc[m][v] = hn::Zero(di32);
     }
     const size_t b_end = std::min(blocks, (g + 1) * blocks_per_group);
-    for (size_t b = g * blocks_per_group; b < b_end; ++b) {
-      const bool full = b < full_blocks;
 #if KT_INT4_MADDUBS
-      const DU8 du8;
-      const auto mask4b = hn::Set(du8, uint8_t{0xF});
-      const auto ones = hn::Set(di16, int16_t{1});
-      // Expand the block of every panel once (2 vectors per panel vector); every row reuses them.
-      hn::Vec<DU8> lo[kV], hi[kV];
-      #pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) {
-        const uint8_t* src = panels + p * stride + b * 64;
-        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
-        #pragma GCC unroll 16
-        for (size_t s = 0; s < kVecsPerPanel; ++s) {
-          const auto v = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
-          lo[p * kVecsPerPanel + s] = hn::And(v, mask4b);
-          hi[p * kVecsPerPanel + s] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, v))), mask4b);
-        }
-      }
+    // int16 sums of up to kChunk blocks, widened into acc once per chunk (see MaddubsBlock).
+    for (size_t b = g * blocks_per_group; b < b_end; b += kChunk) {
+      const size_t b_next = std::min(b_end, b + kChunk);
+      VW sums[MR][kV];
       #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const int8_t* xr = qx + m * ldqx;
-        int32_t q0, q1;
-        if (full) {
-          std::memcpy(&q0, xr + 8 * b, 4);
-          std::memcpy(&q1, xr + 8 * b + 4, 4);
-        } else {
-          q0 = LoadQuad(xr, 2 * b, k);
-          q1 = LoadQuad(xr, 2 * b + 1, k);
-        }
-        const auto x0 = hn::Set(di32, q0), x1 = hn::Set(di32, q1);
         #pragma GCC unroll 16
-        for (size_t v = 0; v < kV; ++v) {
-          const VW pairs = hn::Add(MulAddPairsU8I8(lo[v], x0), MulAddPairsU8I8(hi[v], x1));
-          acc[m][v] = hn::ReorderWidenMulAccumulate(di32, pairs, ones, acc[m][v], unused);
+        for (size_t v = 0; v < kV; ++v) sums[m][v] = hn::Zero(di16);
+      }
+      constexpr bool kWiden = kChunk == 1;
+      const size_t b_full = std::min(b_next, full_blocks);
+      for (size_t bb = b; bb < b_full; ++bb) {
+        MaddubsBlock<MR, NP, true, kWiden>(bb, k, qx, ldqx, panels, stride, sums, acc);
+      }
+      for (size_t bb = std::max(b, b_full); bb < b_next; ++bb) {
+        MaddubsBlock<MR, NP, false, kWiden>(bb, k, qx, ldqx, panels, stride, sums, acc);
+      }
+      if (!kWiden) {
+        const auto ones = hn::Set(di16, int16_t{1});
+        #pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) {
+          #pragma GCC unroll 16
+          for (size_t v = 0; v < kV; ++v) {
+            acc[m][v] = hn::ReorderWidenMulAccumulate(di32, sums[m][v], ones, acc[m][v], unused);
+          }
         }
       }
+    }
 #else
+    for (size_t b = g * blocks_per_group; b < b_end; ++b) {
+      const bool full = b < full_blocks;
       #pragma GCC unroll 16
       for (int p = 0; p < NP; ++p) {
         const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
@@ -179,8 +264,8 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
           }
         }
       }
-#endif
     }
+#endif
     // Epilogue of group g. Lane c of vector v is row (v % kVecsPerPanel) * kLanes + c of panel
     // v / kVecsPerPanel; its scale and zero point sit at [(panel * groups + g) * 16 + row].
     #pragma GCC unroll 16
