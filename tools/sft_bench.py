@@ -13,7 +13,9 @@ What is timed (seconds per iteration, median):
          LoRA A/B as leaf tensors requiring grad) and autograd .backward(), in this process
 TFLOPS counts only the base-weight GEMMs, 6 per routed row (forward gate, up, down; backward grad_h = grad_y
 W_d and grad_x = grad_g W_g + grad_u W_u), 2 H I flops each; the LoRA products (3% more at rank 16) are not
-counted. Memory per layer: forward weights, transposed backward weights, the activation cache of one forward
+counted. With --share-backward-bb --alternate-layers, also two layers sharing the transposed backward weights
+in turn: each backward then rebuilds them (alternating_layers.backward_rebuild_seconds: the backward's
+median against the single layer's). Memory per layer: forward weights, transposed backward weights, the activation cache of one forward
 (what max_cache_depth multiplies) and the working memory (shareable by all layers). Prints one JSON line.
 """
 import argparse
@@ -45,10 +47,16 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--torch-iters", type=int, default=1, help="0: skip the PyTorch comparison")
     p.add_argument("--share-backward-bb", action="store_true")
+    p.add_argument("--alternate-layers", action="store_true",
+                   help="with --share-backward-bb: after the timed iterations, time a second layer of the same "
+                   "shape alternating with the first, so that every backward rebuilds the shared transposed "
+                   "weights from its own layer (what a model pays per layer and step with share_backward_bb)")
     p.add_argument("--torch-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of the PyTorch peer (torch 1.13's CPU bf16 matmul without AVX512-BF16 is ~50x "
                         "slower than its fp32 one, so on such machines float32 is the meaningful peer)")
     args = p.parse_args()
+    if args.alternate_layers and not args.share_backward_bb:
+        p.error("--alternate-layers needs --share-backward-bb (without it each layer keeps its own backward copy)")
 
     E, K, H, I, R, T = args.experts, args.topk, args.hidden, args.inter, args.rank, args.qlen
     torch.manual_seed(1)
@@ -114,6 +122,36 @@ def main():
             bwd.append(t2 - t1)
     kt_s = statistics.median(a + b for a, b in zip(fwd, bwd))
     mem = moe.memory_bytes()
+    alternating = None
+    if args.alternate_layers:
+        # A second layer (same shape and weights, its own memory) sharing the backward copy: in turn, each
+        # backward finds the copy built from the other layer and rebuilds it from its own forward weights.
+        moe2 = AMXSFTMoEWrapper(
+            layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
+            num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+            chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
+            share_backward_bb=True, group_size=args.group_size,
+        )
+        moe2.load_weights_from_tensors(gate, up, down, None)
+        if not moe2.skip_lora:
+            moe2.init_lora_weights(*lora, *grads)
+        alt_fwd, alt_bwd = [], []
+        for i in range(args.iters + 1):
+            for layer in (moe2, moe):
+                t = time.perf_counter()
+                layer.forward(x, ids, w, save_for_backward=True)
+                t1 = time.perf_counter()
+                layer.backward(gout)
+                t2 = time.perf_counter()
+                if i > 0:
+                    alt_fwd.append(t1 - t)
+                    alt_bwd.append(t2 - t1)
+        alternating = {
+            "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
+            "kt_backward_seconds": round(statistics.median(alt_bwd), 4),
+            "backward_rebuild_seconds": round(statistics.median(alt_bwd) - statistics.median(bwd), 4),
+        }
+        del moe2
     result = {
         "device": _native._kt.cpu_brand(),
         "method": args.method,
@@ -136,6 +174,8 @@ def main():
     }
     if inf_times:
         result["kt_inference_forward_seconds"] = round(statistics.median(inf_times), 4)
+    if alternating is not None:
+        result["alternating_layers"] = alternating
     del moe, inf
 
     if args.torch_iters > 0:
