@@ -7,48 +7,47 @@
 #include "benchmark/benchmark.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/gemm_benchmark.h"
 #include "kt/kernels/gemm_bf16.h"
 
 namespace kt {
 namespace {
 
+// N(0,1) bf16 activations (m rows `ldx` apart) and an n x k weight matrix packed for the kernels.
+struct Operands {
+  std::vector<bf16_t> x, packed;
+};
+
+Operands RandomOperands(size_t m, size_t ldx, size_t n, size_t k) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> dist;
+  Operands o{std::vector<bf16_t>(m * ldx), std::vector<bf16_t>(PackedBf16Size(n, k))};
+  std::vector<bf16_t> w(n * k);
+  for (auto& v : o.x) v = F32ToBf16(dist(rng));
+  for (auto& v : w) v = F32ToBf16(dist(rng));
+  PackBf16(w.data(), k, n, k, o.packed.data());
+  return o;
+}
+
 void BM_GemmBf16(benchmark::State& state) {
   const Isa isa = static_cast<Isa>(state.range(0));
   const size_t m = state.range(1), n = state.range(2), k = state.range(3);
-  if (!IsaSupported(isa, GetCpuFeatures()) || GetGemmBf16(isa) == nullptr) {
-    state.SkipWithError("path not supported on this CPU");
-    return;
-  }
-  std::mt19937 rng(1);
-  std::normal_distribution<float> dist;
-  std::vector<bf16_t> x(m * k), w(n * k), packed(PackedBf16Size(n, k));
-  for (auto& v : x) v = F32ToBf16(dist(rng));
-  for (auto& v : w) v = F32ToBf16(dist(rng));
-  PackBf16(w.data(), k, n, k, packed.data());
+  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmBf16)) return;
+  const Operands o = RandomOperands(m, k, n, k);
   std::vector<float> y(m * n);
   const GemmBf16Fn fn = GetGemmBf16(isa);
   for (auto _ : state) {
-    fn(m, k, x.data(), k, packed.data(), n, y.data(), n);
+    fn(m, k, o.x.data(), k, o.packed.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
-  const double calls = static_cast<double>(state.iterations());
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * calls * 1e-9,
-                                                benchmark::Counter::kIsRate);
-  state.counters["weightGB/s"] = benchmark::Counter(packed.size() * 2.0 * calls * 1e-9,
-                                                    benchmark::Counter::kIsRate);
+  gemm_benchmark::SetOpsRate(state, "GFLOPS", m, n, k);
+  gemm_benchmark::SetWeightRate(state, o.packed.size() * 2.0);
   state.SetLabel(IsaName(isa));
 }
 
-void Shapes(benchmark::internal::Benchmark* b) {
-  for (int isa = 0; isa <= static_cast<int>(Isa::kAmx); ++isa) {
-    // Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048, K=768); M = 1 (decode), 8 and 16 (where
-    // AMX tiles start to pay), 32 (the mean rows per expert at qlen 512, k=8, E=128) and 256 (qlen 4096).
-    for (int m : {1, 8, 16, 32, 256}) {
-      b->Args({isa, m, 768, 2048});
-      b->Args({isa, m, 2048, 768});
-    }
-  }
-}
+// Qwen3-30B-A3B gate/up and down; M = 1 (decode), 8 and 16 (where AMX tiles start to pay), 32 (the mean
+// rows per expert at qlen 512, k=8, E=128) and 256 (qlen 4096).
+void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 8, 16, 32, 256}); }
 
 BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 
@@ -58,23 +57,14 @@ BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 void BM_GemmBf16AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
   const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
-  if (!IsaSupported(Isa::kAmx, GetCpuFeatures())) {
-    state.SkipWithError("AMX not supported on this CPU");
-    return;
-  }
-  std::mt19937 rng(1);
-  std::normal_distribution<float> dist;
-  std::vector<bf16_t> x(m * ldx), w(n * k), packed(PackedBf16Size(n, k));
-  for (auto& v : x) v = F32ToBf16(dist(rng));
-  for (auto& v : w) v = F32ToBf16(dist(rng));
-  PackBf16(w.data(), k, n, k, packed.data());
+  if (!gemm_benchmark::AmxRunsHere(state)) return;
+  const Operands o = RandomOperands(m, ldx, n, k);
   std::vector<float> y(m * n);
   for (auto _ : state) {
-    internal::GemmBf16AmxKBlocked(kb, m, k, x.data(), ldx, packed.data(), n, y.data(), n);
+    internal::GemmBf16AmxKBlocked(kb, m, k, o.x.data(), ldx, o.packed.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * state.iterations() * 1e-9,
-                                                benchmark::Counter::kIsRate);
+  gemm_benchmark::SetOpsRate(state, "GFLOPS", m, n, k);
 }
 BENCHMARK(BM_GemmBf16AmxKBlock)
     ->ArgsProduct({{0, 256, 512, 1024}, {64, 256}, {128, 256}, {4096, 1536}, {32}})

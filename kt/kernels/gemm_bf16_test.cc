@@ -11,6 +11,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/gemm_test_util.h"
 
 namespace kt {
 namespace {
@@ -42,31 +43,31 @@ TEST(PackBf16, RoundTripsAndZeroPads) {
   }
 }
 
-class GemmBf16Test : public ::testing::TestWithParam<Isa> {
- protected:
-  void SetUp() override {
-    if (!IsaSupported(GetParam(), GetCpuFeatures())) {
-      GTEST_SKIP() << IsaName(GetParam()) << " is not supported by this CPU ("
-                   << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
-    }
-    fn_ = GetGemmBf16(GetParam());
-    ASSERT_NE(fn_, nullptr);
+// Every Isa's kernel, through the table.
+std::vector<gemm_test::KernelPath<GemmBf16Fn>> Bf16Paths() {
+  std::vector<gemm_test::KernelPath<GemmBf16Fn>> paths;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni, Isa::kAvx512Bf16, Isa::kAmx}) {
+    paths.push_back({IsaName(isa), isa, [isa] { return GetGemmBf16(isa); }});
   }
+  return paths;
+}
 
+class GemmBf16Test : public gemm_test::KernelPathTest<GemmBf16Fn> {
+ protected:
   // Runs one shape and checks every element against the reference with the fp32 summation bound
   // |err| <= K * 2^-23 * sum_k |x_k w_k| (+ a tiny absolute floor for all-zero rows). Products of bf16
   // are exact in fp32, so only the K additions round; returns the worst error relative to its bound.
   double Check(size_t m, size_t n, size_t k, size_t x_offset, std::mt19937& rng) {
-    const size_t ldx = k + 3, ldw = k, ldy = n + 5;
+    const size_t ldx = k + 3, ldw = k;
     const std::vector<bf16_t> x = RandomBf16(m * ldx + x_offset, rng, 1.0f);
     const std::vector<bf16_t> w = RandomBf16(n * ldw, rng, 0.5f);
     std::vector<bf16_t> packed(PackedBf16Size(n, k));
     PackBf16(w.data(), ldw, n, k, packed.data());
-    const float kSentinel = 12345.0f;
-    std::vector<float> y(m * ldy + 1, kSentinel), ref(m * n);
+    gemm_test::GuardedOutput y(m, n);
+    std::vector<float> ref(m * n);
     const bf16_t* xp = x.data() + x_offset;
     GemmBf16Reference(m, n, k, xp, ldx, w.data(), ldw, ref.data(), n);
-    fn_(m, k, xp, ldx, packed.data(), n, y.data() + 1, ldy);
+    fn_(m, k, xp, ldx, packed.data(), n, y.data(), y.ld());
     double worst = 0;
     for (size_t i = 0; i < m; ++i) {
       for (size_t j = 0; j < n; ++j) {
@@ -75,49 +76,33 @@ class GemmBf16Test : public ::testing::TestWithParam<Isa> {
           mag += std::fabs(Bf16ToF32(xp[i * ldx + kk]) * Bf16ToF32(w[j * ldw + kk]));
         }
         const double bound = static_cast<double>(k) * std::ldexp(1.0, -23) * mag + 1e-30;
-        const double err = std::fabs(static_cast<double>(y[1 + i * ldy + j]) - ref[i * n + j]);
+        const double err = std::fabs(static_cast<double>(y.at(i, j)) - ref[i * n + j]);
         EXPECT_LE(err, bound) << "m=" << m << " n=" << n << " k=" << k << " at (" << i << "," << j
-                              << ") got " << y[1 + i * ldy + j] << " want " << ref[i * n + j];
+                              << ") got " << y.at(i, j) << " want " << ref[i * n + j];
         worst = std::max(worst, err / bound);
       }
-      // Columns between n and ldy belong to the caller: untouched.
-      for (size_t j = n; j < ldy && i * ldy + j + 1 < y.size(); ++j) {
-        EXPECT_EQ(y[1 + i * ldy + j], kSentinel) << "wrote past n_cols at row " << i;
-      }
+      y.ExpectRowPaddingUntouched(i);
     }
-    EXPECT_EQ(y[0], kSentinel) << "wrote before y";
+    y.ExpectNothingBefore();
     return worst;
   }
 
-  GemmBf16Fn fn_ = nullptr;
 };
 
 TEST_P(GemmBf16Test, ShapeSweepMatchesReference) {
   std::mt19937 rng(11);
-  double worst = 0;
-  for (size_t m = 1; m <= 33; ++m) {
-    for (size_t n : {1, 15, 16, 17, 33, 50}) {
-      for (size_t k : {1, 2, 3, 31, 64, 67}) {
-        worst = std::max(worst, Check(m, n, k, /*x_offset=*/m % 2, rng));
-        if (HasFailure()) return;
-      }
-    }
-  }
-  std::printf("[%s] worst error / fp32 bound = %.3g\n", IsaName(GetParam()), worst);
+  const double worst = gemm_test::SweepShapes(
+      {1, 15, 16, 17, 33, 50}, {1, 2, 3, 31, 64, 67},
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
+  if (HasFailure()) return;
+  std::printf("[%s] worst error / fp32 bound = %.3g\n", GetParam().name.c_str(), worst);
 }
 
 TEST_P(GemmBf16Test, ExpertShapes) {
-  // Realistic expert projections (gate/up: N=I, K=H; down: N=H, K=I), decode and a prefill block.
+  // K past several of AMX's 256-wide K blocks, with whole and edge 32x32 blocks.
   std::mt19937 rng(5);
-  // 8..64 rows cover AMX's one and two 16-row tiles with and without a remainder.
-  for (size_t m : {1, 4, 8, 16, 37, 64}) {
-    Check(m, 96, 256, 1, rng);
-    Check(m, 256, 96, 0, rng);
-  }
-  // K spanning several of AMX's 256-wide K blocks plus a tail, with whole and edge 32x32 blocks and a
-  // column count past one 8-panel group.
-  Check(64, 160, 600, 0, rng);
-  Check(45, 150, 547, 1, rng);
+  gemm_test::ForExpertShapes(
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
 }
 
 // The AMX kernel at an explicit K block (GemmBf16AmxKBlocked): the K-blocked schedule must match the
@@ -130,17 +115,13 @@ void AmxAtKBlock(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* 
 }
 
 TEST_P(GemmBf16Test, AmxKBlockSizes) {
-  if (GetParam() != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
+  if (GetParam().isa != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
   fn_ = &AmxAtKBlock;
   std::mt19937 rng(21);
-  for (size_t kb : {0, 32, 96, 256, 1024}) {
-    g_amx_kb = kb;
-    Check(64, 64, 640, 0, rng);
-    Check(100, 100, 320, 1, rng);
-    Check(300, 32, 256, 0, rng);
-    Check(33, 160, 96, 1, rng);
-    if (HasFailure()) return;
-  }
+  // K blocks of 0, 32, 96, 256 and 1024 on K = 640, 320, 256 and 96.
+  gemm_test::ForAmxKBlockShapes(
+      /*tile_k=*/32, [](size_t kb) { g_amx_kb = kb; },
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
 }
 
 TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
@@ -161,10 +142,7 @@ TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
   for (size_t i = 0; i < m * n; ++i) ASSERT_EQ(full[i], parts[i]) << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test, ::testing::ValuesIn(Bf16Paths()), gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt

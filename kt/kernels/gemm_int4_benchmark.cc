@@ -9,6 +9,7 @@
 #include "benchmark/benchmark.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/gemm_benchmark.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/quant.h"
 
@@ -29,10 +30,7 @@ void BM_GemmInt4(benchmark::State& state) {
   const Isa isa = static_cast<Isa>(state.range(0));
   const size_t m = state.range(1), n = state.range(2), k = state.range(3);
   const QuantSpec spec = SpecOf(state.range(4));
-  if (!IsaSupported(isa, GetCpuFeatures()) || GetGemmInt4(isa) == nullptr) {
-    state.SkipWithError("path not supported on this CPU");
-    return;
-  }
+  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmInt4)) return;
   std::mt19937 rng(1);
   std::normal_distribution<float> wd;
   std::uniform_int_distribution<int> q(-127, 127);
@@ -63,24 +61,13 @@ void BM_GemmInt4(benchmark::State& state) {
        zeros.empty() ? nullptr : zeros.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
-  const double calls = static_cast<double>(state.iterations());
-  const double weight_bytes = panels.size() + scales.size() * 4.0 + zeros.size();
-  state.counters["GOPS"] = benchmark::Counter(2.0 * m * n * k * calls * 1e-9, benchmark::Counter::kIsRate);
-  state.counters["weightGB/s"] = benchmark::Counter(weight_bytes * calls * 1e-9, benchmark::Counter::kIsRate);
+  gemm_benchmark::SetOpsRate(state, "GOPS", m, n, k);
+  gemm_benchmark::SetWeightRate(state, panels.size() + scales.size() * 4.0 + zeros.size());
   state.SetLabel(std::string(IsaName(isa)) + " " + QuantLayoutTag(spec));
 }
 
-void Shapes(benchmark::internal::Benchmark* b) {
-  for (int isa = 0; isa <= static_cast<int>(Isa::kAmx); ++isa) {
-    for (int fmt = 0; fmt < 4; ++fmt) {
-      // Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048, K=768), as gemm_int8_benchmark.
-      for (int m : {1, 4, 32, 256}) {
-        b->Args({isa, m, 768, 2048, fmt});
-        b->Args({isa, m, 2048, 768, fmt});
-      }
-    }
-  }
-}
+// Qwen3-30B-A3B gate/up and down, as gemm_int8_benchmark, in each of the 4 formats of SpecOf.
+void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 4, 32, 256}, 4); }
 
 BENCHMARK(BM_GemmInt4)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K", "fmt"});
 

@@ -18,6 +18,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_int4.h"
+#include "kt/kernels/gemm_test_util.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -136,45 +137,14 @@ TEST(PackInt4, RejectsWrongOrMalformedInput) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
 
-struct Path {
-  const char* name;
-  Isa isa;
-  GemmInt4Fn (*get)();
-};
+const gemm_test::IntegerKernels<GemmInt4Fn> kKernels = {&GetGemmInt4, &internal::GemmInt4Scalar,
+                                                          &internal::GemmInt4Hwy, &internal::GemmInt4Vnni,
+                                                          &internal::GemmInt4Amx};
 
-const Path kPaths[] = {
-    {"scalar", Isa::kScalar, [] { return GetGemmInt4(Isa::kScalar); }},
-    {"hwy_avx2", Isa::kAvx2, [] { return internal::GemmInt4Hwy(Isa::kAvx2); }},
-    {"hwy_avx512", Isa::kAvx512, [] { return internal::GemmInt4Hwy(Isa::kAvx512); }},
-    {"hwy_avx512_vnni", Isa::kAvx512Vnni, [] { return internal::GemmInt4Hwy(Isa::kAvx512Vnni); }},
-    {"vnni", Isa::kAvx512Vnni, [] { return GemmInt4Fn{&internal::GemmInt4Vnni}; }},
-    {"amx", Isa::kAmx, [] { return GemmInt4Fn{&internal::GemmInt4Amx}; }},
-};
+TEST(GetGemmInt4, TableRoutesEveryIsa) { gemm_test::ExpectTableRoutesEveryIsa(kKernels); }
 
-TEST(GetGemmInt4, TableRoutesEveryIsa) {
-  EXPECT_EQ(GetGemmInt4(Isa::kScalar), &internal::GemmInt4Scalar);
-  EXPECT_EQ(GetGemmInt4(Isa::kAvx2), internal::GemmInt4Hwy(Isa::kAvx2));
-  EXPECT_EQ(GetGemmInt4(Isa::kAvx512), internal::GemmInt4Hwy(Isa::kAvx512));
-  EXPECT_EQ(GetGemmInt4(Isa::kAvx512Vnni), &internal::GemmInt4Vnni);
-  EXPECT_EQ(GetGemmInt4(Isa::kAvx512Bf16), &internal::GemmInt4Vnni);
-  EXPECT_EQ(GetGemmInt4(Isa::kAmx), &internal::GemmInt4Amx);
-  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni}) {
-    EXPECT_NE(internal::GemmInt4Hwy(isa), nullptr) << IsaName(isa);
-  }
-}
-
-class GemmInt4Test : public ::testing::TestWithParam<int> {
+class GemmInt4Test : public gemm_test::KernelPathTest<GemmInt4Fn> {
  protected:
-  void SetUp() override {
-    const Path& path = kPaths[GetParam()];
-    if (!IsaSupported(path.isa, GetCpuFeatures())) {
-      GTEST_SKIP() << path.name << " needs " << IsaName(path.isa) << ", not supported by this CPU ("
-                   << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
-    }
-    fn_ = path.get();
-    ASSERT_NE(fn_, nullptr);
-  }
-
   // Runs one product and checks every element against the reference and the scalar path. Returns the
   // worst |y - ref| / max|ref|.
   //
@@ -189,14 +159,13 @@ class GemmInt4Test : public ::testing::TestWithParam<int> {
     const Packed p = Pack(qm);
     std::vector<int32_t> xsum(m * groups);
     Int4ActivationSums(m, k, group, qx, ldqx, xsum.data());
-    const size_t ldy = n + 5;
-    const float kSentinel = 12345.0f;
-    std::vector<float> y(m * ldy + 1, kSentinel), ys(m * n), ref(m * n);
+    gemm_test::GuardedOutput y(m, n);
+    std::vector<float> ys(m * n), ref(m * n);
     GemmInt4Reference(m, qx, ldqx, sx.data(), qm, ref.data(), n);
     internal::GemmInt4Scalar(m, k, group, qx, ldqx, sx.data(), xsum.data(), p.panels.data(), p.scales.data(),
                              p.zeros_or_null(), n, ys.data(), n);
     fn_(m, k, group, qx, ldqx, sx.data(), xsum.data(), p.panels.data(), p.scales.data(), p.zeros_or_null(), n,
-        y.data() + 1, ldy);
+        y.data(), y.ld());
     std::vector<float> deq(n * k);
     Dequantize(qm, deq.data(), k);
     const size_t len = group == 0 ? k : group;
@@ -208,7 +177,7 @@ class GemmInt4Test : public ::testing::TestWithParam<int> {
         for (size_t kk = 0; kk < k; ++kk) {
           s += std::fabs(static_cast<double>(sx[i * groups + kk / len]) * qx[i * ldqx + kk] * deq[j * k + kk]);
         }
-        const float got = y[1 + i * ldy + j];
+        const float got = y.at(i, j);
         const double want = ref[i * n + j];
         const double err = std::fabs(static_cast<double>(got) - want);
         EXPECT_LE(err, (groups + 8) * std::ldexp(s, -24) + 1e-30)
@@ -217,11 +186,9 @@ class GemmInt4Test : public ::testing::TestWithParam<int> {
         EXPECT_EQ(got, ys[i * n + j]) << "differs from the scalar path at (" << i << "," << j << ")";
         if (max_ref > 0) worst = std::max(worst, err / max_ref);
       }
-      for (size_t j = n; j < ldy && 1 + i * ldy + j < y.size(); ++j) {
-        EXPECT_EQ(y[1 + i * ldy + j], kSentinel) << "wrote past n_cols at row " << i;
-      }
+      y.ExpectRowPaddingUntouched(i);
     }
-    EXPECT_EQ(y[0], kSentinel) << "wrote before y";
+    y.ExpectNothingBefore();
     // The brief's acceptance bound, implied by the one above; checked explicitly.
     EXPECT_LE(worst, 1e-3);
     return worst;
@@ -238,29 +205,22 @@ class GemmInt4Test : public ::testing::TestWithParam<int> {
     for (auto& e : sx) e = sd(rng);
     return Run(qm, m, qx, x_offset, ldqx, sx);
   }
-
-  GemmInt4Fn fn_ = nullptr;
 };
 
 TEST_P(GemmInt4Test, ShapeSweepMatchesReference) {
   std::mt19937 rng(11);
   for (const QuantSpec& spec : kSpecs) {
-    double worst = 0;
     std::vector<size_t> ks;
     if (spec.group_size == 0) {
       ks = {3, 8, 12, 67, 128, 200};
     } else {
       ks = {size_t(spec.group_size), size_t(3 * spec.group_size)};
     }
-    for (size_t m = 1; m <= 33; ++m) {
-      for (size_t n : {1, 17, 50}) {
-        for (size_t k : ks) {
-          worst = std::max(worst, Check(spec, m, n, k, /*x_offset=*/m % 2, rng));
-          if (HasFailure()) return;
-        }
-      }
-    }
-    std::printf("[%s] %s: worst |y - ref| / max|ref| = %.3g\n", kPaths[GetParam()].name,
+    const double worst = gemm_test::SweepShapes(
+        {1, 17, 50}, ks,
+        [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(spec, m, n, k, x_offset, rng); });
+    if (HasFailure()) return;
+    std::printf("[%s] %s: worst |y - ref| / max|ref| = %.3g\n", GetParam().name.c_str(),
                 QuantLayoutTag(spec).c_str(), worst);
   }
 }
@@ -359,20 +319,9 @@ TEST_P(GemmInt4Test, EndToEndFromBf16) {
     std::vector<float> y(m * n);
     fn_(m, k, group, qx.data(), k, sx.data(), xsum.data(), p.panels.data(), p.scales.data(), p.zeros_or_null(),
         n, y.data(), n);
-    double abs_err = 0, abs_ref = 0;
-    for (size_t i = 0; i < m; ++i) {
-      for (size_t j = 0; j < n; ++j) {
-        double exact = 0;
-        for (size_t kk = 0; kk < k; ++kk) {
-          exact += static_cast<double>(Bf16ToF32(x[i * k + kk])) * Bf16ToF32(w[j * k + kk]);
-        }
-        abs_err += std::fabs(y[i * n + j] - exact);
-        abs_ref += std::fabs(exact);
-      }
-    }
-    const double rel = abs_err / abs_ref;
+    const double rel = gemm_test::MeanRelErrorVsBf16Product(m, n, k, x, w, y);
     std::printf("[%s] %s end to end: mean |y - exact| / mean |exact| = %.4f (M=%zu N=%zu K=%zu)\n",
-                kPaths[GetParam()].name, QuantLayoutTag(spec).c_str(), rel, m, n, k);
+                GetParam().name.c_str(), QuantLayoutTag(spec).c_str(), rel, m, n, k);
     // The weight error alone is 0.09-0.17 of mean|W| (docs/FORMATS.md); errors of independent weights
     // average out in the dot product, so the output's relative error is of the same order. 0.25 fails a
     // kernel that drops a group, a zero point or a scale.
@@ -380,8 +329,8 @@ TEST_P(GemmInt4Test, EndToEndFromBf16) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt4Test, ::testing::Range(0, static_cast<int>(std::size(kPaths))),
-                         [](const auto& info) { return std::string(kPaths[info.param].name); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt4Test, ::testing::ValuesIn(gemm_test::IntegerPaths(kKernels)),
+                         gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt

@@ -9,53 +9,60 @@
 #include "benchmark/benchmark.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/gemm_benchmark.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
 namespace {
 
-void BM_GemmInt8(benchmark::State& state) {
-  const Isa isa = static_cast<Isa>(state.range(0));
-  const size_t m = state.range(1), n = state.range(2), k = state.range(3);
-  if (!IsaSupported(isa, GetCpuFeatures()) || GetGemmInt8(isa) == nullptr) {
-    state.SkipWithError("path not supported on this CPU");
-    return;
-  }
+// Random int8 activations (m rows `ldx` apart) and an n x k int8 weight matrix packed for the kernels, with
+// per-token and per-row scales: drawn from [1e-3, 1e-2) after the values, or all 1e-3.
+struct Operands {
+  std::vector<int8_t> qx, panels;
+  std::vector<float> sx, scales;
+  std::vector<int32_t> rowsums;
+  double weight_bytes() const { return panels.size() + scales.size() * 4.0 + rowsums.size() * 4.0; }
+};
+
+Operands RandomOperands(size_t m, size_t ldx, size_t n, size_t k, bool random_scales) {
   std::mt19937 rng(1);
   std::uniform_int_distribution<int> q(-127, 127);
   std::uniform_real_distribution<float> s(1e-3f, 1e-2f);
-  std::vector<int8_t> qx(m * k), qw(n * k), panels(PackedInt8Bytes(n, k));
-  std::vector<float> sx(m), sw(n), scales(PackedInt8Rows(n));
-  std::vector<int32_t> rowsums(PackedInt8Rows(n));
-  for (auto& v : qx) v = static_cast<int8_t>(q(rng));
+  Operands o{std::vector<int8_t>(m * ldx), std::vector<int8_t>(PackedInt8Bytes(n, k)),
+             std::vector<float>(m, 1e-3f), std::vector<float>(PackedInt8Rows(n)),
+             std::vector<int32_t>(PackedInt8Rows(n))};
+  std::vector<int8_t> qw(n * k);
+  std::vector<float> sw(n, 1e-3f);
+  for (auto& v : o.qx) v = static_cast<int8_t>(q(rng));
   for (auto& v : qw) v = static_cast<int8_t>(q(rng));
-  for (auto& v : sx) v = s(rng);
-  for (auto& v : sw) v = s(rng);
-  PackInt8(qw.data(), k, sw.data(), n, k, panels.data(), scales.data(), rowsums.data());
+  if (random_scales) {
+    for (auto& v : o.sx) v = s(rng);
+    for (auto& v : sw) v = s(rng);
+  }
+  PackInt8(qw.data(), k, sw.data(), n, k, o.panels.data(), o.scales.data(), o.rowsums.data());
+  return o;
+}
+
+void BM_GemmInt8(benchmark::State& state) {
+  const Isa isa = static_cast<Isa>(state.range(0));
+  const size_t m = state.range(1), n = state.range(2), k = state.range(3);
+  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmInt8)) return;
+  const Operands o = RandomOperands(m, k, n, k, /*random_scales=*/true);
   std::vector<float> y(m * n);
   const GemmInt8Fn fn = GetGemmInt8(isa);
   for (auto _ : state) {
-    fn(m, k, qx.data(), k, sx.data(), panels.data(), scales.data(), rowsums.data(), n, y.data(), n);
+    fn(m, k, o.qx.data(), k, o.sx.data(), o.panels.data(), o.scales.data(), o.rowsums.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
-  const double calls = static_cast<double>(state.iterations());
-  const double weight_bytes = panels.size() + scales.size() * 4.0 + rowsums.size() * 4.0;
-  state.counters["GOPS"] = benchmark::Counter(2.0 * m * n * k * calls * 1e-9, benchmark::Counter::kIsRate);
-  state.counters["weightGB/s"] = benchmark::Counter(weight_bytes * calls * 1e-9, benchmark::Counter::kIsRate);
+  gemm_benchmark::SetOpsRate(state, "GOPS", m, n, k);
+  gemm_benchmark::SetWeightRate(state, o.weight_bytes());
   state.SetLabel(IsaName(isa));
 }
 
-void Shapes(benchmark::internal::Benchmark* b) {
-  for (int isa = 0; isa <= static_cast<int>(Isa::kAmx); ++isa) {
-    // Same shapes as gemm_bf16_benchmark: Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048,
-    // K=768); M = 1 (decode), 8 and 16 (AMX tiles start), 32 (mean rows per expert at qlen 512) and 256.
-    for (int m : {1, 8, 16, 32, 256}) {
-      b->Args({isa, m, 768, 2048});
-      b->Args({isa, m, 2048, 768});
-    }
-  }
-}
+// Same shapes as gemm_bf16_benchmark: Qwen3-30B-A3B gate/up and down; M = 1 (decode), 8 and 16 (AMX tiles
+// start), 32 (mean rows per expert at qlen 512) and 256.
+void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 8, 16, 32, 256}); }
 
 BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 
@@ -64,26 +71,15 @@ BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
 void BM_GemmInt8AmxKBlock(benchmark::State& state) {
   const size_t kb = state.range(0), m = state.range(1), n = state.range(2), k = state.range(3);
   const size_t ldx = k + state.range(4);  // padded row stride: rows 2^n bytes apart share an L1 set
-  if (!IsaSupported(Isa::kAmx, GetCpuFeatures())) {
-    state.SkipWithError("AMX not supported on this CPU");
-    return;
-  }
-  std::mt19937 rng(1);
-  std::uniform_int_distribution<int> q(-127, 127);
-  std::vector<int8_t> qx(m * ldx), qw(n * k), panels(PackedInt8Bytes(n, k));
-  std::vector<float> sx(m, 1e-3f), sw(n, 1e-3f), scales(PackedInt8Rows(n));
-  std::vector<int32_t> rowsums(PackedInt8Rows(n));
-  for (auto& v : qx) v = static_cast<int8_t>(q(rng));
-  for (auto& v : qw) v = static_cast<int8_t>(q(rng));
-  PackInt8(qw.data(), k, sw.data(), n, k, panels.data(), scales.data(), rowsums.data());
+  if (!gemm_benchmark::AmxRunsHere(state)) return;
+  const Operands o = RandomOperands(m, ldx, n, k, /*random_scales=*/false);
   std::vector<float> y(m * n);
   for (auto _ : state) {
-    internal::GemmInt8AmxKBlocked(kb, m, k, qx.data(), ldx, sx.data(), panels.data(), scales.data(),
-                                  rowsums.data(), n, y.data(), n);
+    internal::GemmInt8AmxKBlocked(kb, m, k, o.qx.data(), ldx, o.sx.data(), o.panels.data(), o.scales.data(),
+                                  o.rowsums.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GOPS"] = benchmark::Counter(2.0 * m * n * k * state.iterations() * 1e-9,
-                                              benchmark::Counter::kIsRate);
+  gemm_benchmark::SetOpsRate(state, "GOPS", m, n, k);
 }
 BENCHMARK(BM_GemmInt8AmxKBlock)
     ->ArgsProduct({{0, 512, 1024, 2048}, {64, 256}, {128, 256}, {4096, 1536}, {64}})

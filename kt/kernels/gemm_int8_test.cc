@@ -16,6 +16,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/gemm_test_util.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -117,45 +118,14 @@ TEST(PackInt8, FromQuantizedMatrix) {
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
 }
 
-// One kernel under test: the Isa its CPU needs and the function.
-struct Path {
-  const char* name;
-  Isa isa;
-  GemmInt8Fn (*get)();
-};
+const gemm_test::IntegerKernels<GemmInt8Fn> kKernels = {&GetGemmInt8, &internal::GemmInt8Scalar,
+                                                          &internal::GemmInt8Hwy, &internal::GemmInt8Vnni,
+                                                          &internal::GemmInt8Amx};
 
-const Path kPaths[] = {
-    {"scalar", Isa::kScalar, [] { return GetGemmInt8(Isa::kScalar); }},
-    {"hwy_avx2", Isa::kAvx2, [] { return internal::GemmInt8Hwy(Isa::kAvx2); }},
-    {"hwy_avx512", Isa::kAvx512, [] { return internal::GemmInt8Hwy(Isa::kAvx512); }},
-    {"hwy_avx512_vnni", Isa::kAvx512Vnni, [] { return internal::GemmInt8Hwy(Isa::kAvx512Vnni); }},
-    {"vnni", Isa::kAvx512Vnni, [] { return GemmInt8Fn{&internal::GemmInt8Vnni}; }},
-    {"amx", Isa::kAmx, [] { return GemmInt8Fn{&internal::GemmInt8Amx}; }},
-};
+TEST(GetGemmInt8, TableRoutesEveryIsa) { gemm_test::ExpectTableRoutesEveryIsa(kKernels); }
 
-TEST(GetGemmInt8, TableRoutesEveryIsa) {
-  EXPECT_EQ(GetGemmInt8(Isa::kScalar), &internal::GemmInt8Scalar);
-  EXPECT_EQ(GetGemmInt8(Isa::kAvx2), internal::GemmInt8Hwy(Isa::kAvx2));
-  EXPECT_EQ(GetGemmInt8(Isa::kAvx512), internal::GemmInt8Hwy(Isa::kAvx512));
-  EXPECT_EQ(GetGemmInt8(Isa::kAvx512Vnni), &internal::GemmInt8Vnni);
-  EXPECT_EQ(GetGemmInt8(Isa::kAvx512Bf16), &internal::GemmInt8Vnni);
-  EXPECT_EQ(GetGemmInt8(Isa::kAmx), &internal::GemmInt8Amx);
-  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni}) {
-    EXPECT_NE(internal::GemmInt8Hwy(isa), nullptr) << IsaName(isa);
-  }
-}
-
-class GemmInt8Test : public ::testing::TestWithParam<int> {
+class GemmInt8Test : public gemm_test::KernelPathTest<GemmInt8Fn> {
  protected:
-  void SetUp() override {
-    const Path& path = kPaths[GetParam()];
-    if (!IsaSupported(path.isa, GetCpuFeatures())) {
-      GTEST_SKIP() << path.name << " needs " << IsaName(path.isa) << ", not supported by this CPU ("
-                   << GetCpuFeatures().ToString() << "); it is tested on a machine that has it.";
-    }
-    fn_ = path.get();
-    ASSERT_NE(fn_, nullptr);
-  }
 
   // Runs one shape on given operands and checks every element: against the reference with
   // |y - ref| <= 2^-22 |ref| + tiny (the int sums are exact; the epilogue rounds int->float, sx*sw and the
@@ -164,20 +134,18 @@ class GemmInt8Test : public ::testing::TestWithParam<int> {
   double Run(size_t m, size_t n, size_t k, const std::vector<int8_t>& qx_buf, size_t x_offset,
              size_t ldqx, const std::vector<float>& sx, const std::vector<int8_t>& qw,
              const std::vector<float>& sw) {
-    const size_t ldy = n + 5;
     const int8_t* qx = qx_buf.data() + x_offset;
     const Packed p = Pack(qw.data(), k, sw.data(), n, k);
-    const float kSentinel = 12345.0f;
-    std::vector<float> y(m * ldy + 1, kSentinel), ys(m * n), ref(m * n);
+    gemm_test::GuardedOutput y(m, n);
+    std::vector<float> ys(m * n), ref(m * n);
     GemmInt8Reference(m, n, k, qx, ldqx, sx.data(), qw.data(), k, sw.data(), ref.data(), n);
     internal::GemmInt8Scalar(m, k, qx, ldqx, sx.data(), p.panels.data(), p.scales.data(),
                              p.rowsums.data(), n, ys.data(), n);
-    fn_(m, k, qx, ldqx, sx.data(), p.panels.data(), p.scales.data(), p.rowsums.data(), n, y.data() + 1,
-        ldy);
+    fn_(m, k, qx, ldqx, sx.data(), p.panels.data(), p.scales.data(), p.rowsums.data(), n, y.data(), y.ld());
     double worst = 0;
     for (size_t i = 0; i < m; ++i) {
       for (size_t j = 0; j < n; ++j) {
-        const float got = y[1 + i * ldy + j];
+        const float got = y.at(i, j);
         const double want = ref[i * n + j];
         const double err = std::fabs(static_cast<double>(got) - want);
         EXPECT_LE(err, std::ldexp(std::fabs(want), -22) + 1e-30)
@@ -186,12 +154,9 @@ class GemmInt8Test : public ::testing::TestWithParam<int> {
         EXPECT_EQ(got, ys[i * n + j]) << "differs from the scalar path at (" << i << "," << j << ")";
         if (want != 0) worst = std::max(worst, err / std::fabs(want));
       }
-      // Columns between n and ldy belong to the caller: untouched.
-      for (size_t j = n; j < ldy && 1 + i * ldy + j < y.size(); ++j) {
-        EXPECT_EQ(y[1 + i * ldy + j], kSentinel) << "wrote past n_cols at row " << i;
-      }
+      y.ExpectRowPaddingUntouched(i);
     }
-    EXPECT_EQ(y[0], kSentinel) << "wrote before y";
+    y.ExpectNothingBefore();
     return worst;
   }
 
@@ -201,35 +166,23 @@ class GemmInt8Test : public ::testing::TestWithParam<int> {
     const std::vector<int8_t> qw = RandomInt8(n * k, rng);
     return Run(m, n, k, qx, x_offset, ldqx, RandomScales(m, rng), qw, RandomScales(n, rng));
   }
-
-  GemmInt8Fn fn_ = nullptr;
 };
 
 TEST_P(GemmInt8Test, ShapeSweepMatchesReference) {
   std::mt19937 rng(11);
-  double worst = 0;
-  for (size_t m = 1; m <= 33; ++m) {
-    for (size_t n : {1, 15, 16, 17, 33, 50}) {
-      for (size_t k : {3, 4, 60, 64, 67, 68, 128, 200}) {
-        worst = std::max(worst, Check(m, n, k, /*x_offset=*/m % 2, rng));
-        if (HasFailure()) return;
-      }
-    }
-  }
-  std::printf("[%s] worst |y - ref| / |ref| = %.3g (bound 2^-22 = %.3g)\n", kPaths[GetParam()].name, worst,
+  const double worst = gemm_test::SweepShapes(
+      {1, 15, 16, 17, 33, 50}, {3, 4, 60, 64, 67, 68, 128, 200},
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
+  if (HasFailure()) return;
+  std::printf("[%s] worst |y - ref| / |ref| = %.3g (bound 2^-22 = %.3g)\n", GetParam().name.c_str(), worst,
               std::ldexp(1.0, -22));
 }
 
 TEST_P(GemmInt8Test, ExpertShapes) {
-  // Realistic projections (gate/up: N=I, K=H; down: N=H, K=I) at decode and prefill row counts, K over
-  // several of AMX's 64-wide chunks with and without a tail.
+  // K over several of AMX's 64-wide chunks with and without a tail.
   std::mt19937 rng(5);
-  for (size_t m : {1, 4, 8, 16, 37, 64}) {
-    Check(m, 96, 256, 1, rng);
-    Check(m, 256, 96, 0, rng);
-  }
-  Check(64, 160, 600, 0, rng);
-  Check(45, 150, 547, 1, rng);
+  gemm_test::ForExpertShapes(
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
 }
 
 // The AMX kernel at an explicit K block (GemmInt8AmxKBlocked): exact like every path, for K blocks that do
@@ -241,17 +194,13 @@ void AmxAtKBlock(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float*
 }
 
 TEST_P(GemmInt8Test, AmxKBlockSizes) {
-  if (kPaths[GetParam()].isa != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
+  if (GetParam().isa != Isa::kAmx) GTEST_SKIP() << "AMX-only schedule";
   fn_ = &AmxAtKBlock;
   std::mt19937 rng(21);
-  for (size_t kb : {0, 64, 192, 512, 2048}) {
-    g_amx_kb = kb;
-    Check(64, 64, 1280, 0, rng);
-    Check(100, 100, 640, 1, rng);
-    Check(300, 32, 512, 0, rng);
-    Check(33, 160, 192, 1, rng);
-    if (HasFailure()) return;
-  }
+  // K blocks of 0, 64, 192, 512 and 2048 on K = 1280, 640, 512 and 192.
+  gemm_test::ForAmxKBlockShapes(
+      /*tile_k=*/64, [](size_t kb) { g_amx_kb = kb; },
+      [&](size_t m, size_t n, size_t k, size_t x_offset) { return Check(m, n, k, x_offset, rng); });
 }
 
 TEST_P(GemmInt8Test, ExtremeValues) {
@@ -350,25 +299,14 @@ TEST_P(GemmInt8Test, EndToEndFromBf16) {
   ASSERT_TRUE(PackInt8(*qm, panels.data(), scales.data(), rowsums.data()).ok());
   std::vector<float> y(m * n);
   fn_(m, k, qx.data(), k, sx.data(), panels.data(), scales.data(), rowsums.data(), n, y.data(), n);
-  double abs_err = 0, abs_ref = 0;
-  for (size_t i = 0; i < m; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      double exact = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        exact += static_cast<double>(Bf16ToF32(x[i * k + kk])) * Bf16ToF32(w[j * k + kk]);
-      }
-      abs_err += std::fabs(y[i * n + j] - exact);
-      abs_ref += std::fabs(exact);
-    }
-  }
-  const double rel = abs_err / abs_ref;
+  const double rel = gemm_test::MeanRelErrorVsBf16Product(m, n, k, x, w, y);
   std::printf("[%s] int8 x int8 end to end: mean |y - exact| / mean |exact| = %.4f (M=%zu N=%zu K=%zu)\n",
-              kPaths[GetParam()].name, rel, m, n, k);
+              GetParam().name.c_str(), rel, m, n, k);
   EXPECT_LT(rel, 0.05);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt8Test, ::testing::Range(0, static_cast<int>(std::size(kPaths))),
-                         [](const auto& info) { return std::string(kPaths[info.param].name); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt8Test, ::testing::ValuesIn(gemm_test::IntegerPaths(kKernels)),
+                         gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt
