@@ -191,6 +191,19 @@ class KTMoEWrapper:
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: '{mode}'. Supported modes: 'inference', 'sft'")
 
+        # The layer's arguments both modes take.
+        layer = dict(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            cpuinfer_threads=cpuinfer_threads,
+            threadpool_count=threadpool_count,
+            weight_path=weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+        )
+
         # Validate method matches mode
         if mode == "inference":
             if method not in INFERENCE_METHODS and method not in KT_INFERENCE_EXTENSIONS:
@@ -199,16 +212,8 @@ class KTMoEWrapper:
                     f"Supported methods: {sorted(INFERENCE_METHODS)}"
                 )
             return _create_inference_wrapper(
-                layer_idx=layer_idx,
-                num_experts=num_experts,
-                num_experts_per_tok=num_experts_per_tok,
-                hidden_size=hidden_size,
-                moe_intermediate_size=moe_intermediate_size,
+                **layer,
                 gpu_experts_mask=gpu_experts_mask,
-                cpuinfer_threads=cpuinfer_threads,
-                threadpool_count=threadpool_count,
-                weight_path=weight_path,
-                chunked_prefill_size=chunked_prefill_size,
                 cpu_save=cpu_save,
                 max_deferred_experts_per_token=max_deferred_experts_per_token,
                 method=method,
@@ -221,16 +226,8 @@ class KTMoEWrapper:
                 f"Method '{method}' not supported for SFT mode. " f"Supported methods: {sorted(SFT_METHODS)}"
             )
         return _create_sft_wrapper(
-            layer_idx=layer_idx,
-            num_experts=num_experts,
-            num_experts_per_tok=num_experts_per_tok,
-            hidden_size=hidden_size,
-            moe_intermediate_size=moe_intermediate_size,
+            **layer,
             num_gpu_experts=num_gpu_experts,
-            cpuinfer_threads=cpuinfer_threads,
-            threadpool_count=threadpool_count,
-            weight_path=weight_path,
-            chunked_prefill_size=chunked_prefill_size,
             method=method,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _native
-from ._checks import check_int, check_tensor
+from ._checks import check_int, check_moe_shape, check_tensor
 
 
 class KExpertsCPUBuffer:
@@ -82,15 +82,8 @@ class BaseMoEWrapper:
         method: str = "AMXINT4",
         numa_nodes: Optional[List[int]] = None,
     ):
-        self.layer_idx = check_int("layer_idx", layer_idx, minimum=0)
-        self.num_experts = check_int("num_experts", num_experts, minimum=1)
-        self.num_experts_per_tok = check_int("num_experts_per_tok", num_experts_per_tok, minimum=1)
-        if num_experts_per_tok > num_experts:
-            raise ValueError(
-                f"num_experts_per_tok ({num_experts_per_tok}) must be <= num_experts ({num_experts})"
-            )
-        self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)
-        self.moe_intermediate_size = check_int("moe_intermediate_size", moe_intermediate_size, minimum=1)
+        shape = check_moe_shape(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size)
+        self.layer_idx, self.num_experts, self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size = shape
         self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, minimum=1)
         self.threadpool_count = check_int("threadpool_count", threadpool_count, minimum=1)
         self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, minimum=1)

@@ -10,21 +10,11 @@ import torch
 
 import kt_kernel
 from kt_kernel import INFERENCE_METHODS, SFT_METHODS, KTMoEWrapper
+from moe_reference import wrapper_args
 
 E, K, H, I = 4, 2, 64, 32
 
-BASE = dict(
-    layer_idx=0,
-    num_experts=E,
-    num_experts_per_tok=K,
-    hidden_size=H,
-    moe_intermediate_size=I,
-    gpu_experts_mask=None,
-    cpuinfer_threads=1,
-    threadpool_count=1,
-    weight_path=None,
-    chunked_prefill_size=8,
-)
+BASE = wrapper_args(E, K, H, I, cpuinfer_threads=1, chunked_prefill_size=8)
 
 
 def make(**overrides):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kt_kernel import KTMoEWrapper
-from moe_reference import REL_TOL, reference_moe, relative_error
+from moe_reference import REL_TOL, reference_moe, relative_error, wrapper_args
 from safetensors_np import SafeTensorsFile
 
 # Expert tensor names per architecture: (prefix format, gate, up, down).
@@ -74,17 +74,9 @@ def test_routed_experts_match_transformers(arch):
     assert gate.shape == (E, I, H) and down.shape == (E, H, I)
 
     moe = KTMoEWrapper(
-        layer_idx=layer,
-        num_experts=E,
-        num_experts_per_tok=k,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        gpu_experts_mask=None,
-        cpuinfer_threads=2,
-        threadpool_count=1,
-        weight_path=path,
-        chunked_prefill_size=max(TOKENS),
-        method="BF16",
+        **wrapper_args(
+            E, k, H, I, layer_idx=layer, weight_path=path, chunked_prefill_size=max(TOKENS), method="BF16"
+        )
     )
     moe.load_weights_from_tensors(gate, up, down, None)
     for T in TOKENS:

@@ -9,22 +9,22 @@ import torch
 
 import kt_kernel
 from kt_kernel import KTMoEWrapper, _native
-from moe_reference import REL_TOL, random_experts, random_routing, reference_moe, relative_error
+from moe_reference import REL_TOL, random_experts, random_routing, reference_moe, relative_error, wrapper_args
 
 
 def make_moe(E, k, H, I, *, mask=None, threads=2, max_len=64, layer_idx=0):
     return KTMoEWrapper(
-        layer_idx=layer_idx,
-        num_experts=E,
-        num_experts_per_tok=k,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        gpu_experts_mask=mask,
-        cpuinfer_threads=threads,
-        threadpool_count=1,
-        weight_path=None,
-        chunked_prefill_size=max_len,
-        method="BF16",
+        **wrapper_args(
+            E,
+            k,
+            H,
+            I,
+            layer_idx=layer_idx,
+            gpu_experts_mask=mask,
+            cpuinfer_threads=threads,
+            chunked_prefill_size=max_len,
+            method="BF16",
+        )
     )
 
 

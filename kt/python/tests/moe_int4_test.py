@@ -25,6 +25,7 @@ import torch
 
 from kt_kernel import INFERENCE_METHODS, KT_INFERENCE_EXTENSIONS, KTMoEWrapper, _native
 from moe_reference import REL_TOL, random_experts, random_routing, reference_moe, relative_error
+from moe_reference import reference_quantized_moe, wrapper_args
 
 # method -> (weight format, uses groups, asymmetric)
 METHODS = {
@@ -84,36 +85,12 @@ def reference_int4(method, group, x, ids, weights, gate, up, down):
     else:
         wq = lambda w: quantize_sym(w, 7, g)  # noqa: E731
     aq = lambda a: quantize_sym(a, 127, g)  # noqa: E731
-    E = gate.shape[0]
-    gq, uq, dq = wq(gate), wq(up), wq(down)
-    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32)
-    xq = aq(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0 or e >= E:
-                continue
-            gg = xq[t] @ gq[e].T
-            u = xq[t] @ uq[e].T
-            h = (torch.nn.functional.silu(gg) * u).to(torch.bfloat16)
-            out[t] += float(weights[t, j]) * (aq(h) @ dq[e].T)
-    return out
+    return reference_quantized_moe(x, ids, weights, gate, up, down, wq, aq)
 
 
 def make(method, E, k, H, I, max_len=64, group_size=128):
     return KTMoEWrapper(
-        layer_idx=0,
-        num_experts=E,
-        num_experts_per_tok=k,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        gpu_experts_mask=None,
-        cpuinfer_threads=2,
-        threadpool_count=1,
-        weight_path=None,
-        chunked_prefill_size=max_len,
-        method=method,
-        group_size=group_size,
+        **wrapper_args(E, k, H, I, chunked_prefill_size=max_len, method=method, group_size=group_size)
     )
 
 

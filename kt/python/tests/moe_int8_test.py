@@ -17,6 +17,7 @@ import torch
 
 from kt_kernel import KTMoEWrapper, _native
 from moe_reference import REL_TOL, random_experts, random_routing, reference_moe, relative_error
+from moe_reference import reference_quantized_moe, wrapper_args
 
 METHODS = ["AMXINT8", "MOE_INT8"]
 
@@ -31,37 +32,8 @@ def quantize_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, q * scale, torch.zeros_like(t))
 
 
-def reference_int8(x, ids, weights, gate, up, down):
-    E = gate.shape[0]
-    gq, uq, dq = quantize_rows(gate), quantize_rows(up), quantize_rows(down)
-    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32)
-    xq = quantize_rows(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0 or e >= E:
-                continue
-            g = xq[t] @ gq[e].T
-            u = xq[t] @ uq[e].T
-            h = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
-            out[t] += float(weights[t, j]) * (quantize_rows(h) @ dq[e].T)
-    return out
-
-
 def make(method, E, k, H, I, max_len=64):
-    return KTMoEWrapper(
-        layer_idx=0,
-        num_experts=E,
-        num_experts_per_tok=k,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        gpu_experts_mask=None,
-        cpuinfer_threads=2,
-        threadpool_count=1,
-        weight_path=None,
-        chunked_prefill_size=max_len,
-        method=method,
-    )
+    return KTMoEWrapper(**wrapper_args(E, k, H, I, chunked_prefill_size=max_len, method=method))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -73,7 +45,9 @@ def test_matches_int8_reference_and_bf16_model(method, E, k, H, I, qlen):
     moe.load_weights_from_tensors(gate, up, down, None)
     x, ids, w = random_routing(qlen, H, E, k, seed=qlen + 1)
     out = moe.forward(x, ids, w, None)
-    err = relative_error(out, reference_int8(x, ids, w, gate, up, down))
+    # The int8 format in torch: weights per output channel, activations (x and h) per token.
+    ref = reference_quantized_moe(x, ids, w, gate, up, down, quantize_rows, quantize_rows)
+    err = relative_error(out, ref)
     assert err <= REL_TOL, f"{method}: max|err|/max|ref| vs the int8 reference = {err:.3e}"
     bf16 = reference_moe(x, ids, w, gate, up, down)
     mean_rel = ((out.float() - bf16).abs().mean() / bf16.abs().mean()).item()

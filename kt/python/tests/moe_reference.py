@@ -1,8 +1,9 @@
-"""PyTorch reference of kt's BF16 routed-experts forward, and helpers shared by the tests."""
+"""PyTorch references of kt's routed-experts forward (BF16, and an integer format given its quantizers), and
+helpers shared by the tests."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -47,6 +48,60 @@ def reference_moe(
             y = h @ down[e].float().T
             out[t] += float(weights[t, j]) * y
     return out
+
+
+def reference_quantized_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    quantize_weights: Callable[[torch.Tensor], torch.Tensor],
+    quantize_activations: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """fp32 reference of an integer format's forward, given the format's rules as two functions that quantize
+    a tensor and return it dequantized in fp32: ``quantize_weights`` (applied to gate/up/down, along their last
+    dimension) and ``quantize_activations`` (applied to x and to h, per token).
+
+    For token t and slot j with expert e = ids[t, j] in [0, E):
+      g = xq W_gq[e]^T, u = xq W_uq[e]^T, h = bf16(silu(g) * u), y = quantize_activations(h) W_dq[e]^T,
+      out_t += w[t, j] * y.
+    """
+    E = gate.shape[0]
+    gq, uq, dq = quantize_weights(gate), quantize_weights(up), quantize_weights(down)
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32)
+    xq = quantize_activations(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0 or e >= E:
+                continue
+            g = xq[t] @ gq[e].T
+            u = xq[t] @ uq[e].T
+            h = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
+            out[t] += float(weights[t, j]) * (quantize_activations(h) @ dq[e].T)
+    return out
+
+
+def wrapper_args(E: int, k: int, H: int, I: int, **overrides) -> dict:
+    """KTMoEWrapper's ten required arguments for a test layer of E experts, top-k, hidden H, intermediate I:
+    layer 0, all experts on the CPU, 2 threads in one pool, no weight_path, up to 64 tokens per forward;
+    ``overrides`` replaces any of them and adds the optional ones (method, mode, ...)."""
+    args = dict(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=k,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        gpu_experts_mask=None,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=64,
+    )
+    args.update(overrides)
+    return args
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from kt_kernel import KTMoEWrapper
+from moe_reference import wrapper_args
 
 # H and I multiples of 32 so that the KGroup methods run with group_size 32 (3 and 2 groups per row).
 E, K, H, I, R = 8, 3, 96, 64, 8
@@ -32,23 +33,7 @@ QLEN = 37
 
 
 def make(method="AMXBF16_SFT", depth=1, **overrides):
-    kwargs = dict(
-        layer_idx=0,
-        num_experts=E,
-        num_experts_per_tok=K,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        gpu_experts_mask=None,
-        cpuinfer_threads=2,
-        threadpool_count=1,
-        weight_path=None,
-        chunked_prefill_size=64,
-        method=method,
-        mode="sft",
-        lora_rank=R,
-        lora_alpha=ALPHA,
-        max_cache_depth=depth,
-    )
+    kwargs = wrapper_args(E, K, H, I, method=method, mode="sft", lora_rank=R, lora_alpha=ALPHA, max_cache_depth=depth)
     kwargs.update(overrides)
     return KTMoEWrapper(**kwargs)
 

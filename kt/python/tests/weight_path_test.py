@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from kt_kernel import KTMoEWrapper
-from moe_reference import REL_TOL, relative_error
+from moe_reference import REL_TOL, relative_error, wrapper_args
 from safetensors_np import SafeTensorsFile
 
 ARCHS = {
@@ -86,9 +86,8 @@ def shape(arch: str):
 def make(arch: str, method: str, weight_path, **kw):
     E, k, H, I = shape(arch)
     ref = np.load(os.path.join(fixtures_dir(), "hf", arch, "reference.npz"))
-    args = dict(layer_idx=int(ref["layer"]), num_experts=E, num_experts_per_tok=k, hidden_size=H,
-                moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1,
-                weight_path=weight_path, chunked_prefill_size=max(TOKENS), method=method)
+    args = wrapper_args(E, k, H, I, layer_idx=int(ref["layer"]), weight_path=weight_path,
+                        chunked_prefill_size=max(TOKENS), method=method)
     args.update(kw)
     return KTMoEWrapper(**args)
 
@@ -172,17 +171,17 @@ def test_fp8_fixture_is_rejected_naming_fp8():
     path = os.path.join(fixtures_dir(), "hf", "deepseek_v3_fp8")
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
-    moe = KTMoEWrapper(layer_idx=1, num_experts=c["n_routed_experts"], num_experts_per_tok=c["num_experts_per_tok"],
-                       hidden_size=c["hidden_size"], moe_intermediate_size=c["moe_intermediate_size"],
-                       gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1, weight_path=path,
-                       chunked_prefill_size=8, method="BF16")
+    E, k, H, I = c["n_routed_experts"], c["num_experts_per_tok"], c["hidden_size"], c["moe_intermediate_size"]
+    moe = KTMoEWrapper(
+        **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="BF16")
+    )
     with pytest.raises(NotImplementedError, match="FP8 checkpoints are not supported yet"):
         moe.load_weights(None)
     assert not moe.weights_loaded
     with pytest.raises(NotImplementedError, match="FP8"):
-        KTMoEWrapper(layer_idx=1, num_experts=16, num_experts_per_tok=4, hidden_size=256, moe_intermediate_size=128,
-                     gpu_experts_mask=None, cpuinfer_threads=2, threadpool_count=1, weight_path=path,
-                     chunked_prefill_size=8, method="FP8")
+        KTMoEWrapper(
+            **wrapper_args(16, 4, 256, 128, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8")
+        )
 
 
 def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):

@@ -8,7 +8,14 @@ from typing import Dict, List, Tuple
 import torch
 
 from .. import _native
-from .._checks import check_int, check_tensor
+from .._checks import (
+    check_expert_map,
+    check_expert_weights,
+    check_int,
+    check_moe_shape,
+    check_routing,
+    check_tensor,
+)
 
 
 class KExpertsSFTBuffer:
@@ -61,15 +68,8 @@ class BaseSFTMoEWrapper:
         max_cache_depth: int,
         method: str,
     ):
-        self.layer_idx = check_int("layer_idx", layer_idx, 0)
-        self.num_experts = check_int("num_experts", num_experts, 1)
-        self.num_experts_per_tok = check_int("num_experts_per_tok", num_experts_per_tok, 1)
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})"
-            )
-        self.hidden_size = check_int("hidden_size", hidden_size, 1)
-        self.moe_intermediate_size = check_int("moe_intermediate_size", moe_intermediate_size, 1)
+        shape = check_moe_shape(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size)
+        self.layer_idx, self.num_experts, self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size = shape
         self.num_gpu_experts = check_int("num_gpu_experts", num_gpu_experts, 0)
         if self.num_gpu_experts != 0:
             raise NotImplementedError(
@@ -116,22 +116,11 @@ class BaseSFTMoEWrapper:
         """Loads the frozen base weights: bf16 CPU contiguous gate_proj and up_proj [E, I, H], down_proj
         [E, H, I]; physical_to_logical_map_cpu int64 [E] or None (identity). The tensors are copied (and
         quantized for INT8), so they may be freed afterwards."""
-        E, I, H = self.num_experts, self.moe_intermediate_size, self.hidden_size
-        check_tensor("gate_proj", gate_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
-        check_tensor("up_proj", up_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
-        check_tensor("down_proj", down_proj, torch.bfloat16, (E, H, I), "[E, H, I]")
-        map_ptr = 0
-        if physical_to_logical_map_cpu is not None:
-            mapping = check_tensor(
-                "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
-            )
-            bad = (mapping < 0) | (mapping >= E)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at index {i}"
-                )
-            map_ptr = mapping.data_ptr()
+        check_expert_weights(
+            gate_proj, up_proj, down_proj, self.num_experts, self.moe_intermediate_size, self.hidden_size
+        )
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        map_ptr = 0 if mapping is None else mapping.data_ptr()
         self._layer.load_weights(
             gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), map_ptr, self._pool()
         )
@@ -250,14 +239,7 @@ class BaseSFTMoEWrapper:
                 f"hidden_states has qlen={qlen} tokens; SFT forward takes 1..chunked_prefill_size="
                 f"{self.chunked_prefill_size} tokens per call"
             )
-        check_tensor("expert_ids", expert_ids, torch.int64, (qlen, None), "[qlen, k]")
-        k = expert_ids.shape[1]
-        if not 1 <= k <= self.num_experts_per_tok:
-            raise ValueError(
-                f"expert_ids must have 1 <= k <= num_experts_per_tok ({self.num_experts_per_tok}) columns, "
-                f"got shape {list(expert_ids.shape)}"
-            )
-        check_tensor("weights", weights, torch.float32, (qlen, k), "[qlen, k]")
+        k = check_routing("expert_ids", expert_ids, "weights", weights, qlen, self.num_experts_per_tok)
         if not getattr(self, "_weights_loaded", False):
             raise RuntimeError(
                 f"{type(self).__name__} (layer {self.layer_idx}): forward before the base weights were loaded; "

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from .. import _native
-from .._checks import check_tensor
+from .._checks import check_expert_map, check_expert_weights, check_routing, check_tensor
 from ..experts_base import BaseMoEWrapper
 
 # Method -> the C++ layer's expert format.
@@ -165,18 +165,9 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
     def _check_map(self, physical_to_logical_map_cpu: Optional[torch.Tensor]) -> int:
         """Validates the physical -> logical map; its address, or 0 for None (identity)."""
-        E = self.num_experts
-        if physical_to_logical_map_cpu is None:
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        if mapping is None:
             return 0
-        mapping = check_tensor(
-            "physical_to_logical_map_cpu", physical_to_logical_map_cpu, torch.int64, (E,), "[E]"
-        )
-        bad = (mapping < 0) | (mapping >= E)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"physical_to_logical_map_cpu entries must be in [0, {E}), got {int(mapping[i])} at index {i}"
-            )
         self._map_keepalive = mapping
         return mapping.data_ptr()
 
@@ -200,10 +191,9 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
         The tensors are copied; they may be freed afterwards. Loading again replaces the weights.
         """
-        E, I, H = self.num_experts, self.moe_intermediate_size, self.hidden_size
-        check_tensor("gate_proj", gate_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
-        check_tensor("up_proj", up_proj, torch.bfloat16, (E, I, H), "[E, I, H]")
-        check_tensor("down_proj", down_proj, torch.bfloat16, (E, H, I), "[E, H, I]")
+        check_expert_weights(
+            gate_proj, up_proj, down_proj, self.num_experts, self.moe_intermediate_size, self.hidden_size
+        )
         map_ptr = self._check_map(physical_to_logical_map_cpu)
         self._moe.load_weights(
             gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), map_ptr, self._pool()
@@ -243,14 +233,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
                 f"{self.chunked_prefill_size}; split the batch into chunks of at most chunked_prefill_size "
                 "tokens (automatic chunking comes later)"
             )
-        check_tensor("topk_ids", topk_ids, torch.int64, (qlen, None), "[qlen, k]")
-        k = topk_ids.shape[1]
-        if not 1 <= k <= self.num_experts_per_tok:
-            raise ValueError(
-                f"topk_ids must have 1 <= k <= num_experts_per_tok ({self.num_experts_per_tok}) columns, "
-                f"got shape {list(topk_ids.shape)}"
-            )
-        check_tensor("topk_weights", topk_weights, torch.float32, (qlen, k), "[qlen, k]")
+        k = check_routing("topk_ids", topk_ids, "topk_weights", topk_weights, qlen, self.num_experts_per_tok)
         if not self._moe.loaded:
             raise RuntimeError(
                 f"{type(self).__name__} (layer {self.layer_idx}): forward called before the expert weights "
