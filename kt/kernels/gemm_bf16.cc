@@ -2,6 +2,7 @@
 #include "kt/kernels/gemm_bf16.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 namespace kt {
@@ -30,6 +31,42 @@ void UnpackBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* w, size_t ldw)
     const size_t r = row % kPanelRows;
     for (size_t kk = 0; kk < k; ++kk) {
       w[row * ldw + kk] = panel[((kk / 2) * kPanelRows + r) * 2 + (kk & 1)];
+    }
+  }
+}
+
+void TransposePackedBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* packed_t) {
+  const size_t src_stride = PanelStride(k), dst_stride = PanelStride(n);
+  const bool whole = n % kPanelRows == 0 && k % kPanelRows == 0;
+  if (!whole) std::memset(packed_t, 0, PackedBf16Size(k, n) * sizeof(bf16_t));
+  for (size_t q = 0; q < NumPanels(n); ++q) {      // source panel: rows [16q, 16q + 16) of W
+    for (size_t b = 0; b < NumPanels(k); ++b) {    // columns [16b, 16b + 16) of W: destination panel b
+      const bf16_t* src = packed + q * src_stride + b * 8 * 2 * kPanelRows;
+      bf16_t* dst = packed_t + b * dst_stride + q * 8 * 2 * kPanelRows;
+      if ((q + 1) * kPanelRows <= n && (b + 1) * kPanelRows <= k) {
+        // Source word (s, g) = elements 4g..4g+3 of pair-row s = {W[2g][2s], W[2g][2s+1], W[2g+1][2s],
+        // W[2g+1][2s+1]} (block-relative); destination word (j, g') must hold {T[2g'][2j], T[2g'][2j+1],
+        // T[2g'+1][2j], T[2g'+1][2j+1]} = {W[2j][2g'], W[2j+1][2g'], W[2j][2g'+1], W[2j+1][2g'+1]}: source
+        // word (g', j) with its elements 1 and 2 swapped (little endian: bits 16-31 and 32-47).
+        uint64_t in[64], out[64];
+        std::memcpy(in, src, sizeof(in));
+        for (size_t j = 0; j < 8; ++j) {
+          for (size_t g = 0; g < 8; ++g) {
+            const uint64_t x = in[g * 8 + j];
+            out[j * 8 + g] = (x & 0xFFFF00000000FFFFull) | ((x >> 16) & 0x00000000FFFF0000ull) |
+                             ((x << 16) & 0x0000FFFF00000000ull);
+          }
+        }
+        std::memcpy(dst, out, sizeof(out));
+        continue;
+      }
+      // Partial block: T[c][r] = W[r][c] for the real rows r < n and columns c < k only.
+      for (size_t r = q * kPanelRows; r < std::min(n, (q + 1) * kPanelRows); ++r) {
+        for (size_t c = b * kPanelRows; c < std::min(k, (b + 1) * kPanelRows); ++c) {
+          const bf16_t v = packed[q * src_stride + ((c / 2) * kPanelRows + r % kPanelRows) * 2 + (c & 1)];
+          packed_t[b * dst_stride + ((r / 2) * kPanelRows + c % kPanelRows) * 2 + (r & 1)] = v;
+        }
+      }
     }
   }
 }

@@ -32,6 +32,14 @@ void PackBf16(const bf16_t* w, size_t ldw, size_t n, size_t k, bf16_t* packed);
 // Inverse of PackBf16 (for tests and for copying experts back out).
 void UnpackBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* w, size_t ldw);
 
+// Packs W^T [K,N] straight from packed W[N,K]: `packed_t` (PackedBf16Size(K,N) elements) ends up exactly as
+// PackBf16 of the transposed matrix would leave it, with no row-major copy in between (kt/sft builds the
+// backward weights this way). A 16 x 16 block of W (source panel q, k in [16b, 16b + 16)) is 512 contiguous
+// bytes, and so is its image (destination panel b, pair-rows [8q, 8q + 8)); inside, 4-element groups move
+// as a transpose of 8 x 8 64-bit words with the two middle elements of each swapped. Blocks that are not
+// whole (N or K not a multiple of 16) go element by element, with the padding zeroed.
+void TransposePackedBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* packed_t);
+
 // Computes y[m][j] = sum_k x[m][k] * W[j][k] for m < M and j < n_cols, where W's rows are the rows of the
 // panels starting at `panels` (so a caller covers a column range by offsetting `panels` by whole panels).
 // x rows have stride ldx (elements, any alignment), y rows stride ldy. y is overwritten. No allocation,

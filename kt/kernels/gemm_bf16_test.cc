@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -39,6 +40,30 @@ TEST(PackBf16, RoundTripsAndZeroPads) {
       size_t nonzero_w = 0;
       for (const bf16_t& e : w) nonzero_w += (e.bits & 0x7fff) != 0;
       EXPECT_EQ(nonzero, nonzero_w);
+    }
+  }
+}
+
+TEST(PackBf16, TransposePackedMatchesPackOfTranspose) {
+  // Whole 16 x 16 blocks (the word transpose), partial ones (element by element) and odd K / N, against
+  // PackBf16 of the transposed row-major matrix; the destination starts as garbage so that padding the
+  // function fails to zero shows.
+  std::mt19937 rng(4);
+  const std::pair<size_t, size_t> shapes[] = {{16, 16}, {32, 48}, {48, 80}, {17, 33}, {5, 3}, {1, 1},
+                                              {16, 17}, {31, 16}, {64, 2048}, {768, 64}, {2, 31}};
+  for (const auto& [n, k] : shapes) {
+    const std::vector<bf16_t> w = RandomBf16(n * k, rng, 1.0f);
+    std::vector<bf16_t> wt(k * n);
+    for (size_t r = 0; r < n; ++r) {
+      for (size_t c = 0; c < k; ++c) wt[c * n + r] = w[r * k + c];
+    }
+    std::vector<bf16_t> packed(PackedBf16Size(n, k)), want(PackedBf16Size(k, n));
+    PackBf16(w.data(), k, n, k, packed.data());
+    PackBf16(wt.data(), n, k, n, want.data());
+    std::vector<bf16_t> got(PackedBf16Size(k, n), bf16_t{0x7fc1});
+    TransposePackedBf16(packed.data(), n, k, got.data());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].bits, want[i].bits) << "N = " << n << ", K = " << k << ", element " << i;
     }
   }
 }

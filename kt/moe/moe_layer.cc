@@ -575,6 +575,29 @@ absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
   return LoadExpertQuantized(slot, proj, *q);
 }
 
+absl::Status MoeLayer::LoadExpertTransposed(int slot, ExpertProj proj, const MoeLayer& src) {
+  if (absl::Status s = CheckSlot("LoadExpertTransposed", slot); !s.ok()) return s;
+  if (absl::Status s = src.CheckSlot("LoadExpertTransposed (source)", slot); !s.ok()) return s;
+  if (format_ != ExpertFormat::kBf16 || src.format_ != ExpertFormat::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoadExpertTransposed: both layers must be bf16, got ", ExpertFormatName(format_), " and source ",
+        ExpertFormatName(src.format_), " (quantized formats transpose through UnpackExpert + LoadExpert)"));
+  }
+  if (!src.loaded_) return absl::FailedPreconditionError("LoadExpertTransposed: the source layer is not loaded");
+  const size_t n = ProjRows(proj), k = ProjCols(proj);
+  if (src.ProjRows(proj) != k || src.ProjCols(proj) != n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoadExpertTransposed: ", ExpertProjName(proj), " is [", n, ", ", k, "] here and [", src.ProjRows(proj),
+        ", ", src.ProjCols(proj), "] in the source; the source must be its transpose"));
+  }
+  const Projection& from = src.Proj(proj);
+  Projection& to = Proj(proj);
+  TransposePackedBf16(reinterpret_cast<const bf16_t*>(from.data.get() + slot * from.expert_bytes), k, n,
+                      reinterpret_cast<bf16_t*>(to.data.get() + slot * to.expert_bytes));
+  proj_loaded_[static_cast<size_t>(slot) * 3 + static_cast<int>(proj)] = 1;
+  return absl::OkStatus();
+}
+
 absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm) {
   if (absl::Status s = CheckSlot("LoadExpertQuantized", slot); !s.ok()) return s;
   absl::StatusOr<QuantSpec> spec = quant_spec();

@@ -181,6 +181,11 @@ class MoeLayer {
   // From a matrix already in the layer's quantized format (a converted checkpoint): spec, n and k must
   // match (quant_spec()); InvalidArgument naming the mismatch otherwise, and for a kBf16 layer.
   absl::Status LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm);
+  // Expert `slot`'s `proj` as the transpose of `src`'s, packed to packed (TransposePackedBf16, no
+  // row-major copy): both layers bf16, src loaded, and this projection [N, K] = src's [K, N];
+  // InvalidArgument / FailedPrecondition naming what differs otherwise. kt/sft builds its backward
+  // weights this way.
+  absl::Status LoadExpertTransposed(int slot, ExpertProj proj, const MoeLayer& src);
   // OK once every (slot, proj) has loaded; FailedPrecondition naming the first missing one otherwise.
   absl::Status FinishLoad();
 

@@ -259,6 +259,53 @@ TEST_P(MoeLayerTest, ClearErrors) {
   EXPECT_FALSE(MoeLayer::Create(MoeConfig{4, 2, 0, 16, 4}, isa(), format()).ok());
 }
 
+TEST_P(MoeLayerTest, LoadExpertTransposedEqualsLoadOfTranspose) {
+  // bf16: the packed-to-packed transpose gives what LoadExpert of the transposed canonical weights gives
+  // (read back through UnpackExpert); H = 40 is not a multiple of 16, so partial blocks are covered too.
+  // Quantized formats: InvalidArgument, and nothing is marked loaded.
+  const Layer l = Make(3, 2, 48, 40, 4, 21);
+  ThreadPool pool(1);
+  auto src = Build(l, pool);
+  MoeConfig tc = l.config;
+  std::swap(tc.hidden, tc.intermediate);
+  absl::StatusOr<std::unique_ptr<MoeLayer>> t = MoeLayer::Create(tc, isa(), format());
+  ASSERT_TRUE(t.ok()) << t.status();
+  MoeLayer& m = **t;
+  for (int slot = 0; slot < 3; ++slot) {
+    for (ExpertProj proj : {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown}) {
+      const absl::Status s = m.LoadExpertTransposed(slot, proj, *src);
+      if (format() != ExpertFormat::kBf16) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+        EXPECT_NE(s.message().find("both layers must be bf16"), absl::string_view::npos) << s;
+        continue;
+      }
+      ASSERT_TRUE(s.ok()) << s;
+    }
+  }
+  if (format() != ExpertFormat::kBf16) {
+    EXPECT_EQ(m.FinishLoad().code(), absl::StatusCode::kFailedPrecondition);
+    return;
+  }
+  ASSERT_TRUE(m.FinishLoad().ok());
+  for (int slot = 0; slot < 3; ++slot) {
+    for (ExpertProj proj : {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown}) {
+      const size_t n = m.ProjRows(proj), k = m.ProjCols(proj);  // the source's [k, n]
+      std::vector<bf16_t> w(n * k), wt(n * k);
+      ASSERT_TRUE(src->UnpackExpert(slot, proj, w.data()).ok());
+      ASSERT_TRUE(m.UnpackExpert(slot, proj, wt.data()).ok());
+      for (size_t r = 0; r < n; ++r) {
+        for (size_t c = 0; c < k; ++c) ASSERT_EQ(wt[r * k + c].bits, w[c * n + r].bits) << r << ", " << c;
+      }
+    }
+  }
+  // A layer of the same (untransposed) shape is not the source's transpose: the error says so.
+  absl::StatusOr<std::unique_ptr<MoeLayer>> same = MoeLayer::Create(l.config, isa(), format());
+  ASSERT_TRUE(same.ok());
+  const absl::Status s = (*same)->LoadExpertTransposed(0, ExpertProj::kGate, *src);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("must be its transpose"), absl::string_view::npos) << s;
+}
+
 TEST_P(MoeLayerTest, StreamingLoadMatchesBulkLoad) {
   // One projection at a time, in reverse order, from bf16 or (quantized formats) from the canonical
   // quantized matrix a converted checkpoint stores: the forward must equal the bulk load's bit for bit.
