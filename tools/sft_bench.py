@@ -80,17 +80,30 @@ def main():
 
     from kt_kernel.sft.amx import AMXSFTMoEWrapper
 
-    moe = AMXSFTMoEWrapper(
-        layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-        num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
-        chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
-        share_backward_bb=args.share_backward_bb, group_size=args.group_size,
-    )
-    t0 = time.perf_counter()
-    moe.load_weights_from_tensors(gate, up, down, None)
-    load_s = time.perf_counter() - t0
-    if not moe.skip_lora:
-        moe.init_lora_weights(*lora, *grads)
+    def sft_layer(layer_idx):
+        """An SFT layer on the benchmark's weights and LoRA tensors; returns it and its load time."""
+        layer = AMXSFTMoEWrapper(
+            layer_idx=layer_idx, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
+            num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+            chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
+            share_backward_bb=args.share_backward_bb, group_size=args.group_size,
+        )
+        t0 = time.perf_counter()
+        layer.load_weights_from_tensors(gate, up, down, None)
+        load = time.perf_counter() - t0
+        if not layer.skip_lora:
+            layer.init_lora_weights(*lora, *grads)
+        return layer, load
+
+    def step(layer):
+        """One forward with save_for_backward and its backward: (forward seconds, backward seconds)."""
+        t = time.perf_counter()
+        layer.forward(x, ids, w, save_for_backward=True)
+        t1 = time.perf_counter()
+        layer.backward(gout)
+        return t1 - t, time.perf_counter() - t1
+
+    moe, load_s = sft_layer(0)
 
     inf = None
     if args.method.startswith("AMXBF16"):
@@ -112,40 +125,24 @@ def main():
             inf.forward(x, ids, w, cuda_stream=None)
             if i > 0:
                 inf_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        moe.forward(x, ids, w, save_for_backward=True)
-        t1 = time.perf_counter()
-        moe.backward(gout)
-        t2 = time.perf_counter()
+        f, b = step(moe)
         if i > 0:
-            fwd.append(t1 - t)
-            bwd.append(t2 - t1)
+            fwd.append(f)
+            bwd.append(b)
     kt_s = statistics.median(a + b for a, b in zip(fwd, bwd))
     mem = moe.memory_bytes()
     alternating = None
     if args.alternate_layers:
         # A second layer (same shape and weights, its own memory) sharing the backward copy: in turn, each
         # backward finds the copy built from the other layer and rebuilds it from its own forward weights.
-        moe2 = AMXSFTMoEWrapper(
-            layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-            num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
-            chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
-            share_backward_bb=True, group_size=args.group_size,
-        )
-        moe2.load_weights_from_tensors(gate, up, down, None)
-        if not moe2.skip_lora:
-            moe2.init_lora_weights(*lora, *grads)
+        moe2, _ = sft_layer(1)
         alt_fwd, alt_bwd = [], []
         for i in range(args.iters + 1):
             for layer in (moe2, moe):
-                t = time.perf_counter()
-                layer.forward(x, ids, w, save_for_backward=True)
-                t1 = time.perf_counter()
-                layer.backward(gout)
-                t2 = time.perf_counter()
+                f, b = step(layer)
                 if i > 0:
-                    alt_fwd.append(t1 - t)
-                    alt_bwd.append(t2 - t1)
+                    alt_fwd.append(f)
+                    alt_bwd.append(b)
         alternating = {
             "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
             "kt_backward_seconds": round(statistics.median(alt_bwd), 4),

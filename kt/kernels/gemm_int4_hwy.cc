@@ -72,6 +72,18 @@ HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t q, size_t k) {
   return quad;
 }
 
+// Row xr's quads 2b and 2b + 1 (the k of block b): plain 4-byte loads when the block lies inside K (`full`),
+// LoadQuad's zeros past K for the last partial block.
+HWY_INLINE void BlockQuads(const int8_t* xr, size_t b, size_t k, bool full, int32_t& q0, int32_t& q1) {
+  if (full) {
+    std::memcpy(&q0, xr + 8 * b, 4);
+    std::memcpy(&q1, xr + 8 * b + 4, 4);
+  } else {
+    q0 = LoadQuad(xr, 2 * b, k);
+    q1 = LoadQuad(xr, 2 * b + 1, k);
+  }
+}
+
 #if KT_INT4_MADDUBS
 // Blocks whose int16 sums can be added before widening: one block adds at most
 // 2 * 2 * 15 * 128 = 7680 to an int16 lane (two vpmaddubsw of two u x qx products each, |qx| <= 128), so
@@ -100,15 +112,8 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
   const auto mask4 = hn::Set(du8, uint8_t{0xF});
   const auto ones = hn::Set(di16, int16_t{1});
   auto quads = [&](int m, hn::Vec<DI32>& x0, hn::Vec<DI32>& x1) {
-    const int8_t* xr = qx + m * ldqx;
     int32_t q0, q1;
-    if (kFull) {
-      std::memcpy(&q0, xr + 8 * b, 4);
-      std::memcpy(&q1, xr + 8 * b + 4, 4);
-    } else {
-      q0 = LoadQuad(xr, 2 * b, k);
-      q1 = LoadQuad(xr, 2 * b + 1, k);
-    }
+    BlockQuads(qx + m * ldqx, b, k, kFull, q0, q1);
     x0 = hn::Set(di32, q0);
     x1 = hn::Set(di32, q1);
   };
@@ -241,15 +246,8 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
         }
         #pragma GCC unroll 16
         for (int m = 0; m < MR; ++m) {
-          const int8_t* xr = qx + m * ldqx;
           int32_t q0, q1;
-          if (full) {
-            std::memcpy(&q0, xr + 8 * b, 4);
-            std::memcpy(&q1, xr + 8 * b + 4, 4);
-          } else {
-            q0 = LoadQuad(xr, 2 * b, k);
-            q1 = LoadQuad(xr, 2 * b + 1, k);
-          }
+          BlockQuads(qx + m * ldqx, b, k, full, q0, q1);
           const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
           const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
           const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
