@@ -263,10 +263,15 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
   };
   const size_t e_count = config_.moe.num_experts;
   std::vector<absl::Status> failures(e_count * 3);
-  // One pair of buffers per thread, reused by its tasks: a fresh pair per task (6 MiB for a Qwen3-30B
-  // projection) was page-faulted and zeroed 384 times per layer.
+  // One pair of buffers per thread, reused by its tasks and kept with the backward weights between
+  // rebuilds: a fresh pair per task (6 MiB for a Qwen3-30B projection) was page-faulted and zeroed 384
+  // times per layer, and a fresh set per rebuild once per thread and rebuild.
   const size_t max_elems = static_cast<size_t>(config_.moe.hidden) * config_.moe.intermediate;
-  std::vector<std::vector<bf16_t>> wn_of(pool.num_threads()), wt_of(pool.num_threads());
+  const size_t threads = static_cast<size_t>(pool.num_threads());
+  if (w.unpacked_.size() < threads) w.unpacked_.resize(threads);
+  if (w.transposed_.size() < threads) w.transposed_.resize(threads);
+  std::vector<std::vector<bf16_t>>& wn_of = w.unpacked_;
+  std::vector<std::vector<bf16_t>>& wt_of = w.transposed_;
   pool.ParallelFor(e_count * 3, [&](size_t task, int thread) {
     const int slot = static_cast<int>(task / 3);
     const auto proj = static_cast<ExpertProj>(task % 3);
