@@ -180,7 +180,8 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   // Blocks summed in int16 before widening: kInt16Blocks where the int16 sums and the int32 accumulators
   // fit the registers beside what MaddubsBlock keeps live (up to 2 rows: the rows' x broadcasts and one
   // vector's nibble halves; more rows: the block's nibble halves and one row's x), plus 2 constants: AVX2
-  // at M = 1, AVX3 (2 panels) up to 6 rows. Otherwise every block is widened at once (the registers of before).
+  // at M = 1, AVX3 (2 panels) up to 6 rows. Otherwise every block is widened at once (the registers of
+  // before).
   constexpr size_t kLive = MR <= 2 ? 2 * MR + 2 : 2 * kV + 2;
   constexpr size_t kChunk = 2 * MR * kV + kLive + 2 <= static_cast<size_t>(kRegs) ? kInt16Blocks : 1;
 #endif
