@@ -12,6 +12,7 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -285,6 +286,27 @@ void UnpackInt8ToBf16(size_t n, size_t k, const int8_t* panels, const float* pac
     for (size_t kk = 0; kk < k; ++kk) {
       // Quad kk / 4 of row r holds k = 4 quad .. 4 quad + 3 in 4 consecutive bytes.
       out[kk] = lut[static_cast<uint8_t>(panel[((kk / 4) * kInt8PanelRows + r) * 4 + kk % 4]) ^ 0x80];
+    }
+  }
+}
+
+void UnpackInt8ToBf16Transposed(size_t n, size_t k, const int8_t* panels, const float* packed_scales,
+                                bf16_t* wt, size_t ldt) {
+  const size_t stride = Int8PanelStride(k);
+  uint16_t lut[kInt8PanelRows][256];  // per row of the panel, indexed by q + 128, as UnpackInt8ToBf16
+  for (size_t p = 0; p < Int8NumPanels(n); ++p) {
+    const size_t rows = std::min(kInt8PanelRows, n - p * kInt8PanelRows);
+    for (size_t r = 0; r < rows; ++r) {
+      const float scale = packed_scales[p * kInt8PanelRows + r];
+      for (int q = -128; q < 128; ++q) lut[r][q + 128] = F32ToBf16(static_cast<float>(q) * scale).bits;
+    }
+    const uint8_t* panel = reinterpret_cast<const uint8_t*>(panels + p * stride);
+    for (size_t kq = 0; kq < KQuads(k); ++kq) {
+      const uint8_t* quad_row = panel + kq * kInt8PanelRows * 4;  // byte 4r + j: row r, k = 4 kq + j
+      for (size_t j = 0; j < 4 && 4 * kq + j < k; ++j) {
+        uint16_t* out = reinterpret_cast<uint16_t*>(wt + (4 * kq + j) * ldt + p * kInt8PanelRows);
+        for (size_t r = 0; r < rows; ++r) out[r] = lut[r][quad_row[4 * r + j] ^ 0x80];
+      }
     }
   }
 }

@@ -40,6 +40,11 @@ void UnpackInt4ToBf16(const QuantSpec& spec, size_t n, size_t k, const uint8_t* 
 // (K >= 256 in every supported model, so the table costs at most one multiply per weight).
 void UnpackInt8ToBf16(size_t n, size_t k, const int8_t* panels, const float* packed_scales, bf16_t* w,
                       size_t ldw);
+// The same values transposed: wt[K, N] with row stride ldt >= N, wt[c][r] = the bf16 of W[r][c]. A panel's
+// quad-row (16 rows x 4 k, 64 bytes) becomes 4 runs of 16 consecutive bf16 in wt, so the weights are read
+// once, in order, with no row-major copy to transpose afterwards (kt/sft's int8 backward weights).
+void UnpackInt8ToBf16Transposed(size_t n, size_t k, const int8_t* panels, const float* packed_scales,
+                                bf16_t* wt, size_t ldt);
 
 }  // namespace kt
 

@@ -236,6 +236,17 @@ TEST(UnpackToBf16Test, MatchesDequantize) {
           PackInt8(reinterpret_cast<const int8_t*>(qm->data.data()), k, qm->scales.data(), n, k, panels.data(),
                    scales.data(), sums.data());
           UnpackInt8ToBf16(n, k, panels.data(), scales.data(), got.data(), ldw);
+          // The transposed unpacker: the same bits at [c][r], nothing written past N in a row of wt.
+          const size_t ldt = n + 5;
+          std::vector<bf16_t> got_t(k * ldt, bf16_t{0x4321});
+          UnpackInt8ToBf16Transposed(n, k, panels.data(), scales.data(), got_t.data(), ldt);
+          for (size_t c = 0; c < k; ++c) {
+            for (size_t r = 0; r < n; ++r) {
+              ASSERT_EQ(got_t[c * ldt + r].bits, F32ToBf16(deq[r * k + c]).bits)
+                  << "transposed, n=" << n << " k=" << k << " at [" << c << "][" << r << "]";
+            }
+            for (size_t r = n; r < ldt; ++r) ASSERT_EQ(got_t[c * ldt + r].bits, 0x4321) << "wrote past N";
+          }
         } else {
           const size_t entries = PackedInt4Scales(n, k, Int4KernelGroup(spec));
           std::vector<uint8_t> panels(PackedInt4Bytes(n, k)), zeros(entries);

@@ -399,6 +399,20 @@ absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const 
   return absl::OkStatus();
 }
 
+absl::Status MoeLayer::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
+  if (absl::Status s = CheckSlot("UnpackExpertTransposed", slot); !s.ok()) return s;
+  if (!loaded_) return absl::FailedPreconditionError("UnpackExpertTransposed before the weights are loaded");
+  if (format_ != ExpertFormat::kInt8) {
+    return absl::UnimplementedError(absl::StrCat("UnpackExpertTransposed: only for int8 experts, not ",
+                                                 ExpertFormatName(format_), " (use UnpackExpert)"));
+  }
+  const Projection& p = Proj(proj);
+  const size_t e = static_cast<size_t>(slot);
+  UnpackInt8ToBf16Transposed(p.n, p.k, reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
+                             p.scales.get() + e * p.padded_rows, wt, p.n);
+  return absl::OkStatus();
+}
+
 absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
                                   const int64_t* physical_to_logical, ThreadPool& pool) {
   if (gate == nullptr || up == nullptr || down == nullptr) {

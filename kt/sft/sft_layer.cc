@@ -285,8 +285,15 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
     const size_t n = base_->ProjRows(proj), k = base_->ProjCols(proj);
     std::vector<bf16_t>& wn = wn_of[thread];
     std::vector<bf16_t>& wt = wt_of[thread];
-    wn.resize(max_elems);
     wt.resize(max_elems);
+    if (base_->format() == ExpertFormat::kInt8) {
+      // int8 dequantizes straight into the transposed order (one pass over the packed weights, no
+      // row-major copy to transpose), then quantizes again per row of W^T as below.
+      failures[task] = base_->UnpackExpertTransposed(slot, proj, wt.data());
+      if (failures[task].ok()) failures[task] = w.t_->LoadExpert(slot, proj, wt.data());
+      return;
+    }
+    wn.resize(max_elems);
     failures[task] = base_->UnpackExpert(slot, proj, wn.data());
     if (!failures[task].ok()) return;
     // 32 x 32 tiles through a 2 KiB buffer: each tile's 32 source rows are copied in whole (one 64-byte
