@@ -290,6 +290,48 @@ void UnpackInt8ToBf16(size_t n, size_t k, const int8_t* panels, const float* pac
   }
 }
 
+void UnpackInt4ToBf16Transposed(const QuantSpec& spec, size_t n, size_t k, const uint8_t* panels,
+                                const float* scales, const uint8_t* zeros, bf16_t* wt, size_t ldt) {
+  const size_t groups = ScalesPerRow(spec, k);
+  const size_t g = IsGroupFormat(spec.format) ? static_cast<size_t>(spec.group_size) : k;
+  const bool asym = IsAsymFormat(spec.format);
+  const size_t stride = Int4PanelStride(k);
+  uint16_t lut[kInt4PanelRows][16];  // per row of the panel, the group's 16 values (as UnpackInt4ToBf16)
+  uint16_t* out = reinterpret_cast<uint16_t*>(wt);
+  for (size_t p = 0; p < Int4NumPanels(n); ++p) {
+    const size_t rows = std::min(kInt4PanelRows, n - p * kInt4PanelRows);
+    const uint8_t* panel = panels + p * stride;
+    const size_t c0 = p * kInt4PanelRows;  // wt column of the panel's first row
+    for (size_t j = 0; j < groups; ++j) {
+      for (size_t r = 0; r < rows; ++r) {
+        const size_t e = (p * groups + j) * kInt4PanelRows + r;
+        const int zp = asym ? zeros[e] : kInt4SymZero;
+        for (int u = 0; u < 16; ++u) lut[r][u] = F32ToBf16(static_cast<float>(u - zp) * scales[e]).bits;
+      }
+      const size_t k0 = j * g, k1 = k0 + g;
+      size_t kk = k0;
+      for (; kk + 8 <= k1; kk += 8) {
+        const uint8_t* block = panel + (kk / 8) * 64;  // byte 4r + i: u[kk + i] | u[kk + 4 + i] << 4
+        for (size_t i = 0; i < 4; ++i) {
+          uint16_t* lo = out + (kk + i) * ldt + c0;
+          uint16_t* hi = out + (kk + 4 + i) * ldt + c0;
+          for (size_t r = 0; r < rows; ++r) {
+            const uint8_t byte = block[4 * r + i];
+            lo[r] = lut[r][byte & 0xF];
+            hi[r] = lut[r][byte >> 4];
+          }
+        }
+      }
+      for (; kk < k1; ++kk) {  // per-channel K not a multiple of 8
+        for (size_t r = 0; r < rows; ++r) {
+          const uint8_t byte = panel[(kk / 8) * 64 + 4 * r + kk % 4];
+          out[kk * ldt + c0 + r] = lut[r][(byte >> (4 * ((kk % 8) / 4))) & 0xF];
+        }
+      }
+    }
+  }
+}
+
 void UnpackInt8ToBf16Transposed(size_t n, size_t k, const int8_t* panels, const float* packed_scales,
                                 bf16_t* wt, size_t ldt) {
   const size_t stride = Int8PanelStride(k);

@@ -45,6 +45,10 @@ void UnpackInt8ToBf16(size_t n, size_t k, const int8_t* panels, const float* pac
 // once, in order, with no row-major copy to transpose afterwards (kt/sft's int8 backward weights).
 void UnpackInt8ToBf16Transposed(size_t n, size_t k, const int8_t* panels, const float* packed_scales,
                                 bf16_t* wt, size_t ldt);
+// The int4 twin: wt[K, N] (row stride ldt >= N) of UnpackInt4ToBf16's values; a 64-byte block (16 rows x 8 k)
+// becomes 8 runs of 16 consecutive bf16 in wt.
+void UnpackInt4ToBf16Transposed(const QuantSpec& spec, size_t n, size_t k, const uint8_t* panels,
+                                const float* scales, const uint8_t* zeros, bf16_t* wt, size_t ldt);
 
 }  // namespace kt
 

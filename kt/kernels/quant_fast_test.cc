@@ -253,6 +253,17 @@ TEST(UnpackToBf16Test, MatchesDequantize) {
           std::vector<float> scales(entries);
           ASSERT_TRUE(PackInt4(*qm, panels.data(), scales.data(), zeros.data()).ok());
           UnpackInt4ToBf16(spec, n, k, panels.data(), scales.data(), zeros.data(), got.data(), ldw);
+          const size_t ldt = n + 5;
+          std::vector<bf16_t> got_t(k * ldt, bf16_t{0x4321});
+          UnpackInt4ToBf16Transposed(spec, n, k, panels.data(), scales.data(), zeros.data(), got_t.data(), ldt);
+          for (size_t c = 0; c < k; ++c) {
+            for (size_t r = 0; r < n; ++r) {
+              ASSERT_EQ(got_t[c * ldt + r].bits, F32ToBf16(deq[r * k + c]).bits)
+                  << QuantFormatName(spec.format) << " G=" << spec.group_size << " transposed, n=" << n
+                  << " k=" << k << " at [" << c << "][" << r << "]";
+            }
+            for (size_t r = n; r < ldt; ++r) ASSERT_EQ(got_t[c * ldt + r].bits, 0x4321) << "wrote past N";
+          }
         }
         for (size_t r = 0; r < n; ++r) {
           for (size_t c = 0; c < k; ++c) {

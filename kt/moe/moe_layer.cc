@@ -402,12 +402,30 @@ absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const 
 absl::Status MoeLayer::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
   if (absl::Status s = CheckSlot("UnpackExpertTransposed", slot); !s.ok()) return s;
   if (!loaded_) return absl::FailedPreconditionError("UnpackExpertTransposed before the weights are loaded");
-  if (format_ != ExpertFormat::kInt8) {
-    return absl::UnimplementedError(absl::StrCat("UnpackExpertTransposed: only for int8 experts, not ",
-                                                 ExpertFormatName(format_), " (use UnpackExpert)"));
-  }
   const Projection& p = Proj(proj);
   const size_t e = static_cast<size_t>(slot);
+  if (format_ == ExpertFormat::kBf16) {
+    const bf16_t* panels = reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes);
+    const size_t stride = PanelStride(p.k);
+    for (size_t row = 0; row < p.n; ++row) {
+      for (size_t kk = 0; kk < p.k; ++kk) {
+        wt[kk * p.n + row] = panels[(row / kPanelRows) * stride + ((kk / 2) * kPanelRows + row % kPanelRows) * 2 + (kk & 1)];
+      }
+    }
+    return absl::OkStatus();
+  }
+  if (IsInt4ExpertFormat(format_)) {
+    absl::StatusOr<QuantSpec> spec = quant_spec();
+    if (!spec.ok()) return spec.status();
+    const size_t e0 = e * p.scale_entries;
+    UnpackInt4ToBf16Transposed(*spec, p.n, p.k, p.data.get() + e * p.expert_bytes, p.scales.get() + e0,
+                               p.zeros.size ? p.zeros.get() + e0 : nullptr, wt, p.n);
+    return absl::OkStatus();
+  }
+  if (format_ != ExpertFormat::kInt8) {
+    return absl::UnimplementedError(
+        absl::StrCat("UnpackExpertTransposed: not implemented for ", ExpertFormatName(format_), " experts"));
+  }
   UnpackInt8ToBf16Transposed(p.n, p.k, reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
                              p.scales.get() + e * p.padded_rows, wt, p.n);
   return absl::OkStatus();

@@ -225,8 +225,8 @@ class MoeLayer {
   // Expert `slot`'s projection back in canonical form w[N, K] bf16: exact for kBf16; for a quantized
   // format the dequantized weights rounded to bf16. FailedPrecondition before the layer has loaded.
   absl::Status UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const;
-  // The same transposed, wt[K, N] (row stride N), read straight from the packed weights: kInt8 only (the
-  // others: Unimplemented; UnpackExpert and a transpose serve them).
+  // The same transposed, wt[K, N] (row stride N), read straight from the packed weights (the same bits as
+  // UnpackExpert at [c][r]; kt/sft builds its quantized backward weights from it).
   absl::Status UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const;
 
   const MoeConfig& config() const { return config_; }

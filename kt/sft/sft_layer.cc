@@ -1,7 +1,5 @@
 #include "kt/sft/sft_layer.h"
 
-#include <emmintrin.h>  // SSE2 (x86-64 baseline): EnsureBackwardWeights' 8 x 8 transposes
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -241,90 +239,31 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
   SftBackwardWeights& w = *bwd_;
   if (w.owner_ == this && w.owner_version_ == weights_version_) return absl::OkStatus();
   w.owner_ = nullptr;  // a failure below leaves no owner, so the next call rebuilds
-  // dst[c][r] = src[r][c] for an 8 x 8 block of 16-bit values (row strides in elements): three rounds of
-  // interleaves (16-, 32-, then 64-bit) of the eight source rows give the eight columns.
-  auto transpose8x8 = [](const bf16_t* src, size_t lds, bf16_t* dst, size_t ldd) {
-    __m128i a[8], b[8], c[8];
-    for (int i = 0; i < 8; ++i) a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * lds));
-    for (int i = 0; i < 8; i += 2) {
-      b[i] = _mm_unpacklo_epi16(a[i], a[i + 1]);      // columns 0-3 of rows i, i+1, interleaved
-      b[i + 1] = _mm_unpackhi_epi16(a[i], a[i + 1]);  // columns 4-7
-    }
-    for (int i = 0; i < 8; i += 4) {
-      c[i] = _mm_unpacklo_epi32(b[i], b[i + 2]);          // columns 0, 1 of rows i..i+3
-      c[i + 1] = _mm_unpackhi_epi32(b[i], b[i + 2]);      // columns 2, 3
-      c[i + 2] = _mm_unpacklo_epi32(b[i + 1], b[i + 3]);  // columns 4, 5
-      c[i + 3] = _mm_unpackhi_epi32(b[i + 1], b[i + 3]);  // columns 6, 7
-    }
-    for (int j = 0; j < 4; ++j) {  // column 2j and 2j+1: rows 0-3 from c[j], rows 4-7 from c[j + 4]
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j) * ldd), _mm_unpacklo_epi64(c[j], c[j + 4]));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j + 1) * ldd), _mm_unpackhi_epi64(c[j], c[j + 4]));
-    }
-  };
   const size_t e_count = config_.moe.num_experts;
   std::vector<absl::Status> failures(e_count * 3);
-  // One pair of buffers per thread, reused by its tasks and kept with the backward weights between
-  // rebuilds: a fresh pair per task (6 MiB for a Qwen3-30B projection) was page-faulted and zeroed 384
-  // times per layer, and a fresh set per rebuild once per thread and rebuild.
+  // One buffer per thread for the quantized formats' transposed bf16, reused by its tasks and kept with the
+  // backward weights between rebuilds (a fresh one per task or per rebuild was page-faulted and zeroed
+  // each time: 3 MiB per Qwen3-30B projection).
   const size_t max_elems = static_cast<size_t>(config_.moe.hidden) * config_.moe.intermediate;
   const size_t threads = static_cast<size_t>(pool.num_threads());
-  if (w.unpacked_.size() < threads) w.unpacked_.resize(threads);
   if (w.transposed_.size() < threads) w.transposed_.resize(threads);
-  std::vector<std::vector<bf16_t>>& wn_of = w.unpacked_;
-  std::vector<std::vector<bf16_t>>& wt_of = w.transposed_;
   pool.ParallelFor(e_count * 3, [&](size_t task, int thread) {
     const int slot = static_cast<int>(task / 3);
     const auto proj = static_cast<ExpertProj>(task % 3);
     if (base_->format() == ExpertFormat::kBf16) {
       // bf16 transposes packed to packed: each 512-byte block of the forward panels is one 512-byte block
       // of the backward ones, read and written once (AMX host, Qwen3-30B layer, 16 threads: the unpack,
-      // transpose, pack route below took 0.114 s per rebuild, half a fwd + bwd step).
+      // transpose, pack route it replaced took 0.114 s per rebuild, half a fwd + bwd step).
       failures[task] = w.t_->LoadExpertTransposed(slot, proj, *base_);
       return;
     }
-    const size_t n = base_->ProjRows(proj), k = base_->ProjCols(proj);
-    std::vector<bf16_t>& wn = wn_of[thread];
-    std::vector<bf16_t>& wt = wt_of[thread];
+    // Quantized formats dequantize straight into the transposed order (one pass over the packed weights;
+    // a panel block is a few runs of 16 consecutive values of W^T), then quantize again per row of W^T.
+    // (A row-major unpack followed by a tiled transpose took over half of an int8 rebuild.)
+    std::vector<bf16_t>& wt = w.transposed_[thread];
     wt.resize(max_elems);
-    if (base_->format() == ExpertFormat::kInt8) {
-      // int8 dequantizes straight into the transposed order (one pass over the packed weights, no
-      // row-major copy to transpose), then quantizes again per row of W^T as below.
-      failures[task] = base_->UnpackExpertTransposed(slot, proj, wt.data());
-      if (failures[task].ok()) failures[task] = w.t_->LoadExpert(slot, proj, wt.data());
-      return;
-    }
-    wn.resize(max_elems);
-    failures[task] = base_->UnpackExpert(slot, proj, wn.data());
+    failures[task] = base_->UnpackExpertTransposed(slot, proj, wt.data());
     if (!failures[task].ok()) return;
-    // 32 x 32 tiles through a 2 KiB buffer: each tile's 32 source rows are copied in whole (one 64-byte
-    // line each), then its 32 destination rows written whole from the buffer's columns, so every line of
-    // wn and wt is touched once. Writing straight from a source row into 32 destination rows kept 32 lines
-    // of wt live at once, n * 2 bytes apart: 4 KiB for down (n = H = 2048), all in one L1 set (8-12 ways),
-    // so they evicted each other.
-    // Full tiles go through 8 x 8 register transposes (SSE2, in every x86-64 CPU): 24 unpacks per 64
-    // elements instead of 64 scalar loads and stores.
-    constexpr size_t kTile = 32;
-    alignas(64) bf16_t tile[kTile][kTile];
-    for (size_t r0 = 0; r0 < n; r0 += kTile) {
-      const size_t rows = std::min(kTile, n - r0);
-      for (size_t c0 = 0; c0 < k; c0 += kTile) {
-        const size_t cols = std::min(kTile, k - c0);
-        if (rows == kTile && cols == kTile) {
-          // A constant 64-byte copy compiles to vector moves; the variable-length one below became
-          // `rep movsq`, whose start-up cost made it 3/4 of this loop's time.
-          for (size_t r = 0; r < kTile; ++r) std::memcpy(tile[r], &wn[(r0 + r) * k + c0], sizeof(tile[r]));
-          for (size_t cb = 0; cb < kTile; cb += 8) {
-            for (size_t rb = 0; rb < kTile; rb += 8) transpose8x8(&tile[rb][cb], kTile, &wt[(c0 + cb) * n + r0 + rb], n);
-          }
-          continue;
-        }
-        for (size_t r = 0; r < rows; ++r) std::memcpy(tile[r], &wn[(r0 + r) * k + c0], cols * sizeof(bf16_t));
-        for (size_t c = 0; c < cols; ++c) {
-          bf16_t* dst = &wt[(c0 + c) * n + r0];
-          for (size_t r = 0; r < rows; ++r) dst[r] = tile[r][c];
-        }
-      }
-    }
     // The transposed layer's projection of the same name is this one transposed.
     failures[task] = w.t_->LoadExpert(slot, proj, wt.data());
   });

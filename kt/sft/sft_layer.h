@@ -77,10 +77,10 @@ class SftBackwardWeights {
   MoeConfig shape_;
   ExpertFormat format_ = ExpertFormat::kBf16;
   Isa isa_ = Isa::kScalar;
-  // Quantized formats: one row-major unpack / transpose buffer pair (H x I bf16 each) per pool thread,
-  // kept between rebuilds (not in bytes()): allocating them per rebuild page-faulted and zeroed 6 MiB per
-  // thread (Qwen3-30B) every time a layer took the shared copy over.
-  std::vector<std::vector<bf16_t>> unpacked_, transposed_;
+  // Quantized formats: one transposed-unpack buffer (H x I bf16) per pool thread, kept between rebuilds
+  // (not in bytes()): allocating it per rebuild page-faulted and zeroed it every time a layer took the
+  // shared copy over.
+  std::vector<std::vector<bf16_t>> transposed_;
 };
 
 // What one Forward(save_for_backward = true) keeps for its Backward. Internal to SftMoeLayer (declared
