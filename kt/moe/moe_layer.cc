@@ -367,67 +367,65 @@ void MoeLayer::ProjectBlock(ExpertProj proj, int slot, size_t c0, size_t cols, c
 }
 
 absl::Status MoeLayer::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) const {
-  if (absl::Status s = CheckSlot("UnpackExpert", slot); !s.ok()) return s;
-  if (!loaded_) return absl::FailedPreconditionError("UnpackExpert before the weights are loaded");
+  return Unpack("UnpackExpert", slot, proj, /*transposed=*/false, w);
+}
+
+absl::Status MoeLayer::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
+  return Unpack("UnpackExpertTransposed", slot, proj, /*transposed=*/true, wt);
+}
+
+absl::Status MoeLayer::Unpack(const char* fn, int slot, ExpertProj proj, bool transposed, bf16_t* out) const {
+  if (absl::Status s = CheckSlot(fn, slot); !s.ok()) return s;
+  if (!loaded_) return absl::FailedPreconditionError(absl::StrCat(fn, " before the weights are loaded"));
   const Projection& p = Proj(proj);
   const size_t e = static_cast<size_t>(slot);
+  const uint8_t* data = p.data.get() + e * p.expert_bytes;
   if (format_ == ExpertFormat::kBf16) {
-    UnpackBf16(reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes), p.n, p.k, w, p.k);
+    if (!transposed) {
+      UnpackBf16(reinterpret_cast<const bf16_t*>(data), p.n, p.k, out, p.k);
+      return absl::OkStatus();
+    }
+    const bf16_t* panels = reinterpret_cast<const bf16_t*>(data);
+    const size_t stride = PanelStride(p.k);
+    for (size_t row = 0; row < p.n; ++row) {
+      for (size_t kk = 0; kk < p.k; ++kk) {
+        out[kk * p.n + row] =
+            panels[(row / kPanelRows) * stride + ((kk / 2) * kPanelRows + row % kPanelRows) * 2 + (kk & 1)];
+      }
+    }
     return absl::OkStatus();
   }
   if (IsInt4ExpertFormat(format_)) {
     // Dequantize's one fp32 multiply per element and one rounding to bf16, straight from the packed
     // panels through a 16-entry table per group (quant_fast.h), with no canonical copy, fp32 buffer or
-    // per-nibble loop (UnpackInt4 + Dequantize); kt/sft unpacks every expert to build its backward copy.
+    // per-nibble loop (UnpackInt4 + Dequantize); kt/sft unpacks every expert (transposed) to build its
+    // backward copy.
     absl::StatusOr<QuantSpec> spec = quant_spec();
     if (!spec.ok()) return spec.status();
     const size_t e0 = e * p.scale_entries;
-    UnpackInt4ToBf16(*spec, p.n, p.k, p.data.get() + e * p.expert_bytes, p.scales.get() + e0,
-                     p.zeros.size ? p.zeros.get() + e0 : nullptr, w, p.k);
+    const uint8_t* zeros = p.zeros.size ? p.zeros.get() + e0 : nullptr;
+    if (transposed) {
+      UnpackInt4ToBf16Transposed(*spec, p.n, p.k, data, p.scales.get() + e0, zeros, out, p.n);
+    } else {
+      UnpackInt4ToBf16(*spec, p.n, p.k, data, p.scales.get() + e0, zeros, out, p.k);
+    }
     return absl::OkStatus();
   }
   if (format_ != ExpertFormat::kInt8) {
     // A format added later must say how its packed weights read back (kt/sft builds its transposed
     // backward copy from this); never reinterpret its bytes as int8.
     return absl::UnimplementedError(
-        absl::StrCat("UnpackExpert: not implemented for ", ExpertFormatName(format_), " experts"));
+        absl::StrCat(fn, ": not implemented for ", ExpertFormatName(format_), " experts"));
   }
   // The same one fp32 multiply as Dequantize (quant.h), then one rounding to bf16, through a 256-entry
   // table per row.
-  UnpackInt8ToBf16(p.n, p.k, reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
-                   p.scales.get() + e * p.padded_rows, w, p.k);
-  return absl::OkStatus();
-}
-
-absl::Status MoeLayer::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
-  if (absl::Status s = CheckSlot("UnpackExpertTransposed", slot); !s.ok()) return s;
-  if (!loaded_) return absl::FailedPreconditionError("UnpackExpertTransposed before the weights are loaded");
-  const Projection& p = Proj(proj);
-  const size_t e = static_cast<size_t>(slot);
-  if (format_ == ExpertFormat::kBf16) {
-    const bf16_t* panels = reinterpret_cast<const bf16_t*>(p.data.get() + e * p.expert_bytes);
-    const size_t stride = PanelStride(p.k);
-    for (size_t row = 0; row < p.n; ++row) {
-      for (size_t kk = 0; kk < p.k; ++kk) {
-        wt[kk * p.n + row] = panels[(row / kPanelRows) * stride + ((kk / 2) * kPanelRows + row % kPanelRows) * 2 + (kk & 1)];
-      }
-    }
-    return absl::OkStatus();
+  const int8_t* q = reinterpret_cast<const int8_t*>(data);
+  const float* scales = p.scales.get() + e * p.padded_rows;
+  if (transposed) {
+    UnpackInt8ToBf16Transposed(p.n, p.k, q, scales, out, p.n);
+  } else {
+    UnpackInt8ToBf16(p.n, p.k, q, scales, out, p.k);
   }
-  if (IsInt4ExpertFormat(format_)) {
-    absl::StatusOr<QuantSpec> spec = quant_spec();
-    if (!spec.ok()) return spec.status();
-    const size_t e0 = e * p.scale_entries;
-    UnpackInt4ToBf16Transposed(*spec, p.n, p.k, p.data.get() + e * p.expert_bytes, p.scales.get() + e0,
-                               p.zeros.size ? p.zeros.get() + e0 : nullptr, wt, p.n);
-    return absl::OkStatus();
-  }
-  if (format_ != ExpertFormat::kInt8) {
-    return absl::UnimplementedError(
-        absl::StrCat("UnpackExpertTransposed: not implemented for ", ExpertFormatName(format_), " experts"));
-  }
-  UnpackInt8ToBf16Transposed(p.n, p.k, reinterpret_cast<const int8_t*>(p.data.get() + e * p.expert_bytes),
-                             p.scales.get() + e * p.padded_rows, wt, p.n);
   return absl::OkStatus();
 }
 

@@ -280,6 +280,8 @@ class MoeLayer {
   // Allocates the packed arrays (at Create: the OS commits pages as they are packed).
   void AllocateWeights();
   absl::Status CheckSlot(const char* fn, int slot) const;
+  // UnpackExpert (out[N, K]) and UnpackExpertTransposed (out[K, N]); `fn` names the caller in errors.
+  absl::Status Unpack(const char* fn, int slot, ExpertProj proj, bool transposed, bf16_t* out) const;
 
   // y[m, cols] = x[m, K] * W^T for the rows of `act` starting at row r0 and the columns [c0, c0 + cols) of
   // expert e's projection p, in the layer's format (act: xs_/hs_ for kBf16, their int8 copies for the
