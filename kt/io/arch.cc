@@ -172,6 +172,7 @@ constexpr ArchSpec kArchs[] = {
     {"Qwen3NextForCausalLM", MoeFamily::kQwen3Next, false},
     {"Qwen3VLMoeForConditionalGeneration", MoeFamily::kQwen3VlMoe, true},
     {"Qwen3_5MoeForConditionalGeneration", MoeFamily::kQwen35Moe, true},
+    {"Qwen3_5MoeForCausalLM", MoeFamily::kQwen35Moe, false},
     {"DeepseekV2ForCausalLM", MoeFamily::kDeepseekV2, false},
     {"DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, false},
     {"DeepseekV32ForCausalLM", MoeFamily::kDeepseekV3, false},

@@ -8,8 +8,11 @@
 //       model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight
 //   Qwen3VLMoeForConditionalGeneration (keys under text_config)
 //       model.language_model.layers.L.mlp.experts.gate_up_proj [E, H, 2I] + down_proj [E, I, H]
-//   Qwen3_5MoeForConditionalGeneration (keys under text_config)
-//       model.language_model.layers.L.mlp.experts.gate_up_proj [E, 2I, H] + down_proj [E, H, I]
+//   Qwen3_5MoeForConditionalGeneration (keys under text_config), Qwen3_5MoeForCausalLM (text only: keys at
+//   the top level, layers under model.layers)
+//       <layers>.L.mlp.experts.gate_up_proj [E, 2I, H] + down_proj [E, H, I] as Qwen ships them, or per
+//       expert <layers>.L.mlp.experts.e.{gate,up,down}_proj.weight as transformers re-saves them: the
+//       loader takes whichever the checkpoint holds (ResolveExpertLayout)
 //   DeepseekV2ForCausalLM, DeepseekV3ForCausalLM (also Kimi-K2, which ships as DeepseekV3ForCausalLM with
 //   model_type "kimi_k2"), DeepseekV32ForCausalLM, Glm4MoeForCausalLM
 //       model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight
@@ -46,7 +49,8 @@ enum class MoeFamily {
   kQwen3Moe,    // Qwen3MoeForCausalLM: no shared expert.
   kQwen3Next,   // Qwen3NextForCausalLM: one shared expert.
   kQwen3VlMoe,  // Qwen3VLMoeForConditionalGeneration: fused [E, H, 2I], no shared expert.
-  kQwen35Moe,   // Qwen3_5MoeForConditionalGeneration: fused [E, 2I, H], one shared expert.
+  kQwen35Moe,   // Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeForCausalLM: fused [E, 2I, H] (or per
+                //   expert), one shared expert.
   kDeepseekV2,  // DeepseekV2ForCausalLM.
   kDeepseekV3,  // DeepseekV3ForCausalLM (DeepSeek-V3/R1, Kimi-K2), DeepseekV32ForCausalLM.
   kGlm4Moe,     // Glm4MoeForCausalLM (GLM-4.5/4.6), Glm4vMoeForConditionalGeneration.

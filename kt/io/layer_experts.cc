@@ -181,10 +181,35 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::Open(const std::stri
   return le;
 }
 
+MoeArch ResolveExpertLayout(const MoeArch& arch, const Checkpoint& ckpt, int layer) {
+  if (!arch.fused_experts()) return arch;
+  absl::StatusOr<FusedExpertNames> fused = FusedExpertTensorNames(arch, layer);
+  if (!fused.ok()) return arch;  // Reported when the layer is opened.
+  const Checkpoint::Located down = ckpt.Find(fused->down);
+  if (ckpt.Find(fused->gate_up).info == nullptr) {
+    if (arch.family != MoeFamily::kQwen35Moe) return arch;
+    MoeArch per_expert = arch;
+    per_expert.layout = ExpertLayout::kPerExpert;
+    absl::StatusOr<ExpertNames> first = ExpertTensorNames(per_expert, layer, 0);
+    if (!first.ok() || ckpt.Find(first->gate).info == nullptr) return arch;  // The fused name is the error.
+    return per_expert;
+  }
+  // down_proj is [E, H, I] in the out-in order and [E, I, H] in the in-out one; when H == I the shapes
+  // cannot tell, and the config's layout stands.
+  if (down.info == nullptr || arch.hidden == arch.intermediate) return arch;
+  const std::vector<int64_t> out_in = {arch.num_experts, arch.hidden, arch.intermediate};
+  const std::vector<int64_t> in_out = {arch.num_experts, arch.intermediate, arch.hidden};
+  MoeArch resolved = arch;
+  if (down.info->shape == out_in) resolved.layout = ExpertLayout::kFusedGateUpOutIn;
+  if (down.info->shape == in_out) resolved.layout = ExpertLayout::kFusedGateUpInOut;
+  return resolved;
+}
+
 absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_ptr<const Checkpoint> ckpt,
-                                                                   const MoeArch& arch,
+                                                                   const MoeArch& config_arch,
                                                                    const std::string& config_path,
                                                                    const LayerRequest& want) {
+  const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
   if (arch.quantization.has_value() && arch.quantization->quant_method == "fp8") {
     return absl::UnimplementedError(absl::StrCat(
         config_path, ": quantization_config.quant_method is \"fp8\": FP8 checkpoints are not supported yet "

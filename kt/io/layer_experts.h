@@ -42,6 +42,14 @@ struct LayerRequest {
   MethodLayout method;  // A converted folder must hold method.tag; an HF folder is bf16 whatever the method.
 };
 
+// `arch` with the expert layout `ckpt` holds for MoE layer `layer`. arch.layout comes from the config alone,
+// but the fused families' checkpoints exist in more than one layout: Qwen3.5-MoE ships gate_up_proj
+// [E, 2I, H], which transformers re-saves per expert; Qwen3-VL-MoE ships [E, H, 2I] / down [E, I, H], which
+// transformers re-saves as [E, 2I, H] / [E, H, I]. So the checkpoint decides: per expert when the fused
+// tensor is absent and expert 0's gate_proj is there (Qwen3.5-MoE), else the order down_proj's shape shows
+// (when H != I). Unchanged otherwise; a missing or misshapen tensor is then reported by name at Open.
+MoeArch ResolveExpertLayout(const MoeArch& arch, const Checkpoint& ckpt, int layer);
+
 class LayerExperts {
  public:
   // Opens `dir` (converted if it has kt_manifest.json, else HF through config.json).
