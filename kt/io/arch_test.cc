@@ -1,6 +1,6 @@
-// ParseMoeConfig over the three real fixtures in $KT_FIXTURES/hf (fails, never skips, when it is not set),
-// whose expert names are then looked up in the fixture's model.safetensors, and over hand-written minimal
-// configs for the families without a fixture, the VL prefix, the fused layouts, and each error.
+// ParseMoeConfig over every test checkpoint of testdata/hf (made by transformers, tools/make_fixtures.py),
+// whose expert names are then looked up in the checkpoint, and over hand-written configs for real models'
+// sizes, the routing keys and each error.
 #include "kt/io/arch.h"
 
 #include <cstdlib>
@@ -8,44 +8,48 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kt/io/checkpoint.h"
 #include "kt/io/safetensors.h"
+#include "kt/io/test_files.h"
 
 namespace kt {
 namespace {
 
 using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
+using testing_files::TestdataHf;
 
-// $KT_FIXTURES/<rel>, or "" after recording a failure that says how to run the test.
-std::string Fixture(absl::string_view rel) {
-  const char* root = std::getenv("KT_FIXTURES");
-  if (root == nullptr || *root == '\0') {
-    ADD_FAILURE()
-        << "KT_FIXTURES is not set: run with --test_env=KT_FIXTURES=<absolute path of shared/fixtures> "
-           "(e.g. /work/shared/fixtures)";
-    return "";
-  }
-  return absl::StrCat(root, "/", rel);
-}
-
-// Every MoE layer's every expert: the three names exist in the checkpoint with gate/up [I, H], down [H, I].
+// Every MoE layer's every expert: the names exist in the checkpoint with gate/up [I, H], down [H, I] (per
+// expert), or gate_up/down in the layout's order (fused); FP8 weights with one F32 scale per block.
 void CheckNamesInCheckpoint(const MoeArch& arch, const Checkpoint& ckpt, Dtype dtype, bool fp8_scales) {
+  const int64_t E = arch.num_experts, H = arch.hidden, I = arch.intermediate;
   for (int layer : arch.moe_layers) {
     absl::StatusOr<std::string> router = RouterTensorName(arch, layer);
     ASSERT_TRUE(router.ok()) << router.status();
-    EXPECT_TRUE(ckpt.Expect(*router, Dtype::kBf16, {arch.num_experts, arch.hidden}).ok()) << *router;
+    EXPECT_TRUE(ckpt.Expect(*router, Dtype::kBf16, {E, H}).ok()) << *router;
+    if (arch.fused_experts()) {
+      absl::StatusOr<FusedExpertNames> n = FusedExpertTensorNames(arch, layer);
+      ASSERT_TRUE(n.ok()) << n.status();
+      const bool out_in = arch.layout == ExpertLayout::kFusedGateUpOutIn;
+      absl::StatusOr<Checkpoint::Located> gu =
+          ckpt.Expect(n->gate_up, dtype, out_in ? std::vector<int64_t>{E, 2 * I, H} : std::vector<int64_t>{E, H, 2 * I});
+      EXPECT_TRUE(gu.ok()) << gu.status();
+      absl::StatusOr<Checkpoint::Located> dn =
+          ckpt.Expect(n->down, dtype, out_in ? std::vector<int64_t>{E, H, I} : std::vector<int64_t>{E, I, H});
+      EXPECT_TRUE(dn.ok()) << dn.status();
+      continue;
+    }
     for (int e = 0; e < arch.num_experts; ++e) {
       absl::StatusOr<ExpertNames> n = ExpertTensorNames(arch, layer, e);
       ASSERT_TRUE(n.ok()) << n.status();
       for (const auto& [name, shape] : std::vector<std::pair<std::string, std::vector<int64_t>>>{
-               {n->gate, {arch.intermediate, arch.hidden}},
-               {n->up, {arch.intermediate, arch.hidden}},
-               {n->down, {arch.hidden, arch.intermediate}}}) {
+               {n->gate, {I, H}}, {n->up, {I, H}}, {n->down, {H, I}}}) {
         absl::StatusOr<Checkpoint::Located> loc = ckpt.Expect(name, dtype, shape);
         EXPECT_TRUE(loc.ok()) << loc.status();
         if (fp8_scales) {
@@ -74,78 +78,106 @@ void CheckNamesInCheckpoint(const MoeArch& arch, const Checkpoint& ckpt, Dtype d
   }
 }
 
-void CheckFixtureShapes(const MoeArch& a) {
-  EXPECT_EQ(a.num_layers, 2);
-  EXPECT_EQ(a.num_experts, 16);
-  EXPECT_EQ(a.top_k, 4);
-  EXPECT_EQ(a.hidden, 256);
-  EXPECT_EQ(a.intermediate, 128);
-  EXPECT_EQ(a.layer_prefix, "model.layers");
-  EXPECT_FALSE(a.fused_experts());
+// What each testdata checkpoint's config must map to. The values are those tools/make_fixtures.py gave
+// transformers' config classes (and that config.json records).
+struct Expected {
+  const char* folder;
+  const char* architecture;
+  MoeFamily family;
+  int layers, experts, top_k, hidden, intermediate;
+  std::vector<int> moe_layers;
+  const char* prefix;
+  const char* block;
+  ExpertLayout layout;  // As the config alone says (the checkpoint may hold another: layer_experts.h).
+  int shared_experts, shared_intermediate;
+  float routed_scaling_factor;
+  int n_group, topk_group;
+};
+
+const std::vector<Expected>& AllExpected() {
+  constexpr ExpertLayout kPer = ExpertLayout::kPerExpert, kOutIn = ExpertLayout::kFusedGateUpOutIn,
+                         kInOut = ExpertLayout::kFusedGateUpInOut;
+  static const auto* all = new std::vector<Expected>{
+      {"deepseek_v2", "DeepseekV2ForCausalLM", MoeFamily::kDeepseekV2, 2, 8, 2, 64, 32, {1}, "model.layers",
+       "mlp", kPer, 1, 32, 2.0f, 4, 2},
+      {"deepseek_v3", "DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, 2, 8, 2, 64, 32, {1}, "model.layers",
+       "mlp", kPer, 1, 32, 2.5f, 4, 2},
+      {"deepseek_v3_fp8", "DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, 2, 4, 2, 256, 128, {1},
+       "model.layers", "mlp", kPer, 1, 128, 2.5f, 2, 1},
+      {"glm4_moe", "Glm4MoeForCausalLM", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1}, "model.layers", "mlp", kPer,
+       1, 32, 2.5f, 1, 1},
+      {"glm4v_moe", "Glm4vMoeForConditionalGeneration", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1},
+       "model.language_model.layers", "mlp", kPer, 1, 32, 2.5f, 1, 1},
+      {"minimax", "MiniMaxForCausalLM", MoeFamily::kMiniMax, 1, 8, 2, 64, 32, {0}, "model.layers",
+       "block_sparse_moe", kPer, 0, 0, 1.0f, 1, 1},
+      {"minimax_m2", "MiniMaxM2ForCausalLM", MoeFamily::kMiniMax, 1, 8, 2, 64, 32, {0}, "model.layers",
+       "block_sparse_moe", kPer, 0, 0, 1.0f, 1, 1},
+      {"mixtral", "MixtralForCausalLM", MoeFamily::kMixtral, 1, 8, 2, 128, 128, {0}, "model.layers",
+       "block_sparse_moe", kPer, 0, 0, 1.0f, 1, 1},
+      {"qwen2_moe", "Qwen2MoeForCausalLM", MoeFamily::kQwen2Moe, 1, 8, 2, 64, 32, {0}, "model.layers", "mlp",
+       kPer, 1, 48, 1.0f, 1, 1},
+      {"qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", MoeFamily::kQwen35Moe, 1, 8, 2, 64, 48, {0},
+       "model.language_model.layers", "mlp", kOutIn, 1, 32, 1.0f, 1, 1},
+      {"qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", MoeFamily::kQwen35Moe, 1, 8, 2, 64, 48, {0},
+       "model.layers", "mlp", kOutIn, 1, 32, 1.0f, 1, 1},
+      {"qwen3_moe", "Qwen3MoeForCausalLM", MoeFamily::kQwen3Moe, 1, 8, 2, 128, 128, {0}, "model.layers", "mlp",
+       kPer, 0, 0, 1.0f, 1, 1},
+      {"qwen3_next", "Qwen3NextForCausalLM", MoeFamily::kQwen3Next, 1, 8, 2, 64, 32, {0}, "model.layers", "mlp",
+       kPer, 1, 32, 1.0f, 1, 1},
+      {"qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", MoeFamily::kQwen3VlMoe, 1, 8, 2, 64, 48, {0},
+       "model.language_model.layers", "mlp", kInOut, 0, 0, 1.0f, 1, 1},
+      {"qwen3_vl_moe_resaved", "Qwen3VLMoeForConditionalGeneration", MoeFamily::kQwen3VlMoe, 1, 8, 2, 64, 48,
+       {0}, "model.language_model.layers", "mlp", kInOut, 0, 0, 1.0f, 1, 1},
+  };
+  return *all;
 }
 
-TEST(ArchFixtureTest, Qwen3Moe) {
-  const std::string dir = Fixture("hf/qwen3_moe");
-  ASSERT_FALSE(dir.empty());
+class ArchTestdataTest : public ::testing::TestWithParam<Expected> {};
+
+TEST_P(ArchTestdataTest, ConfigMapsAndNamesExist) {
+  const Expected& want = GetParam();
+  const std::string dir = TestdataHf(want.folder);
   absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
   ASSERT_TRUE(a.ok()) << a.status();
-  EXPECT_EQ(a->architecture, "Qwen3MoeForCausalLM");
-  EXPECT_EQ(a->family, MoeFamily::kQwen3Moe);
-  CheckFixtureShapes(*a);
-  EXPECT_THAT(a->moe_layers, ElementsAre(0, 1));
-  EXPECT_TRUE(a->norm_topk_prob);
-  EXPECT_EQ(a->scoring, MoeScoring::kSoftmax);
-  EXPECT_EQ(a->num_shared_experts, 0);
-  EXPECT_FALSE(a->quantization.has_value());
-  absl::StatusOr<ExpertNames> n = ExpertTensorNames(*a, 1, 15);
-  ASSERT_TRUE(n.ok()) << n.status();
-  EXPECT_EQ(n->gate, "model.layers.1.mlp.experts.15.gate_proj.weight");
-  EXPECT_EQ(n->up, "model.layers.1.mlp.experts.15.up_proj.weight");
-  EXPECT_EQ(n->down, "model.layers.1.mlp.experts.15.down_proj.weight");
+  EXPECT_EQ(a->architecture, want.architecture);
+  EXPECT_EQ(a->family, want.family);
+  EXPECT_EQ(a->num_layers, want.layers);
+  EXPECT_EQ(a->num_experts, want.experts);
+  EXPECT_EQ(a->top_k, want.top_k);
+  EXPECT_EQ(a->hidden, want.hidden);
+  EXPECT_EQ(a->intermediate, want.intermediate);
+  EXPECT_THAT(a->moe_layers, ElementsAreArray(want.moe_layers));
+  EXPECT_EQ(a->layer_prefix, want.prefix);
+  EXPECT_EQ(a->block, want.block);
+  EXPECT_EQ(a->layout, want.layout);
+  EXPECT_EQ(a->num_shared_experts, want.shared_experts);
+  EXPECT_EQ(a->shared_intermediate, want.shared_intermediate);
+  EXPECT_EQ(a->routed_scaling_factor, want.routed_scaling_factor);
+  EXPECT_EQ(a->n_group, want.n_group);
+  EXPECT_EQ(a->topk_group, want.topk_group);
+  const bool fp8 = absl::EndsWith(want.folder, "_fp8");
+  EXPECT_EQ(a->quantization.has_value(), fp8);
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
-  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kBf16, false);
+  // The layouts transformers re-saves (per expert for Qwen3.5, out-in for Qwen3-VL) are looked up in the
+  // layout the checkpoint holds; LayerExperts picks it (fixtures_test checks that reading).
+  MoeArch in_file = *a;
+  if (absl::string_view(want.folder) == "qwen3_5_moe_text") in_file.layout = ExpertLayout::kPerExpert;
+  if (absl::string_view(want.folder) == "qwen3_vl_moe_resaved") in_file.layout = ExpertLayout::kFusedGateUpOutIn;
+  CheckNamesInCheckpoint(in_file, **ckpt, fp8 ? Dtype::kF8E4M3 : Dtype::kBf16, fp8);
 }
 
-TEST(ArchFixtureTest, Mixtral) {
-  const std::string dir = Fixture("hf/mixtral");
-  ASSERT_FALSE(dir.empty());
-  absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
-  ASSERT_TRUE(a.ok()) << a.status();
-  EXPECT_EQ(a->family, MoeFamily::kMixtral);
-  CheckFixtureShapes(*a);
-  EXPECT_THAT(a->moe_layers, ElementsAre(0, 1));
-  EXPECT_EQ(a->block, "block_sparse_moe");
-  EXPECT_TRUE(a->norm_topk_prob);
-  EXPECT_EQ(a->routed_scaling_factor, 1.0f);
-  absl::StatusOr<ExpertNames> n = ExpertTensorNames(*a, 0, 3);
-  ASSERT_TRUE(n.ok()) << n.status();
-  EXPECT_EQ(n->gate, "model.layers.0.block_sparse_moe.experts.3.w1.weight");
-  EXPECT_EQ(n->up, "model.layers.0.block_sparse_moe.experts.3.w3.weight");
-  EXPECT_EQ(n->down, "model.layers.0.block_sparse_moe.experts.3.w2.weight");
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
-  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kBf16, false);
-}
+INSTANTIATE_TEST_SUITE_P(Testdata, ArchTestdataTest, ::testing::ValuesIn(AllExpected()),
+                         [](const ::testing::TestParamInfo<Expected>& info) {
+                           return std::string(info.param.folder);
+                         });
 
-TEST(ArchFixtureTest, DeepseekV3Fp8) {
-  const std::string dir = Fixture("hf/deepseek_v3_fp8");
-  ASSERT_FALSE(dir.empty());
-  absl::StatusOr<MoeArch> a = LoadMoeConfig(dir);
+TEST(ArchTestdataTest, Fp8Quantization) {
+  absl::StatusOr<MoeArch> a = LoadMoeConfig(TestdataHf("deepseek_v3_fp8"));
   ASSERT_TRUE(a.ok()) << a.status();
-  EXPECT_EQ(a->family, MoeFamily::kDeepseekV3);
   EXPECT_EQ(a->model_type, "deepseek_v3");
-  CheckFixtureShapes(*a);
-  EXPECT_THAT(a->moe_layers, ElementsAre(1));  // first_k_dense_replace = 1.
-  EXPECT_FALSE(a->IsMoeLayer(0));
-  EXPECT_TRUE(a->IsMoeLayer(1));
-  EXPECT_EQ(a->routed_scaling_factor, 2.5f);
   EXPECT_EQ(a->scoring, MoeScoring::kSigmoid);
   EXPECT_TRUE(a->norm_topk_prob);
-  EXPECT_EQ(a->n_group, 4);
-  EXPECT_EQ(a->topk_group, 2);
-  EXPECT_EQ(a->num_shared_experts, 1);
-  EXPECT_EQ(a->shared_intermediate, 128);
   ASSERT_TRUE(a->quantization.has_value());
   EXPECT_EQ(a->quantization->quant_method, "fp8");
   EXPECT_EQ(a->quantization->fmt, "e4m3");
@@ -155,9 +187,6 @@ TEST(ArchFixtureTest, DeepseekV3Fp8) {
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_EQ(n->gate, "model.layers.1.mlp.experts.0.gate_proj.weight");
   EXPECT_EQ(Fp8ScaleInvName(n->gate), "model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv");
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
-  CheckNamesInCheckpoint(*a, **ckpt, Dtype::kF8E4M3, true);
 }
 
 // ---- Hand-written configs ------------------------------------------------------------------------------

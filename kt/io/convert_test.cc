@@ -547,12 +547,10 @@ TEST(ConvertTest, UnsupportedMethodsAndOutputOverInput) {
 }
 
 TEST(ConvertTest, FixtureFp8IsRejectedNamingFp8) {
-  const char* fixtures = std::getenv("KT_FIXTURES");
-  ASSERT_NE(fixtures, nullptr) << "set KT_FIXTURES (tools/test.sh does)";
   const std::string out = TmpPath("out");
   RemoveTree(out);
   absl::StatusOr<ConvertStats> st =
-      ConvertCheckpoint(Options(absl::StrCat(fixtures, "/hf/deepseek_v3_fp8"), out, "BF16"));
+      ConvertCheckpoint(Options(testing_files::TestdataHf("deepseek_v3_fp8"), out, "BF16"));
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(st.status().message(), HasSubstr("FP8 checkpoints are not supported yet"));

@@ -1,10 +1,12 @@
-// Reads the real Hugging Face checkpoints in $KT_FIXTURES/hf (see shared/fixtures/README.md). Fails, never
-// skips, when KT_FIXTURES is not set: run with --test_env=KT_FIXTURES=<absolute path of shared/fixtures>.
+// Reads the Hugging Face checkpoints of testdata/hf (written by transformers, tools/make_fixtures.py) byte
+// for byte, and through LayerExperts in every expert layout the families use.
 //
 // The expected values below were obtained independently of kt: with /usr/bin/python3 and numpy, reading the
 // 8-byte header size with struct.unpack('<Q'), the header with json.loads, and the tensor bytes with
 // np.frombuffer(data[8 + n + begin : 8 + n + end], dtype='<u2' / 'u1' / '<f4'); bf16 values are the u16 bit
-// patterns, shown with the float they decode to (bits << 16 viewed as float32).
+// patterns, shown with the float they decode to (bits << 16 viewed as float32). The canonical matrices of
+// the fused layouts were taken as numpy slices: gate_up[e][:I] / [I:] for [E, 2I, H], and
+// gate_up[e][:, :I].T / [:, I:].T with down[e].T for [E, H, 2I] / [E, I, H].
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -14,26 +16,19 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/layer_experts.h"
+#include "kt/io/method.h"
 #include "kt/io/safetensors.h"
+#include "kt/io/test_files.h"
 #include "kt/kernels/dtype.h"
 
 namespace kt {
 namespace {
 
 using ::testing::HasSubstr;
-
-// $KT_FIXTURES/<rel>, or "" after recording a failure that says how to run the test.
-std::string Fixture(absl::string_view rel) {
-  const char* root = std::getenv("KT_FIXTURES");
-  if (root == nullptr || *root == '\0') {
-    ADD_FAILURE()
-        << "KT_FIXTURES is not set: run with --test_env=KT_FIXTURES=<absolute path of shared/fixtures> "
-           "(e.g. /work/shared/fixtures)";
-    return "";
-  }
-  return absl::StrCat(root, "/", rel);
-}
+using testing_files::TestdataHf;
 
 struct Bf16Sample {
   size_t index;
@@ -53,81 +48,73 @@ void CheckBf16Samples(const SafetensorsFile& file, const std::string& name, cons
   }
 }
 
-// The expert projections of layers 1..(layers-1) for `experts` experts: every one present, in `dtype`, with
-// gate/up [inter, hidden] and down [hidden, inter].
+// Every expert projection of MoE layer `layer`: present, in `dtype`, gate/up [inter, hidden], down
+// [hidden, inter].
 void CheckExperts(const Checkpoint& ckpt, const std::string& prefix, const char* gate, const char* up,
-                  const char* down, Dtype dtype, int first_layer) {
-  const int64_t hidden = 256, inter = 128;
-  for (int layer = first_layer; layer < 2; ++layer) {
-    for (int e = 0; e < 16; ++e) {
-      const std::string base = absl::StrCat("model.layers.", layer, prefix, e, ".");
-      for (const char* proj : {gate, up}) {
-        EXPECT_TRUE(ckpt.Expect(absl::StrCat(base, proj, ".weight"), dtype, {inter, hidden}).ok())
-            << base << proj;
-      }
-      EXPECT_TRUE(ckpt.Expect(absl::StrCat(base, down, ".weight"), dtype, {hidden, inter}).ok())
-          << base << down;
+                  const char* down, Dtype dtype, int layer, int experts, int64_t hidden, int64_t inter) {
+  for (int e = 0; e < experts; ++e) {
+    const std::string base = absl::StrCat("model.layers.", layer, prefix, e, ".");
+    for (const char* proj : {gate, up}) {
+      EXPECT_TRUE(ckpt.Expect(absl::StrCat(base, proj, ".weight"), dtype, {inter, hidden}).ok()) << base << proj;
     }
+    EXPECT_TRUE(ckpt.Expect(absl::StrCat(base, down, ".weight"), dtype, {hidden, inter}).ok()) << base << down;
   }
 }
 
 TEST(FixturesTest, Qwen3Moe) {
-  const std::string dir = Fixture("hf/qwen3_moe");
-  ASSERT_FALSE(dir.empty());
+  const std::string dir = TestdataHf("qwen3_moe");
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(dir + "/model.safetensors");
   ASSERT_TRUE(f.ok()) << f.status();
-  EXPECT_EQ((*f)->tensors().size(), 117u);
+  EXPECT_EQ((*f)->tensors().size(), 36u);
   EXPECT_EQ((*f)->metadata().at("format"), "pt");
   for (const TensorInfo& t : (*f)->tensors()) EXPECT_EQ(t.dtype, Dtype::kBf16) << t.name;
-  CheckBf16Samples(**f, "model.layers.1.mlp.experts.0.gate_proj.weight", {128, 256},
-                   {{0, 0xbbf3, -0.007415771484375f},
-                    {1, 0x3b9c, 0.0047607421875f},
-                    {12345, 0x3c13, 0.00897216796875f},
-                    {32767, 0xbc8d, -0.0172119140625f}});
+  CheckBf16Samples(**f, "model.layers.0.mlp.experts.0.gate_proj.weight", {128, 128},
+                   {{0, 0xbcad, -0.0211181640625f},
+                    {1, 0x3e0a, 0.134765625f},
+                    {12345, 0xbd71, -0.058837890625f},
+                    {16383, 0x3e5e, 0.216796875f}});
 
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   EXPECT_EQ((*ckpt)->shards().size(), 1u);
   EXPECT_EQ((*ckpt)->Names(), (*f)->Names());
-  CheckExperts(**ckpt, ".mlp.experts.", "gate_proj", "up_proj", "down_proj", Dtype::kBf16, 0);
+  CheckExperts(**ckpt, ".mlp.experts.", "gate_proj", "up_proj", "down_proj", Dtype::kBf16, 0, 8, 128, 128);
   // A missing expert names the folder and the tensor.
   absl::Status s =
-      (*ckpt)->Expect("model.layers.1.mlp.experts.16.up_proj.weight", Dtype::kBf16, {128, 256}).status();
+      (*ckpt)->Expect("model.layers.0.mlp.experts.8.up_proj.weight", Dtype::kBf16, {128, 128}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(s.message()), HasSubstr(dir));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("\"model.layers.1.mlp.experts.16.up_proj.weight\""));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("\"model.layers.0.mlp.experts.8.up_proj.weight\""));
   // A shape mismatch (e.g. a config with the wrong moe_intermediate_size) says expected against found.
-  s = (*ckpt)->Expect("model.layers.1.mlp.experts.3.down_proj.weight", Dtype::kBf16, {256, 768}).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("expected BF16 [256, 768], found BF16 [256, 128]"));
+  s = (*ckpt)->Expect("model.layers.0.mlp.experts.3.down_proj.weight", Dtype::kBf16, {128, 768}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expected BF16 [128, 768], found BF16 [128, 128]"));
 }
 
 TEST(FixturesTest, Mixtral) {
-  const std::string dir = Fixture("hf/mixtral");
-  ASSERT_FALSE(dir.empty());
+  const std::string dir = TestdataHf("mixtral");
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(dir + "/model.safetensors");
   ASSERT_TRUE(f.ok()) << f.status();
-  EXPECT_EQ((*f)->tensors().size(), 113u);
-  CheckBf16Samples(**f, "model.layers.1.block_sparse_moe.experts.0.w1.weight", {128, 256},
-                   {{0, 0xbcf0, -0.029296875f},
-                    {1, 0x3be0, 0.0068359375f},
-                    {12345, 0xbcc7, -0.0242919921875f},
-                    {32767, 0xbd1e, -0.03857421875f}});
+  EXPECT_EQ((*f)->tensors().size(), 34u);
+  CheckBf16Samples(**f, "model.layers.0.block_sparse_moe.experts.0.w1.weight", {128, 128},
+                   {{0, 0x3d00, 0.03125f},
+                    {1, 0xbdb4, -0.087890625f},
+                    {12345, 0x3e27, 0.1630859375f},
+                    {16383, 0x3cfd, 0.0308837890625f}});
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
-  CheckExperts(**ckpt, ".block_sparse_moe.experts.", "w1", "w3", "w2", Dtype::kBf16, 0);
+  CheckExperts(**ckpt, ".block_sparse_moe.experts.", "w1", "w3", "w2", Dtype::kBf16, 0, 8, 128, 128);
 }
 
 TEST(FixturesTest, DeepseekV3Fp8) {
-  const std::string dir = Fixture("hf/deepseek_v3_fp8");
-  ASSERT_FALSE(dir.empty());
+  const std::string dir = TestdataHf("deepseek_v3_fp8");
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   const SafetensorsFile& f = *(*ckpt)->shards()[0];
-  EXPECT_EQ(f.tensors().size(), 125u);
+  EXPECT_EQ(f.tensors().size(), 53u);
 
   // Layer 0 is dense (first_k_dense_replace = 1): no routed experts there.
   EXPECT_EQ((*ckpt)->Find("model.layers.0.mlp.experts.0.gate_proj.weight").file, nullptr);
-  CheckExperts(**ckpt, ".mlp.experts.", "gate_proj", "up_proj", "down_proj", Dtype::kF8E4M3, 1);
+  CheckExperts(**ckpt, ".mlp.experts.", "gate_proj", "up_proj", "down_proj", Dtype::kF8E4M3, 1, 4, 256, 128);
 
   // Every F8_E4M3 weight has an F32 weight_scale_inv with one entry per 128x128 block (ceil division), and
   // holds no NaN (0x7F / 0xFF in E4M3fn): a quantizer never produces one.
@@ -144,30 +131,30 @@ TEST(FixturesTest, DeepseekV3Fp8) {
     const uint8_t* bytes = f.data(t);
     for (uint64_t i = 0; i < t.num_bytes(); ++i) ASSERT_NE(bytes[i] & 0x7F, 0x7F) << "NaN at " << i;
   }
-  EXPECT_EQ(fp8, 48);  // 16 experts x 3 projections in layer 1.
+  EXPECT_EQ(fp8, 12);  // 4 experts x 3 projections in layer 1.
 
   const std::string gate = "model.layers.1.mlp.experts.0.gate_proj.weight";
   std::vector<uint8_t> w(128 * 256);
   absl::Status s = (*ckpt)->ReadF8E4M3(gate, {128, 256}, w.data());
   ASSERT_TRUE(s.ok()) << s;
-  EXPECT_EQ(w[0], 0xd2);
-  EXPECT_EQ(w[1], 0x74);
-  EXPECT_EQ(w[4321], 0x63);
-  EXPECT_EQ(w[32767], 0x69);
+  EXPECT_EQ(w[0], 0x73);
+  EXPECT_EQ(w[1], 0x67);
+  EXPECT_EQ(w[4321], 0xda);
+  EXPECT_EQ(w[32767], 0x66);
   std::vector<float> scale(2);
   s = (*ckpt)->ReadF32(gate + "_scale_inv", {1, 2}, scale.data());
   ASSERT_TRUE(s.ok()) << s;
-  uint32_t scale_bits;
-  std::memcpy(&scale_bits, &scale[0], 4);
-  EXPECT_EQ(scale_bits, 0x391b6db7u);  // 0.0001482282386859879
-  EXPECT_EQ(scale[1], scale[0]);
+  uint32_t scale_bits[2];
+  std::memcpy(scale_bits, scale.data(), 8);
+  EXPECT_EQ(scale_bits[0], 0x3a76db6eu);  // 0.00094169...: max|block| / 448
+  EXPECT_EQ(scale_bits[1], 0x3a700000u);  // 0.00091553
 
   const std::string down = "model.layers.1.mlp.experts.0.down_proj.weight";
   ASSERT_TRUE((*ckpt)->ReadF8E4M3(down, {256, 128}, w.data()).ok());
-  EXPECT_EQ(w[0], 0x6a);
-  EXPECT_EQ(w[1], 0xee);
-  EXPECT_EQ(w[4321], 0xea);
-  EXPECT_EQ(w[32767], 0x5a);
+  EXPECT_EQ(w[0], 0xe5);
+  EXPECT_EQ(w[1], 0xf1);
+  EXPECT_EQ(w[4321], 0xec);
+  EXPECT_EQ(w[32767], 0x61);
   ASSERT_TRUE((*ckpt)->ReadF32(down + "_scale_inv", {2, 1}, scale.data()).ok());
 
   // Reading an FP8 weight as bf16 (a BF16 path handed an FP8 checkpoint) is a clear error.
@@ -178,9 +165,63 @@ TEST(FixturesTest, DeepseekV3Fp8) {
       HasSubstr(absl::StrCat("tensor \"", gate, "\": expected BF16 [128, 256], found F8_E4M3 [128, 256]")));
 
   // The bf16 tensors of the same file are read too.
-  CheckBf16Samples(f, "model.layers.1.mlp.gate.weight", {16, 256},
-                   {{0, 0xbc25, -0.01007080078125f}, {1, 0x3c67, 0.01409912109375f}});
+  CheckBf16Samples(f, "model.layers.1.mlp.gate.weight", {4, 256},
+                   {{0, 0x3da1, 0.07861328125f}, {1, 0xbd3f, -0.046630859375f}});
 }
+
+// Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
+// [7][3] of down, and the last element of each.
+struct CanonicalSample {
+  const char* folder;
+  int layer;
+  uint16_t bits[6];  // gate[3][7], up[3][7], down[7][3], gate[I-1][H-1], up[I-1][H-1], down[H-1][I-1]
+};
+
+class LayerExpertsLayoutTest : public ::testing::TestWithParam<CanonicalSample> {};
+
+TEST_P(LayerExpertsLayoutTest, ReadsCanonicalMatrices) {
+  const CanonicalSample& want = GetParam();
+  LayerRequest request;
+  request.layer = want.layer;
+  request.method = *LayoutOfMethod("BF16");
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(TestdataHf(want.folder), request);
+  ASSERT_TRUE(le.ok()) << le.status();
+  const int H = (*le)->hidden(), I = (*le)->intermediate();
+  std::vector<bf16_t> m[3];
+  for (int p = 0; p < 3; ++p) {
+    const ExpertMatrix which = static_cast<ExpertMatrix>(p);
+    m[p].resize((*le)->Rows(which) * (*le)->Cols(which));
+    absl::Status s = (*le)->ReadBf16(5, which, m[p].data());
+    ASSERT_TRUE(s.ok()) << s;
+    // Where the layout lets the loader read the mapped file directly, it must point at the same values.
+    if (const bf16_t* mapped = (*le)->MappedBf16(5, which)) {
+      EXPECT_EQ(std::memcmp(mapped, m[p].data(), m[p].size() * sizeof(bf16_t)), 0) << ExpertMatrixName(which);
+    }
+  }
+  EXPECT_EQ(m[0][3 * H + 7].bits, want.bits[0]);
+  EXPECT_EQ(m[1][3 * H + 7].bits, want.bits[1]);
+  EXPECT_EQ(m[2][7 * I + 3].bits, want.bits[2]);
+  EXPECT_EQ(m[0][(I - 1) * H + H - 1].bits, want.bits[3]);
+  EXPECT_EQ(m[1][(I - 1) * H + H - 1].bits, want.bits[4]);
+  EXPECT_EQ(m[2][(H - 1) * I + I - 1].bits, want.bits[5]);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Testdata, LayerExpertsLayoutTest,
+    ::testing::Values(
+        // Per expert, gate_proj/up_proj/down_proj and w1/w3/w2, model.layers and model.language_model.layers.
+        CanonicalSample{"qwen3_moe", 0, {0x3e3e, 0x3bc4, 0xbd8d, 0x3e00, 0x3c37, 0x3de3}},
+        CanonicalSample{"mixtral", 0, {0xbd7f, 0x3d01, 0xbc38, 0xbdf4, 0xbb42, 0x3e01}},
+        CanonicalSample{"glm4v_moe", 1, {0x3c91, 0x3e64, 0x3e3d, 0xbdba, 0x3d30, 0x3e09}},
+        CanonicalSample{"deepseek_v2", 1, {0xbc73, 0xbe68, 0xbce6, 0x3dd1, 0xbdcf, 0x3dd2}},
+        // Qwen3.5-MoE fused [E, 2I, H] as shipped, and per expert as transformers re-saves it.
+        CanonicalSample{"qwen3_5_moe", 0, {0x3dd1, 0x3c81, 0x3cff, 0xbd88, 0x3d9a, 0x3ceb}},
+        CanonicalSample{"qwen3_5_moe_text", 0, {0x3c4a, 0x3df0, 0x3dd2, 0xbdb9, 0xbe16, 0x3ddd}},
+        // Qwen3-VL-MoE [E, H, 2I] / [E, I, H] as shipped, and [E, 2I, H] / [E, H, I] as transformers
+        // re-saves it.
+        CanonicalSample{"qwen3_vl_moe", 0, {0x3df2, 0x3bbf, 0x3e15, 0x3c51, 0xbd42, 0x3c3b}},
+        CanonicalSample{"qwen3_vl_moe_resaved", 0, {0x3a92, 0xbe20, 0x3cff, 0x3bf2, 0x3dd1, 0xbdaa}}),
+    [](const ::testing::TestParamInfo<CanonicalSample>& info) { return std::string(info.param.folder); });
 
 }  // namespace
 }  // namespace kt

@@ -2,6 +2,7 @@
 #ifndef KT_IO_TEST_FILES_H_
 #define KT_IO_TEST_FILES_H_
 
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -31,6 +32,16 @@ inline void WriteRaw(const std::string& path, const std::string& bytes) {
 inline std::string ReadRaw(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// A test checkpoint of the repository's testdata/hf (tools/make_fixtures.py), e.g. TestdataHf("qwen3_moe"),
+// from Bazel's runfiles (the test needs data = ["//testdata:hf"]).
+inline std::string TestdataHf(absl::string_view name) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  EXPECT_NE(srcdir, nullptr) << "TEST_SRCDIR is not set: run the test with bazel test";
+  return absl::StrCat(srcdir != nullptr ? srcdir : ".", "/", workspace != nullptr ? workspace : "kt",
+                      "/testdata/hf/", name);
 }
 
 }  // namespace testing_files

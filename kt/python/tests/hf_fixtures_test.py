@@ -1,95 +1,115 @@
-"""KTMoEWrapper(method="BF16") on real Hugging Face MoE checkpoints against transformers' own outputs.
+"""KTMoEWrapper(method="BF16") on every family's test checkpoint against transformers' own outputs.
 
-Fixtures (see <fixtures>/README.md): tiny random Qwen3-MoE and Mixtral models saved by transformers, with
-``reference.npz`` holding, for the first MoE layer, inputs x_T, router choices ids_T/weights_T and the routed
-experts' output routed_T as transformers computes it, for T = 1, 7, 33 tokens.
+testdata/hf (tools/make_fixtures.py) holds one tiny random model per family kt maps, saved by transformers,
+with ``reference.npz``: for the first MoE layer, inputs x_T, the router's choices ids_T/weights_T and the
+routed experts' output routed_T as transformers computes it, for T = 1, 7, 33 tokens.
 
-The fixture directory comes from the environment variable KT_FIXTURES (absolute path of shared/fixtures);
-the test fails, never skips, when it is missing: pass --test_env=KT_FIXTURES=/abs/path/to/fixtures.
+For each family, three ways must agree with routed_T within moe_reference.REL_TOL (bf16 rounding of h and of
+the output, fp32 sums in another order):
+  - the test's own torch reference over the experts read with the numpy reader (checks that reading);
+  - kt over those tensors (load_weights_from_tensors);
+  - kt reading the folder itself (weight_path: kt's architecture mapping, tensor names and layouts).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+import testdata
 from kt_kernel import KTMoEWrapper
 from moe_reference import REL_TOL, reference_moe, relative_error, wrapper_args
 from safetensors_np import SafeTensorsFile
 
-# Expert tensor names per architecture: (prefix format, gate, up, down).
-ARCHS = {
-    "qwen3_moe": ("model.layers.{layer}.mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
-    "mixtral": ("model.layers.{layer}.block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
-}
-TOKENS = (1, 7, 33)
+BF16_NAMES = [n for n in testdata.names() if not n.endswith("_fp8")]
 
 
-def fixtures_dir() -> str:
-    path = os.environ.get("KT_FIXTURES", "")
-    if not path:
-        pytest.fail(
-            "KT_FIXTURES is not set: run with --test_env=KT_FIXTURES=<absolute path of shared/fixtures>",
-            pytrace=False,
-        )
-    if not os.path.isdir(os.path.join(path, "hf")):
-        pytest.fail(f"KT_FIXTURES={path!r} has no hf/ directory (expected shared/fixtures)", pytrace=False)
-    return path
+def test_every_family_is_there():
+    """The families the issue tracker and README promise, one checkpoint each (a missing folder fails)."""
+    expected = {
+        "deepseek_v2", "deepseek_v3", "deepseek_v3_fp8", "glm4_moe", "glm4v_moe", "minimax", "minimax_m2",
+        "mixtral", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe",
+        "qwen3_vl_moe_resaved",
+    }
+    assert expected <= set(testdata.names())
 
 
-def model_shape(config: dict):
-    """(E, k, H, I) from a Hugging Face config.json."""
-    E = config.get("num_experts", config.get("num_local_experts"))
-    I = config.get("moe_intermediate_size", config.get("intermediate_size"))
-    if E is None or I is None:
-        raise KeyError("config.json has no num_experts/num_local_experts or no intermediate size")
-    return E, config["num_experts_per_tok"], config["hidden_size"], I
+def make(name: str, weight_path=None) -> KTMoEWrapper:
+    E, k, H, I = testdata.shape(name)
+    layer = int(testdata.reference(name)["layer"])
+    return KTMoEWrapper(**wrapper_args(E, k, H, I, layer_idx=layer, weight_path=weight_path,
+                                       chunked_prefill_size=max(testdata.TOKENS), method="BF16"))
 
 
-def load_experts(path: str, arch: str, layer: int, E: int):
-    """Stacks the layer's experts into gate/up [E, I, H] and down [E, H, I] bf16 tensors."""
-    prefix, gate_name, up_name, down_name = ARCHS[arch]
-    st = SafeTensorsFile(os.path.join(path, "model.safetensors"))
-
-    def stack(name):
-        return torch.stack([st.get(prefix.format(layer=layer, e=e) + name + ".weight") for e in range(E)])
-
-    return stack(gate_name).contiguous(), stack(up_name).contiguous(), stack(down_name).contiguous()
-
-
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_routed_experts_match_transformers(arch):
-    path = os.path.join(fixtures_dir(), "hf", arch)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    E, k, H, I = model_shape(config)
-    ref = np.load(os.path.join(path, "reference.npz"))
-    layer = int(ref["layer"])
-    gate, up, down = load_experts(path, arch, layer, E)
+@pytest.mark.parametrize("name", BF16_NAMES)
+def test_routed_experts_match_transformers(name):
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    gate, up, down = testdata.stacked_experts(name, int(ref["layer"]))
     assert gate.shape == (E, I, H) and down.shape == (E, H, I)
 
-    moe = KTMoEWrapper(
-        **wrapper_args(
-            E, k, H, I, layer_idx=layer, weight_path=path, chunked_prefill_size=max(TOKENS), method="BF16"
-        )
-    )
-    moe.load_weights_from_tensors(gate, up, down, None)
-    for T in TOKENS:
-        x = torch.from_numpy(ref[f"x_{T}"]).to(torch.bfloat16)  # bf16 values stored as float32: exact.
-        ids = torch.from_numpy(ref[f"ids_{T}"]).to(torch.int64).contiguous()
-        weights = torch.from_numpy(ref[f"weights_{T}"]).to(torch.float32).contiguous()
-        expected = torch.from_numpy(ref[f"routed_{T}"])
-        out = moe.forward(x, ids, weights, None)
-        assert out.shape == (T, H)
-        err = relative_error(out, expected)
-        # Sanity of the reading above: our own reference agrees with transformers too.
+    from_tensors = make(name, weight_path=testdata.path(name))
+    from_tensors.load_weights_from_tensors(gate, up, down, None)
+    from_folder = make(name, weight_path=testdata.path(name))
+    from_folder.load_weights(torch.arange(E, dtype=torch.int64))
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        assert ids.shape == (T, k)
         ours = relative_error(reference_moe(x, ids, weights, gate, up, down), expected)
-        assert err <= REL_TOL, f"{arch} T={T}: max|err|/max|ref| = {err:.3e} (torch reference: {ours:.3e})"
+        assert ours <= REL_TOL, f"{name} T={T}: the test's own reference is off by {ours:.3e}"
+        for how, moe in (("tensors", from_tensors), ("weight_path", from_folder)):
+            out = moe.forward(x, ids, weights, None)
+            assert out.shape == (T, H)
+            err = relative_error(out, expected)
+            assert err <= REL_TOL, f"{name} ({how}) T={T}: max|err|/max|ref| = {err:.3e}"
+
+
+def e4m3_to_float(raw: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) decoded from its definition."""
+    b = raw.astype(np.int64)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    value = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    return np.where((b & 0x7F) == 0x7F, np.nan, sign * value)
+
+
+def test_fp8_checkpoint_reference_is_its_dequantized_weights():
+    """deepseek_v3_fp8's routed_T is transformers' output for weight x its 128x128 block's scale_inv: the
+    exact target of an FP8 path (checked here so that the later FP8 method is tested against sound data)."""
+    name = "deepseek_v3_fp8"
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    layer = int(ref["layer"])
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+    header = st.header
+
+    def dequantized(tensor: str) -> torch.Tensor:
+        entry = header[tensor]
+        assert entry["dtype"] == "F8_E4M3", entry
+        begin, end = entry["data_offsets"]
+        w = e4m3_to_float(np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8)).reshape(entry["shape"])
+        scale = st.get(tensor + "_scale_inv").double().numpy()
+        assert scale.shape == tuple(-(-d // 128) for d in w.shape)
+        full = np.kron(scale, np.ones((128, 128)))[: w.shape[0], : w.shape[1]]
+        return torch.from_numpy(w * full)
+
+    base = f"model.layers.{layer}.mlp.experts."
+    gate, up, down = (torch.stack([dequantized(f"{base}{e}.{p}.weight") for e in range(E)]).float()
+                      for p in ("gate_proj", "up_proj", "down_proj"))
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        out = torch.zeros(T, H, dtype=torch.float64)
+        for t in range(T):
+            for j in range(k):
+                e = int(ids[t, j])
+                g, u = gate[e].double() @ x[t].double(), up[e].double() @ x[t].double()
+                out[t] += float(weights[t, j]) * (down[e].double() @ (torch.nn.functional.silu(g) * u))
+        # transformers ran this in float32: agreement to ~1e-6 relative; 1e-4 leaves margin for its sum order.
+        err = relative_error(out.float(), expected)
+        assert err <= 1e-4, f"T={T}: {err:.3e}"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""KTMoEWrapper(weight_path=...).load_weights(map) on the Hugging Face fixtures, read directly and after
+"""KTMoEWrapper(weight_path=...).load_weights(map) on the test checkpoints (testdata/hf), read directly and after
 ``kt convert``, against transformers' outputs and against load_weights_from_tensors.
 
 Tolerances: BF16 against transformers' routed_T is max|err|/max|ref| <= 1e-2 (moe_reference.REL_TOL, the
@@ -11,7 +11,6 @@ kernels other weights, or another expert).
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import subprocess
@@ -24,24 +23,14 @@ import torch
 
 from kt_kernel import KTMoEWrapper
 from moe_reference import REL_TOL, relative_error, wrapper_args
-from safetensors_np import SafeTensorsFile
+import testdata
 
-ARCHS = {
-    "qwen3_moe": ("model.layers.{layer}.mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
-    "mixtral": ("model.layers.{layer}.block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
-}
-TOKENS = (1, 7, 33)
+ARCHS = ("qwen3_moe", "mixtral")
+TOKENS = testdata.TOKENS
 # Every implemented method; the group ones at group_size 128 (the default of both kt convert and the
-# wrapper), which divides the fixtures' H = 256 and I = 128.
+# wrapper), which divides these checkpoints' H = I = 128.
 METHODS = ("BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "AMXINT4_1", "AMXINT4_KGroup",
            "AMXINT4_1KGroup")
-
-
-def fixtures_dir() -> str:
-    path = os.environ.get("KT_FIXTURES", "")
-    if not path or not os.path.isdir(os.path.join(path, "hf")):
-        pytest.fail(f"KT_FIXTURES={path!r} is not the shared/fixtures folder", pytrace=False)
-    return path
 
 
 def kt_binary() -> str:
@@ -66,7 +55,7 @@ def converted(arch: str, method: str) -> str:
     key = (arch, method)
     if key not in _CONVERTED:
         out = os.path.join(_TMP, f"{arch}_{method}")
-        src = os.path.join(fixtures_dir(), "hf", arch)
+        src = testdata.path(arch)
         r = subprocess.run([kt_binary(), "convert", "--input", src, "--output", out, "--method", method,
                             "--threads", "2"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -75,17 +64,12 @@ def converted(arch: str, method: str) -> str:
     return _CONVERTED[key]
 
 
-def shape(arch: str):
-    with open(os.path.join(fixtures_dir(), "hf", arch, "config.json")) as f:
-        c = json.load(f)
-    E = c.get("num_experts", c.get("num_local_experts"))
-    I = c.get("moe_intermediate_size", c.get("intermediate_size"))
-    return E, c["num_experts_per_tok"], c["hidden_size"], I
+shape = testdata.shape
 
 
 def make(arch: str, method: str, weight_path, **kw):
     E, k, H, I = shape(arch)
-    ref = np.load(os.path.join(fixtures_dir(), "hf", arch, "reference.npz"))
+    ref = testdata.reference(arch)
     args = wrapper_args(E, k, H, I, layer_idx=int(ref["layer"]), weight_path=weight_path,
                         chunked_prefill_size=max(TOKENS), method=method)
     args.update(kw)
@@ -94,32 +78,18 @@ def make(arch: str, method: str, weight_path, **kw):
 
 def stacked(arch: str):
     """gate/up [E, I, H], down [E, H, I] of the reference layer, read independently (numpy reader)."""
-    path = os.path.join(fixtures_dir(), "hf", arch)
-    ref = np.load(os.path.join(path, "reference.npz"))
-    layer = int(ref["layer"])
-    E = shape(arch)[0]
-    prefix, g, u, d = ARCHS[arch]
-    st = SafeTensorsFile(os.path.join(path, "model.safetensors"))
-
-    def stack(name):
-        return torch.stack([st.get(prefix.format(layer=layer, e=e) + name + ".weight") for e in range(E)]).contiguous()
-
-    return stack(g), stack(u), stack(d)
+    return testdata.stacked_experts(arch, int(testdata.reference(arch)["layer"]))
 
 
 def inputs(arch: str, T: int):
-    ref = np.load(os.path.join(fixtures_dir(), "hf", arch, "reference.npz"))
-    x = torch.from_numpy(ref[f"x_{T}"]).to(torch.bfloat16)
-    ids = torch.from_numpy(ref[f"ids_{T}"]).to(torch.int64).contiguous()
-    w = torch.from_numpy(ref[f"weights_{T}"]).to(torch.float32).contiguous()
-    return x, ids, w, torch.from_numpy(ref[f"routed_{T}"])
+    return testdata.inputs(testdata.reference(arch), T)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("source", ["hf", "converted"])
 def test_load_weights_matches(arch, method, source):
-    path = os.path.join(fixtures_dir(), "hf", arch) if source == "hf" else converted(arch, method)
+    path = testdata.path(arch) if source == "hf" else converted(arch, method)
     moe = make(arch, method, path)
     moe.load_weights(None)
     assert moe.last_load_stats["converted"] == (source == "converted")
@@ -141,7 +111,7 @@ def test_physical_to_logical_map(source):
     a bf16 rounding step apart), while the unmapped ids give a different output; a map that replicates an
     expert equals load_weights_from_tensors with it exactly."""
     arch, method = "qwen3_moe", "AMXINT8"
-    path = os.path.join(fixtures_dir(), "hf", arch) if source == "hf" else converted(arch, method)
+    path = testdata.path(arch) if source == "hf" else converted(arch, method)
     E = shape(arch)[0]
     perm = torch.randperm(E, generator=torch.Generator().manual_seed(3)).to(torch.int64)
     ident = make(arch, method, path)
@@ -168,10 +138,8 @@ def test_physical_to_logical_map(source):
 
 
 def test_fp8_fixture_is_rejected_naming_fp8():
-    path = os.path.join(fixtures_dir(), "hf", "deepseek_v3_fp8")
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
-    E, k, H, I = c["n_routed_experts"], c["num_experts_per_tok"], c["hidden_size"], c["moe_intermediate_size"]
+    path = testdata.path("deepseek_v3_fp8")
+    E, k, H, I = testdata.shape("deepseek_v3_fp8")
     moe = KTMoEWrapper(
         **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="BF16")
     )
@@ -180,16 +148,16 @@ def test_fp8_fixture_is_rejected_naming_fp8():
     assert not moe.weights_loaded
     with pytest.raises(NotImplementedError, match="FP8"):
         KTMoEWrapper(
-            **wrapper_args(16, 4, 256, 128, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8")
+            **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8")
         )
 
 
 def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
     arch = "qwen3_moe"
-    src = os.path.join(fixtures_dir(), "hf", arch)
+    src = testdata.path(arch)
     # Shape mismatch with the config, naming the key and both values.
-    moe = make(arch, "BF16", src, hidden_size=128)
-    with pytest.raises(ValueError, match=r"config.json: hidden_size = 256, but the layer was created with hidden_size = 128"):
+    moe = make(arch, "BF16", src, hidden_size=64)
+    with pytest.raises(ValueError, match=r"config.json: hidden_size = 128, but the layer was created with hidden_size = 64"):
         moe.load_weights(None)
     # A layer the model does not have.
     moe = make(arch, "BF16", src, layer_idx=7)
@@ -228,7 +196,7 @@ def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
         make(arch, "BF16", None).load_weights(None)
     # A bad map.
     with pytest.raises(ValueError, match="physical_to_logical_map_cpu"):
-        make(arch, "BF16", src).load_weights(torch.full((16,), 16, dtype=torch.int64))
+        make(arch, "BF16", src).load_weights(torch.full((8,), 8, dtype=torch.int64))
 
 
 if __name__ == "__main__":
