@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the C++ tests and benchmarks with -c opt, statically linking kt's own libraries, and copies them with
 # the Debian shared libraries they need into .device/ (git-ignored), ready to carry to the AMX host, which
-# has no Bazel (see ../shared/design/BUILD-OFFLINE.md). On the host: tools/amx_host/run_tests.sh.
+# has no Bazel (see docs/BUILD-OFFLINE.md). On the host: tools/amx_host/run_tests.sh.
+# The builds use their own output bases and make no convenience symlinks (--symlink_prefix=/), so that the
+# workspace's bazel-<folder> link keeps pointing at the default output base and `bazel test //...` stays
+# clean whatever the clone's folder is called.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=.device
@@ -14,7 +17,7 @@ targets=(
   //kt/sft:sft_reference_test //kt/sft:sft_layer_test //kt/sft:lora_kernels_test
   //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt
 )
-bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --jobs="$(nproc)" "${targets[@]}" >&2
+bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --symlink_prefix=/ --jobs="$(nproc)" "${targets[@]}" >&2
 bin=$(bazel --output_base=/tmp/bazel_pack info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)
 rm -rf "$out" && mkdir -p "$out/bin" "$out/lib"
 for t in "${targets[@]}"; do
@@ -29,8 +32,8 @@ cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
 cp tools/sft_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
-# pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the fixtures they read
-# (../shared does not travel to that host). KT_PACK_NO_PYTHON=1 skips it (C++-only runs).
+# pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the checkpoints of
+# testdata/hf they read. KT_PACK_NO_PYTHON=1 skips it (C++-only runs).
 py312_include="${KT_PY312_INCLUDE:-$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/3.12.1/include/python3.12}"
 if [ -n "${KT_PACK_NO_PYTHON:-}" ]; then
   echo "pack.sh: KT_PACK_NO_PYTHON set; skipping the Python package" >&2
@@ -40,14 +43,14 @@ elif [ -f "$py312_include/Python.h" ]; then
   cp -r "$py312_include"/. "$repo/"
   echo 'workspace(name = "python_headers")' > "$repo/WORKSPACE"
   cp third_party/python_headers.BUILD "$repo/BUILD"
-  bazel --output_base=/tmp/bazel_pack312 build -c opt --override_repository=python_headers="$repo" \
+  bazel --output_base=/tmp/bazel_pack312 build -c opt --symlink_prefix=/ --override_repository=python_headers="$repo" \
     --jobs="$(nproc)" //kt/python:kt_kernel/_kt.so >&2
   bin312=$(bazel --output_base=/tmp/bazel_pack312 info -c opt bazel-bin 2>/dev/null)
   mkdir -p "$out/python"
   cp -r kt/python/kt_kernel "$out/python/"
   cp "$bin312/kt/python/kt_kernel/_kt.so" "$out/python/kt_kernel/"
   cp -r kt/python/tests "$out/python/"
-  mkdir -p "$out/fixtures" && cp -r ../shared/fixtures/hf "$out/fixtures/" 2>/dev/null || true
+  mkdir -p "$out/testdata" && cp -r testdata/hf "$out/testdata/"
 else
   echo "pack.sh: no Python 3.12 headers at $py312_include; skipping the Python package" >&2
 fi

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # On the AMX host: the kt_kernel Python tests with the host's Python 3.12 and torch, against the package,
-# the 3.12 extension and the fixtures that pack.sh put in .device/, once with the best path and then with
+# the 3.12 extension and the test checkpoints that pack.sh put in .device/, once with the best path and then with
 # KT_ISA capping it to each path the host has. (The wheel test needs Bazel's wheel and is run here only.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_FIXTURES="$PWD/.device/fixtures"
+export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_TESTDATA="$PWD/.device/testdata/hf"
 export KT_BIN="$PWD/.device/bin/kt"  # kt convert, for weight_path_test
 status=0
 # KT_SKIP_FULL_SUITE=1: only the capped runs (when the full suite already ran in an earlier call).
