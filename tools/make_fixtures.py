@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 PINNED = ["torch==2.15.0", "transformers==5.17.0", "safetensors==0.8.0", "numpy==2.4.6"]
 TOKENS = (1, 7, 33)
@@ -123,6 +124,23 @@ def specs():
             first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4, n_shared_experts=1,
             num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True),
             "DeepseekV3ForCausalLM"),
+        "deepseek_v32": (lambda: tf.DeepseekV32Config(
+            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+            index_topk=16, index_head_dim=32, index_n_heads=2),
+            "DeepseekV32ForCausalLM"),
+        "glm4_moe_lite": (lambda: tf.Glm4MoeLiteConfig(
+            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True),
+            "Glm4MoeLiteForCausalLM"),
+        "glm_moe_dsa": (lambda: tf.GlmMoeDsaConfig(
+            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            index_topk=16, index_head_dim=32, index_n_heads=2),
+            "GlmMoeDsaForCausalLM"),
         "glm4_moe": (lambda: tf.Glm4MoeConfig(
             **ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2, first_k_dense_replace=1,
             moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
@@ -345,7 +363,7 @@ def make(name: str, out_root: str, seed: int) -> None:
         model = dequantized_float_model(out_dir, cls_name, deq)
         layer, block, experts = moe_blocks(model)[0]
     ref = record(block, experts, H, seed + 1)
-    np.savez(os.path.join(out_dir, "reference.npz"), layer=np.int64(layer), **ref)
+    np.savez_compressed(os.path.join(out_dir, "reference.npz"), layer=np.int64(layer), **ref)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     print(f"{name}: {cls_name}, MoE layer {layer}, {size / 1024:.0f} KiB")
 
@@ -360,10 +378,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
     names = args.only or list(specs())
+    unknown = sorted(set(names) - set(specs()))
+    if unknown:
+        parser.error(f"--only: unknown {unknown}; known: {sorted(specs())}")
     torch.set_num_threads(1)  # Reproducible float sums.
-    for i, name in enumerate(sorted(specs())):
+    for name in sorted(specs()):
         if name in names:
-            make(name, args.out, seed=1000 + 17 * i)
+            # The seed depends on the name only, so that adding a checkpoint changes no other.
+            make(name, args.out, seed=zlib.crc32(name.encode()) % 2**31)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 

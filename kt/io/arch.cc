@@ -177,6 +177,8 @@ constexpr ArchSpec kArchs[] = {
     {"DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, false},
     {"DeepseekV32ForCausalLM", MoeFamily::kDeepseekV3, false},
     {"Glm4MoeForCausalLM", MoeFamily::kGlm4Moe, false},
+    {"Glm4MoeLiteForCausalLM", MoeFamily::kGlm4Moe, false},
+    {"GlmMoeDsaForCausalLM", MoeFamily::kGlm4Moe, false},
     {"Glm4vMoeForConditionalGeneration", MoeFamily::kGlm4Moe, true},
     {"MixtralForCausalLM", MoeFamily::kMixtral, false},
     {"MiniMaxForCausalLM", MoeFamily::kMiniMax, false},
@@ -443,6 +445,36 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
     for (int d : dense) is_moe[d] = false;
     layer_rule = absl::StrCat("decoder_sparse_step = ", step, ", mlp_only_layers = [",
                               absl::StrJoin(dense, ", "), "]");
+  } else if (IsDeepseekStyle(f) && r.Has("mlp_layer_types")) {
+    // transformers' newer DeepSeek/GLM configs (DeepSeek-V3.2, GLM-4.7-Flash, GLM-5) list each layer's MLP,
+    // "dense" or "sparse", and their models follow that list; first_k_dense_replace, where also given, must
+    // say the same.
+    const json::Value& types = *r.Get("mlp_layer_types");
+    const std::string expected = absl::StrCat("an array of num_hidden_layers (", arch.num_layers,
+                                              ") strings, each \"dense\" or \"sparse\"");
+    if (!types.is_array() || types.elements().size() != static_cast<size_t>(arch.num_layers)) {
+      return r.Error("mlp_layer_types", expected, types);
+    }
+    for (int i = 0; i < arch.num_layers; ++i) {
+      const json::Value& t = types.elements()[i];
+      if (!t.is_string() || (t.as_string() != "dense" && t.as_string() != "sparse")) {
+        return r.Error("mlp_layer_types", expected, t);
+      }
+      is_moe[i] = t.as_string() == "sparse";
+    }
+    if (r.Has("first_k_dense_replace")) {
+      int first_dense = 0;
+      KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt));
+      for (int i = 0; i < arch.num_layers; ++i) {
+        if (is_moe[i] != (i >= first_dense)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              origin, ": ", r.Key("mlp_layer_types"), " says layer ", i, " is ", is_moe[i] ? "sparse" : "dense",
+              " but ", r.Key("first_k_dense_replace"), " = ", first_dense, " says ", is_moe[i] ? "dense" : "MoE",
+              "; which layers are MoE is ambiguous"));
+        }
+      }
+    }
+    layer_rule = "mlp_layer_types";
   } else if (IsDeepseekStyle(f)) {
     // transformers: MoE iff layer >= first_k_dense_replace (and, DeepSeek only, layer % moe_layer_freq == 0).
     // first_k_dense_replace is required: its transformers default differs by family (V2 0, V3 3, GLM 1),

@@ -14,7 +14,9 @@
 //       expert <layers>.L.mlp.experts.e.{gate,up,down}_proj.weight as transformers re-saves them: the
 //       loader takes whichever the checkpoint holds (ResolveExpertLayout)
 //   DeepseekV2ForCausalLM, DeepseekV3ForCausalLM (also Kimi-K2, which ships as DeepseekV3ForCausalLM with
-//   model_type "kimi_k2"), DeepseekV32ForCausalLM, Glm4MoeForCausalLM
+//   model_type "kimi_k2"), DeepseekV32ForCausalLM, Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM,
+//   GlmMoeDsaForCausalLM (MoE layers from mlp_layer_types where the config has it, else
+//   first_k_dense_replace)
 //       model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight
 //   Glm4vMoeForConditionalGeneration (keys under text_config)
 //       model.language_model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight
@@ -53,7 +55,8 @@ enum class MoeFamily {
                 //   expert), one shared expert.
   kDeepseekV2,  // DeepseekV2ForCausalLM.
   kDeepseekV3,  // DeepseekV3ForCausalLM (DeepSeek-V3/R1, Kimi-K2), DeepseekV32ForCausalLM.
-  kGlm4Moe,     // Glm4MoeForCausalLM (GLM-4.5/4.6), Glm4vMoeForConditionalGeneration.
+  kGlm4Moe,     // Glm4MoeForCausalLM (GLM-4.5/4.6), Glm4vMoeForConditionalGeneration,
+                //   Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM.
   kMixtral,     // MixtralForCausalLM.
   kMiniMax,     // MiniMaxForCausalLM, MiniMaxText01ForCausalLM, MiniMaxM1ForCausalLM, MiniMaxM2ForCausalLM.
 };

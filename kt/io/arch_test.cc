@@ -104,6 +104,12 @@ const std::vector<Expected>& AllExpected() {
        "mlp", kPer, 1, 32, 2.5f, 4, 2},
       {"deepseek_v3_fp8", "DeepseekV3ForCausalLM", MoeFamily::kDeepseekV3, 2, 4, 2, 256, 128, {1},
        "model.layers", "mlp", kPer, 1, 128, 2.5f, 2, 1},
+      {"deepseek_v32", "DeepseekV32ForCausalLM", MoeFamily::kDeepseekV3, 2, 8, 2, 64, 32, {1},
+       "model.layers", "mlp", kPer, 1, 32, 2.5f, 4, 2},
+      {"glm4_moe_lite", "Glm4MoeLiteForCausalLM", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1}, "model.layers",
+       "mlp", kPer, 1, 32, 1.8f, 1, 1},
+      {"glm_moe_dsa", "GlmMoeDsaForCausalLM", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1}, "model.layers", "mlp",
+       kPer, 1, 32, 2.5f, 1, 1},
       {"glm4_moe", "Glm4MoeForCausalLM", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1}, "model.layers", "mlp", kPer,
        1, 32, 2.5f, 1, 1},
       {"glm4v_moe", "Glm4vMoeForConditionalGeneration", MoeFamily::kGlm4Moe, 2, 8, 2, 64, 32, {1},
@@ -338,6 +344,33 @@ TEST(ArchTest, DeepseekV2) {
   EXPECT_EQ(a.routed_scaling_factor, 1.0f);
   EXPECT_EQ(a.scoring, MoeScoring::kSoftmax);
   EXPECT_FALSE(a.norm_topk_prob);
+}
+
+TEST(ArchTest, MlpLayerTypesDecideTheMoeLayers) {
+  // GLM-4.7-Flash's config has mlp_layer_types and no first_k_dense_replace.
+  constexpr char kLite[] = R"({"architectures": ["Glm4MoeLiteForCausalLM"], "hidden_size": 64,
+      "num_hidden_layers": 4, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+      "mlp_layer_types": ["dense", "sparse", "dense", "sparse"]})";
+  MoeArch a = MustParse(kLite);
+  EXPECT_EQ(a.family, MoeFamily::kGlm4Moe);
+  EXPECT_THAT(a.moe_layers, ElementsAre(1, 3));
+  // Both keys, agreeing.
+  a = MustParse(R"({"architectures": ["DeepseekV32ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 3,
+      "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "routed_scaling_factor": 2.5,
+      "first_k_dense_replace": 1, "mlp_layer_types": ["dense", "sparse", "sparse"]})");
+  EXPECT_THAT(a.moe_layers, ElementsAre(1, 2));
+}
+
+TEST(ArchErrorTest, MlpLayerTypes) {
+  const std::string base = R"({"architectures": ["GlmMoeDsaForCausalLM"], "hidden_size": 64,
+      "num_hidden_layers": 3, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, )";
+  EXPECT_THAT(ErrorOf(base + R"("mlp_layer_types": ["dense", "sparse"]})"),
+              HasSubstr("mlp_layer_types must be an array of num_hidden_layers (3) strings, each \"dense\" or "
+                        "\"sparse\", got an array of 2"));
+  EXPECT_THAT(ErrorOf(base + R"("mlp_layer_types": ["dense", "moe", "sparse"]})"),
+              HasSubstr("got the string \"moe\""));
+  EXPECT_THAT(ErrorOf(base + R"("first_k_dense_replace": 2, "mlp_layer_types": ["dense", "sparse", "sparse"]})"),
+              HasSubstr("mlp_layer_types says layer 1 is sparse but first_k_dense_replace = 2 says dense"));
 }
 
 TEST(ArchTest, DeepseekMoeLayerFreq) {
