@@ -764,9 +764,9 @@ int Bench(const std::vector<std::string>& args) {
     for (size_t i = 0; i < gbps.size(); ++i) gbps[i] = dec.bytes[i] / dec.seconds[i] / 1e9;
     const double med = Percentile(dec.seconds, 0.5);
     const double med_gbps = Percentile(gbps, 0.5);
-    // The read bandwidth of these VMs moves by +-20% between minutes (84-120 GB/s on one AMX host in one
-    // session), so the yardstick is measured again right after the decode loop and the larger of the two
-    // readings is the one the decode rate is compared with.
+    // The read bandwidth of a VM can move by +-20% between minutes, so the yardstick is measured again
+    // right after the decode loop and the larger of the two readings is the one the decode rate is
+    // compared with.
     const BandwidthResult bw_after =
         MeasureReadBandwidth(static_cast<size_t>(flags.bandwidth_mib) << 20, flags.threads, 10, flags.pin);
     const double bw_gbps = std::max(bw.bytes_per_second, bw_after.bytes_per_second) / 1e9;
@@ -795,8 +795,8 @@ int Bench(const std::vector<std::string>& args) {
     for (int p = 0; p < std::min(flags.prefill_iters + 1, 8); ++p) {
       patterns.push_back(RandomRouting(rng, flags.qlen_prefill, k, shape.experts));
     }
-    // One untimed call per layer copy: a layer's first prefill page-faults its scratch in (the 33 MB of
-    // down outputs alone made the first 30B call at qlen 512 4-5x slower on the AMX host).
+    // One untimed call per layer copy: a layer's first prefill page-faults its scratch in, which would make
+    // the first timed call of each copy several times slower than the others.
     st = run(flags.qlen_prefill, flags.prefill_iters, static_cast<int>(layers.size()), patterns, &pre);
     if (!st.ok()) {
       std::fprintf(stderr, "kt bench: Forward (prefill): %s\n", st.ToString().c_str());

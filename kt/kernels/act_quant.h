@@ -5,8 +5,8 @@
 // and flip roundings), clamped to [-127, 127]; an all-zero row gets scale 0 and q 0.
 //
 // Why it exists: the MoE layer quantizes every gathered input row and every h row per call; in scalar code
-// (std::round per element) that was 196 of 329 ms of a Qwen3-235B-A22B int8 prefill at qlen 4096 and 0.64
-// of 2.12 ms of a decode step on the AMX host (16 threads).
+// (std::round per element) that takes a large share of an int8 prefill or decode step
+// (docs/perf-log/2026-11-27-int8.md).
 #ifndef KT_KERNELS_ACT_QUANT_H_
 #define KT_KERNELS_ACT_QUANT_H_
 

@@ -206,9 +206,9 @@ void GemmBf16AmxKBlocked(size_t kb, size_t m, size_t k, const bf16_t* x, size_t 
 
 void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                  size_t n_cols, float* y, size_t ldy) {
-  // Not K-blocked: the K-blocked schedule measured slower for bf16 in every MoE task shape on the AMX host
-  // (single thread, 128 columns, medians of 3, rows padded as the MoE layer pads them: 732 vs 544 GFLOPS at
-  // 64 x 4096, 759 vs 558 at 256 x 1536). The row padding is what mattered (408 -> 732 at 64 x 4096).
+  // Not K-blocked: with A rows padded as the MoE layer pads them, the K-blocked schedule measured slower for
+  // bf16 in every MoE task shape on the AMX host; the padding, not the blocking, is what keeps A tile loads
+  // fast (docs/perf-log/2026-11-27-int8.md).
   GemmBf16AmxKBlocked(0, m, k, x, ldx, panels, n_cols, y, ldy);
 }
 

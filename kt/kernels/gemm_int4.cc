@@ -47,8 +47,8 @@ absl::Status PackInt4(const QuantizedMatrix& qm, uint8_t* panels, float* scales,
   std::memset(panels, 0, PackedInt4Bytes(n, k));
   // Whole blocks of 8 k a word at a time: the row's 4 canonical bytes of block b hold nibbles n0..n7 of
   // k = 8b..8b+7 (n_i at bit 4i); the packed block wants byte j = n_j | n_{j+4} << 4. Spreading the low and
-  // high 16 bits over 4 bytes does that with shifts and masks (loading a converted int4 layer was bound by
-  // the per-nibble loop below: 0.39 GB/s on 2 threads of the dev box).
+  // high 16 bits over 4 bytes does that with shifts and masks; the per-nibble loop below handles only the
+  // K tail (done per nibble for every k, it would bound the load of a converted int4 layer).
   const uint32_t flip = asym ? 0u : 0x88888888u;  // u = q + 8: bit 3 of every nibble flipped
   auto spread = [](uint32_t x) {  // 16 bits n3 n2 n1 n0 -> bytes n0, n1, n2, n3
     x = (x | (x << 8)) & 0x00FF00FFu;

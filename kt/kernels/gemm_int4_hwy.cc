@@ -17,8 +17,8 @@
 // multiplied with x's quads broadcast: maddubs(lo, x0) + maddubs(hi, x1) holds 4 products per int16 pair
 // (|sum| <= 4 * 15 * 127 = 7620, no saturation), and one vpmaddwd with ones widens each pair into the row's
 // int32 lane. That is 2 AND, 1 shift, 2 vpmaddubsw, 1 vpaddw, 1 vpmaddwd, 1 vpaddd per 64 multiply-adds of
-// a 32-byte vector, about half the work of the int16 route (the single-thread M = 1 rate on the dev box went
-// from 32-40 to the numbers in docs/PERFORMANCE.md). Exact either way.
+// a 32-byte vector, about half the work of the int16 route (docs/perf-log/2026-11-27-int4.md). Exact either
+// way.
 //
 // Register blocking: AVX3 (32 zmm): 8 rows x 2 panels = 16 accumulators + 8 nibble vectors + 4 x vectors.
 // AVX2 (16 ymm, a panel is 2 vectors): 4 rows x 1 panel = 8 accumulators; decode (m <= 2) takes 2 panels.
@@ -161,9 +161,9 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
 #endif
 
 // The loops over rows, panels and vectors have compile-time trip counts and are unrolled explicitly (GCC
-// unroll pragmas): left as loops, GCC 12 kept acc[][] and the expanded nibbles on the stack, and every
-// vpaddd went through a store and a reload (perf on the dev box: 50% of Micro<1, 2>'s samples on that
-// load-add-store chain, 14 GB/s of int4 weights per thread at M = 1).
+// unroll pragmas): left as loops, GCC 12 keeps acc[][] and the expanded nibbles on the stack, and every
+// vpaddd goes through a store and a reload (perf: half of Micro<1, 2>'s samples on that load-add-store
+// chain; docs/perf-log/2026-11-27-pipeline.md).
 template <int MR, int NP>
 HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, size_t ldqx,
                       const float* HWY_RESTRICT sx, const int32_t* HWY_RESTRICT xsum,

@@ -226,9 +226,9 @@ void GemmInt8Amx(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float*
                  const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
                  float* y, size_t ldy) {
   // Not K-blocked: with row strides that do not alias in L1 (the MoE layer pads them), the unblocked
-  // schedule measured faster in every MoE task shape on the AMX host (single thread, 128 columns, medians
-  // of 3: 1.60 vs 1.27 TOPS at 64 x 4096, 1.39 vs 1.16 at 256 x 1536). Without the padding kb = 1024 won at
-  // 256 x 1536 (1.19 vs 0.83), which is why the schedule exists and stays tested.
+  // schedule measured faster in every MoE task shape on the AMX host; K blocking won only on some shapes
+  // with unpadded rows. The schedule stays, tested, for `kt bench --sweep-tiling`
+  // (docs/perf-log/2026-11-27-int8.md).
   GemmInt8AmxKBlocked(0, m, k, qx, ldqx, sx, panels, w_scales, w_rowsums, n_cols, y, ldy);
 }
 

@@ -48,7 +48,7 @@ HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t kq, size_t k) {
 
 // MR rows x NP panels of y: int32 accumulators, then y = (sx * sw) * float(acc).
 // Loops with compile-time trip counts are unrolled explicitly (as in gemm_int4_hwy.cc): as loops, GCC 12
-// kept the accumulators on the stack and every vpaddd went through a store and a reload.
+// keeps the accumulators on the stack and every vpaddd goes through a store and a reload.
 template <int MR, int NP>
 HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, const float* HWY_RESTRICT sx,
                       const int8_t* HWY_RESTRICT panels, size_t stride, const float* HWY_RESTRICT sw,

@@ -1,10 +1,10 @@
 // Fast weight quantization and unpacking for loading and conversion: the same bytes as quant.h's scalar
 // Quantize / Dequantize (the truth), only faster.
 //
-// Why: quant.cc is written for obviousness (std::round, fmin/fmax per element, out of line in libm). Loading
-// a Qwen3-235B-shaped layer quantized to int4 online ran at 0.23 GB/s on 2 dev-box threads (int8, through
-// the vectorized row quantizer of act_quant.h, at 1.50 GB/s), and the SFT engine's transposed int4
-// backward copy (unpack to bf16, transpose, quantize again) took ~21 s per Qwen3-30B layer.
+// Why: quant.cc is written for obviousness (std::round, fmin/fmax per element, out of line in libm), an order
+// of magnitude too slow for loading a layer quantized online, for `kt convert` and for the SFT engine's
+// transposed backward copy (unpack to bf16, transpose, quantize again); docs/perf-log/2026-11-27-weight-io.md
+// and 2026-11-27-sft.md have the measurements.
 #ifndef KT_KERNELS_QUANT_FAST_H_
 #define KT_KERNELS_QUANT_FAST_H_
 

@@ -2,7 +2,8 @@
 //   bazel run -c opt //kt/kernels:quant_fast_benchmark
 // BM_Quantize: the path's QuantizeFast (kScalar = quant.cc's Quantize itself, the baseline); counter
 // GB/s of bf16 input. BM_Unpack: packed int4 / int8 back to bf16 (the SFT engine's backward copy starts
-// there), against BM_UnpackCanonical, the UnpackInt4 + Dequantize + F32ToBf16 route it replaced.
+// there), against BM_UnpackCanonical, the UnpackInt4 + Dequantize + F32ToBf16 route through the
+// canonical layout.
 #include <random>
 #include <vector>
 

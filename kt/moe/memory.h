@@ -3,8 +3,8 @@
 // Arrays of at least kHugePageMinBytes are 2 MiB aligned, rounded up to whole 2 MiB pages and advised as
 // transparent huge pages (madvise MADV_HUGEPAGE). Debian's default THP mode is `madvise`: without the advice
 // every array is 4 KiB pages, the TLB misses every 4 KiB and the hardware prefetchers restart at every page.
-// Decode streams each expert's weights once from DRAM; on the dev box (AMD EPYC, AVX2, one thread, M = 1
-// over a 201 MB int4 matrix, 3 runs each) that went 6.6-7.1 -> 9.8-10.8 GB/s. Rounding wastes under 2 MiB
+// Decode streams each expert's weights once from DRAM, so it reads faster from huge pages
+// (docs/perf-log/2026-11-27-session-09.md). Rounding wastes under 2 MiB
 // per array (under 6% at the threshold). The advice is only advice: where the kernel has no huge page to
 // give, the array is ordinary memory. KT_HUGE_PAGES=0 in the environment turns the advice off (for
 // comparisons, or where THP is unwanted); the alignment stays.

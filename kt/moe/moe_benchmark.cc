@@ -15,8 +15,8 @@
 // The label names the kernel path (KT_ISA caps it) and the thread count.
 //
 // Flags besides Google Benchmark's: --threads=N (default: CPUs in the affinity mask), --pin,
-// --format=F (bf16, int8, int4, int4_group_sym, int4_group_asym; default bf16), --group-size=G (32, 64,
-// 128; default 128, for the int4_group_* formats).
+// --format=F (bf16, int8, int4, int4_asym, int4_group_sym, int4_group_asym; default bf16),
+// --group-size=G (32, 64, 128; default 128, for the int4_group_* formats).
 #include <sched.h>
 
 #include <algorithm>

@@ -24,10 +24,10 @@ namespace {
 // AMX works on panel pairs (2 x 16 columns per tile pass) and is fast enough that a task's operands must
 // stay in L2 (2 MiB per core on the AMX host): a gate/up task re-reads its gate and up column blocks for
 // every 64-row chunk of the expert, so the chunk's A rows plus both blocks should fit in kAmxL2Budget
-// (AmxGateUpPanels). On the Qwen3-235B shape (K = 4096, bf16) that is 2 panels: 185 ms per prefill at qlen
-// 4096 against 195 ms with 4 and 203 ms with 8 (one machine, 16 threads, `kt bench --tiling`); at K = 2048
-// (Qwen3-30B) it is 8, which measured 15.4-15.9 ms against 19.6-20.1 ms with 4. The down phase keeps 8
-// panels (128 columns): its blocks are K = I wide and fit with all of an expert's rows.
+// (AmxGateUpPanels). On the Qwen3-235B shape (K = 4096, bf16) that is 2 panels, at K = 2048 (Qwen3-30B)
+// 8; each measured faster than the other widths tried (`kt bench --tiling`; docs/perf-log/2026-11-27-int8.md
+// and 2026-11-27-amx-bf16.md). The down phase keeps 8 panels (128 columns): its blocks are K = I wide and
+// fit with all of an expert's rows.
 constexpr size_t kPanelsPerTask = 3;
 constexpr size_t kPanelsPerTaskAmx = 8;
 constexpr size_t kMaxPanelsPerTask = 16;  // MoeTiling's bound
@@ -48,12 +48,6 @@ size_t AmxGateUpPanels(size_t k, size_t act_bytes, size_t weight_bytes) {
   return std::min<size_t>(kPanelsPerTaskAmx, std::max<size_t>(2, panels));
 }
 
-// Row stride, in elements of `elem_bytes`, of the scratch activation arrays for rows of `k` values: whole
-// cache lines plus one. Expert K dimensions are powers of two or small multiples of them, so unpadded rows
-// sit 2^n bytes apart and the 16 rows of an AMX A tile (or a kernel's row block) all fall into one L1 set;
-// the extra line spreads them over 16 sets. On the AMX host (single thread, 128 columns, medians of 3) that
-// took the bf16 tile kernel from 408 to 732 GFLOPS at 64 x 4096 and from 325 to 714 at 256 x 4096, and
-// the int8 one from 1.13 to 1.60 TOPS at 256 x 4096 and 0.83 to 1.39 at 256 x 1536.
 // Spin-wait hint for the forward pipeline's dependencies (waits last a fraction of one task).
 inline void Pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -61,6 +55,11 @@ inline void Pause() {
 #endif
 }
 
+// Row stride, in elements of `elem_bytes`, of the scratch activation arrays for rows of `k` values: whole
+// cache lines plus one. Expert K dimensions are powers of two or small multiples of them, so unpadded rows
+// sit 2^n bytes apart and the 16 rows of an AMX A tile (or a kernel's row block) all fall into one L1 set;
+// the extra line spreads them over 16 sets, which the AMX tile kernels need to load A tiles at speed
+// (docs/perf-log/2026-11-27-int8.md).
 size_t PaddedStride(size_t k, size_t elem_bytes) {
   const size_t line_elems = 64 / elem_bytes;
   return (k + line_elems - 1) / line_elems * line_elems + line_elems;
@@ -595,8 +594,8 @@ absl::Status MoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
   absl::StatusOr<QuantSpec> spec = quant_spec();
   if (!spec.ok()) return spec.status();
   // Every quantized format through the vectorized quantizer: quant.h's Quantize bit for bit
-  // (quant_fast_test), its errors included (a non-finite weight named by row and column). Online int4
-  // loading of a Qwen3-235B-shaped layer was bound by the scalar Quantize (0.23 GB/s on 2 dev-box threads).
+  // (quant_fast_test), its errors included (a non-finite weight named by row and column). The scalar
+  // Quantize would bound online loading (docs/perf-log/2026-11-27-weight-io.md).
   absl::StatusOr<QuantizedMatrix> q = QuantizeFast(isa_, *spec, w, k, n, k);
   if (!q.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("LoadExpert: ", ExpertProjName(proj),
@@ -742,7 +741,7 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     // h-quantize row blocks (quantized formats), down blocks (expert-major). The pool hands tasks out in
     // index order, so a task only ever waits for tasks handed out before it, which are running or done:
     // no deadlock, and no barrier between phases (a decode step has ~16 tasks per phase on 16 threads, and
-    // the 3 barriers it had cost each phase its slowest task's tail).
+    // a barrier would cost each phase its slowest task's tail).
     // Blocks of up to 64 rows, smaller when there are few rows (decode) so every thread gets some.
     const size_t threads = static_cast<size_t>(pool.num_threads());
     const size_t row_block = std::clamp<size_t>(rows / (2 * threads), 1, 64);
@@ -828,8 +827,8 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
         // the last whole chunk (the scratch holds row_chunk + 15 rows): no chunk falls below the kernels'
         // 8-row AMX minimum when the expert has more rows, so the kernel, and the bits of a row's result,
         // do not depend on the chunking; and whole chunks stay multiples of the 32-row tile block (equal
-        // splits such as 63 + 63 + 62 + 62 put a partial, staged A tile in every chunk: 235B bf16 gate/up
-        // went from 140 to 200 ms per call at qlen 4096 on the AMX host).
+        // splits such as 63 + 63 + 62 + 62 would put a partial, staged A tile in every chunk, which is much
+        // slower on the AMX path).
         const size_t r_begin = expert_begin_[e], r_end = expert_begin_[e + 1];
         size_t r0 = r_begin;
         while (r0 < r_end) {

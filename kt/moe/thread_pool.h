@@ -47,8 +47,10 @@ class ThreadPool {
 
   // Hand-off: ParallelFor publishes fn_/num_tasks_, then bumps generation_ (release). Workers spin on
   // generation_ for up to kSpinMicros before sleeping on wake_; the caller likewise spins on busy_workers_
-  // before sleeping on done_. A decode step runs 4 phases of ~100 us each, so a futex wake-up per phase
-  // and thread would otherwise cost a large share of it.
+  // before sleeping on done_. A MoE decode step is one short ParallelFor (MoeLayer::Forward runs gather,
+  // gate/up, h-quantize and down as one task pipeline, without barriers between them), and the SFT layer
+  // calls ParallelFor several times per forward and backward; a futex wake-up per call and thread would
+  // cost a large share of calls that short.
   std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable done_;

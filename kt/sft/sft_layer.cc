@@ -50,9 +50,9 @@ inline void TransposeToF32(const bf16_t* b, size_t rows, size_t cols, float* out
 // Row stride, in elements, of the bf16 and int8 rows the base GEMMs read (x and grad_y rows, H wide; h,
 // grad_g, grad_u rows, I wide): whole cache lines of bf16 plus one. H and I are powers of two or small
 // multiples of them, so unpadded rows sit 2^n bytes apart and the 16 rows of an AMX A tile fall into one
-// L1 set; MoeLayer pads its own rows the same way for that reason (its PaddedStride measurement: the bf16
-// tile kernel 408 -> 732 GFLOPS at 64 x 4096 on the AMX host). One stride serves the bf16 and the int8
-// copy of a row (ProjInput has one ld): 2 (H + 32) or H + 32 bytes, never a multiple of 4 KiB either.
+// L1 set; MoeLayer pads its own rows the same way for that reason (PaddedStride in kt/moe/moe_layer.cc).
+// One stride serves the bf16 and the int8 copy of a row (ProjInput has one ld): 2 (H + 32) or H + 32
+// bytes, never a multiple of 4 KiB either.
 size_t RowStride(size_t k) { return (k + 31) / 32 * 32 + 32; }
 
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
@@ -242,8 +242,8 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
   const size_t e_count = config_.moe.num_experts;
   std::vector<absl::Status> failures(e_count * 3);
   // One buffer per thread for the quantized formats' transposed bf16, reused by its tasks and kept with the
-  // backward weights between rebuilds (a fresh one per task or per rebuild was page-faulted and zeroed
-  // each time: 3 MiB per Qwen3-30B projection).
+  // backward weights between rebuilds (a fresh one per task or per rebuild would be page-faulted and
+  // zeroed each time: 3 MiB per Qwen3-30B projection).
   const size_t max_elems = static_cast<size_t>(config_.moe.hidden) * config_.moe.intermediate;
   const size_t threads = static_cast<size_t>(pool.num_threads());
   if (w.transposed_.size() < threads) w.transposed_.resize(threads);
@@ -252,14 +252,14 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
     const auto proj = static_cast<ExpertProj>(task % 3);
     if (base_->format() == ExpertFormat::kBf16) {
       // bf16 transposes packed to packed: each 512-byte block of the forward panels is one 512-byte block
-      // of the backward ones, read and written once (AMX host, Qwen3-30B layer, 16 threads: the unpack,
-      // transpose, pack route it replaced took 0.114 s per rebuild, half a fwd + bwd step).
+      // of the backward ones, read and written once (about half the time of unpacking, transposing and
+      // packing again; docs/perf-log/2026-11-27-session-10.md).
       failures[task] = w.t_->LoadExpertTransposed(slot, proj, *base_);
       return;
     }
     // Quantized formats dequantize straight into the transposed order (one pass over the packed weights;
     // a panel block is a few runs of 16 consecutive values of W^T), then quantize again per row of W^T.
-    // (A row-major unpack followed by a tiled transpose took over half of an int8 rebuild.)
+    // (A row-major unpack followed by a tiled transpose would take over half of an int8 rebuild.)
     std::vector<bf16_t>& wt = w.transposed_[thread];
     wt.resize(max_elems);
     failures[task] = base_->UnpackExpertTransposed(slot, proj, wt.data());
@@ -509,8 +509,8 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       const size_t c0 = (task % inter_blocks) * cpt;
       const size_t cols = std::min(cpt, inter - c0);
       // B_g, B_u rows c0..c0+cols transposed to [r, cols]: the LoRA term of a row is then r axpys of
-      // length cols (vectorized), not cols dot products of length r (a horizontal sum per element; the
-      // dot form made the SFT forward 1.5x the inference forward at qlen 4096 on the dev box).
+      // length cols (vectorized), not cols dot products of length r (a horizontal sum per element, which
+      // makes the LoRA term cost a large share of the forward).
       float* bg = w.thread_scratch.data() + thread * scratch;
       float* bu = bg + r * cpt;
       TransposeToF32(lora_.gate_b + (e * inter + c0) * r, cols, r, bg);

@@ -133,7 +133,7 @@ class SftWorkspace {
   Buf<float> thread_scratch;       // per thread, ScratchPerThread floats
   // The cache entry of a forward without save_for_backward (e.g. the first, no-grad forward of every layer
   // under activation recomputation): nothing in it outlives the call, so one serves every layer sharing
-  // the workspace (it was one per layer: 265 MiB each on Qwen3-30B at qlen 4096, 12.4 GiB for 48 layers).
+  // the workspace (one per layer would be 265 MiB each on Qwen3-30B at qlen 4096, 12.4 GiB for 48 layers).
   SftForwardCache scratch;
   int threads = 0;
 };

@@ -13,7 +13,7 @@ if [ -z "${KT_SKIP_FULL_SUITE:-}" ]; then
   python3 -m pytest -q .device/python/tests --ignore=.device/python/tests/wheel_test.py || status=1
 fi
 # The capped runs go side by side (each test uses 2 threads; the host has 16 CPUs): one after the other they
-# took longer than a device call may run.
+# take longer than a device call may run.
 pids=()
 for isa in avx2 avx512 avx512_vnni avx512_bf16 amx; do
   KT_ISA=$isa python3 -m pytest -q -p no:cacheprovider .device/python/tests/hf_fixtures_test.py \

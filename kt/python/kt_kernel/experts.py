@@ -4,12 +4,17 @@
 result is not a KTMoEWrapper instance). The arguments, defaults, method names and validation messages are
 those of the original kt-kernel, so code written against it keeps working.
 
-What kt implements today: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
+What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
-``KT_INFERENCE_EXTENSIONS`` (group-wise int4; ``group_size`` keyword); ``mode="sft"`` with the SFT methods
-whose base format this build has (``AMXBF16_SFT``, ``AMXINT8_SFT`` and their ``_SkipLoRA`` variants; see
-``kt_kernel.sft.amx``). Every other method raises NotImplementedError naming the method: kt never
-substitutes a different method.
+``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword); weights
+come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
+reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
+every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
+``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
+``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
+LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4, FP8,
+FP8_PERCHANNEL, LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
+method.
 
 Example::
 
@@ -160,8 +165,10 @@ class KTMoEWrapper:
             cpuinfer_threads: Worker threads (one pool shared by all layers of the process; see
                 ``kt_kernel._native``).
             threadpool_count: NUMA sub-pools of the original; accepted, not split yet (one pool).
-            weight_path: Directory of converted weights, for ``load_weights`` (not implemented yet; may be
-                None when weights come from ``load_weights_from_tensors``).
+            weight_path: Folder ``load_weights`` reads (inference): a Hugging Face checkpoint with bf16
+                experts (quantized at load for the integer methods) or a ``kt convert`` folder of this
+                method's layout. None when weights come from ``load_weights_from_tensors`` (the only way
+                SFT wrappers load their weights).
             chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
             cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
             max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
@@ -185,7 +192,8 @@ class KTMoEWrapper:
 
         Raises:
             ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-            NotImplementedError: ``method`` (or the SFT mode) is not implemented yet in kt.
+            NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4, FP8,
+                FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
         """
         # Validate mode
         if mode not in ("inference", "sft"):

@@ -149,7 +149,8 @@ class BaseMoEWrapper:
     # -- the backend API ------------------------------------------------------------------------------
 
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
-        """Loads the experts from ``weight_path``. Not implemented yet: use load_weights_from_tensors."""
+        """Loads the experts from ``weight_path``: implemented by the backends (``NativeMoEWrapper`` and its
+        subclasses, kt_kernel/utils/amx.py); a backend without it raises NotImplementedError."""
         raise self._not_implemented(
             "load_weights (reading weights from weight_path; weight file IO comes later — use "
             "load_weights_from_tensors)"

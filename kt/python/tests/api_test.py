@@ -110,7 +110,7 @@ def test_sft_methods_build(method):
 
 def test_unimplemented_backend_methods():
     moe = loaded()
-    # load_weights is implemented now (weight_path_test.py); without a weight_path it says what to pass.
+    # load_weights reads weight_path (weight_path_test.py); without a weight_path it says what to pass.
     with pytest.raises(ValueError, match="weight_path is None"):
         moe.load_weights(None)
     x, ids, w = inputs()

@@ -14,7 +14,8 @@
   KTMoEWrapper keyword of the same name. ``AMXINT4_1``: asymmetric int4 with a scale and zero point per
   output channel (kt-int4-channel-asym-v1, the original's INT4_1), activations per token.
 
-The other methods of the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) come later.
+The other methods of the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) are not implemented:
+KTMoEWrapper raises NotImplementedError for them.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
     @property
     def weight_format(self) -> str:
-        """'bf16', 'int8', 'int4', 'int4_group_sym' or 'int4_group_asym': how the expert weights are held."""
+        """How the expert weights are held: 'bf16', 'int8', 'int4', 'int4_asym', 'int4_group_sym' or
+        'int4_group_asym' (kt's ExpertFormat names; see _METHOD_FORMATS)."""
         return self._moe.format
 
     @property
