@@ -79,6 +79,17 @@ def specs():
                     num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=2,
                     linear_key_head_dim=16, linear_value_head_dim=16, **kw)
 
+    def deepseek_moe(mla=True, **kw):
+        """DeepSeek-style config kwargs: a dense layer 0, then one MoE layer with a shared expert; `kw`
+        overrides (first_k_dense_replace=None leaves it out, for configs that do not take it)."""
+        args = dict(ATTN, **(deepseek_mla() if mla else {}), hidden_size=64, intermediate_size=64,
+                    num_hidden_layers=2, first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8,
+                    n_shared_experts=1, num_experts_per_tok=2, norm_topk_prob=True)
+        args.update(kw)
+        return {k: v for k, v in args.items() if v is not None}
+
+    dsa_indexer = dict(index_topk=16, index_head_dim=32, index_n_heads=2)
+
     def vl_text(**kw):
         return dict(ATTN, hidden_size=64, num_hidden_layers=1, moe_intermediate_size=48, intermediate_size=64,
                     num_experts=8, num_experts_per_tok=2, **kw)
@@ -108,44 +119,23 @@ def specs():
         "qwen3_vl_moe_resaved": (lambda: tf.Qwen3VLMoeConfig(
             text_config=vl_text(), vision_config=tiny_vision(dict(deepstack_visual_indexes=[]))),
             "Qwen3VLMoeForConditionalGeneration"),
-        "deepseek_v2": (lambda: tf.DeepseekV2Config(
-            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-            routed_scaling_factor=2.0, norm_topk_prob=False),
-            "DeepseekV2ForCausalLM"),
-        "deepseek_v3": (lambda: tf.DeepseekV3Config(
-            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
-            "DeepseekV3ForCausalLM"),
-        "deepseek_v3_fp8": (lambda: tf.DeepseekV3Config(
-            **ATTN, **deepseek_mla(), hidden_size=256, intermediate_size=64, num_hidden_layers=2,
-            first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True),
-            "DeepseekV3ForCausalLM"),
-        "deepseek_v32": (lambda: tf.DeepseekV32Config(
-            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
-            index_topk=16, index_head_dim=32, index_n_heads=2),
-            "DeepseekV32ForCausalLM"),
-        "glm4_moe_lite": (lambda: tf.Glm4MoeLiteConfig(
-            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True),
+        "deepseek_v2": (lambda: tf.DeepseekV2Config(**deepseek_moe(
+            topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+            norm_topk_prob=False)), "DeepseekV2ForCausalLM"),
+        "deepseek_v3": (lambda: tf.DeepseekV3Config(**deepseek_moe(
+            n_group=4, topk_group=2, routed_scaling_factor=2.5)), "DeepseekV3ForCausalLM"),
+        "deepseek_v3_fp8": (lambda: tf.DeepseekV3Config(**deepseek_moe(
+            hidden_size=256, moe_intermediate_size=128, n_routed_experts=4, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5)), "DeepseekV3ForCausalLM"),
+        "deepseek_v32": (lambda: tf.DeepseekV32Config(**deepseek_moe(
+            n_group=4, topk_group=2, routed_scaling_factor=2.5, **dsa_indexer)), "DeepseekV32ForCausalLM"),
+        "glm4_moe_lite": (lambda: tf.Glm4MoeLiteConfig(**deepseek_moe(
+            first_k_dense_replace=None, n_group=1, topk_group=1, routed_scaling_factor=1.8)),
             "Glm4MoeLiteForCausalLM"),
-        "glm_moe_dsa": (lambda: tf.GlmMoeDsaConfig(
-            **ATTN, **deepseek_mla(), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-            index_topk=16, index_head_dim=32, index_n_heads=2),
-            "GlmMoeDsaForCausalLM"),
-        "glm4_moe": (lambda: tf.Glm4MoeConfig(
-            **ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2, first_k_dense_replace=1,
-            moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True),
-            "Glm4MoeForCausalLM"),
+        "glm_moe_dsa": (lambda: tf.GlmMoeDsaConfig(**deepseek_moe(
+            n_group=1, topk_group=1, routed_scaling_factor=2.5, **dsa_indexer)), "GlmMoeDsaForCausalLM"),
+        "glm4_moe": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
+            mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
         "glm4v_moe": (lambda: tf.Glm4vMoeConfig(
             text_config=dict(ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                              first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8,
