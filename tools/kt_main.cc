@@ -38,6 +38,7 @@
 #include "kt/io/convert.h"
 #include "kt/io/method.h"
 #include "kt/moe/moe_layer.h"
+#include "kt/moe/moe_reference.h"
 #include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
 #include "tools/bandwidth.h"
