@@ -46,67 +46,74 @@ std::vector<bf16_t> RandomBf16(size_t n, uint32_t seed) {
 
 Isa Best() { return BestIsa(GetCpuFeatures()); }
 
-void Label(benchmark::State& state, bool eigen, double flop) {
-  state.SetLabel(eigen ? kEigenBuild : std::string("kt ") + IsaName(Best()));
+// Times kt() (state.range(1) == 0) or eigen() and labels the run with the side and its GFLOPS.
+template <typename Kt, typename Eig>
+void Run(benchmark::State& state, double flop, Kt kt, Eig eigen) {
+  const bool use_eigen = state.range(1) != 0;
+  for (auto _ : state) {
+    if (use_eigen) {
+      eigen();
+    } else {
+      kt();
+    }
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel(use_eigen ? kEigenBuild : std::string("kt ") + IsaName(Best()));
   state.counters["GFLOPS"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate,
                                                 benchmark::Counter::kIs1000);
 }
 
 void BM_Expand(benchmark::State& state) {
   const size_t m = state.range(0);
-  const bool eigen = state.range(1) != 0;
   const std::vector<float> ax = Random(m * kRank, 1), b = Random(kRank * kInter, 2);
   std::vector<float> c(m * kInter, 0.0f);
   const Isa isa = Best();
-  for (auto _ : state) {
-    if (eigen) {
-      eigen::MapRows(c.data(), m, kInter).noalias() +=
-          kScale * eigen::MapRows(ax.data(), m, kRank) * eigen::MapRows(b.data(), kRank, kInter);
-    } else {
-      LoraGemm(isa, m, kInter, kRank, kScale, ax.data(), kRank, 1, b.data(), kInter, c.data(), kInter, true);
-    }
-    benchmark::DoNotOptimize(c.data());
-  }
-  Label(state, eigen, 2.0 * m * kInter * kRank);
+  Run(
+      state, 2.0 * m * kInter * kRank,
+      [&] {
+        LoraGemm(isa, m, kInter, kRank, kScale, ax.data(), kRank, 1, b.data(), kInter, c.data(), kInter,
+                 true);
+      },
+      [&] {
+        eigen::MapRows(c.data(), m, kInter).noalias() +=
+            kScale * eigen::MapRows(ax.data(), m, kRank) * eigen::MapRows(b.data(), kRank, kInter);
+      });
 }
 
 void BM_GradA(benchmark::State& state) {
   const size_t m = state.range(0);
-  const bool eigen = state.range(1) != 0;
   const std::vector<float> db = Random(m * kRank, 3), x = Random(m * kHidden, 4);
   std::vector<float> da(kRank * kHidden, 0.0f);
   const Isa isa = Best();
-  for (auto _ : state) {
-    if (eigen) {
-      eigen::MapRows(da.data(), kRank, kHidden).noalias() +=
-          kScale * eigen::MapRows(db.data(), m, kRank).transpose() * eigen::MapRows(x.data(), m, kHidden);
-    } else {
-      LoraGemm(isa, kRank, kHidden, m, kScale, db.data(), 1, kRank, x.data(), kHidden, da.data(), kHidden,
-               true);
-    }
-    benchmark::DoNotOptimize(da.data());
-  }
-  Label(state, eigen, 2.0 * m * kHidden * kRank);
+  Run(
+      state, 2.0 * m * kHidden * kRank,
+      [&] {
+        LoraGemm(isa, kRank, kHidden, m, kScale, db.data(), 1, kRank, x.data(), kHidden, da.data(), kHidden,
+                 true);
+      },
+      [&] {
+        eigen::MapRows(da.data(), kRank, kHidden).noalias() +=
+            kScale * eigen::MapRows(db.data(), m, kRank).transpose() * eigen::MapRows(x.data(), m, kHidden);
+      });
 }
 
 void BM_Down(benchmark::State& state) {
   const size_t m = state.range(0);
-  const bool eigen = state.range(1) != 0;
   const std::vector<bf16_t> x = RandomBf16(m * kHidden, 5);
   const std::vector<float> a = Random(kRank * kHidden, 6);
   std::vector<float> ax(m * kRank), x32(m * kHidden);
   const Isa isa = Best();
-  for (auto _ : state) {
-    if (eigen) {
-      for (size_t i = 0; i < x.size(); ++i) x32[i] = Bf16ToF32(x[i]);
-      eigen::MapRows(ax.data(), m, kRank).noalias() =
-          eigen::MapRows(x32.data(), m, kHidden) * eigen::MapRows(a.data(), kRank, kHidden).transpose();
-    } else {
-      LoraGemmNT(isa, m, kRank, kHidden, 1.0f, x.data(), kHidden, a.data(), kHidden, ax.data(), kRank, false);
-    }
-    benchmark::DoNotOptimize(ax.data());
-  }
-  Label(state, eigen, 2.0 * m * kHidden * kRank);
+  Run(
+      state, 2.0 * m * kHidden * kRank,
+      [&] {
+        LoraGemmNT(isa, m, kRank, kHidden, 1.0f, x.data(), kHidden, a.data(), kHidden, ax.data(), kRank,
+                   false);
+      },
+      [&] {
+        for (size_t i = 0; i < x.size(); ++i) x32[i] = Bf16ToF32(x[i]);
+        eigen::MapRows(ax.data(), m, kRank).noalias() =
+            eigen::MapRows(x32.data(), m, kHidden) * eigen::MapRows(a.data(), kRank, kHidden).transpose();
+      });
 }
 
 // Args: rows m of one expert (decode-sized to prefill-sized), then 0 = kt, 1 = Eigen.
