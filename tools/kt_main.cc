@@ -6,8 +6,11 @@
 //   kt doctor          CPU, features, kernel paths, what KT_ISA resolves to.
 //   kt convert         Converts a Hugging Face bf16 checkpoint into kt's converted folder for one method
 //                      (kt/io/convert.h): streaming, resumable, atomic, with a checksummed manifest.
+//   kt --version       The version and the kernel path this process selects.
 //
-// Strict argument parsing: an unknown flag or subcommand is an error naming it (exit code 2).
+// Every flag is an ABSL_FLAG below; each command lists the flags it accepts (kBenchFlags, kConvertFlags) and
+// tools/cli_flags.h parses them and generates their usage text. Exit codes: 0 success (and --help), 1 a
+// failed run, 2 a usage error (unknown command or flag, bad value: the message names it).
 #include <sched.h>
 #include <unistd.h>
 
@@ -19,12 +22,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/flags/flag.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
@@ -38,11 +43,144 @@
 #include "kt/io/convert.h"
 #include "kt/io/method.h"
 #include "kt/moe/moe_layer.h"
+#include "kt/moe/moe_reference.h"
 #include "kt/moe/synthetic.h"
 #include "kt/moe/thread_pool.h"
 #include "tools/bandwidth.h"
+#include "tools/cli_flags.h"
 #include "tools/parallel.h"
 #include "tools/peak.h"
+
+namespace kt {
+namespace tools {
+
+struct Shape {
+  const char* name;
+  int experts, top_k, hidden, intermediate, layers;
+};
+
+constexpr Shape kShapes[] = {
+    {"qwen3-30b-a3b", 128, 8, 2048, 768, 48},
+    {"qwen3-235b-a22b", 128, 8, 4096, 1536, 94},
+};
+
+// Flag value types (Abseil finds AbslParseFlag / AbslUnparseFlag next to the type).
+
+struct ShapeFlag {
+  const Shape* shape = &kShapes[0];
+};
+
+bool AbslParseFlag(absl::string_view text, ShapeFlag* out, std::string* error) {
+  for (const Shape& shape : kShapes) {
+    if (text == shape.name) {
+      out->shape = &shape;
+      return true;
+    }
+  }
+  *error = "expected qwen3-30b-a3b or qwen3-235b-a22b";
+  return false;
+}
+
+std::string AbslUnparseFlag(const ShapeFlag& f) { return f.shape->name; }
+
+struct FormatFlag {
+  ExpertFormat format = ExpertFormat::kBf16;
+};
+
+bool AbslParseFlag(absl::string_view text, FormatFlag* out, std::string* error) {
+  const absl::StatusOr<ExpertFormat> parsed = ParseExpertFormat(text);
+  if (!parsed.ok()) {
+    *error = std::string(parsed.status().message());
+    return false;
+  }
+  out->format = *parsed;
+  return true;
+}
+
+std::string AbslUnparseFlag(const FormatFlag& f) { return ExpertFormatName(f.format); }
+
+// Tilings G,D[,R[,KB]] separated by spaces. The ranges are the layer's to check (MoeLayer::SetTiling names
+// the field); `--tiling` takes exactly one, `--sweep-tiling` any number.
+struct TilingsFlag {
+  std::vector<MoeTiling> tilings;
+};
+
+bool AbslParseFlag(absl::string_view text, TilingsFlag* out, std::string* error) {
+  std::vector<MoeTiling> tilings;
+  for (absl::string_view one : absl::StrSplit(text, ' ', absl::SkipEmpty())) {
+    const std::vector<absl::string_view> parts = absl::StrSplit(one, ',');
+    MoeTiling tiling;
+    int* fields[] = {&tiling.gate_up_panels, &tiling.down_panels, &tiling.row_chunk, &tiling.k_block};
+    bool ok = parts.size() >= 2 && parts.size() <= 4;
+    for (size_t i = 0; ok && i < parts.size(); ++i) ok = absl::SimpleAtoi(parts[i], fields[i]);
+    if (!ok) {
+      *error = absl::StrCat("'", one,
+                            "': expected G,D[,R[,KB]] (panels of 16 columns per gate/up and down task, rows per "
+                            "gate/up kernel call, AMX K block), integers");
+      return false;
+    }
+    tilings.push_back(tiling);
+  }
+  out->tilings = std::move(tilings);
+  return true;
+}
+
+std::string AbslUnparseFlag(const TilingsFlag& f) {
+  return absl::StrJoin(f.tilings, " ", [](std::string* out, const MoeTiling& t) {
+    absl::StrAppend(out, t.gate_up_panels, ",", t.down_panels, ",", t.row_chunk, ",", t.k_block);
+  });
+}
+
+}  // namespace tools
+}  // namespace kt
+
+// Flags of `kt bench`.
+ABSL_FLAG(kt::tools::ShapeFlag, shape, {},
+          "qwen3-30b-a3b (E=128, k=8, H=2048, I=768) or qwen3-235b-a22b (E=128, k=8, H=4096, I=1536; 4.8 GB of "
+          "weights)");
+ABSL_FLAG(bool, pin, false, "pin thread i to the i-th allowed CPU (kt and yardsticks)");
+ABSL_FLAG(int, qlen_decode, 1, "tokens per decode call");
+ABSL_FLAG(int, qlen_prefill, 512, "tokens per prefill call");
+ABSL_FLAG(int, iters, 100, "decode iterations, median reported (at least 50 recommended)");
+ABSL_FLAG(int, prefill_iters, 5, "prefill iterations");
+ABSL_FLAG(int, layers, 0,
+          "copies of the layer (same values, distinct memory) that the timed calls cycle through (0: enough to "
+          "exceed 4x the last-level cache, at least 1)");
+ABSL_FLAG(int, bandwidth_mib, 1024, "size of the read-bandwidth buffer in MiB");
+ABSL_FLAG(int, seed, 1, "seed of the random weights, inputs and routing");
+ABSL_FLAG(kt::tools::FormatFlag, format, {},
+          "expert weights: bf16, int8, int4 or int4_asym (quantized per output channel at load, activations per "
+          "token), int4_group_sym or int4_group_asym (a scale, and for asym a zero point, per --group-size k; "
+          "activations per token and group); the accuracy line then also reports the format's own error "
+          "against the bf16 model");
+ABSL_FLAG(kt::tools::TilingsFlag, tiling, {{kt::MoeTiling{}}},
+          "G,D[,R[,KB]]: panels of 16 columns per task in the gate/up and down phases (1..16 each; 0 keeps the "
+          "layer's choice: 3, on amx 2-8 sized to L2 and 8), rows per gate/up kernel call R (16..1024; 0: 64) "
+          "and the AMX kernels' K block KB (0: none); for tuning only, results are bit-identical");
+ABSL_FLAG(kt::tools::TilingsFlag, sweep_tiling, {},
+          "\"T ...\": after the prefill, time it again under each tiling T (G,D[,R[,KB]], separated by spaces) "
+          "on the same layers and routings: one line per tiling");
+ABSL_FLAG(bool, no_torch, false, "skip the PyTorch yardstick");
+ABSL_FLAG(std::string, python, "/usr/bin/python3", "interpreter for the PyTorch yardstick");
+ABSL_FLAG(std::string, torch_script, "",
+          "tools/torch_moe_bench.py (empty: $KT_TORCH_BENCH, else found in the runfiles)");
+
+// Flags of `kt convert`.
+ABSL_FLAG(std::string, input, "",
+          "required: Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts");
+ABSL_FLAG(std::string, output, "",
+          "required: created if missing; rerunning into it resumes (layers whose checksums verify are kept)");
+ABSL_FLAG(std::string, method, "",
+          "required: BF16 | AMXINT8 | MOE_INT8 | AMXINT4 | MOE_INT4 | RAWINT4 | GPTQ_INT4 | AMXINT4_KGroup | "
+          "AMXINT4_1KGroup (docs/FORMATS.md: method -> layout)");
+
+// Flags of both.
+ABSL_FLAG(int, threads, 0,
+          "threads (bench: kt, the yardsticks and PyTorch; convert: quantization); 0: the CPUs in this "
+          "process's affinity mask");
+ABSL_FLAG(int, group_size, 128,
+          "group of the k-group int4 formats (bench: --format int4_group_*, 32, 64 or 128; convert: "
+          "AMXINT4_KGroup / AMXINT4_1KGroup)");
 
 namespace kt {
 namespace tools {
@@ -50,8 +188,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The version of kt (the Python package's kt/python/kt_kernel/_version.py says the same; kt_cli_test
+// checks it).
+constexpr const char* kVersion = "0.1.0";
 constexpr int kExitUsage = 2;
-constexpr const char* kDefaultPython = "/usr/bin/python3";
 constexpr const char* kTorchScript = "tools/torch_moe_bench.py";
 constexpr int kAccuracyQlen = 7;
 constexpr double kAccuracyTolerance = 1e-2;
@@ -63,54 +203,73 @@ double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Cloc
 
 constexpr const char* kUsage =
     R"(usage: kt <command> [flags]
+       kt --version    the version and the kernel path this process selects
+       kt --help
 
 commands:
   bench    benchmark the BF16 routed experts of one MoE layer (decode + prefill), with yardsticks measured
            in the same run: read bandwidth, the kernel path's peak compute, and PyTorch
   doctor   print the CPU, its features, every kernel path (supported or not) and what KT_ISA selects
-  convert  convert a Hugging Face bf16 checkpoint's routed experts for one method (`kt convert --help`)
+  convert  convert a Hugging Face bf16 checkpoint's routed experts for one method
 
 environment:
   KT_ISA   cap the kernel path: scalar | avx2 | avx512 | avx512_vnni | avx512_bf16 | amx
            (unset: the best path this CPU supports; a path it cannot run is an error, exit 2)
 
-`kt bench --help` lists the bench flags. Under Bazel: bazel run -c opt //tools:kt -- bench
+`kt <command> --help` lists the command's flags. Under Bazel: bazel run -c opt //tools:kt -- bench
 )";
 
-constexpr const char* kBenchUsage =
-    R"(usage: kt bench [flags]
+// The flags each command accepts, with the range an int given on the command line must fall in.
+constexpr FlagSpec kBenchFlags[] = {
+    {"shape"},
+    {"threads", 1, 4096},
+    {"pin"},
+    {"qlen_decode", 1, 1 << 16},
+    {"qlen_prefill", 1, 1 << 16},
+    {"iters", 1, 1 << 24},
+    {"prefill_iters", 1, 1 << 20},
+    {"layers", 1, 1024},
+    {"bandwidth_mib", 16, 1 << 20},
+    {"seed", 0, 1 << 30},
+    {"format"},
+    {"group_size", 32, 128},
+    {"tiling"},
+    {"sweep_tiling"},
+    {"no_torch"},
+    {"python"},
+    {"torch_script"},
+};
 
-  --shape NAME          qwen3-30b-a3b (default: E=128, k=8, H=2048, I=768) or
-                        qwen3-235b-a22b (E=128, k=8, H=4096, I=1536; 4.8 GB of weights)
-  --threads N           threads for kt, the yardsticks and PyTorch (default: CPUs in the affinity mask)
-  --pin                 pin thread i to the i-th allowed CPU (kt and yardsticks)
-  --qlen-decode N       tokens per decode call (default 1)
-  --qlen-prefill N      tokens per prefill call (default 512)
-  --iters N             decode iterations, median reported (default 100, at least 50 recommended)
-  --prefill-iters N     prefill iterations (default 5)
-  --layers N            copies of the layer (same values, distinct memory) that the timed calls cycle
-                        through (default: enough to exceed 4x the last-level cache, at least 1)
-  --bandwidth-mib N     size of the read-bandwidth buffer in MiB (default 1024)
-  --seed N              seed of the random weights, inputs and routing (default 1)
-  --format F            expert weights: bf16 (default), int8, int4 or int4_asym (quantized per output
-                        channel at load, activations per token), int4_group_sym or int4_group_asym (a scale, and for
-                        asym a zero point, per --group-size k; activations per token and group); the
-                        accuracy line then also reports the format's own error against the bf16 model
-  --group-size G        group of the int4_group_* formats: 32, 64 or 128 (default 128)
-  --tiling G,D[,R[,KB]] panels of 16 columns per task in the gate/up and down phases (1..16 each; 0
-                        keeps the layer's choice: 3, on amx 2-8 sized to L2 and 8), rows per gate/up
-                        kernel call R (16..1024, default 64) and the AMX kernels' K block KB (0: none);
-                        for tuning only, results are bit-identical
-  --sweep-tiling "T ..."  after the prefill, time it again under each tiling T (G,D[,R[,KB]], separated
-                        by spaces) on the same layers and routings: one line per tiling
-  --no-torch            skip the PyTorch yardstick
-  --python PATH         interpreter for the PyTorch yardstick (default /usr/bin/python3)
-  --torch-script PATH   tools/torch_moe_bench.py (default: $KT_TORCH_BENCH, else found in the runfiles)
-)";
+constexpr FlagSpec kConvertFlags[] = {
+    {"input"},
+    {"output"},
+    {"method"},
+    // The method's own check (kt/io/convert.h) decides which group sizes a k-group method takes.
+    {"group_size", 1, std::numeric_limits<int>::max()},
+    {"threads", 1, std::numeric_limits<int>::max()},
+};
 
-int UsageError(const std::string& message, const char* usage) {
-  std::fprintf(stderr, "kt: %s\n\n%s", message.c_str(), usage);
+std::string CommandUsage(const char* synopsis, absl::Span<const FlagSpec> flags, const char* epilogue = "") {
+  return absl::StrCat("usage: ", synopsis, "\n\n", FlagsUsage(flags), epilogue);
+}
+
+int UsageError(const std::string& message, const std::string& usage) {
+  std::fprintf(stderr, "kt: %s\n\n%s", message.c_str(), usage.c_str());
   return kExitUsage;
+}
+
+// Parses a command's flags. Returns -1 to go on, else the exit code: 0 after printing the usage for --help,
+// kExitUsage after a usage error (the message prefixed with the command).
+int ParseOrExit(const char* command, const std::vector<std::string>& args, absl::Span<const FlagSpec> flags,
+                const std::string& usage, ParsedCommand* parsed) {
+  absl::StatusOr<ParsedCommand> p = ParseCommandFlags(args, flags);
+  if (!p.ok()) return UsageError(absl::StrCat(command, ": ", p.status().message()), usage);
+  if (p->help) {
+    std::printf("%s", usage.c_str());
+    return 0;
+  }
+  *parsed = *std::move(p);
+  return -1;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -128,16 +287,26 @@ std::string IsaOrigin() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// kt --version
+
+int Version() {
+  std::printf("kt %s\n", kVersion);
+  const absl::StatusOr<Isa> isa = SelectIsa();
+  if (!isa.ok()) {
+    std::printf("kernel path: none (%s)\n", std::string(isa.status().message()).c_str());
+    return kExitUsage;
+  }
+  std::printf("kernel path: %s (%s)\n", IsaName(*isa), IsaOrigin().c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // kt doctor
 
 int Doctor(const std::vector<std::string>& args) {
-  for (const std::string& a : args) {
-    if (a == "--help" || a == "-h") {
-      std::printf("usage: kt doctor\n");
-      return kExitUsage;
-    }
-    return UsageError(absl::StrCat("doctor: unknown argument '", a, "'"), kUsage);
-  }
+  ParsedCommand parsed;
+  const std::string usage = CommandUsage("kt doctor (no flags)", {});
+  if (const int code = ParseOrExit("doctor", args, {}, usage, &parsed); code >= 0) return code;
   const CpuFeatures& f = GetCpuFeatures();
   std::printf("CPU       %s\n", f.brand.empty() ? "(unknown brand)" : f.brand.c_str());
   std::printf("features  %s\n", f.ToString().c_str());
@@ -171,16 +340,6 @@ int Doctor(const std::vector<std::string>& args) {
 // ---------------------------------------------------------------------------------------------------------
 // kt bench: flags.
 
-struct Shape {
-  const char* name;
-  int experts, top_k, hidden, intermediate, layers;
-};
-
-constexpr Shape kShapes[] = {
-    {"qwen3-30b-a3b", 128, 8, 2048, 768, 48},
-    {"qwen3-235b-a22b", 128, 8, 4096, 1536, 94},
-};
-
 struct BenchFlags {
   Shape shape = kShapes[0];
   int threads = 0;
@@ -197,141 +356,46 @@ struct BenchFlags {
   MoeTiling tiling;  // 0, 0: the layer's own choice
   std::vector<MoeTiling> sweep;  // --sweep-tiling: prefill re-timed under each
   int group_size = 128;
-  std::string python = kDefaultPython;
+  std::string python;
   std::string torch_script;
 };
 
-// Returns an empty string on success, else the error message. Accepts "--flag value" and "--flag=value".
-std::string ParseBenchFlags(const std::vector<std::string>& args, BenchFlags* flags, bool* help) {
-  *help = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string name = args[i];
-    std::string value;
-    bool has_value = false;
-    const size_t eq = name.find('=');
-    if (name.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      has_value = true;
-    }
-    auto take_value = [&](std::string* out) -> std::string {
-      if (has_value) {
-        *out = value;
-        return "";
-      }
-      if (i + 1 >= args.size()) return absl::StrCat("flag ", name, " needs a value");
-      *out = args[++i];
-      return "";
-    };
-    auto take_int = [&](int lo, int hi, int* out) -> std::string {
-      std::string text;
-      std::string err = take_value(&text);
-      if (!err.empty()) return err;
-      int v = 0;
-      if (!absl::SimpleAtoi(text, &v) || v < lo || v > hi) {
-        return absl::StrCat("flag ", name, " wants an integer in [", lo, ", ", hi, "], got '", text, "'");
-      }
-      *out = v;
-      return "";
-    };
-    auto no_value = [&]() -> std::string {
-      return has_value ? absl::StrCat("flag ", name, " takes no value") : "";
-    };
-    std::string err;
-    if (name == "--help" || name == "-h") {
-      *help = true;
-      return "";
-    } else if (name == "--shape") {
-      std::string s;
-      err = take_value(&s);
-      if (err.empty()) {
-        bool found = false;
-        for (const Shape& shape : kShapes) {
-          if (s == shape.name) {
-            flags->shape = shape;
-            found = true;
-          }
-        }
-        if (!found)
-          err = absl::StrCat("unknown --shape '", s, "'; expected qwen3-30b-a3b or qwen3-235b-a22b");
-      }
-    } else if (name == "--threads") {
-      err = take_int(1, 4096, &flags->threads);
-    } else if (name == "--pin") {
-      err = no_value();
-      flags->pin = true;
-    } else if (name == "--qlen-decode") {
-      err = take_int(1, 1 << 16, &flags->qlen_decode);
-    } else if (name == "--qlen-prefill") {
-      err = take_int(1, 1 << 16, &flags->qlen_prefill);
-    } else if (name == "--iters") {
-      err = take_int(1, 1 << 24, &flags->iters);
-    } else if (name == "--prefill-iters") {
-      err = take_int(1, 1 << 20, &flags->prefill_iters);
-    } else if (name == "--layers") {
-      err = take_int(1, 1024, &flags->layers);
-    } else if (name == "--bandwidth-mib") {
-      err = take_int(16, 1 << 20, &flags->bandwidth_mib);
-    } else if (name == "--seed") {
-      int s = 0;
-      err = take_int(0, 1 << 30, &s);
-      flags->seed = static_cast<uint64_t>(s);
-    } else if (name == "--format") {
-      std::string f;
-      err = take_value(&f);
-      if (err.empty()) {
-        const absl::StatusOr<ExpertFormat> parsed = ParseExpertFormat(f);
-        if (parsed.ok()) {
-          flags->format = *parsed;
-        } else {
-          err = absl::StrCat("--format: ", parsed.status().message());
-        }
-      }
-    } else if (name == "--tiling" || name == "--sweep-tiling") {
-      std::string t;
-      err = take_value(&t);
-      std::vector<MoeTiling> tilings;
-      for (absl::string_view one : absl::StrSplit(t, ' ', absl::SkipEmpty())) {
-        const std::vector<std::string> parts = absl::StrSplit(one, ',');
-        MoeTiling tiling;
-        int* fields[] = {&tiling.gate_up_panels, &tiling.down_panels, &tiling.row_chunk, &tiling.k_block};
-        bool ok = parts.size() >= 2 && parts.size() <= 4;
-        for (size_t i = 0; ok && i < parts.size(); ++i) ok = absl::SimpleAtoi(parts[i], fields[i]);
-        if (err.empty() && !ok) {
-          err = absl::StrCat(name, " '", t,
-                             "': expected G,D[,R[,KB]] (panels of 16 columns per gate/up and down task, rows "
-                             "per gate/up kernel call, AMX K block), integers; --sweep-tiling takes several, "
-                             "separated by spaces");
-        }
-        tilings.push_back(tiling);
-      }
-      if (err.empty() && (tilings.empty() || (name == "--tiling" && tilings.size() != 1))) {
-        err = absl::StrCat(name, " '", t, "': expected ", name == "--tiling" ? "one" : "at least one",
-                           " G,D[,R[,KB]]");
-      }
-      // The layer checks the ranges (SetTiling) and names the field.
-      if (err.empty() && name == "--tiling") flags->tiling = tilings[0];
-      if (err.empty() && name == "--sweep-tiling") flags->sweep = tilings;
-    } else if (name == "--group-size") {
-      err = take_int(32, 128, &flags->group_size);
-      if (err.empty() && flags->group_size != 32 && flags->group_size != 64 && flags->group_size != 128) {
-        err = absl::StrCat("--group-size ", flags->group_size, ": expected 32, 64 or 128");
-      }
-    } else if (name == "--no-torch") {
-      err = no_value();
-      flags->torch = false;
-    } else if (name == "--python") {
-      err = take_value(&flags->python);
-    } else if (name == "--torch-script") {
-      err = take_value(&flags->torch_script);
-    } else if (name.rfind("-", 0) == 0) {
-      err = absl::StrCat("bench: unknown flag '", name, "'");
-    } else {
-      err = absl::StrCat("bench: unexpected argument '", name, "'");
-    }
-    if (!err.empty()) return err;
+// The bench flags' values after parsing; an error message for a value their types and ranges admit that
+// bench does not.
+absl::StatusOr<BenchFlags> GetBenchFlags(const ParsedCommand& parsed) {
+  BenchFlags flags;
+  flags.shape = *absl::GetFlag(FLAGS_shape).shape;
+  flags.threads = absl::GetFlag(FLAGS_threads);
+  flags.pin = absl::GetFlag(FLAGS_pin);
+  flags.qlen_decode = absl::GetFlag(FLAGS_qlen_decode);
+  flags.qlen_prefill = absl::GetFlag(FLAGS_qlen_prefill);
+  flags.iters = absl::GetFlag(FLAGS_iters);
+  flags.prefill_iters = absl::GetFlag(FLAGS_prefill_iters);
+  flags.bandwidth_mib = absl::GetFlag(FLAGS_bandwidth_mib);
+  flags.layers = absl::GetFlag(FLAGS_layers);
+  flags.seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_seed));
+  flags.torch = !absl::GetFlag(FLAGS_no_torch);
+  flags.format = absl::GetFlag(FLAGS_format).format;
+  flags.group_size = absl::GetFlag(FLAGS_group_size);
+  flags.python = absl::GetFlag(FLAGS_python);
+  flags.torch_script = absl::GetFlag(FLAGS_torch_script);
+  const std::vector<MoeTiling> tiling = absl::GetFlag(FLAGS_tiling).tilings;
+  flags.sweep = absl::GetFlag(FLAGS_sweep_tiling).tilings;
+  if (tiling.size() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("flag --tiling '", AbslUnparseFlag(TilingsFlag{tiling}),
+                                                   "': expected one G,D[,R[,KB]]"));
   }
-  return "";
+  flags.tiling = tiling[0];
+  const bool sweep_given =
+      std::find(parsed.set.begin(), parsed.set.end(), "sweep_tiling") != parsed.set.end();
+  if (sweep_given && flags.sweep.empty()) {
+    return absl::InvalidArgumentError("flag --sweep-tiling: expected at least one G,D[,R[,KB]]");
+  }
+  if (flags.group_size != 32 && flags.group_size != 64 && flags.group_size != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("flag --group-size ", flags.group_size, ": expected 32, 64 or 128"));
+  }
+  return flags;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -538,14 +602,12 @@ void PrintPhases(const TimedRuns& runs) {
 }
 
 int Bench(const std::vector<std::string>& args) {
-  BenchFlags flags;
-  bool help = false;
-  const std::string err = ParseBenchFlags(args, &flags, &help);
-  if (!err.empty()) return UsageError(err, kBenchUsage);
-  if (help) {
-    std::printf("%s", kBenchUsage);
-    return kExitUsage;
-  }
+  const std::string usage = CommandUsage("kt bench [flags]", kBenchFlags);
+  ParsedCommand parsed;
+  if (const int code = ParseOrExit("bench", args, kBenchFlags, usage, &parsed); code >= 0) return code;
+  absl::StatusOr<BenchFlags> flags_or = GetBenchFlags(parsed);
+  if (!flags_or.ok()) return UsageError(absl::StrCat("bench: ", flags_or.status().message()), usage);
+  BenchFlags flags = *std::move(flags_or);
   if (flags.threads == 0) flags.threads = HardwareThreads();
   cpu_set_t initial_affinity;
   CPU_ZERO(&initial_affinity);
@@ -889,55 +951,25 @@ int Bench(const std::vector<std::string>& args) {
 // ---------------------------------------------------------------------------------------------------------
 // kt convert
 
-constexpr const char* kConvertUsage =
-    R"(usage: kt convert --input HF_DIR --output OUT_DIR --method METHOD [flags]
-
-  --input DIR        Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts
-  --output DIR       created if missing; rerunning into it resumes (layers whose checksums verify are kept)
-  --method M         BF16 | AMXINT8 | MOE_INT8 | AMXINT4 | MOE_INT4 | RAWINT4 | GPTQ_INT4 |
-                     AMXINT4_KGroup | AMXINT4_1KGroup (docs/FORMATS.md: method -> layout)
-  --group-size G     32 | 64 | 128, for AMXINT4_KGroup / AMXINT4_1KGroup (default 128)
-  --threads N        quantization threads (default: CPUs in the affinity mask)
-
+constexpr const char* kConvertEpilogue =
+    R"(
 Progress (one line per layer, with GB/s and ETA) goes to stderr. Exit 0 on success, 1 on a conversion error
 (the message names the file and tensor; no finished-looking output is left), 2 on a usage error.
 )";
 
 int Convert(const std::vector<std::string>& args) {
+  const std::string usage = CommandUsage("kt convert --input HF_DIR --output OUT_DIR --method METHOD [flags]",
+                                         kConvertFlags, kConvertEpilogue);
+  ParsedCommand parsed;
+  if (const int code = ParseOrExit("convert", args, kConvertFlags, usage, &parsed); code >= 0) return code;
   ConvertOptions options;
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string name = args[i], value;
-    if (name == "--help" || name == "-h") {
-      std::printf("%s", kConvertUsage);
-      return kExitUsage;
-    }
-    const size_t eq = name.find('=');
-    if (name.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-    } else {
-      if (i + 1 >= args.size()) return UsageError(absl::StrCat("convert: ", name, " needs a value"), kConvertUsage);
-      value = args[++i];
-    }
-    int number = 0;
-    if (name == "--input") {
-      options.input = value;
-    } else if (name == "--output") {
-      options.output = value;
-    } else if (name == "--method") {
-      options.method = value;
-    } else if (name == "--group-size" || name == "--threads") {
-      if (!absl::SimpleAtoi(value, &number) || number < 1) {
-        return UsageError(absl::StrCat("convert: ", name, " must be a positive integer, got '", value, "'"),
-                          kConvertUsage);
-      }
-      (name == "--threads" ? options.threads : options.group_size) = number;
-    } else {
-      return UsageError(absl::StrCat("convert: unknown flag '", name, "'"), kConvertUsage);
-    }
-  }
+  options.input = absl::GetFlag(FLAGS_input);
+  options.output = absl::GetFlag(FLAGS_output);
+  options.method = absl::GetFlag(FLAGS_method);
+  options.group_size = absl::GetFlag(FLAGS_group_size);
+  options.threads = absl::GetFlag(FLAGS_threads);
   if (options.input.empty() || options.output.empty() || options.method.empty()) {
-    return UsageError("convert: --input, --output and --method are required", kConvertUsage);
+    return UsageError("convert: --input, --output and --method are required", usage);
   }
   absl::StatusOr<ConvertStats> stats = ConvertCheckpoint(options);
   if (!stats.ok()) {
@@ -961,12 +993,14 @@ int Main(int argc, char** argv) {
   const std::vector<std::string> rest(argv + 2, argv + argc);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     std::printf("%s", kUsage);
-    return kExitUsage;
+    return 0;
   }
+  if (cmd == "--version") return Version();
   if (cmd == "bench") return Bench(rest);
   if (cmd == "doctor") return Doctor(rest);
   if (cmd == "convert") return Convert(rest);
-  return UsageError(absl::StrCat("unknown command '", cmd, "'"), kUsage);
+  return UsageError(absl::StrCat(cmd.rfind("-", 0) == 0 ? "unknown flag '" : "unknown command '", cmd, "'"),
+                    kUsage);
 }
 
 }  // namespace

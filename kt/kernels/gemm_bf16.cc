@@ -71,19 +71,6 @@ void TransposePackedBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* packe
   }
 }
 
-void GemmBf16Reference(size_t m, size_t n, size_t k, const bf16_t* x, size_t ldx, const bf16_t* w,
-                       size_t ldw, float* y, size_t ldy) {
-  for (size_t i = 0; i < m; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      double acc = 0.0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        acc += static_cast<double>(Bf16ToF32(x[i * ldx + kk])) * Bf16ToF32(w[j * ldw + kk]);
-      }
-      y[i * ldy + j] = static_cast<float>(acc);
-    }
-  }
-}
-
 namespace internal {
 
 // Scalar path over the packed layout: fp32 accumulation in the same pair order as the vector paths.

@@ -51,11 +51,6 @@ using GemmBf16Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, con
 // The caller must have checked IsaSupported(isa, GetCpuFeatures()).
 GemmBf16Fn GetGemmBf16(Isa isa);
 
-// The slow, obvious truth, on unpacked row-major W[N,K]: double accumulation, so every fp32 path can be
-// judged against it with a bound derived from fp32 rounding.
-void GemmBf16Reference(size_t m, size_t n, size_t k, const bf16_t* x, size_t ldx, const bf16_t* w,
-                       size_t ldw, float* y, size_t ldy);
-
 namespace internal {
 // Per-library entry points, used by GetGemmBf16 and tests.
 void GemmBf16Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,

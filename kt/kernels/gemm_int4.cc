@@ -126,24 +126,6 @@ void Int4ActivationSums(size_t m, size_t k, size_t group, const int8_t* qx, size
   }
 }
 
-void GemmInt4Reference(size_t m, const int8_t* qx, size_t ldqx, const float* sx, const QuantizedMatrix& qm,
-                       float* y, size_t ldy) {
-  const size_t n = qm.n, k = qm.k;
-  std::vector<float> deq(n * k);
-  Dequantize(qm, deq.data(), k);
-  const size_t groups = ScalesPerRow(qm.spec, k);
-  const size_t len = IsGroupFormat(qm.spec.format) ? qm.spec.group_size : k;
-  for (size_t i = 0; i < m; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      double acc = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        acc += static_cast<double>(sx[i * groups + kk / len]) * qx[i * ldqx + kk] * deq[j * k + kk];
-      }
-      y[i * ldy + j] = static_cast<float>(acc);
-    }
-  }
-}
-
 namespace internal {
 
 // Scalar path over the packed layout: the integer sums and the fp32 epilogue every path evaluates.

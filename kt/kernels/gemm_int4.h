@@ -95,12 +95,6 @@ using GemmInt4Fn = void (*)(size_t m, size_t k, size_t group, const int8_t* qx, 
 // IsaSupported(isa, GetCpuFeatures()).
 GemmInt4Fn GetGemmInt4(Isa isa);
 
-// The plain truth: y[i][j] = sum_k double(sx[i][g(k)] * qx[i][k]) * double(deq[j][k]), with deq the
-// weights Dequantize(qm) writes (fp32) and the activation scales of the same quantization, rounded once
-// to fp32. qm is the canonical int4 matrix; sx is [m][ScalesPerRow(qm.spec, k)].
-void GemmInt4Reference(size_t m, const int8_t* qx, size_t ldqx, const float* sx, const QuantizedMatrix& qm,
-                       float* y, size_t ldy);
-
 namespace internal {
 void GemmInt4Scalar(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* sx,
                     const int32_t* xsum, const uint8_t* panels, const float* w_scales,

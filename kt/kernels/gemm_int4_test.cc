@@ -18,6 +18,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_int4.h"
+#include "kt/kernels/gemm_reference.h"
 #include "kt/kernels/gemm_test_util.h"
 #include "kt/kernels/quant.h"
 

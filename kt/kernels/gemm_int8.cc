@@ -70,19 +70,6 @@ void UnpackInt8(const int8_t* panels, const float* packed_scales, size_t n, size
   }
 }
 
-void GemmInt8Reference(size_t m, size_t n, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
-                       const int8_t* qw, size_t ldqw, const float* sw, float* y, size_t ldy) {
-  for (size_t i = 0; i < m; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      int64_t acc = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        acc += static_cast<int64_t>(qx[i * ldqx + kk]) * qw[j * ldqw + kk];
-      }
-      y[i * ldy + j] = static_cast<float>(static_cast<double>(sx[i]) * sw[j] * static_cast<double>(acc));
-    }
-  }
-}
-
 namespace internal {
 
 // Scalar path over the packed layout: int32 accumulation, then the same fp32 epilogue as every path.

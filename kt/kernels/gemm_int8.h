@@ -68,11 +68,6 @@ using GemmInt8Fn = void (*)(size_t m, size_t k, const int8_t* qx, size_t ldqx, c
 // The caller must have checked IsaSupported(isa, GetCpuFeatures()).
 GemmInt8Fn GetGemmInt8(Isa isa);
 
-// The slow, obvious truth on unpacked row-major qw[N,K] (row stride ldqw) with scales sw[N]: int64
-// accumulation, then sx * sw * sum in double, rounded once to fp32.
-void GemmInt8Reference(size_t m, size_t n, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
-                       const int8_t* qw, size_t ldqw, const float* sw, float* y, size_t ldy);
-
 namespace internal {
 // Per-library entry points, used by GetGemmInt8 and tests.
 void GemmInt8Scalar(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,

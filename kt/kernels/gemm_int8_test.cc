@@ -16,6 +16,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/gemm_reference.h"
 #include "kt/kernels/gemm_test_util.h"
 #include "kt/kernels/quant.h"
 

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/eigen_views.h"
 
 namespace kt {
 namespace gemm_test {
@@ -180,18 +181,9 @@ void ForAmxKBlockShapes(size_t tile_k, SetKb set_kb, Check check) {
 // of the bf16 x (m x k) and w (n x k) it was computed from.
 inline double MeanRelErrorVsBf16Product(size_t m, size_t n, size_t k, const std::vector<bf16_t>& x,
                                         const std::vector<bf16_t>& w, const std::vector<float>& y) {
-  double abs_err = 0, abs_ref = 0;
-  for (size_t i = 0; i < m; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      double exact = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        exact += static_cast<double>(Bf16ToF32(x[i * k + kk])) * Bf16ToF32(w[j * k + kk]);
-      }
-      abs_err += std::fabs(y[i * n + j] - exact);
-      abs_ref += std::fabs(exact);
-    }
-  }
-  return abs_err / abs_ref;
+  const eigen::MatrixD exact =
+      eigen::Bf16ToDouble(x.data(), m, k, k) * eigen::Bf16ToDouble(w.data(), n, k, k).transpose();
+  return (eigen::MapRows(y.data(), m, n).cast<double>() - exact).cwiseAbs().sum() / exact.cwiseAbs().sum();
 }
 
 }  // namespace gemm_test

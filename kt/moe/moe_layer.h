@@ -330,17 +330,6 @@ class MoeLayer {
   size_t ActGroups(size_t k) const;
 };
 
-
-// The plain reference of the same computation on canonical weights (double accumulation), for tests and
-// for `kt bench`'s accuracy line. With a quantized format it applies the format in plain code: weights
-// quantized and dequantized (quant.h; group size from config), x and h quantized per row (per row and
-// group for the group formats) and dequantized, then the same double
-// arithmetic; a kernel path must match it up to fp32 rounding, i.e. adds nothing to the format's error.
-void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t* ids,
-                         const float* weights, const bf16_t* input, const bf16_t* gate,
-                         const bf16_t* up, const bf16_t* down, const bool* gpu_experts_mask,
-                         float* output, ExpertFormat format = ExpertFormat::kBf16);
-
 }  // namespace kt
 
 #endif  // KT_MOE_MOE_LAYER_H_

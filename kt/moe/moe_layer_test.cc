@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "kt/moe/moe_reference.h"
 
 namespace kt {
 namespace {

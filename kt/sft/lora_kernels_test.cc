@@ -22,22 +22,23 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kt/kernels/eigen_views.h"
 
 namespace kt {
 namespace {
 
 class LoraKernelsTest : public ::testing::TestWithParam<Isa> {};
 
-float Widen(float v) { return v; }
-float Widen(bf16_t v) { return Bf16ToF32(v); }
-
-// Checks rows [0, m) of c (stored in c_store from index 1, row stride ldc) after c = alpha * Σ_q prod(i, j, q)
-// (+ c_before when accumulating) against double sums within the bound above, the padding columns
-// [n, ldc) and the elements before and after c untouched. Returns the worst error / bound.
-template <typename Prod, typename Label>
+// Checks rows [0, m) of c (stored in c_store from index 1, row stride ldc) after c = alpha * A B (+ c_before
+// when accumulating), A [m, k] and B [k, n] the operands' values in double, against the double product within
+// the bound above, the padding columns [n, ldc) and the elements before and after c untouched. Returns the
+// worst error / bound.
+template <typename Label>
 double CheckRows(size_t m, size_t n, size_t k, size_t ldc, float alpha, bool accumulate,
-                 const std::vector<float>& c_store, const std::vector<float>& c_before, Prod prod,
-                 Label label) {
+                 const std::vector<float>& c_store, const std::vector<float>& c_before, const eigen::MatrixD& a,
+                 const eigen::MatrixD& b, Label label) {
+  const eigen::MatrixD sum = a * b;                          // sum_q a_iq b_qj
+  const eigen::MatrixD abs_sum = a.cwiseAbs() * b.cwiseAbs();  // sum_q |a_iq b_qj|
   double worst = 0.0;
   for (size_t i = 0; i < m; ++i) {
     for (size_t j = 0; j < ldc; ++j) {
@@ -46,15 +47,9 @@ double CheckRows(size_t m, size_t n, size_t k, size_t ldc, float alpha, bool acc
         EXPECT_EQ(c_store[at], c_before[at]) << "wrote into the padding at i=" << i << " j=" << j;
         continue;
       }
-      double sum = 0.0, abs_sum = 0.0;
-      for (size_t q = 0; q < k; ++q) {
-        const double p = prod(i, j, q);
-        sum += p;
-        abs_sum += std::fabs(p);
-      }
       const double before = accumulate ? c_before[at] : 0.0;
-      const double ref = alpha * sum + before;
-      const double bound = (k + 2) * std::ldexp(1.0, -23) * std::fabs(alpha) * abs_sum +
+      const double ref = alpha * sum(i, j) + before;
+      const double bound = (k + 2) * std::ldexp(1.0, -23) * std::fabs(alpha) * abs_sum(i, j) +
                            std::ldexp(1.0, -23) * std::fabs(before) + 1e-30;
       const double err = std::fabs(c_store[at] - ref);
       EXPECT_LE(err, bound) << label() << " m=" << m << " n=" << n << " k=" << k << " i=" << i << " j=" << j
@@ -97,10 +92,8 @@ double CheckGemm(Isa isa, size_t m, size_t n, size_t k, bool transposed_a, bool 
   const std::vector<float> c_before = c_store;
   const float alpha = 0.75f;
   LoraGemm(isa, m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-  return CheckRows(m, n, k, ldc, alpha, accumulate, c_store, c_before,
-                   [&](size_t i, size_t j, size_t q) {
-                     return static_cast<double>(Widen(a[i * a_row + q * a_col])) * b[q * ldb + j];
-                   },
+  return CheckRows(m, n, k, ldc, alpha, accumulate, c_store, c_before, eigen::ToDouble(a, m, k, a_row, a_col),
+                   eigen::ToDouble(b, k, n, ldb),
                    [&] {
                      return std::string(IsaName(isa)) + " transposed=" + std::to_string(transposed_a);
                    });
@@ -144,10 +137,8 @@ double CheckGemmNT(Isa isa, size_t m, size_t n, size_t k, bool accumulate, std::
   const std::vector<float> c_before = c_store;
   const float alpha = -1.5f;
   LoraGemmNT(isa, m, n, k, alpha, a, lda, b, ldb, c_store.data() + 1, ldc, accumulate);
-  return CheckRows(m, n, k, ldc, alpha, accumulate, c_store, c_before,
-                   [&](size_t i, size_t j, size_t q) {
-                     return static_cast<double>(Bf16ToF32(a[i * lda + q])) * b[j * ldb + q];
-                   },
+  return CheckRows(m, n, k, ldc, alpha, accumulate, c_store, c_before, eigen::ToDouble(a, m, k, lda),
+                   eigen::ToDouble(b, n, k, ldb).transpose(),
                    [&] { return std::string(IsaName(isa)) + " NT"; });
 }
 

@@ -1,4 +1,4 @@
-// The slow, obvious truth of the SFT layer: forward with LoRA and its backward, in double, on plain
+// The slow, obvious truth of the SFT layer: forward with LoRA and its backward, in double (Eigen), on plain
 // row-major arrays. Tests check the backward against central finite differences of the forward, and the
 // engine (SftMoeLayer) against both.
 //

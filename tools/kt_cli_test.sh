@@ -1,0 +1,93 @@
+#!/bin/bash
+# The `kt` command line's contract: help and version exit 0; usage errors exit 2 with the offending flag or
+# value named on stderr; the usage text lists the flags from their definitions.
+set -u
+
+KT="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/kt"
+VERSION_PY="${TEST_SRCDIR}/${TEST_WORKSPACE}/kt/python/kt_kernel/_version.py"
+OUT="${TEST_TMPDIR}/stdout"
+ERR="${TEST_TMPDIR}/stderr"
+failures=0
+
+fail() {
+  echo "FAIL: $*"
+  echo "  stdout: $(head -c 2000 "$OUT")"
+  echo "  stderr: $(head -c 2000 "$ERR")"
+  failures=$((failures + 1))
+}
+
+# expect CODE ARGS...: runs kt ARGS and checks the exit code.
+expect() {
+  local want="$1"
+  shift
+  "$KT" "$@" >"$OUT" 2>"$ERR"
+  local got=$?
+  if [[ "$got" != "$want" ]]; then
+    fail "kt $* exited $got, expected $want"
+    return 1
+  fi
+}
+
+# contains FILE TEXT: FILE holds TEXT (fixed string).
+contains() {
+  if ! grep -qF -- "$2" "$1"; then
+    fail "$(basename "$1") lacks '$2'"
+  fi
+}
+
+expect 0 --help && contains "$OUT" "commands:"
+expect 0 -h
+expect 0 help
+expect 2 && contains "$ERR" "missing command"
+expect 2 frobnicate && contains "$ERR" "unknown command 'frobnicate'"
+expect 2 --bogus && contains "$ERR" "'--bogus'"
+
+# --version: the version (the Python package's) and the kernel path selected at run time.
+want_version="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$VERSION_PY")"
+[[ -n "$want_version" ]] || fail "no __version__ in $VERSION_PY"
+expect 0 --version && contains "$OUT" "kt ${want_version}" && contains "$OUT" "kernel path: "
+KT_ISA=scalar expect 0 --version && contains "$OUT" "kernel path: scalar (KT_ISA=scalar)"
+KT_ISA=nonsense expect 2 --version && contains "$OUT" "nonsense"
+
+# bench --help: every flag, generated from its definition (name, default, help text).
+expect 0 bench --help
+for flag in --shape=qwen3-30b-a3b --threads=0 --pin --qlen-decode=1 --qlen-prefill=512 --iters=100 \
+    --prefill-iters=5 --layers=0 --bandwidth-mib=1024 --seed=1 --format=bf16 --group-size=128 \
+    --tiling=0,0,0,0 --sweep-tiling --no-torch --python=/usr/bin/python3 --torch-script; do
+  contains "$OUT" "  $flag"
+done
+contains "$OUT" "tokens per decode call"
+contains "$OUT" "(an integer in [1, 4096])"
+expect 0 bench -h
+expect 0 convert --help && contains "$OUT" "--method" && contains "$OUT" "AMXINT4_KGroup"
+expect 0 doctor --help
+
+# Usage errors name the flag or value, exit 2, and print no benchmark.
+expect 2 bench --bogus && contains "$ERR" "bogus"
+expect 2 bench --format=nope && contains "$ERR" "--format" && contains "$ERR" "nope"
+expect 2 bench --format nope && contains "$ERR" "--format"
+expect 2 bench --threads=abc && contains "$ERR" "--threads" && contains "$ERR" "abc"
+expect 2 bench --threads 0 && contains "$ERR" "flag --threads wants an integer in [1, 4096], got '0'"
+expect 2 bench --qlen-decode && contains "$ERR" "flag --qlen-decode needs a value"
+expect 2 bench --shape=qwen2 && contains "$ERR" "--shape" && contains "$ERR" "qwen3-30b-a3b or qwen3-235b-a22b"
+expect 2 bench --group-size=96 && contains "$ERR" "--group-size 96: expected 32, 64 or 128"
+expect 2 bench --tiling=3 && contains "$ERR" "--tiling" && contains "$ERR" "G,D[,R[,KB]]"
+expect 2 bench --tiling="3,8 2,8" && contains "$ERR" "--tiling" && contains "$ERR" "expected one"
+expect 2 bench --sweep-tiling="" && contains "$ERR" "--sweep-tiling"
+expect 2 bench --pin=maybe && contains "$ERR" "--pin"
+expect 2 bench --input=x && contains "$ERR" "unknown flag '--input'"
+expect 2 bench extra && contains "$ERR" "unexpected argument 'extra'"
+[[ ! -s "$OUT" ]] || fail "bench printed to stdout on a usage error"
+expect 2 doctor --bogus && contains "$ERR" "doctor: unknown flag '--bogus'"
+expect 2 convert --input /nonexistent && contains "$ERR" "--input, --output and --method are required"
+expect 2 convert --threads=-1 && contains "$ERR" "--threads"
+expect 2 convert --shape=qwen3-30b-a3b && contains "$ERR" "unknown flag '--shape'"
+
+# doctor still runs.
+expect 0 doctor && contains "$OUT" "kernel paths"
+
+if ((failures > 0)); then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all checks passed"
