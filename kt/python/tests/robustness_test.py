@@ -262,6 +262,41 @@ def test_failed_reload_keeps_the_previous_weights(tmp_path):
     assert torch.equal(bits(moe.forward(x, ids, w, None)), bits(ref.forward(x, ids, w, None)))
 
 
+def test_kt_convert_command_line_errors(tmp_path):
+    """The CLI's own error paths: one 'kt convert:' prefix, a locked output folder, ignored flags refused,
+    and an earlier conversion of another layout never silently replaced."""
+    import fcntl
+
+    gate, up, down = random_experts(E, H, I, seed=41)
+    hf = write_hf(str(tmp_path / "hf"), gate, up, down)
+    out = str(tmp_path / "out")
+
+    def convert(*args):
+        return subprocess.run([kt_binary(), "convert", "--input", hf, *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = convert("--output", hf, "--method", "BF16")
+    assert r.returncode == 1
+    assert r.stderr == f"kt convert: --output {hf} is the input folder; choose another folder\n", r.stderr
+    r = convert("--output", out, "--method", "AMXINT8", "--group-size", "64")
+    assert r.returncode == 1 and "kt convert: --group-size 64: method AMXINT8 has no groups" in r.stderr, r.stderr
+    r = convert("--output", out, "--method", "RAWINT4")
+    assert r.returncode == 1 and "method RAWINT4 has no kernel in kt yet" in r.stderr, r.stderr
+    assert not os.path.exists(out)
+    os.makedirs(out)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = convert("--output", out, "--method", "AMXINT8")
+        assert r.returncode == 1 and "another process holds its lock" in r.stderr, r.stderr
+    finally:
+        os.close(fd)
+    r = convert("--output", out, "--method", "AMXINT8")
+    assert r.returncode == 0, r.stderr
+    r = convert("--output", out, "--method", "AMXINT4")
+    assert r.returncode == 1 and "holds a conversion for method AMXINT8" in r.stderr, r.stderr
+
+
 def test_weight_path_type_is_checked():
     with pytest.raises(TypeError, match="weight_path must be a str, an os.PathLike"):
         make("BF16", weight_path=42)
