@@ -7,8 +7,9 @@ starts, the output of every (batch, weights, mask) state on its own wrapper. Dur
 one wrapper are serialized by that wrapper's mutation lock (forwards are not: they overlap reloads and mask
 changes freely), and each wrapper's state has an epoch counter bumped before and after every mutation. A
 forward that saw the same even epoch before and after it must equal the sequential output of that state
-exactly; one that overlapped a mutation must equal the output of one of the states it could have seen (the
-state before or the one being installed). Anything else (a torn mask, half-loaded weights, a result from
+exactly; one that overlapped mutations must equal the output of weights and a mask from states it could have seen
+(the state before, or any installed while it waited for the compute lock: the mask is read when forward is
+called, the weights when the computation runs). Anything else (a torn mask, half-loaded weights, a result from
 another wrapper's weights or batch) fails.
 """
 
@@ -62,6 +63,7 @@ class Subject:
         self.state = (0, 0)
         self.pending = (0, 0)
         self.epoch = 0
+        self.log = []  # (epoch at the start of a mutation, the state it installs)
         self.state_lock = threading.Lock()
         self.mutation_lock = threading.Lock()
         self.counts = {"forward": 0, "exact": 0, "reload": 0, "bad_reload": 0, "mask": 0}
@@ -70,15 +72,26 @@ class Subject:
         with self.state_lock:
             return self.epoch, self.state, self.pending
 
-    def mutate(self, new_state, action):
+    def states_between(self, e0, e1):
+        """States a forward between epochs e0 and e1 may have run with: a call waits for the compute lock,
+        so several mutations may complete during it."""
+        with self.state_lock:
+            return {st for ep, st in self.log if e0 < ep <= e1}
+
+    def mutate(self, next_state, action):
+        """Under the wrapper's mutation lock: new = next_state(current state); action(new) applies it; the
+        recorded state becomes new once action returns."""
         with self.mutation_lock:
+            new = next_state(self.state)
             with self.state_lock:
                 self.epoch += 1
-                self.pending = new_state
+                self.pending = new
+                self.log.append((self.epoch, new))
             try:
-                action()
+                action(new)
             finally:
                 with self.state_lock:
+                    self.state = new
                     self.epoch += 1
 
 
@@ -98,54 +111,43 @@ def worker(subjects, seed: int, deadline: float, failures: list):
                     ok = torch.equal(got, s.expected[(bi,) + st0])
                     s.counts["exact"] += 1
                 else:
-                    # Overlapped mutations: any state it could have seen (weights and mask each old or new).
-                    seen = {st0, pend0, st1, pend1}
+                    # Overlapped mutations: weights and mask each from any state of the window (the state
+                    # before, the one in flight at the start, any installed until the end). The two are taken
+                    # at different moments: the mask when forward is called, the weights when the computation
+                    # gets the compute lock, so a call queued behind a reload can pair the old mask with the
+                    # new weights.
+                    seen = {st0} | ({pend0} if e0 % 2 else set()) | s.states_between(e0, e1)
                     ws = {a for a, _ in seen}
                     ms = {b for _, b in seen}
                     ok = any(torch.equal(got, s.expected[(bi, wi, mi)]) for wi in ws for mi in ms)
                 s.counts["forward"] += 1
                 if not ok:
-                    failures.append(f"wrapper {s.index} ({s.method}) batch {bi}: result matches no state "
-                                    f"among {st0}/{pend0} .. {st1}/{pend1}")
+                    failures.append(f"wrapper {s.index} ({s.method}) batch {bi}: result matches no state it "
+                                    f"could have seen (epochs {e0}..{e1}, {st0} .. {st1})")
             elif op < 0.82:
-                with s.mutation_lock:
-                    cur = s.state
-                wi = 1 - cur[0]
-
-                def reload(wi=wi):
-                    s.moe.load_weights_from_tensors(*s.weights[wi], None)
-                    with s.state_lock:
-                        s.state = (wi, s.state[1])
-
-                s.mutate((wi, cur[1]), reload)
+                s.mutate(lambda st: (1 - st[0], st[1]),
+                         lambda new: s.moe.load_weights_from_tensors(*s.weights[new[0]], None))
                 s.counts["reload"] += 1
             elif op < 0.88:
                 # A reload that must fail (NaN weight for the integer methods) and change nothing.
                 if s.method == "BF16":
                     continue
 
-                def bad_reload():
+                def bad_reload(new):
                     try:
                         s.moe.load_weights_from_tensors(*s.bad, None)
                     except ValueError:
                         return
                     failures.append(f"wrapper {s.index}: a NaN weight was accepted")
 
-                with s.mutation_lock:
-                    cur = s.state
-                s.mutate(cur, bad_reload)
+                s.mutate(lambda st: st, bad_reload)
                 s.counts["bad_reload"] += 1
             else:
-                with s.mutation_lock:
-                    cur = s.state
-                mi = 1 - cur[1]
 
-                def set_mask(mi=mi):
-                    s.moe.gpu_experts_mask = s.masks[mi]
-                    with s.state_lock:
-                        s.state = (s.state[0], mi)
+                def set_mask(new):
+                    s.moe.gpu_experts_mask = s.masks[new[1]]
 
-                s.mutate((cur[0], mi), set_mask)
+                s.mutate(lambda st: (st[0], 1 - st[1]), set_mask)
                 s.counts["mask"] += 1
     except Exception as exc:  # noqa: BLE001 - any exception is a failure of the test
         failures.append(f"{type(exc).__name__}: {exc}")
