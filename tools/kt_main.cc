@@ -41,6 +41,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/io/convert.h"
+#include "kt/io/file_util.h"
 #include "kt/io/method.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/moe_reference.h"
@@ -971,6 +972,8 @@ int Convert(const std::vector<std::string>& args) {
   if (options.input.empty() || options.output.empty() || options.method.empty()) {
     return UsageError("convert: --input, --output and --method are required", usage);
   }
+  // Ctrl-C or SIGTERM mid-layer removes the layer's temporary file and says so.
+  InstallInterruptCleanup("kt convert");
   absl::StatusOr<ConvertStats> stats = ConvertCheckpoint(options);
   if (!stats.ok()) {
     std::fprintf(stderr, "kt convert: %s\n", std::string(stats.status().message()).c_str());

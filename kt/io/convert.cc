@@ -18,6 +18,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "kt/io/json.h"
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
 #include "kt/io/checksum.h"
@@ -68,25 +70,170 @@ bool Exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-// Whether an earlier run's layer can be kept: its .done entry equals what this run would record up to the
-// checksums, and the file still has that size and those checksums.
-bool LayerIsDone(const std::string& file_path, const ManifestLayer& want_shape, const std::string& layout,
-                 int threads, ManifestLayer* done) {
-  const std::string done_path = absl::StrCat(file_path, kDoneSuffix);
-  if (!Exists(done_path) || !Exists(file_path)) return false;
-  absl::StatusOr<std::string> text = ReadSmallFile(done_path);
-  if (!text.ok()) return false;
-  absl::StatusOr<ManifestLayer> entry = ParseManifestLayer(*text, done_path);
-  if (!entry.ok() || entry->layer != want_shape.layer || entry->file != want_shape.file) return false;
-  for (int p = 0; p < 3; ++p) {
-    if (entry->shapes[p][0] != want_shape.shapes[p][0] || entry->shapes[p][1] != want_shape.shapes[p][1])
+// What a layer file was made from: the identity of the source files holding its tensors (a cheap test that
+// nothing was rewritten: a write changes ctime, which no user can set back) and each source tensor's CRC32C
+// (the decisive test when the identity differs, e.g. a copied or touched checkpoint).
+struct SourceFile {
+  std::string name;  // Relative to the input folder.
+  int64_t bytes = 0, device = 0, inode = 0, mtime_ns = 0, ctime_ns = 0;
+  bool operator==(const SourceFile& o) const {
+    return name == o.name && bytes == o.bytes && device == o.device && inode == o.inode &&
+           mtime_ns == o.mtime_ns && ctime_ns == o.ctime_ns;
+  }
+};
+struct SourceTensor {
+  std::string name;
+  int64_t bytes = 0;
+  uint32_t crc32c = 0;
+  bool operator==(const SourceTensor& o) const {
+    return name == o.name && bytes == o.bytes && crc32c == o.crc32c;
+  }
+};
+struct SourceRecord {
+  std::vector<SourceFile> files;      // Sorted by name.
+  std::vector<SourceTensor> tensors;  // LayerExperts::SourceTensors() order.
+};
+
+// A layer's .done file: the layout it was converted to, its manifest entry and its source.
+struct DoneRecord {
+  std::string layout;
+  ManifestLayer entry;
+  SourceRecord source;
+};
+
+std::string Basename(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+absl::StatusOr<std::vector<SourceFile>> SourceFilesOf(const LayerExperts& le) {
+  std::map<std::string, std::string> paths;  // name -> path
+  for (const Checkpoint::Located& loc : le.SourceTensors()) paths[Basename(loc.file->path())] = loc.file->path();
+  std::vector<SourceFile> files;
+  for (const auto& [name, path] : paths) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) return ErrnoError(errno, absl::StrCat(path, ": cannot stat"));
+    SourceFile f;
+    f.name = name;
+    f.bytes = st.st_size;
+    f.device = static_cast<int64_t>(st.st_dev);
+    f.inode = static_cast<int64_t>(st.st_ino);
+    f.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+    f.ctime_ns = static_cast<int64_t>(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec;
+    files.push_back(f);
+  }
+  return files;
+}
+
+// CRC32C of every source tensor, in parallel over tensors (pages dropped once read).
+std::vector<SourceTensor> SourceTensorsOf(const LayerExperts& le, int threads) {
+  const std::vector<Checkpoint::Located> locs = le.SourceTensors();
+  std::vector<SourceTensor> out(locs.size());
+  (void)ParallelTasks(locs.size(), threads, [&](size_t i) {
+    const uint8_t* p = locs[i].file->data(*locs[i].info);
+    const uint64_t n = locs[i].info->num_bytes();
+    out[i].name = locs[i].info->name;
+    out[i].bytes = static_cast<int64_t>(n);
+    out[i].crc32c = Crc32c(p, n);
+    DropMappedPages(p, n);
+    return absl::OkStatus();
+  });
+  return out;
+}
+
+// Whether the tensors the layer reads now are those recorded (names and sizes; checksums not compared).
+bool SameTensorList(const std::vector<SourceTensor>& recorded, const LayerExperts& le) {
+  const std::vector<Checkpoint::Located> locs = le.SourceTensors();
+  if (recorded.size() != locs.size()) return false;
+  for (size_t i = 0; i < locs.size(); ++i) {
+    if (recorded[i].name != locs[i].info->name ||
+        recorded[i].bytes != static_cast<int64_t>(locs[i].info->num_bytes()))
       return false;
   }
+  return true;
+}
+
+std::string DoneRecordToJson(const DoneRecord& d) {
+  std::string files, tensors;
+  for (const SourceFile& f : d.source.files) {
+    absl::StrAppend(&files, files.empty() ? "" : ", ", "{\"name\": ", json::Quote(f.name), ", \"bytes\": ", f.bytes,
+                    ", \"device\": ", f.device, ", \"inode\": ", f.inode, ", \"mtime_ns\": ", f.mtime_ns,
+                    ", \"ctime_ns\": ", f.ctime_ns, "}");
+  }
+  for (const SourceTensor& t : d.source.tensors) {
+    absl::StrAppend(&tensors, tensors.empty() ? "" : ",\n    ", "{\"name\": ", json::Quote(t.name),
+                    ", \"bytes\": ", t.bytes, ", \"crc32c\": \"", Crc32cHex(t.crc32c), "\"}");
+  }
+  return absl::StrCat("{\"layout\": ", json::Quote(d.layout), ",\n \"entry\": ", ManifestLayerToJson(d.entry),
+                      ",\n \"source_files\": [", files, "],\n \"source_tensors\": [\n    ", tensors, "]}\n");
+}
+
+// Strict enough to trust: a record that does not parse is treated as absent (the layer is converted again).
+absl::StatusOr<DoneRecord> ParseDoneRecord(absl::string_view text, const std::string& origin) {
+  absl::StatusOr<json::Value> root = json::Parse(text);
+  if (!root.ok()) return root.status();
+  auto bad = [&](absl::string_view what) { return absl::InvalidArgumentError(absl::StrCat(origin, ": ", what)); };
+  const json::Value* layout = root->Find("layout");
+  const json::Value* entry = root->is_object() ? root->Find("entry") : nullptr;
+  const json::Value* files = root->is_object() ? root->Find("source_files") : nullptr;
+  const json::Value* tensors = root->is_object() ? root->Find("source_tensors") : nullptr;
+  if (layout == nullptr || !layout->is_string() || entry == nullptr || files == nullptr || !files->is_array() ||
+      tensors == nullptr || !tensors->is_array()) {
+    return bad("not a kt convert layer record (layout, entry, source_files, source_tensors)");
+  }
+  DoneRecord d;
+  d.layout = layout->as_string();
+  absl::StatusOr<ManifestLayer> e = ManifestLayerFromJson(*entry, "entry", origin);
+  if (!e.ok()) return e.status();
+  d.entry = *std::move(e);
+  auto get_int = [](const json::Value& o, const char* key, int64_t* out) {
+    const json::Value* v = o.is_object() ? o.Find(key) : nullptr;
+    if (v == nullptr || !v->is_int()) return false;
+    *out = v->as_int();
+    return true;
+  };
+  for (const json::Value& f : files->elements()) {
+    SourceFile sf;
+    const json::Value* name = f.is_object() ? f.Find("name") : nullptr;
+    if (name == nullptr || !name->is_string() || !get_int(f, "bytes", &sf.bytes) ||
+        !get_int(f, "device", &sf.device) || !get_int(f, "inode", &sf.inode) ||
+        !get_int(f, "mtime_ns", &sf.mtime_ns) || !get_int(f, "ctime_ns", &sf.ctime_ns)) {
+      return bad("source_files entries need name, bytes, device, inode, mtime_ns, ctime_ns");
+    }
+    sf.name = name->as_string();
+    d.source.files.push_back(sf);
+  }
+  for (const json::Value& t : tensors->elements()) {
+    SourceTensor st;
+    const json::Value* name = t.is_object() ? t.Find("name") : nullptr;
+    const json::Value* crc = t.is_object() ? t.Find("crc32c") : nullptr;
+    if (name == nullptr || !name->is_string() || !get_int(t, "bytes", &st.bytes) || crc == nullptr ||
+        !crc->is_string()) {
+      return bad("source_tensors entries need name, bytes, crc32c");
+    }
+    absl::StatusOr<uint32_t> c = ParseCrc32cHex(crc->as_string());
+    if (!c.ok()) return bad(c.status().message());
+    st.name = name->as_string();
+    st.crc32c = *c;
+    d.source.tensors.push_back(st);
+  }
+  return d;
+}
+
+absl::StatusOr<DoneRecord> ReadDoneRecord(const std::string& file_path) {
+  const std::string done_path = absl::StrCat(file_path, kDoneSuffix);
+  absl::StatusOr<std::string> text = ReadSmallFile(done_path);
+  if (!text.ok()) return text.status();
+  return ParseDoneRecord(*text, done_path);
+}
+
+// Whether the layer file still has the size and checksums its record gives, and was written for `layout`.
+bool OutputMatches(const std::string& file_path, const DoneRecord& done, const std::string& layout, int threads) {
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(file_path);
-  if (!f.ok() || (*f)->file_size() != entry->bytes) return false;
+  if (!f.ok() || (*f)->file_size() != done.entry.bytes) return false;
   const auto meta = (*f)->metadata().find("layout");
   if (meta == (*f)->metadata().end() || meta->second != layout) return false;
-  std::vector<uint32_t> crc(entry->crc32c.size());
+  std::vector<uint32_t> crc(done.entry.crc32c.size());
   (void)ParallelTasks(crc.size(), threads, [&](size_t i) {
     crc[i] = ChunkCrc32c((*f)->file_data(), (*f)->file_size(), i);
     // Verified pages need not stay resident (a resumed run then peaks at a few chunks, not a layer).
@@ -94,9 +241,87 @@ bool LayerIsDone(const std::string& file_path, const ManifestLayer& want_shape, 
     DropMappedPages((*f)->file_data() + begin, std::min<uint64_t>(kChecksumChunkBytes, (*f)->file_size() - begin));
     return absl::OkStatus();
   });
-  if (crc != entry->crc32c) return false;
-  *done = *std::move(entry);
-  return true;
+  return crc == done.entry.crc32c;
+}
+
+// What a rerun does with a layer an earlier run wrote.
+struct ResumeDecision {
+  bool keep = false;
+  std::string why;  // For the progress line when not kept ("" when there was nothing to keep).
+  // When kept: the current source identity, if it differs from the record (the .done is then rewritten).
+  bool refresh_identity = false;
+  SourceRecord source;  // Valid when keep, or when the tensors' checksums were computed for the decision.
+  bool have_tensor_crcs = false;
+};
+
+// An earlier run's layer is kept only when it was made for this layout and these shapes, the file still has
+// its recorded size and checksums, and it was made from the same source tensors: the same files
+// (identity unchanged) or, failing that, tensors with the same CRC32Cs.
+ResumeDecision DecideResume(const std::string& file_path, const ManifestLayer& want_shape, const std::string& layout,
+                            const LayerExperts& le, int threads) {
+  ResumeDecision d;
+  const std::string done_path = absl::StrCat(file_path, kDoneSuffix);
+  if (!Exists(done_path) || !Exists(file_path)) return d;
+  absl::StatusOr<DoneRecord> done = ReadDoneRecord(file_path);
+  if (!done.ok()) {
+    d.why = "its record does not parse (written by another kt version?)";
+    return d;
+  }
+  if (done->layout != layout || done->entry.layer != want_shape.layer || done->entry.file != want_shape.file) {
+    d.why = "it was converted for another layout";
+    return d;
+  }
+  for (int p = 0; p < 3; ++p) {
+    if (done->entry.shapes[p][0] != want_shape.shapes[p][0] || done->entry.shapes[p][1] != want_shape.shapes[p][1]) {
+      d.why = "its shapes differ from config.json's";
+      return d;
+    }
+  }
+  absl::StatusOr<std::vector<SourceFile>> files = SourceFilesOf(le);
+  if (!files.ok()) {
+    d.why = std::string(files.status().message());
+    return d;
+  }
+  d.source.files = *files;
+  if (*files == done->source.files && SameTensorList(done->source.tensors, le)) {
+    d.source.tensors = done->source.tensors;
+  } else {
+    d.source.tensors = SourceTensorsOf(le, threads);
+    d.have_tensor_crcs = true;
+    if (d.source.tensors != done->source.tensors) {
+      const std::vector<SourceTensor>& was = done->source.tensors;
+      std::string which = "the list of its tensors changed";
+      for (size_t i = 0; i < std::min(was.size(), d.source.tensors.size()); ++i) {
+        if (!(was[i] == d.source.tensors[i])) {
+          which = absl::StrCat("tensor ", d.source.tensors[i].name, " changed");
+          break;
+        }
+      }
+      d.why = absl::StrCat("its source changed since it was converted (", which, ")");
+      return d;
+    }
+    d.refresh_identity = true;
+  }
+  if (!OutputMatches(file_path, *done, layout, threads)) {
+    d.why = "the layer file does not match its recorded size and checksums";
+    return d;
+  }
+  d.keep = true;
+  return d;
+}
+
+// The layout an earlier conversion in `out` was made for, if any (the manifest, else any layer record),
+// with the method when the manifest names it.
+std::string EarlierLayout(const std::string& out, const std::vector<int>& layers, std::string* method) {
+  if (absl::StatusOr<Manifest> m = ReadManifest(out); m.ok()) {
+    *method = m->method;
+    return m->layout;
+  }
+  for (int layer : layers) {
+    absl::StatusOr<DoneRecord> d = ReadDoneRecord(absl::StrCat(out, "/", LayerFileName(layer)));
+    if (d.ok()) return d->layout;
+  }
+  return "";
 }
 
 std::string Hms(double s) {
@@ -108,10 +333,20 @@ std::string Hms(double s) {
 
 absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
   const Clock::time_point t0 = Clock::now();
-  absl::StatusOr<MethodLayout> layout = LayoutOfMethod(options.method, options.group_size);
+  if (options.group_size != 0 && !MethodTakesGroupSize(options.method)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--group-size ", options.group_size, ": method ", options.method,
+        " has no groups (only AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup and MOE_INT4_1KGroup take a "
+        "group size); drop --group-size"));
+  }
+  absl::StatusOr<MethodLayout> layout =
+      LayoutOfMethod(options.method, options.group_size != 0 ? options.group_size : 128);
   if (!layout.ok()) return layout.status();
+  if (const std::string why = MethodNotLoadableReason(options.method); !why.empty()) {
+    return absl::UnimplementedError(absl::StrCat("--method ", options.method, ": ", why));
+  }
   if (options.input.empty() || options.output.empty()) {
-    return absl::InvalidArgumentError("kt convert: --input and --output are required");
+    return absl::InvalidArgumentError("--input and --output are required");
   }
   const std::string config_path = absl::StrCat(options.input, "/config.json");
   absl::StatusOr<MoeArch> arch = LoadMoeConfig(options.input);
@@ -144,7 +379,29 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
     if (::realpath(options.input.c_str(), in_real) != nullptr &&
         ::realpath(options.output.c_str(), out_real) != nullptr && std::string(in_real) == out_real) {
       return absl::InvalidArgumentError(
-          absl::StrCat("kt convert: --output ", options.output, " is the input folder; choose another folder"));
+          absl::StrCat("--output ", options.output, " is the input folder; choose another folder"));
+    }
+  }
+  // One writer per output folder: a second kt convert into it fails here instead of interleaving files.
+  absl::StatusOr<DirectoryLock> lock = DirectoryLock::Acquire(options.output);
+  if (!lock.ok()) return lock.status();
+  // Under the lock, any temporary in the folder is an interrupted run's (a live writer would hold the lock).
+  absl::StatusOr<std::vector<std::string>> stale = RemoveAtomicTemporaries(options.output);
+  if (!stale.ok()) return stale.status();
+  ConvertStats stats;
+  stats.temporaries_removed = static_cast<int>(stale->size());
+  if (!stale->empty() && options.progress) {
+    std::fprintf(options.progress, "kt convert: removed %zu unfinished file(s) of an interrupted run: %s\n",
+                 stale->size(), absl::StrJoin(*stale, ", ").c_str());
+  }
+  {
+    std::string earlier_method;
+    const std::string earlier = EarlierLayout(options.output, arch->moe_layers, &earlier_method);
+    if (!earlier.empty() && earlier != layout->tag) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          options.output, " holds a conversion", earlier_method.empty() ? "" : " for method ", earlier_method,
+          " in layout ", earlier, "; converting for ", options.method, " (", layout->tag,
+          ") would replace it: choose another --output, or remove that folder first"));
     }
   }
   // A rerun with a different method must not leave the old manifest describing the new files.
@@ -162,7 +419,6 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
   manifest.hidden = arch->hidden;
   manifest.intermediate = arch->intermediate;
 
-  ConvertStats stats;
   stats.layers_total = static_cast<int>(arch->moe_layers.size());
   const int64_t E = arch->num_experts, H = arch->hidden, I = arch->intermediate;
   double convert_seconds = 0;
@@ -177,20 +433,41 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
     const std::string path = absl::StrCat(options.output, "/", entry.file);
     ++done_layers;
 
-    ManifestLayer kept;
-    if (LayerIsDone(path, entry, layout->tag, threads, &kept)) {
-      manifest.layers.push_back(kept);
+    want.layer = layer;
+    absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(ckpt, *arch, config_path, want);
+    if (!le.ok()) return le.status();
+    ResumeDecision resume = DecideResume(path, entry, layout->tag, **le, threads);
+    if (resume.keep) {
+      absl::StatusOr<DoneRecord> done = ReadDoneRecord(path);
+      if (!done.ok()) return done.status();
+      if (resume.refresh_identity) {
+        done->source = resume.source;
+        if (absl::Status s = WriteFileAtomically(absl::StrCat(path, kDoneSuffix), DoneRecordToJson(*done)); !s.ok())
+          return s;
+      }
+      manifest.layers.push_back(done->entry);
       ++stats.layers_skipped;
       if (options.progress) {
-        std::fprintf(options.progress, "kt convert: layer %d (%d/%d) already converted, checksums verified\n",
+        std::fprintf(options.progress,
+                     "kt convert: layer %d (%d/%d) already converted from the same source, checksums verified\n",
                      layer, done_layers, stats.layers_total);
       }
       continue;
     }
+    if (!resume.why.empty() && options.progress) {
+      std::fprintf(options.progress, "kt convert: layer %d: converting again: %s\n", layer, resume.why.c_str());
+    }
+    DoneRecord record;
+    record.layout = layout->tag;
+    if (absl::StatusOr<std::vector<SourceFile>> files = SourceFilesOf(**le); files.ok()) {
+      record.source.files = *std::move(files);
+    } else {
+      return files.status();
+    }
+    // Checksummed before reading for conversion: a source rewritten during the run then fails the next
+    // run's comparison instead of vouching for a layer made from other bytes.
+    record.source.tensors = resume.have_tensor_crcs ? resume.source.tensors : SourceTensorsOf(**le, threads);
 
-    want.layer = layer;
-    absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(ckpt, *arch, config_path, want);
-    if (!le.ok()) return le.status();
     // Outputs of the layer: bf16 copies or quantized matrices, [E][3].
     std::vector<std::vector<bf16_t>> bf16(layout->quantized ? 0 : E * 3);
     std::vector<QuantizedMatrix> quant(layout->quantized ? E * 3 : 0);
@@ -267,8 +544,8 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
       return absl::OkStatus();
     });
     *written = MappedFile();
-    if (absl::Status s = WriteFileAtomically(absl::StrCat(path, kDoneSuffix), ManifestLayerToJson(entry) + "\n");
-        !s.ok())
+    record.entry = entry;
+    if (absl::Status s = WriteFileAtomically(absl::StrCat(path, kDoneSuffix), DoneRecordToJson(record)); !s.ok())
       return s;
     stats.bytes_written += entry.bytes;
     manifest.layers.push_back(entry);

@@ -6,10 +6,19 @@
 // the pages of the experts being read, plus ~tens of MB: within "one layer's input + output + 1 GiB".
 //
 // Atomic and resumable: each layer file is written to a temporary name and renamed (file_util.h); then its
-// manifest entry (size, shapes, chunk CRC32Cs) goes to layer_LLLL.safetensors.done, also atomically. A rerun
-// skips a layer whose .done entry matches the method's layout and shapes and whose file still has that size
-// and those checksums; anything else is converted again. kt_manifest.json is written last, so a folder
-// without it is never taken for a finished conversion.
+// record goes to layer_LLLL.safetensors.done, also atomically: the layout, the manifest entry (size, shapes,
+// chunk CRC32Cs) and the source it was made from (identity of the source files: size, device, inode,
+// mtime, ctime; and each source tensor's CRC32C). A rerun keeps a layer only when its record has this
+// layout and these shapes, its file still has that size and those checksums, and the source is the same:
+// the files' identity unchanged, or else every source tensor's CRC32C unchanged. Anything else is converted
+// again, saying why. kt_manifest.json is written last, so a folder without it is never taken for a finished
+// conversion.
+//
+// One writer per output folder: the folder is locked (flock) for the whole run, so a concurrent convert
+// into it fails at once. Under the lock, leftover temporaries ("*.tmp.<pid>") of an interrupted run are
+// removed (one progress line says which). An output folder holding a conversion for another layout is an
+// error, never silently replaced. RAWINT4 and GPTQ_INT4 are refused (no kernel can load them yet), and so is
+// a group size for a method without groups.
 //
 // The output does not depend on the machine: no NUMA split (kt slices at load time), deterministic
 // quantization, tensors in name order.
@@ -28,7 +37,7 @@ struct ConvertOptions {
   std::string input;   // Hugging Face folder (config.json + safetensors).
   std::string output;  // Created if missing.
   std::string method;  // method.h: BF16, AMXINT8, MOE_INT8, AMXINT4, ...
-  int group_size = 128;  // The k-group methods only.
+  int group_size = 0;    // The k-group methods only (0: 128); any other method refuses a non-zero value.
   int threads = 0;       // 0: the CPUs this process may run on.
   std::FILE* progress = stderr;  // One line per layer; nullptr for none.
 };
@@ -37,6 +46,7 @@ struct ConvertStats {
   int layers_total = 0;      // MoE layers of the model.
   int layers_converted = 0;  // Written by this run.
   int layers_skipped = 0;    // Verified and kept from an earlier run.
+  int temporaries_removed = 0;  // Unfinished files of an interrupted run, removed at the start.
   uint64_t bytes_read = 0;   // Expert weight bytes read by this run.
   uint64_t bytes_written = 0;
   double seconds = 0;

@@ -20,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kt/io/checksum.h"
+#include "kt/io/file_util.h"
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
@@ -235,7 +236,7 @@ TEST_P(MethodTest, ConvertedEqualsQuantize) {
   RemoveTree(out);
   WriteHf(hf, Layout::kPerExpert);
   ConvertOptions o = Options(hf, out, GetParam());
-  o.group_size = 32;
+  if (MethodTakesGroupSize(GetParam())) o.group_size = 32;
   absl::StatusOr<ConvertStats> st = ConvertCheckpoint(o);
   ASSERT_TRUE(st.ok()) << st.status();
   absl::StatusOr<Manifest> man = ReadManifest(out);
@@ -264,7 +265,7 @@ TEST_P(MethodTest, ConvertedEqualsQuantize) {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, MethodTest,
-                         ::testing::Values("AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "RAWINT4", "AMXINT4_KGroup", "AMXINT4_1KGroup"));
+                         ::testing::Values("AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "AMXINT4_KGroup", "AMXINT4_1KGroup"));
 
 TEST(ConvertTest, ResumeSkipsVerifiedLayersAndRedoesBadOnes) {
   const std::string hf = FreshDir("hf"), out = TmpPath("out");
@@ -295,11 +296,120 @@ TEST(ConvertTest, ResumeSkipsVerifiedLayersAndRedoesBadOnes) {
   EXPECT_EQ(st->layers_skipped, 1);
   EXPECT_EQ(st->layers_converted, 1);
   EXPECT_EQ(ReadRaw(out + "/" + kManifestName), manifest);
-  // Another method over the same folder redoes every layer (the .done layout differs).
+  // Another layout over the same folder is refused, naming the conversion it would replace; nothing changes.
+  const std::string layer0 = ReadRaw(out + "/" + LayerFileName(0));
+  st = ConvertCheckpoint(Options(hf, out, "AMXINT4"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(st.status().message(),
+              HasSubstr("holds a conversion for method AMXINT8 in layout kt-int8-channel-v1; converting for AMXINT4 "
+                        "(kt-int4-channel-v1) would replace it"));
+  EXPECT_EQ(ReadRaw(out + "/" + kManifestName), manifest);
+  EXPECT_TRUE(ReadRaw(out + "/" + LayerFileName(0)) == layer0);
+  // Without the manifest (an unfinished run) the layer records still name the layout.
+  ::unlink((out + "/" + kManifestName).c_str());
   st = ConvertCheckpoint(Options(hf, out, "BF16"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.status().message(), HasSubstr("holds a conversion in layout kt-int8-channel-v1"));
+  // The same layout under the other int8 method name is the same bytes: kept, the manifest names MOE_INT8.
+  st = ConvertCheckpoint(Options(hf, out, "MOE_INT8"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->layers_skipped, kLayers);
+  EXPECT_EQ(ReadManifest(out)->method, "MOE_INT8");
+}
+
+// Rewrites the HF folder with layer 1 expert 2's up matrix changed in one element (same shapes, same file
+// size): what issue 14's tester did to the source between two runs.
+void WriteHfWithChangedExpert(const std::string& dir) {
+  WriteHf(dir, Layout::kPerExpert);
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(dir + "/model.safetensors");
+  ASSERT_TRUE(f.ok());
+  const TensorInfo* t = (*f)->Find("model.layers.1.mlp.experts.2.up_proj.weight");
+  ASSERT_NE(t, nullptr);
+  const uint64_t at = 8 + ((*f)->data(*t) - ((*f)->file_data() + 8)) + 6;  // element 3
+  f->reset();
+  std::string bytes = ReadRaw(dir + "/model.safetensors");
+  bytes[at + 1] ^= 0x01;  // the exponent's lowest bit: the value doubles or halves
+  WriteRaw(dir + "/model.safetensors", bytes);
+}
+
+// A rerun keeps only layers made from the same source: a changed expert tensor (same shapes) redoes its
+// layer, and the result equals a fresh conversion of the changed source byte for byte; a source rewritten
+// with identical bytes (new mtime and ctime) is recognised by its tensors' checksums and kept.
+TEST(ConvertTest, ResumeRedoesLayersWhoseSourceChanged) {
+  const std::string hf = FreshDir("hf"), out = TmpPath("out"), fresh = TmpPath("fresh");
+  RemoveTree(out);
+  RemoveTree(fresh);
+  WriteHf(hf, Layout::kPerExpert);
+  ASSERT_TRUE(ConvertCheckpoint(Options(hf, out, "AMXINT8")).ok());
+  const std::string layer0 = ReadRaw(out + "/" + LayerFileName(0)), layer1 = ReadRaw(out + "/" + LayerFileName(1));
+
+  // Same bytes, rewritten: identity differs, checksums equal.
+  WriteRaw(hf + "/model.safetensors", ReadRaw(hf + "/model.safetensors"));
+  absl::StatusOr<ConvertStats> st = ConvertCheckpoint(Options(hf, out, "AMXINT8"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->layers_skipped, kLayers);
+  EXPECT_EQ(st->layers_converted, 0);
+
+  WriteHfWithChangedExpert(hf);
+  char* buf = nullptr;
+  size_t len = 0;
+  std::FILE* progress = ::open_memstream(&buf, &len);
+  ConvertOptions o = Options(hf, out, "AMXINT8");
+  o.progress = progress;
+  st = ConvertCheckpoint(o);
+  std::fclose(progress);
+  const std::string log(buf, len);
+  std::free(buf);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->layers_skipped, 1);
+  EXPECT_EQ(st->layers_converted, 1);
+  EXPECT_THAT(log, HasSubstr("layer 1: converting again: its source changed since it was converted (tensor "
+                             "model.layers.1.mlp.experts.2.up_proj.weight changed)"));
+  EXPECT_TRUE(ReadRaw(out + "/" + LayerFileName(0)) == layer0);
+  const std::string redone = ReadRaw(out + "/" + LayerFileName(1));
+  EXPECT_FALSE(redone == layer1);
+  ASSERT_TRUE(ConvertCheckpoint(Options(hf, fresh, "AMXINT8")).ok());
+  EXPECT_TRUE(redone == ReadRaw(fresh + "/" + LayerFileName(1)));
+  EXPECT_TRUE(ReadRaw(out + "/" + kManifestName) == ReadRaw(fresh + "/" + kManifestName));
+  // And now it is current: kept.
+  st = ConvertCheckpoint(Options(hf, out, "AMXINT8"));
   ASSERT_TRUE(st.ok());
-  EXPECT_EQ(st->layers_converted, kLayers);
-  EXPECT_EQ(ReadManifest(out)->layout, kBf16LayoutTag);
+  EXPECT_EQ(st->layers_skipped, kLayers);
+}
+
+// Leftover temporaries of an interrupted run are removed by the next run (only "*.tmp.<digits>" names), and
+// a second writer of a locked output folder is refused at once.
+TEST(ConvertTest, StaleTemporariesRemovedAndOutputLocked) {
+  const std::string hf = FreshDir("hf"), out = FreshDir("out");
+  WriteHf(hf, Layout::kPerExpert);
+  WriteRaw(out + "/layer_0000.safetensors.tmp.4242", "partial");
+  WriteRaw(out + "/kt_manifest.json.tmp.77", "partial");
+  WriteRaw(out + "/notes.tmp.txt", "kept");
+  char* buf = nullptr;
+  size_t len = 0;
+  std::FILE* progress = ::open_memstream(&buf, &len);
+  ConvertOptions o = Options(hf, out, "BF16");
+  o.progress = progress;
+  absl::StatusOr<ConvertStats> st = ConvertCheckpoint(o);
+  std::fclose(progress);
+  const std::string log(buf, len);
+  std::free(buf);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->temporaries_removed, 2);
+  EXPECT_THAT(log, HasSubstr("kt convert: removed 2 unfinished file(s) of an interrupted run: "
+                             "kt_manifest.json.tmp.77, layer_0000.safetensors.tmp.4242\n"));
+  EXPECT_FALSE(Exists(out + "/layer_0000.safetensors.tmp.4242"));
+  EXPECT_TRUE(Exists(out + "/notes.tmp.txt"));
+
+  absl::StatusOr<DirectoryLock> held = DirectoryLock::Acquire(out);
+  ASSERT_TRUE(held.ok()) << held.status();
+  st = ConvertCheckpoint(Options(hf, out, "BF16"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(st.status().message(), HasSubstr("another process holds its lock"));
+  *held = DirectoryLock();
+  EXPECT_TRUE(ConvertCheckpoint(Options(hf, out, "BF16")).ok());
 }
 
 // The output depends on nothing but the input and the method: one thread or three give identical bytes
@@ -534,16 +644,31 @@ TEST(ConvertTest, UnsupportedMethodsAndOutputOverInput) {
   st = ConvertCheckpoint(o);
   ASSERT_FALSE(st.ok());
   EXPECT_THAT(st.status().message(), HasSubstr("group_size must be 32, 64 or 128, got 48"));
-  o = Options(hf, out, "GPTQ_INT4");  // G = 128 does not divide H = 64
+  o = Options(hf, out, "AMXINT4_KGroup");  // G = 128 does not divide H = 64
   st = ConvertCheckpoint(o);
   ASSERT_FALSE(st.ok());
   EXPECT_THAT(st.status().message(),
               HasSubstr("config.json: hidden_size: K must be a multiple of group_size for int4_group_sym: K = 64, "
                         "group_size = 128"));
   EXPECT_FALSE(Exists(out));
+  // A group size for a method without groups, and methods no kernel can load, are refused, not ignored.
+  o = Options(hf, out, "AMXINT8");
+  o.group_size = 64;
+  st = ConvertCheckpoint(o);
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.status().message(), HasSubstr("--group-size 64: method AMXINT8 has no groups"));
+  for (const char* m : {"RAWINT4", "GPTQ_INT4"}) {
+    st = ConvertCheckpoint(Options(hf, out, m));
+    ASSERT_FALSE(st.ok()) << m;
+    EXPECT_EQ(st.status().code(), absl::StatusCode::kUnimplemented);
+    EXPECT_THAT(st.status().message(), HasSubstr(absl::StrCat("--method ", m, ": method ", m,
+                                                              " has no kernel in kt yet")));
+  }
+  EXPECT_FALSE(Exists(out));
   st = ConvertCheckpoint(Options(hf, hf, "BF16"));
   ASSERT_FALSE(st.ok());
-  EXPECT_THAT(st.status().message(), HasSubstr("is the input folder"));
+  EXPECT_EQ(st.status().message(),
+            absl::StrCat("--output ", hf, " is the input folder; choose another folder"));
 }
 
 TEST(ConvertTest, FixtureFp8IsRejectedNamingFp8) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -48,6 +49,39 @@ class FileSink {
 absl::Status WriteFileAtomically(const std::string& path, absl::FunctionRef<absl::Status(FileSink&)> write);
 // The same with the whole contents in memory.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
+
+// Interrupts (SIGINT, SIGTERM) while WriteFileAtomically runs: InstallInterruptCleanup installs handlers
+// that remove every temporary file WriteFileAtomically has open in this process, print one line to stderr
+// ("<program>: interrupted by SIGINT; removed <tmp>"), and then let the signal terminate the process as it
+// would have (default action, re-raised). Only async-signal-safe calls run in the handler. Call it once,
+// from a program's main path (the `kt` command line); a library never installs handlers by itself.
+void InstallInterruptCleanup(const char* program);
+
+// Whether `name` is a temporary of WriteFileAtomically ("<anything>.tmp.<digits>").
+bool IsAtomicTemporaryName(absl::string_view name);
+// Removes the WriteFileAtomically temporaries directly in `dir` (not recursive) and returns their names.
+// Only safe while no other process writes into `dir` (hold its DirectoryLock).
+absl::StatusOr<std::vector<std::string>> RemoveAtomicTemporaries(const std::string& dir);
+
+// An exclusive advisory lock (flock) on a folder, held until destruction: two writers of one output folder
+// exclude each other. Movable, not copyable.
+class DirectoryLock {
+ public:
+  // FailedPrecondition ("<dir>: another process holds its lock ...") if someone else holds it; errno
+  // errors for a folder that cannot be opened.
+  static absl::StatusOr<DirectoryLock> Acquire(const std::string& dir);
+
+  DirectoryLock() = default;
+  DirectoryLock(DirectoryLock&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  DirectoryLock& operator=(DirectoryLock&& other) noexcept;
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+  ~DirectoryLock();
+
+ private:
+  explicit DirectoryLock(int fd) : fd_(fd) {}
+  int fd_ = -1;
+};
 
 // A read-only MAP_PRIVATE map of a whole regular file, unmapped on destruction. Movable, not copyable.
 //

@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -170,6 +172,75 @@ TEST(MappedFileTest, FolderIsNotARegularFile) {
   absl::StatusOr<MappedFile> f = MappedFile::Open(dir);
   EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(f.status().message(), dir + ": not a regular file");
+}
+
+// SIGINT or SIGTERM in the middle of an atomic write (in a child process): the handler removes the
+// temporary, prints one line naming it, and the process still dies of the signal (exit status 128 + sig).
+void InterruptMidWrite(int sig) {
+  const std::string dir = TestDir();
+  const std::string path = dir + "/layer_0003.safetensors";
+  int err_pipe[2];
+  ASSERT_EQ(::pipe(err_pipe), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::dup2(err_pipe[1], 2);
+    ::close(err_pipe[0]);
+    InstallInterruptCleanup("kt convert");
+    (void)WriteFileAtomically(path, [&](FileSink& sink) {
+      (void)sink.Write("half of a layer");
+      ::raise(sig);
+      return absl::OkStatus();
+    });
+    ::_exit(3);  // Not reached: the signal terminates the child.
+  }
+  ::close(err_pipe[1]);
+  std::string err;
+  char buf[512];
+  for (ssize_t n; (n = ::read(err_pipe[0], buf, sizeof(buf))) > 0;) err.append(buf, static_cast<size_t>(n));
+  ::close(err_pipe[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "exit status " << status << ", stderr: " << err;
+  EXPECT_EQ(WTERMSIG(status), sig);
+  const std::string tmp = absl::StrCat(path, ".tmp.", child);
+  EXPECT_EQ(err, absl::StrCat("kt convert: interrupted by ", sig == SIGINT ? "SIGINT" : "SIGTERM",
+                              "; removed the unfinished ", tmp, "\n"));
+  for (const std::string& name : List(dir)) EXPECT_NE(name, absl::StrCat("layer_0003.safetensors.tmp.", child));
+  struct stat st;
+  EXPECT_NE(::stat(path.c_str(), &st), 0) << "the final name must not exist";
+}
+
+TEST(InterruptTest, SigintRemovesTheTemporaryAndKillsTheProcess) { InterruptMidWrite(SIGINT); }
+TEST(InterruptTest, SigtermRemovesTheTemporaryAndKillsTheProcess) { InterruptMidWrite(SIGTERM); }
+
+TEST(AtomicTemporariesTest, NamesAndRemoval) {
+  EXPECT_TRUE(IsAtomicTemporaryName("layer_0001.safetensors.tmp.123"));
+  EXPECT_TRUE(IsAtomicTemporaryName("kt_manifest.json.tmp.1"));
+  EXPECT_FALSE(IsAtomicTemporaryName("notes.tmp.txt"));
+  EXPECT_FALSE(IsAtomicTemporaryName("x.tmp."));
+  EXPECT_FALSE(IsAtomicTemporaryName(".tmp.12"));
+  EXPECT_FALSE(IsAtomicTemporaryName("layer_0001.safetensors"));
+  const std::string dir = TestDir();
+  WriteRaw(dir + "/a.safetensors.tmp.99", "x");
+  WriteRaw(dir + "/a.safetensors", "y");
+  absl::StatusOr<std::vector<std::string>> removed = RemoveAtomicTemporaries(dir);
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(*removed, std::vector<std::string>{"a.safetensors.tmp.99"});
+  EXPECT_EQ(ReadRaw(dir + "/a.safetensors"), "y");
+  EXPECT_EQ(RemoveAtomicTemporaries(dir + "/missing").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(DirectoryLockTest, ExcludesASecondHolderUntilReleased) {
+  const std::string dir = TestDir();
+  absl::StatusOr<DirectoryLock> a = DirectoryLock::Acquire(dir);
+  ASSERT_TRUE(a.ok()) << a.status();
+  absl::StatusOr<DirectoryLock> b = DirectoryLock::Acquire(dir);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(b.status().message()), HasSubstr(dir + ": another process holds its lock"));
+  *a = DirectoryLock();
+  EXPECT_TRUE(DirectoryLock::Acquire(dir).ok());
 }
 
 }  // namespace

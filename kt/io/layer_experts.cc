@@ -395,6 +395,12 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
   return absl::OkStatus();
 }
 
+std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
+  if (converted_) return {};
+  if (arch_.fused_experts()) return {fused_[0], fused_[1]};
+  return per_expert_;
+}
+
 void LayerExperts::DropPages(int expert) const {
   if (expert < 0 || expert >= e_) return;
   if (converted_) {

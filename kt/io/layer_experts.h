@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -87,6 +88,9 @@ class LayerExperts {
   // The canonical quantized matrix (quantized folders only). `out`'s vectors are reused (resized), so a
   // caller that keeps one per thread allocates nothing after the first expert.
   absl::Status ReadQuantized(int expert, ExpertMatrix m, QuantizedMatrix* out) const;
+  // The checkpoint tensors an HF layer reads (each expert's three, or the two fused ones), in a fixed order;
+  // empty for a converted folder. `kt convert` records their checksums to know what a layer was made from.
+  std::vector<Checkpoint::Located> SourceTensors() const;
   // Releases the mapped pages of `expert`'s tensors from the resident set (streaming converters).
   void DropPages(int expert) const;
 

@@ -142,6 +142,11 @@ std::string ManifestToJson(const Manifest& m) {
   return out;
 }
 
+absl::StatusOr<ManifestLayer> ManifestLayerFromJson(const json::Value& value, absl::string_view where,
+                                                    absl::string_view origin) {
+  return LayerFromJson(value, where, origin);
+}
+
 absl::StatusOr<ManifestLayer> ParseManifestLayer(absl::string_view text, absl::string_view origin) {
   absl::StatusOr<json::Value> root = json::Parse(text);
   if (!root.ok()) return Bad(origin, root.status().message());

@@ -30,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "kt/io/json.h"
 
 namespace kt {
 
@@ -76,6 +77,9 @@ std::string ManifestLayerToJson(const ManifestLayer& l);
 // shapes positive, file names plain ("layer_*.safetensors", no '/'). `origin` starts every error.
 absl::StatusOr<Manifest> ParseManifest(absl::string_view text, absl::string_view origin);
 absl::StatusOr<ManifestLayer> ParseManifestLayer(absl::string_view text, absl::string_view origin);
+// The same from an already parsed JSON value; `where` names it in errors ("layer entry").
+absl::StatusOr<ManifestLayer> ManifestLayerFromJson(const json::Value& value, absl::string_view where,
+                                                    absl::string_view origin);
 
 // Reads <dir>/kt_manifest.json.
 absl::StatusOr<Manifest> ReadManifest(const std::string& dir);

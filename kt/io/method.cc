@@ -46,6 +46,25 @@ std::vector<std::string> ConvertibleMethods() {
   return out;
 }
 
+bool MethodTakesGroupSize(absl::string_view method) {
+  for (const Entry& e : kEntries) {
+    if (method == e.method) return e.grouped;
+  }
+  return false;
+}
+
+std::string MethodNotLoadableReason(absl::string_view method) {
+  if (method == "RAWINT4") {
+    return "method RAWINT4 has no kernel in kt yet, so no KTMoEWrapper method could load the folder; its "
+           "layout (kt-int4-group32-sym-v1) is what --method AMXINT4_KGroup --group-size 32 writes and loads";
+  }
+  if (method == "GPTQ_INT4") {
+    return "method GPTQ_INT4 has no kernel in kt yet, so no KTMoEWrapper method could load the folder; its "
+           "layout (kt-int4-group128-sym-v1) is what --method AMXINT4_KGroup --group-size 128 writes and loads";
+  }
+  return "";
+}
+
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {
   if (method == "FP8" || method == "FP8_PERCHANNEL") {
     return absl::UnimplementedError(absl::StrCat(

@@ -32,6 +32,14 @@ struct MethodLayout {
 // (listing the known ones) or a bad group size.
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
 
+// Whether `method` takes a group size (the K-group int4 methods: AMXINT4_KGroup, AMXINT4_1KGroup,
+// MOE_INT4_KGroup, MOE_INT4_1KGroup).
+bool MethodTakesGroupSize(absl::string_view method);
+
+// Why no KTMoEWrapper method can load what `method` would convert to ("" when one can): RAWINT4 and
+// GPTQ_INT4 have a layout but no kernel yet. `kt convert` refuses them rather than write an unusable folder.
+std::string MethodNotLoadableReason(absl::string_view method);
+
 // Every method LayoutOfMethod maps, in documentation order.
 std::vector<std::string> ConvertibleMethods();
 

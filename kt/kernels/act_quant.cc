@@ -4,6 +4,7 @@
 #include <hwy/highway.h>
 
 #include <cmath>
+#include <limits>
 
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/bf16-inl.h"
@@ -14,20 +15,33 @@ namespace kt {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Quantizes x[0, len) with the vector loop and a scalar tail, exactly as quant.cc's QuantizeSymmetric.
+// Quantizes x[0, len) with the vector loop and a scalar tail, exactly as quant.cc's QuantizeActivationInt8:
+// a span holding a NaN or an infinity gets q 0 and scale NaN.
 float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRICT q) {
   const hn::ScalableTag<float> df;
   const hn::RebindToSigned<decltype(df)> di32;
   const hn::Rebind<int8_t, decltype(di32)> di8;
   const size_t lanes = hn::Lanes(df);
-  // 1. max |x| (exact whatever the order).
+  // 1. max |x| (exact whatever the order), and x * 0 summed: NaN iff some x is NaN or infinite (Max
+  // alone would drop a NaN).
   auto vmax = hn::Zero(df);
+  auto vbad = hn::Zero(df);
   size_t i = 0;
-  for (; i + lanes <= len; i += lanes) vmax = hn::Max(vmax, hn::Abs(LoadBf16(df, x + i)));
+  for (; i + lanes <= len; i += lanes) {
+    const auto v = LoadBf16(df, x + i);
+    vmax = hn::Max(vmax, hn::Abs(v));
+    vbad = hn::MulAdd(v, hn::Zero(df), vbad);
+  }
   float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  bool finite = !std::isnan(hn::GetLane(hn::SumOfLanes(df, vbad)));
   for (; i < len; ++i) {
     const float a = Bf16ToF32(x[i]);
+    finite = finite && std::isfinite(a);
     amax = amax > (a < 0 ? -a : a) ? amax : (a < 0 ? -a : a);
+  }
+  if (!finite) {
+    for (size_t j = 0; j < len; ++j) q[j] = 0;
+    return std::numeric_limits<float>::quiet_NaN();
   }
   const float scale = amax / 127.0f;
   if (!(scale > 0.0f)) {

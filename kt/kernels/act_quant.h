@@ -2,7 +2,8 @@
 // as quant.h's QuantizeActivationInt8 / QuantizeActivationInt8Grouped (the scalar truth), bit for bit, on
 // every path. scale = max|x| / 127 (one fp32 division, as the scalar code does), q = round half away from
 // zero of x / scale (a true fp32 division, not a multiply by 1/scale, which would differ in the last bit
-// and flip roundings), clamped to [-127, 127]; an all-zero row gets scale 0 and q 0.
+// and flip roundings), clamped to [-127, 127]; an all-zero row gets scale 0 and q 0; a row (group) holding
+// a NaN or an infinity gets scale NaN and q 0, so the products made from it are NaN.
 //
 // Why it exists: the MoE layer quantizes every gathered input row and every h row per call; in scalar code
 // (std::round per element) that takes a large share of an int8 prefill or decode step
@@ -19,7 +20,7 @@
 
 namespace kt {
 
-// One row of k values: q[k], *scale. Same contract as QuantizeActivationInt8 (x finite).
+// One row of k values: q[k], *scale. Same contract as QuantizeActivationInt8.
 void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale);
 
 // One row in groups of `group` consecutive values (group divides k; the caller validates, as

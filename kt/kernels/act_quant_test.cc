@@ -79,6 +79,45 @@ TEST_P(ActQuantTest, GroupsMatchScalarBitForBit) {
   }
 }
 
+// A NaN or an infinity anywhere in a row (vector body or remainder) or group gives scale NaN and q 0 for
+// that row or group only, on every path as in the scalar code, so the products made from it are NaN.
+TEST_P(ActQuantTest, NonFiniteGivesNanScale) {
+  std::mt19937 rng(5);
+  const bf16_t kBad[] = {bf16_t{0x7fc0} /* NaN */, bf16_t{0xffc1} /* -NaN, payload */, bf16_t{0x7f80} /* +Inf */,
+                         bf16_t{0xff80} /* -Inf */};
+  for (size_t k : {1, 7, 16, 17, 100, 4097}) {
+    for (bf16_t bad : kBad) {
+      for (size_t at : {size_t{0}, k / 2, k - 1}) {
+        std::vector<bf16_t> x = RandomRow(k, rng, 0);
+        x[at] = bad;
+        std::vector<int8_t> q(k, 99), ref(k, 98);
+        float scale = 1, ref_scale = 2;
+        QuantizeRowInt8(GetParam(), x.data(), k, q.data(), &scale);
+        QuantizeActivationInt8(x.data(), k, ref.data(), &ref_scale);
+        ASSERT_TRUE(std::isnan(scale)) << "k=" << k << " at " << at << " bits " << bad.bits;
+        ASSERT_TRUE(std::isnan(ref_scale)) << "k=" << k << " at " << at;
+        ASSERT_EQ(q, std::vector<int8_t>(k, 0));
+        ASSERT_EQ(ref, std::vector<int8_t>(k, 0));
+      }
+    }
+  }
+  for (int group : {32, 128}) {
+    const size_t k = 4 * group;
+    std::vector<bf16_t> x = RandomRow(k, rng, 0);
+    x[group + 5] = bf16_t{0x7fc0};
+    std::vector<int8_t> q(k), ref(k);
+    std::vector<float> s(4), ref_s(4);
+    QuantizeRowInt8Grouped(GetParam(), x.data(), k, group, q.data(), s.data());
+    ASSERT_TRUE(QuantizeActivationInt8Grouped(x.data(), k, group, ref.data(), ref_s.data()).ok());
+    for (int g = 0; g < 4; ++g) {
+      EXPECT_EQ(std::isnan(s[g]), g == 1) << "group " << g;
+      EXPECT_EQ(std::isnan(ref_s[g]), g == 1) << "group " << g;
+      if (g != 1) EXPECT_EQ(s[g], ref_s[g]);
+    }
+    EXPECT_EQ(std::memcmp(q.data(), ref.data(), k), 0);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllPaths, ActQuantTest,
                          ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
                                            Isa::kAvx512Bf16, Isa::kAmx),

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -236,7 +237,22 @@ void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw) {
   }
 }
 
+// An activation row or group holding a NaN or an infinity: q all 0 and scale NaN, so every product with it
+// is NaN, as the unquantized product would be (a finite scale would turn the token's output into finite,
+// wrong numbers).
+bool QuantizeNonFiniteActivation(const bf16_t* x, size_t len, int8_t* q, float* scale) {
+  for (size_t i = 0; i < len; ++i) {
+    if (!std::isfinite(Bf16ToF32(x[i]))) {
+      std::fill(q, q + len, int8_t{0});
+      *scale = std::numeric_limits<float>::quiet_NaN();
+      return true;
+    }
+  }
+  return false;
+}
+
 void QuantizeActivationInt8(const bf16_t* x, size_t k, int8_t* q, float* scale) {
+  if (QuantizeNonFiniteActivation(x, k, q, scale)) return;
   *scale = QuantizeSymmetric(x, k, kInt8Max, q);
 }
 
@@ -250,7 +266,10 @@ absl::Status QuantizeActivationInt8Grouped(const bf16_t* x, size_t k, int group_
     return absl::InvalidArgumentError(
         absl::StrCat("K must be a multiple of group_size: K = ", k, ", group_size = ", group_size));
   }
-  for (size_t j = 0; j < k / g; ++j) scales[j] = QuantizeSymmetric(x + j * g, g, kInt8Max, q + j * g);
+  for (size_t j = 0; j < k / g; ++j) {
+    if (QuantizeNonFiniteActivation(x + j * g, g, q + j * g, scales + j)) continue;
+    scales[j] = QuantizeSymmetric(x + j * g, g, kInt8Max, q + j * g);
+  }
   return absl::OkStatus();
 }
 

@@ -93,11 +93,13 @@ void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw);
 size_t QuantizedBytes(const QuantSpec& spec, size_t n, size_t k);
 
 // Per-token activation quantization for the integer kernels: scale = max|x| / 127 (0 for an all-zero
-// token, whose q are all 0), q = round_half_away(x / scale) clamped to [-127, 127]. x must be finite; a
-// non-finite input gives unspecified values but no undefined behaviour.
+// token, whose q are all 0), q = round_half_away(x / scale) clamped to [-127, 127]. A token holding a NaN
+// or an infinity gets scale NaN and q all 0, so whatever is computed from it is NaN (as the unquantized
+// product would be) instead of finite numbers.
 void QuantizeActivationInt8(const bf16_t* x, size_t k, int8_t* q, float* scale);
 
-// The same per group of `group_size` consecutive elements: scales[k / group_size], one per group, for the
+// The same per group of `group_size` consecutive elements (a group holding a NaN or an infinity gets scale
+// NaN and q 0): scales[k / group_size], one per group, for the
 // group-wise weight formats (the activation group matches the weight group, so a kernel combines
 // sum(q_x * q_w) of a group with one scale product). InvalidArgument unless group_size is in {32, 64, 128}
 // and divides k.

@@ -574,6 +574,36 @@ void MoeLayer::BeginLoad() {
   loaded_ = false;
 }
 
+absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::CreateStaging() const {
+  absl::StatusOr<std::unique_ptr<MoeLayer>> staged = Create(config_, isa_, format_, scratch_);
+  if (!staged.ok()) return staged.status();
+  (*staged)->tiling_ = tiling_;
+  return staged;
+}
+
+absl::Status MoeLayer::AdoptWeights(MoeLayer& staged) {
+  if (&staged == this) return absl::InvalidArgumentError("AdoptWeights: a layer cannot adopt its own weights");
+  const MoeConfig& a = config_;
+  const MoeConfig& b = staged.config_;
+  if (a.num_experts != b.num_experts || a.hidden != b.hidden || a.intermediate != b.intermediate ||
+      staged.isa_ != isa_ || staged.format_ != format_ ||
+      (IsGroupExpertFormat(format_) && a.group_size != b.group_size)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AdoptWeights: the staged layer (E=", b.num_experts, " H=", b.hidden, " I=", b.intermediate, " ",
+        IsaName(staged.isa_), " ", ExpertFormatName(staged.format_), ") differs from this one (E=", a.num_experts,
+        " H=", a.hidden, " I=", a.intermediate, " ", IsaName(isa_), " ", ExpertFormatName(format_), ")"));
+  }
+  if (!staged.loaded()) return absl::FailedPreconditionError("AdoptWeights: the staged layer is not loaded");
+  std::swap(gate_, staged.gate_);
+  std::swap(up_, staged.up_);
+  std::swap(down_, staged.down_);
+  proj_loaded_.swap(staged.proj_loaded_);
+  const bool was_loaded = loaded();
+  loaded_.store(true, std::memory_order_release);
+  staged.loaded_.store(was_loaded, std::memory_order_release);
+  return absl::OkStatus();
+}
+
 absl::Status MoeLayer::CheckSlot(const char* fn, int slot) const {
   if (slot < 0 || slot >= config_.num_experts) {
     return absl::InvalidArgumentError(absl::StrCat(fn, ": slot = ", slot, " is not in [0, num_experts = ",

@@ -189,6 +189,16 @@ class MoeLayer {
   // OK once every (slot, proj) has loaded; FailedPrecondition naming the first missing one otherwise.
   absl::Status FinishLoad();
 
+  // Reloading without risking the weights in use: CreateStaging() makes an empty layer of the same
+  // configuration, path, format and tiling, sharing this layer's scratch; load into it (any of the loaders
+  // above), then AdoptWeights(*staged) swaps the packed weights in, and the staged layer (holding the old
+  // ones) is dropped. A load that fails leaves this layer exactly as it was. Peak memory: two layers'
+  // weights while the staged one loads. AdoptWeights needs `staged` loaded and of the same configuration,
+  // path and format (FailedPrecondition / InvalidArgument naming what differs otherwise); it must not run
+  // concurrently with a Forward of this layer.
+  absl::StatusOr<std::unique_ptr<MoeLayer>> CreateStaging() const;
+  absl::Status AdoptWeights(MoeLayer& staged);
+
   // qlen in [1, max_len], k == top_k (or smaller). ids [qlen, k] int64, weights [qlen, k] fp32,
   // input/output [qlen, H] bf16. gpu_experts_mask: bool[E] read on every call, or nullptr.
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
@@ -238,7 +248,8 @@ class MoeLayer {
   // The canonical quantized form the layer stores (QuantSpecOf(format(), config().group_size)); for
   // kBf16 an InvalidArgument.
   absl::StatusOr<QuantSpec> quant_spec() const { return QuantSpecOf(format_, config_.group_size); }
-  bool loaded() const { return loaded_; }
+  // Safe to read from any thread (an atomic flag).
+  bool loaded() const { return loaded_.load(std::memory_order_acquire); }
   // [N, K] of a projection: (I, H) for gate and up, (H, I) for down.
   size_t ProjRows(ExpertProj proj) const;
   size_t ProjCols(ExpertProj proj) const;
@@ -298,7 +309,7 @@ class MoeLayer {
   GemmBf16Fn gemm_bf16_ = nullptr;
   GemmInt8Fn gemm_int8_ = nullptr;
   GemmInt4Fn gemm_int4_ = nullptr;
-  bool loaded_ = false;
+  std::atomic<bool> loaded_{false};
   ForwardProfile profile_;
   MoeTiling tiling_;
   Projection gate_, up_, down_;

@@ -571,6 +571,107 @@ TEST_P(MoeLayerTest, ProjectBlockAndUnpackExpert) {
   }
 }
 
+// A NaN or an infinity in one token's input makes that token's output non-finite in every element on every
+// format and path (as the bf16 computation and PyTorch do: every gate/up sum includes it), while the other
+// tokens' outputs are bit for bit those of the same call with a finite value there (each token's
+// activations are quantized on their own). The quantized formats used to turn it into finite numbers (a NaN
+// dropped by max|x|, an all-NaN row quantized to zeros).
+TEST_P(MoeLayerTest, NonFiniteInputGivesNonFiniteOutputForThatTokenOnly) {
+  const Layer l = Make(/*e=*/6, /*k=*/2, /*h=*/72, /*i=*/40, /*max_len=*/8, 11);
+  ThreadPool pool(2);
+  auto moe = Build(l, pool);
+  std::mt19937 rng(12);
+  const int qlen = 5, bad_token = 2;
+  const size_t h = l.config.hidden;
+  Batch b = RandomBatch(l.config, qlen, rng);
+  // Every token routed to real experts (RandomBatch picks ids in [0, E)).
+  std::vector<bf16_t> clean_out(qlen * h);
+  ASSERT_TRUE(moe->Forward(pool, qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(), clean_out.data(),
+                           nullptr)
+                  .ok());
+  struct Case {
+    const char* what;
+    std::vector<size_t> cols;
+    bf16_t value;
+  };
+  const std::vector<Case> cases = {
+      {"one NaN", {7}, bf16_t{0x7fc0}},
+      {"one NaN in the last column", {h - 1}, bf16_t{0x7fc0}},
+      {"all NaN", {}, bf16_t{0x7fc0}},
+      {"+Inf", {3}, bf16_t{0x7f80}},
+      {"-Inf", {h / 2}, bf16_t{0xff80}},
+  };
+  for (const Case& c : cases) {
+    Batch bad = b;
+    if (c.cols.empty()) {
+      for (size_t j = 0; j < h; ++j) bad.input[bad_token * h + j] = c.value;
+    } else {
+      for (size_t j : c.cols) bad.input[bad_token * h + j] = c.value;
+    }
+    std::vector<bf16_t> out(qlen * h);
+    ASSERT_TRUE(moe->Forward(pool, qlen, b.k, bad.ids.data(), bad.weights.data(), bad.input.data(), out.data(),
+                             nullptr)
+                    .ok());
+    for (int t = 0; t < qlen; ++t) {
+      for (size_t j = 0; j < h; ++j) {
+        const float v = Bf16ToF32(out[t * h + j]);
+        if (t == bad_token) {
+          ASSERT_FALSE(std::isfinite(v)) << c.what << ": token " << t << " column " << j << " is " << v;
+        } else {
+          ASSERT_EQ(out[t * h + j].bits, clean_out[t * h + j].bits) << c.what << ": token " << t << " column " << j;
+        }
+      }
+    }
+  }
+}
+
+// A failed reload into a staged layer leaves the live layer's weights and results as they were; a
+// successful one is swapped in by AdoptWeights (results equal a layer built from the new weights).
+TEST_P(MoeLayerTest, StagedReloadKeepsWeightsOnFailureAndSwapsOnSuccess) {
+  const Layer a = Make(/*e=*/4, /*k=*/2, /*h=*/64, /*i=*/32, /*max_len=*/4, 21);
+  const Layer b = Make(/*e=*/4, /*k=*/2, /*h=*/64, /*i=*/32, /*max_len=*/4, 22);
+  ThreadPool pool(2);
+  auto moe = Build(a, pool);
+  auto only_b = Build(b, pool);
+  std::mt19937 rng(23);
+  const Batch batch = RandomBatch(a.config, 4, rng);
+  auto run = [&](MoeLayer& m) {
+    std::vector<bf16_t> out(4 * a.config.hidden);
+    EXPECT_TRUE(m.Forward(pool, 4, batch.k, batch.ids.data(), batch.weights.data(), batch.input.data(),
+                          out.data(), nullptr)
+                    .ok());
+    std::vector<uint16_t> bits;
+    for (bf16_t v : out) bits.push_back(v.bits);
+    return bits;
+  };
+  const std::vector<uint16_t> with_a = run(*moe), with_b = run(*only_b);
+  ASSERT_NE(with_a, with_b);
+
+  // A staged load that stops half-way (only expert 0 loaded) cannot be adopted.
+  absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe->CreateStaging();
+  ASSERT_TRUE(staged.ok()) << staged.status();
+  (*staged)->BeginLoad();
+  ASSERT_TRUE((*staged)->LoadExpert(0, ExpertProj::kGate, b.gate.data()).ok());
+  EXPECT_FALSE((*staged)->FinishLoad().ok());
+  absl::Status s = moe->AdoptWeights(**staged);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(moe->loaded());
+  EXPECT_EQ(run(*moe), with_a);
+  // A layer of another shape cannot be adopted either.
+  Layer other = Make(/*e=*/4, /*k=*/2, /*h=*/64, /*i=*/96, /*max_len=*/4, 24);
+  auto wrong = Build(other, pool);
+  EXPECT_EQ(moe->AdoptWeights(*wrong).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(run(*moe), with_a);
+
+  staged = moe->CreateStaging();
+  ASSERT_TRUE(staged.ok());
+  ASSERT_TRUE((*staged)->LoadWeights(b.gate.data(), b.up.data(), b.down.data(), nullptr, pool).ok());
+  ASSERT_TRUE(moe->AdoptWeights(**staged).ok());
+  EXPECT_EQ(run(*moe), with_b);
+  // The staged layer now holds the old weights.
+  EXPECT_EQ(run(**staged), with_a);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllPaths, MoeLayerTest,
     ::testing::Combine(::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,

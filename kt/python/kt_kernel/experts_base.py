@@ -7,6 +7,7 @@ A backend (see ``kt_kernel.utils.amx.NativeMoEWrapper``) implements ``load_weigh
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -87,9 +88,14 @@ class BaseMoEWrapper:
         self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, minimum=1)
         self.threadpool_count = check_int("threadpool_count", threadpool_count, minimum=1)
         self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, minimum=1)
-        if weight_path is not None and not isinstance(weight_path, str):
-            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
-        self.weight_path = weight_path
+        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
+            raise TypeError(
+                f"weight_path must be a str, an os.PathLike (e.g. pathlib.Path) or None, got "
+                f"{type(weight_path).__name__}"
+            )
+        self.weight_path = None if weight_path is None else os.fspath(weight_path)
+        if isinstance(self.weight_path, bytes):
+            raise TypeError("weight_path must be a text path, got bytes")
         self.cpu_save = bool(cpu_save)
         self.method = method
         if numa_nodes is not None:
@@ -110,12 +116,36 @@ class BaseMoEWrapper:
             )
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
 
-        # Read by C++ at every forward (so flipping bits later takes effect): keep this very tensor.
-        if gpu_experts_mask is not None:
-            check_tensor("gpu_experts_mask", gpu_experts_mask, torch.bool, (num_experts,), "[num_experts]")
+        # Read by C++ at every forward (so flipping bits later takes effect): this very tensor is kept, and
+        # checked again at every forward (see _checked_mask).
         self.gpu_experts_mask = gpu_experts_mask
 
         _native.get_thread_pool(cpuinfer_threads)
+
+    # -- the GPU expert mask ----------------------------------------------------------------------------
+
+    @property
+    def gpu_experts_mask(self) -> Optional[torch.Tensor]:
+        """bool CPU tensor [num_experts] (True: the expert runs on the GPU, the CPU result skips it) or None.
+
+        The tensor itself is kept, so flipping its bits in place takes effect at the next forward. Assigning
+        checks the new value; every forward checks it again (dtype bool, shape [num_experts], CPU,
+        contiguous), since the tensor may have been resized in place since.
+        """
+        return self._gpu_experts_mask
+
+    @gpu_experts_mask.setter
+    def gpu_experts_mask(self, mask: Optional[torch.Tensor]) -> None:
+        if mask is not None:
+            check_tensor("gpu_experts_mask", mask, torch.bool, (self.num_experts,), "[num_experts]")
+        self._gpu_experts_mask = mask
+
+    def _checked_mask(self) -> Optional[torch.Tensor]:
+        """The mask as a forward reads it, checked now: C++ reads num_experts bools from its address."""
+        mask = self._gpu_experts_mask
+        if mask is not None:
+            check_tensor("gpu_experts_mask", mask, torch.bool, (self.num_experts,), "[num_experts]")
+        return mask
 
     # -- buffer cache (class-wide) --------------------------------------------------------------------
 

@@ -108,15 +108,23 @@ class PyMoeLayer {
     moe_ = std::move(*moe);
   }
 
+  // Both loaders load into a staged layer and swap it in only when the whole load succeeded
+  // (MoeLayer::CreateStaging / AdoptWeights): a failed reload leaves the weights in use as they were, and
+  // a Forward never sees a half-loaded layer.
   void LoadWeights(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
                    std::uintptr_t physical_to_logical, ThreadPool& pool) {
     absl::Status status;
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(ComputeMutex());
-      status = moe_->LoadWeights(AsPointer<const bf16_t>(gate), AsPointer<const bf16_t>(up),
-                                 AsPointer<const bf16_t>(down),
-                                 AsPointer<const int64_t>(physical_to_logical), pool);
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        status = (*staged)->LoadWeights(AsPointer<const bf16_t>(gate), AsPointer<const bf16_t>(up),
+                                        AsPointer<const bf16_t>(down),
+                                        AsPointer<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
     }
     if (!status.ok()) ThrowStatus(status);
   }
@@ -127,9 +135,15 @@ class PyMoeLayer {
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(ComputeMutex());
-      status = moe_->Forward(pool, qlen, k, AsPointer<const int64_t>(ids), AsPointer<const float>(weights),
+      if (!moe_->loaded()) {
+        status = absl::FailedPreconditionError(
+            "forward called before the expert weights were loaded; call load_weights or "
+            "load_weights_from_tensors first");
+      } else {
+        status = moe_->Forward(pool, qlen, k, AsPointer<const int64_t>(ids), AsPointer<const float>(weights),
                              AsPointer<const bf16_t>(input), AsPointer<bf16_t>(output),
-                             AsPointer<const bool>(gpu_experts_mask));
+                               AsPointer<const bool>(gpu_experts_mask));
+      }
     }
     if (!status.ok()) ThrowStatus(status);
   }
@@ -140,8 +154,16 @@ class PyMoeLayer {
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(ComputeMutex());
-      stats = LoadLayerFromFolder(*moe_, path, layer, method, group_size,
-                                  AsPointer<const int64_t>(physical_to_logical), pool);
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      if (!staged.ok()) {
+        stats = staged.status();
+      } else {
+        stats = LoadLayerFromFolder(**staged, path, layer, method, group_size,
+                                    AsPointer<const int64_t>(physical_to_logical), pool);
+        if (stats.ok()) {
+          if (absl::Status s = moe_->AdoptWeights(**staged); !s.ok()) stats = s;
+        }
+      }
     }
     if (!stats.ok()) ThrowStatus(stats.status());
     py::dict d;

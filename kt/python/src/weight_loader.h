@@ -27,8 +27,9 @@ struct FolderLoadStats {
 // Loads MoE layer `layer` of `dir` into `moe` for `method` (a KTMoEWrapper method; kt/io/method.h gives its
 // layout, which must be the layer's: QuantSpecOf(moe.format()) for a quantized method, bf16 for BF16).
 // physical_to_logical: int64[E] (slot i holds logical expert map[i]) or nullptr for the identity.
-// On error the layer is left unloaded (Forward refuses it); the error names the file, tensor and expected
-// value (kt/io/layer_experts.h).
+// On error `moe` is left unloaded (Forward refuses it), so a caller that must keep its current weights
+// loads into MoeLayer::CreateStaging() and adopts them on success (the Python binding does); the error names
+// the file, tensor and expected value (kt/io/layer_experts.h).
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool);

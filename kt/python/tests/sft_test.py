@@ -414,5 +414,29 @@ def test_validation_errors():
         make(num_gpu_experts=2)
 
 
+def test_qlen_zero_gives_empty_output_and_zero_lora_gradients():
+    """As inference does, an empty batch is a valid call: empty output and gradients, LoRA gradients 0
+    (every expert got no token), unchanged when accumulating; the cache stack stays LIFO around it."""
+    moe, base, lora, grads = build(depth=2)
+    x, ids, w, gout = batch(3)
+    out = moe.forward(x, ids, w, save_for_backward=True)
+    empty = moe.forward(torch.empty(0, H, dtype=torch.bfloat16), torch.empty(0, K, dtype=torch.int64),
+                        torch.empty(0, K, dtype=torch.float32), save_for_backward=True)
+    assert empty.shape == (0, H) and empty.dtype == torch.bfloat16
+    gi, gw = moe.backward(torch.empty(0, H, dtype=torch.bfloat16))
+    assert gi.shape == (0, H) and gw.shape == (0, K)
+    assert all(bool((g == 0).all()) for g in grads)
+    # The real forward's backward still comes next and matches autograd.
+    gi, gw = moe.backward(gout)
+    ref_out, ref = torch_reference(base, lora, x, ids, w, gout)
+    assert rel_l2(gi, ref["grad_input"]) <= 1e-2
+    # Accumulating over an empty batch leaves the gradients as they are.
+    before = [g.clone() for g in grads]
+    moe.forward(torch.empty(0, H, dtype=torch.bfloat16), torch.empty(0, K, dtype=torch.int64),
+                torch.empty(0, K, dtype=torch.float32), save_for_backward=True)
+    moe.backward(torch.empty(0, H, dtype=torch.bfloat16), accumulate_optimizer_grads=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, grads))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-s"]))

@@ -153,7 +153,7 @@ def test_fp8_fixture_is_rejected_naming_fp8():
         )
 
 
-def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
+def test_bad_folders_give_clear_errors(tmp_path):
     arch = "qwen3_moe"
     src = testdata.path(arch)
     # Shape mismatch with the config, naming the key and both values.
@@ -168,7 +168,7 @@ def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
     moe = make(arch, "BF16", converted(arch, "AMXINT8"))
     with pytest.raises(ValueError, match=r"holds layout \"kt-int8-channel-v1\" .* method BF16 needs \"kt-bf16-v1\""):
         moe.load_weights(None)
-    # A corrupt layer file: the checksum names the byte range; a previous good load is dropped, not mixed.
+    # A corrupt layer file: the checksum names the byte range; the previous good load stays in use, unmixed.
     bad = str(tmp_path / "bad")
     shutil.copytree(converted(arch, "AMXINT8"), bad)
     moe = make(arch, "AMXINT8", bad)
@@ -182,7 +182,7 @@ def test_bad_folders_give_clear_errors_and_leave_the_layer_unloaded(tmp_path):
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(OSError, match=r"layer_0000.safetensors: checksum mismatch in bytes \[0, "):
         moe.load_weights(None)
-    assert not moe.weights_loaded
+    assert moe.weights_loaded
     # Truncated.
     with open(layer_file, "r+b") as f:
         f.truncate(os.path.getsize(layer_file) - 10)

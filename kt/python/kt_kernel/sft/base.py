@@ -219,7 +219,8 @@ class BaseSFTMoEWrapper:
         """Routed experts with LoRA: ``out[t] = sum_j weights[t,j] * y(expert_ids[t,j], hidden_states[t])``.
 
         Args:
-            hidden_states: bf16 CPU [qlen, H], contiguous, 1 <= qlen <= chunked_prefill_size.
+            hidden_states: bf16 CPU [qlen, H], contiguous, 0 <= qlen <= chunked_prefill_size (qlen 0, as in
+                inference, gives an empty output; its backward gives empty gradients and LoRA gradients 0).
             expert_ids: int64 CPU [qlen, k], 1 <= k <= num_experts_per_tok; ids outside [0, E) contribute
                 nothing.
             weights: float32 CPU [qlen, k].
@@ -234,9 +235,9 @@ class BaseSFTMoEWrapper:
         H = self.hidden_size
         check_tensor("hidden_states", hidden_states, torch.bfloat16, (None, H), "[qlen, hidden_size]")
         qlen = hidden_states.shape[0]
-        if not 1 <= qlen <= self.chunked_prefill_size:
+        if qlen > self.chunked_prefill_size:
             raise ValueError(
-                f"hidden_states has qlen={qlen} tokens; SFT forward takes 1..chunked_prefill_size="
+                f"hidden_states has qlen={qlen} tokens; SFT forward takes 0..chunked_prefill_size="
                 f"{self.chunked_prefill_size} tokens per call"
             )
         k = check_routing("expert_ids", expert_ids, "weights", weights, qlen, self.num_experts_per_tok)
@@ -258,6 +259,10 @@ class BaseSFTMoEWrapper:
         if self._lora and tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:
             self._push_lora()  # a LoRA tensor's .data was replaced: follow it
         output = torch.empty((qlen, H), dtype=torch.bfloat16)
+        if qlen == 0:  # nothing to compute or cache; backward knows an empty entry by its qlen
+            if save_for_backward:
+                self._pending.append((0, k))
+            return output
         self._layer.forward(
             self._pool(),
             qlen,
@@ -303,6 +308,12 @@ class BaseSFTMoEWrapper:
             self._push_lora()
         grad_input = torch.empty((qlen, self.hidden_size), dtype=torch.bfloat16)
         grad_weights = torch.empty((qlen, k), dtype=torch.float32)
+        if qlen == 0:  # no token reached any expert: every LoRA gradient is 0 (unchanged when accumulating)
+            if not accumulate_optimizer_grads:
+                for g in self._lora[6:]:
+                    g.zero_()
+            self._pending.pop()
+            return grad_input, grad_weights
         self._layer.backward(
             self._pool(),
             grad_output.data_ptr(),

@@ -20,6 +20,8 @@ KTMoEWrapper raises NotImplementedError for them.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import List, Optional
 
 import torch
@@ -149,16 +151,33 @@ class NativeMoEWrapper(BaseMoEWrapper):
             physical_to_logical_map_cpu: int64 CPU tensor [E] or None (identity): physical expert i (the id
                 used in topk_ids) computes with logical expert ``map[i]`` of the checkpoint.
 
+        A failed load (any error below) leaves the weights loaded before, if any, in use: the new ones are
+        loaded into separate storage and swapped in only once complete and valid.
+
         Raises:
             ValueError: weight_path is None, or the folder's shapes/layout differ from this layer's (the
-                message names the file, tensor and expected value).
-            OSError: a missing or corrupt file (checksum mismatch, truncation).
+                message names the file, tensor and expected value), or a weight is NaN/Inf (integer methods).
+            FileNotFoundError / NotADirectoryError: weight_path does not exist / is not a folder (with errno
+                and filename set).
+            OSError: a missing or corrupt file inside it (checksum mismatch, truncation).
             NotImplementedError: FP8 checkpoints (not supported yet).
         """
         if self.weight_path is None:
             raise ValueError(
                 f"{type(self).__name__}.load_weights: weight_path is None; pass weight_path= to KTMoEWrapper "
                 "(a Hugging Face or kt convert folder) or use load_weights_from_tensors"
+            )
+        path = os.fspath(self.weight_path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                errno.ENOENT, f"{type(self).__name__}.load_weights: weight_path does not exist", path
+            )
+        if not os.path.isdir(path):
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                f"{type(self).__name__}.load_weights: weight_path must be a folder (Hugging Face or kt convert "
+                "output), got a file",
+                path,
             )
         map_ptr = self._check_map(physical_to_logical_map_cpu)
         self.last_load_stats = self._moe.load_from_path(
@@ -191,7 +210,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
                 used in topk_ids) computes with logical expert ``map[i]`` of the weight tensors. Every entry
                 must be in [0, E); an expert may be replicated (appear more than once).
 
-        The tensors are copied; they may be freed afterwards. Loading again replaces the weights.
+        The tensors are copied; they may be freed afterwards. Loading again replaces the weights once the new
+        ones are complete and valid; a failed load leaves the previous weights in use.
         """
         check_expert_weights(
             gate_proj, up_proj, down_proj, self.num_experts, self.moe_intermediate_size, self.hidden_size
@@ -241,10 +261,10 @@ class NativeMoEWrapper(BaseMoEWrapper):
                 f"{type(self).__name__} (layer {self.layer_idx}): forward called before the expert weights "
                 "were loaded; call load_weights or load_weights_from_tensors first"
             )
+        mask = self._checked_mask()
         output = torch.empty((qlen, H), dtype=torch.bfloat16)
         if qlen == 0:
             return output
-        mask = self.gpu_experts_mask
         self._moe.forward(
             self._pool(),
             qlen,
