@@ -967,7 +967,11 @@ int Convert(const std::vector<std::string>& args) {
   options.input = absl::GetFlag(FLAGS_input);
   options.output = absl::GetFlag(FLAGS_output);
   options.method = absl::GetFlag(FLAGS_method);
-  options.group_size = absl::GetFlag(FLAGS_group_size);
+  // 0 unless given: ConvertCheckpoint refuses a group size for a method without groups, so the flag's
+  // default (128, which the k-group methods take when it is 0) must not count as given.
+  const bool group_given =
+      std::find(parsed.set.begin(), parsed.set.end(), std::string("group_size")) != parsed.set.end();
+  options.group_size = group_given ? absl::GetFlag(FLAGS_group_size) : 0;
   options.threads = absl::GetFlag(FLAGS_threads);
   if (options.input.empty() || options.output.empty() || options.method.empty()) {
     return UsageError("convert: --input, --output and --method are required", usage);
