@@ -25,6 +25,7 @@ import threading
 import pytest
 import torch
 
+import testdata
 from kt_kernel import KTMoEWrapper, _native
 from moe_reference import random_experts, random_routing, reference_moe, wrapper_args
 
@@ -193,11 +194,7 @@ def write_hf(folder: str, gate, up, down) -> str:
     return folder
 
 
-def kt_binary() -> str:
-    for root in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
-        if root and os.path.exists(os.path.join(root, "kt", "tools", "kt")):
-            return os.path.join(root, "kt", "tools", "kt")
-    pytest.fail("the kt binary (//tools:kt) is not in the runfiles", pytrace=False)
+kt_binary = testdata.kt_binary
 
 
 def test_failed_reload_keeps_the_previous_weights(tmp_path):

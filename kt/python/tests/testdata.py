@@ -36,6 +36,19 @@ def root() -> str:
                 "in Bazel the test needs data = [\"//testdata:hf\"]", pytrace=False)
 
 
+def kt_binary() -> str:
+    """//tools:kt from Bazel's runfiles, or $KT_BIN (the AMX host, where tools/amx_host/pack.sh carries it)."""
+    candidates = [os.environ.get("KT_BIN", "")]
+    for runfiles in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
+        if runfiles:
+            candidates.append(os.path.join(runfiles, os.environ.get("TEST_WORKSPACE", "kt"), "tools", "kt"))
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            return candidate
+    pytest.fail("the kt binary is not in the runfiles (data = [\"//tools:kt\"]) and $KT_BIN is not set",
+                pytrace=False)
+
+
 def names():
     """Every checkpoint folder's name, sorted."""
     return sorted(d for d in os.listdir(root()) if os.path.isfile(os.path.join(root(), d, "config.json")))

@@ -34,16 +34,7 @@ METHODS = ("BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "AMXINT4_1", "A
            "AMXINT4_1KGroup")
 
 
-def kt_binary() -> str:
-    """//tools:kt from Bazel's runfiles, or $KT_BIN (the AMX host, where tools/amx_host/pack.sh carries it)."""
-    candidates = [os.environ.get("KT_BIN", "")]
-    for root in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
-        if root:
-            candidates.append(os.path.join(root, "kt", "tools", "kt"))
-    for path in candidates:
-        if path and os.path.exists(path):
-            return path
-    pytest.fail("the kt binary is not in the runfiles and $KT_BIN is not set", pytrace=False)
+kt_binary = testdata.kt_binary
 
 
 _CONVERTED = {}
