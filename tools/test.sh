@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bazel test --jobs="$(nproc)" //... "$@"
+tools/test_sft_integration.sh
 
 # libFuzzer (clang, ASan + UBSan) on kt/io's parsers: KT_FUZZ_SECONDS per target (default 60; 0 skips).
 if [ "${KT_FUZZ_SECONDS:-60}" != 0 ]; then
