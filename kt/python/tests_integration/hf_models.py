@@ -3,12 +3,17 @@ independent reference the kt integration is compared with."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
 
-VOCAB = 128
+VOCAB = 64
+
+# The repository's checkpoints made by transformers (testdata/README.md).
+TESTDATA_HF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "testdata", "hf")
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -53,7 +58,15 @@ def tiny_config(arch: str):
 
 
 def tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    """A bf16 CPU causal LM of ``tiny_config(arch)`` with random weights (seeded), eager attention."""
+    """A bf16 CPU causal LM of ``tiny_config(arch)`` with random weights (seeded), eager attention.
+    ``qwen3_5_moe`` is testdata/hf/qwen3_5_moe instead: Qwen3.5-MoE's multimodal class, its decoder under
+    ``model.language_model`` and its sizes in ``config.text_config`` (H 64, I 48, 8 experts, top-2)."""
+    if arch == "qwen3_5_moe":
+        model = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+            os.path.join(TESTDATA_HF, "qwen3_5_moe"), dtype=torch.bfloat16, attn_implementation="eager"
+        )
+        assert model.config.text_config.vocab_size == VOCAB
+        return model
     config = tiny_config(arch)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -10,8 +10,8 @@ accumulates in fp32, the reference stays in fp32 from its bf16 weights until its
 the bf16 layers around the experts then carry slightly different activations. Measured on these models:
 one backward's gradients (LoRA and routers, on a batch both models route alike: see batch_routed_alike)
 differ by <= 1.3e-2 in L2 relative per tensor (bound GRAD_RTOL = 3e-2); one layer's output, grad_input and routing-weight gradient by <= 3.3e-3 (bound
-LAYER_RTOL = 1e-2: about three bf16 roundings); per-step losses over 10 AdamW steps by <= 4.6e-3 (the issue's bound,
-1%); the adapters after them by <= 0.17 of their change (bound ADAPTER_RTOL = 0.3: Adam moves every element
+LAYER_RTOL = 1e-2: about three bf16 roundings); per-step losses over 10 AdamW steps by <= 4.1e-3 (the issue's bound,
+1%); the adapters after them by <= 0.16 of their change (bound ADAPTER_RTOL = 0.3: Adam moves every element
 by about lr per step whatever its gradient's size, so elements whose gradient is within the 1% noise may
 move differently; a wrong gradient direction gives ~1 or more, and Adam's blindness to a gradient's scale is
 why the one-step gradients are compared as well).
@@ -52,7 +52,7 @@ LOSS_RTOL = 0.01
 # ||adapter_kt - adapter_ref|| / ||adapter_ref - adapter_init|| after STEPS steps, per tensor.
 ADAPTER_RTOL = 0.3
 
-ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"]
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "qwen3_5_moe"]
 
 
 def kt_settings(**extra):
@@ -361,3 +361,71 @@ def test_ktconfig_environment_and_sources(monkeypatch):
         KTConfig(kt_num_gpu_experts=2)
     with pytest.raises(ValueError, match="kt_config key 'lora_rnak'"):
         KTConfig.from_dict({"lora_rnak": 4})
+
+
+def test_with_peft_on_attention(tmp_path):
+    """kt's experts under a PEFT model (LoRA on the attention projections): trains like the reference under
+    the same PEFT config, and both adapters (PEFT's and kt's) saved and loaded into a fresh model reproduce
+    its logits."""
+    peft = pytest.importorskip("peft")
+    target = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    kt_model, ref_model, _ = make_kt_and_ref("qwen3_moe")
+    models = []
+    for model in (kt_model, ref_model):
+        torch.manual_seed(7)  # the same PEFT init on both
+        model = peft.get_peft_model(model, copy.deepcopy(target))
+        # Non-zero B (the same on both), so that A's gradients are not zero at first.
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+        # PEFT froze everything but its adapters, the experts' LoRA included.
+        for name, p in model.named_parameters():
+            if re.search(r"experts\.\w+_lora_[ab]$", name):
+                assert not p.requires_grad
+                p.requires_grad_(True)
+        models.append(model)
+    assert len(kt_sft.kt_lora_parameters(models[0])) == 12
+    init = {k: v.float().clone() for k, v in peft.get_peft_model_state_dict(models[0]).items()}
+    data = batches(2) * 3
+    results = []
+    for model in models:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        losses = []
+        for ids in data:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        results.append(losses)
+    assert results[0] == pytest.approx(results[1], rel=LOSS_RTOL), results
+    assert results[1][-1] < results[1][0] * 0.95
+    peft_kt, peft_ref = (peft.get_peft_model_state_dict(m) for m in models)
+    assert set(peft_kt) == set(peft_ref) and peft_kt
+    print(f"PEFT + kt: per-step relative loss difference max "
+          f"{max(abs(a - b) / b for a, b in zip(*results)):.2e}")
+    for name in peft_kt:
+        assert "experts" not in name  # PEFT's file holds its own adapters only; kt's go to its own file
+        r = peft_ref[name].float()
+        rel = float((peft_kt[name].float() - r).norm() / (r - init[name]).norm())
+        print(f"PEFT + kt: {name} difference relative to its change {rel:.3f}")
+        assert rel < ADAPTER_RTOL, (name, rel)
+
+    kt_peft = models[0]
+    kt_peft.eval()
+    ids = batches(1, seed=9)[0]
+    with torch.no_grad():
+        logits = kt_peft(input_ids=ids).logits
+    kt_peft.save_pretrained(str(tmp_path))
+    save_kt_adapter_artifacts(kt_peft, str(tmp_path))
+    fresh = tiny_model("qwen3_moe")
+    wrap_moe_layers_with_kt_wrapper(fresh, kt_settings(kt_lora_init_seed=5))
+    fresh = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    load_kt_adapter_artifacts(fresh, str(tmp_path))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, logits)

@@ -11,7 +11,8 @@ For training a transformers model (``README.md`` in this folder):
   move into kt, each replaced by a ``KTMoELayerWrapper`` (``layer``) running ``KTMoEFunction`` (``autograd``).
 - ``get_activation_checkpoint_context_fn()`` (``autograd``): the ``context_fn`` of non-reentrant
   gradient checkpointing.
-- ``save_kt_adapter_artifacts`` / ``load_kt_adapter_artifacts`` (``lora``): the experts' LoRA on disk.
+- ``save_kt_adapter_artifacts`` / ``load_kt_adapter_artifacts`` (``lora``): the experts' LoRA on disk;
+  ``kt_lora_parameters`` its parameters (trainable again after PEFT's ``get_peft_model`` froze them).
 """
 
 from .amx import AMXSFTMoEWrapper
@@ -21,7 +22,7 @@ from .arch import SUPPORTED_MODEL_TYPES
 from .autograd import KTMoEFunction, get_activation_checkpoint_context_fn
 from .config import KTConfig, backend_to_method
 from .layer import KTMoELayerWrapper
-from .lora import kt_lora_state_dict, load_kt_adapter_artifacts, save_kt_adapter_artifacts
+from .lora import kt_lora_parameters, kt_lora_state_dict, load_kt_adapter_artifacts, save_kt_adapter_artifacts
 from .wrapper import kt_wrappers, wrap_moe_layers_with_kt_wrapper
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "backend_to_method",
     "get_activation_checkpoint_context_fn",
+    "kt_lora_parameters",
     "kt_lora_state_dict",
     "kt_wrappers",
     "load_kt_adapter_artifacts",

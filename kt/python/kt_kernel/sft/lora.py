@@ -46,6 +46,17 @@ def _lora_wrappers(model: nn.Module) -> List[KTMoELayerWrapper]:
     return wrappers
 
 
+def kt_lora_parameters(model: nn.Module, trainable: bool = True) -> List[nn.Parameter]:
+    """The experts' LoRA parameters of every kt layer of ``model`` (inside a PEFT model too), in layer order,
+    with ``requires_grad`` set to ``trainable``. PEFT's ``get_peft_model`` freezes every parameter that is
+    not one of its own adapters, these included: call this after it, and pass the result to the
+    optimizer with PEFT's parameters."""
+    params = [p for w in _lora_wrappers(model) for p in w.lora_parameters()]
+    for p in params:
+        p.requires_grad_(trainable)
+    return params
+
+
 def kt_lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``layers.L.experts.<name>`` -> a copy of that LoRA tensor, for every kt layer of ``model``."""
     return {
