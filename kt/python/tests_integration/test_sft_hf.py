@@ -114,7 +114,12 @@ def train(model, data, grad_ckpt=None, extra=()):
     if grad_ckpt is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=grad_ckpt)
     params = set_trainable(model, extra)
-    opt = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=0.0)
+    return adamw_steps(model, list(params.values()), data), params
+
+
+def adamw_steps(model, params, data):
+    """One AdamW step (lr LR, no weight decay) over ``params`` per batch of ``data``; the losses."""
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     losses = []
     for ids in data:
         loss = model(input_ids=ids, labels=ids).loss
@@ -122,7 +127,7 @@ def train(model, data, grad_ckpt=None, extra=()):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses, params
+    return losses
 
 
 def routing_of(model, ids):
@@ -335,6 +340,21 @@ def test_wrapper_replaces_experts_only():
     assert [w.layer_idx for w in wrappers] == [0, 1]
 
 
+def test_errors_name_the_setting():
+    model = tiny_model("qwen3_moe")
+    wrap_moe_layers_with_kt_wrapper(model, kt_settings(kt_max_cache_depth=1, kt_model_max_length=32))
+    model.train()
+    set_trainable(model)
+    ids = batches(1, batch=2, seq=12)[0]
+    with pytest.raises(ValueError, match="48 tokens in one MoE call, more than kt_model_max_length=32"):
+        model(input_ids=batches(1)[0])
+    model(input_ids=ids)  # a forward with gradients, never backpropagated
+    with pytest.raises(RuntimeError, match=r"kt_max_cache_depth=1; run evaluation under torch.no_grad\(\)"):
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)  # keeps no cache, so it works
+
+
 def test_ktconfig_environment_and_sources(monkeypatch):
     monkeypatch.setenv("ACCELERATE_KT_NUM_THREADS", "3")
     monkeypatch.setenv("ACCELERATE_KT_BACKEND", "AMXINT8")
@@ -392,16 +412,7 @@ def test_with_peft_on_attention(tmp_path):
     results = []
     for model in models:
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-        losses = []
-        for ids in data:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        results.append(losses)
+        results.append(adamw_steps(model, [p for p in model.parameters() if p.requires_grad], data))
     assert results[0] == pytest.approx(results[1], rel=LOSS_RTOL), results
     assert results[1][-1] < results[1][0] * 0.95
     peft_kt, peft_ref = (peft.get_peft_model_state_dict(m) for m in models)

@@ -107,7 +107,16 @@ class KTMoEFunction(torch.autograd.Function):
             out = layer.backend.forward(x, ids, w, save_for_backward=True)
             layer._retained.append(out)
         else:
-            out = layer.backend.forward(x, ids, w, save_for_backward=phase in (PLAIN, RECOMPUTE))
+            save = phase in (PLAIN, RECOMPUTE)
+            backend = layer.backend
+            if save and len(backend._pending) >= backend.max_cache_depth:
+                raise RuntimeError(
+                    f"kt layer {layer.layer_idx}: {len(backend._pending)} forward(s) with gradients already wait "
+                    f"for their backward and kt_max_cache_depth={backend.max_cache_depth}; run evaluation under "
+                    "torch.no_grad(), run backward before the next forward, or raise kt_max_cache_depth for "
+                    "several forwards before one backward"
+                )
+            out = backend.forward(x, ids, w, save_for_backward=save)
         # Saved in every phase (a checkpoint compares the counts of the first and the recompute forward, and
         # stops recomputing once every saved tensor is back, which must include these).
         ctx.save_for_backward(x, ids, w)

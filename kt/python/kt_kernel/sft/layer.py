@@ -128,6 +128,12 @@ class KTMoELayerWrapper(nn.Module):
                 f"layer {self.layer_idx}: hidden_states must be [tokens, {self.hidden_size}], got "
                 f"{list(hidden_states.shape)}"
             )
+        if hidden_states.shape[0] > self.backend.chunked_prefill_size:
+            raise ValueError(
+                f"layer {self.layer_idx}: {hidden_states.shape[0]} tokens in one MoE call, more than "
+                f"kt_model_max_length={self.backend.chunked_prefill_size}; set kt_model_max_length to at least "
+                "batch size x sequence length"
+            )
         self._check_lora_storage()
         lora = self.lora_parameters()
         phase = forward_phase(hidden_states, top_k_weights, *lora)
