@@ -74,5 +74,7 @@ if ! "$venv/bin/python" -c "$check" 2>/dev/null; then
   rm -rf "$venv"
   mv "$tmp" "$venv"
 fi
-venv_versions=$("$venv/bin/python" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')
-echo "setup.sh: ok (bazel-bootstrap $bazel_version, /usr/bin/python3 with torch $torch_version; $venv with $venv_versions)"
+venv_versions=$("$venv/bin/python" -c 'import torch, transformers, peft
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')
+echo "setup.sh: ok (bazel-bootstrap $bazel_version, /usr/bin/python3 with torch $torch_version;" \
+  "$venv with $venv_versions)"

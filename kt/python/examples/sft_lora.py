@@ -38,7 +38,8 @@ def token_batches(args, tokenizer, vocab_size):
     """Lists of [batch, seq_len] int64 tensors: the data file cut into seq_len windows, or random tokens."""
     g = torch.Generator().manual_seed(args.seed)
     if args.synthetic:
-        return [torch.randint(0, vocab_size, (args.batch_size, args.seq_len), generator=g) for _ in range(args.synthetic)]
+        shape = (args.batch_size, args.seq_len)
+        return [torch.randint(0, vocab_size, shape, generator=g) for _ in range(args.synthetic)]
     if tokenizer is None:
         sys.exit(f"--data needs a tokenizer in {args.model} (or use --synthetic N)")
     ids = []

@@ -64,7 +64,9 @@ def get_moe_arch(model: nn.Module) -> Tuple[MoEArch, object]:
         )
     act = getattr(tc, "hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{type(model).__name__}: kt's experts compute SiLU(gate) * up, the config has hidden_act={act!r}")
+        raise ValueError(
+            f"{type(model).__name__}: kt's experts compute SiLU(gate) * up, the config has hidden_act={act!r}"
+        )
     return arch, tc
 
 

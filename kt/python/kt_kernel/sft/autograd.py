@@ -95,7 +95,8 @@ class KTMoEFunction(torch.autograd.Function):
     hidden_states [T, H] (any float dtype, any device: moved to bf16 CPU for kt), top_k_index int [T, k],
     top_k_weights float [T, k]; ``layer`` the ``KTMoELayerWrapper`` whose kt backend runs; ``lora_params``
     its six LoRA parameters (none for SkipLoRA); ``phase`` the value of ``forward_phase(...)`` taken before the
-    call (autograd runs ``forward`` with grad disabled, so it cannot be read inside). Returns [T, H] in hidden_states' dtype and device.
+    call (autograd runs ``forward`` with grad disabled, so it cannot be read inside). Returns [T, H] in
+    hidden_states' dtype and device.
     """
 
     @staticmethod

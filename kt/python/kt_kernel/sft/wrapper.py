@@ -43,7 +43,9 @@ def wrap_moe_layers_with_kt_wrapper(
         gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
     top_k = getattr(tc, "num_experts_per_tok", None)
     if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"{type(model).__name__}: config.num_experts_per_tok={top_k!r}; expected the top-k as an int >= 1")
+        raise ValueError(
+            f"{type(model).__name__}: config.num_experts_per_tok={top_k!r}; expected the top-k as an int >= 1"
+        )
     method = cfg.method
     share_pool = cfg.share_cache_pool(gradient_checkpointing)
     retain = cfg.cpu_policy == "retain"
