@@ -19,29 +19,45 @@ from torch import nn
 
 @dataclass(frozen=True)
 class MoEArch:
-    """model_type: the text config's; num_experts_key: its config attribute of the routed expert count;
-    block_attr: the decoder layer's attribute holding the MoE block."""
+    """model_type: the text config's; block_attr: the decoder layer's attribute holding the MoE block."""
 
     model_type: str
-    num_experts_key: str
     block_attr: str = "mlp"
 
 
+# Every one of these routes in its MoE block and calls experts(hidden_states, top_k_index, top_k_weights)
+# with fused gate_up_proj / down_proj experts (transformers 5.17).
 _ARCHS = {
-    a.model_type: a
-    for a in (
-        MoEArch("qwen2_moe", "num_experts"),
-        MoEArch("qwen3_moe", "num_experts"),
-        MoEArch("qwen3_vl_moe_text", "num_experts"),
-        MoEArch("qwen3_5_moe_text", "num_experts"),
-        MoEArch("mixtral", "num_local_experts"),
-        MoEArch("deepseek_v2", "n_routed_experts"),
-        MoEArch("deepseek_v3", "n_routed_experts"),
-        MoEArch("glm4_moe", "n_routed_experts"),
+    t: MoEArch(t)
+    for t in (
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "qwen3_vl_moe_text",
+        "qwen3_5_moe_text",
+        "mixtral",
+        "minimax",
+        "minimax_m2",
+        "deepseek_v2",
+        "deepseek_v3",
+        "deepseek_v32",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "glm4v_moe_text",
+        "glm_moe_dsa",
     )
 }
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_ARCHS))
+
+
+def num_routed_experts(tc):
+    """The routed expert count of a text config (its name differs by family), or None."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        value = getattr(tc, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def text_config(config):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .amx import AMXSFTMoEWrapper
-from .arch import extract_expert_weights, find_experts, get_moe_arch, is_fused_experts
+from .arch import extract_expert_weights, find_experts, get_moe_arch, is_fused_experts, num_routed_experts
 from .config import KTConfig
 from .layer import KTMoELayerWrapper
 
@@ -74,9 +74,9 @@ def wrap_moe_layers_with_kt_wrapper(
             )
         gate, up, down = extract_expert_weights(experts, where)
         E, I, H = gate.shape
-        declared = getattr(tc, arch.num_experts_key, E)
-        if declared != E:
-            raise ValueError(f"{where}: {E} experts in the weights, config.{arch.num_experts_key}={declared}")
+        declared = num_routed_experts(tc)
+        if declared not in (None, E):
+            raise ValueError(f"{where}: {E} experts in the weights, {declared} routed experts in the config")
         backend = AMXSFTMoEWrapper(
             layer_idx=layer_idx,
             num_experts=E,
