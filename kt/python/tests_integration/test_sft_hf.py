@@ -524,3 +524,20 @@ def test_checkpoints_wrapped_match_transformers(folder):
         rel = float((got - want).norm() / want.norm())
         print(f"{folder} layer {w.layer_idx}: relative difference {rel:.2e}")
         assert rel < LAYER_RTOL, (w.layer_idx, rel)
+
+
+def test_load_kt_model_matches_transformers():
+    """load_kt_model on a folder: the experts in kt, the logits those of transformers' model within bf16
+    (the layers' roundings, as test_checkpoints_wrapped_match_transformers; measured 5.7e-3, bound 3e-2)."""
+    path = os.path.join(hf_models.TESTDATA_HF, "qwen3_moe")
+    model = kt_sft.load_kt_model(path, kt_settings(), device="cpu").eval()
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and len(kt_sft.kt_wrappers(model)) == 1
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = batch_routed_alike(model, reference)
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits.float(), reference(input_ids=ids).logits.float()
+    rel = float((got - want).norm() / want.norm())
+    print(f"load_kt_model: logits relative difference {rel:.2e}")
+    assert rel < 3e-2, rel
+    with pytest.raises(ValueError, match="device_map is not taken"):
+        kt_sft.load_kt_model(path, kt_settings(), device_map="auto")

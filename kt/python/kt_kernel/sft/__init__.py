@@ -9,6 +9,7 @@ For training a transformers model (``README.md`` in this folder):
 - ``KTConfig`` (``config``): the ``kt_*`` settings, from code, a mapping or ``ACCELERATE_KT_*`` variables.
 - ``wrap_moe_layers_with_kt_wrapper(model, kt_config)`` (``wrapper``): the routed experts of every MoE block
   move into kt, each replaced by a ``KTMoELayerWrapper`` (``layer``) running ``KTMoEFunction`` (``autograd``).
+- ``load_kt_model(path, kt_config)`` (``wrapper``): a model folder loaded and wrapped, the rest on the GPU.
 - ``get_activation_checkpoint_context_fn()`` (``autograd``): the ``context_fn`` of non-reentrant
   gradient checkpointing.
 - ``save_kt_adapter_artifacts`` / ``load_kt_adapter_artifacts`` (``lora``): the experts' LoRA on disk;
@@ -23,7 +24,7 @@ from .autograd import KTMoEFunction, get_activation_checkpoint_context_fn
 from .config import KTConfig, backend_to_method
 from .layer import KTMoELayerWrapper
 from .lora import kt_lora_parameters, kt_lora_state_dict, load_kt_adapter_artifacts, save_kt_adapter_artifacts
-from .wrapper import kt_wrappers, wrap_moe_layers_with_kt_wrapper
+from .wrapper import kt_wrappers, load_kt_model, wrap_moe_layers_with_kt_wrapper
 
 __all__ = [
     "AMXSFTMoEWrapper",
@@ -38,6 +39,7 @@ __all__ = [
     "kt_lora_parameters",
     "kt_lora_state_dict",
     "kt_wrappers",
+    "load_kt_model",
     "load_kt_adapter_artifacts",
     "save_kt_adapter_artifacts",
     "wrap_moe_layers_with_kt_wrapper",

@@ -127,3 +127,48 @@ def kt_wrappers(model: nn.Module) -> List[KTMoELayerWrapper]:
     """The ``KTMoELayerWrapper`` modules of ``model`` (inside PEFT or other wrappers too), in layer order."""
     found = [m for m in model.modules() if isinstance(m, KTMoELayerWrapper)]
     return sorted(found, key=lambda w: w.layer_idx)
+
+
+def load_kt_model(
+    model_path: str,
+    kt_config: Any = None,
+    device: Optional[str] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    model_class: Any = None,
+    **from_pretrained_kwargs,
+) -> nn.Module:
+    """Loads a Hugging Face model folder with its routed experts in kt (CPU) and everything else on
+    ``device``.
+
+    Args:
+        model_path: the folder (or anything ``from_pretrained`` takes).
+        kt_config: as for ``wrap_moe_layers_with_kt_wrapper``.
+        device: where the non-expert modules go; None: "cuda" when a GPU is present, else "cpu".
+        dtype: the model's dtype (kt holds the experts as bf16, or quantized per ``kt_backend``).
+        model_class: the transformers class to load with; None: the config's ``architectures[0]`` when
+            transformers has it, else ``AutoModelForCausalLM``.
+        from_pretrained_kwargs: passed on (not ``device_map``: the model is loaded on the CPU, its experts
+            moved into kt and freed, and only then the rest moved to ``device``).
+
+    Returns:
+        The model, its MoE blocks' experts replaced by ``KTMoELayerWrapper`` (see ``kt_wrappers``).
+    """
+    import transformers
+
+    if "device_map" in from_pretrained_kwargs:
+        raise ValueError(
+            "load_kt_model: device_map is not taken (the model loads on the CPU, its experts go to kt, the rest "
+            "to `device`)"
+        )
+    if model_class is None:
+        config = transformers.AutoConfig.from_pretrained(model_path)
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if model_class is None:
+            model_class = transformers.AutoModelForCausalLM
+    model = model_class.from_pretrained(model_path, dtype=dtype, **from_pretrained_kwargs)
+    wrap_moe_layers_with_kt_wrapper(model, kt_config)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # KTMoELayerWrapper ignores .to(): the experts and their LoRA stay on the CPU, in kt.
+    return model.to(device)
