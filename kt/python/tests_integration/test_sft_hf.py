@@ -541,3 +541,29 @@ def test_load_kt_model_matches_transformers():
     assert rel < 3e-2, rel
     with pytest.raises(ValueError, match="device_map is not taken"):
         kt_sft.load_kt_model(path, kt_settings(), device_map="auto")
+
+
+def test_replaced_lora_data_is_followed():
+    """A LoRA parameter whose .data is replaced (not updated in place) is read from its new storage: by the
+    next forward on its own, or at once by update_kt_lora_pointers. Checked against the reference given
+    the same new values."""
+    kt_model, ref_model, wrappers = make_kt_and_ref("qwen3_moe")
+    old = wrappers[0].down_lora_b.detach().float()
+    new = (torch.randn(old.shape, generator=torch.Generator().manual_seed(3)) * 0.1).to(torch.bfloat16)
+    wrappers[0].down_lora_b.data = new
+    kt_sft.update_kt_lora_pointers(kt_model)
+    assert wrappers[0].backend._lora_ptrs[5] == wrappers[0].down_lora_b.data_ptr()
+    with torch.no_grad():
+        moe_blocks(ref_model)[0][1].experts.down_lora_b.copy_(new)
+    ids = batch_routed_alike(kt_model, ref_model)
+    with torch.no_grad():
+        got, want = kt_model(input_ids=ids).logits.float(), ref_model(input_ids=ids).logits.float()
+        moe_blocks(ref_model)[0][1].experts.down_lora_b.copy_(old)
+        stale = ref_model(input_ids=ids).logits.float()
+    rel, rel_stale = float((got - want).norm() / want.norm()), float((got - stale).norm() / stale.norm())
+    print(f"replaced LoRA: {rel:.2e} from the reference with the new values, {rel_stale:.2e} with the old")
+    assert rel < 3e-2 and rel_stale > 3 * rel, (rel, rel_stale)
+    wrappers[1].up_lora_a.data = wrappers[1].up_lora_a.data.clone()
+    with torch.no_grad():
+        kt_model(input_ids=ids)
+    assert wrappers[1].backend._lora_ptrs[2] == wrappers[1].up_lora_a.data_ptr()

@@ -23,7 +23,13 @@ from .arch import SUPPORTED_MODEL_TYPES
 from .autograd import KTMoEFunction, get_activation_checkpoint_context_fn
 from .config import KTConfig, backend_to_method
 from .layer import KTMoELayerWrapper
-from .lora import kt_lora_parameters, kt_lora_state_dict, load_kt_adapter_artifacts, save_kt_adapter_artifacts
+from .lora import (
+    kt_lora_parameters,
+    kt_lora_state_dict,
+    load_kt_adapter_artifacts,
+    save_kt_adapter_artifacts,
+    update_kt_lora_pointers,
+)
 from .wrapper import kt_wrappers, load_kt_model, wrap_moe_layers_with_kt_wrapper
 
 __all__ = [
@@ -42,5 +48,6 @@ __all__ = [
     "load_kt_model",
     "load_kt_adapter_artifacts",
     "save_kt_adapter_artifacts",
+    "update_kt_lora_pointers",
     "wrap_moe_layers_with_kt_wrapper",
 ]

@@ -57,6 +57,15 @@ def kt_lora_parameters(model: nn.Module, trainable: bool = True) -> List[nn.Para
     return params
 
 
+def update_kt_lora_pointers(model: nn.Module) -> None:
+    """Points kt at the current storage of every kt layer's LoRA parameters. In-place optimizer updates need
+    nothing (kt reads the same storage at every call), and each forward re-registers a parameter whose
+    ``.data`` was replaced; this does it at once, for callers written against the original's API (which
+    called it after every ``optimizer.step``)."""
+    for w in _lora_wrappers(model):
+        w._check_lora_storage()
+
+
 def kt_lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``layers.L.experts.<name>`` -> a copy of that LoRA tensor, for every kt layer of ``model``."""
     return {
