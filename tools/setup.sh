@@ -15,6 +15,8 @@ PACKAGES=(
   libabsl-dev libhwy-dev libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev libnuma-dev
   # Python extension and its tests (Debian's /usr/bin/python3 3.11).
   pybind11-dev python3-dev python3-numpy python3-pytest python3-torch python3-pip
+  # The virtualenv of kt/python/tests_integration (below).
+  python3-venv
 )
 
 SUDO=""
