@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bazel test --jobs="$(nproc)" //... "$@"
+tools/test_sft_integration.sh
 
 # AddressSanitizer + UndefinedBehaviorSanitizer (.bazelrc --config=asan) over the C++ tests whose build is
 # cheaper: kt/io (convert pulls in the int8 GEMM), the quantizers and the thread pool. The GEMM, MoE and SFT
