@@ -216,11 +216,7 @@ def test_failed_reload_keeps_the_previous_weights(tmp_path):
 
     # 1. The folder is corrupted (one flipped byte): checksum mismatch; the loaded weights stay in use.
     layer_file = os.path.join(out, "layer_0000.safetensors")
-    with open(layer_file, "r+b") as f:
-        f.seek(-64, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-64, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x01]))
+    testdata.flip_byte(layer_file)
     with pytest.raises(OSError, match=r"layer_0000.safetensors: checksum mismatch in bytes \[0, "):
         moe.load_weights(None)
     assert moe.weights_loaded

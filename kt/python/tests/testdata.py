@@ -49,6 +49,15 @@ def kt_binary() -> str:
                 pytrace=False)
 
 
+def flip_byte(path: str, from_end: int = 64) -> None:
+    """Flips the low bit of the byte `from_end` bytes before the end of `path` (a corrupted file)."""
+    with open(path, "r+b") as f:
+        f.seek(-from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 def names():
     """Every checkpoint folder's name, sorted."""
     return sorted(d for d in os.listdir(root()) if os.path.isfile(os.path.join(root(), d, "config.json")))

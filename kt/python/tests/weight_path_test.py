@@ -166,11 +166,7 @@ def test_bad_folders_give_clear_errors(tmp_path):
     moe.load_weights(None)
     assert moe.weights_loaded
     layer_file = os.path.join(bad, "layer_0000.safetensors")
-    with open(layer_file, "r+b") as f:
-        f.seek(-64, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-64, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x01]))
+    testdata.flip_byte(layer_file)
     with pytest.raises(OSError, match=r"layer_0000.safetensors: checksum mismatch in bytes \[0, "):
         moe.load_weights(None)
     assert moe.weights_loaded
