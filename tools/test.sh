@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: C++ (every kernel path the CPU has; KT_ISA-capped paths it lacks are reported as
 # skipped, see docs/TESTING.md) and Python (against PyTorch and the checkpoints transformers made in
-# testdata/), then the cheap C++ tests again under ASan + UBSan (KT_SANITIZE, below), then the libFuzzer
+# testdata/), the kt_kernel.sft integration tests in setup.sh's virtualenv (PyPI torch, transformers, PEFT:
+# tools/test_sft_integration.sh), then the cheap C++ tests again under ASan + UBSan (KT_SANITIZE, below), then the libFuzzer
 # targets of kt/io for a bounded time each (tools/fuzz.sh). Needs nothing outside the repository but what
 # tools/setup.sh installs.
 set -euo pipefail
