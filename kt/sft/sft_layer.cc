@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
+#include "kt/kernels/gemm_bf16.h"  // kPanelRows
 #include "kt/sft/lora_kernels.h"
 
 namespace kt {
@@ -81,15 +82,10 @@ absl::StatusOr<std::shared_ptr<SftBackwardWeights>> SftBackwardWeights::Create(c
                                                                                Isa isa,
                                                                                ExpertFormat format) {
   if (absl::Status s = ValidateMoeConfig(moe); !s.ok()) return s;
-  // The transposed shape; it never runs Forward, so its routing scratch is sized for one row.
-  MoeConfig t;
-  t.num_experts = moe.num_experts;
-  t.top_k = 1;
-  t.hidden = moe.intermediate;
-  t.intermediate = moe.hidden;
-  t.max_len = 1;
-  t.group_size = moe.group_size;  // the group formats quantize W^T in groups of the same G
-  absl::StatusOr<std::unique_ptr<MoeLayer>> layer = MoeLayer::Create(t, isa, format);
+  // The transposed shape (hidden and intermediate swapped); the group formats quantize W^T in groups of
+  // the same G.
+  absl::StatusOr<std::unique_ptr<PackedExperts>> layer = PackedExperts::Create(
+      ExpertShape{moe.num_experts, moe.intermediate, moe.hidden, moe.group_size}, isa, format);
   if (!layer.ok()) return layer.status();
   std::shared_ptr<SftBackwardWeights> w(new SftBackwardWeights);
   w->t_ = std::move(*layer);
@@ -145,11 +141,9 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
   std::unique_ptr<SftMoeLayer> l(new SftMoeLayer(config, isa));
   l->pool_ = std::move(cache_pool);
   l->id_ = g_next_creation_id.fetch_add(1);
-  // The layer's own forward scratch is never used (SFT gathers into the workspace): one row.
-  MoeConfig base = config.moe;
-  base.max_len = 1;
-  base.top_k = 1;
-  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(base, isa, format);
+  const MoeConfig& m = config.moe;
+  absl::StatusOr<std::unique_ptr<PackedExperts>> moe =
+      PackedExperts::Create(ExpertShape{m.num_experts, m.hidden, m.intermediate, m.group_size}, isa, format);
   if (!moe.ok()) return moe.status();
   l->base_ = std::move(*moe);
   if (backward_weights != nullptr) {
@@ -250,14 +244,14 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
   pool.ParallelFor(e_count * 3, [&](size_t task, int thread) {
     const int slot = static_cast<int>(task / 3);
     const auto proj = static_cast<ExpertProj>(task % 3);
-    if (base_->format() == ExpertFormat::kBf16) {
-      // bf16 transposes packed to packed: each 512-byte block of the forward panels is one 512-byte block
-      // of the backward ones, read and written once (about half the time of unpacking, transposing and
-      // packing again; docs/perf-log/2026-11-27-session-10.md).
+    if (base_->transposes_packed()) {
+      // The format transposes packed to packed (bf16: each 512-byte block of the forward panels is one
+      // 512-byte block of the backward ones, read and written once; about half the time of unpacking,
+      // transposing and packing again; docs/perf-log/2026-11-27-session-10.md).
       failures[task] = w.t_->LoadExpertTransposed(slot, proj, *base_);
       return;
     }
-    // Quantized formats dequantize straight into the transposed order (one pass over the packed weights;
+    // Other formats (the quantized ones) dequantize straight into the transposed order (one pass over the packed weights;
     // a panel block is a few runs of 16 consecutive values of W^T), then quantize again per row of W^T.
     // (A row-major unpack followed by a tiled transpose would take over half of an int8 rebuild.)
     std::vector<bf16_t>& wt = w.transposed_[thread];
@@ -518,7 +512,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput in;
+        ProjInput in;
         in.ld = ldh;
         in.x = w.rows_h.data() + r0 * ldh;
         if (quant) {
@@ -570,7 +564,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
       float* bd = w.thread_scratch.data() + thread * scratch;  // B_d rows c0.. transposed, [r, cols]
       TransposeToF32(lora_.down_b + (e * h + c0) * r, cols, r, bd);
       const size_t r0 = c.expert_begin[e], m = c.expert_begin[e + 1] - r0;
-      MoeLayer::ProjInput in;
+      ProjInput in;
       in.ld = ldi;
       in.x = c.h.data() + r0 * ldi;
       if (quant) {
@@ -624,7 +618,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
   stack_.pop_back();
   Cache& c = *owned;
   SftWorkspace& w = *ws_;
-  const MoeLayer& t = *bwd_->t_;
+  const PackedExperts& t = *bwd_->t_;
   const int k = c.k, qlen = c.qlen;
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
   const size_t e_count = config_.moe.num_experts;
@@ -693,7 +687,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput in;
+        ProjInput in;
         in.ld = ldh;
         in.x = dy_b + r0 * ldh;
         if (quant) {
@@ -749,7 +743,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
       const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
       for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
         const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput ing, inu;
+        ProjInput ing, inu;
         ing.ld = inu.ld = ldi;
         ing.x = dg_b + r0 * ldi;
         inu.x = du_b + r0 * ldi;

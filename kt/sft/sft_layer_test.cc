@@ -135,9 +135,9 @@ void QuantizeDequantize(const MoeConfig& c, ExpertFormat format, std::vector<bf1
   ASSERT_TRUE((*l)->LoadWeights(gate->data(), up->data(), down->data(), nullptr, pool).ok());
   const size_t gate_n = static_cast<size_t>(c.hidden) * c.intermediate;
   for (int e = 0; e < c.num_experts; ++e) {
-    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kGate, gate->data() + e * gate_n).ok());
-    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kUp, up->data() + e * gate_n).ok());
-    ASSERT_TRUE((*l)->UnpackExpert(e, ExpertProj::kDown, down->data() + e * gate_n).ok());
+    ASSERT_TRUE((*l)->experts().UnpackExpert(e, ExpertProj::kGate, gate->data() + e * gate_n).ok());
+    ASSERT_TRUE((*l)->experts().UnpackExpert(e, ExpertProj::kUp, up->data() + e * gate_n).ok());
+    ASSERT_TRUE((*l)->experts().UnpackExpert(e, ExpertProj::kDown, down->data() + e * gate_n).ok());
   }
 }
 
