@@ -1,5 +1,7 @@
 #include "kt/moe/expert_format.h"
 
+#include <cstdlib>
+
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/gemm_bf16.h"
@@ -62,6 +64,25 @@ struct Bf16Format {
   static void Transpose(const PackedExpert& from, size_t n, size_t k, const MutablePackedExpert& to) {
     TransposePackedBf16(reinterpret_cast<const bf16_t*>(from.data), n, k, reinterpret_cast<bf16_t*>(to.data));
   }
+  static ExpertFormatTraits Traits() {
+    ExpertFormatTraits t{};
+    t.format = ExpertFormat::kBf16;
+    t.name = "bf16";
+    t.packed_layout = "kt-bf16-panel16-kpair-v1";
+    t.kernel_family = "bf16";
+    t.quantized = false;
+    t.grouped = false;
+    t.activation = ActivationKind::kBf16Rows;  // the bf16 kernels read the gathered rows as they are
+    t.activation_sums = false;
+    t.max_k = 0;  // fp32 accumulation: no exactness bound
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = &PackFromBf16;
+    t.pack_quantized = nullptr;
+    t.unpack = &Unpack;
+    t.transpose_packed = &Transpose;
+    return t;
+  }
 };
 
 // ---- kInt8: kt-int8-channel-v1 packed into kt-int8-panel16-kquad-v1 (gemm_int8.h), with the scales and
@@ -108,6 +129,27 @@ struct Int8Format {
       UnpackInt8ToBf16(n, k, q, w.scales, out, k);
     }
   }
+  static ExpertFormatTraits Traits() {
+    ExpertFormatTraits t{};
+    t.format = ExpertFormat::kInt8;
+    t.name = "int8";
+    t.packed_layout = "kt-int8-panel16-kquad-v1";
+    t.kernel_family = "int8";
+    t.quantized = true;
+    t.quant_format = QuantFormat::kInt8PerChannel;
+    t.grouped = false;
+    // int8 x int8 products with exact int32 sums, scaled once per row by both scales.
+    t.activation = ActivationKind::kInt8PerRow;
+    t.activation_sums = false;
+    t.max_k = kInt8MaxK;
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = nullptr;
+    t.pack_quantized = &Pack;
+    t.unpack = &Unpack;
+    t.transpose_packed = nullptr;
+    return t;
+  }
 };
 
 // ---- The int4 family: kt-int4-channel-v1, -channel-asym-v1, -group{G}-sym-v1, -group{G}-asym-v1, all
@@ -152,6 +194,29 @@ struct Int4Format {
       UnpackInt4ToBf16(spec, n, k, w.data, w.scales, w.zeros, out, k);
     }
   }
+  static ExpertFormatTraits Traits(ExpertFormat format, const char* name, QuantFormat quant_format) {
+    ExpertFormatTraits t{};
+    t.format = format;
+    t.name = name;
+    t.packed_layout = "kt-int4-panel16-kblock8-v1";
+    t.kernel_family = "int4";
+    t.quantized = true;
+    t.quant_format = quant_format;
+    t.grouped = kGrouped;
+    // int8 activations (per row and group for the group formats: a group's scale must be one number for
+    // the exact int32 sum of that group); the kernels add the zero-point term -z * sum(q) per group, hence
+    // the activation sums.
+    t.activation = kGrouped ? ActivationKind::kInt8PerGroup : ActivationKind::kInt8PerRow;
+    t.activation_sums = true;
+    t.max_k = kInt4MaxK;
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = nullptr;
+    t.pack_quantized = &Pack;
+    t.unpack = &Unpack;
+    t.transpose_packed = nullptr;
+    return t;
+  }
 };
 
 using Int4Sym = Int4Format<false, false>;
@@ -159,47 +224,40 @@ using Int4Asym = Int4Format<false, true>;
 using Int4GroupSym = Int4Format<true, false>;
 using Int4GroupAsym = Int4Format<true, true>;
 
-// The table, in ExpertFormat order. Why each format's activations are prepared as they are: the integer
-// kernels multiply int8 activations (exact int32 sums, scaled once per row or group); the int4 kernels add
-// the zero-point term -z * sum(q) per group, hence the activation sums.
-const ExpertFormatTraits kFormats[] = {
-    {ExpertFormat::kBf16, "bf16", "kt-bf16-panel16-kpair-v1", "bf16", /*quantized=*/false, QuantFormat::kInt8PerChannel,
-     /*grouped=*/false, ActivationKind::kBf16Rows, /*activation_sums=*/false, /*max_k=*/0, &Bf16Format::Layout,
-     &Bf16Format::Bind, &Bf16Format::PackFromBf16, nullptr, &Bf16Format::Unpack, &Bf16Format::Transpose},
-    {ExpertFormat::kInt8, "int8", "kt-int8-panel16-kquad-v1", "int8", true, QuantFormat::kInt8PerChannel, false,
-     ActivationKind::kInt8PerRow, false, kInt8MaxK, &Int8Format::Layout, &Int8Format::Bind, nullptr,
-     &Int8Format::Pack, &Int8Format::Unpack, nullptr},
-    {ExpertFormat::kInt4, "int4", "kt-int4-panel16-kblock8-v1", "int4", true, QuantFormat::kInt4PerChannel, false,
-     ActivationKind::kInt8PerRow, true, kInt4MaxK, &Int4Sym::Layout, &Int4Sym::Bind, nullptr, &Int4Sym::Pack,
-     &Int4Sym::Unpack, nullptr},
-    {ExpertFormat::kInt4GroupSym, "int4_group_sym", "kt-int4-panel16-kblock8-v1", "int4", true, QuantFormat::kInt4GroupSym,
-     true, ActivationKind::kInt8PerGroup, true, kInt4MaxK, &Int4GroupSym::Layout, &Int4GroupSym::Bind, nullptr,
-     &Int4GroupSym::Pack, &Int4GroupSym::Unpack, nullptr},
-    {ExpertFormat::kInt4GroupAsym, "int4_group_asym", "kt-int4-panel16-kblock8-v1", "int4", true,
-     QuantFormat::kInt4GroupAsym, true, ActivationKind::kInt8PerGroup, true, kInt4MaxK, &Int4GroupAsym::Layout,
-     &Int4GroupAsym::Bind, nullptr, &Int4GroupAsym::Pack, &Int4GroupAsym::Unpack, nullptr},
-    {ExpertFormat::kInt4Asym, "int4_asym", "kt-int4-panel16-kblock8-v1", "int4", true, QuantFormat::kInt4PerChannelAsym,
-     false, ActivationKind::kInt8PerRow, true, kInt4MaxK, &Int4Asym::Layout, &Int4Asym::Bind, nullptr,
-     &Int4Asym::Pack, &Int4Asym::Unpack, nullptr},
-};
+// The table, in ExpertFormat order (FormatTraits indexes it by the enumerator). Built on first use.
+const ExpertFormatTraits* Table() {
+  static const ExpertFormatTraits kFormats[] = {
+      Bf16Format::Traits(),
+      Int8Format::Traits(),
+      Int4Sym::Traits(ExpertFormat::kInt4, "int4", QuantFormat::kInt4PerChannel),
+      Int4GroupSym::Traits(ExpertFormat::kInt4GroupSym, "int4_group_sym", QuantFormat::kInt4GroupSym),
+      Int4GroupAsym::Traits(ExpertFormat::kInt4GroupAsym, "int4_group_asym", QuantFormat::kInt4GroupAsym),
+      Int4Asym::Traits(ExpertFormat::kInt4Asym, "int4_asym", QuantFormat::kInt4PerChannelAsym),
+  };
+  // FormatTraits indexes by the enumerator: a row out of order is a bug of this file, caught at first use.
+  static const bool in_order = [] {
+    for (int i = 0; i < static_cast<int>(sizeof(kFormats) / sizeof(kFormats[0])); ++i) {
+      if (static_cast<int>(kFormats[i].format) != i) std::abort();
+    }
+    return true;
+  }();
+  (void)in_order;
+  return kFormats;
+}
+constexpr int kNumFormats = 6;
 
 }  // namespace
 
-const ExpertFormatTraits& FormatTraits(ExpertFormat format) {
-  const ExpertFormatTraits& t = kFormats[static_cast<int>(format)];
-  return t;
-}
+const ExpertFormatTraits& FormatTraits(ExpertFormat format) { return Table()[static_cast<int>(format)]; }
 
 const char* ExpertFormatName(ExpertFormat format) {
-  for (const ExpertFormatTraits& t : kFormats) {
-    if (t.format == format) return t.name;
-  }
-  return "unknown";
+  const int i = static_cast<int>(format);
+  return i >= 0 && i < kNumFormats ? Table()[i].name : "unknown";
 }
 
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
-  for (const ExpertFormatTraits& t : kFormats) {
-    if (name == t.name) return t.format;
+  for (int i = 0; i < kNumFormats; ++i) {
+    if (name == Table()[i].name) return Table()[i].format;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
                                                  "'; expected bf16, int8, int4, int4_asym, int4_group_sym "

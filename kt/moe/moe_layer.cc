@@ -8,31 +8,22 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "kt/moe/routing.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/gemm_bf16.h"
 
 namespace kt {
 namespace {
 
-// Work unit of the gate/up and down phases: this many 16-row panels of output columns (48 columns). Small
-// enough that a decode step (8 experts x 768/48 gate/up blocks = 128 tasks) balances across threads, big
-// enough that the atomic task counter is negligible; 3 panels is also the AVX512-BF16 kernel's register
-// block, so a task never splits one.
-// AMX works on panel pairs (2 x 16 columns per tile pass) and is fast enough that a task's operands must
-// stay in L2 (2 MiB per core on the AMX host): a gate/up task re-reads its gate and up column blocks for
-// every 64-row chunk of the expert, so the chunk's A rows plus both blocks should fit in kAmxL2Budget
-// (AmxGateUpPanels). On the Qwen3-235B shape (K = 4096, bf16) that is 2 panels, at K = 2048 (Qwen3-30B)
-// 8; each measured faster than the other widths tried (`kt bench --tiling`; docs/perf-log/2026-11-27-int8.md
-// and 2026-11-27-amx-bf16.md). The down phase keeps 8 panels (128 columns): its blocks are K = I wide and
-// fit with all of an expert's rows.
-constexpr size_t kPanelsPerTask = 3;
-constexpr size_t kPanelsPerTaskAmx = 8;
+// The gate/up task width on AMX (kPanelsPerTask and kPanelsPerTaskAmx, routing.h, are the defaults
+// elsewhere): a gate/up task re-reads its gate and up column blocks for every 64-row chunk of the expert, so
+// the chunk's A rows plus both blocks should fit in kAmxL2Budget (AmxGateUpPanels). On the Qwen3-235B shape
+// (K = 4096, bf16) that is 2 panels, at K = 2048 (Qwen3-30B) 8; each measured faster than the other widths
+// tried (`kt bench --tiling`; docs/perf-log/2026-11-27-int8.md and 2026-11-27-amx-bf16.md). The down phase
+// keeps 8 panels (128 columns): its blocks are K = I wide and fit with all of an expert's rows.
 constexpr size_t kMaxPanelsPerTask = 16;  // MoeTiling's bound
 constexpr size_t kMaxColsPerTask = kMaxPanelsPerTask * kPanelRows;
 constexpr size_t kMaxRowChunk = 1024;
-// Rows of one expert processed together in the gate/up phase; bounds the per-thread fp32 scratch to
-// 2 x 64 x 128 floats (64 KiB) whatever the batch size.
-constexpr size_t kRowChunk = 64;
 constexpr size_t kAmxL2Budget = 1280 * 1024;
 
 // Panels per AMX gate/up task: the largest even count (whole tile pairs), 2 to 8, with
@@ -50,16 +41,6 @@ inline void Pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
-}
-
-// Row stride, in elements of `elem_bytes`, of the scratch activation arrays for rows of `k` values: whole
-// cache lines plus one. Expert K dimensions are powers of two or small multiples of them, so unpadded rows
-// sit 2^n bytes apart and the 16 rows of an AMX A tile (or a kernel's row block) all fall into one L1 set;
-// the extra line spreads them over 16 sets, which the AMX tile kernels need to load A tiles at speed
-// (docs/perf-log/2026-11-27-int8.md).
-size_t PaddedStride(size_t k, size_t elem_bytes) {
-  const size_t line_elems = 64 / elem_bytes;
-  return (k + line_elems - 1) / line_elems * line_elems + line_elems;
 }
 
 }  // namespace
@@ -127,14 +108,14 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
   const ExpertFormatTraits& traits = w.traits();
   const size_t e = config.num_experts, h = config.hidden, i = config.intermediate;
   const size_t rows = static_cast<size_t>(config.max_len) * config.top_k;
-  moe->expert_count_.assign(e, 0);
-  moe->expert_begin_.assign(e + 1, 0);
+  // Routing sized for max_len * top_k rows, so Forward allocates nothing.
+  moe->routing_.count.assign(e, 0);
+  moe->routing_.begin.assign(e + 1, 0);
+  moe->routing_.row_slot.assign(rows, 0);
+  moe->routing_.token_slot_row.assign(rows, -1);
+  moe->routing_.active.reserve(e);
   moe->gu_left_.reset(new std::atomic<int>[e]);
   moe->quant_left_.reset(new std::atomic<int>[e]);
-  moe->row_token_.assign(rows, 0);
-  moe->row_weight_.assign(rows, 0.0f);
-  moe->token_slot_row_.assign(rows, -1);
-  moe->active_.reserve(e);
   const bool quantized = w.quantized_activations();
   moe->ldx_ = PaddedStride(h, ActivationBytes(traits));
   moe->ldh_ = PaddedStride(i, sizeof(bf16_t));
@@ -259,218 +240,220 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   }
   // The scratch may be shared with other layers: one Forward at a time uses it.
   std::lock_guard<std::mutex> scratch_lock(scratch_->mu);
-  const int e_count = config_.num_experts;
-  const size_t h = config_.hidden, inter = config_.intermediate;
   profile_ = ForwardProfile{};
-  auto mark = std::chrono::steady_clock::now();
-  auto lap = [&mark](double& phase) {
-    const auto now = std::chrono::steady_clock::now();
-    phase = std::chrono::duration<double>(now - mark).count();
-    mark = now;
-  };
+  const auto start = std::chrono::steady_clock::now();
 
   // 1. Routing: counting sort of (token, slot) pairs by expert; skipped ids get no row.
-  std::fill(expert_count_.begin(), expert_count_.end(), 0);
-  auto valid = [&](int64_t id) {
-    return id >= 0 && id < e_count && !(gpu_experts_mask != nullptr && gpu_experts_mask[id]);
-  };
-  for (int t = 0; t < qlen * k; ++t) {
-    if (valid(ids[t])) ++expert_count_[ids[t]];
+  RouteToExperts(ids, qlen, k, config_.num_experts, gpu_experts_mask, &routing_);
+  profile_.route = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (routing_.rows == 0) {
+    std::fill_n(output, static_cast<size_t>(qlen) * config_.hidden, bf16_t{});  // no expert on the CPU
+    return absl::OkStatus();
   }
-  active_.clear();
-  expert_begin_[0] = 0;
-  for (int e = 0; e < e_count; ++e) {
-    expert_begin_[e + 1] = expert_begin_[e] + expert_count_[e];
-    if (expert_count_[e] > 0) active_.push_back(e);
-  }
-  std::vector<int>& fill = expert_count_;  // Reused as the running insert position per expert.
-  for (int e = 0; e < e_count; ++e) fill[e] = expert_begin_[e];
-  for (int t = 0; t < qlen * k; ++t) {
-    token_slot_row_[t] = -1;
-    if (!valid(ids[t])) continue;
-    const int row = fill[ids[t]]++;
-    token_slot_row_[t] = row;
-    row_token_[row] = t / k;
-    row_weight_[row] = weights[t];
-  }
-  const size_t rows = static_cast<size_t>(expert_begin_[e_count]);
-  lap(profile_.route);
-
   // Per-thread fp32 blocks (grow only when a larger pool or row chunk is first seen).
-  MoeScratch& sc = *scratch_;
-  sc.per_thread.Reserve(static_cast<size_t>(pool.num_threads()) * ScratchPerThread());
-  const PackedExperts& experts = *weights_;
-  const bool sums = experts.traits().activation_sums;
+  scratch_->per_thread.Reserve(static_cast<size_t>(pool.num_threads()) * ScratchPerThread());
 
-  if (rows > 0) {
-    // 2-4 run as one pipeline of tasks in this order: gather row blocks, gate/up blocks (expert-major),
-    // h-quantize row blocks (quantized formats), down blocks (expert-major). The pool hands tasks out in
-    // index order, so a task only ever waits for tasks handed out before it, which are running or done:
-    // no deadlock, and no barrier between phases (a decode step has ~16 tasks per phase on 16 threads, and
-    // a barrier would cost each phase its slowest task's tail).
-    // Blocks of up to 64 rows, smaller when there are few rows (decode) so every thread gets some.
-    const size_t threads = static_cast<size_t>(pool.num_threads());
-    const size_t row_block = std::clamp<size_t>(rows / (2 * threads), 1, 64);
-    const size_t gather_tasks = (rows + row_block - 1) / row_block;
-
-    const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
-    // Bytes per value of the A rows and (as an estimate for every format: int4 counts as 1) the weights.
-    const size_t elem_bytes = ActivationBytes(experts.traits());
-    const size_t gate_up_panels =
-        isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
-    const size_t cols_per_task =
-        (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
-    // Down tasks are column blocks of the whole output (all experts); by default halve the block until
-    // there are two per thread (a decode step on 16 threads: 32 blocks of 64 columns at H = 2048).
-    size_t down_panels = tiling_.down_panels > 0 ? tiling_.down_panels : default_panels;
-    if (tiling_.down_panels == 0) {
-      while (down_panels > 1 && (h + down_panels * kPanelRows - 1) / (down_panels * kPanelRows) < 2 * threads) {
-        down_panels = (down_panels + 1) / 2;
-      }
+  // 2-4 run as one pipeline of tasks in this order: gather row blocks, gate/up blocks (expert-major),
+  // h-quantize row blocks (formats reading int8 rows), down blocks (column blocks of the output). The pool
+  // hands tasks out in index order, so a task only ever waits for tasks handed out before it, which are
+  // running or done: no deadlock, and no barrier between phases (a decode step has ~16 tasks per phase on
+  // 16 threads, and a barrier would cost each phase its slowest task's tail).
+  ForwardPlan plan;
+  plan.qlen = static_cast<size_t>(qlen);
+  plan.k = k;
+  plan.weights = weights;
+  plan.input = input;
+  plan.output = output;
+  PlanForward(static_cast<size_t>(pool.num_threads()), plan);
+  const size_t threads = static_cast<size_t>(pool.num_threads());
+  busy_.assign(threads * 4, 0.0);  // busy seconds per thread and phase (the profile)
+  pool.ParallelFor(plan.t_end, [&](size_t task, int thread) {
+    const auto task_start = std::chrono::steady_clock::now();
+    int phase;
+    if (task < plan.t_gu) {
+      phase = 0;
+      GatherTask(plan, task);
+    } else if (task < plan.t_quant) {
+      phase = 1;
+      GateUpTask(plan, task - plan.t_gu, thread);
+    } else if (task < plan.t_down) {
+      phase = 2;
+      QuantizeHTask(plan, task - plan.t_quant);
+    } else {
+      phase = 3;
+      DownTask(plan, task - plan.t_down, thread);
     }
-    const size_t down_cols_per_task = down_panels * kPanelRows;
-    const size_t inter_blocks = (inter + cols_per_task - 1) / cols_per_task;
-    const size_t hidden_blocks = (h + down_cols_per_task - 1) / down_cols_per_task;
-    const size_t row_chunk = RowChunk();
-    const bool quantized = experts.quantized_activations();
-    const size_t n_active = active_.size();
-    // h-quantize tasks: row blocks within each expert (a row's absmax spans all I columns, or a group
-    // that may straddle column blocks, so after all of the expert's gate/up blocks).
-    std::vector<std::pair<int, size_t>>& quant_blocks = quant_blocks_;  // (active index, first row)
-    quant_blocks.clear();
-    if (quantized) {
-      for (size_t i = 0; i < n_active; ++i) {
-        const int e = active_[i];
-        for (size_t r = expert_begin_[e]; r < static_cast<size_t>(expert_begin_[e + 1]); r += row_block) {
-          quant_blocks.push_back({static_cast<int>(i), r});
-        }
-      }
-    }
-    for (size_t i = 0; i < n_active; ++i) {
-      const int e = active_[i];
-      gu_left_[i].store(static_cast<int>(inter_blocks), std::memory_order_relaxed);
-      quant_left_[i].store(
-          quantized ? static_cast<int>((expert_begin_[e + 1] - expert_begin_[e] + row_block - 1) / row_block) : 0,
-          std::memory_order_relaxed);
-    }
-    std::atomic<size_t> gathered{0};
-    const size_t t_gu = gather_tasks, t_quant = t_gu + n_active * inter_blocks;
-    const size_t t_down = t_quant + quant_blocks.size(), t_end = t_down + hidden_blocks;
-    // Busy time per thread and phase (the profile).
-    std::vector<double>& busy = busy_;
-    busy.assign(threads * 4, 0.0);
-    auto wait_for = [](const std::atomic<int>& left) {
-      while (left.load(std::memory_order_acquire) != 0) Pause();
-    };
-    pool.ParallelFor(t_end, [&](size_t task, int thread) {
-      const auto start = std::chrono::steady_clock::now();
-      int phase;
-      if (task < t_gu) {
-        // 2. Gather each row's token into contiguous per-expert blocks (quantized for integer formats).
-        phase = 0;
-        const size_t r1 = std::min(rows, (task + 1) * row_block);
-        for (size_t r = task * row_block; r < r1; ++r) {
-          const bf16_t* x = input + static_cast<size_t>(row_token_[r]) * h;
-          if (quantized) {
-            const size_t groups = experts.ActivationGroups(ExpertProj::kGate);
-            experts.PrepareRow(ExpertProj::kGate, x, sc.qxs.get() + r * ldx_, sc.sxs.get() + r * groups,
-                        sums ? sc.xsums.get() + r * groups : nullptr);
-          } else {
-            std::memcpy(sc.xs.get() + r * ldx_, x, h * sizeof(bf16_t));
-          }
-        }
-        gathered.fetch_add(1, std::memory_order_release);
-      } else if (task < t_quant) {
-        // 3. Gate and up on the same column block, then h = bf16(silu(g) * u) for those columns.
-        phase = 1;
-        while (gathered.load(std::memory_order_acquire) != gather_tasks) Pause();
-        const size_t ai = (task - t_gu) / inter_blocks;
-        const int e = active_[ai];
-        const size_t c0 = ((task - t_gu) % inter_blocks) * cols_per_task;
-        const size_t cols = std::min(cols_per_task, inter - c0);
-        float* g = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
-        float* u = g + (row_chunk + 15) * cols_per_task;
-        // The expert's rows in chunks of row_chunk, except that a remainder of fewer than 16 rows joins
-        // the last whole chunk (the scratch holds row_chunk + 15 rows): no chunk falls below the kernels'
-        // 8-row AMX minimum when the expert has more rows, so the kernel, and the bits of a row's result,
-        // do not depend on the chunking; and whole chunks stay multiples of the 32-row tile block (equal
-        // splits such as 63 + 63 + 62 + 62 would put a partial, staged A tile in every chunk, which is much
-        // slower on the AMX path).
-        const size_t r_begin = expert_begin_[e], r_end = expert_begin_[e + 1];
-        size_t r0 = r_begin;
-        while (r0 < r_end) {
-          size_t m = std::min(row_chunk, r_end - r0);
-          if (r_end - r0 - m < 16) m = r_end - r0;
-          Gemm(ExpertProj::kGate, e, c0, cols, /*hidden_input=*/false, r0, m, g, cols_per_task);
-          Gemm(ExpertProj::kUp, e, c0, cols, /*hidden_input=*/false, r0, m, u, cols_per_task);
-          for (size_t r = 0; r < m; ++r) {
-            SiluMulToBf16(isa_, g + r * cols_per_task, u + r * cols_per_task,
-                          sc.hs.get() + (r0 + r) * ldh_ + c0, cols);
-          }
-          r0 += m;
-        }
-        gu_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
-      } else if (task < t_down) {
-        // 3b. Quantized formats: quantize a block of one expert's h rows once all its columns exist.
-        phase = 2;
-        const auto [ai, r_first] = quant_blocks[task - t_quant];
-        wait_for(gu_left_[ai]);
-        const int e = active_[ai];
-        const size_t groups = experts.ActivationGroups(ExpertProj::kDown);
-        const size_t r1 = std::min<size_t>(expert_begin_[e + 1], r_first + row_block);
-        for (size_t r = r_first; r < r1; ++r) {
-          experts.PrepareRow(ExpertProj::kDown, sc.hs.get() + r * ldh_, sc.qhs.get() + r * ldqh_,
-                             sc.shs.get() + r * groups,
-                      sums ? sc.hsums.get() + r * groups : nullptr);
-        }
-        quant_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
-      } else {
-        // 4+5. One column block of the output for every token: zero the block's fp32 accumulators, add
-        // w * (down projection) of each active expert's rows in expert order as soon as the expert's h is
-        // ready, then round the block to bf16. Blocks are disjoint, so no two tasks touch one accumulator,
-        // and no [rows, H] array of per-row outputs is written and read back (512 MiB per call at qlen
-        // 4096 on the Qwen3-235B shape).
-        phase = 3;
-        const size_t c0 = (task - t_down) * down_cols_per_task;
-        const size_t cols = std::min(down_cols_per_task, h - c0);
-        for (size_t t = 0; t < static_cast<size_t>(qlen); ++t) {
-          std::fill_n(sc.acc.get() + t * ldy_ + c0, cols, 0.0f);
-        }
-        float* y = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
-        const size_t chunk = ScratchPerThread() / down_cols_per_task;  // rows of y per kernel call
-        for (size_t ai = 0; ai < n_active; ++ai) {
-          wait_for(gu_left_[ai]);
-          wait_for(quant_left_[ai]);
-          const int e = active_[ai];
-          for (size_t r0 = expert_begin_[e]; r0 < static_cast<size_t>(expert_begin_[e + 1]); r0 += chunk) {
-            const size_t m = std::min<size_t>(chunk, expert_begin_[e + 1] - r0);
-            Gemm(ExpertProj::kDown, e, c0, cols, /*hidden_input=*/true, r0, m, y, down_cols_per_task);
-            for (size_t r = 0; r < m; ++r) {
-              const float w = row_weight_[r0 + r];
-              float* acc = sc.acc.get() + static_cast<size_t>(row_token_[r0 + r]) * ldy_ + c0;
-              const float* yr = y + r * down_cols_per_task;
-              for (size_t c = 0; c < cols; ++c) acc[c] += w * yr[c];
-            }
-          }
-        }
-        for (size_t t = 0; t < static_cast<size_t>(qlen); ++t) {
-          const float* acc = sc.acc.get() + t * ldy_ + c0;
-          bf16_t* out = output + t * h + c0;
-          for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
-        }
-      }
-      busy[static_cast<size_t>(thread) * 4 + phase] +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    });
-    double* phases[] = {&profile_.gather, &profile_.gate_up, &profile_.quant_h, &profile_.down};
-    for (size_t t = 0; t < threads; ++t) {
-      for (int ph = 0; ph < 4; ++ph) *phases[ph] += busy[t * 4 + ph] / static_cast<double>(threads);
-    }
-    mark = std::chrono::steady_clock::now();
+    busy_[static_cast<size_t>(thread) * 4 + phase] +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - task_start).count();
+  });
+  double* phases[] = {&profile_.gather, &profile_.gate_up, &profile_.quant_h, &profile_.down};
+  for (size_t t = 0; t < threads; ++t) {
+    for (int ph = 0; ph < 4; ++ph) *phases[ph] += busy_[t * 4 + ph] / static_cast<double>(threads);
   }
-
-  if (rows == 0) std::fill_n(output, static_cast<size_t>(qlen) * h, bf16_t{});  // no expert on the CPU
   return absl::OkStatus();
+}
+
+void MoeLayer::PlanForward(size_t threads, ForwardPlan& p) {
+  const size_t h = config_.hidden, inter = config_.intermediate;
+  const size_t rows = static_cast<size_t>(routing_.rows);
+  const PackedExperts& experts = *weights_;
+  // Blocks of up to 64 rows, smaller when there are few rows (decode) so every thread gets some.
+  p.row_block = std::clamp<size_t>(rows / (2 * threads), 1, 64);
+  const size_t gather_tasks = (rows + p.row_block - 1) / p.row_block;
+  p.gather_tasks = gather_tasks;
+  // Bytes per value of the A rows and (as an estimate for every format: int4 counts as 1) the weights.
+  const size_t elem_bytes = ActivationBytes(experts.traits());
+  const size_t gate_up_panels = isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
+  p.cols_per_task = (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
+  // Down tasks are column blocks of the whole output (all experts); by default halve the block until
+  // there are two per thread (a decode step on 16 threads: 32 blocks of 64 columns at H = 2048).
+  const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
+  size_t down_panels = tiling_.down_panels > 0 ? tiling_.down_panels : default_panels;
+  if (tiling_.down_panels == 0) {
+    while (down_panels > 1 && (h + down_panels * kPanelRows - 1) / (down_panels * kPanelRows) < 2 * threads) {
+      down_panels = (down_panels + 1) / 2;
+    }
+  }
+  p.down_cols_per_task = down_panels * kPanelRows;
+  p.inter_blocks = (inter + p.cols_per_task - 1) / p.cols_per_task;
+  const size_t hidden_blocks = (h + p.down_cols_per_task - 1) / p.down_cols_per_task;
+  const bool quantized = experts.quantized_activations();
+  const std::vector<int>& begin = routing_.begin;
+  const size_t n_active = routing_.active.size();
+  // h-quantize tasks: row blocks within each expert (a row's absmax spans all I columns, or a group that
+  // may straddle column blocks, so after all of the expert's gate/up blocks).
+  quant_blocks_.clear();
+  for (size_t i = 0; i < n_active; ++i) {
+    const int e = routing_.active[i];
+    if (quantized) {
+      for (size_t r = begin[e]; r < static_cast<size_t>(begin[e + 1]); r += p.row_block) {
+        quant_blocks_.push_back({static_cast<int>(i), r});
+      }
+    }
+    gu_left_[i].store(static_cast<int>(p.inter_blocks), std::memory_order_relaxed);
+    quant_left_[i].store(
+        quantized ? static_cast<int>((begin[e + 1] - begin[e] + p.row_block - 1) / p.row_block) : 0,
+        std::memory_order_relaxed);
+  }
+  p.t_gu = gather_tasks;
+  p.t_quant = p.t_gu + n_active * p.inter_blocks;
+  p.t_down = p.t_quant + quant_blocks_.size();
+  p.t_end = p.t_down + hidden_blocks;
+}
+
+namespace {
+void WaitFor(const std::atomic<int>& left) {
+  while (left.load(std::memory_order_acquire) != 0) Pause();
+}
+}  // namespace
+
+void MoeLayer::GatherTask(ForwardPlan& p, size_t task) {
+  // 2. Gather each row's token into contiguous per-expert blocks (prepared as the format's products read
+  // them: int8 for the integer formats).
+  MoeScratch& sc = *scratch_;
+  const PackedExperts& experts = *weights_;
+  const size_t h = config_.hidden;
+  const size_t rows = static_cast<size_t>(routing_.rows);
+  const size_t r1 = std::min(rows, (task + 1) * p.row_block);
+  const size_t groups = experts.ActivationGroups(ExpertProj::kGate);
+  const bool sums = experts.traits().activation_sums;
+  for (size_t r = task * p.row_block; r < r1; ++r) {
+    const bf16_t* x = p.input + static_cast<size_t>(routing_.row_slot[r] / p.k) * h;
+    if (experts.quantized_activations()) {
+      experts.PrepareRow(ExpertProj::kGate, x, sc.qxs.get() + r * ldx_, sc.sxs.get() + r * groups,
+                         sums ? sc.xsums.get() + r * groups : nullptr);
+    } else {
+      std::memcpy(sc.xs.get() + r * ldx_, x, h * sizeof(bf16_t));
+    }
+  }
+  p.gathered.fetch_add(1, std::memory_order_release);
+}
+
+void MoeLayer::GateUpTask(ForwardPlan& p, size_t task, int thread) {
+  // 3. Gate and up on the same column block of one expert, then h = bf16(silu(g) * u) for those columns.
+  while (p.gathered.load(std::memory_order_acquire) != p.gather_tasks) Pause();
+  MoeScratch& sc = *scratch_;
+  const size_t inter = config_.intermediate, cpt = p.cols_per_task;
+  const size_t ai = task / p.inter_blocks;
+  const int e = routing_.active[ai];
+  const size_t c0 = (task % p.inter_blocks) * cpt;
+  const size_t cols = std::min(cpt, inter - c0);
+  float* g = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
+  const size_t row_chunk = RowChunk();
+  float* u = g + (row_chunk + 15) * cpt;
+  // The expert's rows in chunks of row_chunk, except that a remainder of fewer than 16 rows joins the last
+  // whole chunk (the scratch holds row_chunk + 15 rows): no chunk falls below the kernels' 8-row AMX
+  // minimum when the expert has more rows, so the kernel, and the bits of a row's result, do not depend on
+  // the chunking; and whole chunks stay multiples of the 32-row tile block (equal splits such as
+  // 63 + 63 + 62 + 62 would put a partial, staged A tile in every chunk, which is much slower on the AMX
+  // path).
+  const size_t r_end = routing_.begin[e + 1];
+  size_t r0 = routing_.begin[e];
+  while (r0 < r_end) {
+    size_t m = std::min(row_chunk, r_end - r0);
+    if (r_end - r0 - m < 16) m = r_end - r0;
+    Gemm(ExpertProj::kGate, e, c0, cols, /*hidden_input=*/false, r0, m, g, cpt);
+    Gemm(ExpertProj::kUp, e, c0, cols, /*hidden_input=*/false, r0, m, u, cpt);
+    for (size_t r = 0; r < m; ++r) {
+      SiluMulToBf16(isa_, g + r * cpt, u + r * cpt, sc.hs.get() + (r0 + r) * ldh_ + c0, cols);
+    }
+    r0 += m;
+  }
+  gu_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void MoeLayer::QuantizeHTask(ForwardPlan& p, size_t task) {
+  // 3b. Formats reading int8 rows: prepare a block of one expert's h rows once all its columns exist.
+  MoeScratch& sc = *scratch_;
+  const PackedExperts& experts = *weights_;
+  const auto [ai, r_first] = quant_blocks_[task];
+  WaitFor(gu_left_[ai]);
+  const int e = routing_.active[ai];
+  const size_t groups = experts.ActivationGroups(ExpertProj::kDown);
+  const bool sums = experts.traits().activation_sums;
+  const size_t r1 = std::min<size_t>(routing_.begin[e + 1], r_first + p.row_block);
+  for (size_t r = r_first; r < r1; ++r) {
+    experts.PrepareRow(ExpertProj::kDown, sc.hs.get() + r * ldh_, sc.qhs.get() + r * ldqh_,
+                       sc.shs.get() + r * groups, sums ? sc.hsums.get() + r * groups : nullptr);
+  }
+  quant_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void MoeLayer::DownTask(ForwardPlan& p, size_t task, int thread) {
+  // 4+5. One column block of the output for every token: zero the block's fp32 accumulators, add
+  // w * (down projection) of each active expert's rows in expert order as soon as the expert's h is ready,
+  // then round the block to bf16. Blocks are disjoint, so no two tasks touch one accumulator, and no
+  // [rows, H] array of per-row outputs is written and read back (512 MiB per call at qlen 4096 on the
+  // Qwen3-235B shape).
+  MoeScratch& sc = *scratch_;
+  const size_t h = config_.hidden, dcpt = p.down_cols_per_task;
+  const size_t c0 = task * dcpt;
+  const size_t cols = std::min(dcpt, h - c0);
+  for (size_t t = 0; t < p.qlen; ++t) std::fill_n(sc.acc.get() + t * ldy_ + c0, cols, 0.0f);
+  float* y = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
+  const size_t chunk = ScratchPerThread() / dcpt;  // rows of y per kernel call
+  for (size_t ai = 0; ai < routing_.active.size(); ++ai) {
+    WaitFor(gu_left_[ai]);
+    WaitFor(quant_left_[ai]);
+    const int e = routing_.active[ai];
+    const size_t r_end = routing_.begin[e + 1];
+    for (size_t r0 = routing_.begin[e]; r0 < r_end; r0 += chunk) {
+      const size_t m = std::min<size_t>(chunk, r_end - r0);
+      Gemm(ExpertProj::kDown, e, c0, cols, /*hidden_input=*/true, r0, m, y, dcpt);
+      for (size_t r = 0; r < m; ++r) {
+        const int slot = routing_.row_slot[r0 + r];
+        const float w = p.weights[slot];
+        float* acc = sc.acc.get() + static_cast<size_t>(slot / p.k) * ldy_ + c0;
+        const float* yr = y + r * dcpt;
+        for (size_t c = 0; c < cols; ++c) acc[c] += w * yr[c];
+      }
+    }
+  }
+  for (size_t t = 0; t < p.qlen; ++t) {
+    const float* acc = sc.acc.get() + t * ldy_ + c0;
+    bf16_t* out = p.output + t * h + c0;
+    for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
+  }
 }
 
 }  // namespace kt

@@ -32,6 +32,7 @@
 #include "kt/moe/aligned_buffer.h"
 #include "kt/moe/expert_format.h"
 #include "kt/moe/packed_experts.h"
+#include "kt/moe/routing.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
@@ -188,20 +189,39 @@ class MoeLayer {
   ForwardProfile profile_;
   MoeTiling tiling_;
 
+  // One Forward's pipeline (moe_layer.cc): its phases' tasks in index order, [0, t_gu) gather,
+  // [t_gu, t_quant) gate/up, [t_quant, t_down) h-quantize, [t_down, t_end) down and weighted sum.
+  struct ForwardPlan {
+    size_t qlen = 0;
+    int k = 0;
+    const float* weights = nullptr;
+    const bf16_t* input = nullptr;
+    bf16_t* output = nullptr;
+    size_t row_block = 0;      // rows per gather and h-quantize task
+    size_t gather_tasks = 0;
+    size_t cols_per_task = 0;  // gate/up column block
+    size_t down_cols_per_task = 0;
+    size_t inter_blocks = 0;   // gate/up column blocks per expert
+    size_t t_gu = 0, t_quant = 0, t_down = 0, t_end = 0;
+    std::atomic<size_t> gathered{0};  // gather tasks done
+  };
+  // Task counts and the per-expert counters of a Forward on `threads` threads, from routing_.
+  void PlanForward(size_t threads, ForwardPlan& plan);
+  // The phases, each one task (numbered from the phase's first).
+  void GatherTask(ForwardPlan& plan, size_t task);
+  void GateUpTask(ForwardPlan& plan, size_t task, int thread);
+  void QuantizeHTask(ForwardPlan& plan, size_t task);
+  void DownTask(ForwardPlan& plan, size_t task, int thread);
+
   // Routing and scratch, sized for max_len * top_k rows at Create; the pipeline's task lists below grow to
   // the largest call and pool seen, so Forward allocates nothing after its first calls.
-  std::vector<int> expert_count_;    // [E] rows routed to each physical expert
-  std::vector<int> expert_begin_;    // [E+1] first row of each expert (rows grouped by expert)
-  std::vector<int> row_token_;       // [rows] token of each row
-  std::vector<float> row_weight_;    // [rows] routing weight of each row
-  std::vector<int> token_slot_row_;  // [max_len * k] row of (token, slot), -1 when skipped
-  std::vector<int> active_;          // experts with at least one row
-  // Forward's pipeline: per active expert (index into active_), gate/up tasks and h-quantize tasks still
-  // to finish.
+  ExpertRouting routing_;
+  // Forward's pipeline: per active expert (index into routing_.active), gate/up tasks and h-quantize tasks
+  // still to finish.
   std::unique_ptr<std::atomic<int>[]> gu_left_, quant_left_;
   std::vector<std::pair<int, size_t>> quant_blocks_;  // h-quantize tasks: (active index, first row)
   std::vector<double> busy_;                           // [threads][4] busy seconds per phase (profile)
-  // Row strides (elements) of the activation arrays: padded past K by one cache line (moe_layer.cc says why).
+  // Row strides (elements) of the activation arrays: padded past K by one cache line (PaddedStride, routing.h).
   size_t ldx_ = 0;                   // scratch xs (bf16) or qxs (int8)
   size_t ldh_ = 0;                   // scratch hs
   size_t ldqh_ = 0;                  // scratch qhs

@@ -38,6 +38,7 @@
 #include "kt/moe/memory.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/packed_experts.h"
+#include "kt/moe/routing.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
@@ -96,10 +97,7 @@ struct SftForwardCache {
   template <typename T>
   using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
   Buf<bf16_t> input;               // [qlen, H]
-  std::vector<int> expert_begin;   // [E + 1]
-  std::vector<int> active;         // experts with rows
-  std::vector<int> row_token;      // [rows]
-  std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
+  ExpertRouting routing;           // rows by expert; a row's (token, slot) index is routing.row_slot[row]
   Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
   Buf<bf16_t> h;                   // [rows, ldi] bf16(silu(g) u), what the down GEMM read
   Buf<bf16_t> y;                   // [rows, H] expert outputs (LoRA included), for grad_weights
@@ -234,6 +232,26 @@ class SftMoeLayer {
 
   SftMoeLayer(const SftConfig& config, Isa isa) : config_(config), isa_(isa) {}
   void Route(Cache& c, int qlen, int k, const int64_t* ids) const;
+
+  // What the phases of one forward or backward share: the cache entry, the workspace, sizes and strides
+  // (defined in sft_pass.h).
+  struct Pass;
+  Pass MakePass(Cache& c, bool quant) const;
+  absl::Status CheckForward(int qlen, int k, const int64_t* ids, const float* weights, const bf16_t* input,
+                            const bf16_t* output, bool save_for_backward) const;
+  // Forward's phases (sft_forward.cc), in order.
+  void ForwardGather(ThreadPool& pool, const Pass& p);
+  void ForwardGateUp(ThreadPool& pool, const Pass& p);
+  void ForwardPrepareH(ThreadPool& pool, const Pass& p);
+  void ForwardDown(ThreadPool& pool, const Pass& p, bool save_for_backward);
+  void WeightedSum(ThreadPool& pool, const Pass& p, bf16_t* output);
+  // Backward's phases (sft_backward.cc), in order.
+  void BackwardGradY(ThreadPool& pool, const Pass& p, const bf16_t* grad_output, float* grad_weights);
+  void BackwardGradGateUp(ThreadPool& pool, const Pass& p);
+  void BackwardPrepareGradGateUp(ThreadPool& pool, const Pass& p);
+  void BackwardGradX(ThreadPool& pool, const Pass& p);
+  void BackwardLoraGrads(ThreadPool& pool, const Pass& p, bool accumulate, float grad_scale);
+  void BackwardGradInput(ThreadPool& pool, const Pass& p, bf16_t* grad_input);
   void EnsureWorkspace(ThreadPool& pool);
   size_t ScratchPerThread() const;
   absl::Status EnsureBackwardWeights(ThreadPool& pool);
