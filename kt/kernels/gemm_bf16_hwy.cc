@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/hwy_dispatch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -144,25 +145,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
-// the target, and Highway's global chosen-target state is never touched.
+// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
 GemmBf16Fn GemmBf16Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmBf16;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmBf16;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmBf16;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmBf16Fn> kGemm = KT_HWY_FNS(GemmBf16Fn, GemmBf16);
+  return kGemm.For(isa);
 }
 
 }  // namespace internal

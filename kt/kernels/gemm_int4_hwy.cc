@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_int4.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -337,24 +338,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection (KT_ISA caps the path; Highway's chosen-target state is never touched).
+// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
 GemmInt4Fn GemmInt4Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmInt4;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmInt4;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmInt4;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmInt4Fn> kGemm = KT_HWY_FNS(GemmInt4Fn, GemmInt4);
+  return kGemm.For(isa);
 }
 
 }  // namespace internal

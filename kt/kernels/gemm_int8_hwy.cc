@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -169,25 +170,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
-// the target, and Highway's global chosen-target state is never touched.
+// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
 GemmInt8Fn GemmInt8Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmInt8;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmInt8;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmInt8;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmInt8Fn> kGemm = KT_HWY_FNS(GemmInt8Fn, GemmInt8);
+  return kGemm.For(isa);
 }
 
 }  // namespace internal
