@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/lora_kernels.h"
 
 namespace kt {
 namespace {

@@ -11,7 +11,7 @@
 //
 // SiluBackwardToBf16: each output one of the two bf16 values around the exact result (the vector paths'
 // exp is ~1 ulp, which can move a product across a rounding boundary), mostly the nearest.
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/lora_kernels.h"
 
 #include <algorithm>
 #include <cmath>
