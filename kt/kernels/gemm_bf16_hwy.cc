@@ -145,10 +145,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmBf16Fn GemmBf16Hwy(Isa isa) {
   static constexpr HwyFns<GemmBf16Fn> kGemm = KT_HWY_FNS(GemmBf16Fn, GemmBf16);
-  return kGemm.For(isa);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -338,10 +338,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmInt4Fn GemmInt4Hwy(Isa isa) {
   static constexpr HwyFns<GemmInt4Fn> kGemm = KT_HWY_FNS(GemmInt4Fn, GemmInt4);
-  return kGemm.For(isa);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -170,10 +170,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// The Highway target of the Isa (hwy_dispatch.h), so KT_ISA caps this path like every other.
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmInt8Fn GemmInt8Hwy(Isa isa) {
   static constexpr HwyFns<GemmInt8Fn> kGemm = KT_HWY_FNS(GemmInt8Fn, GemmInt8);
-  return kGemm.For(isa);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal
