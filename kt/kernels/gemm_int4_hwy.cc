@@ -161,6 +161,54 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
 }
 #endif
 
+#if !KT_INT4_MADDUBS
+// Block b of NP panels by the int16 route (nibbles and x bytes split to int16 lanes, vpmaddwd), for the
+// targets without vpmaddubsw: Highway compiles them, kt dispatches only AVX2/AVX3/AVX3_DL (MaddubsBlock).
+template <int MR, int NP>
+HWY_INLINE void Int16Block(size_t b, size_t k, bool full, const int8_t* HWY_RESTRICT qx, size_t ldqx,
+                           const uint8_t* HWY_RESTRICT panels, size_t stride,
+                           hn::Vec<DI32> (&acc)[MR][NP * kVecsPerPanel]) {
+  using VI = hn::Vec<DI32>;
+  using VW = hn::Vec<DI16>;
+  const DI32 di32;
+  const DI16 di16;
+  const DU16 du16;
+  const auto mask4 = hn::Set(du16, uint16_t{0xF});
+  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  #pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
+    if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+    VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
+    #pragma GCC unroll 16
+    for (size_t s = 0; s < kVecsPerPanel; ++s) {
+      const auto v = hn::LoadU(du16, src + s * (kLanes * 2));
+      w[0][s] = hn::BitCast(di16, hn::And(v, mask4));
+      w[1][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v), mask4));
+      w[2][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v), mask4));
+      w[3][s] = hn::BitCast(di16, hn::ShiftRight<12>(v));
+    }
+    #pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      int32_t q0, q1;
+      BlockQuads(qx + m * ldqx, b, k, full, q0, q1);
+      const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
+      const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
+      const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
+      const VW x1e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x1)), x1o = hn::ShiftRight<8>(x1);
+      #pragma GCC unroll 16
+      for (size_t s = 0; s < kVecsPerPanel; ++s) {
+        VI& a = acc[m][p * kVecsPerPanel + s];
+        a = hn::ReorderWidenMulAccumulate(di32, x0e, w[0][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x0o, w[1][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x1e, w[2][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x1o, w[3][s], a, unused);
+      }
+    }
+  }
+}
+#endif
+
 // The loops over rows, panels and vectors have compile-time trip counts and are unrolled explicitly (GCC
 // unroll pragmas): left as loops, GCC 12 keeps acc[][] and the expanded nibbles on the stack, and every
 // vpaddd goes through a store and a reload (perf: half of Micro<1, 2>'s samples on that load-add-store
@@ -173,7 +221,6 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   const DF df;
   const DI32 di32;
   const DI16 di16;
-  const DU16 du16;
   constexpr size_t kV = NP * kVecsPerPanel;
   using VI = hn::Vec<DI32>;
   using VW = hn::Vec<DI16>;
@@ -191,7 +238,6 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   const size_t full_blocks = k / 8;
   const size_t blocks_per_group = group == 0 ? blocks : group / 8;
   HWY_ALIGN float out[MR][kV * kLanes];
-  const auto mask4 = hn::Set(du16, uint16_t{0xF});
   VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
   for (size_t g = 0; g < groups; ++g) {
     VI acc[MR][kV];
@@ -232,38 +278,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
     }
 #else
     for (size_t b = g * blocks_per_group; b < b_end; ++b) {
-      const bool full = b < full_blocks;
-      #pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) {
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
-        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
-        VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
-        #pragma GCC unroll 16
-        for (size_t s = 0; s < kVecsPerPanel; ++s) {
-          const auto v = hn::LoadU(du16, src + s * (kLanes * 2));
-          w[0][s] = hn::BitCast(di16, hn::And(v, mask4));
-          w[1][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v), mask4));
-          w[2][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v), mask4));
-          w[3][s] = hn::BitCast(di16, hn::ShiftRight<12>(v));
-        }
-        #pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-          int32_t q0, q1;
-          BlockQuads(qx + m * ldqx, b, k, full, q0, q1);
-          const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
-          const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
-          const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
-          const VW x1e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x1)), x1o = hn::ShiftRight<8>(x1);
-          #pragma GCC unroll 16
-          for (size_t s = 0; s < kVecsPerPanel; ++s) {
-            VI& a = acc[m][p * kVecsPerPanel + s];
-            a = hn::ReorderWidenMulAccumulate(di32, x0e, w[0][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x0o, w[1][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x1e, w[2][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x1o, w[3][s], a, unused);
-          }
-        }
-      }
+      Int16Block<MR, NP>(b, k, b < full_blocks, qx, ldqx, panels, stride, acc);
     }
 #endif
     // Epilogue of group g. Lane c of vector v is row (v % kVecsPerPanel) * kLanes + c of panel
