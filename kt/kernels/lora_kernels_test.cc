@@ -23,6 +23,7 @@
 
 #include "gtest/gtest.h"
 #include "kt/kernels/eigen_views.h"
+#include "kt/kernels/isa_test_util.h"
 
 namespace kt {
 namespace {
@@ -205,10 +206,7 @@ TEST_P(LoraKernelsTest, SiluBackwardWithinOneBf16Step) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, LoraKernelsTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, LoraKernelsTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace
 }  // namespace kt
