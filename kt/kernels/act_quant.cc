@@ -8,6 +8,7 @@
 
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/bf16-inl.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/quant.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -94,41 +95,22 @@ namespace {
 using RowFn = void (*)(const bf16_t*, size_t, int8_t*, float*);
 using RowGroupedFn = void (*)(const bf16_t*, size_t, size_t, int8_t*, float*);
 
-// The Highway targets compiled in (scalar uses quant.h's reference code itself).
-#if HWY_TARGETS & HWY_AVX2
-#define KT_AQ_AVX2(f) &N_AVX2::f
-#else
-#define KT_AQ_AVX2(f) nullptr
-#endif
-#if HWY_TARGETS & HWY_AVX3
-#define KT_AQ_AVX3(f) &N_AVX3::f
-#else
-#define KT_AQ_AVX3(f) nullptr
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-#define KT_AQ_AVX3_DL(f) &N_AVX3_DL::f
-#else
-#define KT_AQ_AVX3_DL(f) nullptr
-#endif
+// kScalar (no Highway target) uses quant.h's reference code itself.
+const HwyFns<RowFn> kRow = KT_HWY_FNS(RowFn, Row);
+const HwyFns<RowGroupedFn> kRowGrouped = KT_HWY_FNS(RowGroupedFn, RowGrouped);
 
 }  // namespace
 
 void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale) {
-  const RowFn fn = PickHwyTarget<RowFn>(isa, KT_AQ_AVX2(Row), KT_AQ_AVX3(Row), KT_AQ_AVX3_DL(Row));
-  if (fn == nullptr) return QuantizeActivationInt8(x, k, q, scale);
-  fn(x, k, q, scale);
+  if (const RowFn fn = kRow.For(isa)) return fn(x, k, q, scale);
+  QuantizeActivationInt8(x, k, q, scale);
 }
 
 void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales) {
-  const RowGroupedFn fn = PickHwyTarget<RowGroupedFn>(isa, KT_AQ_AVX2(RowGrouped), KT_AQ_AVX3(RowGrouped),
-                                                      KT_AQ_AVX3_DL(RowGrouped));
-  if (fn == nullptr) {
-    for (size_t g = 0; g * group < k; ++g) {
-      QuantizeActivationInt8(x + g * group, group, q + g * group, scales + g);
-    }
-    return;
+  if (const RowGroupedFn fn = kRowGrouped.For(isa)) return fn(x, k, group, q, scales);
+  for (size_t g = 0; g * group < k; ++g) {
+    QuantizeActivationInt8(x + g * group, group, q + g * group, scales + g);
   }
-  fn(x, k, group, q, scales);
 }
 
 }  // namespace kt

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kt/kernels/isa_test_util.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -118,10 +119,7 @@ TEST_P(ActQuantTest, NonFiniteGivesNanScale) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, ActQuantTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, ActQuantTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace
 }  // namespace kt

@@ -8,6 +8,7 @@
 
 #include "kt/kernels/activation.h"
 #include "kt/kernels/bf16-inl.h"
+#include "kt/kernels/hwy_dispatch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -42,28 +43,15 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kt {
+namespace {
+
+using SiluMulFn = void (*)(const float*, const float*, bf16_t*, size_t);
+const HwyFns<SiluMulFn> kSiluMul = KT_HWY_FNS(SiluMulFn, SiluMul);
+
+}  // namespace
 
 void SiluMulToBf16(Isa isa, const float* g, const float* u, bf16_t* h, size_t n) {
-  switch (isa) {
-    case Isa::kScalar:
-      break;
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return N_AVX2::SiluMul(g, u, h, n);
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return N_AVX3::SiluMul(g, u, h, n);
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-    case Isa::kAvx512Bf16:
-    case Isa::kAmx:
-      return N_AVX3_DL::SiluMul(g, u, h, n);
-#endif
-    default:
-      break;
-  }
+  if (const SiluMulFn fn = kSiluMul.For(isa)) return fn(g, u, h, n);
   for (size_t i = 0; i < n; ++i) h[i] = F32ToBf16(g[i] / (1.0f + std::exp(-g[i])) * u[i]);
 }
 

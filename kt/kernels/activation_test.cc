@@ -3,6 +3,7 @@
 // the product across a rounding boundary), and the scalar path must be the correctly rounded one almost
 // always.
 #include "kt/kernels/activation.h"
+#include "kt/kernels/isa_test_util.h"
 
 #include <cmath>
 #include <random>
@@ -51,10 +52,7 @@ TEST_P(ActivationTest, MatchesDoubleOracleWithinOneBf16Step) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, ActivationTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, ActivationTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace
 }  // namespace kt

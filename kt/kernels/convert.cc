@@ -1,4 +1,4 @@
-// Bulk BF16 <-> FP32 conversion, Highway dynamic dispatch (three-file shape with the -inl part inline:
+// Bulk BF16 <-> FP32 conversion, one Highway target per Isa (three-file shape with the -inl part inline:
 // this file is compiled once per target through foreach_target.h).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/convert.cc"
@@ -7,6 +7,7 @@
 
 #include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/convert.h"
+#include "kt/kernels/hwy_dispatch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -48,25 +49,26 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kt {
+namespace {
 
-HWY_EXPORT(Bf16ToF32);
-HWY_EXPORT(F32ToBf16);
+using Bf16ToF32Fn = void (*)(const bf16_t*, float*, size_t);
+using F32ToBf16Fn = void (*)(const float*, bf16_t*, size_t);
 
-// Bulk conversion is memory bound and exact on every target, so the Isa only decides scalar vs. vectors.
+const HwyFns<Bf16ToF32Fn> kBf16ToF32 = KT_HWY_FNS(Bf16ToF32Fn, Bf16ToF32);
+const HwyFns<F32ToBf16Fn> kF32ToBf16 = KT_HWY_FNS(F32ToBf16Fn, F32ToBf16);
+
+}  // namespace
+
+// Bulk conversion is memory bound and exact on every target; the Isa picks the target like every other
+// Highway module of kt (hwy_dispatch.h), so KT_ISA caps it too.
 void ConvertBf16ToF32(Isa isa, const bf16_t* in, float* out, size_t n) {
-  if (isa == Isa::kScalar) {
-    for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(in[i]);
-    return;
-  }
-  HWY_DYNAMIC_DISPATCH(Bf16ToF32)(in, out, n);
+  if (const Bf16ToF32Fn fn = kBf16ToF32.For(isa)) return fn(in, out, n);
+  for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(in[i]);
 }
 
 void ConvertF32ToBf16(Isa isa, const float* in, bf16_t* out, size_t n) {
-  if (isa == Isa::kScalar) {
-    for (size_t i = 0; i < n; ++i) out[i] = F32ToBf16(in[i]);
-    return;
-  }
-  HWY_DYNAMIC_DISPATCH(F32ToBf16)(in, out, n);
+  if (const F32ToBf16Fn fn = kF32ToBf16.For(isa)) return fn(in, out, n);
+  for (size_t i = 0; i < n; ++i) out[i] = F32ToBf16(in[i]);
 }
 
 }  // namespace kt

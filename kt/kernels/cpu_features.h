@@ -67,23 +67,6 @@ Isa BestIsa(const CpuFeatures& features);
 // path the CPU cannot run is an error naming what is missing, never a silent downgrade.
 absl::StatusOr<Isa> ResolveIsa(absl::string_view requested, const CpuFeatures& features);
 
-// The Highway target that serves `isa`, given each target's function (nullptr where the target was not
-// compiled in): AVX2 for kAvx2, AVX3 for kAvx512, AVX3_DL for kAvx512Vnni, kAvx512Bf16 and kAmx, each
-// falling back to the next lower target compiled; nullptr for kScalar, whose callers run their plain code.
-template <typename Fn>
-Fn PickHwyTarget(Isa isa, Fn avx2, Fn avx3, Fn avx3_dl) {
-  switch (isa) {
-    case Isa::kScalar:
-      return nullptr;
-    case Isa::kAvx2:
-      return avx2;
-    case Isa::kAvx512:
-      return avx3 != nullptr ? avx3 : avx2;
-    default:
-      return avx3_dl != nullptr ? avx3_dl : (avx3 != nullptr ? avx3 : avx2);
-  }
-}
-
 }  // namespace kt
 
 #endif  // KT_KERNELS_CPU_FEATURES_H_

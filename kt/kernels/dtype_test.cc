@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "kt/kernels/convert.h"
+#include "kt/kernels/isa_test_util.h"
 
 namespace kt {
 namespace {
@@ -97,10 +98,7 @@ TEST_P(ConvertTest, BulkMatchesScalarBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, ConvertTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, ConvertTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace
 }  // namespace kt

@@ -1,5 +1,5 @@
-// What the single-thread GEMM benchmarks (gemm_{bf16,int8,int4}_benchmark.cc) share: the skip on a CPU
-// without the path, the expert shapes they run, and their rate counters. Plain C++: no ISA flags.
+// What the single-thread GEMM benchmarks (gemm_{bf16,int8,int4}_benchmark.cc) share: the path of a
+// family's table and the skip on a CPU without it, the expert shapes they run, and their rate counters. Plain C++: no ISA flags.
 #ifndef KT_KERNELS_GEMM_BENCHMARK_H_
 #define KT_KERNELS_GEMM_BENCHMARK_H_
 
@@ -9,17 +9,19 @@
 
 #include "benchmark/benchmark.h"
 #include "kt/kernels/cpu_features.h"
+#include "kt/kernels/gemm_path.h"
 
 namespace kt {
 namespace gemm_benchmark {
 
-// False, with the benchmark skipped, unless this CPU supports `isa` and `get(isa)` (GetGemmBf16,
-// GetGemmInt8, ...) has a kernel for it.
+// The path state.range(0) indexes in a family's table (GemmBf16Paths(), ...), or nullptr, with the
+// benchmark skipped, if this CPU cannot run it.
 template <typename Fn>
-bool PathRunsHere(benchmark::State& state, Isa isa, Fn (*get)(Isa)) {
-  if (IsaSupported(isa, GetCpuFeatures()) && get(isa) != nullptr) return true;
+const GemmPath<Fn>* PathOf(benchmark::State& state, const GemmPaths<Fn>& table) {
+  const size_t i = static_cast<size_t>(state.range(0));
+  if (i < table.size() && IsaSupported(table[i].isa, GetCpuFeatures())) return &table[i];
   state.SkipWithError("path not supported on this CPU");
-  return false;
+  return nullptr;
 }
 
 // False, with the benchmark skipped, unless this CPU has AMX (for the AMX-only K-block benchmarks).
@@ -29,20 +31,20 @@ inline bool AmxRunsHere(benchmark::State& state) {
   return false;
 }
 
-// For every Isa, Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down (N=2048, K=768) at each M of `ms`, as
-// arguments {isa, M, N, K}; with formats > 0, {isa, M, N, K, fmt} for each fmt in [0, formats) (per Isa,
-// outside M).
-inline void AddExpertShapes(benchmark::internal::Benchmark* b, std::initializer_list<int> ms,
+// For every path of a family's table (`paths` entries), Qwen3-30B-A3B gate/up (N=I=768, K=H=2048) and down
+// (N=2048, K=768) at each M of `ms`, as arguments {path, M, N, K}; with formats > 0, {path, M, N, K, fmt}
+// for each fmt in [0, formats) (per path, outside M).
+inline void AddExpertShapes(benchmark::internal::Benchmark* b, size_t paths, std::initializer_list<int> ms,
                             int formats = 0) {
-  for (int isa = 0; isa <= static_cast<int>(Isa::kAmx); ++isa) {
+  for (int path = 0; path < static_cast<int>(paths); ++path) {
     for (int fmt = 0; fmt < (formats > 0 ? formats : 1); ++fmt) {
       for (int m : ms) {
         if (formats > 0) {
-          b->Args({isa, m, 768, 2048, fmt});
-          b->Args({isa, m, 2048, 768, fmt});
+          b->Args({path, m, 768, 2048, fmt});
+          b->Args({path, m, 2048, 768, fmt});
         } else {
-          b->Args({isa, m, 768, 2048});
-          b->Args({isa, m, 2048, 768});
+          b->Args({path, m, 768, 2048});
+          b->Args({path, m, 2048, 768});
         }
       }
     }

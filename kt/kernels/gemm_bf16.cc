@@ -99,20 +99,19 @@ void GemmBf16Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_
 
 }  // namespace internal
 
-GemmBf16Fn GetGemmBf16(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar:
-      return &internal::GemmBf16Scalar;
-    case Isa::kAvx2:
-    case Isa::kAvx512:
-    case Isa::kAvx512Vnni:
-      return internal::GemmBf16Hwy(isa);
-    case Isa::kAvx512Bf16:
-      return &internal::GemmBf16Avx512Bf16;
-    case Isa::kAmx:
-      return &internal::GemmBf16Amx;
-  }
-  return nullptr;
+const GemmPaths<GemmBf16Fn>& GemmBf16Paths() {
+  // Built on first use: the Highway entries come from another translation unit.
+  static const auto* const paths = new GemmPaths<GemmBf16Fn>(CompiledGemmPaths<GemmBf16Fn>({
+      {"scalar", Isa::kScalar, &internal::GemmBf16Scalar},
+      {"hwy_avx2", Isa::kAvx2, internal::GemmBf16Hwy(Isa::kAvx2)},
+      {"hwy_avx512", Isa::kAvx512, internal::GemmBf16Hwy(Isa::kAvx512)},
+      {"hwy_avx512_vnni", Isa::kAvx512Vnni, internal::GemmBf16Hwy(Isa::kAvx512Vnni)},
+      {"avx512_bf16", Isa::kAvx512Bf16, &internal::GemmBf16Avx512Bf16},
+      {"amx", Isa::kAmx, &internal::GemmBf16Amx},
+  }));
+  return *paths;
 }
+
+GemmBf16Fn GetGemmBf16(Isa isa) { return SelectGemmPath(GemmBf16Paths(), isa); }
 
 }  // namespace kt

@@ -14,6 +14,7 @@
 
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/gemm_path.h"
 
 namespace kt {
 
@@ -47,12 +48,15 @@ void TransposePackedBf16(const bf16_t* packed, size_t n, size_t k, bf16_t* packe
 using GemmBf16Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                             size_t n_cols, float* y, size_t ldy);
 
-// The kernel of one path.
+// Every kernel of the family: scalar, Highway AVX2/AVX3/AVX3_DL, native AVX512-BF16 (vdpbf16ps), AMX.
+const GemmPaths<GemmBf16Fn>& GemmBf16Paths();
+
+// The kernel of one path: SelectGemmPath over GemmBf16Paths() (Highway for kAvx2, kAvx512 and kAvx512Vnni).
 // The caller must have checked IsaSupported(isa, GetCpuFeatures()).
 GemmBf16Fn GetGemmBf16(Isa isa);
 
 namespace internal {
-// Per-library entry points, used by GetGemmBf16 and tests.
+// Per-library entry points, listed in GemmBf16Paths().
 void GemmBf16Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                     size_t n_cols, float* y, size_t ldy);
 void GemmBf16Avx512Bf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
@@ -66,7 +70,8 @@ void GemmBf16Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* 
 // all of K; GemmBf16Amx uses 0, see gemm_bf16_amx.cc). For tests and the benchmark's block-size sweep.
 void GemmBf16AmxKBlocked(size_t kb, size_t m, size_t k, const bf16_t* x, size_t ldx,
                          const bf16_t* panels, size_t n_cols, float* y, size_t ldy);
-// Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni; returns nullptr if not compiled in.
+// Highway: the kernel of HwyTargetOf(isa) exactly (AVX2, AVX3 or AVX3_DL); nullptr for kScalar or a target
+// not compiled in.
 GemmBf16Fn GemmBf16Hwy(Isa isa);
 }  // namespace internal
 

@@ -2,6 +2,7 @@
 // weight lane and adds both products to an fp32 accumulator. With the packed panels (gemm_bf16.h) one
 // 64-byte load is 16 output rows x 2 k, and x's pair {x[2kp], x[2kp+1]} is broadcast to all lanes.
 //
+// Blocks and driver: gemm_avx512_blocks.h.
 // Register blocking: MR rows of x times NV panels -> MR*NV zmm accumulators. 8 x 3 = 24 accumulators +
 // 3 weight registers + 1 broadcast fit the 32 zmm registers; per k-pair that is 24 vdpbf16ps against
 // 3 weight loads and 8 broadcasts, enough independent work to hide the instruction's latency and keep
@@ -13,15 +14,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kt/kernels/gemm_avx512_blocks.h"
 #include "kt/kernels/gemm_bf16.h"
 #include "kt/kernels/prefetch.h"
 
 namespace kt {
 namespace internal {
 namespace {
-
-constexpr int kMaxRows = 8;
-constexpr int kMaxPanels = 3;
 
 inline __m512bh BroadcastPair(const bf16_t* p) {
   int32_t v;
@@ -69,43 +68,30 @@ void Micro(size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t s
   }
 }
 
-using MicroFn = void (*)(size_t, const bf16_t*, size_t, const bf16_t*, size_t, float*, size_t, size_t);
-
-template <int NV>
-MicroFn PickRows(size_t rows) {
-  switch (rows) {
-    case 1: return &Micro<1, NV>;
-    case 2: return &Micro<2, NV>;
-    case 3: return &Micro<3, NV>;
-    case 4: return &Micro<4, NV>;
-    case 5: return &Micro<5, NV>;
-    case 6: return &Micro<6, NV>;
-    case 7: return &Micro<7, NV>;
-    default: return &Micro<8, NV>;
+// The bf16 family of the shared AVX-512 driver: blocks of up to 8 rows x 3 panels.
+struct Bf16Family {
+  static constexpr size_t kMaxPanels = 3;
+  struct Args {
+    size_t k;
+    const bf16_t* x;
+    size_t ldx;
+    const bf16_t* panels;
+    size_t stride;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NV>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    Micro<MR, NV>(a.k, a.x + i * a.ldx, a.ldx, a.panels + p * a.stride, a.stride,
+                  a.y + i * a.ldy + p * kPanelRows, a.ldy, cols);
   }
-}
-
-MicroFn Pick(size_t rows, size_t panels) {
-  if (panels >= 3) return PickRows<3>(rows);
-  if (panels == 2) return PickRows<2>(rows);
-  return PickRows<1>(rows);
-}
+};
 
 }  // namespace
 
 void GemmBf16Avx512Bf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels,
                         size_t n_cols, float* y, size_t ldy) {
-  const size_t stride = PanelStride(k);
-  const size_t num_panels = NumPanels(n_cols);
-  for (size_t p = 0; p < num_panels; p += kMaxPanels) {
-    const size_t np = std::min<size_t>(kMaxPanels, num_panels - p);
-    const size_t c0 = p * kPanelRows;
-    const size_t cols = std::min(n_cols - c0, np * kPanelRows);
-    for (size_t i = 0; i < m; i += kMaxRows) {
-      const size_t rows = std::min<size_t>(kMaxRows, m - i);
-      Pick(rows, np)(k, x + i * ldx, ldx, panels + p * stride, stride, y + i * ldy + c0, ldy, cols);
-    }
-  }
+  avx512_blocks::RunBlocks<Bf16Family>({k, x, ldx, panels, PanelStride(k), y, ldy}, m, n_cols);
 }
 
 }  // namespace internal

@@ -30,26 +30,28 @@ Operands RandomOperands(size_t m, size_t ldx, size_t n, size_t k) {
 }
 
 void BM_GemmBf16(benchmark::State& state) {
-  const Isa isa = static_cast<Isa>(state.range(0));
   const size_t m = state.range(1), n = state.range(2), k = state.range(3);
-  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmBf16)) return;
+  const GemmPath<GemmBf16Fn>* path = gemm_benchmark::PathOf(state, GemmBf16Paths());
+  if (path == nullptr) return;
   const Operands o = RandomOperands(m, k, n, k);
   std::vector<float> y(m * n);
-  const GemmBf16Fn fn = GetGemmBf16(isa);
+  const GemmBf16Fn fn = path->fn;
   for (auto _ : state) {
     fn(m, k, o.x.data(), k, o.packed.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
   gemm_benchmark::SetOpsRate(state, "GFLOPS", m, n, k);
   gemm_benchmark::SetWeightRate(state, o.packed.size() * 2.0);
-  state.SetLabel(IsaName(isa));
+  state.SetLabel(path->name);
 }
 
 // Qwen3-30B-A3B gate/up and down; M = 1 (decode), 8 and 16 (where AMX tiles start to pay), 32 (the mean
 // rows per expert at qlen 512, k=8, E=128) and 256 (qlen 4096).
-void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 8, 16, 32, 256}); }
+void Shapes(benchmark::internal::Benchmark* b) {
+  gemm_benchmark::AddExpertShapes(b, GemmBf16Paths().size(), {1, 8, 16, 32, 256});
+}
 
-BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
+BENCHMARK(BM_GemmBf16)->Apply(Shapes)->ArgNames({"path", "M", "N", "K"});
 
 // The AMX kernel's K block on MoE task shapes: 128 and 256 output columns of the Qwen3-235B-A22B gate/up
 // (K=H=4096) and down (K=I=1536) projections, 64 rows (the default gate/up row chunk) and 256 (an expert's

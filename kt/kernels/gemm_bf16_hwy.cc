@@ -3,9 +3,9 @@
 // (even k: low half moved up) and one mask (odd k: high half kept), then two FMAs against broadcast
 // x[2kp] and x[2kp+1]. Products of bf16 values are exact in fp32, so only the accumulation rounds.
 //
-// Register blocking per target: AVX3 has 32 vector registers: 8 rows x 2 panels (2 zmm) = 16
-// accumulators + 4 unpacked weights + 2 broadcasts. AVX2 has 16: 4 rows x 1 panel (2 ymm) = 8
-// accumulators + 4 weights + 2 broadcasts.
+// Blocks and driver: gemm_hwy-inl.h. Registers per target: AVX3 (32): 8 rows x 2 panels (2 zmm) = 16
+// accumulators + 4 unpacked weights + 2 broadcasts. AVX2 (16): 4 rows x 1 panel (2 ymm) = 8 accumulators
+// + 4 weights + 2 broadcasts.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_bf16_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -15,6 +15,8 @@
 #include <cstring>
 
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/gemm_hwy-inl.h"
+#include "kt/kernels/hwy_dispatch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -26,9 +28,7 @@ using DU = hn::ScalableTag<uint32_t>;
 constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(float);
 // Vectors per 16-row panel pair-row (1 for AVX3, 2 for AVX2, 4 for 128-bit targets).
 constexpr size_t kVecsPerPanel = kPanelRows / kLanes;
-constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
-constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
-constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+static_assert(kPanelRows == gemm_hwy::kPanelRows16, "the driver walks 16-row panels");
 
 // MR rows x NP panels. kSplit keeps the even-k and odd-k products in separate accumulators: with few rows
 // (decode) there are otherwise too few independent FMA chains to hide the FMA latency (2 dependent FMAs
@@ -89,50 +89,32 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
     const size_t n = std::min(kLanes, cols - c0);
     for (int m = 0; m < MR; ++m) {
       const VF sum = kSplit ? hn::Add(acc[m][v][0], acc[m][v][kAcc - 1]) : acc[m][v][0];
-      if (n == kLanes) {
-        hn::StoreU(sum, df, y + m * ldy + c0);
-      } else {
-        HWY_ALIGN float tmp[kLanes];
-        hn::Store(sum, df, tmp);
-        std::copy(tmp, tmp + n, y + m * ldy + c0);
-      }
+      gemm_hwy::StoreFirstN(df, sum, n, y + m * ldy + c0);
     }
   }
 }
 
-using MicroFn = void (*)(size_t, const bf16_t*, size_t, const bf16_t*, size_t, float*, size_t, size_t);
-
-template <int NP>
-MicroFn PickRows(size_t rows) {
-  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP, false>;
-  switch (rows) {
-    case 1: return &Micro<1, NP, true>;
-    case 2: return &Micro<2, NP, true>;
-    case 3: return &Micro<3, NP, false>;
-    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP, false>;
-    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP, false>;
-    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP, false>;
-    default: return &Micro<4, NP, false>;
+// The bf16 family of the shared driver: one and two rows split the even-k and odd-k products (see Micro).
+struct Bf16Family {
+  struct Args {
+    size_t k;
+    const bf16_t* x;
+    size_t ldx;
+    const bf16_t* panels;
+    size_t stride;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NP>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    Micro<MR, NP, (MR <= 2)>(a.k, a.x + i * a.ldx, a.ldx, a.panels + p * a.stride, a.stride,
+                             a.y + i * a.ldy + p * kPanelRows, a.ldy, cols);
   }
-}
+};
 
 void GemmBf16(size_t m, size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t n_cols,
               float* y, size_t ldy) {
-  const size_t stride = PanelStride(k);
-  const size_t num_panels = NumPanels(n_cols);
-  // Few rows (decode) leave registers free for a second panel even on AVX2: more independent streams.
-  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
-  for (size_t p = 0; p < num_panels; p += max_panels) {
-    const size_t np = std::min<size_t>(max_panels, num_panels - p);
-    const size_t c0 = p * kPanelRows;
-    const size_t cols = std::min(n_cols - c0, np * kPanelRows);
-    for (size_t i = 0; i < m;) {
-      const size_t rows = std::min<size_t>(kMaxRows, m - i);
-      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
-      fn(k, x + i * ldx, ldx, panels + p * stride, stride, y + i * ldy + c0, ldy, cols);
-      i += rows;
-    }
-  }
+  gemm_hwy::RunBlocks<Bf16Family>({k, x, ldx, panels, PanelStride(k), y, ldy}, m, n_cols);
 }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -144,25 +126,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
-// the target, and Highway's global chosen-target state is never touched.
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmBf16Fn GemmBf16Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmBf16;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmBf16;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmBf16;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmBf16Fn> kGemm = KT_HWY_FNS(GemmBf16Fn, GemmBf16);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -70,13 +70,11 @@ TEST(PackBf16, TransposePackedMatchesPackOfTranspose) {
   }
 }
 
-// Every Isa's kernel, through the table.
-std::vector<gemm_test::KernelPath<GemmBf16Fn>> Bf16Paths() {
-  std::vector<gemm_test::KernelPath<GemmBf16Fn>> paths;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni, Isa::kAvx512Bf16, Isa::kAmx}) {
-    paths.push_back({IsaName(isa), isa, [isa] { return GetGemmBf16(isa); }});
-  }
-  return paths;
+TEST(GetGemmBf16, TableSelectsEveryIsa) {
+  gemm_test::ExpectTableSelects(
+      GemmBf16Paths(), &GetGemmBf16,
+      {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "avx512_bf16", "amx"},
+      {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "avx512_bf16", "amx"});
 }
 
 class GemmBf16Test : public gemm_test::KernelPathTest<GemmBf16Fn> {
@@ -168,7 +166,8 @@ TEST_P(GemmBf16Test, ColumnRangeThroughPanelOffset) {
   for (size_t i = 0; i < m * n; ++i) ASSERT_EQ(full[i], parts[i]) << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test, ::testing::ValuesIn(Bf16Paths()), gemm_test::PathName());
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmBf16Test,
+                         ::testing::ValuesIn(gemm_test::TablePaths(GemmBf16Paths())), gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt

@@ -172,20 +172,19 @@ void GemmInt4Scalar(size_t m, size_t k, size_t group, const int8_t* qx, size_t l
 
 }  // namespace internal
 
-GemmInt4Fn GetGemmInt4(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar:
-      return &internal::GemmInt4Scalar;
-    case Isa::kAvx2:
-    case Isa::kAvx512:
-      return internal::GemmInt4Hwy(isa);
-    case Isa::kAvx512Vnni:
-    case Isa::kAvx512Bf16:
-      return &internal::GemmInt4Vnni;
-    case Isa::kAmx:
-      return &internal::GemmInt4Amx;
-  }
-  return nullptr;
+const GemmPaths<GemmInt4Fn>& GemmInt4Paths() {
+  // Built on first use: the Highway entries come from another translation unit.
+  static const auto* const paths = new GemmPaths<GemmInt4Fn>(CompiledGemmPaths<GemmInt4Fn>({
+      {"scalar", Isa::kScalar, &internal::GemmInt4Scalar},
+      {"hwy_avx2", Isa::kAvx2, internal::GemmInt4Hwy(Isa::kAvx2)},
+      {"hwy_avx512", Isa::kAvx512, internal::GemmInt4Hwy(Isa::kAvx512)},
+      {"hwy_avx512_vnni", Isa::kAvx512Vnni, internal::GemmInt4Hwy(Isa::kAvx512Vnni)},
+      {"vnni", Isa::kAvx512Vnni, &internal::GemmInt4Vnni},
+      {"amx", Isa::kAmx, &internal::GemmInt4Amx},
+  }));
+  return *paths;
 }
+
+GemmInt4Fn GetGemmInt4(Isa isa) { return SelectGemmPath(GemmInt4Paths(), isa); }
 
 }  // namespace kt

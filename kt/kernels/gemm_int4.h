@@ -38,6 +38,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
+#include "kt/kernels/gemm_path.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -90,9 +91,14 @@ using GemmInt4Fn = void (*)(size_t m, size_t k, size_t group, const int8_t* qx, 
                             const float* w_scales, const uint8_t* w_zeros, size_t n_cols, float* y,
                             size_t ldy);
 
-// The kernel of one path: scalar, Highway AVX2/AVX3 for kAvx2/kAvx512, native AVX512-VNNI (vpdpbusd) for
-// kAvx512Vnni and kAvx512Bf16, AMX (tdpbssd on expanded nibbles) for kAmx. The caller must have checked
-// IsaSupported(isa, GetCpuFeatures()).
+// Every kernel of the family: scalar, Highway AVX2/AVX3/AVX3_DL, native AVX512-VNNI (vpdpbusd), AMX
+// (tdpbssd on expanded nibbles).
+const GemmPaths<GemmInt4Fn>& GemmInt4Paths();
+
+// The kernel of one path, SelectGemmPath over GemmInt4Paths(): scalar, Highway AVX2/AVX3 for
+// kAvx2/kAvx512, native AVX512-VNNI for kAvx512Vnni and kAvx512Bf16 (Highway AVX3_DL is tested and
+// benchmarked, not selected), AMX for kAmx. The caller must have checked IsaSupported(isa,
+// GetCpuFeatures()).
 GemmInt4Fn GetGemmInt4(Isa isa);
 
 namespace internal {
@@ -107,7 +113,8 @@ inline constexpr size_t kAmxInt4MinRows = 8;
 void GemmInt4Amx(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* sx,
                  const int32_t* xsum, const uint8_t* panels, const float* w_scales,
                  const uint8_t* w_zeros, size_t n_cols, float* y, size_t ldy);
-// Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni (AVX3_DL); nullptr if not compiled in.
+// Highway: the kernel of HwyTargetOf(isa) exactly (AVX2, AVX3 or AVX3_DL); nullptr for kScalar or a target
+// not compiled in.
 GemmInt4Fn GemmInt4Hwy(Isa isa);
 }  // namespace internal
 

@@ -27,10 +27,10 @@ QuantSpec SpecOf(int64_t i) {
 }
 
 void BM_GemmInt4(benchmark::State& state) {
-  const Isa isa = static_cast<Isa>(state.range(0));
   const size_t m = state.range(1), n = state.range(2), k = state.range(3);
   const QuantSpec spec = SpecOf(state.range(4));
-  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmInt4)) return;
+  const GemmPath<GemmInt4Fn>* path = gemm_benchmark::PathOf(state, GemmInt4Paths());
+  if (path == nullptr) return;
   std::mt19937 rng(1);
   std::normal_distribution<float> wd;
   std::uniform_int_distribution<int> q(-127, 127);
@@ -55,7 +55,7 @@ void BM_GemmInt4(benchmark::State& state) {
   std::vector<int32_t> xsum(m * groups);
   Int4ActivationSums(m, k, group, qx.data(), k, xsum.data());
   std::vector<float> y(m * n);
-  const GemmInt4Fn fn = GetGemmInt4(isa);
+  const GemmInt4Fn fn = path->fn;
   for (auto _ : state) {
     fn(m, k, group, qx.data(), k, sx.data(), xsum.data(), panels.data(), scales.data(),
        zeros.empty() ? nullptr : zeros.data(), n, y.data(), n);
@@ -63,13 +63,15 @@ void BM_GemmInt4(benchmark::State& state) {
   }
   gemm_benchmark::SetOpsRate(state, "GOPS", m, n, k);
   gemm_benchmark::SetWeightRate(state, panels.size() + scales.size() * 4.0 + zeros.size());
-  state.SetLabel(std::string(IsaName(isa)) + " " + QuantLayoutTag(spec));
+  state.SetLabel(std::string(path->name) + " " + QuantLayoutTag(spec));
 }
 
 // Qwen3-30B-A3B gate/up and down, as gemm_int8_benchmark, in each of the 4 formats of SpecOf.
-void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 4, 32, 256}, 4); }
+void Shapes(benchmark::internal::Benchmark* b) {
+  gemm_benchmark::AddExpertShapes(b, GemmInt4Paths().size(), {1, 4, 32, 256}, 4);
+}
 
-BENCHMARK(BM_GemmInt4)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K", "fmt"});
+BENCHMARK(BM_GemmInt4)->Apply(Shapes)->ArgNames({"path", "M", "N", "K", "fmt"});
 
 }  // namespace
 }  // namespace kt

@@ -20,7 +20,7 @@
 // a 32-byte vector, about half the work of the int16 route (docs/perf-log/2026-11-27-int4.md). Exact either
 // way.
 //
-// Register blocking: AVX3 (32 zmm): 8 rows x 2 panels = 16 accumulators + 8 nibble vectors + 4 x vectors.
+// Blocks and driver: gemm_hwy-inl.h. Registers: AVX3 (32 zmm): 8 rows x 2 panels = 16 accumulators + 8 nibble vectors + 4 x vectors.
 // AVX2 (16 ymm, a panel is 2 vectors): 4 rows x 1 panel = 8 accumulators; decode (m <= 2) takes 2 panels.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_int4_hwy.cc"
@@ -30,7 +30,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kt/kernels/gemm_hwy-inl.h"
 #include "kt/kernels/gemm_int4.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -60,9 +62,8 @@ HWY_INLINE hn::Vec<DI16> MulAddPairsU8I8(hn::Vec<DU8> u, hn::Vec<DI32> x) {
 #endif
 constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(int32_t);
 constexpr size_t kVecsPerPanel = kInt4PanelRows / kLanes;  // 1 for AVX3, 2 for AVX2, 4 for 128-bit
-constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
-constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
-constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+using gemm_hwy::kRegs;
+static_assert(kInt4PanelRows == gemm_hwy::kPanelRows16, "the driver walks 16-row panels");
 
 // The 4 bytes qx[4q .. 4q+3] as one 32-bit value, zeros past k (no over-read of the row).
 HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t q, size_t k) {
@@ -160,6 +161,54 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
 }
 #endif
 
+#if !KT_INT4_MADDUBS
+// Block b of NP panels by the int16 route (nibbles and x bytes split to int16 lanes, vpmaddwd), for the
+// targets without vpmaddubsw: Highway compiles them, kt dispatches only AVX2/AVX3/AVX3_DL (MaddubsBlock).
+template <int MR, int NP>
+HWY_INLINE void Int16Block(size_t b, size_t k, bool full, const int8_t* HWY_RESTRICT qx, size_t ldqx,
+                           const uint8_t* HWY_RESTRICT panels, size_t stride,
+                           hn::Vec<DI32> (&acc)[MR][NP * kVecsPerPanel]) {
+  using VI = hn::Vec<DI32>;
+  using VW = hn::Vec<DI16>;
+  const DI32 di32;
+  const DI16 di16;
+  const DU16 du16;
+  const auto mask4 = hn::Set(du16, uint16_t{0xF});
+  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  #pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
+    if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+    VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
+    #pragma GCC unroll 16
+    for (size_t s = 0; s < kVecsPerPanel; ++s) {
+      const auto v = hn::LoadU(du16, src + s * (kLanes * 2));
+      w[0][s] = hn::BitCast(di16, hn::And(v, mask4));
+      w[1][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v), mask4));
+      w[2][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v), mask4));
+      w[3][s] = hn::BitCast(di16, hn::ShiftRight<12>(v));
+    }
+    #pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      int32_t q0, q1;
+      BlockQuads(qx + m * ldqx, b, k, full, q0, q1);
+      const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
+      const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
+      const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
+      const VW x1e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x1)), x1o = hn::ShiftRight<8>(x1);
+      #pragma GCC unroll 16
+      for (size_t s = 0; s < kVecsPerPanel; ++s) {
+        VI& a = acc[m][p * kVecsPerPanel + s];
+        a = hn::ReorderWidenMulAccumulate(di32, x0e, w[0][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x0o, w[1][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x1e, w[2][s], a, unused);
+        a = hn::ReorderWidenMulAccumulate(di32, x1o, w[3][s], a, unused);
+      }
+    }
+  }
+}
+#endif
+
 // The loops over rows, panels and vectors have compile-time trip counts and are unrolled explicitly (GCC
 // unroll pragmas): left as loops, GCC 12 keeps acc[][] and the expanded nibbles on the stack, and every
 // vpaddd goes through a store and a reload (perf: half of Micro<1, 2>'s samples on that load-add-store
@@ -172,7 +221,6 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   const DF df;
   const DI32 di32;
   const DI16 di16;
-  const DU16 du16;
   constexpr size_t kV = NP * kVecsPerPanel;
   using VI = hn::Vec<DI32>;
   using VW = hn::Vec<DI16>;
@@ -190,7 +238,6 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   const size_t full_blocks = k / 8;
   const size_t blocks_per_group = group == 0 ? blocks : group / 8;
   HWY_ALIGN float out[MR][kV * kLanes];
-  const auto mask4 = hn::Set(du16, uint16_t{0xF});
   VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
   for (size_t g = 0; g < groups; ++g) {
     VI acc[MR][kV];
@@ -231,38 +278,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
     }
 #else
     for (size_t b = g * blocks_per_group; b < b_end; ++b) {
-      const bool full = b < full_blocks;
-      #pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) {
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
-        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
-        VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
-        #pragma GCC unroll 16
-        for (size_t s = 0; s < kVecsPerPanel; ++s) {
-          const auto v = hn::LoadU(du16, src + s * (kLanes * 2));
-          w[0][s] = hn::BitCast(di16, hn::And(v, mask4));
-          w[1][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v), mask4));
-          w[2][s] = hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v), mask4));
-          w[3][s] = hn::BitCast(di16, hn::ShiftRight<12>(v));
-        }
-        #pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-          int32_t q0, q1;
-          BlockQuads(qx + m * ldqx, b, k, full, q0, q1);
-          const VW x0 = hn::BitCast(di16, hn::Set(di32, q0));
-          const VW x1 = hn::BitCast(di16, hn::Set(di32, q1));
-          const VW x0e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x0)), x0o = hn::ShiftRight<8>(x0);
-          const VW x1e = hn::ShiftRight<8>(hn::ShiftLeft<8>(x1)), x1o = hn::ShiftRight<8>(x1);
-          #pragma GCC unroll 16
-          for (size_t s = 0; s < kVecsPerPanel; ++s) {
-            VI& a = acc[m][p * kVecsPerPanel + s];
-            a = hn::ReorderWidenMulAccumulate(di32, x0e, w[0][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x0o, w[1][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x1e, w[2][s], a, unused);
-            a = hn::ReorderWidenMulAccumulate(di32, x1o, w[3][s], a, unused);
-          }
-        }
-      }
+      Int16Block<MR, NP>(b, k, b < full_blocks, qx, ldqx, panels, stride, acc);
     }
 #endif
     // Epilogue of group g. Lane c of vector v is row (v % kVecsPerPanel) * kLanes + c of panel
@@ -288,43 +304,40 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   for (int m = 0; m < MR; ++m) std::copy(out[m], out[m] + cols, y + m * ldy);
 }
 
-using MicroFn = void (*)(size_t, size_t, const int8_t*, size_t, const float*, const int32_t*,
-                         const uint8_t*, size_t, const float*, const uint8_t*, float*, size_t, size_t);
-
-template <int NP>
-MicroFn PickRows(size_t rows) {
-  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
-  switch (rows) {
-    case 1: return &Micro<1, NP>;
-    case 2: return &Micro<2, NP>;
-    case 3: return &Micro<3, NP>;
-    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
-    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
-    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
-    default: return &Micro<4, NP>;
+// The int4 family of the shared driver: scales and zero points are [panel][group][16], so a block's start
+// in them moves by 16 groups entries per panel.
+struct Int4Family {
+  struct Args {
+    size_t k;
+    size_t group;
+    size_t groups;
+    const int8_t* qx;
+    size_t ldqx;
+    const float* sx;
+    const int32_t* xsum;
+    const uint8_t* panels;
+    size_t stride;
+    const float* w_scales;
+    const uint8_t* w_zeros;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NP>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    const size_t c0 = p * kInt4PanelRows;
+    const size_t e0 = p * kInt4PanelRows * a.groups;
+    Micro<MR, NP>(a.k, a.group, a.qx + i * a.ldqx, a.ldqx, a.sx + i * a.groups, a.xsum + i * a.groups,
+                  a.panels + p * a.stride, a.stride, a.w_scales + e0, a.w_zeros ? a.w_zeros + e0 : nullptr,
+                  a.y + i * a.ldy + c0, a.ldy, cols);
   }
-}
+};
 
 void GemmInt4(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* sx,
               const int32_t* xsum, const uint8_t* panels, const float* w_scales, const uint8_t* w_zeros,
               size_t n_cols, float* y, size_t ldy) {
-  const size_t stride = Int4PanelStride(k);
-  const size_t groups = Int4Groups(k, group);
-  const size_t num_panels = Int4NumPanels(n_cols);
-  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
-  for (size_t p = 0; p < num_panels; p += max_panels) {
-    const size_t np = std::min<size_t>(max_panels, num_panels - p);
-    const size_t c0 = p * kInt4PanelRows;
-    const size_t cols = std::min(n_cols - c0, np * kInt4PanelRows);
-    const size_t e0 = p * kInt4PanelRows * groups;
-    for (size_t i = 0; i < m;) {
-      const size_t rows = std::min<size_t>(kMaxRows, m - i);
-      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
-      fn(k, group, qx + i * ldqx, ldqx, sx + i * groups, xsum + i * groups, panels + p * stride, stride,
-         w_scales + e0, w_zeros ? w_zeros + e0 : nullptr, y + i * ldy + c0, ldy, cols);
-      i += rows;  // rows <= kMaxRows, so PickRows returns a kernel of exactly `rows` rows
-    }
-  }
+  const Int4Family::Args args{k, group, Int4Groups(k, group), qx, ldqx, sx, xsum, panels,
+                              Int4PanelStride(k), w_scales, w_zeros, y, ldy};
+  gemm_hwy::RunBlocks<Int4Family>(args, m, n_cols);
 }
 
 #undef KT_INT4_MADDUBS
@@ -337,24 +350,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection (KT_ISA caps the path; Highway's chosen-target state is never touched).
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmInt4Fn GemmInt4Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmInt4;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmInt4;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmInt4;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmInt4Fn> kGemm = KT_HWY_FNS(GemmInt4Fn, GemmInt4);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -138,11 +138,11 @@ TEST(PackInt4, RejectsWrongOrMalformedInput) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
 
-const gemm_test::IntegerKernels<GemmInt4Fn> kKernels = {&GetGemmInt4, &internal::GemmInt4Scalar,
-                                                          &internal::GemmInt4Hwy, &internal::GemmInt4Vnni,
-                                                          &internal::GemmInt4Amx};
-
-TEST(GetGemmInt4, TableRoutesEveryIsa) { gemm_test::ExpectTableRoutesEveryIsa(kKernels); }
+TEST(GetGemmInt4, TableSelectsEveryIsa) {
+  gemm_test::ExpectTableSelects(GemmInt4Paths(), &GetGemmInt4,
+                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "vnni", "amx"},
+                                {"scalar", "hwy_avx2", "hwy_avx512", "vnni", "vnni", "amx"});
+}
 
 class GemmInt4Test : public gemm_test::KernelPathTest<GemmInt4Fn> {
  protected:
@@ -330,8 +330,8 @@ TEST_P(GemmInt4Test, EndToEndFromBf16) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt4Test, ::testing::ValuesIn(gemm_test::IntegerPaths(kKernels)),
-                         gemm_test::PathName());
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt4Test,
+                         ::testing::ValuesIn(gemm_test::TablePaths(GemmInt4Paths())), gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt

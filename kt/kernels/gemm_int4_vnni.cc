@@ -6,6 +6,7 @@
 //   hi = (v >> 4) & 0x0F u of quad 2b + 1 (k = 8b+4 .. 8b+7)
 // against x's quads 2b and 2b + 1 broadcast to all lanes: two vpdpbusd per row and panel per 8 k.
 //
+// Blocks and driver: gemm_avx512_blocks.h.
 // Register blocking: 8 rows x 2 panels = 16 accumulators + 4 expanded weight vectors + 2 broadcasts.
 // Per group, the int32 sums go through t = (sx * sw) * float(acc - z * xsum) into fp32 partial results in a
 // stack array, added left to right over groups (compiled with -ffp-contract=off, as the other paths).
@@ -14,15 +15,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kt/kernels/gemm_avx512_blocks.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/prefetch.h"
 
 namespace kt {
 namespace internal {
 namespace {
-
-constexpr int kMaxRows = 8;
-constexpr int kMaxPanels = 2;
 
 // Local helper: no out-of-line std::min compiled with AVX-512 flags for the linker to share.
 inline size_t MinSize(size_t a, size_t b) { return a < b ? a : b; }
@@ -99,43 +98,43 @@ void Micro(size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* s
   }
 }
 
-using MicroFn = void (*)(size_t, size_t, const int8_t*, size_t, const float*, const int32_t*,
-                         const uint8_t*, size_t, const float*, const uint8_t*, float*, size_t, size_t);
-
-template <int NV>
-MicroFn PickRows(size_t rows) {
-  switch (rows) {
-    case 1: return &Micro<1, NV>;
-    case 2: return &Micro<2, NV>;
-    case 3: return &Micro<3, NV>;
-    case 4: return &Micro<4, NV>;
-    case 5: return &Micro<5, NV>;
-    case 6: return &Micro<6, NV>;
-    case 7: return &Micro<7, NV>;
-    default: return &Micro<8, NV>;
+// The int4 family of the shared AVX-512 driver: blocks of up to 8 rows x 2 panels; scales and zero points
+// are [panel][group][16], so a block's start in them moves by 16 groups entries per panel.
+struct Int4Family {
+  static constexpr size_t kMaxPanels = 2;
+  struct Args {
+    size_t k;
+    size_t group;
+    size_t groups;
+    const int8_t* qx;
+    size_t ldqx;
+    const float* sx;
+    const int32_t* xsum;
+    const uint8_t* panels;
+    size_t stride;
+    const float* w_scales;
+    const uint8_t* w_zeros;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NV>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    const size_t c0 = p * kInt4PanelRows;
+    const size_t e0 = p * kInt4PanelRows * a.groups;
+    Micro<MR, NV>(a.k, a.group, a.qx + i * a.ldqx, a.ldqx, a.sx + i * a.groups, a.xsum + i * a.groups,
+                  a.panels + p * a.stride, a.stride, a.w_scales + e0, a.w_zeros ? a.w_zeros + e0 : nullptr,
+                  a.y + i * a.ldy + c0, a.ldy, cols);
   }
-}
+};
 
 }  // namespace
 
 void GemmInt4Vnni(size_t m, size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* sx,
                   const int32_t* xsum, const uint8_t* panels, const float* w_scales,
                   const uint8_t* w_zeros, size_t n_cols, float* y, size_t ldy) {
-  const size_t stride = Int4PanelStride(k);
-  const size_t groups = Int4Groups(k, group);
-  const size_t num_panels = Int4NumPanels(n_cols);
-  for (size_t p = 0; p < num_panels; p += kMaxPanels) {
-    const size_t np = MinSize(kMaxPanels, num_panels - p);
-    const size_t c0 = p * kInt4PanelRows;
-    const size_t cols = MinSize(n_cols - c0, np * kInt4PanelRows);
-    const size_t e0 = p * kInt4PanelRows * groups;
-    for (size_t i = 0; i < m; i += kMaxRows) {
-      const size_t rows = MinSize(kMaxRows, m - i);
-      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
-      fn(k, group, qx + i * ldqx, ldqx, sx + i * groups, xsum + i * groups, panels + p * stride, stride,
-         w_scales + e0, w_zeros ? w_zeros + e0 : nullptr, y + i * ldy + c0, ldy, cols);
-    }
-  }
+  const Int4Family::Args args{k, group, Int4Groups(k, group), qx, ldqx, sx, xsum, panels,
+                              Int4PanelStride(k), w_scales, w_zeros, y, ldy};
+  avx512_blocks::RunBlocks<Int4Family>(args, m, n_cols);
 }
 
 }  // namespace internal

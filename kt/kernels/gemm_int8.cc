@@ -102,20 +102,19 @@ void GemmInt8Scalar(size_t m, size_t k, const int8_t* qx, size_t ldqx, const flo
 
 }  // namespace internal
 
-GemmInt8Fn GetGemmInt8(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar:
-      return &internal::GemmInt8Scalar;
-    case Isa::kAvx2:
-    case Isa::kAvx512:
-      return internal::GemmInt8Hwy(isa);
-    case Isa::kAvx512Vnni:
-    case Isa::kAvx512Bf16:
-      return &internal::GemmInt8Vnni;
-    case Isa::kAmx:
-      return &internal::GemmInt8Amx;
-  }
-  return nullptr;
+const GemmPaths<GemmInt8Fn>& GemmInt8Paths() {
+  // Built on first use: the Highway entries come from another translation unit.
+  static const auto* const paths = new GemmPaths<GemmInt8Fn>(CompiledGemmPaths<GemmInt8Fn>({
+      {"scalar", Isa::kScalar, &internal::GemmInt8Scalar},
+      {"hwy_avx2", Isa::kAvx2, internal::GemmInt8Hwy(Isa::kAvx2)},
+      {"hwy_avx512", Isa::kAvx512, internal::GemmInt8Hwy(Isa::kAvx512)},
+      {"hwy_avx512_vnni", Isa::kAvx512Vnni, internal::GemmInt8Hwy(Isa::kAvx512Vnni)},
+      {"vnni", Isa::kAvx512Vnni, &internal::GemmInt8Vnni},
+      {"amx", Isa::kAmx, &internal::GemmInt8Amx},
+  }));
+  return *paths;
 }
+
+GemmInt8Fn GetGemmInt8(Isa isa) { return SelectGemmPath(GemmInt8Paths(), isa); }
 
 }  // namespace kt

@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "kt/kernels/cpu_features.h"
+#include "kt/kernels/gemm_path.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -63,13 +64,18 @@ using GemmInt8Fn = void (*)(size_t m, size_t k, const int8_t* qx, size_t ldqx, c
                             const int8_t* panels, const float* w_scales, const int32_t* w_rowsums,
                             size_t n_cols, float* y, size_t ldy);
 
-// The kernel of one path: scalar, Highway AVX2/AVX3 for kAvx2/kAvx512, native AVX512-VNNI (vpdpbusd)
-// for kAvx512Vnni and kAvx512Bf16, AMX (tdpbssd) for kAmx.
-// The caller must have checked IsaSupported(isa, GetCpuFeatures()).
+// Every kernel of the family: scalar, Highway AVX2/AVX3/AVX3_DL, native AVX512-VNNI (vpdpbusd), AMX
+// (tdpbssd).
+const GemmPaths<GemmInt8Fn>& GemmInt8Paths();
+
+// The kernel of one path, SelectGemmPath over GemmInt8Paths(): scalar, Highway AVX2/AVX3 for
+// kAvx2/kAvx512, native AVX512-VNNI for kAvx512Vnni and kAvx512Bf16 (Highway AVX3_DL is tested and
+// benchmarked, not selected), AMX for kAmx. The caller must have checked IsaSupported(isa,
+// GetCpuFeatures()).
 GemmInt8Fn GetGemmInt8(Isa isa);
 
 namespace internal {
-// Per-library entry points, used by GetGemmInt8 and tests.
+// Per-library entry points, listed in GemmInt8Paths().
 void GemmInt8Scalar(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
                     const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
                     float* y, size_t ldy);
@@ -88,7 +94,8 @@ inline constexpr size_t kAmxInt8KBlock = 1024;
 void GemmInt8AmxKBlocked(size_t kb, size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
                          const int8_t* panels, const float* w_scales, const int32_t* w_rowsums,
                          size_t n_cols, float* y, size_t ldy);
-// Highway: isa must be kAvx2, kAvx512 or kAvx512Vnni (AVX3_DL); returns nullptr if not compiled in.
+// Highway: the kernel of HwyTargetOf(isa) exactly (AVX2, AVX3 or AVX3_DL); nullptr for kScalar or a target
+// not compiled in.
 GemmInt8Fn GemmInt8Hwy(Isa isa);
 }  // namespace internal
 

@@ -45,26 +45,28 @@ Operands RandomOperands(size_t m, size_t ldx, size_t n, size_t k, bool random_sc
 }
 
 void BM_GemmInt8(benchmark::State& state) {
-  const Isa isa = static_cast<Isa>(state.range(0));
   const size_t m = state.range(1), n = state.range(2), k = state.range(3);
-  if (!gemm_benchmark::PathRunsHere(state, isa, &GetGemmInt8)) return;
+  const GemmPath<GemmInt8Fn>* path = gemm_benchmark::PathOf(state, GemmInt8Paths());
+  if (path == nullptr) return;
   const Operands o = RandomOperands(m, k, n, k, /*random_scales=*/true);
   std::vector<float> y(m * n);
-  const GemmInt8Fn fn = GetGemmInt8(isa);
+  const GemmInt8Fn fn = path->fn;
   for (auto _ : state) {
     fn(m, k, o.qx.data(), k, o.sx.data(), o.panels.data(), o.scales.data(), o.rowsums.data(), n, y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
   gemm_benchmark::SetOpsRate(state, "GOPS", m, n, k);
   gemm_benchmark::SetWeightRate(state, o.weight_bytes());
-  state.SetLabel(IsaName(isa));
+  state.SetLabel(path->name);
 }
 
 // Same shapes as gemm_bf16_benchmark: Qwen3-30B-A3B gate/up and down; M = 1 (decode), 8 and 16 (AMX tiles
 // start), 32 (mean rows per expert at qlen 512) and 256.
-void Shapes(benchmark::internal::Benchmark* b) { gemm_benchmark::AddExpertShapes(b, {1, 8, 16, 32, 256}); }
+void Shapes(benchmark::internal::Benchmark* b) {
+  gemm_benchmark::AddExpertShapes(b, GemmInt8Paths().size(), {1, 8, 16, 32, 256});
+}
 
-BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"isa", "M", "N", "K"});
+BENCHMARK(BM_GemmInt8)->Apply(Shapes)->ArgNames({"path", "M", "N", "K"});
 
 // The AMX kernel's K block on MoE task shapes (see gemm_bf16_benchmark): 128 and 256 columns of the
 // Qwen3-235B-A22B gate/up (K=4096) and down (K=1536), 64 and 256 rows, padded rows. kb = 0 is unblocked.

@@ -8,7 +8,7 @@
 // only for two (-32768)^2 products), so the sum is exact. This relies on x86's lane order of
 // ReorderWidenMulAccumulate (Highway only promises the total over lanes); only x86 targets are dispatched.
 //
-// Register blocking per target: AVX3 has 32 vector registers: 8 rows x 2 panels (2 zmm) = 16 int32
+// Blocks and driver: gemm_hwy-inl.h. Registers per target: AVX3 has 32 vector registers: 8 rows x 2 panels (2 zmm) = 16 int32
 // accumulators + 2 split weights + 2 split x. AVX2 has 16: 4 rows x 1 panel (2 ymm) = 8 accumulators
 // + 4 split weights + 2 split x. The accumulator's dependency is only the vpaddd inside the
 // multiply-accumulate (vpmaddwd reads no accumulator), so one accumulator per output vector suffices.
@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kt/kernels/gemm_hwy-inl.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -34,9 +36,7 @@ using DI16 = hn::ScalableTag<int16_t>;
 constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(int32_t);
 // Vectors per 16-row panel quad-row (1 for AVX3, 2 for AVX2, 4 for 128-bit targets).
 constexpr size_t kVecsPerPanel = kInt8PanelRows / kLanes;
-constexpr int kRegs = HWY_MAX_BYTES >= 64 ? 32 : 16;
-constexpr int kMaxRows = kRegs >= 32 ? 8 : 4;
-constexpr int kMaxPanels = kRegs >= 32 ? 2 : 1;
+static_assert(kInt8PanelRows == gemm_hwy::kPanelRows16, "the driver walks 16-row panels");
 
 // The 4 bytes qx[4kq .. 4kq+3] as one 32-bit value (zeros past k: no over-read of the row).
 HWY_INLINE int32_t LoadQuad(const int8_t* row, size_t kq, size_t k) {
@@ -112,52 +112,36 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
     #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const auto out = hn::Mul(hn::Mul(hn::Set(df, sx[m]), w_scale), hn::ConvertTo(df, acc[m][v]));
-      if (n == kLanes) {
-        hn::StoreU(out, df, y + m * ldy + c0);
-      } else {
-        HWY_ALIGN float tmp[kLanes];
-        hn::Store(out, df, tmp);
-        std::copy(tmp, tmp + n, y + m * ldy + c0);
-      }
+      gemm_hwy::StoreFirstN(df, out, n, y + m * ldy + c0);
     }
   }
 }
 
-using MicroFn = void (*)(size_t, const int8_t*, size_t, const float*, const int8_t*, size_t, const float*,
-                         float*, size_t, size_t);
-
-template <int NP>
-MicroFn PickRows(size_t rows) {
-  if (rows >= 8 && kMaxRows >= 8) return &Micro<kMaxRows, NP>;
-  switch (rows) {
-    case 1: return &Micro<1, NP>;
-    case 2: return &Micro<2, NP>;
-    case 3: return &Micro<3, NP>;
-    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 1), NP>;
-    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 1), NP>;
-    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 1), NP>;
-    default: return &Micro<4, NP>;
+// The int8 family of the shared driver.
+struct Int8Family {
+  struct Args {
+    size_t k;
+    const int8_t* qx;
+    size_t ldqx;
+    const float* sx;
+    const int8_t* panels;
+    size_t stride;
+    const float* w_scales;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NP>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    const size_t c0 = p * kInt8PanelRows;
+    Micro<MR, NP>(a.k, a.qx + i * a.ldqx, a.ldqx, a.sx + i, a.panels + p * a.stride, a.stride,
+                  a.w_scales + c0, a.y + i * a.ldy + c0, a.ldy, cols);
   }
-}
+};
 
 void GemmInt8(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_t* panels,
               const float* w_scales, const int32_t* /*w_rowsums*/, size_t n_cols, float* y, size_t ldy) {
-  const size_t stride = Int8PanelStride(k);
-  const size_t num_panels = Int8NumPanels(n_cols);
-  // Few rows (decode) leave registers free for a second panel even on AVX2: more independent streams.
-  const size_t max_panels = m <= 2 ? 2 : kMaxPanels;
-  for (size_t p = 0; p < num_panels; p += max_panels) {
-    const size_t np = std::min<size_t>(max_panels, num_panels - p);
-    const size_t c0 = p * kInt8PanelRows;
-    const size_t cols = std::min(n_cols - c0, np * kInt8PanelRows);
-    for (size_t i = 0; i < m;) {
-      const size_t rows = std::min<size_t>(kMaxRows, m - i);
-      const MicroFn fn = np == 2 ? PickRows<2>(rows) : PickRows<1>(rows);
-      fn(k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0, y + i * ldy + c0, ldy,
-         cols);
-      i += rows;
-    }
-  }
+  gemm_hwy::RunBlocks<Int8Family>({k, qx, ldqx, sx, panels, Int8PanelStride(k), w_scales, y, ldy}, m,
+                                  n_cols);
 }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -169,25 +153,10 @@ HWY_AFTER_NAMESPACE();
 namespace kt {
 namespace internal {
 
-// Explicit per-target selection instead of HWY_DYNAMIC_DISPATCH: KT_ISA caps the path, so the caller picks
-// the target, and Highway's global chosen-target state is never touched.
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
 GemmInt8Fn GemmInt8Hwy(Isa isa) {
-  switch (isa) {
-#if HWY_TARGETS & HWY_AVX2
-    case Isa::kAvx2:
-      return &N_AVX2::GemmInt8;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-    case Isa::kAvx512:
-      return &N_AVX3::GemmInt8;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-    case Isa::kAvx512Vnni:
-      return &N_AVX3_DL::GemmInt8;
-#endif
-    default:
-      return nullptr;
-  }
+  static constexpr HwyFns<GemmInt8Fn> kGemm = KT_HWY_FNS(GemmInt8Fn, GemmInt8);
+  return kGemm.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -119,11 +119,11 @@ TEST(PackInt8, FromQuantizedMatrix) {
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
 }
 
-const gemm_test::IntegerKernels<GemmInt8Fn> kKernels = {&GetGemmInt8, &internal::GemmInt8Scalar,
-                                                          &internal::GemmInt8Hwy, &internal::GemmInt8Vnni,
-                                                          &internal::GemmInt8Amx};
-
-TEST(GetGemmInt8, TableRoutesEveryIsa) { gemm_test::ExpectTableRoutesEveryIsa(kKernels); }
+TEST(GetGemmInt8, TableSelectsEveryIsa) {
+  gemm_test::ExpectTableSelects(GemmInt8Paths(), &GetGemmInt8,
+                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "vnni", "amx"},
+                                {"scalar", "hwy_avx2", "hwy_avx512", "vnni", "vnni", "amx"});
+}
 
 class GemmInt8Test : public gemm_test::KernelPathTest<GemmInt8Fn> {
  protected:
@@ -306,8 +306,8 @@ TEST_P(GemmInt8Test, EndToEndFromBf16) {
   EXPECT_LT(rel, 0.05);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt8Test, ::testing::ValuesIn(gemm_test::IntegerPaths(kKernels)),
-                         gemm_test::PathName());
+INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt8Test,
+                         ::testing::ValuesIn(gemm_test::TablePaths(GemmInt8Paths())), gemm_test::PathName());
 
 }  // namespace
 }  // namespace kt

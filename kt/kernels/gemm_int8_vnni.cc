@@ -7,6 +7,7 @@
 // so the kernel subtracts 128 * rowsum[n] at the end. Padded k (x and w both zero-filled) contribute
 // 128 * 0. Intermediate sums may wrap in int32; the wrap is modulo 2^32 and the final value fits.
 //
+// Blocks and driver: gemm_avx512_blocks.h.
 // Register blocking: MR rows of x times NV panels -> MR*NV zmm accumulators. 8 x 3 = 24 accumulators +
 // 3 weight registers + 1 broadcast fit the 32 zmm registers; per quad-row that is 24 vpdpbusd against 3
 // weight loads and 8 broadcasts.
@@ -15,15 +16,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kt/kernels/gemm_avx512_blocks.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/prefetch.h"
 
 namespace kt {
 namespace internal {
 namespace {
-
-constexpr int kMaxRows = 8;
-constexpr int kMaxPanels = 3;
 
 // Local helper: this translation unit is compiled with AVX-512 flags, so it must not emit out-of-line
 // copies of shared inline templates (std::min) that the linker could pick for non-AVX-512 callers.
@@ -81,46 +80,36 @@ void Micro(size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_
   }
 }
 
-using MicroFn = void (*)(size_t, const int8_t*, size_t, const float*, const int8_t*, size_t, const float*,
-                         const int32_t*, float*, size_t, size_t);
-
-template <int NV>
-MicroFn PickRows(size_t rows) {
-  switch (rows) {
-    case 1: return &Micro<1, NV>;
-    case 2: return &Micro<2, NV>;
-    case 3: return &Micro<3, NV>;
-    case 4: return &Micro<4, NV>;
-    case 5: return &Micro<5, NV>;
-    case 6: return &Micro<6, NV>;
-    case 7: return &Micro<7, NV>;
-    default: return &Micro<8, NV>;
+// The int8 family of the shared AVX-512 driver: blocks of up to 8 rows x 3 panels.
+struct Int8Family {
+  static constexpr size_t kMaxPanels = 3;
+  struct Args {
+    size_t k;
+    const int8_t* qx;
+    size_t ldqx;
+    const float* sx;
+    const int8_t* panels;
+    size_t stride;
+    const float* w_scales;
+    const int32_t* w_rowsums;
+    float* y;
+    size_t ldy;
+  };
+  template <int MR, int NV>
+  static void Block(const Args& a, size_t i, size_t p, size_t cols) {
+    const size_t c0 = p * kInt8PanelRows;
+    Micro<MR, NV>(a.k, a.qx + i * a.ldqx, a.ldqx, a.sx + i, a.panels + p * a.stride, a.stride,
+                  a.w_scales + c0, a.w_rowsums + c0, a.y + i * a.ldy + c0, a.ldy, cols);
   }
-}
-
-MicroFn Pick(size_t rows, size_t panels) {
-  if (panels >= 3) return PickRows<3>(rows);
-  if (panels == 2) return PickRows<2>(rows);
-  return PickRows<1>(rows);
-}
+};
 
 }  // namespace
 
 void GemmInt8Vnni(size_t m, size_t k, const int8_t* qx, size_t ldqx, const float* sx,
                   const int8_t* panels, const float* w_scales, const int32_t* w_rowsums, size_t n_cols,
                   float* y, size_t ldy) {
-  const size_t stride = Int8PanelStride(k);
-  const size_t num_panels = Int8NumPanels(n_cols);
-  for (size_t p = 0; p < num_panels; p += kMaxPanels) {
-    const size_t np = MinSize(kMaxPanels, num_panels - p);
-    const size_t c0 = p * kInt8PanelRows;
-    const size_t cols = MinSize(n_cols - c0, np * kInt8PanelRows);
-    for (size_t i = 0; i < m; i += kMaxRows) {
-      const size_t rows = MinSize(kMaxRows, m - i);
-      Pick(rows, np)(k, qx + i * ldqx, ldqx, sx + i, panels + p * stride, stride, w_scales + c0,
-                     w_rowsums + c0, y + i * ldy + c0, ldy, cols);
-    }
-  }
+  avx512_blocks::RunBlocks<Int8Family>(
+      {k, qx, ldqx, sx, panels, Int8PanelStride(k), w_scales, w_rowsums, y, ldy}, m, n_cols);
 }
 
 }  // namespace internal

@@ -1,5 +1,5 @@
 // What the GEMM kernel tests (gemm_{bf16,int8,int4}_test.cc) share: the kernel paths they are
-// parameterised over and the fixture that skips a path this CPU lacks, the guarded output buffer that
+// parameterised over (read from each family's table) and the fixture that skips a path this CPU lacks, the guarded output buffer that
 // catches writes outside the m x n block, the shape sets, and the end-to-end error against the exact
 // product of the bf16 inputs. The references and tolerances stay in each test.
 #ifndef KT_KERNELS_GEMM_TEST_UTIL_H_
@@ -18,6 +18,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/eigen_views.h"
+#include "kt/kernels/gemm_path.h"
 
 namespace kt {
 namespace gemm_test {
@@ -36,47 +37,35 @@ void PrintTo(const KernelPath<Fn>& path, std::ostream* os) {
   *os << path.name;
 }
 
-// The kernels of an integer format (int8, int4): the dispatch table, the scalar reference kernel, the
-// Highway kernels per Isa, and the native AVX512-VNNI and AMX kernels.
+// The paths of a family's table (GemmBf16Paths(), GemmInt8Paths(), GemmInt4Paths()): every kernel the
+// family has, each tested under its table name.
 template <typename Fn>
-struct IntegerKernels {
-  Fn (*get)(Isa);
-  Fn scalar;
-  Fn (*hwy)(Isa);
-  Fn vnni;
-  Fn amx;
-};
-
-// Every path of an integer format: scalar (through the table), Highway at AVX2, AVX3 and AVX3_DL, native
-// VNNI and AMX.
-template <typename Fn>
-std::vector<KernelPath<Fn>> IntegerPaths(const IntegerKernels<Fn>& kernels) {
-  const IntegerKernels<Fn> k = kernels;
-  return {
-      {"scalar", Isa::kScalar, [k] { return k.get(Isa::kScalar); }},
-      {"hwy_avx2", Isa::kAvx2, [k] { return k.hwy(Isa::kAvx2); }},
-      {"hwy_avx512", Isa::kAvx512, [k] { return k.hwy(Isa::kAvx512); }},
-      {"hwy_avx512_vnni", Isa::kAvx512Vnni, [k] { return k.hwy(Isa::kAvx512Vnni); }},
-      {"vnni", Isa::kAvx512Vnni, [k] { return k.vnni; }},
-      {"amx", Isa::kAmx, [k] { return k.amx; }},
-  };
+std::vector<KernelPath<Fn>> TablePaths(const GemmPaths<Fn>& table) {
+  std::vector<KernelPath<Fn>> paths;
+  for (const GemmPath<Fn>& path : table) {
+    const Fn fn = path.fn;
+    paths.push_back({path.name, path.isa, [fn] { return fn; }});
+  }
+  return paths;
 }
 
-// The table of an integer format routes each Isa to its kernel: scalar, Highway for AVX2 and AVX3, native
-// VNNI for AVX3_DL and AVX512-BF16, AMX; and Highway has a kernel for each of its targets.
+// The family's table lists exactly `names` (so a Highway target that was not compiled in shows), and
+// get(isa) (GetGemmBf16, ...) returns the kernel of the path `selected[isa]` names, for every Isa.
 template <typename Fn>
-void ExpectTableRoutesEveryIsa(const IntegerKernels<Fn>& kernels) {
-  const std::pair<Isa, Fn> routes[] = {
-      {Isa::kScalar, kernels.scalar},
-      {Isa::kAvx2, kernels.hwy(Isa::kAvx2)},
-      {Isa::kAvx512, kernels.hwy(Isa::kAvx512)},
-      {Isa::kAvx512Vnni, kernels.vnni},
-      {Isa::kAvx512Bf16, kernels.vnni},
-      {Isa::kAmx, kernels.amx},
-  };
-  for (const auto& [isa, fn] : routes) EXPECT_EQ(kernels.get(isa), fn) << IsaName(isa);
-  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni}) {
-    EXPECT_NE(kernels.hwy(isa), nullptr) << IsaName(isa);
+void ExpectTableSelects(const GemmPaths<Fn>& table, Fn (*get)(Isa), const std::vector<std::string>& names,
+                        const std::vector<std::string>& selected) {
+  std::vector<std::string> listed;
+  for (const GemmPath<Fn>& path : table) listed.push_back(path.name);
+  EXPECT_EQ(listed, names);
+  ASSERT_EQ(selected.size(), static_cast<size_t>(Isa::kAmx) + 1);
+  for (size_t i = 0; i < selected.size(); ++i) {
+    const Isa isa = static_cast<Isa>(i);
+    Fn want = nullptr;
+    for (const GemmPath<Fn>& path : table) {
+      if (selected[i] == path.name) want = path.fn;
+    }
+    EXPECT_NE(want, nullptr) << selected[i] << " is not in the table";
+    EXPECT_EQ(get(isa), want) << IsaName(isa) << " should select " << selected[i];
   }
 }
 

@@ -20,6 +20,7 @@
 #include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/hwy_dispatch.h"
 #include "kt/kernels/quant.h"
 #include "kt/kernels/quant_fast.h"
 
@@ -197,26 +198,14 @@ namespace {
 
 using QuantizeMatrixFn = bool (*)(const bf16_t*, size_t, QuantizedMatrix*, int8_t*);
 
-// The Highway target of a path, as act_quant.cc picks it; nullptr for kScalar (quant.cc itself).
-QuantizeMatrixFn Pick(Isa isa) {
-  QuantizeMatrixFn avx2 = nullptr, avx3 = nullptr, avx3_dl = nullptr;
-#if HWY_TARGETS & HWY_AVX2
-  avx2 = &N_AVX2::QuantizeMatrix;
-#endif
-#if HWY_TARGETS & HWY_AVX3
-  avx3 = &N_AVX3::QuantizeMatrix;
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-  avx3_dl = &N_AVX3_DL::QuantizeMatrix;
-#endif
-  return PickHwyTarget(isa, avx2, avx3, avx3_dl);
-}
+// nullptr for kScalar: Quantize (quant.cc) itself.
+const HwyFns<QuantizeMatrixFn> kQuantizeMatrix = KT_HWY_FNS(QuantizeMatrixFn, QuantizeMatrix);
 
 }  // namespace
 
 absl::StatusOr<QuantizedMatrix> QuantizeFast(Isa isa, const QuantSpec& spec, const bf16_t* w, size_t ldw,
                                              size_t n, size_t k) {
-  const QuantizeMatrixFn fn = Pick(isa);
+  const QuantizeMatrixFn fn = kQuantizeMatrix.For(isa);
   // Quantize owns every error message: bad arguments go straight to it.
   if (fn == nullptr || !ValidateQuantSpec(spec, k).ok() || ldw < k || (w == nullptr && n > 0 && k > 0) ||
       n == 0 || k == 0) {

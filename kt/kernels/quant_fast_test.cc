@@ -4,6 +4,7 @@
 // maximum, subnormal bf16 values, one-sided ranges (asym), K not a multiple of the vector width (per-channel
 // formats), row strides wider than K; non-finite weights give Quantize's own error. And the table-driven
 // unpackers against Dequantize rounded to bf16, bit for bit.
+#include "kt/kernels/isa_test_util.h"
 #include "kt/kernels/quant_fast.h"
 
 #include <cmath>
@@ -202,10 +203,7 @@ TEST_P(QuantFastTest, NonFiniteAndBadArgumentsGiveQuantizesError) {
   EXPECT_NE(null.message().find("w is null"), absl::string_view::npos) << null;
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, QuantFastTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, QuantFastTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 // The unpackers are plain C++ (table lookups, no ISA-specific code), so one test covers them: packed
 // matrices of every format, with N and K remainders (N not a multiple of the 16-row panel; per-channel K not

@@ -8,7 +8,7 @@
 
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/lora_kernels.h"
 #include "kt/sft/sft_layer.h"
 #include "kt/sft/sft_pass.h"
 

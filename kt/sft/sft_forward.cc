@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/lora_kernels.h"
 #include "kt/sft/sft_layer.h"
 #include "kt/sft/sft_pass.h"
 

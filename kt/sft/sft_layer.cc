@@ -9,9 +9,9 @@
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
+#include "kt/kernels/lora_kernels.h"
 #include "kt/moe/routing.h"
 #include "kt/sft/sft_pass.h"
-#include "kt/sft/lora_kernels.h"
 
 namespace kt {
 namespace {

@@ -11,8 +11,8 @@
 // Numerics: fp32 products summed in k order into one fp32 accumulator per element (FMA on the vector
 // paths, multiply then add on kScalar), alpha applied once at the end. The error is the usual summation
 // bound, k · 2^-23 · Σ|a b| per element (lora_kernels_test checks every path against double sums).
-#ifndef KT_SFT_LORA_KERNELS_H_
-#define KT_SFT_LORA_KERNELS_H_
+#ifndef KT_KERNELS_LORA_KERNELS_H_
+#define KT_KERNELS_LORA_KERNELS_H_
 
 #include <cstddef>
 
@@ -46,4 +46,4 @@ void SiluBackwardToBf16(Isa isa, const float* d, const float* g, const float* u,
 
 }  // namespace kt
 
-#endif  // KT_SFT_LORA_KERNELS_H_
+#endif  // KT_KERNELS_LORA_KERNELS_H_

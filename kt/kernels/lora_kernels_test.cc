@@ -11,7 +11,7 @@
 //
 // SiluBackwardToBf16: each output one of the two bf16 values around the exact result (the vector paths'
 // exp is ~1 ulp, which can move a product across a rounding boundary), mostly the nearest.
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/lora_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +23,7 @@
 
 #include "gtest/gtest.h"
 #include "kt/kernels/eigen_views.h"
+#include "kt/kernels/isa_test_util.h"
 
 namespace kt {
 namespace {
@@ -205,10 +206,7 @@ TEST_P(LoraKernelsTest, SiluBackwardWithinOneBf16Step) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllPaths, LoraKernelsTest,
-                         ::testing::Values(Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni,
-                                           Isa::kAvx512Bf16, Isa::kAmx),
-                         [](const auto& info) { return std::string(IsaName(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllPaths, LoraKernelsTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace
 }  // namespace kt

@@ -1,5 +1,5 @@
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "kt/sft/lora_kernels.cc"
+#define HWY_TARGET_INCLUDE "kt/kernels/lora_kernels.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
@@ -7,10 +7,11 @@
 #include <cmath>
 
 #include "kt/kernels/bf16-inl.h"
-#include "kt/sft/lora_kernels.h"
+#include "kt/kernels/hwy_dispatch.h"
+#include "kt/kernels/lora_kernels.h"
 
-#ifndef KT_SFT_LORA_KERNELS_SCALAR_
-#define KT_SFT_LORA_KERNELS_SCALAR_
+#ifndef KT_KERNELS_LORA_KERNELS_SCALAR_
+#define KT_KERNELS_LORA_KERNELS_SCALAR_
 namespace kt {
 namespace {
 
@@ -45,7 +46,7 @@ void GemmNTScalar(size_t m, size_t n, size_t k, float alpha, const bf16_t* a, si
 
 }  // namespace
 }  // namespace kt
-#endif  // KT_SFT_LORA_KERNELS_SCALAR_
+#endif  // KT_KERNELS_LORA_KERNELS_SCALAR_
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -209,64 +210,50 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace kt {
+namespace {
 
-// The per-Isa choice, as in activation.cc: the native AVX512-BF16 and AMX paths have no fp32 kernels of
-// their own, so they use Highway's AVX3_DL code (same CPUs).
-#define KT_LORA_DISPATCH(FN, ...)                 \
-  switch (isa) {                                  \
-    case Isa::kScalar:                            \
-      break;                                      \
-    KT_LORA_CASE_AVX2(FN, __VA_ARGS__)            \
-    KT_LORA_CASE_AVX3(FN, __VA_ARGS__)            \
-    KT_LORA_CASE_AVX3_DL(FN, __VA_ARGS__)         \
-    default:                                      \
-      break;                                      \
-  }
-#if HWY_TARGETS & HWY_AVX2
-#define KT_LORA_CASE_AVX2(FN, ...) \
-  case Isa::kAvx2:                 \
-    return N_AVX2::FN(__VA_ARGS__);
-#else
-#define KT_LORA_CASE_AVX2(FN, ...)
-#endif
-#if HWY_TARGETS & HWY_AVX3
-#define KT_LORA_CASE_AVX3(FN, ...) \
-  case Isa::kAvx512:               \
-    return N_AVX3::FN(__VA_ARGS__);
-#else
-#define KT_LORA_CASE_AVX3(FN, ...)
-#endif
-#if HWY_TARGETS & HWY_AVX3_DL
-#define KT_LORA_CASE_AVX3_DL(FN, ...) \
-  case Isa::kAvx512Vnni:              \
-  case Isa::kAvx512Bf16:              \
-  case Isa::kAmx:                     \
-    return N_AVX3_DL::FN(__VA_ARGS__);
-#else
-#define KT_LORA_CASE_AVX3_DL(FN, ...)
-#endif
+using GemmF32Fn = void (*)(size_t, size_t, size_t, float, const float*, size_t, size_t, const float*, size_t,
+                           float*, size_t, bool);
+using GemmBf16AFn = void (*)(size_t, size_t, size_t, float, const bf16_t*, size_t, size_t, const float*,
+                             size_t, float*, size_t, bool);
+using GemmNTFn = void (*)(size_t, size_t, size_t, float, const bf16_t*, size_t, const float*, size_t, float*,
+                          size_t, bool);
+using SiluBackwardFn = void (*)(const float*, const float*, const float*, bf16_t*, bf16_t*, size_t);
+
+// The native AVX512-BF16 and AMX paths have no fp32 kernels of their own: they run the AVX3_DL code (same
+// CPUs), as every Highway module does (hwy_dispatch.h).
+const HwyFns<GemmF32Fn> kGemmF32 = KT_HWY_FNS(GemmF32Fn, GemmF32);
+const HwyFns<GemmBf16AFn> kGemmBf16A = KT_HWY_FNS(GemmBf16AFn, GemmBf16A);
+const HwyFns<GemmNTFn> kGemmNT = KT_HWY_FNS(GemmNTFn, GemmNT);
+const HwyFns<SiluBackwardFn> kSiluBackward = KT_HWY_FNS(SiluBackwardFn, SiluBackward);
+
+}  // namespace
 
 void LoraGemm(Isa isa, size_t m, size_t n, size_t k, float alpha, const float* a, size_t a_row,
               size_t a_col, const float* b, size_t ldb, float* c, size_t ldc, bool accumulate) {
-  KT_LORA_DISPATCH(GemmF32, m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate)
+  if (const GemmF32Fn fn = kGemmF32.For(isa)) {
+    return fn(m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
   GemmScalar(m, 0, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 void LoraGemm(Isa isa, size_t m, size_t n, size_t k, float alpha, const bf16_t* a, size_t a_row,
               size_t a_col, const float* b, size_t ldb, float* c, size_t ldc, bool accumulate) {
-  KT_LORA_DISPATCH(GemmBf16A, m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate)
+  if (const GemmBf16AFn fn = kGemmBf16A.For(isa)) {
+    return fn(m, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
   GemmScalar(m, 0, n, k, alpha, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 void LoraGemmNT(Isa isa, size_t m, size_t n, size_t k, float alpha, const bf16_t* a, size_t lda,
                 const float* b, size_t ldb, float* c, size_t ldc, bool accumulate) {
-  KT_LORA_DISPATCH(GemmNT, m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate)
+  if (const GemmNTFn fn = kGemmNT.For(isa)) return fn(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
   GemmNTScalar(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 void SiluBackwardToBf16(Isa isa, const float* d, const float* g, const float* u, bf16_t* dg, bf16_t* du,
                         size_t n) {
-  KT_LORA_DISPATCH(SiluBackward, d, g, u, dg, du, n)
+  if (const SiluBackwardFn fn = kSiluBackward.For(isa)) return fn(d, g, u, dg, du, n);
   for (size_t i = 0; i < n; ++i) {
     const float sig = 1.0f / (1.0f + std::exp(-g[i]));
     dg[i] = F32ToBf16(d[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig)));
