@@ -46,7 +46,7 @@
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/moe_reference.h"
 #include "kt/moe/synthetic.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 #include "tools/bandwidth.h"
 #include "tools/cli_flags.h"
 #include "tools/parallel.h"

@@ -12,7 +12,7 @@
 #include "kt/kernels/activation.h"
 #include "kt/kernels/quant.h"
 #include "kt/kernels/quant_fast.h"
-#include "kt/moe/memory.h"
+#include "kt/runtime/memory.h"
 
 namespace kt {
 namespace {

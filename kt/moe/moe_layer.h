@@ -42,7 +42,7 @@
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 

@@ -34,9 +34,9 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
-#include "kt/moe/memory.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/memory.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 
@@ -92,7 +92,7 @@ struct SftForwardCache {
   std::vector<int64_t> ids;
   std::vector<float> weights;
   template <typename T>
-  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/runtime/memory.h)
   Buf<bf16_t> input;               // [qlen, H]
   std::vector<int> expert_begin;   // [E + 1]
   std::vector<int> active;         // experts with rows
@@ -117,7 +117,7 @@ class SftWorkspace {
  private:
   friend class SftMoeLayer;
   template <typename T>
-  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/runtime/memory.h)
   Buf<bf16_t> rows_h;     // [rows, ldh]: forward gathered x; backward grad_y (bf16)
   Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized [rows, ldh]
   Buf<float> s_rows_h;    //   and their scales [rows][groups of H] (1 group unless a group format)

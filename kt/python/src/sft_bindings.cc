@@ -14,8 +14,8 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/moe/thread_pool.h"
 #include "kt/python/src/common.h"
+#include "kt/runtime/thread_pool.h"
 #include "kt/sft/sft_layer.h"
 #include "pybind11/pybind11.h"
 

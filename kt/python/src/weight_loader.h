@@ -13,7 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 
