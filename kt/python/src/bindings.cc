@@ -22,10 +22,10 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/layer_loader.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/runtime/thread_pool.h"
-#include "kt/python/src/weight_loader.h"
 #include "kt/python/src/common.h"
+#include "kt/runtime/thread_pool.h"
 #include "pybind11/pybind11.h"
 #include "pybind11/stl.h"
 
