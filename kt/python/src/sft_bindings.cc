@@ -91,9 +91,8 @@ class PySftLayer {
   std::unique_ptr<SftMoeLayer> layer_;
 };
 
-}  // namespace
-
-void RegisterSftBindings(py::module_& m) {
+// The objects several layers may share: transposed weights, the workspace and the cache pool.
+void RegisterSharedSftObjects(py::module_& m) {
   py::class_<SftBackwardWeights, std::shared_ptr<SftBackwardWeights>>(
       m, "SftBackwardWeights",
       "Transposed base weights for SFT backward; one object may be shared by all layers of one shape "
@@ -127,7 +126,12 @@ void RegisterSftBindings(py::module_& m) {
       .def_property_readonly("max_cache_depth", &SftCachePool::max_cache_depth)
       .def_property_readonly("live", &SftCachePool::live)
       .def_property_readonly("bytes", &SftCachePool::bytes);
+}
 
+}  // namespace
+
+void RegisterSftBindings(py::module_& m) {
+  RegisterSharedSftObjects(m);
   py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
                     int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>,

@@ -8,6 +8,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .. import _native
+from .._args import SftArgs
 from .._checks import (
     check_expert_map,
     check_expert_weights,
@@ -51,41 +52,28 @@ class BaseSFTMoEWrapper:
     H = hidden_size, I = moe_intermediate_size, r = lora_rank.
     """
 
-    def __init__(
-        self,
-        layer_idx: int,
-        num_experts: int,
-        num_experts_per_tok: int,
-        hidden_size: int,
-        moe_intermediate_size: int,
-        num_gpu_experts: int,
-        cpuinfer_threads: int,
-        threadpool_count: int,
-        weight_path,
-        chunked_prefill_size: int,
-        lora_rank: int,
-        lora_alpha: float,
-        max_cache_depth: int,
-        method: str,
-    ):
-        shape = check_moe_shape(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size)
+    def __init__(self, a: SftArgs):
+        self.args = a
+        shape = check_moe_shape(
+            a.layer_idx, a.num_experts, a.num_experts_per_tok, a.hidden_size, a.moe_intermediate_size
+        )
         self.layer_idx, self.num_experts, self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size = shape
-        self.num_gpu_experts = check_int("num_gpu_experts", num_gpu_experts, 0)
+        self.num_gpu_experts = check_int("num_gpu_experts", a.num_gpu_experts, 0)
         if self.num_gpu_experts != 0:
             raise NotImplementedError(
                 f"num_gpu_experts={self.num_gpu_experts}: SFT with experts on the GPU is not implemented yet in "
                 "kt; all experts run on the CPU (num_gpu_experts=0)"
             )
-        self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, 1)
-        self.threadpool_count = check_int("threadpool_count", threadpool_count, 1)
-        self.weight_path = weight_path
-        self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, 1)
-        self.lora_rank = check_int("lora_rank", lora_rank, 1)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-            raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
-        self.lora_alpha = float(lora_alpha)
-        self.max_cache_depth = check_int("max_cache_depth", max_cache_depth, 1)
-        self.method = method
+        self.cpuinfer_threads = check_int("cpuinfer_threads", a.cpuinfer_threads, 1)
+        self.threadpool_count = check_int("threadpool_count", a.threadpool_count, 1)
+        self.weight_path = a.weight_path
+        self.chunked_prefill_size = check_int("chunked_prefill_size", a.chunked_prefill_size, 1)
+        self.lora_rank = check_int("lora_rank", a.lora_rank, 1)
+        if isinstance(a.lora_alpha, bool) or not isinstance(a.lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {type(a.lora_alpha).__name__}")
+        self.lora_alpha = float(a.lora_alpha)
+        self.max_cache_depth = check_int("max_cache_depth", a.max_cache_depth, 1)
+        self.method = a.method
         self._lora: Tuple[torch.Tensor, ...] = ()
         self._lora_ptrs: Tuple[int, ...] = ()
         self._pending: List[Tuple[int, int]] = []  # (qlen, k) of cached forwards, newest last
