@@ -346,6 +346,16 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
   }
 }
 
+namespace {
+
+absl::Status NoCachedForward() {
+  return absl::FailedPreconditionError(
+      "backward without a cached forward: run forward(..., save_for_backward=True) first (each "
+      "backward consumes the newest cached forward)");
+}
+
+}  // namespace
+
 void SftMoeLayer::Route(Cache& c, int qlen, int k, const int64_t* ids) const {
   const int e_count = config_.moe.num_experts;
   c.qlen = qlen;
@@ -400,15 +410,15 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   if (rank_ > 0 && !lora_set_) {
     return absl::FailedPreconditionError("forward_sft before the LoRA weights are set (init_lora_weights)");
   }
-  if (qlen < 1 || qlen > config_.moe.max_len) {
-    return absl::InvalidArgumentError(absl::StrCat("qlen = ", qlen, " must be in [1, max_len = ",
+  if (qlen < 0 || qlen > config_.moe.max_len) {
+    return absl::InvalidArgumentError(absl::StrCat("qlen = ", qlen, " must be in [0, max_len = ",
                                                    config_.moe.max_len, "]"));
   }
   if (k < 1 || k > config_.moe.top_k) {
     return absl::InvalidArgumentError(
         absl::StrCat("k = ", k, " must be in [1, top_k = ", config_.moe.top_k, "]"));
   }
-  if (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr) {
+  if (qlen > 0 && (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr)) {
     return absl::InvalidArgumentError("forward_sft: ids, weights, input and output must not be null");
   }
   if (save_for_backward && static_cast<int>(stack_.size()) >= config_.max_cache_depth) {
@@ -440,6 +450,10 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
         "layer's caches are alive at a time (activation recomputation: each layer's recompute forward "
         "directly followed by its backward). Run the waiting backward first, or create the layers with "
         "per-layer caches (share_cache_pool=False)"));
+  }
+  if (qlen == 0) {  // An empty batch: an empty entry for its backward, nothing to compute.
+    if (save_for_backward) Route(PushEntry(), 0, k, ids);
+    return absl::OkStatus();
   }
   EnsureWorkspace(pool);
   Cache& c = save_for_backward ? PushEntry() : ScratchEntry();
@@ -606,14 +620,15 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::pair<int, int>> SftMoeLayer::NextBackwardShape() const {
+  if (stack_.empty()) return NoCachedForward();
+  return std::make_pair(stack_.back()->qlen, stack_.back()->k);
+}
+
 absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
                                    float* grad_weights, bool accumulate, float grad_scale) {
-  if (stack_.empty()) {
-    return absl::FailedPreconditionError(
-        "backward without a cached forward: run forward(..., save_for_backward=True) first (each "
-        "backward consumes the newest cached forward)");
-  }
-  if (grad_output == nullptr || grad_input == nullptr || grad_weights == nullptr) {
+  if (stack_.empty()) return NoCachedForward();
+  if (stack_.back()->qlen > 0 && (grad_output == nullptr || grad_input == nullptr || grad_weights == nullptr)) {
     return absl::InvalidArgumentError("backward: grad_output, grad_input and grad_weights must not be null");
   }
   if (!std::isfinite(grad_scale)) return absl::InvalidArgumentError("backward: grad_scale must be finite");

@@ -196,7 +196,9 @@ class SftMoeLayer {
 
   // output[qlen, H] = sum_j w_tj y_tj (bf16). With save_for_backward the activations backward needs are
   // pushed on the cache stack; FailedPrecondition when max_cache_depth caches are already waiting (on this
-  // layer, or with a shared pool on all layers sharing it), leaving everything unchanged.
+  // layer, or with a shared pool on all layers sharing it), leaving everything unchanged. qlen 0 is a valid
+  // (empty) batch, as in inference: nothing is computed, the pointers may be null, and with
+  // save_for_backward an empty entry is cached, whose Backward gives empty gradients and LoRA gradients 0.
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, bf16_t* output, bool save_for_backward);
 
@@ -210,6 +212,9 @@ class SftMoeLayer {
                         float* grad_weights, bool accumulate = false, float grad_scale = 1.0f);
 
   int cache_depth() const { return static_cast<int>(stack_.size()); }
+  // (qlen, k) of the forward the next Backward consumes (the newest cached one): the shapes of its
+  // grad_output, grad_input and grad_weights. FailedPrecondition, as Backward's, when none is cached.
+  absl::StatusOr<std::pair<int, int>> NextBackwardShape() const;
   const SftConfig& config() const { return config_; }
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return base_->format(); }

@@ -196,6 +196,19 @@ void RegisterSftBindings(py::module_& m) {
           },
           py::arg("pool"), py::arg("grad_output"), py::arg("grad_input"), py::arg("grad_weights"),
           py::arg("accumulate"), py::arg("grad_scale"))
+      .def(
+          "next_backward_shape",
+          [](const PySftLayer& s) {
+            absl::StatusOr<std::pair<int, int>> shape;
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(ComputeMutex());  // a compute call may be changing the stack
+              shape = s.layer().NextBackwardShape();
+            }
+            if (!shape.ok()) ThrowStatus(shape.status());
+            return *shape;
+          },
+          "(qlen, k) of the cached forward the next backward consumes; RuntimeError when none is cached.")
       .def_property_readonly("cache_depth", [](const PySftLayer& s) { return s.layer().cache_depth(); })
       .def_property_readonly("rank", [](const PySftLayer& s) { return s.layer().rank(); })
       .def_property_readonly("isa", [](const PySftLayer& s) { return std::string(IsaName(s.layer().isa())); })

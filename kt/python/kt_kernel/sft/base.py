@@ -76,7 +76,6 @@ class BaseSFTMoEWrapper:
         self.method = a.method
         self._lora: Tuple[torch.Tensor, ...] = ()
         self._lora_ptrs: Tuple[int, ...] = ()
-        self._pending: List[Tuple[int, int]] = []  # (qlen, k) of cached forwards, newest last
         _native.get_thread_pool(self.cpuinfer_threads)
 
     @property
@@ -238,19 +237,18 @@ class BaseSFTMoEWrapper:
             raise RuntimeError(
                 f"{type(self).__name__} (layer {self.layer_idx}): forward before init_lora_weights"
             )
-        if save_for_backward and len(self._pending) >= self.max_cache_depth:
+        depth = self._layer.cache_depth  # the C++ layer's stack: this layer's waiting forwards
+        if save_for_backward and depth >= self.max_cache_depth:
             raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}): {len(self._pending)} forward(s) already wait "
+                f"{type(self).__name__} (layer {self.layer_idx}): {depth} forward(s) already wait "
                 f"for their backward and max_cache_depth={self.max_cache_depth}; call backward first or "
                 "create the wrapper with a larger max_cache_depth"
             )
         if self._lora and tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:
             self._push_lora()  # a LoRA tensor's .data was replaced: follow it
+        # The C++ layer keeps the cache stack (its depth limit, shared pools, the shape each backward needs);
+        # an empty batch (qlen 0) is an entry there too.
         output = torch.empty((qlen, H), dtype=torch.bfloat16)
-        if qlen == 0:  # nothing to compute or cache; backward knows an empty entry by its qlen
-            if save_for_backward:
-                self._pending.append((0, k))
-            return output
         self._layer.forward(
             self._pool(),
             qlen,
@@ -261,8 +259,6 @@ class BaseSFTMoEWrapper:
             output.data_ptr(),
             bool(save_for_backward),
         )
-        if save_for_backward:
-            self._pending.append((qlen, k))
         return output
 
     def backward(
@@ -283,12 +279,7 @@ class BaseSFTMoEWrapper:
             into the grad tensors of init_lora_weights (experts with no tokens: 0, or unchanged when
             accumulating).
         """
-        if not self._pending:
-            raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}): backward without a cached forward; call "
-                "forward(..., save_for_backward=True) first (each backward consumes the newest cached forward)"
-            )
-        qlen, k = self._pending[-1]
+        qlen, k = self._layer.next_backward_shape()  # RuntimeError when no forward is cached
         check_tensor("grad_output", grad_output, torch.bfloat16, (qlen, self.hidden_size), "[qlen, hidden_size]")
         if isinstance(optimizer_grad_scale, bool) or not isinstance(optimizer_grad_scale, (int, float)):
             raise TypeError(f"optimizer_grad_scale must be a number, got {type(optimizer_grad_scale).__name__}")
@@ -296,12 +287,6 @@ class BaseSFTMoEWrapper:
             self._push_lora()
         grad_input = torch.empty((qlen, self.hidden_size), dtype=torch.bfloat16)
         grad_weights = torch.empty((qlen, k), dtype=torch.float32)
-        if qlen == 0:  # no token reached any expert: every LoRA gradient is 0 (unchanged when accumulating)
-            if not accumulate_optimizer_grads:
-                for g in self._lora[6:]:
-                    g.zero_()
-            self._pending.pop()
-            return grad_input, grad_weights
         self._layer.backward(
             self._pool(),
             grad_output.data_ptr(),
@@ -310,7 +295,6 @@ class BaseSFTMoEWrapper:
             bool(accumulate_optimizer_grads),
             float(optimizer_grad_scale),
         )
-        self._pending.pop()
         return grad_input, grad_weights
 
     def _needs_lora(self) -> bool:
