@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
