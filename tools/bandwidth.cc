@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "kt/kernels/cpu_features.h"
-#include "kt/moe/memory.h"
+#include "kt/runtime/memory.h"
 #include "tools/parallel.h"
 
 namespace kt {
@@ -85,7 +85,7 @@ BandwidthResult MeasureReadBandwidth(size_t buffer_bytes, int threads, int reps,
     result.method = "AVX2 32-byte loads";
   }
 
-  // The layer's own allocator (kt/moe/memory.h): the buffer gets the pages the weights get (huge pages
+  // The layer's own allocator (kt/runtime/memory.h): the buffer gets the pages the weights get (huge pages
   // unless KT_HUGE_PAGES=0), so the yardstick and the decode rate stay comparable.
   void* mem = nullptr;
   try {

@@ -26,8 +26,8 @@ FLAGS=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recov
 
 declare -A SOURCES=(
   [safetensors]="kt/io/safetensors_fuzz.cc kt/io/safetensors.cc kt/io/file_util.cc kt/io/json.cc"
-  [gguf]="kt/io/gguf_fuzz.cc kt/io/gguf.cc kt/io/file_util.cc kt/io/json.cc"
-  [arch]="kt/io/arch_fuzz.cc kt/io/arch.cc kt/io/json.cc"
+  [gguf]="kt/io/gguf_fuzz.cc kt/io/gguf.cc kt/io/gguf_value.cc kt/io/gguf_writer.cc kt/io/file_util.cc kt/io/json.cc"
+  [arch]="kt/io/arch_fuzz.cc kt/io/arch.cc kt/io/arch_names.cc kt/io/json.cc"
 )
 # Largest input per target: headers and configs are small; larger inputs only slow the search.
 declare -A MAX_LEN=([safetensors]=4096 [gguf]=4096 [arch]=8192)

@@ -53,7 +53,8 @@ KT_ISA=nonsense expect 2 --version && contains "$OUT" "nonsense"
 expect 0 bench --help
 for flag in --shape=qwen3-30b-a3b --threads=0 --pin --qlen-decode=1 --qlen-prefill=512 --iters=100 \
     --prefill-iters=5 --layers=0 --bandwidth-mib=1024 --seed=1 --format=bf16 --group-size=128 \
-    --tiling=0,0,0,0 --sweep-tiling --no-torch --python=/usr/bin/python3 --torch-script; do
+    --tiling=0,0,0,0 --sweep-tiling --no-torch --python=/usr/bin/python3 --torch-script --weights --layer=-1 \
+    --method; do
   contains "$OUT" "  $flag"
 done
 contains "$OUT" "tokens per decode call"
@@ -77,11 +78,30 @@ expect 2 bench --sweep-tiling="" && contains "$ERR" "--sweep-tiling"
 expect 2 bench --pin=maybe && contains "$ERR" "--pin"
 expect 2 bench --input=x && contains "$ERR" "unknown flag '--input'"
 expect 2 bench extra && contains "$ERR" "unexpected argument 'extra'"
+expect 2 bench --layer 1 && contains "$ERR" "flag --layer needs --weights DIR"
+expect 2 bench --method AMXINT8 && contains "$ERR" "flag --method needs --weights DIR"
+expect 2 bench --weights /x --shape=qwen3-30b-a3b && contains "$ERR" "flag --shape does not apply with --weights"
+expect 2 bench --weights /x --format=int8 && contains "$ERR" "flag --format does not apply with --weights"
 [[ ! -s "$OUT" ]] || fail "bench printed to stdout on a usage error"
 expect 2 doctor --bogus && contains "$ERR" "doctor: unknown flag '--bogus'"
 expect 2 convert --input /nonexistent && contains "$ERR" "--input, --output and --method are required"
 expect 2 convert --threads=-1 && contains "$ERR" "--threads"
 expect 2 convert --shape=qwen3-30b-a3b && contains "$ERR" "unknown flag '--shape'"
+
+# bench --weights: a real layer read from a folder (kt/moe/layer_loader.h), small enough to run here.
+HF="${TEST_SRCDIR}/${TEST_WORKSPACE}/testdata/hf"
+QUICK=(--threads 1 --iters 3 --prefill-iters 1 --qlen-prefill 16 --bandwidth-mib 16 --no-torch)
+expect 0 bench --weights "$HF/qwen3_moe" "${QUICK[@]}" &&
+  contains "$OUT" "bf16 routed experts" &&
+  contains "$OUT" "shape      Qwen3MoeForCausalLM from $HF/qwen3_moe: E=8 experts, top-k=2, hidden=128" &&
+  contains "$OUT" "Weights    $HF/qwen3_moe layer 0 (Hugging Face folder, method BF16)" &&
+  contains "$OUT" "PASS" && contains "$OUT" "Decode     qlen 1" && contains "$OUT" "Prefill    qlen 16"
+expect 0 bench --weights "$HF/mixtral" --method MOE_INT4 "${QUICK[@]}" &&
+  contains "$OUT" "int4 routed experts" && contains "$OUT" "method     MOE_INT4" &&
+  contains "$OUT" "int4 format vs the bf16 model"
+expect 1 bench --weights "$HF/qwen3_moe" --layer 3 "${QUICK[@]}" && contains "$ERR" "layer 3 is not a MoE layer"
+expect 1 bench --weights "$HF/qwen3_moe" --method INT3 "${QUICK[@]}" && contains "$ERR" "unknown method \"INT3\""
+expect 1 bench --weights /nonexistent "${QUICK[@]}" && contains "$ERR" "/nonexistent/config.json"
 
 # doctor still runs.
 expect 0 doctor && contains "$OUT" "kernel paths"

@@ -19,12 +19,14 @@ median against the single layer's). Memory per layer: forward weights, transpose
 (what max_cache_depth multiplies) and the working memory (shareable by all layers). Prints one JSON line.
 """
 import argparse
+import gc
 import json
 import os
 import resource
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from kt_kernel import KTMoEWrapper
 from kt_kernel import _native
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
@@ -58,6 +60,11 @@ def main():
     if args.alternate_layers and not args.share_backward_bb:
         p.error("--alternate-layers needs --share-backward-bb (without it each layer keeps its own backward copy)")
 
+    return args
+
+
+def make_data(args):
+    """The benchmark's weights, LoRA tensors, batch and routing (seeded), as one namespace."""
     E, K, H, I, R, T = args.experts, args.topk, args.hidden, args.inter, args.rank, args.qlen
     torch.manual_seed(1)
     torch.set_num_threads(args.threads)
@@ -68,87 +75,98 @@ def main():
             w[e].copy_(torch.randn(rows, cols) / cols**0.5)
         return w
 
-    gate, up, down = weights(I, H), weights(I, H), weights(H, I)
+    d = SimpleNamespace(E=E, K=K, H=H, I=I, R=R, T=T)
+    d.gate, d.up, d.down = weights(I, H), weights(I, H), weights(H, I)
     lora_shapes = [(E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R)]
-    lora = [(0.02 * torch.randn(*s)).bfloat16() for s in lora_shapes]
-    grads = [torch.zeros(*s, dtype=torch.bfloat16) for s in lora_shapes]
-    x = torch.randn(T, H).bfloat16()
-    ids = torch.rand(T, E).argsort(dim=1)[:, :K].contiguous()  # K distinct experts per token
+    d.lora = [(0.02 * torch.randn(*s)).bfloat16() for s in lora_shapes]
+    d.grads = [torch.zeros(*s, dtype=torch.bfloat16) for s in lora_shapes]
+    d.x = torch.randn(T, H).bfloat16()
+    d.ids = torch.rand(T, E).argsort(dim=1)[:, :K].contiguous()  # K distinct experts per token
     w = torch.rand(T, K) + 0.1
-    w = (w / w.sum(dim=1, keepdim=True)).contiguous()
-    gout = (torch.randn(T, H) * 0.01).bfloat16()
+    d.w = (w / w.sum(dim=1, keepdim=True)).contiguous()
+    d.gout = (torch.randn(T, H) * 0.01).bfloat16()
+    d.flops = 6 * 2 * H * I * K * T
+    return d
 
+
+def sft_layer(args, d, layer_idx):
+    """An SFT layer on the benchmark's weights and LoRA tensors; returns it and its load time."""
     from kt_kernel.sft.amx import AMXSFTMoEWrapper
 
-    def sft_layer(layer_idx):
-        """An SFT layer on the benchmark's weights and LoRA tensors; returns it and its load time."""
-        layer = AMXSFTMoEWrapper(
-            layer_idx=layer_idx, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-            num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
-            chunked_prefill_size=T, lora_rank=R, lora_alpha=2.0 * R, max_cache_depth=1, method=args.method,
-            share_backward_bb=args.share_backward_bb, group_size=args.group_size,
-        )
-        t0 = time.perf_counter()
-        layer.load_weights_from_tensors(gate, up, down, None)
-        load = time.perf_counter() - t0
-        if not layer.skip_lora:
-            layer.init_lora_weights(*lora, *grads)
-        return layer, load
+    layer = AMXSFTMoEWrapper(
+        layer_idx=layer_idx, num_experts=d.E, num_experts_per_tok=d.K, hidden_size=d.H, moe_intermediate_size=d.I,
+        num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+        chunked_prefill_size=d.T, lora_rank=d.R, lora_alpha=2.0 * d.R, max_cache_depth=1, method=args.method,
+        share_backward_bb=args.share_backward_bb, group_size=args.group_size,
+    )
+    t0 = time.perf_counter()
+    layer.load_weights_from_tensors(d.gate, d.up, d.down, None)
+    load = time.perf_counter() - t0
+    if not layer.skip_lora:
+        layer.init_lora_weights(*d.lora, *d.grads)
+    return layer, load
 
-    def step(layer):
-        """One forward with save_for_backward and its backward: (forward seconds, backward seconds)."""
-        t = time.perf_counter()
-        layer.forward(x, ids, w, save_for_backward=True)
-        t1 = time.perf_counter()
-        layer.backward(gout)
-        return t1 - t, time.perf_counter() - t1
 
-    moe, load_s = sft_layer(0)
+def step(d, layer):
+    """One forward with save_for_backward and its backward: (forward seconds, backward seconds)."""
+    t = time.perf_counter()
+    layer.forward(d.x, d.ids, d.w, save_for_backward=True)
+    t1 = time.perf_counter()
+    layer.backward(d.gout)
+    return t1 - t, time.perf_counter() - t1
 
-    inf = None
-    if args.method.startswith("AMXBF16"):
-        # Yardstick under the same machine conditions (the dev box is shared): kt's inference forward (no
-        # LoRA, no cache) on the same weights and routing, interleaved with the SFT iterations. The SFT
-        # forward runs the same three base GEMMs plus LoRA and caching; the backward three more GEMMs.
-        inf = KTMoEWrapper(
-            layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-            gpu_experts_mask=None, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
-            chunked_prefill_size=T, method="BF16",
-        )
-        inf.load_weights_from_tensors(gate, up, down, None)
 
-    flops = 6 * 2 * H * I * K * T
+def inference_yardstick(args, d):
+    """kt's inference forward (no LoRA, no cache) on the same weights and routing, for AMXBF16 methods: timed
+    interleaved with the SFT iterations, under the same machine conditions (the dev box is shared). The SFT
+    forward runs the same three base GEMMs plus LoRA and caching; the backward three more GEMMs."""
+    if not args.method.startswith("AMXBF16"):
+        return None
+    inf = KTMoEWrapper(
+        layer_idx=0, num_experts=d.E, num_experts_per_tok=d.K, hidden_size=d.H, moe_intermediate_size=d.I,
+        gpu_experts_mask=None, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
+        chunked_prefill_size=d.T, method="BF16",
+    )
+    inf.load_weights_from_tensors(d.gate, d.up, d.down, None)
+    return inf
+
+
+def alternating_layers(args, d, moe, bwd):
+    """A second layer (same shape and weights, its own memory) sharing the backward copy: in turn, each
+    backward finds the copy built from the other layer and rebuilds it from its own forward weights."""
+    moe2, _ = sft_layer(args, d, 1)
+    alt_fwd, alt_bwd = [], []
+    for i in range(args.iters + 1):
+        for layer in (moe2, moe):
+            f, b = step(d, layer)
+            if i > 0:
+                alt_fwd.append(f)
+                alt_bwd.append(b)
+    return {
+        "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
+        "kt_backward_seconds": round(statistics.median(alt_bwd), 4),
+        "backward_rebuild_seconds": round(statistics.median(alt_bwd) - statistics.median(bwd), 4),
+    }
+
+
+def bench_kt(args, d):
+    """kt's SFT forward + backward (and the yardsticks measured beside it): the result's kt fields."""
+    moe, load_s = sft_layer(args, d, 0)
+    inf = inference_yardstick(args, d)
     fwd, bwd, inf_times = [], [], []
     for i in range(args.iters + 1):  # the first is warm-up (allocates the cache and workspace)
         if inf is not None:
             t = time.perf_counter()
-            inf.forward(x, ids, w, cuda_stream=None)
+            inf.forward(d.x, d.ids, d.w, cuda_stream=None)
             if i > 0:
                 inf_times.append(time.perf_counter() - t)
-        f, b = step(moe)
+        f, b = step(d, moe)
         if i > 0:
             fwd.append(f)
             bwd.append(b)
     kt_s = statistics.median(a + b for a, b in zip(fwd, bwd))
+    d.kt_seconds = kt_s
     mem = moe.memory_bytes()
-    alternating = None
-    if args.alternate_layers:
-        # A second layer (same shape and weights, its own memory) sharing the backward copy: in turn, each
-        # backward finds the copy built from the other layer and rebuilds it from its own forward weights.
-        moe2, _ = sft_layer(1)
-        alt_fwd, alt_bwd = [], []
-        for i in range(args.iters + 1):
-            for layer in (moe2, moe):
-                f, b = step(layer)
-                if i > 0:
-                    alt_fwd.append(f)
-                    alt_bwd.append(b)
-        alternating = {
-            "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
-            "kt_backward_seconds": round(statistics.median(alt_bwd), 4),
-            "backward_rebuild_seconds": round(statistics.median(alt_bwd) - statistics.median(bwd), 4),
-        }
-        del moe2
     result = {
         "device": _native._kt.cpu_brand(),
         "method": args.method,
@@ -156,62 +174,73 @@ def main():
         "group_size": args.group_size if "KGroup" in args.method else None,
         "isa": moe.isa,
         "threads": args.threads,
-        "shape": {"E": E, "k": K, "H": H, "I": I, "r": R, "qlen": T},
+        "shape": {"E": d.E, "k": d.K, "H": d.H, "I": d.I, "r": d.R, "qlen": d.T},
         "kt_seconds": round(kt_s, 4),
         "kt_forward_seconds": round(statistics.median(fwd), 4),
         "kt_backward_seconds": round(statistics.median(bwd), 4),
-        "kt_tflops": round(flops / kt_s / 1e12, 4),
+        "kt_tflops": round(d.flops / kt_s / 1e12, 4),
         "load_seconds": round(load_s, 2),
         "memory_mib": {
             "weights": round(mem["weights"] / 2**20, 1),
             "backward_weights": round(mem["backward_weights"] / 2**20, 1),
-            "cache_per_forward": round(moe._layer.cache_bytes_per_forward(T) / 2**20, 1),
+            "cache_per_forward": round(moe._layer.cache_bytes_per_forward(d.T) / 2**20, 1),
             "workspace": round(mem["workspace"] / 2**20, 1),
         },
     }
     if inf_times:
         result["kt_inference_forward_seconds"] = round(statistics.median(inf_times), 4)
-    if alternating is not None:
-        result["alternating_layers"] = alternating
-    del moe, inf
+    if args.alternate_layers:
+        result["alternating_layers"] = alternating_layers(args, d, moe, bwd)
+    return result
 
+
+def bench_torch(args, d, result):
+    """The same step in PyTorch autograd (eager loop over experts), added to ``result``."""
+    s = 2.0
+    dt = getattr(torch, args.torch_dtype)
+    gate, up, down = d.gate.to(dt), d.up.to(dt), d.down.to(dt)
+    x, gout, ids, w = d.x.to(dt), d.gout.to(dt), d.ids, d.w
+    params = [t.to(dt).requires_grad_() for t in d.lora] if not args.method.endswith("SkipLoRA") else None
+
+    def torch_step():
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_()
+        out = torch.zeros(d.T, d.H, dtype=dt)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            xe = xr[tok]
+            g = xe @ gate[e].T
+            u = xe @ up[e].T
+            if params is not None:
+                g = g + s * (xe @ params[0][e].T) @ params[1][e].T
+                u = u + s * (xe @ params[2][e].T) @ params[3][e].T
+            h = F.silu(g) * u
+            y = h @ down[e].T
+            if params is not None:
+                y = y + s * (h @ params[4][e].T) @ params[5][e].T
+            out = out.index_add(0, tok, y * wr[tok, slot, None].to(y.dtype))
+        out.backward(gout)
+
+    times = []
+    for _ in range(args.torch_iters):
+        t = time.perf_counter()
+        torch_step()
+        times.append(time.perf_counter() - t)
+    torch_s = statistics.median(times)
+    result["torch_seconds"] = round(torch_s, 4)
+    result["torch_tflops"] = round(d.flops / torch_s / 1e12, 4)
+    result["speedup_vs_torch"] = round(torch_s / d.kt_seconds, 2)
+    result["torch_version"] = torch.__version__
+    result["torch_dtype"] = args.torch_dtype
+
+
+def main():
+    args = parse_args()
+    d = make_data(args)
+    result = bench_kt(args, d)
+    gc.collect()  # kt's layers are gone: their memory is not counted against PyTorch's
     if args.torch_iters > 0:
-        s = 2.0
-        dt = getattr(torch, args.torch_dtype)
-        gate, up, down = gate.to(dt), up.to(dt), down.to(dt)
-        x, gout = x.to(dt), gout.to(dt)
-        params = [t.to(dt).requires_grad_() for t in lora] if not args.method.endswith("SkipLoRA") else None
-
-        def torch_step():
-            xr = x.clone().requires_grad_()
-            wr = w.clone().requires_grad_()
-            out = torch.zeros(T, H, dtype=dt)
-            for e in torch.unique(ids).tolist():
-                tok, slot = torch.where(ids == e)
-                xe = xr[tok]
-                g = xe @ gate[e].T
-                u = xe @ up[e].T
-                if params is not None:
-                    g = g + s * (xe @ params[0][e].T) @ params[1][e].T
-                    u = u + s * (xe @ params[2][e].T) @ params[3][e].T
-                h = F.silu(g) * u
-                y = h @ down[e].T
-                if params is not None:
-                    y = y + s * (h @ params[4][e].T) @ params[5][e].T
-                out = out.index_add(0, tok, y * wr[tok, slot, None].to(y.dtype))
-            out.backward(gout)
-
-        times = []
-        for i in range(args.torch_iters):
-            t = time.perf_counter()
-            torch_step()
-            times.append(time.perf_counter() - t)
-        torch_s = statistics.median(times)
-        result["torch_seconds"] = round(torch_s, 4)
-        result["torch_tflops"] = round(flops / torch_s / 1e12, 4)
-        result["speedup_vs_torch"] = round(torch_s / kt_s, 2)
-        result["torch_version"] = torch.__version__
-        result["torch_dtype"] = args.torch_dtype
+        bench_torch(args, d, result)
     result["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
     return 0

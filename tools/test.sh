@@ -24,7 +24,7 @@ case "${KT_SANITIZE:-io}" in
   *)
     bazel test --jobs="$(nproc)" --config=asan \
       //kt/io/... //kt/kernels:quant_test //kt/kernels:act_quant_test //kt/kernels:dtype_test \
-      //kt/kernels:cpu_features_test //kt/moe:thread_pool_test //kt/moe:memory_test "$@" ;;
+      //kt/kernels:cpu_features_test //kt/runtime:thread_pool_test //kt/runtime:memory_test "$@" ;;
 esac
 
 # libFuzzer (clang, ASan + UBSan) on kt/io's parsers: KT_FUZZ_SECONDS per target (default 60; 0 skips).

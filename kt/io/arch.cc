@@ -262,46 +262,7 @@ absl::Status ParseQuantization(absl::string_view origin, const json::Value& root
   return absl::OkStatus();
 }
 
-std::string LayerList(const std::vector<int>& layers) {
-  if (layers.empty()) return "none";
-  // Runs of consecutive layers as "a..b".
-  std::vector<std::string> parts;
-  for (size_t i = 0; i < layers.size();) {
-    size_t j = i;
-    while (j + 1 < layers.size() && layers[j + 1] == layers[j] + 1) ++j;
-    parts.push_back(j == i ? absl::StrCat(layers[i]) : absl::StrCat(layers[i], "..", layers[j]));
-    i = j + 1;
-  }
-  return absl::StrJoin(parts, ", ");
-}
-
 }  // namespace
-
-const char* MoeFamilyName(MoeFamily family) {
-  switch (family) {
-    case MoeFamily::kQwen2Moe:
-      return "Qwen2-MoE";
-    case MoeFamily::kQwen3Moe:
-      return "Qwen3-MoE";
-    case MoeFamily::kQwen3Next:
-      return "Qwen3-Next";
-    case MoeFamily::kQwen3VlMoe:
-      return "Qwen3-VL-MoE";
-    case MoeFamily::kQwen35Moe:
-      return "Qwen3.5-MoE";
-    case MoeFamily::kDeepseekV2:
-      return "DeepSeek-V2";
-    case MoeFamily::kDeepseekV3:
-      return "DeepSeek-V3";
-    case MoeFamily::kGlm4Moe:
-      return "GLM-4-MoE";
-    case MoeFamily::kMixtral:
-      return "Mixtral";
-    case MoeFamily::kMiniMax:
-      return "MiniMax";
-  }
-  return "?";
-}
 
 std::vector<std::string> KnownMoeArchitectures() {
   std::vector<std::string> names;
@@ -309,19 +270,226 @@ std::vector<std::string> KnownMoeArchitectures() {
   return names;
 }
 
-bool MoeArch::IsMoeLayer(int layer) const {
-  // moe_layers is ascending.
-  size_t lo = 0, hi = moe_layers.size();
-  while (lo < hi) {
-    const size_t mid = lo + (hi - lo) / 2;
-    if (moe_layers[mid] < layer) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
+namespace {
+
+// ---- ParseMoeConfig's steps ------------------------------------------------------------------------------
+
+// transformers' Qwen rule: MoE iff the layer is not in mlp_only_layers and (layer + 1) % decoder_sparse_step
+// == 0. Fills is_moe; returns the rule as the no-MoE-layer error states it.
+absl::StatusOr<std::string> QwenMoeLayers(const Reader& r, const MoeArch& arch, std::vector<bool>* is_moe) {
+  std::vector<bool>& moe = *is_moe;
+  int step = 1;
+  KT_ASSIGN_OR_RETURN(step, r.Int("decoder_sparse_step", 1, kMaxLayers, 1));
+  const json::Value* only = r.Get("mlp_only_layers");
+  std::vector<int> dense;
+  if (only != nullptr && !only->is_null()) {
+    const std::string expected =
+        absl::StrCat("an array of layer indices in [0, num_hidden_layers (", arch.num_layers, "))");
+    if (!only->is_array()) return r.Error("mlp_only_layers", expected, *only);
+    for (const json::Value& e : only->elements()) {
+      if (!e.is_int() || e.as_int() < 0 || e.as_int() >= arch.num_layers) {
+        return r.Error("mlp_only_layers", expected, e);
+      }
+      dense.push_back(static_cast<int>(e.as_int()));
     }
   }
-  return lo < moe_layers.size() && moe_layers[lo] == layer;
+  for (int i = 0; i < arch.num_layers; ++i) moe[i] = (i + 1) % step == 0;
+  for (int d : dense) moe[d] = false;
+  return absl::StrCat("decoder_sparse_step = ", step, ", mlp_only_layers = [", absl::StrJoin(dense, ", "),
+                      "]");
 }
+
+absl::StatusOr<std::string> MlpLayerTypes(const Reader& r, absl::string_view origin, const MoeArch& arch,
+                                          std::vector<bool>* is_moe) {
+  std::vector<bool>& moe = *is_moe;
+  // transformers' newer DeepSeek/GLM configs (DeepSeek-V3.2, GLM-4.7-Flash, GLM-5) list each layer's MLP,
+  // "dense" or "sparse", and their models follow that list; first_k_dense_replace, where also given, must
+  // say the same.
+  const json::Value& types = *r.Get("mlp_layer_types");
+  const std::string expected = absl::StrCat("an array of num_hidden_layers (", arch.num_layers,
+                                            ") strings, each \"dense\" or \"sparse\"");
+  if (!types.is_array() || types.elements().size() != static_cast<size_t>(arch.num_layers)) {
+    return r.Error("mlp_layer_types", expected, types);
+  }
+  for (int i = 0; i < arch.num_layers; ++i) {
+    const json::Value& t = types.elements()[i];
+    if (!t.is_string() || (t.as_string() != "dense" && t.as_string() != "sparse")) {
+      return r.Error("mlp_layer_types", expected, t);
+    }
+    moe[i] = t.as_string() == "sparse";
+  }
+  if (r.Has("first_k_dense_replace")) {
+    int first_dense = 0;
+    KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt));
+    for (int i = 0; i < arch.num_layers; ++i) {
+      if (moe[i] != (i >= first_dense)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            origin, ": ", r.Key("mlp_layer_types"), " says layer ", i, " is ", moe[i] ? "sparse" : "dense",
+            " but ", r.Key("first_k_dense_replace"), " = ", first_dense, " says ", moe[i] ? "dense" : "MoE",
+            "; which layers are MoE is ambiguous"));
+      }
+    }
+  }
+  return std::string("mlp_layer_types");
+}
+
+absl::StatusOr<std::string> DeepseekMoeLayers(const Reader& r, const MoeArch& arch, std::vector<bool>* is_moe) {
+  const MoeFamily f = arch.family;
+  // transformers: MoE iff layer >= first_k_dense_replace (and, DeepSeek only, layer % moe_layer_freq == 0).
+  // first_k_dense_replace is required: its transformers default differs by family (V2 0, V3 3, GLM 1),
+  // and every released config states it.
+  int first_dense = 0, freq = 1;
+  KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt,
+                                         absl::StrCat(arch.architecture,
+                                                      " configs state how many leading layers are dense"),
+                                         "num_hidden_layers"));
+  if (f == MoeFamily::kGlm4Moe) {
+    // Glm4Moe has no moe_layer_freq; a config that sets it to something else means something kt does not
+    // know.
+    KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, 1, 1));
+  } else {
+    KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, kMaxLayers, 1));
+  }
+  for (int i = 0; i < arch.num_layers; ++i) (*is_moe)[i] = i >= first_dense && i % freq == 0;
+  return absl::StrCat("first_k_dense_replace = ", first_dense, ", moe_layer_freq = ", freq);
+}
+
+// arch.moe_layers, by the family's rule.
+absl::Status ReadMoeLayers(const Reader& r, absl::string_view origin, absl::string_view path, MoeArch* arch) {
+  const MoeFamily f = arch->family;
+  std::vector<bool> is_moe(static_cast<size_t>(arch->num_layers), true);
+  absl::StatusOr<std::string> rule = std::string("every layer");
+  if (IsQwen(f)) {
+    rule = QwenMoeLayers(r, *arch, &is_moe);
+  } else if (IsDeepseekStyle(f) && r.Has("mlp_layer_types")) {
+    rule = MlpLayerTypes(r, origin, *arch, &is_moe);
+  } else if (IsDeepseekStyle(f)) {
+    rule = DeepseekMoeLayers(r, *arch, &is_moe);
+  }
+  if (!rule.ok()) return rule.status();
+  for (int i = 0; i < arch->num_layers; ++i) {
+    if (is_moe[i]) arch->moe_layers.push_back(i);
+  }
+  if (arch->moe_layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": no MoE layer among the ", arch->num_layers,
+                                                   " layers (", path, *rule, ")"));
+  }
+  return absl::OkStatus();
+}
+
+// E from whichever of the family's count keys the config has (they must agree), then k and I.
+absl::Status ReadExpertShape(const Reader& r, absl::string_view origin, const MoeKeys& keys,
+                             const std::string& needed, MoeArch* arch) {
+  MoeArch& a = *arch;
+  const char* count_key = nullptr;
+  for (const char* k : keys.count_keys) {
+    if (!r.Has(k)) continue;
+    int n = 0;
+    KT_ASSIGN_OR_RETURN(n, r.Int(k, 1, kMaxExperts, std::nullopt));
+    if (count_key != nullptr && n != a.num_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": ", r.Key(count_key), " (", a.num_experts, ") and ", r.Key(k), " (", n,
+                       ") disagree; which one is the expert count is ambiguous"));
+    }
+    count_key = k;
+    a.num_experts = n;
+  }
+  if (count_key == nullptr) return r.Missing(keys.count_keys[0], needed);
+  KT_ASSIGN_OR_RETURN(a.top_k,
+                      r.Int(keys.top_k_key, 1, a.num_experts, std::nullopt, needed, count_key));
+  KT_ASSIGN_OR_RETURN(a.intermediate, r.Int(keys.intermediate_key, 1, kMaxDim, std::nullopt, needed));
+  return absl::OkStatus();
+}
+
+absl::Status ReadSharedExperts(const Reader& r, MoeArch* arch) {
+  MoeArch& a = *arch;
+  const MoeFamily f = a.family;
+  if (f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Next || f == MoeFamily::kQwen35Moe) {
+    KT_ASSIGN_OR_RETURN(a.shared_intermediate, r.Int("shared_expert_intermediate_size", 0, kMaxDim, 0));
+    a.num_shared_experts = a.shared_intermediate > 0 ? 1 : 0;
+  } else if (IsDeepseekStyle(f)) {
+    KT_ASSIGN_OR_RETURN(a.num_shared_experts, r.Int("n_shared_experts", 0, 64, 0));
+    a.shared_intermediate = a.num_shared_experts * a.intermediate;  // <= 2^6 * 2^20: fits.
+  }
+  return absl::OkStatus();
+}
+
+// Scoring, top-k renormalisation, scaling and groups. The defaults, used when a key is absent, are
+// transformers' config-class defaults.
+absl::Status ReadRouting(const Reader& r, MoeArch* arch) {
+  MoeArch& a = *arch;
+  const MoeFamily f = a.family;
+  if (f == MoeFamily::kMixtral) {
+    a.norm_topk_prob = true;  // Mixtral always renormalises the top-k softmax weights.
+  } else {
+    // false for Qwen2-MoE, Qwen3-MoE and DeepSeek-V2; true for Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE (whose
+    // block renormalises; the key is honoured if present), DeepSeek-V3, GLM-4-MoE and MiniMax.
+    const bool fallback =
+        !(f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Moe || f == MoeFamily::kDeepseekV2);
+    KT_ASSIGN_OR_RETURN(a.norm_topk_prob, r.Bool("norm_topk_prob", fallback));
+  }
+  const bool sigmoid_default =
+      f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe || a.architecture == "MiniMaxM2ForCausalLM";
+  a.scoring = sigmoid_default ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
+  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax) {
+    std::string scoring;
+    KT_ASSIGN_OR_RETURN(scoring, r.String("scoring_func"));
+    if (scoring == "softmax") {
+      a.scoring = MoeScoring::kSoftmax;
+    } else if (scoring == "sigmoid") {
+      a.scoring = MoeScoring::kSigmoid;
+    } else if (!scoring.empty()) {
+      return r.Error("scoring_func", "\"softmax\" or \"sigmoid\"", *r.Get("scoring_func"));
+    }
+  }
+  if (f == MoeFamily::kDeepseekV3) {
+    // Required: transformers' DeepseekV3Config defaults it to 2.5, not 1, so an absent key is ambiguous.
+    KT_ASSIGN_OR_RETURN(a.routed_scaling_factor,
+                        r.PositiveNumber("routed_scaling_factor", std::nullopt,
+                                         "DeepSeek-V3 scales the routed experts' sum by it"));
+  } else if (IsDeepseekStyle(f)) {
+    KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.0f));
+  }
+  if (f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe) {
+    absl::Status s = CheckRoutingGroups(r, arch);
+    if (!s.ok()) return s;
+  } else if (f == MoeFamily::kDeepseekV2) {
+    std::string method;
+    KT_ASSIGN_OR_RETURN(method, r.String("topk_method"));
+    if (method == "group_limited_greedy") {
+      absl::Status s = CheckRoutingGroups(r, arch);
+      if (!s.ok()) return s;
+    } else if (!method.empty() && method != "greedy") {
+      return r.Error("topk_method", "\"greedy\" or \"group_limited_greedy\"", *r.Get("topk_method"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// "architectures": exactly one known name; its spec.
+absl::StatusOr<const ArchSpec*> ReadArchitecture(const Reader& top, const json::Value& root,
+                                                 absl::string_view origin, MoeArch* arch) {
+  const json::Value* archs = root.Find("architectures");
+  if (archs == nullptr || archs->is_null()) {
+    return top.Missing("architectures", "it names the model class, e.g. [\"Qwen3MoeForCausalLM\"]");
+  }
+  if (!archs->is_array() || archs->elements().size() != 1 || !archs->elements()[0].is_string()) {
+    return top.Error("architectures", "an array of one string",
+                     archs->is_array() && archs->elements().size() == 1 ? archs->elements()[0] : *archs);
+  }
+  arch->architecture = archs->elements()[0].as_string();
+  for (const ArchSpec& a : kArchs) {
+    if (arch->architecture == a.name) {
+      arch->family = a.family;
+      return &a;
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(origin, ": unknown architecture ",
+                                                 json::Quote(arch->architecture), "; known: ",
+                                                 absl::StrJoin(KnownMoeArchitectures(), ", ")));
+}
+
+}  // namespace
 
 absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view origin) {
   if (text.size() > kMaxConfigBytes) {
@@ -342,27 +510,9 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
   }
   Reader top(origin, &root, "");
 
-  // architectures: exactly one known name.
-  const json::Value* archs = root.Find("architectures");
-  if (archs == nullptr || archs->is_null()) {
-    return top.Missing("architectures", "it names the model class, e.g. [\"Qwen3MoeForCausalLM\"]");
-  }
-  if (!archs->is_array() || archs->elements().size() != 1 || !archs->elements()[0].is_string()) {
-    return top.Error("architectures", "an array of one string",
-                     archs->is_array() && archs->elements().size() == 1 ? archs->elements()[0] : *archs);
-  }
   MoeArch arch;
-  arch.architecture = archs->elements()[0].as_string();
   const ArchSpec* spec = nullptr;
-  for (const ArchSpec& a : kArchs) {
-    if (arch.architecture == a.name) spec = &a;
-  }
-  if (spec == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(origin, ": unknown architecture ", json::Quote(arch.architecture),
-                     "; known: ", absl::StrJoin(KnownMoeArchitectures(), ", ")));
-  }
-  arch.family = spec->family;
+  KT_ASSIGN_OR_RETURN(spec, ReadArchitecture(top, root, origin, &arch));
   KT_ASSIGN_OR_RETURN(arch.model_type, top.String("model_type"));
 
   // Where the text model's keys are.
@@ -401,166 +551,11 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
 
   KT_ASSIGN_OR_RETURN(arch.num_layers, r.Int("num_hidden_layers", 1, kMaxLayers, std::nullopt, needed));
   KT_ASSIGN_OR_RETURN(arch.hidden, r.Int("hidden_size", 1, kMaxDim, std::nullopt, needed));
-
-  // Expert count.
-  const char* count_key = nullptr;
-  for (const char* k : keys.count_keys) {
-    if (!r.Has(k)) continue;
-    int n = 0;
-    KT_ASSIGN_OR_RETURN(n, r.Int(k, 1, kMaxExperts, std::nullopt));
-    if (count_key != nullptr && n != arch.num_experts) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(origin, ": ", r.Key(count_key), " (", arch.num_experts, ") and ", r.Key(k), " (", n,
-                       ") disagree; which one is the expert count is ambiguous"));
-    }
-    count_key = k;
-    arch.num_experts = n;
-  }
-  if (count_key == nullptr) return r.Missing(keys.count_keys[0], needed);
-  KT_ASSIGN_OR_RETURN(arch.top_k,
-                      r.Int(keys.top_k_key, 1, arch.num_experts, std::nullopt, needed, count_key));
-  KT_ASSIGN_OR_RETURN(arch.intermediate, r.Int(keys.intermediate_key, 1, kMaxDim, std::nullopt, needed));
-
-  // Which layers are MoE.
-  std::vector<bool> is_moe(static_cast<size_t>(arch.num_layers), true);
-  std::string layer_rule;
-  if (IsQwen(f)) {
-    // transformers: MoE iff layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
-    int step = 1;
-    KT_ASSIGN_OR_RETURN(step, r.Int("decoder_sparse_step", 1, kMaxLayers, 1));
-    const json::Value* only = r.Get("mlp_only_layers");
-    std::vector<int> dense;
-    if (only != nullptr && !only->is_null()) {
-      const std::string expected =
-          absl::StrCat("an array of layer indices in [0, num_hidden_layers (", arch.num_layers, "))");
-      if (!only->is_array()) return r.Error("mlp_only_layers", expected, *only);
-      for (const json::Value& e : only->elements()) {
-        if (!e.is_int() || e.as_int() < 0 || e.as_int() >= arch.num_layers) {
-          return r.Error("mlp_only_layers", expected, e);
-        }
-        dense.push_back(static_cast<int>(e.as_int()));
-      }
-    }
-    for (int i = 0; i < arch.num_layers; ++i) is_moe[i] = (i + 1) % step == 0;
-    for (int d : dense) is_moe[d] = false;
-    layer_rule = absl::StrCat("decoder_sparse_step = ", step, ", mlp_only_layers = [",
-                              absl::StrJoin(dense, ", "), "]");
-  } else if (IsDeepseekStyle(f) && r.Has("mlp_layer_types")) {
-    // transformers' newer DeepSeek/GLM configs (DeepSeek-V3.2, GLM-4.7-Flash, GLM-5) list each layer's MLP,
-    // "dense" or "sparse", and their models follow that list; first_k_dense_replace, where also given, must
-    // say the same.
-    const json::Value& types = *r.Get("mlp_layer_types");
-    const std::string expected = absl::StrCat("an array of num_hidden_layers (", arch.num_layers,
-                                              ") strings, each \"dense\" or \"sparse\"");
-    if (!types.is_array() || types.elements().size() != static_cast<size_t>(arch.num_layers)) {
-      return r.Error("mlp_layer_types", expected, types);
-    }
-    for (int i = 0; i < arch.num_layers; ++i) {
-      const json::Value& t = types.elements()[i];
-      if (!t.is_string() || (t.as_string() != "dense" && t.as_string() != "sparse")) {
-        return r.Error("mlp_layer_types", expected, t);
-      }
-      is_moe[i] = t.as_string() == "sparse";
-    }
-    if (r.Has("first_k_dense_replace")) {
-      int first_dense = 0;
-      KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt));
-      for (int i = 0; i < arch.num_layers; ++i) {
-        if (is_moe[i] != (i >= first_dense)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              origin, ": ", r.Key("mlp_layer_types"), " says layer ", i, " is ", is_moe[i] ? "sparse" : "dense",
-              " but ", r.Key("first_k_dense_replace"), " = ", first_dense, " says ", is_moe[i] ? "dense" : "MoE",
-              "; which layers are MoE is ambiguous"));
-        }
-      }
-    }
-    layer_rule = "mlp_layer_types";
-  } else if (IsDeepseekStyle(f)) {
-    // transformers: MoE iff layer >= first_k_dense_replace (and, DeepSeek only, layer % moe_layer_freq == 0).
-    // first_k_dense_replace is required: its transformers default differs by family (V2 0, V3 3, GLM 1),
-    // and every released config states it.
-    int first_dense = 0, freq = 1;
-    KT_ASSIGN_OR_RETURN(first_dense, r.Int("first_k_dense_replace", 0, arch.num_layers, std::nullopt,
-                                           absl::StrCat(arch.architecture,
-                                                        " configs state how many leading layers are dense"),
-                                           "num_hidden_layers"));
-    if (f == MoeFamily::kGlm4Moe) {
-      // Glm4Moe has no moe_layer_freq; a config that sets it to something else means something kt does not
-      // know.
-      KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, 1, 1));
-    } else {
-      KT_ASSIGN_OR_RETURN(freq, r.Int("moe_layer_freq", 1, kMaxLayers, 1));
-    }
-    for (int i = 0; i < arch.num_layers; ++i) is_moe[i] = i >= first_dense && i % freq == 0;
-    layer_rule = absl::StrCat("first_k_dense_replace = ", first_dense, ", moe_layer_freq = ", freq);
-  } else {
-    layer_rule = "every layer";
-  }
-  for (int i = 0; i < arch.num_layers; ++i) {
-    if (is_moe[i]) arch.moe_layers.push_back(i);
-  }
-  if (arch.moe_layers.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(origin, ": no MoE layer among the ", arch.num_layers,
-                                                   " layers (", path, layer_rule, ")"));
-  }
-
-  // Shared experts.
-  if (f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Next || f == MoeFamily::kQwen35Moe) {
-    KT_ASSIGN_OR_RETURN(arch.shared_intermediate, r.Int("shared_expert_intermediate_size", 0, kMaxDim, 0));
-    arch.num_shared_experts = arch.shared_intermediate > 0 ? 1 : 0;
-  } else if (IsDeepseekStyle(f)) {
-    KT_ASSIGN_OR_RETURN(arch.num_shared_experts, r.Int("n_shared_experts", 0, 64, 0));
-    arch.shared_intermediate = arch.num_shared_experts * arch.intermediate;  // <= 2^6 * 2^20: fits.
-  }
-
-  // Routing. The defaults, used when a key is absent, are transformers' config-class defaults.
-  if (f == MoeFamily::kMixtral) {
-    arch.norm_topk_prob = true;  // Mixtral always renormalises the top-k softmax weights.
-  } else {
-    // false for Qwen2-MoE, Qwen3-MoE and DeepSeek-V2; true for Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE (whose
-    // block renormalises; the key is honoured if present), DeepSeek-V3, GLM-4-MoE and MiniMax.
-    const bool fallback =
-        !(f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Moe || f == MoeFamily::kDeepseekV2);
-    KT_ASSIGN_OR_RETURN(arch.norm_topk_prob, r.Bool("norm_topk_prob", fallback));
-  }
-  const bool sigmoid_default =
-      f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe || arch.architecture == "MiniMaxM2ForCausalLM";
-  arch.scoring = sigmoid_default ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
-  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax) {
-    std::string scoring;
-    KT_ASSIGN_OR_RETURN(scoring, r.String("scoring_func"));
-    if (scoring == "softmax") {
-      arch.scoring = MoeScoring::kSoftmax;
-    } else if (scoring == "sigmoid") {
-      arch.scoring = MoeScoring::kSigmoid;
-    } else if (!scoring.empty()) {
-      return r.Error("scoring_func", "\"softmax\" or \"sigmoid\"", *r.Get("scoring_func"));
-    }
-  }
-  if (f == MoeFamily::kDeepseekV3) {
-    // Required: transformers' DeepseekV3Config defaults it to 2.5, not 1, so an absent key is ambiguous.
-    KT_ASSIGN_OR_RETURN(arch.routed_scaling_factor,
-                        r.PositiveNumber("routed_scaling_factor", std::nullopt,
-                                         "DeepSeek-V3 scales the routed experts' sum by it"));
-  } else if (IsDeepseekStyle(f)) {
-    KT_ASSIGN_OR_RETURN(arch.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.0f));
-  }
-  if (f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe) {
-    absl::Status s = CheckRoutingGroups(r, &arch);
-    if (!s.ok()) return s;
-  } else if (f == MoeFamily::kDeepseekV2) {
-    std::string method;
-    KT_ASSIGN_OR_RETURN(method, r.String("topk_method"));
-    if (method == "group_limited_greedy") {
-      absl::Status s = CheckRoutingGroups(r, &arch);
-      if (!s.ok()) return s;
-    } else if (!method.empty() && method != "greedy") {
-      return r.Error("topk_method", "\"greedy\" or \"group_limited_greedy\"", *r.Get("topk_method"));
-    }
-  }
-
-  absl::Status s = ParseQuantization(origin, root, &arch);
-  if (!s.ok()) return s;
+  if (absl::Status s = ReadExpertShape(r, origin, keys, needed, &arch); !s.ok()) return s;
+  if (absl::Status s = ReadMoeLayers(r, origin, path, &arch); !s.ok()) return s;
+  if (absl::Status s = ReadSharedExperts(r, &arch); !s.ok()) return s;
+  if (absl::Status s = ReadRouting(r, &arch); !s.ok()) return s;
+  if (absl::Status s = ParseQuantization(origin, root, &arch); !s.ok()) return s;
   return arch;
 }
 
@@ -580,70 +575,5 @@ absl::StatusOr<MoeArch> LoadMoeConfig(const std::string& dir) {
   if (failed) return absl::DataLossError(absl::StrCat(path, ": read error"));
   return ParseMoeConfig(text, path);
 }
-
-namespace {
-
-absl::Status CheckMoeLayer(const MoeArch& arch, int layer) {
-  if (layer < 0 || layer >= arch.num_layers) {
-    return absl::OutOfRangeError(
-        absl::StrCat(arch.architecture, ": layer ", layer, " out of range [0, ", arch.num_layers, ")"));
-  }
-  if (!arch.IsMoeLayer(layer)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(arch.architecture, ": layer ", layer,
-                     " is dense, not MoE (MoE layers: ", LayerList(arch.moe_layers), ")"));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
-
-absl::StatusOr<ExpertNames> ExpertTensorNames(const MoeArch& arch, int layer, int expert) {
-  absl::Status s = CheckMoeLayer(arch, layer);
-  if (!s.ok()) return s;
-  if (arch.fused_experts()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(arch.architecture,
-                     ": experts are fused (one gate_up_proj and one down_proj per layer), not stored "
-                     "per expert; use FusedExpertTensorNames"));
-  }
-  if (expert < 0 || expert >= arch.num_experts) {
-    return absl::OutOfRangeError(
-        absl::StrCat(arch.architecture, ": expert ", expert, " out of range [0, ", arch.num_experts, ")"));
-  }
-  const std::string base =
-      absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.", expert, ".");
-  ExpertNames names;
-  if (arch.block == "block_sparse_moe") {
-    names.gate = absl::StrCat(base, "w1.weight");
-    names.up = absl::StrCat(base, "w3.weight");
-    names.down = absl::StrCat(base, "w2.weight");
-  } else {
-    names.gate = absl::StrCat(base, "gate_proj.weight");
-    names.up = absl::StrCat(base, "up_proj.weight");
-    names.down = absl::StrCat(base, "down_proj.weight");
-  }
-  return names;
-}
-
-absl::StatusOr<FusedExpertNames> FusedExpertTensorNames(const MoeArch& arch, int layer) {
-  absl::Status s = CheckMoeLayer(arch, layer);
-  if (!s.ok()) return s;
-  if (!arch.fused_experts()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(arch.architecture, ": experts are stored one tensor per expert; use ExpertTensorNames"));
-  }
-  // No ".weight" suffix: these are bare nn.Parameters in transformers (as Qwen3-VL-MoE's index lists them).
-  const std::string base = absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.");
-  return FusedExpertNames{absl::StrCat(base, "gate_up_proj"), absl::StrCat(base, "down_proj")};
-}
-
-absl::StatusOr<std::string> RouterTensorName(const MoeArch& arch, int layer) {
-  absl::Status s = CheckMoeLayer(arch, layer);
-  if (!s.ok()) return s;
-  return absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".gate.weight");
-}
-
-std::string Fp8ScaleInvName(absl::string_view weight_name) { return absl::StrCat(weight_name, "_scale_inv"); }
 
 }  // namespace kt

@@ -12,13 +12,14 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "kt/io/file_util.h"
+#include "kt/io/gguf_internal.h"
 #include "kt/io/json.h"
 
 namespace kt {
 
-namespace {
+using namespace gguf_internal;  // NOLINT: gguf_internal.h is shared with gguf_writer.cc.
 
-constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian uint32.
+namespace gguf_internal {
 
 // Block geometry of each supported ggml type, checked against ggml.h / ggml-common.h:
 //   Q4_0: {fp16 d; uint8 qs[16]}                                        32 elements, 18 bytes
@@ -33,12 +34,6 @@ constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian uint3
 //   Q5_K: {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]} 256, 176
 //   Q6_K: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}        256, 210
 //   Q8_K: {float d; int8 qs[256]; int16 bsums[16]}                      256, 292
-struct GgmlTypeEntry {
-  GgmlType type;
-  const char* name;
-  uint64_t block;  // Elements per block.
-  uint64_t size;   // Bytes per block.
-};
 
 constexpr GgmlTypeEntry kGgmlTypes[] = {
     {GgmlType::kF32, "F32", 1, 4},      {GgmlType::kF16, "F16", 1, 2},       {GgmlType::kQ4_0, "Q4_0", 32, 18},
@@ -62,9 +57,6 @@ const GgmlTypeEntry& Entry(GgmlType type) {
   return e != nullptr ? *e : kGgmlTypes[0];  // Only an out-of-enum value cast in lands on the fallback.
 }
 
-constexpr const char* kValueTypeNames[] = {"UINT8",  "INT8",  "UINT16", "INT16",  "UINT32", "INT32", "FLOAT32",
-                                           "BOOL",   "STRING", "ARRAY", "UINT64", "INT64",  "FLOAT64"};
-constexpr uint32_t kNumValueTypes = 13;
 
 // Bytes of one scalar of this type in the file; 0 for STRING and ARRAY.
 uint64_t ScalarSize(GgufValueType type) {
@@ -111,6 +103,10 @@ absl::Status Invalid(absl::string_view origin, absl::string_view message) {
 absl::Status Wrap(const absl::Status& s, absl::string_view prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
 }
+
+}  // namespace gguf_internal
+
+namespace {
 
 // Bounds-checked little-endian reads over the whole file. Errors are relative ("truncated: ..."); the caller
 // adds the file and the key or tensor.
@@ -270,6 +266,10 @@ absl::Status ReadValue(Reader& r, GgufValueType type, int depth, GgufValue* out)
   return absl::OkStatus();
 }
 
+}  // namespace
+
+namespace gguf_internal {
+
 bool ProductFits(absl::Span<const uint64_t> dims, uint64_t* out) {
   uint64_t n = 1;
   for (const uint64_t d : dims) {
@@ -300,6 +300,10 @@ absl::Status CheckAlignment(const GgufValue& v, absl::string_view prefix, uint64
   *out = v.uint_value();
   return absl::OkStatus();
 }
+
+}  // namespace gguf_internal
+
+namespace {
 
 absl::Status ParseTensorInfo(Reader& r, uint64_t index, absl::string_view origin, GgufTensorInfo* info) {
   const std::string where = absl::StrCat(origin, ": tensor #", index, ": ");
@@ -333,87 +337,6 @@ absl::Status ParseTensorInfo(Reader& r, uint64_t index, absl::string_view origin
 }
 
 }  // namespace
-
-std::string GgufValueTypeName(GgufValueType type) {
-  const uint32_t id = static_cast<uint32_t>(type);
-  if (id < kNumValueTypes) return kValueTypeNames[id];
-  return absl::StrCat("type ", id);
-}
-
-GgufValue GgufValue::Float32(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return Float32Bits(bits);
-}
-
-GgufValue GgufValue::Float64(double v) {
-  uint64_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return Float64Bits(bits);
-}
-
-GgufValue GgufValue::String(std::string v) {
-  GgufValue out;
-  out.type_ = GgufValueType::kString;
-  out.str_ = std::move(v);
-  return out;
-}
-
-GgufValue GgufValue::Array(GgufValueType element_type, std::vector<GgufValue> elements) {
-  GgufValue out;
-  out.type_ = GgufValueType::kArray;
-  out.element_type_ = element_type;
-  out.elements_ = std::move(elements);
-  return out;
-}
-
-bool GgufValue::is_unsigned() const {
-  return type_ == GgufValueType::kUint8 || type_ == GgufValueType::kUint16 || type_ == GgufValueType::kUint32 ||
-         type_ == GgufValueType::kUint64;
-}
-
-bool GgufValue::is_signed() const {
-  return type_ == GgufValueType::kInt8 || type_ == GgufValueType::kInt16 || type_ == GgufValueType::kInt32 ||
-         type_ == GgufValueType::kInt64;
-}
-
-bool GgufValue::is_float() const {
-  return type_ == GgufValueType::kFloat32 || type_ == GgufValueType::kFloat64;
-}
-
-double GgufValue::float_value() const {
-  if (type_ == GgufValueType::kFloat32) {
-    const uint32_t b = static_cast<uint32_t>(bits_);
-    float f;
-    std::memcpy(&f, &b, sizeof(f));
-    return f;
-  }
-  if (type_ == GgufValueType::kFloat64) {
-    double d;
-    std::memcpy(&d, &bits_, sizeof(d));
-    return d;
-  }
-  return 0;
-}
-
-bool GgufValue::operator==(const GgufValue& other) const {
-  if (type_ != other.type_) return false;
-  if (type_ == GgufValueType::kArray) {
-    return element_type_ == other.element_type_ && elements_ == other.elements_;
-  }
-  return bits_ == other.bits_ && str_ == other.str_;
-}
-
-std::string GgufValue::DebugString() const {
-  if (is_array()) {
-    return absl::StrCat("ARRAY<", GgufValueTypeName(element_type_), ">[", elements_.size(), "]");
-  }
-  if (is_string()) return absl::StrCat("STRING ", Q(str_));
-  if (is_signed()) return absl::StrCat(GgufValueTypeName(type_), " ", int_value());
-  if (is_float()) return absl::StrCat(GgufValueTypeName(type_), " ", float_value());
-  if (type_ == GgufValueType::kBool) return bits_ != 0 ? "BOOL true" : "BOOL false";
-  return absl::StrCat(GgufValueTypeName(type_), " ", bits_);
-}
 
 const char* GgmlTypeName(GgmlType type) { return Entry(type).name; }
 uint64_t GgmlBlockSize(GgmlType type) { return Entry(type).block; }
@@ -455,113 +378,11 @@ uint64_t GgufTensorInfo::num_elements() const {
   return n;
 }
 
-const GgufTensorInfo* GgufHeader::Find(absl::string_view name) const {
-  auto it = std::lower_bound(by_name.begin(), by_name.end(), name,
-                             [this](size_t i, absl::string_view b) { return absl::string_view(tensors[i].name) < b; });
-  if (it == by_name.end() || tensors[*it].name != name) return nullptr;
-  return &tensors[*it];
-}
-
-const GgufValue* GgufHeader::FindMetadata(absl::string_view key) const {
-  auto it = metadata.find(std::string(key));
-  return it == metadata.end() ? nullptr : &it->second;
-}
-
 namespace {
 
-// The value for `key` or NotFound; on success `*prefix` is "file: metadata "key": ".
-absl::StatusOr<const GgufValue*> Lookup(const GgufHeader& h, absl::string_view key, std::string* prefix) {
-  const GgufValue* v = h.FindMetadata(key);
-  if (v == nullptr) {
-    return absl::NotFoundError(absl::StrCat(h.origin, ": no metadata key ", Q(key), " (the file has ",
-                                            h.metadata.size(), " keys)"));
-  }
-  *prefix = absl::StrCat(h.origin, ": metadata ", Q(key), ": ");
-  return v;
-}
-
-absl::Status Mismatch(absl::string_view prefix, absl::string_view expected, const GgufValue& v) {
-  return absl::InvalidArgumentError(absl::StrCat(prefix, "expected ", expected, ", found ", v.DebugString()));
-}
-
-}  // namespace
-
-absl::StatusOr<uint64_t> GgufHeader::GetUint(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->is_unsigned()) return (*v)->uint_value();
-  if ((*v)->is_signed()) {
-    if ((*v)->int_value() >= 0) return static_cast<uint64_t>((*v)->int_value());
-    return absl::InvalidArgumentError(
-        absl::StrCat(prefix, "is ", (*v)->int_value(), ", expected a non-negative integer"));
-  }
-  return Mismatch(prefix, "an unsigned integer", **v);
-}
-
-absl::StatusOr<int64_t> GgufHeader::GetInt(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->is_signed()) return (*v)->int_value();
-  if ((*v)->is_unsigned()) {
-    if ((*v)->uint_value() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-      return static_cast<int64_t>((*v)->uint_value());
-    }
-    return absl::InvalidArgumentError(absl::StrCat(prefix, "is ", (*v)->uint_value(), ", beyond INT64_MAX"));
-  }
-  return Mismatch(prefix, "an integer", **v);
-}
-
-absl::StatusOr<double> GgufHeader::GetFloat(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->is_float()) return (*v)->float_value();
-  return Mismatch(prefix, "FLOAT32 or FLOAT64", **v);
-}
-
-absl::StatusOr<bool> GgufHeader::GetBool(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->type() == GgufValueType::kBool) return (*v)->bool_value();
-  return Mismatch(prefix, "BOOL", **v);
-}
-
-absl::StatusOr<std::string> GgufHeader::GetString(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->is_string()) return (*v)->string_value();
-  return Mismatch(prefix, "STRING", **v);
-}
-
-absl::StatusOr<const GgufValue*> GgufHeader::GetArray(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if ((*v)->is_array()) return *v;
-  return Mismatch(prefix, "ARRAY", **v);
-}
-
-absl::StatusOr<std::vector<std::string>> GgufHeader::GetStringArray(absl::string_view key) const {
-  std::string prefix;
-  absl::StatusOr<const GgufValue*> v = Lookup(*this, key, &prefix);
-  if (!v.ok()) return v.status();
-  if (!(*v)->is_array() || (*v)->element_type() != GgufValueType::kString) {
-    return Mismatch(prefix, "ARRAY<STRING>", **v);
-  }
-  std::vector<std::string> out;
-  out.reserve((*v)->elements().size());
-  for (const GgufValue& e : (*v)->elements()) out.push_back(e.string_value());
-  return out;
-}
-
-absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view origin) {
-  GgufHeader h;
-  h.origin = std::string(origin);
-  Reader r(file);
+// The magic, the version and the two counts; the counts are checked against what the file can hold.
+absl::Status ReadPreamble(Reader& r, absl::string_view origin, GgufHeader* h, uint64_t* tensor_count,
+                          uint64_t* kv_count) {
   uint32_t magic;
   absl::Status s = r.U32("the magic", &magic);
   if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": not a GGUF file: "));
@@ -570,28 +391,31 @@ absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view o
                                            "expected 47 47 55 46 (\"GGUF\")",
                                            magic & 0xFF, (magic >> 8) & 0xFF, (magic >> 16) & 0xFF, magic >> 24));
   }
-  s = r.U32("the version", &h.version);
+  s = r.U32("the version", &h->version);
   if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": "));
-  if (h.version != 2 && h.version != 3) {
-    const uint32_t swapped = __builtin_bswap32(h.version);
-    return Invalid(origin, absl::StrCat("unsupported GGUF version ", h.version, " (supported: 2, 3",
+  if (h->version != 2 && h->version != 3) {
+    const uint32_t swapped = __builtin_bswap32(h->version);
+    return Invalid(origin, absl::StrCat("unsupported GGUF version ", h->version, " (supported: 2, 3",
                                         swapped == 2 || swapped == 3 ? "; is this a big-endian file?" : "",
-                                        h.version == 1 ? "; version 1 files predate 64-bit counts" : "", ")"));
+                                        h->version == 1 ? "; version 1 files predate 64-bit counts" : "", ")"));
   }
-  uint64_t tensor_count = 0, kv_count = 0;
-  s = r.U64("tensor_count", &tensor_count);
-  if (s.ok()) s = r.U64("metadata_kv_count", &kv_count);
+  s = r.U64("tensor_count", tensor_count);
+  if (s.ok()) s = r.U64("metadata_kv_count", kv_count);
   if (!s.ok()) return Wrap(s, absl::StrCat(origin, ": "));
   // A tensor info takes at least 24 bytes (name length, n_dims, type, offset) and a key/value at least 13
   // (key length, value type, one byte): counts beyond what the file can hold are rejected before anything
   // is allocated.
-  if (tensor_count > r.remaining() / 24 || kv_count > r.remaining() / 13 ||
-      tensor_count * 24 + kv_count * 13 > r.remaining()) {
-    return Invalid(origin, absl::StrCat("truncated or corrupt: tensor_count ", tensor_count, " and metadata_kv_count ",
-                                        kv_count, " need at least 24 and 13 bytes each, but only ", r.remaining(),
+  if (*tensor_count > r.remaining() / 24 || *kv_count > r.remaining() / 13 ||
+      *tensor_count * 24 + *kv_count * 13 > r.remaining()) {
+    return Invalid(origin, absl::StrCat("truncated or corrupt: tensor_count ", *tensor_count, " and metadata_kv_count ",
+                                        *kv_count, " need at least 24 and 13 bytes each, but only ", r.remaining(),
                                         " bytes follow the header"));
   }
+  return absl::OkStatus();
+}
 
+absl::Status ReadMetadata(Reader& r, absl::string_view origin, uint64_t kv_count, GgufHeader* h) {
+  absl::Status s;
   for (uint64_t i = 0; i < kv_count; ++i) {
     std::string key;
     s = r.String("key", &key);
@@ -604,44 +428,42 @@ absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view o
     s = ReadValue(r, type, 0, &value);
     if (!s.ok()) return Wrap(s, prefix);
     if (key == "general.alignment") {
-      s = CheckAlignment(value, prefix, &h.alignment);
+      s = CheckAlignment(value, prefix, &h->alignment);
       if (!s.ok()) return s;
     }
-    if (!h.metadata.emplace(std::move(key), std::move(value)).second) {
+    if (!h->metadata.emplace(std::move(key), std::move(value)).second) {
       return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate key (metadata #", i, ")"));
     }
   }
+  return absl::OkStatus();
+}
 
-  h.tensors.resize(tensor_count);
+// The tensor infos, indexed by name (a name may appear once).
+absl::Status ReadTensorInfos(Reader& r, absl::string_view origin, uint64_t tensor_count, GgufHeader* h) {
+  absl::Status s;
+  h->tensors.resize(tensor_count);
   for (uint64_t i = 0; i < tensor_count; ++i) {
-    s = ParseTensorInfo(r, i, origin, &h.tensors[i]);
+    s = ParseTensorInfo(r, i, origin, &h->tensors[i]);
     if (!s.ok()) return s;
   }
-  h.by_name.resize(tensor_count);
-  for (uint64_t i = 0; i < tensor_count; ++i) h.by_name[i] = i;
-  std::sort(h.by_name.begin(), h.by_name.end(),
-            [&h](size_t a, size_t b) { return h.tensors[a].name < h.tensors[b].name; });
-  for (size_t i = 1; i < h.by_name.size(); ++i) {
-    const GgufTensorInfo& a = h.tensors[h.by_name[i - 1]];
-    const GgufTensorInfo& b = h.tensors[h.by_name[i]];
+  h->by_name.resize(tensor_count);
+  for (uint64_t i = 0; i < tensor_count; ++i) h->by_name[i] = i;
+  std::sort(h->by_name.begin(), h->by_name.end(),
+            [h](size_t a, size_t b) { return h->tensors[a].name < h->tensors[b].name; });
+  for (size_t i = 1; i < h->by_name.size(); ++i) {
+    const GgufTensorInfo& a = h->tensors[h->by_name[i - 1]];
+    const GgufTensorInfo& b = h->tensors[h->by_name[i]];
     if (a.name == b.name) {
       return Invalid(origin, absl::StrCat("duplicate tensor ", Q(a.name), " (tensors #",
-                                          std::min(h.by_name[i - 1], h.by_name[i]), " and #",
-                                          std::max(h.by_name[i - 1], h.by_name[i]), ")"));
+                                          std::min(h->by_name[i - 1], h->by_name[i]), " and #",
+                                          std::max(h->by_name[i - 1], h->by_name[i]), ")"));
     }
   }
+  return absl::OkStatus();
+}
 
-  h.data_offset = AlignUp(r.pos(), h.alignment);  // pos <= file size, alignment <= 2^31: no overflow.
-  if (h.data_offset > file.size()) {
-    if (tensor_count > 0) {
-      return Invalid(origin, absl::StrCat("truncated: the data section starts at byte ", h.data_offset,
-                                          " (the tensor infos end at ", r.pos(), ", aligned to ", h.alignment,
-                                          "), beyond the file of ", file.size(), " bytes"));
-    }
-    h.data_offset = file.size();  // No tensors: the padding may be left out.
-  }
-  h.data_size = file.size() - h.data_offset;
-
+// Every tensor aligned, inside the data section, and apart from the others.
+absl::Status CheckPlacement(absl::string_view origin, const GgufHeader& h) {
   std::vector<const GgufTensorInfo*> by_offset;
   for (const GgufTensorInfo& t : h.tensors) {
     const std::string prefix = absl::StrCat(origin, ": tensor ", Q(t.name), ": ");
@@ -671,6 +493,30 @@ absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view o
     }
     if (furthest == nullptr || t->offset + t->nbytes > furthest->offset + furthest->nbytes) furthest = t;
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<GgufHeader> ParseGguf(absl::string_view file, absl::string_view origin) {
+  GgufHeader h;
+  h.origin = std::string(origin);
+  Reader r(file);
+  uint64_t tensor_count = 0, kv_count = 0;
+  if (absl::Status s = ReadPreamble(r, origin, &h, &tensor_count, &kv_count); !s.ok()) return s;
+  if (absl::Status s = ReadMetadata(r, origin, kv_count, &h); !s.ok()) return s;
+  if (absl::Status s = ReadTensorInfos(r, origin, tensor_count, &h); !s.ok()) return s;
+  h.data_offset = AlignUp(r.pos(), h.alignment);  // pos <= file size, alignment <= 2^31: no overflow.
+  if (h.data_offset > file.size()) {
+    if (tensor_count > 0) {
+      return Invalid(origin, absl::StrCat("truncated: the data section starts at byte ", h.data_offset,
+                                          " (the tensor infos end at ", r.pos(), ", aligned to ", h.alignment,
+                                          "), beyond the file of ", file.size(), " bytes"));
+    }
+    h.data_offset = file.size();  // No tensors: the padding may be left out.
+  }
+  h.data_size = file.size() - h.data_offset;
+  if (absl::Status s = CheckPlacement(origin, h); !s.ok()) return s;
   return h;
 }
 
@@ -681,142 +527,6 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
   absl::StatusOr<GgufHeader> header = ParseGguf(map->view(), path);
   if (!header.ok()) return header.status();
   return std::unique_ptr<GgufFile>(new GgufFile(*std::move(map), *std::move(header)));
-}
-
-// ---- Writer ----
-
-namespace {
-
-void PutUint(std::string* out, uint64_t v, int size) {
-  for (int i = 0; i < size; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-
-void PutString(std::string* out, absl::string_view s) {
-  PutUint(out, s.size(), 8);
-  out->append(s.data(), s.size());
-}
-
-absl::Status PutValue(std::string* out, const GgufValue& v, int depth) {
-  const uint32_t id = static_cast<uint32_t>(v.type());
-  if (id >= kNumValueTypes) return absl::InvalidArgumentError(absl::StrCat("unknown value type ", id));
-  if (v.is_string()) {
-    PutString(out, v.string_value());
-  } else if (v.is_array()) {
-    if (depth >= kGgufMaxArrayDepth) {
-      return absl::InvalidArgumentError(absl::StrCat("arrays nested more than ", kGgufMaxArrayDepth, " deep"));
-    }
-    const uint32_t element_id = static_cast<uint32_t>(v.element_type());
-    if (element_id >= kNumValueTypes) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown array element type ", element_id));
-    }
-    PutUint(out, element_id, 4);
-    PutUint(out, v.elements().size(), 8);
-    for (size_t i = 0; i < v.elements().size(); ++i) {
-      const GgufValue& e = v.elements()[i];
-      if (e.type() != v.element_type()) {
-        return absl::InvalidArgumentError(absl::StrCat("element ", i, " is ", GgufValueTypeName(e.type()),
-                                                       " in an array of ", GgufValueTypeName(v.element_type())));
-      }
-      absl::Status s = PutValue(out, e, depth + 1);
-      if (!s.ok()) return Wrap(s, absl::StrCat("element ", i, ": "));
-    }
-  } else {
-    PutUint(out, v.bits(), static_cast<int>(ScalarSize(v.type())));
-  }
-  return absl::OkStatus();
-}
-
-// Everything before the data section, plus where each tensor goes.
-struct PlannedGguf {
-  std::string header;             // Padded to the alignment.
-  std::vector<uint64_t> padding;  // Zero bytes after each tensor's data.
-};
-
-absl::StatusOr<PlannedGguf> PlanGguf(const GgufMetadata& metadata, const std::vector<GgufTensorToWrite>& tensors) {
-  PlannedGguf plan;
-  std::string& out = plan.header;
-  uint64_t alignment = kGgufDefaultAlignment;
-  PutUint(&out, kMagic, 4);
-  PutUint(&out, 3, 4);
-  PutUint(&out, tensors.size(), 8);
-  PutUint(&out, metadata.size(), 8);
-  std::map<absl::string_view, size_t> seen;
-  for (size_t i = 0; i < metadata.size(); ++i) {
-    const std::string& key = metadata[i].first;
-    const GgufValue& value = metadata[i].second;
-    const std::string prefix = absl::StrCat("metadata ", Q(key), ": ");
-    if (!seen.emplace(key, i).second) return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate key"));
-    if (key == "general.alignment") {
-      absl::Status s = CheckAlignment(value, prefix, &alignment);
-      if (!s.ok()) return s;
-    }
-    PutString(&out, key);
-    PutUint(&out, static_cast<uint32_t>(value.type()), 4);
-    absl::Status s = PutValue(&out, value, 0);
-    if (!s.ok()) return Wrap(s, prefix);
-  }
-  std::map<absl::string_view, size_t> names;
-  uint64_t offset = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const GgufTensorToWrite& t = tensors[i];
-    const std::string prefix = absl::StrCat("tensor ", Q(t.name), ": ");
-    if (!names.emplace(t.name, i).second) return absl::InvalidArgumentError(absl::StrCat(prefix, "duplicate name"));
-    if (t.dims.size() > kGgufMaxDims) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(prefix, t.dims.size(), " dims, more than the maximum of ", kGgufMaxDims));
-    }
-    if (FindType(static_cast<uint32_t>(t.type)) == nullptr) {
-      return Wrap(ParseGgmlType(static_cast<uint32_t>(t.type)).status(), prefix);
-    }
-    absl::StatusOr<uint64_t> nbytes = GgmlNbytes(t.type, t.dims);
-    if (!nbytes.ok()) return Wrap(nbytes.status(), prefix);
-    if (*nbytes != t.bytes.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, t.bytes.size(), " bytes given, but ",
-                                                     GgmlTypeName(t.type), " ", DimsString(t.dims), " needs ",
-                                                     *nbytes));
-    }
-    PutString(&out, t.name);
-    PutUint(&out, t.dims.size(), 4);
-    for (const uint64_t d : t.dims) PutUint(&out, d, 8);
-    PutUint(&out, static_cast<uint32_t>(t.type), 4);
-    PutUint(&out, offset, 8);
-    const uint64_t padded = AlignUp(*nbytes, alignment);
-    plan.padding.push_back(padded - *nbytes);
-    if (__builtin_add_overflow(offset, padded, &offset)) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, "the data section exceeds 64 bits"));
-    }
-  }
-  out.append(AlignUp(out.size(), alignment) - out.size(), '\0');
-  return plan;
-}
-
-}  // namespace
-
-absl::StatusOr<std::string> SerializeGguf(const GgufMetadata& metadata,
-                                          const std::vector<GgufTensorToWrite>& tensors) {
-  absl::StatusOr<PlannedGguf> plan = PlanGguf(metadata, tensors);
-  if (!plan.ok()) return plan.status();
-  std::string out = std::move(plan->header);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    out.append(reinterpret_cast<const char*>(tensors[i].bytes.data()), tensors[i].bytes.size());
-    out.append(plan->padding[i], '\0');
-  }
-  return out;
-}
-
-absl::Status WriteGguf(const std::string& path, const GgufMetadata& metadata,
-                       const std::vector<GgufTensorToWrite>& tensors) {
-  absl::StatusOr<PlannedGguf> plan = PlanGguf(metadata, tensors);
-  if (!plan.ok()) return Wrap(plan.status(), absl::StrCat(path, ": "));
-
-  return WriteFileAtomically(path, [&](FileSink& out) {
-    absl::Status status = out.Write(plan->header);
-    for (size_t i = 0; i < tensors.size() && status.ok(); ++i) {
-      status = out.Write(tensors[i].bytes.data(), tensors[i].bytes.size());
-      if (status.ok()) status = out.WriteZeros(plan->padding[i]);
-    }
-    return status;
-  });
 }
 
 }  // namespace kt

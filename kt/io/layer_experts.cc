@@ -143,9 +143,16 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::Open(const std::stri
     return absl::InvalidArgumentError(absl::StrCat(path, ": __metadata__.layout is not \"", m->layout,
                                                    "\" as the manifest says"));
   }
-  le->tensors_.assign(static_cast<size_t>(le->e_) * 9, nullptr);
-  const MethodLayout& ml = le->layout_;
-  for (int e = 0; e < le->e_; ++e) {
+  if (absl::Status st = le->FindConvertedTensors(path); !st.ok()) return st;
+  return le;
+}
+
+// Every expert's tensors in the converted layer file, with the dtypes and shapes of the layout.
+absl::Status LayerExperts::FindConvertedTensors(const std::string& path) {
+  tensors_.assign(static_cast<size_t>(e_) * 9, nullptr);
+  const MethodLayout& ml = layout_;
+  const int64_t expect_shapes[3][2] = {{i_, h_}, {i_, h_}, {h_, i_}};
+  for (int e = 0; e < e_; ++e) {
     for (int p = 0; p < 3; ++p) {
       const int64_t n = expect_shapes[p][0], k = expect_shapes[p][1];
       struct Part {
@@ -165,20 +172,20 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::Open(const std::stri
       }
       for (size_t q = 0; q < parts.size(); ++q) {
         const std::string name = ConvertedTensorName(e, kMatrixNames[p], parts[q].part);
-        const TensorInfo* t = le->file_->Find(name);
+        const TensorInfo* t = file_->Find(name);
         if (t == nullptr) {
           return absl::NotFoundError(absl::StrCat(path, ": tensor \"", name, "\" is missing (expected ",
                                                   DtypeName(parts[q].dtype), " ", ShapeString(parts[q].shape),
                                                   ")"));
         }
-        absl::StatusOr<const TensorInfo*> ok = le->file_->Expect(name, parts[q].dtype, parts[q].shape);
+        absl::StatusOr<const TensorInfo*> ok = file_->Expect(name, parts[q].dtype, parts[q].shape);
         if (!ok.ok()) return ok.status();
-        le->tensors_[(static_cast<size_t>(e) * 3 + p) * 3 + q] = t;
-        le->weight_bytes_ += t->num_bytes();
+        tensors_[(static_cast<size_t>(e) * 3 + p) * 3 + q] = t;
+        weight_bytes_ += t->num_bytes();
       }
     }
   }
-  return le;
+  return absl::OkStatus();
 }
 
 MoeArch ResolveExpertLayout(const MoeArch& arch, const Checkpoint& ckpt, int layer) {

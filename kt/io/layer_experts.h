@@ -97,6 +97,7 @@ class LayerExperts {
  private:
   LayerExperts() = default;
   absl::Status CheckExpert(int expert, const char* fn) const;
+  absl::Status FindConvertedTensors(const std::string& path);
 
   bool converted_ = false;
   int layer_ = 0;

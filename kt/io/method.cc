@@ -1,6 +1,8 @@
 #include "kt/io/method.h"
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/str_join.h"
 
 namespace kt {
@@ -63,6 +65,22 @@ std::string MethodNotLoadableReason(absl::string_view method) {
            "layout (kt-int4-group128-sym-v1) is what --method AMXINT4_KGroup --group-size 128 writes and loads";
   }
   return "";
+}
+
+absl::StatusOr<std::string> SftBaseMethod(absl::string_view sft_method) {
+  absl::string_view base = sft_method;
+  absl::ConsumeSuffix(&base, "_SkipLoRA");
+  // The original's SFT names are the AMX inference names with "_SFT" (AMXBF16 for BF16).
+  if (absl::ConsumeSuffix(&base, "_SFT") && absl::StartsWith(base, "AMX")) {
+    if (base == "AMXBF16") return std::string("BF16");
+    for (const Entry& e : kEntries) {
+      if (base == e.method) return std::string(base);
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown SFT method \"", sft_method,
+                                                 "\"; SFT methods are AMXBF16_SFT, AMXINT8_SFT, AMXINT4_SFT, "
+                                                 "AMXINT4_1_SFT, AMXINT4_KGroup_SFT, AMXINT4_1KGroup_SFT and "
+                                                 "their _SkipLoRA variants"));
 }
 
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {

@@ -43,6 +43,11 @@ std::string MethodNotLoadableReason(absl::string_view method);
 // Every method LayoutOfMethod maps, in documentation order.
 std::vector<std::string> ConvertibleMethods();
 
+// The inference method whose frozen base weights an SFT method holds: AMXBF16_SFT -> BF16, AMXINT8_SFT ->
+// AMXINT8, AMXINT4_KGroup_SFT -> AMXINT4_KGroup, ...; a "_SkipLoRA" suffix (the same base without LoRA) is
+// dropped first. InvalidArgument naming the method for anything else.
+absl::StatusOr<std::string> SftBaseMethod(absl::string_view sft_method);
+
 }  // namespace kt
 
 #endif  // KT_IO_METHOD_H_

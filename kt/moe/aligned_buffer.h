@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <memory>
 
-#include "kt/moe/memory.h"
+#include "kt/runtime/memory.h"
 
 namespace kt {
 namespace moe_internal {

@@ -37,7 +37,7 @@
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/synthetic.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 namespace {

@@ -33,7 +33,7 @@
 #include "kt/moe/expert_format.h"
 #include "kt/moe/packed_experts.h"
 #include "kt/moe/routing.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 

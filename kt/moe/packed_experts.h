@@ -23,7 +23,7 @@
 #include "kt/kernels/quant.h"
 #include "kt/moe/aligned_buffer.h"
 #include "kt/moe/expert_format.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 

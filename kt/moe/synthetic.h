@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "kt/kernels/dtype.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 

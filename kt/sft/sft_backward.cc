@@ -21,12 +21,8 @@ using sft_internal::RowsAt;
 
 absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
                                    float* grad_weights, bool accumulate, float grad_scale) {
-  if (stack_.empty()) {
-    return absl::FailedPreconditionError(
-        "backward without a cached forward: run forward(..., save_for_backward=True) first (each "
-        "backward consumes the newest cached forward)");
-  }
-  if (grad_output == nullptr || grad_input == nullptr || grad_weights == nullptr) {
+  if (stack_.empty()) return sft_internal::NoCachedForward();
+  if (stack_.back()->qlen > 0 && (grad_output == nullptr || grad_input == nullptr || grad_weights == nullptr)) {
     return absl::InvalidArgumentError("backward: grad_output, grad_input and grad_weights must not be null");
   }
   if (!std::isfinite(grad_scale)) return absl::InvalidArgumentError("backward: grad_scale must be finite");

@@ -25,15 +25,15 @@ absl::Status SftMoeLayer::CheckForward(int qlen, int k, const int64_t* ids, cons
   if (rank_ > 0 && !lora_set_) {
     return absl::FailedPreconditionError("forward_sft before the LoRA weights are set (init_lora_weights)");
   }
-  if (qlen < 1 || qlen > config_.moe.max_len) {
-    return absl::InvalidArgumentError(absl::StrCat("qlen = ", qlen, " must be in [1, max_len = ",
+  if (qlen < 0 || qlen > config_.moe.max_len) {
+    return absl::InvalidArgumentError(absl::StrCat("qlen = ", qlen, " must be in [0, max_len = ",
                                                    config_.moe.max_len, "]"));
   }
   if (k < 1 || k > config_.moe.top_k) {
     return absl::InvalidArgumentError(
         absl::StrCat("k = ", k, " must be in [1, top_k = ", config_.moe.top_k, "]"));
   }
-  if (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr) {
+  if (qlen > 0 && (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr)) {
     return absl::InvalidArgumentError("forward_sft: ids, weights, input and output must not be null");
   }
   if (save_for_backward && static_cast<int>(stack_.size()) >= config_.max_cache_depth) {
@@ -73,6 +73,10 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
                                   const float* weights, const bf16_t* input, bf16_t* output,
                                   bool save_for_backward) {
   if (absl::Status s = CheckForward(qlen, k, ids, weights, input, output, save_for_backward); !s.ok()) return s;
+  if (qlen == 0) {  // An empty batch: an empty entry for its backward, nothing to compute.
+    if (save_for_backward) Route(PushEntry(), 0, k, ids);
+    return absl::OkStatus();
+  }
   EnsureWorkspace(pool);
   Cache& c = save_for_backward ? PushEntry() : ScratchEntry();
   Route(c, qlen, k, ids);

@@ -305,6 +305,21 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
   }
 }
 
+namespace sft_internal {
+
+absl::Status NoCachedForward() {
+  return absl::FailedPreconditionError(
+      "backward without a cached forward: run forward(..., save_for_backward=True) first (each "
+      "backward consumes the newest cached forward)");
+}
+
+}  // namespace sft_internal
+
+absl::StatusOr<std::pair<int, int>> SftMoeLayer::NextBackwardShape() const {
+  if (stack_.empty()) return sft_internal::NoCachedForward();
+  return std::make_pair(stack_.back()->qlen, stack_.back()->k);
+}
+
 void SftMoeLayer::Route(Cache& c, int qlen, int k, const int64_t* ids) const {
   c.qlen = qlen;
   c.k = k;

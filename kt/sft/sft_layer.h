@@ -35,11 +35,11 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
-#include "kt/moe/memory.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/packed_experts.h"
 #include "kt/moe/routing.h"
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/memory.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 
@@ -95,7 +95,7 @@ struct SftForwardCache {
   std::vector<int64_t> ids;
   std::vector<float> weights;
   template <typename T>
-  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/runtime/memory.h)
   Buf<bf16_t> input;               // [qlen, H]
   ExpertRouting routing;           // rows by expert; a row's (token, slot) index is routing.row_slot[row]
   Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
@@ -117,7 +117,7 @@ class SftWorkspace {
  private:
   friend class SftMoeLayer;
   template <typename T>
-  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
+  using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/runtime/memory.h)
   Buf<bf16_t> rows_h;     // [rows, ldh]: forward gathered x; backward grad_y (bf16)
   Buf<int8_t> q_rows_h;   // quantized formats: the same rows quantized [rows, ldh]
   Buf<float> s_rows_h;    //   and their scales [rows][groups of H] (1 group unless a group format)
@@ -196,7 +196,9 @@ class SftMoeLayer {
 
   // output[qlen, H] = sum_j w_tj y_tj (bf16). With save_for_backward the activations backward needs are
   // pushed on the cache stack; FailedPrecondition when max_cache_depth caches are already waiting (on this
-  // layer, or with a shared pool on all layers sharing it), leaving everything unchanged.
+  // layer, or with a shared pool on all layers sharing it), leaving everything unchanged. qlen 0 is a valid
+  // (empty) batch, as in inference: nothing is computed, the pointers may be null, and with
+  // save_for_backward an empty entry is cached, whose Backward gives empty gradients and LoRA gradients 0.
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, bf16_t* output, bool save_for_backward);
 
@@ -210,6 +212,9 @@ class SftMoeLayer {
                         float* grad_weights, bool accumulate = false, float grad_scale = 1.0f);
 
   int cache_depth() const { return static_cast<int>(stack_.size()); }
+  // (qlen, k) of the forward the next Backward consumes (the newest cached one): the shapes of its
+  // grad_output, grad_input and grad_weights. FailedPrecondition, as Backward's, when none is cached.
+  absl::StatusOr<std::pair<int, int>> NextBackwardShape() const;
   const SftConfig& config() const { return config_; }
   Isa isa() const { return isa_; }
   ExpertFormat format() const { return base_->format(); }

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
 #include "kt/moe/routing.h"
@@ -15,6 +16,9 @@
 
 namespace kt {
 namespace sft_internal {
+
+// FailedPrecondition for a backward (or NextBackwardShape) with no cached forward.
+absl::Status NoCachedForward();
 
 // Work units (routing.h, shared with MoeLayer::Forward): column blocks of kPanelsPerTask panels (48 columns;
 // the AVX512-BF16 kernel's register block), kPanelsPerTaskAmx (128 columns) on AMX where re-reading A rows

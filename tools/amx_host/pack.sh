@@ -13,7 +13,7 @@ targets=(
   //kt/kernels:activation_test //kt/kernels:quant_test //kt/kernels:gemm_int8_test
   //kt/kernels:gemm_int8_benchmark //kt/kernels:gemm_int4_test //kt/kernels:gemm_int4_benchmark
   //kt/kernels:act_quant_test //kt/kernels:quant_fast_test //kt/kernels:quant_fast_benchmark
-  //kt/moe:thread_pool_test //kt/moe:memory_test //kt/moe:moe_layer_test
+  //kt/runtime:thread_pool_test //kt/runtime:memory_test //kt/moe:moe_layer_test
   //kt/sft:sft_reference_test //kt/sft:sft_layer_test //kt/kernels:lora_kernels_test
   //kt/kernels:hwy_dispatch_test //kt/kernels:lora_kernels_benchmark
   //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt

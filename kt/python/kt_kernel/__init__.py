@@ -10,7 +10,7 @@ from . import _native
 from .experts import INFERENCE_METHODS, KT_INFERENCE_EXTENSIONS, SFT_METHODS, KTMoEWrapper
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .masks import generate_gpu_experts_masks
-from .utils.amx import NativeMoEWrapper
+from .utils.native import NativeMoEWrapper
 
 #: The kernel path in use, in KT_ISA spelling (scalar, avx2, avx512, avx512_vnni, avx512_bf16, amx).
 __cpu_variant__: str = _native.ISA

@@ -33,9 +33,12 @@ from typing import List, Optional
 
 import torch
 
+from ._args import InferenceArgs, SftArgs
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
-from .utils.amx import AMXMoEWrapper, NativeMoEWrapper
+from .methods import METHOD_FORMATS
+from .utils.amx import AMXMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
+from .utils.native import NativeMoEWrapper
 
 __all__ = [
     "KTMoEWrapper",
@@ -90,20 +93,15 @@ SFT_METHODS = frozenset(
     ]
 )
 
-# Inference methods kt implements, with their backend class.
-_INFERENCE_BACKENDS = {
-    "BF16": NativeMoEWrapper,
-    "AMXINT8": AMXMoEWrapper,
-    "MOE_INT8": GeneralMoEWrapper,
-    "AMXINT4": AMXMoEWrapper,
-    "MOE_INT4": GeneralMoEWrapper,
-    "AMXINT4_KGroup": AMXMoEWrapper,
-    "AMXINT4_1KGroup": AMXMoEWrapper,
-    "MOE_INT4_KGroup": GeneralMoEWrapper,
-    "MOE_INT4_1KGroup": GeneralMoEWrapper,
-    "AMXINT4_1": AMXMoEWrapper,
-    "MOE_INT4_1": GeneralMoEWrapper,
-}
+# Inference methods kt implements (the C++ method table's loadable ones), with their backend class: the
+# portable kernels for MOE_*, AMX tiles where present for the others.
+def _backend_of(method: str):
+    if method == "BF16":
+        return NativeMoEWrapper
+    return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
+
+
+_INFERENCE_BACKENDS = {method: _backend_of(method) for method in METHOD_FORMATS}
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
@@ -118,7 +116,49 @@ _PLANNED = {
 class KTMoEWrapper:
     """Factory for the CPU backend of one MoE layer's routed experts (inference or SFT).
 
-    ``KTMoEWrapper(...)`` returns the backend for ``mode``/``method``; see ``__new__`` for the arguments.
+    ``KTMoEWrapper(...)`` returns the backend for ``mode``/``method``.
+
+    Args:
+        layer_idx: Index of the layer (>= 0).
+        num_experts: Number of routed experts E.
+        num_experts_per_tok: Experts per token (top-k).
+        hidden_size: Hidden size H.
+        moe_intermediate_size: Intermediate size I of one expert.
+        gpu_experts_mask: bool CPU tensor [E] or None (all experts on the CPU). ``mask[e] = True``:
+            expert e runs on the GPU, so the CPU result skips it. The tensor is kept and read at every
+            forward, so flipping its bits later takes effect. Inference only.
+        cpuinfer_threads: Worker threads (one pool shared by all layers of the process; see
+            ``kt_kernel._native``).
+        threadpool_count: NUMA sub-pools of the original; accepted, not split yet (one pool).
+        weight_path: Folder ``load_weights`` reads (inference): a Hugging Face checkpoint with bf16
+            experts (quantized at load for the integer methods) or a ``kt convert`` folder of this
+            method's layout. None when weights come from ``load_weights_from_tensors`` (the only way
+            SFT wrappers load their weights).
+        chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
+        cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
+        max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
+            None or 0.
+        method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
+        numa_nodes: NUMA node of each sub-pool (None: sequential).
+        mode: "inference" or "sft".
+        group_size: K-group size (32, 64, 128) of the K-group int4 methods (inference extensions
+            AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
+            moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
+        num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
+        share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
+            max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
+            method and max_cache_depth share one cache pool holding max_cache_depth forwards in total,
+            which is valid only when one layer's caches are alive at a time (activation
+            recomputation); see ``kt_kernel.sft.amx``.
+
+    Returns:
+        A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16", ``AMXMoEWrapper`` for the
+        AMX* methods, ``GeneralMoEWrapper`` for MOE_*), a ``kt_kernel.sft.amx.AMXSFTMoEWrapper`` for SFT.
+
+    Raises:
+        ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
+        NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4, FP8,
+            FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 
     def __new__(
@@ -151,68 +191,12 @@ class KTMoEWrapper:
         # Activation-cache storage (SFT only)
         share_cache_pool: bool = False,
     ):
-        """Creates the backend for ``mode`` and ``method``.
-
-        Args:
-            layer_idx: Index of the layer (>= 0).
-            num_experts: Number of routed experts E.
-            num_experts_per_tok: Experts per token (top-k).
-            hidden_size: Hidden size H.
-            moe_intermediate_size: Intermediate size I of one expert.
-            gpu_experts_mask: bool CPU tensor [E] or None (all experts on the CPU). ``mask[e] = True``:
-                expert e runs on the GPU, so the CPU result skips it. The tensor is kept and read at every
-                forward, so flipping its bits later takes effect. Inference only.
-            cpuinfer_threads: Worker threads (one pool shared by all layers of the process; see
-                ``kt_kernel._native``).
-            threadpool_count: NUMA sub-pools of the original; accepted, not split yet (one pool).
-            weight_path: Folder ``load_weights`` reads (inference): a Hugging Face checkpoint with bf16
-                experts (quantized at load for the integer methods) or a ``kt convert`` folder of this
-                method's layout. None when weights come from ``load_weights_from_tensors`` (the only way
-                SFT wrappers load their weights).
-            chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
-            cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
-            max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
-                None or 0.
-            method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
-            numa_nodes: NUMA node of each sub-pool (None: sequential).
-            mode: "inference" or "sft".
-            group_size: K-group size (32, 64, 128) of the K-group int4 methods (inference extensions
-                AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
-                moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
-            num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
-            share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
-                max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
-                method and max_cache_depth share one cache pool holding max_cache_depth forwards in total,
-                which is valid only when one layer's caches are alive at a time (activation
-                recomputation); see ``kt_kernel.sft.amx``.
-
-        Returns:
-            A ``BaseMoEWrapper`` for inference (``NativeMoEWrapper`` for "BF16", ``AMXMoEWrapper`` for the
-            AMX* methods, ``GeneralMoEWrapper`` for MOE_*), a ``kt_kernel.sft.amx.AMXSFTMoEWrapper`` for SFT.
-
-        Raises:
-            ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-            NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4, FP8,
-                FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
-        """
+        """Creates the backend for ``mode`` and ``method`` (the arguments: see the class docstring)."""
         # Validate mode
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: '{mode}'. Supported modes: 'inference', 'sft'")
 
-        # The layer's arguments both modes take.
-        layer = dict(
-            layer_idx=layer_idx,
-            num_experts=num_experts,
-            num_experts_per_tok=num_experts_per_tok,
-            hidden_size=hidden_size,
-            moe_intermediate_size=moe_intermediate_size,
-            cpuinfer_threads=cpuinfer_threads,
-            threadpool_count=threadpool_count,
-            weight_path=weight_path,
-            chunked_prefill_size=chunked_prefill_size,
-        )
-
-        # Validate method matches mode
+        # The layer's arguments, as each mode's backend takes them.
         if mode == "inference":
             if method not in INFERENCE_METHODS and method not in KT_INFERENCE_EXTENSIONS:
                 raise ValueError(
@@ -220,29 +204,22 @@ class KTMoEWrapper:
                     f"Supported methods: {sorted(INFERENCE_METHODS)}"
                 )
             return _create_inference_wrapper(
-                **layer,
-                gpu_experts_mask=gpu_experts_mask,
-                cpu_save=cpu_save,
-                max_deferred_experts_per_token=max_deferred_experts_per_token,
-                method=method,
-                numa_nodes=numa_nodes,
-                group_size=group_size,
+                InferenceArgs(
+                    layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
+                    gpu_experts_mask, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
+                    cpu_save, max_deferred_experts_per_token, method, numa_nodes, group_size,
+                )
             )
-
         if method not in SFT_METHODS:
             raise ValueError(
                 f"Method '{method}' not supported for SFT mode. " f"Supported methods: {sorted(SFT_METHODS)}"
             )
         return _create_sft_wrapper(
-            **layer,
-            num_gpu_experts=num_gpu_experts,
-            method=method,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            max_cache_depth=max_cache_depth,
-            group_size=group_size,
-            zero_point=zero_point,
-            share_cache_pool=share_cache_pool,
+            SftArgs(
+                layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size, num_gpu_experts,
+                cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size, lora_rank, lora_alpha,
+                max_cache_depth, method, group_size, zero_point, share_cache_pool=share_cache_pool,
+            )
         )
 
     @staticmethod
@@ -272,20 +249,20 @@ class KTMoEWrapper:
         KExpertsSFTBuffer.clear_cache()
 
 
-def _create_inference_wrapper(method: str, **kwargs) -> BaseMoEWrapper:
-    """Builds the inference backend for ``method`` (already checked to be in INFERENCE_METHODS)."""
-    backend_cls = _INFERENCE_BACKENDS.get(method)
+def _create_inference_wrapper(args: InferenceArgs) -> BaseMoEWrapper:
+    """Builds the inference backend for ``args.method`` (already checked to be in INFERENCE_METHODS)."""
+    backend_cls = _INFERENCE_BACKENDS.get(args.method)
     if backend_cls is None:
-        planned = _PLANNED.get(method, "a later issue")
+        planned = _PLANNED.get(args.method, "a later issue")
         raise NotImplementedError(
-            f"KTMoEWrapper: method '{method}' is not implemented yet in kt (planned: {planned}); "
+            f"KTMoEWrapper: method '{args.method}' is not implemented yet in kt (planned: {planned}); "
             f"implemented inference methods: {sorted(_INFERENCE_BACKENDS)}"
         )
-    return backend_cls(method=method, **kwargs)
+    return backend_cls(args)
 
 
-def _create_sft_wrapper(**kwargs):
+def _create_sft_wrapper(args: SftArgs):
     """Builds the SFT backend (``kt_kernel.sft``, imported only here so inference users never load it)."""
     from .sft.amx import AMXSFTMoEWrapper
 
-    return AMXSFTMoEWrapper(**kwargs)
+    return AMXSFTMoEWrapper(args)

@@ -1,7 +1,7 @@
 """Backend-independent parts of the inference wrappers: configuration checks, the expert mask, buffer
 bookkeeping and the methods every backend has.
 
-A backend (see ``kt_kernel.utils.amx.NativeMoEWrapper``) implements ``load_weights_from_tensors`` and
+A backend (see ``kt_kernel.utils.native.NativeMoEWrapper``) implements ``load_weights_from_tensors`` and
 ``forward``; what it does not implement raises NotImplementedError naming the method.
 """
 
@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _native
+from ._args import InferenceArgs
 from ._checks import check_int, check_moe_shape, check_tensor
 
 
@@ -66,61 +67,51 @@ class BaseMoEWrapper:
     so all threads form one pool and results are the same.
     """
 
-    def __init__(
-        self,
-        layer_idx: int,
-        num_experts: int,
-        num_experts_per_tok: int,
-        hidden_size: int,
-        moe_intermediate_size: int,
-        gpu_experts_mask: Optional[torch.Tensor],
-        cpuinfer_threads: int,
-        threadpool_count: int,
-        weight_path: str,
-        chunked_prefill_size: int,
-        cpu_save: bool = False,
-        max_deferred_experts_per_token: Optional[int] = None,
-        method: str = "AMXINT4",
-        numa_nodes: Optional[List[int]] = None,
-    ):
-        shape = check_moe_shape(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size)
+    def __init__(self, *args, **kwargs):
+        """Takes an ``InferenceArgs`` (``kt_kernel._args``), or its fields as the original constructor did."""
+        a = InferenceArgs.of(args, kwargs)
+        self.args = a
+        shape = check_moe_shape(
+            a.layer_idx, a.num_experts, a.num_experts_per_tok, a.hidden_size, a.moe_intermediate_size
+        )
         self.layer_idx, self.num_experts, self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size = shape
-        self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, minimum=1)
-        self.threadpool_count = check_int("threadpool_count", threadpool_count, minimum=1)
-        self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, minimum=1)
-        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
+        self.cpuinfer_threads = check_int("cpuinfer_threads", a.cpuinfer_threads, minimum=1)
+        self.threadpool_count = check_int("threadpool_count", a.threadpool_count, minimum=1)
+        self.chunked_prefill_size = check_int("chunked_prefill_size", a.chunked_prefill_size, minimum=1)
+        if a.weight_path is not None and not isinstance(a.weight_path, (str, os.PathLike)):
             raise TypeError(
                 f"weight_path must be a str, an os.PathLike (e.g. pathlib.Path) or None, got "
-                f"{type(weight_path).__name__}"
+                f"{type(a.weight_path).__name__}"
             )
-        self.weight_path = None if weight_path is None else os.fspath(weight_path)
+        self.weight_path = None if a.weight_path is None else os.fspath(a.weight_path)
         if isinstance(self.weight_path, bytes):
             raise TypeError("weight_path must be a text path, got bytes")
-        self.cpu_save = bool(cpu_save)
-        self.method = method
+        self.cpu_save = bool(a.cpu_save)
+        self.method = a.method
+        numa_nodes = a.numa_nodes
         if numa_nodes is not None:
             numa_nodes = [check_int(f"numa_nodes[{i}]", n, minimum=0) for i, n in enumerate(numa_nodes)]
-            if len(numa_nodes) != threadpool_count:
+            if len(numa_nodes) != a.threadpool_count:
                 raise ValueError(
-                    f"numa_nodes must list one node per sub-pool (threadpool_count={threadpool_count}), "
+                    f"numa_nodes must list one node per sub-pool (threadpool_count={a.threadpool_count}), "
                     f"got {len(numa_nodes)}: {numa_nodes}"
                 )
         self.numa_nodes = numa_nodes
-        if max_deferred_experts_per_token:
-            check_int("max_deferred_experts_per_token", max_deferred_experts_per_token, minimum=0)
+        if a.max_deferred_experts_per_token:
+            check_int("max_deferred_experts_per_token", a.max_deferred_experts_per_token, minimum=0)
             # Deferring changes results (deferred experts land one layer late): refuse rather than ignore.
             raise NotImplementedError(
                 f"{type(self).__name__}: max_deferred_experts_per_token="
-                f"{max_deferred_experts_per_token} (deferred experts) is not implemented yet in kt; "
+                f"{a.max_deferred_experts_per_token} (deferred experts) is not implemented yet in kt; "
                 "pass None or 0"
             )
-        self.max_deferred_experts_per_token = max_deferred_experts_per_token
+        self.max_deferred_experts_per_token = a.max_deferred_experts_per_token
 
         # Read by C++ at every forward (so flipping bits later takes effect): this very tensor is kept, and
         # checked again at every forward (see _checked_mask).
-        self.gpu_experts_mask = gpu_experts_mask
+        self.gpu_experts_mask = a.gpu_experts_mask
 
-        _native.get_thread_pool(cpuinfer_threads)
+        _native.get_thread_pool(a.cpuinfer_threads)
 
     # -- the GPU expert mask ----------------------------------------------------------------------------
 
@@ -180,7 +171,7 @@ class BaseMoEWrapper:
 
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Loads the experts from ``weight_path``: implemented by the backends (``NativeMoEWrapper`` and its
-        subclasses, kt_kernel/utils/amx.py); a backend without it raises NotImplementedError."""
+        subclasses, kt_kernel/utils/native.py); a backend without it raises NotImplementedError."""
         raise self._not_implemented(
             "load_weights (reading weights from weight_path; weight file IO comes later — use "
             "load_weights_from_tensors)"

@@ -20,12 +20,13 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/layer_loader.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/moe/thread_pool.h"
-#include "kt/python/src/weight_loader.h"
 #include "kt/python/src/common.h"
+#include "kt/runtime/thread_pool.h"
 #include "pybind11/pybind11.h"
 #include "pybind11/stl.h"
 
@@ -206,6 +207,35 @@ PYBIND11_MODULE(_kt, m) {
         return IsaSupported(*isa, GetCpuFeatures());
       },
       py::arg("name"), "Whether this CPU can run the named kernel path.");
+
+  m.def(
+      "method_table",
+      []() {
+        py::list rows;
+        for (const std::string& method : ConvertibleMethods()) {
+          absl::StatusOr<MethodLayout> layout = LayoutOfMethod(method);
+          if (!layout.ok()) ThrowStatus(layout.status());
+          py::dict row;
+          row["method"] = method;
+          row["format"] = std::string(ExpertFormatName(ExpertFormatOfLayout(*layout)));
+          row["layout"] = layout->tag;
+          row["takes_group_size"] = MethodTakesGroupSize(method);
+          row["not_loadable"] = MethodNotLoadableReason(method);
+          rows.append(row);
+        }
+        return rows;
+      },
+      "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
+      "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
+      "yet ('' when one can).");
+  m.def(
+      "sft_base_method",
+      [](const std::string& sft_method) {
+        absl::StatusOr<std::string> base = SftBaseMethod(sft_method);
+        if (!base.ok()) ThrowStatus(base.status());
+        return *base;
+      },
+      py::arg("sft_method"), "The inference method whose base weights an SFT method holds (ValueError if none).");
 
   py::class_<ThreadPool>(m, "ThreadPool",
                          "Persistent worker threads (the caller of a compute call counts as one).")

@@ -14,8 +14,8 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_layer.h"
-#include "kt/moe/thread_pool.h"
 #include "kt/python/src/common.h"
+#include "kt/runtime/thread_pool.h"
 #include "kt/sft/sft_layer.h"
 #include "pybind11/pybind11.h"
 
@@ -91,9 +91,8 @@ class PySftLayer {
   std::unique_ptr<SftMoeLayer> layer_;
 };
 
-}  // namespace
-
-void RegisterSftBindings(py::module_& m) {
+// The objects several layers may share: transposed weights, the workspace and the cache pool.
+void RegisterSharedSftObjects(py::module_& m) {
   py::class_<SftBackwardWeights, std::shared_ptr<SftBackwardWeights>>(
       m, "SftBackwardWeights",
       "Transposed base weights for SFT backward; one object may be shared by all layers of one shape "
@@ -127,7 +126,12 @@ void RegisterSftBindings(py::module_& m) {
       .def_property_readonly("max_cache_depth", &SftCachePool::max_cache_depth)
       .def_property_readonly("live", &SftCachePool::live)
       .def_property_readonly("bytes", &SftCachePool::bytes);
+}
 
+}  // namespace
+
+void RegisterSftBindings(py::module_& m) {
+  RegisterSharedSftObjects(m);
   py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
                     int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>,
@@ -192,6 +196,19 @@ void RegisterSftBindings(py::module_& m) {
           },
           py::arg("pool"), py::arg("grad_output"), py::arg("grad_input"), py::arg("grad_weights"),
           py::arg("accumulate"), py::arg("grad_scale"))
+      .def(
+          "next_backward_shape",
+          [](const PySftLayer& s) {
+            absl::StatusOr<std::pair<int, int>> shape;
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(ComputeMutex());  // a compute call may be changing the stack
+              shape = s.layer().NextBackwardShape();
+            }
+            if (!shape.ok()) ThrowStatus(shape.status());
+            return *shape;
+          },
+          "(qlen, k) of the cached forward the next backward consumes; RuntimeError when none is cached.")
       .def_property_readonly("cache_depth", [](const PySftLayer& s) { return s.layer().cache_depth(); })
       .def_property_readonly("rank", [](const PySftLayer& s) { return s.layer().rank(); })
       .def_property_readonly("isa", [](const PySftLayer& s) { return std::string(IsaName(s.layer().isa())); })

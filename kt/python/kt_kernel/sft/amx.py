@@ -1,6 +1,6 @@
 """``AMXSFTMoEWrapper``: the SFT methods of the original kt-kernel on kt's C++ ``SftMoeLayer``.
 
-Method -> frozen base format (each on the best kernel path of the CPU, ``kt_kernel.__cpu_variant__``; AMX
+Method -> frozen base format (C++'s method table decides it: ``kt_kernel.methods.sft_base_format``; each on the best kernel path of the CPU, ``kt_kernel.__cpu_variant__``; AMX
 tiles where present, else AVX512-BF16/VNNI, Highway AVX3/AVX2 or scalar):
 
 =========================  ==========================================================================
@@ -41,75 +41,29 @@ naming the layers that hold its entries; nothing is lost (their backwards still 
 from __future__ import annotations
 
 from .. import _native
+from .._args import SftArgs
 from .._checks import check_bool, check_int
+from ..methods import sft_base_format
 from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
 
 _SKIP_SUFFIX = "_SkipLoRA"
 
 
-def _base_format(method: str, group_size: int) -> str:
-    base = method[: -len(_SKIP_SUFFIX)] if method.endswith(_SKIP_SUFFIX) else method
-    if base == "AMXBF16_SFT":
-        return "bf16"
-    if base == "AMXINT8_SFT":
-        return "int8"
-    if base == "AMXINT4_SFT":
-        return "int4"
-    if base == "AMXINT4_1_SFT":
-        return "int4_asym"
-    if base in ("AMXINT4_KGroup_SFT", "AMXINT4_1KGroup_SFT"):
-        if group_size not in (32, 64, 128):
-            raise ValueError(f"group_size must be 32, 64 or 128 for {method}, got {group_size}")
-        return "int4_group_asym" if base == "AMXINT4_1KGroup_SFT" else "int4_group_sym"
-    raise ValueError(f"unknown SFT method {method!r}")
-
-
 class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
     """SFT backend for the ``AMX*_SFT`` methods (see the module docstring for the formats)."""
 
-    def __init__(
-        self,
-        layer_idx: int,
-        num_experts: int,
-        num_experts_per_tok: int,
-        hidden_size: int,
-        moe_intermediate_size: int,
-        num_gpu_experts: int,
-        cpuinfer_threads: int,
-        threadpool_count: int,
-        weight_path,
-        chunked_prefill_size: int,
-        lora_rank: int = 16,
-        lora_alpha: float = 32.0,
-        max_cache_depth: int = 1,
-        method: str = "AMXBF16_SFT",
-        group_size: int = 128,
-        zero_point: bool = True,
-        share_backward_bb: bool = False,
-        share_cache_pool: bool = False,
-    ):
-        super().__init__(
-            layer_idx=layer_idx,
-            num_experts=num_experts,
-            num_experts_per_tok=num_experts_per_tok,
-            hidden_size=hidden_size,
-            moe_intermediate_size=moe_intermediate_size,
-            num_gpu_experts=num_gpu_experts,
-            cpuinfer_threads=cpuinfer_threads,
-            threadpool_count=threadpool_count,
-            weight_path=weight_path,
-            chunked_prefill_size=chunked_prefill_size,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            max_cache_depth=max_cache_depth,
-            method=method,
-        )
+    def __init__(self, *args, **kwargs):
+        """Takes an ``SftArgs`` (``kt_kernel._args``), or its fields as the original constructor did."""
+        a = SftArgs.of(args, kwargs)
+        super().__init__(a)
+        num_experts, hidden_size, moe_intermediate_size = a.num_experts, a.hidden_size, a.moe_intermediate_size
+        group_size, method = a.group_size, a.method
         self.group_size = check_int("group_size", group_size, 1)
-        self.zero_point = bool(zero_point)
+        self.zero_point = bool(a.zero_point)
         self.skip_lora = method.endswith(_SKIP_SUFFIX)
-        self.share_backward_bb = bool(share_backward_bb)
-        self.share_cache_pool = check_bool("share_cache_pool", share_cache_pool)
-        fmt = _base_format(method, self.group_size)
+        self.share_backward_bb = bool(a.share_backward_bb)
+        self.share_cache_pool = check_bool("share_cache_pool", a.share_cache_pool)
+        fmt = sft_base_format(method, self.group_size)
         isa = _native.ISA
         bwd = None
         if self.share_backward_bb:
@@ -128,21 +82,21 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
             # entries per use, so this key is about not mixing two models' layers, whose caches may be alive
             # at the same time, rather than about sizes.)
             key = (
-                "cache_pool", self.max_cache_depth, num_experts, num_experts_per_tok, hidden_size,
-                moe_intermediate_size, chunked_prefill_size, lora_rank, method, self.group_size,
+                "cache_pool", self.max_cache_depth, num_experts, a.num_experts_per_tok, hidden_size,
+                moe_intermediate_size, a.chunked_prefill_size, a.lora_rank, method, self.group_size,
             )
             cache_pool = KExpertsSFTBuffer.get(
                 key, lambda: _native._kt.SftCachePool(max_cache_depth=self.max_cache_depth)
             )
         self._layer = _native._kt.SftMoeLayer(
             num_experts=num_experts,
-            top_k=num_experts_per_tok,
+            top_k=a.num_experts_per_tok,
             hidden=hidden_size,
             intermediate=moe_intermediate_size,
-            max_len=chunked_prefill_size,
-            lora_rank=lora_rank,
-            lora_alpha=float(lora_alpha),
-            max_cache_depth=max_cache_depth,
+            max_len=a.chunked_prefill_size,
+            lora_rank=a.lora_rank,
+            lora_alpha=float(a.lora_alpha),
+            max_cache_depth=a.max_cache_depth,
             skip_lora=self.skip_lora,
             isa=isa,
             format=fmt,

@@ -110,9 +110,9 @@ class KTMoEFunction(torch.autograd.Function):
         else:
             save = phase in (PLAIN, RECOMPUTE)
             backend = layer.backend
-            if save and len(backend._pending) >= backend.max_cache_depth:
+            if save and backend.cache_depth >= backend.max_cache_depth:
                 raise RuntimeError(
-                    f"kt layer {layer.layer_idx}: {len(backend._pending)} forward(s) with gradients already wait "
+                    f"kt layer {layer.layer_idx}: {backend.cache_depth} forward(s) with gradients already wait "
                     f"for their backward and kt_max_cache_depth={backend.max_cache_depth}; run evaluation under "
                     "torch.no_grad(), run backward before the next forward, or raise kt_max_cache_depth for "
                     "several forwards before one backward"
@@ -132,7 +132,7 @@ class KTMoEFunction(torch.autograd.Function):
         layer = ctx.layer
         backend = layer.backend
         x, ids, w = ctx.saved_tensors
-        if not backend._pending:
+        if backend.cache_depth == 0:
             # No cache for this layer: the forward kept none and no recompute pass ran; run it now.
             backend.forward(x, ids, w, save_for_backward=True)
         g = grad_output.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
 from .. import _native
+from .._args import SftArgs
 from .._checks import (
     check_expert_map,
     check_expert_weights,
@@ -51,44 +52,30 @@ class BaseSFTMoEWrapper:
     H = hidden_size, I = moe_intermediate_size, r = lora_rank.
     """
 
-    def __init__(
-        self,
-        layer_idx: int,
-        num_experts: int,
-        num_experts_per_tok: int,
-        hidden_size: int,
-        moe_intermediate_size: int,
-        num_gpu_experts: int,
-        cpuinfer_threads: int,
-        threadpool_count: int,
-        weight_path,
-        chunked_prefill_size: int,
-        lora_rank: int,
-        lora_alpha: float,
-        max_cache_depth: int,
-        method: str,
-    ):
-        shape = check_moe_shape(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size)
+    def __init__(self, a: SftArgs):
+        self.args = a
+        shape = check_moe_shape(
+            a.layer_idx, a.num_experts, a.num_experts_per_tok, a.hidden_size, a.moe_intermediate_size
+        )
         self.layer_idx, self.num_experts, self.num_experts_per_tok, self.hidden_size, self.moe_intermediate_size = shape
-        self.num_gpu_experts = check_int("num_gpu_experts", num_gpu_experts, 0)
+        self.num_gpu_experts = check_int("num_gpu_experts", a.num_gpu_experts, 0)
         if self.num_gpu_experts != 0:
             raise NotImplementedError(
                 f"num_gpu_experts={self.num_gpu_experts}: SFT with experts on the GPU is not implemented yet in "
                 "kt; all experts run on the CPU (num_gpu_experts=0)"
             )
-        self.cpuinfer_threads = check_int("cpuinfer_threads", cpuinfer_threads, 1)
-        self.threadpool_count = check_int("threadpool_count", threadpool_count, 1)
-        self.weight_path = weight_path
-        self.chunked_prefill_size = check_int("chunked_prefill_size", chunked_prefill_size, 1)
-        self.lora_rank = check_int("lora_rank", lora_rank, 1)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-            raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
-        self.lora_alpha = float(lora_alpha)
-        self.max_cache_depth = check_int("max_cache_depth", max_cache_depth, 1)
-        self.method = method
+        self.cpuinfer_threads = check_int("cpuinfer_threads", a.cpuinfer_threads, 1)
+        self.threadpool_count = check_int("threadpool_count", a.threadpool_count, 1)
+        self.weight_path = a.weight_path
+        self.chunked_prefill_size = check_int("chunked_prefill_size", a.chunked_prefill_size, 1)
+        self.lora_rank = check_int("lora_rank", a.lora_rank, 1)
+        if isinstance(a.lora_alpha, bool) or not isinstance(a.lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {type(a.lora_alpha).__name__}")
+        self.lora_alpha = float(a.lora_alpha)
+        self.max_cache_depth = check_int("max_cache_depth", a.max_cache_depth, 1)
+        self.method = a.method
         self._lora: Tuple[torch.Tensor, ...] = ()
         self._lora_ptrs: Tuple[int, ...] = ()
-        self._pending: List[Tuple[int, int]] = []  # (qlen, k) of cached forwards, newest last
         _native.get_thread_pool(self.cpuinfer_threads)
 
     @property
@@ -250,19 +237,18 @@ class BaseSFTMoEWrapper:
             raise RuntimeError(
                 f"{type(self).__name__} (layer {self.layer_idx}): forward before init_lora_weights"
             )
-        if save_for_backward and len(self._pending) >= self.max_cache_depth:
+        depth = self._layer.cache_depth  # the C++ layer's stack: this layer's waiting forwards
+        if save_for_backward and depth >= self.max_cache_depth:
             raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}): {len(self._pending)} forward(s) already wait "
+                f"{type(self).__name__} (layer {self.layer_idx}): {depth} forward(s) already wait "
                 f"for their backward and max_cache_depth={self.max_cache_depth}; call backward first or "
                 "create the wrapper with a larger max_cache_depth"
             )
         if self._lora and tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:
             self._push_lora()  # a LoRA tensor's .data was replaced: follow it
+        # The C++ layer keeps the cache stack (its depth limit, shared pools, the shape each backward needs);
+        # an empty batch (qlen 0) is an entry there too.
         output = torch.empty((qlen, H), dtype=torch.bfloat16)
-        if qlen == 0:  # nothing to compute or cache; backward knows an empty entry by its qlen
-            if save_for_backward:
-                self._pending.append((0, k))
-            return output
         self._layer.forward(
             self._pool(),
             qlen,
@@ -273,8 +259,6 @@ class BaseSFTMoEWrapper:
             output.data_ptr(),
             bool(save_for_backward),
         )
-        if save_for_backward:
-            self._pending.append((qlen, k))
         return output
 
     def backward(
@@ -295,12 +279,7 @@ class BaseSFTMoEWrapper:
             into the grad tensors of init_lora_weights (experts with no tokens: 0, or unchanged when
             accumulating).
         """
-        if not self._pending:
-            raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}): backward without a cached forward; call "
-                "forward(..., save_for_backward=True) first (each backward consumes the newest cached forward)"
-            )
-        qlen, k = self._pending[-1]
+        qlen, k = self._layer.next_backward_shape()  # RuntimeError when no forward is cached
         check_tensor("grad_output", grad_output, torch.bfloat16, (qlen, self.hidden_size), "[qlen, hidden_size]")
         if isinstance(optimizer_grad_scale, bool) or not isinstance(optimizer_grad_scale, (int, float)):
             raise TypeError(f"optimizer_grad_scale must be a number, got {type(optimizer_grad_scale).__name__}")
@@ -308,12 +287,6 @@ class BaseSFTMoEWrapper:
             self._push_lora()
         grad_input = torch.empty((qlen, self.hidden_size), dtype=torch.bfloat16)
         grad_weights = torch.empty((qlen, k), dtype=torch.float32)
-        if qlen == 0:  # no token reached any expert: every LoRA gradient is 0 (unchanged when accumulating)
-            if not accumulate_optimizer_grads:
-                for g in self._lora[6:]:
-                    g.zero_()
-            self._pending.pop()
-            return grad_input, grad_weights
         self._layer.backward(
             self._pool(),
             grad_output.data_ptr(),
@@ -322,7 +295,6 @@ class BaseSFTMoEWrapper:
             bool(accumulate_optimizer_grads),
             float(optimizer_grad_scale),
         )
-        self._pending.pop()
         return grad_input, grad_weights
 
     def _needs_lora(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
+from .._args import SftArgs
 from .amx import AMXSFTMoEWrapper
 from .arch import extract_expert_weights, find_experts, get_moe_arch, is_fused_experts, num_routed_experts
 from .config import KTConfig
@@ -46,7 +47,6 @@ def wrap_moe_layers_with_kt_wrapper(
         raise ValueError(
             f"{type(model).__name__}: config.num_experts_per_tok={top_k!r}; expected the top-k as an int >= 1"
         )
-    method = cfg.method
     share_pool = cfg.share_cache_pool(gradient_checkpointing)
     retain = cfg.cpu_policy == "retain"
     if share_pool and retain:
@@ -61,23 +61,35 @@ def wrap_moe_layers_with_kt_wrapper(
     blocks = list(find_experts(model, arch))
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no MoE block with experts found (already wrapped?)")
-    wrappers = []
-    for layer_idx, block, attr, experts in blocks:
-        where = f"layer {layer_idx} ({type(experts).__name__})"
-        if isinstance(experts, KTMoELayerWrapper):
-            raise ValueError(f"{where}: already wrapped by kt")
-        if not is_fused_experts(experts):
-            raise NotImplementedError(
-                f"{where}: per-expert ModuleList experts (transformers 4 layout, remote code) are routed by the "
-                "block itself, not through experts(hidden_states, top_k_index, top_k_weights); kt wraps "
-                "transformers 5 fused experts (gate_up_proj/down_proj)"
-            )
-        gate, up, down = extract_expert_weights(experts, where)
-        E, I, H = gate.shape
-        declared = num_routed_experts(tc)
-        if declared not in (None, E):
-            raise ValueError(f"{where}: {E} experts in the weights, {declared} routed experts in the config")
-        backend = AMXSFTMoEWrapper(
+    wrappers = [
+        _wrap_block(cfg, tc, layer_idx, block, attr, experts, top_k, share_pool, retain, generator)
+        for layer_idx, block, attr, experts in blocks
+    ]
+    wrappers.sort(key=lambda w: w.layer_idx)
+    model.kt_config = cfg
+    model._kt_wrappers = wrappers
+    gc.collect()
+    return wrappers
+
+
+def _wrap_block(cfg, tc, layer_idx, block, attr, experts, top_k, share_pool, retain, generator):
+    """Moves one MoE block's experts into a kt backend and puts a ``KTMoELayerWrapper`` in their place."""
+    where = f"layer {layer_idx} ({type(experts).__name__})"
+    if isinstance(experts, KTMoELayerWrapper):
+        raise ValueError(f"{where}: already wrapped by kt")
+    if not is_fused_experts(experts):
+        raise NotImplementedError(
+            f"{where}: per-expert ModuleList experts (transformers 4 layout, remote code) are routed by the "
+            "block itself, not through experts(hidden_states, top_k_index, top_k_weights); kt wraps "
+            "transformers 5 fused experts (gate_up_proj/down_proj)"
+        )
+    gate, up, down = extract_expert_weights(experts, where)
+    E, I, H = gate.shape
+    declared = num_routed_experts(tc)
+    if declared not in (None, E):
+        raise ValueError(f"{where}: {E} experts in the weights, {declared} routed experts in the config")
+    backend = AMXSFTMoEWrapper(
+        SftArgs(
             layer_idx=layer_idx,
             num_experts=E,
             num_experts_per_tok=top_k,
@@ -91,36 +103,31 @@ def wrap_moe_layers_with_kt_wrapper(
             lora_rank=cfg.kt_lora_rank,
             lora_alpha=cfg.lora_alpha,
             max_cache_depth=cfg.kt_max_cache_depth,
-            method=method,
+            method=cfg.method,
             group_size=cfg.kt_group_size,
             share_backward_bb=cfg.kt_share_backward_bb,
             share_cache_pool=share_pool,
         )
-        backend.load_weights_from_tensors(gate, up, down)
-        del gate, up, down
-        wrapper = KTMoELayerWrapper(
-            backend,
-            layer_idx=layer_idx,
-            num_experts=E,
-            hidden_size=H,
-            moe_intermediate_size=I,
-            top_k=top_k,
-            lora_rank=cfg.kt_lora_rank,
-            retain_cpu_activations=retain,
-            generator=generator,
-        )
-        setattr(block, attr, wrapper)
-        # Free the PyTorch expert weights (kt copied them).
-        for name in ("gate_up_proj", "down_proj"):
-            if isinstance(getattr(experts, name, None), nn.Parameter):
-                experts._parameters[name] = None
-        del experts
-        wrappers.append(wrapper)
-    wrappers.sort(key=lambda w: w.layer_idx)
-    model.kt_config = cfg
-    model._kt_wrappers = wrappers
-    gc.collect()
-    return wrappers
+    )
+    backend.load_weights_from_tensors(gate, up, down)
+    del gate, up, down
+    wrapper = KTMoELayerWrapper(
+        backend,
+        layer_idx=layer_idx,
+        num_experts=E,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        top_k=top_k,
+        lora_rank=cfg.kt_lora_rank,
+        retain_cpu_activations=retain,
+        generator=generator,
+    )
+    setattr(block, attr, wrapper)
+    # Free the PyTorch expert weights (kt copied them).
+    for name in ("gate_up_proj", "down_proj"):
+        if isinstance(getattr(experts, name, None), nn.Parameter):
+            experts._parameters[name] = None
+    return wrapper
 
 
 def kt_wrappers(model: nn.Module) -> List[KTMoELayerWrapper]:

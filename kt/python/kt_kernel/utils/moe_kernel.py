@@ -10,7 +10,7 @@ same fp32 epilogue, so results equal the AMX methods' bit for bit.
 
 from __future__ import annotations
 
-from .amx import NativeMoEWrapper
+from .native import NativeMoEWrapper
 
 
 class GeneralMoEWrapper(NativeMoEWrapper):

@@ -1,7 +1,7 @@
 // A pool of persistent worker threads with a dynamically scheduled parallel-for. Passed explicitly to
 // whoever needs threads: kt has no hidden global pool in C++.
-#ifndef KT_MOE_THREAD_POOL_H_
-#define KT_MOE_THREAD_POOL_H_
+#ifndef KT_RUNTIME_THREAD_POOL_H_
+#define KT_RUNTIME_THREAD_POOL_H_
 
 #include <atomic>
 #include <condition_variable>
@@ -65,4 +65,4 @@ class ThreadPool {
 
 }  // namespace kt
 
-#endif  // KT_MOE_THREAD_POOL_H_
+#endif  // KT_RUNTIME_THREAD_POOL_H_

@@ -1,4 +1,4 @@
-#include "kt/moe/thread_pool.h"
+#include "kt/runtime/thread_pool.h"
 
 #include <sched.h>
 

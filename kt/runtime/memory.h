@@ -8,8 +8,8 @@
 // per array (under 6% at the threshold). The advice is only advice: where the kernel has no huge page to
 // give, the array is ordinary memory. KT_HUGE_PAGES=0 in the environment turns the advice off (for
 // comparisons, or where THP is unwanted); the alignment stays.
-#ifndef KT_MOE_MEMORY_H_
-#define KT_MOE_MEMORY_H_
+#ifndef KT_RUNTIME_MEMORY_H_
+#define KT_RUNTIME_MEMORY_H_
 
 #include <cstddef>
 #include <cstdlib>
@@ -41,4 +41,4 @@ struct ArrayAllocator {
 
 }  // namespace kt
 
-#endif  // KT_MOE_MEMORY_H_
+#endif  // KT_RUNTIME_MEMORY_H_

@@ -1,4 +1,4 @@
-#include "kt/moe/memory.h"
+#include "kt/runtime/memory.h"
 
 #include <cstring>
 

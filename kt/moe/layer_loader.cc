@@ -1,12 +1,12 @@
-#include "kt/python/src/weight_loader.h"
+#include "kt/moe/layer_loader.h"
 
 #include <chrono>
 #include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kt/io/arch.h"
 #include "kt/io/layer_experts.h"
-#include "kt/io/method.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -17,6 +17,23 @@ using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 }  // namespace
+
+ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout) {
+  if (!layout.quantized) return ExpertFormat::kBf16;
+  switch (layout.spec.format) {
+    case QuantFormat::kInt8PerChannel:
+      return ExpertFormat::kInt8;
+    case QuantFormat::kInt4PerChannel:
+      return ExpertFormat::kInt4;
+    case QuantFormat::kInt4GroupSym:
+      return ExpertFormat::kInt4GroupSym;
+    case QuantFormat::kInt4GroupAsym:
+      return ExpertFormat::kInt4GroupAsym;
+    case QuantFormat::kInt4PerChannelAsym:
+      return ExpertFormat::kInt4Asym;
+  }
+  return ExpertFormat::kBf16;  // Unreachable: every QuantFormat is listed above.
+}
 
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
@@ -100,6 +117,43 @@ absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::st
   if (absl::Status s = moe.FinishLoad(); !s.ok()) return s;
   stats.load_seconds = Since(t0);
   return stats;
+}
+
+
+absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
+                                                ThreadPool& pool) {
+  absl::StatusOr<MethodLayout> layout = LayoutOfMethod(options.method, options.group_size);
+  if (!layout.ok()) return layout.status();
+  absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
+  if (!arch.ok()) return arch.status();
+  if (arch->moe_layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, "/config.json: the model has no MoE layer"));
+  }
+  FolderLayer out;
+  out.layer = options.layer < 0 ? arch->moe_layers.front() : options.layer;
+  out.architecture = arch->architecture;
+  if (!arch->IsMoeLayer(out.layer)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, ": layer ", out.layer, " is not a MoE layer of this ", arch->architecture, " (MoE layers ",
+        arch->moe_layers.front(), "..", arch->moe_layers.back(), " of ", arch->num_layers, ")"));
+  }
+  MoeConfig config;
+  config.num_experts = arch->num_experts;
+  config.top_k = arch->top_k;
+  config.hidden = arch->hidden;
+  config.intermediate = arch->intermediate;
+  config.max_len = options.max_len;
+  // The per-channel layouts have no groups (spec.group_size 0); MoeConfig ignores the field for them.
+  config.group_size = layout->spec.group_size > 0 ? layout->spec.group_size : options.group_size;
+  absl::StatusOr<std::unique_ptr<MoeLayer>> moe =
+      MoeLayer::Create(config, options.isa, ExpertFormatOfLayout(*layout));
+  if (!moe.ok()) return moe.status();
+  absl::StatusOr<FolderLoadStats> stats =
+      LoadLayerFromFolder(**moe, dir, out.layer, options.method, options.group_size, nullptr, pool);
+  if (!stats.ok()) return stats.status();
+  out.moe = std::move(*moe);
+  out.stats = *stats;
+  return out;
 }
 
 }  // namespace kt

@@ -1,0 +1,70 @@
+// Loads one MoE layer's routed experts from a weight folder (Hugging Face bf16, or kt convert's output) into
+// a MoeLayer. kt/io reads the folder (it never depends on kt/moe); this is the glue above it, used by the
+// Python binding (load_weights(weight_path)), `kt bench --weights` and anything else in C++ that needs a
+// real layer.
+//
+// Parallel over (slot, projection) tasks on the caller's pool: each task reads one expert matrix (bf16 into
+// a per-thread buffer, or its quantized form) and hands it to LoadExpert / LoadExpertQuantized, so at most
+// one matrix per thread is held outside the packed weights. A converted layer's checksums are verified
+// first, in parallel over 64 MiB chunks, before anything is loaded.
+#ifndef KT_MOE_LAYER_LOADER_H_
+#define KT_MOE_LAYER_LOADER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kt/io/method.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/moe/moe_layer.h"
+#include "kt/runtime/thread_pool.h"
+
+namespace kt {
+
+struct FolderLoadStats {
+  bool converted = false;     // A kt converted folder (else Hugging Face).
+  uint64_t file_bytes = 0;    // Expert weight bytes read from the folder.
+  double verify_seconds = 0;  // Checksums (converted folders).
+  double load_seconds = 0;    // Read + quantize (HF, quantized methods) + pack.
+};
+
+// The layer format that holds a method's stored layout: kBf16 for bf16 layouts, else the quantized format
+// of layout.spec (kt-int8-channel-v1 -> kInt8, kt-int4-group{G}-sym-v1 -> kInt4GroupSym, ...).
+ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout);
+
+// Loads MoE layer `layer` of `dir` into `moe` for `method` (a KTMoEWrapper method; kt/io/method.h gives its
+// layout, which must be the layer's: QuantSpecOf(moe.format()) for a quantized method, bf16 for BF16).
+// physical_to_logical: int64[E] (slot i holds logical expert map[i]) or nullptr for the identity.
+// On error `moe` is left unloaded (Forward refuses it), so a caller that must keep its current weights
+// loads into MoeLayer::CreateStaging() and adopts them on success (the Python binding does); the error names
+// the file, tensor and expected value (kt/io/layer_experts.h).
+absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
+                                                    const std::string& method, int group_size,
+                                                    const int64_t* physical_to_logical, ThreadPool& pool);
+
+// What OpenLayerFromFolder builds: the method (and its group size) the weights are held in, the kernel path,
+// and the layer's scratch size. The shape (E, k, H, I) comes from the folder's config.json.
+struct FolderLayerOptions {
+  std::string method = "BF16";
+  int group_size = 128;
+  Isa isa = Isa::kScalar;
+  int max_len = 1;  // MoeConfig::max_len: the largest qlen one Forward takes.
+  int layer = -1;   // -1: the folder's first MoE layer.
+};
+
+struct FolderLayer {
+  std::unique_ptr<MoeLayer> moe;
+  int layer = 0;             // The MoE layer loaded.
+  std::string architecture;  // config.json's "architectures"[0].
+  FolderLoadStats stats;
+};
+
+// A MoeLayer of the shape `dir`'s config.json gives (a converted folder keeps the source's), loaded with MoE
+// layer options.layer. Errors name the folder, the layer (a dense one, or one past the last) and the field.
+absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
+                                                ThreadPool& pool);
+
+}  // namespace kt
+
+#endif  // KT_MOE_LAYER_LOADER_H_

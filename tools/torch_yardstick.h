@@ -1,0 +1,37 @@
+// `kt bench`'s PyTorch yardstick: tools/torch_moe_bench.py (a bf16 eager loop over experts) run as a child
+// process on the same shape, threads and token counts, its JSON lines parsed.
+#ifndef KT_TOOLS_TORCH_YARDSTICK_H_
+#define KT_TOOLS_TORCH_YARDSTICK_H_
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace kt {
+namespace tools {
+
+struct TorchRequest {
+  bool enabled = true;       // false: --no-torch
+  std::string python;        // the interpreter
+  std::string torch_script;  // --torch-script ("" : $KT_TORCH_BENCH, then the runfiles, then the workspace)
+  int threads = 1;
+  int experts = 0, top_k = 0, hidden = 0, intermediate = 0;
+  int qlen_decode = 1, qlen_prefill = 512;
+  uint64_t seed = 1;
+};
+
+struct TorchResult {
+  bool ok = false;
+  double decode_seconds = std::nan("");
+  double prefill_seconds = std::nan("");
+  double prefill_tflops = std::nan("");
+};
+
+// Runs the script (printing its output, indented) or says why it was skipped: --no-torch, no torch in the
+// interpreter, or no script found.
+TorchResult RunTorch(const TorchRequest& request);
+
+}  // namespace tools
+}  // namespace kt
+
+#endif  // KT_TOOLS_TORCH_YARDSTICK_H_
