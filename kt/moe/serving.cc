@@ -27,6 +27,11 @@ absl::StatusOr<std::unique_ptr<ServingForward>> ServingForward::Create(MoeLayer*
     return absl::InvalidArgumentError(
         absl::StrCat("ServingForward: k = ", b.k, " must be in [1, num_experts_per_tok = ", c.top_k, "]"));
   }
+  if (b.max_deferred < 0 || (b.max_deferred > 0 && (b.max_deferred >= b.k || b.deferred_ids == nullptr))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ServingForward: max_deferred_experts_per_token = ", b.max_deferred, " must be 0, or in [1, k = ", b.k,
+        ") with a deferred_ids buffer"));
+  }
   if (chunk < 1) {
     return absl::InvalidArgumentError(absl::StrCat("ServingForward: chunk (chunked_prefill_size) must be >= 1, got ",
                                                    chunk));
@@ -43,7 +48,7 @@ ServingForward::ServingForward(MoeLayer* layer, ThreadPool* pool, const ServingB
       chunk_(chunk),
       compute_mutex_(compute_mutex),
       task_(absl::StrCat("moe forward (", b.capacity, " rows)"), [this] { return Run(); }) {
-  ids64_.resize(static_cast<size_t>(chunk_) * b_.k);
+  ids64_.resize(static_cast<size_t>(b_.max_deferred > 0 ? b_.capacity : chunk_) * b_.k);
   if (b_.accumulate) result_.resize(static_cast<size_t>(chunk_) * layer_->config().hidden);
 }
 
@@ -61,10 +66,18 @@ absl::Status ServingForward::Run() {
   }
   const size_t h = static_cast<size_t>(layer_->config().hidden);
   const size_t k = static_cast<size_t>(b_.k);
+  if (b_.max_deferred > 0) {
+    absl::Status s = SplitDeferredExperts(b_.ids, b_.ids_int32, b_.weights, qlen, b_.k,
+                                          layer_->config().num_experts, b_.max_deferred, ids64_.data(),
+                                          b_.deferred_ids);
+    if (!s.ok()) return s;
+  }
   for (int t0 = 0; t0 < qlen; t0 += chunk_) {
     const int n = std::min(chunk_, qlen - t0);
     const int64_t* ids = nullptr;
-    if (b_.ids_int32) {
+    if (b_.max_deferred > 0) {
+      ids = ids64_.data() + t0 * k;
+    } else if (b_.ids_int32) {
       const int32_t* src = static_cast<const int32_t*>(b_.ids) + t0 * k;
       std::copy(src, src + n * k, ids64_.begin());
       ids = ids64_.data();

@@ -36,6 +36,12 @@ struct ServingBuffers {
   // output = bf16(output + result) instead of bf16(result): the previous layer's deferred experts were
   // written there first. (Two roundings: result is rounded to bf16 by Forward, then the sum.)
   bool accumulate = false;
+  // Deferred experts (max_deferred = D > 0, see SplitDeferredExperts): each run splits its batch, computes
+  // the immediate part and writes the deferred part's ids to deferred_ids ([capacity, k] int64, -1 where
+  // none), which a second ServingForward over the same rows (ids = deferred_ids, output = the next layer's
+  // output buffer, queued right after this one) computes one layer late.
+  int max_deferred = 0;
+  int64_t* deferred_ids = nullptr;
 };
 
 // One layer's forward over ServingBuffers, as a reusable QueuedTask. Batches longer than `chunk` rows
@@ -58,7 +64,7 @@ class ServingForward {
   ServingBuffers b_;
   int chunk_;
   std::mutex* compute_mutex_;
-  std::vector<int64_t> ids64_;  // [chunk, k] the chunk's ids widened to int64
+  std::vector<int64_t> ids64_;  // [chunk, k] the chunk's ids widened to int64, or [capacity, k] immediate ids
   std::vector<bf16_t> result_;  // [chunk, H] the chunk's result before accumulating
   QueuedTask task_;
 };

@@ -225,6 +225,39 @@ TEST(ServingForwardTest, DeferredPlusImmediateEqualsAllExpertsAtOnce) {
   }
 }
 
+TEST(ServingForwardTest, DeferredModeSplitsInsideTheTask) {
+  // The engine's flow: layer L's task computes its immediate experts (onto what layer L-1 deferred into
+  // its output) and leaves the deferred ids; the deferred task, queued right after it, computes those into
+  // the next layer's output. Together they must be every expert of the rows.
+  Fixture f;
+  constexpr int kT = 3;
+  Rows r;
+  r.Fill(kT, 21);
+  std::vector<int64_t> deferred_ids(size_t{kCapacity} * kK, -1);
+  std::vector<bf16_t> next_out(size_t{kCapacity} * kH);
+  ServingBuffers immediate = r.Buffers(true);
+  immediate.max_deferred = 1;
+  immediate.deferred_ids = deferred_ids.data();
+  ServingBuffers later = r.Buffers(false);
+  later.ids = deferred_ids.data();
+  later.output = next_out.data();
+  auto now_task = ServingForward::Create(f.layer.get(), &f.pool, immediate, kMaxLen).value();
+  auto later_task = ServingForward::Create(f.layer.get(), &f.pool, later, kMaxLen).value();
+  TaskQueue queue;
+  queue.Submit(now_task->task());
+  queue.Submit(later_task->task());
+  ASSERT_TRUE(queue.Sync().ok());
+  // immediate + deferred = all experts of these rows.
+  std::vector<float> sum(kT * kH);
+  for (int i = 0; i < kT * kH; ++i) sum[i] = Bf16ToF32(r.output[i]) + Bf16ToF32(next_out[i]);
+  std::vector<bf16_t> sum_bf16(sum.size());
+  for (size_t i = 0; i < sum.size(); ++i) sum_bf16[i] = F32ToBf16(sum[i]);
+  ExpectClose(sum_bf16.data(), f.Reference(kT, r.ids, r.weights, r.input, nullptr), kT * kH);
+  int deferred = 0;
+  for (int i = 0; i < kT * kK; ++i) deferred += deferred_ids[i] >= 0;
+  EXPECT_GT(deferred, 0);
+}
+
 TEST(SplitDeferredExpertsTest, ProtectsEachTokensTopWeightsAcrossTheBatch) {
   // Token 0 picks experts 1, 2, 3 with weights .5 .3 .2; token 1 picks 3, 4, 5 with .6 .3 .1. D = 1:
   // protected = {1, 2} from token 0 and {3, 4} from token 1, so token 0's expert 3 runs now too (protected

@@ -80,6 +80,11 @@ void TaskQueue::WaitPending(int allow_n_pending) {
   done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) <= allow_n_pending; });
 }
 
+absl::Status TaskQueue::PollError() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::exchange(first_error_, absl::OkStatus());
+}
+
 absl::Status TaskQueue::Sync(int allow_n_pending) {
   if (allow_n_pending < 0) {
     return absl::InvalidArgumentError(

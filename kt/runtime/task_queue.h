@@ -71,6 +71,10 @@ class TaskQueue {
   // one; the host side reports it at its next Sync).
   void WaitPending(int allow_n_pending);
 
+  // Without waiting: the first error since the last Sync/PollError (and forgets it), or OK. For callers
+  // that order their waits on a CUDA stream and so never call Sync: they poll at their next call.
+  absl::Status PollError();
+
   // Tasks queued or running.
   int pending() const { return pending_.load(std::memory_order_acquire); }
 

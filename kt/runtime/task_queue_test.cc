@@ -101,6 +101,29 @@ TEST(TaskQueueTest, ErrorIsReturnedByTheNextSyncOnly) {
   EXPECT_TRUE(queue.Sync().ok());  // reported once
 }
 
+TEST(TaskQueueTest, PollErrorReturnsWithoutWaiting) {
+  TaskQueue queue;
+  Gate gate;
+  QueuedTask failing("failing", [] { return absl::InternalError("bad"); });
+  QueuedTask blocked("blocked", [&] {
+    gate.Wait();
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(queue.PollError().ok());
+  queue.Submit(&failing);
+  queue.Submit(&blocked);
+  // The failing task finishes while the blocked one holds the queue; PollError must not wait for it.
+  absl::Status s;
+  for (int i = 0; i < 2000 && s.ok(); ++i) {
+    s = queue.PollError();
+    if (s.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_EQ(queue.pending(), 1);
+  gate.Open();
+  EXPECT_TRUE(queue.Sync().ok());  // already taken
+}
+
 TEST(TaskQueueTest, FirstOfSeveralErrorsIsKept) {
   TaskQueue queue;
   QueuedTask a("a", [] { return absl::InternalError("first"); });
