@@ -42,6 +42,9 @@ class KExpertsCPUBuffer:
             sizes.append(check_int(f"capture_bs[{i}]", bs, minimum=1))
         with cls._lock:
             cls._capture_batch_sizes = tuple(sorted(set(sizes)))
+        from .serving import _BufferCache
+
+        _BufferCache.capture_sizes = tuple(sorted(set(sizes)))
 
     @classmethod
     def get_capture_batch_sizes(cls) -> List[int]:
@@ -107,13 +110,16 @@ class BaseMoEWrapper:
                 )
         self.numa_nodes = numa_nodes
         if max_deferred_experts_per_token:
-            check_int("max_deferred_experts_per_token", max_deferred_experts_per_token, minimum=0)
-            # Deferring changes results (deferred experts land one layer late): refuse rather than ignore.
-            raise NotImplementedError(
-                f"{type(self).__name__}: max_deferred_experts_per_token="
-                f"{max_deferred_experts_per_token} (deferred experts) is not implemented yet in kt; "
-                "pass None or 0"
+            # Deferred experts (kt_kernel/serving.py): the lowest-weighted experts of each token run one layer
+            # late, through submit_forward/sync_forward; at least one expert per token runs now.
+            max_deferred_experts_per_token = check_int(
+                "max_deferred_experts_per_token", max_deferred_experts_per_token, minimum=0
             )
+            if max_deferred_experts_per_token >= self.num_experts_per_tok:
+                raise ValueError(
+                    f"max_deferred_experts_per_token={max_deferred_experts_per_token} must be smaller than "
+                    f"num_experts_per_tok={self.num_experts_per_tok}: each token keeps one expert in its own layer"
+                )
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
 
         # Read by C++ at every forward (so flipping bits later takes effect): this very tensor is kept, and
@@ -163,6 +169,9 @@ class BaseMoEWrapper:
     def clear_buffer_cache() -> None:
         """Drops every cached staging buffer."""
         KExpertsCPUBuffer.clear_buffer_cache()
+        from .serving import _BufferCache
+
+        _BufferCache.clear()
 
     # -- helpers for subclasses -----------------------------------------------------------------------
 
@@ -207,12 +216,30 @@ class BaseMoEWrapper:
         raise self._not_implemented("forward")
 
     def submit_forward(self, hidden_states, topk_ids, topk_weights, cuda_stream=None) -> None:
-        """Asynchronous forward (enqueue). Not implemented yet: use forward."""
-        raise self._not_implemented("submit_forward (asynchronous forward; use forward)")
+        """Queues this layer's forward (kt_kernel/serving.py): with CUDA tensors, ordered on ``cuda_stream``
+        (an int, ``torch.cuda.Stream.cuda_stream``) and capturable in a CUDA graph; with CPU tensors and
+        ``cuda_stream=None``, on kt's task queue. ``topk_ids`` int32 or int64, -1 for padding; batches longer
+        than ``chunked_prefill_size`` run in chunks. Returns at once; ``sync_forward`` gives the result."""
+        if not self.weights_loaded:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): submit_forward before the expert weights were "
+                "loaded; call load_weights or load_weights_from_tensors first"
+            )
+        self._serving_path().submit(hidden_states, topk_ids, topk_weights, cuda_stream)
 
     def sync_forward(self, hidden_states, cuda_stream=None) -> torch.Tensor:
-        """Waits for submit_forward. Not implemented yet: use forward."""
-        raise self._not_implemented("sync_forward (asynchronous forward; use forward)")
+        """Waits for this layer's submit_forward and returns its result: a persistent CUDA bf16 buffer of
+        the batch size when it was submitted on a stream (valid until this batch size's next forward of the
+        same layer parity), else a new CPU tensor. Raises the error of a failed task."""
+        return self._serving_path().sync(hidden_states, cuda_stream)
+
+    def _serving_path(self):
+        path = getattr(self, "_serving", None)
+        if path is None:
+            from .serving import ServingPath
+
+            path = self._serving = ServingPath(self)
+        return path
 
     def select_deferred_experts(self, *args, **kwargs):
         """Deferred-experts selection. Not implemented yet."""

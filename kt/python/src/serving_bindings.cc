@@ -33,7 +33,8 @@ void Check(const absl::Status& status) {
 }  // namespace
 
 void RegisterServingBindings(py::module_& m) {
-  py::class_<ServingForward>(m, "ServingForward",
+  // dynamic_attr: kt_kernel keeps the tensors a task points into on the task object itself.
+  py::class_<ServingForward>(m, "ServingForward", py::dynamic_attr(),
                              "One layer's forward over fixed buffers, queued on a TaskQueue (kt/moe/serving.h).")
       .def(py::init([](std::uintptr_t layer, ThreadPool& pool, std::uintptr_t batch_size, int capacity, int k,
                        std::uintptr_t ids, bool ids_int32, std::uintptr_t weights, std::uintptr_t input,
