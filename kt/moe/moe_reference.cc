@@ -17,7 +17,7 @@ using eigen::VectorD;
 // An expert's [n, k] projection as the format sees it: the bf16 values, or their quantization dequantized
 // (quant.h's Quantize and Dequantize).
 MatrixD ReferenceWeights(ExpertFormat format, int group_size, const bf16_t* w, size_t n, size_t k) {
-  if (format == ExpertFormat::kBf16) return eigen::Bf16ToDouble(w, n, k, k);
+  if (!FormatTraits(format).quantized) return eigen::Bf16ToDouble(w, n, k, k);
   std::vector<float> deq(n * k, 0.0f);
   const absl::StatusOr<QuantSpec> spec = QuantSpecOf(format, group_size);
   if (spec.ok()) {
@@ -27,15 +27,17 @@ MatrixD ReferenceWeights(ExpertFormat format, int group_size, const bf16_t* w, s
   return MapRows(deq.data(), n, k).cast<double>();
 }
 
-// A row as the format feeds it to a product: the bf16 values, or its int8 quantization per row (per row and
-// group for the group formats) dequantized to fp32.
+// A row as the format feeds it to a product (its ActivationKind, in quant.h's scalar quantizers): the bf16
+// values, or its int8 quantization per row (per row and group) dequantized to fp32.
 VectorD ReferenceActivation(ExpertFormat format, int group_size, const bf16_t* x, size_t k) {
-  if (format == ExpertFormat::kBf16) return eigen::Bf16ToDouble(x, 1, k, k).transpose();
+  const ActivationKind kind = FormatTraits(format).activation;
+  if (kind == ActivationKind::kBf16Rows) return eigen::Bf16ToDouble(x, 1, k, k).transpose();
   std::vector<int8_t> q(k);
-  const size_t len = IsGroupExpertFormat(format) ? static_cast<size_t>(group_size) : k;
+  const bool grouped = kind == ActivationKind::kInt8PerGroup;
+  const size_t len = grouped ? static_cast<size_t>(group_size) : k;
   std::vector<float> scales(k / len), deq(k, 0.0f);
   bool ok = true;
-  if (IsGroupExpertFormat(format)) {
+  if (grouped) {
     ok = QuantizeActivationInt8Grouped(x, k, group_size, q.data(), scales.data()).ok();
   } else {
     QuantizeActivationInt8(x, k, q.data(), scales.data());

@@ -8,52 +8,16 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
+#include "kt/kernels/gemm_bf16.h"  // kPanelRows
+#include "kt/moe/routing.h"
+#include "kt/sft/sft_pass.h"
 #include "kt/sft/lora_kernels.h"
 
 namespace kt {
 namespace {
 
-// Work units, as in MoeLayer::Forward: column blocks of 3 panels (48 columns; the AVX512-BF16 kernel's
-// register block), 8 panels (128 columns) on AMX where re-reading A rows per block is what costs; rows of
-// one expert in chunks of 64 so the per-thread scratch stays small (64 x 128 x 4 B = 32 KiB per block).
-constexpr size_t kPanelsPerTask = 3;
-constexpr size_t kPanelsPerTaskAmx = 8;
-constexpr size_t kRowChunk = 64;
-// Rows per step of the LoRA-gradient pass: the fp32 copy of their x (or h) rows, 32 x H x 4 B = 256 KiB
-// at H = 2048, stays in L2 while the r = 16 rows of dA_g and dA_u (2 x 128 KiB) stream past it.
-constexpr size_t kGradRows = 32;
-
-// The LoRA products themselves run in lora_kernels (per Isa). What is left here is O(rows x H) work per
-// call (router gradient, weighted sums), plain loops with 8 independent partial sums that GCC vectorizes
-// at -O3 without reassociating anything itself (the order is fixed by the code).
-inline float Dot(const float* a, const float* b, size_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (size_t j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  for (; i < n; ++i) acc[i % 8] += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-inline void Axpy(float alpha, const float* x, float* y, size_t n) {
-  for (size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// out[c][rr] = b[rr][c] for b [rows, cols] bf16 (a LoRA B block [cols_out, r] turned into [r, cols_out]).
-inline void TransposeToF32(const bf16_t* b, size_t rows, size_t cols, float* out) {
-  for (size_t i = 0; i < rows; ++i) {
-    for (size_t j = 0; j < cols; ++j) out[j * rows + i] = Bf16ToF32(b[i * cols + j]);
-  }
-}
-
-// Row stride, in elements, of the bf16 and int8 rows the base GEMMs read (x and grad_y rows, H wide; h,
-// grad_g, grad_u rows, I wide): whole cache lines of bf16 plus one. H and I are powers of two or small
-// multiples of them, so unpadded rows sit 2^n bytes apart and the 16 rows of an AMX A tile fall into one
-// L1 set; MoeLayer pads its own rows the same way for that reason (PaddedStride in kt/moe/moe_layer.cc).
-// One stride serves the bf16 and the int8 copy of a row (ProjInput has one ld): 2 (H + 32) or H + 32
-// bytes, never a multiple of 4 KiB either.
-size_t RowStride(size_t k) { return (k + 31) / 32 * 32 + 32; }
+using sft_internal::kGradRows;
+using sft_internal::RowStride;
 
 // Each layer's id for SftBackwardWeights ownership (an address could be reused by a later layer).
 std::atomic<uint64_t> g_next_layer_id{1};
@@ -81,15 +45,10 @@ absl::StatusOr<std::shared_ptr<SftBackwardWeights>> SftBackwardWeights::Create(c
                                                                                Isa isa,
                                                                                ExpertFormat format) {
   if (absl::Status s = ValidateMoeConfig(moe); !s.ok()) return s;
-  // The transposed shape; it never runs Forward, so its routing scratch is sized for one row.
-  MoeConfig t;
-  t.num_experts = moe.num_experts;
-  t.top_k = 1;
-  t.hidden = moe.intermediate;
-  t.intermediate = moe.hidden;
-  t.max_len = 1;
-  t.group_size = moe.group_size;  // the group formats quantize W^T in groups of the same G
-  absl::StatusOr<std::unique_ptr<MoeLayer>> layer = MoeLayer::Create(t, isa, format);
+  // The transposed shape (hidden and intermediate swapped); the group formats quantize W^T in groups of
+  // the same G.
+  absl::StatusOr<std::unique_ptr<PackedExperts>> layer = PackedExperts::Create(
+      ExpertShape{moe.num_experts, moe.intermediate, moe.hidden, moe.group_size}, isa, format);
   if (!layer.ok()) return layer.status();
   std::shared_ptr<SftBackwardWeights> w(new SftBackwardWeights);
   w->t_ = std::move(*layer);
@@ -111,7 +70,8 @@ size_t SftForwardCache::bytes() const {
   return input.capacity() * 2 + (g.capacity() + u.capacity()) * 4 + h.capacity() * 2 + y.capacity() * 2 +
          (ax_g.capacity() + ax_u.capacity() + ah.capacity()) * 4 + ids.capacity() * 8 +
          weights.capacity() * 4 +
-         (row_token.capacity() + token_slot_row.capacity() + expert_begin.capacity() + active.capacity()) * 4;
+         (routing.row_slot.capacity() + routing.token_slot_row.capacity() + routing.begin.capacity() +
+          routing.active.capacity() + routing.count.capacity()) * 4;
 }
 
 absl::StatusOr<std::shared_ptr<SftCachePool>> SftCachePool::Create(int max_cache_depth) {
@@ -145,11 +105,9 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
   std::unique_ptr<SftMoeLayer> l(new SftMoeLayer(config, isa));
   l->pool_ = std::move(cache_pool);
   l->id_ = g_next_creation_id.fetch_add(1);
-  // The layer's own forward scratch is never used (SFT gathers into the workspace): one row.
-  MoeConfig base = config.moe;
-  base.max_len = 1;
-  base.top_k = 1;
-  absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(base, isa, format);
+  const MoeConfig& m = config.moe;
+  absl::StatusOr<std::unique_ptr<PackedExperts>> moe =
+      PackedExperts::Create(ExpertShape{m.num_experts, m.hidden, m.intermediate, m.group_size}, isa, format);
   if (!moe.ok()) return moe.status();
   l->base_ = std::move(*moe);
   if (backward_weights != nullptr) {
@@ -250,15 +208,16 @@ absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
   pool.ParallelFor(e_count * 3, [&](size_t task, int thread) {
     const int slot = static_cast<int>(task / 3);
     const auto proj = static_cast<ExpertProj>(task % 3);
-    if (base_->format() == ExpertFormat::kBf16) {
-      // bf16 transposes packed to packed: each 512-byte block of the forward panels is one 512-byte block
-      // of the backward ones, read and written once (about half the time of unpacking, transposing and
-      // packing again; docs/perf-log/2026-11-27-session-10.md).
+    if (base_->transposes_packed()) {
+      // The format transposes packed to packed (bf16: each 512-byte block of the forward panels is one
+      // 512-byte block of the backward ones, read and written once; about half the time of unpacking,
+      // transposing and packing again; docs/perf-log/2026-11-27-session-10.md).
       failures[task] = w.t_->LoadExpertTransposed(slot, proj, *base_);
       return;
     }
-    // Quantized formats dequantize straight into the transposed order (one pass over the packed weights;
-    // a panel block is a few runs of 16 consecutive values of W^T), then quantize again per row of W^T.
+    // Other formats (the quantized ones) dequantize straight into the transposed order (one pass over the
+    // packed weights; a panel block is a few runs of 16 consecutive values of W^T), then quantize again per
+    // row of W^T.
     // (A row-major unpack followed by a tiled transpose would take over half of an int8 rebuild.)
     std::vector<bf16_t>& wt = w.transposed_[thread];
     wt.resize(max_elems);
@@ -297,7 +256,7 @@ absl::Status SftMoeLayer::SetLora(const SftLoraTensors& lora) {
 
 size_t SftMoeLayer::ScratchPerThread() const {
   const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
-  const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
+  const size_t cpt = sft_internal::ColsPerTask(isa_);
   const size_t sizes[] = {
       2 * r * h,                              // forward LoRA A of gate and up (fp32)
       2 * r * cpt,                            // forward LoRA B block of gate and up
@@ -347,31 +306,11 @@ void SftMoeLayer::EnsureWorkspace(ThreadPool& pool) {
 }
 
 void SftMoeLayer::Route(Cache& c, int qlen, int k, const int64_t* ids) const {
-  const int e_count = config_.moe.num_experts;
   c.qlen = qlen;
   c.k = k;
   c.ids.assign(ids, ids + static_cast<size_t>(qlen) * k);
-  std::vector<int> count(e_count, 0);
-  auto valid = [&](int64_t id) { return id >= 0 && id < e_count; };
-  for (int64_t id : c.ids) {
-    if (valid(id)) ++count[id];
-  }
-  c.expert_begin.assign(e_count + 1, 0);
-  c.active.clear();
-  for (int e = 0; e < e_count; ++e) {
-    c.expert_begin[e + 1] = c.expert_begin[e] + count[e];
-    if (count[e] > 0) c.active.push_back(e);
-  }
-  c.rows = c.expert_begin[e_count];
-  c.row_token.resize(c.rows);
-  c.token_slot_row.assign(c.ids.size(), -1);
-  for (int e = 0; e < e_count; ++e) count[e] = c.expert_begin[e];
-  for (size_t tj = 0; tj < c.ids.size(); ++tj) {
-    if (!valid(c.ids[tj])) continue;
-    const int row = count[c.ids[tj]]++;
-    c.token_slot_row[tj] = row;
-    c.row_token[row] = static_cast<int>(tj);  // (token, slot) index; token = tj / k
-  }
+  RouteToExperts(c.ids.data(), qlen, k, config_.moe.num_experts, /*skip=*/nullptr, &c.routing);
+  c.rows = static_cast<size_t>(c.routing.rows);
 }
 
 size_t SftMoeLayer::CacheBytesPerForward(int qlen) const {
@@ -393,458 +332,24 @@ size_t SftMoeLayer::cache_bytes() const {
   return total;
 }
 
-absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids,
-                                  const float* weights, const bf16_t* input, bf16_t* output,
-                                  bool save_for_backward) {
-  if (!base_->loaded()) return absl::FailedPreconditionError("forward_sft before the weights are loaded");
-  if (rank_ > 0 && !lora_set_) {
-    return absl::FailedPreconditionError("forward_sft before the LoRA weights are set (init_lora_weights)");
-  }
-  if (qlen < 1 || qlen > config_.moe.max_len) {
-    return absl::InvalidArgumentError(absl::StrCat("qlen = ", qlen, " must be in [1, max_len = ",
-                                                   config_.moe.max_len, "]"));
-  }
-  if (k < 1 || k > config_.moe.top_k) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("k = ", k, " must be in [1, top_k = ", config_.moe.top_k, "]"));
-  }
-  if (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr) {
-    return absl::InvalidArgumentError("forward_sft: ids, weights, input and output must not be null");
-  }
-  if (save_for_backward && static_cast<int>(stack_.size()) >= config_.max_cache_depth) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "forward_sft(save_for_backward=True): ", stack_.size(), " forward(s) already wait for their "
-        "backward and max_cache_depth = ", config_.max_cache_depth,
-        "; run backward first or create the layer with a larger max_cache_depth"));
-  }
-  if (save_for_backward && pool_ != nullptr && pool_->live() >= pool_->max_cache_depth()) {
-    // Name the layers whose caches fill the pool, in the order they cached them.
-    std::vector<std::pair<const SftMoeLayer*, int>> held;
-    for (const auto& holder : pool_->holders_) {
-      auto it = std::find_if(held.begin(), held.end(), [&](const auto& p) { return p.first == holder.first; });
-      if (it == held.end()) {
-        held.push_back({holder.first, 1});
-      } else {
-        ++it->second;
-      }
-    }
-    std::string who;
-    for (size_t i = 0; i < held.size(); ++i) {
-      absl::StrAppend(&who, i == 0 ? "" : (i + 1 == held.size() ? " and " : ", "), held[i].first->Name(),
-                      " holds ", held[i].second);
-    }
-    return absl::FailedPreconditionError(absl::StrCat(
-        "forward_sft(save_for_backward=True) on ", Name(), ": the shared cache pool (share_cache_pool) "
-        "is full: it holds at most max_cache_depth = ", pool_->max_cache_depth(), " cached forward(s) for "
-        "all layers together, and ", who, " (waiting for backward). A shared pool is only valid when one "
-        "layer's caches are alive at a time (activation recomputation: each layer's recompute forward "
-        "directly followed by its backward). Run the waiting backward first, or create the layers with "
-        "per-layer caches (share_cache_pool=False)"));
-  }
-  EnsureWorkspace(pool);
-  Cache& c = save_for_backward ? PushEntry() : ScratchEntry();
-  SftWorkspace& w = *ws_;
-  const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
-  const float s = scale_;
-  const bool quant = base_->quantized_activations();
-  const size_t gh = groups_h_, gi = groups_i_;  // activation scales per quantized row (H- / I-wide)
-  const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
-  const size_t scratch = ScratchPerThread();
-  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // x rows (bf16 and int8); h rows
-
-  Route(c, qlen, k, ids);
-  c.weights.assign(weights, weights + static_cast<size_t>(qlen) * k);
-  c.input.assign(input, input + static_cast<size_t>(qlen) * h);
-  const size_t rows = c.rows;
-  c.g.resize(rows * inter);
-  c.u.resize(rows * inter);
-  c.h.resize(rows * ldi);
-  c.y.resize(save_for_backward ? rows * h : 0);
-  c.ax_g.resize(rows * r);
-  c.ax_u.resize(rows * r);
-  c.ah.resize(rows * r);
-  auto x_row = [&](size_t row) {
-    return c.input.data() + static_cast<size_t>(c.row_token[row] / k) * h;
-  };
-
-  // Tasks over (expert, chunk of kRowChunk rows).
-  std::vector<std::pair<int, int>> chunks;  // (expert, first row)
-  for (int e : c.active) {
-    for (int r0 = c.expert_begin[e]; r0 < c.expert_begin[e + 1]; r0 += kRowChunk) chunks.push_back({e, r0});
-  }
-  auto chunk_end = [&](const std::pair<int, int>& ch) {
-    return std::min<size_t>(c.expert_begin[ch.first + 1], ch.second + kRowChunk);
-  };
-
-  if (rows > 0) {
-    // 1. Gather x rows (bf16, or quantized for the integer kernels) and LoRA A products A_g x, A_u x.
-    pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
-      const int e = chunks[task].first;
-      const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-      for (size_t row = r0; row < r1; ++row) {
-        const bf16_t* x = x_row(row);
-        if (quant) {
-          base_->PrepareRow(ExpertProj::kGate, x, w.q_rows_h.data() + row * ldh,
-                            w.s_rows_h.data() + row * gh, w.sum_rows_h.data() + row * gh);
-        }
-        // The bf16 rows: what the bf16 GEMM reads, and the LoRA product's contiguous operand.
-        if (!quant || r > 0) std::memcpy(w.rows_h.data() + row * ldh, x, h * sizeof(bf16_t));
-      }
-      if (r == 0) return;
-      // A x as dot products of the gathered rows with A's rows (both along H: no transposed copy). A in
-      // fp32 per task: 2 r H conversions against 4 r H multiply-adds per row of the chunk.
-      float* ag = w.thread_scratch.data() + thread * scratch;
-      float* au = ag + r * h;
-      ConvertBf16ToF32(isa_, lora_.gate_a + e * r * h, ag, r * h);
-      ConvertBf16ToF32(isa_, lora_.up_a + e * r * h, au, r * h);
-      const bf16_t* xr = w.rows_h.data() + r0 * ldh;
-      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, ag, h, c.ax_g.data() + r0 * r, r, false);
-      LoraGemmNT(isa_, r1 - r0, r, h, 1.0f, xr, ldh, au, h, c.ax_u.data() + r0 * r, r, false);
-    });
-
-    // 2. g = W_g x + s B_g (A_g x), u likewise, then h = bf16(silu(g) u), by column blocks of I.
-    const size_t inter_blocks = (inter + cpt - 1) / cpt;
-    pool.ParallelFor(c.active.size() * inter_blocks, [&](size_t task, int thread) {
-      const int e = c.active[task / inter_blocks];
-      const size_t c0 = (task % inter_blocks) * cpt;
-      const size_t cols = std::min(cpt, inter - c0);
-      // B_g, B_u rows c0..c0+cols transposed to [r, cols]: the LoRA term of a row is then r axpys of
-      // length cols (vectorized), not cols dot products of length r (a horizontal sum per element, which
-      // makes the LoRA term cost a large share of the forward).
-      float* bg = w.thread_scratch.data() + thread * scratch;
-      float* bu = bg + r * cpt;
-      TransposeToF32(lora_.gate_b + (e * inter + c0) * r, cols, r, bg);
-      TransposeToF32(lora_.up_b + (e * inter + c0) * r, cols, r, bu);
-      const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
-      for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
-        const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput in;
-        in.ld = ldh;
-        in.x = w.rows_h.data() + r0 * ldh;
-        if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * ldh;
-          in.sx = w.s_rows_h.data() + r0 * gh;
-          in.xsum = w.sum_rows_h.data() + r0 * gh;
-        }
-        base_->ProjectBlock(ExpertProj::kGate, e, c0, cols, in, m, c.g.data() + r0 * inter + c0, inter);
-        base_->ProjectBlock(ExpertProj::kUp, e, c0, cols, in, m, c.u.data() + r0 * inter + c0, inter);
-        if (r > 0) {
-          // [m, cols] += s [m, r] [r, cols]
-          LoraGemm(isa_, m, cols, r, s, c.ax_g.data() + r0 * r, r, 1, bg, cols, c.g.data() + r0 * inter + c0,
-                   inter, true);
-          LoraGemm(isa_, m, cols, r, s, c.ax_u.data() + r0 * r, r, 1, bu, cols, c.u.data() + r0 * inter + c0,
-                   inter, true);
-        }
-        for (size_t row = r0; row < r0 + m; ++row) {
-          SiluMulToBf16(isa_, c.g.data() + row * inter + c0, c.u.data() + row * inter + c0,
-                        c.h.data() + row * ldi + c0, cols);
-        }
-      }
-    });
-
-    // 3. Quantize h rows for the integer kernels; LoRA A_d h.
-    if (quant || r > 0) {
-      pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
-        const int e = chunks[task].first;
-        const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-        if (quant) {
-          for (size_t row = r0; row < r1; ++row) {
-            base_->PrepareRow(ExpertProj::kDown, c.h.data() + row * ldi, w.q_rows_i0.data() + row * ldi,
-                              w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
-          }
-        }
-        if (r == 0) return;
-        float* ad = w.thread_scratch.data() + thread * scratch;  // A_d [r, I] fp32
-        ConvertBf16ToF32(isa_, lora_.down_a + e * r * inter, ad, r * inter);
-        LoraGemmNT(isa_, r1 - r0, r, inter, 1.0f, c.h.data() + r0 * ldi, ldi, ad, inter,
-                   c.ah.data() + r0 * r, r, false);
-      });
-    }
-
-    // 4. y = W_d h + s B_d (A_d h), by column blocks of H; kept as bf16 for the router gradient.
-    const size_t hidden_blocks = (h + cpt - 1) / cpt;
-    pool.ParallelFor(c.active.size() * hidden_blocks, [&](size_t task, int thread) {
-      const int e = c.active[task / hidden_blocks];
-      const size_t c0 = (task % hidden_blocks) * cpt;
-      const size_t cols = std::min(cpt, h - c0);
-      float* bd = w.thread_scratch.data() + thread * scratch;  // B_d rows c0.. transposed, [r, cols]
-      TransposeToF32(lora_.down_b + (e * h + c0) * r, cols, r, bd);
-      const size_t r0 = c.expert_begin[e], m = c.expert_begin[e + 1] - r0;
-      MoeLayer::ProjInput in;
-      in.ld = ldi;
-      in.x = c.h.data() + r0 * ldi;
-      if (quant) {
-        in.qx = w.q_rows_i0.data() + r0 * ldi;
-        in.sx = w.s_rows_i0.data() + r0 * gi;
-        in.xsum = w.sum_rows_i0.data() + r0 * gi;
-      }
-      float* y0 = w.f_rows_h.data() + r0 * h + c0;
-      base_->ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, y0, h);
-      if (r > 0) LoraGemm(isa_, m, cols, r, s, c.ah.data() + r0 * r, r, 1, bd, cols, y0, h, true);
-      if (save_for_backward) {
-        for (size_t i = 0; i < m; ++i) {
-          ConvertF32ToBf16(isa_, y0 + i * h, c.y.data() + (r0 + i) * h + c0, cols);
-        }
-      }
-    });
-  }
-
-  // 5. out_t = bf16(sum_j w_tj y_tj) in fp32.
-  pool.ParallelFor((static_cast<size_t>(qlen) + 7) / 8, [&](size_t task, int thread) {
-    float* acc = w.thread_scratch.data() + thread * scratch;
-    const size_t t1 = std::min<size_t>(qlen, (task + 1) * 8);
-    for (size_t t = task * 8; t < t1; ++t) {
-      std::fill(acc, acc + h, 0.0f);
-      for (int j = 0; j < k; ++j) {
-        const int row = c.token_slot_row[t * k + j];
-        if (row < 0) continue;
-        Axpy(weights[t * k + j], w.f_rows_h.data() + static_cast<size_t>(row) * h, acc, h);
-      }
-      ConvertF32ToBf16(isa_, acc, output + t * h, h);
-    }
-  });
-  return absl::OkStatus();
-}
-
-absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
-                                   float* grad_weights, bool accumulate, float grad_scale) {
-  if (stack_.empty()) {
-    return absl::FailedPreconditionError(
-        "backward without a cached forward: run forward(..., save_for_backward=True) first (each "
-        "backward consumes the newest cached forward)");
-  }
-  if (grad_output == nullptr || grad_input == nullptr || grad_weights == nullptr) {
-    return absl::InvalidArgumentError("backward: grad_output, grad_input and grad_weights must not be null");
-  }
-  if (!std::isfinite(grad_scale)) return absl::InvalidArgumentError("backward: grad_scale must be finite");
-  if (absl::Status st = EnsureBackwardWeights(pool); !st.ok()) return st;
-  EnsureWorkspace(pool);
-  // Pop now: whatever happens below, this forward's cache is consumed (kept for its buffers).
-  std::unique_ptr<Cache> owned = std::move(stack_.back());
-  stack_.pop_back();
-  Cache& c = *owned;
-  SftWorkspace& w = *ws_;
-  const MoeLayer& t = *bwd_->t_;
-  const int k = c.k, qlen = c.qlen;
-  const size_t h = config_.moe.hidden, inter = config_.moe.intermediate, r = rank_;
-  const size_t e_count = config_.moe.num_experts;
-  const float s = scale_;
-  const bool quant = t.quantized_activations();
-  const size_t gh = groups_h_, gi = groups_i_;  // t's down reads H-wide grad_y, its gate/up I-wide rows
-  const size_t cpt = (isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask) * kPanelRows;
-  const size_t scratch = ScratchPerThread();
-  const size_t rows = c.rows;
-  const size_t ldh = RowStride(h), ldi = RowStride(inter);  // grad_y rows; grad_g, grad_u and h rows
-
-  std::vector<std::pair<int, int>> chunks;
-  for (int e : c.active) {
-    for (int r0 = c.expert_begin[e]; r0 < c.expert_begin[e + 1]; r0 += kRowChunk) chunks.push_back({e, r0});
-  }
-  auto chunk_end = [&](const std::pair<int, int>& ch) {
-    return std::min<size_t>(c.expert_begin[ch.first + 1], ch.second + kRowChunk);
-  };
-  std::fill(grad_weights, grad_weights + static_cast<size_t>(qlen) * k, 0.0f);
-  bf16_t* dy_b = w.rows_h.data();  // [rows, ldh] grad_y = w_tj grad_out_t, bf16
-  float* dyB = w.lora0.data();     // [rows, r] grad_y B_d
-  float* dgB = w.lora1.data();     // [rows, r] grad_g B_g
-  float* duB = w.lora2.data();     // [rows, r] grad_u B_u
-  bf16_t* dg_b = w.rows_i0.data();
-  bf16_t* du_b = w.rows_i1.data();
-  float* gx = w.f_rows_h.data();   // [rows, H] grad_x per row
-
-  if (rows > 0) {
-    // 1. grad_y rows, the router gradient <grad_out_t, y_tj>, and grad_y B_d.
-    pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
-      const int e = chunks[task].first;
-      const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-      float* bd = w.thread_scratch.data() + thread * scratch;  // B_d [H, r] fp32
-      float* go = bd + h * r;
-      float* yf = go + h;
-      for (size_t row = r0; row < r1; ++row) {
-        const size_t tj = c.row_token[row];
-        ConvertBf16ToF32(isa_, grad_output + (tj / k) * h, go, h);
-        ConvertBf16ToF32(isa_, c.y.data() + row * h, yf, h);
-        grad_weights[tj] = Dot(go, yf, h);
-        const float wt = c.weights[tj];
-        bf16_t* dy = dy_b + row * ldh;
-        for (size_t i = 0; i < h; ++i) dy[i] = F32ToBf16(wt * go[i]);
-        if (quant) {
-          t.PrepareRow(ExpertProj::kDown, dy, w.q_rows_h.data() + row * ldh, w.s_rows_h.data() + row * gh,
-                       w.sum_rows_h.data() + row * gh);
-        }
-      }
-      if (r == 0) return;
-      // grad_y B_d from the bf16 grad_y rows the base GEMM reads too: [m, r] = [m, H] [H, r].
-      ConvertBf16ToF32(isa_, lora_.down_b + e * h * r, bd, h * r);
-      LoraGemm(isa_, r1 - r0, r, h, 1.0f, dy_b + r0 * ldh, ldh, 1, bd, r, dyB + r0 * r, r, false);
-    });
-
-    // 2. grad_h = grad_y W_d + s (grad_y B_d) A_d, then grad_g and grad_u, by column blocks of I.
-    const size_t inter_blocks = (inter + cpt - 1) / cpt;
-    pool.ParallelFor(c.active.size() * inter_blocks, [&](size_t task, int thread) {
-      const int e = c.active[task / inter_blocks];
-      const size_t c0 = (task % inter_blocks) * cpt;
-      const size_t cols = std::min(cpt, inter - c0);
-      float* dh = w.thread_scratch.data() + thread * scratch;
-      float* ad = dh + kRowChunk * cpt;  // A_d[:, c0:c0+cols], [r, cols]
-      for (size_t i = 0; i < r; ++i) {
-        ConvertBf16ToF32(isa_, lora_.down_a + (e * r + i) * inter + c0, ad + i * cols, cols);
-      }
-      const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
-      for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
-        const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput in;
-        in.ld = ldh;
-        in.x = dy_b + r0 * ldh;
-        if (quant) {
-          in.qx = w.q_rows_h.data() + r0 * ldh;
-          in.sx = w.s_rows_h.data() + r0 * gh;
-          in.xsum = w.sum_rows_h.data() + r0 * gh;
-        }
-        t.ProjectBlock(ExpertProj::kDown, e, c0, cols, in, m, dh, cpt);
-        if (r > 0) LoraGemm(isa_, m, cols, r, s, dyB + r0 * r, r, 1, ad, cols, dh, cpt, true);
-        for (size_t i = 0; i < m; ++i) {
-          const size_t at = (r0 + i) * inter + c0, bt = (r0 + i) * ldi + c0;
-          SiluBackwardToBf16(isa_, dh + i * cpt, c.g.data() + at, c.u.data() + at, dg_b + bt, du_b + bt,
-                             cols);
-        }
-      }
-    });
-
-    // 3. Quantize grad_g, grad_u rows for the integer kernels; grad_g B_g and grad_u B_u.
-    if (quant || r > 0) {
-      pool.ParallelFor(chunks.size(), [&](size_t task, int thread) {
-        const int e = chunks[task].first;
-        const size_t r0 = chunks[task].second, r1 = chunk_end(chunks[task]);
-        for (size_t row = r0; quant && row < r1; ++row) {
-          t.PrepareRow(ExpertProj::kGate, dg_b + row * ldi, w.q_rows_i0.data() + row * ldi,
-                       w.s_rows_i0.data() + row * gi, w.sum_rows_i0.data() + row * gi);
-          t.PrepareRow(ExpertProj::kUp, du_b + row * ldi, w.q_rows_i1.data() + row * ldi,
-                       w.s_rows_i1.data() + row * gi, w.sum_rows_i1.data() + row * gi);
-        }
-        if (r == 0) return;
-        float* bg = w.thread_scratch.data() + thread * scratch;  // B_g [I, r] fp32
-        float* bu = bg + inter * r;
-        ConvertBf16ToF32(isa_, lora_.gate_b + e * inter * r, bg, inter * r);
-        ConvertBf16ToF32(isa_, lora_.up_b + e * inter * r, bu, inter * r);
-        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, dg_b + r0 * ldi, ldi, 1, bg, r, dgB + r0 * r, r, false);
-        LoraGemm(isa_, r1 - r0, r, inter, 1.0f, du_b + r0 * ldi, ldi, 1, bu, r, duB + r0 * r, r, false);
-      });
-    }
-
-    // 4. grad_x rows = grad_g W_g + grad_u W_u + s ((grad_g B_g) A_g + (grad_u B_u) A_u), by column blocks
-    //    of H.
-    const size_t hidden_blocks = (h + cpt - 1) / cpt;
-    pool.ParallelFor(c.active.size() * hidden_blocks, [&](size_t task, int thread) {
-      const int e = c.active[task / hidden_blocks];
-      const size_t c0 = (task % hidden_blocks) * cpt;
-      const size_t cols = std::min(cpt, h - c0);
-      float* tmp = w.thread_scratch.data() + thread * scratch;
-      float* ag = tmp + kRowChunk * cpt;  // A_g[:, c0:c0+cols], [r, cols]
-      float* au = ag + r * cols;
-      for (size_t i = 0; i < r; ++i) {
-        ConvertBf16ToF32(isa_, lora_.gate_a + (e * r + i) * h + c0, ag + i * cols, cols);
-        ConvertBf16ToF32(isa_, lora_.up_a + (e * r + i) * h + c0, au + i * cols, cols);
-      }
-      const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
-      for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
-        const size_t m = std::min(kRowChunk, re - r0);
-        MoeLayer::ProjInput ing, inu;
-        ing.ld = inu.ld = ldi;
-        ing.x = dg_b + r0 * ldi;
-        inu.x = du_b + r0 * ldi;
-        if (quant) {
-          ing.qx = w.q_rows_i0.data() + r0 * ldi;
-          ing.sx = w.s_rows_i0.data() + r0 * gi;
-          ing.xsum = w.sum_rows_i0.data() + r0 * gi;
-          inu.qx = w.q_rows_i1.data() + r0 * ldi;
-          inu.sx = w.s_rows_i1.data() + r0 * gi;
-          inu.xsum = w.sum_rows_i1.data() + r0 * gi;
-        }
-        float* out = gx + r0 * h + c0;
-        t.ProjectBlock(ExpertProj::kGate, e, c0, cols, ing, m, out, h);
-        t.ProjectBlock(ExpertProj::kUp, e, c0, cols, inu, m, tmp, cpt);
-        for (size_t i = 0; i < m; ++i) Axpy(1.0f, tmp + i * cpt, out + i * h, cols);
-        if (r > 0) {
-          LoraGemm(isa_, m, cols, r, s, dgB + r0 * r, r, 1, ag, cols, out, h, true);
-          LoraGemm(isa_, m, cols, r, s, duB + r0 * r, r, 1, au, cols, out, h, true);
-        }
-      }
-    });
-  }
-
-  // 5. The six LoRA gradients, one expert per task (experts without rows: zeros, or unchanged when
-  //    accumulating).
-  if (r > 0) {
-    pool.ParallelFor(e_count, [&](size_t e, int thread) {
-      const size_t rb = c.expert_begin[e], re = c.expert_begin[e + 1];
-      struct Out {
-        bf16_t* dst;
-        size_t n;
-      } outs[6] = {{lora_.grad_gate_a + e * r * h, r * h},      {lora_.grad_gate_b + e * inter * r, inter * r},
-                   {lora_.grad_up_a + e * r * h, r * h},        {lora_.grad_up_b + e * inter * r, inter * r},
-                   {lora_.grad_down_a + e * r * inter, r * inter}, {lora_.grad_down_b + e * h * r, h * r}};
-      if (rb == re) {
-        if (!accumulate) {
-          for (const Out& o : outs) std::fill(o.dst, o.dst + o.n, bf16_t{0});
-        }
-        return;
-      }
-      float* ga = w.thread_scratch.data() + thread * scratch;  // [r, H]
-      float* gb = ga + r * h;                                   // [I, r]
-      float* ua = gb + inter * r;                               // [r, H]
-      float* ub = ua + r * h;                                   // [I, r]
-      float* da = ub + inter * r;                               // [r, I]
-      float* db = da + r * inter;                               // [H, r]
-      float* rows_f = db + h * r;  // [kGradRows, H or I]: fp32 x rows, then h rows
-      std::fill(ga, rows_f, 0.0f);
-      // Each product is a small GEMM over kGradRows rows with the row index as its inner dimension: the
-      // [rows, r] factors (grad B, A x) are read transposed through LoraGemm's strides, and grad_g, grad_u,
-      // grad_y straight from their bf16 rows.
-      for (size_t r0 = rb; r0 < re; r0 += kGradRows) {
-        const size_t m = std::min(kGradRows, re - r0);
-        for (size_t i = 0; i < m; ++i) {
-          ConvertBf16ToF32(isa_, c.input.data() + (c.row_token[r0 + i] / k) * h, rows_f + i * h, h);
-        }
-        // gate/up A: s (grad B)^T x, [r, H] += s [r, m] [m, H]
-        LoraGemm(isa_, r, h, m, s, dgB + r0 * r, 1, r, rows_f, h, ga, h, true);
-        LoraGemm(isa_, r, h, m, s, duB + r0 * r, 1, r, rows_f, h, ua, h, true);
-        // gate/up B: s grad^T (A x), [I, r] += s [I, m] [m, r]
-        LoraGemm(isa_, inter, r, m, s, dg_b + r0 * ldi, 1, ldi, c.ax_g.data() + r0 * r, r, gb, r, true);
-        LoraGemm(isa_, inter, r, m, s, du_b + r0 * ldi, 1, ldi, c.ax_u.data() + r0 * r, r, ub, r, true);
-        // down A: s (grad_y B_d)^T h, [r, I]; down B: s grad_y^T (A_d h), [H, r]
-        for (size_t i = 0; i < m; ++i) {
-          ConvertBf16ToF32(isa_, c.h.data() + (r0 + i) * ldi, rows_f + i * inter, inter);
-        }
-        LoraGemm(isa_, r, inter, m, s, dyB + r0 * r, 1, r, rows_f, inter, da, inter, true);
-        LoraGemm(isa_, h, r, m, s, dy_b + r0 * ldh, 1, ldh, c.ah.data() + r0 * r, r, db, r, true);
-      }
-      const float* src[6] = {ga, gb, ua, ub, da, db};
-      for (int p = 0; p < 6; ++p) {
-        bf16_t* dst = outs[p].dst;
-        for (size_t i = 0; i < outs[p].n; ++i) {
-          const float v = grad_scale * src[p][i];
-          dst[i] = F32ToBf16(accumulate ? Bf16ToF32(dst[i]) + v : v);
-        }
-      }
-    });
-  }
-
-  // 6. grad_input_t = sum_j grad_x rows of t, one rounding to bf16.
-  pool.ParallelFor((static_cast<size_t>(qlen) + 7) / 8, [&](size_t task, int thread) {
-    float* acc = w.thread_scratch.data() + thread * scratch;
-    const size_t t1 = std::min<size_t>(qlen, (task + 1) * 8);
-    for (size_t tok = task * 8; tok < t1; ++tok) {
-      std::fill(acc, acc + h, 0.0f);
-      for (int j = 0; j < k; ++j) {
-        const int row = c.token_slot_row[tok * k + j];
-        if (row >= 0) Axpy(1.0f, gx + static_cast<size_t>(row) * h, acc, h);
-      }
-      ConvertF32ToBf16(isa_, acc, grad_input + tok * h, h);
-    }
-  });
-  ReleaseEntry(std::move(owned));
-  return absl::OkStatus();
+SftMoeLayer::Pass SftMoeLayer::MakePass(Cache& c, bool quant) const {
+  const size_t h = config_.moe.hidden, inter = config_.moe.intermediate;
+  return Pass{c,
+              *ws_,
+              h,
+              inter,
+              static_cast<size_t>(rank_),
+              scale_,
+              quant,
+              groups_h_,
+              groups_i_,
+              sft_internal::ColsPerTask(isa_),
+              ScratchPerThread(),
+              RowStride(h),
+              RowStride(inter),
+              c.k,
+              c.qlen,
+              sft_internal::RowChunks(c.routing)};
 }
 
 }  // namespace kt

@@ -2,14 +2,15 @@
 // gradient, the router gradient and the six LoRA gradients, over frozen base weights (kt/sft/README.md
 // has the math; sft_reference.h is its plain double-precision version).
 //
-// Base-weight GEMMs (97% of the flops at rank 16 for Qwen3-30B-A3B) run on the packed experts of a
-// MoeLayer (MoeLayer::ProjectBlock), so every kernel path and weight format of kt/moe serves SFT too.
-// Backward needs the transposed base weights (grad_h = grad_y W_d, grad_x = grad_g W_g + grad_u W_u): they
-// live in an SftBackwardWeights, a MoeLayer of the transposed shape (hidden and intermediate swapped: its
-// gate/up are W_g^T, W_u^T [H, I] and its down is W_d^T [I, H]) in the same format. A layer owns one, or
-// several layers share one (share_backward_bb): it is rebuilt from the forward weights of whichever layer
-// runs backward (MoeLayer::UnpackExpert, transposed, packed again), so only one layer's transposed copy
-// exists at a time.
+// Base-weight GEMMs (97% of the flops at rank 16 for Qwen3-30B-A3B) run on kt/moe's packed expert storage
+// (PackedExperts::ProjectBlock), so every kernel path and weight format of kt/moe serves SFT too. The layer
+// owns its forward weights as one PackedExperts. Backward needs the transposed base weights
+// (grad_h = grad_y W_d, grad_x = grad_g W_g + grad_u W_u): they live in an SftBackwardWeights, a second
+// PackedExperts of the transposed shape (hidden and intermediate swapped: its gate/up are W_g^T, W_u^T
+// [H, I] and its down is W_d^T [I, H]) in the same format. A layer owns one, or several layers share one
+// (share_backward_bb): it is rebuilt from the forward weights of whichever layer runs backward (the
+// format's packed transpose, or UnpackExpertTransposed and packed again), so only one layer's transposed
+// copy exists at a time.
 //
 // LoRA tensors are the caller's bf16 arrays, read in place at every call (an optimizer step on them is
 // seen by the next forward; nothing to repack). The LoRA GEMMs (rank r = 16) are 3% of the flops and run
@@ -36,6 +37,8 @@
 #include "kt/kernels/dtype.h"
 #include "kt/moe/memory.h"
 #include "kt/moe/moe_layer.h"
+#include "kt/moe/packed_experts.h"
+#include "kt/moe/routing.h"
 #include "kt/moe/thread_pool.h"
 
 namespace kt {
@@ -71,7 +74,7 @@ class SftBackwardWeights {
  private:
   friend class SftMoeLayer;
   SftBackwardWeights() = default;
-  std::unique_ptr<MoeLayer> t_;   // transposed shape: gate/up W^T [H, I], down W_d^T [I, H]
+  std::unique_ptr<PackedExperts> t_;  // transposed shape: gate/up W^T [H, I], down W_d^T [I, H]
   const void* owner_ = nullptr;   // the layer whose weights t_ holds (nullptr: none yet)
   uint64_t owner_version_ = 0;    // that layer's weights version when t_ was built
   MoeConfig shape_;
@@ -94,10 +97,7 @@ struct SftForwardCache {
   template <typename T>
   using Buf = std::vector<T, ArrayAllocator<T>>;  // large ones on huge pages (kt/moe/memory.h)
   Buf<bf16_t> input;               // [qlen, H]
-  std::vector<int> expert_begin;   // [E + 1]
-  std::vector<int> active;         // experts with rows
-  std::vector<int> row_token;      // [rows]
-  std::vector<int> token_slot_row; // [qlen * k], -1 for skipped slots
+  ExpertRouting routing;           // rows by expert; a row's (token, slot) index is routing.row_slot[row]
   Buf<float> g, u;                 // [rows, I] gate and up outputs (LoRA included)
   Buf<bf16_t> h;                   // [rows, ldi] bf16(silu(g) u), what the down GEMM read
   Buf<bf16_t> y;                   // [rows, H] expert outputs (LoRA included), for grad_weights
@@ -232,6 +232,26 @@ class SftMoeLayer {
 
   SftMoeLayer(const SftConfig& config, Isa isa) : config_(config), isa_(isa) {}
   void Route(Cache& c, int qlen, int k, const int64_t* ids) const;
+
+  // What the phases of one forward or backward share: the cache entry, the workspace, sizes and strides
+  // (defined in sft_pass.h).
+  struct Pass;
+  Pass MakePass(Cache& c, bool quant) const;
+  absl::Status CheckForward(int qlen, int k, const int64_t* ids, const float* weights, const bf16_t* input,
+                            const bf16_t* output, bool save_for_backward) const;
+  // Forward's phases (sft_forward.cc), in order.
+  void ForwardGather(ThreadPool& pool, const Pass& p);
+  void ForwardGateUp(ThreadPool& pool, const Pass& p);
+  void ForwardPrepareH(ThreadPool& pool, const Pass& p);
+  void ForwardDown(ThreadPool& pool, const Pass& p, bool save_for_backward);
+  void WeightedSum(ThreadPool& pool, const Pass& p, bf16_t* output);
+  // Backward's phases (sft_backward.cc), in order.
+  void BackwardGradY(ThreadPool& pool, const Pass& p, const bf16_t* grad_output, float* grad_weights);
+  void BackwardGradGateUp(ThreadPool& pool, const Pass& p);
+  void BackwardPrepareGradGateUp(ThreadPool& pool, const Pass& p);
+  void BackwardGradX(ThreadPool& pool, const Pass& p);
+  void BackwardLoraGrads(ThreadPool& pool, const Pass& p, bool accumulate, float grad_scale);
+  void BackwardGradInput(ThreadPool& pool, const Pass& p, bf16_t* grad_input);
   void EnsureWorkspace(ThreadPool& pool);
   size_t ScratchPerThread() const;
   absl::Status EnsureBackwardWeights(ThreadPool& pool);
@@ -249,7 +269,7 @@ class SftMoeLayer {
   // formats (MoeLayer::ActivationGroups; the transposed layer's K are the same H and I).
   size_t groups_h_ = 1, groups_i_ = 1;
   uint64_t weights_version_ = 0;
-  std::unique_ptr<MoeLayer> base_;
+  std::unique_ptr<PackedExperts> base_;  // the forward weights
   std::shared_ptr<SftBackwardWeights> bwd_;
   bool bwd_shared_ = false;
   std::shared_ptr<SftWorkspace> ws_;
