@@ -49,7 +49,6 @@ ServingForward::ServingForward(MoeLayer* layer, ThreadPool* pool, const ServingB
       compute_mutex_(compute_mutex),
       task_(absl::StrCat("moe forward (", b.capacity, " rows)"), [this] { return Run(); }) {
   ids64_.resize(static_cast<size_t>(b_.max_deferred > 0 ? b_.capacity : chunk_) * b_.k);
-  if (b_.accumulate) result_.resize(static_cast<size_t>(chunk_) * layer_->config().hidden);
 }
 
 absl::Status ServingForward::Run() {
@@ -84,16 +83,12 @@ absl::Status ServingForward::Run() {
     } else {
       ids = static_cast<const int64_t*>(b_.ids) + t0 * k;
     }
-    bf16_t* out = b_.output + t0 * h;
-    bf16_t* dst = b_.accumulate ? result_.data() : out;
-    absl::Status s = layer_->Forward(*pool_, n, b_.k, ids, b_.weights + t0 * k, b_.input + t0 * h, dst,
+    MoeLayer::Output out;
+    out.bf16 = b_.output + t0 * h;
+    out.add = b_.accumulate;
+    absl::Status s = layer_->Forward(*pool_, n, b_.k, ids, b_.weights + t0 * k, b_.input + t0 * h, out,
                                      b_.gpu_experts_mask);
     if (!s.ok()) return s;
-    if (b_.accumulate) {
-      for (size_t i = 0; i < static_cast<size_t>(n) * h; ++i) {
-        out[i] = F32ToBf16(Bf16ToF32(out[i]) + Bf16ToF32(dst[i]));
-      }
-    }
   }
   return absl::OkStatus();
 }

@@ -33,8 +33,8 @@ struct ServingBuffers {
   const bf16_t* input = nullptr;
   bf16_t* output = nullptr;
   const bool* gpu_experts_mask = nullptr;  // bool[E] read every run, or null
-  // output = bf16(output + result) instead of bf16(result): the previous layer's deferred experts were
-  // written there first. (Two roundings: result is rounded to bf16 by Forward, then the sum.)
+  // output = bf16(output + result) instead of bf16(result), rounded once: the previous layer's deferred
+  // experts were written there first.
   bool accumulate = false;
   // Deferred experts (max_deferred = D > 0, see SplitDeferredExperts): each run splits its batch, computes
   // the immediate part and writes the deferred part's ids to deferred_ids ([capacity, k] int64, -1 where
@@ -65,7 +65,6 @@ class ServingForward {
   int chunk_;
   std::mutex* compute_mutex_;
   std::vector<int64_t> ids64_;  // [chunk, k] the chunk's ids widened to int64, or [capacity, k] immediate ids
-  std::vector<bf16_t> result_;  // [chunk, H] the chunk's result before accumulating
   QueuedTask task_;
 };
 

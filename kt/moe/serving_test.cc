@@ -258,6 +258,35 @@ TEST(ServingForwardTest, DeferredModeSplitsInsideTheTask) {
   EXPECT_GT(deferred, 0);
 }
 
+TEST(MoeLayerOutputTest, Fp32AndAddModesAreTheBf16ResultBeforeItsRounding) {
+  // Forward's three outputs come from the same fp32 sums: bf16 = round(f32), add = round(prev + f32).
+  Fixture f;
+  Rows r;
+  r.Fill(7, 30);
+  std::vector<bf16_t> plain(7 * kH), added(7 * kH);
+  std::vector<float> f32(7 * kH);
+  ASSERT_TRUE(f.layer->Forward(f.pool, 7, kK, r.ids.data(), r.weights.data(), r.input.data(), plain.data(),
+                               nullptr).ok());
+  MoeLayer::Output o32;
+  o32.f32 = f32.data();
+  ASSERT_TRUE(f.layer->Forward(f.pool, 7, kK, r.ids.data(), r.weights.data(), r.input.data(), o32, nullptr).ok());
+  for (size_t i = 0; i < added.size(); ++i) added[i] = F32ToBf16(0.125f * static_cast<float>(i % 9));
+  const std::vector<bf16_t> prev = added;
+  MoeLayer::Output oadd;
+  oadd.bf16 = added.data();
+  oadd.add = true;
+  ASSERT_TRUE(f.layer->Forward(f.pool, 7, kK, r.ids.data(), r.weights.data(), r.input.data(), oadd, nullptr).ok());
+  for (size_t i = 0; i < f32.size(); ++i) {
+    ASSERT_EQ(F32ToBf16(f32[i]).bits, plain[i].bits) << i;
+    ASSERT_EQ(F32ToBf16(Bf16ToF32(prev[i]) + f32[i]).bits, added[i].bits) << i;
+  }
+  MoeLayer::Output both;
+  both.bf16 = plain.data();
+  both.f32 = f32.data();
+  EXPECT_EQ(f.layer->Forward(f.pool, 7, kK, r.ids.data(), r.weights.data(), r.input.data(), both, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SplitDeferredExpertsTest, ProtectsEachTokensTopWeightsAcrossTheBatch) {
   // Token 0 picks experts 1, 2, 3 with weights .5 .3 .2; token 1 picks 3, 4, 5 with .6 .3 .1. D = 1:
   // protected = {1, 2} from token 0 and {3, 4} from token 1, so token 0's expert 3 runs now too (protected
