@@ -225,6 +225,14 @@ absl::Status MoeLayer::AdoptWeights(MoeLayer& staged) {
 absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids,
                               const float* weights, const bf16_t* input, bf16_t* output,
                               const bool* gpu_experts_mask) {
+  Output out;
+  out.bf16 = output;
+  return Forward(pool, qlen, k, ids, weights, input, out, gpu_experts_mask);
+}
+
+absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids,
+                              const float* weights, const bf16_t* input, const Output& output,
+                              const bool* gpu_experts_mask) {
   if (!loaded()) return absl::FailedPreconditionError("Forward before LoadWeights");
   if (qlen < 1 || qlen > config_.max_len) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -235,8 +243,11 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
     return absl::InvalidArgumentError(
         absl::StrCat("k = ", k, " must be in [1, top_k = ", config_.top_k, "]"));
   }
-  if (ids == nullptr || weights == nullptr || input == nullptr || output == nullptr) {
-    return absl::InvalidArgumentError("Forward: ids, weights, input and output must not be null");
+  if (ids == nullptr || weights == nullptr || input == nullptr ||
+      (output.bf16 == nullptr) == (output.f32 == nullptr) || (output.add && output.bf16 == nullptr)) {
+    return absl::InvalidArgumentError(
+        "Forward: ids, weights and input must not be null, and the output must be exactly one of a bf16 "
+        "array (optionally added to) or an fp32 array");
   }
   // The scratch may be shared with other layers: one Forward at a time uses it.
   std::lock_guard<std::mutex> scratch_lock(scratch_->mu);
@@ -246,8 +257,10 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   // 1. Routing: counting sort of (token, slot) pairs by expert; skipped ids get no row.
   RouteToExperts(ids, qlen, k, config_.num_experts, gpu_experts_mask, &routing_);
   profile_.route = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (routing_.rows == 0) {
-    std::fill_n(output, static_cast<size_t>(qlen) * config_.hidden, bf16_t{});  // no expert on the CPU
+  if (routing_.rows == 0) {  // no expert on the CPU: the result is zero
+    const size_t n = static_cast<size_t>(qlen) * config_.hidden;
+    if (output.f32 != nullptr) std::fill_n(output.f32, n, 0.0f);
+    if (output.bf16 != nullptr && !output.add) std::fill_n(output.bf16, n, bf16_t{});
     return absl::OkStatus();
   }
   // Per-thread fp32 blocks (grow only when a larger pool or row chunk is first seen).
@@ -451,8 +464,16 @@ void MoeLayer::DownTask(ForwardPlan& p, size_t task, int thread) {
   }
   for (size_t t = 0; t < p.qlen; ++t) {
     const float* acc = sc.acc.get() + t * ldy_ + c0;
-    bf16_t* out = p.output + t * h + c0;
-    for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
+    if (p.output.f32 != nullptr) {
+      std::copy_n(acc, cols, p.output.f32 + t * h + c0);
+      continue;
+    }
+    bf16_t* out = p.output.bf16 + t * h + c0;
+    if (p.output.add) {
+      for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(Bf16ToF32(out[c]) + acc[c]);
+    } else {
+      for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
+    }
   }
 }
 

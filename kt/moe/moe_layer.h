@@ -150,6 +150,19 @@ class MoeLayer {
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, bf16_t* output, const bool* gpu_experts_mask);
 
+  // Where a Forward puts the layer's result [qlen, H] (exactly one of bf16 / f32):
+  //   bf16, add = false: bf16(result), as Forward above;
+  //   bf16, add = true:  bf16(float(bf16) + result), one rounding: the output already holds the previous
+  //                      layer's deferred experts (kt/moe/serving.h);
+  //   f32:               the fp32 result, unrounded: a tensor-parallel part, summed by its caller.
+  struct Output {
+    bf16_t* bf16 = nullptr;
+    bool add = false;
+    float* f32 = nullptr;
+  };
+  absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
+                       const bf16_t* input, const Output& output, const bool* gpu_experts_mask);
+
   // The packed experts (kt/moe/packed_experts.h): the storage Forward multiplies by, for code that applies
   // an expert's projection to rows it owns or reads the weights back.
   const PackedExperts& experts() const { return *weights_; }
@@ -196,7 +209,7 @@ class MoeLayer {
     int k = 0;
     const float* weights = nullptr;
     const bf16_t* input = nullptr;
-    bf16_t* output = nullptr;
+    Output output;
     size_t row_block = 0;      // rows per gather and h-quantize task
     size_t gather_tasks = 0;
     size_t cols_per_task = 0;  // gate/up column block

@@ -203,6 +203,9 @@ class KTMoEWrapper:
                     f"Method '{method}' not supported for inference mode. "
                     f"Supported methods: {sorted(INFERENCE_METHODS)}"
                 )
+            if num_gpu_experts:
+                # Older clients: experts [0, num_gpu_experts) on the GPU, as a mask kt then owns.
+                gpu_experts_mask = _mask_from_count(gpu_experts_mask, num_gpu_experts, num_experts)
             return _create_inference_wrapper(
                 InferenceArgs(
                     layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
@@ -226,8 +229,8 @@ class KTMoEWrapper:
     def set_capture_batch_sizes(capture_bs: List[int]):
         """Sets the batch sizes whose staging buffers are kept permanently (e.g. [1, 2, 4, 8, 16]).
 
-        See ``KExpertsCPUBuffer``: kt's synchronous CPU forward stages nothing yet, so this only records
-        the list.
+        submit_forward/sync_forward (kt_kernel/serving.py) keep the pinned staging buffers of these sizes for
+        the life of the process, so CUDA graphs captured at them keep valid addresses.
         """
         BaseMoEWrapper.set_capture_batch_sizes(capture_bs)
 
@@ -247,6 +250,21 @@ class KTMoEWrapper:
         from .sft.base import KExpertsSFTBuffer
 
         KExpertsSFTBuffer.clear_cache()
+
+
+def _mask_from_count(gpu_experts_mask, num_gpu_experts, num_experts):
+    """The mask for ``num_gpu_experts=N`` (experts [0, N) on the GPU); both arguments at once is an error."""
+    if gpu_experts_mask is not None:
+        raise ValueError(
+            "pass either gpu_experts_mask or num_gpu_experts (the older form: experts [0, N) on the GPU), not both"
+        )
+    if isinstance(num_gpu_experts, bool) or not isinstance(num_gpu_experts, int):
+        raise TypeError(f"num_gpu_experts must be an int, got {type(num_gpu_experts).__name__}")
+    if not 0 <= num_gpu_experts <= num_experts:
+        raise ValueError(f"num_gpu_experts={num_gpu_experts} must be in [0, num_experts={num_experts}]")
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[:num_gpu_experts] = True
+    return mask
 
 
 def _create_inference_wrapper(args: InferenceArgs) -> BaseMoEWrapper:

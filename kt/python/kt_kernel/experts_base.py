@@ -8,8 +8,7 @@ A backend (see ``kt_kernel.utils.native.NativeMoEWrapper``) implements ``load_we
 from __future__ import annotations
 
 import os
-import threading
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -19,40 +18,35 @@ from ._checks import check_int, check_moe_shape, check_tensor
 
 
 class KExpertsCPUBuffer:
-    """Bookkeeping of per-batch-size staging buffers, shared by all layers of the process.
+    """The per-batch-size staging buffers of submit_forward/sync_forward, shared by all layers of the process.
 
-    In the original kt-kernel these are pinned CPU tensors (input, ids, weights, output) that stage data
-    between a CUDA stream and the CPU kernels; batch sizes registered with ``set_capture_batch_sizes`` keep
-    their buffers for the life of the process (stable addresses for CUDA-graph capture), any other size
-    shares one temporary buffer.
-
-    kt's forward is synchronous on CPU tensors for now (``cuda_stream=None``): it reads the caller's tensors
-    in place and returns a freshly allocated output, so no staging buffer is needed and the cache stays
-    empty. The capture list is recorded so that callers configuring it keep working, and it will size the
-    staging buffers of the GPU-stream path when that lands.
+    Pinned CPU tensors (input, ids, weights, output, the batch size) and a CUDA output buffer per batch size
+    and layer parity (``kt_kernel.serving.StagingBuffers``). Batch sizes registered with
+    ``set_capture_batch_sizes`` keep their buffers for the life of the process (stable addresses for CUDA-graph
+    capture); any other size shares one temporary set per parity. This class is the original's name for that
+    cache; the cache itself is ``kt_kernel.serving._BufferCache``.
     """
-
-    _lock = threading.Lock()
-    _capture_batch_sizes: Tuple[int, ...] = ()
-    _cache: Dict[Tuple[int, int], object] = {}
 
     @classmethod
     def set_capture_batch_sizes(cls, capture_bs: List[int]) -> None:
-        sizes = []
-        for i, bs in enumerate(capture_bs):
-            sizes.append(check_int(f"capture_bs[{i}]", bs, minimum=1))
-        with cls._lock:
-            cls._capture_batch_sizes = tuple(sorted(set(sizes)))
+        from .serving import _BufferCache
+
+        sizes = [check_int(f"capture_bs[{i}]", bs, minimum=1) for i, bs in enumerate(capture_bs)]
+        with _BufferCache.lock:
+            _BufferCache.capture_sizes = tuple(sorted(set(sizes)))
 
     @classmethod
     def get_capture_batch_sizes(cls) -> List[int]:
-        with cls._lock:
-            return list(cls._capture_batch_sizes)
+        from .serving import _BufferCache
+
+        with _BufferCache.lock:
+            return list(_BufferCache.capture_sizes)
 
     @classmethod
     def clear_buffer_cache(cls) -> None:
-        with cls._lock:
-            cls._cache.clear()
+        from .serving import _BufferCache
+
+        _BufferCache.clear()
 
 
 class BaseMoEWrapper:
@@ -98,13 +92,14 @@ class BaseMoEWrapper:
                 )
         self.numa_nodes = numa_nodes
         if a.max_deferred_experts_per_token:
+            # Deferred experts (kt_kernel/serving.py): the lowest-weighted experts of each token run one layer
+            # late, through submit_forward/sync_forward; at least one expert per token runs now.
             check_int("max_deferred_experts_per_token", a.max_deferred_experts_per_token, minimum=0)
-            # Deferring changes results (deferred experts land one layer late): refuse rather than ignore.
-            raise NotImplementedError(
-                f"{type(self).__name__}: max_deferred_experts_per_token="
-                f"{a.max_deferred_experts_per_token} (deferred experts) is not implemented yet in kt; "
-                "pass None or 0"
-            )
+            if a.max_deferred_experts_per_token >= self.num_experts_per_tok:
+                raise ValueError(
+                    f"max_deferred_experts_per_token={a.max_deferred_experts_per_token} must be smaller than "
+                    f"num_experts_per_tok={self.num_experts_per_tok}: each token keeps one expert in its own layer"
+                )
         self.max_deferred_experts_per_token = a.max_deferred_experts_per_token
 
         # Read by C++ at every forward (so flipping bits later takes effect): this very tensor is kept, and
@@ -198,12 +193,30 @@ class BaseMoEWrapper:
         raise self._not_implemented("forward")
 
     def submit_forward(self, hidden_states, topk_ids, topk_weights, cuda_stream=None) -> None:
-        """Asynchronous forward (enqueue). Not implemented yet: use forward."""
-        raise self._not_implemented("submit_forward (asynchronous forward; use forward)")
+        """Queues this layer's forward (kt_kernel/serving.py): with CUDA tensors, ordered on ``cuda_stream``
+        (an int, ``torch.cuda.Stream.cuda_stream``) and capturable in a CUDA graph; with CPU tensors and
+        ``cuda_stream=None``, on kt's task queue. ``topk_ids`` int32 or int64, -1 for padding; batches longer
+        than ``chunked_prefill_size`` run in chunks. Returns at once; ``sync_forward`` gives the result."""
+        if not self.weights_loaded:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}): submit_forward before the expert weights were "
+                "loaded; call load_weights or load_weights_from_tensors first"
+            )
+        self._serving_path().submit(hidden_states, topk_ids, topk_weights, cuda_stream)
 
     def sync_forward(self, hidden_states, cuda_stream=None) -> torch.Tensor:
-        """Waits for submit_forward. Not implemented yet: use forward."""
-        raise self._not_implemented("sync_forward (asynchronous forward; use forward)")
+        """Waits for this layer's submit_forward and returns its result: a persistent CUDA bf16 buffer of
+        the batch size when it was submitted on a stream (valid until this batch size's next forward of the
+        same layer parity), else a new CPU tensor. Raises the error of a failed task."""
+        return self._serving_path().sync(hidden_states, cuda_stream)
+
+    def _serving_path(self):
+        path = getattr(self, "_serving", None)
+        if path is None:
+            from .serving import ServingPath
+
+            path = self._serving = ServingPath(self)
+        return path
 
     def select_deferred_experts(self, *args, **kwargs):
         """Deferred-experts selection. Not implemented yet."""

@@ -176,6 +176,7 @@ class PyMoeLayer {
   }
 
   const MoeLayer& moe() const { return *moe_; }
+  MoeLayer* mutable_moe() { return moe_.get(); }
 
  private:
   std::unique_ptr<MoeLayer> moe_;
@@ -276,7 +277,11 @@ PYBIND11_MODULE(_kt, m) {
                                return IsGroupExpertFormat(self.moe().format()) ? self.moe().config().group_size
                                                                                : 0;
                              })
-      .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); });
+      .def_property_readonly("weight_bytes", [](const PyMoeLayer& self) { return self.moe().weight_bytes(); })
+      // For ServingForward (serving_bindings.cc): the C++ layer's address, stable across reloads.
+      .def_property_readonly("address",
+                             [](PyMoeLayer& self) { return reinterpret_cast<std::uintptr_t>(self.mutable_moe()); });
 
   RegisterSftBindings(m);
+  RegisterServingBindings(m);
 }

@@ -19,6 +19,9 @@ std::mutex& ComputeMutex();
 // kt/python/src/sft_bindings.cc: SftMoeLayer, SftBackwardWeights, SftWorkspace, SftCachePool.
 void RegisterSftBindings(pybind11::module_& m);
 
+// kt/python/src/serving_bindings.cc: TaskQueue, ServingForward, split_deferred_experts, cuda_runtime_name.
+void RegisterServingBindings(pybind11::module_& m);
+
 }  // namespace kt
 
 #endif  // KT_PYTHON_SRC_COMMON_H_
