@@ -2,7 +2,7 @@
 # Runs every test: C++ (every kernel path the CPU has; KT_ISA-capped paths it lacks are reported as
 # skipped, see docs/TESTING.md) and Python (against PyTorch and the checkpoints transformers made in
 # testdata/), the kt_kernel.sft integration tests in setup.sh's virtualenv (PyPI torch, transformers, PEFT:
-# tools/test_sft_integration.sh), then the cheap C++ tests again under ASan + UBSan (KT_SANITIZE, below), then the libFuzzer
+# tools/test_sft_integration.sh), then every C++ test again under ASan + UBSan and the threaded ones under TSan (KT_SANITIZE, below), then the libFuzzer
 # targets of kt/io for a bounded time each (tools/fuzz.sh). Needs nothing outside the repository but what
 # tools/setup.sh installs.
 set -euo pipefail
@@ -11,20 +11,30 @@ cd "$(dirname "$0")/.."
 bazel test --jobs="$(nproc)" //... "$@"
 tools/test_sft_integration.sh
 
-# AddressSanitizer + UndefinedBehaviorSanitizer (.bazelrc --config=asan) over the C++ tests whose build is
-# cheaper: kt/io (convert pulls in the int8 GEMM), the quantizers and the thread pool. The GEMM, MoE and SFT
-# tests are left to KT_SANITIZE=full (every C++ test): the full run took 46 minutes on the shared 2-core dev
-# box, about 28 of them compiling gemm_int4_hwy.cc under ASan + UBSan, beyond CI's ~25-minute budget (see
-# docs/TESTING.md). KT_SANITIZE=0 skips this step.
-case "${KT_SANITIZE:-io}" in
+# Sanitizers (.bazelrc --config=asan / --config=tsan; docs/TESTING.md): every C++ test under
+# AddressSanitizer + UndefinedBehaviorSanitizer, and the tests tagged "threaded" (thread pool, task queue,
+# MoE and SFT layers, conversion threads, ...) under ThreadSanitizer. --build_tests_only builds just those
+# tests. On a CPU without AVX-512 the AVX-512 Highway targets cannot run, so their tests are skipped under the
+# sanitizers as they are without them; compiling them anyway (Highway compiles every kernel once per target,
+# and the instrumented compiles are the slowest of the suite) is left out there. KT_SANITIZE=0 skips this
+# step, KT_SANITIZE=asan or tsan runs one of the two.
+sanitizer_copts=()
+if ! grep -qw avx512f /proc/cpuinfo; then
+  sanitizer_copts=(--copt=-UHWY_DISABLED_TARGETS
+                   "--copt=-DHWY_DISABLED_TARGETS=(HWY_SSSE3|HWY_SSE4|HWY_AVX3|HWY_AVX3_DL)")
+fi
+case "${KT_SANITIZE:-all}" in
   0) ;;
-  full)
-    bazel test --jobs="$(nproc)" --config=asan \
-      $(bazel query 'kind(cc_test, //...)') "$@" ;;
-  *)
-    bazel test --jobs="$(nproc)" --config=asan \
-      //kt/io/... //kt/kernels:quant_test //kt/kernels:act_quant_test //kt/kernels:dtype_test \
-      //kt/kernels:cpu_features_test //kt/runtime:thread_pool_test //kt/runtime:memory_test "$@" ;;
+  all|asan|tsan)
+    if [ "${KT_SANITIZE:-all}" != tsan ]; then
+      bazel test --jobs="$(nproc)" --config=asan --build_tests_only --test_timeout=900 "${sanitizer_copts[@]}" \
+        $(bazel query 'kind(cc_test, //...)') "$@"
+    fi
+    if [ "${KT_SANITIZE:-all}" != asan ]; then
+      bazel test --jobs="$(nproc)" --config=tsan --build_tests_only --test_timeout=900 \
+        "${sanitizer_copts[@]}" $(bazel query 'attr(tags, threaded, kind(cc_test, //...))') "$@"
+    fi ;;
+  *) echo "tools/test.sh: KT_SANITIZE must be 0, all, asan or tsan, got '${KT_SANITIZE}'" >&2; exit 2 ;;
 esac
 
 # libFuzzer (clang, ASan + UBSan) on kt/io's parsers: KT_FUZZ_SECONDS per target (default 60; 0 skips).

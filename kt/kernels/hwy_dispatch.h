@@ -44,6 +44,11 @@ constexpr const char* HwyTargetName(HwyTarget t) {
                                  : "avx3_dl";
 }
 
+// Whether this build compiles every Highway target kt dispatches to. False only where a build leaves some
+// out on purpose with HWY_DISABLED_TARGETS: tools/test.sh's sanitizer builds on a CPU without AVX-512, whose
+// AVX3/AVX3_DL code could not run there anyway. Tests of "which function each Isa gets" skip then.
+constexpr bool kAllHwyTargets = (HWY_DISABLED_TARGETS & (HWY_AVX2 | HWY_AVX3 | HWY_AVX3_DL)) == 0;
+
 // One function per Highway target, nullptr where the translation unit did not compile that target.
 template <typename Fn>
 struct HwyFns {
