@@ -41,7 +41,7 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
     BackwardGradX(pool, p);
   }
   if (p.r > 0) BackwardLoraGrads(pool, p, accumulate, grad_scale);
-  BackwardGradInput(pool, p, grad_input);
+  SumTokenRows(pool, p, /*weights=*/nullptr, grad_input);  // 6. grad_input_t = sum_j grad_x rows
   ReleaseEntry(std::move(owned));
   return absl::OkStatus();
 }
@@ -240,26 +240,6 @@ void SftMoeLayer::BackwardLoraGrads(ThreadPool& pool, const Pass& p, bool accumu
         const float v = grad_scale * src[j][i];
         dst[i] = F32ToBf16(accumulate ? Bf16ToF32(dst[i]) + v : v);
       }
-    }
-  });
-}
-
-// 6. grad_input_t = sum_j grad_x rows of t, one rounding to bf16.
-void SftMoeLayer::BackwardGradInput(ThreadPool& pool, const Pass& p, bf16_t* grad_input) {
-  const Cache& c = p.c;
-  SftWorkspace& w = p.w;
-  const size_t h = p.h, qlen = static_cast<size_t>(p.qlen);
-  const int k = p.k;
-  pool.ParallelFor((qlen + 7) / 8, [&](size_t task, int thread) {
-    float* acc = w.thread_scratch.data() + thread * p.scratch;
-    const size_t t1 = std::min<size_t>(qlen, (task + 1) * 8);
-    for (size_t tok = task * 8; tok < t1; ++tok) {
-      std::fill(acc, acc + h, 0.0f);
-      for (int j = 0; j < k; ++j) {
-        const int row = c.routing.token_slot_row[tok * k + j];
-        if (row >= 0) Axpy(1.0f, w.f_rows_h.data() + static_cast<size_t>(row) * h, acc, h);
-      }
-      ConvertF32ToBf16(isa_, acc, grad_input + tok * h, h);
     }
   });
 }

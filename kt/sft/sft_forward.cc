@@ -98,7 +98,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
     if (p.quant || r > 0) ForwardPrepareH(pool, p);
     ForwardDown(pool, p, save_for_backward);
   }
-  WeightedSum(pool, p, output);
+  SumTokenRows(pool, p, c.weights.data(), output);
   return absl::OkStatus();
 }
 
@@ -218,8 +218,9 @@ void SftMoeLayer::ForwardDown(ThreadPool& pool, const Pass& p, bool save_for_bac
   });
 }
 
-// 5. out_t = bf16(sum_j w_tj y_tj) in fp32, in slot order.
-void SftMoeLayer::WeightedSum(ThreadPool& pool, const Pass& p, bf16_t* output) {
+// 5. out_t = bf16(sum_j w_tj y_tj) in fp32, in slot order, from the fp32 rows in f_rows_h; with weights
+// null, w_tj = 1 (the backward's grad_input_t = sum_j grad_x rows of t uses it too).
+void SftMoeLayer::SumTokenRows(ThreadPool& pool, const Pass& p, const float* weights, bf16_t* output) {
   const Cache& c = p.c;
   SftWorkspace& w = p.w;
   const size_t h = p.h, qlen = static_cast<size_t>(p.qlen);
@@ -232,7 +233,8 @@ void SftMoeLayer::WeightedSum(ThreadPool& pool, const Pass& p, bf16_t* output) {
       for (int j = 0; j < k; ++j) {
         const int row = c.routing.token_slot_row[t * k + j];
         if (row < 0) continue;
-        Axpy(c.weights[t * k + j], w.f_rows_h.data() + static_cast<size_t>(row) * h, acc, h);
+        Axpy(weights != nullptr ? weights[t * k + j] : 1.0f, w.f_rows_h.data() + static_cast<size_t>(row) * h,
+             acc, h);
       }
       ConvertF32ToBf16(isa_, acc, output + t * h, h);
     }

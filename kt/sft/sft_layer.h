@@ -249,14 +249,13 @@ class SftMoeLayer {
   void ForwardGateUp(ThreadPool& pool, const Pass& p);
   void ForwardPrepareH(ThreadPool& pool, const Pass& p);
   void ForwardDown(ThreadPool& pool, const Pass& p, bool save_for_backward);
-  void WeightedSum(ThreadPool& pool, const Pass& p, bf16_t* output);
+  void SumTokenRows(ThreadPool& pool, const Pass& p, const float* weights, bf16_t* output);
   // Backward's phases (sft_backward.cc), in order.
   void BackwardGradY(ThreadPool& pool, const Pass& p, const bf16_t* grad_output, float* grad_weights);
   void BackwardGradGateUp(ThreadPool& pool, const Pass& p);
   void BackwardPrepareGradGateUp(ThreadPool& pool, const Pass& p);
   void BackwardGradX(ThreadPool& pool, const Pass& p);
   void BackwardLoraGrads(ThreadPool& pool, const Pass& p, bool accumulate, float grad_scale);
-  void BackwardGradInput(ThreadPool& pool, const Pass& p, bf16_t* grad_input);
   void EnsureWorkspace(ThreadPool& pool);
   size_t ScratchPerThread() const;
   absl::Status EnsureBackwardWeights(ThreadPool& pool);
