@@ -16,6 +16,7 @@
 #include "absl/strings/string_view.h"
 #include "gtest/gtest.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/fp8.h"
 
 namespace kt {
 namespace {
@@ -568,6 +569,73 @@ TEST(Quant, ActivationInt8Grouped) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("K = 96"), absl::string_view::npos) << s;
   EXPECT_NE(s.message().find("64"), absl::string_view::npos) << s;
+}
+
+}  // namespace
+}  // namespace kt
+
+namespace kt {
+namespace {
+
+// kt-fp8-block128-v1 from the outside: each 128 x 128 block's scale is its amax / 448 (the same in every row
+// of the block), every code decodes (fp8.h) to within half an E4M3 step of w / scale, and Dequantize is
+// code value * scale; K and N not multiples of 128 give short edge blocks; an all-zero block has scale 0.
+TEST(QuantFp8Block, BlockScalesCodesAndDequantize) {
+  const QuantSpec spec{QuantFormat::kFp8Block128, 0};
+  EXPECT_STREQ(QuantFormatName(spec.format), "fp8_block128");
+  EXPECT_EQ(QuantLayoutTag(spec), "kt-fp8-block128-v1");
+  EXPECT_EQ(QuantLayoutTag(QuantSpec{QuantFormat::kFp8Block128, 128}), "");
+  EXPECT_EQ(ScalesPerRow(spec, 300), 3u);
+  EXPECT_EQ(QuantizedRowBytes(spec, 300), 300u);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist;
+  const size_t n = 200, k = 300, blocks = 3;
+  std::vector<bf16_t> w(n * k);
+  for (size_t r = 0; r < n; ++r) {
+    for (size_t c = 0; c < k; ++c) {
+      // Block (1, 2) is all zero; the others have magnitudes that differ per block.
+      const bool zero = r >= 128 && c >= 256;
+      w[r * k + c] = F32ToBf16(zero ? 0.0f : dist(rng) * (1 + (r / 128) + 3 * (c / 128)));
+    }
+  }
+  const auto qm = Quantize(spec, w.data(), k, n, k);
+  ASSERT_TRUE(qm.ok()) << qm.status();
+  ASSERT_EQ(qm->data.size(), n * k);
+  ASSERT_EQ(qm->scales.size(), n * blocks);
+  std::vector<float> deq(n * k);
+  Dequantize(*qm, deq.data(), k);
+  for (size_t rb = 0; rb < 2; ++rb) {
+    for (size_t b = 0; b < blocks; ++b) {
+      float amax = 0;
+      for (size_t r = rb * 128; r < std::min(n, rb * 128 + 128); ++r) {
+        for (size_t c = b * 128; c < std::min(k, b * 128 + 128); ++c) amax = std::max(amax, std::fabs(Bf16ToF32(w[r * k + c])));
+      }
+      const float scale = amax / 448.0f;
+      for (size_t r = rb * 128; r < std::min(n, rb * 128 + 128); ++r) {
+        ASSERT_EQ(qm->scales[r * blocks + b], scale) << r << "," << b;
+        for (size_t c = b * 128; c < std::min(k, b * 128 + 128); ++c) {
+          const float v = Bf16ToF32(w[r * k + c]);
+          const float got = Fp8E4M3ToF32(qm->data[r * k + c]);
+          ASSERT_EQ(deq[r * k + c], got * scale);
+          if (scale == 0) {
+            ASSERT_EQ(qm->data[r * k + c], 0);
+            continue;
+          }
+          // Half a step: 2^-4 of the value for normal codes, 2^-10 absolute below 2^-6.
+          const float t = v / scale;
+          ASSERT_LE(std::fabs(got - t), std::max(std::fabs(t) / 16.0f, 1.0f / 1024.0f) * 1.0001f)
+              << r << "," << c << ": " << t << " -> " << got;
+        }
+      }
+    }
+  }
+  // The checkpoint's block scales expand to these row scales.
+  std::vector<float> block_scales(2 * blocks), rows(n * blocks);
+  for (size_t rb = 0; rb < 2; ++rb) {
+    for (size_t b = 0; b < blocks; ++b) block_scales[rb * blocks + b] = qm->scales[rb * 128 * blocks + b];
+  }
+  ExpandFp8BlockScales(block_scales.data(), n, k, rows.data());
+  EXPECT_EQ(rows, qm->scales);
 }
 
 }  // namespace
