@@ -6,13 +6,14 @@ those of the original kt-kernel, so code written against it keeps working.
 
 What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
-``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword); weights
+``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword), "FP8"
+(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped); weights
 come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
 reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
 every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
 ``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
 ``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
-LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4, FP8,
+LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4,
 FP8_PERCHANNEL, LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
 method.
 
@@ -34,7 +35,7 @@ from typing import List, Optional
 import torch
 
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
-from .utils.amx import AMXMoEWrapper, NativeMoEWrapper
+from .utils.amx import AMXMoEWrapper, FP8MoEWrapper, NativeMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 
 __all__ = [
@@ -103,13 +104,13 @@ _INFERENCE_BACKENDS = {
     "MOE_INT4_1KGroup": GeneralMoEWrapper,
     "AMXINT4_1": AMXMoEWrapper,
     "MOE_INT4_1": GeneralMoEWrapper,
+    "FP8": FP8MoEWrapper,
 }
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
     "RAWINT4": "quantized-kernels issue",
     "GPTQ_INT4": "quantized-kernels issue",
-    "FP8": "FP8 kernels issue",
     "FP8_PERCHANNEL": "FP8 kernels issue",
     "LLAMAFILE": "GGUF/llamafile issue",
 }
@@ -192,7 +193,7 @@ class KTMoEWrapper:
 
         Raises:
             ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-            NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4, FP8,
+            NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4,
                 FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
         """
         # Validate mode

@@ -17,11 +17,13 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/kernels/quant.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/thread_pool.h"
 #include "kt/python/src/weight_loader.h"
@@ -129,6 +131,27 @@ class PyMoeLayer {
     if (!status.ok()) ThrowStatus(status);
   }
 
+  // FP8 experts as shipped (method FP8): E4M3 codes gate/up [E, I, H], down [E, H, I] and their F32 block
+  // scales [E, ceil(N/128), ceil(K/128)], packed straight into the layer (no bf16 copy). The caller (Python)
+  // checked dtypes and shapes. Staged and swapped in like LoadWeights.
+  void LoadWeightsFp8(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t gate_scale,
+                      std::uintptr_t up_scale, std::uintptr_t down_scale, std::uintptr_t physical_to_logical,
+                      ThreadPool& pool) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        status = LoadFp8Into(**staged, {gate, up, down}, {gate_scale, up_scale, down_scale},
+                             AsPointer<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
   void Forward(ThreadPool& pool, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights,
                std::uintptr_t input, std::uintptr_t output, std::uintptr_t gpu_experts_mask) {
     absl::Status status;
@@ -177,6 +200,34 @@ class PyMoeLayer {
   const MoeLayer& moe() const { return *moe_; }
 
  private:
+  // Every (slot, proj) of `moe` from the codes and block scales at `codes` / `scales` (gate, up, down).
+  static absl::Status LoadFp8Into(MoeLayer& moe, const std::uintptr_t (&codes)[3], const std::uintptr_t (&scales)[3],
+                                  const int64_t* physical_to_logical, ThreadPool& pool) {
+    const MoeConfig& c = moe.config();
+    const size_t h = c.hidden, inter = c.intermediate;
+    moe.BeginLoad();
+    const size_t tasks = static_cast<size_t>(c.num_experts) * 3;
+    std::vector<absl::Status> status(tasks);
+    pool.ParallelFor(tasks, [&](size_t task, int) {
+      const int slot = static_cast<int>(task / 3), p = static_cast<int>(task % 3);
+      const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+      QuantizedMatrix qm;
+      qm.spec = QuantSpec{QuantFormat::kFp8Block128, 0};
+      qm.n = p == 2 ? h : inter;
+      qm.k = p == 2 ? inter : h;
+      const size_t block_scales = ((qm.n + 127) / 128) * ((qm.k + 127) / 128);
+      const auto* src = AsPointer<const uint8_t>(codes[p]) + e * qm.n * qm.k;
+      qm.data.assign(src, src + qm.n * qm.k);
+      qm.scales.resize(qm.n * ScalesPerRow(qm.spec, qm.k));
+      ExpandFp8BlockScales(AsPointer<const float>(scales[p]) + e * block_scales, qm.n, qm.k, qm.scales.data());
+      status[task] = moe.LoadExpertQuantized(slot, static_cast<ExpertProj>(p), qm);
+    });
+    for (const absl::Status& s : status) {
+      if (!s.ok()) return s;
+    }
+    return moe.FinishLoad();
+  }
+
   std::unique_ptr<MoeLayer> moe_;
 };
 
@@ -227,6 +278,9 @@ PYBIND11_MODULE(_kt, m) {
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
            "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
            "may be freed afterwards.")
+      .def("load_weights_fp8", &PyMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
+           py::arg("pool"))
       .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
            py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"),
            "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "
