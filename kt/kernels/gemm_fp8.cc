@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/fp8.h"
 
@@ -59,6 +63,14 @@ void UnpackFp8ToBf16(size_t n, size_t k, const uint8_t* panels, const float* sca
 }
 
 namespace internal {
+
+bool Fp8DenormalsAreZero() {
+#if defined(__SSE__)
+  return (_mm_getcsr() & 0x0040u) != 0;  // MXCSR bit 6: DAZ
+#else
+  return false;
+#endif
+}
 
 // Scalar path: the same arithmetic as the vector paths (fp32 products of exact values summed per k block,
 // then block sum * scale added to the total), in k order.

@@ -63,6 +63,9 @@ void GemmFp8Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_
 // Highway: kAvx2 -> AVX2, kAvx512 -> AVX3, kAvx512Vnni / kAvx512Bf16 / kAmx -> AVX3_DL; nullptr if that
 // target is not compiled in.
 GemmFp8Fn GemmFp8Hwy(Isa isa);
+// Whether MXCSR.DAZ (denormals are zero) is set on this thread: the Highway kernels then decode with integer
+// operations only (gemm_fp8_hwy.cc), as their fast decode multiplies a subnormal fp32.
+bool Fp8DenormalsAreZero();
 }  // namespace internal
 
 }  // namespace kt

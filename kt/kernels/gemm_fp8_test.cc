@@ -7,6 +7,8 @@
 #include <random>
 #include <vector>
 
+#include <xmmintrin.h>
+
 #include "gtest/gtest.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
@@ -155,6 +157,33 @@ TEST_P(GemmFp8PathTest, NanCodePropagatesToItsColumnOnly) {
   for (size_t i = 0; i < 2; ++i) {
     for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5) << i << "," << j;
   }
+}
+
+// With MXCSR.DAZ set (as a -ffast-math library can leave it), the kernels switch to their integer-only
+// decode: the subnormal codes must still decode exactly. FTZ too, for good measure.
+TEST_P(GemmFp8PathTest, ExactUnderDenormalsAreZero) {
+  const unsigned saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ (bit 6) and FTZ (bit 15)
+  EXPECT_TRUE(internal::Fp8DenormalsAreZero());
+  std::mt19937 rng(11);
+  for (size_t m : {1, 5, 9}) {
+    Check(m, 45, 300, m % 2, rng);
+  }
+  // Only subnormal codes (and zeros): the fast decode would give zeros here.
+  QuantizedMatrix qm = RandomFp8(16, 128, rng);
+  for (size_t i = 0; i < qm.data.size(); ++i) qm.data[i] = static_cast<uint8_t>((i % 8) | (i % 3 == 0 ? 0x80 : 0));
+  const Packed p = Pack(qm);
+  std::vector<bf16_t> x(128, F32ToBf16(1.0f));
+  std::vector<float> y(16);
+  fn_(1, 128, x.data(), 128, p.panels.data(), p.scales.data(), 16, y.data(), 16);
+  _mm_setcsr(saved);
+  for (size_t j = 0; j < 16; ++j) {
+    double ref = 0;
+    for (size_t c = 0; c < 128; ++c) ref += static_cast<double>(Fp8E4M3ToF32(qm.data[j * 128 + c])) * qm.scales[j];
+    EXPECT_NEAR(y[j], ref, 1e-6 * std::fabs(ref) + 1e-30) << j;
+    EXPECT_NE(y[j], 0.0f) << j;
+  }
+  EXPECT_FALSE(internal::Fp8DenormalsAreZero());
 }
 
 INSTANTIATE_TEST_SUITE_P(
