@@ -286,7 +286,8 @@ PYBIND11_MODULE(_kt, m) {
            "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "
            "a kt convert folder (checked against its manifest: layout, shapes, checksums). Returns "
            "{converted, file_bytes, verify_seconds, load_seconds}. ValueError for a mismatch with the config "
-           "or manifest, OSError for a missing or corrupt file, NotImplementedError for FP8.")
+           "or manifest (an FP8 folder with a method other than FP8 included), OSError for a missing or corrupt "
+           "file.")
       .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
            py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
            "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "
