@@ -31,7 +31,9 @@ TEST(ExpertFormatTest, EveryFormatHasAConsistentEntry) {
     EXPECT_EQ(t.pack_quantized != nullptr, t.quantized);
     // Only quantized formats prepare int8 rows (fp8_block, quantized, reads bf16 rows); only grouped ones
     // per group.
-    if (!t.quantized) EXPECT_EQ(t.activation, ActivationKind::kBf16Rows);
+    if (!t.quantized) {
+      EXPECT_EQ(t.activation, ActivationKind::kBf16Rows);
+    }
     EXPECT_EQ(t.activation == ActivationKind::kInt8PerGroup, t.grouped);
     EXPECT_EQ(ActivationBytes(t), t.activation == ActivationKind::kBf16Rows ? 2u : 1u);
     EXPECT_EQ(ActivationGroupsOf(t, 256, 64), t.grouped ? 4u : 1u);
