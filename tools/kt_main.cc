@@ -127,7 +127,8 @@ ABSL_FLAG(int, seed, 1, "seed of the random weights, inputs and routing");
 ABSL_FLAG(kt::tools::FormatFlag, format, {},
           "expert weights: bf16, int8, int4 or int4_asym (quantized per output channel at load, activations per "
           "token), int4_group_sym or int4_group_asym (a scale, and for asym a zero point, per --group-size k; "
-          "activations per token and group); the accuracy line then also reports the format's own error "
+          "activations per token and group), fp8_block (FP8 E4M3 with 128x128 block scales, bf16 "
+          "activations); the accuracy line then also reports the format's own error "
           "against the bf16 model");
 ABSL_FLAG(kt::tools::TilingsFlag, tiling, {{kt::MoeTiling{}}},
           "G,D[,R[,KB]]: panels of 16 columns per task in the gate/up and down phases (1..16 each; 0 keeps the "
@@ -148,12 +149,14 @@ ABSL_FLAG(int, layer, -1, "with --weights: the MoE layer to bench (-1: the folde
 
 // Flags of `kt convert`.
 ABSL_FLAG(std::string, input, "",
-          "required: Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts");
+          "required: Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts "
+          "(or FP8 with 128x128 block scales, for --method FP8)");
 ABSL_FLAG(std::string, output, "",
           "required: created if missing; rerunning into it resumes (layers whose checksums verify are kept)");
 ABSL_FLAG(std::string, method, "",
           "convert (required): BF16 | AMXINT8 | MOE_INT8 | AMXINT4 | MOE_INT4 | RAWINT4 | GPTQ_INT4 | "
-          "AMXINT4_KGroup | AMXINT4_1KGroup (docs/FORMATS.md: method -> layout); bench --weights: the "
+          "AMXINT4_KGroup | AMXINT4_1KGroup | FP8 (an FP8 folder is copied as stored) (docs/FORMATS.md: method -> "
+          "layout); bench --weights: the "
           "KTMoEWrapper method the layer is loaded with (empty: a converted folder's own, else BF16)");
 
 // Flags of both.

@@ -50,6 +50,7 @@ INFERENCE_METHODS = (
     "MOE_INT4_KGroup",
     "AMXINT4_1KGroup",
     "MOE_INT4_1KGroup",
+    "FP8",
 )
 SFT_BASES = (
     "AMXBF16_SFT",

@@ -167,6 +167,10 @@ absl::StatusOr<LayerOutputs> ConvertMatrices(const ConvertJob& job, const LayerE
         if (absl::Status s = le.ReadBf16(static_cast<int>(e), m, out.bf16[e * 3 + p].data()); !s.ok()) return s;
         continue;
       }
+      if (le.quantized()) {  // an FP8 checkpoint read for method FP8: its codes and scales as they are
+        if (absl::Status s = le.ReadQuantized(static_cast<int>(e), m, &out.quant[e * 3 + p]); !s.ok()) return s;
+        continue;
+      }
       buf.resize(n * k);
       if (absl::Status s = le.ReadBf16(static_cast<int>(e), m, buf.data()); !s.ok()) return s;
       // The vectorized quantizer computes every format bit for bit as Quantize (quant_fast_test), and

@@ -236,10 +236,10 @@ TEST(ConvertTest, UnsupportedMethodsAndOutputOverInput) {
   const std::string hf = FreshDir("hf"), out = TmpPath("out");
   RemoveTree(out);
   WriteHf(hf, Layout::kPerExpert);
-  absl::StatusOr<ConvertStats> st = ConvertCheckpoint(Options(hf, out, "FP8"));
+  absl::StatusOr<ConvertStats> st = ConvertCheckpoint(Options(hf, out, "FP8_PERCHANNEL"));
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(st.status().message(), HasSubstr("FP8 weights are not supported yet"));
+  EXPECT_THAT(st.status().message(), HasSubstr("per-channel FP8 weights are not supported yet"));
   st = ConvertCheckpoint(Options(hf, out, "INT3"));
   ASSERT_FALSE(st.ok());
   EXPECT_THAT(st.status().message(), HasSubstr("unknown method \"INT3\"; kt can store: BF16, AMXINT8"));
@@ -275,15 +275,39 @@ TEST(ConvertTest, UnsupportedMethodsAndOutputOverInput) {
             absl::StrCat("--output ", hf, " is the input folder; choose another folder"));
 }
 
-TEST(ConvertTest, FixtureFp8IsRejectedNamingFp8) {
+// An FP8 checkpoint converts only to method FP8 (no bf16 detour); another method names FP8.
+TEST(ConvertTest, FixtureFp8ConvertsOnlyToFp8) {
   const std::string out = TmpPath("out");
   RemoveTree(out);
   absl::StatusOr<ConvertStats> st =
       ConvertCheckpoint(Options(testing_files::TestdataHf("deepseek_v3_fp8"), out, "BF16"));
   ASSERT_FALSE(st.ok());
-  EXPECT_EQ(st.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(st.status().message(), HasSubstr("FP8 checkpoints are not supported yet"));
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.status().message(), HasSubstr("which method BF16 cannot hold; load it with method FP8"));
   EXPECT_FALSE(Exists(out));
+  st = ConvertCheckpoint(Options(testing_files::TestdataHf("deepseek_v3_fp8"), out, "FP8"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  LayerRequest want;
+  want.layer = 1;
+  absl::StatusOr<MethodLayout> fp8 = LayoutOfMethod("FP8");
+  ASSERT_TRUE(fp8.ok());
+  want.method = *fp8;
+  absl::StatusOr<std::unique_ptr<LayerExperts>> hf =
+      LayerExperts::Open(testing_files::TestdataHf("deepseek_v3_fp8"), want);
+  absl::StatusOr<std::unique_ptr<LayerExperts>> conv = LayerExperts::Open(out, want);
+  ASSERT_TRUE(hf.ok()) << hf.status();
+  ASSERT_TRUE(conv.ok()) << conv.status();
+  EXPECT_TRUE((*conv)->converted());
+  for (int e = 0; e < 4; ++e) {
+    for (int p = 0; p < 3; ++p) {
+      QuantizedMatrix a, b;
+      ASSERT_TRUE((*hf)->ReadQuantized(e, static_cast<ExpertMatrix>(p), &a).ok());
+      ASSERT_TRUE((*conv)->ReadQuantized(e, static_cast<ExpertMatrix>(p), &b).ok());
+      EXPECT_EQ(a.data, b.data) << e << " " << p;
+      EXPECT_EQ(a.scales, b.scales) << e << " " << p;
+    }
+  }
+  RemoveTree(out);
 }
 
 }  // namespace

@@ -169,6 +169,57 @@ TEST(FixturesTest, DeepseekV3Fp8) {
                    {{0, 0x3dd0, 0.1015625f}, {1, 0xbc70, -0.0146484375f}});
 }
 
+// The FP8 fixture through LayerExperts for method FP8: read as kt-fp8-block128-v1 (the codes as stored,
+// each row holding its 128-row block's scales), no bf16 copy; another method is told to use FP8.
+TEST(FixturesTest, DeepseekV3Fp8LoadsAsFp8Block) {
+  const std::string dir = TestdataHf("deepseek_v3_fp8");
+  LayerRequest want;
+  want.layer = 1;
+  absl::StatusOr<MethodLayout> fp8 = LayoutOfMethod("FP8");
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  EXPECT_EQ(fp8->tag, "kt-fp8-block128-v1");
+  want.method = *fp8;
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  EXPECT_EQ((*le)->MappedBf16(0, ExpertMatrix::kGate), nullptr);
+  std::vector<bf16_t> bf(128 * 256);
+  EXPECT_EQ((*le)->ReadBf16(0, ExpertMatrix::kGate, bf.data()).code(), absl::StatusCode::kFailedPrecondition);
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(0, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kFp8Block128);
+  ASSERT_EQ(qm.n, 128u);
+  ASSERT_EQ(qm.k, 256u);
+  ASSERT_EQ(qm.data.size(), 128u * 256u);
+  EXPECT_EQ(qm.data[0], 0xea);
+  EXPECT_EQ(qm.data[4321], 0xe4);
+  EXPECT_EQ(qm.data[32767], 0x4a);
+  ASSERT_EQ(qm.scales.size(), 128u * 2u);
+  for (size_t r = 0; r < 128; ++r) {
+    uint32_t bits[2];
+    std::memcpy(bits, qm.scales.data() + r * 2, 8);
+    ASSERT_EQ(bits[0], 0x3a6a4925u) << r;
+    ASSERT_EQ(bits[1], 0x3a636db7u) << r;
+  }
+  s = (*le)->ReadQuantized(3, ExpertMatrix::kDown, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.n, 256u);
+  EXPECT_EQ(qm.k, 128u);
+  EXPECT_EQ(qm.scales.size(), 256u);
+  EXPECT_EQ((*le)->SourceTensors().size(), 24u);  // 12 weights and their 12 scales
+
+  absl::StatusOr<MethodLayout> bf16 = LayoutOfMethod("BF16");
+  ASSERT_TRUE(bf16.ok());
+  want.method = *bf16;
+  le = LayerExperts::Open(dir, want);
+  ASSERT_FALSE(le.ok());
+  EXPECT_EQ(le.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(le.status().message()),
+              HasSubstr("the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method BF16 "
+                        "cannot hold; load it with method FP8"));
+}
+
 // Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
 // [7][3] of down, and the last element of each.
 struct CanonicalSample {

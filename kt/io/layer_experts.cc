@@ -63,6 +63,39 @@ absl::Status CheckHfTensor(const Checkpoint& ckpt, const std::string& name, std:
   return absl::OkStatus();
 }
 
+// An FP8 checkpoint's expert weight `name` must be F8_E4M3 `shape` [N, K] with F32 `name`_scale_inv
+// [ceil(N/128), ceil(K/128)] beside it (128 x 128 blocks, checked by the caller from weight_block_size).
+absl::Status CheckHfFp8Tensor(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
+                              Checkpoint::Located* weight, Checkpoint::Located* scale, absl::string_view what) {
+  const Checkpoint::Located loc = ckpt.Find(name);
+  if (loc.info == nullptr) {
+    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", name,
+                                            "\" is missing (expected F8_E4M3 ", ShapeString(shape), ")"));
+  }
+  if (loc.info->dtype != Dtype::kF8E4M3 || loc.info->shape != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(loc), " (", what, ") is ",
+                                                   DtypeName(loc.info->dtype), " ", ShapeString(loc.info->shape),
+                                                   ", expected F8_E4M3 ", ShapeString(shape),
+                                                   " (quantization_config.quant_method is \"fp8\")"));
+  }
+  const std::string scale_name = absl::StrCat(name, "_scale_inv");
+  const std::vector<int64_t> scale_shape = {(shape[0] + 127) / 128, (shape[1] + 127) / 128};
+  const Checkpoint::Located sloc = ckpt.Find(scale_name);
+  if (sloc.info == nullptr) {
+    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", scale_name,
+                                            "\" is missing (expected F32 ", ShapeString(scale_shape),
+                                            ": the 128 x 128 block scales of ", name, ")"));
+  }
+  if (sloc.info->dtype != Dtype::kF32 || sloc.info->shape != scale_shape) {
+    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(sloc), " (", what, " block scales) is ",
+                                                   DtypeName(sloc.info->dtype), " ", ShapeString(sloc.info->shape),
+                                                   ", expected F32 ", ShapeString(scale_shape)));
+  }
+  *weight = loc;
+  *scale = sloc;
+  return absl::OkStatus();
+}
+
 void CopyRows(const uint8_t* src, size_t bytes, void* dst) { std::memcpy(dst, src, bytes); }
 
 uint16_t LoadU16(const uint8_t* p) {
@@ -217,12 +250,27 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
                                                                    const std::string& config_path,
                                                                    const LayerRequest& want) {
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
-  if (arch.quantization.has_value() && arch.quantization->quant_method == "fp8") {
-    return absl::UnimplementedError(absl::StrCat(
-        config_path, ": quantization_config.quant_method is \"fp8\": FP8 checkpoints are not supported yet "
-        "(the FP8 method comes later); use a bf16 checkpoint"));
+  const bool fp8 = arch.quantization.has_value() && arch.quantization->quant_method == "fp8";
+  if (fp8) {
+    // Read as stored (kt-fp8-block128-v1), never through a bf16 copy: only method FP8 holds it.
+    if (arch.quantization->weight_block_size != std::vector<int>{128, 128}) {
+      return absl::UnimplementedError(absl::StrCat(
+          config_path, ": quantization_config.weight_block_size is [",
+          absl::StrJoin(arch.quantization->weight_block_size, ", "),
+          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) only"));
+    }
+    if (!want.method.quantized || want.method.spec.format != QuantFormat::kFp8Block128) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          config_path, ": the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method ",
+          want.method.method, " cannot hold; load it with method FP8"));
+    }
+    if (arch.fused_experts()) {
+      return absl::UnimplementedError(absl::StrCat(
+          config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
+          "weight + weight_scale_inv, as DeepSeek-V3 ships, are)"));
+    }
   }
-  if (arch.quantization.has_value()) {
+  if (arch.quantization.has_value() && !fp8) {
     return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
                                                  arch.quantization->quant_method,
                                                  "\" is not supported; kt reads bf16 checkpoints"));
@@ -257,6 +305,8 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
     le->weight_bytes_ = le->fused_[0].info->num_bytes() + le->fused_[1].info->num_bytes();
   } else {
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
+    le->hf_fp8_ = fp8;
+    if (fp8) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
     for (int e = 0; e < E; ++e) {
       absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, e);
       if (!names.ok()) return names.status();
@@ -264,8 +314,16 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
       for (int p = 0; p < 3; ++p) {
         const std::vector<int64_t> shape = p == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H};
         const std::string what = absl::StrCat("layer ", want.layer, " expert ", e, " ", kMatrixNames[p]);
-        if (absl::Status s = CheckHfTensor(*ckpt, *n3[p], shape, &le->per_expert_[e * 3 + p], what); !s.ok())
+        if (fp8) {
+          if (absl::Status s = CheckHfFp8Tensor(*ckpt, *n3[p], shape, &le->per_expert_[e * 3 + p],
+                                                &le->per_expert_scales_[e * 3 + p], what);
+              !s.ok())
+            return s;
+          le->weight_bytes_ += le->per_expert_scales_[e * 3 + p].info->num_bytes();
+        } else if (absl::Status s = CheckHfTensor(*ckpt, *n3[p], shape, &le->per_expert_[e * 3 + p], what);
+                   !s.ok()) {
           return s;
+        }
         le->weight_bytes_ += le->per_expert_[e * 3 + p].info->num_bytes();
       }
     }
@@ -300,7 +358,7 @@ absl::Status LayerExperts::Verify(size_t task) const {
 }
 
 const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
-  if (expert < 0 || expert >= e_) return nullptr;
+  if (expert < 0 || expert >= e_ || hf_fp8_) return nullptr;
   const int p = static_cast<int>(m);
   const uint8_t* at = nullptr;
   if (converted_) {
@@ -329,6 +387,10 @@ absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) con
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
   const int p = static_cast<int>(m);
   const size_t n = Rows(m), k = Cols(m);
+  if (hf_fp8_) {
+    return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is FP8 (kt-fp8-block128-v1): read it with "
+                                                      "ReadQuantized"));
+  }
   if (converted_) {
     if (layout_.quantized) {
       return absl::FailedPreconditionError(absl::StrCat(file_->path(), " is quantized (", layout_.tag,
@@ -379,6 +441,23 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
     return absl::FailedPreconditionError("ReadQuantized: the folder holds bf16 weights: read them with ReadBf16");
   }
   const int p = static_cast<int>(m);
+  if (hf_fp8_) {
+    // The codes as stored; the block scales repeated per row (the canonical form, quant.h).
+    const Checkpoint::Located& w = per_expert_[static_cast<size_t>(expert) * 3 + p];
+    const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
+    out->spec = QuantSpec{QuantFormat::kFp8Block128, 0};
+    out->n = Rows(m);
+    out->k = Cols(m);
+    out->data.resize(w.info->num_bytes());
+    std::memcpy(out->data.data(), w.file->data(*w.info), w.info->num_bytes());
+    // Safetensors offsets are byte offsets: copy the (small) scale tensor before reading it as floats.
+    std::vector<float> blocks(sc.info->num_bytes() / sizeof(float));
+    std::memcpy(blocks.data(), sc.file->data(*sc.info), sc.info->num_bytes());
+    out->scales.resize(out->n * ScalesPerRow(out->spec, out->k));
+    ExpandFp8BlockScales(blocks.data(), out->n, out->k, out->scales.data());
+    out->zeros.clear();
+    return absl::OkStatus();
+  }
   const TensorInfo* const* t = &tensors_[(static_cast<size_t>(expert) * 3 + p) * 3];
   out->spec = layout_.spec;
   out->n = Rows(m);
@@ -405,6 +484,11 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
 std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
   if (converted_) return {};
   if (arch_.fused_experts()) return {fused_[0], fused_[1]};
+  if (hf_fp8_) {
+    std::vector<Checkpoint::Located> all = per_expert_;
+    all.insert(all.end(), per_expert_scales_.begin(), per_expert_scales_.end());
+    return all;
+  }
   return per_expert_;
 }
 
@@ -421,6 +505,10 @@ void LayerExperts::DropPages(int expert) const {
     for (int p = 0; p < 3; ++p) {
       const Checkpoint::Located& loc = per_expert_[static_cast<size_t>(expert) * 3 + p];
       DropMappedPages(loc.file->data(*loc.info), loc.info->num_bytes());
+      if (hf_fp8_) {
+        const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
+        DropMappedPages(sc.file->data(*sc.info), sc.info->num_bytes());
+      }
     }
     return;
   }

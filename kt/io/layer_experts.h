@@ -3,7 +3,9 @@
 //
 // Two kinds of folder:
 //   - a Hugging Face folder (config.json + model.safetensors or a sharded index), bf16 expert weights in any
-//     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]);
+//     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]), or FP8 per-expert weights
+//     with 128 x 128 block scales (quantization_config.quant_method "fp8": F8_E4M3 `weight` + F32
+//     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8;
 //   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method.
 // Open checks everything a later read relies on, so that a load never fails half-way: the config's MoE shape
 // against the caller's, every expert tensor's presence, dtype and shape, the manifest's method layout
@@ -69,8 +71,9 @@ class LayerExperts {
   // [N, K] of a matrix.
   size_t Rows(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? h_ : i_; }
   size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
-  // Whether ReadQuantized is the way to read (a converted quantized folder); otherwise ReadBf16.
-  bool quantized() const { return converted_ && layout_.quantized; }
+  // Whether ReadQuantized is the way to read (a converted quantized folder, or an HF FP8 folder); otherwise
+  // ReadBf16.
+  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_; }
   // Bytes of expert weights this layer reads from its files (for throughput figures).
   uint64_t weight_bytes() const { return weight_bytes_; }
 
@@ -109,6 +112,9 @@ class LayerExperts {
   MoeArch arch_;
   // [E][3] per-expert tensors, or [2] fused (gate_up, down) in fused_.
   std::vector<Checkpoint::Located> per_expert_;
+  // FP8 (quant_method "fp8"): per_expert_ are the F8_E4M3 weights and these [E][3] their F32 block scales.
+  bool hf_fp8_ = false;
+  std::vector<Checkpoint::Located> per_expert_scales_;
   Checkpoint::Located fused_[2];
   // Converted.
   std::unique_ptr<SafetensorsFile> file_;

@@ -38,6 +38,8 @@ constexpr Entry kEntries[] = {
     {"MOE_INT4_1KGroup", true, QuantFormat::kInt4GroupAsym, true},
     {"AMXINT4_1", true, QuantFormat::kInt4PerChannelAsym, false},
     {"MOE_INT4_1", true, QuantFormat::kInt4PerChannelAsym, false},
+    // FP8 E4M3 with 128 x 128 block scales (DeepSeek-V3/R1, Qwen3-FP8, MiniMax-M2 as shipped), held as read.
+    {"FP8", true, QuantFormat::kFp8Block128, false},
 };
 
 }  // namespace
@@ -84,10 +86,10 @@ absl::StatusOr<std::string> SftBaseMethod(absl::string_view sft_method) {
 }
 
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {
-  if (method == "FP8" || method == "FP8_PERCHANNEL") {
-    return absl::UnimplementedError(absl::StrCat(
-        "method ", method, ": FP8 weights are not supported yet (the FP8 kernels come later); convert or load "
-        "with BF16 or an integer method from a bf16 checkpoint"));
+  if (method == "FP8_PERCHANNEL") {
+    return absl::UnimplementedError(
+        "method FP8_PERCHANNEL: per-channel FP8 weights are not supported yet (block-scaled FP8 is: method "
+        "FP8); convert or load with BF16 or an integer method from a bf16 checkpoint");
   }
   if (method == "LLAMAFILE") {
     return absl::UnimplementedError(
@@ -117,7 +119,7 @@ absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\"; kt can store: ",
                                                  absl::StrJoin(ConvertibleMethods(), ", "),
-                                                 " (FP8, FP8_PERCHANNEL and LLAMAFILE come later)"));
+                                                 " (FP8_PERCHANNEL and LLAMAFILE come later)"));
 }
 
 }  // namespace kt

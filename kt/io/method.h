@@ -28,7 +28,7 @@ struct MethodLayout {
 
 // The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup,
 // AMXINT4_1KGroup) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
-// (FP8, FP8_PERCHANNEL: "FP8 ... not supported yet"; LLAMAFILE: GGUF), InvalidArgument for an unknown name
+// (FP8_PERCHANNEL: "per-channel FP8 ... not supported yet"; LLAMAFILE: GGUF; FP8 is kt-fp8-block128-v1), InvalidArgument for an unknown name
 // (listing the known ones) or a bad group size.
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
 

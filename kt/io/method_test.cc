@@ -22,10 +22,11 @@ TEST(MethodTest, LayoutsOfEveryMethod) {
   EXPECT_EQ(LayoutOfMethod("AMXINT8")->tag, "kt-int8-channel-v1");
   EXPECT_EQ(LayoutOfMethod("AMXINT4_KGroup", 32)->tag, "kt-int4-group32-sym-v1");
   EXPECT_EQ(LayoutOfMethod("BF16")->tag, kBf16LayoutTag);
+  EXPECT_EQ(LayoutOfMethod("FP8")->tag, "kt-fp8-block128-v1");
 }
 
 TEST(MethodTest, Errors) {
-  EXPECT_EQ(LayoutOfMethod("FP8").status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(LayoutOfMethod("FP8_PERCHANNEL").status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(LayoutOfMethod("INT3").status().message()), HasSubstr("unknown method \"INT3\""));
   EXPECT_THAT(std::string(LayoutOfMethod("AMXINT4_KGroup", 96).status().message()),
               HasSubstr("group_size must be 32, 64 or 128, got 96"));

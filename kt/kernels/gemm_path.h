@@ -1,5 +1,5 @@
-// The kernel paths of a GEMM family (bf16, int8, int4) as one table: each family exports its table
-// (GemmBf16Paths, GemmInt8Paths, GemmInt4Paths), and its GetGemm* lookup, its tests and its benchmark all
+// The kernel paths of a GEMM family (bf16, int8, int4, fp8) as one table: each family exports its table
+// (GemmBf16Paths, GemmInt8Paths, GemmInt4Paths, GemmFp8Paths), and its GetGemm* lookup, its tests and its benchmark all
 // read that table, so a path added to it is selected, tested and timed with no other edit.
 #ifndef KT_KERNELS_GEMM_PATH_H_
 #define KT_KERNELS_GEMM_PATH_H_

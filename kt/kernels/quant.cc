@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kt/kernels/fp8.h"
 
 namespace kt {
 namespace {
@@ -16,6 +17,7 @@ namespace {
 constexpr float kInt8Max = 127.0f;
 constexpr float kInt4SymMax = 7.0f;
 constexpr float kInt4AsymMax = 15.0f;
+constexpr size_t kFp8Block = 128;  // kt-fp8-block128-v1's block edge
 
 // round-half-away-from-zero, then clamp. fmax/fmin (not std::max/min) so that a NaN lands on `lo`: the
 // cast of a NaN or out-of-range float to int would be undefined behaviour.
@@ -85,6 +87,32 @@ void PackNibbles(const int8_t* q, size_t len, uint8_t* out) {
   }
 }
 
+// kt-fp8-block128-v1 of w (finite, checked): per 128 x 128 block scale = amax / 448, q = E4M3(w / scale),
+// the block's scale written into each of its rows.
+void QuantizeFp8Block(const bf16_t* w, size_t ldw, QuantizedMatrix* qm) {
+  const size_t n = qm->n, k = qm->k, blocks = (k + kFp8Block - 1) / kFp8Block;
+  qm->data.assign(n * k, 0);
+  qm->scales.assign(n * blocks, 0.0f);
+  for (size_t r0 = 0; r0 < n; r0 += kFp8Block) {
+    const size_t r1 = std::min(n, r0 + kFp8Block);
+    for (size_t b = 0; b < blocks; ++b) {
+      const size_t c0 = b * kFp8Block, c1 = std::min(k, c0 + kFp8Block);
+      float amax = 0.0f;
+      for (size_t r = r0; r < r1; ++r) {
+        for (size_t c = c0; c < c1; ++c) amax = std::fmax(amax, std::fabs(Bf16ToF32(w[r * ldw + c])));
+      }
+      const float scale = amax / kFp8E4M3Max;
+      for (size_t r = r0; r < r1; ++r) {
+        qm->scales[r * blocks + b] = scale;
+        if (!(scale > 0.0f)) continue;  // all-zero block: codes stay 0
+        for (size_t c = c0; c < c1; ++c) {
+          qm->data[r * k + c] = F32ToFp8E4M3(Bf16ToF32(w[r * ldw + c]) / scale);
+        }
+      }
+    }
+  }
+}
+
 bool GroupSizeAccepted(int g) {
   return std::find(std::begin(kQuantGroupSizes), std::end(kQuantGroupSizes), g) != std::end(kQuantGroupSizes);
 }
@@ -103,6 +131,8 @@ const char* QuantFormatName(QuantFormat format) {
       return "int4_group_asym";
     case QuantFormat::kInt4PerChannelAsym:
       return "int4_channel_asym";
+    case QuantFormat::kFp8Block128:
+      return "fp8_block128";
   }
   return "unknown";
 }
@@ -112,10 +142,12 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k) {
     case QuantFormat::kInt8PerChannel:
     case QuantFormat::kInt4PerChannel:
     case QuantFormat::kInt4PerChannelAsym:
+    case QuantFormat::kFp8Block128:
       if (spec.group_size != 0) {
         return absl::InvalidArgumentError(absl::StrCat("group_size must be 0 for ",
                                                        QuantFormatName(spec.format),
-                                                       " (one scale per row), got ", spec.group_size));
+                                                       " (its scales are fixed per row or 128-block), got ",
+                                                       spec.group_size));
       }
       return absl::OkStatus();
     case QuantFormat::kInt4GroupSym:
@@ -132,7 +164,7 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k) {
       return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..4"));
+      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..5"));
 }
 
 std::string QuantLayoutTag(const QuantSpec& spec) {
@@ -149,17 +181,20 @@ std::string QuantLayoutTag(const QuantSpec& spec) {
       return absl::StrCat("kt-int4-group", spec.group_size, "-asym-v1");
     case QuantFormat::kInt4PerChannelAsym:
       return "kt-int4-channel-asym-v1";
+    case QuantFormat::kFp8Block128:
+      return "kt-fp8-block128-v1";
   }
   return "";
 }
 
 size_t QuantizedRowBytes(const QuantSpec& spec, size_t k) {
   if (!ValidateQuantSpec(spec, k).ok()) return 0;
-  return spec.format == QuantFormat::kInt8PerChannel ? k : (k + 1) / 2;
+  return spec.format == QuantFormat::kInt8PerChannel || spec.format == QuantFormat::kFp8Block128 ? k : (k + 1) / 2;
 }
 
 size_t ScalesPerRow(const QuantSpec& spec, size_t k) {
   if (!ValidateQuantSpec(spec, k).ok()) return 0;
+  if (spec.format == QuantFormat::kFp8Block128) return (k + kFp8Block - 1) / kFp8Block;
   return IsGroupFormat(spec.format) ? k / static_cast<size_t>(spec.group_size) : 1;
 }
 
@@ -190,6 +225,10 @@ absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w,
   qm.spec = spec;
   qm.n = n;
   qm.k = k;
+  if (spec.format == QuantFormat::kFp8Block128) {
+    QuantizeFp8Block(w, ldw, &qm);
+    return qm;
+  }
   const size_t row_bytes = QuantizedRowBytes(spec, k);
   const size_t groups = ScalesPerRow(spec, k);
   const size_t g = IsGroupFormat(spec.format) ? static_cast<size_t>(spec.group_size) : k;
@@ -218,6 +257,15 @@ absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w,
 
 void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw) {
   const QuantSpec& spec = qm.spec;
+  if (spec.format == QuantFormat::kFp8Block128) {
+    const size_t blocks = ScalesPerRow(spec, qm.k);
+    for (size_t r = 0; r < qm.n; ++r) {
+      for (size_t c = 0; c < qm.k; ++c) {
+        w[r * ldw + c] = Fp8E4M3ToF32(qm.data[r * qm.k + c]) * qm.scales[r * blocks + c / kFp8Block];
+      }
+    }
+    return;
+  }
   const size_t row_bytes = QuantizedRowBytes(spec, qm.k);
   const size_t groups = ScalesPerRow(spec, qm.k);
   const size_t g = IsGroupFormat(spec.format) ? static_cast<size_t>(spec.group_size) : qm.k;
@@ -234,6 +282,13 @@ void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw) {
       }
       w[r * ldw + c] = static_cast<float>(qv) * qm.scales[idx];
     }
+  }
+}
+
+void ExpandFp8BlockScales(const float* block_scales, size_t n, size_t k, float* row_scales) {
+  const size_t blocks = (k + kFp8Block - 1) / kFp8Block;
+  for (size_t r = 0; r < n; ++r) {
+    std::memcpy(row_scales + r * blocks, block_scales + (r / kFp8Block) * blocks, blocks * sizeof(float));
   }
 }
 

@@ -27,10 +27,12 @@ enum class QuantFormat : int {
   kInt4GroupAsym = 3,   // kt-int4-group{G}-asym-v1: uint4 q in [0, 15], scale and zero point per group.
   kInt4PerChannelAsym = 4,  // kt-int4-channel-asym-v1: uint4 q in [0, 15], scale and zero point per row
                             // (the original's INT4_1).
+  kFp8Block128 = 5,  // kt-fp8-block128-v1: FP8 E4M3 codes (fp8.h), one scale per 128 x 128 block, held per
+                     // row and 128-wide k block (DeepSeek-V3's `weight` + `weight_scale_inv`).
 };
 
-// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym", "int4_channel_asym"; "unknown" for
-// anything else.
+// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym", "int4_channel_asym", "fp8_block128";
+// "unknown" for anything else.
 const char* QuantFormatName(QuantFormat format);
 
 // Group sizes the group formats accept. 32 is the smallest group whose packed nibbles fill a 16-byte
@@ -60,14 +62,17 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k);
 
 // Storage of one row, for a spec valid for k (ValidateQuantSpec); 0 otherwise.
 size_t QuantizedRowBytes(const QuantSpec& spec, size_t k);  // bytes of `data` per row
-size_t ScalesPerRow(const QuantSpec& spec, size_t k);       // 1, or K / G for the group formats
+size_t ScalesPerRow(const QuantSpec& spec, size_t k);       // 1, K / G for the group formats, ceil(K / 128)
+                                                            // for kFp8Block128
 
 // A quantized matrix in canonical form (row-major, what kernels repack from):
 // - data:   N rows of QuantizedRowBytes(spec, K) bytes. int8: one two's-complement byte per element.
 //           int4: two elements per byte, element 2i in the low nibble and 2i+1 in the high nibble of byte i;
 //           signed nibbles (sym formats) are two's complement, asym nibbles are unsigned. Odd K (per-channel
-//           int4 only) leaves the last high nibble 0.
-// - scales: N * ScalesPerRow(spec, K) fp32, row-major [n][group].
+//           int4 only) leaves the last high nibble 0. fp8: one E4M3 code per element.
+// - scales: N * ScalesPerRow(spec, K) fp32, row-major [n][group]. kFp8Block128: [n][k / 128], and rows of
+//           one 128-row block hold the same scales (the checkpoint's block scale, repeated per row); the
+//           last k block may be shorter than 128.
 // - zeros:  asym only, one uint8 zero point in [0, 15] per scale, same order; empty otherwise.
 struct QuantizedMatrix {
   QuantSpec spec;
@@ -84,9 +89,16 @@ struct QuantizedMatrix {
 absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w, size_t ldw, size_t n,
                                          size_t k);
 
-// Writes q * scale (sym) or (q - z) * scale (asym) as one fp32 multiply per element into w[N, K] (row
+// kFp8Block128 (DeepSeek's quantizer): per 128 x 128 block (the last ones may be smaller) scale = amax / 448
+// and q = the E4M3 code nearest to w / scale (ties to even); an all-zero block gets scale 0 and codes 0.
+
+// Writes q * scale (sym), (q - z) * scale (asym) or fp8(q) * scale as one fp32 multiply per element into w[N, K] (row
 // stride ldw >= K). `qm` must be well formed (as Quantize returns it).
 void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw);
+
+// Row scales of kt-fp8-block128-v1 from a checkpoint's block scales: block_scales[ceil(N/128)][ceil(K/128)]
+// (`weight_scale_inv`, row-major) -> row_scales[N][ceil(K/128)].
+void ExpandFp8BlockScales(const float* block_scales, size_t n, size_t k, float* row_scales);
 
 // Bytes the format stores for an [N, K] matrix: data + 4 * scales + zeros (what a kernel streams per
 // token, for bandwidth accounting). 0 if the spec is invalid for k.

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/gemm_bf16.h"
+#include "kt/kernels/gemm_fp8.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant_fast.h"
@@ -12,7 +13,7 @@
 namespace kt {
 namespace {
 
-static_assert(kInt8PanelRows == kPanelRows && kInt4PanelRows == kPanelRows,
+static_assert(kInt8PanelRows == kPanelRows && kInt4PanelRows == kPanelRows && kFp8PanelRows == kPanelRows,
               "column blocks address every packed layout alike (16-row panels)");
 
 // ---- kBf16: the weights as given, packed into kt-bf16-panel16-kpair-v1 (gemm_bf16.h). ----
@@ -224,6 +225,61 @@ using Int4Asym = Int4Format<false, true>;
 using Int4GroupSym = Int4Format<true, false>;
 using Int4GroupAsym = Int4Format<true, true>;
 
+// ---- kFp8Block: kt-fp8-block128-v1 (E4M3 codes, 128 x 128 block scales held per row; DeepSeek-V3's
+// `weight` + `weight_scale_inv`) packed into kt-fp8-panel16-kblock128-v1 (gemm_fp8.h) with the scales
+// [panel][k block][16]. Products read bf16 rows and decode the codes in registers. ----
+struct Fp8BlockFormat {
+  static PackedLayout Layout(size_t n, size_t k, size_t /*group*/) {
+    PackedLayout l;
+    l.panel_bytes = Fp8PanelStride(k);
+    l.expert_bytes = PackedFp8Bytes(n, k);
+    l.scale_entries = PackedFp8Scales(n, k);
+    l.scales_per_col = Fp8KBlocks(k);
+    return l;
+  }
+  static void Run(const FormatGemm& g, const PackedExpert& w, size_t k, size_t /*group*/, const ProjInput& in,
+                  size_t m, size_t cols, float* y, size_t ldy) {
+    reinterpret_cast<GemmFp8Fn>(g.kernel)(m, k, in.x, in.ld, w.data, w.scales, cols, y, ldy);
+  }
+  static bool Bind(Isa isa, size_t /*k_block*/, FormatGemm* out) {
+    const GemmFp8Fn fn = GetGemmFp8(isa);
+    if (fn == nullptr) return false;
+    out->run = &Run;
+    out->kernel = reinterpret_cast<void (*)()>(fn);
+    out->k_block = 0;
+    return true;
+  }
+  static void Pack(const QuantizedMatrix& qm, const MutablePackedExpert& dst) {
+    // The storage checked spec and sizes (PackedExperts::LoadExpertQuantized), so packing cannot fail.
+    (void)PackFp8(qm, dst.data, dst.scales);
+  }
+  // fp8 * scale rounded once to bf16 (Dequantize's value), one pass over the packed panels either way.
+  static void Unpack(const QuantSpec& /*spec*/, const PackedExpert& w, size_t n, size_t k, bool transposed,
+                     bf16_t* out) {
+    UnpackFp8ToBf16(n, k, w.data, w.scales, transposed, out, transposed ? n : k);
+  }
+  static ExpertFormatTraits Traits() {
+    ExpertFormatTraits t{};
+    t.format = ExpertFormat::kFp8Block;
+    t.name = "fp8_block";
+    t.packed_layout = "kt-fp8-panel16-kblock128-v1";
+    t.kernel_family = "fp8";
+    t.quantized = true;
+    t.quant_format = QuantFormat::kFp8Block128;
+    t.grouped = false;  // the 128 x 128 block is fixed by the format, not MoeConfig::group_size
+    t.activation = ActivationKind::kBf16Rows;  // fp32 products of bf16 rows and decoded fp8 weights
+    t.activation_sums = false;
+    t.max_k = 0;  // fp32 accumulation: no exactness bound
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = nullptr;
+    t.pack_quantized = &Pack;
+    t.unpack = &Unpack;
+    t.transpose_packed = nullptr;
+    return t;
+  }
+};
+
 // The table, in ExpertFormat order (FormatTraits indexes it by the enumerator). Built on first use.
 const ExpertFormatTraits* Table() {
   static const ExpertFormatTraits kFormats[] = {
@@ -233,6 +289,7 @@ const ExpertFormatTraits* Table() {
       Int4GroupSym::Traits(ExpertFormat::kInt4GroupSym, "int4_group_sym", QuantFormat::kInt4GroupSym),
       Int4GroupAsym::Traits(ExpertFormat::kInt4GroupAsym, "int4_group_asym", QuantFormat::kInt4GroupAsym),
       Int4Asym::Traits(ExpertFormat::kInt4Asym, "int4_asym", QuantFormat::kInt4PerChannelAsym),
+      Fp8BlockFormat::Traits(),
   };
   // FormatTraits indexes by the enumerator: a row out of order is a bug of this file, caught at first use.
   static const bool in_order = [] {
@@ -244,7 +301,7 @@ const ExpertFormatTraits* Table() {
   (void)in_order;
   return kFormats;
 }
-constexpr int kNumFormats = 6;
+constexpr int kNumFormats = 7;
 
 }  // namespace
 
@@ -260,8 +317,8 @@ absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
     if (name == Table()[i].name) return Table()[i].format;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
-                                                 "'; expected bf16, int8, int4, int4_asym, int4_group_sym "
-                                                 "or int4_group_asym"));
+                                                 "'; expected bf16, int8, int4, int4_asym, int4_group_sym, "
+                                                 "int4_group_asym or fp8_block"));
 }
 
 const char* ExpertProjName(ExpertProj proj) {

@@ -21,6 +21,9 @@
 //                   INT4_1).
 //   The int4 formats are packed into kt-int4-panel16-kblock8-v1 (gemm_int4.h); x_t and h are quantized to
 //   int8 per row (per row and group of G for the group formats) with int32 group sums.
+//   kFp8Block       kt-fp8-block128-v1 (FP8 E4M3 with a scale per 128 x 128 block: DeepSeek-V3/R1, Qwen3-FP8,
+//                   MiniMax-M2 checkpoints as shipped) packed into kt-fp8-panel16-kblock128-v1 (gemm_fp8.h);
+//                   products read bf16 rows.
 #ifndef KT_MOE_EXPERT_FORMAT_H_
 #define KT_MOE_EXPERT_FORMAT_H_
 
@@ -35,7 +38,7 @@
 
 namespace kt {
 
-enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym };
+enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym, kFp8Block };
 
 // The three projections of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
 enum class ExpertProj : int { kGate = 0, kUp = 1, kDown = 2 };
@@ -102,7 +105,7 @@ struct ExpertFormatTraits {
   ExpertFormat format;
   const char* name;           // ExpertFormatName: "bf16", "int8", ...
   const char* packed_layout;  // the kernel layout it packs into (docs/FORMATS.md)
-  const char* kernel_family;  // "bf16", "int8" or "int4": the GEMM family (kt/kernels/gemm_*.h), in errors
+  const char* kernel_family;  // "bf16", "int8", "int4" or "fp8": the GEMM family (kt/kernels/gemm_*.h), in errors
   // The canonical quantized form stored (QuantSpecOf); quantized == false: the bf16 weights as given.
   bool quantized;
   QuantFormat quant_format;
@@ -133,7 +136,7 @@ struct ExpertFormatTraits {
 // The table's entry of `format` (every ExpertFormat has one).
 const ExpertFormatTraits& FormatTraits(ExpertFormat format);
 
-// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym" or "int4_asym".
+// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym", "int4_asym" or "fp8_block".
 const char* ExpertFormatName(ExpertFormat format);
 // Inverse of ExpertFormatName; InvalidArgument listing the names otherwise.
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name);

@@ -11,7 +11,8 @@ namespace {
 
 constexpr ExpertFormat kAll[] = {ExpertFormat::kBf16,         ExpertFormat::kInt8,
                                  ExpertFormat::kInt4,         ExpertFormat::kInt4GroupSym,
-                                 ExpertFormat::kInt4GroupAsym, ExpertFormat::kInt4Asym};
+                                 ExpertFormat::kInt4GroupAsym, ExpertFormat::kInt4Asym,
+                                 ExpertFormat::kFp8Block};
 
 TEST(ExpertFormatTest, EveryFormatHasAConsistentEntry) {
   for (ExpertFormat f : kAll) {
@@ -28,10 +29,13 @@ TEST(ExpertFormatTest, EveryFormatHasAConsistentEntry) {
     // Exactly one way in from bf16: packed directly (unquantized) or quantized then packed.
     EXPECT_EQ(t.pack_bf16 != nullptr, !t.quantized);
     EXPECT_EQ(t.pack_quantized != nullptr, t.quantized);
-    // Only quantized formats prepare int8 rows; only grouped ones per group.
-    EXPECT_EQ(t.activation != ActivationKind::kBf16Rows, t.quantized);
+    // Only quantized formats prepare int8 rows (fp8_block, quantized, reads bf16 rows); only grouped ones
+    // per group.
+    if (!t.quantized) {
+      EXPECT_EQ(t.activation, ActivationKind::kBf16Rows);
+    }
     EXPECT_EQ(t.activation == ActivationKind::kInt8PerGroup, t.grouped);
-    EXPECT_EQ(ActivationBytes(t), t.quantized ? 1u : 2u);
+    EXPECT_EQ(ActivationBytes(t), t.activation == ActivationKind::kBf16Rows ? 2u : 1u);
     EXPECT_EQ(ActivationGroupsOf(t, 256, 64), t.grouped ? 4u : 1u);
     // Every path has a scalar kernel.
     FormatGemm g;

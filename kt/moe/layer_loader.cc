@@ -31,6 +31,8 @@ ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout) {
       return ExpertFormat::kInt4GroupAsym;
     case QuantFormat::kInt4PerChannelAsym:
       return ExpertFormat::kInt4Asym;
+    case QuantFormat::kFp8Block128:
+      return ExpertFormat::kFp8Block;
   }
   return ExpertFormat::kBf16;  // Unreachable: every QuantFormat is listed above.
 }
@@ -119,6 +121,32 @@ absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::st
   return stats;
 }
 
+absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
+                            const int64_t* physical_to_logical, ThreadPool& pool) {
+  const MoeConfig& c = moe.config();
+  const size_t h = c.hidden, inter = c.intermediate;
+  moe.BeginLoad();
+  const size_t tasks = static_cast<size_t>(c.num_experts) * 3;
+  std::vector<absl::Status> status(tasks);
+  pool.ParallelFor(tasks, [&](size_t task, int) {
+    const int slot = static_cast<int>(task / 3), p = static_cast<int>(task % 3);
+    const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+    QuantizedMatrix qm;
+    qm.spec = QuantSpec{QuantFormat::kFp8Block128, 0};
+    qm.n = p == 2 ? h : inter;
+    qm.k = p == 2 ? inter : h;
+    const size_t block_scales = ((qm.n + 127) / 128) * ((qm.k + 127) / 128);
+    const uint8_t* src = codes[p] + e * qm.n * qm.k;
+    qm.data.assign(src, src + qm.n * qm.k);
+    qm.scales.resize(qm.n * ScalesPerRow(qm.spec, qm.k));
+    ExpandFp8BlockScales(scales[p] + e * block_scales, qm.n, qm.k, qm.scales.data());
+    status[task] = moe.LoadExpertQuantized(slot, static_cast<ExpertProj>(p), qm);
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return moe.FinishLoad();
+}
 
 absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
                                                 ThreadPool& pool) {

@@ -131,7 +131,8 @@ class MoeLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
                                            ::kt::Isa::kAvx512Vnni, ::kt::Isa::kAvx512Bf16, ::kt::Isa::kAmx), \
                          ::testing::Values(::kt::ExpertFormat::kBf16, ::kt::ExpertFormat::kInt8,              \
                                            ::kt::ExpertFormat::kInt4, ::kt::ExpertFormat::kInt4GroupSym,      \
-                                           ::kt::ExpertFormat::kInt4GroupAsym, ::kt::ExpertFormat::kInt4Asym)), \
+                                           ::kt::ExpertFormat::kInt4GroupAsym, ::kt::ExpertFormat::kInt4Asym,  \
+                                           ::kt::ExpertFormat::kFp8Block)),                                   \
       [](const auto& info) {                                                                                \
         return std::string(::kt::IsaName(std::get<0>(info.param))) + "_" +                                  \
                ::kt::ExpertFormatName(std::get<1>(info.param));                                             \

@@ -26,8 +26,8 @@ TEST_P(SftLayerTest, ForwardBackwardMatchReference) {
   ForwardOnly(*l, pool, b, &res);
   BackwardOnly(*l, pool, b, &res);
   CheckAll("fwd+bwd", res, &g, Ref(w, b, 2.0, kR));
-  if (IsInt4ExpertFormat(format())) {
-    // The int4 format's own error, against the reference on the unquantized weights (the number to set
+  if (UsesEffectiveWeights(format())) {
+    // The int4 (fp8) format's own error, against the reference on the unquantized weights (the number to set
     // beside the original's accepted 0.12-0.18 relative L2; this is the stricter worst element / max).
     const Expected plain = Reference(w, b, 2.0, kR);
     const std::pair<const char*, double> errs[] = {

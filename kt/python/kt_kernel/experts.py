@@ -6,13 +6,14 @@ those of the original kt-kernel, so code written against it keeps working.
 
 What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
-``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword); weights
+``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword), "FP8"
+(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped); weights
 come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
 reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
 every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
 ``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
 ``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
-LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4, FP8,
+LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4,
 FP8_PERCHANNEL, LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
 method.
 
@@ -37,6 +38,7 @@ from ._args import InferenceArgs, SftArgs
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .methods import METHOD_FORMATS
 from .utils.amx import AMXMoEWrapper
+from .utils.fp8 import FP8MoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 from .utils.native import NativeMoEWrapper
 
@@ -94,10 +96,12 @@ SFT_METHODS = frozenset(
 )
 
 # Inference methods kt implements (the C++ method table's loadable ones), with their backend class: the
-# portable kernels for MOE_*, AMX tiles where present for the others.
+# portable kernels for MOE_*, FP8MoEWrapper for FP8, AMX tiles where present for the others.
 def _backend_of(method: str):
     if method == "BF16":
         return NativeMoEWrapper
+    if method == "FP8":
+        return FP8MoEWrapper
     return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
 
 
@@ -107,7 +111,6 @@ _INFERENCE_BACKENDS = {method: _backend_of(method) for method in METHOD_FORMATS}
 _PLANNED = {
     "RAWINT4": "quantized-kernels issue",
     "GPTQ_INT4": "quantized-kernels issue",
-    "FP8": "FP8 kernels issue",
     "FP8_PERCHANNEL": "FP8 kernels issue",
     "LLAMAFILE": "GGUF/llamafile issue",
 }
@@ -157,7 +160,7 @@ class KTMoEWrapper:
 
     Raises:
         ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-        NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4, FP8,
+        NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4,
             FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 

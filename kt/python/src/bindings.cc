@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -130,6 +131,30 @@ class PyMoeLayer {
     if (!status.ok()) ThrowStatus(status);
   }
 
+  // FP8 experts as shipped (method FP8): E4M3 codes gate/up [E, I, H], down [E, H, I] and their F32 block
+  // scales [E, ceil(N/128), ceil(K/128)], packed straight into the layer (no bf16 copy). The caller (Python)
+  // checked dtypes and shapes. Staged and swapped in like LoadWeights.
+  void LoadWeightsFp8(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t gate_scale,
+                      std::uintptr_t up_scale, std::uintptr_t down_scale, std::uintptr_t physical_to_logical,
+                      ThreadPool& pool) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        const uint8_t* const codes[3] = {AsPointer<const uint8_t>(gate), AsPointer<const uint8_t>(up),
+                                         AsPointer<const uint8_t>(down)};
+        const float* const scales[3] = {AsPointer<const float>(gate_scale), AsPointer<const float>(up_scale),
+                                        AsPointer<const float>(down_scale)};
+        status = LoadFp8Experts(**staged, codes, scales, AsPointer<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
   void Forward(ThreadPool& pool, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights,
                std::uintptr_t input, std::uintptr_t output, std::uintptr_t gpu_experts_mask) {
     absl::Status status;
@@ -182,6 +207,23 @@ class PyMoeLayer {
   std::unique_ptr<MoeLayer> moe_;
 };
 
+// One row per method of kt/io/method.cc (the one table Python reads: kt_kernel/methods.py).
+py::list MethodTableRows() {
+  py::list rows;
+  for (const std::string& method : ConvertibleMethods()) {
+    absl::StatusOr<MethodLayout> layout = LayoutOfMethod(method);
+    if (!layout.ok()) ThrowStatus(layout.status());
+    py::dict row;
+    row["method"] = method;
+    row["format"] = std::string(ExpertFormatName(ExpertFormatOfLayout(*layout)));
+    row["layout"] = layout->tag;
+    row["takes_group_size"] = MethodTakesGroupSize(method);
+    row["not_loadable"] = MethodNotLoadableReason(method);
+    rows.append(row);
+  }
+  return rows;
+}
+
 }  // namespace
 }  // namespace kt
 
@@ -209,23 +251,7 @@ PYBIND11_MODULE(_kt, m) {
       },
       py::arg("name"), "Whether this CPU can run the named kernel path.");
 
-  m.def(
-      "method_table",
-      []() {
-        py::list rows;
-        for (const std::string& method : ConvertibleMethods()) {
-          absl::StatusOr<MethodLayout> layout = LayoutOfMethod(method);
-          if (!layout.ok()) ThrowStatus(layout.status());
-          py::dict row;
-          row["method"] = method;
-          row["format"] = std::string(ExpertFormatName(ExpertFormatOfLayout(*layout)));
-          row["layout"] = layout->tag;
-          row["takes_group_size"] = MethodTakesGroupSize(method);
-          row["not_loadable"] = MethodNotLoadableReason(method);
-          rows.append(row);
-        }
-        return rows;
-      },
+  m.def("method_table", &MethodTableRows,
       "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
       "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
       "yet ('' when one can).");
@@ -258,12 +284,16 @@ PYBIND11_MODULE(_kt, m) {
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
            "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
            "may be freed afterwards.")
+      .def("load_weights_fp8", &PyMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
+           py::arg("pool"))
       .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
            py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"),
            "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "
            "a kt convert folder (checked against its manifest: layout, shapes, checksums). Returns "
            "{converted, file_bytes, verify_seconds, load_seconds}. ValueError for a mismatch with the config "
-           "or manifest, OSError for a missing or corrupt file, NotImplementedError for FP8.")
+           "or manifest (an FP8 folder with a method other than FP8 included), OSError for a missing or corrupt "
+           "file.")
       .def("forward", &PyMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),
            py::arg("weights"), py::arg("input"), py::arg("output"), py::arg("gpu_experts_mask"),
            "output[qlen,H] = routed experts' weighted sum (addresses; gpu_experts_mask is a bool[E] "

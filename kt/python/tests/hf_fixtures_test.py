@@ -120,5 +120,73 @@ def test_fp8_checkpoint_reference_is_its_dequantized_weights():
         assert err <= 1e-4, f"T={T}: {err:.3e}"
 
 
+def fp8_experts(name: str, layer: int):
+    """The checkpoint's FP8 experts as shipped: float8_e4m3fn (uint8 on torch < 2.1) gate/up [E, I, H], down [E, H, I] and their
+    float32 weight_scale_inv [E, ceil(N/128), ceil(K/128)], read with the numpy reader (not kt)."""
+    E = testdata.shape(name)[0]
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+
+    def codes(tensor: str) -> torch.Tensor:
+        entry = st.header[tensor]
+        assert entry["dtype"] == "F8_E4M3", entry
+        begin, end = entry["data_offsets"]
+        raw = np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8).reshape(entry["shape"])
+        codes = torch.from_numpy(raw.copy())
+        # float8_e4m3fn where this torch has it; kt takes the same bytes as uint8 otherwise.
+        return codes.view(torch.float8_e4m3fn) if hasattr(torch, "float8_e4m3fn") else codes
+
+    base = f"model.layers.{layer}.mlp.experts."
+    out = []
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        out.append(torch.stack([codes(f"{base}{e}.{p}.weight") for e in range(E)]).contiguous())
+        out.append(torch.stack([st.get(f"{base}{e}.{p}.weight_scale_inv").float() for e in range(E)]).contiguous())
+    return out  # gate, gate_scale, up, up_scale, down, down_scale
+
+
+# Method FP8 against transformers' fine-grained FP8 output (routed_T: the model run on weight x scale_inv
+# in float32). kt multiplies the same dequantized weights exactly (fp32 products of exact values); what
+# remains is bf16 activations, h rounded to bf16 and the bf16 output: within REL_TOL (1e-2) of max|ref|.
+FP8_TOL = 1e-2
+
+
+def test_fp8_method_matches_transformers():
+    name = "deepseek_v3_fp8"
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    layer = int(ref["layer"])
+    args = wrapper_args(E, k, H, I, layer_idx=layer, weight_path=testdata.path(name),
+                        chunked_prefill_size=max(testdata.TOKENS), method="FP8")
+    from_folder = KTMoEWrapper(**args)
+    from_folder.load_weights(None)
+    assert from_folder.weight_format == "fp8_block"
+    gate, gs, up, us, down, ds = fp8_experts(name, layer)
+    from_tensors = KTMoEWrapper(**args)
+    from_tensors.load_weights_from_tensors(gate, up, down, None, gate_scale_inv=gs, up_scale_inv=us,
+                                           down_scale_inv=ds)
+    worst = 0.0
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        a = from_folder.forward(x, ids, weights, None)
+        b = from_tensors.forward(x, ids, weights, None)
+        assert torch.equal(a, b), f"T={T}: folder and tensors loads differ"
+        err = relative_error(a, expected)
+        worst = max(worst, err)
+        assert err <= FP8_TOL, f"T={T}: max|err|/max|transformers| = {err:.3e}"
+    print(f"deepseek_v3_fp8 method FP8 vs transformers: worst max|err|/max|ref| = {worst:.3e}")
+
+
+def test_fp8_method_checks_its_tensors():
+    name = "deepseek_v3_fp8"
+    E, k, H, I = testdata.shape(name)
+    moe = KTMoEWrapper(**wrapper_args(E, k, H, I, layer_idx=1, weight_path=None, chunked_prefill_size=8,
+                                      method="FP8"))
+    gate, gs, up, us, down, ds = fp8_experts(name, 1)
+    with pytest.raises(ValueError, match="gate_scale_inv is required"):
+        moe.load_weights_from_tensors(gate, up, down, None)
+    with pytest.raises(ValueError, match="down_scale_inv must have shape"):
+        moe.load_weights_from_tensors(gate, up, down, None, gate_scale_inv=gs, up_scale_inv=us,
+                                      down_scale_inv=gs)
+    assert not moe.weights_loaded
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))

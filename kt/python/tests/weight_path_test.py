@@ -129,18 +129,24 @@ def test_physical_to_logical_map(source):
     assert torch.equal(a.forward(x, ids, w, None), b.forward(x, ids, w, None))
 
 
-def test_fp8_fixture_is_rejected_naming_fp8():
+def test_fp8_fixture_loads_only_with_method_fp8():
     path = testdata.path("deepseek_v3_fp8")
     E, k, H, I = testdata.shape("deepseek_v3_fp8")
     moe = KTMoEWrapper(
         **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="BF16")
     )
-    with pytest.raises(NotImplementedError, match="FP8 checkpoints are not supported yet"):
+    with pytest.raises(ValueError, match="load it with method FP8"):
         moe.load_weights(None)
     assert not moe.weights_loaded
-    with pytest.raises(NotImplementedError, match="FP8"):
+    fp8 = KTMoEWrapper(
+        **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8")
+    )
+    fp8.load_weights(None)
+    assert fp8.weights_loaded and fp8.weight_format == "fp8_block"
+    with pytest.raises(NotImplementedError, match="FP8_PERCHANNEL"):
         KTMoEWrapper(
-            **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8")
+            **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8,
+                           method="FP8_PERCHANNEL")
         )
 
 

@@ -2,14 +2,16 @@
 ``AMXINT4_1KGroup``), AMX tiles where the CPU has them.
 
 ``NativeMoEWrapper`` (the ``BF16`` backend and the base of this one) lives in ``utils/native.py``; it is
-re-exported here because the original kt-kernel's users import both from ``kt_kernel.utils.amx``.
+re-exported here because the original kt-kernel's users import both from ``kt_kernel.utils.amx``; so is
+``FP8MoEWrapper`` (method ``FP8``, ``utils/fp8.py``).
 """
 
 from __future__ import annotations
 
+from .fp8 import FP8MoEWrapper  # noqa: F401 (re-exported, beside NativeMoEWrapper)
 from .native import _IMPLEMENTED_METHODS, _METHOD_FORMATS, NativeMoEWrapper  # noqa: F401 (re-exported)
 
-__all__ = ["AMXMoEWrapper", "NativeMoEWrapper"]
+__all__ = ["AMXMoEWrapper", "FP8MoEWrapper", "NativeMoEWrapper"]
 
 
 class AMXMoEWrapper(NativeMoEWrapper):
@@ -20,3 +22,4 @@ class AMXMoEWrapper(NativeMoEWrapper):
     has, named by ``wrapper.isa``. ``load_weights`` reads ``weight_path`` (an HF folder,
     quantized at load, or ``kt convert --method AMXINT8`` output).
     """
+

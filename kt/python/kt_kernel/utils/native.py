@@ -17,8 +17,10 @@ The methods and their formats (the table itself is C++'s: ``kt_kernel.methods``)
   AWQ-style); activations int8 per token and group. ``group_size`` (32, 64 or 128; default 128) is the
   KTMoEWrapper keyword of the same name. ``AMXINT4_1``: asymmetric int4 with a scale and zero point per
   output channel (kt-int4-channel-asym-v1, the original's INT4_1), activations per token.
+- ``FP8`` (FP8MoEWrapper, ``utils/fp8.py``): FP8 E4M3 weights with a scale per 128 x 128 block
+  (kt-fp8-block128-v1), held as shipped; activations bf16.
 
-The other methods of the original kt-kernel (RAWINT4, FP8, FP8_PERCHANNEL, GPTQ_INT4) are not implemented:
+The other methods of the original kt-kernel (RAWINT4, FP8_PERCHANNEL, GPTQ_INT4) are not implemented:
 KTMoEWrapper raises NotImplementedError for them.
 """
 
@@ -125,7 +127,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
             FileNotFoundError / NotADirectoryError: weight_path does not exist / is not a folder (with errno
                 and filename set).
             OSError: a missing or corrupt file inside it (checksum mismatch, truncation).
-            NotImplementedError: FP8 checkpoints (not supported yet).
+            An FP8 checkpoint loads only with method FP8 (ValueError naming it for another method).
         """
         if self.weight_path is None:
             raise ValueError(

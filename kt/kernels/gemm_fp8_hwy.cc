@@ -1,0 +1,294 @@
+// Highway kernels (AVX2, AVX3, AVX3_DL) for the FP8 block-scaled GEMM over kt-fp8-panel16-kblock128-v1
+// panels (gemm_fp8.h).
+//
+// Per k, one 16-byte row of a panel holds that k's codes of the panel's 16 output rows. They widen to 32-bit
+// lanes (2 vectors on AVX2, 1 on AVX3) and decode to fp32 exactly, one of two ways:
+//   fast (the default): the code sign-extended to 32 bits and shifted left by 20 puts its sign at bit 31 and
+//     its exponent and mantissa at bits 20..26: masked, that is the fp32 whose value is the E4M3 value times
+//     2^-120 (a subnormal fp32 for the subnormal codes), and one multiply by 2^120 gives the value exactly;
+//     magnitude 0x7f (NaN) is or-ed to all ones. 6 operations per vector.
+//   exact under denormals-are-zero: when MXCSR.DAZ is set (a library built with -ffast-math can set it for
+//     the whole process), that multiply would read the subnormal operand as 0, so integer operations only:
+//     normal codes (exponent field > 0): (code & 0x7f) << 20 plus 120 << 23 to rebias the exponent;
+//     subnormal codes (magnitude < 8): float(magnitude) * 2^-9; NaN; the sign bit moved to bit 31.
+//   GemmFp8 reads MXCSR once per call (Fp8DenormalsAreZero) and picks the variant; both are tested.
+// The decoded weights are FMAed with the broadcast activation x[k] into a per-k-block accumulator; at the end
+// of each 128-k block, accumulator * the 16 rows' block scales is added to the row's total (kept in a small
+// array in L1: it is touched once per 128 k). Rows go MR at a time (4 on AVX2, 8 on AVX3). Up to MR rows
+// (decode), the weights are decoded in registers as they stream; with more rows (prefill), each 128-k block of
+// a whole panel is decoded once into an 8 KiB fp32 buffer (L1) that every row block then reads, and y itself
+// holds the totals. Both orders evaluate the same fp32 operations, so they agree bit for bit.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/gemm_fp8_hwy.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "kt/kernels/gemm_fp8.h"
+#include "kt/kernels/hwy_dispatch.h"
+
+// Per-target bf16 helpers (LoadBf16): re-included per target, hence after foreach_target.
+#include "kt/kernels/bf16-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DU = hn::ScalableTag<uint32_t>;
+using DI = hn::ScalableTag<int32_t>;
+constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(float);
+constexpr size_t kVecs = kFp8PanelRows / kLanes;  // vectors per 16 rows: 1 (AVX3), 2 (AVX2), 4 (128-bit)
+constexpr int kMaxRows = HWY_MAX_BYTES >= 64 ? 8 : 4;
+
+// The loops over rows and vectors of a micro-kernel must be unrolled for its accumulators to live in
+// registers (GCC at -O2 otherwise keeps the acc[][] array on the stack: 5x slower, measured).
+#ifndef KT_FP8_UNROLL
+#define KT_FP8_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// The decode constants, built once per micro-kernel call. kFast: the multiply decode (MXCSR.DAZ clear).
+template <bool kFast>
+struct Fp8Decoder {
+  hn::Vec<DU> mag_mask, sign_mask, rebias, nan_mag, sub_limit, lane_mask, mag_bits, nan_bits;
+  hn::Vec<DF> sub_scale, nan, pow120;
+  Fp8Decoder()
+      : mag_mask(hn::Set(DU(), 0x7fu)),
+        sign_mask(hn::Set(DU(), 0x80u)),
+        rebias(hn::Set(DU(), 120u << 23)),
+        nan_mag(hn::Set(DU(), 0x7fu)),
+        sub_limit(hn::Set(DU(), 8u)),
+        lane_mask(hn::Set(DU(), 0x87f00000u)),
+        mag_bits(hn::Set(DU(), 0x07f00000u)),
+        nan_bits(hn::Set(DU(), 0x07f00000u)),
+        sub_scale(hn::Set(DF(), 1.0f / 512.0f)),
+        nan(hn::Set(DF(), std::numeric_limits<float>::quiet_NaN())),
+        pow120(hn::Set(DF(), 0x1p120f)) {}
+
+  // kLanes codes at p (one per 32-bit lane) to fp32.
+  HWY_INLINE hn::Vec<DF> Decode(const uint8_t* HWY_RESTRICT p) const {
+    const DF df;
+    const DU du;
+    if constexpr (kFast) {
+      const DI di;
+      const hn::Rebind<int8_t, DI> di8;
+      const auto code = hn::BitCast(du, hn::PromoteTo(di, hn::LoadU(di8, reinterpret_cast<const int8_t*>(p))));
+      const auto lane = hn::And(hn::ShiftLeft<20>(code), lane_mask);
+      const auto v = hn::Mul(hn::BitCast(df, lane), pow120);
+      const auto is_nan = hn::Eq(hn::And(lane, mag_bits), nan_bits);
+      return hn::Or(v, hn::BitCast(df, hn::VecFromMask(du, is_nan)));  // all ones: a NaN
+    } else {
+      const hn::Rebind<uint8_t, DU> du8;
+      const auto code = hn::PromoteTo(du, hn::LoadU(du8, p));
+      const auto mag = hn::And(code, mag_mask);
+      const auto normal = hn::BitCast(df, hn::Add(hn::ShiftLeft<20>(mag), rebias));
+      const auto sub = hn::Mul(hn::ConvertTo(df, hn::BitCast(DI(), mag)), sub_scale);
+      auto v = hn::IfThenElse(hn::RebindMask(df, hn::Lt(mag, sub_limit)), sub, normal);
+      v = hn::IfThenElse(hn::RebindMask(df, hn::Eq(mag, nan_mag)), nan, v);
+      const auto sign = hn::ShiftLeft<24>(hn::And(code, sign_mask));
+      return hn::Or(v, hn::BitCast(df, sign));
+    }
+  }
+};
+
+// x[r][c0 .. c0 + len) of MR rows as fp32 into xf[r][0 .. len): vector widening, so that the inner loops
+// broadcast each activation straight from L1 (one load) instead of widening it per use.
+template <int MR>
+HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, size_t len,
+                          float (*HWY_RESTRICT xf)[kFp8BlockK]) {
+  const DF df;
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    size_t c = 0;
+    for (; c + kLanes <= len; c += kLanes) hn::Store(LoadBf16(df, x + r * ldx + c), df, xf[r] + c);
+    for (; c < len; ++c) xf[r][c] = Bf16ToF32(x[r * ldx + c]);
+  }
+}
+
+// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks.
+template <int MR, bool kFast>
+HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
+                      const float* HWY_RESTRICT scales, float (*HWY_RESTRICT total)[kFp8PanelRows]) {
+  const DF df;
+  using VF = hn::Vec<DF>;
+  const Fp8Decoder<kFast> dec;
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) hn::Store(hn::Zero(df), df, total[r] + s * kLanes);
+  }
+  const size_t blocks = Fp8KBlocks(k);
+  for (size_t b = 0; b < blocks; ++b) {
+    VF acc[MR][kVecs];
+    KT_FP8_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+    }
+    const size_t c0 = b * kFp8BlockK, c1 = std::min(k, c0 + kFp8BlockK);
+    HWY_ALIGN float xf[MR][kFp8BlockK];
+    WidenRows<MR>(x + c0, ldx, c1 - c0, xf);
+    for (size_t c = c0; c < c1; ++c) {
+      VF w[kVecs];
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) w[s] = dec.Decode(panel + c * kFp8PanelRows + s * kLanes);
+      KT_FP8_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const VF xv = hn::Set(df, xf[r][c - c0]);
+        KT_FP8_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, w[s], acc[r][s]);
+      }
+    }
+    const float* bs = scales + b * kFp8PanelRows;
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      const VF scale = hn::LoadU(df, bs + s * kLanes);
+      KT_FP8_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        float* t = total[r] + s * kLanes;
+        hn::Store(hn::MulAdd(acc[r][s], scale, hn::Load(df, t)), df, t);
+      }
+    }
+  }
+}
+
+// Prefill: MR rows x one whole panel over one decoded k block w[len][16] (L1); y (16 columns of MR rows)
+// becomes acc * scale on the first block and y + acc * scale after, as Micro's total does.
+template <int MR>
+HWY_INLINE void MicroDecoded(size_t len, const bf16_t* HWY_RESTRICT x, size_t ldx, const float* HWY_RESTRICT w,
+                             const float* HWY_RESTRICT scale, bool first, float* HWY_RESTRICT y, size_t ldy) {
+  const DF df;
+  using VF = hn::Vec<DF>;
+  VF acc[MR][kVecs];
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+  }
+  HWY_ALIGN float xf[MR][kFp8BlockK];
+  WidenRows<MR>(x, ldx, len, xf);
+  for (size_t c = 0; c < len; ++c) {
+    VF wv[kVecs];
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) wv[s] = hn::Load(df, w + c * kFp8PanelRows + s * kLanes);
+    KT_FP8_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const VF xv = hn::Set(df, xf[r][c]);
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, wv[s], acc[r][s]);
+    }
+  }
+  KT_FP8_UNROLL
+  for (size_t s = 0; s < kVecs; ++s) {
+    const VF sc = hn::LoadU(df, scale + s * kLanes);
+    KT_FP8_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      float* t = y + r * ldy + s * kLanes;
+      hn::StoreU(hn::MulAdd(acc[r][s], sc, first ? hn::Zero(df) : hn::LoadU(df, t)), df, t);
+    }
+  }
+}
+
+using DecodedFn = void (*)(size_t, const bf16_t*, size_t, const float*, const float*, bool, float*, size_t);
+
+DecodedFn PickDecodedRows(size_t rows) {
+  switch (rows) {
+    case 1: return &MicroDecoded<1>;
+    case 2: return &MicroDecoded<2>;
+    case 3: return &MicroDecoded<3>;
+    case 4: return &MicroDecoded<4>;
+    case 5: return &MicroDecoded<(kMaxRows >= 5 ? 5 : 4)>;
+    case 6: return &MicroDecoded<(kMaxRows >= 6 ? 6 : 4)>;
+    case 7: return &MicroDecoded<(kMaxRows >= 7 ? 7 : 4)>;
+    default: return &MicroDecoded<kMaxRows>;
+  }
+}
+
+// Decodes k in [c0, c1) of a panel into w[c1 - c0][16].
+template <bool kFast>
+void DecodeBlock(const uint8_t* HWY_RESTRICT panel, size_t c0, size_t c1, float* HWY_RESTRICT w) {
+  const DF df;
+  const Fp8Decoder<kFast> dec;
+  for (size_t c = c0; c < c1; ++c) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      hn::Store(dec.Decode(panel + c * kFp8PanelRows + s * kLanes), df, w + (c - c0) * kFp8PanelRows + s * kLanes);
+    }
+  }
+}
+
+using MicroFn = void (*)(size_t, const bf16_t*, size_t, const uint8_t*, const float*, float (*)[kFp8PanelRows]);
+
+template <bool kFast>
+MicroFn PickRows(size_t rows) {
+  switch (rows) {
+    case 1: return &Micro<1, kFast>;
+    case 2: return &Micro<2, kFast>;
+    case 3: return &Micro<3, kFast>;
+    case 4: return &Micro<4, kFast>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 4), kFast>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 4), kFast>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 4), kFast>;
+    default: return &Micro<kMaxRows, kFast>;
+  }
+}
+
+void GemmFp8(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
+             size_t n_cols, float* y, size_t ldy) {
+  const size_t stride = Fp8PanelStride(k), scale_stride = kFp8PanelRows * Fp8KBlocks(k);
+  HWY_ALIGN float total[kMaxRows][kFp8PanelRows];
+  const bool fast = !internal::Fp8DenormalsAreZero();
+  HWY_ALIGN float decoded[kFp8BlockK * kFp8PanelRows];
+  const size_t blocks = Fp8KBlocks(k);
+  for (size_t p = 0; p * kFp8PanelRows < n_cols; ++p) {
+    const size_t c0 = p * kFp8PanelRows;
+    const size_t cols = std::min(kFp8PanelRows, n_cols - c0);
+    if (m > static_cast<size_t>(kMaxRows) && cols == kFp8PanelRows) {
+      // Prefill on a whole panel: decode each k block once, then every row block reads it.
+      for (size_t b = 0; b < blocks; ++b) {
+        const size_t k0 = b * kFp8BlockK, k1 = std::min(k, k0 + kFp8BlockK);
+        if (fast) {
+          DecodeBlock<true>(panels + p * stride, k0, k1, decoded);
+        } else {
+          DecodeBlock<false>(panels + p * stride, k0, k1, decoded);
+        }
+        const float* scale = scales + p * scale_stride + b * kFp8PanelRows;
+        for (size_t i = 0; i < m;) {
+          const size_t rows = std::min<size_t>(kMaxRows, m - i);
+          PickDecodedRows(rows)(k1 - k0, x + i * ldx + k0, ldx, decoded, scale, b == 0, y + i * ldy + c0, ldy);
+          i += rows;
+        }
+      }
+      continue;
+    }
+    for (size_t i = 0; i < m;) {
+      const size_t rows = std::min<size_t>(kMaxRows, m - i);
+      (fast ? PickRows<true>(rows) : PickRows<false>(rows))(k, x + i * ldx, ldx, panels + p * stride, scales + p * scale_stride, total);
+      for (size_t r = 0; r < rows; ++r) std::memcpy(y + (i + r) * ldy + c0, total[r], cols * sizeof(float));
+      i += rows;
+    }
+  }
+}
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace internal {
+
+// The kernel of exactly the Highway target of the Isa (hwy_dispatch.h); nullptr if not compiled in.
+GemmFp8Fn GemmFp8Hwy(Isa isa) {
+  static constexpr HwyFns<GemmFp8Fn> kGemm = KT_HWY_FNS(GemmFp8Fn, GemmFp8);
+  return kGemm.At(HwyTargetOf(isa));
+}
+
+}  // namespace internal
+}  // namespace kt
+#endif  // HWY_ONCE

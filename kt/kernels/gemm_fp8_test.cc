@@ -1,0 +1,190 @@
+// Every FP8 GEMM path against a double reference on the canonical form (fp8 value * row block scale, exact
+// bf16 activations, double sums), over shapes that hit every remainder: M = 1..33 (row blocks of 4 / 8 and
+// tails), N not a multiple of the 16-row panel, K not a multiple of 128 (a short last scale block) and
+// below one block; misaligned x and y. Plus packing round trips and the NaN code.
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <xmmintrin.h>
+
+#include "gtest/gtest.h"
+#include "kt/kernels/cpu_features.h"
+#include "kt/kernels/dtype.h"
+#include "kt/kernels/fp8.h"
+#include "kt/kernels/gemm_fp8.h"
+#include "kt/kernels/gemm_test_util.h"
+#include "kt/kernels/quant.h"
+
+namespace kt {
+namespace {
+
+using gemm_test::GuardedOutput;
+
+// Random codes over every finite E4M3 value (NaN codes 0x7f / 0xff excluded) and per-row block scales that
+// differ between 128-row blocks and k blocks.
+QuantizedMatrix RandomFp8(size_t n, size_t k, std::mt19937& rng) {
+  QuantizedMatrix qm;
+  qm.spec = QuantSpec{QuantFormat::kFp8Block128, 0};
+  qm.n = n;
+  qm.k = k;
+  const size_t blocks = ScalesPerRow(qm.spec, k);
+  std::uniform_int_distribution<int> code(0, 253);
+  std::uniform_real_distribution<float> scale(1e-3f, 1e-2f);
+  qm.data.resize(n * k);
+  for (auto& c : qm.data) {
+    const int v = code(rng);
+    c = static_cast<uint8_t>(v < 0x7f ? v : v + 1);  // skip 0x7f; 253 + 1 = 0xfe, so 0xff never comes
+  }
+  std::vector<float> block_scales(((n + 127) / 128) * blocks);
+  for (auto& s : block_scales) s = scale(rng);
+  qm.scales.resize(n * blocks);
+  ExpandFp8BlockScales(block_scales.data(), n, k, qm.scales.data());
+  return qm;
+}
+
+struct Packed {
+  std::vector<uint8_t> panels;
+  std::vector<float> scales;
+};
+
+Packed Pack(const QuantizedMatrix& qm) {
+  Packed p{std::vector<uint8_t>(PackedFp8Bytes(qm.n, qm.k), 0x5A),
+           std::vector<float>(PackedFp8Scales(qm.n, qm.k), -1.0f)};
+  const absl::Status s = PackFp8(qm, p.panels.data(), p.scales.data());
+  EXPECT_TRUE(s.ok()) << s;
+  return p;
+}
+
+TEST(PackFp8, UnpacksToDequantizeRoundedToBf16PlainAndTransposed) {
+  std::mt19937 rng(1);
+  for (size_t n : {1, 16, 17, 130}) {
+    for (size_t k : {1, 100, 128, 300}) {
+      const QuantizedMatrix qm = RandomFp8(n, k, rng);
+      const Packed p = Pack(qm);
+      std::vector<float> deq(n * k);
+      Dequantize(qm, deq.data(), k);
+      std::vector<bf16_t> w(n * k), wt(k * n);
+      UnpackFp8ToBf16(n, k, p.panels.data(), p.scales.data(), false, w.data(), k);
+      UnpackFp8ToBf16(n, k, p.panels.data(), p.scales.data(), true, wt.data(), n);
+      for (size_t r = 0; r < n; ++r) {
+        for (size_t c = 0; c < k; ++c) {
+          ASSERT_EQ(w[r * k + c].bits, F32ToBf16(deq[r * k + c]).bits) << n << "x" << k << " at " << r << "," << c;
+          ASSERT_EQ(wt[c * n + r].bits, w[r * k + c].bits) << r << "," << c;
+        }
+      }
+    }
+  }
+}
+
+TEST(PackFp8, RejectsOtherFormatsAndWrongSizes) {
+  std::mt19937 rng(2);
+  QuantizedMatrix qm = RandomFp8(16, 128, rng);
+  std::vector<uint8_t> panels(PackedFp8Bytes(16, 128));
+  std::vector<float> scales(PackedFp8Scales(16, 128));
+  qm.scales.pop_back();
+  EXPECT_EQ(PackFp8(qm, panels.data(), scales.data()).code(), absl::StatusCode::kInvalidArgument);
+  qm.spec.format = QuantFormat::kInt8PerChannel;
+  const absl::Status s = PackFp8(qm, panels.data(), scales.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("kt-fp8-block128-v1"), absl::string_view::npos) << s;
+}
+
+TEST(GetGemmFp8, TableSelectsEveryIsa) {
+  gemm_test::ExpectTableSelects(GemmFp8Paths(), &GetGemmFp8, {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni"},
+                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "hwy_avx512_vnni",
+                                 "hwy_avx512_vnni"});
+}
+
+class GemmFp8PathTest : public gemm_test::KernelPathTest<GemmFp8Fn> {
+ protected:
+  // Runs the path on an m x n x k problem and compares with the double reference: each output within
+  // 1e-5 of sum_k |x w| (fp32 accumulation of exact products over <= 600 terms stays far below that).
+  void Check(size_t m, size_t n, size_t k, size_t x_offset, std::mt19937& rng) {
+    const QuantizedMatrix qm = RandomFp8(n, k, rng);
+    const Packed p = Pack(qm);
+    std::normal_distribution<float> dist;
+    const size_t ldx = k + 3;
+    std::vector<bf16_t> xbuf(x_offset + m * ldx);
+    for (auto& v : xbuf) v = F32ToBf16(dist(rng));
+    const bf16_t* x = xbuf.data() + x_offset;
+    GuardedOutput y(m, n);
+    fn_(m, k, x, ldx, p.panels.data(), p.scales.data(), n, y.data(), y.ld());
+    const size_t blocks = ScalesPerRow(qm.spec, k);
+    for (size_t i = 0; i < m; ++i) {
+      for (size_t j = 0; j < n; ++j) {
+        double ref = 0, mag = 0;
+        for (size_t c = 0; c < k; ++c) {
+          const double w = static_cast<double>(Fp8E4M3ToF32(qm.data[j * k + c])) * qm.scales[j * blocks + c / 128];
+          ref += Bf16ToF32(x[i * ldx + c]) * w;
+          mag += std::fabs(Bf16ToF32(x[i * ldx + c]) * w);
+        }
+        ASSERT_NEAR(y.at(i, j), ref, 1e-5 * mag + 1e-30) << "m=" << m << " n=" << n << " k=" << k << " at " << i
+                                                          << "," << j;
+      }
+      y.ExpectRowPaddingUntouched(i);
+    }
+    y.ExpectNothingBefore();
+  }
+};
+
+TEST_P(GemmFp8PathTest, MatchesDoubleReferenceOnEveryRemainder) {
+  std::mt19937 rng(7);
+  for (size_t m = 1; m <= 33; m += (m < 10 ? 1 : 7)) {
+    for (size_t n : {16, 17, 45}) {
+      for (size_t k : {1, 37, 128, 300}) {
+        Check(m, n, k, m % 2, rng);
+        if (HasFailure()) return;
+      }
+    }
+  }
+  Check(64, 160, 600, 0, rng);
+  Check(4, 256, 1024, 1, rng);
+}
+
+TEST_P(GemmFp8PathTest, NanCodePropagatesToItsColumnOnly) {
+  std::mt19937 rng(9);
+  QuantizedMatrix qm = RandomFp8(32, 256, rng);
+  qm.data[5 * 256 + 200] = 0xff;  // row 5, second k block
+  const Packed p = Pack(qm);
+  std::vector<bf16_t> x(2 * 256, F32ToBf16(0.5f));
+  std::vector<float> y(2 * 32);
+  fn_(2, 256, x.data(), 256, p.panels.data(), p.scales.data(), 32, y.data(), 32);
+  for (size_t i = 0; i < 2; ++i) {
+    for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5) << i << "," << j;
+  }
+}
+
+// With MXCSR.DAZ set (as a -ffast-math library can leave it), the kernels switch to their integer-only
+// decode: the subnormal codes must still decode exactly. FTZ too, for good measure.
+TEST_P(GemmFp8PathTest, ExactUnderDenormalsAreZero) {
+  const unsigned saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ (bit 6) and FTZ (bit 15)
+  EXPECT_TRUE(internal::Fp8DenormalsAreZero());
+  std::mt19937 rng(11);
+  for (size_t m : {1, 5, 9}) {
+    Check(m, 45, 300, m % 2, rng);
+  }
+  // Only subnormal codes (and zeros): the fast decode would give zeros here.
+  QuantizedMatrix qm = RandomFp8(16, 128, rng);
+  for (size_t i = 0; i < qm.data.size(); ++i) qm.data[i] = static_cast<uint8_t>((i % 8) | (i % 3 == 0 ? 0x80 : 0));
+  const Packed p = Pack(qm);
+  std::vector<bf16_t> x(128, F32ToBf16(1.0f));
+  std::vector<float> y(16);
+  fn_(1, 128, x.data(), 128, p.panels.data(), p.scales.data(), 16, y.data(), 16);
+  _mm_setcsr(saved);
+  for (size_t j = 0; j < 16; ++j) {
+    double ref = 0;
+    for (size_t c = 0; c < 128; ++c) ref += static_cast<double>(Fp8E4M3ToF32(qm.data[j * 128 + c])) * qm.scales[j];
+    EXPECT_NEAR(y[j], ref, 1e-6 * std::fabs(ref) + 1e-30) << j;
+    EXPECT_NE(y[j], 0.0f) << j;
+  }
+  EXPECT_FALSE(internal::Fp8DenormalsAreZero());
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, GemmFp8PathTest, ::testing::ValuesIn(gemm_test::TablePaths(GemmFp8Paths())),
+                         gemm_test::PathName());
+
+}  // namespace
+}  // namespace kt
