@@ -1,11 +1,34 @@
 #include "kt/runtime/task_queue.h"
 
+#include <chrono>
 #include <exception>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 
 namespace kt {
+namespace {
+
+// Waking a thread blocked on a condition variable costs a futex round trip through the kernel (5-20 us on
+// the machines measured, docs/PERFORMANCE.md), as much as a small decode layer's whole CPU work. So both
+// sides first poll for a short while: the queue's thread for the next task (a serving engine submits the
+// next layer's forward soon after syncing the last), Sync for the pending count to drop. Polling is bounded
+// (kSpinMicros), so an idle queue still sleeps and costs nothing.
+constexpr int kSpinMicros = 50;
+
+template <typename Pred>
+bool SpinFor(Pred done) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+}  // namespace
 
 TaskQueue::TaskQueue() {
   for (int n = 0; n <= kMaxStreamWait; ++n) stream_waits_[n] = StreamWait{this, n};
@@ -42,6 +65,7 @@ void TaskQueue::Submit(QueuedTask* task) {
 void TaskQueue::Loop() {
   for (;;) {
     QueuedTask* task = nullptr;
+    SpinFor([this] { return pending_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock<std::mutex> lock(mu_);
       work_.wait(lock, [this] { return stop_ || !queue_.empty(); });
@@ -76,6 +100,7 @@ void TaskQueue::Finish(const absl::Status& status) {
 }
 
 void TaskQueue::WaitPending(int allow_n_pending) {
+  SpinFor([&] { return pending_.load(std::memory_order_acquire) <= allow_n_pending; });
   std::unique_lock<std::mutex> lock(mu_);
   done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) <= allow_n_pending; });
 }
@@ -90,6 +115,7 @@ absl::Status TaskQueue::Sync(int allow_n_pending) {
     return absl::InvalidArgumentError(
         absl::StrCat("TaskQueue::Sync: allow_n_pending must be >= 0, got ", allow_n_pending));
   }
+  SpinFor([&] { return pending_.load(std::memory_order_acquire) <= allow_n_pending; });
   std::unique_lock<std::mutex> lock(mu_);
   done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) <= allow_n_pending; });
   return std::exchange(first_error_, absl::OkStatus());

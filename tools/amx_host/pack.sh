@@ -21,6 +21,7 @@ targets=(
   //kt/moe:tp_layer_test //kt/moe:moe_layer_load_test //kt/moe:packed_experts_test //kt/moe:expert_format_test
   //kt/moe:routing_test //kt/sft:sft_layer_sharing_test
   //kt/kernels:fp8_test //kt/kernels:gemm_fp8_test //kt/kernels:gemm_fp8_benchmark
+  //kt/runtime:task_queue_benchmark
 )
 bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --symlink_prefix=/ --jobs="$(nproc)" "${targets[@]}" >&2
 bin=$(bazel --output_base=/tmp/bazel_pack info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)
@@ -35,6 +36,8 @@ done
 cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
 # The SFT benchmark is Python (kt_kernel + torch): PYTHONPATH=.device/python python3 .device/bin/sft_bench.py
 cp tools/sft_bench.py "$out/bin/"
+# The serving runtime's overhead and overlap: PYTHONPATH=.device/python python3 .device/bin/serving_bench.py
+cp tools/serving_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the checkpoints of
