@@ -95,7 +95,10 @@ class KTConfig:
     tokens one MoE call takes: batch x sequence length), ``kt_activation_policy`` (``cpu``: ``recompute``
     runs the experts again in the checkpoint recompute pass, ``retain`` keeps the first forward's result and
     activation cache), ``kt_lora_rank``, ``kt_lora_alpha`` (None: 2 x rank), ``kt_lora_dropout`` (only 0),
-    ``kt_group_size`` (KGroup backends), ``kt_lora_init_seed`` (None: torch's global generator).
+    ``kt_group_size`` (KGroup backends), ``kt_lora_init_seed`` (None: torch's global generator),
+    ``kt_rank0_experts`` (under torch.distributed with several processes: only rank 0 holds the experts and
+    the ranks' tokens go to it, see ``kt_kernel.sft.distributed``; None: on whenever there are several
+    processes, as the original; False: every rank holds its own copy).
 
     Fields accepted for the original callers' configs, checked, and refused when set to something kt does not
     do (NotImplementedError naming the field): ``kt_num_gpu_experts`` (0), ``kt_train_mode`` ("lora"),
@@ -129,6 +132,7 @@ class KTConfig:
     kt_lora_dropout: float = 0.0
     kt_group_size: int = 128
     kt_lora_init_seed: Optional[int] = None
+    kt_rank0_experts: Optional[bool] = None
     kt_train_mode: str = "lora"
     kt_full_weight_grad: bool = False
     kt_use_lora_experts: bool = False
@@ -240,6 +244,8 @@ class KTConfig:
                 raise ValueError(
                     f"kt_activation_policy[{key!r}]={value!r}: expected keys 'cpu'/'gpu' with values {_POLICY_VALUES}"
                 )
+        if self.kt_rank0_experts is not None and not isinstance(self.kt_rank0_experts, bool):
+            raise TypeError(f"kt_rank0_experts must be None, True or False, got {self.kt_rank0_experts!r}")
         if self.kt_lora_dropout not in (0, 0.0, None):
             raise NotImplementedError(
                 f"kt_lora_dropout={self.kt_lora_dropout}: LoRA dropout on the experts is not implemented in kt "
@@ -268,7 +274,7 @@ def _from_env(name: str, env: str, text: str):
     proto = default.default if default.default is not dataclasses.MISSING else default.default_factory()
     if name == "kt_activation_policy":
         return _parse_policy(env, text)
-    if name == "kt_share_cache_pool":
+    if name in ("kt_share_cache_pool", "kt_rank0_experts"):
         return None if text.strip().lower() in ("", "auto", "none") else _parse_bool(env, text)
     if isinstance(proto, bool):
         return _parse_bool(env, text)

@@ -12,6 +12,7 @@ from .._args import SftArgs
 from .amx import AMXSFTMoEWrapper
 from .arch import extract_expert_weights, find_experts, get_moe_arch, is_fused_experts, num_routed_experts
 from .config import KTConfig
+from .distributed import Rank0Backend, distributed_world
 from .layer import KTMoELayerWrapper
 
 
@@ -88,28 +89,39 @@ def _wrap_block(cfg, tc, layer_idx, block, attr, experts, top_k, share_pool, ret
     declared = num_routed_experts(tc)
     if declared not in (None, E):
         raise ValueError(f"{where}: {E} experts in the weights, {declared} routed experts in the config")
-    backend = AMXSFTMoEWrapper(
-        SftArgs(
-            layer_idx=layer_idx,
-            num_experts=E,
-            num_experts_per_tok=top_k,
-            hidden_size=H,
-            moe_intermediate_size=I,
-            num_gpu_experts=cfg.kt_num_gpu_experts,
-            cpuinfer_threads=cfg.kt_num_threads,
-            threadpool_count=cfg.kt_threadpool_count,
-            weight_path=None,
-            chunked_prefill_size=cfg.kt_model_max_length,
-            lora_rank=cfg.kt_lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            max_cache_depth=cfg.kt_max_cache_depth,
-            method=cfg.method,
-            group_size=cfg.kt_group_size,
-            share_backward_bb=cfg.kt_share_backward_bb,
-            share_cache_pool=share_pool,
+    rank, world = distributed_world()
+    rank0_only = world > 1 and cfg.kt_rank0_experts is not False
+    backend = None
+    if not rank0_only or rank == 0:
+        backend = AMXSFTMoEWrapper(
+            SftArgs(
+                layer_idx=layer_idx,
+                num_experts=E,
+                num_experts_per_tok=top_k,
+                hidden_size=H,
+                moe_intermediate_size=I,
+                num_gpu_experts=cfg.kt_num_gpu_experts,
+                cpuinfer_threads=cfg.kt_num_threads,
+                threadpool_count=cfg.kt_threadpool_count,
+                weight_path=None,
+                # Rank 0 of rank-0-only experts takes every rank's tokens in one call.
+                chunked_prefill_size=cfg.kt_model_max_length * (world if rank0_only else 1),
+                lora_rank=cfg.kt_lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                max_cache_depth=cfg.kt_max_cache_depth,
+                method=cfg.method,
+                group_size=cfg.kt_group_size,
+                share_backward_bb=cfg.kt_share_backward_bb,
+                share_cache_pool=share_pool,
+            )
         )
-    )
-    backend.load_weights_from_tensors(gate, up, down)
+        backend.load_weights_from_tensors(gate, up, down)
+    if rank0_only:
+        backend = Rank0Backend(backend, dict(
+            method=cfg.method, lora_alpha=cfg.lora_alpha, chunked_prefill_size=cfg.kt_model_max_length,
+            max_cache_depth=cfg.kt_max_cache_depth, skip_lora=cfg.method.endswith("_SkipLoRA"),
+            num_experts=E, hidden_size=H, moe_intermediate_size=I, num_experts_per_tok=top_k,
+        ))
     del gate, up, down
     wrapper = KTMoELayerWrapper(
         backend,
