@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
+#include "kt/kernels/gemm_fp8.h"   // the fp8 panel layout (ExpertFp8Codes)
 #include "kt/kernels/quant_fast.h"
 
 namespace kt {
@@ -136,6 +137,32 @@ absl::Status PackedExperts::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) c
 
 absl::Status PackedExperts::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
   return Unpack("UnpackExpertTransposed", slot, proj, /*transposed=*/true, wt);
+}
+
+absl::Status PackedExperts::ExpertFp8Codes(int slot, ExpertProj proj, uint8_t* codes, float* block_scales) const {
+  if (absl::Status s = CheckSlot("ExpertFp8Codes", slot); !s.ok()) return s;
+  if (format() != ExpertFormat::kFp8Block) {
+    return absl::FailedPreconditionError(absl::StrCat("ExpertFp8Codes: the weights are ", traits_->name,
+                                                      ", not fp8_block: they hold no E4M3 codes"));
+  }
+  if (!loaded()) return absl::FailedPreconditionError("ExpertFp8Codes before the weights are loaded");
+  const Projection& p = Proj(proj);
+  const PackedExpert w = p.Expert(static_cast<size_t>(slot));
+  const size_t n = p.n, k = p.k, kb = Fp8KBlocks(k);
+  // kt-fp8-panel16-kblock128-v1 (gemm_fp8.h): panel q, byte 16 k + r is row 16 q + r's code at column k;
+  // the scales are [panel][k block][16 rows].
+  for (size_t row = 0; row < n; ++row) {
+    const uint8_t* panel = w.data + (row / kFp8PanelRows) * Fp8PanelStride(k);
+    const size_t r = row % kFp8PanelRows;
+    uint8_t* out = codes + row * k;
+    for (size_t c = 0; c < k; ++c) out[c] = panel[c * kFp8PanelRows + r];
+  }
+  for (size_t bn = 0; bn * kFp8BlockK < n; ++bn) {
+    const size_t row = bn * kFp8BlockK;
+    const float* s = w.scales + (row / kFp8PanelRows) * kb * kFp8PanelRows + row % kFp8PanelRows;
+    for (size_t bk = 0; bk < kb; ++bk) block_scales[bn * kb + bk] = s[bk * kFp8PanelRows];
+  }
+  return absl::OkStatus();
 }
 
 absl::Status PackedExperts::Unpack(const char* fn, int slot, ExpertProj proj, bool transposed,

@@ -84,6 +84,13 @@ class PackedExperts {
   // The same transposed, wt[K, N] (row stride N), read straight from the packed weights.
   absl::Status UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const;
 
+  // FP8 block format only (fp8_block): expert `slot`'s projection as stored, with no rounding — its E4M3
+  // codes codes[N, K] (row stride K) and the checkpoint's block scales (`weight_scale_inv`)
+  // block_scales[ceil(N/128), ceil(K/128)]. Every row of a 128-row block holds its block's scale
+  // (kt-fp8-block128-v1), so the block's first row is read. FailedPrecondition for another format or
+  // before the weights have loaded.
+  absl::Status ExpertFp8Codes(int slot, ExpertProj proj, uint8_t* codes, float* block_scales) const;
+
   // The AMX K block of the formats that have a K-blocked AMX kernel (MoeTiling::k_block; 0: built-in).
   void SetKBlock(size_t k_block);
 
