@@ -1,6 +1,8 @@
 #include "kt/moe/gpu_expert_buffers.h"
 
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -29,21 +31,61 @@ absl::Status CheckList(const char* name, const std::vector<std::uintptr_t>& ptrs
   return absl::OkStatus();
 }
 
-template <typename T>
-T* At(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
+// One strided copy: `rows` rows of `row_bytes` bytes, from src (row stride src_stride) to dst (dst_stride).
+struct CopyJob {
+  const uint8_t* src;
+  size_t src_stride;
+  uint8_t* dst;
+  size_t dst_stride;
+  size_t row_bytes;
+  size_t rows;
+};
+
+// Rows [r0, r0 + count) of a row-major [*, cols] matrix (elem-byte elements) to a dense [count, cols].
+CopyJob RowSlice(const void* src, size_t cols, size_t elem, size_t r0, size_t count, std::uintptr_t dst,
+                 size_t dst_offset_bytes) {
+  return CopyJob{static_cast<const uint8_t*>(src) + r0 * cols * elem, cols * elem,
+                 reinterpret_cast<uint8_t*>(dst) + dst_offset_bytes, cols * elem, cols * elem, count};
 }
 
-// Rows [r n, (r+1) n) of a row-major [rows, cols] matrix of `elem`-byte elements to dst (contiguous).
-void CopyRows(const uint8_t* src, size_t cols, size_t elem, size_t r0, size_t count, uint8_t* dst) {
-  std::memcpy(dst, src + r0 * cols * elem, count * cols * elem);
+// Columns [c0, c0 + count) of a row-major [rows, cols] matrix to a dense [rows, count].
+CopyJob ColSlice(const void* src, size_t rows, size_t cols, size_t elem, size_t c0, size_t count,
+                 std::uintptr_t dst) {
+  return CopyJob{static_cast<const uint8_t*>(src) + c0 * elem, cols * elem, reinterpret_cast<uint8_t*>(dst),
+                 count * elem, count * elem, rows};
 }
 
-// Columns [c0, c0 + count) of a row-major [rows, cols] matrix to dst [rows, count].
-void CopyCols(const uint8_t* src, size_t rows, size_t cols, size_t elem, size_t c0, size_t count, uint8_t* dst) {
-  for (size_t i = 0; i < rows; ++i) {
-    std::memcpy(dst + i * count * elem, src + (i * cols + c0) * elem, count * elem);
+// fn(i) for i < n, on `pool` when given.
+void ForEach(ThreadPool* pool, size_t n, const std::function<void(size_t)>& fn) {
+  if (pool == nullptr || n < 2) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
   }
+  pool->ParallelFor(n, [&](size_t i, int /*thread*/) { fn(i); });
+}
+
+// Runs the jobs, split into pieces of at most 64 rows so that the pool's threads share even one rank's
+// slices (a DeepSeek-V3 expert is 3 x 29 MB of bf16: memory-bound copies want every thread).
+void RunCopies(const std::vector<CopyJob>& jobs, ThreadPool* pool) {
+  constexpr size_t kRowsPerPiece = 64;
+  std::vector<CopyJob> pieces;
+  for (const CopyJob& j : jobs) {
+    for (size_t r = 0; r < j.rows; r += kRowsPerPiece) {
+      CopyJob p = j;
+      p.src += r * j.src_stride;
+      p.dst += r * j.dst_stride;
+      p.rows = std::min(kRowsPerPiece, j.rows - r);
+      pieces.push_back(p);
+    }
+  }
+  ForEach(pool, pieces.size(), [&](size_t i) {
+    const CopyJob& p = pieces[i];
+    if (p.src_stride == p.row_bytes && p.dst_stride == p.row_bytes) {
+      std::memcpy(p.dst, p.src, p.rows * p.row_bytes);
+      return;
+    }
+    for (size_t r = 0; r < p.rows; ++r) std::memcpy(p.dst + r * p.dst_stride, p.src + r * p.src_stride, p.row_bytes);
+  });
 }
 
 }  // namespace
@@ -91,27 +133,31 @@ absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int exper
 }
 
 absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int expert_id,
-                                     const GpuExpertBuffers& b) {
+                                     const GpuExpertBuffers& b, ThreadPool* pool) {
   if (absl::Status st = CheckGpuExpertWrite(experts, tp, expert_id, b); !st.ok()) return st;
   const ExpertShape& s = experts.shape();
   const size_t H = static_cast<size_t>(s.hidden), I = static_cast<size_t>(s.intermediate);
   const size_t n = I / static_cast<size_t>(tp);
   const ExpertProj projs[3] = {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown};
+  absl::Status status[3];
+  std::vector<CopyJob> jobs;
 
   if (experts.format() == ExpertFormat::kBf16) {
-    // The stored bf16 weights, exactly (UnpackExpert of bf16 is a re-layout, no arithmetic).
-    std::vector<bf16_t> w[3];
-    for (int j = 0; j < 3; ++j) {
-      w[j].resize(I * H);
-      if (absl::Status st = experts.UnpackExpert(expert_id, projs[j], w[j].data()); !st.ok()) return st;
+    // The stored bf16 weights, exactly (UnpackExpert of bf16 is a re-layout, no arithmetic), one projection
+    // per thread, into scratch left uninitialized (every element is written).
+    std::unique_ptr<bf16_t[]> w[3];
+    for (auto& m : w) m.reset(new bf16_t[I * H]);
+    ForEach(pool, 3, [&](size_t j) { status[j] = experts.UnpackExpert(expert_id, projs[j], w[j].get()); });
+    for (const absl::Status& st : status) {
+      if (!st.ok()) return st;
     }
     const size_t e = sizeof(bf16_t);
     for (int r = 0; r < tp; ++r) {
-      uint8_t* w13 = At<uint8_t>(b.w13_weight[r]);
-      CopyRows(reinterpret_cast<const uint8_t*>(w[0].data()), H, e, r * n, n, w13);
-      CopyRows(reinterpret_cast<const uint8_t*>(w[1].data()), H, e, r * n, n, w13 + n * H * e);
-      CopyCols(reinterpret_cast<const uint8_t*>(w[2].data()), H, I, e, r * n, n, At<uint8_t>(b.w2_weight[r]));
+      jobs.push_back(RowSlice(w[0].get(), H, e, r * n, n, b.w13_weight[r], 0));
+      jobs.push_back(RowSlice(w[1].get(), H, e, r * n, n, b.w13_weight[r], n * H * e));
+      jobs.push_back(ColSlice(w[2].get(), H, I, e, r * n, n, b.w2_weight[r]));
     }
+    RunCopies(jobs, pool);
     return absl::OkStatus();
   }
 
@@ -119,34 +165,35 @@ absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int e
   const size_t hb = CeilDiv(H, kFp8Block), ib = CeilDiv(I, kFp8Block);
   // Blocks of one rank's share of I: n / 128 (tp > 1 needs n % 128 == 0), or all ib with tp = 1.
   const size_t nb = tp == 1 ? ib : n / kFp8Block;
-  std::vector<uint8_t> codes[3];
+  std::unique_ptr<uint8_t[]> codes[3];
   std::vector<float> scales[3];
   for (int j = 0; j < 3; ++j) {
-    codes[j].resize(I * H);
+    codes[j].reset(new uint8_t[I * H]);
     scales[j].resize(ib * hb);
-    if (absl::Status st = experts.ExpertFp8Codes(expert_id, projs[j], codes[j].data(), scales[j].data());
-        !st.ok()) {
-      return st;
-    }
   }
+  ForEach(pool, 3, [&](size_t j) {
+    status[j] = experts.ExpertFp8Codes(expert_id, projs[j], codes[j].get(), scales[j].data());
+  });
+  for (const absl::Status& st : status) {
+    if (!st.ok()) return st;
+  }
+  const size_t f = sizeof(float);
   for (int r = 0; r < tp; ++r) {
-    uint8_t* w13 = At<uint8_t>(b.w13_weight[r]);
-    CopyRows(codes[0].data(), H, 1, r * n, n, w13);
-    CopyRows(codes[1].data(), H, 1, r * n, n, w13 + n * H);
-    CopyCols(codes[2].data(), H, I, 1, r * n, n, At<uint8_t>(b.w2_weight[r]));
-    const size_t f = sizeof(float);
-    uint8_t* s13 = At<uint8_t>(b.w13_scale[r]);
-    CopyRows(reinterpret_cast<const uint8_t*>(scales[0].data()), hb, f, r * nb, nb, s13);
-    CopyRows(reinterpret_cast<const uint8_t*>(scales[1].data()), hb, f, r * nb, nb, s13 + nb * hb * f);
-    CopyCols(reinterpret_cast<const uint8_t*>(scales[2].data()), hb, ib, f, r * nb, nb,
-             At<uint8_t>(b.w2_scale[r]));
+    jobs.push_back(RowSlice(codes[0].get(), H, 1, r * n, n, b.w13_weight[r], 0));
+    jobs.push_back(RowSlice(codes[1].get(), H, 1, r * n, n, b.w13_weight[r], n * H));
+    jobs.push_back(ColSlice(codes[2].get(), H, I, 1, r * n, n, b.w2_weight[r]));
+    jobs.push_back(RowSlice(scales[0].data(), hb, f, r * nb, nb, b.w13_scale[r], 0));
+    jobs.push_back(RowSlice(scales[1].data(), hb, f, r * nb, nb, b.w13_scale[r], nb * hb * f));
+    jobs.push_back(ColSlice(scales[2].data(), hb, ib, f, r * nb, nb, b.w2_scale[r]));
   }
+  RunCopies(jobs, pool);
   return absl::OkStatus();
 }
 
-GpuExpertWrite::GpuExpertWrite(const MoeLayer* layer, int tp, int expert_id, GpuExpertBuffers buffers,
-                               std::mutex* compute_mutex)
+GpuExpertWrite::GpuExpertWrite(const MoeLayer* layer, ThreadPool* pool, int tp, int expert_id,
+                               GpuExpertBuffers buffers, std::mutex* compute_mutex)
     : layer_(layer),
+      pool_(pool),
       tp_(tp),
       expert_id_(expert_id),
       b_(std::move(buffers)),
@@ -156,7 +203,7 @@ GpuExpertWrite::GpuExpertWrite(const MoeLayer* layer, int tp, int expert_id, Gpu
 absl::Status GpuExpertWrite::Run() {
   std::unique_lock<std::mutex> lock;
   if (compute_mutex_ != nullptr) lock = std::unique_lock<std::mutex>(*compute_mutex_);
-  return WriteExpertToGpuBuffers(layer_->experts(), tp_, expert_id_, b_);
+  return WriteExpertToGpuBuffers(layer_->experts(), tp_, expert_id_, b_, pool_);
 }
 
 }  // namespace kt

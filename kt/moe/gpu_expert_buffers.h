@@ -32,6 +32,7 @@
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/packed_experts.h"
 #include "kt/runtime/task_queue.h"
+#include "kt/runtime/thread_pool.h"
 
 namespace kt {
 
@@ -49,23 +50,25 @@ bool HasGpuExpertLayout(ExpertFormat format);
 // (OutOfRange), each list used has tp non-null addresses (InvalidArgument naming the list and the index).
 absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int expert_id, const GpuExpertBuffers& b);
 
-// Checks as above, then writes expert `expert_id` into the buffers (the layout at the top of this file).
-// Runs on the calling thread; allocates one expert's worth of scratch.
+// Checks as above, then writes expert `expert_id` into the buffers (the layout at the top of this file):
+// the three projections unpacked into scratch (one expert's worth, allocated per call), then copied out in
+// pieces; both on `pool` when given (nobody else may be using it), else on the calling thread.
 absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int expert_id,
-                                     const GpuExpertBuffers& b);
+                                     const GpuExpertBuffers& b, ThreadPool* pool = nullptr);
 
 // WriteExpertToGpuBuffers of one layer as a QueuedTask (one per submit: the arguments are its own). The
-// layer must outlive the task's run; `compute_mutex`, if given, is held while writing (a reload swaps the
-// weights under it).
+// layer (and `pool`, may be null) must outlive the task's run; `compute_mutex`, if given, is held while
+// writing (a reload swaps the weights under it, and the forwards share the pool under it).
 class GpuExpertWrite {
  public:
-  GpuExpertWrite(const MoeLayer* layer, int tp, int expert_id, GpuExpertBuffers buffers,
+  GpuExpertWrite(const MoeLayer* layer, ThreadPool* pool, int tp, int expert_id, GpuExpertBuffers buffers,
                  std::mutex* compute_mutex = nullptr);
   QueuedTask* task() { return &task_; }
   absl::Status Run();
 
  private:
   const MoeLayer* layer_;
+  ThreadPool* pool_;
   int tp_, expert_id_;
   GpuExpertBuffers b_;
   std::mutex* compute_mutex_;

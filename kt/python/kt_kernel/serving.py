@@ -320,8 +320,9 @@ def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_
     else:
         # BF16 has no scales: the lists are ignored (SGLang passes [0] * tp_world_size), as in the original.
         w13s, w2s = [], []
-    task = _native._kt.GpuExpertWrite(w._moe.address, tp_world_size, expert_id, w13w, w13s, w2w, w2s)
-    task._kt_keep = w._moe  # the task holds the layer's address
+    pool = w._pool()
+    task = _native._kt.GpuExpertWrite(w._moe.address, pool, tp_world_size, expert_id, w13w, w13s, w2w, w2s)
+    task._kt_keep = (w._moe, pool)  # the task holds their addresses
     pending = w.__dict__.setdefault("_gpu_buffer_writes", [])
     pending.append(task)  # the queue keeps only the task's address: alive until the sync
     task_queue().submit(task)

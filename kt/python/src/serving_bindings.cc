@@ -81,17 +81,18 @@ void RegisterServingBindings(py::module_& m) {
   // bad argument raises at submit and nothing is written) and checked again when it runs.
   py::class_<GpuExpertWrite>(m, "GpuExpertWrite", py::dynamic_attr(),
                              "write_weight_scale_to_buffer of one expert, queued on a TaskQueue.")
-      .def(py::init([](std::uintptr_t layer, int tp, int expert_id, std::vector<std::uintptr_t> w13_weight,
+      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, int tp, int expert_id,
+                       std::vector<std::uintptr_t> w13_weight,
                        std::vector<std::uintptr_t> w13_scale, std::vector<std::uintptr_t> w2_weight,
                        std::vector<std::uintptr_t> w2_scale) {
              GpuExpertBuffers b{std::move(w13_weight), std::move(w13_scale), std::move(w2_weight),
                                 std::move(w2_scale)};
              const MoeLayer* moe = Ptr<const MoeLayer>(layer);
              Check(CheckGpuExpertWrite(moe->experts(), tp, expert_id, b));
-             return std::make_unique<GpuExpertWrite>(moe, tp, expert_id, std::move(b), &ComputeMutex());
+             return std::make_unique<GpuExpertWrite>(moe, &pool, tp, expert_id, std::move(b), &ComputeMutex());
            }),
-           py::arg("layer"), py::arg("tp"), py::arg("expert_id"), py::arg("w13_weight_ptrs"),
-           py::arg("w13_scale_ptrs"), py::arg("w2_weight_ptrs"), py::arg("w2_scale_ptrs"))
+           py::arg("layer"), py::arg("pool"), py::arg("tp"), py::arg("expert_id"), py::arg("w13_weight_ptrs"),
+           py::arg("w13_scale_ptrs"), py::arg("w2_weight_ptrs"), py::arg("w2_scale_ptrs"), py::keep_alive<1, 3>())
       .def(
           "run",
           [](GpuExpertWrite& self) {

@@ -278,9 +278,9 @@ def test_cpp_checks_too():
     moe = make(E, H, I)
     moe.load_weights_from_tensors(*random_experts(E, H, I, seed=3), None)
     with pytest.raises(ValueError, match=r"expert_id = 2 is not in \[0, num_experts = 2\)"):
-        _native._kt.GpuExpertWrite(moe._moe.address, 1, 2, [1], [], [1], [])
+        _native._kt.GpuExpertWrite(moe._moe.address, moe._pool(), 1, 2, [1], [], [1], [])
     with pytest.raises(ValueError, match=r"w2_weight_ptrs has 1 addresses.*tp_world_size = 2"):
-        _native._kt.GpuExpertWrite(moe._moe.address, 2, 0, [1, 1], [], [1], [])
+        _native._kt.GpuExpertWrite(moe._moe.address, moe._pool(), 2, 0, [1, 1], [], [1], [])
 
 
 if __name__ == "__main__":
