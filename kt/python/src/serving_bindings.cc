@@ -32,9 +32,41 @@ void Check(const absl::Status& status) {
   if (!status.ok()) ThrowStatus(status);
 }
 
+// One expert written into per-GPU-TP-rank host buffers (kt/moe/gpu_expert_buffers.h), checked when made (so a
+// bad argument raises at submit and nothing is written) and checked again when it runs.
+void RegisterGpuExpertWrite(py::module_& m) {
+  py::class_<GpuExpertWrite>(m, "GpuExpertWrite", py::dynamic_attr(),
+                             "write_weight_scale_to_buffer of one expert, queued on a TaskQueue.")
+      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, int tp, int expert_id,
+                       std::vector<std::uintptr_t> w13_weight,
+                       std::vector<std::uintptr_t> w13_scale, std::vector<std::uintptr_t> w2_weight,
+                       std::vector<std::uintptr_t> w2_scale) {
+             GpuExpertBuffers b{std::move(w13_weight), std::move(w13_scale), std::move(w2_weight),
+                                std::move(w2_scale)};
+             const MoeLayer* moe = Ptr<const MoeLayer>(layer);
+             Check(CheckGpuExpertWrite(moe->experts(), tp, expert_id, b));
+             return std::make_unique<GpuExpertWrite>(moe, &pool, tp, expert_id, std::move(b), &ComputeMutex());
+           }),
+           py::arg("layer"), py::arg("pool"), py::arg("tp"), py::arg("expert_id"), py::arg("w13_weight_ptrs"),
+           py::arg("w13_scale_ptrs"), py::arg("w2_weight_ptrs"), py::arg("w2_scale_ptrs"), py::keep_alive<1, 3>())
+      .def(
+          "run",
+          [](GpuExpertWrite& self) {
+            absl::Status s;
+            {
+              py::gil_scoped_release release;
+              s = self.Run();
+            }
+            Check(s);
+          },
+          "Writes now (on the pool, under the compute lock), from the calling thread.")
+      .def_property_readonly("runs", [](GpuExpertWrite& self) { return self.task()->runs(); });
+}
+
 }  // namespace
 
 void RegisterServingBindings(py::module_& m) {
+  RegisterGpuExpertWrite(m);
   // dynamic_attr: kt_kernel keeps the tensors a task points into on the task object itself.
   py::class_<ServingForward>(m, "ServingForward", py::dynamic_attr(),
                              "One layer's forward over fixed buffers, queued on a TaskQueue (kt/moe/serving.h).")
@@ -76,35 +108,6 @@ void RegisterServingBindings(py::module_& m) {
           },
           "Runs the forward now on the calling thread.")
       .def_property_readonly("runs", [](ServingForward& self) { return self.task()->runs(); });
-
-  // One expert written into per-GPU-TP-rank host buffers (kt/moe/gpu_expert_buffers.h), checked when made (so a
-  // bad argument raises at submit and nothing is written) and checked again when it runs.
-  py::class_<GpuExpertWrite>(m, "GpuExpertWrite", py::dynamic_attr(),
-                             "write_weight_scale_to_buffer of one expert, queued on a TaskQueue.")
-      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, int tp, int expert_id,
-                       std::vector<std::uintptr_t> w13_weight,
-                       std::vector<std::uintptr_t> w13_scale, std::vector<std::uintptr_t> w2_weight,
-                       std::vector<std::uintptr_t> w2_scale) {
-             GpuExpertBuffers b{std::move(w13_weight), std::move(w13_scale), std::move(w2_weight),
-                                std::move(w2_scale)};
-             const MoeLayer* moe = Ptr<const MoeLayer>(layer);
-             Check(CheckGpuExpertWrite(moe->experts(), tp, expert_id, b));
-             return std::make_unique<GpuExpertWrite>(moe, &pool, tp, expert_id, std::move(b), &ComputeMutex());
-           }),
-           py::arg("layer"), py::arg("pool"), py::arg("tp"), py::arg("expert_id"), py::arg("w13_weight_ptrs"),
-           py::arg("w13_scale_ptrs"), py::arg("w2_weight_ptrs"), py::arg("w2_scale_ptrs"), py::keep_alive<1, 3>())
-      .def(
-          "run",
-          [](GpuExpertWrite& self) {
-            absl::Status s;
-            {
-              py::gil_scoped_release release;
-              s = self.Run();
-            }
-            Check(s);
-          },
-          "Writes now, on the calling thread.")
-      .def_property_readonly("runs", [](GpuExpertWrite& self) { return self.task()->runs(); });
 
   py::class_<TaskQueue>(m, "TaskQueue", "Host tasks run in order by one dedicated thread (kt/runtime/task_queue.h).")
       .def(py::init<>())
