@@ -31,61 +31,29 @@ absl::Status CheckList(const char* name, const std::vector<std::uintptr_t>& ptrs
   return absl::OkStatus();
 }
 
-// One strided copy: `rows` rows of `row_bytes` bytes, from src (row stride src_stride) to dst (dst_stride).
-struct CopyJob {
-  const uint8_t* src;
-  size_t src_stride;
-  uint8_t* dst;
-  size_t dst_stride;
-  size_t row_bytes;
-  size_t rows;
-};
-
-// Rows [r0, r0 + count) of a row-major [*, cols] matrix (elem-byte elements) to a dense [count, cols].
-CopyJob RowSlice(const void* src, size_t cols, size_t elem, size_t r0, size_t count, std::uintptr_t dst,
-                 size_t dst_offset_bytes) {
-  return CopyJob{static_cast<const uint8_t*>(src) + r0 * cols * elem, cols * elem,
-                 reinterpret_cast<uint8_t*>(dst) + dst_offset_bytes, cols * elem, cols * elem, count};
+// Rows [r0, r0 + count) of a row-major [*, cols] matrix (elem-byte elements) to dst + dst_offset, dense.
+void CopyRowSlice(const void* src, size_t cols, size_t elem, size_t r0, size_t count, std::uintptr_t dst,
+                  size_t dst_offset) {
+  std::memcpy(reinterpret_cast<uint8_t*>(dst) + dst_offset, static_cast<const uint8_t*>(src) + r0 * cols * elem,
+              count * cols * elem);
 }
 
-// Columns [c0, c0 + count) of a row-major [rows, cols] matrix to a dense [rows, count].
-CopyJob ColSlice(const void* src, size_t rows, size_t cols, size_t elem, size_t c0, size_t count,
-                 std::uintptr_t dst) {
-  return CopyJob{static_cast<const uint8_t*>(src) + c0 * elem, cols * elem, reinterpret_cast<uint8_t*>(dst),
-                 count * elem, count * elem, rows};
+// Columns [c0, c0 + count) of a row-major [rows, cols] matrix to a dense [rows, count] at dst.
+void CopyColSlice(const void* src, size_t rows, size_t cols, size_t elem, size_t c0, size_t count,
+                  std::uintptr_t dst) {
+  for (size_t i = 0; i < rows; ++i) {
+    std::memcpy(reinterpret_cast<uint8_t*>(dst) + i * count * elem,
+                static_cast<const uint8_t*>(src) + (i * cols + c0) * elem, count * elem);
+  }
 }
 
-// fn(i) for i < n, on `pool` when given.
-void ForEach(ThreadPool* pool, size_t n, const std::function<void(size_t)>& fn) {
-  if (pool == nullptr || n < 2) {
-    for (size_t i = 0; i < n; ++i) fn(i);
+// fn(i, thread) for i < n, on `pool` when given (thread < pool->num_threads()), else here (thread 0).
+void ForEach(ThreadPool* pool, size_t n, const std::function<void(size_t, int)>& fn) {
+  if (pool == nullptr) {
+    for (size_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-  pool->ParallelFor(n, [&](size_t i, int /*thread*/) { fn(i); });
-}
-
-// Runs the jobs, split into pieces of at most 64 rows so that the pool's threads share even one rank's
-// slices (a DeepSeek-V3 expert is 3 x 29 MB of bf16: memory-bound copies want every thread).
-void RunCopies(const std::vector<CopyJob>& jobs, ThreadPool* pool) {
-  constexpr size_t kRowsPerPiece = 64;
-  std::vector<CopyJob> pieces;
-  for (const CopyJob& j : jobs) {
-    for (size_t r = 0; r < j.rows; r += kRowsPerPiece) {
-      CopyJob p = j;
-      p.src += r * j.src_stride;
-      p.dst += r * j.dst_stride;
-      p.rows = std::min(kRowsPerPiece, j.rows - r);
-      pieces.push_back(p);
-    }
-  }
-  ForEach(pool, pieces.size(), [&](size_t i) {
-    const CopyJob& p = pieces[i];
-    if (p.src_stride == p.row_bytes && p.dst_stride == p.row_bytes) {
-      std::memcpy(p.dst, p.src, p.rows * p.row_bytes);
-      return;
-    }
-    for (size_t r = 0; r < p.rows; ++r) std::memcpy(p.dst + r * p.dst_stride, p.src + r * p.src_stride, p.row_bytes);
-  });
+  pool->ParallelFor(n, fn);
 }
 
 }  // namespace
@@ -138,55 +106,69 @@ absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int e
   const ExpertShape& s = experts.shape();
   const size_t H = static_cast<size_t>(s.hidden), I = static_cast<size_t>(s.intermediate);
   const size_t n = I / static_cast<size_t>(tp);
-  const ExpertProj projs[3] = {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown};
-  absl::Status status[3];
-  std::vector<CopyJob> jobs;
+  const bool fp8 = experts.format() == ExpertFormat::kFp8Block;
+  const size_t elem = fp8 ? 1 : sizeof(bf16_t);
 
-  if (experts.format() == ExpertFormat::kBf16) {
-    // The stored bf16 weights, exactly (UnpackExpert of bf16 is a re-layout, no arithmetic), one projection
-    // per thread, into scratch left uninitialized (every element is written).
-    std::unique_ptr<bf16_t[]> w[3];
-    for (auto& m : w) m.reset(new bf16_t[I * H]);
-    ForEach(pool, 3, [&](size_t j) { status[j] = experts.UnpackExpert(expert_id, projs[j], w[j].get()); });
-    for (const absl::Status& st : status) {
-      if (!st.ok()) return st;
+  // One piece = one 16-row panel of a projection, unpacked into its thread's scratch (bf16: the stored
+  // values, a re-layout with no arithmetic; fp8: the codes), then its rows copied to the ranks that hold
+  // them. A DeepSeek-V3 expert is 704 pieces, so every thread of the pool gets work, and the scratch
+  // (16 x max(H, I) per thread, 229 KB at H = 7168) stays in L2 between its write and its read.
+  constexpr size_t kPiece = 16;  // kPanelRows: UnpackExpertRows starts at a panel
+  const size_t gu = CeilDiv(I, kPiece), dn = CeilDiv(H, kPiece);
+  const size_t piece_bytes = kPiece * std::max(H, I) * elem;
+  const int threads = pool == nullptr ? 1 : pool->num_threads();
+  std::unique_ptr<uint8_t[]> scratch(new uint8_t[static_cast<size_t>(threads) * piece_bytes]);
+  std::vector<absl::Status> status(2 * gu + dn);
+  ForEach(pool, status.size(), [&](size_t t, int thread) {
+    const bool down = t >= 2 * gu;
+    const ExpertProj proj = down ? ExpertProj::kDown : (t < gu ? ExpertProj::kGate : ExpertProj::kUp);
+    const size_t r0 = (down ? t - 2 * gu : t % gu) * kPiece;
+    const size_t rows = std::min(kPiece, (down ? H : I) - r0);
+    uint8_t* buf = scratch.get() + static_cast<size_t>(thread) * piece_bytes;
+    status[t] = fp8 ? experts.ExpertFp8Codes(expert_id, proj, r0, rows, buf)
+                    : experts.UnpackExpertRows(expert_id, proj, r0, rows, reinterpret_cast<bf16_t*>(buf));
+    if (!status[t].ok()) return;
+    if (!down) {
+      // Row g of gate (up) is row g % n of rank g / n's first (second) half of w13.
+      const size_t half = proj == ExpertProj::kUp ? n * H * elem : 0;
+      for (size_t i = 0; i < rows; ++i) {
+        const size_t g = r0 + i;
+        std::memcpy(reinterpret_cast<uint8_t*>(b.w13_weight[g / n]) + half + (g % n) * H * elem,
+                    buf + i * H * elem, H * elem);
+      }
+      return;
     }
-    const size_t e = sizeof(bf16_t);
-    for (int r = 0; r < tp; ++r) {
-      jobs.push_back(RowSlice(w[0].get(), H, e, r * n, n, b.w13_weight[r], 0));
-      jobs.push_back(RowSlice(w[1].get(), H, e, r * n, n, b.w13_weight[r], n * H * e));
-      jobs.push_back(ColSlice(w[2].get(), H, I, e, r * n, n, b.w2_weight[r]));
+    // Row h of down: its columns [r n, (r+1) n) are row h of rank r's w2.
+    for (size_t i = 0; i < rows; ++i) {
+      for (int r = 0; r < tp; ++r) {
+        std::memcpy(reinterpret_cast<uint8_t*>(b.w2_weight[r]) + (r0 + i) * n * elem,
+                    buf + (i * I + r * n) * elem, n * elem);
+      }
     }
-    RunCopies(jobs, pool);
-    return absl::OkStatus();
-  }
-
-  // fp8_block: the E4M3 codes and the block scales as loaded.
-  const size_t hb = CeilDiv(H, kFp8Block), ib = CeilDiv(I, kFp8Block);
-  // Blocks of one rank's share of I: n / 128 (tp > 1 needs n % 128 == 0), or all ib with tp = 1.
-  const size_t nb = tp == 1 ? ib : n / kFp8Block;
-  std::unique_ptr<uint8_t[]> codes[3];
-  std::vector<float> scales[3];
-  for (int j = 0; j < 3; ++j) {
-    codes[j].reset(new uint8_t[I * H]);
-    scales[j].resize(ib * hb);
-  }
-  ForEach(pool, 3, [&](size_t j) {
-    status[j] = experts.ExpertFp8Codes(expert_id, projs[j], codes[j].get(), scales[j].data());
   });
   for (const absl::Status& st : status) {
     if (!st.ok()) return st;
   }
+  if (!fp8) return absl::OkStatus();
+
+  // fp8_block's block scales (a few KB): the blocks of one rank's share of I are n / 128 (tp > 1 needs
+  // n % 128 == 0), or all ceil(I/128) with tp = 1.
+  const size_t hb = CeilDiv(H, kFp8Block), ib = CeilDiv(I, kFp8Block);
+  const size_t nb = tp == 1 ? ib : n / kFp8Block;
+  const ExpertProj projs[3] = {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown};
+  std::vector<float> scales[3];
+  for (int j = 0; j < 3; ++j) {
+    scales[j].resize(ib * hb);
+    if (absl::Status st = experts.ExpertFp8BlockScales(expert_id, projs[j], scales[j].data()); !st.ok()) {
+      return st;
+    }
+  }
   const size_t f = sizeof(float);
   for (int r = 0; r < tp; ++r) {
-    jobs.push_back(RowSlice(codes[0].get(), H, 1, r * n, n, b.w13_weight[r], 0));
-    jobs.push_back(RowSlice(codes[1].get(), H, 1, r * n, n, b.w13_weight[r], n * H));
-    jobs.push_back(ColSlice(codes[2].get(), H, I, 1, r * n, n, b.w2_weight[r]));
-    jobs.push_back(RowSlice(scales[0].data(), hb, f, r * nb, nb, b.w13_scale[r], 0));
-    jobs.push_back(RowSlice(scales[1].data(), hb, f, r * nb, nb, b.w13_scale[r], nb * hb * f));
-    jobs.push_back(ColSlice(scales[2].data(), hb, ib, f, r * nb, nb, b.w2_scale[r]));
+    CopyRowSlice(scales[0].data(), hb, f, r * nb, nb, b.w13_scale[r], 0);
+    CopyRowSlice(scales[1].data(), hb, f, r * nb, nb, b.w13_scale[r], nb * hb * f);
+    CopyColSlice(scales[2].data(), hb, ib, f, r * nb, nb, b.w2_scale[r]);
   }
-  RunCopies(jobs, pool);
   return absl::OkStatus();
 }
 

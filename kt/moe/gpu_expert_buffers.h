@@ -50,9 +50,9 @@ bool HasGpuExpertLayout(ExpertFormat format);
 // (OutOfRange), each list used has tp non-null addresses (InvalidArgument naming the list and the index).
 absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int expert_id, const GpuExpertBuffers& b);
 
-// Checks as above, then writes expert `expert_id` into the buffers (the layout at the top of this file):
-// the three projections unpacked into scratch (one expert's worth, allocated per call), then copied out in
-// pieces; both on `pool` when given (nobody else may be using it), else on the calling thread.
+// Checks as above, then writes expert `expert_id` into the buffers (the layout at the top of this file),
+// one 16-row panel at a time straight from the packed weights (16 rows of scratch per thread, allocated per
+// call), on `pool` when given (nobody else may be using it), else on the calling thread.
 absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int expert_id,
                                      const GpuExpertBuffers& b, ThreadPool* pool = nullptr);
 
