@@ -130,6 +130,16 @@ TEST(GpuExpertBuffersTest, BadArgumentsAreNamedAndNothingIsWritten) {
     EXPECT_NE(s.message().find(c.text), absl::string_view::npos) << s;
   }
   for (uint16_t v : buf) ASSERT_EQ(v, 0x1234);
+  // The ranged read-back the writer builds on: panel-aligned starts, ends within N.
+  std::vector<bf16_t> rows(16 * H);
+  EXPECT_EQ(f.layer->experts().UnpackExpertRows(0, ExpertProj::kGate, 8, 4, rows.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.layer->experts().UnpackExpertRows(0, ExpertProj::kGate, 48, 17, rows.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(f.layer->experts().UnpackExpertRows(0, ExpertProj::kGate, 48, 16, rows.data()).ok());
+  EXPECT_EQ(0, std::memcmp(rows.data(), f.gate.data() + 48 * H, 16 * H * sizeof(bf16_t)));
+  EXPECT_EQ(f.layer->experts().ExpertFp8Codes(0, ExpertProj::kGate, 0, 1, nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);
   // Before a load: FailedPrecondition; a quantized format: Unimplemented.
   MoeConfig c;
   c.num_experts = E;
