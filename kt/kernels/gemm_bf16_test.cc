@@ -29,7 +29,7 @@ std::vector<bf16_t> RandomBf16(size_t n, std::mt19937& rng, float scale) {
 TEST(PackBf16, RoundTripsAndZeroPads) {
   std::mt19937 rng(3);
   for (size_t n : {1, 16, 17, 40}) {
-    for (size_t k : {1, 2, 7, 64}) {
+    for (size_t k : {1, 2, 7, 64, 301}) {  // 301: three 64-pair tiles of UnpackBf16, the last partial, odd k
       const std::vector<bf16_t> w = RandomBf16(n * k, rng, 1.0f);
       std::vector<bf16_t> packed(PackedBf16Size(n, k), bf16_t{0xffff});
       PackBf16(w.data(), k, n, k, packed.data());

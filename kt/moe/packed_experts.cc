@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
+#include "kt/kernels/gemm_fp8.h"   // the fp8 panel layout (ExpertFp8Codes)
 #include "kt/kernels/quant_fast.h"
 
 namespace kt {
@@ -136,6 +137,71 @@ absl::Status PackedExperts::UnpackExpert(int slot, ExpertProj proj, bf16_t* w) c
 
 absl::Status PackedExperts::UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const {
   return Unpack("UnpackExpertTransposed", slot, proj, /*transposed=*/true, wt);
+}
+
+absl::Status PackedExperts::UnpackExpertRows(int slot, ExpertProj proj, size_t r0, size_t rows,
+                                             bf16_t* out) const {
+  if (absl::Status s = CheckSlot("UnpackExpertRows", slot); !s.ok()) return s;
+  if (!loaded()) return absl::FailedPreconditionError("UnpackExpertRows before the weights are loaded");
+  const Projection& p = Proj(proj);
+  if (r0 % kPanelRows != 0 || r0 + rows > p.n) {
+    return absl::InvalidArgumentError(absl::StrCat("UnpackExpertRows: rows [", r0, ", ", r0 + rows, ") of ",
+                                                   ExpertProjName(proj), " [", p.n, ", ", p.k,
+                                                   "]: the start must be a multiple of 16 and the end <= N"));
+  }
+  QuantSpec spec;
+  if (traits_->quantized) {
+    absl::StatusOr<QuantSpec> s = quant_spec();
+    if (!s.ok()) return s.status();
+    spec = *s;
+  }
+  // A panel's layout does not depend on the rows after it, so the block at r0 unpacks as a matrix of `rows`.
+  traits_->unpack(spec, p.Block(static_cast<size_t>(slot), r0), rows, p.k, /*transposed=*/false, out);
+  return absl::OkStatus();
+}
+
+absl::Status PackedExperts::CheckFp8(const char* fn, int slot) const {
+  if (absl::Status s = CheckSlot(fn, slot); !s.ok()) return s;
+  if (format() != ExpertFormat::kFp8Block) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(fn, ": the weights are ", traits_->name, ", not fp8_block: they hold no E4M3 codes"));
+  }
+  if (!loaded()) return absl::FailedPreconditionError(absl::StrCat(fn, " before the weights are loaded"));
+  return absl::OkStatus();
+}
+
+// kt-fp8-panel16-kblock128-v1 (gemm_fp8.h): panel q, byte 16 k + r is row 16 q + r's code at column k; the
+// scales are [panel][k block][16 rows].
+absl::Status PackedExperts::ExpertFp8Codes(int slot, ExpertProj proj, size_t r0, size_t rows,
+                                           uint8_t* codes) const {
+  if (absl::Status s = CheckFp8("ExpertFp8Codes", slot); !s.ok()) return s;
+  const Projection& p = Proj(proj);
+  if (r0 + rows > p.n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ExpertFp8Codes: rows [", r0, ", ", r0 + rows, ") past N = ", p.n));
+  }
+  const PackedExpert w = p.Expert(static_cast<size_t>(slot));
+  const size_t k = p.k;
+  for (size_t i = 0; i < rows; ++i) {
+    const size_t row = r0 + i;
+    const uint8_t* panel = w.data + (row / kFp8PanelRows) * Fp8PanelStride(k) + row % kFp8PanelRows;
+    uint8_t* out = codes + i * k;
+    for (size_t c = 0; c < k; ++c) out[c] = panel[c * kFp8PanelRows];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PackedExperts::ExpertFp8BlockScales(int slot, ExpertProj proj, float* block_scales) const {
+  if (absl::Status s = CheckFp8("ExpertFp8BlockScales", slot); !s.ok()) return s;
+  const Projection& p = Proj(proj);
+  const PackedExpert w = p.Expert(static_cast<size_t>(slot));
+  const size_t kb = Fp8KBlocks(p.k);
+  for (size_t bn = 0; bn * kFp8BlockK < p.n; ++bn) {
+    const size_t row = bn * kFp8BlockK;
+    const float* s = w.scales + (row / kFp8PanelRows) * kb * kFp8PanelRows + row % kFp8PanelRows;
+    for (size_t bk = 0; bk < kb; ++bk) block_scales[bn * kb + bk] = s[bk * kFp8PanelRows];
+  }
+  return absl::OkStatus();
 }
 
 absl::Status PackedExperts::Unpack(const char* fn, int slot, ExpertProj proj, bool transposed,

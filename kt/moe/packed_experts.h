@@ -84,6 +84,18 @@ class PackedExperts {
   // The same transposed, wt[K, N] (row stride N), read straight from the packed weights.
   absl::Status UnpackExpertTransposed(int slot, ExpertProj proj, bf16_t* wt) const;
 
+  // Rows [r0, r0 + rows) of UnpackExpert's result, out[rows, K] (row stride K), unpacked from their panels
+  // alone: r0 must be a multiple of kPanelRows (16). InvalidArgument otherwise or past N; FailedPrecondition
+  // before the weights have loaded.
+  absl::Status UnpackExpertRows(int slot, ExpertProj proj, size_t r0, size_t rows, bf16_t* out) const;
+  // FP8 block format only (fp8_block): expert `slot`'s projection as stored, with no rounding. Its E4M3 codes
+  // of rows [r0, r0 + rows), codes[rows, K] (row stride K, any r0), and the checkpoint's block scales
+  // (`weight_scale_inv`) block_scales[ceil(N/128), ceil(K/128)]: every row of a 128-row block holds its
+  // block's scale (kt-fp8-block128-v1), so the block's first row is read. FailedPrecondition for another
+  // format or before the weights have loaded; InvalidArgument for rows past N.
+  absl::Status ExpertFp8Codes(int slot, ExpertProj proj, size_t r0, size_t rows, uint8_t* codes) const;
+  absl::Status ExpertFp8BlockScales(int slot, ExpertProj proj, float* block_scales) const;
+
   // The AMX K block of the formats that have a K-blocked AMX kernel (MoeTiling::k_block; 0: built-in).
   void SetKBlock(size_t k_block);
 
@@ -122,6 +134,7 @@ class PackedExperts {
   Projection& Proj(ExpertProj proj) { return proj_[static_cast<int>(proj)]; }
   const Projection& Proj(ExpertProj proj) const { return proj_[static_cast<int>(proj)]; }
   absl::Status CheckSlot(const char* fn, int slot) const;
+  absl::Status CheckFp8(const char* fn, int slot) const;  // slot, fp8_block, loaded
   absl::Status Unpack(const char* fn, int slot, ExpertProj proj, bool transposed, bf16_t* out) const;
   void MarkLoaded(int slot, ExpertProj proj) {
     proj_loaded_[static_cast<size_t>(slot) * 3 + static_cast<int>(proj)] = 1;

@@ -210,6 +210,40 @@ class BaseMoEWrapper:
         same layer parity), else a new CPU tensor. Raises the error of a failed task."""
         return self._serving_path().sync(hidden_states, cuda_stream)
 
+    def submit_write_weight_scale_to_buffer(self, tp_world_size, expert_id, w13_weight_ptrs, w13_scale_ptrs,
+                                            w2_weight_ptrs, w2_scale_ptrs) -> None:
+        """Queues the write of one expert's weights (and scales) into host buffers in the GPU MoE kernel's
+        layout, one buffer per GPU tensor-parallel rank (SGLang's GPU prefill of CPU experts, the original's
+        method of the same name); ``sync_write_weight_scale_to_buffer`` waits for it.
+
+        ``expert_id``: a physical expert slot (slot i holds logical expert ``physical_to_logical_map[i]`` of the
+        load; the index of the GPU layer's expert arrays). The ``*_ptrs`` are lists of ``tp_world_size`` int
+        addresses (e.g. pinned tensors' ``data_ptr()``), each at this expert's place in rank r's buffer. With
+        n = moe_intermediate_size / tp_world_size, rank r gets
+
+        - ``w13_weight``: gate rows [r n, (r+1) n) as [n, H], then up's same rows as [n, H];
+        - ``w2_weight``: down's columns [r n, (r+1) n) as [H, n];
+
+        bf16 for ``BF16``, float8_e4m3fn bytes for ``FP8``. ``FP8`` adds the fp32 ``weight_scale_inv`` blocks:
+        ``w13_scale`` gate's block rows [r n/128, (r+1) n/128) as [n/128, ceil(H/128)], then up's; ``w2_scale``
+        down's block columns as [ceil(H/128), n/128] (tp_world_size > 1 needs n % 128 == 0). ``BF16`` ignores
+        the scale lists. The values are the stored ones, bit for bit. Other methods: NotImplementedError.
+
+        Raises (at submit, writing nothing): NotImplementedError (method), RuntimeError (weights not loaded),
+        TypeError/ValueError (tp_world_size not dividing the intermediate size, expert_id out of range, a list
+        not of tp_world_size non-zero ints).
+        """
+        from .serving import submit_write_weight_scale_to_buffer
+
+        submit_write_weight_scale_to_buffer(self, tp_world_size, expert_id, w13_weight_ptrs, w13_scale_ptrs,
+                                            w2_weight_ptrs, w2_scale_ptrs)
+
+    def sync_write_weight_scale_to_buffer(self) -> None:
+        """Waits until the submitted writes have run (the process's task queue); raises a failed one's error."""
+        from .serving import sync_write_weight_scale_to_buffer
+
+        sync_write_weight_scale_to_buffer(self)
+
     def _serving_path(self):
         path = getattr(self, "_serving", None)
         if path is None:

@@ -260,3 +260,77 @@ def _check_inputs(w, hidden_states, topk_ids, topk_weights) -> int:
     if len(devices) != 1:
         raise ValueError(f"hidden_states, topk_ids and topk_weights must be on one device, got {sorted(map(str, devices))}")
     return rows
+
+
+# -- GPU prefill of CPU experts: one expert written into per-GPU-rank host buffers ----------------------------
+
+# Weight formats whose GPU kernel layout kt writes (kt/moe/gpu_expert_buffers.h), and whether they have scales.
+_GPU_LAYOUT_SCALES = {"bf16": False, "fp8_block": True}
+
+
+def _check_ptr_list(name: str, ptrs, tp: int):
+    if isinstance(ptrs, (str, bytes)) or not hasattr(ptrs, "__len__"):
+        raise TypeError(f"{name} must be a list of ints (buffer addresses, e.g. tensor.data_ptr()), one per GPU "
+                        f"TP rank; got {type(ptrs).__name__}")
+    ptrs = list(ptrs)
+    if len(ptrs) != tp:
+        raise ValueError(f"{name} has {len(ptrs)} addresses; expected one per GPU TP rank "
+                         f"(tp_world_size={tp})")
+    out = []
+    for r, p in enumerate(ptrs):
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise TypeError(f"{name}[{r}] must be an int address (tensor.data_ptr()), got {type(p).__name__}")
+        if p <= 0:
+            raise ValueError(f"{name}[{r}] = {p} is not a valid address; every rank's buffer must be given")
+        out.append(p)
+    return out
+
+
+def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_ptrs, w13_scale_ptrs,
+                                        w2_weight_ptrs, w2_scale_ptrs) -> None:
+    """Queues the write of expert ``expert_id`` into the buffers (see BaseMoEWrapper's method)."""
+    method_name = "submit_write_weight_scale_to_buffer"
+    fmt = getattr(w, "weight_format", None)
+    if fmt not in _GPU_LAYOUT_SCALES:
+        raise NotImplementedError(
+            f"{type(w).__name__} (method {w.method!r}): {method_name} is not implemented for this method's weights "
+            f"({fmt}): kt writes the GPU kernel layout of BF16 and FP8 (block 128) experts only")
+    if not w.weights_loaded:
+        raise RuntimeError(f"{type(w).__name__} (layer {w.layer_idx}): {method_name} before the expert weights "
+                           "were loaded; call load_weights or load_weights_from_tensors first")
+    if isinstance(tp_world_size, bool) or not isinstance(tp_world_size, int):
+        raise TypeError(f"tp_world_size must be an int, got {type(tp_world_size).__name__}")
+    I = w.moe_intermediate_size
+    if tp_world_size < 1 or I % tp_world_size:
+        raise ValueError(f"tp_world_size={tp_world_size} must be >= 1 and divide moe_intermediate_size={I} "
+                         "(each GPU rank holds I / tp_world_size rows of gate and up)")
+    if fmt == "fp8_block" and tp_world_size > 1 and (I // tp_world_size) % 128:
+        raise ValueError(f"tp_world_size={tp_world_size}: each rank's share of moe_intermediate_size={I} is "
+                         f"{I // tp_world_size}, not a multiple of the FP8 scale block (128)")
+    if isinstance(expert_id, bool) or not isinstance(expert_id, int):
+        raise TypeError(f"expert_id must be an int, got {type(expert_id).__name__}")
+    if not 0 <= expert_id < w.num_experts:
+        raise ValueError(f"expert_id={expert_id} is not in [0, num_experts={w.num_experts}) (a physical expert "
+                         "slot: the index of the GPU layer's expert arrays)")
+    w13w = _check_ptr_list("w13_weight_ptrs", w13_weight_ptrs, tp_world_size)
+    w2w = _check_ptr_list("w2_weight_ptrs", w2_weight_ptrs, tp_world_size)
+    if _GPU_LAYOUT_SCALES[fmt]:
+        w13s = _check_ptr_list("w13_scale_ptrs", w13_scale_ptrs, tp_world_size)
+        w2s = _check_ptr_list("w2_scale_ptrs", w2_scale_ptrs, tp_world_size)
+    else:
+        # BF16 has no scales: the lists are ignored (SGLang passes [0] * tp_world_size), as in the original.
+        w13s, w2s = [], []
+    pool = w._pool()
+    task = _native._kt.GpuExpertWrite(w._moe.address, pool, tp_world_size, expert_id, w13w, w13s, w2w, w2s)
+    task._kt_keep = (w._moe, pool)  # the task holds their addresses
+    pending = w.__dict__.setdefault("_gpu_buffer_writes", [])
+    pending.append(task)  # the queue keeps only the task's address: alive until the sync
+    task_queue().submit(task)
+
+
+def sync_write_weight_scale_to_buffer(w) -> None:
+    """Waits for the queue (every write submitted so far); raises the error of a failed task."""
+    try:
+        task_queue().sync()
+    finally:
+        w.__dict__["_gpu_buffer_writes"] = []

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "kt/moe/gpu_expert_buffers.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/serving.h"
 #include "kt/runtime/thread_pool.h"
@@ -15,6 +16,7 @@
 #include "kt/runtime/cuda_stream.h"
 #include "kt/runtime/task_queue.h"
 #include "pybind11/pybind11.h"
+#include "pybind11/stl.h"
 
 namespace py = pybind11;
 
@@ -30,9 +32,41 @@ void Check(const absl::Status& status) {
   if (!status.ok()) ThrowStatus(status);
 }
 
+// One expert written into per-GPU-TP-rank host buffers (kt/moe/gpu_expert_buffers.h), checked when made (so a
+// bad argument raises at submit and nothing is written) and checked again when it runs.
+void RegisterGpuExpertWrite(py::module_& m) {
+  py::class_<GpuExpertWrite>(m, "GpuExpertWrite", py::dynamic_attr(),
+                             "write_weight_scale_to_buffer of one expert, queued on a TaskQueue.")
+      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, int tp, int expert_id,
+                       std::vector<std::uintptr_t> w13_weight,
+                       std::vector<std::uintptr_t> w13_scale, std::vector<std::uintptr_t> w2_weight,
+                       std::vector<std::uintptr_t> w2_scale) {
+             GpuExpertBuffers b{std::move(w13_weight), std::move(w13_scale), std::move(w2_weight),
+                                std::move(w2_scale)};
+             const MoeLayer* moe = Ptr<const MoeLayer>(layer);
+             Check(CheckGpuExpertWrite(moe->experts(), tp, expert_id, b));
+             return std::make_unique<GpuExpertWrite>(moe, &pool, tp, expert_id, std::move(b), &ComputeMutex());
+           }),
+           py::arg("layer"), py::arg("pool"), py::arg("tp"), py::arg("expert_id"), py::arg("w13_weight_ptrs"),
+           py::arg("w13_scale_ptrs"), py::arg("w2_weight_ptrs"), py::arg("w2_scale_ptrs"), py::keep_alive<1, 3>())
+      .def(
+          "run",
+          [](GpuExpertWrite& self) {
+            absl::Status s;
+            {
+              py::gil_scoped_release release;
+              s = self.Run();
+            }
+            Check(s);
+          },
+          "Writes now (on the pool, under the compute lock), from the calling thread.")
+      .def_property_readonly("runs", [](GpuExpertWrite& self) { return self.task()->runs(); });
+}
+
 }  // namespace
 
 void RegisterServingBindings(py::module_& m) {
+  RegisterGpuExpertWrite(m);
   // dynamic_attr: kt_kernel keeps the tensors a task points into on the task object itself.
   py::class_<ServingForward>(m, "ServingForward", py::dynamic_attr(),
                              "One layer's forward over fixed buffers, queued on a TaskQueue (kt/moe/serving.h).")
@@ -79,6 +113,8 @@ void RegisterServingBindings(py::module_& m) {
       .def(py::init<>())
       .def(
           "submit", [](TaskQueue& q, ServingForward& f) { q.Submit(f.task()); }, py::arg("task"))
+      .def(
+          "submit", [](TaskQueue& q, GpuExpertWrite& w) { q.Submit(w.task()); }, py::arg("task"))
       .def(
           "sync",
           [](TaskQueue& q, int allow_n_pending) {
