@@ -51,9 +51,10 @@ class KTExperts(nn.Module):
         self.kt = kt
         self.side_stream = side_stream
         # The masked experts' weights on the model's device, in the model's dtype (gate rows first in gate_up).
+        # Buffers, so that model.to(device) moves them with the model.
         self.register_buffer("gpu_ids", gpu_ids, persistent=False)
-        self.gate_up = gate_up
-        self.down = down
+        self.register_buffer("gate_up", gate_up, persistent=False)
+        self.register_buffer("down", down, persistent=False)
 
     def _torch_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The masked experts' weighted sum, dense over the batch (no data-dependent shapes, so no host sync)."""
@@ -88,7 +89,8 @@ class KTExperts(nn.Module):
             self.kt.submit_forward(x_bf16, ids.contiguous(), w_f32, None)
             gpu_out = self._torch_experts(x, ids, weights) if self.gate_up is not None else None
             cpu_out = self.kt.sync_forward(x_bf16, None)
-        out = cpu_out.to(x.dtype)
+        # On CUDA cpu_out is kt's persistent buffer, reused by a later layer: never hand it out itself.
+        out = cpu_out.to(x.dtype, copy=x.is_cuda)
         if gpu_out is not None:
             out = out + gpu_out
         return out.reshape(shape)
@@ -111,12 +113,14 @@ def parse_mask(text: Optional[str], num_gpu: Optional[int], num_experts: int) ->
 
 
 def wrap_model(model: nn.Module, folder: str, method: str = "BF16", gpu_mask: Optional[torch.Tensor] = None,
-               threads: Optional[int] = None, chunked_prefill_size: int = 4096) -> List[KTExperts]:
+               threads: Optional[int] = None, chunked_prefill_size: int = 4096,
+               device: Optional[str] = None) -> List[KTExperts]:
     """Replaces every MoE block's routed experts of ``model`` by ``KTExperts`` (kt loads the experts from
-    ``folder``); the torch weights of experts that are not in ``gpu_mask`` are dropped. Returns the wrappers."""
+    ``folder``); the torch weights of experts that are not in ``gpu_mask`` are dropped, those in it are kept
+    on ``device`` (default: the model's), where the model must then be moved. Returns the wrappers."""
     arch, tc = get_moe_arch(model)  # the model types kt_kernel.sft knows, and their MoE blocks
     top_k = tc.num_experts_per_tok
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     threads = threads or os.cpu_count() or 1
     out = []
@@ -139,8 +143,9 @@ def wrap_model(model: nn.Module, folder: str, method: str = "BF16", gpu_mask: Op
         gpu_ids = mask.nonzero().flatten()
         gate_up = down = None
         if gpu_ids.numel():
-            gate_up = experts.gate_up_proj.detach()[gpu_ids.to(device)].clone()
-            down = experts.down_proj.detach()[gpu_ids.to(device)].clone()
+            sel = gpu_ids.to(experts.gate_up_proj.device)
+            gate_up = experts.gate_up_proj.detach()[sel].to(device)
+            down = experts.down_proj.detach()[sel].to(device)
         wrapper = KTExperts(kt, gpu_ids.to(device), gate_up, down, side)
         setattr(block, attr, wrapper)  # the block still routes; its experts call now lands here
         out.append(wrapper)
@@ -202,12 +207,15 @@ def run(folder: str, prompt: Sequence[int], max_new_tokens: int = 16, method: st
     """Loads ``folder``, (with ``check``) generates with plain transformers, wraps the experts in kt and
     generates again. Returns {"tokens", "margins", "seconds", and with check "ref_tokens", "ref_margins",
     "ref_seconds", "equal"}."""
-    model = load_model(folder, dtype, device)
+    # Loaded on the CPU and moved to `device` once the routed experts are gone (unless the check needs them).
+    model = load_model(folder, dtype, "cpu")
     result = {}
     if check:
+        model.to(device)
         ref, ref_margins, ref_s = greedy(model, prompt, max_new_tokens)
         result.update(ref_tokens=ref, ref_margins=ref_margins, ref_seconds=ref_s)
-    wrap_model(model, folder, method, gpu_mask, threads, chunked_prefill_size=max(len(prompt), 64))
+    wrap_model(model, folder, method, gpu_mask, threads, chunked_prefill_size=max(len(prompt), 64), device=device)
+    model.to(device)
     tokens, margins, secs = greedy(model, prompt, max_new_tokens)
     result.update(tokens=tokens, margins=margins, seconds=secs)
     if check:
