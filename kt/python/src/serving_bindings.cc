@@ -10,6 +10,8 @@
 #include "absl/status/status.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/serving.h"
+#include "kt/moe/tp_layer.h"
+#include "kt/runtime/numa.h"
 #include "kt/runtime/thread_pool.h"
 #include "kt/python/src/common.h"
 #include "kt/runtime/cuda_stream.h"
@@ -36,7 +38,7 @@ void RegisterServingBindings(py::module_& m) {
   // dynamic_attr: kt_kernel keeps the tensors a task points into on the task object itself.
   py::class_<ServingForward>(m, "ServingForward", py::dynamic_attr(),
                              "One layer's forward over fixed buffers, queued on a TaskQueue (kt/moe/serving.h).")
-      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, std::uintptr_t batch_size, int capacity, int k,
+      .def(py::init([](std::uintptr_t layer, py::object pool, std::uintptr_t batch_size, int capacity, int k,
                        std::uintptr_t ids, bool ids_int32, std::uintptr_t weights, std::uintptr_t input,
                        std::uintptr_t output, std::uintptr_t gpu_experts_mask, bool accumulate,
                        int max_deferred, std::uintptr_t deferred_ids, int chunk) {
@@ -53,8 +55,15 @@ void RegisterServingBindings(py::module_& m) {
              b.accumulate = accumulate;
              b.max_deferred = max_deferred;
              b.deferred_ids = Ptr<int64_t>(deferred_ids);
+             // `layer` is a MoeLayer's address with a ThreadPool, or a TpMoeLayer's with a NodePools.
+             std::unique_ptr<LayerForward> forward;
+             if (py::isinstance<NodePools>(pool)) {
+               forward = std::make_unique<TpLayerForward>(Ptr<TpMoeLayer>(layer), pool.cast<NodePools&>().raw());
+             } else {
+               forward = std::make_unique<PooledLayerForward>(Ptr<MoeLayer>(layer), &pool.cast<ThreadPool&>());
+             }
              absl::StatusOr<std::unique_ptr<ServingForward>> f =
-                 ServingForward::Create(Ptr<MoeLayer>(layer), &pool, b, chunk, &ComputeMutex());
+                 ServingForward::Create(std::move(forward), b, chunk, &ComputeMutex());
              Check(f.status());
              return std::move(*f);
            }),
