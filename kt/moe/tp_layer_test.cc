@@ -5,6 +5,7 @@
 // memory is on their NUMA node and node pools run them; bad tp and pools.
 #include "kt/moe/tp_layer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -169,6 +170,58 @@ TEST(TpMoeLayerTest, PartsOnNodePools) {
   const std::vector<float> whole = RunLayer(ExpertFormat::kBf16, 1, d, kQlen, {&one});
   for (size_t i = 0; i < out.size(); ++i) {
     ASSERT_NEAR(Bf16ToF32(out[i]), whole[i], std::abs(whole[i]) * 0x1p-7 + 1e-5) << i;
+  }
+}
+
+// Streaming loads of matrices already quantized (a converted folder; FP8 codes with their block scales, as
+// LoadFp8Experts hands them over): the cut parts compute the TP = 1 result within the fp32 reduce order.
+TEST(TpMoeLayerTest, QuantizedStreamingLoadsCutForTheParts) {
+  const Isa isa = ResolveIsa("", GetCpuFeatures()).value();
+  constexpr int kQlen = 5, kWideI = 256;  // FP8 parts must be multiples of 128 columns
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.0f, 0.1f);
+  std::vector<bf16_t> w(size_t{kWideI} * kH), input(size_t{kQlen} * kH);
+  for (auto& x : input) x = F32ToBf16(n(rng) * 10);
+  std::vector<int64_t> ids;
+  std::vector<float> weights;
+  for (int i = 0; i < kQlen * kK; ++i) {
+    ids.push_back(i % kE);
+    weights.push_back(0.5f);
+  }
+  for (ExpertFormat format : {ExpertFormat::kFp8Block, ExpertFormat::kInt4GroupAsym}) {
+    MoeConfig c{kE, kK, kH, kWideI, kMaxLen};
+    c.group_size = 32;
+    ThreadPool pool(1);
+    std::vector<std::vector<float>> outs;
+    for (int tp : {1, 2}) {
+      auto layer = TpMoeLayer::Create(c, isa, format, tp).value();
+      const QuantSpec spec = layer->quant_spec().value();
+      std::mt19937 wrng(9);  // the same weights for both layers
+      layer->BeginLoad();
+      for (int e = 0; e < kE; ++e) {
+        for (ExpertProj proj : {ExpertProj::kGate, ExpertProj::kUp, ExpertProj::kDown}) {
+          const size_t rows = proj == ExpertProj::kDown ? kH : kWideI, cols = proj == ExpertProj::kDown ? kWideI : kH;
+          for (size_t i = 0; i < rows * cols; ++i) w[i] = F32ToBf16(n(wrng));
+          QuantizedMatrix qm = Quantize(spec, w.data(), cols, rows, cols).value();
+          ASSERT_TRUE(layer->LoadExpertQuantized(e, proj, qm).ok());
+        }
+      }
+      ASSERT_TRUE(layer->FinishLoad().ok());
+      std::vector<bf16_t> out(size_t{kQlen} * kH);
+      MoeLayer::Output o;
+      o.bf16 = out.data();
+      std::vector<ThreadPool*> pools(tp, &pool);
+      ASSERT_TRUE(layer->Forward(pools, kQlen, kK, ids.data(), weights.data(), input.data(), o, nullptr).ok());
+      outs.emplace_back();
+      for (bf16_t v : out) outs.back().push_back(Bf16ToF32(v));
+    }
+    float max_ref = 0;
+    for (float v : outs[0]) max_ref = std::max(max_ref, std::abs(v));
+    ASSERT_GT(max_ref, 0.0f);
+    for (size_t i = 0; i < outs[0].size(); ++i) {
+      ASSERT_NEAR(outs[1][i], outs[0][i], std::abs(outs[0][i]) * 0x1p-7 + 1e-5 * max_ref)
+          << ExpertFormatName(format) << " at " << i;
+    }
   }
 }
 

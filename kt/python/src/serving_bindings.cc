@@ -32,6 +32,14 @@ void Check(const absl::Status& status) {
   if (!status.ok()) ThrowStatus(status);
 }
 
+// `layer` is a MoeLayer's address with a ThreadPool, or a TpMoeLayer's with a NodePools (tp_bindings.cc).
+std::unique_ptr<LayerForward> MakeLayerForward(std::uintptr_t layer, const py::object& pool) {
+  if (py::isinstance<NodePools>(pool)) {
+    return std::make_unique<TpLayerForward>(Ptr<TpMoeLayer>(layer), pool.cast<NodePools&>().raw());
+  }
+  return std::make_unique<PooledLayerForward>(Ptr<MoeLayer>(layer), &pool.cast<ThreadPool&>());
+}
+
 }  // namespace
 
 void RegisterServingBindings(py::module_& m) {
@@ -55,15 +63,8 @@ void RegisterServingBindings(py::module_& m) {
              b.accumulate = accumulate;
              b.max_deferred = max_deferred;
              b.deferred_ids = Ptr<int64_t>(deferred_ids);
-             // `layer` is a MoeLayer's address with a ThreadPool, or a TpMoeLayer's with a NodePools.
-             std::unique_ptr<LayerForward> forward;
-             if (py::isinstance<NodePools>(pool)) {
-               forward = std::make_unique<TpLayerForward>(Ptr<TpMoeLayer>(layer), pool.cast<NodePools&>().raw());
-             } else {
-               forward = std::make_unique<PooledLayerForward>(Ptr<MoeLayer>(layer), &pool.cast<ThreadPool&>());
-             }
              absl::StatusOr<std::unique_ptr<ServingForward>> f =
-                 ServingForward::Create(std::move(forward), b, chunk, &ComputeMutex());
+                 ServingForward::Create(MakeLayerForward(layer, pool), b, chunk, &ComputeMutex());
              Check(f.status());
              return std::move(*f);
            }),
