@@ -238,6 +238,7 @@ absl::Status TpMoeLayer::Forward(const std::vector<ThreadPool*>& pools, int qlen
                                  const bool* gpu_experts_mask) {
   if (absl::Status s = CheckPools("Forward", pools); !s.ok()) return s;
   if (parts_.size() == 1) {
+    ScopedCpuAffinity on_node(pools[0]->cpu_set());  // as each part's driver below
     return parts_[0]->Forward(*pools[0], qlen, k, ids, weights, input, output, gpu_experts_mask);
   }
   if ((output.bf16 == nullptr) == (output.f32 == nullptr) || (output.add && output.bf16 == nullptr)) {
