@@ -20,10 +20,11 @@ struct AlignedBuffer {
   };
   std::unique_ptr<T[], Free> data;
   size_t size = 0;
+  int numa_node = -1;  // >= 0: allocations bound to this NUMA node (AllocateArrayOnNode)
   // Exactly n elements.
   void Resize(size_t n) {
     if (n == size) return;
-    data.reset(static_cast<T*>(AllocateArray(n * sizeof(T))));
+    data.reset(static_cast<T*>(AllocateArrayOnNode(n * sizeof(T), numa_node)));
     size = n;
   }
   // At least n: grows, never shrinks.

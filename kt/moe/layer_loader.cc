@@ -37,9 +37,14 @@ ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout) {
   return ExpertFormat::kBf16;  // Unreachable: every QuantFormat is listed above.
 }
 
-absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
-                                                    const std::string& method, int group_size,
-                                                    const int64_t* physical_to_logical, ThreadPool& pool) {
+namespace {
+
+// The loaders for a MoeLayer and for a TpMoeLayer, which slices each matrix for its parts: both have the same
+// streaming loaders (BeginLoad, LoadExpert, LoadExpertQuantized, FinishLoad), config() and quant_spec().
+template <typename Layer>
+absl::StatusOr<FolderLoadStats> LoadFolderInto(Layer& moe, const std::string& dir, int layer,
+                                               const std::string& method, int group_size,
+                                               const int64_t* physical_to_logical, ThreadPool& pool) {
   absl::StatusOr<MethodLayout> layout = LayoutOfMethod(method, group_size);
   if (!layout.ok()) return layout.status();
   const absl::StatusOr<QuantSpec> held = moe.quant_spec();
@@ -121,8 +126,9 @@ absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::st
   return stats;
 }
 
-absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
-                            const int64_t* physical_to_logical, ThreadPool& pool) {
+template <typename Layer>
+absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
+                         const int64_t* physical_to_logical, ThreadPool& pool) {
   const MoeConfig& c = moe.config();
   const size_t h = c.hidden, inter = c.intermediate;
   moe.BeginLoad();
@@ -146,6 +152,30 @@ absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], con
     if (!s.ok()) return s;
   }
   return moe.FinishLoad();
+}
+
+}  // namespace
+
+absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
+                                                    const std::string& method, int group_size,
+                                                    const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
+}
+
+absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(TpMoeLayer& moe, const std::string& dir, int layer,
+                                                    const std::string& method, int group_size,
+                                                    const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
+}
+
+absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
+                            const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
+}
+
+absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
+                            const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
 }
 
 absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,

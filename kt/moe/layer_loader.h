@@ -18,6 +18,7 @@
 #include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/moe/moe_layer.h"
+#include "kt/moe/tp_layer.h"
 #include "kt/runtime/thread_pool.h"
 
 namespace kt {
@@ -42,12 +43,19 @@ ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout);
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool);
+// The same into a tensor-parallel layer: every matrix read (bf16, or quantized from a converted folder) is
+// cut for the parts as it loads, so converted folders stay independent of the TP degree and NUMA layout.
+absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(TpMoeLayer& moe, const std::string& dir, int layer,
+                                                    const std::string& method, int group_size,
+                                                    const int64_t* physical_to_logical, ThreadPool& pool);
 
 // FP8 experts as shipped (method FP8, kt-fp8-block128-v1): E4M3 codes codes[0] gate and codes[1] up [E, I, H],
 // codes[2] down [E, H, I], and their fp32 block scales (`weight_scale_inv`) [E, ceil(N/128), ceil(K/128)],
 // packed into `moe` (format kFp8Block) with no bf16 copy; parallel over (slot, projection) on `pool`.
 // physical_to_logical as for LoadLayerFromFolder (the caller checked it, and the arrays' shapes).
 absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
+                            const int64_t* physical_to_logical, ThreadPool& pool);
+absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
                             const int64_t* physical_to_logical, ThreadPool& pool);
 
 // What OpenLayerFromFolder builds: the method (and its group size) the weights are held in, the kernel path,

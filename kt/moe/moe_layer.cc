@@ -100,7 +100,7 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
                                                            std::shared_ptr<MoeScratch> scratch) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<PackedExperts>> weights = PackedExperts::Create(
-      ExpertShape{config.num_experts, config.hidden, config.intermediate, config.group_size}, isa, format);
+      ExpertShape{config.num_experts, config.hidden, config.intermediate, config.group_size, config.numa_node}, isa, format);
   if (!weights.ok()) return weights.status();
   std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa));
   moe->weights_ = std::move(*weights);

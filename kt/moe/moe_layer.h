@@ -46,6 +46,9 @@ struct MoeConfig {
   // G of the group-wise formats (kInt4GroupSym/Asym): 32, 64 or 128, dividing hidden and intermediate.
   // Ignored by the other formats.
   int group_size = 128;
+  // >= 0: the packed expert weights live on this NUMA node (bound at allocation, kt/runtime/memory.h), as a
+  // tensor-parallel part's do (kt/moe/tp_layer.h). -1: wherever the OS puts them.
+  int numa_node = -1;
 };
 
 // Checks every field (positive, sane) and names the bad one.

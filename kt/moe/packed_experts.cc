@@ -1,5 +1,7 @@
 #include "kt/moe/packed_experts.h"
 
+#include <stdexcept>
+
 #include <algorithm>
 #include <utility>
 
@@ -81,10 +83,15 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
     p.n = proj == ExpertProj::kDown ? h : i;
     p.k = proj == ExpertProj::kDown ? i : h;
     p.layout = traits.layout(p.n, p.k, group);
-    p.data.Resize(e * p.layout.expert_bytes);
-    p.scales.Resize(e * p.layout.scale_entries);
-    p.sums.Resize(e * p.layout.sum_entries);
-    p.zeros.Resize(e * p.layout.zero_entries);
+    p.data.numa_node = p.scales.numa_node = p.sums.numa_node = p.zeros.numa_node = shape.numa_node;
+    try {
+      p.data.Resize(e * p.layout.expert_bytes);
+      p.scales.Resize(e * p.layout.scale_entries);
+      p.sums.Resize(e * p.layout.sum_entries);
+      p.zeros.Resize(e * p.layout.zero_entries);
+    } catch (const std::invalid_argument& bad_node) {  // AllocateArrayOnNode: a node it cannot bind to
+      return absl::InvalidArgumentError(absl::StrCat("MoeConfig.numa_node: ", bad_node.what()));
+    }
   }
   w->proj_loaded_.assign(e * 3, 0);
   return w;

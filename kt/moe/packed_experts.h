@@ -34,6 +34,7 @@ struct ExpertShape {
   int hidden = 0;
   int intermediate = 0;
   int group_size = 128;
+  int numa_node = -1;  // >= 0: the packed arrays are bound to this NUMA node (MoeConfig::numa_node)
 };
 
 class PackedExperts {
@@ -110,6 +111,8 @@ class PackedExperts {
   size_t ProjCols(ExpertProj proj) const;
   // Bytes of packed weights held, scales, row sums and zero points included.
   size_t weight_bytes() const;
+  // The first byte of a projection's packed codes (where its pages are: NUMA placement checks).
+  const void* data(ExpertProj proj) const { return Proj(proj).data.get(); }
 
  private:
   template <typename T>

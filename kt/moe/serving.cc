@@ -14,6 +14,13 @@ absl::StatusOr<std::unique_ptr<ServingForward>> ServingForward::Create(MoeLayer*
   if (layer == nullptr || pool == nullptr) {
     return absl::InvalidArgumentError("ServingForward: layer and pool must not be null");
   }
+  return Create(std::make_unique<PooledLayerForward>(layer, pool), b, chunk, compute_mutex);
+}
+
+absl::StatusOr<std::unique_ptr<ServingForward>> ServingForward::Create(std::unique_ptr<LayerForward> layer,
+                                                                       const ServingBuffers& b, int chunk,
+                                                                       std::mutex* compute_mutex) {
+  if (layer == nullptr) return absl::InvalidArgumentError("ServingForward: layer must not be null");
   const MoeConfig& c = layer->config();
   if (b.batch_size == nullptr || b.ids == nullptr || b.weights == nullptr || b.input == nullptr ||
       b.output == nullptr) {
@@ -36,14 +43,14 @@ absl::StatusOr<std::unique_ptr<ServingForward>> ServingForward::Create(MoeLayer*
     return absl::InvalidArgumentError(absl::StrCat("ServingForward: chunk (chunked_prefill_size) must be >= 1, got ",
                                                    chunk));
   }
+  const int max_len = c.max_len;
   return std::unique_ptr<ServingForward>(
-      new ServingForward(layer, pool, b, std::min(chunk, c.max_len), compute_mutex));
+      new ServingForward(std::move(layer), b, std::min(chunk, max_len), compute_mutex));
 }
 
-ServingForward::ServingForward(MoeLayer* layer, ThreadPool* pool, const ServingBuffers& b, int chunk,
+ServingForward::ServingForward(std::unique_ptr<LayerForward> layer, const ServingBuffers& b, int chunk,
                                std::mutex* compute_mutex)
-    : layer_(layer),
-      pool_(pool),
+    : layer_(std::move(layer)),
       b_(b),
       chunk_(chunk),
       compute_mutex_(compute_mutex),
@@ -86,7 +93,7 @@ absl::Status ServingForward::Run() {
     MoeLayer::Output out;
     out.bf16 = b_.output + t0 * h;
     out.add = b_.accumulate;
-    absl::Status s = layer_->Forward(*pool_, n, b_.k, ids, b_.weights + t0 * k, b_.input + t0 * h, out,
+    absl::Status s = layer_->Forward(n, b_.k, ids, b_.weights + t0 * k, b_.input + t0 * h, out,
                                      b_.gpu_experts_mask);
     if (!s.ok()) return s;
   }

@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/layer_forward.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/runtime/thread_pool.h"
 #include "kt/runtime/task_queue.h"
@@ -49,6 +50,11 @@ struct ServingBuffers {
 // given, is held while computing (the Python binding serializes all compute of a process on one).
 class ServingForward {
  public:
+  // Any layer on its threads (LayerForward: a MoeLayer on a pool, a TpMoeLayer on its per-node pools).
+  static absl::StatusOr<std::unique_ptr<ServingForward>> Create(std::unique_ptr<LayerForward> layer,
+                                                                const ServingBuffers& buffers, int chunk,
+                                                                std::mutex* compute_mutex = nullptr);
+  // A MoeLayer on `pool` (PooledLayerForward).
   static absl::StatusOr<std::unique_ptr<ServingForward>> Create(MoeLayer* layer, ThreadPool* pool,
                                                                 const ServingBuffers& buffers, int chunk,
                                                                 std::mutex* compute_mutex = nullptr);
@@ -57,10 +63,9 @@ class ServingForward {
   absl::Status Run();
 
  private:
-  ServingForward(MoeLayer* layer, ThreadPool* pool, const ServingBuffers& buffers, int chunk,
+  ServingForward(std::unique_ptr<LayerForward> layer, const ServingBuffers& buffers, int chunk,
                  std::mutex* compute_mutex);
-  MoeLayer* layer_;
-  ThreadPool* pool_;
+  std::unique_ptr<LayerForward> layer_;
   ServingBuffers b_;
   int chunk_;
   std::mutex* compute_mutex_;

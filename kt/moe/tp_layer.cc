@@ -9,17 +9,37 @@
 namespace kt {
 
 absl::StatusOr<std::unique_ptr<TpMoeLayer>> TpMoeLayer::Create(const MoeConfig& config, Isa isa,
-                                                               ExpertFormat format, int tp) {
+                                                               ExpertFormat format, int tp,
+                                                               const std::vector<int>& numa_nodes) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
   if (tp < 1 || config.intermediate % tp != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tensor parallelism: tp (threadpool_count) = ", tp, " must be >= 1 and divide moe_intermediate_size = ",
         config.intermediate));
   }
+  if (!numa_nodes.empty() && static_cast<int>(numa_nodes.size()) != tp) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: numa_nodes has ", numa_nodes.size(),
+                                                   " entries, expected one per part (tp = ", tp, ")"));
+  }
+  const int ip = config.intermediate / tp;
+  // Cuts of the quantized forms (SliceQuantized): int4 codes pack two per byte along K, FP8 scales cover 128
+  // columns of down.
+  if (tp > 1 && format == ExpertFormat::kFp8Block && ip % 128 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor parallelism: tp (threadpool_count) = ", tp, " gives parts of moe_intermediate_size ", ip,
+        "; FP8 (128 x 128 block scales) needs a multiple of 128"));
+  }
+  if (tp > 1 && (format == ExpertFormat::kInt4 || format == ExpertFormat::kInt4Asym) && ip % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: tp (threadpool_count) = ", tp,
+                                                   " gives parts of odd moe_intermediate_size ", ip,
+                                                   "; int4 needs an even one"));
+  }
   std::unique_ptr<TpMoeLayer> l(new TpMoeLayer(config));
+  l->nodes_ = numa_nodes.empty() ? std::vector<int>(tp, -1) : numa_nodes;
   MoeConfig part = config;
-  part.intermediate = config.intermediate / tp;
+  part.intermediate = ip;
   for (int p = 0; p < tp; ++p) {
+    part.numa_node = l->nodes_[p];
     // Own scratch per part: parts run at the same time, and a shared scratch serializes Forwards.
     absl::StatusOr<std::unique_ptr<MoeLayer>> layer =
         MoeLayer::Create(part, isa, format, std::make_shared<MoeScratch>());
@@ -52,26 +72,162 @@ bool TpMoeLayer::loaded() const {
   return true;
 }
 
+size_t TpMoeLayer::weight_bytes() const {
+  size_t bytes = 0;
+  for (const auto& p : parts_) bytes += p->weight_bytes();
+  return bytes;
+}
+
 absl::Status TpMoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
                                      const int64_t* physical_to_logical, const std::vector<ThreadPool*>& pools) {
   if (absl::Status s = CheckPools("LoadWeights", pools); !s.ok()) return s;
   if (parts_.size() == 1) return parts_[0]->LoadWeights(gate, up, down, physical_to_logical, *pools[0]);
   const size_t e_count = config_.num_experts, h = config_.hidden, inter = config_.intermediate;
-  const size_t ip = inter / parts_.size();
-  // Part p's canonical slices, [E, ip, H] and [E, H, ip]; packed by its own pool (first touch on its node).
-  std::vector<bf16_t> g(e_count * ip * h), u(e_count * ip * h), d(e_count * h * ip);
-  for (size_t p = 0; p < parts_.size(); ++p) {
-    for (size_t e = 0; e < e_count; ++e) {
-      const size_t src = (e * inter + p * ip) * h;
-      std::copy_n(gate + src, ip * h, g.begin() + e * ip * h);
-      std::copy_n(up + src, ip * h, u.begin() + e * ip * h);
-      for (size_t r = 0; r < h; ++r) {
-        std::copy_n(down + (e * h + r) * inter + p * ip, ip, d.begin() + (e * h + r) * ip);
+  if (physical_to_logical != nullptr) {
+    for (size_t i = 0; i < e_count; ++i) {
+      if (physical_to_logical[i] < 0 || physical_to_logical[i] >= static_cast<int64_t>(e_count)) {
+        return absl::InvalidArgumentError(absl::StrCat("physical_to_logical[", i, "] = ", physical_to_logical[i],
+                                                       " is not in [0, ", e_count, ")"));
       }
     }
-    if (absl::Status s = parts_[p]->LoadWeights(g.data(), u.data(), d.data(), physical_to_logical, *pools[p]);
-        !s.ok()) {
+  }
+  BeginLoad();
+  // (slot, projection) tasks on part 0's pool; the parts' memory is bound to their nodes at allocation, so
+  // which thread packs a part does not decide where its pages live.
+  std::vector<absl::Status> status(e_count * 3);
+  pools[0]->ParallelFor(e_count * 3, [&](size_t task, int) {
+    const int slot = static_cast<int>(task / 3);
+    const auto proj = static_cast<ExpertProj>(task % 3);
+    const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+    const bf16_t* src = proj == ExpertProj::kGate ? gate : proj == ExpertProj::kUp ? up : down;
+    status[task] = LoadExpert(slot, proj, src + e * inter * h);
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return FinishLoad();
+}
+
+void TpMoeLayer::BeginLoad() {
+  for (auto& p : parts_) p->BeginLoad();
+}
+
+absl::Status TpMoeLayer::FinishLoad() {
+  for (size_t p = 0; p < parts_.size(); ++p) {
+    if (absl::Status s = parts_[p]->FinishLoad(); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("tensor-parallel part ", p, ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TpMoeLayer::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
+  if (parts_.size() == 1) return parts_[0]->LoadExpert(slot, proj, w);
+  const size_t h = config_.hidden, inter = config_.intermediate, ip = inter / parts_.size();
+  if (format() != ExpertFormat::kBf16) {
+    // Quantize the whole matrix (scales of whole rows and groups, as TP = 1 has them), then cut it.
+    absl::StatusOr<QuantSpec> spec = quant_spec();
+    if (!spec.ok()) return spec.status();
+    const size_t n = proj == ExpertProj::kDown ? h : inter, k = proj == ExpertProj::kDown ? inter : h;
+    absl::StatusOr<QuantizedMatrix> qm = Quantize(*spec, w, k, n, k);
+    if (!qm.ok()) return qm.status();
+    return LoadExpertQuantized(slot, proj, *qm);
+  }
+  std::vector<bf16_t> cut;
+  for (size_t p = 0; p < parts_.size(); ++p) {
+    const bf16_t* part_w;
+    if (proj == ExpertProj::kDown) {  // columns [p ip, (p+1) ip) of [H, I]
+      cut.resize(h * ip);
+      for (size_t r = 0; r < h; ++r) std::copy_n(w + r * inter + p * ip, ip, cut.begin() + r * ip);
+      part_w = cut.data();
+    } else {  // rows [p ip, (p+1) ip) of [I, H]: contiguous
+      part_w = w + p * ip * h;
+    }
+    if (absl::Status s = parts_[p]->LoadExpert(slot, proj, part_w); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("tensor-parallel part ", p, ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TpMoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm) {
+  if (parts_.size() == 1) return parts_[0]->LoadExpertQuantized(slot, proj, qm);
+  const size_t h = config_.hidden, inter = config_.intermediate, ip = inter / parts_.size();
+  const bool down = proj == ExpertProj::kDown;
+  if (qm.n != (down ? h : inter) || qm.k != (down ? inter : h)) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpertQuantized: matrix [", qm.n, ", ", qm.k,
+                                                   "], expected [", down ? h : inter, ", ", down ? inter : h, "]"));
+  }
+  QuantizedMatrix cut;
+  for (size_t p = 0; p < parts_.size(); ++p) {
+    absl::Status s = down ? SliceQuantized(qm, 0, h, p * ip, ip, &cut) : SliceQuantized(qm, p * ip, ip, 0, h, &cut);
+    if (s.ok()) s = parts_[p]->LoadExpertQuantized(slot, proj, cut);
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("tensor-parallel part ", p, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<TpMoeLayer>> TpMoeLayer::CreateStaging() const {
+  std::unique_ptr<TpMoeLayer> l(new TpMoeLayer(config_));
+  l->nodes_ = nodes_;
+  l->partials_ = {};  // a staged layer only loads; AdoptWeights swaps parts' weights, not this
+  for (const auto& p : parts_) {
+    absl::StatusOr<std::unique_ptr<MoeLayer>> staged = p->CreateStaging();
+    if (!staged.ok()) return staged.status();
+    l->parts_.push_back(std::move(*staged));
+  }
+  return l;
+}
+
+absl::Status TpMoeLayer::AdoptWeights(TpMoeLayer& staged) {
+  if (&staged == this || staged.parts_.size() != parts_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("TpMoeLayer::AdoptWeights: the staged layer has ",
+                                                   staged.parts_.size(), " parts, this one ", parts_.size()));
+  }
+  if (!staged.loaded()) return absl::FailedPreconditionError("AdoptWeights: the staged layer is not loaded");
+  for (size_t p = 0; p < parts_.size(); ++p) {
+    if (absl::Status s = parts_[p]->AdoptWeights(*staged.parts_[p]); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SliceQuantized(const QuantizedMatrix& qm, size_t r0, size_t rows, size_t k0, size_t cols,
+                            QuantizedMatrix* out) {
+  if (r0 + rows > qm.n || k0 + cols > qm.k || cols == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("SliceQuantized: rows [", r0, ", ", r0 + rows, ") columns [", k0,
+                                                   ", ", k0 + cols, ") outside [", qm.n, ", ", qm.k, "]"));
+  }
+  const QuantSpec& spec = qm.spec;
+  const bool nibbles =  // int4: two codes per byte
+      spec.format != QuantFormat::kInt8PerChannel && spec.format != QuantFormat::kFp8Block128;
+  if (nibbles && (k0 % 2 != 0 || (cols % 2 != 0 && k0 + cols != qm.k))) {
+    return absl::InvalidArgumentError(absl::StrCat("SliceQuantized: int4 column cut at ", k0, " + ", cols,
+                                                   " must be even"));
+  }
+  const size_t spr = ScalesPerRow(spec, qm.k), out_spr = ScalesPerRow(spec, cols);
+  // Columns one scale covers: the whole row (per channel), the group, or FP8's 128.
+  const size_t span = spec.format == QuantFormat::kFp8Block128 ? 128 : IsGroupFormat(spec.format) ? spec.group_size : 0;
+  size_t s0 = 0;
+  if (span != 0) {
+    if (k0 % span != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("SliceQuantized: column cut at ", k0,
+                                                     " is not on a scale boundary (every ", span, " columns)"));
+    }
+    s0 = k0 / span;
+  }
+  const size_t rb = QuantizedRowBytes(spec, qm.k), out_rb = QuantizedRowBytes(spec, cols);
+  const size_t b0 = nibbles ? k0 / 2 : k0;
+  out->spec = spec;
+  out->n = rows;
+  out->k = cols;
+  out->data.resize(rows * out_rb);
+  out->scales.resize(rows * out_spr);
+  out->zeros.resize(qm.zeros.empty() ? 0 : rows * out_spr);
+  for (size_t r = 0; r < rows; ++r) {
+    std::copy_n(qm.data.begin() + (r0 + r) * rb + b0, out_rb, out->data.begin() + r * out_rb);
+    std::copy_n(qm.scales.begin() + (r0 + r) * spr + s0, out_spr, out->scales.begin() + r * out_spr);
+    if (!qm.zeros.empty()) {
+      std::copy_n(qm.zeros.begin() + (r0 + r) * spr + s0, out_spr, out->zeros.begin() + r * out_spr);
     }
   }
   return absl::OkStatus();
@@ -82,6 +238,7 @@ absl::Status TpMoeLayer::Forward(const std::vector<ThreadPool*>& pools, int qlen
                                  const bool* gpu_experts_mask) {
   if (absl::Status s = CheckPools("Forward", pools); !s.ok()) return s;
   if (parts_.size() == 1) {
+    ScopedCpuAffinity on_node(pools[0]->cpu_set());  // as each part's driver below
     return parts_[0]->Forward(*pools[0], qlen, k, ids, weights, input, output, gpu_experts_mask);
   }
   if ((output.bf16 == nullptr) == (output.f32 == nullptr) || (output.add && output.bf16 == nullptr)) {
@@ -95,6 +252,8 @@ absl::Status TpMoeLayer::Forward(const std::vector<ThreadPool*>& pools, int qlen
   // Parts 1.. on their own threads, part 0 on this one.
   std::vector<absl::Status> status(parts_.size());
   auto run = [&](size_t p) {
+    // The thread driving part p works in its pool's ParallelFor (as thread 0): keep it on the part's node.
+    ScopedCpuAffinity on_node(pools[p]->cpu_set());
     MoeLayer::Output partial;
     partial.f32 = partials_[p].data();
     status[p] = parts_[p]->Forward(*pools[p], qlen, k, ids, weights, input, partial, gpu_experts_mask);

@@ -1,6 +1,11 @@
 #include "kt/runtime/memory.h"
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "absl/status/status.h"
+#include "kt/runtime/numa.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -32,6 +37,23 @@ void* AllocateArray(size_t bytes) {
     p = std::aligned_alloc(64, bytes);
   }
   if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+
+void* AllocateArrayOnNode(size_t bytes, int node) {
+  if (node < 0 || bytes == 0) return AllocateArray(bytes);
+  constexpr size_t kPage = 4096;
+  const size_t page = bytes >= kHugePageMinBytes ? kHugePageBytes : kPage;
+  const size_t whole = (bytes + page - 1) / page * page;
+  void* p = std::aligned_alloc(page, whole);
+  if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__)
+  if (page == kHugePageBytes && HugePagesWanted()) ::madvise(p, whole, MADV_HUGEPAGE);
+#endif
+  if (absl::Status s = BindMemoryToNode(p, whole, node); !s.ok()) {
+    std::free(p);
+    throw std::invalid_argument(std::string(s.message()));
+  }
   return p;
 }
 

@@ -24,6 +24,13 @@ inline constexpr size_t kHugePageMinBytes = size_t{32} << 20;
 // Release with std::free.
 void* AllocateArray(size_t bytes);
 
+// The same, bound to NUMA node `node` (kt/runtime/numa.h: mbind MPOL_BIND before the first touch, so every
+// page is placed on the node whichever thread touches it): page aligned and rounded up to whole pages (4 KiB,
+// or 2 MiB from kHugePageMinBytes on), so that the policy covers this array's pages only. node < 0: exactly
+// AllocateArray. Throws std::bad_alloc, or std::invalid_argument naming the node if it cannot be bound (no such
+// node, NUMA unavailable). Release with std::free.
+void* AllocateArrayOnNode(size_t bytes, int node);
+
 // A std::vector allocator over AllocateArray, for the SFT engine's growable buffers.
 template <typename T>
 struct ArrayAllocator {

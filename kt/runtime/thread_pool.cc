@@ -20,23 +20,51 @@ std::vector<int> AllowedCpus() {
   return cpus;
 }
 
-void PinCurrentThread(int cpu) {
-  cpu_set_t one;
-  CPU_ZERO(&one);
-  CPU_SET(cpu, &one);
-  pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+void SetCurrentThreadCpus(const std::vector<int>& cpus) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int cpu : cpus) {
+    if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &set);
+  }
+  pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
+
+void PinCurrentThread(int cpu) { SetCurrentThreadCpus({cpu}); }
 
 }  // namespace
 
+std::vector<int> CurrentThreadCpus() {
+  std::vector<int> cpus;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (pthread_getaffinity_np(pthread_self(), sizeof(set), &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+ScopedCpuAffinity::ScopedCpuAffinity(const std::vector<int>& cpus) {
+  if (cpus.empty()) return;
+  saved_ = CurrentThreadCpus();
+  SetCurrentThreadCpus(cpus);
+  active_ = true;
+}
+
+ScopedCpuAffinity::~ScopedCpuAffinity() {
+  if (active_ && !saved_.empty()) SetCurrentThreadCpus(saved_);
+}
+
 ThreadPool::ThreadPool(const ThreadPoolOptions& options)
-    : num_threads_(options.num_threads < 1 ? 1 : options.num_threads) {
+    : num_threads_(options.num_threads < 1 ? 1 : options.num_threads), cpu_set_(options.cpu_set) {
   // Read the allowed CPUs before pinning anything: a pinned caller's mask would be inherited by the workers.
-  const std::vector<int> cpus = options.pin ? AllowedCpus() : std::vector<int>();
+  const bool pin_one = options.pin && cpu_set_.empty();
+  const std::vector<int> cpus = pin_one ? AllowedCpus() : std::vector<int>();
   for (int t = 1; t < num_threads_; ++t) {
     const int cpu = cpus.empty() ? -1 : cpus[t % cpus.size()];
     workers_.emplace_back([this, t, cpu] {
       if (cpu >= 0) PinCurrentThread(cpu);
+      if (!cpu_set_.empty()) SetCurrentThreadCpus(cpu_set_);
       WorkerLoop(t);
     });
   }

@@ -20,7 +20,28 @@ struct ThreadPoolOptions {
   // constructs the pool (it runs tasks in ParallelFor), so it is pinned too: threads it starts later
   // inherit that one-CPU mask.
   bool pin = false;
+  // Non-empty: every worker thread may run only on these CPUs (a NUMA node's, kt/runtime/numa.h), and the
+  // OS places it among them. The caller of ParallelFor (thread 0) is not touched: whoever drives the pool
+  // pins itself if it should (ScopedCpuAffinity). Overrides `pin`.
+  std::vector<int> cpu_set;
 };
+
+// Restricts the calling thread to `cpus` until destruction, then restores its previous affinity. Empty:
+// does nothing.
+class ScopedCpuAffinity {
+ public:
+  explicit ScopedCpuAffinity(const std::vector<int>& cpus);
+  ~ScopedCpuAffinity();
+  ScopedCpuAffinity(const ScopedCpuAffinity&) = delete;
+  ScopedCpuAffinity& operator=(const ScopedCpuAffinity&) = delete;
+
+ private:
+  bool active_ = false;
+  std::vector<int> saved_;
+};
+
+// The calling thread's allowed CPUs (sched_getaffinity), in order.
+std::vector<int> CurrentThreadCpus();
 
 class ThreadPool {
  public:
@@ -31,6 +52,8 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() const { return num_threads_; }
+  // ThreadPoolOptions::cpu_set (empty: workers not restricted to a set).
+  const std::vector<int>& cpu_set() const { return cpu_set_; }
 
   // Runs fn(task, thread) for every task in [0, num_tasks), thread in [0, num_threads()). Tasks are
   // claimed one at a time from a shared atomic counter (dynamic scheduling: a thread that finishes early
@@ -43,6 +66,7 @@ class ThreadPool {
   void RunTasks(int thread);
 
   const int num_threads_;
+  const std::vector<int> cpu_set_;
   std::vector<std::thread> workers_;
 
   // Hand-off: ParallelFor publishes fn_/num_tasks_, then bumps generation_ (release). Workers spin on

@@ -9,6 +9,9 @@ Worker pool: every wrapper in the process shares one pool of ``cpuinfer_threads`
 original kt-kernel shares one CPUInfer). The pool is created by the first wrapper; a later wrapper asking for
 more threads replaces it with a larger one, which all wrappers then use (a smaller request reuses the larger
 pool). Wrappers look the pool up at every call, so they always use the current one.
+
+NUMA sub-pools: a wrapper with ``threadpool_count > 1`` or ``numa_nodes`` runs a tensor-parallel layer on
+``get_node_pools``'s pools instead (one per NUMA node; see docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation.
     raise ImportError(
         f"kt_kernel: cannot load the C++ extension kt_kernel._kt ({exc}). It is built by Bazel "
         "(//kt/python:kt_kernel) or shipped in the kt_kernel wheel; it needs the system libraries "
-        "libabsl (20220623) and libhwy."
+        "libabsl (20220623), libhwy and libnuma."
     ) from exc
 
 ISA_ENV_VAR = "KT_ISA"
@@ -61,6 +64,25 @@ def get_thread_pool(num_threads: int):
         if _pool is None or _pool.num_threads < num_threads:
             _pool = _kt.ThreadPool(num_threads)
         return _pool
+
+
+_node_pools = {}  # (threadpool_count, cpuinfer_threads, numa_nodes or ()) -> _kt.NodePools
+
+
+def get_node_pools(count: int, num_threads: int, numa_nodes=None):
+    """The NUMA sub-pools of tensor-parallel wrappers: ``count`` pools sharing ``num_threads`` threads, pool i
+    pinned to node ``numa_nodes[i]`` (None: node i mod the node count; unpinned where NUMA is unavailable).
+
+    Shared by every wrapper asking for the same (count, threads, nodes), as the single pool is. Raises
+    ValueError naming cpuinfer_threads / threadpool_count / numa_nodes for a request that cannot be met (fewer
+    threads than pools, a node that does not exist, nodes asked for without NUMA support).
+    """
+    key = (count, num_threads, tuple(numa_nodes) if numa_nodes is not None else ())
+    with _pool_lock:
+        pools = _node_pools.get(key)
+        if pools is None:
+            pools = _node_pools[key] = _kt.NodePools(count, num_threads, list(key[2]))
+        return pools
 
 
 def current_thread_pool():

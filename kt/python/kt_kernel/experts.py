@@ -132,7 +132,10 @@ class KTMoEWrapper:
             forward, so flipping its bits later takes effect. Inference only.
         cpuinfer_threads: Worker threads (one pool shared by all layers of the process; see
             ``kt_kernel._native``).
-        threadpool_count: NUMA sub-pools of the original; accepted, not split yet (one pool).
+        threadpool_count: NUMA sub-pools (inference). 1 (with numa_nodes None): one process-wide pool. N > 1:
+            tensor parallelism, the layer split N ways along moe_intermediate_size, part i on sub-pool i of
+            cpuinfer_threads / N threads pinned to its NUMA node, weights bound there; N must divide
+            moe_intermediate_size and be at most cpuinfer_threads. SFT: accepted, one pool.
         weight_path: Folder ``load_weights`` reads (inference): a Hugging Face checkpoint with bf16
             experts (quantized at load for the integer methods) or a ``kt convert`` folder of this
             method's layout. None when weights come from ``load_weights_from_tensors`` (the only way
@@ -142,7 +145,9 @@ class KTMoEWrapper:
         max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
             None or 0.
         method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
-        numa_nodes: NUMA node of each sub-pool (None: sequential).
+        numa_nodes: NUMA node of each sub-pool, one per sub-pool (None: node i mod the node count, and unpinned
+            pools where NUMA is unavailable). A node that does not exist, or any node where NUMA is
+            unavailable, is a ValueError naming numa_nodes.
         mode: "inference" or "sft".
         group_size: K-group size (32, 64, 128) of the K-group int4 methods (inference extensions
             AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and

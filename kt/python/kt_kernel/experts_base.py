@@ -55,10 +55,12 @@ class BaseMoEWrapper:
     Created through ``kt_kernel.KTMoEWrapper`` (see there for the arguments). Subclasses implement the
     weight loading and forward of one family of methods.
 
-    Threads: all wrappers share one process-wide worker pool sized by the largest ``cpuinfer_threads`` asked
-    for so far (see ``kt_kernel._native``). ``threadpool_count``/``numa_nodes`` (NUMA sub-pools with the
-    weights split across them) are accepted for API compatibility; kt does not split across NUMA nodes yet,
-    so all threads form one pool and results are the same.
+    Threads: with ``threadpool_count=1`` and no ``numa_nodes``, all wrappers share one process-wide worker
+    pool sized by the largest ``cpuinfer_threads`` asked for so far (see ``kt_kernel._native``). With
+    ``threadpool_count=N > 1`` (or explicit ``numa_nodes``) the layer is split N ways along
+    moe_intermediate_size (tensor parallelism): part i runs on its own sub-pool of cpuinfer_threads / N
+    threads pinned to NUMA node ``numa_nodes[i]`` (default: node i mod the node count) with its weights bound
+    to that node, and the parts' fp32 results are summed (docs/SERVING.md, NUMA).
     """
 
     def __init__(self, *args, **kwargs):
@@ -106,7 +108,10 @@ class BaseMoEWrapper:
         # checked again at every forward (see _checked_mask).
         self.gpu_experts_mask = a.gpu_experts_mask
 
-        _native.get_thread_pool(a.cpuinfer_threads)
+        # NUMA sub-pools (tensor parallelism) when asked for; else the one process-wide pool.
+        self.tensor_parallel = self.threadpool_count > 1 or numa_nodes is not None
+        if not self.tensor_parallel:
+            _native.get_thread_pool(a.cpuinfer_threads)
 
     # -- the GPU expert mask ----------------------------------------------------------------------------
 

@@ -295,6 +295,11 @@ def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_
         raise NotImplementedError(
             f"{type(w).__name__} (method {w.method!r}): {method_name} is not implemented for this method's weights "
             f"({fmt}): kt writes the GPU kernel layout of BF16 and FP8 (block 128) experts only")
+    if getattr(w, "tensor_parallel", False):
+        raise NotImplementedError(
+            f"{type(w).__name__} (layer {w.layer_idx}): {method_name} reads one whole layer; this wrapper's experts "
+            f"are split into threadpool_count={w.threadpool_count} tensor-parallel parts (NUMA sub-pools). Use "
+            "threadpool_count=1 for a layer whose experts the GPU prefill reads")
     if not w.weights_loaded:
         raise RuntimeError(f"{type(w).__name__} (layer {w.layer_idx}): {method_name} before the expert weights "
                            "were loaded; call load_weights or load_weights_from_tensors first")

@@ -313,5 +313,6 @@ PYBIND11_MODULE(_kt, m) {
                              [](PyMoeLayer& self) { return reinterpret_cast<std::uintptr_t>(self.mutable_moe()); });
 
   RegisterSftBindings(m);
+  RegisterTpBindings(m);
   RegisterServingBindings(m);
 }

@@ -22,6 +22,9 @@ void RegisterSftBindings(pybind11::module_& m);
 // kt/python/src/serving_bindings.cc: TaskQueue, ServingForward, split_deferred_experts, cuda_runtime_name.
 void RegisterServingBindings(pybind11::module_& m);
 
+// kt/python/src/tp_bindings.cc: NodePools, TpMoeLayer, numa_available, numa_node_count.
+void RegisterTpBindings(pybind11::module_& m);
+
 }  // namespace kt
 
 #endif  // KT_PYTHON_SRC_COMMON_H_

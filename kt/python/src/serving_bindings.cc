@@ -11,6 +11,8 @@
 #include "kt/moe/gpu_expert_buffers.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/serving.h"
+#include "kt/moe/tp_layer.h"
+#include "kt/runtime/numa.h"
 #include "kt/runtime/thread_pool.h"
 #include "kt/python/src/common.h"
 #include "kt/runtime/cuda_stream.h"
@@ -63,6 +65,14 @@ void RegisterGpuExpertWrite(py::module_& m) {
       .def_property_readonly("runs", [](GpuExpertWrite& self) { return self.task()->runs(); });
 }
 
+// `layer` is a MoeLayer's address with a ThreadPool, or a TpMoeLayer's with a NodePools (tp_bindings.cc).
+std::unique_ptr<LayerForward> MakeLayerForward(std::uintptr_t layer, const py::object& pool) {
+  if (py::isinstance<NodePools>(pool)) {
+    return std::make_unique<TpLayerForward>(Ptr<TpMoeLayer>(layer), pool.cast<NodePools&>().raw());
+  }
+  return std::make_unique<PooledLayerForward>(Ptr<MoeLayer>(layer), &pool.cast<ThreadPool&>());
+}
+
 }  // namespace
 
 void RegisterServingBindings(py::module_& m) {
@@ -70,7 +80,7 @@ void RegisterServingBindings(py::module_& m) {
   // dynamic_attr: kt_kernel keeps the tensors a task points into on the task object itself.
   py::class_<ServingForward>(m, "ServingForward", py::dynamic_attr(),
                              "One layer's forward over fixed buffers, queued on a TaskQueue (kt/moe/serving.h).")
-      .def(py::init([](std::uintptr_t layer, ThreadPool& pool, std::uintptr_t batch_size, int capacity, int k,
+      .def(py::init([](std::uintptr_t layer, py::object pool, std::uintptr_t batch_size, int capacity, int k,
                        std::uintptr_t ids, bool ids_int32, std::uintptr_t weights, std::uintptr_t input,
                        std::uintptr_t output, std::uintptr_t gpu_experts_mask, bool accumulate,
                        int max_deferred, std::uintptr_t deferred_ids, int chunk) {
@@ -88,7 +98,7 @@ void RegisterServingBindings(py::module_& m) {
              b.max_deferred = max_deferred;
              b.deferred_ids = Ptr<int64_t>(deferred_ids);
              absl::StatusOr<std::unique_ptr<ServingForward>> f =
-                 ServingForward::Create(Ptr<MoeLayer>(layer), &pool, b, chunk, &ComputeMutex());
+                 ServingForward::Create(MakeLayerForward(layer, pool), b, chunk, &ComputeMutex());
              Check(f.status());
              return std::move(*f);
            }),

@@ -228,6 +228,14 @@ def test_integer_methods_raise_not_implemented(method):
         moe.submit_write_weight_scale_to_buffer(1, 0, [1], [1], [1], [1])
 
 
+def test_tensor_parallel_layer_raises_not_implemented():
+    E, H, I = 2, 64, 32
+    moe = make(E, H, I, threadpool_count=2)
+    moe.load_weights_from_tensors(*random_experts(E, H, I, seed=1), None)
+    with pytest.raises(NotImplementedError, match=r"threadpool_count=2 tensor-parallel parts"):
+        moe.submit_write_weight_scale_to_buffer(1, 0, [1], [0], [1], [0])
+
+
 def test_bad_inputs_raise_and_write_nothing():
     E, H, I = 4, 64, 32
     moe = make(E, H, I)

@@ -70,7 +70,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         super().__init__(a)
         weight_format = METHOD_FORMATS[a.method]
         # Scratch is sized for chunked_prefill_size tokens; the C++ config check names any bad field.
-        self._moe = _native._kt.MoeLayer(
+        layer_args = dict(
             num_experts=a.num_experts,
             top_k=a.num_experts_per_tok,
             hidden=a.hidden_size,
@@ -80,6 +80,27 @@ class NativeMoEWrapper(BaseMoEWrapper):
             format=weight_format,
             group_size=_check_group_size(a.group_size, weight_format),
         )
+        self._node_pools = None
+        if self.tensor_parallel:
+            # threadpool_count parts along moe_intermediate_size, part i on sub-pool i (NUMA node numa_nodes[i]);
+            # the same methods as MoeLayer, with the NodePools where MoeLayer takes the ThreadPool (_pool()).
+            self._node_pools = _native.get_node_pools(self.threadpool_count, self.cpuinfer_threads, self.numa_nodes)
+            self._moe = _native._kt.TpMoeLayer(
+                tp=self.threadpool_count, numa_nodes=self._node_pools.nodes, **layer_args
+            )
+        else:
+            self._moe = _native._kt.MoeLayer(**layer_args)
+
+    def _pool(self):
+        """The threads this layer runs on: its NUMA sub-pools (tensor parallel), else the process-wide pool."""
+        if self._node_pools is not None:
+            return self._node_pools
+        return _native.current_thread_pool()
+
+    @property
+    def numa_placement(self) -> Optional[list]:
+        """The NUMA node of each tensor-parallel part (-1: not placed, NUMA unavailable), or None with one pool."""
+        return None if self._node_pools is None else list(self._node_pools.nodes)
 
     @staticmethod
     def _kernel_isa(process_isa: str) -> str:
