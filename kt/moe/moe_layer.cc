@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/moe/routing.h"
-#include "kt/kernels/activation.h"
 #include "kt/kernels/gemm_bf16.h"
 
 namespace kt {

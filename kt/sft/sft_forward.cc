@@ -2,13 +2,11 @@
 // hooks: gather x (and A_g x, A_u x), gate/up with LoRA and silu, h prepared (and A_d h), down with LoRA,
 // the weighted sum per token in slot order; the activations the backward needs kept in the cache entry.
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
 #include "kt/kernels/lora_kernels.h"
 #include "kt/sft/sft_layer.h"
@@ -16,7 +14,6 @@
 
 namespace kt {
 
-using sft_internal::RowsAt;
 using sft_internal::TransposeToF32;
 
 absl::Status SftMoeLayer::CheckForward(int qlen, int k, const int64_t* ids, const float* weights,
