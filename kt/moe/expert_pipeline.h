@@ -122,6 +122,8 @@ struct PipelineBusy {
   double phase[4] = {0, 0, 0, 0};
 };
 
+// Holds one call's task lists and per-expert counters: one Run at a time per pipeline (MoeLayer runs it under
+// its scratch's mutex; SftMoeLayer allows one call at a time anyway).
 class ExpertPipeline {
  public:
   // `experts`: the packed weights the products read (kept by reference; AdoptWeights-style swaps of its
