@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/moe/routing.h"
-#include "kt/kernels/activation.h"
 #include "kt/kernels/gemm_bf16.h"
 
 namespace kt {
@@ -37,12 +36,6 @@ size_t AmxGateUpPanels(size_t k, size_t act_bytes, size_t weight_bytes) {
 }
 
 // Spin-wait hint for the forward pipeline's dependencies (waits last a fraction of one task).
-inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 }  // namespace
 
 size_t MoeLayer::RowChunk() const {
@@ -52,7 +45,7 @@ size_t MoeLayer::RowChunk() const {
 size_t MoeLayer::ScratchPerThread() const {
   // Gate and up blocks of one task ((row_chunk + 15) x up to kMaxColsPerTask each: a short remainder joins
   // the last chunk), or a down block of rows (at least 62 rows of the widest column block).
-  return 2 * (RowChunk() + 15) * kMaxColsPerTask;
+  return ExpertPipeline::ScratchFloats(RowChunk(), kMaxColsPerTask, /*hidden=*/0);
 }
 
 std::shared_ptr<MoeScratch> MoeScratch::Shared() {
@@ -114,8 +107,7 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
   moe->routing_.row_slot.assign(rows, 0);
   moe->routing_.token_slot_row.assign(rows, -1);
   moe->routing_.active.reserve(e);
-  moe->gu_left_.reset(new std::atomic<int>[e]);
-  moe->quant_left_.reset(new std::atomic<int>[e]);
+  moe->pipeline_ = std::make_unique<ExpertPipeline>(w, isa, config.num_experts);
   const bool quantized = w.quantized_activations();
   moe->ldx_ = PaddedStride(h, ActivationBytes(traits));
   moe->ldh_ = PaddedStride(i, sizeof(bf16_t));
@@ -139,24 +131,6 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
     sc.hsums.Reserve(rows * groups_i);
   }
   return moe;
-}
-
-void MoeLayer::Gemm(ExpertProj proj, size_t e, size_t c0, size_t cols, bool hidden_input, size_t r0, size_t m,
-                    float* y, size_t ldy) const {
-  const PackedExperts& w = *weights_;
-  const MoeScratch& sc = *scratch_;
-  ProjInput in;
-  if (!w.quantized_activations()) {
-    in.ld = hidden_input ? ldh_ : ldx_;
-    in.x = (hidden_input ? sc.hs.get() : sc.xs.get()) + r0 * in.ld;
-  } else {
-    const size_t groups = w.ActivationGroups(proj);
-    in.ld = hidden_input ? ldqh_ : ldx_;
-    in.qx = (hidden_input ? sc.qhs.get() : sc.qxs.get()) + r0 * in.ld;
-    in.sx = (hidden_input ? sc.shs.get() : sc.sxs.get()) + r0 * groups;
-    if (w.traits().activation_sums) in.xsum = (hidden_input ? sc.hsums.get() : sc.xsums.get()) + r0 * groups;
-  }
-  w.ProjectBlock(proj, static_cast<int>(e), c0, cols, in, m, y, ldy);
 }
 
 absl::Status MoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, const bf16_t* down,
@@ -266,58 +240,41 @@ absl::Status MoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64_t*
   // Per-thread fp32 blocks (grow only when a larger pool or row chunk is first seen).
   scratch_->per_thread.Reserve(static_cast<size_t>(pool.num_threads()) * ScratchPerThread());
 
-  // 2-4 run as one pipeline of tasks in this order: gather row blocks, gate/up blocks (expert-major),
-  // h-quantize row blocks (formats reading int8 rows), down blocks (column blocks of the output). The pool
-  // hands tasks out in index order, so a task only ever waits for tasks handed out before it, which are
-  // running or done: no deadlock, and no barrier between phases (a decode step has ~16 tasks per phase on
-  // 16 threads, and a barrier would cost each phase its slowest task's tail).
-  ForwardPlan plan;
-  plan.qlen = static_cast<size_t>(qlen);
-  plan.k = k;
-  plan.weights = weights;
-  plan.input = input;
-  plan.output = output;
-  PlanForward(static_cast<size_t>(pool.num_threads()), plan);
+  // 2-5 run on the expert pipeline shared with SFT (kt/moe/expert_pipeline.h) as one list of tasks,
+  // without barriers between the phases.
   const size_t threads = static_cast<size_t>(pool.num_threads());
-  busy_.assign(threads * 4, 0.0);  // busy seconds per thread and phase (the profile)
-  pool.ParallelFor(plan.t_end, [&](size_t task, int thread) {
-    const auto task_start = std::chrono::steady_clock::now();
-    int phase;
-    if (task < plan.t_gu) {
-      phase = 0;
-      GatherTask(plan, task);
-    } else if (task < plan.t_quant) {
-      phase = 1;
-      GateUpTask(plan, task - plan.t_gu, thread);
-    } else if (task < plan.t_down) {
-      phase = 2;
-      QuantizeHTask(plan, task - plan.t_quant);
-    } else {
-      phase = 3;
-      DownTask(plan, task - plan.t_down, thread);
-    }
-    busy_[static_cast<size_t>(thread) * 4 + phase] +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - task_start).count();
-  });
+  const PipelineCall call = MakePipelineCall(threads, qlen, k, weights, input, output);
+  PipelineBusy busy;
+  pipeline_->Run(pool, call, &busy);
   double* phases[] = {&profile_.gather, &profile_.gate_up, &profile_.quant_h, &profile_.down};
-  for (size_t t = 0; t < threads; ++t) {
-    for (int ph = 0; ph < 4; ++ph) *phases[ph] += busy_[t * 4 + ph] / static_cast<double>(threads);
-  }
+  for (int ph = 0; ph < 4; ++ph) *phases[ph] = busy.phase[ph] / static_cast<double>(threads);
   return absl::OkStatus();
 }
 
-void MoeLayer::PlanForward(size_t threads, ForwardPlan& p) {
-  const size_t h = config_.hidden, inter = config_.intermediate;
+PipelineCall MoeLayer::MakePipelineCall(size_t threads, int qlen, int k, const float* weights,
+                                        const bf16_t* input, const Output& output) {
+  const size_t h = config_.hidden;
   const size_t rows = static_cast<size_t>(routing_.rows);
   const PackedExperts& experts = *weights_;
+  MoeScratch& sc = *scratch_;
+  PipelineCall c;
+  c.routing = &routing_;
+  c.qlen = static_cast<size_t>(qlen);
+  c.k = k;
+  c.weights = weights;
+  c.input = input;
+  const bool quantized = experts.quantized_activations();
+  const bool sums = experts.traits().activation_sums;
+  c.x = PipelineRows{quantized ? nullptr : sc.xs.get(), sc.qxs.get(), sc.sxs.get(),
+                     sums ? sc.xsums.get() : nullptr, ldx_, ldx_, experts.ActivationGroups(ExpertProj::kGate)};
+  c.h = PipelineRows{sc.hs.get(), sc.qhs.get(), sc.shs.get(), sums ? sc.hsums.get() : nullptr, ldh_, ldqh_,
+                     experts.ActivationGroups(ExpertProj::kDown)};
   // Blocks of up to 64 rows, smaller when there are few rows (decode) so every thread gets some.
-  p.row_block = std::clamp<size_t>(rows / (2 * threads), 1, 64);
-  const size_t gather_tasks = (rows + p.row_block - 1) / p.row_block;
-  p.gather_tasks = gather_tasks;
+  c.gather_rows = std::clamp<size_t>(rows / (2 * threads), 1, 64);
   // Bytes per value of the A rows and (as an estimate for every format: int4 counts as 1) the weights.
   const size_t elem_bytes = ActivationBytes(experts.traits());
   const size_t gate_up_panels = isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
-  p.cols_per_task = (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
+  c.gate_up_cols = (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
   // Down tasks are column blocks of the whole output (all experts); by default halve the block until
   // there are two per thread (a decode step on 16 threads: 32 blocks of 64 columns at H = 2048).
   const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
@@ -327,154 +284,16 @@ void MoeLayer::PlanForward(size_t threads, ForwardPlan& p) {
       down_panels = (down_panels + 1) / 2;
     }
   }
-  p.down_cols_per_task = down_panels * kPanelRows;
-  p.inter_blocks = (inter + p.cols_per_task - 1) / p.cols_per_task;
-  const size_t hidden_blocks = (h + p.down_cols_per_task - 1) / p.down_cols_per_task;
-  const bool quantized = experts.quantized_activations();
-  const std::vector<int>& begin = routing_.begin;
-  const size_t n_active = routing_.active.size();
-  // h-quantize tasks: row blocks within each expert (a row's absmax spans all I columns, or a group that
-  // may straddle column blocks, so after all of the expert's gate/up blocks).
-  quant_blocks_.clear();
-  for (size_t i = 0; i < n_active; ++i) {
-    const int e = routing_.active[i];
-    if (quantized) {
-      for (size_t r = begin[e]; r < static_cast<size_t>(begin[e + 1]); r += p.row_block) {
-        quant_blocks_.push_back({static_cast<int>(i), r});
-      }
-    }
-    gu_left_[i].store(static_cast<int>(p.inter_blocks), std::memory_order_relaxed);
-    quant_left_[i].store(
-        quantized ? static_cast<int>((begin[e + 1] - begin[e] + p.row_block - 1) / p.row_block) : 0,
-        std::memory_order_relaxed);
-  }
-  p.t_gu = gather_tasks;
-  p.t_quant = p.t_gu + n_active * p.inter_blocks;
-  p.t_down = p.t_quant + quant_blocks_.size();
-  p.t_end = p.t_down + hidden_blocks;
-}
-
-namespace {
-void WaitFor(const std::atomic<int>& left) {
-  while (left.load(std::memory_order_acquire) != 0) Pause();
-}
-}  // namespace
-
-void MoeLayer::GatherTask(ForwardPlan& p, size_t task) {
-  // 2. Gather each row's token into contiguous per-expert blocks (prepared as the format's products read
-  // them: int8 for the integer formats).
-  MoeScratch& sc = *scratch_;
-  const PackedExperts& experts = *weights_;
-  const size_t h = config_.hidden;
-  const size_t rows = static_cast<size_t>(routing_.rows);
-  const size_t r1 = std::min(rows, (task + 1) * p.row_block);
-  const size_t groups = experts.ActivationGroups(ExpertProj::kGate);
-  const bool sums = experts.traits().activation_sums;
-  for (size_t r = task * p.row_block; r < r1; ++r) {
-    const bf16_t* x = p.input + static_cast<size_t>(routing_.row_slot[r] / p.k) * h;
-    if (experts.quantized_activations()) {
-      experts.PrepareRow(ExpertProj::kGate, x, sc.qxs.get() + r * ldx_, sc.sxs.get() + r * groups,
-                         sums ? sc.xsums.get() + r * groups : nullptr);
-    } else {
-      std::memcpy(sc.xs.get() + r * ldx_, x, h * sizeof(bf16_t));
-    }
-  }
-  p.gathered.fetch_add(1, std::memory_order_release);
-}
-
-void MoeLayer::GateUpTask(ForwardPlan& p, size_t task, int thread) {
-  // 3. Gate and up on the same column block of one expert, then h = bf16(silu(g) * u) for those columns.
-  while (p.gathered.load(std::memory_order_acquire) != p.gather_tasks) Pause();
-  MoeScratch& sc = *scratch_;
-  const size_t inter = config_.intermediate, cpt = p.cols_per_task;
-  const size_t ai = task / p.inter_blocks;
-  const int e = routing_.active[ai];
-  const size_t c0 = (task % p.inter_blocks) * cpt;
-  const size_t cols = std::min(cpt, inter - c0);
-  float* g = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
-  const size_t row_chunk = RowChunk();
-  float* u = g + (row_chunk + 15) * cpt;
-  // The expert's rows in chunks of row_chunk, except that a remainder of fewer than 16 rows joins the last
-  // whole chunk (the scratch holds row_chunk + 15 rows): no chunk falls below the kernels' 8-row AMX
-  // minimum when the expert has more rows, so the kernel, and the bits of a row's result, do not depend on
-  // the chunking; and whole chunks stay multiples of the 32-row tile block (equal splits such as
-  // 63 + 63 + 62 + 62 would put a partial, staged A tile in every chunk, which is much slower on the AMX
-  // path).
-  const size_t r_end = routing_.begin[e + 1];
-  size_t r0 = routing_.begin[e];
-  while (r0 < r_end) {
-    size_t m = std::min(row_chunk, r_end - r0);
-    if (r_end - r0 - m < 16) m = r_end - r0;
-    Gemm(ExpertProj::kGate, e, c0, cols, /*hidden_input=*/false, r0, m, g, cpt);
-    Gemm(ExpertProj::kUp, e, c0, cols, /*hidden_input=*/false, r0, m, u, cpt);
-    for (size_t r = 0; r < m; ++r) {
-      SiluMulToBf16(isa_, g + r * cpt, u + r * cpt, sc.hs.get() + (r0 + r) * ldh_ + c0, cols);
-    }
-    r0 += m;
-  }
-  gu_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
-}
-
-void MoeLayer::QuantizeHTask(ForwardPlan& p, size_t task) {
-  // 3b. Formats reading int8 rows: prepare a block of one expert's h rows once all its columns exist.
-  MoeScratch& sc = *scratch_;
-  const PackedExperts& experts = *weights_;
-  const auto [ai, r_first] = quant_blocks_[task];
-  WaitFor(gu_left_[ai]);
-  const int e = routing_.active[ai];
-  const size_t groups = experts.ActivationGroups(ExpertProj::kDown);
-  const bool sums = experts.traits().activation_sums;
-  const size_t r1 = std::min<size_t>(routing_.begin[e + 1], r_first + p.row_block);
-  for (size_t r = r_first; r < r1; ++r) {
-    experts.PrepareRow(ExpertProj::kDown, sc.hs.get() + r * ldh_, sc.qhs.get() + r * ldqh_,
-                       sc.shs.get() + r * groups, sums ? sc.hsums.get() + r * groups : nullptr);
-  }
-  quant_left_[ai].fetch_sub(1, std::memory_order_acq_rel);
-}
-
-void MoeLayer::DownTask(ForwardPlan& p, size_t task, int thread) {
-  // 4+5. One column block of the output for every token: zero the block's fp32 accumulators, add
-  // w * (down projection) of each active expert's rows in expert order as soon as the expert's h is ready,
-  // then round the block to bf16. Blocks are disjoint, so no two tasks touch one accumulator, and no
-  // [rows, H] array of per-row outputs is written and read back (512 MiB per call at qlen 4096 on the
-  // Qwen3-235B shape).
-  MoeScratch& sc = *scratch_;
-  const size_t h = config_.hidden, dcpt = p.down_cols_per_task;
-  const size_t c0 = task * dcpt;
-  const size_t cols = std::min(dcpt, h - c0);
-  for (size_t t = 0; t < p.qlen; ++t) std::fill_n(sc.acc.get() + t * ldy_ + c0, cols, 0.0f);
-  float* y = sc.per_thread.get() + static_cast<size_t>(thread) * ScratchPerThread();
-  const size_t chunk = ScratchPerThread() / dcpt;  // rows of y per kernel call
-  for (size_t ai = 0; ai < routing_.active.size(); ++ai) {
-    WaitFor(gu_left_[ai]);
-    WaitFor(quant_left_[ai]);
-    const int e = routing_.active[ai];
-    const size_t r_end = routing_.begin[e + 1];
-    for (size_t r0 = routing_.begin[e]; r0 < r_end; r0 += chunk) {
-      const size_t m = std::min<size_t>(chunk, r_end - r0);
-      Gemm(ExpertProj::kDown, e, c0, cols, /*hidden_input=*/true, r0, m, y, dcpt);
-      for (size_t r = 0; r < m; ++r) {
-        const int slot = routing_.row_slot[r0 + r];
-        const float w = p.weights[slot];
-        float* acc = sc.acc.get() + static_cast<size_t>(slot / p.k) * ldy_ + c0;
-        const float* yr = y + r * dcpt;
-        for (size_t c = 0; c < cols; ++c) acc[c] += w * yr[c];
-      }
-    }
-  }
-  for (size_t t = 0; t < p.qlen; ++t) {
-    const float* acc = sc.acc.get() + t * ldy_ + c0;
-    if (p.output.f32 != nullptr) {
-      std::copy_n(acc, cols, p.output.f32 + t * h + c0);
-      continue;
-    }
-    bf16_t* out = p.output.bf16 + t * h + c0;
-    if (p.output.add) {
-      for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(Bf16ToF32(out[c]) + acc[c]);
-    } else {
-      for (size_t c = 0; c < cols; ++c) out[c] = F32ToBf16(acc[c]);
-    }
-  }
+  c.down_cols = down_panels * kPanelRows;
+  c.row_chunk = RowChunk();
+  c.join_short_tail = true;
+  c.order = SumOrder::kExpertMajor;
+  c.acc = sc.acc.get();
+  c.ld_acc = ldy_;
+  c.out = PipelineOutput{output.bf16, output.add, output.f32};
+  c.thread_scratch = sc.per_thread.get();
+  c.scratch_per_thread = ScratchPerThread();
+  return c;
 }
 
 }  // namespace kt

@@ -31,6 +31,7 @@
 #include "kt/kernels/quant.h"
 #include "kt/moe/aligned_buffer.h"
 #include "kt/moe/expert_format.h"
+#include "kt/moe/expert_pipeline.h"
 #include "kt/moe/packed_experts.h"
 #include "kt/moe/routing.h"
 #include "kt/runtime/thread_pool.h"
@@ -55,9 +56,9 @@ struct MoeConfig {
 absl::Status ValidateMoeConfig(const MoeConfig& config);
 
 // Where the last Forward's time went, in seconds (for benchmarks). route is wall time; gather, gate_up,
-// quant_h and down run as one pipeline (a task of one phase starts as soon as what it reads is ready, no
-// barrier in between), so theirs is the time the threads spent in that phase's tasks divided by the number
-// of threads, which adds up to the pipeline's wall time minus idle time.
+// quant_h and down run as one pipeline (kt/moe/expert_pipeline.h: a task of one phase starts as soon as
+// what it reads is ready, no barrier in between), so theirs is the time the threads spent in that phase's
+// tasks divided by the number of threads, which adds up to the pipeline's wall time minus idle time.
 struct ForwardProfile {
   double route = 0;    // counting sort of (token, slot) pairs by expert
   double gather = 0;   // gathered (and for quantized formats, quantized) input rows
@@ -193,50 +194,22 @@ class MoeLayer {
   size_t ScratchPerThread() const;
   size_t RowChunk() const;
 
-  // y[m, cols] = x[m, K] * W^T for the scratch rows [r0, r0 + m) (the gathered inputs, or with
-  // hidden_input the h rows, as the format prepared them) and the columns [c0, c0 + cols) of expert e's
-  // projection `proj`.
-  void Gemm(ExpertProj proj, size_t e, size_t c0, size_t cols, bool hidden_input, size_t r0, size_t m,
-            float* y, size_t ldy) const;
-
   MoeConfig config_;
   Isa isa_;
   std::unique_ptr<PackedExperts> weights_;
   ForwardProfile profile_;
   MoeTiling tiling_;
 
-  // One Forward's pipeline (moe_layer.cc): its phases' tasks in index order, [0, t_gu) gather,
-  // [t_gu, t_quant) gate/up, [t_quant, t_down) h-quantize, [t_down, t_end) down and weighted sum.
-  struct ForwardPlan {
-    size_t qlen = 0;
-    int k = 0;
-    const float* weights = nullptr;
-    const bf16_t* input = nullptr;
-    Output output;
-    size_t row_block = 0;      // rows per gather and h-quantize task
-    size_t gather_tasks = 0;
-    size_t cols_per_task = 0;  // gate/up column block
-    size_t down_cols_per_task = 0;
-    size_t inter_blocks = 0;   // gate/up column blocks per expert
-    size_t t_gu = 0, t_quant = 0, t_down = 0, t_end = 0;
-    std::atomic<size_t> gathered{0};  // gather tasks done
-  };
-  // Task counts and the per-expert counters of a Forward on `threads` threads, from routing_.
-  void PlanForward(size_t threads, ForwardPlan& plan);
-  // The phases, each one task (numbered from the phase's first).
-  void GatherTask(ForwardPlan& plan, size_t task);
-  void GateUpTask(ForwardPlan& plan, size_t task, int thread);
-  void QuantizeHTask(ForwardPlan& plan, size_t task);
-  void DownTask(ForwardPlan& plan, size_t task, int thread);
+  // Forward's phases 2-5 (gather, gate/up, h-quantize, down + weighted sum) run on the expert pipeline
+  // shared with SFT (kt/moe/expert_pipeline.h), summing a token's experts in expert-id order per column
+  // block (SumOrder::kExpertMajor). This builds one call's buffers and policy (task widths, row chunks).
+  PipelineCall MakePipelineCall(size_t threads, int qlen, int k, const float* weights, const bf16_t* input,
+                                const Output& output);
 
-  // Routing and scratch, sized for max_len * top_k rows at Create; the pipeline's task lists below grow to
-  // the largest call and pool seen, so Forward allocates nothing after its first calls.
+  // Routing, sized for max_len * top_k rows at Create; the pipeline's task lists grow to the largest call
+  // and pool seen, so Forward allocates nothing after its first calls.
   ExpertRouting routing_;
-  // Forward's pipeline: per active expert (index into routing_.active), gate/up tasks and h-quantize tasks
-  // still to finish.
-  std::unique_ptr<std::atomic<int>[]> gu_left_, quant_left_;
-  std::vector<std::pair<int, size_t>> quant_blocks_;  // h-quantize tasks: (active index, first row)
-  std::vector<double> busy_;                           // [threads][4] busy seconds per phase (profile)
+  std::unique_ptr<ExpertPipeline> pipeline_;
   // Row strides (elements) of the activation arrays: padded past K by one cache line (PaddedStride, routing.h).
   size_t ldx_ = 0;                   // scratch xs (bf16) or qxs (int8)
   size_t ldh_ = 0;                   // scratch hs

@@ -41,7 +41,9 @@ absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, 
     BackwardGradX(pool, p);
   }
   if (p.r > 0) BackwardLoraGrads(pool, p, accumulate, grad_scale);
-  SumTokenRows(pool, p, /*weights=*/nullptr, grad_input);  // 6. grad_input_t = sum_j grad_x rows
+  // 6. grad_input_t = sum_j grad_x rows, in slot order (the pipeline's kSlotMajor sum, weights 1).
+  ExpertPipeline::SumSlotRows(isa_, pool, c.routing, static_cast<size_t>(c.qlen), c.k, p.h, /*weights=*/nullptr,
+                              p.w.f_rows_h.data(), p.w.thread_scratch.data(), p.scratch, grad_input);
   ReleaseEntry(std::move(owned));
   return absl::OkStatus();
 }

@@ -110,6 +110,7 @@ absl::StatusOr<std::unique_ptr<SftMoeLayer>> SftMoeLayer::Create(
       PackedExperts::Create(ExpertShape{m.num_experts, m.hidden, m.intermediate, m.group_size}, isa, format);
   if (!moe.ok()) return moe.status();
   l->base_ = std::move(*moe);
+  l->pipeline_ = std::make_unique<ExpertPipeline>(*l->base_, isa, m.num_experts);
   if (backward_weights != nullptr) {
     const MoeConfig& s = backward_weights->shape_;
     if (s.num_experts != config.moe.num_experts || s.hidden != config.moe.hidden ||

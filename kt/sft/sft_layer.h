@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/expert_pipeline.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/moe/packed_experts.h"
 #include "kt/moe/routing.h"
@@ -244,12 +245,10 @@ class SftMoeLayer {
   Pass MakePass(Cache& c, bool quant) const;
   absl::Status CheckForward(int qlen, int k, const int64_t* ids, const float* weights, const bf16_t* input,
                             const bf16_t* output, bool save_for_backward) const;
-  // Forward's phases (sft_forward.cc), in order.
-  void ForwardGather(ThreadPool& pool, const Pass& p);
-  void ForwardGateUp(ThreadPool& pool, const Pass& p);
-  void ForwardPrepareH(ThreadPool& pool, const Pass& p);
-  void ForwardDown(ThreadPool& pool, const Pass& p, bool save_for_backward);
-  void SumTokenRows(ThreadPool& pool, const Pass& p, const float* weights, bf16_t* output);
+  // Forward runs the expert pipeline shared with inference (kt/moe/expert_pipeline.h) with SFT's hooks
+  // (LoRA terms, cache; sft_forward.cc) and this call's buffers and policy.
+  class ForwardHooks;
+  PipelineCall MakePipelineCall(const Pass& p, bf16_t* output, PipelineHooks* hooks) const;
   // Backward's phases (sft_backward.cc), in order.
   void BackwardGradY(ThreadPool& pool, const Pass& p, const bf16_t* grad_output, float* grad_weights);
   void BackwardGradGateUp(ThreadPool& pool, const Pass& p);
@@ -274,6 +273,7 @@ class SftMoeLayer {
   size_t groups_h_ = 1, groups_i_ = 1;
   uint64_t weights_version_ = 0;
   std::unique_ptr<PackedExperts> base_;  // the forward weights
+  std::unique_ptr<ExpertPipeline> pipeline_;  // forward's phases, on base_
   std::shared_ptr<SftBackwardWeights> bwd_;
   bool bwd_shared_ = false;
   std::shared_ptr<SftWorkspace> ws_;
