@@ -9,9 +9,14 @@
      calls and one final synchronize;
    - the wrapper's submit_forward + sync_forward on CUDA tensors with a CUDA stream.
 2. A multi-layer decode step (--layers layers of the --shape model, batch --batch), on CUDA: per layer, the
-   GPU's own work of a layer (a stand-in: --gpu-matmuls bf16 [batch, H] x [H, H] matmuls on the main stream,
-   calibrated by default to take about as long as kt's layer) overlapped with kt's CPU experts submitted on
-   a side stream, as SGLang's hybrid path does; against the serial sum of the two parts measured alone.
+   GPU's own work of a layer on the main stream) overlapped with kt's CPU experts submitted on a side stream,
+   as SGLang's hybrid path does; against the serial sum of the two parts measured alone. The stand-in for
+   the GPU's work (--gpu-stand-in): "one-matmul" (default), one bf16 [m, m] x [m, m] matmul per layer, m
+   calibrated so that it takes about as long as kt's layer (one kernel, as a captured decode graph launches
+   its work without the host); "small-matmuls", n bf16 [batch, H] x [H, H] matmuls per layer, n calibrated
+   likewise (host-launch-bound: the Python thread issuing them needs a CPU while kt computes). kt gets all
+   CPUs but one by default (--threads): the thread that launches the GPU work needs one, as a serving
+   engine's scheduler does.
    Without CUDA only part 1's CPU lines run.
 
     PYTHONPATH=<kt_kernel's folder> python3 tools/serving_bench.py [--layers 8] [--method BF16] [--threads N]
@@ -135,16 +140,25 @@ def decode_step(args):
     layers = [make_layer(i, shape, args.method, args.threads, None, seed=10 + i) for i in range(args.layers)]
     print(f"  weights: random, made and packed in {time.perf_counter() - t0:.1f} s")
     inputs = [routing(args.batch, shape, 100 + i, dev) for i in range(args.layers)]
-    a = torch.randn(args.batch, H, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(H, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
     side = torch.cuda.Stream()
     main = torch.cuda.current_stream()
 
-    def gpu_work(n):
-        y = a
-        for _ in range(n):
-            y = y @ b
-        return y
+    mats = {}
+    small = args.gpu_stand_in == "small-matmuls"
+
+    def gpu_work(m):
+        """one-matmul: [m, m] x [m, m]; small-matmuls: m matmuls [batch, H] x [H, H]."""
+        if small:
+            if "b" not in mats:
+                mats["a"] = torch.randn(args.batch, H, device=dev, dtype=torch.bfloat16)
+                mats["b"] = torch.randn(H, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
+            y = mats["a"]
+            for _ in range(m):
+                y = y @ mats["b"]
+            return y
+        if m not in mats:
+            mats[m] = torch.randn(m, m, device=dev, dtype=torch.bfloat16) * m ** -0.5
+        return mats[m] @ mats[m]
 
     def cpu_only():
         for moe, (x, ids, w) in zip(layers, inputs):
@@ -166,21 +180,26 @@ def decode_step(args):
         return statistics.median(ts) * 1e3
 
     t_cpu = timed(cpu_only, args.steps)
-    n = args.gpu_matmuls
-    if n is None:  # calibrate: GPU work per layer about as long as kt's layer
+    m = args.gpu_size
+    if m is None and small:  # calibrate: n small matmuls about as long as kt's layer
         one = timed(lambda: gpu_work(64), args.steps) / 64
-        n = max(1, round(t_cpu / args.layers / one))
-    t_gpu = timed(lambda: [gpu_work(n) for _ in range(args.layers)], args.steps)
+        m = max(1, round(t_cpu / args.layers / one))
+    elif m is None:  # calibrate: one matmul about as long as kt's layer (time grows as m^3)
+        m = 4096
+        for _ in range(3):
+            one = timed(lambda: gpu_work(m), args.steps)
+            m = max(256, int(round(m * (t_cpu / args.layers / one) ** (1 / 3) / 256)) * 256)
+    t_gpu = timed(lambda: [gpu_work(m) for _ in range(args.layers)], args.steps)
 
     def serial():
         for moe, (x, ids, w) in zip(layers, inputs):
-            y = gpu_work(n)
+            y = gpu_work(m)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 moe.submit_forward(x, ids, w, side.cuda_stream)
                 out = moe.sync_forward(x, side.cuda_stream)
             main.wait_stream(side)
-            y = y + out[:, :1].float().to(y.dtype)  # the GPU waits for kt before its next layer
+            y = y.view(-1)[:1] + out.view(-1)[:1]  # the GPU waits for kt before its next layer
         return y
 
     def overlapped():
@@ -188,16 +207,18 @@ def decode_step(args):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 moe.submit_forward(x, ids, w, side.cuda_stream)
-            y = gpu_work(n)  # the GPU's own work of the layer, while kt computes
+            y = gpu_work(m)  # the GPU's own work of the layer, while kt computes
             with torch.cuda.stream(side):
                 out = moe.sync_forward(x, side.cuda_stream)
             main.wait_stream(side)
-            y = y + out[:, :1].float().to(y.dtype)
+            y = y.view(-1)[:1] + out.view(-1)[:1]
         return y
 
     t_serial = timed(serial, args.steps)
     t_over = timed(overlapped, args.steps)
-    print(f"  GPU part alone      {t_gpu:8.3f} ms  ({n} matmuls [{args.batch},{H}]x[{H},{H}] per layer)")
+    what = (f"{m} matmuls [{args.batch},{H}]x[{H},{H}] per layer" if small
+            else f"one bf16 [{m},{m}]x[{m},{m}] matmul per layer")
+    print(f"  GPU part alone      {t_gpu:8.3f} ms  ({what})")
     print(f"  kt part alone       {t_cpu:8.3f} ms  ({t_cpu / args.layers * 1e3:.0f} us per layer)")
     print(f"  serial step         {t_serial:8.3f} ms  (sum of the parts {t_gpu + t_cpu:.3f} ms)")
     print(f"  overlapped step     {t_over:8.3f} ms  = {t_over / t_serial:.2f} of serial; the bound max(parts) is "
@@ -206,14 +227,17 @@ def decode_step(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() - 1),
+                    help="kt's CPU threads (default: all CPUs but the one launching the GPU work)")
     ap.add_argument("--calls", type=int, default=2000, help="calls per round of the overhead lines")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--method", default="BF16")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--gpu-matmuls", type=int, default=None, help="GPU stand-in per layer (default: calibrated)")
+    ap.add_argument("--gpu-stand-in", choices=["one-matmul", "small-matmuls"], default="one-matmul")
+    ap.add_argument("--gpu-size", type=int, default=None,
+                    help="one-matmul: its m; small-matmuls: how many per layer (default: calibrated)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     print(f"kt serving bench: CPU {cpu_name()}, {os.cpu_count()} CPUs"
