@@ -2,6 +2,7 @@
 #ifndef KT_PYTHON_SRC_COMMON_H_
 #define KT_PYTHON_SRC_COMMON_H_
 
+#include <cstdint>
 #include <mutex>
 
 #include "absl/status/status.h"
@@ -12,6 +13,12 @@ namespace kt {
 // Serializes every compute call of the process (a ThreadPool's ParallelFor is not reentrant and layers own
 // per-call scratch); taken with the GIL released.
 std::mutex& ComputeMutex();
+
+// A pointer the Python side passes as an int (a tensor's data_ptr(), a layer's address).
+template <typename T>
+T* Ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
 
 // InvalidArgument/OutOfRange -> ValueError, Unimplemented -> NotImplementedError, else RuntimeError.
 [[noreturn]] void ThrowStatus(const absl::Status& status);

@@ -25,11 +25,6 @@ namespace py = pybind11;
 namespace kt {
 namespace {
 
-template <typename T>
-T* Ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 void Check(const absl::Status& status) {
   if (!status.ok()) ThrowStatus(status);
 }

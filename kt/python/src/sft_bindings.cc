@@ -24,11 +24,6 @@ namespace py = pybind11;
 namespace kt {
 namespace {
 
-template <typename T>
-T* Ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 Isa IsaOf(const std::string& name) {
   absl::StatusOr<Isa> isa = ResolveIsa(name, GetCpuFeatures());
   if (!isa.ok()) ThrowStatus(isa.status());

@@ -24,11 +24,6 @@ namespace py = pybind11;
 namespace kt {
 namespace {
 
-template <typename T>
-T* At(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 class PyTpMoeLayer {
  public:
   PyTpMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len, const std::string& isa_name,
@@ -71,18 +66,18 @@ class PyTpMoeLayer {
   void LoadWeights(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t map,
                    NodePools& pools) {
     Staged([&](TpMoeLayer& staged) {
-      return staged.LoadWeights(At<const bf16_t>(gate), At<const bf16_t>(up), At<const bf16_t>(down),
-                                At<const int64_t>(map), pools.raw());
+      return staged.LoadWeights(Ptr<const bf16_t>(gate), Ptr<const bf16_t>(up), Ptr<const bf16_t>(down),
+                                Ptr<const int64_t>(map), pools.raw());
     });
   }
 
   void LoadWeightsFp8(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t gate_scale,
                       std::uintptr_t up_scale, std::uintptr_t down_scale, std::uintptr_t map, NodePools& pools) {
     Staged([&](TpMoeLayer& staged) {
-      const uint8_t* const codes[3] = {At<const uint8_t>(gate), At<const uint8_t>(up), At<const uint8_t>(down)};
-      const float* const scales[3] = {At<const float>(gate_scale), At<const float>(up_scale),
-                                      At<const float>(down_scale)};
-      return LoadFp8Experts(staged, codes, scales, At<const int64_t>(map), *pools.pools[0]);
+      const uint8_t* const codes[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up), Ptr<const uint8_t>(down)};
+      const float* const scales[3] = {Ptr<const float>(gate_scale), Ptr<const float>(up_scale),
+                                      Ptr<const float>(down_scale)};
+      return LoadFp8Experts(staged, codes, scales, Ptr<const int64_t>(map), *pools.pools[0]);
     });
   }
 
@@ -91,7 +86,7 @@ class PyTpMoeLayer {
     FolderLoadStats stats;
     Staged([&](TpMoeLayer& staged) {
       absl::StatusOr<FolderLoadStats> s =
-          LoadLayerFromFolder(staged, path, layer, method, group_size, At<const int64_t>(map), *pools.pools[0]);
+          LoadLayerFromFolder(staged, path, layer, method, group_size, Ptr<const int64_t>(map), *pools.pools[0]);
       if (s.ok()) stats = *s;
       return s.status();
     });
@@ -115,9 +110,9 @@ class PyTpMoeLayer {
             "load_weights_from_tensors first");
       } else {
         MoeLayer::Output out;
-        out.bf16 = At<bf16_t>(output);
-        status = layer_->Forward(pools.raw(), qlen, k, At<const int64_t>(ids), At<const float>(weights),
-                                 At<const bf16_t>(input), out, At<const bool>(mask));
+        out.bf16 = Ptr<bf16_t>(output);
+        status = layer_->Forward(pools.raw(), qlen, k, Ptr<const int64_t>(ids), Ptr<const float>(weights),
+                                 Ptr<const bf16_t>(input), out, Ptr<const bool>(mask));
       }
     }
     if (!status.ok()) ThrowStatus(status);
