@@ -142,8 +142,9 @@ class KTMoEWrapper:
             SFT wrappers load their weights).
         chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
         cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
-        max_deferred_experts_per_token: Deferred experts per token (inference); not implemented, must be
-            None or 0.
+        max_deferred_experts_per_token: Deferred experts per token (inference, submit_forward/sync_forward):
+            each token's lowest-scored D experts run one layer late, added into the next layer's output
+            (docs/SERVING.md); None or 0: none; at most num_experts_per_tok - 1.
         method: Backend method, one of INFERENCE_METHODS or SFT_METHODS (per ``mode``).
         numa_nodes: NUMA node of each sub-pool, one per sub-pool (None: node i mod the node count, and unpinned
             pools where NUMA is unavailable). A node that does not exist, or any node where NUMA is
