@@ -543,6 +543,28 @@ def test_load_kt_model_matches_transformers():
         kt_sft.load_kt_model(path, kt_settings(), device_map="auto")
 
 
+@pytest.mark.parametrize("folder", ["qwen3_moe", "deepseek_v3", "qwen3_5_moe"])
+def test_build_kt_device_map_puts_exactly_the_experts_on_the_cpu(folder):
+    """build_kt_device_map: every parameter and buffer falls under exactly one key (its longest prefix),
+    "cpu" for those of routed experts modules and the device asked for everything else (the device is only a
+    label here); loading with the map (device "cpu", the one this machine has) gives transformers' model."""
+    path = os.path.join(hf_models.TESTDATA_HF, folder)
+    auto = transformers.AutoModelForCausalLM  # the map's names are those of the class that loads
+    dm = kt_sft.build_kt_device_map(path, device="cuda:1", model_class=auto)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    names = [n for n, _ in reference.named_parameters()] + [n for n, _ in reference.named_buffers()]
+    for n in names:
+        keys = [k for k in dm if n == k or n.startswith(k + ".") or k == ""]
+        assert len(keys) == 1, (n, keys)
+        want = "cpu" if ".experts." in n and ".shared_expert" not in n else "cuda:1"
+        assert dm[keys[0]] == want, (n, keys[0], dm[keys[0]])
+    assert sum(v == "cpu" for v in dm.values()) == len(moe_blocks(reference))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, device_map=kt_sft.build_kt_device_map(path, device="cpu", model_class=auto))
+    for (n, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 def test_replaced_lora_data_is_followed():
     """A LoRA parameter whose .data is replaced (not updated in place) is read from its new storage: by the
     next forward on its own, or at once by update_kt_lora_pointers. Checked against the reference given

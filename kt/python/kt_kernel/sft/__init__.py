@@ -30,7 +30,7 @@ from .lora import (
     save_kt_adapter_artifacts,
     update_kt_lora_pointers,
 )
-from .wrapper import kt_wrappers, load_kt_model, wrap_moe_layers_with_kt_wrapper
+from .wrapper import build_kt_device_map, kt_wrappers, load_kt_model, wrap_moe_layers_with_kt_wrapper
 
 __all__ = [
     "AMXSFTMoEWrapper",
@@ -45,6 +45,7 @@ __all__ = [
     "kt_lora_parameters",
     "kt_lora_state_dict",
     "kt_wrappers",
+    "build_kt_device_map",
     "load_kt_model",
     "load_kt_adapter_artifacts",
     "save_kt_adapter_artifacts",

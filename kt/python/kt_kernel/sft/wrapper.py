@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -180,14 +180,75 @@ def load_kt_model(
             "to `device`)"
         )
     if model_class is None:
-        config = transformers.AutoConfig.from_pretrained(model_path)
-        names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names else None
-        if model_class is None:
-            model_class = transformers.AutoModelForCausalLM
+        model_class = _model_class(transformers.AutoConfig.from_pretrained(model_path), None)
     model = model_class.from_pretrained(model_path, dtype=dtype, **from_pretrained_kwargs)
     wrap_moe_layers_with_kt_wrapper(model, kt_config)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # KTMoELayerWrapper ignores .to(): the experts and their LoRA stay on the CPU, in kt.
     return model.to(device)
+
+
+def build_kt_device_map(model_path: Any, device: Optional[str] = None, model_class: Any = None) -> Dict[str, str]:
+    """A ``device_map`` for ``from_pretrained`` that loads every MoE block's routed ``experts`` on the CPU
+    (where kt reads them) and everything else on ``device``, so a model larger than the GPU loads without
+    ever holding its experts there.
+
+    Args:
+        model_path: a model folder (or anything ``AutoConfig.from_pretrained`` takes), or a config.
+        device: where the rest goes; None: "cuda" when a GPU is present, else "cpu".
+        model_class: the transformers class the model will be loaded with (None: the config's
+            ``architectures[0]`` when transformers has it, else ``AutoModelForCausalLM``); its module names
+            are the map's keys.
+
+    Returns:
+        Module names (or, in a module holding both, parameter and buffer names) to devices: every parameter
+        and buffer of the model falls under exactly one key. Built on the meta device, reading no weights.
+    """
+    import transformers
+
+    config = model_path
+    if not isinstance(model_path, transformers.PretrainedConfig):
+        config = transformers.AutoConfig.from_pretrained(model_path)
+    model_class = _model_class(config, model_class)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        # A model class builds through _from_config, an Auto class through from_config.
+        model = (getattr(model_class, "_from_config", None) or model_class.from_config)(config)
+    arch, _ = get_moe_arch(model)
+    experts = {id(e) for _, _, _, e in find_experts(model, arch)}
+    if not experts:
+        raise ValueError(f"{type(model).__name__}: no MoE block with experts found")
+    holds = {}  # id(module) -> whether it holds an experts module (itself or below)
+
+    def contains(m: nn.Module) -> bool:
+        if id(m) not in holds:
+            holds[id(m)] = id(m) in experts or any(contains(c) for c in m.children())
+        return holds[id(m)]
+
+    device_map: Dict[str, str] = {}
+
+    def place(name: str, m: nn.Module) -> None:
+        if id(m) in experts:
+            device_map[name] = "cpu"
+        elif not contains(m):
+            device_map[name] = device
+        else:  # mixed: its own tensors by name, its children one by one
+            prefix = name + "." if name else ""
+            for t, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                device_map[prefix + t] = device
+            for child_name, child in m.named_children():
+                place(prefix + child_name, child)
+
+    place("", model)
+    return device_map
+
+
+def _model_class(config, model_class):
+    import transformers
+
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+    return model_class or transformers.AutoModelForCausalLM
