@@ -35,10 +35,34 @@ LR = 0.5
 WORLD = 2
 
 
-def _train(model, data, rank=0, world=1):
+def _fsdp2(model):
+    """FSDP2 on every module that holds no kt experts (their frozen weights sharded across the ranks); the
+    kt expert modules stay whole: with rank-0-only experts their LoRA gradients already arrive averaged on
+    every rank, so they need no collective of FSDP's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from kt_kernel.sft import KTMoELayerWrapper
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    holds = {id(m) for m in model.modules() if any(isinstance(c, KTMoELayerWrapper) for c in m.modules())}
+    for name, m in list(model.named_modules()):
+        parent_holds = id(m) in holds
+        for child_name, child in m.named_children():
+            if parent_holds and id(child) not in holds and any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh)
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+    assert sharded and not any("_lora_" in n for n in sharded), sharded
+    return model
+
+
+def _train(model, data, rank=0, world=1, fsdp2=False):
     model.train()
     params = set_trainable(model)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1 and fsdp2:
+        net = _fsdp2(model)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(list(params.values()), lr=LR)
     losses = []
     for ids in data:
@@ -64,7 +88,7 @@ def _model(rank0_experts=None):
     return model
 
 
-def _worker(rank, world, store_path, out_path, rank0_experts):
+def _worker(rank, world, store_path, out_path, rank0_experts, fsdp2=False):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
@@ -75,7 +99,7 @@ def _worker(rank, world, store_path, out_path, rank0_experts):
         holds = [w.backend.backend is not None if isinstance(w.backend, Rank0Backend) else True
                  for w in kt_wrappers(model)]
         assert all(holds) == (rank == 0 or rank0_experts is False), (rank, holds)
-        losses, params = _train(model, batches(2, batch=4) * (STEPS // 2), rank, world)
+        losses, params = _train(model, batches(2, batch=4) * (STEPS // 2), rank, world, fsdp2)
         if rank == 0:
             torch.save({"losses": losses, "params": params}, out_path)
     finally:
@@ -107,3 +131,19 @@ def test_two_gloo_processes_match_one(tmp_path, rank0_experts):
         # equal). A lost rank's rows or a wrong 1/world_size scale moves them by percents.
         assert rel_loss < 1e-5
         assert worst < 1e-3
+
+
+def test_fsdp2_with_rank0_experts_matches_one(tmp_path):
+    """FSDP2 (fully_shard over gloo on the CPU) on every module but the kt experts, rank-0-only experts:
+    the same steps as one process, as with DDP."""
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(out), None, True), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    model = _model()
+    losses, params = _train(model, batches(2, batch=4) * (STEPS // 2))
+    rel_loss = max(abs(a - b) / b for a, b in zip(got["losses"], losses))
+    worst = max(float((got["params"][n] - p).norm() / p.norm()) for n, p in params.items())
+    print(f"FSDP2 2 processes vs 1: losses {got['losses']} vs {losses}, max relative difference {rel_loss:.2e}, "
+          f"worst adapter difference {worst:.2e}")
+    assert rel_loss < 1e-5
+    assert worst < 1e-3
