@@ -21,6 +21,17 @@
 namespace kt {
 namespace {
 
+// A bf16 test layer's shape: E experts of H x I, top-2, up to 4 tokens.
+MoeConfig SmallConfig(int E, int H, int I) {
+  MoeConfig c;
+  c.num_experts = E;
+  c.top_k = 2;
+  c.hidden = H;
+  c.intermediate = I;
+  c.max_len = 4;
+  return c;
+}
+
 constexpr int E = 3, H = 48, I = 64;
 
 struct Fixture {
@@ -38,13 +49,7 @@ Fixture Load(const int64_t* p2l, ThreadPool& pool) {
   fill(f.gate);
   fill(f.up);
   fill(f.down);
-  MoeConfig c;
-  c.num_experts = E;
-  c.top_k = 2;
-  c.hidden = H;
-  c.intermediate = I;
-  c.max_len = 4;
-  auto layer = MoeLayer::Create(c, BestIsa(GetCpuFeatures()), ExpertFormat::kBf16);
+  auto layer = MoeLayer::Create(SmallConfig(E, H, I), BestIsa(GetCpuFeatures()), ExpertFormat::kBf16);
   EXPECT_TRUE(layer.ok()) << layer.status();
   f.layer = std::move(*layer);
   EXPECT_TRUE(f.layer->LoadWeights(f.gate.data(), f.up.data(), f.down.data(), p2l, pool).ok());
@@ -141,16 +146,10 @@ TEST(GpuExpertBuffersTest, BadArgumentsAreNamedAndNothingIsWritten) {
   EXPECT_EQ(f.layer->experts().ExpertFp8Codes(0, ExpertProj::kGate, 0, 1, nullptr).code(),
             absl::StatusCode::kFailedPrecondition);
   // Before a load: FailedPrecondition; a quantized format: Unimplemented.
-  MoeConfig c;
-  c.num_experts = E;
-  c.top_k = 2;
-  c.hidden = H;
-  c.intermediate = I;
-  c.max_len = 4;
-  auto empty = MoeLayer::Create(c, BestIsa(GetCpuFeatures()), ExpertFormat::kBf16);
+  auto empty = MoeLayer::Create(SmallConfig(E, H, I), BestIsa(GetCpuFeatures()), ExpertFormat::kBf16);
   ASSERT_TRUE(empty.ok());
   EXPECT_EQ(CheckGpuExpertWrite((*empty)->experts(), 2, 0, ok).code(), absl::StatusCode::kFailedPrecondition);
-  auto int8 = MoeLayer::Create(c, BestIsa(GetCpuFeatures()), ExpertFormat::kInt8);
+  auto int8 = MoeLayer::Create(SmallConfig(E, H, I), BestIsa(GetCpuFeatures()), ExpertFormat::kInt8);
   ASSERT_TRUE(int8.ok());
   const absl::Status s = CheckGpuExpertWrite((*int8)->experts(), 2, 0, ok);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;

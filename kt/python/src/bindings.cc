@@ -65,11 +65,6 @@ void ThrowStatus(const absl::Status& status) {
 
 namespace {
 
-template <typename T>
-T* AsPointer(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 // The process's CPU features and the kernel path a KT_ISA-style request resolves to.
 std::string ResolveIsaName(const std::string& requested) {
   absl::StatusOr<Isa> isa = ResolveIsa(requested, GetCpuFeatures());
@@ -122,9 +117,9 @@ class PyMoeLayer {
       absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
       status = staged.status();
       if (status.ok()) {
-        status = (*staged)->LoadWeights(AsPointer<const bf16_t>(gate), AsPointer<const bf16_t>(up),
-                                        AsPointer<const bf16_t>(down),
-                                        AsPointer<const int64_t>(physical_to_logical), pool);
+        status = (*staged)->LoadWeights(Ptr<const bf16_t>(gate), Ptr<const bf16_t>(up),
+                                        Ptr<const bf16_t>(down),
+                                        Ptr<const int64_t>(physical_to_logical), pool);
       }
       if (status.ok()) status = moe_->AdoptWeights(**staged);
     }
@@ -144,11 +139,11 @@ class PyMoeLayer {
       absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
       status = staged.status();
       if (status.ok()) {
-        const uint8_t* const codes[3] = {AsPointer<const uint8_t>(gate), AsPointer<const uint8_t>(up),
-                                         AsPointer<const uint8_t>(down)};
-        const float* const scales[3] = {AsPointer<const float>(gate_scale), AsPointer<const float>(up_scale),
-                                        AsPointer<const float>(down_scale)};
-        status = LoadFp8Experts(**staged, codes, scales, AsPointer<const int64_t>(physical_to_logical), pool);
+        const uint8_t* const codes[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up),
+                                         Ptr<const uint8_t>(down)};
+        const float* const scales[3] = {Ptr<const float>(gate_scale), Ptr<const float>(up_scale),
+                                        Ptr<const float>(down_scale)};
+        status = LoadFp8Experts(**staged, codes, scales, Ptr<const int64_t>(physical_to_logical), pool);
       }
       if (status.ok()) status = moe_->AdoptWeights(**staged);
     }
@@ -162,13 +157,11 @@ class PyMoeLayer {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(ComputeMutex());
       if (!moe_->loaded()) {
-        status = absl::FailedPreconditionError(
-            "forward called before the expert weights were loaded; call load_weights or "
-            "load_weights_from_tensors first");
+        status = ForwardBeforeLoadError();
       } else {
-        status = moe_->Forward(pool, qlen, k, AsPointer<const int64_t>(ids), AsPointer<const float>(weights),
-                             AsPointer<const bf16_t>(input), AsPointer<bf16_t>(output),
-                               AsPointer<const bool>(gpu_experts_mask));
+        status = moe_->Forward(pool, qlen, k, Ptr<const int64_t>(ids), Ptr<const float>(weights),
+                             Ptr<const bf16_t>(input), Ptr<bf16_t>(output),
+                               Ptr<const bool>(gpu_experts_mask));
       }
     }
     if (!status.ok()) ThrowStatus(status);
@@ -185,19 +178,14 @@ class PyMoeLayer {
         stats = staged.status();
       } else {
         stats = LoadLayerFromFolder(**staged, path, layer, method, group_size,
-                                    AsPointer<const int64_t>(physical_to_logical), pool);
+                                    Ptr<const int64_t>(physical_to_logical), pool);
         if (stats.ok()) {
           if (absl::Status s = moe_->AdoptWeights(**staged); !s.ok()) stats = s;
         }
       }
     }
     if (!stats.ok()) ThrowStatus(stats.status());
-    py::dict d;
-    d["converted"] = stats->converted;
-    d["file_bytes"] = stats->file_bytes;
-    d["verify_seconds"] = stats->verify_seconds;
-    d["load_seconds"] = stats->load_seconds;
-    return d;
+    return LoadStatsDict(*stats);
   }
 
   const MoeLayer& moe() const { return *moe_; }

@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "absl/status/status.h"
+#include "kt/moe/layer_loader.h"
 #include "pybind11/pybind11.h"
 
 namespace kt {
@@ -18,6 +19,23 @@ std::mutex& ComputeMutex();
 template <typename T>
 T* Ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
+}
+
+// load_from_path's result: what a folder load read and how long it took (MoeLayer and TpMoeLayer alike).
+inline pybind11::dict LoadStatsDict(const FolderLoadStats& stats) {
+  pybind11::dict d;
+  d["converted"] = stats.converted;
+  d["file_bytes"] = stats.file_bytes;
+  d["verify_seconds"] = stats.verify_seconds;
+  d["load_seconds"] = stats.load_seconds;
+  return d;
+}
+
+// The error of a forward on a layer that has no weights yet (MoeLayer and TpMoeLayer alike).
+inline absl::Status ForwardBeforeLoadError() {
+  return absl::FailedPreconditionError(
+      "forward called before the expert weights were loaded; call load_weights or load_weights_from_tensors "
+      "first");
 }
 
 // InvalidArgument/OutOfRange -> ValueError, Unimplemented -> NotImplementedError, else RuntimeError.

@@ -90,12 +90,7 @@ class PyTpMoeLayer {
       if (s.ok()) stats = *s;
       return s.status();
     });
-    py::dict d;
-    d["converted"] = stats.converted;
-    d["file_bytes"] = stats.file_bytes;
-    d["verify_seconds"] = stats.verify_seconds;
-    d["load_seconds"] = stats.load_seconds;
-    return d;
+    return LoadStatsDict(stats);
   }
 
   void Forward(NodePools& pools, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights, std::uintptr_t input,
@@ -105,9 +100,7 @@ class PyTpMoeLayer {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(ComputeMutex());
       if (!layer_->loaded()) {
-        status = absl::FailedPreconditionError(
-            "forward called before the expert weights were loaded; call load_weights or "
-            "load_weights_from_tensors first");
+        status = ForwardBeforeLoadError();
       } else {
         MoeLayer::Output out;
         out.bf16 = Ptr<bf16_t>(output);
