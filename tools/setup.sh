@@ -59,7 +59,7 @@ torch_version=$(/usr/bin/python3 -c 'import torch; print(torch.__version__)')
 cd "$(dirname "$0")/.."
 reqs=tools/sft_venv_requirements.txt
 venv="${KT_SFT_VENV:-$HOME/.cache/kt/sft-venv-$(sha256sum "$reqs" | cut -c1-12)}"
-check="import torch, transformers, peft, safetensors, numpy, pytest"
+check="import torch, transformers, peft, safetensors, numpy, pytest, gguf, compressed_tensors"
 if ! "$venv/bin/python" -c "$check" 2>/dev/null; then
   log=$(mktemp /tmp/kt-setup-venv.XXXXXX.log)
   echo "setup.sh: installing $venv from $reqs (PyPI, about 4 GB; log: $log)"
