@@ -3,6 +3,7 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -16,15 +17,11 @@ namespace kt {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Quantizes x[0, len) with the vector loop and a scalar tail, exactly as quant.cc's QuantizeActivationInt8:
-// a span holding a NaN or an infinity gets q 0 and scale NaN.
-float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRICT q) {
+// max |x[0, len)| (exact whatever the order), or NaN when some x is NaN or infinite: x * 0 is summed
+// alongside, since Max alone would drop a NaN.
+float SpanAbsMax(const bf16_t* HWY_RESTRICT x, size_t len) {
   const hn::ScalableTag<float> df;
-  const hn::RebindToSigned<decltype(df)> di32;
-  const hn::Rebind<int8_t, decltype(di32)> di8;
   const size_t lanes = hn::Lanes(df);
-  // 1. max |x| (exact whatever the order), and x * 0 summed: NaN iff some x is NaN or infinite (Max
-  // alone would drop a NaN).
   auto vmax = hn::Zero(df);
   auto vbad = hn::Zero(df);
   size_t i = 0;
@@ -40,7 +37,17 @@ float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRIC
     finite = finite && std::isfinite(a);
     amax = amax > (a < 0 ? -a : a) ? amax : (a < 0 ? -a : a);
   }
-  if (!finite) {
+  return finite ? amax : std::numeric_limits<float>::quiet_NaN();
+}
+
+// Quantizes x[0, len) against `amax` (SpanAbsMax of x, or of a longer row x is part of), exactly as
+// quant.cc's QuantizeActivationInt8 does against the span's own: NaN amax gives q 0 and scale NaN.
+float QuantizeSpanWithMax(const bf16_t* HWY_RESTRICT x, size_t len, float amax, int8_t* HWY_RESTRICT q) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t lanes = hn::Lanes(df);
+  if (std::isnan(amax)) {
     for (size_t j = 0; j < len; ++j) q[j] = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
@@ -49,13 +56,13 @@ float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRIC
     for (size_t j = 0; j < len; ++j) q[j] = 0;
     return 0.0f;
   }
-  // 2. q = clamp(round_half_away(x / scale)). x / scale - trunc(x / scale) is exact in fp32, so comparing
+  // q = clamp(round_half_away(x / scale)). x / scale - trunc(x / scale) is exact in fp32, so comparing
   // its magnitude with 0.5 decides the tie the same way std::round does.
   const auto vscale = hn::Set(df, scale);
   const auto half = hn::Set(df, 0.5f);
   const auto one = hn::Set(df, 1.0f);
   const auto lim = hn::Set(df, 127.0f);
-  i = 0;
+  size_t i = 0;
   for (; i + lanes <= len; i += lanes) {
     const auto v = hn::Min(hn::Max(hn::Div(LoadBf16(df, x + i), vscale), hn::Neg(lim)), lim);
     const auto t = hn::Trunc(v);
@@ -77,11 +84,19 @@ float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRIC
   return scale;
 }
 
+float QuantizeSpan(const bf16_t* HWY_RESTRICT x, size_t len, int8_t* HWY_RESTRICT q) {
+  return QuantizeSpanWithMax(x, len, SpanAbsMax(x, len), q);
+}
+
 void Row(const bf16_t* x, size_t k, int8_t* q, float* scale) { *scale = QuantizeSpan(x, k, q); }
 
 void RowGrouped(const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales) {
   for (size_t g = 0; g * group < k; ++g) scales[g] = QuantizeSpan(x + g * group, group, q + g * group);
 }
+
+float RowAbsMaxFn(const bf16_t* x, size_t k) { return SpanAbsMax(x, k); }
+
+float RowWithMax(const bf16_t* x, size_t k, float amax, int8_t* q) { return QuantizeSpanWithMax(x, k, amax, q); }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
@@ -94,10 +109,14 @@ namespace {
 
 using RowFn = void (*)(const bf16_t*, size_t, int8_t*, float*);
 using RowGroupedFn = void (*)(const bf16_t*, size_t, size_t, int8_t*, float*);
+using AbsMaxFn = float (*)(const bf16_t*, size_t);
+using RowWithMaxFn = float (*)(const bf16_t*, size_t, float, int8_t*);
 
 // kScalar (no Highway target) uses quant.h's reference code itself.
 const HwyFns<RowFn> kRow = KT_HWY_FNS(RowFn, Row);
 const HwyFns<RowGroupedFn> kRowGrouped = KT_HWY_FNS(RowGroupedFn, RowGrouped);
+const HwyFns<AbsMaxFn> kAbsMax = KT_HWY_FNS(AbsMaxFn, RowAbsMaxFn);
+const HwyFns<RowWithMaxFn> kRowWithMax = KT_HWY_FNS(RowWithMaxFn, RowWithMax);
 
 }  // namespace
 
@@ -111,6 +130,36 @@ void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, in
   for (size_t g = 0; g * group < k; ++g) {
     QuantizeActivationInt8(x + g * group, group, q + g * group, scales + g);
   }
+}
+
+float RowAbsMax(Isa isa, const bf16_t* x, size_t k) {
+  if (const AbsMaxFn fn = kAbsMax.For(isa)) return fn(x, k);
+  float amax = 0.0f;
+  for (size_t i = 0; i < k; ++i) {
+    const float a = Bf16ToF32(x[i]);
+    if (!std::isfinite(a)) return std::numeric_limits<float>::quiet_NaN();
+    amax = std::fmax(amax, std::fabs(a));
+  }
+  return amax;
+}
+
+float QuantizeRowInt8WithMax(Isa isa, const bf16_t* x, size_t k, float amax, int8_t* q) {
+  if (const RowWithMaxFn fn = kRowWithMax.For(isa)) return fn(x, k, amax, q);
+  if (std::isnan(amax)) {
+    std::fill_n(q, k, int8_t{0});
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  // quant.cc's QuantizeSymmetric with the given max: scale 0 (all-zero row) gives q 0; fmax/fmin before the
+  // cast so the conversion is always defined.
+  const float scale = amax / 127.0f;
+  if (!(scale > 0.0f)) {
+    std::fill_n(q, k, int8_t{0});
+    return 0.0f;
+  }
+  for (size_t i = 0; i < k; ++i) {
+    q[i] = static_cast<int8_t>(std::fmin(std::fmax(std::round(Bf16ToF32(x[i]) / scale), -127.0f), 127.0f));
+  }
+  return scale;
 }
 
 }  // namespace kt

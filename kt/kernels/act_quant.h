@@ -27,6 +27,15 @@ void QuantizeRowInt8(Isa isa, const bf16_t* x, size_t k, int8_t* q, float* scale
 // QuantizeActivationInt8Grouped does): q[k], scales[k / group].
 void QuantizeRowInt8Grouped(Isa isa, const bf16_t* x, size_t k, size_t group, int8_t* q, float* scales);
 
+// A row quantized in pieces with the whole row's scale (tensor-parallel parts each hold a slice of h):
+// RowAbsMax is max |x[0, k)|, or NaN when some x is NaN or infinite; the max of the slices' RowAbsMax is the
+// row's (max is exact in any order, and NaN wins when taken as TpMoeLayer does). QuantizeRowInt8WithMax
+// quantizes x[0, k) against amax and returns the scale: QuantizeRowInt8WithMax(x, RowAbsMax(x)) is
+// QuantizeRowInt8(x) bit for bit, and a slice quantized against the row's amax equals that slice of the
+// whole row's codes.
+float RowAbsMax(Isa isa, const bf16_t* x, size_t k);
+float QuantizeRowInt8WithMax(Isa isa, const bf16_t* x, size_t k, float amax, int8_t* q);
+
 
 }  // namespace kt
 

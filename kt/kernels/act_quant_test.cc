@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -116,6 +117,41 @@ TEST_P(ActQuantTest, NonFiniteGivesNanScale) {
       if (g != 1) EXPECT_EQ(s[g], ref_s[g]);
     }
     EXPECT_EQ(std::memcmp(q.data(), ref.data(), k), 0);
+  }
+}
+
+// Tensor-parallel parts quantize their slices of a row against the whole row's max: the max of the slices'
+// RowAbsMax is the row's, and each slice quantized against it equals that slice of QuantizeActivationInt8 of
+// the whole row (codes and scale, bit for bit); a NaN or infinity in one slice makes every slice's scale NaN.
+TEST_P(ActQuantTest, SlicesWithTheRowsMaxMatchTheWholeRow) {
+  std::mt19937 rng(6);
+  for (size_t k : {64, 768, 1536, 4100}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      for (size_t parts : {1, 2, 4}) {
+        std::vector<bf16_t> x = RandomRow(k, rng, kind);
+        if (kind == 3) x[k / 3] = bf16_t{0xff80};  // -Inf in one slice
+        std::vector<int8_t> ref(k, 98);
+        float ref_scale = 2;
+        QuantizeActivationInt8(x.data(), k, ref.data(), &ref_scale);
+        const size_t len = k / parts;
+        float amax = 0.0f;
+        bool bad = false;
+        for (size_t p = 0; p < parts; ++p) {
+          const float m = RowAbsMax(GetParam(), x.data() + p * len, len);
+          bad = bad || std::isnan(m);
+          amax = std::fmax(amax, m);
+        }
+        if (bad) amax = std::numeric_limits<float>::quiet_NaN();
+        std::vector<int8_t> q(k, 99);
+        for (size_t p = 0; p < parts; ++p) {
+          const float scale = QuantizeRowInt8WithMax(GetParam(), x.data() + p * len, len, amax, q.data() + p * len);
+          ASSERT_EQ(std::memcmp(&scale, &ref_scale, sizeof(float)) == 0 || (std::isnan(scale) && std::isnan(ref_scale)),
+                    true)
+              << "k=" << k << " kind=" << kind << " parts=" << parts << " scale " << scale << " vs " << ref_scale;
+        }
+        ASSERT_EQ(q, ref) << "k=" << k << " kind=" << kind << " parts=" << parts;
+      }
+    }
   }
 }
 

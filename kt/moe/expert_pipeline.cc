@@ -2,10 +2,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
+#include "absl/base/casts.h"
+#include "kt/kernels/act_quant.h"
 #include "kt/kernels/activation.h"
 #include "kt/kernels/convert.h"
+#include "kt/kernels/gemm_int4.h"
 
 namespace kt {
 namespace {
@@ -54,6 +58,43 @@ size_t ExpertPipeline::ScratchFloats(size_t row_chunk, size_t max_cols, size_t h
   // chunk), or a down block of rows (at least 62 rows of the widest column block), or one sum row.
   return std::max(2 * (row_chunk + 15) * max_cols, hidden);
 }
+
+HScaleShare::HScaleShare(int parts, size_t max_rows)
+    : parts_(parts),
+      max_rows_(max_rows),
+      bits_(new std::atomic<uint32_t>[max_rows]),
+      arrived_(new std::atomic<int>[max_rows]) {
+  Reset(max_rows);
+}
+
+void HScaleShare::Reset(size_t rows) {
+  rows = std::min(rows, max_rows_);
+  for (size_t r = 0; r < rows; ++r) {
+    bits_[r].store(0, std::memory_order_relaxed);
+    arrived_[r].store(0, std::memory_order_relaxed);
+  }
+  aborted_.store(false, std::memory_order_relaxed);
+}
+
+void HScaleShare::Publish(size_t r, float amax) {
+  // One NaN (positive, quiet: above +Inf in uint order) for every non-finite slice, so max keeps it.
+  const uint32_t bits = std::isnan(amax) ? 0x7fc00000u : absl::bit_cast<uint32_t>(amax);
+  uint32_t cur = bits_[r].load(std::memory_order_relaxed);
+  while (cur < bits && !bits_[r].compare_exchange_weak(cur, bits, std::memory_order_relaxed)) {
+  }
+  arrived_[r].fetch_add(1, std::memory_order_release);
+}
+
+void HScaleShare::Wait(size_t r0, size_t r1) const {
+  for (size_t r = r0; r < r1; ++r) {
+    while (arrived_[r].load(std::memory_order_acquire) < parts_) {
+      if (aborted_.load(std::memory_order_acquire)) return;
+      Pause();
+    }
+  }
+}
+
+float HScaleShare::RowMax(size_t r) const { return absl::bit_cast<float>(bits_[r].load(std::memory_order_relaxed)); }
 
 void ExpertPipeline::PlanCall(const PipelineCall& c, Plan& p) {
   const ExpertRouting& rt = *c.routing;
@@ -206,7 +247,17 @@ void ExpertPipeline::PrepareHTask(const PipelineCall& c, Plan& p, size_t task, i
   WaitFor(gu_left_[ai]);
   const int e = rt.active[ai];
   const size_t r1 = std::min<size_t>(rt.begin[e + 1], r0 + c.gather_rows);
-  if (experts_.quantized_activations()) {
+  if (c.h_share != nullptr && experts_.traits().activation == ActivationKind::kInt8PerRow) {
+    // A tensor-parallel part: h quantized against the whole row's max (HScaleShare).
+    const size_t k = experts_.ProjCols(ExpertProj::kDown);
+    for (size_t r = r0; r < r1; ++r) c.h_share->Publish(r, RowAbsMax(isa_, hr.bf16 + r * hr.ld, k));
+    c.h_share->Wait(r0, r1);
+    for (size_t r = r0; r < r1; ++r) {
+      int8_t* q = hr.q + r * hr.ldq;
+      hr.scales[r * hr.groups] = QuantizeRowInt8WithMax(isa_, hr.bf16 + r * hr.ld, k, c.h_share->RowMax(r), q);
+      if (experts_.traits().activation_sums) Int4ActivationSums(1, k, 0, q, k, hr.sums + r * hr.groups);
+    }
+  } else if (experts_.quantized_activations()) {
     for (size_t r = r0; r < r1; ++r) {
       experts_.PrepareRow(ExpertProj::kDown, hr.bf16 + r * hr.ld, hr.q + r * hr.ldq, hr.scales + r * hr.groups,
                           hr.sums != nullptr ? hr.sums + r * hr.groups : nullptr);

@@ -88,6 +88,38 @@ class PipelineHooks {
   virtual bool wants_h_ready() const { return false; }
 };
 
+// Tensor parallelism (TpMoeLayer) cuts I into parts, each a MoeLayer with its own pipeline. A format that
+// quantizes h with one scale per row (per-channel int8/int4) would give each part a scale from its slice's
+// max instead of the row's, and so numbers that differ from the whole layer's by the h rounding error. With a
+// share, each part's h-prepare task publishes its rows' max |h| here, waits until every part has published
+// them, and quantizes its slice against the row's max: the parts' codes are then slices of the whole
+// layer's, and TP gives the TP = 1 result up to the order of the fp32 reduce.
+// Rows are the routing's rows, the same in every part (same ids, one mask snapshot), so pools of different
+// sizes (other task blocks) still meet: a task publishes all its rows before it waits, and tasks are handed
+// out in index order, so the lowest unpublished row is always in a task that runs.
+class HScaleShare {
+ public:
+  HScaleShare(int parts, size_t max_rows);
+  // Before every forward (not during one): rows [0, rows) unpublished.
+  void Reset(size_t rows);
+  // Row r's max |h| over one part's slice (NaN: the slice holds a NaN or an infinity).
+  void Publish(size_t r, float amax);
+  // Waits until every part has published rows [r0, r1), or Abort.
+  void Wait(size_t r0, size_t r1) const;
+  // The row's max over the parts (NaN if any part's was NaN). After Wait.
+  float RowMax(size_t r) const;
+  // A part failed before publishing: waiters stop waiting (their layer reports the failure).
+  void Abort() { aborted_.store(true, std::memory_order_release); }
+  int parts() const { return parts_; }
+
+ private:
+  int parts_;
+  size_t max_rows_;
+  std::unique_ptr<std::atomic<uint32_t>[]> bits_;  // float bits of the max; non-negative, so uint order
+  std::unique_ptr<std::atomic<int>[]> arrived_;
+  std::atomic<bool> aborted_{false};
+};
+
 // One forward through the pipeline: inputs, buffers and the caller's policy.
 struct PipelineCall {
   const ExpertRouting* routing = nullptr;
@@ -115,6 +147,7 @@ struct PipelineCall {
   float* thread_scratch = nullptr;  // per pool thread, scratch_per_thread floats (ScratchFloats)
   size_t scratch_per_thread = 0;
   PipelineHooks* hooks = nullptr;
+  HScaleShare* h_share = nullptr;  // a tensor-parallel part of a per-row h format (see HScaleShare)
 };
 
 // Busy seconds per phase, summed over threads (gather, gate/up, h-prepare, down + sum).

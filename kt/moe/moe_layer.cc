@@ -293,6 +293,7 @@ PipelineCall MoeLayer::MakePipelineCall(size_t threads, int qlen, int k, const f
   c.out = PipelineOutput{output.bf16, output.add, output.f32};
   c.thread_scratch = sc.per_thread.get();
   c.scratch_per_thread = ScratchPerThread();
+  c.h_share = h_share_;
   return c;
 }
 

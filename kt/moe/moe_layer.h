@@ -167,6 +167,10 @@ class MoeLayer {
   absl::Status Forward(ThreadPool& pool, int qlen, int k, const int64_t* ids, const float* weights,
                        const bf16_t* input, const Output& output, const bool* gpu_experts_mask);
 
+  // This layer is one tensor-parallel part of a TpMoeLayer, which owns `share` (nullptr: not a part): h is
+  // quantized against the whole row's max, exchanged with the other parts (HScaleShare). Not during a Forward.
+  void set_h_share(HScaleShare* share) { h_share_ = share; }
+
   // The packed experts (kt/moe/packed_experts.h): the storage Forward multiplies by, for code that applies
   // an expert's projection to rows it owns or reads the weights back.
   const PackedExperts& experts() const { return *weights_; }
@@ -210,6 +214,7 @@ class MoeLayer {
   // and pool seen, so Forward allocates nothing after its first calls.
   ExpertRouting routing_;
   std::unique_ptr<ExpertPipeline> pipeline_;
+  HScaleShare* h_share_ = nullptr;
   // Row strides (elements) of the activation arrays: padded past K by one cache line (PaddedStride, routing.h).
   size_t ldx_ = 0;                   // scratch xs (bf16) or qxs (int8)
   size_t ldh_ = 0;                   // scratch hs

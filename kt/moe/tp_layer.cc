@@ -53,6 +53,10 @@ absl::StatusOr<std::unique_ptr<TpMoeLayer>> TpMoeLayer::Create(const MoeConfig& 
   }
   if (tp > 1) {
     l->partials_.assign(tp, std::vector<float>(static_cast<size_t>(config.max_len) * config.hidden));
+    // Per-row h scales exchanged between the parts (formats quantizing h per row use it).
+    l->h_share_ = std::make_unique<HScaleShare>(tp, static_cast<size_t>(config.max_len) * config.top_k);
+    for (auto& p : l->parts_) p->set_h_share(l->h_share_.get());
+    l->mask_.reset(new bool[static_cast<size_t>(config.num_experts)]);
   }
   return l;
 }
@@ -249,6 +253,16 @@ absl::Status TpMoeLayer::Forward(const std::vector<ThreadPool*>& pools, int qlen
     return absl::InvalidArgumentError(
         absl::StrCat("qlen = ", qlen, " must be in [1, max_len = ", config_.max_len, "]"));
   }
+  if (k < 1 || k > config_.top_k) {  // the parts say so too; the h-scale share is sized by top_k
+    return absl::InvalidArgumentError(absl::StrCat("k = ", k, " must be in [1, top_k = ", config_.top_k, "]"));
+  }
+  // The parts route the same rows (the h-scale share relies on it): one snapshot of a mask the client may
+  // flip in place at any time.
+  if (gpu_experts_mask != nullptr) {
+    std::copy_n(gpu_experts_mask, config_.num_experts, mask_.get());
+    gpu_experts_mask = mask_.get();
+  }
+  h_share_->Reset(static_cast<size_t>(qlen) * static_cast<size_t>(k));
   // Parts 1.. on their own threads, part 0 on this one.
   std::vector<absl::Status> status(parts_.size());
   auto run = [&](size_t p) {
@@ -257,6 +271,7 @@ absl::Status TpMoeLayer::Forward(const std::vector<ThreadPool*>& pools, int qlen
     MoeLayer::Output partial;
     partial.f32 = partials_[p].data();
     status[p] = parts_[p]->Forward(*pools[p], qlen, k, ids, weights, input, partial, gpu_experts_mask);
+    if (!status[p].ok()) h_share_->Abort();  // the other parts stop waiting for this one's h rows
   };
   std::vector<std::thread> drivers;
   for (size_t p = 1; p < parts_.size(); ++p) drivers.emplace_back(run, p);

@@ -10,9 +10,10 @@
 // every part holds exactly the TP = 1 layer's codes and scales: a down row keeps its whole-row scale. With
 // bf16 and the group formats (whose h is quantized per group, and groups do not straddle parts) the result
 // equals the TP = 1 layer's up to the order of the fp32 additions (within a token, each part sums its experts'
-// down products, then the parts are added in part order). The per-channel integer formats quantize each
-// part's slice of h with its own scale (as the original's NUMA parts do), a further difference of the order
-// of h's int8 rounding step.
+// down products, then the parts are added in part order). The per-channel integer formats quantize h per row;
+// the parts exchange each row's max mid-layer (HScaleShare, kt/moe/expert_pipeline.h) and quantize their
+// slices against it, so they too equal the TP = 1 layer up to the reduce order (the original's NUMA parts
+// each use their slice's own scale instead, a difference of the order of h's int8 step).
 //
 // NUMA: Create's `numa_nodes` binds each part's packed weights to its node (MoeConfig::numa_node); Forward
 // pins the thread driving part p to pools[p]'s CPU set (ThreadPoolOptions::cpu_set, kt/runtime/numa.h).
@@ -84,6 +85,8 @@ class TpMoeLayer {
   std::vector<int> nodes_;  // per part, -1: not bound
   std::vector<std::unique_ptr<MoeLayer>> parts_;
   std::vector<std::vector<float>> partials_;  // [tp][max_len * H]
+  std::unique_ptr<HScaleShare> h_share_;      // tp > 1: the parts' per-row h scales
+  std::unique_ptr<bool[]> mask_;              // tp > 1: the mask snapshot the parts route by
 };
 
 // A TpMoeLayer on its pools (one per part). Holds neither: both must outlive it.

@@ -1,8 +1,9 @@
-// TpMoeLayer (tensor parallelism along the intermediate dimension) against the TP = 1 layer: bf16 and the
-// group formats within the fp32 reduce order (each output at most one bf16 rounding step apart: the parts hold
-// the whole layer's codes and scales, and h is quantized per group), per-channel int8 within the difference
-// of quantizing each part's h slice with its own scale; the parts' weights are the whole layer's, cut; their
-// memory is on their NUMA node and node pools run them; bad tp and pools.
+// TpMoeLayer (tensor parallelism along the intermediate dimension) against the TP = 1 layer: every format
+// within the fp32 reduce order (each output at most one bf16 rounding step apart): the parts hold the whole
+// layer's codes and scales, and h is quantized per group or, for the per-row formats, against the whole
+// row's max exchanged between the parts (HScaleShare), also with pools of different sizes and a mask; the
+// parts' weights are the whole layer's, cut; their memory is on their NUMA node and node pools run them; bad
+// tp and pools.
 #include "kt/moe/tp_layer.h"
 
 #include <algorithm>
@@ -46,7 +47,8 @@ struct Data {
   }
 };
 
-std::vector<float> RunLayer(ExpertFormat format, int tp, const Data& d, int qlen, std::vector<ThreadPool*> pools) {
+std::vector<float> RunLayer(ExpertFormat format, int tp, const Data& d, int qlen, std::vector<ThreadPool*> pools,
+                            const bool* mask = nullptr) {
   MoeConfig c{kE, kK, kH, kI, kMaxLen};
   c.group_size = 32;
   const Isa isa = ResolveIsa("", GetCpuFeatures()).value();
@@ -55,7 +57,7 @@ std::vector<float> RunLayer(ExpertFormat format, int tp, const Data& d, int qlen
   std::vector<bf16_t> out(size_t(qlen) * kH);
   MoeLayer::Output o;
   o.bf16 = out.data();
-  absl::Status s = layer->Forward(pools, qlen, kK, d.ids.data(), d.weights.data(), d.input.data(), o, nullptr);
+  absl::Status s = layer->Forward(pools, qlen, kK, d.ids.data(), d.weights.data(), d.input.data(), o, mask);
   EXPECT_TRUE(s.ok()) << s;
   std::vector<float> f(out.size());
   for (size_t i = 0; i < out.size(); ++i) f[i] = Bf16ToF32(out[i]);
@@ -66,33 +68,64 @@ class TpMoeLayerTest : public ::testing::TestWithParam<ExpertFormat> {};
 
 TEST_P(TpMoeLayerTest, PartsSumToTheWholeLayer) {
   const ExpertFormat format = GetParam();
-  constexpr int kQlen = 19;
-  Data d(kQlen);
-  ThreadPool p0(1), p1(1), p2(1), p3(1);
-  const std::vector<float> whole = RunLayer(format, 1, d, kQlen, {&p0});
-  double max_ref = 0;
-  for (float v : whole) max_ref = std::max(max_ref, std::abs(double(v)));
-  ASSERT_GT(max_ref, 0.0);
-  for (int tp : {2, 4}) {
-    std::vector<ThreadPool*> pools = {&p0, &p1, &p2, &p3};
-    pools.resize(tp);
-    const std::vector<float> parts = RunLayer(format, tp, d, kQlen, pools);
-    for (size_t i = 0; i < whole.size(); ++i) {
-      if (format != ExpertFormat::kInt8) {
-        // Same products, fp32 sums in another order, one rounding: at most one bf16 step (2^-7 relative,
-        // as the sums may straddle a rounding boundary) apart, plus fp32 noise near zero.
-        ASSERT_NEAR(parts[i], whole[i], std::abs(whole[i]) * 0x1p-7 + 1e-6 * max_ref) << "tp=" << tp << " at " << i;
-      } else {
-        // The same weights; h quantized per part row slice, with a scale from the slice's absmax instead of
-        // the row's: within the format's h rounding error of the whole layer.
-        ASSERT_NEAR(parts[i], whole[i], 4e-2 * max_ref) << "tp=" << tp << " at " << i;
+  // Pools of 1..3 threads: the parts' h-prepare blocks then differ, and must still meet on the shared rows.
+  ThreadPool p0(1), p1(2), p2(3), p3(1);
+  bool mask[kE] = {false, true, false, false, true, false};
+  for (int qlen : {1, 19, kMaxLen}) {
+    for (const bool* m : {static_cast<const bool*>(nullptr), static_cast<const bool*>(mask)}) {
+      Data d(qlen);
+      const std::vector<float> whole = RunLayer(format, 1, d, qlen, {&p0}, m);
+      double max_ref = 0;
+      for (float v : whole) max_ref = std::max(max_ref, std::abs(double(v)));
+      if (qlen > 1) {
+        ASSERT_GT(max_ref, 0.0);
+      }
+      for (int tp : {2, 4}) {
+        std::vector<ThreadPool*> pools = {&p0, &p1, &p2, &p3};
+        pools.resize(tp);
+        const std::vector<float> parts = RunLayer(format, tp, d, qlen, pools, m);
+        for (size_t i = 0; i < whole.size(); ++i) {
+          // Same products (int formats: the parts' h codes and scales are slices of the whole layer's), fp32
+          // sums in another order, one rounding: at most one bf16 step (2^-7 relative, as the sums may
+          // straddle a rounding boundary) apart, plus fp32 noise near zero.
+          ASSERT_NEAR(parts[i], whole[i], std::abs(whole[i]) * 0x1p-7 + 1e-6 * max_ref)
+              << "tp=" << tp << " qlen=" << qlen << " mask=" << (m != nullptr) << " at " << i;
+        }
       }
     }
   }
 }
 
+// The check has teeth: without the shared h scales (each part quantizing its h slice against the slice's own
+// max, as before HScaleShare), the per-row int8 format misses the bound above.
+TEST(TpMoeLayerTest, WithoutSharedScalesPerRowInt8Differs) {
+  constexpr int kQlen = 19;
+  Data d(kQlen);
+  ThreadPool p0(1), p1(1);
+  const std::vector<float> whole = RunLayer(ExpertFormat::kInt8, 1, d, kQlen, {&p0});
+  MoeConfig c{kE, kK, kH, kI, kMaxLen};
+  const Isa isa = ResolveIsa("", GetCpuFeatures()).value();
+  auto layer = TpMoeLayer::Create(c, isa, ExpertFormat::kInt8, 2).value();
+  ASSERT_TRUE(layer->LoadWeights(d.gate.data(), d.up.data(), d.down.data(), nullptr, {&p0, &p1}).ok());
+  for (int p = 0; p < 2; ++p) layer->part(p).set_h_share(nullptr);
+  std::vector<bf16_t> out(size_t(kQlen) * kH);
+  MoeLayer::Output o;
+  o.bf16 = out.data();
+  ASSERT_TRUE(layer->Forward({&p0, &p1}, kQlen, kK, d.ids.data(), d.weights.data(), d.input.data(), o, nullptr).ok());
+  double max_ref = 0;
+  size_t outside = 0;
+  for (float v : whole) max_ref = std::max(max_ref, std::abs(double(v)));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const float v = Bf16ToF32(out[i]);
+    outside += std::abs(v - whole[i]) > std::abs(whole[i]) * 0x1p-7 + 1e-6 * max_ref;
+  }
+  EXPECT_GT(outside, out.size() / 4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Formats, TpMoeLayerTest,
-                         ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4GroupSym),
+                         ::testing::Values(ExpertFormat::kBf16, ExpertFormat::kInt8, ExpertFormat::kInt4,
+                                           ExpertFormat::kInt4Asym, ExpertFormat::kInt4GroupSym,
+                                           ExpertFormat::kInt4GroupAsym),
                          [](const auto& info) { return std::string(ExpertFormatName(info.param)); });
 
 TEST(TpMoeLayerErrorsTest, TpMustDivideTheIntermediateSizeAndPoolsMatch) {
