@@ -96,6 +96,13 @@ expect 0 bench --weights "$HF/qwen3_moe" "${QUICK[@]}" &&
   contains "$OUT" "shape      Qwen3MoeForCausalLM from $HF/qwen3_moe: E=8 experts, top-k=2, hidden=128" &&
   contains "$OUT" "Weights    $HF/qwen3_moe layer 0 (Hugging Face folder, method BF16)" &&
   contains "$OUT" "PASS" && contains "$OUT" "Decode     qlen 1" && contains "$OUT" "Prefill    qlen 16"
+# tools/peers_bench.py reads kt bench's text: every figure it tabulates is found in this real output.
+PEERS_BENCH="${TEST_SRCDIR}/${TEST_WORKSPACE}/tools/peers_bench.py"
+parsed="$(/usr/bin/python3 "$PEERS_BENCH" --parse "$OUT")" || fail "peers_bench.py --parse failed"
+for key in cpu path bandwidth_gbs decode_s decode_gbs decode_bw_pct decode_bw_gbs prefill_s prefill_rate \
+    prefill_peak_pct peak; do
+  [[ "$parsed" == *"\"$key\": "* ]] || fail "peers_bench.py found no '$key' in kt bench's output: $parsed"
+done
 expect 0 bench --weights "$HF/mixtral" --method MOE_INT4 "${QUICK[@]}" &&
   contains "$OUT" "int4 routed experts" && contains "$OUT" "method     MOE_INT4" &&
   contains "$OUT" "int4 format vs the bf16 model"
