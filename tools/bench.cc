@@ -321,7 +321,26 @@ std::vector<bf16_t> BenchRun::RandomInput(int qlen, uint64_t stream) const {
 
 std::vector<Routing> BenchRun::Patterns(std::mt19937_64& rng, int count, int qlen) const {
   std::vector<Routing> patterns;
-  for (int p = 0; p < count; ++p) patterns.push_back(RandomRouting(rng, qlen, plan_.shape.top_k, plan_.shape.experts));
+  const int k = plan_.shape.top_k, e = plan_.shape.experts;
+  const int copies = static_cast<int>(std::max<size_t>(1, layers_.size()));
+  // Call i runs pattern i on layer copy i % copies. So that a call does not find its experts in the
+  // last-level cache from recent calls (which made decode "beat" the read bandwidth), a small call avoids
+  // the experts of the last `window` calls on the same copy, where window such calls read at least twice
+  // the cache; bounded so that enough experts stay to pick from.
+  const double call_bytes = static_cast<double>(qlen) * k * plan_.expert_bytes;
+  const double llc = static_cast<double>(LastLevelCacheBytes());
+  int window = 0;
+  if (call_bytes > 0 && qlen * k * 2 <= e) {
+    window = static_cast<int>(std::ceil(2.0 * llc / (call_bytes * copies)));
+    window = std::min(window, e / (qlen * k) - 1);
+  }
+  for (int p = 0; p < count; ++p) {
+    std::vector<char> avoid(static_cast<size_t>(e), 0);
+    for (int back = 1; back <= window && p - back * copies >= 0; ++back) {
+      for (int64_t id : patterns[static_cast<size_t>(p - back * copies)].ids) avoid[static_cast<size_t>(id)] = 1;
+    }
+    patterns.push_back(RandomRoutingAvoiding(rng, qlen, k, e, avoid));
+  }
   return patterns;
 }
 
@@ -406,10 +425,11 @@ absl::Status BenchRun::TimeCalls(int qlen, int iters, int warmup, const std::vec
 // Decode: many routing patterns so that consecutive calls touch different experts, and layer copies
 // (>> last-level cache) so that the cache cannot serve them.
 absl::Status BenchRun::Decode() {
-  const int num_patterns = std::min(64, std::max(flags_.iters, 1) + 3);
+  // One pattern per call (warm-up included), so that the cache-avoiding sequence never wraps around.
+  const int warmup = std::max<int>(3, layers_.size());
+  const int num_patterns = std::max(flags_.iters, 1) + warmup;
   const std::vector<Routing> patterns = Patterns(rng_, num_patterns, flags_.qlen_decode);
-  absl::Status st =
-      TimeCalls(flags_.qlen_decode, flags_.iters, std::max<int>(3, layers_.size()), patterns, &decode_);
+  absl::Status st = TimeCalls(flags_.qlen_decode, flags_.iters, warmup, patterns, &decode_);
   if (!st.ok()) return absl::Status(st.code(), absl::StrCat("Forward (decode): ", st.ToString()));
   std::vector<double> gbps(decode_.seconds.size());
   for (size_t i = 0; i < gbps.size(); ++i) gbps[i] = decode_.bytes[i] / decode_.seconds[i] / 1e9;

@@ -127,28 +127,33 @@ def json_lines(text: str) -> list[dict]:
 
 
 def original_rows(args, fmts: list[str], qlens: list[int]) -> tuple[list[dict], str]:
+    """The original's AMX build on an AMX CPU, else (or when the AMX build fails) its AVX-512 build."""
     folder = os.path.join(args.peers, "kt-kernel-original")
     if not os.path.isdir(folder):
         return [], f"not present ({folder})"
     methods = [ORIGINAL_METHOD[f] for f in fmts if f in ORIGINAL_METHOD]
     if not methods:
         return [], "no format it has"
-    flags = open("/proc/cpuinfo").read()
-    extra = [] if "amx_tile" in flags and not args.original_noamx else ["--ext-dir", "noamx_variant", "--allow-no-amx"]
     env = dict(os.environ)
     if args.original_python:
         env["PYTHON"] = args.original_python
-    cmd = ["./run.sh", *extra, "--shape", args.shape, "--method", ",".join(methods), "--threads", str(args.threads),
-           "--qlens", ",".join(map(str, qlens)), "--prefill-iters", str(args.prefill_iters),
-           "--decode-iters", str(args.decode_iters)]
-    rc, so, se = run(cmd, args.timeout, env=env, cwd=folder)
-    save_raw(args, "original.jsonl", so + "\n--- stderr\n" + se)
-    rows = [r for r in json_lines(so) if "median_s" in r]
-    build = "AVX-512 build" if extra else "AMX build"
-    if rc != 0 and not rows:
+    base = ["./run.sh", "--shape", args.shape, "--method", ",".join(methods), "--threads", str(args.threads),
+            "--qlens", ",".join(map(str, qlens)), "--prefill-iters", str(args.prefill_iters),
+            "--decode-iters", str(args.decode_iters)]
+    builds = [("AVX-512 build", ["--ext-dir", "noamx_variant", "--allow-no-amx"])]
+    if "amx_tile" in open("/proc/cpuinfo").read() and not args.original_noamx:
+        builds.insert(0, ("AMX build", []))
+    notes = []
+    for name, extra in builds:
+        rc, so, se = run(base[:1] + extra + base[1:], args.timeout, env=env, cwd=folder)
+        save_raw(args, f"original-{name.split()[0].lower()}.jsonl", so + "\n--- stderr\n" + se)
+        rows = [r for r in json_lines(so) if "median_s" in r]
+        if rows:
+            notes.append(name + ("" if rc == 0 else f", exit {rc} (partial)"))
+            return rows, "; ".join(notes)
         tail = [ln for ln in se.strip().splitlines() if ln.strip()]
-        return [], f"{build}: exit {rc}" + (f" ({tail[-1][:160]})" if tail else "")
-    return rows, build + ("" if rc == 0 else f", exit {rc} (partial)")
+        notes.append(f"{name}: exit {rc}" + (f" ({tail[-1][:160]})" if tail else ""))
+    return [], "; ".join(notes)
 
 
 def llama_rows(args, fmts: list[str], qlens: list[int]) -> tuple[list[dict], str]:
@@ -225,6 +230,8 @@ def main() -> int:
     fmts = [f for f in args.formats.split(",") if f]
     if bad := [f for f in fmts if f not in KT_FORMAT]:
         ap.error(f"--formats: {bad} not in {sorted(KT_FORMAT)}")
+    if args.python and os.sep not in args.python:
+        args.python = shutil.which(args.python) or args.python  # kt bench runs it by path
     skip = set(args.skip.split(",")) - {""}
     started = time.time()
     prefill = [q for q in qlens if q > 1]

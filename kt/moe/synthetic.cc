@@ -21,17 +21,26 @@ void FillRandomBf16(ThreadPool& pool, uint64_t stream, size_t n, float std, bf16
 }
 
 Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts) {
+  return RandomRoutingAvoiding(rng, qlen, k, num_experts, std::vector<char>(num_experts, 0));
+}
+
+Routing RandomRoutingAvoiding(std::mt19937_64& rng, int qlen, int k, int num_experts, const std::vector<char>& avoid) {
+  std::vector<int> allowed;
+  for (int e = 0; e < num_experts; ++e) {
+    if (!avoid[e]) allowed.push_back(e);
+  }
+  const int n = static_cast<int>(allowed.size());
   Routing r;
   r.ids.resize(static_cast<size_t>(qlen) * k);
   r.weights.resize(r.ids.size());
-  std::vector<int> perm(num_experts);
+  std::vector<int> perm(n);
   std::vector<char> seen(num_experts, 0);
   std::uniform_real_distribution<float> w(0.1f, 1.0f);
   for (int t = 0; t < qlen; ++t) {
-    for (int e = 0; e < num_experts; ++e) perm[e] = e;
+    perm = allowed;
     float sum = 0;
     for (int j = 0; j < k; ++j) {  // Partial Fisher-Yates: k distinct experts.
-      std::uniform_int_distribution<int> pick(j, num_experts - 1);
+      std::uniform_int_distribution<int> pick(j, n - 1);
       std::swap(perm[j], perm[pick(rng)]);
       r.ids[t * k + j] = perm[j];
       r.weights[t * k + j] = w(rng);

@@ -38,6 +38,9 @@ struct Routing {
   int distinct_experts = 0;    // experts with at least one token: the weight bytes a call touches
 };
 Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts);
+// As RandomRouting, with every expert drawn from those whose `avoid` entry is 0 ([num_experts]; at least k
+// of them): benchmarks use it so a decode call does not find its experts in the cache from recent calls.
+Routing RandomRoutingAvoiding(std::mt19937_64& rng, int qlen, int k, int num_experts, const std::vector<char>& avoid);
 
 }  // namespace kt
 
