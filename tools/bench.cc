@@ -19,6 +19,7 @@
 #include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/expert_format.h"
 #include "kt/moe/layer_loader.h"
 #include "kt/moe/moe_reference.h"
 #include "kt/moe/synthetic.h"
@@ -152,7 +153,9 @@ absl::StatusOr<Yardsticks> MeasureYardsticks(const BenchFlags& flags, const Benc
               y.bandwidth.reps);
   std::fflush(stdout);
   // The yardstick of the format's kernels: bf16/fp32 instructions, or the int8 ones for quantized experts.
-  y.int_kernels = plan.format != ExpertFormat::kBf16;
+  // Formats whose products read int8 rows run integer instructions; bf16 and FP8 (decoded to fp32 / bf16
+  // panels, bf16 rows) run float ones.
+  y.int_kernels = FormatTraits(plan.format).activation != ActivationKind::kBf16Rows;
   y.peak = MeasurePeak(plan.isa, flags.threads, flags.pin, 0.2, 5,
                        y.int_kernels ? PeakOperands::kInt8 : PeakOperands::kFloat);
   y.peak_unit = y.int_kernels ? "TOPS" : "TFLOPS";

@@ -2,7 +2,10 @@
 #include "kt/kernels/gemm_fp8.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -10,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/fp8.h"
+#include "kt/kernels/gemm_bf16.h"
 
 namespace kt {
 
@@ -99,6 +103,30 @@ void GemmFp8Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_
   }
 }
 
+void GemmFp8Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
+                size_t n_cols, float* y, size_t ldy) {
+  static const GemmFp8Fn vec = GemmFp8Hwy(Isa::kAvx512Vnni);
+  static const Fp8PanelsToBf16Fn convert = Fp8PanelsToBf16Hwy(Isa::kAvx512Vnni);
+  if (m < kAmxMinRows || vec == nullptr || convert == nullptr) {
+    // Decode reads every weight once whatever the kernel: the AVX3_DL one, with exact fp8 * scale products.
+    return (vec != nullptr ? vec : &GemmFp8Scalar)(m, k, x, ldx, panels, scales, n_cols, y, ldy);
+  }
+  // The caller's column block (a few panels: 32-128 columns of K) as bf16 panels, reused by every row of
+  // the call; 64-byte aligned as the bf16 kernels' own packed weights are.
+  const size_t n_panels = Fp8NumPanels(n_cols);
+  const size_t elems = n_panels * PanelStride(k);
+  thread_local std::unique_ptr<bf16_t[], decltype(&std::free)> buf(nullptr, &std::free);
+  thread_local size_t capacity = 0;
+  if (capacity < elems) {
+    const size_t bytes = (elems * sizeof(bf16_t) + 63) / 64 * 64;
+    buf.reset(static_cast<bf16_t*>(std::aligned_alloc(64, bytes)));
+    if (buf == nullptr) throw std::bad_alloc();
+    capacity = elems;
+  }
+  convert(k, panels, scales, n_panels, buf.get());
+  GemmBf16Amx(m, k, x, ldx, buf.get(), n_cols, y, ldy);
+}
+
 }  // namespace internal
 
 const GemmPaths<GemmFp8Fn>& GemmFp8Paths() {
@@ -108,6 +136,7 @@ const GemmPaths<GemmFp8Fn>& GemmFp8Paths() {
       {"hwy_avx2", Isa::kAvx2, internal::GemmFp8Hwy(Isa::kAvx2)},
       {"hwy_avx512", Isa::kAvx512, internal::GemmFp8Hwy(Isa::kAvx512)},
       {"hwy_avx512_vnni", Isa::kAvx512Vnni, internal::GemmFp8Hwy(Isa::kAvx512Vnni)},
+      {"amx", Isa::kAmx, &internal::GemmFp8Amx},
   }));
   return *paths;
 }

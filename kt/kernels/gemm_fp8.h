@@ -55,7 +55,9 @@ using GemmFp8Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, cons
                            const float* scales, size_t n_cols, float* y, size_t ldy);
 
 // The family's paths (gemm_path.h): scalar, hwy_avx2, hwy_avx512 (AVX3), hwy_avx512_vnni (AVX3_DL), the
-// Highway ones only where compiled in.
+// Highway ones only where compiled in, and amx: prefill (m >= kAmxMinRows) converts the panels to bf16
+// panels (bf16(fp8 * scale), one more rounding: at most 2^-9 relative per weight) in a per-thread buffer and
+// runs the BF16 AMX kernel on them; fewer rows run the AVX3_DL kernel.
 const GemmPaths<GemmFp8Fn>& GemmFp8Paths();
 
 // The kernel of one path, SelectGemmPath over GemmFp8Paths() (every Isa has one: the AVX-512 BF16 and AMX
@@ -68,6 +70,14 @@ void GemmFp8Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_
 // Highway: the kernel of exactly HwyTargetOf(isa) (hwy_dispatch.h); nullptr if that target is not compiled
 // in.
 GemmFp8Fn GemmFp8Hwy(Isa isa);
+// The AMX path (see GemmFp8Paths).
+void GemmFp8Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
+                size_t n_cols, float* y, size_t ldy);
+// n_panels packed FP8 panels to gemm_bf16.h's bf16 panels (PanelStride(k) elements each) of bf16(fp8 * scale),
+// exactly UnpackFp8ToBf16's values; Highway, nullptr where HwyTargetOf(isa) is not compiled in.
+using Fp8PanelsToBf16Fn = void (*)(size_t k, const uint8_t* panels, const float* scales, size_t n_panels,
+                                   bf16_t* out);
+Fp8PanelsToBf16Fn Fp8PanelsToBf16Hwy(Isa isa);
 // Whether MXCSR.DAZ (denormals are zero) is set on this thread: the Highway kernels then decode with integer
 // operations only (gemm_fp8_hwy.cc), as their fast decode multiplies a subnormal fp32.
 bool Fp8DenormalsAreZero();

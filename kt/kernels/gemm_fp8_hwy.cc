@@ -274,6 +274,51 @@ void GemmFp8(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pan
   }
 }
 
+// bf16 bits of v (low 16 bits of each lane), rounded to nearest even as dtype.h's F32ToBf16; every NaN as the
+// quiet NaN 0x7fc0, which is what F32ToBf16(Fp8E4M3ToF32(NaN code) * scale) gives (the decoder's NaN lanes are
+// all ones).
+HWY_INLINE hn::Vec<DU> RoundToBf16Bits(hn::Vec<DF> v) {
+  const DU du;
+  const auto u = hn::BitCast(du, v);
+  const auto is_nan = hn::Gt(hn::And(u, hn::Set(du, 0x7fffffffu)), hn::Set(du, 0x7f800000u));
+  const auto rounded = hn::ShiftRight<16>(hn::Add(u, hn::Add(hn::Set(du, 0x7fffu), hn::And(hn::ShiftRight<16>(u), hn::Set(du, 1u)))));
+  return hn::IfThenElse(is_nan, hn::Set(du, 0x7fc0u), rounded);
+}
+
+// n_panels FP8 panels (with their scales) to bf16 panels in gemm_bf16.h's layout: out[kp][r] holds
+// {bf16(w[r][2kp]), bf16(w[r][2kp + 1])} with w = fp8 * block scale (one fp32 multiply, one rounding: what
+// UnpackFp8ToBf16 gives), the pair of an odd K's last k zero. For the AMX path (GemmFp8Amx).
+template <bool kFast>
+void PanelsToBf16Impl(size_t k, const uint8_t* HWY_RESTRICT panels, const float* HWY_RESTRICT scales,
+                      size_t n_panels, bf16_t* HWY_RESTRICT out) {
+  const DF df;
+  const DU du;
+  const Fp8Decoder<kFast> dec;
+  const size_t stride = Fp8PanelStride(k), blocks = Fp8KBlocks(k), pairs = (k + 1) / 2;
+  for (size_t p = 0; p < n_panels; ++p) {
+    const uint8_t* panel = panels + p * stride;
+    const float* ps = scales + p * kFp8PanelRows * blocks;
+    uint32_t* o = reinterpret_cast<uint32_t*>(out + p * pairs * 2 * kFp8PanelRows);
+    for (size_t kp = 0; kp < pairs; ++kp) {
+      const size_t c = 2 * kp;
+      const float* sc = ps + (c / kFp8BlockK) * kFp8PanelRows;  // c and c + 1 share a 128-k block
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) {
+        const auto scale = hn::LoadU(df, sc + s * kLanes);
+        const auto lo = RoundToBf16Bits(hn::Mul(dec.Decode(panel + c * kFp8PanelRows + s * kLanes), scale));
+        auto hi = hn::Zero(du);
+        if (c + 1 < k) hi = RoundToBf16Bits(hn::Mul(dec.Decode(panel + (c + 1) * kFp8PanelRows + s * kLanes), scale));
+        hn::StoreU(hn::Or(lo, hn::ShiftLeft<16>(hi)), du, o + kp * kFp8PanelRows + s * kLanes);
+      }
+    }
+  }
+}
+
+void PanelsToBf16(size_t k, const uint8_t* panels, const float* scales, size_t n_panels, bf16_t* out) {
+  if (internal::Fp8DenormalsAreZero()) return PanelsToBf16Impl<false>(k, panels, scales, n_panels, out);
+  PanelsToBf16Impl<true>(k, panels, scales, n_panels, out);
+}
+
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
 }  // namespace kt
@@ -287,6 +332,11 @@ namespace internal {
 GemmFp8Fn GemmFp8Hwy(Isa isa) {
   static constexpr HwyFns<GemmFp8Fn> kGemm = KT_HWY_FNS(GemmFp8Fn, GemmFp8);
   return kGemm.At(HwyTargetOf(isa));
+}
+
+Fp8PanelsToBf16Fn Fp8PanelsToBf16Hwy(Isa isa) {
+  static constexpr HwyFns<Fp8PanelsToBf16Fn> kConvert = KT_HWY_FNS(Fp8PanelsToBf16Fn, PanelsToBf16);
+  return kConvert.At(HwyTargetOf(isa));
 }
 
 }  // namespace internal

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <xmmintrin.h>
@@ -13,6 +15,7 @@
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/kernels/fp8.h"
+#include "kt/kernels/gemm_bf16.h"
 #include "kt/kernels/gemm_fp8.h"
 #include "kt/kernels/gemm_test_util.h"
 #include "kt/kernels/quant.h"
@@ -91,16 +94,51 @@ TEST(PackFp8, RejectsOtherFormatsAndWrongSizes) {
   EXPECT_NE(s.message().find("kt-fp8-block128-v1"), absl::string_view::npos) << s;
 }
 
+// The AMX path's conversion: bf16 panels bit-identical to PackBf16 of UnpackFp8ToBf16's matrix (NaN codes,
+// an odd K, rows past N), on every Highway target this CPU runs, with and without MXCSR.DAZ.
+TEST(Fp8PanelsToBf16, EqualsUnpackThenPackBf16) {
+  std::mt19937 rng(13);
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vnni}) {
+    const internal::Fp8PanelsToBf16Fn fn = internal::Fp8PanelsToBf16Hwy(isa);
+    if (fn == nullptr || !IsaSupported(isa, GetCpuFeatures())) continue;
+    for (const auto& [n, k] : std::vector<std::pair<size_t, size_t>>{{16, 128}, {45, 301}, {32, 2}, {17, 1}}) {
+      for (bool daz : {false, true}) {
+        QuantizedMatrix qm = RandomFp8(n, k, rng);
+        qm.data[(n - 1) * k + k / 2] = 0x7f;  // a NaN code
+        for (size_t c = 0; c < k; c += 7) qm.data[c] = static_cast<uint8_t>(c % 8);  // subnormal codes
+        const Packed p = Pack(qm);
+        std::vector<bf16_t> w(n * k);
+        UnpackFp8ToBf16(n, k, p.panels.data(), p.scales.data(), /*transposed=*/false, w.data(), k);
+        std::vector<bf16_t> want(PackedBf16Size(n, k)), got(PackedBf16Size(n, k), bf16_t{0x1234});
+        PackBf16(w.data(), k, n, k, want.data());
+        const unsigned saved = _mm_getcsr();
+        if (daz) _mm_setcsr(saved | 0x8040u);
+        fn(k, p.panels.data(), p.scales.data(), Fp8NumPanels(n), got.data());
+        _mm_setcsr(saved);
+        for (size_t i = 0; i < want.size(); ++i) {
+          ASSERT_EQ(got[i].bits, want[i].bits) << IsaName(isa) << " n=" << n << " k=" << k << " daz=" << daz
+                                               << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(GetGemmFp8, TableSelectsEveryIsa) {
-  gemm_test::ExpectTableSelects(GemmFp8Paths(), &GetGemmFp8, {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni"},
-                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "hwy_avx512_vnni",
-                                 "hwy_avx512_vnni"});
+  gemm_test::ExpectTableSelects(GemmFp8Paths(), &GetGemmFp8,
+                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "amx"},
+                                {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "hwy_avx512_vnni", "amx"});
 }
 
 class GemmFp8PathTest : public gemm_test::KernelPathTest<GemmFp8Fn> {
  protected:
   // Runs the path on an m x n x k problem and compares with the double reference: each output within
-  // 1e-5 of sum_k |x w| (fp32 accumulation of exact products over <= 600 terms stays far below that).
+  // 1e-5 of sum_k |x w| (fp32 accumulation of exact products over <= 600 terms stays far below that); the
+  // AMX path's prefill (m >= kAmxMinRows) multiplies bf16(w) instead of w, each at most 2^-9 relative
+  // off, so within 2^-9 of sum_k |x w| plus the same accumulation margin.
+  double Tolerance(size_t m) const {
+    return std::string(GetParam().name) == "amx" && m >= internal::kAmxMinRows ? 0x1p-9 + 1e-5 : 1e-5;
+  }
   void Check(size_t m, size_t n, size_t k, size_t x_offset, std::mt19937& rng) {
     const QuantizedMatrix qm = RandomFp8(n, k, rng);
     const Packed p = Pack(qm);
@@ -120,7 +158,7 @@ class GemmFp8PathTest : public gemm_test::KernelPathTest<GemmFp8Fn> {
           ref += Bf16ToF32(x[i * ldx + c]) * w;
           mag += std::fabs(Bf16ToF32(x[i * ldx + c]) * w);
         }
-        ASSERT_NEAR(y.at(i, j), ref, 1e-5 * mag + 1e-30) << "m=" << m << " n=" << n << " k=" << k << " at " << i
+        ASSERT_NEAR(y.at(i, j), ref, Tolerance(m) * mag + 1e-30) << "m=" << m << " n=" << n << " k=" << k << " at " << i
                                                           << "," << j;
       }
       y.ExpectRowPaddingUntouched(i);
