@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
@@ -243,6 +244,17 @@ PYBIND11_MODULE(_kt, m) {
       "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
       "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
       "yet ('' when one can).");
+  m.def(
+      "hf_int4_group_size",
+      [](const std::string& dir) {
+        absl::StatusOr<int> g = HfInt4GroupSize(dir);
+        if (!g.ok()) ThrowStatus(g.status());
+        return *g;
+      },
+      py::arg("dir"),
+      "G of the native int4 checkpoint (compressed-tensors pack-quantized or GPTQ) in dir: its config.json's, "
+      "else its scales' shape. ValueError when the folder is not one, or its quantization_config is one kt "
+      "cannot read (naming the field).");
   m.def(
       "sft_base_method",
       [](const std::string& sft_method) {
