@@ -210,8 +210,8 @@ float ScaleAt(const Checkpoint::Located& loc, size_t i) {
 }
 
 absl::Status CheckGptqValues(const HfInt4Config& c, const HfInt4Matrix& m, int64_t k, int group) {
-  const uint8_t* z = m.zeros.file->data(*m.zeros.info);
-  const size_t words = m.zeros.info->num_bytes() / 4;
+  const uint8_t* z = m.zeros.info == nullptr ? nullptr : m.zeros.file->data(*m.zeros.info);
+  const size_t words = m.zeros.info == nullptr ? 0 : m.zeros.info->num_bytes() / 4;
   const uint32_t want = 0x11111111u * static_cast<uint32_t>(c.gptq_stored_zero);
   for (size_t i = 0; i < words; ++i) {
     if (LoadU32(z + i * 4) != want) {
@@ -310,7 +310,10 @@ absl::Status FindHfInt4Matrix(const Checkpoint& ckpt, const HfInt4Config& config
   KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("qweight"), {Dtype::kI32}, {k / 8, n}, what, "[K/8, N]", &out->packed));
   KT_INT4_RETURN_IF_ERROR(Need(ckpt, scale_name, {Dtype::kF16}, {k / g, n}, what, absl::StrCat("[K/G, N], G = ", g),
                           &out->scale));
-  KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("qzeros"), {Dtype::kI32}, {k / g, n / 8}, what, "[K/G, N/8]", &out->zeros));
+  out->zeros = {};  // optional: sym GPTQ's zero point is 8 whatever it stores (the original ignores qzeros)
+  if (ckpt.Find(name("qzeros")).info != nullptr) {
+    KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("qzeros"), {Dtype::kI32}, {k / g, n / 8}, what, "[K/G, N/8]", &out->zeros));
+  }
   out->g_idx = {};
   if (ckpt.Find(name("g_idx")).info != nullptr) {
     KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("g_idx"), {Dtype::kI32}, {k}, what, "[K]", &out->g_idx));

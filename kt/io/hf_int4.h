@@ -6,9 +6,10 @@
 //     (BF16 as shipped; F16 and F32 read too); `weight_shape` int [2] = [N, K]. w = q * scale.
 //   - GPTQ (method GPTQ_INT4), sym = true, desc_act = false, bits 4, as AutoGPTQ / GPTQModel write it:
 //     `qweight` int32 [K/8, N] (k = 8i + j in bits 4j..4j+3 of row i), unsigned q in [0, 15]; `scales` F16
-//     [K/G, N]; `qzeros` int32 [K/G, N/8] (8 nibbles per word along N), which for sym must all be the
-//     symmetric zero (8, stored as 7 by checkpoint_format "gptq" and as 8 by "gptq_v2"); `g_idx` int32 [K]
-//     = k / G when present (desc_act false). w = (q - 8) * scale.
+//     [K/G, N]; `qzeros` int32 [K/G, N/8] (8 nibbles per word along N) when present, which for sym must all
+//     be the symmetric zero (8, stored as 7 by checkpoint_format "gptq" and as 8 by "gptq_v2"; absent: 8, as
+//     the original kt-kernel reads sym GPTQ); `g_idx` int32 [K] = k / G when present (desc_act false).
+//     w = (q - 8) * scale.
 //
 // Both are w = s * v with an integer v in [-8, 7] per element and one scale per (row, group of G along K):
 // exactly kt-int4-group{G}-sym-v1 with the nibble -8 in use (quant.h: two's-complement nibbles, fp32 scales;
@@ -54,7 +55,7 @@ absl::StatusOr<HfInt4Config> ReadHfInt4Config(const std::string& config_path);
 struct HfInt4Matrix {
   Checkpoint::Located packed;  // weight_packed / qweight
   Checkpoint::Located scale;   // weight_scale / scales
-  Checkpoint::Located zeros;   // GPTQ qzeros
+  Checkpoint::Located zeros;   // GPTQ qzeros (info == nullptr when absent)
   Checkpoint::Located g_idx;   // GPTQ g_idx (info == nullptr when absent)
   Checkpoint::Located shape;   // pack-quantized weight_shape
 };

@@ -204,7 +204,8 @@ class BrokenCopy {
     ASSERT_NE(config_.find(from), std::string::npos) << from;
     config_ = absl::StrReplaceAll(config_, {{from, to}});
   }
-  // Writes the copy: every tensor as in the fixture except `name`, written as (dtype, shape, bytes).
+  // Writes the copy: every tensor as in the fixture except `name`, written as (dtype, shape, bytes), or left
+  // out when shape and bytes are empty.
   std::string Write(const std::string& name = "", Dtype dtype = Dtype::kU8, std::vector<int64_t> shape = {},
                     std::vector<uint8_t> bytes = {}) {
     WriteRaw(dir_ + "/config.json", config_);
@@ -212,6 +213,7 @@ class BrokenCopy {
     EXPECT_TRUE(f.ok()) << f.status();
     std::vector<TensorToWrite> out;
     for (const TensorInfo& t : (*f)->tensors()) {
+      if (t.name == name && shape.empty() && bytes.empty()) continue;  // dropped
       if (t.name == name) {
         out.push_back({name, dtype, shape, absl::MakeConstSpan(bytes)});
       } else {
@@ -345,6 +347,21 @@ TEST(HfInt4Test, WrongTensorsAreNamedWithWhatWasExpected) {
     const std::string dir = copy.Write(gate + "g_idx", Dtype::kI32, {256}, gi);
     EXPECT_THAT(OpenError(dir, 0, "GPTQ_INT4", 128),
                 HasSubstr("g_idx\" element 200 is 0, expected 1 (k / group_size: desc_act false)"));
+  }
+  {
+    // qzeros is optional (sym: the zero point is 8 whatever is stored); g_idx too. Without them the read is
+    // the same.
+    BrokenCopy copy("qwen3_moe_gptq");
+    const std::string dir = copy.Write(gate + "qzeros");
+    absl::StatusOr<std::unique_ptr<LayerExperts>> a = OpenAs(dir, 0, "GPTQ_INT4", 128);
+    absl::StatusOr<std::unique_ptr<LayerExperts>> b = OpenAs(TestdataHf("qwen3_moe_gptq"), 0, "GPTQ_INT4", 128);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+    QuantizedMatrix qa, qb;
+    ASSERT_TRUE((*a)->ReadQuantized(1, ExpertMatrix::kGate, &qa).ok());
+    ASSERT_TRUE((*b)->ReadQuantized(1, ExpertMatrix::kGate, &qb).ok());
+    EXPECT_EQ(qa.data, qb.data);
+    EXPECT_EQ(qa.scales, qb.scales);
+    EXPECT_EQ((*a)->SourceTensors().size(), 4u * 3u * 4u - 1u);
   }
   {
     BrokenCopy copy("qwen3_moe_gptq");

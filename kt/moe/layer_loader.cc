@@ -6,7 +6,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/io/arch.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/layer_experts.h"
+#include "kt/io/manifest.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -178,8 +180,18 @@ absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], c
   return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
 }
 
-absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
+absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& in_options,
                                                 ThreadPool& pool) {
+  // RAWINT4 / GPTQ_INT4 hold the checkpoint's groups: a converted folder's manifest group_size, a native int4
+  // checkpoint's (hf_int4.h); options.group_size for a bf16 one.
+  FolderLayerOptions options = in_options;
+  if (options.method == "RAWINT4" || options.method == "GPTQ_INT4") {
+    if (absl::StatusOr<Manifest> m = ReadManifest(dir); m.ok() && m->group_size > 0) {
+      options.group_size = m->group_size;
+    } else if (absl::StatusOr<int> g = HfInt4GroupSize(dir); g.ok()) {
+      options.group_size = *g;
+    }
+  }
   absl::StatusOr<MethodLayout> layout = LayoutOfMethod(options.method, options.group_size);
   if (!layout.ok()) return layout.status();
   absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);

@@ -76,7 +76,7 @@ struct FolderLayer {
 };
 
 // A MoeLayer of the shape `dir`'s config.json gives (a converted folder keeps the source's), loaded with MoE
-// layer options.layer. Errors name the folder, the layer (a dense one, or one past the last) and the field.
+// layer options.layer (RAWINT4 / GPTQ_INT4: at the folder's group size, its manifest's or checkpoint's). Errors name the folder, the layer (a dense one, or one past the last) and the field.
 absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
                                                 ThreadPool& pool);
 

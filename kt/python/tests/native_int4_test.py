@@ -41,13 +41,16 @@ def decoded(name, layer, E):
     return out
 
 
-@pytest.mark.parametrize("name,method,G", [("kimi_k2_rawint4", "RAWINT4", 32), ("qwen3_moe_gptq", "GPTQ_INT4", 128)])
-def test_native_int4_matches_float_reference(name, method, G):
+@pytest.mark.parametrize("name,method,G,tp", [("kimi_k2_rawint4", "RAWINT4", 32, 1), ("kimi_k2_rawint4", "RAWINT4", 32, 2),
+                                           ("qwen3_moe_gptq", "GPTQ_INT4", 128, 1)])
+def test_native_int4_matches_float_reference(name, method, G, tp):
+    # tp = 2: threadpool_count 2, the layer split along I into two parts (each loaded from the same folder).
     ref = testdata.reference(name)
     layer = int(ref["layer"])
     E, k, H, I = testdata.shape(name)
     moe = KTMoEWrapper(**wrapper_args(E, k, H, I, layer_idx=layer, weight_path=testdata.path(name),
-                                      chunked_prefill_size=max(testdata.TOKENS), method=method))
+                                      chunked_prefill_size=max(testdata.TOKENS), method=method,
+                                      threadpool_count=tp))
     assert moe.weight_format == "int4_group_sym" and moe.group_size == G
     moe.load_weights(None)
     weights = decoded(name, layer, E)
