@@ -364,6 +364,22 @@ absl::Status ReadHfInt4Matrix(const HfInt4Config& config, const HfInt4Matrix& m,
   return absl::OkStatus();
 }
 
+void PackQuantizedToCanonical(const uint8_t* packed, const uint16_t* scale_bits, size_t n, size_t k, int group,
+                              QuantizedMatrix* out) {
+  out->spec = QuantSpec{QuantFormat::kInt4GroupSym, group};
+  out->n = n;
+  out->k = k;
+  out->zeros.clear();
+  out->data.resize(n * k / 2);
+  out->scales.resize(n * (k / static_cast<size_t>(group)));
+  for (size_t i = 0; i < out->data.size(); ++i) out->data[i] = packed[i] ^ 0x88;  // u = q + 8 -> q
+  for (size_t i = 0; i < out->scales.size(); ++i) {
+    bf16_t b;
+    std::memcpy(&b.bits, scale_bits + i, 2);
+    out->scales[i] = Bf16ToF32(b);
+  }
+}
+
 absl::StatusOr<int> HfInt4GroupSize(const std::string& dir) {
   absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
   if (!arch.ok()) return arch.status();

@@ -71,6 +71,12 @@ absl::Status FindHfInt4Matrix(const Checkpoint& ckpt, const HfInt4Config& config
 absl::Status ReadHfInt4Matrix(const HfInt4Config& config, const HfInt4Matrix& m, size_t n, size_t k, int group,
                               QuantizedMatrix* out);
 
+// compressed-tensors pack-quantized rows as kt-int4-group{group}-sym-v1 (exact): `packed` the weight_packed
+// bytes [n, k/2] (int32 words read as little-endian bytes, or the uint8 form), `scale_bits` the bf16
+// weight_scale [n, k/group]. ReadHfInt4Matrix's RAWINT4 read, for tensors handed over in memory.
+void PackQuantizedToCanonical(const uint8_t* packed, const uint16_t* scale_bits, size_t n, size_t k, int group,
+                              QuantizedMatrix* out);
+
 // The group size G of the native int4 checkpoint in `dir` (config.json's, else the first MoE layer's first
 // expert's scales' shape), for a RAWINT4 / GPTQ_INT4 layer built before its weights are read.
 // InvalidArgument when the folder is not a native int4 checkpoint.

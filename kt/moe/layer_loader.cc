@@ -156,7 +156,40 @@ absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const flo
   return moe.FinishLoad();
 }
 
+template <typename Layer>
+absl::Status LoadRawInt4Into(Layer& moe, const uint8_t* const (&packed)[3], const uint16_t* const (&scales)[3],
+                             const int64_t* physical_to_logical, ThreadPool& pool) {
+  const MoeConfig& c = moe.config();
+  const size_t h = c.hidden, inter = c.intermediate, g = static_cast<size_t>(c.group_size);
+  moe.BeginLoad();
+  const size_t tasks = static_cast<size_t>(c.num_experts) * 3;
+  std::vector<absl::Status> status(tasks);
+  pool.ParallelFor(tasks, [&](size_t task, int) {
+    const int slot = static_cast<int>(task / 3), p = static_cast<int>(task % 3);
+    const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+    const size_t n = p == 2 ? h : inter, k = p == 2 ? inter : h;
+    QuantizedMatrix qm;
+    PackQuantizedToCanonical(packed[p] + e * n * (k / 2), scales[p] + e * n * (k / g), n, k, c.group_size, &qm);
+    status[task] = moe.LoadExpertQuantized(slot, static_cast<ExpertProj>(p), qm);
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return moe.FinishLoad();
+}
+
 }  // namespace
+
+absl::Status LoadRawInt4Experts(MoeLayer& moe, const uint8_t* const (&packed)[3], const uint16_t* const (&scales)[3],
+                                const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadRawInt4Into(moe, packed, scales, physical_to_logical, pool);
+}
+
+absl::Status LoadRawInt4Experts(TpMoeLayer& moe, const uint8_t* const (&packed)[3],
+                                const uint16_t* const (&scales)[3], const int64_t* physical_to_logical,
+                                ThreadPool& pool) {
+  return LoadRawInt4Into(moe, packed, scales, physical_to_logical, pool);
+}
 
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,

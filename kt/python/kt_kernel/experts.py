@@ -14,8 +14,9 @@ every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT
 ``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
 ``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
 LoRA gradients; weights from ``load_weights_from_tensors``). "RAWINT4" (compressed-tensors pack-quantized
-INT4, Kimi-K2) and "GPTQ_INT4" (GPTQ sym, desc_act false) load their checkpoints from ``weight_path`` as
-stored (``AMXMoEWrapper``; the group size is the checkpoint's). The other methods (FP8_PERCHANNEL,
+INT4, Kimi-K2; ``RawInt4MoEWrapper``, which also takes the checkpoint's packed tensors) and "GPTQ_INT4" (GPTQ
+sym, desc_act false; ``AMXMoEWrapper``) load their checkpoints from ``weight_path`` as stored (the group size
+is the checkpoint's). The other methods (FP8_PERCHANNEL,
 LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different method.
 
 Example::
@@ -42,6 +43,7 @@ from .utils.amx import AMXMoEWrapper
 from .utils.fp8 import FP8MoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 from .utils.native import NativeMoEWrapper
+from .utils.rawint4 import RawInt4MoEWrapper
 
 __all__ = [
     "KTMoEWrapper",
@@ -103,6 +105,8 @@ def _backend_of(method: str):
         return NativeMoEWrapper
     if method == "FP8":
         return FP8MoEWrapper
+    if method == "RAWINT4":
+        return RawInt4MoEWrapper
     return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
 
 

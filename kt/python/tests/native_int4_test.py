@@ -78,3 +78,44 @@ def test_group_size_comes_from_the_checkpoint():
     # Without weight_path, RAWINT4 quantizes bf16 tensors itself at group_size (AMXINT4_KGroup's format).
     moe = KTMoEWrapper(**wrapper_args(E, k, H, I, method="RAWINT4", group_size=64))
     assert moe.group_size == 64 and moe.weight_format == "int4_group_sym"
+
+
+@pytest.mark.parametrize("as_bytes,tp", [(False, 1), (True, 1), (False, 2)])
+def test_rawint4_from_the_checkpoints_tensors_equals_the_folder_load(as_bytes, tp):
+    # load_weights_from_tensors with weight_packed (int32, or its uint8 bytes) and the bf16 weight_scale gives
+    # the layer load_weights gives, bit for bit; with a physical -> logical map, that permutation of it.
+    name, layer = "kimi_k2_rawint4", 1
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+    args = wrapper_args(E, k, H, I, layer_idx=layer, weight_path=testdata.path(name), method="RAWINT4",
+                        chunked_prefill_size=max(testdata.TOKENS), threadpool_count=tp)
+    from_folder = KTMoEWrapper(**args)
+    from_folder.load_weights(None)
+    from_tensors = KTMoEWrapper(**args)
+
+    def stacked(p, part, dtype):
+        return torch.from_numpy(np.stack([raw(st, f"model.layers.{layer}.mlp.experts.{e}.{p}.{part}", dtype)
+                                          for e in range(E)]).copy())
+
+    packed = [stacked(p, "weight_packed", np.int32) for p in PROJ]
+    if as_bytes:
+        packed = [t.view(torch.uint8) for t in packed]
+    scales = [stacked(p, "weight_scale", np.int16).view(torch.bfloat16) for p in PROJ]
+    perm = torch.tensor([2, 0, 3, 1], dtype=torch.int64)
+    from_tensors.load_weights_from_tensors(*packed, perm, *scales)
+    from_folder_perm = KTMoEWrapper(**args)
+    from_folder_perm.load_weights(perm)
+    x, ids, w, _ = testdata.inputs(ref, 33)
+    assert torch.equal(from_tensors.forward(x, ids, w, None).view(torch.int16),
+                       from_folder_perm.forward(x, ids, w, None).view(torch.int16))
+    from_tensors.load_weights_from_tensors(*packed, None, *scales)
+    assert torch.equal(from_tensors.forward(x, ids, w, None).view(torch.int16),
+                       from_folder.forward(x, ids, w, None).view(torch.int16))
+    # Wrong dtype / shape of a scale: named, with what was expected.
+    with pytest.raises(TypeError, match=r"down_scale must have dtype torch.bfloat16, got torch.float32"):
+        from_tensors.load_weights_from_tensors(*packed, None, scales[0], scales[1], scales[2].float())
+    with pytest.raises(ValueError, match=r"gate_scale must have shape \[E, I, H/G\] \(G = 32\) = \[4, 64, 4\]"):
+        from_tensors.load_weights_from_tensors(*packed, None, scales[0][:, :, :2].contiguous(), *scales[1:])
+    with pytest.raises(ValueError, match=r"up_scale is required with packed weights"):
+        from_tensors.load_weights_from_tensors(*packed, None, scales[0], None, scales[2])
