@@ -282,7 +282,8 @@ def _native_group_size(a: InferenceArgs):
     manifest = os.path.join(path, "kt_manifest.json")
     if os.path.isfile(manifest):
         with open(manifest) as f:
-            return json.load(f).get("group_size", a.group_size)
+            g = json.load(f).get("group_size", 0)
+        return g if g else a.group_size  # 0: another layout, which load_weights names
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         return a.group_size  # load_weights reports the folder
