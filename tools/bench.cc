@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kt/io/arch.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
@@ -311,7 +312,13 @@ absl::Status BenchRun::MakeFolderLayers(size_t llc) {
               plan_.method.c_str(), FormatBytes(static_cast<double>(first.stats.file_bytes)).c_str(),
               first.stats.verify_seconds, load_s, copies, copies == 1 ? "y" : "ies");
   plan_.config = layers_[0]->config();
-  const bool quantized_folder = first.stats.converted && plan_.format != ExpertFormat::kBf16;
+  bool quantized_folder = first.stats.converted && plan_.format != ExpertFormat::kBf16;
+  // A native int4 checkpoint (RAWINT4, GPTQ_INT4) read as stored holds no bf16 model either: its dequantized
+  // weights are not bf16 values, so the reference could not quantize them back to the layer's.
+  if (plan_.format == ExpertFormat::kInt4GroupSym) {
+    const absl::StatusOr<int> g = HfInt4GroupSize(flags_.weights);
+    quantized_folder = quantized_folder || (g.ok() && *g == plan_.config.group_size);
+  }
   if (quantized_folder) return absl::OkStatus();
   return ReadCanonicalWeights(flags_.weights, first.layer, &gate_, &up_, &down_);
 }

@@ -150,12 +150,14 @@ ABSL_FLAG(int, layer, -1, "with --weights: the MoE layer to bench (-1: the folde
 // Flags of `kt convert`.
 ABSL_FLAG(std::string, input, "",
           "required: Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts "
-          "(or FP8 with 128x128 block scales, for --method FP8)");
+          "(or FP8 with 128x128 block scales, for --method FP8; or native int4: compressed-tensors pack-quantized "
+          "or GPTQ sym, as stored for RAWINT4 / GPTQ_INT4, dequantized for any other method)");
 ABSL_FLAG(std::string, output, "",
           "required: created if missing; rerunning into it resumes (layers whose checksums verify are kept)");
 ABSL_FLAG(std::string, method, "",
           "convert (required): BF16 | AMXINT8 | MOE_INT8 | AMXINT4 | MOE_INT4 | RAWINT4 | GPTQ_INT4 | "
-          "AMXINT4_KGroup | AMXINT4_1KGroup | FP8 (an FP8 folder is copied as stored) (docs/FORMATS.md: method -> "
+          "AMXINT4_KGroup | AMXINT4_1KGroup | FP8 (an FP8 folder is copied as stored; a native int4 one for RAWINT4 / "
+          "GPTQ_INT4) (docs/FORMATS.md: method -> "
           "layout); bench --weights: the "
           "KTMoEWrapper method the layer is loaded with (empty: a converted folder's own, else BF16)");
 
@@ -165,7 +167,8 @@ ABSL_FLAG(int, threads, 0,
           "process's affinity mask");
 ABSL_FLAG(int, group_size, 128,
           "group of the k-group int4 formats (bench: --format int4_group_*, 32, 64 or 128; convert: "
-          "AMXINT4_KGroup / AMXINT4_1KGroup)");
+          "AMXINT4_KGroup / AMXINT4_1KGroup, and RAWINT4 / GPTQ_INT4 from a bf16 folder: a native int4 one keeps its "
+          "own)");
 
 namespace kt {
 namespace tools {

@@ -33,7 +33,10 @@ import subprocess
 import sys
 import zlib
 
-PINNED = ["torch==2.15.0", "transformers==5.17.0", "safetensors==0.8.0", "numpy==2.4.6"]
+import fixtures_int4  # noqa: E402 (beside this script: the native int4 checkpoints)
+
+PINNED = ["torch==2.15.0", "transformers==5.17.0", "safetensors==0.8.0", "numpy==2.4.6",
+          "compressed-tensors==0.20.1"]
 TOKENS = (1, 7, 33)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +106,11 @@ def specs():
             **ATTN, hidden_size=128, intermediate_size=128, num_hidden_layers=1, moe_intermediate_size=128,
             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
             "Qwen3MoeForCausalLM"),
+        # GPTQ INT4 (sym, groups of 128) on a Qwen3-MoE layer: groups of 128 along H and I.
+        "qwen3_moe_gptq": (lambda: tf.Qwen3MoeConfig(
+            **ATTN, hidden_size=256, intermediate_size=128, num_hidden_layers=1, moe_intermediate_size=128,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+            "Qwen3MoeForCausalLM"),
         "qwen3_next": (lambda: tf.Qwen3NextConfig(
             **ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=1, layer_types=["full_attention"],
             moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
@@ -126,6 +134,10 @@ def specs():
             n_group=4, topk_group=2, routed_scaling_factor=2.5)), "DeepseekV3ForCausalLM"),
         "deepseek_v3_fp8": (lambda: tf.DeepseekV3Config(**deepseek_moe(
             hidden_size=256, moe_intermediate_size=128, n_routed_experts=4, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5)), "DeepseekV3ForCausalLM"),
+        # Kimi-K2's INT4 (compressed-tensors pack-quantized, groups of 32) on a DeepSeek-V3 layer.
+        "kimi_k2_rawint4": (lambda: tf.DeepseekV3Config(**deepseek_moe(
+            hidden_size=128, moe_intermediate_size=64, n_routed_experts=4, n_group=2, topk_group=1,
             routed_scaling_factor=2.5)), "DeepseekV3ForCausalLM"),
         "deepseek_v32": (lambda: tf.DeepseekV32Config(**deepseek_moe(
             n_group=4, topk_group=2, routed_scaling_factor=2.5, **dsa_indexer)), "DeepseekV32ForCausalLM"),
@@ -308,7 +320,8 @@ def dequantized_float_model(fp8_dir: str, cls_name: str, deq: dict):
 
     with tempfile.TemporaryDirectory() as tmp:
         with safe_open(os.path.join(fp8_dir, "model.safetensors"), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("_scale_inv")}
+            tensors = {k: f.get_tensor(k) for k in f.keys()
+                       if not k.endswith("_scale_inv") and k.rsplit(".", 1)[-1] not in fixtures_int4.QUANT_PARTS}
             meta = f.metadata()
         for n, d in deq.items():
             tensors[n] = d.contiguous()
@@ -317,8 +330,7 @@ def dequantized_float_model(fp8_dir: str, cls_name: str, deq: dict):
                 tensors[n] = t.float()
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata=meta)
         with open(os.path.join(fp8_dir, "config.json")) as f:
-            config = json.load(f)
-        del config["quantization_config"]
+            config = fixtures_int4.dequantized_config(json.load(f))
         config["dtype"] = "float32"
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f)
@@ -348,8 +360,10 @@ def make(name: str, out_root: str, seed: int) -> None:
 
     layer, block, experts = moe_blocks(model)[0]
     H = config.get_text_config().hidden_size
-    if name.endswith("_fp8"):
-        deq = make_fp8(out_dir)
+    quantizers = {"_fp8": make_fp8, "_rawint4": fixtures_int4.make_rawint4, "_gptq": fixtures_int4.make_gptq}
+    quantize = next((q for suffix, q in quantizers.items() if name.endswith(suffix)), None)
+    if quantize is not None:
+        deq = quantize(out_dir)
         model = dequantized_float_model(out_dir, cls_name, deq)
         layer, block, experts = moe_blocks(model)[0]
     ref = record(block, experts, H, seed + 1)

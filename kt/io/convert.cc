@@ -23,6 +23,7 @@
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
 #include "kt/io/checksum.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/convert_resume.h"
 #include "kt/io/file_util.h"
 #include "kt/io/layer_experts.h"
@@ -61,8 +62,12 @@ absl::StatusOr<MethodLayout> CheckMethod(const ConvertOptions& options) {
         " has no groups (only AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup and MOE_INT4_1KGroup take a "
         "group size); drop --group-size"));
   }
-  absl::StatusOr<MethodLayout> layout =
-      LayoutOfMethod(options.method, options.group_size != 0 ? options.group_size : 128);
+  // RAWINT4 / GPTQ_INT4 from a native int4 checkpoint keep its groups (hf_int4.h) unless told otherwise.
+  int group = options.group_size != 0 ? options.group_size : 128;
+  if (options.group_size == 0 && (options.method == "RAWINT4" || options.method == "GPTQ_INT4")) {
+    if (absl::StatusOr<int> g = HfInt4GroupSize(options.input); g.ok()) group = *g;
+  }
+  absl::StatusOr<MethodLayout> layout = LayoutOfMethod(options.method, group);
   if (!layout.ok()) return layout.status();
   if (const std::string why = MethodNotLoadableReason(options.method); !why.empty()) {
     return absl::UnimplementedError(absl::StrCat("--method ", options.method, ": ", why));
@@ -167,7 +172,7 @@ absl::StatusOr<LayerOutputs> ConvertMatrices(const ConvertJob& job, const LayerE
         if (absl::Status s = le.ReadBf16(static_cast<int>(e), m, out.bf16[e * 3 + p].data()); !s.ok()) return s;
         continue;
       }
-      if (le.quantized()) {  // an FP8 checkpoint read for method FP8: its codes and scales as they are
+      if (le.quantized()) {  // FP8 for method FP8, native int4 for its layout: as they are (no requantization)
         if (absl::Status s = le.ReadQuantized(static_cast<int>(e), m, &out.quant[e * 3 + p]); !s.ok()) return s;
         continue;
       }

@@ -17,8 +17,9 @@
 // One writer per output folder: the folder is locked (flock) for the whole run, so a concurrent convert
 // into it fails at once. Under the lock, leftover temporaries ("*.tmp.<pid>") of an interrupted run are
 // removed (one progress line says which). An output folder holding a conversion for another layout is an
-// error, never silently replaced. RAWINT4 and GPTQ_INT4 are refused (no kernel can load them yet), and so is
-// a group size for a method without groups.
+// error, never silently replaced. A group size for a method without groups is refused. A native int4 input
+// (compressed-tensors pack-quantized, GPTQ: hf_int4.h) converts to RAWINT4 / GPTQ_INT4 (or AMXINT4_KGroup at
+// its group size) as stored, exactly, and to any other method through its dequantized bf16 (q * scale).
 //
 // The output does not depend on the machine: no NUMA split (kt slices at load time), deterministic
 // quantization, tensors in name order.

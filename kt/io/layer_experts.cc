@@ -270,10 +270,22 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
           "weight + weight_scale_inv, as DeepSeek-V3 ships, are)"));
     }
   }
-  if (arch.quantization.has_value() && !fp8) {
+  const bool int4 = arch.quantization.has_value() && IsHfInt4QuantMethod(arch.quantization->quant_method);
+  HfInt4Config int4_config;
+  if (int4) {
+    absl::StatusOr<HfInt4Config> c = ReadHfInt4Config(config_path);
+    if (!c.ok()) return c.status();
+    int4_config = *c;
+    if (arch.fused_experts()) {
+      return absl::UnimplementedError(absl::StrCat(config_path, ": ", HfInt4Method(c->kind), " checkpoints with "
+                                                   "fused expert tensors are not supported (per-expert ones are)"));
+    }
+  }
+  if (arch.quantization.has_value() && !fp8 && !int4) {
     return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
                                                  arch.quantization->quant_method,
-                                                 "\" is not supported; kt reads bf16 checkpoints"));
+                                                 "\" is not supported; kt reads bf16, FP8 (\"fp8\"), "
+                                                 "compressed-tensors and GPTQ INT4 checkpoints"));
   }
   if (absl::Status s = CheckShape(config_path, "num_experts", "hidden_size", "moe_intermediate_size",
                                   arch.num_experts, arch.hidden, arch.intermediate, want);
@@ -303,6 +315,8 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
     if (absl::Status s = CheckHfTensor(*ckpt, names->gate_up, gu, &le->fused_[0], what); !s.ok()) return s;
     if (absl::Status s = CheckHfTensor(*ckpt, names->down, dn, &le->fused_[1], what); !s.ok()) return s;
     le->weight_bytes_ = le->fused_[0].info->num_bytes() + le->fused_[1].info->num_bytes();
+  } else if (int4) {
+    if (absl::Status s = le->OpenHfInt4(*ckpt, int4_config, config_path); !s.ok()) return s;
   } else {
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
     le->hf_fp8_ = fp8;
@@ -358,7 +372,7 @@ absl::Status LayerExperts::Verify(size_t task) const {
 }
 
 const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
-  if (expert < 0 || expert >= e_ || hf_fp8_) return nullptr;
+  if (expert < 0 || expert >= e_ || hf_fp8_ || !hf_int4_.empty()) return nullptr;
   const int p = static_cast<int>(m);
   const uint8_t* at = nullptr;
   if (converted_) {
@@ -391,6 +405,7 @@ absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) con
     return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is FP8 (kt-fp8-block128-v1): read it with "
                                                       "ReadQuantized"));
   }
+  if (!hf_int4_.empty()) return ReadHfInt4Bf16(expert, m, out);
   if (converted_) {
     if (layout_.quantized) {
       return absl::FailedPreconditionError(absl::StrCat(file_->path(), " is quantized (", layout_.tag,
@@ -441,6 +456,10 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
     return absl::FailedPreconditionError("ReadQuantized: the folder holds bf16 weights: read them with ReadBf16");
   }
   const int p = static_cast<int>(m);
+  if (!hf_int4_.empty()) {
+    return ReadHfInt4Matrix(hf_int4_config_, hf_int4_[static_cast<size_t>(expert) * 3 + p], Rows(m), Cols(m),
+                            hf_int4_group_, out);
+  }
   if (hf_fp8_) {
     // The codes as stored; the block scales repeated per row (the canonical form, quant.h).
     const Checkpoint::Located& w = per_expert_[static_cast<size_t>(expert) * 3 + p];
@@ -484,6 +503,15 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
 std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
   if (converted_) return {};
   if (arch_.fused_experts()) return {fused_[0], fused_[1]};
+  if (!hf_int4_.empty()) {
+    std::vector<Checkpoint::Located> all;
+    for (const HfInt4Matrix& mat : hf_int4_) {
+      for (const Checkpoint::Located& t : {mat.packed, mat.scale, mat.zeros, mat.g_idx, mat.shape}) {
+        if (t.info != nullptr) all.push_back(t);
+      }
+    }
+    return all;
+  }
   if (hf_fp8_) {
     std::vector<Checkpoint::Located> all = per_expert_;
     all.insert(all.end(), per_expert_scales_.begin(), per_expert_scales_.end());

@@ -5,7 +5,10 @@
 //   - a Hugging Face folder (config.json + model.safetensors or a sharded index), bf16 expert weights in any
 //     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]), or FP8 per-expert weights
 //     with 128 x 128 block scales (quantization_config.quant_method "fp8": F8_E4M3 `weight` + F32
-//     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8;
+//     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8, or
+//     native int4 (compressed-tensors pack-quantized or GPTQ sym, hf_int4.h), read as
+//     kt-int4-group{G}-sym-v1 by ReadQuantized when the method holds that layout with the checkpoint's G
+//     (RAWINT4, GPTQ_INT4, AMXINT4_KGroup), else dequantized (q * scale rounded to bf16) by ReadBf16;
 //   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method.
 // Open checks everything a later read relies on, so that a load never fails half-way: the config's MoE shape
 // against the caller's, every expert tensor's presence, dtype and shape, the manifest's method layout
@@ -24,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
 #include "kt/io/safetensors.h"
@@ -73,7 +77,9 @@ class LayerExperts {
   size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
   // Whether ReadQuantized is the way to read (a converted quantized folder, or an HF FP8 folder); otherwise
   // ReadBf16.
-  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_; }
+  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_ || hf_int4_exact_; }
+  // G of a native int4 checkpoint (0 for any other folder).
+  int hf_int4_group() const { return hf_int4_.empty() ? 0 : hf_int4_group_; }
   // Bytes of expert weights this layer reads from its files (for throughput figures).
   uint64_t weight_bytes() const { return weight_bytes_; }
 
@@ -101,6 +107,9 @@ class LayerExperts {
   LayerExperts() = default;
   absl::Status CheckExpert(int expert, const char* fn) const;
   absl::Status FindConvertedTensors(const std::string& path);
+  // Native int4 (layer_experts_int4.cc): every expert's tensors; bf16 by dequantization.
+  absl::Status OpenHfInt4(const Checkpoint& ckpt, const HfInt4Config& config, const std::string& config_path);
+  absl::Status ReadHfInt4Bf16(int expert, ExpertMatrix m, bf16_t* out) const;
 
   bool converted_ = false;
   int layer_ = 0;
@@ -115,6 +124,11 @@ class LayerExperts {
   // FP8 (quant_method "fp8"): per_expert_ are the F8_E4M3 weights and these [E][3] their F32 block scales.
   bool hf_fp8_ = false;
   std::vector<Checkpoint::Located> per_expert_scales_;
+  // Native int4 (hf_int4.h): [E][3] matrices (per_expert_ are their packed tensors); exact: read quantized.
+  HfInt4Config hf_int4_config_;
+  std::vector<HfInt4Matrix> hf_int4_;
+  int hf_int4_group_ = 0;
+  bool hf_int4_exact_ = false;
   Checkpoint::Located fused_[2];
   // Converted.
   std::unique_ptr<SafetensorsFile> file_;

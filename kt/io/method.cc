@@ -18,8 +18,9 @@ struct Entry {
 // Why each mapping (the original kt-kernel's formats, see docs/FORMATS.md):
 // - AMXINT8 / MOE_INT8: symmetric int8 per output row, scale = absmax / 127 (the original's exactly).
 // - AMXINT4 / MOE_INT4: symmetric int4 per output row, no groups (the original's AMXINT4 has no group size).
-// - RAWINT4: Kimi-K2's native int4 is symmetric with groups of 32 along K.
-// - GPTQ_INT4: the original accepts only sym=true GPTQ; 128 is GPTQ's usual group size.
+// - RAWINT4 (compressed-tensors pack-quantized, Kimi-K2: groups of 32) and GPTQ_INT4 (sym, desc_act false):
+//   w = q * scale with q in [-8, 7] and a scale per group of K, which kt-int4-group{G}-sym-v1 holds exactly
+//   (kt/io/hf_int4.h); G is the checkpoint's (KTMoEWrapper reads it from weight_path).
 // - AMXINT4_KGroup / AMXINT4_1KGroup: the original's k-group kernels, symmetric / asymmetric (INT4_1:
 //   scale and zero point per group), group size chosen by the caller.
 constexpr Entry kEntries[] = {
@@ -28,8 +29,8 @@ constexpr Entry kEntries[] = {
     {"MOE_INT8", true, QuantFormat::kInt8PerChannel, false},
     {"AMXINT4", true, QuantFormat::kInt4PerChannel, false},
     {"MOE_INT4", true, QuantFormat::kInt4PerChannel, false},
-    {"RAWINT4", true, QuantFormat::kInt4GroupSym, false},
-    {"GPTQ_INT4", true, QuantFormat::kInt4GroupSym, false},
+    {"RAWINT4", true, QuantFormat::kInt4GroupSym, true},
+    {"GPTQ_INT4", true, QuantFormat::kInt4GroupSym, true},
     {"AMXINT4_KGroup", true, QuantFormat::kInt4GroupSym, true},
     {"AMXINT4_1KGroup", true, QuantFormat::kInt4GroupAsym, true},
     // kt's extensions (docs/FORMATS.md): the portable kernels' names for the group layouts, and INT4_1
@@ -58,14 +59,7 @@ bool MethodTakesGroupSize(absl::string_view method) {
 }
 
 std::string MethodNotLoadableReason(absl::string_view method) {
-  if (method == "RAWINT4") {
-    return "method RAWINT4 has no kernel in kt yet, so no KTMoEWrapper method could load the folder; its "
-           "layout (kt-int4-group32-sym-v1) is what --method AMXINT4_KGroup --group-size 32 writes and loads";
-  }
-  if (method == "GPTQ_INT4") {
-    return "method GPTQ_INT4 has no kernel in kt yet, so no KTMoEWrapper method could load the folder; its "
-           "layout (kt-int4-group128-sym-v1) is what --method AMXINT4_KGroup --group-size 128 writes and loads";
-  }
+  (void)method;  // Every method of the table has a kernel today.
   return "";
 }
 
@@ -106,7 +100,7 @@ absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_
     }
     out.spec.format = e.format;
     if (e.format == QuantFormat::kInt4GroupSym || e.format == QuantFormat::kInt4GroupAsym) {
-      out.spec.group_size = e.grouped ? group_size : (method == "RAWINT4" ? 32 : 128);
+      out.spec.group_size = e.grouped ? group_size : 128;
       bool ok = false;
       for (int g : kQuantGroupSizes) ok = ok || g == out.spec.group_size;
       if (!ok) {

@@ -27,7 +27,7 @@ struct MethodLayout {
 };
 
 // The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup,
-// AMXINT4_1KGroup) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
+// AMXINT4_1KGroup, RAWINT4, GPTQ_INT4: the native int4 checkpoints' G) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
 // (FP8_PERCHANNEL: "per-channel FP8 ... not supported yet"; LLAMAFILE: GGUF; FP8 is kt-fp8-block128-v1), InvalidArgument for an unknown name
 // (listing the known ones) or a bad group size.
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
@@ -36,8 +36,8 @@ absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_
 // MOE_INT4_KGroup, MOE_INT4_1KGroup).
 bool MethodTakesGroupSize(absl::string_view method);
 
-// Why no KTMoEWrapper method can load what `method` would convert to ("" when one can): RAWINT4 and
-// GPTQ_INT4 have a layout but no kernel yet. `kt convert` refuses them rather than write an unusable folder.
+// Why no KTMoEWrapper method can load what `method` would convert to ("" when one can; every method of the
+// table has a kernel today). `kt convert` refuses such a method rather than write an unusable folder.
 std::string MethodNotLoadableReason(absl::string_view method);
 
 // Every method LayoutOfMethod maps, in documentation order.

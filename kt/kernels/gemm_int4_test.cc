@@ -330,6 +330,29 @@ TEST_P(GemmInt4Test, EndToEndFromBf16) {
   }
 }
 
+TEST_P(GemmInt4Test, SymNibbleMinus8) {
+  // kt's quantizer keeps the symmetric grid in [-7, 7], but the native int4 checkpoints (RAWINT4: compressed-
+  // tensors pack-quantized, GPTQ_INT4) use all of [-8, 7], held as they are (kt/io/hf_int4.h): the packed
+  // u = q + 8 is then 0. Every nibble at random, and all -8 with activations at +-127 (the largest
+  // z * xsum correction), on every path.
+  std::mt19937 rng(13);
+  for (const QuantSpec& spec : {kSpecs[1], kSpecs[3]}) {
+    for (size_t m : {1, 9, 33}) {
+      const size_t n = 33, k = 256;
+      for (int pattern = 0; pattern < 2; ++pattern) {
+        QuantizedMatrix qm = RandomWeights(spec, n, k, rng);
+        for (uint8_t& b : qm.data) b = pattern == 0 ? static_cast<uint8_t>(rng()) : 0x88;
+        std::vector<int8_t> qx(m * k);
+        for (auto& e : qx) e = pattern == 0 ? static_cast<int8_t>(static_cast<int>(rng() % 255) - 127)
+                                            : ((rng() & 1) ? 127 : -127);
+        std::vector<float> sx(m * ScalesPerRow(spec, k), 0.01f);
+        Run(qm, m, qx, 0, k, sx);
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllPaths, GemmInt4Test,
                          ::testing::ValuesIn(gemm_test::TablePaths(GemmInt4Paths())), gemm_test::PathName());
 

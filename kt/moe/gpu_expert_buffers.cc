@@ -59,15 +59,86 @@ void ForEach(ThreadPool* pool, size_t n, const std::function<void(size_t, int)>&
 }  // namespace
 
 bool HasGpuExpertLayout(ExpertFormat format) {
-  return format == ExpertFormat::kBf16 || format == ExpertFormat::kFp8Block;
+  return format == ExpertFormat::kBf16 || format == ExpertFormat::kFp8Block || format == ExpertFormat::kInt4GroupSym;
 }
+
+namespace {
+
+// int4_group_sym in compressed-tensors' pack-quantized layout (the header). One piece = one 16-row panel of
+// a projection in canonical form (ExpertInt4GroupSymRows: two's-complement nibbles, fp32 scales), written
+// as offset-binary bytes (q + 8: bit 3 of each nibble flipped, 0x88 per byte) and bf16 scales, which must
+// be exact (a RAWINT4 checkpoint's are; kt's own quantizer's and GPTQ's fp16 ones in general are not).
+absl::Status WriteInt4GroupSym(const PackedExperts& experts, int tp, int expert_id, const GpuExpertBuffers& b,
+                               ThreadPool* pool) {
+  const ExpertShape& s = experts.shape();
+  const size_t H = static_cast<size_t>(s.hidden), I = static_cast<size_t>(s.intermediate);
+  const size_t G = static_cast<size_t>(s.group_size), n = I / static_cast<size_t>(tp);
+  constexpr size_t kPiece = 16;
+  const size_t gu = CeilDiv(I, kPiece), dn = CeilDiv(H, kPiece);
+  const int threads = pool == nullptr ? 1 : pool->num_threads();
+  std::vector<QuantizedMatrix> scratch(static_cast<size_t>(threads));
+  std::vector<absl::Status> status(2 * gu + dn);
+  // Bytes [b0, b0 + count) of a canonical row to dst as offset binary; scales [g0, g0 + count) as bf16.
+  const auto put_bytes = [](const uint8_t* row, size_t b0, size_t count, uint8_t* dst) {
+    for (size_t i = 0; i < count; ++i) dst[i] = row[b0 + i] ^ 0x88;
+  };
+  const auto put_scales = [](const float* row, size_t g0, size_t count, uint8_t* dst) {
+    for (size_t i = 0; i < count; ++i) {
+      const bf16_t v = F32ToBf16(row[g0 + i]);
+      if (Bf16ToF32(v) != row[g0 + i]) return false;
+      std::memcpy(dst + i * sizeof(bf16_t), &v, sizeof(bf16_t));
+    }
+    return true;
+  };
+  ForEach(pool, status.size(), [&](size_t t, int thread) {
+    const bool down = t >= 2 * gu;
+    const ExpertProj proj = down ? ExpertProj::kDown : (t < gu ? ExpertProj::kGate : ExpertProj::kUp);
+    const size_t r0 = (down ? t - 2 * gu : t % gu) * kPiece;
+    const size_t rows = std::min(kPiece, (down ? H : I) - r0);
+    QuantizedMatrix& q = scratch[static_cast<size_t>(thread)];
+    status[t] = experts.ExpertInt4GroupSymRows(expert_id, proj, r0, rows, &q);
+    if (!status[t].ok()) return;
+    const size_t k = down ? I : H, row_bytes = k / 2, groups = k / G;
+    bool exact = true;
+    for (size_t i = 0; i < rows && exact; ++i) {
+      const uint8_t* data = q.data.data() + i * row_bytes;
+      const float* sc = q.scales.data() + i * groups;
+      if (!down) {
+        // Row g of gate (up) is row g % n of rank g / n's first (second) half of w13.
+        const size_t g = r0 + i, up = proj == ExpertProj::kUp ? 1 : 0;
+        put_bytes(data, 0, row_bytes, reinterpret_cast<uint8_t*>(b.w13_weight[g / n]) + (up * n + g % n) * row_bytes);
+        exact = put_scales(sc, 0, groups,
+                           reinterpret_cast<uint8_t*>(b.w13_scale[g / n]) + (up * n + g % n) * groups * 2);
+        continue;
+      }
+      // Row h of down: its columns [r n, (r+1) n) (bytes r n/2.., groups r n/G..) are row h of rank r's w2.
+      for (int r = 0; r < tp && exact; ++r) {
+        put_bytes(data, r * n / 2, n / 2, reinterpret_cast<uint8_t*>(b.w2_weight[r]) + (r0 + i) * (n / 2));
+        exact = put_scales(sc, r * n / G, n / G, reinterpret_cast<uint8_t*>(b.w2_scale[r]) + (r0 + i) * (n / G) * 2);
+      }
+    }
+    if (!exact) {
+      status[t] = absl::FailedPreconditionError(absl::StrCat(
+          "write_weight_scale_to_buffer: a scale of expert ", expert_id, "'s ", ExpertProjName(proj),
+          " (rows ", r0, "..", r0 + rows - 1, ") is not a bf16 value: the int4 GPU layout carries bf16 scales "
+          "(compressed-tensors pack-quantized, method RAWINT4); these weights were not loaded from such a "
+          "checkpoint"));
+    }
+  });
+  for (const absl::Status& st : status) {
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int expert_id, const GpuExpertBuffers& b) {
   const ExpertFormat format = experts.format();
   if (!HasGpuExpertLayout(format)) {
     return absl::UnimplementedError(absl::StrCat(
         "write_weight_scale_to_buffer: the ", experts.traits().name,
-        " weight format has no GPU kernel layout in kt (implemented for bf16 and fp8_block)"));
+        " weight format has no GPU kernel layout in kt (implemented for bf16, fp8_block and int4_group_sym)"));
   }
   if (!experts.loaded()) {
     return absl::FailedPreconditionError(
@@ -81,7 +152,13 @@ absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int exper
                                                    s.intermediate));
   }
   const bool fp8 = format == ExpertFormat::kFp8Block;
+  const bool int4 = format == ExpertFormat::kInt4GroupSym;
   const int n = s.intermediate / tp;
+  if (int4 && n % s.group_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tp_world_size = ", tp, ": each rank's share of moe_intermediate_size = ", s.intermediate, " is ", n,
+        ", not a multiple of the int4 group size (", s.group_size, "), so a group's scale would span two ranks"));
+  }
   if (fp8 && tp > 1 && n % static_cast<int>(kFp8Block) != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tp_world_size = ", tp, ": each rank's share of moe_intermediate_size = ", s.intermediate, " is ", n,
@@ -93,7 +170,7 @@ absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int exper
   }
   if (absl::Status st = CheckList("w13_weight_ptrs", b.w13_weight, tp); !st.ok()) return st;
   if (absl::Status st = CheckList("w2_weight_ptrs", b.w2_weight, tp); !st.ok()) return st;
-  if (fp8) {
+  if (fp8 || int4) {
     if (absl::Status st = CheckList("w13_scale_ptrs", b.w13_scale, tp); !st.ok()) return st;
     if (absl::Status st = CheckList("w2_scale_ptrs", b.w2_scale, tp); !st.ok()) return st;
   }
@@ -103,6 +180,7 @@ absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int exper
 absl::Status WriteExpertToGpuBuffers(const PackedExperts& experts, int tp, int expert_id,
                                      const GpuExpertBuffers& b, ThreadPool* pool) {
   if (absl::Status st = CheckGpuExpertWrite(experts, tp, expert_id, b); !st.ok()) return st;
+  if (experts.format() == ExpertFormat::kInt4GroupSym) return WriteInt4GroupSym(experts, tp, expert_id, b, pool);
   const ExpertShape& s = experts.shape();
   const size_t H = static_cast<size_t>(s.hidden), I = static_cast<size_t>(s.intermediate);
   const size_t n = I / static_cast<size_t>(tp);

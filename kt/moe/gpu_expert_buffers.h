@@ -13,8 +13,15 @@
 //                 then up's the same
 //   w2_scale[r]:  down's block columns [r n/128, (r+1) n/128) as [ceil(H/128), n/128] fp32
 // (with tp = 1, ceil(I/128) blocks: the checkpoint's own scale_inv). The fp8 codes and block scales are the
-// ones loaded (a checkpoint's bytes as shipped), read back exactly; nothing is re-quantized. The quantized
-// integer formats have no GPU layout here (the original implements it for none of its AMXINT8/AMXINT4
+// ones loaded (a checkpoint's bytes as shipped), read back exactly; nothing is re-quantized.
+// int4_group_sym (method RAWINT4) in compressed-tensors' pack-quantized layout, G the group size: weights as
+// offset-binary nibbles u = q + 8, element 2i in the low nibble of byte i (= little-endian int32 words of 8,
+// `weight_packed`), scales bf16 (`weight_scale`), n a multiple of G:
+//   w13_weight[r]: gate rows [r n, (r+1) n) as [n, H/2] bytes, then up's;  w13_scale[r]: [n, H/G] bf16 each
+//   w2_weight[r]:  down columns [r n, (r+1) n) as [H, n/2] bytes;          w2_scale[r]:  [H, n/G] bf16
+// The bytes and scales of a RAWINT4 checkpoint come back exactly; a scale that is not a bf16 value (weights
+// quantized by kt, or GPTQ's fp16 scales) is FailedPrecondition (the pieces before it are written). The
+// other integer formats have no GPU layout here (the original implements it for none of its AMXINT8/AMXINT4
 // kernels): Unimplemented.
 //
 // `expert_id` is a physical slot of the layer (slot i holds logical expert physical_to_logical[i] of the
@@ -41,13 +48,14 @@ struct GpuExpertBuffers {
   std::vector<std::uintptr_t> w13_weight, w13_scale, w2_weight, w2_scale;
 };
 
-// Whether the format has a GPU layout here (bf16, fp8_block).
+// Whether the format has a GPU layout here (bf16, fp8_block, int4_group_sym).
 bool HasGpuExpertLayout(ExpertFormat format);
 
 // Checks everything WriteExpertToGpuBuffers needs, writing nothing: the format has a GPU layout
 // (Unimplemented otherwise), the weights have loaded (FailedPrecondition), tp >= 1 divides I and, for
 // fp8_block with tp > 1, I / tp is a multiple of the 128-wide block (InvalidArgument), expert_id in [0, E)
-// (OutOfRange), each list used has tp non-null addresses (InvalidArgument naming the list and the index).
+// (OutOfRange), each list used has tp non-null addresses (InvalidArgument naming the list and the index);
+// int4_group_sym: I / tp a multiple of the group size (InvalidArgument).
 absl::Status CheckGpuExpertWrite(const PackedExperts& experts, int tp, int expert_id, const GpuExpertBuffers& b);
 
 // Checks as above, then writes expert `expert_id` into the buffers (the layout at the top of this file),

@@ -6,7 +6,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/io/arch.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/layer_experts.h"
+#include "kt/io/manifest.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -154,7 +156,40 @@ absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const flo
   return moe.FinishLoad();
 }
 
+template <typename Layer>
+absl::Status LoadRawInt4Into(Layer& moe, const uint8_t* const (&packed)[3], const uint16_t* const (&scales)[3],
+                             const int64_t* physical_to_logical, ThreadPool& pool) {
+  const MoeConfig& c = moe.config();
+  const size_t h = c.hidden, inter = c.intermediate, g = static_cast<size_t>(c.group_size);
+  moe.BeginLoad();
+  const size_t tasks = static_cast<size_t>(c.num_experts) * 3;
+  std::vector<absl::Status> status(tasks);
+  pool.ParallelFor(tasks, [&](size_t task, int) {
+    const int slot = static_cast<int>(task / 3), p = static_cast<int>(task % 3);
+    const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
+    const size_t n = p == 2 ? h : inter, k = p == 2 ? inter : h;
+    QuantizedMatrix qm;
+    PackQuantizedToCanonical(packed[p] + e * n * (k / 2), scales[p] + e * n * (k / g), n, k, c.group_size, &qm);
+    status[task] = moe.LoadExpertQuantized(slot, static_cast<ExpertProj>(p), qm);
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return moe.FinishLoad();
+}
+
 }  // namespace
+
+absl::Status LoadRawInt4Experts(MoeLayer& moe, const uint8_t* const (&packed)[3], const uint16_t* const (&scales)[3],
+                                const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadRawInt4Into(moe, packed, scales, physical_to_logical, pool);
+}
+
+absl::Status LoadRawInt4Experts(TpMoeLayer& moe, const uint8_t* const (&packed)[3],
+                                const uint16_t* const (&scales)[3], const int64_t* physical_to_logical,
+                                ThreadPool& pool) {
+  return LoadRawInt4Into(moe, packed, scales, physical_to_logical, pool);
+}
 
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
@@ -178,8 +213,18 @@ absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], c
   return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
 }
 
-absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
+absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& in_options,
                                                 ThreadPool& pool) {
+  // RAWINT4 / GPTQ_INT4 hold the checkpoint's groups: a converted folder's manifest group_size, a native int4
+  // checkpoint's (hf_int4.h); options.group_size for a bf16 one.
+  FolderLayerOptions options = in_options;
+  if (options.method == "RAWINT4" || options.method == "GPTQ_INT4") {
+    if (absl::StatusOr<Manifest> m = ReadManifest(dir); m.ok() && m->group_size > 0) {
+      options.group_size = m->group_size;
+    } else if (absl::StatusOr<int> g = HfInt4GroupSize(dir); g.ok()) {
+      options.group_size = *g;
+    }
+  }
   absl::StatusOr<MethodLayout> layout = LayoutOfMethod(options.method, options.group_size);
   if (!layout.ok()) return layout.status();
   absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);

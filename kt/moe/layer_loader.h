@@ -58,6 +58,17 @@ absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], con
 absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
                             const int64_t* physical_to_logical, ThreadPool& pool);
 
+// RAWINT4 experts as compressed-tensors ships them, handed over in memory: packed[0] gate and packed[1] up the
+// weight_packed bytes [E, I, H/2], packed[2] down [E, H, I/2] (int32 [.., K/8] words are the same bytes),
+// offset binary; scales[p] their bf16 weight_scale [E, N, K/G], G the layer's group size. Held as
+// kt-int4-group{G}-sym-v1 exactly (kt/io/hf_int4.h); the layer must be int4_group_sym. Parallel over (slot,
+// projection) on `pool`; physical_to_logical as for LoadLayerFromFolder (the caller checked the shapes).
+absl::Status LoadRawInt4Experts(MoeLayer& moe, const uint8_t* const (&packed)[3], const uint16_t* const (&scales)[3],
+                                const int64_t* physical_to_logical, ThreadPool& pool);
+absl::Status LoadRawInt4Experts(TpMoeLayer& moe, const uint8_t* const (&packed)[3],
+                                const uint16_t* const (&scales)[3], const int64_t* physical_to_logical,
+                                ThreadPool& pool);
+
 // What OpenLayerFromFolder builds: the method (and its group size) the weights are held in, the kernel path,
 // and the layer's scratch size. The shape (E, k, H, I) comes from the folder's config.json.
 struct FolderLayerOptions {
@@ -76,7 +87,7 @@ struct FolderLayer {
 };
 
 // A MoeLayer of the shape `dir`'s config.json gives (a converted folder keeps the source's), loaded with MoE
-// layer options.layer. Errors name the folder, the layer (a dense one, or one past the last) and the field.
+// layer options.layer (RAWINT4 / GPTQ_INT4: at the folder's group size, its manifest's or checkpoint's). Errors name the folder, the layer (a dense one, or one past the last) and the field.
 absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& options,
                                                 ThreadPool& pool);
 

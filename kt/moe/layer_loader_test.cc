@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -105,6 +106,23 @@ INSTANTIATE_TEST_SUITE_P(Folders, OpenLayerFromFolderTest,
                                            Case{"qwen3_moe", "AMXINT8", ExpertFormat::kInt8},
                                            Case{"mixtral", "MOE_INT4", ExpertFormat::kInt4},
                                            Case{"mixtral", "AMXINT4_1KGroup", ExpertFormat::kInt4GroupAsym}));
+
+// RAWINT4 / GPTQ_INT4 folders open at the checkpoint's group size (32 and 128), not options.group_size.
+TEST(OpenLayerFromFolderTest, NativeInt4AtTheCheckpointsGroupSize) {
+  ThreadPool pool(2);
+  for (const auto& [folder, method, group] : {std::tuple<const char*, const char*, int>{"kimi_k2_rawint4", "RAWINT4", 32},
+                                              {"qwen3_moe_gptq", "GPTQ_INT4", 128}}) {
+    FolderLayerOptions options;
+    options.method = method;
+    options.group_size = 64;
+    options.max_len = kQlen;
+    absl::StatusOr<FolderLayer> opened = OpenLayerFromFolder(TestdataHf(folder), options, pool);
+    ASSERT_TRUE(opened.ok()) << folder << ": " << opened.status();
+    EXPECT_EQ(opened->moe->format(), ExpertFormat::kInt4GroupSym);
+    EXPECT_EQ(opened->moe->config().group_size, group) << folder;
+    EXPECT_TRUE(opened->moe->loaded());
+  }
+}
 
 TEST(ExpertFormatOfLayoutTest, EveryLoadableMethod) {
   EXPECT_EQ(ExpertFormatOfLayout(*LayoutOfMethod("BF16")), ExpertFormat::kBf16);

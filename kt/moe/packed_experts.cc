@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
 #include "kt/kernels/gemm_fp8.h"   // the fp8 panel layout (ExpertFp8Codes)
+#include "kt/kernels/gemm_int4.h"  // UnpackInt4 (ExpertInt4GroupSymRows)
 #include "kt/kernels/quant_fast.h"
 
 namespace kt {
@@ -208,6 +209,28 @@ absl::Status PackedExperts::ExpertFp8BlockScales(int slot, ExpertProj proj, floa
     const float* s = w.scales + (row / kFp8PanelRows) * kb * kFp8PanelRows + row % kFp8PanelRows;
     for (size_t bk = 0; bk < kb; ++bk) block_scales[bn * kb + bk] = s[bk * kFp8PanelRows];
   }
+  return absl::OkStatus();
+}
+
+absl::Status PackedExperts::ExpertInt4GroupSymRows(int slot, ExpertProj proj, size_t r0, size_t rows,
+                                                   QuantizedMatrix* out) const {
+  if (absl::Status s = CheckSlot("ExpertInt4GroupSymRows", slot); !s.ok()) return s;
+  if (format() != ExpertFormat::kInt4GroupSym) {
+    return absl::FailedPreconditionError(absl::StrCat("ExpertInt4GroupSymRows: the weights are ", traits_->name,
+                                                      ", not int4_group_sym"));
+  }
+  if (!loaded()) return absl::FailedPreconditionError("ExpertInt4GroupSymRows before the weights are loaded");
+  const Projection& p = Proj(proj);
+  if (r0 % kPanelRows != 0 || r0 + rows > p.n) {
+    return absl::InvalidArgumentError(absl::StrCat("ExpertInt4GroupSymRows: rows [", r0, ", ", r0 + rows, ") of ",
+                                                   ExpertProjName(proj), " [", p.n, ", ", p.k,
+                                                   "]: the start must be a multiple of 16 and the end <= N"));
+  }
+  absl::StatusOr<QuantSpec> spec = quant_spec();
+  if (!spec.ok()) return spec.status();
+  // A panel's layout does not depend on the rows after it, so the block at r0 unpacks as a matrix of `rows`.
+  const PackedExpert w = p.Block(static_cast<size_t>(slot), r0);
+  *out = UnpackInt4(*spec, rows, p.k, w.data, w.scales, nullptr);
   return absl::OkStatus();
 }
 

@@ -96,6 +96,11 @@ class PackedExperts {
   // format or before the weights have loaded; InvalidArgument for rows past N.
   absl::Status ExpertFp8Codes(int slot, ExpertProj proj, size_t r0, size_t rows, uint8_t* codes) const;
   absl::Status ExpertFp8BlockScales(int slot, ExpertProj proj, float* block_scales) const;
+  // int4_group_sym only (RAWINT4 / GPTQ_INT4 checkpoints and AMXINT4_KGroup): rows [r0, r0 + rows) of expert
+  // `slot`'s projection in its canonical form kt-int4-group{G}-sym-v1 (nibbles and fp32 scales, as loaded,
+  // no rounding) into `out` (resized). r0 a multiple of kPanelRows; errors as UnpackExpertRows, and
+  // FailedPrecondition for another format.
+  absl::Status ExpertInt4GroupSymRows(int slot, ExpertProj proj, size_t r0, size_t rows, QuantizedMatrix* out) const;
 
   // The AMX K block of the formats that have a K-blocked AMX kernel (MoeTiling::k_block; 0: built-in).
   void SetKBlock(size_t k_block);

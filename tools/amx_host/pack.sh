@@ -22,6 +22,7 @@ targets=(
   //kt/moe:routing_test //kt/sft:sft_layer_sharing_test
   //kt/kernels:fp8_test //kt/kernels:gemm_fp8_test //kt/kernels:gemm_fp8_benchmark
   //kt/runtime:task_queue_benchmark //kt/runtime:numa_test //kt/moe:gpu_expert_buffers_test //kt/io:convert_test
+  //kt/moe:gpu_expert_buffers_int4_test
 )
 bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --symlink_prefix=/ --jobs="$(nproc)" "${targets[@]}" >&2
 bin=$(bazel --output_base=/tmp/bazel_pack info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)

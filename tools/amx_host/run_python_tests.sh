@@ -18,7 +18,8 @@ pids=()
 for isa in avx2 avx512 avx512_vnni avx512_bf16 amx; do
   KT_ISA=$isa python3 -m pytest -q -p no:cacheprovider .device/python/tests/hf_fixtures_test.py \
     .device/python/tests/moe_bf16_test.py .device/python/tests/moe_int4_test.py \
-    .device/python/tests/weight_path_test.py .device/python/tests/sft_test.py > "/tmp/pytest_$isa.log" 2>&1 &
+    .device/python/tests/weight_path_test.py .device/python/tests/sft_test.py \
+    .device/python/tests/native_int4_test.py > "/tmp/pytest_$isa.log" 2>&1 &
   pids+=("$!")
 done
 i=0

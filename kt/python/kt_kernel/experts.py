@@ -13,9 +13,11 @@ reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output fol
 every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
 ``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
 ``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
-LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4,
-FP8_PERCHANNEL, LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
-method.
+LoRA gradients; weights from ``load_weights_from_tensors``). "RAWINT4" (compressed-tensors pack-quantized
+INT4, Kimi-K2; ``RawInt4MoEWrapper``, which also takes the checkpoint's packed tensors) and "GPTQ_INT4" (GPTQ
+sym, desc_act false; ``AMXMoEWrapper``) load their checkpoints from ``weight_path`` as stored (the group size
+is the checkpoint's). The other methods (FP8_PERCHANNEL,
+LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different method.
 
 Example::
 
@@ -41,6 +43,7 @@ from .utils.amx import AMXMoEWrapper
 from .utils.fp8 import FP8MoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 from .utils.native import NativeMoEWrapper
+from .utils.rawint4 import RawInt4MoEWrapper
 
 __all__ = [
     "KTMoEWrapper",
@@ -102,6 +105,8 @@ def _backend_of(method: str):
         return NativeMoEWrapper
     if method == "FP8":
         return FP8MoEWrapper
+    if method == "RAWINT4":
+        return RawInt4MoEWrapper
     return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
 
 
@@ -109,8 +114,6 @@ _INFERENCE_BACKENDS = {method: _backend_of(method) for method in METHOD_FORMATS}
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
-    "RAWINT4": "quantized-kernels issue",
-    "GPTQ_INT4": "quantized-kernels issue",
     "FP8_PERCHANNEL": "FP8 kernels issue",
     "LLAMAFILE": "GGUF/llamafile issue",
 }
@@ -152,7 +155,9 @@ class KTMoEWrapper:
         mode: "inference" or "sft".
         group_size: K-group size (32, 64, 128) of the K-group int4 methods (inference extensions
             AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
-            moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
+            moe_intermediate_size must be multiples of it) and of the SFT K-group methods. RAWINT4 and
+            GPTQ_INT4 take the checkpoint's group size when weight_path is a native int4 checkpoint (or a
+            kt convert folder of theirs), and this one otherwise.
         num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
         share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
             max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
@@ -166,8 +171,7 @@ class KTMoEWrapper:
 
     Raises:
         ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-        NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4,
-            FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
+        NotImplementedError: ``method`` is one kt does not implement (FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 
     def __new__(

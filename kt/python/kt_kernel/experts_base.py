@@ -232,7 +232,11 @@ class BaseMoEWrapper:
         bf16 for ``BF16``, float8_e4m3fn bytes for ``FP8``. ``FP8`` adds the fp32 ``weight_scale_inv`` blocks:
         ``w13_scale`` gate's block rows [r n/128, (r+1) n/128) as [n/128, ceil(H/128)], then up's; ``w2_scale``
         down's block columns as [ceil(H/128), n/128] (tp_world_size > 1 needs n % 128 == 0). ``BF16`` ignores
-        the scale lists. The values are the stored ones, bit for bit. Other methods: NotImplementedError.
+        the scale lists. ``RAWINT4`` writes compressed-tensors' pack-quantized layout with G the group size:
+        ``w13_weight`` / ``w2_weight`` as above in offset-binary int4 (q + 8, element 2i in the low nibble of
+        byte i: int32 ``weight_packed`` words), H/2 (n/2) bytes per row; ``w13_scale`` gate's then up's rows
+        as [n, H/G] bf16, ``w2_scale`` down's groups of the rank's columns as [H, n/G] bf16 (n % G == 0).
+        The values are the stored ones, bit for bit. Other methods: NotImplementedError.
 
         Raises (at submit, writing nothing): NotImplementedError (method), RuntimeError (weights not loaded),
         TypeError/ValueError (tp_world_size not dividing the intermediate size, expert_id out of range, a list

@@ -265,7 +265,7 @@ def _check_inputs(w, hidden_states, topk_ids, topk_weights) -> int:
 # -- GPU prefill of CPU experts: one expert written into per-GPU-rank host buffers ----------------------------
 
 # Weight formats whose GPU kernel layout kt writes (kt/moe/gpu_expert_buffers.h), and whether they have scales.
-_GPU_LAYOUT_SCALES = {"bf16": False, "fp8_block": True}
+_GPU_LAYOUT_SCALES = {"bf16": False, "fp8_block": True, "int4_group_sym": True}
 
 
 def _check_ptr_list(name: str, ptrs, tp: int):
@@ -294,7 +294,11 @@ def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_
     if fmt not in _GPU_LAYOUT_SCALES:
         raise NotImplementedError(
             f"{type(w).__name__} (method {w.method!r}): {method_name} is not implemented for this method's weights "
-            f"({fmt}): kt writes the GPU kernel layout of BF16 and FP8 (block 128) experts only")
+            f"({fmt}): kt writes the GPU kernel layout of BF16, FP8 (block 128) and RAWINT4 experts only")
+    if fmt == "int4_group_sym" and w.method != "RAWINT4":
+        raise NotImplementedError(
+            f"{type(w).__name__} (method {w.method!r}): {method_name}: kt writes int4 in compressed-tensors' "
+            "pack-quantized GPU layout (bf16 scales) for method RAWINT4 only")
     if getattr(w, "tensor_parallel", False):
         raise NotImplementedError(
             f"{type(w).__name__} (layer {w.layer_idx}): {method_name} reads one whole layer; this wrapper's experts "
@@ -312,6 +316,9 @@ def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_
     if fmt == "fp8_block" and tp_world_size > 1 and (I // tp_world_size) % 128:
         raise ValueError(f"tp_world_size={tp_world_size}: each rank's share of moe_intermediate_size={I} is "
                          f"{I // tp_world_size}, not a multiple of the FP8 scale block (128)")
+    if fmt == "int4_group_sym" and (I // tp_world_size) % w.group_size:
+        raise ValueError(f"tp_world_size={tp_world_size}: each rank's share of moe_intermediate_size={I} is "
+                         f"{I // tp_world_size}, not a multiple of the int4 group size ({w.group_size})")
     if isinstance(expert_id, bool) or not isinstance(expert_id, int):
         raise TypeError(f"expert_id must be an int, got {type(expert_id).__name__}")
     if not 0 <= expert_id < w.num_experts:

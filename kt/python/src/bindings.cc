@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kt/io/hf_int4.h"
 #include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
@@ -150,6 +151,28 @@ class PyMoeLayer {
     if (!status.ok()) ThrowStatus(status);
   }
 
+  // RAWINT4 experts as compressed-tensors ships them (LoadRawInt4Experts): weight_packed bytes and bf16
+  // weight_scale per projection. The caller (Python) checked dtypes and shapes. Staged like LoadWeights.
+  void LoadWeightsRawInt4(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t gate_scale,
+                          std::uintptr_t up_scale, std::uintptr_t down_scale, std::uintptr_t physical_to_logical,
+                          ThreadPool& pool) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        const uint8_t* const packed[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up), Ptr<const uint8_t>(down)};
+        const uint16_t* const scales[3] = {Ptr<const uint16_t>(gate_scale), Ptr<const uint16_t>(up_scale),
+                                           Ptr<const uint16_t>(down_scale)};
+        status = LoadRawInt4Experts(**staged, packed, scales, Ptr<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
   void Forward(ThreadPool& pool, int qlen, int k, std::uintptr_t ids, std::uintptr_t weights,
                std::uintptr_t input, std::uintptr_t output, std::uintptr_t gpu_experts_mask) {
     absl::Status status;
@@ -212,6 +235,21 @@ py::list MethodTableRows() {
   return rows;
 }
 
+// The native int4 checkpoints' group size (kt/io/hf_int4.h), for the RAWINT4 / GPTQ_INT4 wrappers.
+void RegisterHfInt4(py::module& m) {
+  m.def(
+      "hf_int4_group_size",
+      [](const std::string& dir) {
+        absl::StatusOr<int> g = HfInt4GroupSize(dir);
+        if (!g.ok()) ThrowStatus(g.status());
+        return *g;
+      },
+      py::arg("dir"),
+      "G of the native int4 checkpoint (compressed-tensors pack-quantized or GPTQ) in dir: its config.json's, "
+      "else its scales' shape. ValueError when the folder is not one, or its quantization_config is one kt "
+      "cannot read (naming the field).");
+}
+
 }  // namespace
 }  // namespace kt
 
@@ -243,6 +281,7 @@ PYBIND11_MODULE(_kt, m) {
       "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
       "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
       "yet ('' when one can).");
+  RegisterHfInt4(m);
   m.def(
       "sft_base_method",
       [](const std::string& sft_method) {
@@ -273,6 +312,9 @@ PYBIND11_MODULE(_kt, m) {
            "(addresses; physical_to_logical is an int64[E] address or 0 for the identity). The inputs "
            "may be freed afterwards.")
       .def("load_weights_fp8", &PyMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
+           py::arg("pool"))
+      .def("load_weights_rawint4", &PyMoeLayer::LoadWeightsRawInt4, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
            py::arg("pool"))
       .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),

@@ -81,6 +81,16 @@ class PyTpMoeLayer {
     });
   }
 
+  void LoadWeightsRawInt4(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down, std::uintptr_t gate_scale,
+                          std::uintptr_t up_scale, std::uintptr_t down_scale, std::uintptr_t map, NodePools& pools) {
+    Staged([&](TpMoeLayer& staged) {
+      const uint8_t* const packed[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up), Ptr<const uint8_t>(down)};
+      const uint16_t* const scales[3] = {Ptr<const uint16_t>(gate_scale), Ptr<const uint16_t>(up_scale),
+                                         Ptr<const uint16_t>(down_scale)};
+      return LoadRawInt4Experts(staged, packed, scales, Ptr<const int64_t>(map), *pools.pools[0]);
+    });
+  }
+
   py::dict LoadFromPath(const std::string& path, int layer, const std::string& method, int group_size,
                         std::uintptr_t map, NodePools& pools) {
     FolderLoadStats stats;
@@ -161,6 +171,9 @@ void RegisterTpBindings(py::module_& m) {
       .def("load_weights_fp8", &PyTpMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
            py::arg("pool"))
+      .def("load_weights_rawint4", &PyTpMoeLayer::LoadWeightsRawInt4, py::arg("gate"), py::arg("up"),
+           py::arg("down"), py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"),
+           py::arg("physical_to_logical"), py::arg("pool"))
       .def("load_from_path", &PyTpMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
            py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"))
       .def("forward", &PyTpMoeLayer::Forward, py::arg("pool"), py::arg("qlen"), py::arg("k"), py::arg("ids"),

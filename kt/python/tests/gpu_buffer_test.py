@@ -216,6 +216,52 @@ def test_fp8_checkpoint_bit_exact():
     write_fp8_and_check(moe, 1, E, H, I, gate, gs, up, us, down, ds)
 
 
+# -- RAWINT4 (compressed-tensors pack-quantized) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_rawint4_checkpoint_bit_exact(tp):
+    """kimi_k2_rawint4 as shipped: each rank's bytes are the checkpoint's weight_packed rows (column slices of
+    down: n / 8 int32 words of each row) and weight_scale bf16 values, bit for bit."""
+    name, layer = "kimi_k2_rawint4", 1
+    E, _, H, I = testdata.shape(name)
+    G, n = 32, I // tp
+    moe = make(E, H, I, layer_idx=layer, method="RAWINT4", weight_path=testdata.path(name))
+    assert moe.group_size == G
+    moe.load_weights(None)
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+    base = f"model.layers.{layer}.mlp.experts."
+
+    def raw(t, dtype):
+        entry = st.header[t]
+        begin, end = entry["data_offsets"]
+        return torch.from_numpy(np.frombuffer(st._data[begin:end].tobytes(), dtype=dtype).reshape(entry["shape"]).copy())
+
+    for e in range(E):
+        w13 = alloc(tp, (2 * n, H // 2), torch.uint8)
+        s13 = alloc(tp, (2 * n, H // G), torch.int16)
+        w2 = alloc(tp, (H, n // 2), torch.uint8)
+        s2 = alloc(tp, (H, n // G), torch.int16)
+        moe.submit_write_weight_scale_to_buffer(tp, e, ptrs(w13), ptrs(s13), ptrs(w2), ptrs(s2))
+        moe.sync_write_weight_scale_to_buffer()
+        packed = {p: raw(f"{base}{e}.{p}.weight_packed", np.int32) for p in ("gate_proj", "up_proj", "down_proj")}
+        scale = {p: raw(f"{base}{e}.{p}.weight_scale", np.int16) for p in ("gate_proj", "up_proj", "down_proj")}
+        for r in range(tp):
+            rows = slice(r * n, (r + 1) * n)
+            assert torch.equal(w13[r][0], bits(torch.cat([packed["gate_proj"][rows], packed["up_proj"][rows]]))), (e, r)
+            assert torch.equal(s13[r][0], torch.cat([scale["gate_proj"][rows], scale["up_proj"][rows]])), (e, r)
+            assert torch.equal(w2[r][0], bits(packed["down_proj"][:, r * n // 8:(r + 1) * n // 8])), (e, r)
+            assert torch.equal(s2[r][0], scale["down_proj"][:, r * n // G:(r + 1) * n // G]), (e, r)
+
+
+def test_int4_group_methods_other_than_rawint4_raise_not_implemented():
+    E, H, I = 2, 64, 64
+    moe = make(E, H, I, method="AMXINT4_KGroup", group_size=32)
+    moe.load_weights_from_tensors(*random_experts(E, H, I, seed=1), None)
+    with pytest.raises(NotImplementedError, match=r"pack-quantized GPU layout \(bf16 scales\) for method RAWINT4 only"):
+        moe.submit_write_weight_scale_to_buffer(1, 0, [1], [1], [1], [1])
+
+
 # -- methods without a GPU layout, bad inputs ---------------------------------------------------------------
 
 

@@ -272,8 +272,6 @@ def test_kt_convert_command_line_errors(tmp_path):
     assert r.stderr == f"kt convert: --output {hf} is the input folder; choose another folder\n", r.stderr
     r = convert("--output", out, "--method", "AMXINT8", "--group-size", "64")
     assert r.returncode == 1 and "kt convert: --group-size 64: method AMXINT8 has no groups" in r.stderr, r.stderr
-    r = convert("--output", out, "--method", "RAWINT4")
-    assert r.returncode == 1 and "method RAWINT4 has no kernel in kt yet" in r.stderr, r.stderr
     assert not os.path.exists(out)
     os.makedirs(out)
     fd = os.open(out, os.O_RDONLY)

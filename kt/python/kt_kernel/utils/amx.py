@@ -1,5 +1,6 @@
 """``AMXMoEWrapper``: the ``AMX*`` inference methods (``AMXINT8``, ``AMXINT4``, ``AMXINT4_1``, ``AMXINT4_KGroup``,
-``AMXINT4_1KGroup``), AMX tiles where the CPU has them.
+``AMXINT4_1KGroup``) and the native int4 checkpoints (``RAWINT4``, ``GPTQ_INT4``), AMX tiles where the CPU has
+them.
 
 ``NativeMoEWrapper`` (the ``BF16`` backend and the base of this one) lives in ``utils/native.py``; it is
 re-exported here because the original kt-kernel's users import both from ``kt_kernel.utils.amx``; so is

@@ -20,13 +20,19 @@ The methods and their formats (the table itself is C++'s: ``kt_kernel.methods``)
 - ``FP8`` (FP8MoEWrapper, ``utils/fp8.py``): FP8 E4M3 weights with a scale per 128 x 128 block
   (kt-fp8-block128-v1), held as shipped; activations bf16.
 
-The other methods of the original kt-kernel (RAWINT4, FP8_PERCHANNEL, GPTQ_INT4) are not implemented:
+- ``RAWINT4`` and ``GPTQ_INT4`` (AMXMoEWrapper): native int4 checkpoints read as stored from ``weight_path``:
+  compressed-tensors pack-quantized INT4 (Kimi-K2) and GPTQ (sym, desc_act false). Both are q * scale with
+  q in [-8, 7] per group of K, held exactly as kt-int4-group{G}-sym-v1 (G the checkpoint's; docs/FORMATS.md),
+  activations int8 per token and group as for AMXINT4_KGroup.
+
+The other methods of the original kt-kernel (FP8_PERCHANNEL, LLAMAFILE) are not implemented:
 KTMoEWrapper raises NotImplementedError for them.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Optional
 
@@ -78,7 +84,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
             max_len=a.chunked_prefill_size,
             isa=self._kernel_isa(_native.ISA),
             format=weight_format,
-            group_size=_check_group_size(a.group_size, weight_format),
+            group_size=_check_group_size(_native_group_size(a), weight_format),
         )
         self._node_pools = None
         if self.tensor_parallel:
@@ -264,6 +270,28 @@ class NativeMoEWrapper(BaseMoEWrapper):
             0 if mask is None else mask.data_ptr(),
         )
         return output
+
+
+def _native_group_size(a: InferenceArgs):
+    """RAWINT4 / GPTQ_INT4 hold the checkpoint's groups: its G when weight_path is a native int4 checkpoint or
+    a kt convert folder (its manifest's group_size), else the group_size argument (bf16 weights, quantized
+    here)."""
+    if a.method not in ("RAWINT4", "GPTQ_INT4") or a.weight_path is None:
+        return a.group_size
+    path = os.fspath(a.weight_path)
+    manifest = os.path.join(path, "kt_manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            g = json.load(f).get("group_size", 0)
+        return g if g else a.group_size  # 0: another layout, which load_weights names
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return a.group_size  # load_weights reports the folder
+    with open(config) as f:
+        quant = json.load(f).get("quantization_config") or {}
+    if quant.get("quant_method") not in ("compressed-tensors", "gptq"):
+        return a.group_size  # a bf16 checkpoint: quantized at load with group_size
+    return _native._kt.hf_int4_group_size(path)
 
 
 def _check_group_size(group_size, weight_format: str) -> int:
