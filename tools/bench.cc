@@ -330,28 +330,13 @@ std::vector<bf16_t> BenchRun::RandomInput(int qlen, uint64_t stream) const {
 }
 
 std::vector<Routing> BenchRun::Patterns(std::mt19937_64& rng, int count, int qlen) const {
-  std::vector<Routing> patterns;
-  const int k = plan_.shape.top_k, e = plan_.shape.experts;
+  // A small call avoids the experts of the calls on its layer copy that read twice the last-level cache
+  // before it, so that it reads its experts from memory (they were in cache: decode "beat" the bandwidth).
   const int copies = static_cast<int>(std::max<size_t>(1, layers_.size()));
-  // Call i runs pattern i on layer copy i % copies. So that a call does not find its experts in the
-  // last-level cache from recent calls (which made decode "beat" the read bandwidth), a small call avoids
-  // the experts of the last `window` calls on the same copy, where window such calls read at least twice
-  // the cache; bounded so that enough experts stay to pick from.
-  const double call_bytes = static_cast<double>(qlen) * k * plan_.expert_bytes;
-  const double llc = static_cast<double>(LastLevelCacheBytes());
-  int window = 0;
-  if (call_bytes > 0 && qlen * k * 2 <= e) {
-    window = static_cast<int>(std::ceil(2.0 * llc / (call_bytes * copies)));
-    window = std::min(window, e / (qlen * k) - 1);
-  }
-  for (int p = 0; p < count; ++p) {
-    std::vector<char> avoid(static_cast<size_t>(e), 0);
-    for (int back = 1; back <= window && p - back * copies >= 0; ++back) {
-      for (int64_t id : patterns[static_cast<size_t>(p - back * copies)].ids) avoid[static_cast<size_t>(id)] = 1;
-    }
-    patterns.push_back(RandomRoutingAvoiding(rng, qlen, k, e, avoid));
-  }
-  return patterns;
+  const double call_bytes = static_cast<double>(qlen) * plan_.shape.top_k * plan_.expert_bytes;
+  const int window = call_bytes > 0 ? static_cast<int>(std::ceil(2.0 * LastLevelCacheBytes() / (call_bytes * copies)))
+                                    : 0;
+  return CacheAvoidingRoutings(rng, count, qlen, plan_.shape.top_k, plan_.shape.experts, copies, window);
 }
 
 // Accuracy against the double-accumulation reference.

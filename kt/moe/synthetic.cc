@@ -55,4 +55,19 @@ Routing RandomRoutingAvoiding(std::mt19937_64& rng, int qlen, int k, int num_exp
   return r;
 }
 
+std::vector<Routing> CacheAvoidingRoutings(std::mt19937_64& rng, int count, int qlen, int k, int num_experts,
+                                           int copies, int window) {
+  const int per_call = qlen * k;
+  window = per_call * 2 <= num_experts ? std::min(window, num_experts / per_call - 1) : 0;
+  std::vector<Routing> routings;
+  for (int i = 0; i < count; ++i) {
+    std::vector<char> avoid(static_cast<size_t>(num_experts), 0);
+    for (int back = 1; back <= window && i - back * copies >= 0; ++back) {
+      for (int64_t id : routings[static_cast<size_t>(i - back * copies)].ids) avoid[static_cast<size_t>(id)] = 1;
+    }
+    routings.push_back(RandomRoutingAvoiding(rng, qlen, k, num_experts, avoid));
+  }
+  return routings;
+}
+
 }  // namespace kt

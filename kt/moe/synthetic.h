@@ -41,6 +41,11 @@ Routing RandomRouting(std::mt19937_64& rng, int qlen, int k, int num_experts);
 // As RandomRouting, with every expert drawn from those whose `avoid` entry is 0 ([num_experts]; at least k
 // of them): benchmarks use it so a decode call does not find its experts in the cache from recent calls.
 Routing RandomRoutingAvoiding(std::mt19937_64& rng, int qlen, int k, int num_experts, const std::vector<char>& avoid);
+// `count` routings for calls i = 0, 1, ... that run routing i on layer copy i % copies: each avoids the experts
+// of the `window` calls before it on the same copy, the window cut to what leaves a call enough experts to
+// pick from (0: plain RandomRouting, as for calls that touch most experts anyway).
+std::vector<Routing> CacheAvoidingRoutings(std::mt19937_64& rng, int count, int qlen, int k, int num_experts,
+                                           int copies, int window);
 
 }  // namespace kt
 

@@ -52,5 +52,29 @@ TEST(SyntheticRoutingTest, NothingAvoidedIsRandomRouting) {
   }
 }
 
+// kt bench's decode routings: no expert of call i recurs in the `window` calls on the same copy before it
+// (here 3 copies, window 4: 4 x 8 = 32 of 64 experts avoided per call), and a window too large for the
+// experts left is cut rather than starving a call.
+TEST(SyntheticRoutingTest, CacheAvoidingRoutingsKeepTheirWindow) {
+  std::mt19937_64 rng(5);
+  constexpr int kCopies = 3, kWindow = 4;
+  const std::vector<Routing> r = CacheAvoidingRoutings(rng, 60, 1, 8, 64, kCopies, kWindow);
+  ASSERT_EQ(r.size(), 60u);
+  for (size_t i = 0; i < r.size(); ++i) {
+    for (int back = 1; back <= kWindow && i >= size_t(back * kCopies); ++back) {
+      for (int64_t id : r[i].ids) {
+        for (int64_t old : r[i - back * kCopies].ids) EXPECT_NE(id, old) << "call " << i << " back " << back;
+      }
+    }
+  }
+  const std::vector<Routing> cut = CacheAvoidingRoutings(rng, 40, 1, 8, 64, 1, 100);  // cut to 7
+  for (size_t i = 7; i < cut.size(); ++i) {
+    std::set<int64_t> recent;
+    for (size_t j = i - 7; j < i; ++j) recent.insert(cut[j].ids.begin(), cut[j].ids.end());
+    EXPECT_EQ(recent.size(), 56u);
+    for (int64_t id : cut[i].ids) EXPECT_EQ(recent.count(id), 0u) << i;
+  }
+}
+
 }  // namespace
 }  // namespace kt
