@@ -23,6 +23,7 @@ from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
 from .arch import SUPPORTED_MODEL_TYPES
 from .autograd import KTMoEFunction, get_activation_checkpoint_context_fn
 from .config import KTConfig, backend_to_method
+from .distributed import kt_allreduce_lora_grads
 from .layer import KTMoELayerWrapper
 from .lora import (
     kt_adapt_peft_lora,
@@ -45,6 +46,7 @@ __all__ = [
     "backend_to_method",
     "get_activation_checkpoint_context_fn",
     "kt_adapt_peft_lora",
+    "kt_allreduce_lora_grads",
     "kt_lora_parameters",
     "kt_lora_state_dict",
     "kt_wrappers",
