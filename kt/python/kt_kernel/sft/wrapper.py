@@ -282,7 +282,7 @@ def peft_expert_views(wrapper: KTMoELayerWrapper, experts: nn.Module):
             f"{where}: PEFT adapts {sum(lora)} of the {len(mods)} expert projections (not e.g. {bare}); kt's "
             f"LoRA covers {'/'.join(names)} of every expert: target all three in LoraConfig.target_modules"
         )
-    scaling = wrapper.backend.lora_scaling
+    scaling = float(wrapper.backend.lora_alpha) / wrapper.lora_rank  # (a Rank0Backend off rank 0 has no lora_scaling)
     views = {}
     for n, e, m in mods:
         active = list(getattr(m, "active_adapters", []))
