@@ -157,6 +157,10 @@ def main():
     import kt_kernel
     import transformers
 
+    if int(transformers.__version__.split(".")[0]) < 5:
+        sys.exit(f"sft_gpu_parity.py: transformers {transformers.__version__}; the tiny models and their reference "
+                 "(hf_models) are transformers 5's (fused experts); install transformers >= 5")
+
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", kt path {kt_kernel.__cpu_variant__}, {args.threads} kt threads", flush=True)
