@@ -47,8 +47,11 @@ def wrap_moe_layers_with_kt_wrapper(
         The wrappers, in layer order. Their LoRA parameters (``requires_grad=True``) are the model's
         ``...experts.{gate,up,down}_lora_{a,b}``.
 
-    The PyTorch expert weights are dropped from the model (kt keeps its own copy). Routers, shared experts,
-    attention and everything else are untouched.
+    The PyTorch expert weights are dropped from the model (kt keeps its own copy; with ``kt_weight_path``
+    kt reads them from that folder instead of the model's tensors). Routers, shared experts, attention and
+    everything else are untouched. A per-expert ModuleList block (transformers 4 layout; qwen2_moe,
+    qwen3_moe, mixtral) keeps its expert modules (weights replaced by a broadcast zero) for PEFT, gets a
+    ``kt_experts`` wrapper and a forward that routes into it (see ``kt_adapt_peft_lora``).
     """
     cfg = KTConfig.build(kt_config)
     arch, tc = get_moe_arch(model)
