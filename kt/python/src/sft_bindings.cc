@@ -132,12 +132,12 @@ void RegisterSharedSftObjects(py::module_& m) {
 // Returns (E, H, I) read; a shape of -1 takes the folder's, else the folder must match it.
 py::tuple ReadLayerBf16(const std::string& dir, int layer, int num_experts, int hidden, int intermediate,
                         std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down) {
+  absl::StatusOr<MethodLayout> bf16 = LayoutOfMethod("BF16");
+  if (!bf16.ok()) ThrowStatus(bf16.status());  // with the GIL: ThrowStatus makes a Python exception
   absl::Status status;
   int e = 0, h = 0, i = 0;
   {
     py::gil_scoped_release release;
-    absl::StatusOr<MethodLayout> bf16 = LayoutOfMethod("BF16");
-    if (!bf16.ok()) ThrowStatus(bf16.status());
     LayerRequest want;
     want.layer = layer;
     want.num_experts = num_experts;

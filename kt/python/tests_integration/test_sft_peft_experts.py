@@ -34,7 +34,7 @@ from hf_models import tiny_model
 import kt_kernel.sft as kt_sft
 from kt_kernel.sft import kt_adapt_peft_lora, wrap_moe_layers_with_kt_wrapper
 
-from test_sft_hf import ADAPTER_RTOL, ALPHA, LOSS_RTOL, LR, RANK, STEPS, batches, kt_settings
+from test_sft_hf import ADAPTER_RTOL, ALPHA, LOSS_RTOL, RANK, STEPS, adamw_steps, batches, kt_settings
 
 peft = pytest.importorskip("peft")
 
@@ -150,17 +150,8 @@ def kt_and_ref():
 
 
 def adamw(model, data):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return adamw_steps(model, [p for p in model.parameters() if p.requires_grad], data)
 
 
 def rel(a, b):
@@ -263,22 +254,26 @@ def test_update_kt_lora_pointers_follows_replaced_peft_data():
 
 
 def test_peft_adapters_kt_cannot_compute_are_refused():
-    base = v4_model()
-    wrap_moe_layers_with_kt_wrapper(base, kt_settings())
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJ)))
-    with pytest.raises(ValueError, match=r"layer 0 experts 0\.gate_proj: .*shape|lora_rank 8: set kt_lora_rank"):
-        kt_adapt_peft_lora(model)
-    base = v4_model()
-    wrap_moe_layers_with_kt_wrapper(base, kt_settings())
-    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["gate_proj"]))
-    with pytest.raises(ValueError, match="PEFT adapts 8 of the 24 expert projections"):
-        kt_adapt_peft_lora(model)
-    base = v4_model()
-    wrap_moe_layers_with_kt_wrapper(base, kt_settings())
-    model = peft.get_peft_model(base, lora_config(lora_dropout=0.1) if False else peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=list(PROJ), lora_dropout=0.1))
-    with pytest.raises(ValueError, match="lora_dropout=0.1; kt has no LoRA dropout"):
-        model(input_ids=batches(1)[0])  # the forward adapts, and refuses, too
+    """PEFT adapters on the experts that kt does not compute are refused, naming the module and the fix."""
+    cases = [
+        (dict(r=4, lora_alpha=8, target_modules=list(PROJ)),
+         r"layer 0 expert 0 gate_lora_a: PEFT's tensor is \[4, 64\], kt's is \[8, 64\] \(lora_rank 8: set kt_lora_rank"),
+        (dict(r=RANK, lora_alpha=RANK, target_modules=list(PROJ)),
+         r"layer 0 experts 0\.gate_proj: PEFT's scaling 1\.0 \(lora_alpha / r\), kt's 2\.0"),
+        (dict(r=RANK, lora_alpha=ALPHA, target_modules=["gate_proj"]),
+         r"layer 0 experts: PEFT adapts 8 of the 24 expert projections .*target all three"),
+        (dict(r=RANK, lora_alpha=ALPHA, target_modules=list(PROJ), lora_dropout=0.1),
+         r"layer 0 experts 0\.gate_proj: lora_dropout=0\.1; kt has no LoRA dropout"),
+    ]
+    for i, (config, message) in enumerate(cases):
+        base = v4_model()
+        wrap_moe_layers_with_kt_wrapper(base, kt_settings())
+        model = peft.get_peft_model(base, peft.LoraConfig(**config))
+        with pytest.raises(ValueError, match=message):
+            if i % 2:
+                model(input_ids=batches(1)[0])  # the block's forward adapts, and refuses, too
+            else:
+                kt_adapt_peft_lora(model)
 
 
 def test_per_expert_experts_without_peft_train_like_pytorch():
