@@ -4,7 +4,9 @@ the tiny random MoE models of kt/python/tests_integration, 10 LoRA steps with th
 and the rest on --device, against the same model entirely on --device with its experts in plain PyTorch
 (hf_models.RefLoRAExperts: the same LoRA per projection, float32 from the bf16 weights; PEFT has no LoRA per
 gate/up projection of transformers 5's fused experts), both with PEFT LoRA on the attention projections
-(q_proj and v_proj; DeepSeek's MLA: q_b_proj and kv_b_proj) from the same init. Prints per model the worst per-step
+(q_proj and v_proj; DeepSeek's MLA: q_b_proj and kv_b_proj) from the same init. Then transformers 4's
+per-expert Qwen2-MoE block with PEFT's own LoRA on every expert projection (test_sft_peft_experts): kt
+computing PEFT's adapters against plain transformers + PEFT with the experts on the device. Prints per model the worst per-step
 relative loss difference (bound 1%, the issue's), the worst adapter difference relative to its change
 (bound 0.3, as test_sft_hf), and steps/s of both runs; with --bench also a larger Qwen3-MoE for the speed
 figure. Exits 1 when a bound is missed.
@@ -137,12 +139,54 @@ def run(arch, args, device, config=None, batch=2, seq=24, steps=10, check=True):
     return ok
 
 
+def run_per_expert(args, device, steps=10):
+    """transformers 4's per-expert Qwen2-MoE block (test_sft_peft_experts) with PEFT's own LoRA on every expert
+    projection: kt computing PEFT's adapters in place (kt_adapt_peft_lora) against plain transformers + PEFT
+    with the experts on the device. PEFT as under transformers 4 (its v5 conversions off, as the test)."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    conv.convert_peft_config_for_transformers = lambda *a, **k: None
+    conv.convert_peft_adapter_state_dict_for_transformers = (
+        lambda model, peft_config, adapter_state_dict, adapter_name="default": adapter_state_dict)
+    import test_sft_peft_experts as t
+    from kt_kernel.sft import kt_adapt_peft_lora
+
+    kt, ref, wrappers = t.kt_and_ref()
+    kt_adapt_peft_lora(kt)
+    kt, ref = kt.to(device), ref.to(device)
+    assert all(x.device.type == "cpu" for w in wrappers for x in w.lora_parameters())
+    g = torch.Generator().manual_seed(1)
+    two = [torch.randint(0, t.hf_models.VOCAB, (2, 24), generator=g) for _ in range(2)]
+    data = (two * ((steps + 1) // 2))[:steps]
+    init = {k: v.float().cpu().clone() for k, v in t.peft.get_peft_model_state_dict(ref).items()}
+    kt_losses, kt_times = train(kt, data, device)
+    ref_losses, ref_times = train(ref, data, device)
+    loss_diff = max(abs(a - b) / b for a, b in zip(kt_losses, ref_losses))
+    sd_kt = {k: v.float().cpu() for k, v in t.peft.get_peft_model_state_dict(kt).items()}
+    sd_ref = {k: v.float().cpu() for k, v in t.peft.get_peft_model_state_dict(ref).items()}
+    groups = {}
+    for name in sd_ref:  # per layer and matrix over the experts, as the test
+        groups.setdefault(t.re.sub(r"\.experts\.\d+\.", ".experts.*.", name), []).append(name)
+    adapter_diff = 0.0
+    for names in groups.values():
+        a, b, c = (torch.stack([d[n] for n in names]) for d in (sd_kt, sd_ref, init))
+        adapter_diff = max(adapter_diff, float((a - b).norm() / (b - c).norm()))
+    kt_sps = (len(kt_times) - 1) / sum(kt_times[1:])
+    ref_sps = (len(ref_times) - 1) / sum(ref_times[1:])
+    ok = loss_diff < 0.01 and adapter_diff < 0.3 and ref_losses[-1] < ref_losses[0]
+    print(f"{'per-expert+PEFT':>14}  loss diff {loss_diff:.2e}  adapter diff {adapter_diff:.3f}  "
+          f"kt {kt_sps:7.2f} steps/s  ref ({device.type} experts, PEFT) {ref_sps:7.2f} steps/s  tokens/step 48  "
+          f"{'ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="kt worker threads")
     p.add_argument("--archs", default="qwen3_moe,mixtral,deepseek_v3,qwen2_moe,qwen3_5_moe")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-per-expert", action="store_true", help="skip the per-expert model with PEFT on its experts")
     p.add_argument("--bench", action="store_true",
                    help="also a larger Qwen3-MoE (speed only): --bench-hidden etc. set its size")
     p.add_argument("--bench-hidden", type=int, default=1024)
@@ -167,6 +211,8 @@ def main():
     ok = True
     for arch in args.archs.split(","):
         ok &= run(arch, args, device, steps=args.steps)
+    if not args.no_per_expert:
+        ok &= run_per_expert(args, device, steps=args.steps)
     if args.bench:
         config = transformers.Qwen3MoeConfig(
             vocab_size=32000, hidden_size=args.bench_hidden, intermediate_size=2 * args.bench_hidden,
