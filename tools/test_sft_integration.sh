@@ -12,8 +12,10 @@ if ! "$venv/bin/python" -c "import torch, transformers, pytest" 2>/dev/null; the
   echo "test_sft_integration.sh: $venv is missing or incomplete; run tools/setup.sh" >&2
   exit 1
 fi
-bazel build --jobs="$(nproc)" //kt/python:kt_kernel/_kt.so
+# tools:kt is `kt convert`, which the kt_weight_path test uses to make a converted folder (KT_BIN).
+bazel build --jobs="$(nproc)" //kt/python:kt_kernel/_kt.so //tools:kt
 bin=$(bazel info bazel-bin 2>/dev/null)
+export KT_BIN="$bin/tools/kt"
 stage=$(mktemp -d /tmp/kt-sft-it.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 cp -r kt/python/kt_kernel "$stage/kt_kernel"

@@ -59,6 +59,11 @@ elif [ -f "$py312_include/Python.h" ]; then
   cp -r kt/python/kt_kernel "$out/python/"
   cp "$bin312/kt/python/kt_kernel/_kt.so" "$out/python/kt_kernel/"
   cp -r kt/python/tests "$out/python/"
+  # kt_kernel.sft's integration tests and the GPU parity script built on their tiny models:
+  #   PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/.device/testdata/hf \
+  #     python3 .device/bin/sft_gpu_parity.py --device cuda --bench
+  cp -r kt/python/tests_integration "$out/python/"
+  cp tools/amx_host/sft_gpu_parity.py "$out/bin/"
   mkdir -p "$out/testdata" && cp -r testdata/hf "$out/testdata/"
 else
   echo "pack.sh: no Python 3.12 headers at $py312_include; skipping the Python package" >&2

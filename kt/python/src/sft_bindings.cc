@@ -12,6 +12,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
+#include "kt/io/layer_experts.h"
+#include "kt/io/method.h"
 #include "kt/kernels/dtype.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/python/src/common.h"
@@ -123,9 +125,55 @@ void RegisterSharedSftObjects(py::module_& m) {
       .def_property_readonly("bytes", &SftCachePool::bytes);
 }
 
+// Canonical bf16 expert weights of MoE layer `layer` of a folder (Hugging Face, or `kt convert` with a bf16
+// method) into caller-owned arrays: gate and up [E, I, H], down [E, H, I]. SFT packs its own formats from
+// bf16 (a quantized base is quantized at load, its transposed backward copy from the same bf16), so a
+// folder converted to a quantized layout cannot serve: LayerExperts::Open names the layout it holds.
+// Returns (E, H, I) read; a shape of -1 takes the folder's, else the folder must match it.
+py::tuple ReadLayerBf16(const std::string& dir, int layer, int num_experts, int hidden, int intermediate,
+                        std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down) {
+  absl::StatusOr<MethodLayout> bf16 = LayoutOfMethod("BF16");
+  if (!bf16.ok()) ThrowStatus(bf16.status());  // with the GIL: ThrowStatus makes a Python exception
+  absl::Status status;
+  int e = 0, h = 0, i = 0;
+  {
+    py::gil_scoped_release release;
+    LayerRequest want;
+    want.layer = layer;
+    want.num_experts = num_experts;
+    want.hidden = hidden;
+    want.intermediate = intermediate;
+    want.method = *bf16;
+    absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+    if (!le.ok()) {
+      status = le.status();
+    } else {
+      const LayerExperts& x = **le;
+      e = x.num_experts(), h = x.hidden(), i = x.intermediate();
+      for (size_t t = 0; status.ok() && t < x.num_verify_tasks(); ++t) status = x.Verify(t);
+      if (gate != 0) {
+        const size_t ih = static_cast<size_t>(i) * h;
+        for (int ex = 0; status.ok() && ex < e; ++ex) {
+          status = x.ReadBf16(ex, ExpertMatrix::kGate, Ptr<bf16_t>(gate) + ex * ih);
+          if (status.ok()) status = x.ReadBf16(ex, ExpertMatrix::kUp, Ptr<bf16_t>(up) + ex * ih);
+          if (status.ok()) status = x.ReadBf16(ex, ExpertMatrix::kDown, Ptr<bf16_t>(down) + ex * ih);
+        }
+      }
+    }
+  }
+  if (!status.ok()) ThrowStatus(status);
+  return py::make_tuple(e, h, i);
+}
+
 }  // namespace
 
 void RegisterSftBindings(py::module_& m) {
+  m.def("read_layer_experts_bf16", &ReadLayerBf16, py::arg("path"), py::arg("layer"), py::arg("num_experts"),
+        py::arg("hidden"), py::arg("intermediate"), py::arg("gate"), py::arg("up"), py::arg("down"),
+        "Reads MoE layer `layer`'s experts from a Hugging Face folder or a bf16 kt convert folder (checksums "
+        "verified) as canonical bf16 into gate/up [E, I, H] and down [E, H, I] (addresses; 0 for gate: only "
+        "open and check). Shapes of -1 take the folder's. Returns (E, H, I). ValueError for a shape or layout "
+        "mismatch, OSError for a missing or corrupt file.");
   RegisterSharedSftObjects(m);
   py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,

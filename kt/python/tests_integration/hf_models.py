@@ -13,7 +13,7 @@ from torch import nn
 VOCAB = 64
 
 # The repository's checkpoints made by transformers (testdata/README.md).
-TESTDATA_HF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "testdata", "hf")
+TESTDATA_HF = os.environ.get("KT_TESTDATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "testdata", "hf")
 
 _COMMON = dict(
     vocab_size=VOCAB,

@@ -13,7 +13,8 @@ For training a transformers model (``README.md`` in this folder):
 - ``get_activation_checkpoint_context_fn()`` (``autograd``): the ``context_fn`` of non-reentrant
   gradient checkpointing.
 - ``save_kt_adapter_artifacts`` / ``load_kt_adapter_artifacts`` (``lora``): the experts' LoRA on disk;
-  ``kt_lora_parameters`` its parameters (trainable again after PEFT's ``get_peft_model`` froze them).
+  ``kt_lora_parameters`` its parameters (trainable again after PEFT's ``get_peft_model`` froze them);
+  ``kt_adapt_peft_lora`` makes PEFT's adapters on per-expert (transformers 4) experts views into kt's LoRA.
 """
 
 from .amx import AMXSFTMoEWrapper
@@ -22,8 +23,10 @@ from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
 from .arch import SUPPORTED_MODEL_TYPES
 from .autograd import KTMoEFunction, get_activation_checkpoint_context_fn
 from .config import KTConfig, backend_to_method
+from .distributed import kt_allreduce_lora_grads
 from .layer import KTMoELayerWrapper
 from .lora import (
+    kt_adapt_peft_lora,
     kt_lora_parameters,
     kt_lora_state_dict,
     load_kt_adapter_artifacts,
@@ -42,6 +45,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "backend_to_method",
     "get_activation_checkpoint_context_fn",
+    "kt_adapt_peft_lora",
+    "kt_allreduce_lora_grads",
     "kt_lora_parameters",
     "kt_lora_state_dict",
     "kt_wrappers",

@@ -113,6 +113,36 @@ def is_fused_experts(experts: nn.Module) -> bool:
 # Per-expert module names of transformers 4 style ModuleLists: (gate, up, down).
 _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
+# Model types whose transformers 4 MoE blocks (a per-expert ModuleList) kt routes itself: router
+# ``gate`` (Linear [E, H]), softmax in float32, top-k, renormalised when ``norm_topk_prob`` (Mixtral: always),
+# cast to the hidden states' dtype; Qwen2-MoE adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+# (transformers 4's Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock and MixtralSparseMoeBlock.)
+PER_EXPERT_ROUTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def per_expert_names(experts: nn.Module):
+    """(gate, up, down) attribute names of a per-expert ModuleList's experts, or None when it is not one."""
+    if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
+        return None
+    for names in _PER_EXPERT_NAMES:
+        if all(hasattr(e, n) for e in experts for n in names):
+            return names
+    return None
+
+
+def route_softmax_topk(block: nn.Module, tc, x: torch.Tensor, top_k: int):
+    """transformers 4's routing of ``PER_EXPERT_ROUTED_TYPES``: (router_logits, top-k ids, top-k weights
+    in x's dtype)."""
+    logits = block.gate(x)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    norm = getattr(tc, "norm_topk_prob", None)
+    if norm is None:
+        norm = getattr(tc, "model_type", None) == "mixtral"
+    if norm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, ids, weights.to(x.dtype)
+
 
 def extract_expert_weights(experts: nn.Module, where: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate [E, I, H], up [E, I, H], down [E, H, I]): bf16, CPU, contiguous copies of the expert weights

@@ -140,5 +140,5 @@ class KTMoEFunction(torch.autograd.Function):
         grad_x = grad_input.to(device=ctx.in_device, dtype=ctx.in_dtype)
         grad_w = grad_weights.to(device=ctx.w_device, dtype=ctx.w_dtype)
         # kt overwrote its gradient buffers; autograd gets copies to accumulate into the parameters' .grad.
-        lora_grads = tuple(t.clone() for t in layer.lora_grad_buffers()) if ctx.n_lora else ()
+        lora_grads = layer._autograd_lora_grads() if ctx.n_lora else ()
         return (grad_x, None, grad_w, None, None) + lora_grads

@@ -96,14 +96,16 @@ class KTConfig:
     runs the experts again in the checkpoint recompute pass, ``retain`` keeps the first forward's result and
     activation cache), ``kt_lora_rank``, ``kt_lora_alpha`` (None: 2 x rank), ``kt_lora_dropout`` (only 0),
     ``kt_group_size`` (KGroup backends), ``kt_lora_init_seed`` (None: torch's global generator),
+    ``kt_weight_path`` (None: the experts come from the model's tensors; a Hugging Face model folder or a
+    bf16 ``kt convert`` folder: kt reads each layer's experts from it, the model's expert tensors unused),
     ``kt_rank0_experts`` (under torch.distributed with several processes: only rank 0 holds the experts and
     the ranks' tokens go to it, see ``kt_kernel.sft.distributed``; None: on whenever there are several
     processes, as the original; False: every rank holds its own copy).
 
     Fields accepted for the original callers' configs, checked, and refused when set to something kt does not
     do (NotImplementedError naming the field): ``kt_num_gpu_experts`` (0), ``kt_train_mode`` ("lora"),
-    ``kt_use_lora_experts`` (False), ``kt_full_weight_grad`` (False), ``kt_weight_path`` /
-    ``kt_expert_checkpoint_path`` (None: experts come from the model's tensors), ``kt_expert_weight_format``
+    ``kt_use_lora_experts`` (False), ``kt_full_weight_grad`` (False),
+    ``kt_expert_checkpoint_path`` (None), ``kt_expert_weight_format``
     ("bf16"), ``kt_weight_lifecycle`` ("persistent"), ``kt_skip_expert_loading`` (False). Recorded without
     effect: ``kt_tp_enabled``, ``kt_non_expert_weight_path``, ``kt_force_fused_expert_lora`` (transformers 5
     experts are always fused), ``kt_lora_expert_num``, ``kt_lora_expert_intermediate_size``,
@@ -256,7 +258,6 @@ class KTConfig:
             "kt_train_mode": ("lora", "full and hybrid fine-tuning of the experts"),
             "kt_use_lora_experts": (False, "GPU LoRA experts"),
             "kt_full_weight_grad": (False, "base-weight gradients of the experts"),
-            "kt_weight_path": (None, "SFT experts read from kt_weight_path (they come from the model's tensors)"),
             "kt_expert_checkpoint_path": (None, "SFT experts read from a checkpoint path"),
             "kt_expert_weight_format": ("bf16", "pre-quantized expert files (use kt_backend to quantize online)"),
             "kt_weight_lifecycle": ("persistent", "ephemeral weight trees"),

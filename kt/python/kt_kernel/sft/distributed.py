@@ -154,3 +154,35 @@ class Rank0Backend:
             if staged is not buf:
                 buf.copy_(staged)
         return gi, gw
+
+
+def kt_allreduce_lora_grads(model) -> int:
+    """Averages the experts' LoRA gradients (``.grad``) over the ranks, for kt layers whose experts every
+    rank holds (``kt_rank0_experts=False``); call it between ``backward`` and ``optimizer.step``.
+
+    Needed under FSDP2 with a copy of the experts per rank: ``fully_shard`` is applied to the modules
+    without kt experts only (kt holds the experts' LoRA as whole CPU tensors it reads in place, which FSDP
+    cannot shard), so nothing else averages those gradients. Under DDP it is not needed (DDP averages
+    them), and layers with rank-0-only experts are skipped (their gradients arrive averaged). Collectives
+    run on the CPU for gloo, on the current GPU for NCCL. Returns the number of tensors averaged."""
+    from .layer import KTMoELayerWrapper
+
+    rank, world = distributed_world()
+    if world < 2:
+        return 0
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = 0
+    for w in (m for m in model.modules() if isinstance(m, KTMoELayerWrapper)):
+        if isinstance(w.backend, Rank0Backend) or not w.has_lora:
+            continue
+        for p in w.trainable_lora_parameters():
+            if p.grad is None:
+                raise RuntimeError(
+                    f"kt layer {w.layer_idx}: a LoRA parameter has no gradient; call kt_allreduce_lora_grads after "
+                    "backward (every rank must call it after the same backward)"
+                )
+            g = p.grad.to(device=device, dtype=torch.float32)
+            dist.all_reduce(g)
+            p.grad.copy_(g / world)
+            n += 1
+    return n

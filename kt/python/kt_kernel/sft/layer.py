@@ -58,6 +58,10 @@ class KTMoELayerWrapper(nn.Module):
         self._retained = []  # outputs of first forwards kept for the recompute pass (policy "retain")
         self._grad_buffers: Tuple[torch.Tensor, ...] = ()
         self.has_lora = not getattr(backend, "skip_lora", False)
+        # PEFT's per-expert adapters viewed into kt's LoRA tensors (kt_adapt_peft_lora): per LORA_NAMES entry,
+        # the E parameters expert by expert; None while the LoRA is this module's own parameters.
+        self._peft_views: Optional[Tuple[Tuple[nn.Parameter, ...], ...]] = None
+        self._kt_lora: Tuple[torch.Tensor, ...] = ()  # kt's six tensors once PEFT's views replace the parameters
         if self.has_lora:
             for name, shape in zip(LORA_NAMES, self.lora_shapes()):
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.bfloat16)))
@@ -69,10 +73,81 @@ class KTMoELayerWrapper(nn.Module):
         E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
         return ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))
 
-    def lora_parameters(self) -> Tuple[nn.Parameter, ...]:
-        """The six LoRA parameters in kt's order (gate A, gate B, up A, up B, down A, down B); () for
-        SkipLoRA."""
-        return tuple(getattr(self, n) for n in LORA_NAMES) if self.has_lora else ()
+    def lora_parameters(self) -> Tuple[torch.Tensor, ...]:
+        """The six LoRA tensors kt reads, in kt's order (gate A, gate B, up A, up B, down A, down B); () for
+        SkipLoRA. This module's parameters, or (after ``adapt_peft_lora``) plain tensors whose expert slices
+        are PEFT's parameters."""
+        if not self.has_lora:
+            return ()
+        return self._kt_lora if self._peft_views is not None else tuple(getattr(self, n) for n in LORA_NAMES)
+
+    @property
+    def peft_adapted(self) -> bool:
+        """Whether the LoRA is PEFT's per-expert adapters viewed into kt's tensors (``adapt_peft_lora``)."""
+        return self._peft_views is not None
+
+    def trainable_lora_parameters(self) -> Tuple[nn.Parameter, ...]:
+        """The parameters an optimizer updates: the six LoRA parameters, or PEFT's 6 x E per-expert ones."""
+        if self._peft_views is not None:
+            return tuple(p for per_expert in self._peft_views for p in per_expert)
+        return self.lora_parameters()
+
+    @torch.no_grad()
+    def adapt_peft_lora(self, views) -> None:
+        """Makes PEFT's per-expert LoRA parameters views into kt's LoRA tensors.
+
+        ``views``: per ``LORA_NAMES`` entry, the E parameters of that matrix, expert by expert (PEFT's
+        ``lora_A`` weight [r, in] for the ``_a`` names, ``lora_B`` [out, r] for the ``_b`` ones). Their current
+        values become kt's (the adapter as PEFT initialised or loaded it); then each parameter's ``.data`` is
+        its expert's slice of kt's contiguous bf16 tensor, so an optimizer's in-place update is what kt
+        reads, and PEFT saves and loads them under its own names. This module's own six parameters go away.
+        """
+        if not self.has_lora:
+            raise ValueError(f"layer {self.layer_idx}: a _SkipLoRA backend has no LoRA to adapt PEFT's to")
+        shapes = self.lora_shapes()
+        views = tuple(tuple(v) for v in views)
+        if len(views) != 6:
+            raise ValueError(f"layer {self.layer_idx}: expected 6 lists of per-expert parameters, got {len(views)}")
+        for name, shape, per_expert in zip(LORA_NAMES, shapes, views):
+            if len(per_expert) != self.num_experts:
+                raise ValueError(
+                    f"layer {self.layer_idx} {name}: {len(per_expert)} PEFT parameters for {self.num_experts} experts"
+                )
+            for e, p in enumerate(per_expert):
+                if tuple(p.shape) != shape[1:]:
+                    raise ValueError(
+                        f"layer {self.layer_idx} expert {e} {name}: PEFT's tensor is {list(p.shape)}, kt's is "
+                        f"{list(shape[1:])} (lora_rank {self.lora_rank}: set kt_lora_rank to PEFT's r)"
+                    )
+        tensors = self._kt_lora or self.lora_parameters()
+        kt = tuple(t.detach() for t in tensors)
+        for buf, per_expert in zip(kt, views):
+            for e, p in enumerate(per_expert):
+                if p.data_ptr() != buf[e].data_ptr():
+                    buf[e].copy_(p.detach().to(device="cpu", dtype=torch.bfloat16))
+                    p.data = buf[e]
+        if self._peft_views is None:
+            for name in LORA_NAMES:
+                del self._parameters[name]
+        self._kt_lora = kt
+        self._peft_views = views
+        self.backend.init_lora_weights(*self._kt_lora, *self._grad_buffers)
+
+    def _follow_peft_views(self) -> None:
+        """A PEFT parameter whose ``.data`` was replaced (moved, cast, reassigned) is copied into kt's tensor
+        and made a view of it again."""
+        for buf, per_expert in zip(self._kt_lora, self._peft_views):
+            for e, p in enumerate(per_expert):
+                if p.data_ptr() != buf[e].data_ptr():
+                    with torch.no_grad():
+                        buf[e].copy_(p.detach().to(device="cpu", dtype=torch.bfloat16))
+                    p.data = buf[e]
+
+    def _autograd_lora_grads(self) -> Tuple[torch.Tensor, ...]:
+        """Copies of kt's LoRA gradients, shaped as ``trainable_lora_parameters``."""
+        if self._peft_views is not None:
+            return tuple(g[e].clone() for g in self._grad_buffers for e in range(self.num_experts))
+        return tuple(g.clone() for g in self._grad_buffers)
 
     def lora_grad_buffers(self) -> Tuple[torch.Tensor, ...]:
         """kt's gradient buffers of the six LoRA parameters (overwritten by every backward)."""
@@ -82,8 +157,7 @@ class KTMoELayerWrapper(nn.Module):
     def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """PEFT's default LoRA init per expert: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
         a = sqrt(5)), B = 0, so the adapter starts as the identity."""
-        for name in LORA_NAMES:
-            p = getattr(self, name)
+        for name, p in zip(LORA_NAMES, self.lora_parameters()):
             if name.endswith("_a"):
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
@@ -94,14 +168,14 @@ class KTMoELayerWrapper(nn.Module):
     def load_lora_state(self, tensors) -> None:
         """Copies LoRA tensors (a mapping name -> tensor of ``lora_shapes``) into the parameters, in place (kt
         keeps reading the same storage)."""
-        for name, shape in zip(LORA_NAMES, self.lora_shapes()):
+        for name, shape, dst in zip(LORA_NAMES, self.lora_shapes(), self.lora_parameters()):
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ValueError(
                     f"layer {self.layer_idx} {name}: expected shape {list(shape)} (E, r, ... for rank "
                     f"{self.lora_rank}), got {list(t.shape)}"
                 )
-            getattr(self, name).copy_(t.to(torch.bfloat16))
+            dst.copy_(t.to(torch.bfloat16))
 
     def _kt_inputs(self, hidden_states, top_k_index, top_k_weights):
         """The tensors kt takes: bf16 CPU hidden states, int64 ids, float32 weights, all contiguous."""
@@ -113,6 +187,9 @@ class KTMoELayerWrapper(nn.Module):
     def _check_lora_storage(self) -> None:
         # kt holds pointers into the parameters' storage; replacing a parameter's .data (some wrappers do)
         # is followed by re-registering.
+        if self._peft_views is not None:
+            self._follow_peft_views()
+            return
         if self.has_lora and tuple(p.data_ptr() for p in self.lora_parameters()) != self.backend._lora_ptrs[:6]:
             for p, name in zip(self.lora_parameters(), LORA_NAMES):
                 if p.dtype != torch.bfloat16 or p.device.type != "cpu" or not p.is_contiguous():
@@ -135,7 +212,7 @@ class KTMoELayerWrapper(nn.Module):
                 "batch size x sequence length"
             )
         self._check_lora_storage()
-        lora = self.lora_parameters()
+        lora = self.trainable_lora_parameters()
         phase = forward_phase(hidden_states, top_k_weights, *lora)
         return KTMoEFunction.apply(hidden_states, top_k_index, top_k_weights, self, phase, *lora)
 

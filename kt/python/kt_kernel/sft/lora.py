@@ -51,7 +51,7 @@ def kt_lora_parameters(model: nn.Module, trainable: bool = True) -> List[nn.Para
     with ``requires_grad`` set to ``trainable``. PEFT's ``get_peft_model`` freezes every parameter that is
     not one of its own adapters, these included: call this after it, and pass the result to the
     optimizer with PEFT's parameters."""
-    params = [p for w in _lora_wrappers(model) for p in w.lora_parameters()]
+    params = [p for w in _lora_wrappers(model) for p in w.trainable_lora_parameters()]
     for p in params:
         p.requires_grad_(trainable)
     return params
@@ -60,18 +60,56 @@ def kt_lora_parameters(model: nn.Module, trainable: bool = True) -> List[nn.Para
 def update_kt_lora_pointers(model: nn.Module) -> None:
     """Points kt at the current storage of every kt layer's LoRA parameters. In-place optimizer updates need
     nothing (kt reads the same storage at every call), and each forward re-registers a parameter whose
-    ``.data`` was replaced; this does it at once, for callers written against the original's API (which
-    called it after every ``optimizer.step``)."""
+    ``.data`` was replaced (a PEFT per-expert view whose ``.data`` moved is copied back into kt's tensor and
+    viewed again); this does it at once, for callers written against the original's API (which called it
+    after every ``optimizer.step``)."""
     for w in _lora_wrappers(model):
         w._check_lora_storage()
 
 
+def kt_adapt_peft_lora(model: nn.Module) -> List[KTMoELayerWrapper]:
+    """Makes PEFT's own LoRA adapters on per-expert ``gate_proj/up_proj/down_proj`` (or ``w1/w3/w2``)
+    modules views into kt's contiguous LoRA tensors, for every kt layer of ``model`` wrapped from a
+    per-expert ``ModuleList`` (transformers 4 layout) whose expert projections PEFT targets.
+
+    Call it after ``peft.get_peft_model`` (the forward of such a layer also does it on its first call).
+    The adapter keeps PEFT's names and values (its init, or what ``PeftModel.from_pretrained`` loaded), so
+    ``save_pretrained`` writes, and plain PEFT loads, an ordinary PEFT adapter; kt computes with it in
+    place. PEFT's parameters become bf16 CPU tensors (kt's dtype). PEFT's ``r`` and scaling must equal
+    ``kt_lora_rank`` and ``kt_lora_alpha / kt_lora_rank``, its dropout 0 and one adapter active (ValueError
+    naming the module otherwise). Returns the layers adapted."""
+    from .wrapper import peft_expert_views
+
+    adapted = []
+    for w in _lora_wrappers(model):
+        experts = getattr(w, "_per_expert_modules", None)
+        if experts is None:
+            continue
+        views = peft_expert_views(w, experts)
+        if views is not None:
+            w.adapt_peft_lora(views)
+            adapted.append(w)
+    return adapted
+
+
+def _kt_owned(model: nn.Module) -> List[KTMoELayerWrapper]:
+    """The kt layers whose LoRA kt saves (not PEFT's per-expert adapters, which PEFT saves)."""
+    wrappers = [w for w in _lora_wrappers(model) if not w.peft_adapted]
+    if not wrappers:
+        raise ValueError(
+            f"{type(model).__name__}: every kt layer's LoRA is PEFT's per-expert adapter (kt_adapt_peft_lora); "
+            "PEFT's save_pretrained / PeftModel.from_pretrained save and load it"
+        )
+    return wrappers
+
+
 def kt_lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``layers.L.experts.<name>`` -> a copy of that LoRA tensor, for every kt layer of ``model``."""
+    """``layers.L.experts.<name>`` -> a copy of that LoRA tensor, for every kt layer of ``model`` whose LoRA
+    kt owns."""
     return {
-        f"layers.{w.layer_idx}.experts.{name}": getattr(w, name).detach().clone()
-        for w in _lora_wrappers(model)
-        for name in LORA_NAMES
+        f"layers.{w.layer_idx}.experts.{name}": t.detach().clone()
+        for w in _kt_owned(model)
+        for name, t in zip(LORA_NAMES, w.lora_parameters())
     }
 
 
@@ -80,7 +118,7 @@ def save_kt_adapter_artifacts(model: nn.Module, output_dir: str) -> Dict[str, st
     (created if missing; the files are replaced atomically). Returns {"lora": path, "manifest": path}."""
     from safetensors.torch import save_file
 
-    wrappers = _lora_wrappers(model)
+    wrappers = _kt_owned(model)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FUSED_LORA_FILE)
     tmp = path + ".tmp"
@@ -129,7 +167,7 @@ def load_kt_adapter_artifacts(model: nn.Module, adapter_dir: str, strict: bool =
     path = os.path.join(adapter_dir, FUSED_LORA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{adapter_dir}: no {FUSED_LORA_FILE} (kt's expert LoRA) in this folder")
-    wrappers = _lora_wrappers(model)
+    wrappers = _kt_owned(model)
     manifest = None
     mpath = os.path.join(adapter_dir, MANIFEST_FILE)
     if os.path.isfile(mpath):
