@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "kt/io/arch.h"
 #include "kt/io/layer_experts.h"
+#include "kt/moe/gguf_loader.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -159,12 +160,23 @@ absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const flo
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool) {
+  if (method == "LLAMAFILE") {  // a GGUF checkpoint, its blocks as stored (gguf_loader.h)
+    absl::StatusOr<GgufLoadStats> g = LoadGgufLayer(moe, dir, layer, physical_to_logical, pool);
+    if (!g.ok()) return g.status();
+    FolderLoadStats stats;
+    stats.file_bytes = g->file_bytes;
+    stats.load_seconds = g->load_seconds;
+    return stats;
+  }
   return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
 }
 
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(TpMoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool) {
+  if (method == "LLAMAFILE") {
+    return absl::UnimplementedError("method LLAMAFILE runs on one pool (threadpool_count = 1) for now");
+  }
   return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
 }
 

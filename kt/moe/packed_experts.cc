@@ -107,6 +107,14 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
       return absl::InvalidArgumentError(absl::StrCat("MoeConfig.numa_node: ", bad_node.what()));
     }
   }
+  // Gate and up multiply the same prepared x rows (one preparation per row): their ggml dot partners
+  // must agree (Q8_0 for the 32-value types, Q8_K for the K-quants).
+  if (traits.stored_blocks && w->Proj(ExpertProj::kGate).layout.act_group != w->Proj(ExpertProj::kUp).layout.act_group) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoeConfig.gguf_types: gate (", GgufTypeName(static_cast<GgufType>(shape.gguf_types[0])), ") and up (",
+        GgufTypeName(static_cast<GgufType>(shape.gguf_types[1])), ") quantize their shared input differently (Q8_0 vs Q8_K partners); both must be 32-value types or both "
+        "K-quants"));
+  }
   w->proj_loaded_.assign(e * 3, 0);
   return w;
 }
