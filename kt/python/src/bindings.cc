@@ -199,6 +199,21 @@ class PyMoeLayer {
   std::unique_ptr<MoeLayer> moe_;
 };
 
+// Method LLAMAFILE: InspectGgufLayer as {"types": [gate, up, down], "format", "file_bytes"}.
+py::dict GgufLayerInfoDict(const std::string& path, int layer, int num_experts, int hidden, int intermediate) {
+  absl::StatusOr<GgufLayerInfo> info;
+  {
+    py::gil_scoped_release release;
+    info = InspectGgufLayer(path, layer, num_experts, hidden, intermediate);
+  }
+  if (!info.ok()) ThrowStatus(info.status());
+  py::dict d;
+  d["types"] = std::vector<int>(info->types, info->types + 3);
+  d["format"] = std::string(ExpertFormatName(info->format));
+  d["file_bytes"] = info->file_bytes;
+  return d;
+}
+
 // One row per method of kt/io/method.cc (the one table Python reads: kt_kernel/methods.py).
 py::list MethodTableRows() {
   py::list rows;
@@ -243,24 +258,10 @@ PYBIND11_MODULE(_kt, m) {
       },
       py::arg("name"), "Whether this CPU can run the named kernel path.");
 
-  m.def(
-      "gguf_layer_info",
-      [](const std::string& path, int layer, int num_experts, int hidden, int intermediate) {
-        absl::StatusOr<GgufLayerInfo> info;
-        {
-          py::gil_scoped_release release;
-          info = InspectGgufLayer(path, layer, num_experts, hidden, intermediate);
-        }
-        if (!info.ok()) ThrowStatus(info.status());
-        py::dict d;
-        d["types"] = std::vector<int>(info->types, info->types + 3);
-        d["format"] = std::string(ExpertFormatName(info->format));
-        d["file_bytes"] = info->file_bytes;
-        return d;
-      },
-      py::arg("path"), py::arg("layer"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
-      "Method LLAMAFILE: the ggml type ids of a GGUF checkpoint's layer experts (gate, up, down), checked against "
-      "the shape, and the MoeLayer format that holds them ('gguf' or 'gguf_float').");
+  m.def("gguf_layer_info", &GgufLayerInfoDict, py::arg("path"), py::arg("layer"), py::arg("num_experts"),
+        py::arg("hidden"), py::arg("intermediate"),
+        "Method LLAMAFILE: the ggml type ids of a GGUF checkpoint's layer experts (gate, up, down), checked "
+        "against the shape, and the MoeLayer format that holds them ('gguf' or 'gguf_float').");
   m.def("method_table", &MethodTableRows,
       "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
       "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
