@@ -7,8 +7,7 @@
 //   Q8_K per 256 values; qx[m][ld], sx[m][k / block]) and sum int8 x int8 products exactly per block or
 //   sub-block, then scale in fp32, as ggml's vec_dot does;
 // - F32, F16, BF16 read bf16 rows x[m][ld] and multiply in fp32.
-// Paths: scalar (the truth, gguf_quants.h's dots), Highway AVX2/AVX3/AVX3_DL (vector kernels for Q8_0,
-// Q4_0, Q4_K, Q6_K and the float types; the other types run the scalar dot on those paths too).
+// Paths: scalar (the truth, gguf_quants.h's dots), Highway AVX2/AVX3/AVX3_DL (a vector kernel per type).
 #ifndef KT_KERNELS_GEMM_GGUF_H_
 #define KT_KERNELS_GEMM_GGUF_H_
 

@@ -9,7 +9,8 @@
 // block needs one int32 accumulator and one fp32 scaling instead of one per sub-block; Q4_K's mins are the
 // same product of the activations with the mins broadcast per sub-block. Largest int32 lane: 32 products of
 // 4064 * 128 per block, about 1.7e7. Vectors are fixed at 256 bits (16 int16 lanes) on every target: a
-// 32-value block is two of them. The types without a vector kernel here run the scalar dot.
+// 32-value block is two of them. High bits (Q5_0/Q5_1 qh, Q5_K qh, Q3_K hmask) are shifted into place per
+// 16 values; Q5_0/Q5_1's per-value bits go through a 256-entry byte table.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_gguf_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -97,13 +98,7 @@ float DotQ4_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
       for (int half = 0; half < 2; ++half) {
         const int i = 2 * c + half;
         int sc, m;
-        if (i < 4) {
-          sc = s[i] & 63;
-          m = s[i + 4] & 63;
-        } else {
-          sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4);
-          m = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
-        }
+        GgufScaleMinK4(s, i, &sc, &m);
         const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc)), vm = hn::Set(d16, static_cast<int16_t>(m));
         for (int part = 0; part < 2; ++part) {
           const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
@@ -154,6 +149,137 @@ float DotQ6_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
       }
     }
     acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk + 208) * sx[b]), acc);
+  }
+  return Total(acc);
+}
+
+// 16 bits of a 32-value block's high-bit word (Q5_0 / Q5_1 qh, bits 16 h .. 16 h + 15) as 16 bytes of 0x10
+// (bit set) or 0: bit 4 of the 16 values. Two 8-byte lookups in a 256-entry table built once.
+struct BitsToNibble {
+  uint64_t t[256];
+  BitsToNibble() {
+    for (int v = 0; v < 256; ++v) {
+      uint64_t e = 0;
+      for (int b = 0; b < 8; ++b) {
+        if (v >> b & 1) e |= uint64_t{0x10} << (8 * b);
+      }
+      t[v] = e;
+    }
+  }
+};
+HWY_INLINE hn::Vec<DU8> HighBits16(uint32_t qh, int half) {
+  static const BitsToNibble kTable;
+  uint64_t lanes[2] = {kTable.t[(qh >> (16 * half)) & 0xff], kTable.t[(qh >> (16 * half + 8)) & 0xff]};
+  return hn::LoadU(DU8(), reinterpret_cast<const uint8_t*>(lanes));
+}
+
+// The 32-value types with nibbles, optional bit 4 (qh) and optional min: Q4_1 (kHigh false, kMin true),
+// Q5_0 (true, false), Q5_1 (true, true). q = nibble | bit << 4, w = d (q - offset) [+ m].
+template <bool kHigh, bool kMin>
+float DotLegacy(const uint8_t* w, size_t nb, size_t block_bytes, const int8_t* qx, const float* sx) {
+  const DF df;
+  const DU8 du8;
+  const VI16 off = hn::Set(DI16(), kMin ? 0 : 16);
+  const VI16 ones = hn::Set(DI16(), 1);
+  const size_t qs_at = (kMin ? 4 : 2) + (kHigh ? 4 : 0);
+  VF acc = hn::Zero(df);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * block_bytes;
+    const auto q = hn::LoadU(du8, blk + qs_at);
+    auto lo = hn::And(q, hn::Set(du8, 0x0F));
+    auto hi = hn::ShiftRight<4>(q);
+    if (kHigh) {
+      uint32_t qh;
+      std::memcpy(&qh, blk + (kMin ? 4 : 2), 4);
+      lo = hn::Or(lo, HighBits16(qh, 0));
+      hi = hn::Or(hi, HighBits16(qh, 1));
+    }
+    const VI16 x0 = X16(qx + 32 * b), x1 = X16(qx + 32 * b + 16);
+    VI32 s = MulAcc(hn::Sub(U16(lo), off), x0, hn::Zero(DI32()));
+    s = MulAcc(hn::Sub(U16(hi), off), x1, s);
+    const float dx = sx[b];
+    acc = hn::MulAdd(hn::ConvertTo(df, s), hn::Set(df, HalfAt(blk) * dx), acc);
+    if (kMin) {
+      const VI32 xs = MulAcc(x1, ones, MulAcc(x0, ones, hn::Zero(DI32())));
+      acc = hn::MulAdd(hn::ConvertTo(df, xs), hn::Set(df, HalfAt(blk + 2) * dx), acc);
+    }
+  }
+  return Total(acc);
+}
+
+// Q5_K: Q4_K's nibbles with bit 4 from qh: bit i of qh[l] for sub-block i (values 32 i + l).
+float DotQ5_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
+  const DF df;
+  const DU8 du8;
+  const DI16 d16;
+  const auto mask = hn::Set(du8, 0x0F), one = hn::Set(du8, 0x01);
+  VF acc = hn::Zero(df);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 176;
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + 48;
+    const int8_t* x = qx + 256 * b;
+    VI32 sq = hn::Zero(DI32()), sm = hn::Zero(DI32());
+    for (int i = 0; i < 8; ++i) {
+      const int c = i / 2, half = i % 2;
+      int sc, m;
+      GgufScaleMinK4(blk + 4, i, &sc, &m);
+      const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc)), vm = hn::Set(d16, static_cast<int16_t>(m));
+      for (int part = 0; part < 2; ++part) {
+        const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
+        const auto nib = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
+        const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, qh + 16 * part), i), one);
+        const VI16 xv = X16(x + 32 * i + 16 * part);
+        sq = MulAcc(hn::Mul(U16(hn::Or(nib, hn::ShiftLeft<4>(hb))), vsc), xv, sq);
+        sm = MulAcc(vm, xv, sm);
+      }
+    }
+    const float dx = sx[b];
+    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk) * dx), acc);
+    acc = hn::NegMulAdd(hn::ConvertTo(df, sm), hn::Set(df, HalfAt(blk + 2) * dx), acc);
+  }
+  return Total(acc);
+}
+
+// Q2_K and Q3_K: 2-bit quants, per 128 values 32 bytes shifted by 0, 2, 4, 6 per 32 values; 16-value
+// sub-blocks. Q2_K: w = d sc q - dmin m (nibbles of the scale bytes); Q3_K: q - 4 unless the hmask bit
+// (bit 4 c + s of hmask[l]) is set, w = d (sc - 32) q.
+template <bool kQ3>
+float DotLowBits(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
+  const DF df;
+  const DU8 du8;
+  const DI16 d16;
+  const auto m2 = hn::Set(du8, 0x03), one = hn::Set(du8, 0x01);
+  const VI16 four = hn::Set(d16, 4);
+  VF acc = hn::Zero(df);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * (kQ3 ? 110 : 84);
+    const uint8_t* qs = blk + (kQ3 ? 32 : 16);
+    const int8_t* x = qx + 256 * b;
+    VI32 sq = hn::Zero(DI32()), sm = hn::Zero(DI32());
+    for (int c = 0; c < 2; ++c) {
+      for (int sh = 0; sh < 4; ++sh) {
+        for (int part = 0; part < 2; ++part) {
+          const int i = 8 * c + 2 * sh + part;  // the 16-value sub-block
+          const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
+          VI16 q = U16(hn::And(hn::ShiftRightSame(raw, 2 * sh), m2));
+          const VI16 xv = X16(x + 16 * i);
+          int sc;
+          if (kQ3) {
+            const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 * part), 4 * c + sh), one);
+            q = hn::Sub(q, hn::Sub(four, hn::ShiftLeft<2>(U16(hb))));
+            sc = GgufScaleQ3K(blk + 96, i);
+          } else {
+            sc = blk[i] & 0x0F;
+            sm = MulAcc(hn::Set(d16, static_cast<int16_t>(blk[i] >> 4)), xv, sm);
+          }
+          sq = MulAcc(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(sc))), xv, sq);
+        }
+      }
+    }
+    const float dx = sx[b];
+    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk + (kQ3 ? 108 : 80)) * dx), acc);
+    if (!kQ3) acc = hn::NegMulAdd(hn::ConvertTo(df, sm), hn::Set(df, HalfAt(blk + 82) * dx), acc);
   }
   return Total(acc);
 }
@@ -209,6 +335,24 @@ void GemmGguf(GgufType type, size_t m, size_t k, const GgufRows& in, const uint8
         break;
       case GgufType::kQ6_K:
         for (size_t j = 0; j < cols; ++j) yr[j] = DotQ6_K(w + j * row_bytes, nb, qx, sx);
+        break;
+      case GgufType::kQ5_K:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ5_K(w + j * row_bytes, nb, qx, sx);
+        break;
+      case GgufType::kQ2_K:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotLowBits<false>(w + j * row_bytes, nb, qx, sx);
+        break;
+      case GgufType::kQ3_K:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotLowBits<true>(w + j * row_bytes, nb, qx, sx);
+        break;
+      case GgufType::kQ4_1:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<false, true>(w + j * row_bytes, nb, 20, qx, sx);
+        break;
+      case GgufType::kQ5_0:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<true, false>(w + j * row_bytes, nb, 22, qx, sx);
+        break;
+      case GgufType::kQ5_1:
+        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<true, true>(w + j * row_bytes, nb, 24, qx, sx);
         break;
       default:
         for (size_t j = 0; j < cols; ++j) yr[j] = GgufDotQ8(type, w + j * row_bytes, k, qx, sx);

@@ -15,27 +15,6 @@ constexpr size_t kQK = 256;  // values per K-quant block
 inline uint16_t U16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 inline float Half(const uint8_t* p) { return F16ToF32(U16(p)); }
 
-// Q4_K / Q5_K: the 6-bit scale and min of sub-block i (0..7) from the 12 packed bytes: bytes 0-3 hold the
-// low 6 bits of scales 0-3 (top 2 bits: bits 4-5 of scales 4-7), bytes 4-7 the same for the mins, bytes
-// 8-11 the low nibbles of scales 4-7 (low) and mins 4-7 (high).
-inline void ScaleMinK4(const uint8_t* s, int i, int* sc, int* m) {
-  if (i < 4) {
-    *sc = s[i] & 63;
-    *m = s[i + 4] & 63;
-  } else {
-    *sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4);
-    *m = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
-  }
-}
-
-// Q3_K: the 16 signed scales (6 bits, offset 32): low nibbles from bytes 0-7 (scale i: byte i % 8, high
-// nibble for i >= 8), top 2 bits from bytes 8-11 (scale i: byte 8 + i % 4, bits 2 (i / 4)).
-inline int ScaleQ3K(const uint8_t* s, int i) {
-  const int lo = (s[i % 8] >> (4 * (i / 8))) & 0x0F;
-  const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-  return (lo | (hi << 4)) - 32;
-}
-
 // The integer quant of value j of a block (before scale and offset) and, for the K-quants, its sub-block.
 inline int QuantOf(GgufType t, const uint8_t* b, size_t j) {
   switch (t) {
@@ -106,7 +85,7 @@ SubScales KScales(GgufType t, const uint8_t* b) {
       s.sub = 16;
       s.count = 16;
       for (int i = 0; i < 16; ++i) {
-        s.scale[i] = d * static_cast<float>(ScaleQ3K(b + 96, i));
+        s.scale[i] = d * static_cast<float>(GgufScaleQ3K(b + 96, i));
         s.min[i] = 0.0f;
       }
       break;
@@ -118,7 +97,7 @@ SubScales KScales(GgufType t, const uint8_t* b) {
       s.count = 8;
       for (int i = 0; i < 8; ++i) {
         int sc, m;
-        ScaleMinK4(b + 4, i, &sc, &m);
+        GgufScaleMinK4(b + 4, i, &sc, &m);
         s.scale[i] = d * static_cast<float>(sc);
         s.min[i] = dmin * static_cast<float>(m);
       }

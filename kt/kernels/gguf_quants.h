@@ -70,6 +70,27 @@ bool GgufIsFloat(GgufType type);
 // The activation block of a quantized type's dot partner: 32 (Q8_0) or 256 (Q8_K); 0 for the float types.
 size_t GgufActivationBlock(GgufType type);
 
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block i (0..7) from the 12 packed bytes s: bytes 0-3 hold the
+// low 6 bits of scales 0-3 (their top 2 bits: bits 4-5 of scales 4-7), bytes 4-7 the same for the mins,
+// bytes 8-11 the low nibbles of scales 4-7 (low) and of mins 4-7 (high).
+inline void GgufScaleMinK4(const uint8_t* s, int i, int* sc, int* m) {
+  if (i < 4) {
+    *sc = s[i] & 63;
+    *m = s[i + 4] & 63;
+  } else {
+    *sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4);
+    *m = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
+  }
+}
+
+// Q3_K: signed scale i (0..15; 6 bits, offset 32) from the 12 packed bytes s: low nibble from byte i % 8 (high
+// nibble for i >= 8), top 2 bits from byte 8 + i % 4, bits 2 (i / 4).
+inline int GgufScaleQ3K(const uint8_t* s, int i) {
+  const int lo = (s[i % 8] >> (4 * (i / 8))) & 0x0F;
+  const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
 float F16ToF32(uint16_t h);  // exact (subnormals, infinities and NaN included)
 uint16_t F32ToF16(float f);  // round to nearest even (test data)
 
