@@ -51,106 +51,56 @@ HWY_INLINE VI32 MulAcc(VI16 a, VI16 b, VI32 acc) {
 
 HWY_INLINE float Total(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
 
-float DotQ8_0(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
-  VF acc = hn::Zero(df);
+// Up to kMaxRows activation rows multiplied with one weight row at once: every block's quants are decoded
+// once and used by all R rows (prefill: M rows of one expert; decode: R = 1). Per row: int32 accumulators of
+// the block (quants, and activations times mins) and an fp32 total.
+constexpr int kMaxRows = 4;
+// The row loops have compile-time trip counts; unrolled, the accumulators stay in registers (as loops, GCC 12
+// keeps them on the stack: gemm_int8_hwy.cc).
+#define HWY_UNROLL_ROWS _Pragma("GCC unroll 4")
+
+template <int R>
+struct Acc {
+  const int8_t* qx[R];
+  const float* sx[R];
+  VF f[R];
+  VI32 s[R], m[R];
+
+  HWY_INLINE void Begin() {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = m[r] = hn::Zero(DI32());
+  }
+  // 16 int16 weights (already multiplied by their sub-block scale) times activations [at, at + 16).
+  HWY_INLINE void Add(VI16 wv, size_t at) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = MulAcc(wv, X16(qx[r] + at), s[r]);
+  }
+  // The same, and the activations times the sub-block's min `mv` (shares the widened activations).
+  HWY_INLINE void AddWithMin(VI16 wv, VI16 mv, size_t at) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const VI16 xv = X16(qx[r] + at);
+      s[r] = MulAcc(wv, xv, s[r]);
+      m[r] = MulAcc(mv, xv, m[r]);
+    }
+  }
+  // Block `b` done: total += (d sum - dmin msum) * the row's activation scale of the block.
+  HWY_INLINE void End(size_t b, float d, float dmin) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const float dx = sx[r][b];
+      f[r] = hn::MulAdd(hn::ConvertTo(DF(), s[r]), hn::Set(DF(), d * dx), f[r]);
+      if (dmin != 0.0f) f[r] = hn::NegMulAdd(hn::ConvertTo(DF(), m[r]), hn::Set(DF(), dmin * dx), f[r]);
+    }
+  }
+};
+
+template <int R>
+HWY_INLINE void DotQ8_0(const uint8_t* w, size_t nb, Acc<R>& a) {
   for (size_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * 34;
     const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
-    VI32 s = MulAcc(X16(q), X16(qx + 32 * b), hn::Zero(DI32()));
-    s = MulAcc(X16(q + 16), X16(qx + 32 * b + 16), s);
-    acc = hn::MulAdd(hn::ConvertTo(df, s), hn::Set(df, HalfAt(blk) * sx[b]), acc);
+    a.Begin();
+    a.Add(X16(q), 32 * b);
+    a.Add(X16(q + 16), 32 * b + 16);
+    a.End(b, HalfAt(blk), 0.0f);
   }
-  return Total(acc);
-}
-
-float DotQ4_0(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
-  const DU8 du8;
-  const VI16 eight = hn::Set(DI16(), 8);
-  VF acc = hn::Zero(df);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 18;
-    const auto q = hn::LoadU(du8, blk + 2);
-    const VI16 lo = hn::Sub(U16(hn::And(q, hn::Set(du8, 0x0F))), eight);  // values 0..15
-    const VI16 hi = hn::Sub(U16(hn::ShiftRight<4>(q)), eight);            // values 16..31
-    VI32 s = MulAcc(lo, X16(qx + 32 * b), hn::Zero(DI32()));
-    s = MulAcc(hi, X16(qx + 32 * b + 16), s);
-    acc = hn::MulAdd(hn::ConvertTo(df, s), hn::Set(df, HalfAt(blk) * sx[b]), acc);
-  }
-  return Total(acc);
-}
-
-// Q4_K: per 64 values 32 bytes of qs, low nibbles the first 32 values (sub-block 2c), high the next (2c+1).
-float DotQ4_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
-  const DU8 du8;
-  const DI16 d16;
-  const auto mask = hn::Set(du8, 0x0F);
-  VF acc = hn::Zero(df);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 144;
-    const uint8_t* s = blk + 4;
-    const uint8_t* qs = blk + 16;
-    const int8_t* x = qx + 256 * b;
-    VI32 sq = hn::Zero(DI32()), sm = hn::Zero(DI32());
-    for (int c = 0; c < 4; ++c) {
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * c + half;
-        int sc, m;
-        GgufScaleMinK4(s, i, &sc, &m);
-        const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc)), vm = hn::Set(d16, static_cast<int16_t>(m));
-        for (int part = 0; part < 2; ++part) {
-          const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
-          const auto nib = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
-          const VI16 xv = X16(x + 64 * c + 32 * half + 16 * part);
-          sq = MulAcc(hn::Mul(U16(nib), vsc), xv, sq);
-          sm = MulAcc(vm, xv, sm);
-        }
-      }
-    }
-    const float dx = sx[b];
-    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk) * dx), acc);
-    acc = hn::NegMulAdd(hn::ConvertTo(df, sm), hn::Set(df, HalfAt(blk + 2) * dx), acc);
-  }
-  return Total(acc);
-}
-
-// Q6_K: per 128 values 64 bytes of ql and 32 of qh; the 16-value group g of a half takes ql bytes
-// 16 (g % 4).. (low nibble for g < 4), qh bytes 16 (g % 2).. shifted by 2 (g / 2).
-float DotQ6_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
-  const DU8 du8;
-  const DI16 d16;
-  const auto m4 = hn::Set(du8, 0x0F), m2 = hn::Set(du8, 0x03);
-  const VI16 off = hn::Set(d16, 32);
-  VF acc = hn::Zero(df);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 210;
-    const auto* scales = reinterpret_cast<const int8_t*>(blk + 192);
-    const int8_t* x = qx + 256 * b;
-    VI32 sq = hn::Zero(DI32());
-    for (int c = 0; c < 2; ++c) {
-      const uint8_t* ql = blk + 64 * c;
-      const uint8_t* qh = blk + 128 + 32 * c;
-      const auto h0 = hn::LoadU(du8, qh), h1 = hn::LoadU(du8, qh + 16);
-      for (int g = 0; g < 8; ++g) {
-        const auto l = hn::LoadU(du8, ql + 16 * (g % 4));
-        const auto lo = g < 4 ? hn::And(l, m4) : hn::ShiftRight<4>(l);
-        const auto h = g % 2 == 0 ? h0 : h1;
-        const int sh = g / 2;
-        const auto hb = sh == 0   ? hn::And(h, m2)
-                        : sh == 1 ? hn::And(hn::ShiftRight<2>(h), m2)
-                        : sh == 2 ? hn::And(hn::ShiftRight<4>(h), m2)
-                                  : hn::ShiftRight<6>(h);
-        const VI16 q = hn::Sub(U16(hn::Or(lo, hn::ShiftLeft<4>(hb))), off);
-        const VI16 vsc = hn::Set(d16, static_cast<int16_t>(scales[8 * c + g]));
-        sq = MulAcc(hn::Mul(q, vsc), X16(x + 128 * c + 16 * g), sq);
-      }
-    }
-    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk + 208) * sx[b]), acc);
-  }
-  return Total(acc);
 }
 
 // 16 bits of a 32-value block's high-bit word (Q5_0 / Q5_1 qh, bits 16 h .. 16 h + 15) as 16 bytes of 0x10
@@ -173,19 +123,18 @@ HWY_INLINE hn::Vec<DU8> HighBits16(uint32_t qh, int half) {
   return hn::LoadU(DU8(), reinterpret_cast<const uint8_t*>(lanes));
 }
 
-// The 32-value types with nibbles, optional bit 4 (qh) and optional min: Q4_1 (kHigh false, kMin true),
-// Q5_0 (true, false), Q5_1 (true, true). q = nibble | bit << 4, w = d (q - offset) [+ m].
-template <bool kHigh, bool kMin>
-float DotLegacy(const uint8_t* w, size_t nb, size_t block_bytes, const int8_t* qx, const float* sx) {
-  const DF df;
+// The 32-value nibble types: Q4_0 (no high bit, no min), Q4_1 (min), Q5_0 (bit 4 from qh), Q5_1 (both).
+// q = nibble | bit << 4, w = d (q - offset) [+ m]: the min is added (End's dmin = -m).
+template <bool kHigh, bool kMin, int R>
+HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
   const DU8 du8;
-  const VI16 off = hn::Set(DI16(), kMin ? 0 : 16);
+  const VI16 off = hn::Set(DI16(), kMin ? 0 : (kHigh ? 16 : 8));
   const VI16 ones = hn::Set(DI16(), 1);
-  const size_t qs_at = (kMin ? 4 : 2) + (kHigh ? 4 : 0);
-  VF acc = hn::Zero(df);
+  constexpr size_t kBytes = 2 + (kMin ? 2 : 0) + (kHigh ? 4 : 0) + 16;
+  constexpr size_t kQs = kBytes - 16;
   for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * block_bytes;
-    const auto q = hn::LoadU(du8, blk + qs_at);
+    const uint8_t* blk = w + b * kBytes;
+    const auto q = hn::LoadU(du8, blk + kQs);
     auto lo = hn::And(q, hn::Set(du8, 0x0F));
     auto hi = hn::ShiftRight<4>(q);
     if (kHigh) {
@@ -194,170 +143,204 @@ float DotLegacy(const uint8_t* w, size_t nb, size_t block_bytes, const int8_t* q
       lo = hn::Or(lo, HighBits16(qh, 0));
       hi = hn::Or(hi, HighBits16(qh, 1));
     }
-    const VI16 x0 = X16(qx + 32 * b), x1 = X16(qx + 32 * b + 16);
-    VI32 s = MulAcc(hn::Sub(U16(lo), off), x0, hn::Zero(DI32()));
-    s = MulAcc(hn::Sub(U16(hi), off), x1, s);
-    const float dx = sx[b];
-    acc = hn::MulAdd(hn::ConvertTo(df, s), hn::Set(df, HalfAt(blk) * dx), acc);
+    a.Begin();
     if (kMin) {
-      const VI32 xs = MulAcc(x1, ones, MulAcc(x0, ones, hn::Zero(DI32())));
-      acc = hn::MulAdd(hn::ConvertTo(df, xs), hn::Set(df, HalfAt(blk + 2) * dx), acc);
+      a.AddWithMin(U16(lo), ones, 32 * b);
+      a.AddWithMin(U16(hi), ones, 32 * b + 16);
+      a.End(b, HalfAt(blk), -HalfAt(blk + 2));
+    } else {
+      a.Add(hn::Sub(U16(lo), off), 32 * b);
+      a.Add(hn::Sub(U16(hi), off), 32 * b + 16);
+      a.End(b, HalfAt(blk), 0.0f);
     }
   }
-  return Total(acc);
 }
 
-// Q5_K: Q4_K's nibbles with bit 4 from qh: bit i of qh[l] for sub-block i (values 32 i + l).
-float DotQ5_K(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
+// Q4_K / Q5_K: per 64 values 32 bytes of qs, low nibbles the first 32 values (sub-block 2c), high the next
+// (2c + 1); Q5_K's bit 4 of sub-block i is bit i of qh[l]. The sub-block scale multiplies the quants.
+template <bool kQ5, int R>
+HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
   const DU8 du8;
   const DI16 d16;
   const auto mask = hn::Set(du8, 0x0F), one = hn::Set(du8, 0x01);
-  VF acc = hn::Zero(df);
+  constexpr size_t kBytes = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
   for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 176;
-    const uint8_t* qh = blk + 16;
-    const uint8_t* qs = blk + 48;
-    const int8_t* x = qx + 256 * b;
-    VI32 sq = hn::Zero(DI32()), sm = hn::Zero(DI32());
+    const uint8_t* blk = w + b * kBytes;
+    a.Begin();
     for (int i = 0; i < 8; ++i) {
       const int c = i / 2, half = i % 2;
       int sc, m;
       GgufScaleMinK4(blk + 4, i, &sc, &m);
       const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc)), vm = hn::Set(d16, static_cast<int16_t>(m));
       for (int part = 0; part < 2; ++part) {
-        const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
-        const auto nib = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
-        const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, qh + 16 * part), i), one);
-        const VI16 xv = X16(x + 32 * i + 16 * part);
-        sq = MulAcc(hn::Mul(U16(hn::Or(nib, hn::ShiftLeft<4>(hb))), vsc), xv, sq);
-        sm = MulAcc(vm, xv, sm);
+        const auto raw = hn::LoadU(du8, blk + kQs + 32 * c + 16 * part);
+        auto q = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
+        if (kQ5) {
+          const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 + 16 * part), i), one);
+          q = hn::Or(q, hn::ShiftLeft<4>(hb));
+        }
+        a.AddWithMin(hn::Mul(U16(q), vsc), vm, 256 * b + 32 * i + 16 * part);
       }
     }
-    const float dx = sx[b];
-    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk) * dx), acc);
-    acc = hn::NegMulAdd(hn::ConvertTo(df, sm), hn::Set(df, HalfAt(blk + 2) * dx), acc);
+    a.End(b, HalfAt(blk), HalfAt(blk + 2));
   }
-  return Total(acc);
+}
+
+// Q6_K: per 128 values 64 bytes of ql and 32 of qh; the 16-value group g of a half takes ql bytes
+// 16 (g % 4).. (low nibble for g < 4), qh bytes 16 (g % 2).. shifted by 2 (g / 2).
+template <int R>
+HWY_INLINE void DotQ6_K(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const DU8 du8;
+  const DI16 d16;
+  const auto m4 = hn::Set(du8, 0x0F), m2 = hn::Set(du8, 0x03);
+  const VI16 off = hn::Set(d16, 32);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 210;
+    const auto* scales = reinterpret_cast<const int8_t*>(blk + 192);
+    a.Begin();
+    for (int c = 0; c < 2; ++c) {
+      const uint8_t* ql = blk + 64 * c;
+      const uint8_t* qh = blk + 128 + 32 * c;
+      const auto h0 = hn::LoadU(du8, qh), h1 = hn::LoadU(du8, qh + 16);
+      for (int g = 0; g < 8; ++g) {
+        const auto l = hn::LoadU(du8, ql + 16 * (g % 4));
+        const auto lo = g < 4 ? hn::And(l, m4) : hn::ShiftRight<4>(l);
+        const auto hb = hn::And(hn::ShiftRightSame(g % 2 == 0 ? h0 : h1, 2 * (g / 2)), m2);
+        const VI16 q = hn::Sub(U16(hn::Or(lo, hn::ShiftLeft<4>(hb))), off);
+        a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(scales[8 * c + g]))), 256 * b + 128 * c + 16 * g);
+      }
+    }
+    a.End(b, HalfAt(blk + 208), 0.0f);
+  }
 }
 
 // Q2_K and Q3_K: 2-bit quants, per 128 values 32 bytes shifted by 0, 2, 4, 6 per 32 values; 16-value
 // sub-blocks. Q2_K: w = d sc q - dmin m (nibbles of the scale bytes); Q3_K: q - 4 unless the hmask bit
 // (bit 4 c + s of hmask[l]) is set, w = d (sc - 32) q.
-template <bool kQ3>
-float DotLowBits(const uint8_t* w, size_t nb, const int8_t* qx, const float* sx) {
-  const DF df;
+template <bool kQ3, int R>
+HWY_INLINE void DotLowBits(const uint8_t* w, size_t nb, Acc<R>& a) {
   const DU8 du8;
   const DI16 d16;
   const auto m2 = hn::Set(du8, 0x03), one = hn::Set(du8, 0x01);
   const VI16 four = hn::Set(d16, 4);
-  VF acc = hn::Zero(df);
   for (size_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * (kQ3 ? 110 : 84);
     const uint8_t* qs = blk + (kQ3 ? 32 : 16);
-    const int8_t* x = qx + 256 * b;
-    VI32 sq = hn::Zero(DI32()), sm = hn::Zero(DI32());
+    a.Begin();
     for (int c = 0; c < 2; ++c) {
       for (int sh = 0; sh < 4; ++sh) {
         for (int part = 0; part < 2; ++part) {
           const int i = 8 * c + 2 * sh + part;  // the 16-value sub-block
           const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
           VI16 q = U16(hn::And(hn::ShiftRightSame(raw, 2 * sh), m2));
-          const VI16 xv = X16(x + 16 * i);
-          int sc;
           if (kQ3) {
             const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 * part), 4 * c + sh), one);
             q = hn::Sub(q, hn::Sub(four, hn::ShiftLeft<2>(U16(hb))));
-            sc = GgufScaleQ3K(blk + 96, i);
+            a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(GgufScaleQ3K(blk + 96, i)))), 256 * b + 16 * i);
           } else {
-            sc = blk[i] & 0x0F;
-            sm = MulAcc(hn::Set(d16, static_cast<int16_t>(blk[i] >> 4)), xv, sm);
+            a.AddWithMin(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(blk[i] & 0x0F))),
+                         hn::Set(d16, static_cast<int16_t>(blk[i] >> 4)), 256 * b + 16 * i);
           }
-          sq = MulAcc(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(sc))), xv, sq);
         }
       }
     }
-    const float dx = sx[b];
-    acc = hn::MulAdd(hn::ConvertTo(df, sq), hn::Set(df, HalfAt(blk + (kQ3 ? 108 : 80)) * dx), acc);
-    if (!kQ3) acc = hn::NegMulAdd(hn::ConvertTo(df, sm), hn::Set(df, HalfAt(blk + 82) * dx), acc);
+    if (kQ3) {
+      a.End(b, HalfAt(blk + 108), 0.0f);
+    } else {
+      a.End(b, HalfAt(blk + 80), HalfAt(blk + 82));
+    }
   }
-  return Total(acc);
 }
 
-// Float weights against bf16 rows: 8 values per step, the tail scalar.
-float DotFloat(GgufType type, const uint8_t* w, size_t k, const bf16_t* x) {
+template <int R>
+using DotFn = void (*)(const uint8_t* w, size_t nb, Acc<R>& a);
+
+// Rows r0 .. r0 + R of y for every column: each weight row decoded once for the R rows. kDot is a template
+// argument so that it inlines here and the accumulators live in registers.
+template <int R, DotFn<R> kDot>
+void QuantCols(size_t row_bytes, size_t nb, size_t groups, const GgufRows& in, size_t r0, const uint8_t* w,
+               size_t cols, float* y, size_t ldy) {
+  Acc<R> a;
+  HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+    a.qx[r] = in.qx + (r0 + r) * in.ld;
+    a.sx[r] = in.sx + (r0 + r) * groups;
+  }
+  for (size_t j = 0; j < cols; ++j) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) a.f[r] = hn::Zero(DF());
+    kDot(w + j * row_bytes, nb, a);
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + j] = Total(a.f[r]);
+  }
+}
+
+template <int R>
+void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t* w, size_t cols, float* y,
+               size_t ldy) {
+  const size_t rb = GgufRowBytes(type, k), nb = k / GgufBlockElems(type), g = k / GgufActivationBlock(type);
+  switch (type) {
+    case GgufType::kQ4_0: return QuantCols<R, &DotLegacy<false, false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0<R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ2_K: return QuantCols<R, &DotLowBits<false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ3_K: return QuantCols<R, &DotLowBits<true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_K<false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_K<true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_K<R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    default: return;  // float types: FloatRows
+  }
+}
+
+// Float weights against R bf16 rows: 8 values per step (converted once for the R rows), the tail scalar.
+template <int R>
+void FloatRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t* w, size_t cols, float* y,
+               size_t ldy) {
   const DF df;
-  VF acc = hn::Zero(df);
-  size_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    VF wv;
-    if (type == GgufType::kF32) {
-      wv = hn::LoadU(df, reinterpret_cast<const float*>(w) + j);
-    } else if (type == GgufType::kBf16) {
-      wv = LoadBf16(df, reinterpret_cast<const bf16_t*>(w) + j);
-    } else {
-      const hn::FixedTag<hwy::float16_t, 8> dh;
-      wv = hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w) + j));
+  const size_t eb = type == GgufType::kF32 ? 4 : 2;
+  for (size_t j = 0; j < cols; ++j) {
+    const uint8_t* wr = w + j * k * eb;
+    VF acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = hn::Zero(df);
+    size_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+      VF wv;
+      if (type == GgufType::kF32) {
+        wv = hn::LoadU(df, reinterpret_cast<const float*>(wr) + c);
+      } else if (type == GgufType::kBf16) {
+        wv = LoadBf16(df, reinterpret_cast<const bf16_t*>(wr) + c);
+      } else {
+        const hn::FixedTag<hwy::float16_t, 8> dh;
+        wv = hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(wr) + c));
+      }
+      for (int r = 0; r < R; ++r) acc[r] = hn::MulAdd(wv, LoadBf16(df, in.x + (r0 + r) * in.ld + c), acc[r]);
     }
-    acc = hn::MulAdd(wv, LoadBf16(df, x + j), acc);
+    for (int r = 0; r < R; ++r) {
+      float total = Total(acc[r]);
+      if (c < k) total += GgufDotBf16(type, wr + c * eb, k - c, in.x + (r0 + r) * in.ld + c);
+      y[(r0 + r) * ldy + j] = total;
+    }
   }
-  float total = Total(acc);
-  if (j < k) {
-    const size_t eb = type == GgufType::kF32 ? 4 : 2;
-    total += GgufDotBf16(type, w + j * eb, k - j, x + j);
+}
+
+template <int R>
+void Rows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t* w, size_t cols, float* y,
+          size_t ldy) {
+  if (GgufIsFloat(type)) {
+    FloatRows<R>(type, k, in, r0, w, cols, y, ldy);
+  } else {  // NOLINT
+    QuantRows<R>(type, k, in, r0, w, cols, y, ldy);
   }
-  return total;
 }
 
 void GemmGguf(GgufType type, size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t cols, float* y,
               size_t ldy) {
-  const size_t row_bytes = GgufRowBytes(type, k);
-  const size_t ab = GgufActivationBlock(type);
-  const size_t nb = k / GgufBlockElems(type);
-  for (size_t r = 0; r < m; ++r) {
-    float* yr = y + r * ldy;
-    if (ab == 0) {
-      const bf16_t* x = in.x + r * in.ld;
-      for (size_t j = 0; j < cols; ++j) yr[j] = DotFloat(type, w + j * row_bytes, k, x);
-      continue;
-    }
-    const int8_t* qx = in.qx + r * in.ld;
-    const float* sx = in.sx + r * (k / ab);
-    switch (type) {
-      case GgufType::kQ8_0:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ8_0(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ4_0:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ4_0(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ4_K:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ4_K(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ6_K:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ6_K(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ5_K:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotQ5_K(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ2_K:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotLowBits<false>(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ3_K:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotLowBits<true>(w + j * row_bytes, nb, qx, sx);
-        break;
-      case GgufType::kQ4_1:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<false, true>(w + j * row_bytes, nb, 20, qx, sx);
-        break;
-      case GgufType::kQ5_0:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<true, false>(w + j * row_bytes, nb, 22, qx, sx);
-        break;
-      case GgufType::kQ5_1:
-        for (size_t j = 0; j < cols; ++j) yr[j] = DotLegacy<true, true>(w + j * row_bytes, nb, 24, qx, sx);
-        break;
-      default:
-        for (size_t j = 0; j < cols; ++j) yr[j] = GgufDotQ8(type, w + j * row_bytes, k, qx, sx);
-        break;
-    }
+  size_t r0 = 0;
+  for (; r0 + kMaxRows <= m; r0 += kMaxRows) Rows<kMaxRows>(type, k, in, r0, w, cols, y, ldy);
+  switch (m - r0) {
+    case 3: Rows<3>(type, k, in, r0, w, cols, y, ldy); break;
+    case 2: Rows<2>(type, k, in, r0, w, cols, y, ldy); break;
+    case 1: Rows<1>(type, k, in, r0, w, cols, y, ldy); break;
+    default: break;
   }
 }
 
