@@ -226,3 +226,27 @@ def test_split_set_and_physical_map(tmp_path):
         x, ids, topw = _routing(5, 8)
         outs.append(moe.forward(x, ids if mapping is None else torch.argsort(perm)[ids], topw))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_serving_path_and_gpu_mask(tmp_path):
+    # The serving entry points (submit_forward / sync_forward on CPU tensors, int32 ids with -1 padding, a
+    # chunked batch longer than chunked_prefill_size) and gpu_experts_mask give forward's numbers.
+    path = str(tmp_path / "s.gguf")
+    _write(path, T.Q4_K, T.Q6_K, seed=3)
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[1] = True
+    moe = _layer(path, gpu_experts_mask=mask)
+    moe.load_weights()
+    x, ids, topw = _routing(20, 6)  # 20 > chunked_prefill_size = 16: two chunks
+    ids32 = ids.to(torch.int32)
+    ids32[3, 1] = -1
+    ids64 = ids32.to(torch.int64)
+    want = torch.cat([moe.forward(x[:16], ids64[:16], topw[:16]), moe.forward(x[16:], ids64[16:], topw[16:])])
+    moe.submit_forward(x, ids32, topw)
+    got = moe.sync_forward(x)
+    assert torch.equal(got, want)
+    # Expert 1 is masked to the GPU: the result is the other experts' sum.
+    plain = _layer(path)
+    plain.load_weights()
+    masked_ids = ids.masked_fill(ids == 1, E)  # an id >= E contributes nothing
+    assert torch.equal(moe.forward(x[:9], ids[:9], topw[:9]), plain.forward(x[:9], masked_ids[:9], topw[:9]))
