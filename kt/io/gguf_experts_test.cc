@@ -107,6 +107,13 @@ TEST(GgufExperts, ErrorsNameTensorLayerAndDimension) {
   ASSERT_FALSE(gate.ok());
   EXPECT_THAT(std::string(gate.status().message()), HasSubstr("blk.0.ffn_gate_exps.weight is Q8_1"));
   EXPECT_THAT(std::string(gate.status().message()), HasSubstr(kGgufSupportedTypes));
+  // An IQ type (known to the reader by size, not run by LLAMAFILE), in a file that otherwise opens.
+  const std::string iq = Write("iq.gguf", Layer(2, GgmlType::kIQ4_XS, GgmlType::kQ4_K));
+  absl::StatusOr<std::unique_ptr<GgufCheckpoint>> iq_ckpt = GgufCheckpoint::Open(iq);
+  ASSERT_TRUE(iq_ckpt.ok()) << iq_ckpt.status();
+  absl::StatusOr<GgufExpertTensor> up = FindGgufExperts(**iq_ckpt, 2, 1, kE, kH, kI);
+  ASSERT_FALSE(up.ok());
+  EXPECT_THAT(std::string(up.status().message()), HasSubstr("blk.2.ffn_up_exps.weight is IQ4_XS; method LLAMAFILE"));
   // Missing layer: the tensor and the layer named, with what the layer has.
   absl::StatusOr<GgufExpertTensor> none = FindGgufExperts(**ckpt, 4, 1, kE, kH, kI);
   ASSERT_FALSE(none.ok());

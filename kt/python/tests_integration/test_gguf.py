@@ -195,19 +195,21 @@ def test_errors_name_tensor_dimension_and_types(tmp_path):
     moe = _layer(path)
     with pytest.raises(ValueError, match=r"load_weights_from_tensors"):
         moe.load_weights_from_tensors(None, None, None)
-    # A ggml type LLAMAFILE does not run: the tensor named, the supported types listed.
-    q81 = str(tmp_path / "q81.gguf")
-    writer = gguf.GGUFWriter(q81, "qwen3moe")
-    for proj, n, k in (("gate", I, H), ("up", I, H), ("down", H, I)):
-        raw = np.zeros((E, n, k // 32 * 40), dtype=np.uint8)  # Q8_1 as the gguf package sizes it
-        writer.add_tensor(f"blk.1.ffn_{proj}_exps.weight", raw, raw_dtype=T.Q8_1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=r"blk\.1\.ffn_gate_exps\.weight is Q8_1; method LLAMAFILE runs Q4_0, Q4_1, "
-                                         r"Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16, F16, F32"):
-        _layer(q81)
+    # ggml types LLAMAFILE does not run (Q8_1; IQ4_NL, which kt's reader knows only by size): the tensor
+    # named, the supported types listed.
+    for qtype, bytes_per_32 in ((T.Q8_1, 40), (T.IQ4_NL, 18)):  # Q8_1 sized as the gguf package sizes it
+        bad = str(tmp_path / f"{qtype.name}.gguf")
+        writer = gguf.GGUFWriter(bad, "qwen3moe")
+        for proj, n, k in (("gate", I, H), ("up", I, H), ("down", H, I)):
+            raw = np.zeros((E, n, k // 32 * bytes_per_32), dtype=np.uint8)
+            writer.add_tensor(f"blk.1.ffn_{proj}_exps.weight", raw, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(ValueError, match=rf"blk\.1\.ffn_gate_exps\.weight is {qtype.name}; method LLAMAFILE runs "
+                                             r"Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16, F16, F32"):
+            _layer(bad)
 
 
 def test_split_set_and_physical_map(tmp_path):
