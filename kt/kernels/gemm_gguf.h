@@ -2,7 +2,7 @@
 // GgufRowBytes(type, k) bytes per output channel, rows consecutive ("kt-gguf-rows-v1": the file's bytes of
 // one expert, unchanged; docs/FORMATS.md). A column block starting at row c0 starts c0 rows in.
 //
-// y[r][j] = sum_k x_r[k] W[j][k] for r < m, j < cols, fp32 accumulation:
+// y[r][j] = sum_k x_r[k] W[j][k] for r < m, j < cols, K <= kGgufMaxK, fp32 accumulation:
 // - quantized types read the rows quantized to the type's dot partner (GgufActivationBlock: Q8_0 per 32 or
 //   Q8_K per 256 values; qx[m][ld], sx[m][k / block]) and sum int8 x int8 products exactly per block or
 //   sub-block, then scale in fp32, as ggml's vec_dot does;

@@ -63,22 +63,27 @@ template <int R>
 struct Acc {
   const int8_t* qx[R];
   const float* sx[R];
+  const int32_t* sums[R];  // per row: the activations' sums over each 16 values (QuantCols)
   VF f[R];
-  VI32 s[R], m[R];
+  VI32 s[R];
+  int32_t m[R];  // the block's sum of min x activation-sum products (exact)
 
   HWY_INLINE void Begin() {
-    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = m[r] = hn::Zero(DI32());
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      s[r] = hn::Zero(DI32());
+      m[r] = 0;
+    }
   }
   // 16 int16 weights (already multiplied by their sub-block scale) times activations [at, at + 16).
   HWY_INLINE void Add(VI16 wv, size_t at) {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = MulAcc(wv, X16(qx[r] + at), s[r]);
   }
-  // The same, and the activations times the sub-block's min `mv` (shares the widened activations).
-  HWY_INLINE void AddWithMin(VI16 wv, VI16 mv, size_t at) {
+  // A sub-block's min times its activations' sum: `groups` 16-value sums from `at` (a multiple of 16).
+  HWY_INLINE void AddMin(int min, size_t at, int groups) {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
-      const VI16 xv = X16(qx[r] + at);
-      s[r] = MulAcc(wv, xv, s[r]);
-      m[r] = MulAcc(mv, xv, m[r]);
+      int32_t sum = 0;
+      for (int g = 0; g < groups; ++g) sum += sums[r][at / 16 + g];
+      m[r] += min * sum;
     }
   }
   // Block `b` done: total += (d sum - dmin msum) * the row's activation scale of the block.
@@ -86,9 +91,10 @@ struct Acc {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
       const float dx = sx[r][b];
       f[r] = hn::MulAdd(hn::ConvertTo(DF(), s[r]), hn::Set(DF(), d * dx), f[r]);
-      if (dmin != 0.0f) f[r] = hn::NegMulAdd(hn::ConvertTo(DF(), m[r]), hn::Set(DF(), dmin * dx), f[r]);
+      if (dmin != 0.0f) mins[r] += dmin * dx * static_cast<float>(m[r]);
     }
   }
+  float mins[R];  // fp32 total of the min terms, subtracted at the end
 };
 
 template <int R>
@@ -129,7 +135,6 @@ template <bool kHigh, bool kMin, int R>
 HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
   const DU8 du8;
   const VI16 off = hn::Set(DI16(), kMin ? 0 : (kHigh ? 16 : 8));
-  const VI16 ones = hn::Set(DI16(), 1);
   constexpr size_t kBytes = 2 + (kMin ? 2 : 0) + (kHigh ? 4 : 0) + 16;
   constexpr size_t kQs = kBytes - 16;
   for (size_t b = 0; b < nb; ++b) {
@@ -145,8 +150,9 @@ HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
     }
     a.Begin();
     if (kMin) {
-      a.AddWithMin(U16(lo), ones, 32 * b);
-      a.AddWithMin(U16(hi), ones, 32 * b + 16);
+      a.Add(U16(lo), 32 * b);
+      a.Add(U16(hi), 32 * b + 16);
+      a.AddMin(1, 32 * b, 2);
       a.End(b, HalfAt(blk), -HalfAt(blk + 2));
     } else {
       a.Add(hn::Sub(U16(lo), off), 32 * b);
@@ -171,7 +177,8 @@ HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
       const int c = i / 2, half = i % 2;
       int sc, m;
       GgufScaleMinK4(blk + 4, i, &sc, &m);
-      const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc)), vm = hn::Set(d16, static_cast<int16_t>(m));
+      const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc));
+      a.AddMin(m, 256 * b + 32 * i, 2);
       for (int part = 0; part < 2; ++part) {
         const auto raw = hn::LoadU(du8, blk + kQs + 32 * c + 16 * part);
         auto q = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
@@ -179,7 +186,7 @@ HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
           const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 + 16 * part), i), one);
           q = hn::Or(q, hn::ShiftLeft<4>(hb));
         }
-        a.AddWithMin(hn::Mul(U16(q), vsc), vm, 256 * b + 32 * i + 16 * part);
+        a.Add(hn::Mul(U16(q), vsc), 256 * b + 32 * i + 16 * part);
       }
     }
     a.End(b, HalfAt(blk), HalfAt(blk + 2));
@@ -238,8 +245,8 @@ HWY_INLINE void DotLowBits(const uint8_t* w, size_t nb, Acc<R>& a) {
             q = hn::Sub(q, hn::Sub(four, hn::ShiftLeft<2>(U16(hb))));
             a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(GgufScaleQ3K(blk + 96, i)))), 256 * b + 16 * i);
           } else {
-            a.AddWithMin(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(blk[i] & 0x0F))),
-                         hn::Set(d16, static_cast<int16_t>(blk[i] >> 4)), 256 * b + 16 * i);
+            a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(blk[i] & 0x0F))), 256 * b + 16 * i);
+            a.AddMin(blk[i] >> 4, 256 * b + 16 * i, 1);
           }
         }
       }
@@ -258,17 +265,29 @@ using DotFn = void (*)(const uint8_t* w, size_t nb, Acc<R>& a);
 // Rows r0 .. r0 + R of y for every column: each weight row decoded once for the R rows. kDot is a template
 // argument so that it inlines here and the accumulators live in registers.
 template <int R, DotFn<R> kDot>
-void QuantCols(size_t row_bytes, size_t nb, size_t groups, const GgufRows& in, size_t r0, const uint8_t* w,
-               size_t cols, float* y, size_t ldy) {
+void QuantCols(size_t row_bytes, size_t nb, size_t groups, size_t k, const GgufRows& in, size_t r0,
+               const uint8_t* w, size_t cols, float* y, size_t ldy) {
+  // The activations' sums per 16 values, once per call for all columns (the min terms need them): K is
+  // bounded by kGgufMaxK (the traits' max_k), so the buffer fits the stack (64 KiB at R = 4).
+  int32_t sums[R][kGgufMaxK / 16];
   Acc<R> a;
   HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
     a.qx[r] = in.qx + (r0 + r) * in.ld;
     a.sx[r] = in.sx + (r0 + r) * groups;
+    a.sums[r] = sums[r];
+    for (size_t g = 0; g < k / 16; ++g) {
+      int32_t t = 0;
+      for (size_t c = 0; c < 16; ++c) t += a.qx[r][16 * g + c];
+      sums[r][g] = t;
+    }
   }
   for (size_t j = 0; j < cols; ++j) {
-    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) a.f[r] = hn::Zero(DF());
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      a.f[r] = hn::Zero(DF());
+      a.mins[r] = 0.0f;
+    }
     kDot(w + j * row_bytes, nb, a);
-    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + j] = Total(a.f[r]);
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + j] = Total(a.f[r]) - a.mins[r];
   }
 }
 
@@ -277,16 +296,16 @@ void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
                size_t ldy) {
   const size_t rb = GgufRowBytes(type, k), nb = k / GgufBlockElems(type), g = k / GgufActivationBlock(type);
   switch (type) {
-    case GgufType::kQ4_0: return QuantCols<R, &DotLegacy<false, false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0<R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ2_K: return QuantCols<R, &DotLowBits<false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ3_K: return QuantCols<R, &DotLowBits<true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_K<false, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_K<true, R>>(rb, nb, g, in, r0, w, cols, y, ldy);
-    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_K<R>>(rb, nb, g, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_0: return QuantCols<R, &DotLegacy<false, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ2_K: return QuantCols<R, &DotLowBits<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ3_K: return QuantCols<R, &DotLowBits<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_K<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_K<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_K<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     default: return;  // float types: FloatRows
   }
 }

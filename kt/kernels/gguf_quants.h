@@ -54,6 +54,10 @@ inline constexpr GgufType kGgufTypes[] = {GgufType::kQ4_0, GgufType::kQ4_1, Gguf
                                           GgufType::kQ8_0, GgufType::kQ2_K, GgufType::kQ3_K, GgufType::kQ4_K,
                                           GgufType::kQ5_K, GgufType::kQ6_K, GgufType::kBf16, GgufType::kF16,
                                           GgufType::kF32};
+// The largest K the GEMM takes (its Highway kernels keep the activations' 16-value sums of up to 4 rows on
+// the stack: 64 KiB). Experts have K <= 18432 (Mixtral 8x22B's intermediate size is 16384).
+inline constexpr size_t kGgufMaxK = 65536;
+
 // "Q4_0, Q4_1, ..., F32": for errors.
 inline constexpr const char kGgufSupportedTypes[] =
     "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16, F16, F32";

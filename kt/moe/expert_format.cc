@@ -356,7 +356,7 @@ struct GgufFormat {
     // the float types multiply bf16 rows.
     t.activation = kFloat ? ActivationKind::kBf16Rows : ActivationKind::kInt8PerGroup;
     t.activation_sums = false;
-    t.max_k = 0;  // exact int32 sums per block only: no bound on K
+    t.max_k = kGgufMaxK + 1;  // the kernels' bound (K <= kGgufMaxK); the sums are exact per block
     t.layout = &Layout;
     t.bind_gemm = &Bind;
     t.pack_bf16 = nullptr;
