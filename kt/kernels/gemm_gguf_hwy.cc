@@ -1,13 +1,14 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
-// one prepared activation row at a time, decoding the blocks in registers.
+// up to 4 prepared activation rows at a time, each block decoded once in registers for all of them.
 //
 // Integer types: a block's quants are unpacked from 16 bytes to 16 uint8 lanes (nibbles with And/shifts),
 // widened to int16 and multiplied with the int16-widened Q8 activations by ReorderWidenMulAccumulate
 // (vpmaddwd: int32 lane j = a[2j] b[2j] + a[2j+1] b[2j+1]); all products and sums are exact in int32, so the
 // result is the scalar dot's integer sums, scaled in fp32. For the K-quants the 6-bit (Q4_K) or int8 (Q6_K)
 // sub-block scale multiplies the int16 quants first (|sc q| <= 63 * 15 = 945, 127 * 32 = 4064: int16), so a
-// block needs one int32 accumulator and one fp32 scaling instead of one per sub-block; Q4_K's mins are the
-// same product of the activations with the mins broadcast per sub-block. Largest int32 lane: 32 products of
+// block needs one int32 accumulator and one fp32 scaling instead of one per sub-block. The min terms
+// (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) are min x (sum of the sub-block's activations), exact in int32, from the
+// activations' 16-value sums computed once per call for all columns. Largest int32 lane: 32 products of
 // 4064 * 128 per block, about 1.7e7. Vectors are fixed at 256 bits (16 int16 lanes) on every target: a
 // 32-value block is two of them. High bits (Q5_0/Q5_1 qh, Q5_K qh, Q3_K hmask) are shifted into place per
 // 16 values; Q5_0/Q5_1's per-value bits go through a 256-entry byte table.
