@@ -1,7 +1,8 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
 // up to 4 prepared activation rows at a time, each block decoded once in registers for all of them.
 //
-// Integer types: a block's quants are unpacked from 16 bytes to 16 uint8 lanes (nibbles with And/shifts),
+// Q8_0, Q4_K and Q6_K use vpmaddubsw (below: "byte-dot kernels"). The other integer types: a block's quants
+// are unpacked from 16 bytes to 16 uint8 lanes (nibbles with And/shifts),
 // widened to int16 and multiplied with the int16-widened Q8 activations by ReorderWidenMulAccumulate
 // (vpmaddwd: int32 lane j = a[2j] b[2j] + a[2j+1] b[2j+1]); all products and sums are exact in int32, so the
 // result is the scalar dot's integer sums, scaled in fp32. For the K-quants the 6-bit (Q4_K) or int8 (Q6_K)
@@ -18,6 +19,8 @@
 #include <hwy/highway.h>
 
 #include <cstring>
+
+#include <immintrin.h>
 
 #include "kt/kernels/bf16-inl.h"
 #include "kt/kernels/gemm_gguf.h"
@@ -79,6 +82,26 @@ struct Acc {
   HWY_INLINE void Add(VI16 wv, size_t at) {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = MulAcc(wv, X16(qx[r] + at), s[r]);
   }
+  // 32 unsigned weights w (bytes) times the rows' 32 activations at `at`, the first 16 products' pair sums
+  // times scale_lo, the last 16's times scale_hi (vpmaddubsw, then vpmaddwd with the scales). Exact when
+  // every pair w0 x0 + w1 x1 fits int16: w <= 128 with |x| <= 127 does (32512).
+  HWY_INLINE void AddU8(__m256i w, size_t at, __m256i scales) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + at));
+      const __m256i pairs = _mm256_maddubs_epi16(w, x);
+      s[r] = VI32{_mm256_add_epi32(s[r].raw, _mm256_madd_epi16(pairs, scales))};
+    }
+  }
+  // 32 signed int8 weights: |w| times x with w's sign moved onto x (vpsignb; x is never -128).
+  HWY_INLINE void AddS8(__m256i w, size_t at) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + at));
+      const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+      s[r] = VI32{_mm256_add_epi32(s[r].raw, _mm256_madd_epi16(pairs, ones))};
+    }
+  }
   // A sub-block's min times its activations' sum: `groups` 16-value sums from `at` (a multiple of 16).
   HWY_INLINE void AddMin(int min, size_t at, int groups) {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
@@ -97,18 +120,6 @@ struct Acc {
   }
   float mins[R];  // fp32 total of the min terms, subtracted at the end
 };
-
-template <int R>
-HWY_INLINE void DotQ8_0(const uint8_t* w, size_t nb, Acc<R>& a) {
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 34;
-    const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
-    a.Begin();
-    a.Add(X16(q), 32 * b);
-    a.Add(X16(q + 16), 32 * b + 16);
-    a.End(b, HalfAt(blk), 0.0f);
-  }
-}
 
 // 16 bits of a 32-value block's high-bit word (Q5_0 / Q5_1 qh, bits 16 h .. 16 h + 15) as 16 bytes of 0x10
 // (bit set) or 0: bit 4 of the 16 values. Two 8-byte lookups in a 256-entry table built once.
@@ -163,7 +174,7 @@ HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
   }
 }
 
-// Q4_K / Q5_K: per 64 values 32 bytes of qs, low nibbles the first 32 values (sub-block 2c), high the next
+// Q4_K (int16 version, kept for Q5_K) / Q5_K: per 64 values 32 bytes of qs, low nibbles the first 32 values (sub-block 2c), high the next
 // (2c + 1); Q5_K's bit 4 of sub-block i is bit i of qh[l]. The sub-block scale multiplies the quants.
 template <bool kQ5, int R>
 HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
@@ -191,34 +202,6 @@ HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
       }
     }
     a.End(b, HalfAt(blk), HalfAt(blk + 2));
-  }
-}
-
-// Q6_K: per 128 values 64 bytes of ql and 32 of qh; the 16-value group g of a half takes ql bytes
-// 16 (g % 4).. (low nibble for g < 4), qh bytes 16 (g % 2).. shifted by 2 (g / 2).
-template <int R>
-HWY_INLINE void DotQ6_K(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const DU8 du8;
-  const DI16 d16;
-  const auto m4 = hn::Set(du8, 0x0F), m2 = hn::Set(du8, 0x03);
-  const VI16 off = hn::Set(d16, 32);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 210;
-    const auto* scales = reinterpret_cast<const int8_t*>(blk + 192);
-    a.Begin();
-    for (int c = 0; c < 2; ++c) {
-      const uint8_t* ql = blk + 64 * c;
-      const uint8_t* qh = blk + 128 + 32 * c;
-      const auto h0 = hn::LoadU(du8, qh), h1 = hn::LoadU(du8, qh + 16);
-      for (int g = 0; g < 8; ++g) {
-        const auto l = hn::LoadU(du8, ql + 16 * (g % 4));
-        const auto lo = g < 4 ? hn::And(l, m4) : hn::ShiftRight<4>(l);
-        const auto hb = hn::And(hn::ShiftRightSame(g % 2 == 0 ? h0 : h1, 2 * (g / 2)), m2);
-        const VI16 q = hn::Sub(U16(hn::Or(lo, hn::ShiftLeft<4>(hb))), off);
-        a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(scales[8 * c + g]))), 256 * b + 128 * c + 16 * g);
-      }
-    }
-    a.End(b, HalfAt(blk + 208), 0.0f);
   }
 }
 
@@ -257,6 +240,70 @@ HWY_INLINE void DotLowBits(const uint8_t* w, size_t nb, Acc<R>& a) {
     } else {
       a.End(b, HalfAt(blk + 80), HalfAt(blk + 82));
     }
+  }
+}
+
+// The byte-dot kernels (vpmaddubsw: 32 weights per instruction, the activations read as int8 with no
+// widening; Q8_0, Q4_K, Q6_K). Q6_K's offset moves to the min terms: -32 becomes 32 d sc sum(x), exact in
+// int32 like the rest. (Q4_0 this way, its -8 per block as a min term, measured slower than the int16 kernel:
+// the per-block scalar min outweighs the saved widening for a 32-value block.)
+template <int R>
+HWY_INLINE void DotQ8_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 34;
+    a.Begin();
+    a.AddS8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)), 32 * b);
+    a.End(b, HalfAt(blk), 0.0f);
+  }
+}
+
+// Q4_K: per 64 values 32 bytes of qs: low nibbles sub-block 2c, high nibbles 2c + 1 (32 values each).
+template <int R>
+HWY_INLINE void DotQ4_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 144;
+    a.Begin();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+      for (int half = 0; half < 2; ++half) {
+        const int i = 2 * c + half;
+        int sc, m;
+        GgufScaleMinK4(blk + 4, i, &sc, &m);
+        const __m256i nib = half == 0 ? _mm256_and_si256(q, m4) : _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        a.AddU8(nib, 256 * b + 32 * i, _mm256_set1_epi16(static_cast<int16_t>(sc)));
+        a.AddMin(m, 256 * b + 32 * i, 2);
+      }
+    }
+    a.End(b, HalfAt(blk), HalfAt(blk + 2));
+  }
+}
+
+// Q6_K: values 128 c + 32 p .. + 32 (p = 0..3): ql bytes 64 c + 32 (p % 2) (low nibbles for p < 2), qh bytes
+// 128 + 32 c shifted by 2 p; scales 8 c + 2 p (first 16 values) and 8 c + 2 p + 1. q - 32 = (unsigned q) - 32.
+template <int R>
+HWY_INLINE void DotQ6_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 210;
+    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    a.Begin();
+    for (int c = 0; c < 2; ++c) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * c));
+      for (int p = 0; p < 4; ++p) {
+        const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32 * (p % 2)));
+        const __m256i lo = p < 2 ? _mm256_and_si256(ql, m4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * p)), m2);
+        const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63: no carry across bytes
+        const int g = 8 * c + 2 * p;
+        const size_t at = 256 * b + 128 * c + 32 * p;
+        a.AddU8(q, at, _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g])));
+        a.AddMin(32 * sc[g], at, 1);
+        a.AddMin(32 * sc[g + 1], at + 16, 1);
+      }
+    }
+    const float d = HalfAt(blk + 208);
+    a.End(b, d, d);
   }
 }
 
@@ -301,12 +348,12 @@ void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
     case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0B<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ2_K: return QuantCols<R, &DotLowBits<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ3_K: return QuantCols<R, &DotLowBits<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_K<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_K: return QuantCols<R, &DotQ4_KB<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ5_K: return QuantCols<R, &DotQ45_K<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_K<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_KB<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     default: return;  // float types: FloatRows
   }
 }
