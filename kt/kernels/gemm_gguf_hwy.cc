@@ -1,18 +1,20 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
 // up to 4 prepared activation rows at a time, each block decoded once in registers for all of them.
 //
-// Q8_0, Q4_K and Q6_K use vpmaddubsw (below: "byte-dot kernels"). The other integer types: a block's quants
-// are unpacked from 16 bytes to 16 uint8 lanes (nibbles with And/shifts),
-// widened to int16 and multiplied with the int16-widened Q8 activations by ReorderWidenMulAccumulate
-// (vpmaddwd: int32 lane j = a[2j] b[2j] + a[2j+1] b[2j+1]); all products and sums are exact in int32, so the
-// result is the scalar dot's integer sums, scaled in fp32. For the K-quants the 6-bit (Q4_K) or int8 (Q6_K)
-// sub-block scale multiplies the int16 quants first (|sc q| <= 63 * 15 = 945, 127 * 32 = 4064: int16), so a
-// block needs one int32 accumulator and one fp32 scaling instead of one per sub-block. The min terms
-// (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) are min x (sum of the sub-block's activations), exact in int32, from the
-// activations' 16-value sums computed once per call for all columns. Largest int32 lane: 32 products of
-// 4064 * 128 per block, about 1.7e7. Vectors are fixed at 256 bits (16 int16 lanes) on every target: a
-// 32-value block is two of them. High bits (Q5_0/Q5_1 qh, Q5_K qh, Q3_K hmask) are shifted into place per
-// 16 values; Q5_0/Q5_1's per-value bits go through a 256-entry byte table.
+// All products and sums of integers are exact in int32, so every kernel computes the scalar dot's integer
+// sums, scaled in fp32 per block. Two multiplies:
+// - Q8_0 and the K-quants: vpmaddubsw ("byte-dot kernels" below), 32 unsigned weights times 32 int8
+//   activations into 16 int16 pair sums (Q8_0: |w| times x with w's sign, vpsignb), then vpmaddwd with the
+//   sub-block scales (two per vector for the 16-value sub-blocks of Q2_K, Q3_K, Q6_K) into int32. A pair sum
+//   is at most 2 * 128 * 127 = 32512 (int16), a scaled one 2 * 16002 * 128 (Q6_K), far inside int32.
+//   The quants' offsets (Q3_K's -4, Q6_K's -32) and the mins become min terms.
+// - Q4_0, Q4_1, Q5_0, Q5_1: 16 nibbles (plus bit 4 from qh through a 256-entry byte table) widened to int16
+//   times the int16-widened activations by ReorderWidenMulAccumulate (vpmaddwd); on these 32-value blocks it
+//   measured faster than the byte-dot form, whose offsets would cost a scalar min term per block.
+// Min terms (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K, and the offsets): min x (sum of the sub-block's activations),
+// exact in int32, from the activations' 16-value sums computed once per call for all columns, subtracted
+// in fp32 once per block. Vectors are 256 bits on every target (x86 intrinsics of AVX2, which the AVX3
+// targets have too).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_gguf_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -174,78 +176,9 @@ HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
   }
 }
 
-// Q4_K (int16 version, kept for Q5_K) / Q5_K: per 64 values 32 bytes of qs, low nibbles the first 32 values (sub-block 2c), high the next
-// (2c + 1); Q5_K's bit 4 of sub-block i is bit i of qh[l]. The sub-block scale multiplies the quants.
-template <bool kQ5, int R>
-HWY_INLINE void DotQ45_K(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const DU8 du8;
-  const DI16 d16;
-  const auto mask = hn::Set(du8, 0x0F), one = hn::Set(du8, 0x01);
-  constexpr size_t kBytes = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * kBytes;
-    a.Begin();
-    for (int i = 0; i < 8; ++i) {
-      const int c = i / 2, half = i % 2;
-      int sc, m;
-      GgufScaleMinK4(blk + 4, i, &sc, &m);
-      const VI16 vsc = hn::Set(d16, static_cast<int16_t>(sc));
-      a.AddMin(m, 256 * b + 32 * i, 2);
-      for (int part = 0; part < 2; ++part) {
-        const auto raw = hn::LoadU(du8, blk + kQs + 32 * c + 16 * part);
-        auto q = half == 0 ? hn::And(raw, mask) : hn::ShiftRight<4>(raw);
-        if (kQ5) {
-          const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 + 16 * part), i), one);
-          q = hn::Or(q, hn::ShiftLeft<4>(hb));
-        }
-        a.Add(hn::Mul(U16(q), vsc), 256 * b + 32 * i + 16 * part);
-      }
-    }
-    a.End(b, HalfAt(blk), HalfAt(blk + 2));
-  }
-}
-
-// Q2_K and Q3_K: 2-bit quants, per 128 values 32 bytes shifted by 0, 2, 4, 6 per 32 values; 16-value
-// sub-blocks. Q2_K: w = d sc q - dmin m (nibbles of the scale bytes); Q3_K: q - 4 unless the hmask bit
-// (bit 4 c + s of hmask[l]) is set, w = d (sc - 32) q.
-template <bool kQ3, int R>
-HWY_INLINE void DotLowBits(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const DU8 du8;
-  const DI16 d16;
-  const auto m2 = hn::Set(du8, 0x03), one = hn::Set(du8, 0x01);
-  const VI16 four = hn::Set(d16, 4);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * (kQ3 ? 110 : 84);
-    const uint8_t* qs = blk + (kQ3 ? 32 : 16);
-    a.Begin();
-    for (int c = 0; c < 2; ++c) {
-      for (int sh = 0; sh < 4; ++sh) {
-        for (int part = 0; part < 2; ++part) {
-          const int i = 8 * c + 2 * sh + part;  // the 16-value sub-block
-          const auto raw = hn::LoadU(du8, qs + 32 * c + 16 * part);
-          VI16 q = U16(hn::And(hn::ShiftRightSame(raw, 2 * sh), m2));
-          if (kQ3) {
-            const auto hb = hn::And(hn::ShiftRightSame(hn::LoadU(du8, blk + 16 * part), 4 * c + sh), one);
-            q = hn::Sub(q, hn::Sub(four, hn::ShiftLeft<2>(U16(hb))));
-            a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(GgufScaleQ3K(blk + 96, i)))), 256 * b + 16 * i);
-          } else {
-            a.Add(hn::Mul(q, hn::Set(d16, static_cast<int16_t>(blk[i] & 0x0F))), 256 * b + 16 * i);
-            a.AddMin(blk[i] >> 4, 256 * b + 16 * i, 1);
-          }
-        }
-      }
-    }
-    if (kQ3) {
-      a.End(b, HalfAt(blk + 108), 0.0f);
-    } else {
-      a.End(b, HalfAt(blk + 80), HalfAt(blk + 82));
-    }
-  }
-}
-
 // The byte-dot kernels (vpmaddubsw: 32 weights per instruction, the activations read as int8 with no
-// widening; Q8_0, Q4_K, Q6_K). Q6_K's offset moves to the min terms: -32 becomes 32 d sc sum(x), exact in
-// int32 like the rest. (Q4_0 this way, its -8 per block as a min term, measured slower than the int16 kernel:
+// widening; Q8_0 and the K-quants). Offsets move to the min terms (Q6_K's -32: 32 d sc sum(x); Q3_K's -4),
+// exact in int32 like the rest. (Q4_0 this way, its -8 per block as a min term, measured slower than the int16 kernel:
 // the per-block scalar min outweighs the saved widening for a 32-value block.)
 template <int R>
 HWY_INLINE void DotQ8_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
@@ -257,25 +190,76 @@ HWY_INLINE void DotQ8_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
   }
 }
 
-// Q4_K: per 64 values 32 bytes of qs: low nibbles sub-block 2c, high nibbles 2c + 1 (32 values each).
-template <int R>
-HWY_INLINE void DotQ4_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
+// Q4_K / Q5_K: per 64 values 32 bytes of qs: low nibbles sub-block 2c, high nibbles 2c + 1 (32 values
+// each); Q5_K's bit 4 of sub-block i is bit i of qh[l], l = 0..31.
+template <bool kQ5, int R>
+HWY_INLINE void DotQ45_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
+  constexpr size_t kBytes = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
   for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * 144;
+    const uint8_t* blk = w + b * kBytes;
+    const __m256i qh = kQ5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)) : _mm256_setzero_si256();
     a.Begin();
     for (int c = 0; c < 4; ++c) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQs + 32 * c));
       for (int half = 0; half < 2; ++half) {
         const int i = 2 * c + half;
         int sc, m;
         GgufScaleMinK4(blk + 4, i, &sc, &m);
-        const __m256i nib = half == 0 ? _mm256_and_si256(q, m4) : _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        a.AddU8(nib, 256 * b + 32 * i, _mm256_set1_epi16(static_cast<int16_t>(sc)));
+        __m256i v = half == 0 ? _mm256_and_si256(q, m4) : _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (kQ5) {
+          const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(i)), one);
+          v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 4));  // 0..31: no carry across bytes
+        }
+        a.AddU8(v, 256 * b + 32 * i, _mm256_set1_epi16(static_cast<int16_t>(sc)));
         a.AddMin(m, 256 * b + 32 * i, 2);
       }
     }
     a.End(b, HalfAt(blk), HalfAt(blk + 2));
+  }
+}
+
+// Q2_K / Q3_K: values 128 c + 32 s + l (l = 0..31) are bits 2 s of qs[32 c + l]; 16-value sub-blocks
+// i = 8 c + 2 s (l < 16) and i + 1. Q2_K: w = d sc q - dmin m. Q3_K: q + 4 = low bits + 4 (hmask bit
+// 4 c + s of hmask[l]) is unsigned 0..7, so its -4 moves to the min terms: 4 d sc sum(x).
+template <bool kQ3, int R>
+HWY_INLINE void DotLowBitsB(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const __m256i m2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(0x01);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * (kQ3 ? 110 : 84);
+    const uint8_t* qs = blk + (kQ3 ? 32 : 16);
+    const __m256i hmask = kQ3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)) : _mm256_setzero_si256();
+    a.Begin();
+    for (int c = 0; c < 2; ++c) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      for (int sh = 0; sh < 4; ++sh) {
+        __m256i v = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * sh)), m2);
+        const int i = 8 * c + 2 * sh;
+        const size_t at = 256 * b + 16 * i;
+        int sc0, sc1;
+        if (kQ3) {
+          const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * c + sh)), one);
+          v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 2));  // 0..7
+          sc0 = GgufScaleQ3K(blk + 96, i);
+          sc1 = GgufScaleQ3K(blk + 96, i + 1);
+          a.AddMin(4 * sc0, at, 1);
+          a.AddMin(4 * sc1, at + 16, 1);
+        } else {
+          sc0 = blk[i] & 0x0F;
+          sc1 = blk[i + 1] & 0x0F;
+          a.AddMin(blk[i] >> 4, at, 1);
+          a.AddMin(blk[i + 1] >> 4, at + 16, 1);
+        }
+        a.AddU8(v, at, _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(sc1)),
+                                        _mm_set1_epi16(static_cast<int16_t>(sc0))));
+      }
+    }
+    if (kQ3) {
+      const float d = HalfAt(blk + 108);
+      a.End(b, d, d);
+    } else {
+      a.End(b, HalfAt(blk + 80), HalfAt(blk + 82));
+    }
   }
 }
 
@@ -349,10 +333,10 @@ void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
     case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0B<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ2_K: return QuantCols<R, &DotLowBits<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ3_K: return QuantCols<R, &DotLowBits<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_K: return QuantCols<R, &DotQ4_KB<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_K<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ2_K: return QuantCols<R, &DotLowBitsB<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ3_K: return QuantCols<R, &DotLowBitsB<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_KB<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_KB<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ6_K: return QuantCols<R, &DotQ6_KB<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     default: return;  // float types: FloatRows
   }
