@@ -3,18 +3,18 @@
 //
 // All products and sums of integers are exact in int32, so every kernel computes the scalar dot's integer
 // sums, scaled in fp32 per block. Two multiplies:
-// - Q8_0 and the K-quants: vpmaddubsw ("byte-dot kernels" below), 32 unsigned weights times 32 int8
-//   activations into 16 int16 pair sums (Q8_0: |w| times x with w's sign, vpsignb), then vpmaddwd with the
-//   sub-block scales (two per vector for the 16-value sub-blocks of Q2_K, Q3_K, Q6_K) into int32. A pair sum
-//   is at most 2 * 128 * 127 = 32512 (int16), a scaled one 2 * 16002 * 128 (Q6_K), far inside int32.
-//   The quants' offsets (Q3_K's -4, Q6_K's -32) and the mins become min terms.
-// - Q4_0, Q4_1, Q5_0, Q5_1: 16 nibbles (plus bit 4 from qh through a 256-entry byte table) widened to int16
-//   times the int16-widened activations by ReorderWidenMulAccumulate (vpmaddwd); on these 32-value blocks it
-//   measured faster than the byte-dot form, whose offsets would cost a scalar min term per block.
+// - Q4_0, Q5_0, Q8_0 and the K-quants: vpmaddubsw ("byte-dot kernels" below), 32 unsigned weights times 32
+//   int8 activations into 16 int16 pair sums (signed weights q - 8, q - 16, Q8_0's: |w| times x with w's sign,
+//   vpsignb), then vpmaddwd with the sub-block scales (two per vector for the 16-value sub-blocks of Q2_K,
+//   Q3_K, Q6_K) into int32. A pair sum is at most 2 * 128 * 127 = 32512 (int16), a scaled one
+//   2 * 16002 * 128 (Q6_K), far inside int32. Q3_K's -4 and Q6_K's -32 offsets become min terms.
+// - Q4_1, Q5_1: 16 nibbles (plus bit 4 from qh through a 256-entry byte table) widened to int16 times the
+//   int16-widened activations by ReorderWidenMulAccumulate (vpmaddwd), their mins as min terms.
 // Min terms (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K, and the offsets): min x (sum of the sub-block's activations),
 // exact in int32, from the activations' 16-value sums computed once per call for all columns, subtracted
-// in fp32 once per block. Vectors are 256 bits on every target (x86 intrinsics of AVX2, which the AVX3
-// targets have too).
+// in fp32 once per block. A block's fp16 factors convert with F16C (vcvtph2ps): the portable conversion,
+// a call with branches, had cost Q4_0 and Q8_0 more than half their time. Vectors are 256 bits on every
+// target (x86 intrinsics of AVX2, which the AVX3 targets have too).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_gguf_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -44,7 +44,13 @@ using VI16 = hn::Vec<DI16>;
 using VI32 = hn::Vec<DI32>;
 using VF = hn::Vec<DF>;
 
-HWY_INLINE float HalfAt(const uint8_t* p) { return F16ToF32(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
+// An fp16 factor of a block: F16C's vcvtph2ps (exact; every dispatched target has F16C), not the portable
+// F16ToF32, a call with branches that cost as much as the rest of a 32-value block.
+HWY_INLINE float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
 
 // 16 int8 activations widened to int16.
 HWY_INLINE VI16 X16(const int8_t* p) { return hn::PromoteTo(DI16(), hn::LoadU(DI8(), p)); }
@@ -177,9 +183,31 @@ HWY_INLINE void DotLegacy(const uint8_t* w, size_t nb, Acc<R>& a) {
 }
 
 // The byte-dot kernels (vpmaddubsw: 32 weights per instruction, the activations read as int8 with no
-// widening; Q8_0 and the K-quants). Offsets move to the min terms (Q6_K's -32: 32 d sc sum(x); Q3_K's -4),
-// exact in int32 like the rest. (Q4_0 this way, its -8 per block as a min term, measured slower than the int16 kernel:
-// the per-block scalar min outweighs the saved widening for a 32-value block.)
+// widening; Q4_0, Q5_0, Q8_0 and the K-quants). Offsets move to the min terms (Q6_K's -32: 32 d sc sum(x); Q3_K's -4),
+// exact in int32 like the rest.
+
+// Q4_0 / Q5_0: q - 8 (q - 16) as signed bytes, 32 per vector (low nibbles values 0..15, high 16..31; Q5_0's
+// bit 4 from qh), through vpsignb like Q8_0: no min term.
+template <bool kQ5, int R>
+HWY_INLINE void DotQx_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i off = _mm256_set1_epi8(kQ5 ? 16 : 8);
+  constexpr size_t kBytes = kQ5 ? 22 : 18, kQs = kQ5 ? 6 : 2;
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * kBytes;
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kQs));
+    __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+    if (kQ5) {
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      v = _mm256_or_si256(v, _mm256_set_m128i(HighBits16(qh, 1).raw, HighBits16(qh, 0).raw));
+    }
+    a.Begin();
+    a.AddS8(_mm256_sub_epi8(v, off), 32 * b);
+    a.End(b, HalfAt(blk), 0.0f);
+  }
+}
+
 template <int R>
 HWY_INLINE void DotQ8_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
   for (size_t b = 0; b < nb; ++b) {
@@ -328,9 +356,9 @@ void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
                size_t ldy) {
   const size_t rb = GgufRowBytes(type, k), nb = k / GgufBlockElems(type), g = k / GgufActivationBlock(type);
   switch (type) {
-    case GgufType::kQ4_0: return QuantCols<R, &DotLegacy<false, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_0: return QuantCols<R, &DotQx_0B<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_0: return QuantCols<R, &DotLegacy<true, false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_0: return QuantCols<R, &DotQx_0B<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0B<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     case GgufType::kQ2_K: return QuantCols<R, &DotLowBitsB<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
