@@ -120,8 +120,9 @@ class GgufValue {
   std::vector<GgufValue> elements_;
 };
 
-// The ggml tensor types kt reads (ids from ggml.h's enum ggml_type). Other ids, including the IQ* and TQ*
-// formats, are rejected by number.
+// The ggml tensor types kt reads (ids from ggml.h's enum ggml_type). Other ids are rejected by number. The
+// IQ*, TQ* and MXFP4 types are known by size only (a file holding them opens; method LLAMAFILE computes with
+// the types of kt/kernels/gguf_quants.h and names any other).
 enum class GgmlType : uint32_t {
   kF32 = 0,
   kF16 = 1,
@@ -138,14 +139,25 @@ enum class GgmlType : uint32_t {
   kQ5_K = 13,
   kQ6_K = 14,
   kQ8_K = 15,
-  // 16..23 are IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS (not supported).
+  kIQ2_XXS = 16,
+  kIQ2_XS = 17,
+  kIQ3_XXS = 18,
+  kIQ1_S = 19,
+  kIQ4_NL = 20,
+  kIQ3_S = 21,
+  kIQ2_S = 22,
+  kIQ4_XS = 23,
   kI8 = 24,
   kI16 = 25,
   kI32 = 26,
   kI64 = 27,
   kF64 = 28,
-  // 29 is IQ1_M (not supported).
+  kIQ1_M = 29,
   kBf16 = 30,
+  // 31..33 were Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 (removed from ggml).
+  kTQ1_0 = 34,
+  kTQ2_0 = 35,
+  kMXFP4 = 39,
 };
 
 // "F32", "Q4_K", ...: ggml's spelling.

@@ -109,7 +109,11 @@ TEST(GgufTest, GgmlTypeTable) {
                       {6, "Q5_0", 32, 22},    {7, "Q5_1", 32, 24},    {8, "Q8_0", 32, 34},   {9, "Q8_1", 32, 36},
                       {10, "Q2_K", 256, 84},  {11, "Q3_K", 256, 110}, {12, "Q4_K", 256, 144}, {13, "Q5_K", 256, 176},
                       {14, "Q6_K", 256, 210}, {15, "Q8_K", 256, 292}, {24, "I8", 1, 1},      {25, "I16", 1, 2},
-                      {26, "I32", 1, 4},      {27, "I64", 1, 8},      {28, "F64", 1, 8},     {30, "BF16", 1, 2}};
+                      {26, "I32", 1, 4},      {27, "I64", 1, 8},      {28, "F64", 1, 8},     {30, "BF16", 1, 2},
+                      {16, "IQ2_XXS", 256, 66}, {17, "IQ2_XS", 256, 74}, {18, "IQ3_XXS", 256, 98},
+                      {19, "IQ1_S", 256, 50}, {20, "IQ4_NL", 32, 18}, {21, "IQ3_S", 256, 110},
+                      {22, "IQ2_S", 256, 82}, {23, "IQ4_XS", 256, 136}, {29, "IQ1_M", 256, 56},
+                      {34, "TQ1_0", 256, 54}, {35, "TQ2_0", 256, 66}, {39, "MXFP4", 32, 17}};
   for (const Row& r : rows) {
     absl::StatusOr<GgmlType> t = ParseGgmlType(r.id);
     ASSERT_TRUE(t.ok()) << r.id;
@@ -117,7 +121,7 @@ TEST(GgufTest, GgmlTypeTable) {
     EXPECT_EQ(GgmlBlockSize(*t), r.block) << r.name;
     EXPECT_EQ(GgmlTypeSize(*t), r.size) << r.name;
   }
-  for (uint32_t id : {4u, 5u, 16u, 23u, 29u, 31u, 34u, 1000u}) {
+  for (uint32_t id : {4u, 5u, 31u, 33u, 36u, 40u, 1000u}) {
     EXPECT_THAT(std::string(ParseGgmlType(id).status().message()),
                 HasSubstr(absl::StrCat("unsupported ggml type ", id)));
   }
@@ -315,8 +319,8 @@ TEST(GgufTest, WriterRejectsBadInput) {
               HasSubstr("tensor \"x\": 5 dims, more than the maximum of 4"));
   EXPECT_THAT(error({}, {{"x", GgmlType::kQ8_0, {16, 2}, q}}),
               HasSubstr("tensor \"x\": dims [16, 2]: ne[0] = 16 is not a multiple of the Q8_0 block size 32"));
-  EXPECT_THAT(error({}, {{"x", static_cast<GgmlType>(20), {1}, four}}),
-              HasSubstr("tensor \"x\": unsupported ggml type 20"));
+  EXPECT_THAT(error({}, {{"x", static_cast<GgmlType>(36), {1}, four}}),
+              HasSubstr("tensor \"x\": unsupported ggml type 36"));
   EXPECT_THAT(error({{"a", GgufValue::Array(GgufValueType::kUint8, {GgufValue::Uint16(1)})}}, {}),
               HasSubstr("metadata \"a\": element 0 is UINT16 in an array of UINT8"));
   EXPECT_THAT(error({{"general.alignment", GgufValue::Uint64(32)}}, {}),
@@ -517,8 +521,8 @@ TEST(GgufBadInputTest, FirstDimensionNotAMultipleOfTheBlock) {
 
 TEST(GgufBadInputTest, UnsupportedGgmlType) {
   std::string f = ValidFile();
-  Set(&f, InfoPos(f, "w.q8") + 4 + 16, 16, 4);  // IQ2_XXS
-  EXPECT_THAT(OpenError(f), HasSubstr("tensor \"w.q8\": unsupported ggml type 16 (supported: F32=0"));
+  Set(&f, InfoPos(f, "w.q8") + 4 + 16, 31, 4);  // Q4_0_4_4, removed from ggml
+  EXPECT_THAT(OpenError(f), HasSubstr("tensor \"w.q8\": unsupported ggml type 31 (supported: F32=0"));
 }
 
 TEST(GgufBadInputTest, OffsetNotAligned) {

@@ -1,11 +1,14 @@
 #include "kt/moe/expert_format.h"
 
 #include <cstdlib>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/act_quant.h"
 #include "kt/kernels/gemm_bf16.h"
 #include "kt/kernels/gemm_fp8.h"
+#include "kt/kernels/gemm_gguf.h"
+#include "kt/kernels/gguf_quants.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
 #include "kt/kernels/quant_fast.h"
@@ -280,6 +283,92 @@ struct Fp8BlockFormat {
   }
 };
 
+// ---- kGguf / kGgufFloat: GGUF tensors' ggml blocks as stored (kt-gguf-rows-v1, gemm_gguf.h): an expert's
+// projection is its N rows of GgufRowBytes(type, K) bytes, exactly the file's bytes, so column block c0
+// starts c0 rows in (a 16-row "panel" is 16 rows). The layout's group carries the ggml type id. ----
+template <bool kFloat>
+struct GgufFormat {
+  static GgufType TypeOf(size_t type_id) { return static_cast<GgufType>(static_cast<int>(type_id)); }
+  static PackedLayout Layout(size_t n, size_t k, size_t type_id) {
+    PackedLayout l;
+    const GgufType t = TypeOf(type_id);
+    l.group = type_id;
+    l.panel_bytes = kPanelRows * GgufRowBytes(t, k);
+    l.expert_bytes = n * GgufRowBytes(t, k);
+    l.act_group = GgufActivationBlock(t);
+    return l;
+  }
+  static void Run(const FormatGemm& g, const PackedExpert& w, size_t k, size_t type_id, const ProjInput& in,
+                  size_t m, size_t cols, float* y, size_t ldy) {
+    GgufRows rows;
+    rows.x = in.x;
+    rows.qx = in.qx;
+    rows.sx = in.sx;
+    rows.ld = in.ld;
+    reinterpret_cast<GemmGgufFn>(g.kernel)(TypeOf(type_id), m, k, rows, w.data, cols, y, ldy);
+  }
+  static bool Bind(Isa isa, size_t /*k_block*/, FormatGemm* out) {
+    const GemmGgufFn fn = GetGemmGguf(isa);
+    if (fn == nullptr) return false;
+    out->run = &Run;
+    out->kernel = reinterpret_cast<void (*)()>(fn);
+    out->k_block = 0;
+    return true;
+  }
+  // The ggml values (DequantizeGgufRow) rounded once to bf16.
+  static void Unpack(const QuantSpec& spec, const PackedExpert& w, size_t n, size_t k, bool transposed,
+                     bf16_t* out) {
+    const GgufType t = TypeOf(static_cast<size_t>(spec.group_size));
+    std::vector<float> row(k);
+    for (size_t r = 0; r < n; ++r) {
+      DequantizeGgufRow(t, w.data + r * GgufRowBytes(t, k), k, row.data());
+      for (size_t c = 0; c < k; ++c) (transposed ? out[c * n + r] : out[r * k + c]) = F32ToBf16(row[c]);
+    }
+  }
+  static absl::Status Check(const char* what, size_t n, size_t k, int type_id) {
+    if (!IsGgufTypeId(type_id)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ggml type id ", type_id,
+                                                     " is not one LLAMAFILE runs; supported: ", kGgufSupportedTypes));
+    }
+    const GgufType t = static_cast<GgufType>(type_id);
+    if (GgufIsFloat(t) != kFloat) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " is ", GgufTypeName(t), ": a ", kFloat ? "gguf_float" : "gguf", " layer holds ",
+          kFloat ? "F32, F16 or BF16" : "quantized ggml types (Q4_0 .. Q6_K)",
+          " projections; float and quantized projections in one layer are not supported"));
+    }
+    if (n == 0 || k % GgufBlockElems(t) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " [", n, ", ", k, "] of type ", GgufTypeName(t),
+                                                     ": K = ", k, " must be a multiple of the type's block of ",
+                                                     GgufBlockElems(t), " values"));
+    }
+    return absl::OkStatus();
+  }
+  static ExpertFormatTraits Traits() {
+    ExpertFormatTraits t{};
+    t.format = kFloat ? ExpertFormat::kGgufFloat : ExpertFormat::kGguf;
+    t.name = kFloat ? "gguf_float" : "gguf";
+    t.packed_layout = "kt-gguf-rows-v1";
+    t.kernel_family = "gguf";
+    t.quantized = false;  // no QuantFormat: the blocks come from the file (stored_blocks)
+    t.grouped = false;
+    // Quantized types: int8 per 32 (Q8_0) or 256 (Q8_K) values, the group per projection (act_group);
+    // the float types multiply bf16 rows.
+    t.activation = kFloat ? ActivationKind::kBf16Rows : ActivationKind::kInt8PerGroup;
+    t.activation_sums = false;
+    t.max_k = kGgufMaxK + 1;  // the kernels' bound (K <= kGgufMaxK); the sums are exact per block
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = nullptr;
+    t.pack_quantized = nullptr;
+    t.unpack = &Unpack;
+    t.transpose_packed = nullptr;
+    t.stored_blocks = true;
+    t.check_projection = &Check;
+    return t;
+  }
+};
+
 // The table, in ExpertFormat order (FormatTraits indexes it by the enumerator). Built on first use.
 const ExpertFormatTraits* Table() {
   static const ExpertFormatTraits kFormats[] = {
@@ -290,6 +379,8 @@ const ExpertFormatTraits* Table() {
       Int4GroupAsym::Traits(ExpertFormat::kInt4GroupAsym, "int4_group_asym", QuantFormat::kInt4GroupAsym),
       Int4Asym::Traits(ExpertFormat::kInt4Asym, "int4_asym", QuantFormat::kInt4PerChannelAsym),
       Fp8BlockFormat::Traits(),
+      GgufFormat<false>::Traits(),
+      GgufFormat<true>::Traits(),
   };
   // FormatTraits indexes by the enumerator: a row out of order is a bug of this file, caught at first use.
   static const bool in_order = [] {
@@ -301,7 +392,7 @@ const ExpertFormatTraits* Table() {
   (void)in_order;
   return kFormats;
 }
-constexpr int kNumFormats = 7;
+constexpr int kNumFormats = 9;
 
 }  // namespace
 
@@ -318,7 +409,7 @@ absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
                                                  "'; expected bf16, int8, int4, int4_asym, int4_group_sym, "
-                                                 "int4_group_asym or fp8_block"));
+                                                 "int4_group_asym, fp8_block, gguf or gguf_float"));
 }
 
 const char* ExpertProjName(ExpertProj proj) {

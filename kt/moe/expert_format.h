@@ -24,6 +24,11 @@
 //   kFp8Block       kt-fp8-block128-v1 (FP8 E4M3 with a scale per 128 x 128 block: DeepSeek-V3/R1, Qwen3-FP8,
 //                   MiniMax-M2 checkpoints as shipped) packed into kt-fp8-panel16-kblock128-v1 (gemm_fp8.h);
 //                   products read bf16 rows.
+//   kGguf           GGUF blocks as stored (method LLAMAFILE: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K; the
+//                   projections may differ in type, ExpertShape::gguf_types), kt-gguf-rows-v1 (gemm_gguf.h);
+//                   x_t and h are quantized to the type's ggml dot partner, int8 per 32 (Q8_0) or per 256
+//                   (Q8_K) values.
+//   kGgufFloat      GGUF F32 / F16 / BF16 tensors as stored (kt-gguf-rows-v1); products read bf16 rows.
 #ifndef KT_MOE_EXPERT_FORMAT_H_
 #define KT_MOE_EXPERT_FORMAT_H_
 
@@ -38,7 +43,7 @@
 
 namespace kt {
 
-enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym, kFp8Block };
+enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym, kFp8Block, kGguf, kGgufFloat };
 
 // The three projections of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
 enum class ExpertProj : int { kGate = 0, kUp = 1, kDown = 2 };
@@ -72,7 +77,8 @@ struct PackedLayout {
   size_t sum_entries = 0;     // int32 row sums
   size_t zero_entries = 0;    // uint8 zero points
   size_t scales_per_col = 0;  // scale (and zero point) entries per output column: 1, or K / G
-  size_t group = 0;           // the kernel's group argument (G, or 0 per channel)
+  size_t group = 0;           // the kernel's group argument (G, or 0 per channel; the ggml type id for GGUF)
+  size_t act_group = 0;       // kInt8PerGroup's group when it is not MoeConfig::group_size (GGUF: 32 or 256)
 };
 
 // One expert's packed arrays (data, scales, sums, zeros at that expert; a null pointer for an array the
@@ -131,12 +137,20 @@ struct ExpertFormatTraits {
   // Packed [k, n] written straight from packed [n, k] (the transpose, without a canonical copy); nullptr
   // when the format has none (its transpose is unpack(transposed) + pack).
   void (*transpose_packed)(const PackedExpert& from, size_t n, size_t k, const MutablePackedExpert& to);
+  // GGUF formats: the packed bytes are the checkpoint's own ggml blocks, loaded as they are
+  // (PackedExperts::LoadExpertBlocks; nothing is packed from bf16). `layout`, `unpack` (spec.group_size) and
+  // the kernel's group argument then carry the projection's ggml type id (ExpertShape::gguf_types).
+  bool stored_blocks = false;
+  // stored_blocks formats: OK when a projection [n, k] of ggml type `type_id` runs in this format, else
+  // InvalidArgument naming `what` (e.g. "gate"), the type and what is expected. nullptr for the others.
+  absl::Status (*check_projection)(const char* what, size_t n, size_t k, int type_id) = nullptr;
 };
 
 // The table's entry of `format` (every ExpertFormat has one).
 const ExpertFormatTraits& FormatTraits(ExpertFormat format);
 
-// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym", "int4_asym" or "fp8_block".
+// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym", "int4_asym", "fp8_block", "gguf" or
+// "gguf_float".
 const char* ExpertFormatName(ExpertFormat format);
 // Inverse of ExpertFormatName; InvalidArgument listing the names otherwise.
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name);

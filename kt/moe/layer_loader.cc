@@ -9,6 +9,7 @@
 #include "kt/io/hf_int4.h"
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
+#include "kt/moe/gguf_loader.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -194,12 +195,23 @@ absl::Status LoadRawInt4Experts(TpMoeLayer& moe, const uint8_t* const (&packed)[
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(MoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool) {
+  if (method == "LLAMAFILE") {  // a GGUF checkpoint, its blocks as stored (gguf_loader.h)
+    absl::StatusOr<GgufLoadStats> g = LoadGgufLayer(moe, dir, layer, physical_to_logical, pool);
+    if (!g.ok()) return g.status();
+    FolderLoadStats stats;
+    stats.file_bytes = g->file_bytes;
+    stats.load_seconds = g->load_seconds;
+    return stats;
+  }
   return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
 }
 
 absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(TpMoeLayer& moe, const std::string& dir, int layer,
                                                     const std::string& method, int group_size,
                                                     const int64_t* physical_to_logical, ThreadPool& pool) {
+  if (method == "LLAMAFILE") {
+    return absl::UnimplementedError("method LLAMAFILE runs on one pool (threadpool_count = 1) for now");
+  }
   return LoadFolderInto(moe, dir, layer, method, group_size, physical_to_logical, pool);
 }
 

@@ -92,8 +92,9 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const MoeConfig& conf
                                                            ExpertFormat format,
                                                            std::shared_ptr<MoeScratch> scratch) {
   if (absl::Status s = ValidateMoeConfig(config); !s.ok()) return s;
-  absl::StatusOr<std::unique_ptr<PackedExperts>> weights = PackedExperts::Create(
-      ExpertShape{config.num_experts, config.hidden, config.intermediate, config.group_size, config.numa_node}, isa, format);
+  ExpertShape shape{config.num_experts, config.hidden, config.intermediate, config.group_size, config.numa_node};
+  for (int p = 0; p < 3; ++p) shape.gguf_types[p] = config.gguf_types[p];
+  absl::StatusOr<std::unique_ptr<PackedExperts>> weights = PackedExperts::Create(shape, isa, format);
   if (!weights.ok()) return weights.status();
   std::unique_ptr<MoeLayer> moe(new MoeLayer(config, isa));
   moe->weights_ = std::move(*weights);
@@ -148,6 +149,10 @@ absl::Status MoeLayer::LoadExpertQuantized(int slot, ExpertProj proj, const Quan
   return weights_->LoadExpertQuantized(slot, proj, qm);
 }
 
+absl::Status MoeLayer::LoadExpertBlocks(int slot, ExpertProj proj, const uint8_t* bytes, size_t size) {
+  return weights_->LoadExpertBlocks(slot, proj, bytes, size);
+}
+
 absl::Status MoeLayer::FinishLoad() { return weights_->FinishLoad(); }
 
 absl::Status MoeLayer::SetTiling(const MoeTiling& tiling) {
@@ -185,7 +190,8 @@ absl::Status MoeLayer::AdoptWeights(MoeLayer& staged) {
   const MoeConfig& b = staged.config_;
   if (a.num_experts != b.num_experts || a.hidden != b.hidden || a.intermediate != b.intermediate ||
       staged.isa_ != isa_ || staged.format() != format() ||
-      (IsGroupExpertFormat(format()) && a.group_size != b.group_size)) {
+      (IsGroupExpertFormat(format()) && a.group_size != b.group_size) ||
+      (weights_->traits().stored_blocks && !std::equal(a.gguf_types, a.gguf_types + 3, b.gguf_types))) {
     return absl::InvalidArgumentError(absl::StrCat(
         "AdoptWeights: the staged layer (E=", b.num_experts, " H=", b.hidden, " I=", b.intermediate, " ",
         IsaName(staged.isa_), " ", ExpertFormatName(staged.format()), ") differs from this one (E=", a.num_experts,

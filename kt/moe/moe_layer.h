@@ -50,6 +50,9 @@ struct MoeConfig {
   // >= 0: the packed expert weights live on this NUMA node (bound at allocation, kt/runtime/memory.h), as a
   // tensor-parallel part's do (kt/moe/tp_layer.h). -1: wherever the OS puts them.
   int numa_node = -1;
+  // The GGUF formats (gguf, gguf_float; method LLAMAFILE): the ggml type id of the gate, up and down
+  // tensors (kt/kernels/gguf_quants.h), as the file stores them. Ignored by the other formats.
+  int gguf_types[3] = {-1, -1, -1};
 };
 
 // Checks every field (positive, sane) and names the bad one.
@@ -136,6 +139,8 @@ class MoeLayer {
   // From a matrix already in the layer's quantized format (a converted checkpoint): spec, n and k must
   // match (quant_spec()); InvalidArgument naming the mismatch otherwise, and for a kBf16 layer.
   absl::Status LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm);
+  // GGUF formats: the projection's ggml blocks as the file stores them (PackedExperts::LoadExpertBlocks).
+  absl::Status LoadExpertBlocks(int slot, ExpertProj proj, const uint8_t* bytes, size_t size);
   // OK once every (slot, proj) has loaded; FailedPrecondition naming the first missing one otherwise.
   absl::Status FinishLoad();
 

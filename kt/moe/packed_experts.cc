@@ -3,12 +3,14 @@
 #include <stdexcept>
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/gemm_bf16.h"  // kPanelRows
 #include "kt/kernels/gemm_fp8.h"   // the fp8 panel layout (ExpertFp8Codes)
 #include "kt/kernels/gemm_int4.h"  // UnpackInt4 (ExpertInt4GroupSymRows)
+#include "kt/kernels/gguf_quants.h"  // GgufTypeName
 #include "kt/kernels/quant_fast.h"
 
 namespace kt {
@@ -75,6 +77,16 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
       }
     }
   }
+  if (traits.stored_blocks) {
+    for (int p = 0; p < 3; ++p) {
+      const auto proj = static_cast<ExpertProj>(p);
+      const bool down = proj == ExpertProj::kDown;
+      const size_t n = down ? shape.hidden : shape.intermediate, k = down ? shape.intermediate : shape.hidden;
+      if (absl::Status s = traits.check_projection(ExpertProjName(proj), n, k, shape.gguf_types[p]); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("MoeConfig.gguf_types: ", s.message()));
+      }
+    }
+  }
   std::unique_ptr<PackedExperts> w(new PackedExperts(shape, isa, traits));
   w->gemm_ = gemm;
   const size_t e = shape.num_experts, h = shape.hidden, i = shape.intermediate;
@@ -83,7 +95,9 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
     Projection& p = w->Proj(proj);
     p.n = proj == ExpertProj::kDown ? h : i;
     p.k = proj == ExpertProj::kDown ? i : h;
-    p.layout = traits.layout(p.n, p.k, group);
+    p.layout = traits.layout(p.n, p.k,
+                             traits.stored_blocks ? static_cast<size_t>(shape.gguf_types[static_cast<int>(proj)])
+                                                  : group);
     p.data.numa_node = p.scales.numa_node = p.sums.numa_node = p.zeros.numa_node = shape.numa_node;
     try {
       p.data.Resize(e * p.layout.expert_bytes);
@@ -93,6 +107,14 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
     } catch (const std::invalid_argument& bad_node) {  // AllocateArrayOnNode: a node it cannot bind to
       return absl::InvalidArgumentError(absl::StrCat("MoeConfig.numa_node: ", bad_node.what()));
     }
+  }
+  // Gate and up multiply the same prepared x rows (one preparation per row): their ggml dot partners
+  // must agree (Q8_0 for the 32-value types, Q8_K for the K-quants).
+  if (traits.stored_blocks && w->Proj(ExpertProj::kGate).layout.act_group != w->Proj(ExpertProj::kUp).layout.act_group) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoeConfig.gguf_types: gate (", GgufTypeName(static_cast<GgufType>(shape.gguf_types[0])), ") and up (",
+        GgufTypeName(static_cast<GgufType>(shape.gguf_types[1])), ") quantize their shared input differently (Q8_0 vs Q8_K partners); both must be 32-value types or both "
+        "K-quants"));
   }
   w->proj_loaded_.assign(e * 3, 0);
   return w;
@@ -108,8 +130,13 @@ size_t PackedExperts::ProjCols(ExpertProj proj) const {
   return proj == ExpertProj::kDown ? shape_.intermediate : shape_.hidden;
 }
 
+size_t PackedExperts::ActGroup(ExpertProj proj) const {
+  const size_t g = Proj(proj).layout.act_group;
+  return g != 0 ? g : static_cast<size_t>(shape_.group_size);
+}
+
 size_t PackedExperts::ActivationGroups(ExpertProj proj) const {
-  return ActivationGroupsOf(*traits_, ProjCols(proj), static_cast<size_t>(shape_.group_size));
+  return ActivationGroupsOf(*traits_, ProjCols(proj), ActGroup(proj));
 }
 
 size_t PackedExperts::weight_bytes() const {
@@ -121,8 +148,7 @@ size_t PackedExperts::weight_bytes() const {
 }
 
 void PackedExperts::PrepareRow(ExpertProj proj, const bf16_t* x, int8_t* q, float* scales, int32_t* sums) const {
-  PrepareActivationRow(*traits_, isa_, x, ProjCols(proj), static_cast<size_t>(shape_.group_size), q, scales,
-                       sums);
+  PrepareActivationRow(*traits_, isa_, x, ProjCols(proj), ActGroup(proj), q, scales, sums);
 }
 
 void PackedExperts::ProjectBlock(ExpertProj proj, int slot, size_t c0, size_t cols, const ProjInput& in,
@@ -157,15 +183,21 @@ absl::Status PackedExperts::UnpackExpertRows(int slot, ExpertProj proj, size_t r
                                                    ExpertProjName(proj), " [", p.n, ", ", p.k,
                                                    "]: the start must be a multiple of 16 and the end <= N"));
   }
-  QuantSpec spec;
-  if (traits_->quantized) {
-    absl::StatusOr<QuantSpec> s = quant_spec();
-    if (!s.ok()) return s.status();
-    spec = *s;
-  }
+  absl::StatusOr<QuantSpec> spec = UnpackSpec(proj);
+  if (!spec.ok()) return spec.status();
   // A panel's layout does not depend on the rows after it, so the block at r0 unpacks as a matrix of `rows`.
-  traits_->unpack(spec, p.Block(static_cast<size_t>(slot), r0), rows, p.k, /*transposed=*/false, out);
+  traits_->unpack(*spec, p.Block(static_cast<size_t>(slot), r0), rows, p.k, /*transposed=*/false, out);
   return absl::OkStatus();
+}
+
+absl::StatusOr<QuantSpec> PackedExperts::UnpackSpec(ExpertProj proj) const {
+  QuantSpec spec;
+  if (traits_->stored_blocks) {
+    spec.group_size = static_cast<int>(Proj(proj).layout.group);
+  } else if (traits_->quantized) {
+    return quant_spec();
+  }
+  return spec;
 }
 
 absl::Status PackedExperts::CheckFp8(const char* fn, int slot) const {
@@ -238,14 +270,10 @@ absl::Status PackedExperts::Unpack(const char* fn, int slot, ExpertProj proj, bo
                                    bf16_t* out) const {
   if (absl::Status s = CheckSlot(fn, slot); !s.ok()) return s;
   if (!loaded()) return absl::FailedPreconditionError(absl::StrCat(fn, " before the weights are loaded"));
-  QuantSpec spec;
-  if (traits_->quantized) {
-    absl::StatusOr<QuantSpec> s = quant_spec();
-    if (!s.ok()) return s.status();
-    spec = *s;
-  }
+  absl::StatusOr<QuantSpec> spec = UnpackSpec(proj);
+  if (!spec.ok()) return spec.status();
   const Projection& p = Proj(proj);
-  traits_->unpack(spec, p.Expert(static_cast<size_t>(slot)), p.n, p.k, transposed, out);
+  traits_->unpack(*spec, p.Expert(static_cast<size_t>(slot)), p.n, p.k, transposed, out);
   return absl::OkStatus();
 }
 
@@ -307,6 +335,11 @@ void PackedExperts::BeginLoad() {
 absl::Status PackedExperts::LoadExpert(int slot, ExpertProj proj, const bf16_t* w) {
   if (absl::Status s = CheckSlot("LoadExpert", slot); !s.ok()) return s;
   if (w == nullptr) return absl::InvalidArgumentError("LoadExpert: w must not be null");
+  if (traits_->stored_blocks) {
+    return absl::InvalidArgumentError(absl::StrCat("LoadExpert: a ", traits_->name,
+                                                   " layer holds a GGUF file's blocks as stored and takes no bf16 "
+                                                   "weights; load it from the file (method LLAMAFILE, weight_path)"));
+  }
   const size_t n = ProjRows(proj), k = ProjCols(proj);
   if (!traits_->quantized) {
     traits_->pack_bf16(w, n, k, Proj(proj).MutableExpert(static_cast<size_t>(slot)));
@@ -356,6 +389,24 @@ absl::Status PackedExperts::LoadExpertQuantized(int slot, ExpertProj proj, const
                                                    " and ", n * ScalesPerRow(*spec, k)));
   }
   traits_->pack_quantized(qm, Proj(proj).MutableExpert(static_cast<size_t>(slot)));
+  MarkLoaded(slot, proj);
+  return absl::OkStatus();
+}
+
+absl::Status PackedExperts::LoadExpertBlocks(int slot, ExpertProj proj, const uint8_t* bytes, size_t size) {
+  if (absl::Status s = CheckSlot("LoadExpertBlocks", slot); !s.ok()) return s;
+  if (!traits_->stored_blocks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoadExpertBlocks: a ", traits_->name, " layer does not hold GGUF blocks"));
+  }
+  Projection& p = Proj(proj);
+  if (bytes == nullptr || size != p.layout.expert_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoadExpertBlocks: ", ExpertProjName(proj), " of slot ", slot, " is ", size, " bytes, expected ",
+        p.layout.expert_bytes, " (", p.n, " rows of ", p.layout.expert_bytes / p.n, " bytes of ",
+        GgufTypeName(static_cast<GgufType>(static_cast<int>(p.layout.group))), " blocks)"));
+  }
+  std::memcpy(p.MutableExpert(static_cast<size_t>(slot)).data, bytes, size);
   MarkLoaded(slot, proj);
   return absl::OkStatus();
 }

@@ -35,6 +35,8 @@ struct ExpertShape {
   int intermediate = 0;
   int group_size = 128;
   int numa_node = -1;  // >= 0: the packed arrays are bound to this NUMA node (MoeConfig::numa_node)
+  // GGUF formats (stored_blocks): the ggml type id of gate, up and down (MoeConfig::gguf_types); -1 unset.
+  int gguf_types[3] = {-1, -1, -1};
 };
 
 class PackedExperts {
@@ -54,6 +56,9 @@ class PackedExperts {
   void BeginLoad();
   absl::Status LoadExpert(int slot, ExpertProj proj, const bf16_t* w);
   absl::Status LoadExpertQuantized(int slot, ExpertProj proj, const QuantizedMatrix& qm);
+  // GGUF formats (stored_blocks): expert `slot`'s projection as the file stores it, `size` bytes of ggml
+  // blocks (N rows of GgufRowBytes(type, K)), copied as they are. InvalidArgument for another format or size.
+  absl::Status LoadExpertBlocks(int slot, ExpertProj proj, const uint8_t* bytes, size_t size);
   // Expert `slot`'s `proj` as the transpose of `src`'s, packed to packed (the format's transpose_packed):
   // both the same format, with one, src loaded, and this projection [N, K] = src's [K, N];
   // InvalidArgument / FailedPrecondition naming what differs otherwise.
@@ -142,6 +147,10 @@ class PackedExperts {
   Projection& Proj(ExpertProj proj) { return proj_[static_cast<int>(proj)]; }
   const Projection& Proj(ExpertProj proj) const { return proj_[static_cast<int>(proj)]; }
   absl::Status CheckSlot(const char* fn, int slot) const;
+  // kInt8PerGroup's group for `proj`: the layout's act_group (GGUF), else shape_.group_size.
+  size_t ActGroup(ExpertProj proj) const;
+  // The spec the format's unpack reads (stored_blocks: group_size = the projection's ggml type id).
+  absl::StatusOr<QuantSpec> UnpackSpec(ExpertProj proj) const;
   absl::Status CheckFp8(const char* fn, int slot) const;  // slot, fp8_block, loaded
   absl::Status Unpack(const char* fn, int slot, ExpertProj proj, bool transposed, bf16_t* out) const;
   void MarkLoaded(int slot, ExpertProj proj) {

@@ -23,6 +23,7 @@ targets=(
   //kt/kernels:fp8_test //kt/kernels:gemm_fp8_test //kt/kernels:gemm_fp8_benchmark
   //kt/runtime:task_queue_benchmark //kt/runtime:numa_test //kt/moe:gpu_expert_buffers_test //kt/io:convert_test
   //kt/moe:gpu_expert_buffers_int4_test
+  //kt/kernels:gemm_gguf_test //kt/kernels:gemm_gguf_benchmark //kt/moe:gguf_loader_test //kt/io:gguf_experts_test
 )
 bazel --output_base=/tmp/bazel_pack build -c opt --dynamic_mode=off --symlink_prefix=/ --jobs="$(nproc)" "${targets[@]}" >&2
 bin=$(bazel --output_base=/tmp/bazel_pack info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)
@@ -39,6 +40,8 @@ cp tools/torch_moe_bench.py "$out/bin/" 2>/dev/null || true
 cp tools/sft_bench.py "$out/bin/"
 # The serving runtime's overhead and overlap: PYTHONPATH=.device/python python3 .device/bin/serving_bench.py
 cp tools/serving_bench.py "$out/bin/"
+# Method LLAMAFILE on a synthetic GGUF layer: PYTHONPATH=.device/python python3 .device/bin/gguf_bench.py
+cp tools/gguf_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the checkpoints of

@@ -7,7 +7,8 @@ those of the original kt-kernel, so code written against it keeps working.
 What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
 ``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword), "FP8"
-(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped); weights
+(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped), "LLAMAFILE"
+(``LlamafileMoEWrapper``: a GGUF checkpoint's expert blocks as stored, Q4_0 .. Q6_K, BF16/F16/F32); weights
 come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
 reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
 every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
@@ -16,8 +17,8 @@ every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT
 LoRA gradients; weights from ``load_weights_from_tensors``). "RAWINT4" (compressed-tensors pack-quantized
 INT4, Kimi-K2; ``RawInt4MoEWrapper``, which also takes the checkpoint's packed tensors) and "GPTQ_INT4" (GPTQ
 sym, desc_act false; ``AMXMoEWrapper``) load their checkpoints from ``weight_path`` as stored (the group size
-is the checkpoint's). The other methods (FP8_PERCHANNEL,
-LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different method.
+is the checkpoint's); "LLAMAFILE" runs a GGUF checkpoint's expert blocks as stored. The other methods
+(FP8_PERCHANNEL) raise NotImplementedError naming the method: kt never substitutes a different method.
 
 Example::
 
@@ -41,6 +42,7 @@ from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .methods import METHOD_FORMATS
 from .utils.amx import AMXMoEWrapper
 from .utils.fp8 import FP8MoEWrapper
+from .utils.llamafile import LlamafileMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
 from .utils.native import NativeMoEWrapper
 from .utils.rawint4 import RawInt4MoEWrapper
@@ -111,11 +113,12 @@ def _backend_of(method: str):
 
 
 _INFERENCE_BACKENDS = {method: _backend_of(method) for method in METHOD_FORMATS}
+# GGUF checkpoints' blocks as stored: no kt layout (kt convert does not write it), so not in the C++ method table.
+_INFERENCE_BACKENDS["LLAMAFILE"] = LlamafileMoEWrapper
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
     "FP8_PERCHANNEL": "FP8 kernels issue",
-    "LLAMAFILE": "GGUF/llamafile issue",
 }
 
 
@@ -141,7 +144,8 @@ class KTMoEWrapper:
             moe_intermediate_size and be at most cpuinfer_threads. SFT: accepted, one pool.
         weight_path: Folder ``load_weights`` reads (inference): a Hugging Face checkpoint with bf16
             experts (quantized at load for the integer methods) or a ``kt convert`` folder of this
-            method's layout. None when weights come from ``load_weights_from_tensors`` (the only way
+            method's layout; for method LLAMAFILE a GGUF checkpoint (a .gguf file, a part of a split set or a
+            folder of .gguf files). None when weights come from ``load_weights_from_tensors`` (the only way
             SFT wrappers load their weights).
         chunked_prefill_size: Largest number of tokens one forward accepts (sizes the scratch).
         cpu_save: Keep converted weights in CPU memory (quantizing methods; no effect for BF16).
@@ -171,7 +175,7 @@ class KTMoEWrapper:
 
     Raises:
         ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-        NotImplementedError: ``method`` is one kt does not implement (FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
+        NotImplementedError: ``method`` is one kt does not implement (FP8_PERCHANNEL), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 
     def __new__(

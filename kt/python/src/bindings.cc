@@ -25,6 +25,7 @@
 #include "kt/io/method.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
+#include "kt/moe/gguf_loader.h"
 #include "kt/moe/layer_loader.h"
 #include "kt/moe/moe_layer.h"
 #include "kt/python/src/common.h"
@@ -83,7 +84,8 @@ Isa IsaFromName(const std::string& name) {
 class PyMoeLayer {
  public:
   PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
-             const std::string& isa_name, const std::string& format_name, int group_size) {
+             const std::string& isa_name, const std::string& format_name, int group_size,
+             const std::vector<int>& gguf_types) {
     const absl::StatusOr<ExpertFormat> format_or = ParseExpertFormat(format_name);
     if (!format_or.ok()) {
       throw py::value_error("MoeLayer: " + std::string(format_or.status().message()));
@@ -96,6 +98,8 @@ class PyMoeLayer {
     config.hidden = hidden;
     config.intermediate = intermediate;
     config.max_len = max_len;
+    if (gguf_types.size() != 3) throw py::value_error("MoeLayer: gguf_types must be 3 ggml type ids (gate, up, down)");
+    for (int p = 0; p < 3; ++p) config.gguf_types[p] = gguf_types[p];
     const Isa isa = IsaFromName(isa_name);
     absl::StatusOr<std::unique_ptr<MoeLayer>> moe;
     {
@@ -218,6 +222,21 @@ class PyMoeLayer {
   std::unique_ptr<MoeLayer> moe_;
 };
 
+// Method LLAMAFILE: InspectGgufLayer as {"types": [gate, up, down], "format", "file_bytes"}.
+py::dict GgufLayerInfoDict(const std::string& path, int layer, int num_experts, int hidden, int intermediate) {
+  absl::StatusOr<GgufLayerInfo> info;
+  {
+    py::gil_scoped_release release;
+    info = InspectGgufLayer(path, layer, num_experts, hidden, intermediate);
+  }
+  if (!info.ok()) ThrowStatus(info.status());
+  py::dict d;
+  d["types"] = std::vector<int>(info->types, info->types + 3);
+  d["format"] = std::string(ExpertFormatName(info->format));
+  d["file_bytes"] = info->file_bytes;
+  return d;
+}
+
 // One row per method of kt/io/method.cc (the one table Python reads: kt_kernel/methods.py).
 py::list MethodTableRows() {
   py::list rows;
@@ -277,6 +296,10 @@ PYBIND11_MODULE(_kt, m) {
       },
       py::arg("name"), "Whether this CPU can run the named kernel path.");
 
+  m.def("gguf_layer_info", &GgufLayerInfoDict, py::arg("path"), py::arg("layer"), py::arg("num_experts"),
+        py::arg("hidden"), py::arg("intermediate"),
+        "Method LLAMAFILE: the ggml type ids of a GGUF checkpoint's layer experts (gate, up, down), checked "
+        "against the shape, and the MoeLayer format that holds them ('gguf' or 'gguf_float').");
   m.def("method_table", &MethodTableRows,
       "kt's inference methods (kt/io/method.cc, the one table): per method its MoeLayer format, its stored "
       "layout (group methods at group_size 128), whether it takes group_size, and why no kernel can run it "
@@ -303,9 +326,10 @@ PYBIND11_MODULE(_kt, m) {
   py::class_<PyMoeLayer>(m, "MoeLayer",
                          "The routed experts of one MoE layer; weights kept as bf16 or quantized (int8, int4, "
                          "int4_group_sym, int4_group_asym with group_size).")
-      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int>(),
+      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int, const std::vector<int>&>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
-           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128)
+           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128,
+           py::arg("gguf_types") = std::vector<int>{-1, -1, -1})
       .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "

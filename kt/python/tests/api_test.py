@@ -77,7 +77,8 @@ def test_method_not_valid_for_mode():
 
 @pytest.mark.parametrize(
     "method",
-    sorted(INFERENCE_METHODS - {"BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "FP8", "RAWINT4", "GPTQ_INT4"}),
+    sorted(INFERENCE_METHODS - {"BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "FP8", "RAWINT4", "GPTQ_INT4",
+                                "LLAMAFILE"}),
 )
 def test_unimplemented_inference_methods(method):
     with pytest.raises(NotImplementedError, match=f"method '{method}' is not implemented yet in kt"):

@@ -68,13 +68,13 @@ class NativeMoEWrapper(BaseMoEWrapper):
     def __init__(self, *args, **kwargs):
         """Takes an ``InferenceArgs``, or its fields as ``KTMoEWrapper`` passes them (method default "BF16")."""
         a = InferenceArgs.of(args, kwargs, method="BF16")
-        if a.method not in _IMPLEMENTED_METHODS:
+        if a.method not in _IMPLEMENTED_METHODS | self._EXTRA_METHODS:
             raise NotImplementedError(
                 f"NativeMoEWrapper: method {a.method!r} is not implemented yet in kt "
                 f"(implemented: {sorted(_IMPLEMENTED_METHODS)})"
             )
         super().__init__(a)
-        weight_format = METHOD_FORMATS[a.method]
+        weight_format, gguf_types = self._layer_format(a)
         # Scratch is sized for chunked_prefill_size tokens; the C++ config check names any bad field.
         layer_args = dict(
             num_experts=a.num_experts,
@@ -86,6 +86,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
             format=weight_format,
             group_size=_check_group_size(_native_group_size(a), weight_format),
         )
+        if gguf_types is not None:
+            layer_args["gguf_types"] = gguf_types
         self._node_pools = None
         if self.tensor_parallel:
             # threadpool_count parts along moe_intermediate_size, part i on sub-pool i (NUMA node numa_nodes[i]);
@@ -96,6 +98,14 @@ class NativeMoEWrapper(BaseMoEWrapper):
             )
         else:
             self._moe = _native._kt.MoeLayer(**layer_args)
+
+    # Methods a subclass runs beyond the C++ method table's loadable ones (LLAMAFILE: utils/llamafile.py).
+    _EXTRA_METHODS = frozenset()
+
+    def _layer_format(self, a):
+        """The C++ layer's expert format for ``a.method`` and, for GGUF formats, the ggml type ids of gate, up
+        and down (None otherwise)."""
+        return METHOD_FORMATS[a.method], None
 
     def _pool(self):
         """The threads this layer runs on: its NUMA sub-pools (tensor parallel), else the process-wide pool."""
