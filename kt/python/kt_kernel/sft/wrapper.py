@@ -141,6 +141,25 @@ def _pin(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, (cls,), {"_kt_pinned": True, "_apply": lambda self, fn, recurse=True: self})
 
 
+def _per_expert_projection_names(tc, block, experts, where):
+    """None for fused (transformers 5) experts or experts still to load; else the projection names of a
+    per-expert ModuleList (transformers 4), in a block kt can route."""
+    if isinstance(experts, ExpertsToLoad) or is_fused_experts(experts):
+        return None
+    names = per_expert_names(experts)
+    if names is None:
+        extract_expert_weights(experts, where)  # raises the ValueError describing the layouts kt reads
+    model_type = getattr(tc, "model_type", None)
+    if model_type not in PER_EXPERT_ROUTED_TYPES or not isinstance(getattr(block, "gate", None), nn.Linear):
+        raise NotImplementedError(
+            f"{where}: per-expert ModuleList experts (transformers 4 layout) route in the block itself; kt "
+            f"routes such blocks for model types {', '.join(PER_EXPERT_ROUTED_TYPES)} with a Linear `gate` "
+            f"(this is {model_type!r}); transformers 5 fused experts (gate_up_proj/down_proj) of every "
+            "supported type are wrapped as they are"
+        )
+    return names
+
+
 def _wrap_block(cfg, tc, layer_idx, block, attr, experts, top_k, share_pool, retain, generator):
     """Moves one MoE block's experts into a kt backend and puts a ``KTMoELayerWrapper`` in their place (a
     transformers 5 block), or beside them with the block's forward routed into kt (a per-expert ModuleList
@@ -148,19 +167,7 @@ def _wrap_block(cfg, tc, layer_idx, block, attr, experts, top_k, share_pool, ret
     where = f"layer {layer_idx} ({type(experts).__name__})"
     if isinstance(experts, KTMoELayerWrapper) or isinstance(getattr(block, "kt_experts", None), KTMoELayerWrapper):
         raise ValueError(f"{where}: already wrapped by kt")
-    names = None
-    if not isinstance(experts, ExpertsToLoad) and not is_fused_experts(experts):
-        names = per_expert_names(experts)
-        if names is None:
-            extract_expert_weights(experts, where)  # raises the ValueError describing the layouts kt reads
-        model_type = getattr(tc, "model_type", None)
-        if model_type not in PER_EXPERT_ROUTED_TYPES or not isinstance(getattr(block, "gate", None), nn.Linear):
-            raise NotImplementedError(
-                f"{where}: per-expert ModuleList experts (transformers 4 layout) route in the block itself; kt "
-                f"routes such blocks for model types {', '.join(PER_EXPERT_ROUTED_TYPES)} with a Linear `gate` "
-                f"(this is {model_type!r}); transformers 5 fused experts (gate_up_proj/down_proj) of every "
-                "supported type are wrapped as they are"
-            )
+    names = _per_expert_projection_names(tc, block, experts, where)
     E, I, H = _expert_shapes(experts, names)
     if cfg.kt_weight_path is not None:
         gate, up, down = read_experts_from_path(cfg.kt_weight_path, layer_idx, E, H, I, where)
