@@ -56,7 +56,7 @@ using GemmFp8Fn = void (*)(size_t m, size_t k, const bf16_t* x, size_t ldx, cons
 
 // The family's paths (gemm_path.h): scalar, hwy_avx2, hwy_avx512 (AVX3), hwy_avx512_vnni (AVX3_DL), the
 // Highway ones only where compiled in, and amx: prefill (m >= kAmxMinRows) converts the panels to bf16
-// panels (bf16(fp8 * scale), one more rounding: at most 2^-9 relative per weight) in a per-thread buffer and
+// panels (bf16(fp8 * scale), one more rounding: at most 2^-8 relative per weight) in a per-thread buffer and
 // runs the BF16 AMX kernel on them; fewer rows run the AVX3_DL kernel.
 const GemmPaths<GemmFp8Fn>& GemmFp8Paths();
 

@@ -134,10 +134,11 @@ class GemmFp8PathTest : public gemm_test::KernelPathTest<GemmFp8Fn> {
  protected:
   // Runs the path on an m x n x k problem and compares with the double reference: each output within
   // 1e-5 of sum_k |x w| (fp32 accumulation of exact products over <= 600 terms stays far below that); the
-  // AMX path's prefill (m >= kAmxMinRows) multiplies bf16(w) instead of w, each at most 2^-9 relative
-  // off, so within 2^-9 of sum_k |x w| plus the same accumulation margin.
+  // AMX path's prefill (m >= kAmxMinRows) multiplies bf16(w) instead of w, each at most 2^-8 relative
+  // off (bf16 keeps 8 significant bits; measured 0.003 at k = 1 on the AMX host), so within 2^-8 of
+  // sum_k |x w| plus the same accumulation margin.
   double Tolerance(size_t m) const {
-    return std::string(GetParam().name) == "amx" && m >= internal::kAmxMinRows ? 0x1p-9 + 1e-5 : 1e-5;
+    return std::string(GetParam().name) == "amx" && m >= internal::kAmxMinRows ? 0x1p-8 + 1e-5 : 1e-5;
   }
   void Check(size_t m, size_t n, size_t k, size_t x_offset, std::mt19937& rng) {
     const QuantizedMatrix qm = RandomFp8(n, k, rng);

@@ -205,6 +205,10 @@ def main():
         sys.exit(f"sft_gpu_parity.py: transformers {transformers.__version__}; the tiny models and their reference "
                  "(hf_models) are transformers 5's (fused experts); install transformers >= 5")
 
+    if device.type == "cuda":
+        # cuBLAS may otherwise reduce bf16 GEMMs in bf16 (torch's default allows it), an error of the
+        # device's attention that the CPU runs of this comparison do not have; both models run the same.
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", kt path {kt_kernel.__cpu_variant__}, {args.threads} kt threads", flush=True)

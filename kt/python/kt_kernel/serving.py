@@ -67,7 +67,13 @@ class StagingBuffers:
         self.deferred_ids = _pinned((capacity, k), torch.int64, pin)
         self.deferred_ids.fill_(-1)
         self.batch_size = _pinned((1,), torch.int32, pin)
-        self.device_batch_size = torch.zeros(1, dtype=torch.int32, device=device) if pin else None
+        # Stream-ordered inputs are staged with copies only (the copy engines), never a kernel: a kernel on the
+        # side stream would queue behind the GPU work the client launches on its main stream right after
+        # submit_forward, delaying the CPU experts until that work is nearly done. So int64 ids get their own
+        # pinned buffer (no int32 conversion kernel), and the batch size is copied from a device table of
+        # 0..capacity (no fill kernel); a captured graph replays the same copy.
+        self.ids64 = _pinned((capacity, k), torch.int64, pin) if pin else None
+        self.device_counts = torch.arange(capacity + 1, dtype=torch.int32, device=device) if pin else None
         self.device_output = torch.zeros((capacity, hidden), dtype=torch.bfloat16, device=device) if pin else None
         # Set when a layer's deferred task was queued to write into `output`; the next layer's forward on this
         # buffer then adds onto it instead of overwriting it.
@@ -125,7 +131,8 @@ class ServingPath:
     # -- tasks -----------------------------------------------------------------------------------------
 
     def _task(self, buf: StagingBuffers, kind: str):
-        """The ServingForward of this layer over `buf`: "now", "now+" (adds onto the output) or "later"."""
+        """The ServingForward of this layer over `buf`: "now", "now+" (adds onto the output) or "later"; "now"
+        and "now+" with a "64" suffix read the int64 ids buffer."""
         if self._generation != _BufferCache.generation:
             self._tasks.clear()
             self._generation = _BufferCache.generation
@@ -142,7 +149,9 @@ class ServingPath:
             nxt = _BufferCache.get(buf.capacity, 1 - self._parity(), buf.hidden, buf.k, buf.device)
             ids, ids_int32, output, accumulate = buf.deferred_ids, False, nxt.output, False
         else:
-            ids, ids_int32, output, accumulate = buf.ids, True, buf.output, kind == "now+"
+            int64 = kind.endswith("64")
+            ids, ids_int32 = (buf.ids64, False) if int64 else (buf.ids, True)
+            output, accumulate = buf.output, kind.startswith("now+")
         task = _native._kt.ServingForward(
             layer=w._moe.address,
             pool=pool,
@@ -185,23 +194,26 @@ class ServingPath:
         buf = _BufferCache.get(rows, self._parity(), w.hidden_size, w.num_experts_per_tok,
                                hidden_states.device if on_gpu else None)
         k = topk_ids.shape[1]
+        ids64 = on_gpu and topk_ids.dtype == torch.int64
         if on_gpu:
             stream = torch.cuda.ExternalStream(int(cuda_stream), device=hidden_states.device)
             with torch.cuda.stream(stream):
                 buf.input[:rows].copy_(hidden_states, non_blocking=True)
-                buf.ids[:rows, :k].copy_(topk_ids.to(torch.int32), non_blocking=True)
+                if ids64:
+                    buf.ids64[:rows, :k].copy_(topk_ids, non_blocking=True)
+                else:
+                    buf.ids[:rows, :k].copy_(topk_ids.to(torch.int32), non_blocking=True)
                 buf.weights[:rows, :k].copy_(topk_weights.to(torch.float32), non_blocking=True)
-                buf.device_batch_size.fill_(rows)
-                buf.batch_size.copy_(buf.device_batch_size, non_blocking=True)
+                buf.batch_size.copy_(buf.device_counts[rows:rows + 1], non_blocking=True)
         else:
             buf.input[:rows].copy_(hidden_states)
             buf.ids[:rows, :k].copy_(topk_ids)
             buf.weights[:rows, :k].copy_(topk_weights)
             buf.batch_size[0] = rows
         if k < buf.k:
-            buf.ids[:rows, k:].fill_(-1)
+            (buf.ids64 if ids64 else buf.ids)[:rows, k:].fill_(-1)
         deferred = bool(w.max_deferred_experts_per_token)
-        now = self._task(buf, "now+" if buf.holds_deferred else "now")
+        now = self._task(buf, ("now+" if buf.holds_deferred else "now") + ("64" if ids64 else ""))
         buf.holds_deferred = False
         if on_gpu:
             queue.submit_with_cuda_stream(int(cuda_stream), now)

@@ -99,7 +99,7 @@ class V4Qwen2MoeBlock(nn.Module):
         if self.norm_topk_prob:
             routing = routing / routing.sum(dim=-1, keepdim=True)
         routing = routing.to(x.dtype)
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, expert in enumerate(self.experts):
             tok, slot = torch.where(selected == e)
             if tok.numel():
