@@ -50,6 +50,11 @@ struct MoeConfig {
   // >= 0: the packed expert weights live on this NUMA node (bound at allocation, kt/runtime/memory.h), as a
   // tensor-parallel part's do (kt/moe/tp_layer.h). -1: wherever the OS puts them.
   int numa_node = -1;
+  // The gated activation's variants (kt/kernels/activation.h, SwigluParams): > 0 clamps g <= limit and
+  // |u| <= limit; alpha > 0 computes g sigmoid(alpha g) (u + 1) ("swigluoai"). 0: off (silu(g) * u).
+  // Finite and >= 0; SFT refuses non-zero values (its backward is silu(g) * u's).
+  float swiglu_limit = 0.0f;
+  float swiglu_alpha = 0.0f;
 };
 
 // Checks every field (positive, sane) and names the bad one.
