@@ -17,7 +17,8 @@ computes for the first MoE layer's block, for T = 1, 7 and 33 tokens:
 
 `deepseek_v3_fp8` stores its routed experts as FP8 E4M3 with one float32 `weight_scale_inv` per 128x128
 block, as DeepSeek ships them; its `routed_T`/`block_T` are computed by transformers in float32 from the
-dequantized weights (fp8 value x block scale), the exact target of an FP8 path.
+dequantized weights (fp8 value x block scale), the exact target of an FP8 path. `glm4_moe_fp8_channel` does
+the same with one BF16 `weight_scale` [N, 1] per output channel (GLM-4.x FP8, compressed-tensors).
 
 Usage:  tools/make_fixtures.py [--out testdata/hf] [--only NAME ...]
 The script makes a virtualenv (.venv-fixtures, or $KT_FIXTURE_VENV) with the pinned packages below from PyPI
@@ -135,6 +136,8 @@ def specs():
         "glm_moe_dsa": (lambda: tf.GlmMoeDsaConfig(**deepseek_moe(
             n_group=1, topk_group=1, routed_scaling_factor=2.5, **dsa_indexer)), "GlmMoeDsaForCausalLM"),
         "glm4_moe": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
+            mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
+        "glm4_moe_fp8_channel": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
             mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
         "glm4v_moe": (lambda: tf.Glm4vMoeConfig(
             text_config=dict(ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -265,9 +268,36 @@ def to_fp8_blocks(w, block: int = 128):
     return q, scale, deq
 
 
-def make_fp8(out_dir: str) -> dict:
-    """Rewrites the saved checkpoint's routed experts as FP8 with 128x128 block scales; returns the
-    dequantized weights by tensor name so the reference can be computed from them."""
+def to_fp8_channels(w):
+    """FP8 E4M3 weights and a BF16 weight_scale [N, 1] per output row (amax / 448, rounded to bf16 as
+    llm-compressor keeps the model's dtype), as GLM-4.x FP8 (compressed-tensors, strategy "channel") holds
+    them. The dequantized weights are plain torch: fp8.float() * scale.float()."""
+    import torch
+
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=2**-20).to(torch.bfloat16)
+    q = (wf / scale.float()).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * scale.float()
+
+
+# FP8 checkpoints: the block-scaled one DeepSeek ships, and the per-channel one of GLM-4.x FP8.
+FP8_KIND = {"deepseek_v3_fp8": "block", "glm4_moe_fp8_channel": "channel"}
+
+CHANNEL_QUANT_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True}}},
+    "ignore": ["lm_head"],
+}
+
+
+def make_fp8(out_dir: str, kind: str = "block") -> dict:
+    """Rewrites the saved checkpoint's routed experts as FP8 with 128x128 block scales (kind "block") or
+    per-channel scales ("channel"); returns the dequantized weights by tensor name so the reference can be
+    computed from them."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -280,16 +310,23 @@ def make_fp8(out_dir: str) -> dict:
     for name in list(tensors):
         if ".experts." not in name or not name.endswith("_proj.weight"):
             continue
-        q, scale, d = to_fp8_blocks(tensors[name])
+        if kind == "block":
+            q, scale, d = to_fp8_blocks(tensors[name])
+            tensors[name + "_scale_inv"] = scale
+        else:
+            q, scale, d = to_fp8_channels(tensors[name])
+            tensors[name + "_scale"] = scale
         tensors[name] = q
-        tensors[name + "_scale_inv"] = scale
         deq[name] = d
     save_file(tensors, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    if kind == "block":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    else:
+        config["quantization_config"] = CHANNEL_QUANT_CONFIG
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -308,7 +345,7 @@ def dequantized_float_model(fp8_dir: str, cls_name: str, deq: dict):
 
     with tempfile.TemporaryDirectory() as tmp:
         with safe_open(os.path.join(fp8_dir, "model.safetensors"), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("_scale_inv")}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(("_scale_inv", "_scale"))}
             meta = f.metadata()
         for n, d in deq.items():
             tensors[n] = d.contiguous()
@@ -348,8 +385,8 @@ def make(name: str, out_root: str, seed: int) -> None:
 
     layer, block, experts = moe_blocks(model)[0]
     H = config.get_text_config().hidden_size
-    if name.endswith("_fp8"):
-        deq = make_fp8(out_dir)
+    if name in FP8_KIND:
+        deq = make_fp8(out_dir, FP8_KIND[name])
         model = dequantized_float_model(out_dir, cls_name, deq)
         layer, block, experts = moe_blocks(model)[0]
     ref = record(block, experts, H, seed + 1)

@@ -220,6 +220,54 @@ TEST(FixturesTest, DeepseekV3Fp8LoadsAsFp8Block) {
                         "cannot hold; load it with method FP8"));
 }
 
+// The per-channel FP8 fixture (GLM-4 MoE as GLM-4.x FP8 ships it: compressed-tensors, F8_E4M3 `weight` +
+// BF16 `weight_scale` [N, 1]) for method FP8_PERCHANNEL: the codes as stored and each row's scale (the bf16
+// value, exact in fp32) in every 128-k block; the values below are the file's, read with Python's
+// safetensors. Each FP8 kind is refused by the other's method, and a bf16 folder by FP8_PERCHANNEL.
+TEST(FixturesTest, Glm4MoeFp8PerChannelLoadsAsFp8Block) {
+  const std::string dir = TestdataHf("glm4_moe_fp8_channel");
+  LayerRequest want;
+  want.layer = 1;
+  absl::StatusOr<MethodLayout> ch = LayoutOfMethod("FP8_PERCHANNEL");
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  EXPECT_EQ(ch->tag, "kt-fp8-block128-v1");
+  want.method = *ch;
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(0, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kFp8Block128);
+  ASSERT_EQ(qm.n, 32u);
+  ASSERT_EQ(qm.k, 64u);
+  ASSERT_EQ(qm.data.size(), 32u * 64u);
+  EXPECT_EQ(qm.data[0], 0x52);
+  EXPECT_EQ(qm.data[100], 0xfa);
+  EXPECT_EQ(qm.data[2047], 0x72);
+  ASSERT_EQ(qm.scales.size(), 32u);  // K = 64: one 128-k block per row
+  const uint16_t want_bits[3] = {0x3a23, 0x3a32, 0x3a09};
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(qm.scales[r], Bf16ToF32(bf16_t{want_bits[r]})) << r;
+  s = (*le)->ReadQuantized(7, ExpertMatrix::kDown, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.n, 64u);
+  EXPECT_EQ(qm.k, 32u);
+  EXPECT_EQ((*le)->SourceTensors().size(), 48u);  // 8 experts x 3 weights, and their scales
+
+  want.method = *LayoutOfMethod("FP8");
+  le = LayerExperts::Open(dir, want);
+  ASSERT_FALSE(le.ok());
+  EXPECT_THAT(std::string(le.status().message()), HasSubstr("load it with method FP8_PERCHANNEL"));
+  want.method = *LayoutOfMethod("BF16");
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()),
+              HasSubstr("load it with method FP8_PERCHANNEL"));
+  want.method = *ch;
+  EXPECT_THAT(std::string(LayerExperts::Open(TestdataHf("deepseek_v3_fp8"), want).status().message()),
+              HasSubstr("cannot hold; load it with method FP8 (its scales are per 128 x 128 block)"));
+  EXPECT_THAT(std::string(LayerExperts::Open(TestdataHf("glm4_moe"), want).status().message()),
+              HasSubstr("method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales"));
+}
+
 // Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
 // [7][3] of down, and the last element of each.
 struct CanonicalSample {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kt/io/checksum.h"
+#include "kt/io/hf_fp8.h"
 
 namespace kt {
 namespace {
@@ -60,39 +61,6 @@ absl::Status CheckHfTensor(const Checkpoint& ckpt, const std::string& name, std:
                                                    ", expected BF16 ", ShapeString(shape)));
   }
   *out = loc;
-  return absl::OkStatus();
-}
-
-// An FP8 checkpoint's expert weight `name` must be F8_E4M3 `shape` [N, K] with F32 `name`_scale_inv
-// [ceil(N/128), ceil(K/128)] beside it (128 x 128 blocks, checked by the caller from weight_block_size).
-absl::Status CheckHfFp8Tensor(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
-                              Checkpoint::Located* weight, Checkpoint::Located* scale, absl::string_view what) {
-  const Checkpoint::Located loc = ckpt.Find(name);
-  if (loc.info == nullptr) {
-    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", name,
-                                            "\" is missing (expected F8_E4M3 ", ShapeString(shape), ")"));
-  }
-  if (loc.info->dtype != Dtype::kF8E4M3 || loc.info->shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(loc), " (", what, ") is ",
-                                                   DtypeName(loc.info->dtype), " ", ShapeString(loc.info->shape),
-                                                   ", expected F8_E4M3 ", ShapeString(shape),
-                                                   " (quantization_config.quant_method is \"fp8\")"));
-  }
-  const std::string scale_name = absl::StrCat(name, "_scale_inv");
-  const std::vector<int64_t> scale_shape = {(shape[0] + 127) / 128, (shape[1] + 127) / 128};
-  const Checkpoint::Located sloc = ckpt.Find(scale_name);
-  if (sloc.info == nullptr) {
-    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", scale_name,
-                                            "\" is missing (expected F32 ", ShapeString(scale_shape),
-                                            ": the 128 x 128 block scales of ", name, ")"));
-  }
-  if (sloc.info->dtype != Dtype::kF32 || sloc.info->shape != scale_shape) {
-    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(sloc), " (", what, " block scales) is ",
-                                                   DtypeName(sloc.info->dtype), " ", ShapeString(sloc.info->shape),
-                                                   ", expected F32 ", ShapeString(scale_shape)));
-  }
-  *weight = loc;
-  *scale = sloc;
   return absl::OkStatus();
 }
 
@@ -250,30 +218,53 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
                                                                    const std::string& config_path,
                                                                    const LayerRequest& want) {
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
-  const bool fp8 = arch.quantization.has_value() && arch.quantization->quant_method == "fp8";
-  if (fp8) {
-    // Read as stored (kt-fp8-block128-v1), never through a bf16 copy: only method FP8 holds it.
+  // FP8 folders are read as stored (kt-fp8-block128-v1), never through a bf16 copy: 128 x 128 block scales
+  // (quant_method "fp8" with weight_block_size) by method FP8, per-channel scales (quant_method "fp8"
+  // without a block size, or compressed-tensors' "channel" strategy) by method FP8_PERCHANNEL.
+  const std::string qm = arch.quantization.has_value() ? arch.quantization->quant_method : "";
+  const bool per_channel_method = want.method.method == "FP8_PERCHANNEL";
+  const bool block_folder = qm == "fp8" && !arch.quantization->weight_block_size.empty();
+  const bool channel_folder =
+      (qm == "fp8" && arch.quantization->weight_block_size.empty()) || (qm == "compressed-tensors" && per_channel_method);
+  const bool fp8 = block_folder || channel_folder;
+  if (block_folder) {
     if (arch.quantization->weight_block_size != std::vector<int>{128, 128}) {
       return absl::UnimplementedError(absl::StrCat(
           config_path, ": quantization_config.weight_block_size is [",
           absl::StrJoin(arch.quantization->weight_block_size, ", "),
-          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) only"));
+          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) or per-channel scales only"));
     }
-    if (!want.method.quantized || want.method.spec.format != QuantFormat::kFp8Block128) {
+    if (!want.method.quantized || want.method.spec.format != QuantFormat::kFp8Block128 || per_channel_method) {
       return absl::InvalidArgumentError(absl::StrCat(
           config_path, ": the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method ",
-          want.method.method, " cannot hold; load it with method FP8"));
+          want.method.method, " cannot hold; load it with method FP8 (its scales are per 128 x 128 block)"));
     }
-    if (arch.fused_experts()) {
-      return absl::UnimplementedError(absl::StrCat(
-          config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
-          "weight + weight_scale_inv, as DeepSeek-V3 ships, are)"));
-    }
+  }
+  if (channel_folder && !per_channel_method) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": the checkpoint is FP8 with per-channel scales (quantization_config.quant_method \"", qm,
+        "\" without weight_block_size), which method ", want.method.method,
+        " cannot hold; load it with method FP8_PERCHANNEL"));
+  }
+  if (per_channel_method && !channel_folder) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales (`weight_scale`), "
+        "but quantization_config.quant_method is ", qm.empty() ? "absent (bf16 weights)" : "\"" + qm + "\"",
+        "; load bf16 weights with BF16, FP8 or an integer method"));
+  }
+  if (fp8 && arch.fused_experts()) {
+    return absl::UnimplementedError(absl::StrCat(
+        config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
+        "weight + scales, as DeepSeek-V3 and GLM-4.x ship them, are)"));
   }
   if (arch.quantization.has_value() && !fp8) {
     return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
                                                  arch.quantization->quant_method,
-                                                 "\" is not supported; kt reads bf16 checkpoints"));
+                                                 "\" is not supported; kt reads bf16 checkpoints",
+                                                 qm == "compressed-tensors"
+                                                     ? " (FP8 experts with per-channel `weight_scale`, as GLM-4.x "
+                                                       "FP8 ships them: load it with method FP8_PERCHANNEL)"
+                                                     : ""));
   }
   if (absl::Status s = CheckShape(config_path, "num_experts", "hidden_size", "moe_intermediate_size",
                                   arch.num_experts, arch.hidden, arch.intermediate, want);
@@ -306,6 +297,7 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
   } else {
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
     le->hf_fp8_ = fp8;
+    le->hf_fp8_scales_ = channel_folder ? HfFp8Scales::kPerChannel : HfFp8Scales::kBlock128;
     if (fp8) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
     for (int e = 0; e < E; ++e) {
       absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, e);
@@ -315,8 +307,8 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
         const std::vector<int64_t> shape = p == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H};
         const std::string what = absl::StrCat("layer ", want.layer, " expert ", e, " ", kMatrixNames[p]);
         if (fp8) {
-          if (absl::Status s = CheckHfFp8Tensor(*ckpt, *n3[p], shape, &le->per_expert_[e * 3 + p],
-                                                &le->per_expert_scales_[e * 3 + p], what);
+          if (absl::Status s = CheckHfFp8Tensors(*ckpt, *n3[p], shape, le->hf_fp8_scales_, what,
+                                                 &le->per_expert_[e * 3 + p], &le->per_expert_scales_[e * 3 + p]);
               !s.ok())
             return s;
           le->weight_bytes_ += le->per_expert_scales_[e * 3 + p].info->num_bytes();
@@ -442,20 +434,9 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
   }
   const int p = static_cast<int>(m);
   if (hf_fp8_) {
-    // The codes as stored; the block scales repeated per row (the canonical form, quant.h).
-    const Checkpoint::Located& w = per_expert_[static_cast<size_t>(expert) * 3 + p];
-    const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
-    out->spec = QuantSpec{QuantFormat::kFp8Block128, 0};
-    out->n = Rows(m);
-    out->k = Cols(m);
-    out->data.resize(w.info->num_bytes());
-    std::memcpy(out->data.data(), w.file->data(*w.info), w.info->num_bytes());
-    // Safetensors offsets are byte offsets: copy the (small) scale tensor before reading it as floats.
-    std::vector<float> blocks(sc.info->num_bytes() / sizeof(float));
-    std::memcpy(blocks.data(), sc.file->data(*sc.info), sc.info->num_bytes());
-    out->scales.resize(out->n * ScalesPerRow(out->spec, out->k));
-    ExpandFp8BlockScales(blocks.data(), out->n, out->k, out->scales.data());
-    out->zeros.clear();
+    // The codes as stored; the scales repeated per row (and per 128-k block) as the canonical form has them.
+    ReadHfFp8(per_expert_[static_cast<size_t>(expert) * 3 + p], per_expert_scales_[static_cast<size_t>(expert) * 3 + p],
+              hf_fp8_scales_, Rows(m), Cols(m), out);
     return absl::OkStatus();
   }
   const TensorInfo* const* t = &tensors_[(static_cast<size_t>(expert) * 3 + p) * 3];

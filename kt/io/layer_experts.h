@@ -5,7 +5,8 @@
 //   - a Hugging Face folder (config.json + model.safetensors or a sharded index), bf16 expert weights in any
 //     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]), or FP8 per-expert weights
 //     with 128 x 128 block scales (quantization_config.quant_method "fp8": F8_E4M3 `weight` + F32
-//     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8;
+//     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8, or
+//     with per-channel scales (`weight_scale` [N] or [N, 1]: GLM-4.x FP8) for method FP8_PERCHANNEL (hf_fp8.h);
 //   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method.
 // Open checks everything a later read relies on, so that a load never fails half-way: the config's MoE shape
 // against the caller's, every expert tensor's presence, dtype and shape, the manifest's method layout
@@ -24,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/hf_fp8.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
 #include "kt/io/safetensors.h"
@@ -113,7 +115,9 @@ class LayerExperts {
   // [E][3] per-expert tensors, or [2] fused (gate_up, down) in fused_.
   std::vector<Checkpoint::Located> per_expert_;
   // FP8 (quant_method "fp8"): per_expert_ are the F8_E4M3 weights and these [E][3] their F32 block scales.
+  // FP8_PERCHANNEL folders: F32/BF16 `weight_scale` [N] or [N, 1] (hf_fp8.h).
   bool hf_fp8_ = false;
+  HfFp8Scales hf_fp8_scales_ = HfFp8Scales::kBlock128;
   std::vector<Checkpoint::Located> per_expert_scales_;
   Checkpoint::Located fused_[2];
   // Converted.

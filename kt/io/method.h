@@ -28,7 +28,8 @@ struct MethodLayout {
 
 // The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup,
 // AMXINT4_1KGroup) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
-// (FP8_PERCHANNEL: "per-channel FP8 ... not supported yet"; LLAMAFILE: GGUF; FP8 is kt-fp8-block128-v1), InvalidArgument for an unknown name
+// (LLAMAFILE: GGUF; FP8 and FP8_PERCHANNEL are kt-fp8-block128-v1, MXFP4 / MXFP8 kt-mxfp4-v1 / kt-mxfp8-v1),
+// InvalidArgument for an unknown name
 // (listing the known ones) or a bad group size.
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
 

@@ -82,7 +82,8 @@ Isa IsaFromName(const std::string& name) {
 class PyMoeLayer {
  public:
   PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
-             const std::string& isa_name, const std::string& format_name, int group_size) {
+             const std::string& isa_name, const std::string& format_name, int group_size, float swiglu_limit,
+             float swiglu_alpha) {
     const absl::StatusOr<ExpertFormat> format_or = ParseExpertFormat(format_name);
     if (!format_or.ok()) {
       throw py::value_error("MoeLayer: " + std::string(format_or.status().message()));
@@ -95,6 +96,8 @@ class PyMoeLayer {
     config.hidden = hidden;
     config.intermediate = intermediate;
     config.max_len = max_len;
+    config.swiglu_limit = swiglu_limit;
+    config.swiglu_alpha = swiglu_alpha;
     const Isa isa = IsaFromName(isa_name);
     absl::StatusOr<std::unique_ptr<MoeLayer>> moe;
     {
@@ -144,6 +147,31 @@ class PyMoeLayer {
         const float* const scales[3] = {Ptr<const float>(gate_scale), Ptr<const float>(up_scale),
                                         Ptr<const float>(down_scale)};
         status = LoadFp8Experts(**staged, codes, scales, Ptr<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
+  // Codes and scales as checkpoints store them (LoadCodedExperts, `kind` as ParseCodeScales reads it); the
+  // caller (Python) checked dtypes and shapes. Staged and swapped in like LoadWeights.
+  void LoadWeightsCoded(const std::string& kind, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
+                        std::uintptr_t gate_scale, std::uintptr_t up_scale, std::uintptr_t down_scale,
+                        std::uintptr_t physical_to_logical, ThreadPool& pool) {
+    const CodeScales scales_kind = ParseCodeScales(kind);
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        const uint8_t* const codes[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up),
+                                         Ptr<const uint8_t>(down)};
+        const void* const scales[3] = {Ptr<const void>(gate_scale), Ptr<const void>(up_scale),
+                                       Ptr<const void>(down_scale)};
+        status = LoadCodedExperts(**staged, scales_kind, codes, scales, Ptr<const int64_t>(physical_to_logical),
+                                  pool);
       }
       if (status.ok()) status = moe_->AdoptWeights(**staged);
     }
@@ -264,9 +292,10 @@ PYBIND11_MODULE(_kt, m) {
   py::class_<PyMoeLayer>(m, "MoeLayer",
                          "The routed experts of one MoE layer; weights kept as bf16 or quantized (int8, int4, "
                          "int4_group_sym, int4_group_asym with group_size).")
-      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int>(),
+      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int, float, float>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
-           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128)
+           py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128,
+           py::arg("swiglu_limit") = 0.0f, py::arg("swiglu_alpha") = 0.0f)
       .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
@@ -275,6 +304,12 @@ PYBIND11_MODULE(_kt, m) {
       .def("load_weights_fp8", &PyMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
            py::arg("pool"))
+      .def("load_weights_coded", &PyMoeLayer::LoadWeightsCoded, py::arg("kind"), py::arg("gate"), py::arg("up"),
+           py::arg("down"), py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"),
+           py::arg("physical_to_logical"), py::arg("pool"),
+           "Packs codes as checkpoints store them (E4M3 bytes, or MXFP4 nibble pairs [E, N, K/2]) with their "
+           "scales: kind 'fp8_block' (F32 [E, ceil(N/128), ceil(K/128)]), 'fp8_channel' (F32 [E, N]) or "
+           "'e8m0' (U8 [E, N, K/32]).")
       .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
            py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"),
            "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "
