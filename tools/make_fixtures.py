@@ -17,7 +17,7 @@ computes for the first MoE layer's block, for T = 1, 7 and 33 tokens:
 
 `deepseek_v3_fp8` stores its routed experts as FP8 E4M3 with one float32 `weight_scale_inv` per 128x128
 block, as DeepSeek ships them; its `routed_T`/`block_T` are computed by transformers in float32 from the
-dequantized weights (fp8 value x block scale), the exact target of an FP8 path. `glm4_moe_fp8_channel` does
+dequantized weights (fp8 value x block scale), the exact target of an FP8 path. `glm4_moe_channel_fp8` does
 the same with one BF16 `weight_scale` [N, 1] per output channel (GLM-4.x FP8, compressed-tensors).
 
 Usage:  tools/make_fixtures.py [--out testdata/hf] [--only NAME ...]
@@ -137,7 +137,7 @@ def specs():
             n_group=1, topk_group=1, routed_scaling_factor=2.5, **dsa_indexer)), "GlmMoeDsaForCausalLM"),
         "glm4_moe": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
             mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
-        "glm4_moe_fp8_channel": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
+        "glm4_moe_channel_fp8": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
             mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
         "glm4v_moe": (lambda: tf.Glm4vMoeConfig(
             text_config=dict(ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -281,7 +281,7 @@ def to_fp8_channels(w):
 
 
 # FP8 checkpoints: the block-scaled one DeepSeek ships, and the per-channel one of GLM-4.x FP8.
-FP8_KIND = {"deepseek_v3_fp8": "block", "glm4_moe_fp8_channel": "channel"}
+FP8_KIND = {"deepseek_v3_fp8": "block", "glm4_moe_channel_fp8": "channel"}
 
 CHANNEL_QUANT_CONFIG = {
     "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",

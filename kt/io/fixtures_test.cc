@@ -225,7 +225,7 @@ TEST(FixturesTest, DeepseekV3Fp8LoadsAsFp8Block) {
 // value, exact in fp32) in every 128-k block; the values below are the file's, read with Python's
 // safetensors. Each FP8 kind is refused by the other's method, and a bf16 folder by FP8_PERCHANNEL.
 TEST(FixturesTest, Glm4MoeFp8PerChannelLoadsAsFp8Block) {
-  const std::string dir = TestdataHf("glm4_moe_fp8_channel");
+  const std::string dir = TestdataHf("glm4_moe_channel_fp8");
   LayerRequest want;
   want.layer = 1;
   absl::StatusOr<MethodLayout> ch = LayoutOfMethod("FP8_PERCHANNEL");
@@ -242,11 +242,11 @@ TEST(FixturesTest, Glm4MoeFp8PerChannelLoadsAsFp8Block) {
   ASSERT_EQ(qm.n, 32u);
   ASSERT_EQ(qm.k, 64u);
   ASSERT_EQ(qm.data.size(), 32u * 64u);
-  EXPECT_EQ(qm.data[0], 0x52);
+  EXPECT_EQ(qm.data[0], 0xed);
   EXPECT_EQ(qm.data[100], 0xfa);
-  EXPECT_EQ(qm.data[2047], 0x72);
+  EXPECT_EQ(qm.data[2047], 0x70);
   ASSERT_EQ(qm.scales.size(), 32u);  // K = 64: one 128-k block per row
-  const uint16_t want_bits[3] = {0x3a23, 0x3a32, 0x3a09};
+  const uint16_t want_bits[3] = {0x3a11, 0x3a26, 0x3a0f};
   for (int r = 0; r < 3; ++r) EXPECT_EQ(qm.scales[r], Bf16ToF32(bf16_t{want_bits[r]})) << r;
   s = (*le)->ReadQuantized(7, ExpertMatrix::kDown, &qm);
   ASSERT_TRUE(s.ok()) << s;

@@ -7,14 +7,16 @@ those of the original kt-kernel, so code written against it keeps working.
 What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
 ``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword), "FP8"
-(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped); weights
+(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped), "FP8_PERCHANNEL"
+(``FP8PerChannelMoEWrapper``: E4M3 with a scale per output channel), "MXFP4" and "MXFP8" (``MXMoEWrapper``:
+OCP MX codes with E8M0 scales per 32, with ``swiglu_limit`` / ``swiglu_alpha``); weights
 come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
 reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
 every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT``, ``AMXINT4_1_SFT``,
 ``AMXINT4_KGroup_SFT``, ``AMXINT4_1KGroup_SFT`` and each ``_SkipLoRA`` variant (``AMXSFTMoEWrapper``, see
 ``kt_kernel.sft.amx``: LoRA forward with an activation cache, backward giving grad_input, the router and
 LoRA gradients; weights from ``load_weights_from_tensors``). The other methods (RAWINT4, GPTQ_INT4,
-FP8_PERCHANNEL, LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
+LLAMAFILE) raise NotImplementedError naming the method: kt never substitutes a different
 method.
 
 Example::
@@ -38,8 +40,9 @@ from ._args import InferenceArgs, SftArgs
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .methods import METHOD_FORMATS
 from .utils.amx import AMXMoEWrapper
-from .utils.fp8 import FP8MoEWrapper
+from .utils.fp8 import FP8MoEWrapper, FP8PerChannelMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
+from .utils.mx import MXMoEWrapper
 from .utils.native import NativeMoEWrapper
 
 __all__ = [
@@ -64,6 +67,8 @@ INFERENCE_METHODS = frozenset(
         "LLAMAFILE",
         "MOE_INT4",
         "MOE_INT8",
+        "MXFP4",  # OCP MX: E2M1 + E8M0 per 32 (DeepSeek-V4-Flash)
+        "MXFP8",  # OCP MX: E4M3 + E8M0 per 32 (MiniMax-M3)
     ]
 )
 
@@ -102,6 +107,10 @@ def _backend_of(method: str):
         return NativeMoEWrapper
     if method == "FP8":
         return FP8MoEWrapper
+    if method == "FP8_PERCHANNEL":
+        return FP8PerChannelMoEWrapper
+    if method in ("MXFP4", "MXFP8"):
+        return MXMoEWrapper
     return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
 
 
@@ -111,7 +120,6 @@ _INFERENCE_BACKENDS = {method: _backend_of(method) for method in METHOD_FORMATS}
 _PLANNED = {
     "RAWINT4": "quantized-kernels issue",
     "GPTQ_INT4": "quantized-kernels issue",
-    "FP8_PERCHANNEL": "FP8 kernels issue",
     "LLAMAFILE": "GGUF/llamafile issue",
 }
 
@@ -154,6 +162,11 @@ class KTMoEWrapper:
             AMXINT4_KGroup, AMXINT4_1KGroup, MOE_INT4_KGroup, MOE_INT4_1KGroup; hidden_size and
             moe_intermediate_size must be multiples of it) and of the SFT K-group methods.
         num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
+        swiglu_limit: Inference with methods MXFP4 / MXFP8 only (ValueError otherwise): > 0 clamps the gate
+            projection to <= swiglu_limit and the up projection to [-swiglu_limit, swiglu_limit] before the
+            activation (DeepSeek-V4, gpt-oss). 0.0 (default): off.
+        swiglu_alpha: Likewise: > 0 computes gate * sigmoid(swiglu_alpha * gate) * (up + 1) ("swigluoai",
+            MiniMax-M3, gpt-oss) instead of silu(gate) * up. 0.0 (default): off.
         share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
             max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
             method and max_cache_depth share one cache pool holding max_cache_depth forwards in total,
@@ -167,7 +180,7 @@ class KTMoEWrapper:
     Raises:
         ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
         NotImplementedError: ``method`` is one kt does not implement (RAWINT4, GPTQ_INT4,
-            FP8_PERCHANNEL, LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
+            LLAMAFILE), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 
     def __new__(
@@ -199,6 +212,9 @@ class KTMoEWrapper:
         zero_point: bool = True,
         # Activation-cache storage (SFT only)
         share_cache_pool: bool = False,
+        # Activation variants (inference, methods MXFP4 / MXFP8 only)
+        swiglu_limit: float = 0.0,
+        swiglu_alpha: float = 0.0,
     ):
         """Creates the backend for ``mode`` and ``method`` (the arguments: see the class docstring)."""
         # Validate mode
@@ -220,7 +236,13 @@ class KTMoEWrapper:
                     layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
                     gpu_experts_mask, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
                     cpu_save, max_deferred_experts_per_token, method, numa_nodes, group_size,
+                    swiglu_limit, swiglu_alpha,
                 )
+            )
+        if swiglu_limit or swiglu_alpha:
+            raise ValueError(
+                f"swiglu_limit={swiglu_limit!r} and swiglu_alpha={swiglu_alpha!r}: SFT computes silu(gate) * up "
+                "only; pass 0.0 for both"
             )
         if method not in SFT_METHODS:
             raise ValueError(

@@ -143,11 +143,13 @@ def test_fp8_fixture_loads_only_with_method_fp8():
     )
     fp8.load_weights(None)
     assert fp8.weights_loaded and fp8.weight_format == "fp8_block"
-    with pytest.raises(NotImplementedError, match="FP8_PERCHANNEL"):
-        KTMoEWrapper(
-            **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8,
-                           method="FP8_PERCHANNEL")
-        )
+    # Block scales are not per-channel ones: FP8_PERCHANNEL names the method that reads this folder.
+    per_channel = KTMoEWrapper(
+        **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8_PERCHANNEL")
+    )
+    with pytest.raises(ValueError, match=r"load it with method FP8 \(its scales are per 128 x 128 block\)"):
+        per_channel.load_weights(None)
+    assert not per_channel.weights_loaded
 
 
 def test_bad_folders_give_clear_errors(tmp_path):

@@ -20,13 +20,15 @@ The methods and their formats (the table itself is C++'s: ``kt_kernel.methods``)
 - ``FP8`` (FP8MoEWrapper, ``utils/fp8.py``): FP8 E4M3 weights with a scale per 128 x 128 block
   (kt-fp8-block128-v1), held as shipped; activations bf16.
 
-The other methods of the original kt-kernel (RAWINT4, FP8_PERCHANNEL, GPTQ_INT4) are not implemented:
+The other methods of the original kt-kernel (RAWINT4, GPTQ_INT4) are not implemented:
 KTMoEWrapper raises NotImplementedError for them.
 """
 
 from __future__ import annotations
 
 import errno
+import math
+import numbers
 import os
 from typing import Optional
 
@@ -79,6 +81,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
             isa=self._kernel_isa(_native.ISA),
             format=weight_format,
             group_size=_check_group_size(a.group_size, weight_format),
+            swiglu_limit=_check_swiglu("swiglu_limit", a.swiglu_limit, a.method),
+            swiglu_alpha=_check_swiglu("swiglu_alpha", a.swiglu_alpha, a.method),
         )
         self._node_pools = None
         if self.tensor_parallel:
@@ -264,6 +268,27 @@ class NativeMoEWrapper(BaseMoEWrapper):
             0 if mask is None else mask.data_ptr(),
         )
         return output
+
+
+#: The methods that take swiglu_limit / swiglu_alpha (as the original kt-kernel: its MXFP4 / MXFP8 models are
+#: the ones trained with them); kt's layer honours them for every format, but other methods refuse them.
+SWIGLU_METHODS = ("MXFP4", "MXFP8")
+
+
+def _check_swiglu(name: str, value, method: str) -> float:
+    """swiglu_limit / swiglu_alpha as the C++ layer takes them: a finite number >= 0 (0: off), non-zero only
+    with the MX methods."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+    if value != 0 and method not in SWIGLU_METHODS:
+        raise ValueError(
+            f"{name}={value!r} is only supported by methods {', '.join(SWIGLU_METHODS)}; method {method} "
+            f"computes silu(gate) * up: pass {name}=0.0"
+        )
+    return value
 
 
 def _check_group_size(group_size, weight_format: str) -> int:
