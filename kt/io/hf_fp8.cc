@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kt/kernels/dtype.h"
 
 namespace kt {
@@ -14,6 +15,58 @@ std::string Where(const Checkpoint::Located& loc) {
 }
 
 }  // namespace
+
+absl::StatusOr<HfFp8Folder> ClassifyHfFp8Folder(const MoeArch& arch, const std::string& config_path,
+                                                const MethodLayout& method) {
+  const std::string qm = arch.quantization.has_value() ? arch.quantization->quant_method : "";
+  const bool per_channel_method = method.method == "FP8_PERCHANNEL";
+  const bool block_folder = qm == "fp8" && !arch.quantization->weight_block_size.empty();
+  const bool channel_folder =
+      (qm == "fp8" && arch.quantization->weight_block_size.empty()) || (qm == "compressed-tensors" && per_channel_method);
+  HfFp8Folder out;
+  out.fp8 = block_folder || channel_folder;
+  out.scales = channel_folder ? HfFp8Scales::kPerChannel : HfFp8Scales::kBlock128;
+  if (block_folder) {
+    if (arch.quantization->weight_block_size != std::vector<int>{128, 128}) {
+      return absl::UnimplementedError(absl::StrCat(
+          config_path, ": quantization_config.weight_block_size is [",
+          absl::StrJoin(arch.quantization->weight_block_size, ", "),
+          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) or per-channel scales only"));
+    }
+    if (!method.quantized || method.spec.format != QuantFormat::kFp8Block128 || per_channel_method) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          config_path, ": the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method ",
+          method.method, " cannot hold; load it with method FP8 (its scales are per 128 x 128 block)"));
+    }
+  }
+  if (channel_folder && !per_channel_method) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": the checkpoint is FP8 with per-channel scales (quantization_config.quant_method \"", qm,
+        "\" without weight_block_size), which method ", method.method,
+        " cannot hold; load it with method FP8_PERCHANNEL"));
+  }
+  if (per_channel_method && !channel_folder) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales (`weight_scale`), "
+        "but quantization_config.quant_method is ", qm.empty() ? "absent (bf16 weights)" : "\"" + qm + "\"",
+        "; load bf16 weights with BF16, FP8 or an integer method"));
+  }
+  if (out.fp8 && arch.fused_experts()) {
+    return absl::UnimplementedError(absl::StrCat(
+        config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
+        "weight + scales, as DeepSeek-V3 and GLM-4.x ship them, are)"));
+  }
+  if (arch.quantization.has_value() && !out.fp8) {
+    return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
+                                                 arch.quantization->quant_method,
+                                                 "\" is not supported; kt reads bf16 checkpoints",
+                                                 qm == "compressed-tensors"
+                                                     ? " (FP8 experts with per-channel `weight_scale`, as GLM-4.x "
+                                                       "FP8 ships them: load it with method FP8_PERCHANNEL)"
+                                                     : ""));
+  }
+  return out;
+}
 
 std::string HfFp8ScaleName(const std::string& name, HfFp8Scales kind) {
   return absl::StrCat(name, kind == HfFp8Scales::kBlock128 ? "_scale_inv" : "_scale");

@@ -13,12 +13,28 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/status/statusor.h"
+#include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/method.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
 
 enum class HfFp8Scales { kBlock128, kPerChannel };
+
+// What an HF folder's config says its experts are, for loading with `method`: FP8 or not, and which scales.
+struct HfFp8Folder {
+  bool fp8 = false;
+  HfFp8Scales scales = HfFp8Scales::kBlock128;
+};
+// Block FP8 is quant_method "fp8" with weight_block_size [128, 128] (another size: Unimplemented); per-channel
+// FP8 is "fp8" without a block size, or "compressed-tensors" read by FP8_PERCHANNEL. The method must fit the
+// folder (InvalidArgument naming the method to use: FP8 for block scales, FP8_PERCHANNEL for per-channel
+// ones; FP8_PERCHANNEL refuses a bf16 folder); another quant_method, or FP8 experts in fused tensors, are
+// Unimplemented.
+absl::StatusOr<HfFp8Folder> ClassifyHfFp8Folder(const MoeArch& arch, const std::string& config_path,
+                                                const MethodLayout& method);
 
 // The scale tensor's name beside weight `name`: name + "_scale_inv" (block) or name + "_scale" (per channel).
 std::string HfFp8ScaleName(const std::string& name, HfFp8Scales kind);

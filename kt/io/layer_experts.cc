@@ -218,54 +218,11 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
                                                                    const std::string& config_path,
                                                                    const LayerRequest& want) {
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
-  // FP8 folders are read as stored (kt-fp8-block128-v1), never through a bf16 copy: 128 x 128 block scales
-  // (quant_method "fp8" with weight_block_size) by method FP8, per-channel scales (quant_method "fp8"
-  // without a block size, or compressed-tensors' "channel" strategy) by method FP8_PERCHANNEL.
-  const std::string qm = arch.quantization.has_value() ? arch.quantization->quant_method : "";
-  const bool per_channel_method = want.method.method == "FP8_PERCHANNEL";
-  const bool block_folder = qm == "fp8" && !arch.quantization->weight_block_size.empty();
-  const bool channel_folder =
-      (qm == "fp8" && arch.quantization->weight_block_size.empty()) || (qm == "compressed-tensors" && per_channel_method);
-  const bool fp8 = block_folder || channel_folder;
-  if (block_folder) {
-    if (arch.quantization->weight_block_size != std::vector<int>{128, 128}) {
-      return absl::UnimplementedError(absl::StrCat(
-          config_path, ": quantization_config.weight_block_size is [",
-          absl::StrJoin(arch.quantization->weight_block_size, ", "),
-          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) or per-channel scales only"));
-    }
-    if (!want.method.quantized || want.method.spec.format != QuantFormat::kFp8Block128 || per_channel_method) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          config_path, ": the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method ",
-          want.method.method, " cannot hold; load it with method FP8 (its scales are per 128 x 128 block)"));
-    }
-  }
-  if (channel_folder && !per_channel_method) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        config_path, ": the checkpoint is FP8 with per-channel scales (quantization_config.quant_method \"", qm,
-        "\" without weight_block_size), which method ", want.method.method,
-        " cannot hold; load it with method FP8_PERCHANNEL"));
-  }
-  if (per_channel_method && !channel_folder) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        config_path, ": method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales (`weight_scale`), "
-        "but quantization_config.quant_method is ", qm.empty() ? "absent (bf16 weights)" : "\"" + qm + "\"",
-        "; load bf16 weights with BF16, FP8 or an integer method"));
-  }
-  if (fp8 && arch.fused_experts()) {
-    return absl::UnimplementedError(absl::StrCat(
-        config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
-        "weight + scales, as DeepSeek-V3 and GLM-4.x ship them, are)"));
-  }
-  if (arch.quantization.has_value() && !fp8) {
-    return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
-                                                 arch.quantization->quant_method,
-                                                 "\" is not supported; kt reads bf16 checkpoints",
-                                                 qm == "compressed-tensors"
-                                                     ? " (FP8 experts with per-channel `weight_scale`, as GLM-4.x "
-                                                       "FP8 ships them: load it with method FP8_PERCHANNEL)"
-                                                     : ""));
-  }
+  // FP8 folders are read as stored (hf_fp8.h), never through a bf16 copy; the folder kind and the method
+  // must agree.
+  absl::StatusOr<HfFp8Folder> kind = ClassifyHfFp8Folder(arch, config_path, want.method);
+  if (!kind.ok()) return kind.status();
+  const bool fp8 = kind->fp8;
   if (absl::Status s = CheckShape(config_path, "num_experts", "hidden_size", "moe_intermediate_size",
                                   arch.num_experts, arch.hidden, arch.intermediate, want);
       !s.ok())
@@ -297,7 +254,7 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
   } else {
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
     le->hf_fp8_ = fp8;
-    le->hf_fp8_scales_ = channel_folder ? HfFp8Scales::kPerChannel : HfFp8Scales::kBlock128;
+    le->hf_fp8_scales_ = kind->scales;
     if (fp8) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
     for (int e = 0; e < E; ++e) {
       absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, e);
