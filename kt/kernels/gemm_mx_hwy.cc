@@ -11,10 +11,12 @@
 //     integer selects only.
 //   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
 //     per 32 k.
-// The decoded weights are FMAed with the broadcast activation into a per-32-k-block accumulator, added
-// times the block's 16 scales to the rows' totals (L1). Rows go MR at a time (4 on AVX2, 8 on AVX3), every
-// row block decoding the weights again as they stream (decode shape; prefill does the same work per row
-// block: no decoded-block staging yet, see docs/FORMATS.md).
+// Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
+// into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
+// rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
+// (exact: powers of two), into an 8 KiB fp32 buffer that every row block then reads with plain FMAs (no
+// per-block epilogue); y holds the totals. The two orders round differently (fp32 sums, within the tests'
+// 1e-5 of sum |x w|).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_mx_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -35,6 +37,8 @@ HWY_BEFORE_NAMESPACE();
 namespace kt {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
+// Internal linkage: gemm_fp8_hwy.cc has per-target helpers of the same names (PickDecodedRows, ...).
+namespace {
 
 using DF = hn::ScalableTag<float>;
 using DU = hn::ScalableTag<uint32_t>;
@@ -176,6 +180,101 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
   }
 }
 
+// Prefill: a panel's k chunk [c0, c1) (whole 32-k blocks) decoded once into w[c1 - c0][16] with each
+// block's scale multiplied in. Exact: the scale is a power of two and every element has at most 4
+// significant bits, so element * 2^(e - 127) is representable (down to 2^-136, above fp32's 2^-149).
+constexpr size_t kChunkK = 128;  // 8 KiB of fp32 per panel chunk: L1, as the FP8 kernel's block
+
+template <bool kFp4, bool kFast>
+void DecodeChunk(const uint8_t* HWY_RESTRICT panel, const uint8_t* HWY_RESTRICT scales, size_t c0, size_t c1,
+                 float* HWY_RESTRICT w) {
+  const DF df;
+  const Fp8Decoder<kFast> dec8;
+  const E2M1Decoder<kFast> dec4;
+  const VU low_nibble = hn::Set(DU(), 0x0fu);
+  for (size_t b = c0 / kMxBlockK; b < c1 / kMxBlockK; ++b) {
+    VF scale[kVecs];
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) scale[s] = DecodeScales(scales + b * kMxPanelRows + s * kLanes);
+    float* wb = w + (b * kMxBlockK - c0) * kMxPanelRows;
+    if constexpr (kFp4) {
+      const uint8_t* pb = panel + b * (kMxBlockK / 2) * kMxPanelRows;
+      for (size_t j = 0; j < kMxBlockK / 2; ++j) {
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          const VU code = LoadBytes(pb + j * kMxPanelRows + s * kLanes);
+          hn::Store(hn::Mul(dec4.Decode(hn::And(code, low_nibble)), scale[s]), df,
+                    wb + (2 * j) * kMxPanelRows + s * kLanes);
+          hn::Store(hn::Mul(dec4.Decode(hn::ShiftRight<4>(code)), scale[s]), df,
+                    wb + (2 * j + 1) * kMxPanelRows + s * kLanes);
+        }
+      }
+    } else {
+      const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
+      for (size_t c = 0; c < kMxBlockK; ++c) {
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          hn::Store(hn::Mul(dec8.Decode(pb + c * kMxPanelRows + s * kLanes), scale[s]), df,
+                    wb + c * kMxPanelRows + s * kLanes);
+        }
+      }
+    }
+  }
+}
+
+// MR rows x one whole panel over a decoded, scaled chunk w[len][16]: y (16 columns of MR rows) becomes the
+// chunk's sum on the first chunk and y + the sum after.
+template <int MR>
+HWY_INLINE void MicroDecoded(size_t len, const bf16_t* HWY_RESTRICT x, size_t ldx, const float* HWY_RESTRICT w,
+                             bool first, float* HWY_RESTRICT y, size_t ldy) {
+  const DF df;
+  VF acc[MR][kVecs];
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+  }
+  HWY_ALIGN float xf[MR][kChunkK];
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    for (size_t c = 0; c < len; c += kLanes) hn::Store(LoadBf16(df, x + r * ldx + c), df, xf[r] + c);
+  }
+  for (size_t c = 0; c < len; ++c) {
+    VF wv[kVecs];
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) wv[s] = hn::Load(df, w + c * kMxPanelRows + s * kLanes);
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const VF xv = hn::Set(df, xf[r][c]);
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, wv[s], acc[r][s]);
+    }
+  }
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      float* t = y + r * ldy + s * kLanes;
+      hn::StoreU(first ? acc[r][s] : hn::Add(acc[r][s], hn::LoadU(df, t)), df, t);
+    }
+  }
+}
+
+using DecodedFn = void (*)(size_t, const bf16_t*, size_t, const float*, bool, float*, size_t);
+
+DecodedFn PickDecodedRows(size_t rows) {
+  switch (rows) {
+    case 1: return &MicroDecoded<1>;
+    case 2: return &MicroDecoded<2>;
+    case 3: return &MicroDecoded<3>;
+    case 4: return &MicroDecoded<4>;
+    case 5: return &MicroDecoded<(kMaxRows >= 5 ? 5 : 4)>;
+    case 6: return &MicroDecoded<(kMaxRows >= 6 ? 6 : 4)>;
+    case 7: return &MicroDecoded<(kMaxRows >= 7 ? 7 : 4)>;
+    default: return &MicroDecoded<kMaxRows>;
+  }
+}
+
 using MicroFn = void (*)(size_t, const bf16_t*, size_t, const uint8_t*, const uint8_t*, float (*)[kMxPanelRows]);
 
 template <bool kFp4, bool kFast>
@@ -199,9 +298,27 @@ void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pane
   HWY_ALIGN float total[kMaxRows][kMxPanelRows];
   // The E2M1 and E4M3 fast decodes multiply subnormal fp32 values: exact only with MXCSR.DAZ clear.
   const bool fast = !internal::Fp8DenormalsAreZero();
+  HWY_ALIGN float decoded[kChunkK * kMxPanelRows];
   for (size_t p = 0; p * kMxPanelRows < n_cols; ++p) {
     const size_t c0 = p * kMxPanelRows;
     const size_t cols = std::min(kMxPanelRows, n_cols - c0);
+    if (m > static_cast<size_t>(kMaxRows) && cols == kMxPanelRows) {
+      // Prefill on a whole panel: decode (and scale) each k chunk once, then every row block reads it.
+      for (size_t k0 = 0; k0 < k; k0 += kChunkK) {
+        const size_t k1 = std::min(k, k0 + kChunkK);
+        if (fast) {
+          DecodeChunk<kFp4, true>(panels + p * stride, scales + p * scale_stride, k0, k1, decoded);
+        } else {
+          DecodeChunk<kFp4, false>(panels + p * stride, scales + p * scale_stride, k0, k1, decoded);
+        }
+        for (size_t i = 0; i < m;) {
+          const size_t rows = std::min<size_t>(kMaxRows, m - i);
+          PickDecodedRows(rows)(k1 - k0, x + i * ldx + k0, ldx, decoded, k0 == 0, y + i * ldy + c0, ldy);
+          i += rows;
+        }
+      }
+      continue;
+    }
     for (size_t i = 0; i < m;) {
       const size_t rows = std::min<size_t>(kMaxRows, m - i);
       const MicroFn fn = fast ? PickRows<kFp4, true>(rows) : PickRows<kFp4, false>(rows);
@@ -211,6 +328,8 @@ void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pane
     }
   }
 }
+
+}  // namespace
 
 void GemmMxfp4(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
                size_t n_cols, float* y, size_t ldy) {
