@@ -67,8 +67,6 @@ INFERENCE_METHODS = frozenset(
         "LLAMAFILE",
         "MOE_INT4",
         "MOE_INT8",
-        "MXFP4",  # OCP MX: E2M1 + E8M0 per 32 (DeepSeek-V4-Flash)
-        "MXFP8",  # OCP MX: E4M3 + E8M0 per 32 (MiniMax-M3)
     ]
 )
 
@@ -79,8 +77,11 @@ INFERENCE_METHODS = frozenset(
 #   AMXINT4_1 / MOE_INT4_1              int4, scale and zero point per output channel (kt-int4-channel-asym-v1,
 #                                       the original's INT4_1)
 # The AMX* names use AMX tiles where present; the MOE_* names stop at AVX512-VNNI.
+#   MXFP4 / MXFP8                       OCP MX codes with an E8M0 scale per 32 k (DeepSeek-V4-Flash, MiniMax-M3):
+#                                       later kt-kernel releases have them; the seed's list does not
 KT_INFERENCE_EXTENSIONS = frozenset(
-    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]
+    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup",
+     "MXFP4", "MXFP8"]
 )
 
 SFT_METHODS = frozenset(
