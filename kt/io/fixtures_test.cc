@@ -268,6 +268,51 @@ TEST(FixturesTest, Glm4MoeFp8PerChannelLoadsAsFp8Block) {
               HasSubstr("method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales"));
 }
 
+// DeepSeek-V4-Flash's MXFP4 experts as shipped (layers.L.ffn.experts.e.{w1,w3,w2}.weight I8 nibble pairs +
+// .scale F8_E8M0; the config's quantization_config is its non-expert weights' block FP8) for method MXFP4:
+// the codes as stored and each E8M0 code as 2^(e - 127); the values are the file's, read with Python's
+// safetensors. Another method is told to use MXFP4.
+TEST(FixturesTest, DeepseekV4Mxfp4LoadsAsStored) {
+  const std::string dir = TestdataHf("deepseek_v4_mxfp4");
+  absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
+  ASSERT_TRUE(arch.ok()) << arch.status();
+  EXPECT_EQ(arch->family, MoeFamily::kDeepseekV4);
+  EXPECT_EQ(arch->moe_layers, (std::vector<int>{0, 1}));
+  EXPECT_EQ(ExpertTensorNames(*arch, 1, 3)->gate, "layers.1.ffn.experts.3.w1.weight");
+  LayerRequest want;
+  want.layer = 1;
+  want.method = *LayoutOfMethod("MXFP4");
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(3, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kMxfp4);
+  ASSERT_EQ(qm.n, 64u);
+  ASSERT_EQ(qm.k, 128u);
+  ASSERT_EQ(qm.data.size(), 64u * 64u);
+  EXPECT_EQ(qm.data[0], 0x05);
+  EXPECT_EQ(qm.data[100], 0x1e);
+  EXPECT_EQ(qm.data[4095], 0xbe);
+  ASSERT_EQ(qm.scales.size(), 64u * 4u);
+  EXPECT_EQ(qm.scales[0], 0x1p-5f);  // code 122
+  EXPECT_EQ(qm.scales[1], 0x1p-3f);  // 124
+  EXPECT_EQ(qm.scales[255], 0x1p-4f);  // 123
+  s = (*le)->ReadQuantized(7, ExpertMatrix::kDown, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.n, 128u);
+  EXPECT_EQ(qm.k, 64u);
+  EXPECT_EQ((*le)->SourceTensors().size(), 48u);
+
+  want.method = *LayoutOfMethod("BF16");
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()),
+              HasSubstr("the routed experts are MXFP4 (tensor \"layers.1.ffn.experts.0.w1.weight\" is E2M1 nibble "
+                        "pairs), which method BF16 cannot hold; load it with method MXFP4"));
+  want.method = *LayoutOfMethod("MXFP8");  // E4M3 codes expected, I8 found: named
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()), HasSubstr("load it with method FP8"));
+}
+
 // Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
 // [7][3] of down, and the last element of each.
 struct CanonicalSample {

@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "kt/io/checksum.h"
 #include "kt/io/hf_fp8.h"
+#include "kt/io/hf_mx.h"
 
 namespace kt {
 namespace {
@@ -62,6 +63,24 @@ absl::Status CheckHfTensor(const Checkpoint& ckpt, const std::string& name, std:
   }
   *out = loc;
   return absl::OkStatus();
+}
+
+// Whether the layer's experts are MX-coded (expert 0's gate stored as codes, not bf16): an MX method then
+// reads them as stored, whatever quantization_config says of the other weights (DeepSeek-V4 ships those as
+// block FP8); another method is told which one to use.
+absl::StatusOr<bool> MxCodedFolder(const Checkpoint& ckpt, const MoeArch& arch, const LayerRequest& want,
+                                   const std::string& config_path) {
+  if (arch.fused_experts() || !arch.IsMoeLayer(want.layer)) return false;
+  const absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, 0);
+  if (!names.ok()) return false;  // reported when the tensors are checked
+  const bool mx_method = want.method.quantized && IsMxFormat(want.method.spec.format);
+  if (mx_method) return HfMxCoded(ckpt, names->gate, want.method.spec.format);
+  if (arch.family == MoeFamily::kDeepseekV4 && HfMxCoded(ckpt, names->gate, QuantFormat::kMxfp4)) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": the routed experts are MXFP4 (tensor \"",
+                                                   names->gate, "\" is E2M1 nibble pairs), which method ",
+                                                   want.method.method, " cannot hold; load it with method MXFP4"));
+  }
+  return false;
 }
 
 void CopyRows(const uint8_t* src, size_t bytes, void* dst) { std::memcpy(dst, src, bytes); }
@@ -220,7 +239,11 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
   // FP8 folders are read as stored (hf_fp8.h), never through a bf16 copy; the folder kind and the method
   // must agree.
-  absl::StatusOr<HfFp8Folder> kind = ClassifyHfFp8Folder(arch, config_path, want.method);
+  // MX-coded experts likewise (hf_mx.h).
+  const absl::StatusOr<bool> mx_or = MxCodedFolder(*ckpt, arch, want, config_path);
+  if (!mx_or.ok()) return mx_or.status();
+  const bool mx = *mx_or;
+  absl::StatusOr<HfFp8Folder> kind = mx ? HfFp8Folder{} : ClassifyHfFp8Folder(arch, config_path, want.method);
   if (!kind.ok()) return kind.status();
   const bool fp8 = kind->fp8;
   if (absl::Status s = CheckShape(config_path, "num_experts", "hidden_size", "moe_intermediate_size",
@@ -255,7 +278,8 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
     le->hf_fp8_ = fp8;
     le->hf_fp8_scales_ = kind->scales;
-    if (fp8) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
+    le->hf_mx_ = mx;
+    if (fp8 || mx) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
     for (int e = 0; e < E; ++e) {
       absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, e);
       if (!names.ok()) return names.status();
@@ -263,7 +287,13 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
       for (int p = 0; p < 3; ++p) {
         const std::vector<int64_t> shape = p == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H};
         const std::string what = absl::StrCat("layer ", want.layer, " expert ", e, " ", kMatrixNames[p]);
-        if (fp8) {
+        if (mx) {
+          if (absl::Status s = CheckHfMxTensors(*ckpt, *n3[p], shape, want.method.spec.format, what,
+                                                &le->per_expert_[e * 3 + p], &le->per_expert_scales_[e * 3 + p]);
+              !s.ok())
+            return s;
+          le->weight_bytes_ += le->per_expert_scales_[e * 3 + p].info->num_bytes();
+        } else if (fp8) {
           if (absl::Status s = CheckHfFp8Tensors(*ckpt, *n3[p], shape, le->hf_fp8_scales_, what,
                                                  &le->per_expert_[e * 3 + p], &le->per_expert_scales_[e * 3 + p]);
               !s.ok())
@@ -307,7 +337,7 @@ absl::Status LayerExperts::Verify(size_t task) const {
 }
 
 const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
-  if (expert < 0 || expert >= e_ || hf_fp8_) return nullptr;
+  if (expert < 0 || expert >= e_ || hf_fp8_ || hf_mx_) return nullptr;
   const int p = static_cast<int>(m);
   const uint8_t* at = nullptr;
   if (converted_) {
@@ -336,9 +366,9 @@ absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) con
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
   const int p = static_cast<int>(m);
   const size_t n = Rows(m), k = Cols(m);
-  if (hf_fp8_) {
-    return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is FP8 (kt-fp8-block128-v1): read it with "
-                                                      "ReadQuantized"));
+  if (hf_fp8_ || hf_mx_) {
+    return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is ", hf_mx_ ? "MX" : "FP8", " (",
+                                                      layout_.tag, "): read it with ReadQuantized"));
   }
   if (converted_) {
     if (layout_.quantized) {
@@ -390,6 +420,11 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
     return absl::FailedPreconditionError("ReadQuantized: the folder holds bf16 weights: read them with ReadBf16");
   }
   const int p = static_cast<int>(m);
+  if (hf_mx_) {
+    ReadHfMx(per_expert_[static_cast<size_t>(expert) * 3 + p], per_expert_scales_[static_cast<size_t>(expert) * 3 + p],
+             layout_.spec.format, Rows(m), Cols(m), out);
+    return absl::OkStatus();
+  }
   if (hf_fp8_) {
     // The codes as stored; the scales repeated per row (and per 128-k block) as the canonical form has them.
     ReadHfFp8(per_expert_[static_cast<size_t>(expert) * 3 + p], per_expert_scales_[static_cast<size_t>(expert) * 3 + p],
@@ -422,7 +457,7 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
 std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
   if (converted_) return {};
   if (arch_.fused_experts()) return {fused_[0], fused_[1]};
-  if (hf_fp8_) {
+  if (hf_fp8_ || hf_mx_) {
     std::vector<Checkpoint::Located> all = per_expert_;
     all.insert(all.end(), per_expert_scales_.begin(), per_expert_scales_.end());
     return all;
@@ -443,7 +478,7 @@ void LayerExperts::DropPages(int expert) const {
     for (int p = 0; p < 3; ++p) {
       const Checkpoint::Located& loc = per_expert_[static_cast<size_t>(expert) * 3 + p];
       DropMappedPages(loc.file->data(*loc.info), loc.info->num_bytes());
-      if (hf_fp8_) {
+      if (hf_fp8_ || hf_mx_) {
         const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
         DropMappedPages(sc.file->data(*sc.info), sc.info->num_bytes());
       }

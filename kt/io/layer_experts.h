@@ -75,7 +75,7 @@ class LayerExperts {
   size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
   // Whether ReadQuantized is the way to read (a converted quantized folder, or an HF FP8 folder); otherwise
   // ReadBf16.
-  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_; }
+  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_ || hf_mx_; }
   // Bytes of expert weights this layer reads from its files (for throughput figures).
   uint64_t weight_bytes() const { return weight_bytes_; }
 
@@ -118,6 +118,8 @@ class LayerExperts {
   // FP8_PERCHANNEL folders: F32/BF16 `weight_scale` [N] or [N, 1] (hf_fp8.h).
   bool hf_fp8_ = false;
   HfFp8Scales hf_fp8_scales_ = HfFp8Scales::kBlock128;
+  // MX-coded experts (MXFP4 / MXFP8 methods, hf_mx.h): per_expert_ the codes, per_expert_scales_ their E8M0.
+  bool hf_mx_ = false;
   std::vector<Checkpoint::Located> per_expert_scales_;
   Checkpoint::Located fused_[2];
   // Converted.

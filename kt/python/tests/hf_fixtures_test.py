@@ -28,13 +28,14 @@ from kt_kernel import KTMoEWrapper
 from moe_reference import REL_TOL, TRANSFORMERS_TOL, reference_moe, relative_error, wrapper_args
 from safetensors_np import SafeTensorsFile
 
-BF16_NAMES = [n for n in testdata.names() if not n.endswith("_fp8")]
+BF16_NAMES = [n for n in testdata.names() if not n.endswith(("_fp8", "_mxfp4"))]
 
 
 def test_every_family_is_there():
     """The families the issue tracker and README promise, one checkpoint each (a missing folder fails)."""
     expected = {
-        "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v3_fp8", "glm4_moe", "glm4_moe_channel_fp8",
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v3_fp8", "deepseek_v4_mxfp4", "glm4_moe",
+        "glm4_moe_channel_fp8",
         "glm4_moe_lite",
         "glm4v_moe", "glm_moe_dsa", "minimax", "minimax_m2",
         "mixtral", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe",
@@ -267,6 +268,45 @@ def test_fp8_perchannel_method_checks_its_tensors():
     with pytest.raises(TypeError, match="FP8_PERCHANNEL takes float8_e4m3fn weights"):
         moe.load_weights_from_tensors(*(torch.zeros(c.shape, dtype=torch.bfloat16) for c in codes), None)
     assert not moe.weights_loaded
+
+
+def test_mxfp4_method_matches_transformers_deepseek_v4():
+    """deepseek_v4_mxfp4 (DeepSeek-V4-Flash's expert tensors as shipped) with method MXFP4 and the config's
+    swiglu_limit, from the folder and from the raw tensors, against transformers' DeepseekV4Experts over the
+    weights its MXFP4 integration dequantizes (routed_T): within FP8_TOL, and far from it without the limit."""
+    name = "deepseek_v4_mxfp4"
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    limit = float(testdata.config(name)["swiglu_limit"])
+    args = wrapper_args(E, k, H, I, layer_idx=0, weight_path=testdata.path(name),
+                        chunked_prefill_size=max(testdata.TOKENS), method="MXFP4")
+    from_folder = KTMoEWrapper(**args, swiglu_limit=limit)
+    from_folder.load_weights(None)
+    assert from_folder.weight_format == "mxfp4"
+    no_limit = KTMoEWrapper(**args)
+    no_limit.load_weights(None)
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+
+    def raw(tensor: str, dtype: str) -> torch.Tensor:
+        entry = st.header[tensor]
+        assert entry["dtype"] == dtype, entry
+        begin, end = entry["data_offsets"]
+        return torch.from_numpy(np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8).reshape(entry["shape"]))
+
+    t = []
+    for p in ("w1", "w3", "w2"):
+        t.append(torch.stack([raw(f"layers.0.ffn.experts.{e}.{p}.weight", "I8") for e in range(E)]).contiguous())
+        t.append(torch.stack([raw(f"layers.0.ffn.experts.{e}.{p}.scale", "F8_E8M0") for e in range(E)]).contiguous())
+    from_tensors = KTMoEWrapper(**args, swiglu_limit=limit)
+    from_tensors.load_weights_from_tensors(t[0].view(torch.int8), t[2], t[4], None, gate_scale=t[1], up_scale=t[3],
+                                           down_scale=t[5])
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        a = from_folder.forward(x, ids, weights, None)
+        assert torch.equal(a, from_tensors.forward(x, ids, weights, None)), f"T={T}: folder and tensors differ"
+        err = relative_error(a, expected)
+        assert err <= FP8_TOL, f"T={T}: max|err|/max|transformers| = {err:.3e}"
+        assert relative_error(no_limit.forward(x, ids, weights, None), expected) > 5 * FP8_TOL
 
 
 if __name__ == "__main__":
