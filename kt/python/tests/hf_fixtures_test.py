@@ -268,6 +268,11 @@ def test_fp8_perchannel_method_checks_its_tensors():
     with pytest.raises(TypeError, match="FP8_PERCHANNEL takes float8_e4m3fn weights"):
         moe.load_weights_from_tensors(*(torch.zeros(c.shape, dtype=torch.bfloat16) for c in codes), None)
     assert not moe.weights_loaded
+    # Per-row scales do not fit the GPU's 128 x 128 block-scale layout: the GPU write refuses the method.
+    moe.load_weights_from_tensors(codes[0], codes[1], codes[2], None, gate_scale=scales[0], up_scale=scales[1],
+                                  down_scale=scales[2])
+    with pytest.raises(NotImplementedError, match="FP8_PERCHANNEL"):
+        moe.submit_write_weight_scale_to_buffer(1, 0, [0], [0], [0], [0])
 
 
 def test_mxfp4_method_matches_transformers_deepseek_v4():
