@@ -128,6 +128,7 @@ ABSL_FLAG(kt::tools::FormatFlag, format, {},
           "expert weights: bf16, int8, int4 or int4_asym (quantized per output channel at load, activations per "
           "token), int4_group_sym or int4_group_asym (a scale, and for asym a zero point, per --group-size k; "
           "activations per token and group), fp8_block (FP8 E4M3 with 128x128 block scales, bf16 "
+          "activations), mxfp4 or mxfp8 (OCP MX: E2M1 / E4M3 with an E8M0 scale per 32 k, bf16 "
           "activations); the accuracy line then also reports the format's own error "
           "against the bf16 model");
 ABSL_FLAG(kt::tools::TilingsFlag, tiling, {{kt::MoeTiling{}}},

@@ -17,7 +17,8 @@ computes for the first MoE layer's block, for T = 1, 7 and 33 tokens:
 
 `deepseek_v3_fp8` stores its routed experts as FP8 E4M3 with one float32 `weight_scale_inv` per 128x128
 block, as DeepSeek ships them; its `routed_T`/`block_T` are computed by transformers in float32 from the
-dequantized weights (fp8 value x block scale), the exact target of an FP8 path.
+dequantized weights (fp8 value x block scale), the exact target of an FP8 path. `glm4_moe_channel_fp8` does
+the same with one BF16 `weight_scale` [N, 1] per output channel (GLM-4.x FP8, compressed-tensors).
 
 Usage:  tools/make_fixtures.py [--out testdata/hf] [--only NAME ...]
 The script makes a virtualenv (.venv-fixtures, or $KT_FIXTURE_VENV) with the pinned packages below from PyPI
@@ -148,6 +149,8 @@ def specs():
             n_group=1, topk_group=1, routed_scaling_factor=2.5, **dsa_indexer)), "GlmMoeDsaForCausalLM"),
         "glm4_moe": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
             mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
+        "glm4_moe_channel_fp8": (lambda: tf.Glm4MoeConfig(**deepseek_moe(
+            mla=False, n_group=1, topk_group=1, routed_scaling_factor=2.5)), "Glm4MoeForCausalLM"),
         "glm4v_moe": (lambda: tf.Glm4vMoeConfig(
             text_config=dict(ATTN, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                              first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8,
@@ -277,9 +280,36 @@ def to_fp8_blocks(w, block: int = 128):
     return q, scale, deq
 
 
-def make_fp8(out_dir: str) -> dict:
-    """Rewrites the saved checkpoint's routed experts as FP8 with 128x128 block scales; returns the
-    dequantized weights by tensor name so the reference can be computed from them."""
+def to_fp8_channels(w):
+    """FP8 E4M3 weights and a BF16 weight_scale [N, 1] per output row (amax / 448, rounded to bf16 as
+    llm-compressor keeps the model's dtype), as GLM-4.x FP8 (compressed-tensors, strategy "channel") holds
+    them. The dequantized weights are plain torch: fp8.float() * scale.float()."""
+    import torch
+
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=2**-20).to(torch.bfloat16)
+    q = (wf / scale.float()).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * scale.float()
+
+
+# FP8 checkpoints: the block-scaled one DeepSeek ships, and the per-channel one of GLM-4.x FP8.
+FP8_KIND = {"deepseek_v3_fp8": "block", "glm4_moe_channel_fp8": "channel"}
+
+CHANNEL_QUANT_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True}}},
+    "ignore": ["lm_head"],
+}
+
+
+def make_fp8(out_dir: str, kind: str = "block") -> dict:
+    """Rewrites the saved checkpoint's routed experts as FP8 with 128x128 block scales (kind "block") or
+    per-channel scales ("channel"); returns the dequantized weights by tensor name so the reference can be
+    computed from them."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -292,16 +322,23 @@ def make_fp8(out_dir: str) -> dict:
     for name in list(tensors):
         if ".experts." not in name or not name.endswith("_proj.weight"):
             continue
-        q, scale, d = to_fp8_blocks(tensors[name])
+        if kind == "block":
+            q, scale, d = to_fp8_blocks(tensors[name])
+            tensors[name + "_scale_inv"] = scale
+        else:
+            q, scale, d = to_fp8_channels(tensors[name])
+            tensors[name + "_scale"] = scale
         tensors[name] = q
-        tensors[name + "_scale_inv"] = scale
         deq[name] = d
     save_file(tensors, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    if kind == "block":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    else:
+        config["quantization_config"] = CHANNEL_QUANT_CONFIG
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -321,7 +358,8 @@ def dequantized_float_model(fp8_dir: str, cls_name: str, deq: dict):
     with tempfile.TemporaryDirectory() as tmp:
         with safe_open(os.path.join(fp8_dir, "model.safetensors"), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()
-                       if not k.endswith("_scale_inv") and k.rsplit(".", 1)[-1] not in fixtures_int4.QUANT_PARTS}
+                       if not k.endswith(("_scale_inv", "_scale"))
+                       and k.rsplit(".", 1)[-1] not in fixtures_int4.QUANT_PARTS}
             meta = f.metadata()
         for n, d in deq.items():
             tensors[n] = d.contiguous()
@@ -337,9 +375,98 @@ def dequantized_float_model(fp8_dir: str, cls_name: str, deq: dict):
         return model_class(cls_name).from_pretrained(tmp, dtype=torch.float32).eval()
 
 
+def mx_quantize(w, fp4: bool = True):
+    """OCP MX v1.0 of w [..., K] (numpy float64): shared exponent floor(log2(amax)) - emax per 32 k, elements
+    rounded to the nearest value (ties to the even code) and saturated. Returns codes (fp4: E2M1 nibble pairs
+    [..., K/2], element 2i in the low nibble) and E8M0 codes [..., K/32]."""
+    import numpy as np
+
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    blocks = w.reshape(*w.shape[:-1], -1, 32)
+    amax = np.abs(blocks).max(axis=-1)
+    shared = np.clip(np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, 0), -127, 127)
+    a = np.abs(blocks / 2.0 ** shared[..., None])
+    idx = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
+    lo, hi = grid[idx - 1], grid[idx]
+    up = (a - lo > hi - a) | ((a - lo == hi - a) & (idx % 2 == 0))
+    mag = np.where(a >= grid[-1], len(grid) - 1, np.where(up, idx, idx - 1))
+    nib = (mag | (((blocks < 0) & (mag > 0)) << 3)).astype(np.uint8).reshape(*w.shape[:-1], -1)
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8), (shared + 127).astype(np.uint8)
+
+
+def make_deepseek_v4_mxfp4(out_dir: str, seed: int) -> None:
+    """DeepSeek-V4-Flash's routed experts as DeepSeek ships them: `layers.L.ffn.experts.e.{w1,w3,w2}.weight`
+    I8 [N, K/2] (MXFP4 nibble pairs) + `.scale` F8_E8M0 [N, K/32], with transformers' DeepseekV4Config and
+    the quantization_config of the FP8 (block, ue8m0) non-expert weights. Only the routed experts are
+    written (the rest of V4's graph is not kt's). reference.npz: random tokens, routing and weights, and
+    transformers' DeepseekV4Experts (SiLU with the config's swiglu_limit clamp) in float32 over the weights
+    dequantized by transformers' MXFP4 integration (convert_moe_packed_tensors)."""
+    import numpy as np
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    E, H, I, k, layers = 8, 128, 64, 2, 2
+    config = tf.DeepseekV4Config(vocab_size=64, hidden_size=H, moe_intermediate_size=I, num_hidden_layers=layers,
+                                 n_routed_experts=E, num_experts_per_tok=k, swiglu_limit=1.0)
+    cfg = config.to_dict()
+    cfg["architectures"] = ["DeepseekV4ForCausalLM"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    rng = np.random.default_rng(seed)
+    tensors, deq = {}, {}
+    for layer in range(layers):
+        for e in range(E):
+            for proj, (n, kk) in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
+                # Magnitudes vary by 32-block so that the shared exponents differ.
+                w = rng.standard_normal((n, kk)) * np.repeat(2.0 ** rng.uniform(-3, 0, (n, kk // 32)), 32, axis=1)
+                w = torch.from_numpy(w / np.sqrt(kk) * 4).to(torch.bfloat16).double().numpy()
+                codes, scales = mx_quantize(w)
+                name = f"layers.{layer}.ffn.experts.{e}.{proj}"
+                tensors[name + ".weight"] = torch.from_numpy(codes).view(torch.int8)
+                tensors[name + ".scale"] = torch.from_numpy(scales).view(torch.float8_e8m0fnu)
+                deq[(layer, e, proj)] = convert_moe_packed_tensors(
+                    torch.from_numpy(codes).reshape(1, n, kk // 32, 16), torch.from_numpy(scales).reshape(1, n, -1),
+                    dtype=torch.float32)[0].transpose(0, 1)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    experts = DeepseekV4Experts(config).eval()
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.stack([torch.cat([deq[(0, e, "w1")], deq[(0, e, "w3")]]) for e in range(E)]))
+        experts.down_proj.copy_(torch.stack([deq[(0, e, "w2")] for e in range(E)]))
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for T in TOKENS:
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        wts = torch.rand(T, k, generator=g) + 0.1
+        with torch.no_grad():
+            routed = experts(x.float(), ids, wts)
+        out.update({f"x_{T}": x.float().numpy(), f"ids_{T}": ids.numpy(), f"weights_{T}": wts.numpy(),
+                    f"routed_{T}": routed.numpy(), f"block_{T}": routed.numpy()})
+    np.savez_compressed(os.path.join(out_dir, "reference.npz"), layer=np.int64(0), **out)
+
+
+# Checkpoints not made by building the whole transformers model (only the routed experts matter to kt).
+CUSTOM = {"deepseek_v4_mxfp4": make_deepseek_v4_mxfp4}
+
+
 def make(name: str, out_root: str, seed: int) -> None:
     import numpy as np
     import torch
+
+    if name in CUSTOM:
+        out_dir = os.path.join(out_root, name)
+        os.makedirs(out_dir, exist_ok=True)
+        for f in os.listdir(out_dir):
+            os.remove(os.path.join(out_dir, f))
+        CUSTOM[name](out_dir, seed)
+        print(f"{name}: {sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)) // 1024} KiB")
+        return
 
     factory, cls_name = specs()[name]
     config = factory()
@@ -360,8 +487,10 @@ def make(name: str, out_root: str, seed: int) -> None:
 
     layer, block, experts = moe_blocks(model)[0]
     H = config.get_text_config().hidden_size
-    quantizers = {"_fp8": make_fp8, "_rawint4": fixtures_int4.make_rawint4, "_gptq": fixtures_int4.make_gptq}
+    quantizers = {"_rawint4": fixtures_int4.make_rawint4, "_gptq": fixtures_int4.make_gptq}
     quantize = next((q for suffix, q in quantizers.items() if name.endswith(suffix)), None)
+    if name in FP8_KIND:
+        quantize = lambda d: make_fp8(d, FP8_KIND[name])  # noqa: E731
     if quantize is not None:
         deq = quantize(out_dir)
         model = dequantized_float_model(out_dir, cls_name, deq)
@@ -381,12 +510,13 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "testdata", "hf"))
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    names = args.only or list(specs())
-    unknown = sorted(set(names) - set(specs()))
+    known = sorted(set(specs()) | set(CUSTOM))
+    names = args.only or known
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"--only: unknown {unknown}; known: {sorted(specs())}")
+        parser.error(f"--only: unknown {unknown}; known: {known}")
     torch.set_num_threads(1)  # Reproducible float sums.
-    for name in sorted(specs()):
+    for name in known:
         if name in names:
             # The seed depends on the name only, so that adding a checkpoint changes no other.
             make(name, args.out, seed=zlib.crc32(name.encode()) % 2**31)

@@ -185,6 +185,7 @@ constexpr ArchSpec kArchs[] = {
     {"MiniMaxText01ForCausalLM", MoeFamily::kMiniMax, false},
     {"MiniMaxM1ForCausalLM", MoeFamily::kMiniMax, false},
     {"MiniMaxM2ForCausalLM", MoeFamily::kMiniMax, false},
+    {"DeepseekV4ForCausalLM", MoeFamily::kDeepseekV4, false},
 };
 
 bool IsQwen(MoeFamily f) {
@@ -210,7 +211,7 @@ MoeKeys KeysFor(MoeFamily f) {
     // fixture, saved by transformers 5.17, has only num_local_experts). Both are accepted; if both are
     // present they must agree.
     keys.count_keys = {"num_experts", "num_local_experts"};
-  } else if (IsDeepseekStyle(f)) {
+  } else if (IsDeepseekStyle(f) || f == MoeFamily::kDeepseekV4) {
     keys.count_keys = {"n_routed_experts"};
   } else {
     keys.count_keys = {"num_local_experts"};
@@ -407,7 +408,7 @@ absl::Status ReadSharedExperts(const Reader& r, MoeArch* arch) {
   if (f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Next || f == MoeFamily::kQwen35Moe) {
     KT_ASSIGN_OR_RETURN(a.shared_intermediate, r.Int("shared_expert_intermediate_size", 0, kMaxDim, 0));
     a.num_shared_experts = a.shared_intermediate > 0 ? 1 : 0;
-  } else if (IsDeepseekStyle(f)) {
+  } else if (IsDeepseekStyle(f) || f == MoeFamily::kDeepseekV4) {
     KT_ASSIGN_OR_RETURN(a.num_shared_experts, r.Int("n_shared_experts", 0, 64, 0));
     a.shared_intermediate = a.num_shared_experts * a.intermediate;  // <= 2^6 * 2^20: fits.
   }
@@ -431,13 +432,16 @@ absl::Status ReadRouting(const Reader& r, MoeArch* arch) {
   const bool sigmoid_default =
       f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe || a.architecture == "MiniMaxM2ForCausalLM";
   a.scoring = sigmoid_default ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
-  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax) {
+  if (f == MoeFamily::kDeepseekV4) a.scoring = MoeScoring::kSqrtSoftplus;  // DeepseekV4Config's default
+  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax || f == MoeFamily::kDeepseekV4) {
     std::string scoring;
     KT_ASSIGN_OR_RETURN(scoring, r.String("scoring_func"));
     if (scoring == "softmax") {
       a.scoring = MoeScoring::kSoftmax;
     } else if (scoring == "sigmoid") {
       a.scoring = MoeScoring::kSigmoid;
+    } else if (scoring == "sqrtsoftplus" && f == MoeFamily::kDeepseekV4) {
+      a.scoring = MoeScoring::kSqrtSoftplus;
     } else if (!scoring.empty()) {
       return r.Error("scoring_func", "\"softmax\" or \"sigmoid\"", *r.Get("scoring_func"));
     }
@@ -449,6 +453,8 @@ absl::Status ReadRouting(const Reader& r, MoeArch* arch) {
                                          "DeepSeek-V3 scales the routed experts' sum by it"));
   } else if (IsDeepseekStyle(f)) {
     KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.0f));
+  } else if (f == MoeFamily::kDeepseekV4) {
+    KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.5f));
   }
   if (f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe) {
     absl::Status s = CheckRoutingGroups(r, arch);
@@ -529,11 +535,12 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
     path = "text_config.";
     arch.layer_prefix = "model.language_model.layers";
   } else {
-    arch.layer_prefix = "model.layers";
+    // DeepSeek-V4 checkpoints keep DeepSeek's own names (transformers renames them on load).
+    arch.layer_prefix = spec->family == MoeFamily::kDeepseekV4 ? "layers" : "model.layers";
   }
   const Reader r(origin, keys_object, path);
   const MoeFamily f = arch.family;
-  arch.block = IsMixtralStyle(f) ? "block_sparse_moe" : "mlp";
+  arch.block = IsMixtralStyle(f) ? "block_sparse_moe" : f == MoeFamily::kDeepseekV4 ? "ffn" : "mlp";
   arch.layout = f == MoeFamily::kQwen3VlMoe  ? ExpertLayout::kFusedGateUpInOut
                 : f == MoeFamily::kQwen35Moe ? ExpertLayout::kFusedGateUpOutIn
                                              : ExpertLayout::kPerExpert;

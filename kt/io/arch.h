@@ -59,6 +59,8 @@ enum class MoeFamily {
                 //   Glm4MoeLiteForCausalLM, GlmMoeDsaForCausalLM.
   kMixtral,     // MixtralForCausalLM.
   kMiniMax,     // MiniMaxForCausalLM, MiniMaxText01ForCausalLM, MiniMaxM1ForCausalLM, MiniMaxM2ForCausalLM.
+  kDeepseekV4,  // DeepseekV4ForCausalLM (DeepSeek-V4-Flash/Pro): every layer MoE (hash or learned routing),
+                //   experts as DeepSeek ships them: layers.L.ffn.experts.e.{w1,w3,w2} (MXFP4 + E8M0 `.scale`).
 };
 
 const char* MoeFamilyName(MoeFamily family);
@@ -69,7 +71,7 @@ enum class ExpertLayout {
   kFusedGateUpInOut,  // <block>.experts.gate_up_proj [E, H, 2I] and <block>.experts.down_proj [E, I, H].
 };
 
-enum class MoeScoring { kSoftmax, kSigmoid };
+enum class MoeScoring { kSoftmax, kSigmoid, kSqrtSoftplus };
 
 // quantization_config, when config.json has one (it sits at the top level, also for VL models).
 struct MoeQuantization {

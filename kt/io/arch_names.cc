@@ -64,6 +64,8 @@ const char* MoeFamilyName(MoeFamily family) {
       return "Mixtral";
     case MoeFamily::kMiniMax:
       return "MiniMax";
+    case MoeFamily::kDeepseekV4:
+      return "DeepSeek-V4";
   }
   return "?";
 }
@@ -98,7 +100,7 @@ absl::StatusOr<ExpertNames> ExpertTensorNames(const MoeArch& arch, int layer, in
   const std::string base =
       absl::StrCat(arch.layer_prefix, ".", layer, ".", arch.block, ".experts.", expert, ".");
   ExpertNames names;
-  if (arch.block == "block_sparse_moe") {
+  if (arch.block == "block_sparse_moe" || arch.block == "ffn") {
     names.gate = absl::StrCat(base, "w1.weight");
     names.up = absl::StrCat(base, "w3.weight");
     names.down = absl::StrCat(base, "w2.weight");

@@ -220,6 +220,99 @@ TEST(FixturesTest, DeepseekV3Fp8LoadsAsFp8Block) {
                         "cannot hold; load it with method FP8"));
 }
 
+// The per-channel FP8 fixture (GLM-4 MoE as GLM-4.x FP8 ships it: compressed-tensors, F8_E4M3 `weight` +
+// BF16 `weight_scale` [N, 1]) for method FP8_PERCHANNEL: the codes as stored and each row's scale (the bf16
+// value, exact in fp32) in every 128-k block; the values below are the file's, read with Python's
+// safetensors. Each FP8 kind is refused by the other's method, and a bf16 folder by FP8_PERCHANNEL.
+TEST(FixturesTest, Glm4MoeFp8PerChannelLoadsAsFp8Block) {
+  const std::string dir = TestdataHf("glm4_moe_channel_fp8");
+  LayerRequest want;
+  want.layer = 1;
+  absl::StatusOr<MethodLayout> ch = LayoutOfMethod("FP8_PERCHANNEL");
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  EXPECT_EQ(ch->tag, "kt-fp8-block128-v1");
+  want.method = *ch;
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(0, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kFp8Block128);
+  ASSERT_EQ(qm.n, 32u);
+  ASSERT_EQ(qm.k, 64u);
+  ASSERT_EQ(qm.data.size(), 32u * 64u);
+  EXPECT_EQ(qm.data[0], 0xed);
+  EXPECT_EQ(qm.data[100], 0xfa);
+  EXPECT_EQ(qm.data[2047], 0x70);
+  ASSERT_EQ(qm.scales.size(), 32u);  // K = 64: one 128-k block per row
+  const uint16_t want_bits[3] = {0x3a11, 0x3a26, 0x3a0f};
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(qm.scales[r], Bf16ToF32(bf16_t{want_bits[r]})) << r;
+  s = (*le)->ReadQuantized(7, ExpertMatrix::kDown, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.n, 64u);
+  EXPECT_EQ(qm.k, 32u);
+  EXPECT_EQ((*le)->SourceTensors().size(), 48u);  // 8 experts x 3 weights, and their scales
+
+  want.method = *LayoutOfMethod("FP8");
+  le = LayerExperts::Open(dir, want);
+  ASSERT_FALSE(le.ok());
+  EXPECT_THAT(std::string(le.status().message()), HasSubstr("load it with method FP8_PERCHANNEL"));
+  want.method = *LayoutOfMethod("BF16");
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()),
+              HasSubstr("load it with method FP8_PERCHANNEL"));
+  want.method = *ch;
+  EXPECT_THAT(std::string(LayerExperts::Open(TestdataHf("deepseek_v3_fp8"), want).status().message()),
+              HasSubstr("cannot hold; load it with method FP8 (its scales are per 128 x 128 block)"));
+  EXPECT_THAT(std::string(LayerExperts::Open(TestdataHf("glm4_moe"), want).status().message()),
+              HasSubstr("method FP8_PERCHANNEL reads FP8 checkpoints with per-channel scales"));
+}
+
+// DeepSeek-V4-Flash's MXFP4 experts as shipped (layers.L.ffn.experts.e.{w1,w3,w2}.weight I8 nibble pairs +
+// .scale F8_E8M0; the config's quantization_config is its non-expert weights' block FP8) for method MXFP4:
+// the codes as stored and each E8M0 code as 2^(e - 127); the values are the file's, read with Python's
+// safetensors. Another method is told to use MXFP4.
+TEST(FixturesTest, DeepseekV4Mxfp4LoadsAsStored) {
+  const std::string dir = TestdataHf("deepseek_v4_mxfp4");
+  absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
+  ASSERT_TRUE(arch.ok()) << arch.status();
+  EXPECT_EQ(arch->family, MoeFamily::kDeepseekV4);
+  EXPECT_EQ(arch->moe_layers, (std::vector<int>{0, 1}));
+  EXPECT_EQ(ExpertTensorNames(*arch, 1, 3)->gate, "layers.1.ffn.experts.3.w1.weight");
+  LayerRequest want;
+  want.layer = 1;
+  want.method = *LayoutOfMethod("MXFP4");
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(3, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kMxfp4);
+  ASSERT_EQ(qm.n, 64u);
+  ASSERT_EQ(qm.k, 128u);
+  ASSERT_EQ(qm.data.size(), 64u * 64u);
+  EXPECT_EQ(qm.data[0], 0x05);
+  EXPECT_EQ(qm.data[100], 0x1e);
+  EXPECT_EQ(qm.data[4095], 0xbe);
+  ASSERT_EQ(qm.scales.size(), 64u * 4u);
+  EXPECT_EQ(qm.scales[0], 0x1p-5f);  // code 122
+  EXPECT_EQ(qm.scales[1], 0x1p-3f);  // 124
+  EXPECT_EQ(qm.scales[255], 0x1p-4f);  // 123
+  s = (*le)->ReadQuantized(7, ExpertMatrix::kDown, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.n, 128u);
+  EXPECT_EQ(qm.k, 64u);
+  EXPECT_EQ((*le)->SourceTensors().size(), 48u);
+
+  want.method = *LayoutOfMethod("BF16");
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()),
+              HasSubstr("the routed experts are MXFP4 (tensor \"layers.1.ffn.experts.0.w1.weight\" is E2M1 nibble "
+                        "pairs), which method BF16 cannot hold; load it with method MXFP4"));
+  want.method = *LayoutOfMethod("MXFP8");  // E4M3 codes expected, I8 found: named
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()), HasSubstr("load it with method FP8"));
+}
+
 // Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
 // [7][3] of down, and the last element of each.
 struct CanonicalSample {

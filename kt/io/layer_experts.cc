@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kt/io/checksum.h"
+#include "kt/io/hf_fp8.h"
+#include "kt/io/hf_mx.h"
 
 namespace kt {
 namespace {
@@ -63,37 +65,22 @@ absl::Status CheckHfTensor(const Checkpoint& ckpt, const std::string& name, std:
   return absl::OkStatus();
 }
 
-// An FP8 checkpoint's expert weight `name` must be F8_E4M3 `shape` [N, K] with F32 `name`_scale_inv
-// [ceil(N/128), ceil(K/128)] beside it (128 x 128 blocks, checked by the caller from weight_block_size).
-absl::Status CheckHfFp8Tensor(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
-                              Checkpoint::Located* weight, Checkpoint::Located* scale, absl::string_view what) {
-  const Checkpoint::Located loc = ckpt.Find(name);
-  if (loc.info == nullptr) {
-    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", name,
-                                            "\" is missing (expected F8_E4M3 ", ShapeString(shape), ")"));
+// Whether the layer's experts are MX-coded (expert 0's gate stored as codes, not bf16): an MX method then
+// reads them as stored, whatever quantization_config says of the other weights (DeepSeek-V4 ships those as
+// block FP8); another method is told which one to use.
+absl::StatusOr<bool> MxCodedFolder(const Checkpoint& ckpt, const MoeArch& arch, const LayerRequest& want,
+                                   const std::string& config_path) {
+  if (arch.fused_experts() || !arch.IsMoeLayer(want.layer)) return false;
+  const absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, 0);
+  if (!names.ok()) return false;  // reported when the tensors are checked
+  const bool mx_method = want.method.quantized && IsMxFormat(want.method.spec.format);
+  if (mx_method) return HfMxCoded(ckpt, names->gate, want.method.spec.format);
+  if (arch.family == MoeFamily::kDeepseekV4 && HfMxCoded(ckpt, names->gate, QuantFormat::kMxfp4)) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": the routed experts are MXFP4 (tensor \"",
+                                                   names->gate, "\" is E2M1 nibble pairs), which method ",
+                                                   want.method.method, " cannot hold; load it with method MXFP4"));
   }
-  if (loc.info->dtype != Dtype::kF8E4M3 || loc.info->shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(loc), " (", what, ") is ",
-                                                   DtypeName(loc.info->dtype), " ", ShapeString(loc.info->shape),
-                                                   ", expected F8_E4M3 ", ShapeString(shape),
-                                                   " (quantization_config.quant_method is \"fp8\")"));
-  }
-  const std::string scale_name = absl::StrCat(name, "_scale_inv");
-  const std::vector<int64_t> scale_shape = {(shape[0] + 127) / 128, (shape[1] + 127) / 128};
-  const Checkpoint::Located sloc = ckpt.Find(scale_name);
-  if (sloc.info == nullptr) {
-    return absl::NotFoundError(absl::StrCat(ckpt.dir(), ": ", what, ": tensor \"", scale_name,
-                                            "\" is missing (expected F32 ", ShapeString(scale_shape),
-                                            ": the 128 x 128 block scales of ", name, ")"));
-  }
-  if (sloc.info->dtype != Dtype::kF32 || sloc.info->shape != scale_shape) {
-    return absl::InvalidArgumentError(absl::StrCat(TensorWhere(sloc), " (", what, " block scales) is ",
-                                                   DtypeName(sloc.info->dtype), " ", ShapeString(sloc.info->shape),
-                                                   ", expected F32 ", ShapeString(scale_shape)));
-  }
-  *weight = loc;
-  *scale = sloc;
-  return absl::OkStatus();
+  return false;
 }
 
 void CopyRows(const uint8_t* src, size_t bytes, void* dst) { std::memcpy(dst, src, bytes); }
@@ -250,43 +237,34 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
                                                                    const std::string& config_path,
                                                                    const LayerRequest& want) {
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
-  const bool fp8 = arch.quantization.has_value() && arch.quantization->quant_method == "fp8";
-  if (fp8) {
-    // Read as stored (kt-fp8-block128-v1), never through a bf16 copy: only method FP8 holds it.
-    if (arch.quantization->weight_block_size != std::vector<int>{128, 128}) {
-      return absl::UnimplementedError(absl::StrCat(
-          config_path, ": quantization_config.weight_block_size is [",
-          absl::StrJoin(arch.quantization->weight_block_size, ", "),
-          "]; kt reads FP8 checkpoints with 128 x 128 block scales ([128, 128]) only"));
-    }
-    if (!want.method.quantized || want.method.spec.format != QuantFormat::kFp8Block128) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          config_path, ": the checkpoint is FP8 (quantization_config.quant_method \"fp8\"), which method ",
-          want.method.method, " cannot hold; load it with method FP8"));
-    }
-    if (arch.fused_experts()) {
-      return absl::UnimplementedError(absl::StrCat(
-          config_path, ": FP8 checkpoints with fused expert tensors are not supported yet (per-expert "
-          "weight + weight_scale_inv, as DeepSeek-V3 ships, are)"));
-    }
-  }
-  const bool int4 = arch.quantization.has_value() && IsHfInt4QuantMethod(arch.quantization->quant_method);
+  // FP8 folders are read as stored (hf_fp8.h), never through a bf16 copy; the folder kind and the method
+  // must agree. MX-coded experts likewise (hf_mx.h). Native int4 (compressed-tensors pack-quantized, GPTQ:
+  // hf_int4.h) unless the method is FP8_PERCHANNEL, which reads compressed-tensors FP8 (GLM-4.x).
+  const absl::StatusOr<bool> mx_or = MxCodedFolder(*ckpt, arch, want, config_path);
+  if (!mx_or.ok()) return mx_or.status();
+  const bool mx = *mx_or;
+  const bool int4 = !mx && arch.quantization.has_value() && IsHfInt4QuantMethod(arch.quantization->quant_method) &&
+                    want.method.method != "FP8_PERCHANNEL";
   HfInt4Config int4_config;
   if (int4) {
     absl::StatusOr<HfInt4Config> c = ReadHfInt4Config(config_path);
-    if (!c.ok()) return c.status();
+    if (!c.ok()) {
+      if (arch.quantization->quant_method != "compressed-tensors") return c.status();
+      return absl::Status(c.status().code(),
+                          absl::StrCat(c.status().message(), " (FP8 experts with per-channel `weight_scale`, as "
+                                                             "GLM-4.x FP8 ships them: load it with method "
+                                                             "FP8_PERCHANNEL)"));
+    }
     int4_config = *c;
     if (arch.fused_experts()) {
       return absl::UnimplementedError(absl::StrCat(config_path, ": ", HfInt4Method(c->kind), " checkpoints with "
                                                    "fused expert tensors are not supported (per-expert ones are)"));
     }
   }
-  if (arch.quantization.has_value() && !fp8 && !int4) {
-    return absl::UnimplementedError(absl::StrCat(config_path, ": quantization_config.quant_method \"",
-                                                 arch.quantization->quant_method,
-                                                 "\" is not supported; kt reads bf16, FP8 (\"fp8\"), "
-                                                 "compressed-tensors and GPTQ INT4 checkpoints"));
-  }
+  absl::StatusOr<HfFp8Folder> kind =
+      (mx || int4) ? HfFp8Folder{} : ClassifyHfFp8Folder(arch, config_path, want.method);
+  if (!kind.ok()) return kind.status();
+  const bool fp8 = kind->fp8;
   if (absl::Status s = CheckShape(config_path, "num_experts", "hidden_size", "moe_intermediate_size",
                                   arch.num_experts, arch.hidden, arch.intermediate, want);
       !s.ok())
@@ -320,7 +298,9 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
   } else {
     le->per_expert_.resize(static_cast<size_t>(E) * 3);
     le->hf_fp8_ = fp8;
-    if (fp8) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
+    le->hf_fp8_scales_ = kind->scales;
+    le->hf_mx_ = mx;
+    if (fp8 || mx) le->per_expert_scales_.resize(static_cast<size_t>(E) * 3);
     for (int e = 0; e < E; ++e) {
       absl::StatusOr<ExpertNames> names = ExpertTensorNames(arch, want.layer, e);
       if (!names.ok()) return names.status();
@@ -328,9 +308,15 @@ absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_p
       for (int p = 0; p < 3; ++p) {
         const std::vector<int64_t> shape = p == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H};
         const std::string what = absl::StrCat("layer ", want.layer, " expert ", e, " ", kMatrixNames[p]);
-        if (fp8) {
-          if (absl::Status s = CheckHfFp8Tensor(*ckpt, *n3[p], shape, &le->per_expert_[e * 3 + p],
-                                                &le->per_expert_scales_[e * 3 + p], what);
+        if (mx) {
+          if (absl::Status s = CheckHfMxTensors(*ckpt, *n3[p], shape, want.method.spec.format, what,
+                                                &le->per_expert_[e * 3 + p], &le->per_expert_scales_[e * 3 + p]);
+              !s.ok())
+            return s;
+          le->weight_bytes_ += le->per_expert_scales_[e * 3 + p].info->num_bytes();
+        } else if (fp8) {
+          if (absl::Status s = CheckHfFp8Tensors(*ckpt, *n3[p], shape, le->hf_fp8_scales_, what,
+                                                 &le->per_expert_[e * 3 + p], &le->per_expert_scales_[e * 3 + p]);
               !s.ok())
             return s;
           le->weight_bytes_ += le->per_expert_scales_[e * 3 + p].info->num_bytes();
@@ -372,7 +358,7 @@ absl::Status LayerExperts::Verify(size_t task) const {
 }
 
 const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
-  if (expert < 0 || expert >= e_ || hf_fp8_ || !hf_int4_.empty()) return nullptr;
+  if (expert < 0 || expert >= e_ || hf_fp8_ || hf_mx_ || !hf_int4_.empty()) return nullptr;
   const int p = static_cast<int>(m);
   const uint8_t* at = nullptr;
   if (converted_) {
@@ -401,9 +387,9 @@ absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) con
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
   const int p = static_cast<int>(m);
   const size_t n = Rows(m), k = Cols(m);
-  if (hf_fp8_) {
-    return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is FP8 (kt-fp8-block128-v1): read it with "
-                                                      "ReadQuantized"));
+  if (hf_fp8_ || hf_mx_) {
+    return absl::FailedPreconditionError(absl::StrCat(ckpt_->dir(), " is ", hf_mx_ ? "MX" : "FP8", " (",
+                                                      layout_.tag, "): read it with ReadQuantized"));
   }
   if (!hf_int4_.empty()) return ReadHfInt4Bf16(expert, m, out);
   if (converted_) {
@@ -460,21 +446,15 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
     return ReadHfInt4Matrix(hf_int4_config_, hf_int4_[static_cast<size_t>(expert) * 3 + p], Rows(m), Cols(m),
                             hf_int4_group_, out);
   }
+  if (hf_mx_) {
+    ReadHfMx(per_expert_[static_cast<size_t>(expert) * 3 + p], per_expert_scales_[static_cast<size_t>(expert) * 3 + p],
+             layout_.spec.format, Rows(m), Cols(m), out);
+    return absl::OkStatus();
+  }
   if (hf_fp8_) {
-    // The codes as stored; the block scales repeated per row (the canonical form, quant.h).
-    const Checkpoint::Located& w = per_expert_[static_cast<size_t>(expert) * 3 + p];
-    const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
-    out->spec = QuantSpec{QuantFormat::kFp8Block128, 0};
-    out->n = Rows(m);
-    out->k = Cols(m);
-    out->data.resize(w.info->num_bytes());
-    std::memcpy(out->data.data(), w.file->data(*w.info), w.info->num_bytes());
-    // Safetensors offsets are byte offsets: copy the (small) scale tensor before reading it as floats.
-    std::vector<float> blocks(sc.info->num_bytes() / sizeof(float));
-    std::memcpy(blocks.data(), sc.file->data(*sc.info), sc.info->num_bytes());
-    out->scales.resize(out->n * ScalesPerRow(out->spec, out->k));
-    ExpandFp8BlockScales(blocks.data(), out->n, out->k, out->scales.data());
-    out->zeros.clear();
+    // The codes as stored; the scales repeated per row (and per 128-k block) as the canonical form has them.
+    ReadHfFp8(per_expert_[static_cast<size_t>(expert) * 3 + p], per_expert_scales_[static_cast<size_t>(expert) * 3 + p],
+              hf_fp8_scales_, Rows(m), Cols(m), out);
     return absl::OkStatus();
   }
   const TensorInfo* const* t = &tensors_[(static_cast<size_t>(expert) * 3 + p) * 3];
@@ -512,7 +492,7 @@ std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
     }
     return all;
   }
-  if (hf_fp8_) {
+  if (hf_fp8_ || hf_mx_) {
     std::vector<Checkpoint::Located> all = per_expert_;
     all.insert(all.end(), per_expert_scales_.begin(), per_expert_scales_.end());
     return all;
@@ -533,7 +513,7 @@ void LayerExperts::DropPages(int expert) const {
     for (int p = 0; p < 3; ++p) {
       const Checkpoint::Located& loc = per_expert_[static_cast<size_t>(expert) * 3 + p];
       DropMappedPages(loc.file->data(*loc.info), loc.info->num_bytes());
-      if (hf_fp8_) {
+      if (hf_fp8_ || hf_mx_) {
         const Checkpoint::Located& sc = per_expert_scales_[static_cast<size_t>(expert) * 3 + p];
         DropMappedPages(sc.file->data(*sc.info), sc.info->num_bytes());
       }

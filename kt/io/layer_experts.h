@@ -6,6 +6,8 @@
 //     layout arch.h knows (per-expert tensors, fused [E, 2I, H] or [E, H, 2I]), or FP8 per-expert weights
 //     with 128 x 128 block scales (quantization_config.quant_method "fp8": F8_E4M3 `weight` + F32
 //     `weight_scale_inv`, DeepSeek-V3/R1), read as kt-fp8-block128-v1 by ReadQuantized for method FP8, or
+//     with per-channel scales (`weight_scale` [N] or [N, 1]: GLM-4.x FP8) for method FP8_PERCHANNEL (hf_fp8.h),
+//     or MX-coded experts (E2M1 / E4M3 codes + E8M0 scales) for methods MXFP4 / MXFP8 (hf_mx.h), or
 //     native int4 (compressed-tensors pack-quantized or GPTQ sym, hf_int4.h), read as
 //     kt-int4-group{G}-sym-v1 by ReadQuantized when the method holds that layout with the checkpoint's G
 //     (RAWINT4, GPTQ_INT4, AMXINT4_KGroup), else dequantized (q * scale rounded to bf16) by ReadBf16;
@@ -27,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/hf_fp8.h"
 #include "kt/io/hf_int4.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
@@ -77,7 +80,7 @@ class LayerExperts {
   size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
   // Whether ReadQuantized is the way to read (a converted quantized folder, or an HF FP8 folder); otherwise
   // ReadBf16.
-  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_ || hf_int4_exact_; }
+  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_ || hf_mx_ || hf_int4_exact_; }
   // G of a native int4 checkpoint (0 for any other folder).
   int hf_int4_group() const { return hf_int4_.empty() ? 0 : hf_int4_group_; }
   // Bytes of expert weights this layer reads from its files (for throughput figures).
@@ -122,7 +125,11 @@ class LayerExperts {
   // [E][3] per-expert tensors, or [2] fused (gate_up, down) in fused_.
   std::vector<Checkpoint::Located> per_expert_;
   // FP8 (quant_method "fp8"): per_expert_ are the F8_E4M3 weights and these [E][3] their F32 block scales.
+  // FP8_PERCHANNEL folders: F32/BF16 `weight_scale` [N] or [N, 1] (hf_fp8.h).
   bool hf_fp8_ = false;
+  HfFp8Scales hf_fp8_scales_ = HfFp8Scales::kBlock128;
+  // MX-coded experts (MXFP4 / MXFP8 methods, hf_mx.h): per_expert_ the codes, per_expert_scales_ their E8M0.
+  bool hf_mx_ = false;
   std::vector<Checkpoint::Located> per_expert_scales_;
   // Native int4 (hf_int4.h): [E][3] matrices (per_expert_ are their packed tensors); exact: read quantized.
   HfInt4Config hf_int4_config_;

@@ -41,6 +41,12 @@ constexpr Entry kEntries[] = {
     {"MOE_INT4_1", true, QuantFormat::kInt4PerChannelAsym, false},
     // FP8 E4M3 with 128 x 128 block scales (DeepSeek-V3/R1, Qwen3-FP8, MiniMax-M2 as shipped), held as read.
     {"FP8", true, QuantFormat::kFp8Block128, false},
+    // FP8 E4M3 with one scale per output channel (GLM-4.x FP8's `weight_scale` [N] or [N, 1]): the same
+    // layout, each row's scale repeated over its 128-k blocks (exact: the same weights, the FP8 kernels).
+    {"FP8_PERCHANNEL", true, QuantFormat::kFp8Block128, false},
+    // OCP MX: E2M1 / E4M3 codes with an E8M0 scale per 32 k (DeepSeek-V4-Flash, MiniMax-M3), held as read.
+    {"MXFP4", true, QuantFormat::kMxfp4, false},
+    {"MXFP8", true, QuantFormat::kMxfp8, false},
 };
 
 }  // namespace
@@ -80,11 +86,6 @@ absl::StatusOr<std::string> SftBaseMethod(absl::string_view sft_method) {
 }
 
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {
-  if (method == "FP8_PERCHANNEL") {
-    return absl::UnimplementedError(
-        "method FP8_PERCHANNEL: per-channel FP8 weights are not supported yet (block-scaled FP8 is: method "
-        "FP8); convert or load with BF16 or an integer method from a bf16 checkpoint");
-  }
   if (method == "LLAMAFILE") {
     return absl::UnimplementedError(
         "method LLAMAFILE: GGUF expert weights are not supported yet by kt convert / load_weights");
@@ -113,7 +114,7 @@ absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\"; kt can store: ",
                                                  absl::StrJoin(ConvertibleMethods(), ", "),
-                                                 " (FP8_PERCHANNEL and LLAMAFILE come later)"));
+                                                 " (LLAMAFILE comes later)"));
 }
 
 }  // namespace kt

@@ -26,10 +26,11 @@ struct MethodLayout {
   std::string tag;         // kBf16LayoutTag or QuantLayoutTag(spec).
 };
 
-// The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup,
-// AMXINT4_1KGroup, RAWINT4, GPTQ_INT4: the native int4 checkpoints' G) and must then be 32, 64 or 128. Errors: Unimplemented for methods kt cannot store yet
-// (FP8_PERCHANNEL: "per-channel FP8 ... not supported yet"; LLAMAFILE: GGUF; FP8 is kt-fp8-block128-v1), InvalidArgument for an unknown name
-// (listing the known ones) or a bad group size.
+// The layout of `method`. `group_size` is used only by the group methods (AMXINT4_KGroup, AMXINT4_1KGroup,
+// RAWINT4, GPTQ_INT4: the native int4 checkpoints' G) and must then be 32, 64 or 128. Errors: Unimplemented
+// for methods kt cannot store yet (LLAMAFILE: GGUF; FP8 and FP8_PERCHANNEL are kt-fp8-block128-v1, MXFP4 /
+// MXFP8 kt-mxfp4-v1 / kt-mxfp8-v1), InvalidArgument for an unknown name (listing the known ones) or a bad
+// group size.
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size = 128);
 
 // Whether `method` takes a group size (the K-group int4 methods: AMXINT4_KGroup, AMXINT4_1KGroup,

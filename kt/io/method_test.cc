@@ -23,10 +23,14 @@ TEST(MethodTest, LayoutsOfEveryMethod) {
   EXPECT_EQ(LayoutOfMethod("AMXINT4_KGroup", 32)->tag, "kt-int4-group32-sym-v1");
   EXPECT_EQ(LayoutOfMethod("BF16")->tag, kBf16LayoutTag);
   EXPECT_EQ(LayoutOfMethod("FP8")->tag, "kt-fp8-block128-v1");
+  // A per-channel scale is each 128-k block's scale of its row: the same layout as FP8.
+  EXPECT_EQ(LayoutOfMethod("FP8_PERCHANNEL")->tag, "kt-fp8-block128-v1");
+  EXPECT_EQ(LayoutOfMethod("MXFP4")->tag, "kt-mxfp4-v1");
+  EXPECT_EQ(LayoutOfMethod("MXFP8")->tag, "kt-mxfp8-v1");
 }
 
 TEST(MethodTest, Errors) {
-  EXPECT_EQ(LayoutOfMethod("FP8_PERCHANNEL").status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(LayoutOfMethod("LLAMAFILE").status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(LayoutOfMethod("INT3").status().message()), HasSubstr("unknown method \"INT3\""));
   EXPECT_THAT(std::string(LayoutOfMethod("AMXINT4_KGroup", 96).status().message()),
               HasSubstr("group_size must be 32, 64 or 128, got 96"));

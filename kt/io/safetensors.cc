@@ -26,7 +26,7 @@ struct DtypeEntry {
 constexpr DtypeEntry kDtypes[] = {
     {Dtype::kBf16, "BF16", 2},      {Dtype::kF16, "F16", 2}, {Dtype::kF32, "F32", 4},
     {Dtype::kF8E4M3, "F8_E4M3", 1}, {Dtype::kI8, "I8", 1},   {Dtype::kU8, "U8", 1},
-    {Dtype::kI32, "I32", 4},        {Dtype::kI64, "I64", 8},
+    {Dtype::kI32, "I32", 4},        {Dtype::kI64, "I64", 8},    {Dtype::kF8E8M0, "F8_E8M0", 1},
 };
 
 const DtypeEntry& Entry(Dtype dtype) {

@@ -30,9 +30,10 @@
 namespace kt {
 
 // The element types kt reads. Other safetensors dtypes (F64, BOOL, F8_E5M2, ...) are rejected by name.
-enum class Dtype { kBf16, kF16, kF32, kF8E4M3, kI8, kU8, kI32, kI64 };
+enum class Dtype { kBf16, kF16, kF32, kF8E4M3, kI8, kU8, kI32, kI64, kF8E8M0 };
 
-// The safetensors spelling: "BF16", "F16", "F32", "F8_E4M3", "I8", "U8", "I32", "I64".
+// The safetensors spelling: "BF16", "F16", "F32", "F8_E4M3", "I8", "U8", "I32", "I64", "F8_E8M0" (OCP MX
+// scales: an unsigned biased exponent per byte).
 const char* DtypeName(Dtype dtype);
 size_t DtypeSize(Dtype dtype);
 // Parses a safetensors spelling; the error lists the supported ones.

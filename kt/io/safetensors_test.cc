@@ -364,7 +364,7 @@ TEST(SafetensorsBadInputTest, UnsupportedDtype) {
   const std::string error = OpenError(
       TestPath("x"), RawFile(R"({"w.weight":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", 8));
   EXPECT_THAT(error, HasSubstr("tensor \"w.weight\": unsupported dtype \"F64\" (supported: BF16, F16, F32, "
-                               "F8_E4M3, I8, U8, I32, I64)"));
+                               "F8_E4M3, I8, U8, I32, I64, F8_E8M0)"));
   EXPECT_THAT(OpenError(TestPath("y"), RawFile(R"({"w":{"dtype":7,"shape":[1],"data_offsets":[0,8]}})", 8)),
               HasSubstr("tensor \"w\": dtype must be a string, found integer"));
 }

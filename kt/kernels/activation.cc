@@ -55,5 +55,25 @@ void SiluMulToBf16(Isa isa, const float* g, const float* u, bf16_t* h, size_t n)
   for (size_t i = 0; i < n; ++i) h[i] = F32ToBf16(g[i] / (1.0f + std::exp(-g[i])) * u[i]);
 }
 
+void SwigluToBf16(Isa isa, const SwigluParams& p, float* g, float* u, bf16_t* h, size_t n) {
+  if (p.limit > 0.0f) {
+    const float l = p.limit;
+    // Comparisons, not fmin/fmax, so that a NaN stays NaN.
+    for (size_t i = 0; i < n; ++i) {
+      g[i] = g[i] > l ? l : g[i];
+      u[i] = u[i] > l ? l : (u[i] < -l ? -l : u[i]);
+    }
+  }
+  if (p.alpha > 0.0f) {
+    // g sigmoid(a g) (u + 1) = silu(a g) * ((u + 1) / a): the vectorized silu does the exp.
+    const float a = p.alpha, inv = 1.0f / p.alpha;
+    for (size_t i = 0; i < n; ++i) {
+      g[i] *= a;
+      u[i] = (u[i] + 1.0f) * inv;
+    }
+  }
+  SiluMulToBf16(isa, g, u, h, n);
+}
+
 }  // namespace kt
 #endif  // HWY_ONCE

@@ -52,6 +52,55 @@ TEST_P(ActivationTest, MatchesDoubleOracleWithinOneBf16Step) {
   }
 }
 
+// The clamp and swigluoai variants against their double-precision definitions (gpt-oss' formula: g capped
+// at limit, u clamped to +-limit, g sigmoid(alpha g) (u + 1)): within one bf16 step, every path; and
+// NaN kept; plain parameters give SiluMulToBf16's bits.
+TEST_P(ActivationTest, SwigluLimitAndAlphaMatchTheirDefinition) {
+  const Isa isa = GetParam();
+  if (!IsaSupported(isa, GetCpuFeatures())) GTEST_SKIP() << IsaName(isa) << " not on this CPU";
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.0f, 6.0f);
+  const SwigluParams cases[] = {{7.0f, 0.0f}, {0.0f, 1.702f}, {7.0f, 1.702f}, {0.0f, 0.0f}};
+  for (const SwigluParams& p : cases) {
+    const size_t len = 333;
+    std::vector<float> g(len), u(len);
+    for (size_t i = 0; i < len; ++i) {
+      g[i] = n(rng);
+      u[i] = n(rng);
+    }
+    g[5] = std::nanf("");
+    std::vector<float> g0 = g, u0 = u;
+    std::vector<bf16_t> h(len), plain(len);
+    SiluMulToBf16(isa, g0.data(), u0.data(), plain.data(), len);
+    SwigluToBf16(isa, p, g.data(), u.data(), h.data(), len);
+    size_t clamped = 0;
+    for (size_t i = 0; i < len; ++i) {
+      double gd = g0[i], ud = u0[i];
+      if (p.limit > 0) {
+        clamped += gd > p.limit || std::fabs(ud) > p.limit;
+        gd = std::min(gd, static_cast<double>(p.limit));
+        ud = std::max(std::min(ud, static_cast<double>(p.limit)), -static_cast<double>(p.limit));
+      }
+      const double exact = p.alpha > 0 ? gd / (1.0 + std::exp(-p.alpha * gd)) * (ud + 1.0)
+                                       : gd / (1.0 + std::exp(-gd)) * ud;
+      const float got = Bf16ToF32(h[i]);
+      if (i == 5) {
+        EXPECT_TRUE(std::isnan(got)) << "NaN gate must stay NaN";
+        continue;
+      }
+      const double step = std::max(std::fabs(exact) * std::ldexp(1.0, -7), 1e-30);
+      ASSERT_LE(std::fabs(got - exact), step) << "limit=" << p.limit << " alpha=" << p.alpha << " i=" << i
+                                               << " g=" << g0[i] << " u=" << u0[i];
+      if (p.plain()) {
+        EXPECT_EQ(h[i].bits, plain[i].bits) << i;
+      }
+    }
+    if (p.limit > 0) {
+      EXPECT_GT(clamped, 20u) << "the data must exercise the clamp";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllPaths, ActivationTest, isa_test::AllIsas(), isa_test::IsaParamName());
 
 }  // namespace

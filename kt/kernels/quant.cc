@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kt/kernels/fp8.h"
+#include "kt/kernels/mx.h"
 
 namespace kt {
 namespace {
@@ -113,6 +114,41 @@ void QuantizeFp8Block(const bf16_t* w, size_t ldw, QuantizedMatrix* qm) {
   }
 }
 
+// The element code of the MX format and its value.
+uint8_t MxEncode(QuantFormat f, float v) { return f == QuantFormat::kMxfp4 ? F32ToE2M1(v) : F32ToFp8E4M3(v); }
+float MxDecode(QuantFormat f, const uint8_t* row, size_t c) {
+  return f == QuantFormat::kMxfp4 ? E2M1ToF32(static_cast<uint8_t>(row[c / 2] >> (4 * (c & 1))))
+                                  : Fp8E4M3ToF32(row[c]);
+}
+
+// kt-mxfp4-v1 / kt-mxfp8-v1 of w (finite, checked): per 32 k of a row the OCP shared exponent (mx.h).
+void QuantizeMx(const bf16_t* w, size_t ldw, QuantizedMatrix* qm) {
+  const QuantFormat f = qm->spec.format;
+  const size_t n = qm->n, k = qm->k, blocks = k / kMxBlock, row_bytes = QuantizedRowBytes(qm->spec, k);
+  const int emax = f == QuantFormat::kMxfp4 ? kE2M1Emax : kE4M3Emax;
+  qm->data.assign(n * row_bytes, 0);
+  qm->scales.assign(n * blocks, 0.0f);
+  for (size_t r = 0; r < n; ++r) {
+    uint8_t* out = qm->data.data() + r * row_bytes;
+    for (size_t b = 0; b < blocks; ++b) {
+      float amax = 0.0f;
+      for (size_t c = b * kMxBlock; c < (b + 1) * kMxBlock; ++c) {
+        amax = std::fmax(amax, std::fabs(Bf16ToF32(w[r * ldw + c])));
+      }
+      const float scale = E8M0ToF32(MxSharedExponent(amax, emax));
+      qm->scales[r * blocks + b] = scale;
+      for (size_t c = b * kMxBlock; c < (b + 1) * kMxBlock; ++c) {
+        const uint8_t q = MxEncode(f, Bf16ToF32(w[r * ldw + c]) / scale);  // exact: a power of two
+        if (f == QuantFormat::kMxfp4) {
+          out[c / 2] = static_cast<uint8_t>(out[c / 2] | (q << (4 * (c & 1))));
+        } else {
+          out[c] = q;
+        }
+      }
+    }
+  }
+}
+
 bool GroupSizeAccepted(int g) {
   return std::find(std::begin(kQuantGroupSizes), std::end(kQuantGroupSizes), g) != std::end(kQuantGroupSizes);
 }
@@ -133,6 +169,10 @@ const char* QuantFormatName(QuantFormat format) {
       return "int4_channel_asym";
     case QuantFormat::kFp8Block128:
       return "fp8_block128";
+    case QuantFormat::kMxfp4:
+      return "mxfp4";
+    case QuantFormat::kMxfp8:
+      return "mxfp8";
   }
   return "unknown";
 }
@@ -162,9 +202,21 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k) {
                                                        ", group_size = ", spec.group_size));
       }
       return absl::OkStatus();
+    case QuantFormat::kMxfp4:
+    case QuantFormat::kMxfp8:
+      if (spec.group_size != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("group_size must be 0 for ", QuantFormatName(spec.format),
+                                                       " (its block of 32 is fixed by the format), got ",
+                                                       spec.group_size));
+      }
+      if (k % kMxBlock != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("K must be a multiple of 32 for ",
+                                                       QuantFormatName(spec.format), ", got K = ", k));
+      }
+      return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..5"));
+      absl::StrCat("unknown quantization format ", static_cast<int>(spec.format), ", expected 0..7"));
 }
 
 std::string QuantLayoutTag(const QuantSpec& spec) {
@@ -183,18 +235,25 @@ std::string QuantLayoutTag(const QuantSpec& spec) {
       return "kt-int4-channel-asym-v1";
     case QuantFormat::kFp8Block128:
       return "kt-fp8-block128-v1";
+    case QuantFormat::kMxfp4:
+      return "kt-mxfp4-v1";
+    case QuantFormat::kMxfp8:
+      return "kt-mxfp8-v1";
   }
   return "";
 }
 
 size_t QuantizedRowBytes(const QuantSpec& spec, size_t k) {
   if (!ValidateQuantSpec(spec, k).ok()) return 0;
-  return spec.format == QuantFormat::kInt8PerChannel || spec.format == QuantFormat::kFp8Block128 ? k : (k + 1) / 2;
+  const bool byte_per_element = spec.format == QuantFormat::kInt8PerChannel ||
+                                spec.format == QuantFormat::kFp8Block128 || spec.format == QuantFormat::kMxfp8;
+  return byte_per_element ? k : (k + 1) / 2;
 }
 
 size_t ScalesPerRow(const QuantSpec& spec, size_t k) {
   if (!ValidateQuantSpec(spec, k).ok()) return 0;
   if (spec.format == QuantFormat::kFp8Block128) return (k + kFp8Block - 1) / kFp8Block;
+  if (IsMxFormat(spec.format)) return k / kMxBlock;
   return IsGroupFormat(spec.format) ? k / static_cast<size_t>(spec.group_size) : 1;
 }
 
@@ -227,6 +286,10 @@ absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w,
   qm.k = k;
   if (spec.format == QuantFormat::kFp8Block128) {
     QuantizeFp8Block(w, ldw, &qm);
+    return qm;
+  }
+  if (IsMxFormat(spec.format)) {
+    QuantizeMx(w, ldw, &qm);
     return qm;
   }
   const size_t row_bytes = QuantizedRowBytes(spec, k);
@@ -262,6 +325,16 @@ void Dequantize(const QuantizedMatrix& qm, float* w, size_t ldw) {
     for (size_t r = 0; r < qm.n; ++r) {
       for (size_t c = 0; c < qm.k; ++c) {
         w[r * ldw + c] = Fp8E4M3ToF32(qm.data[r * qm.k + c]) * qm.scales[r * blocks + c / kFp8Block];
+      }
+    }
+    return;
+  }
+  if (IsMxFormat(spec.format)) {
+    const size_t row_bytes = QuantizedRowBytes(spec, qm.k), blocks = qm.k / kMxBlock;
+    for (size_t r = 0; r < qm.n; ++r) {
+      for (size_t c = 0; c < qm.k; ++c) {
+        w[r * ldw + c] = MxDecode(spec.format, qm.data.data() + r * row_bytes, c) *
+                         qm.scales[r * blocks + c / kMxBlock];
       }
     }
     return;

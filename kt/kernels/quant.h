@@ -29,9 +29,16 @@ enum class QuantFormat : int {
                             // (the original's INT4_1).
   kFp8Block128 = 5,  // kt-fp8-block128-v1: FP8 E4M3 codes (fp8.h), one scale per 128 x 128 block, held per
                      // row and 128-wide k block (DeepSeek-V3's `weight` + `weight_scale_inv`).
+  kMxfp4 = 6,  // kt-mxfp4-v1: OCP MXFP4, E2M1 codes (mx.h) two per byte, one power-of-two scale (E8M0) per
+               // 32 consecutive k of a row (DeepSeek-V4-Flash, gpt-oss).
+  kMxfp8 = 7,  // kt-mxfp8-v1: OCP MXFP8, E4M3 codes, one E8M0 scale per 32 consecutive k (MiniMax-M3).
 };
 
-// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym", "int4_channel_asym", "fp8_block128";
+// The MX formats: a power-of-two scale per 32 k, K a multiple of 32.
+inline bool IsMxFormat(QuantFormat f) { return f == QuantFormat::kMxfp4 || f == QuantFormat::kMxfp8; }
+
+// "int8_channel", "int4_channel", "int4_group_sym", "int4_group_asym", "int4_channel_asym", "fp8_block128",
+// "mxfp4", "mxfp8";
 // "unknown" for anything else.
 const char* QuantFormatName(QuantFormat format);
 
@@ -63,16 +70,18 @@ absl::Status ValidateQuantSpec(const QuantSpec& spec, size_t k);
 // Storage of one row, for a spec valid for k (ValidateQuantSpec); 0 otherwise.
 size_t QuantizedRowBytes(const QuantSpec& spec, size_t k);  // bytes of `data` per row
 size_t ScalesPerRow(const QuantSpec& spec, size_t k);       // 1, K / G for the group formats, ceil(K / 128)
-                                                            // for kFp8Block128
+                                                            // for kFp8Block128, K / 32 for the MX formats
 
 // A quantized matrix in canonical form (row-major, what kernels repack from):
 // - data:   N rows of QuantizedRowBytes(spec, K) bytes. int8: one two's-complement byte per element.
 //           int4: two elements per byte, element 2i in the low nibble and 2i+1 in the high nibble of byte i;
 //           signed nibbles (sym formats) are two's complement, asym nibbles are unsigned. Odd K (per-channel
-//           int4 only) leaves the last high nibble 0. fp8: one E4M3 code per element.
+//           int4 only) leaves the last high nibble 0. fp8, mxfp8: one E4M3 code per element. mxfp4: E2M1
+//           codes, two per byte in the int4 order (as OCP MX checkpoints pack them).
 // - scales: N * ScalesPerRow(spec, K) fp32, row-major [n][group]. kFp8Block128: [n][k / 128], and rows of
 //           one 128-row block hold the same scales (the checkpoint's block scale, repeated per row); the
-//           last k block may be shorter than 128.
+//           last k block may be shorter than 128. MX: [n][k / 32], each a power of two 2^(e - 127) with e
+//           in [0, 254] (the E8M0 code, exact in fp32), or NaN (code 0xff).
 // - zeros:  asym only, one uint8 zero point in [0, 15] per scale, same order; empty otherwise.
 struct QuantizedMatrix {
   QuantSpec spec;
@@ -91,6 +100,9 @@ absl::StatusOr<QuantizedMatrix> Quantize(const QuantSpec& spec, const bf16_t* w,
 
 // kFp8Block128 (DeepSeek's quantizer): per 128 x 128 block (the last ones may be smaller) scale = amax / 448
 // and q = the E4M3 code nearest to w / scale (ties to even); an all-zero block gets scale 0 and codes 0.
+
+// MX (OCP MX v1.0, mx.h): per 32 k of a row, scale = 2^(floor(log2(amax)) - emax) and q = the nearest
+// element code of w / scale (ties to even, saturating).
 
 // Writes q * scale (sym), (q - z) * scale (asym) or fp8(q) * scale as one fp32 multiply per element into w[N, K] (row
 // stride ldw >= K). `qm` must be well formed (as Quantize returns it).

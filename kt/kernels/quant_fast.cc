@@ -207,10 +207,10 @@ absl::StatusOr<QuantizedMatrix> QuantizeFast(Isa isa, const QuantSpec& spec, con
                                              size_t n, size_t k) {
   const QuantizeMatrixFn fn = kQuantizeMatrix.For(isa);
   // Quantize owns every error message: bad arguments go straight to it.
-  // kt-fp8-block128-v1 has no vectorized quantizer yet (checkpoints ship it already quantized; only tests
+  // kt-fp8-block128-v1 and the MX formats have no vectorized quantizer yet (checkpoints ship it already quantized; only tests
   // and `kt convert` from bf16 quantize it): the scalar truth.
   if (fn == nullptr || !ValidateQuantSpec(spec, k).ok() || ldw < k || (w == nullptr && n > 0 && k > 0) ||
-      n == 0 || k == 0 || spec.format == QuantFormat::kFp8Block128) {
+      n == 0 || k == 0 || spec.format == QuantFormat::kFp8Block128 || IsMxFormat(spec.format)) {
     return Quantize(spec, w, ldw, n, k);
   }
   QuantizedMatrix qm;

@@ -11,12 +11,14 @@
 #include "kt/kernels/gguf_quants.h"
 #include "kt/kernels/gemm_int4.h"
 #include "kt/kernels/gemm_int8.h"
+#include "kt/kernels/gemm_mx.h"
 #include "kt/kernels/quant_fast.h"
 
 namespace kt {
 namespace {
 
-static_assert(kInt8PanelRows == kPanelRows && kInt4PanelRows == kPanelRows && kFp8PanelRows == kPanelRows,
+static_assert(kInt8PanelRows == kPanelRows && kInt4PanelRows == kPanelRows && kFp8PanelRows == kPanelRows &&
+                  kMxPanelRows == kPanelRows,
               "column blocks address every packed layout alike (16-row panels)");
 
 // ---- kBf16: the weights as given, packed into kt-bf16-panel16-kpair-v1 (gemm_bf16.h). ----
@@ -369,6 +371,63 @@ struct GgufFormat {
   }
 };
 
+// ---- kMxfp4 / kMxfp8: kt-mxfp4-v1 / kt-mxfp8-v1 (OCP MX: E2M1 or E4M3 codes, an E8M0 scale per 32 k)
+// packed into kt-mx-panel16-kblock32-v1 (gemm_mx.h). The E8M0 codes are bytes, kept in the packed expert's
+// uint8 array (`zeros`, [panel][k block][16]: addressed per column like a zero point). Products read bf16
+// rows and decode in registers. ----
+template <bool kFp4>
+struct MxFormat {
+  static PackedLayout Layout(size_t n, size_t k, size_t /*group*/) {
+    PackedLayout l;
+    l.panel_bytes = MxPanelStride(kFp4, k);
+    l.expert_bytes = PackedMxBytes(kFp4, n, k);
+    l.zero_entries = PackedMxScales(n, k);
+    l.scales_per_col = k / kMxBlockK;
+    return l;
+  }
+  static void Run(const FormatGemm& g, const PackedExpert& w, size_t k, size_t /*group*/, const ProjInput& in,
+                  size_t m, size_t cols, float* y, size_t ldy) {
+    reinterpret_cast<GemmMxFn>(g.kernel)(m, k, in.x, in.ld, w.data, w.zeros, cols, y, ldy);
+  }
+  static bool Bind(Isa isa, size_t /*k_block*/, FormatGemm* out) {
+    const GemmMxFn fn = GetGemmMx(kFp4, isa);
+    if (fn == nullptr) return false;
+    out->run = &Run;
+    out->kernel = reinterpret_cast<void (*)()>(fn);
+    out->k_block = 0;
+    return true;
+  }
+  static void Pack(const QuantizedMatrix& qm, const MutablePackedExpert& dst) {
+    // The storage checked spec and sizes; the scales are powers of two by construction (Quantize, or E8M0
+    // codes read from a checkpoint), so packing cannot fail.
+    (void)PackMx(qm, dst.data, dst.zeros);
+  }
+  static void Unpack(const QuantSpec& /*spec*/, const PackedExpert& w, size_t n, size_t k, bool transposed,
+                     bf16_t* out) {
+    UnpackMxToBf16(kFp4, n, k, w.data, w.zeros, transposed, out, transposed ? n : k);
+  }
+  static ExpertFormatTraits Traits() {
+    ExpertFormatTraits t{};
+    t.format = kFp4 ? ExpertFormat::kMxfp4 : ExpertFormat::kMxfp8;
+    t.name = kFp4 ? "mxfp4" : "mxfp8";
+    t.packed_layout = "kt-mx-panel16-kblock32-v1";
+    t.kernel_family = "mx";
+    t.quantized = true;
+    t.quant_format = kFp4 ? QuantFormat::kMxfp4 : QuantFormat::kMxfp8;
+    t.grouped = false;  // the block of 32 is fixed by the format
+    t.activation = ActivationKind::kBf16Rows;
+    t.activation_sums = false;
+    t.max_k = 0;
+    t.layout = &Layout;
+    t.bind_gemm = &Bind;
+    t.pack_bf16 = nullptr;
+    t.pack_quantized = &Pack;
+    t.unpack = &Unpack;
+    t.transpose_packed = nullptr;
+    return t;
+  }
+};
+
 // The table, in ExpertFormat order (FormatTraits indexes it by the enumerator). Built on first use.
 const ExpertFormatTraits* Table() {
   static const ExpertFormatTraits kFormats[] = {
@@ -381,6 +440,8 @@ const ExpertFormatTraits* Table() {
       Fp8BlockFormat::Traits(),
       GgufFormat<false>::Traits(),
       GgufFormat<true>::Traits(),
+      MxFormat<true>::Traits(),
+      MxFormat<false>::Traits(),
   };
   // FormatTraits indexes by the enumerator: a row out of order is a bug of this file, caught at first use.
   static const bool in_order = [] {
@@ -392,7 +453,7 @@ const ExpertFormatTraits* Table() {
   (void)in_order;
   return kFormats;
 }
-constexpr int kNumFormats = 9;
+constexpr int kNumFormats = 11;
 
 }  // namespace
 
@@ -409,7 +470,7 @@ absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name) {
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown expert format '", name,
                                                  "'; expected bf16, int8, int4, int4_asym, int4_group_sym, "
-                                                 "int4_group_asym, fp8_block, gguf or gguf_float"));
+                                                 "int4_group_asym, fp8_block, gguf, gguf_float, mxfp4 or mxfp8"));
 }
 
 const char* ExpertProjName(ExpertProj proj) {

@@ -29,6 +29,9 @@
 //                   x_t and h are quantized to the type's ggml dot partner, int8 per 32 (Q8_0) or per 256
 //                   (Q8_K) values.
 //   kGgufFloat      GGUF F32 / F16 / BF16 tensors as stored (kt-gguf-rows-v1); products read bf16 rows.
+//   kMxfp4, kMxfp8  kt-mxfp4-v1 / kt-mxfp8-v1 (OCP MX: E2M1 / E4M3 codes with an E8M0 scale per 32 k;
+//                   DeepSeek-V4-Flash, MiniMax-M3) packed into kt-mx-panel16-kblock32-v1 (gemm_mx.h), the E8M0
+//                   codes in the uint8 array; products read bf16 rows.
 #ifndef KT_MOE_EXPERT_FORMAT_H_
 #define KT_MOE_EXPERT_FORMAT_H_
 
@@ -43,7 +46,19 @@
 
 namespace kt {
 
-enum class ExpertFormat { kBf16, kInt8, kInt4, kInt4GroupSym, kInt4GroupAsym, kInt4Asym, kFp8Block, kGguf, kGgufFloat };
+enum class ExpertFormat {
+  kBf16,
+  kInt8,
+  kInt4,
+  kInt4GroupSym,
+  kInt4GroupAsym,
+  kInt4Asym,
+  kFp8Block,
+  kGguf,
+  kGgufFloat,
+  kMxfp4,
+  kMxfp8,
+};
 
 // The three projections of an expert: gate and up are [I, H], down is [H, I] (row = output channel).
 enum class ExpertProj : int { kGate = 0, kUp = 1, kDown = 2 };
@@ -75,7 +90,7 @@ struct PackedLayout {
   size_t panel_bytes = 0;     // per 16-row panel, to address a column block
   size_t scale_entries = 0;   // fp32 scales
   size_t sum_entries = 0;     // int32 row sums
-  size_t zero_entries = 0;    // uint8 zero points
+  size_t zero_entries = 0;    // uint8 zero points (the MX formats: their E8M0 scale codes)
   size_t scales_per_col = 0;  // scale (and zero point) entries per output column: 1, or K / G
   size_t group = 0;           // the kernel's group argument (G, or 0 per channel; the ggml type id for GGUF)
   size_t act_group = 0;       // kInt8PerGroup's group when it is not MoeConfig::group_size (GGUF: 32 or 256)
@@ -111,7 +126,7 @@ struct ExpertFormatTraits {
   ExpertFormat format;
   const char* name;           // ExpertFormatName: "bf16", "int8", ...
   const char* packed_layout;  // the kernel layout it packs into (docs/FORMATS.md)
-  const char* kernel_family;  // "bf16", "int8", "int4" or "fp8": the GEMM family (kt/kernels/gemm_*.h), in errors
+  const char* kernel_family;  // "bf16", "int8", "int4", "fp8" or "mx": the GEMM family (kt/kernels/gemm_*.h), in errors
   // The canonical quantized form stored (QuantSpecOf); quantized == false: the bf16 weights as given.
   bool quantized;
   QuantFormat quant_format;
@@ -149,8 +164,8 @@ struct ExpertFormatTraits {
 // The table's entry of `format` (every ExpertFormat has one).
 const ExpertFormatTraits& FormatTraits(ExpertFormat format);
 
-// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym", "int4_asym", "fp8_block", "gguf" or
-// "gguf_float".
+// "bf16", "int8", "int4", "int4_group_sym", "int4_group_asym", "int4_asym", "fp8_block", "gguf",
+// "gguf_float", "mxfp4" or "mxfp8".
 const char* ExpertFormatName(ExpertFormat format);
 // Inverse of ExpertFormatName; InvalidArgument listing the names otherwise.
 absl::StatusOr<ExpertFormat> ParseExpertFormat(absl::string_view name);

@@ -12,7 +12,8 @@ namespace {
 constexpr ExpertFormat kAll[] = {ExpertFormat::kBf16,         ExpertFormat::kInt8,
                                  ExpertFormat::kInt4,         ExpertFormat::kInt4GroupSym,
                                  ExpertFormat::kInt4GroupAsym, ExpertFormat::kInt4Asym,
-                                 ExpertFormat::kFp8Block};
+                                 ExpertFormat::kFp8Block,     ExpertFormat::kMxfp4,
+                                 ExpertFormat::kMxfp8};
 
 TEST(ExpertFormatTest, EveryFormatHasAConsistentEntry) {
   for (ExpertFormat f : kAll) {
@@ -46,8 +47,10 @@ TEST(ExpertFormatTest, EveryFormatHasAConsistentEntry) {
     const PackedLayout l = t.layout(40, 64, 32);
     EXPECT_GT(l.panel_bytes, 0u);
     EXPECT_EQ(l.expert_bytes, 3 * l.panel_bytes);
-    EXPECT_EQ(l.scale_entries > 0, t.quantized);
-    EXPECT_EQ(l.zero_entries > 0, IsAsymFormat(t.quant_format) && t.quantized);
+    // fp32 scales, except the MX formats, whose E8M0 scale codes are bytes in the uint8 array.
+    const bool mx = t.quantized && IsMxFormat(t.quant_format);
+    EXPECT_EQ(l.scale_entries > 0, t.quantized && !mx);
+    EXPECT_EQ(l.zero_entries > 0, (IsAsymFormat(t.quant_format) && t.quantized) || mx);
   }
 }
 

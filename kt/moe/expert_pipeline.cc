@@ -231,7 +231,12 @@ void ExpertPipeline::GateUpTask(const PipelineCall& c, Plan& p, size_t task, int
     experts_.ProjectBlock(ExpertProj::kUp, e, c0, cols, in, m, u, ld);
     if (c.hooks != nullptr) c.hooks->GateUpRows(e, c0, cols, r0, m, g, u, ld, thread);
     for (size_t r = 0; r < m; ++r) {
-      SiluMulToBf16(isa_, g + r * ld, u + r * ld, c.h.bf16 + (r0 + r) * c.h.ld + c0, cols);
+      bf16_t* h = c.h.bf16 + (r0 + r) * c.h.ld + c0;
+      if (c.swiglu.plain()) {
+        SiluMulToBf16(isa_, g + r * ld, u + r * ld, h, cols);
+      } else {
+        SwigluToBf16(isa_, c.swiglu, g + r * ld, u + r * ld, h, cols);
+      }
     }
     r0 += m;
   }

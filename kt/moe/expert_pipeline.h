@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "kt/kernels/activation.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
 #include "kt/moe/packed_experts.h"
@@ -135,6 +136,7 @@ struct PipelineCall {
   size_t down_cols = 48;      // columns per down task
   size_t row_chunk = kRowChunk;  // rows per gate/up product call
   bool join_short_tail = false;  // a remainder of fewer than 16 rows joins the last chunk (scratch: +15 rows)
+  SwigluParams swiglu;           // h's activation variant (plain: silu(g) * u); non-plain overwrites g and u
   float* g_rows = nullptr;    // [rows, ld_gu] where g and u go (kept by the caller); null: per-thread scratch
   float* u_rows = nullptr;
   size_t ld_gu = 0;

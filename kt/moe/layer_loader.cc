@@ -1,5 +1,6 @@
 #include "kt/moe/layer_loader.h"
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
 #include "kt/moe/gguf_loader.h"
+#include "kt/kernels/mx.h"
 #include "kt/kernels/quant.h"
 
 namespace kt {
@@ -36,6 +38,10 @@ ExpertFormat ExpertFormatOfLayout(const MethodLayout& layout) {
       return ExpertFormat::kInt4Asym;
     case QuantFormat::kFp8Block128:
       return ExpertFormat::kFp8Block;
+    case QuantFormat::kMxfp4:
+      return ExpertFormat::kMxfp4;
+    case QuantFormat::kMxfp8:
+      return ExpertFormat::kMxfp8;
   }
   return ExpertFormat::kBf16;  // Unreachable: every QuantFormat is listed above.
 }
@@ -129,9 +135,47 @@ absl::StatusOr<FolderLoadStats> LoadFolderInto(Layer& moe, const std::string& di
   return stats;
 }
 
+// One expert matrix's canonical form from codes and scales as `kind` stores them (the codes copied, the
+// scales expanded to kt's per-row form: quant.h).
+void CodedMatrix(CodeScales kind, QuantFormat format, const uint8_t* codes, const void* scales, size_t e, size_t n,
+                 size_t k, QuantizedMatrix* qm) {
+  qm->spec = QuantSpec{format, 0};
+  qm->n = n;
+  qm->k = k;
+  const size_t bytes = n * QuantizedRowBytes(qm->spec, k), spr = ScalesPerRow(qm->spec, k);
+  qm->data.assign(codes + e * bytes, codes + (e + 1) * bytes);
+  qm->scales.resize(n * spr);
+  switch (kind) {
+    case CodeScales::kFp8Block128: {
+      const size_t block_scales = ((n + 127) / 128) * spr;
+      ExpandFp8BlockScales(static_cast<const float*>(scales) + e * block_scales, n, k, qm->scales.data());
+      break;
+    }
+    case CodeScales::kFp8PerChannel: {
+      // A row's one scale is the scale of each of its 128-k blocks: the same weights, exactly.
+      const float* s = static_cast<const float*>(scales) + e * n;
+      for (size_t r = 0; r < n; ++r) std::fill_n(qm->scales.begin() + r * spr, spr, s[r]);
+      break;
+    }
+    case CodeScales::kE8M0: {
+      const uint8_t* s = static_cast<const uint8_t*>(scales) + e * n * spr;
+      for (size_t i = 0; i < n * spr; ++i) qm->scales[i] = E8M0ToF32(s[i]);
+      break;
+    }
+  }
+}
+
 template <typename Layer>
-absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
-                         const int64_t* physical_to_logical, ThreadPool& pool) {
+absl::Status LoadCodedInto(Layer& moe, CodeScales kind, const uint8_t* const (&codes)[3],
+                           const void* const (&scales)[3], const int64_t* physical_to_logical, ThreadPool& pool) {
+  const absl::StatusOr<QuantSpec> spec = moe.quant_spec();
+  const bool mx_kind = kind == CodeScales::kE8M0;
+  if (!spec.ok() || IsMxFormat(spec->format) != mx_kind ||
+      (!mx_kind && spec->format != QuantFormat::kFp8Block128)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoadCodedExperts: the layer holds ", spec.ok() ? QuantLayoutTag(*spec) : std::string(kBf16LayoutTag),
+        "; ", mx_kind ? "E8M0 scales go with an MX layer (mxfp4, mxfp8)" : "FP8 scales go with an fp8_block layer"));
+  }
   const MoeConfig& c = moe.config();
   const size_t h = c.hidden, inter = c.intermediate;
   moe.BeginLoad();
@@ -141,14 +185,7 @@ absl::Status LoadFp8Into(Layer& moe, const uint8_t* const (&codes)[3], const flo
     const int slot = static_cast<int>(task / 3), p = static_cast<int>(task % 3);
     const size_t e = physical_to_logical ? static_cast<size_t>(physical_to_logical[slot]) : slot;
     QuantizedMatrix qm;
-    qm.spec = QuantSpec{QuantFormat::kFp8Block128, 0};
-    qm.n = p == 2 ? h : inter;
-    qm.k = p == 2 ? inter : h;
-    const size_t block_scales = ((qm.n + 127) / 128) * ((qm.k + 127) / 128);
-    const uint8_t* src = codes[p] + e * qm.n * qm.k;
-    qm.data.assign(src, src + qm.n * qm.k);
-    qm.scales.resize(qm.n * ScalesPerRow(qm.spec, qm.k));
-    ExpandFp8BlockScales(scales[p] + e * block_scales, qm.n, qm.k, qm.scales.data());
+    CodedMatrix(kind, spec->format, codes[p], scales[p], e, p == 2 ? h : inter, p == 2 ? inter : h, &qm);
     status[task] = moe.LoadExpertQuantized(slot, static_cast<ExpertProj>(p), qm);
   });
   for (const absl::Status& s : status) {
@@ -217,12 +254,24 @@ absl::StatusOr<FolderLoadStats> LoadLayerFromFolder(TpMoeLayer& moe, const std::
 
 absl::Status LoadFp8Experts(MoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
                             const int64_t* physical_to_logical, ThreadPool& pool) {
-  return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
+  const void* const s[3] = {scales[0], scales[1], scales[2]};
+  return LoadCodedInto(moe, CodeScales::kFp8Block128, codes, s, physical_to_logical, pool);
 }
 
 absl::Status LoadFp8Experts(TpMoeLayer& moe, const uint8_t* const (&codes)[3], const float* const (&scales)[3],
                             const int64_t* physical_to_logical, ThreadPool& pool) {
-  return LoadFp8Into(moe, codes, scales, physical_to_logical, pool);
+  const void* const s[3] = {scales[0], scales[1], scales[2]};
+  return LoadCodedInto(moe, CodeScales::kFp8Block128, codes, s, physical_to_logical, pool);
+}
+
+absl::Status LoadCodedExperts(MoeLayer& moe, CodeScales kind, const uint8_t* const (&codes)[3],
+                              const void* const (&scales)[3], const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadCodedInto(moe, kind, codes, scales, physical_to_logical, pool);
+}
+
+absl::Status LoadCodedExperts(TpMoeLayer& moe, CodeScales kind, const uint8_t* const (&codes)[3],
+                              const void* const (&scales)[3], const int64_t* physical_to_logical, ThreadPool& pool) {
+  return LoadCodedInto(moe, kind, codes, scales, physical_to_logical, pool);
 }
 
 absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const FolderLayerOptions& in_options,

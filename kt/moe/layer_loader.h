@@ -68,6 +68,22 @@ absl::Status LoadRawInt4Experts(MoeLayer& moe, const uint8_t* const (&packed)[3]
 absl::Status LoadRawInt4Experts(TpMoeLayer& moe, const uint8_t* const (&packed)[3],
                                 const uint16_t* const (&scales)[3], const int64_t* physical_to_logical,
                                 ThreadPool& pool);
+// Expert codes with their scales as checkpoints store them, for LoadCodedExperts: codes[0] gate and
+// codes[1] up [E, I, H], codes[2] down [E, H, I] (E4M3 bytes; MXFP4: E2M1 nibble pairs, [E, N, K/2], element
+// 2i in the low nibble), and per projection the scales:
+enum class CodeScales {
+  kFp8Block128,    // float32 [E, ceil(N/128), ceil(K/128)] (`weight_scale_inv`): an fp8_block layer (FP8)
+  kFp8PerChannel,  // float32 [E, N] (`weight_scale` [N] or [N, 1]): an fp8_block layer (FP8_PERCHANNEL; the
+                   // row's scale is each of its 128-k block scales, the same weights exactly)
+  kE8M0,           // uint8 [E, N, K/32] E8M0 codes (`scale`, MXFP4 / MXFP8): an mxfp4 or mxfp8 layer
+};
+// Packs them into `moe` with no bf16 copy, parallel over (slot, projection) on `pool`; physical_to_logical as
+// for LoadLayerFromFolder. The caller checked the arrays' dtypes and shapes; InvalidArgument if `kind` does
+// not go with the layer's format.
+absl::Status LoadCodedExperts(MoeLayer& moe, CodeScales kind, const uint8_t* const (&codes)[3],
+                              const void* const (&scales)[3], const int64_t* physical_to_logical, ThreadPool& pool);
+absl::Status LoadCodedExperts(TpMoeLayer& moe, CodeScales kind, const uint8_t* const (&codes)[3],
+                              const void* const (&scales)[3], const int64_t* physical_to_logical, ThreadPool& pool);
 
 // What OpenLayerFromFolder builds: the method (and its group size) the weights are held in, the kernel path,
 // and the layer's scratch size. The shape (E, k, H, I) comes from the folder's config.json.

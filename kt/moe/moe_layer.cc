@@ -85,6 +85,12 @@ absl::Status ValidateMoeConfig(const MoeConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat("MoeConfig.top_k (", c.top_k,
                                                    ") must be <= num_experts (", c.num_experts, ")"));
   }
+  for (const auto& [name, v] : {std::pair<const char*, float>{"swiglu_limit", c.swiglu_limit},
+                                {"swiglu_alpha", c.swiglu_alpha}}) {
+    if (!(std::isfinite(v) && v >= 0.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat("MoeConfig.", name, " must be finite and >= 0 (0: off), got ", v));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -293,6 +299,7 @@ PipelineCall MoeLayer::MakePipelineCall(size_t threads, int qlen, int k, const f
   c.down_cols = down_panels * kPanelRows;
   c.row_chunk = RowChunk();
   c.join_short_tail = true;
+  c.swiglu = SwigluParams{config_.swiglu_limit, config_.swiglu_alpha};
   c.order = SumOrder::kExpertMajor;
   c.acc = sc.acc.get();
   c.ld_acc = ldy_;

@@ -53,6 +53,11 @@ struct MoeConfig {
   // The GGUF formats (gguf, gguf_float; method LLAMAFILE): the ggml type id of the gate, up and down
   // tensors (kt/kernels/gguf_quants.h), as the file stores them. Ignored by the other formats.
   int gguf_types[3] = {-1, -1, -1};
+  // The gated activation's variants (kt/kernels/activation.h, SwigluParams): > 0 clamps g <= limit and
+  // |u| <= limit; alpha > 0 computes g sigmoid(alpha g) (u + 1) ("swigluoai"). 0: off (silu(g) * u).
+  // Finite and >= 0; SFT refuses non-zero values (its backward is silu(g) * u's).
+  float swiglu_limit = 0.0f;
+  float swiglu_alpha = 0.0f;
 };
 
 // Checks every field (positive, sane) and names the bad one.

@@ -1,5 +1,5 @@
 // The MoE forward on every kernel path and expert format (bf16, int8, int4 per channel sym and asym, int4
-// group-wise sym with G = 32 and asym with G = 64) against MoeForwardReference (double accumulation, same
+// group-wise sym with G = 32 and asym with G = 64, fp8 block, mxfp4, mxfp8) against MoeForwardReference (double accumulation, same
 // bf16 rounding of silu(g)*u, and for the quantized formats the same quantization applied in plain code),
 // including the routing corner cases: invalid and GPU-masked ids, an expert chosen twice by one token, all
 // tokens on one expert, experts with no tokens, permuted expert slots; thread counts, shared scratch and
@@ -42,6 +42,40 @@ TEST_P(MoeLayerTest, QlenSweepMatchesReference) {
   }
   std::printf("[%s %s] worst max|err|/max|ref| = %.3g\n", IsaName(isa()), ExpertFormatName(format()),
               worst);
+}
+
+// swiglu_limit (g <= L, |u| <= L) and swiglu_alpha (g sigmoid(a g) (u + 1)), each alone and together,
+// against the reference's definition; L = 0.5 clamps most of g and u (they are about N(0, 1)), so an
+// ignored parameter would fail (checked: the plain layer's output differs by more than the tolerance).
+TEST_P(MoeLayerTest, SwigluLimitAndAlphaMatchReference) {
+  Layer l = Make(6, 2, 64, 64, 9, 21);
+  std::mt19937 rng(22);
+  ThreadPool pool(2);
+  const Batch b = RandomBatch(l.config, 9, rng);
+  std::vector<bf16_t> plain(static_cast<size_t>(b.qlen) * l.config.hidden);
+  ASSERT_TRUE(Build(l, pool)->Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(),
+                                      plain.data(), nullptr).ok());
+  for (auto [limit, alpha] : {std::pair<float, float>{0.5f, 0.0f}, {0.0f, 1.702f}, {0.5f, 1.702f}}) {
+    SCOPED_TRACE(absl::StrCat("limit ", limit, " alpha ", alpha));
+    l.config.swiglu_limit = limit;
+    l.config.swiglu_alpha = alpha;
+    auto moe = Build(l, pool);
+    std::vector<bf16_t> out(plain.size());
+    ASSERT_TRUE(moe->Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                             nullptr).ok());
+    Compare(l, b, out);
+    double diff = 0, mag = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      diff = std::max(diff, std::fabs(static_cast<double>(Bf16ToF32(out[i])) - Bf16ToF32(plain[i])));
+      mag = std::max(mag, std::fabs(static_cast<double>(Bf16ToF32(plain[i]))));
+    }
+    EXPECT_GT(diff, 0.05 * mag) << "the parameters changed nothing";
+  }
+  l.config.swiglu_limit = -1.0f;
+  l.config.swiglu_alpha = 0.0f;
+  const absl::Status bad = ValidateMoeConfig(l.config);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("swiglu_limit"), absl::string_view::npos) << bad;
 }
 
 TEST_P(MoeLayerTest, RoutingCornerCases) {

@@ -70,7 +70,11 @@ class MoeLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
   static int Group() {
     return format() == ExpertFormat::kInt4GroupSym ? 32 : format() == ExpertFormat::kInt4GroupAsym ? 64 : 0;
   }
-  static int Dim(int x) { return Group() == 0 ? x : (x + Group() - 1) / Group() * Group(); }
+  // The MX formats' scales cover 32 k: their H and I are rounded up to a multiple of 32.
+  static int Align() {
+    return format() == ExpertFormat::kMxfp4 || format() == ExpertFormat::kMxfp8 ? 32 : Group();
+  }
+  static int Dim(int x) { return Align() == 0 ? x : (x + Align() - 1) / Align() * Align(); }
   static MoeConfig Config(int e, int k, int h, int i, int max_len) {
     MoeConfig c{e, k, Dim(h), Dim(i), max_len};
     if (Group() != 0) c.group_size = Group();
@@ -132,7 +136,8 @@ class MoeLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
                          ::testing::Values(::kt::ExpertFormat::kBf16, ::kt::ExpertFormat::kInt8,              \
                                            ::kt::ExpertFormat::kInt4, ::kt::ExpertFormat::kInt4GroupSym,      \
                                            ::kt::ExpertFormat::kInt4GroupAsym, ::kt::ExpertFormat::kInt4Asym,  \
-                                           ::kt::ExpertFormat::kFp8Block)),                                   \
+                                           ::kt::ExpertFormat::kFp8Block, ::kt::ExpertFormat::kMxfp4,         \
+                                           ::kt::ExpertFormat::kMxfp8)),                                      \
       [](const auto& info) {                                                                                \
         return std::string(::kt::IsaName(std::get<0>(info.param))) + "_" +                                  \
                ::kt::ExpertFormatName(std::get<1>(info.param));                                             \

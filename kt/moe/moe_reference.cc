@@ -27,6 +27,19 @@ MatrixD ReferenceWeights(ExpertFormat format, int group_size, const bf16_t* w, s
   return MapRows(deq.data(), n, k).cast<double>();
 }
 
+// h of g and u: silu(g) u, with the config's clamp (g <= L, |u| <= L) and swigluoai (g sigmoid(a g) (u + 1)).
+VectorD SwigluReference(const MoeConfig& c, VectorD g, VectorD u) {
+  if (c.swiglu_limit > 0) {
+    const double l = c.swiglu_limit;
+    g = g.array().min(l).matrix();
+    u = u.array().max(-l).min(l).matrix();
+  }
+  if (c.swiglu_alpha > 0) {
+    return (g.array() / (1.0 + (-c.swiglu_alpha * g.array()).exp()) * (u.array() + 1.0)).matrix();
+  }
+  return (g.array() / (1.0 + (-g.array()).exp()) * u.array()).matrix();
+}
+
 // A row as the format feeds it to a product (its ActivationKind, in quant.h's scalar quantizers): the bf16
 // values, or its int8 quantization per row (per row and group) dequantized to fp32.
 VectorD ReferenceActivation(ExpertFormat format, int group_size, const bf16_t* x, size_t k) {
@@ -63,7 +76,7 @@ void MoeForwardReference(const MoeConfig& config, int qlen, int k, const int64_t
       if (e < 0 || e >= config.num_experts || (gpu_experts_mask && gpu_experts_mask[e])) continue;
       const VectorD g = ReferenceWeights(format, gs, gate + e * inter * hidden, inter, hidden) * x;
       const VectorD u = ReferenceWeights(format, gs, up + e * inter * hidden, inter, hidden) * x;
-      const VectorD h = (g.array() / (1.0 + (-g.array()).exp()) * u.array()).matrix();  // silu(g) u
+      const VectorD h = SwigluReference(config, g, u);
       for (size_t c = 0; c < inter; ++c) h_bf16[c] = F32ToBf16(static_cast<float>(h[c]));
       const VectorD y = ReferenceWeights(format, gs, down + e * hidden * inter, hidden, inter) *
                         ReferenceActivation(format, gs, h_bf16.data(), inter);

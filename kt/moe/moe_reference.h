@@ -1,6 +1,7 @@
 // The plain reference of MoeLayer::Forward on canonical weights, in double precision (Eigen), for tests and
 // for `kt bench`'s accuracy line. Per token t and slot j with expert e = ids[t][j]:
 //   g = W_g x,  u = W_u x,  h = bf16(silu(g) u),  y = W_d h,  out_t = sum_j w_tj y
+// (h with config.swiglu_limit's clamps and swiglu_alpha's g sigmoid(alpha g) (u + 1) when they are set)
 // (the bf16 rounding of h is the layer's contract: the down projection reads bf16). An id < 0, >= E or masked
 // to the GPU contributes nothing. With a quantized format the format is applied in plain code: weights
 // quantized and dequantized (quant.h; group size from config), x and h quantized per row (per row and group

@@ -87,6 +87,17 @@ absl::StatusOr<std::unique_ptr<PackedExperts>> PackedExperts::Create(const Exper
       }
     }
   }
+  if (traits.quantized) {
+    // Formats whose scales cover fixed k blocks (MX: 32) need K a multiple of the block, for both K's.
+    absl::StatusOr<QuantSpec> spec = QuantSpecOf(format, shape.group_size);
+    for (const auto& [name, v] : {std::pair<const char*, int>{"hidden", shape.hidden},
+                                  {"intermediate", shape.intermediate}}) {
+      if (absl::Status s = spec.ok() ? ValidateQuantSpec(*spec, static_cast<size_t>(v)) : spec.status(); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("MoeConfig.", name, " = ", v, " does not fit ", traits.name,
+                                                       " experts: ", s.message()));
+      }
+    }
+  }
   std::unique_ptr<PackedExperts> w(new PackedExperts(shape, isa, traits));
   w->gemm_ = gemm;
   const size_t e = shape.num_experts, h = shape.hidden, i = shape.intermediate;

@@ -202,15 +202,19 @@ absl::Status SliceQuantized(const QuantizedMatrix& qm, size_t r0, size_t rows, s
                                                    ", ", k0 + cols, ") outside [", qm.n, ", ", qm.k, "]"));
   }
   const QuantSpec& spec = qm.spec;
-  const bool nibbles =  // int4: two codes per byte
-      spec.format != QuantFormat::kInt8PerChannel && spec.format != QuantFormat::kFp8Block128;
+  const bool nibbles =  // int4, mxfp4: two codes per byte
+      spec.format != QuantFormat::kInt8PerChannel && spec.format != QuantFormat::kFp8Block128 &&
+      spec.format != QuantFormat::kMxfp8;
   if (nibbles && (k0 % 2 != 0 || (cols % 2 != 0 && k0 + cols != qm.k))) {
     return absl::InvalidArgumentError(absl::StrCat("SliceQuantized: int4 column cut at ", k0, " + ", cols,
                                                    " must be even"));
   }
   const size_t spr = ScalesPerRow(spec, qm.k), out_spr = ScalesPerRow(spec, cols);
   // Columns one scale covers: the whole row (per channel), the group, or FP8's 128.
-  const size_t span = spec.format == QuantFormat::kFp8Block128 ? 128 : IsGroupFormat(spec.format) ? spec.group_size : 0;
+  const size_t span = spec.format == QuantFormat::kFp8Block128 ? 128
+                     : IsMxFormat(spec.format)                ? 32
+                     : IsGroupFormat(spec.format)             ? spec.group_size
+                                                              : 0;
   size_t s0 = 0;
   if (span != 0) {
     if (k0 % span != 0) {

@@ -221,7 +221,8 @@ TEST(TpMoeLayerTest, QuantizedStreamingLoadsCutForTheParts) {
     ids.push_back(i % kE);
     weights.push_back(0.5f);
   }
-  for (ExpertFormat format : {ExpertFormat::kFp8Block, ExpertFormat::kInt4GroupAsym}) {
+  // MXFP4: nibble pairs and E8M0 scales per 32 columns, cut at the parts' 128-column boundary.
+  for (ExpertFormat format : {ExpertFormat::kFp8Block, ExpertFormat::kInt4GroupAsym, ExpertFormat::kMxfp4}) {
     MoeConfig c{kE, kK, kH, kWideI, kMaxLen};
     c.group_size = 32;
     ThreadPool pool(1);

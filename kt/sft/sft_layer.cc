@@ -28,6 +28,11 @@ std::atomic<uint64_t> g_next_creation_id{0};
 
 absl::Status ValidateSftConfig(const SftConfig& c) {
   if (absl::Status s = ValidateMoeConfig(c.moe); !s.ok()) return s;
+  if (c.moe.swiglu_limit != 0.0f || c.moe.swiglu_alpha != 0.0f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoeConfig.swiglu_limit = ", c.moe.swiglu_limit, " and swiglu_alpha = ", c.moe.swiglu_alpha,
+        ": SFT's backward differentiates silu(g) * u only; both must be 0"));
+  }
   if (!c.skip_lora && c.lora_rank <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("SftConfig.lora_rank must be > 0, got ", c.lora_rank));
   }

@@ -21,6 +21,7 @@ targets=(
   //kt/moe:tp_layer_test //kt/moe:moe_layer_load_test //kt/moe:packed_experts_test //kt/moe:expert_format_test
   //kt/moe:routing_test //kt/sft:sft_layer_sharing_test
   //kt/kernels:fp8_test //kt/kernels:gemm_fp8_test //kt/kernels:gemm_fp8_benchmark
+  //kt/kernels:gemm_mx_test //kt/kernels:gemm_mx_benchmark
   //kt/runtime:task_queue_benchmark //kt/runtime:numa_test //kt/moe:gpu_expert_buffers_test //kt/io:convert_test
   //kt/moe:gpu_expert_buffers_int4_test
   //kt/kernels:gemm_gguf_test //kt/kernels:gemm_gguf_benchmark //kt/moe:gguf_loader_test //kt/io:gguf_experts_test

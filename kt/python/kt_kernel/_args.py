@@ -51,6 +51,8 @@ class InferenceArgs(_Bundle):
     method: str = "AMXINT4"
     numa_nodes: Optional[List[int]] = None
     group_size: int = 128
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ those of the original kt-kernel, so code written against it keeps working.
 What kt implements: ``mode="inference"`` with ``method`` "BF16" (``NativeMoEWrapper``), "AMXINT8",
 "AMXINT4" (``AMXMoEWrapper``), "MOE_INT8", "MOE_INT4" (``GeneralMoEWrapper``), and the kt extensions in
 ``KT_INFERENCE_EXTENSIONS`` (int4 with zero points and group-wise int4; ``group_size`` keyword), "FP8"
-(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped), "LLAMAFILE"
+(``FP8MoEWrapper``: E4M3 with 128 x 128 block scales, read as shipped), "FP8_PERCHANNEL"
+(``FP8PerChannelMoEWrapper``: E4M3 with a scale per output channel), "MXFP4" and "MXFP8" (``MXMoEWrapper``:
+OCP MX codes with E8M0 scales per 32, with ``swiglu_limit`` / ``swiglu_alpha``), "LLAMAFILE"
 (``LlamafileMoEWrapper``: a GGUF checkpoint's expert blocks as stored, Q4_0 .. Q6_K, BF16/F16/F32); weights
 come from ``load_weights_from_tensors`` (bf16 tensors, quantized online) or from ``load_weights``, which
 reads ``weight_path``: a Hugging Face bf16 folder or a ``kt convert`` output folder. ``mode="sft"`` with
@@ -17,8 +19,8 @@ every method of ``SFT_METHODS``: ``AMXBF16_SFT``, ``AMXINT8_SFT``, ``AMXINT4_SFT
 LoRA gradients; weights from ``load_weights_from_tensors``). "RAWINT4" (compressed-tensors pack-quantized
 INT4, Kimi-K2; ``RawInt4MoEWrapper``, which also takes the checkpoint's packed tensors) and "GPTQ_INT4" (GPTQ
 sym, desc_act false; ``AMXMoEWrapper``) load their checkpoints from ``weight_path`` as stored (the group size
-is the checkpoint's); "LLAMAFILE" runs a GGUF checkpoint's expert blocks as stored. The other methods
-(FP8_PERCHANNEL) raise NotImplementedError naming the method: kt never substitutes a different method.
+is the checkpoint's); "LLAMAFILE" runs a GGUF checkpoint's expert blocks as stored. Every method of the
+original is implemented; kt never substitutes a different method.
 
 Example::
 
@@ -41,9 +43,10 @@ from ._args import InferenceArgs, SftArgs
 from .experts_base import BaseMoEWrapper, KExpertsCPUBuffer
 from .methods import METHOD_FORMATS
 from .utils.amx import AMXMoEWrapper
-from .utils.fp8 import FP8MoEWrapper
+from .utils.fp8 import FP8MoEWrapper, FP8PerChannelMoEWrapper
 from .utils.llamafile import LlamafileMoEWrapper
 from .utils.moe_kernel import GeneralMoEWrapper
+from .utils.mx import MXMoEWrapper
 from .utils.native import NativeMoEWrapper
 from .utils.rawint4 import RawInt4MoEWrapper
 
@@ -79,8 +82,11 @@ INFERENCE_METHODS = frozenset(
 #   AMXINT4_1 / MOE_INT4_1              int4, scale and zero point per output channel (kt-int4-channel-asym-v1,
 #                                       the original's INT4_1)
 # The AMX* names use AMX tiles where present; the MOE_* names stop at AVX512-VNNI.
+#   MXFP4 / MXFP8                       OCP MX codes with an E8M0 scale per 32 k (DeepSeek-V4-Flash, MiniMax-M3):
+#                                       later kt-kernel releases have them; the seed's list does not
 KT_INFERENCE_EXTENSIONS = frozenset(
-    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup"]
+    ["AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "MOE_INT4_1", "MOE_INT4_KGroup", "MOE_INT4_1KGroup",
+     "MXFP4", "MXFP8"]
 )
 
 SFT_METHODS = frozenset(
@@ -109,6 +115,10 @@ def _backend_of(method: str):
         return FP8MoEWrapper
     if method == "RAWINT4":
         return RawInt4MoEWrapper
+    if method == "FP8_PERCHANNEL":
+        return FP8PerChannelMoEWrapper
+    if method in ("MXFP4", "MXFP8"):
+        return MXMoEWrapper
     return GeneralMoEWrapper if method.startswith("MOE_") else AMXMoEWrapper
 
 
@@ -118,7 +128,7 @@ _INFERENCE_BACKENDS["LLAMAFILE"] = LlamafileMoEWrapper
 
 # Where each missing inference method is planned, for the NotImplementedError message.
 _PLANNED = {
-    "FP8_PERCHANNEL": "FP8 kernels issue",
+    # Every inference method has a backend now; a method listed before its backend lands goes here.
 }
 
 
@@ -163,6 +173,11 @@ class KTMoEWrapper:
             GPTQ_INT4 take the checkpoint's group size when weight_path is a native int4 checkpoint (or a
             kt convert folder of theirs), and this one otherwise.
         num_gpu_experts, lora_rank, lora_alpha, max_cache_depth, zero_point: SFT only.
+        swiglu_limit: Inference with methods MXFP4 / MXFP8 only (ValueError otherwise): > 0 clamps the gate
+            projection to <= swiglu_limit and the up projection to [-swiglu_limit, swiglu_limit] before the
+            activation (DeepSeek-V4, gpt-oss). 0.0 (default): off.
+        swiglu_alpha: Likewise: > 0 computes gate * sigmoid(swiglu_alpha * gate) * (up + 1) ("swigluoai",
+            MiniMax-M3, gpt-oss) instead of silu(gate) * up. 0.0 (default): off.
         share_cache_pool: SFT only. False (default): each layer keeps its own activation caches (up to
             max_cache_depth forwards). True: all SFT wrappers of the process with the same shape,
             method and max_cache_depth share one cache pool holding max_cache_depth forwards in total,
@@ -175,7 +190,7 @@ class KTMoEWrapper:
 
     Raises:
         ValueError: ``mode`` is unknown, ``method`` is not a method of ``mode``, or an argument is invalid.
-        NotImplementedError: ``method`` is one kt does not implement (FP8_PERCHANNEL), or an SFT argument asks for what kt lacks (num_gpu_experts > 0).
+        NotImplementedError: an SFT argument asks for what kt lacks (num_gpu_experts > 0).
     """
 
     def __new__(
@@ -207,6 +222,9 @@ class KTMoEWrapper:
         zero_point: bool = True,
         # Activation-cache storage (SFT only)
         share_cache_pool: bool = False,
+        # Activation variants (inference, methods MXFP4 / MXFP8 only)
+        swiglu_limit: float = 0.0,
+        swiglu_alpha: float = 0.0,
     ):
         """Creates the backend for ``mode`` and ``method`` (the arguments: see the class docstring)."""
         # Validate mode
@@ -228,7 +246,13 @@ class KTMoEWrapper:
                     layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
                     gpu_experts_mask, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
                     cpu_save, max_deferred_experts_per_token, method, numa_nodes, group_size,
+                    swiglu_limit, swiglu_alpha,
                 )
+            )
+        if swiglu_limit or swiglu_alpha:
+            raise ValueError(
+                f"swiglu_limit={swiglu_limit!r} and swiglu_alpha={swiglu_alpha!r}: SFT computes silu(gate) * up "
+                "only; pass 0.0 for both"
             )
         if method not in SFT_METHODS:
             raise ValueError(

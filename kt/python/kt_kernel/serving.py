@@ -303,7 +303,9 @@ def submit_write_weight_scale_to_buffer(w, tp_world_size, expert_id, w13_weight_
     """Queues the write of expert ``expert_id`` into the buffers (see BaseMoEWrapper's method)."""
     method_name = "submit_write_weight_scale_to_buffer"
     fmt = getattr(w, "weight_format", None)
-    if fmt not in _GPU_LAYOUT_SCALES:
+    # FP8_PERCHANNEL is held as fp8_block with a scale per row, which the GPU's 128 x 128 block layout cannot
+    # carry: refused rather than written with one row's scale for its whole block.
+    if fmt not in _GPU_LAYOUT_SCALES or w.method == "FP8_PERCHANNEL":
         raise NotImplementedError(
             f"{type(w).__name__} (method {w.method!r}): {method_name} is not implemented for this method's weights "
             f"({fmt}): kt writes the GPU kernel layout of BF16, FP8 (block 128) and RAWINT4 experts only")

@@ -85,7 +85,7 @@ class PyMoeLayer {
  public:
   PyMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len,
              const std::string& isa_name, const std::string& format_name, int group_size,
-             const std::vector<int>& gguf_types) {
+             const std::vector<int>& gguf_types, float swiglu_limit, float swiglu_alpha) {
     const absl::StatusOr<ExpertFormat> format_or = ParseExpertFormat(format_name);
     if (!format_or.ok()) {
       throw py::value_error("MoeLayer: " + std::string(format_or.status().message()));
@@ -100,6 +100,8 @@ class PyMoeLayer {
     config.max_len = max_len;
     if (gguf_types.size() != 3) throw py::value_error("MoeLayer: gguf_types must be 3 ggml type ids (gate, up, down)");
     for (int p = 0; p < 3; ++p) config.gguf_types[p] = gguf_types[p];
+    config.swiglu_limit = swiglu_limit;
+    config.swiglu_alpha = swiglu_alpha;
     const Isa isa = IsaFromName(isa_name);
     absl::StatusOr<std::unique_ptr<MoeLayer>> moe;
     {
@@ -171,6 +173,31 @@ class PyMoeLayer {
         const uint16_t* const scales[3] = {Ptr<const uint16_t>(gate_scale), Ptr<const uint16_t>(up_scale),
                                            Ptr<const uint16_t>(down_scale)};
         status = LoadRawInt4Experts(**staged, packed, scales, Ptr<const int64_t>(physical_to_logical), pool);
+      }
+      if (status.ok()) status = moe_->AdoptWeights(**staged);
+    }
+    if (!status.ok()) ThrowStatus(status);
+  }
+
+  // Codes and scales as checkpoints store them (LoadCodedExperts, `kind` as ParseCodeScales reads it); the
+  // caller (Python) checked dtypes and shapes. Staged and swapped in like LoadWeights.
+  void LoadWeightsCoded(const std::string& kind, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
+                        std::uintptr_t gate_scale, std::uintptr_t up_scale, std::uintptr_t down_scale,
+                        std::uintptr_t physical_to_logical, ThreadPool& pool) {
+    const CodeScales scales_kind = ParseCodeScales(kind);
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(ComputeMutex());
+      absl::StatusOr<std::unique_ptr<MoeLayer>> staged = moe_->CreateStaging();
+      status = staged.status();
+      if (status.ok()) {
+        const uint8_t* const codes[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up),
+                                         Ptr<const uint8_t>(down)};
+        const void* const scales[3] = {Ptr<const void>(gate_scale), Ptr<const void>(up_scale),
+                                       Ptr<const void>(down_scale)};
+        status = LoadCodedExperts(**staged, scales_kind, codes, scales, Ptr<const int64_t>(physical_to_logical),
+                                  pool);
       }
       if (status.ok()) status = moe_->AdoptWeights(**staged);
     }
@@ -314,6 +341,7 @@ PYBIND11_MODULE(_kt, m) {
       },
       py::arg("sft_method"), "The inference method whose base weights an SFT method holds (ValueError if none).");
 
+
   py::class_<ThreadPool>(m, "ThreadPool",
                          "Persistent worker threads (the caller of a compute call counts as one).")
       .def(py::init([](int num_threads, bool pin) {
@@ -326,10 +354,12 @@ PYBIND11_MODULE(_kt, m) {
   py::class_<PyMoeLayer>(m, "MoeLayer",
                          "The routed experts of one MoE layer; weights kept as bf16 or quantized (int8, int4, "
                          "int4_group_sym, int4_group_asym with group_size).")
-      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int, const std::vector<int>&>(),
+      .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int, const std::vector<int>&,
+                    float, float>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"),
            py::arg("max_len"), py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128,
-           py::arg("gguf_types") = std::vector<int>{-1, -1, -1})
+           py::arg("gguf_types") = std::vector<int>{-1, -1, -1}, py::arg("swiglu_limit") = 0.0f,
+           py::arg("swiglu_alpha") = 0.0f)
       .def("load_weights", &PyMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"),
            "Packs (quantized formats: quantizes, then packs) gate/up [E,I,H] and down [E,H,I] bf16 weights "
@@ -341,6 +371,12 @@ PYBIND11_MODULE(_kt, m) {
       .def("load_weights_rawint4", &PyMoeLayer::LoadWeightsRawInt4, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
            py::arg("pool"))
+      .def("load_weights_coded", &PyMoeLayer::LoadWeightsCoded, py::arg("kind"), py::arg("gate"), py::arg("up"),
+           py::arg("down"), py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"),
+           py::arg("physical_to_logical"), py::arg("pool"),
+           "Packs codes as checkpoints store them (E4M3 bytes, or MXFP4 nibble pairs [E, N, K/2]) with their "
+           "scales: kind 'fp8_block' (F32 [E, ceil(N/128), ceil(K/128)]), 'fp8_channel' (F32 [E, N]) or "
+           "'e8m0' (U8 [E, N, K/32]).")
       .def("load_from_path", &PyMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),
            py::arg("group_size"), py::arg("physical_to_logical"), py::arg("pool"),
            "Loads MoE layer `layer` from a Hugging Face folder (bf16, quantized here for integer methods) or "

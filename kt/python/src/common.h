@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <string>
 
 #include "absl/status/status.h"
 #include "kt/moe/layer_loader.h"
@@ -32,6 +33,16 @@ inline pybind11::dict LoadStatsDict(const FolderLoadStats& stats) {
 }
 
 // The error of a forward on a layer that has no weights yet (MoeLayer and TpMoeLayer alike).
+// load_weights_coded's `kind`: "fp8_block" (F32 [E, ceil(N/128), ceil(K/128)]), "fp8_channel" (F32 [E, N]) or
+// "e8m0" (U8 [E, N, K/32]); ValueError otherwise.
+inline CodeScales ParseCodeScales(const std::string& kind) {
+  if (kind == "fp8_block") return CodeScales::kFp8Block128;
+  if (kind == "fp8_channel") return CodeScales::kFp8PerChannel;
+  if (kind == "e8m0") return CodeScales::kE8M0;
+  throw pybind11::value_error("load_weights_coded: kind must be 'fp8_block', 'fp8_channel' or 'e8m0', got '" + kind +
+                              "'");
+}
+
 inline absl::Status ForwardBeforeLoadError() {
   return absl::FailedPreconditionError(
       "forward called before the expert weights were loaded; call load_weights or load_weights_from_tensors "

@@ -27,7 +27,8 @@ namespace {
 class PyTpMoeLayer {
  public:
   PyTpMoeLayer(int num_experts, int top_k, int hidden, int intermediate, int max_len, const std::string& isa_name,
-               const std::string& format_name, int group_size, int tp, const std::vector<int>& numa_nodes) {
+               const std::string& format_name, int group_size, int tp, const std::vector<int>& numa_nodes,
+               float swiglu_limit, float swiglu_alpha) {
     const absl::StatusOr<ExpertFormat> format = ParseExpertFormat(format_name);
     if (!format.ok()) throw py::value_error("TpMoeLayer: " + std::string(format.status().message()));
     const absl::StatusOr<Isa> isa = ResolveIsa(isa_name, GetCpuFeatures());
@@ -39,6 +40,8 @@ class PyTpMoeLayer {
     config.intermediate = intermediate;
     config.max_len = max_len;
     config.group_size = group_size;
+    config.swiglu_limit = swiglu_limit;
+    config.swiglu_alpha = swiglu_alpha;
     absl::StatusOr<std::unique_ptr<TpMoeLayer>> layer;
     {
       py::gil_scoped_release release;
@@ -88,6 +91,18 @@ class PyTpMoeLayer {
       const uint16_t* const scales[3] = {Ptr<const uint16_t>(gate_scale), Ptr<const uint16_t>(up_scale),
                                          Ptr<const uint16_t>(down_scale)};
       return LoadRawInt4Experts(staged, packed, scales, Ptr<const int64_t>(map), *pools.pools[0]);
+    });
+  }
+
+  void LoadWeightsCoded(const std::string& kind, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t down,
+                        std::uintptr_t gate_scale, std::uintptr_t up_scale, std::uintptr_t down_scale,
+                        std::uintptr_t map, NodePools& pools) {
+    const CodeScales scales_kind = ParseCodeScales(kind);
+    Staged([&](TpMoeLayer& staged) {
+      const uint8_t* const codes[3] = {Ptr<const uint8_t>(gate), Ptr<const uint8_t>(up), Ptr<const uint8_t>(down)};
+      const void* const scales[3] = {Ptr<const void>(gate_scale), Ptr<const void>(up_scale),
+                                     Ptr<const void>(down_scale)};
+      return LoadCodedExperts(staged, scales_kind, codes, scales, Ptr<const int64_t>(map), *pools.pools[0]);
     });
   }
 
@@ -162,16 +177,20 @@ void RegisterTpBindings(py::module_& m) {
                            "MoeLayer split along the intermediate dimension into `tp` parts, one per NodePools "
                            "pool (kt/moe/tp_layer.h); the same methods as MoeLayer, with a NodePools.")
       .def(py::init<int, int, int, int, int, const std::string&, const std::string&, int, int,
-                    const std::vector<int>&>(),
+                    const std::vector<int>&, float, float>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden"), py::arg("intermediate"), py::arg("max_len"),
            py::arg("isa"), py::arg("format") = "bf16", py::arg("group_size") = 128, py::arg("tp") = 1,
-           py::arg("numa_nodes") = std::vector<int>())
+           py::arg("numa_nodes") = std::vector<int>(), py::arg("swiglu_limit") = 0.0f,
+           py::arg("swiglu_alpha") = 0.0f)
       .def("load_weights", &PyTpMoeLayer::LoadWeights, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("physical_to_logical"), py::arg("pool"))
       .def("load_weights_fp8", &PyTpMoeLayer::LoadWeightsFp8, py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"), py::arg("physical_to_logical"),
            py::arg("pool"))
       .def("load_weights_rawint4", &PyTpMoeLayer::LoadWeightsRawInt4, py::arg("gate"), py::arg("up"),
+           py::arg("down"), py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"),
+           py::arg("physical_to_logical"), py::arg("pool"))
+      .def("load_weights_coded", &PyTpMoeLayer::LoadWeightsCoded, py::arg("kind"), py::arg("gate"), py::arg("up"),
            py::arg("down"), py::arg("gate_scale"), py::arg("up_scale"), py::arg("down_scale"),
            py::arg("physical_to_logical"), py::arg("pool"))
       .def("load_from_path", &PyTpMoeLayer::LoadFromPath, py::arg("path"), py::arg("layer"), py::arg("method"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kt_kernel
-from kt_kernel import INFERENCE_METHODS, SFT_METHODS, KTMoEWrapper
+from kt_kernel import INFERENCE_METHODS, KT_INFERENCE_EXTENSIONS, SFT_METHODS, KTMoEWrapper
 from moe_reference import wrapper_args
 
 E, K, H, I = 4, 2, 64, 32
@@ -49,12 +49,14 @@ def test_signature_matches_the_original():
         # After the original's parameters, in their order, so positional calls are unchanged: the SFT
         # option the original sets from its KTConfig (kt_share_cache_pool) on its SFT wrapper.
         "share_cache_pool",
+        # The original's activation extras (its MXFP4 / MXFP8 methods take them), after kt's SFT option.
+        "swiglu_limit", "swiglu_alpha",
     ]  # fmt: skip
     defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
     assert defaults == dict(
         cpu_save=False, max_deferred_experts_per_token=None, method="AMXINT4", numa_nodes=None,
         mode="inference", num_gpu_experts=0, lora_rank=16, lora_alpha=32.0, max_cache_depth=1,
-        group_size=128, zero_point=True, share_cache_pool=False,
+        group_size=128, zero_point=True, share_cache_pool=False, swiglu_limit=0.0, swiglu_alpha=0.0,
     )  # fmt: skip
     assert len(INFERENCE_METHODS) == 10 and "BF16" in INFERENCE_METHODS
     assert len(SFT_METHODS) == 12 and "AMXBF16_SFT_SkipLoRA" in SFT_METHODS
@@ -75,14 +77,27 @@ def test_method_not_valid_for_mode():
         make(method="NOPE")
 
 
-@pytest.mark.parametrize(
-    "method",
-    sorted(INFERENCE_METHODS - {"BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "FP8", "RAWINT4", "GPTQ_INT4",
-                                "LLAMAFILE"}),
-)
-def test_unimplemented_inference_methods(method):
-    with pytest.raises(NotImplementedError, match=f"method '{method}' is not implemented yet in kt"):
-        make(method=method)
+def test_every_inference_method_is_implemented():
+    # The original's methods and kt's extensions all have a backend (none raises NotImplementedError).
+    from kt_kernel.experts import _INFERENCE_BACKENDS
+
+    assert INFERENCE_METHODS | KT_INFERENCE_EXTENSIONS <= set(_INFERENCE_BACKENDS)
+
+
+def test_swiglu_arguments_only_for_the_mx_methods():
+    # The original's rule: swiglu_limit / swiglu_alpha go with MXFP4 / MXFP8; any other method (and SFT) is
+    # told to pass 0, naming the argument; a negative or non-finite value is refused by name.
+    with pytest.raises(ValueError, match=r"swiglu_limit=7\.0 is only supported by methods MXFP4, MXFP8"):
+        make(method="BF16", swiglu_limit=7.0)
+    with pytest.raises(ValueError, match=r"swiglu_alpha=1\.702 is only supported by methods MXFP4, MXFP8"):
+        make(method="AMXINT8", swiglu_alpha=1.702)
+    with pytest.raises(ValueError, match="SFT computes silu"):
+        make(method="AMXBF16_SFT", mode="sft", swiglu_limit=7.0)
+    with pytest.raises(ValueError, match="swiglu_limit must be a finite number >= 0"):
+        make(method="MXFP4", swiglu_limit=-1.0)
+    with pytest.raises(TypeError, match="swiglu_alpha must be a float"):
+        make(method="MXFP8", swiglu_alpha="1.7")
+    assert make(method="MXFP4", swiglu_limit=7.0, swiglu_alpha=1.702).weight_format == "mxfp4"
 
 
 def test_default_method_is_amxint4():

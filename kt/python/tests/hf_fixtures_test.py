@@ -28,14 +28,16 @@ from kt_kernel import KTMoEWrapper
 from moe_reference import REL_TOL, TRANSFORMERS_TOL, reference_moe, relative_error, wrapper_args
 from safetensors_np import SafeTensorsFile
 
-# The checkpoints with bf16 experts (the others ship a quantized format: FP8, native int4).
-BF16_NAMES = [n for n in testdata.names() if not n.endswith(("_fp8", "_rawint4", "_gptq"))]
+# The checkpoints with bf16 experts (the others ship a quantized format: FP8, MX, native int4).
+BF16_NAMES = [n for n in testdata.names() if not n.endswith(("_fp8", "_mxfp4", "_rawint4", "_gptq"))]
 
 
 def test_every_family_is_there():
     """The families the issue tracker and README promise, one checkpoint each (a missing folder fails)."""
     expected = {
-        "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v3_fp8", "glm4_moe", "glm4_moe_lite",
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v3_fp8", "deepseek_v4_mxfp4", "glm4_moe",
+        "glm4_moe_channel_fp8",
+        "glm4_moe_lite",
         "glm4v_moe", "glm_moe_dsa", "minimax", "minimax_m2",
         "mixtral", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe",
         "qwen3_vl_moe_resaved",
@@ -188,6 +190,130 @@ def test_fp8_method_checks_its_tensors():
         moe.load_weights_from_tensors(gate, up, down, None, gate_scale_inv=gs, up_scale_inv=us,
                                       down_scale_inv=gs)
     assert not moe.weights_loaded
+
+
+def channel_fp8_experts(name: str, layer: int):
+    """The per-channel FP8 checkpoint's experts as shipped (numpy reader, not kt): E4M3 codes (float8_e4m3fn,
+    uint8 on torch < 2.1) and weight_scale [E, N, 1] as stored (bf16), and the weights dequantized from the
+    format's definition (e4m3_to_float(code) * scale, in float64)."""
+    E = testdata.shape(name)[0]
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+    base = f"model.layers.{layer}.mlp.experts."
+    codes, scales, deq = [], [], []
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        c, sc, d = [], [], []
+        for e in range(E):
+            entry = st.header[f"{base}{e}.{p}.weight"]
+            assert entry["dtype"] == "F8_E4M3", entry
+            begin, end = entry["data_offsets"]
+            raw = np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8).reshape(entry["shape"])
+            scale = st.get(f"{base}{e}.{p}.weight_scale")
+            assert scale.dtype == torch.bfloat16 and tuple(scale.shape) == (raw.shape[0], 1)
+            t = torch.from_numpy(raw.copy())
+            c.append(t.view(torch.float8_e4m3fn) if hasattr(torch, "float8_e4m3fn") else t)
+            sc.append(scale)
+            d.append(torch.from_numpy(e4m3_to_float(raw) * scale.double().numpy()))
+        codes.append(torch.stack(c).contiguous())
+        scales.append(torch.stack(sc).contiguous())
+        deq.append(torch.stack(d))
+    return codes, scales, deq
+
+
+def test_fp8_perchannel_method_matches_transformers():
+    """Method FP8_PERCHANNEL on glm4_moe_channel_fp8 (GLM-4.x FP8's layout) from the folder and from tensors,
+    against transformers' output for the dequantized weights (routed_T), itself first checked against a
+    float64 MoE over the weights dequantized from the E4M3 definition (1e-4: transformers' float32 sums)."""
+    name = "glm4_moe_channel_fp8"
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    layer = int(ref["layer"])
+    codes, scales, deq = channel_fp8_experts(name, layer)
+    args = wrapper_args(E, k, H, I, layer_idx=layer, weight_path=testdata.path(name),
+                        chunked_prefill_size=max(testdata.TOKENS), method="FP8_PERCHANNEL")
+    from_folder = KTMoEWrapper(**args)
+    from_folder.load_weights(None)
+    assert from_folder.weight_format == "fp8_block"
+    from_tensors = KTMoEWrapper(**args)
+    from_tensors.load_weights_from_tensors(codes[0], codes[1], codes[2], None, gate_scale=scales[0],
+                                           up_scale=scales[1], down_scale=scales[2])
+    worst = 0.0
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        exact = torch.zeros(T, H, dtype=torch.float64)
+        for t in range(T):
+            for j in range(k):
+                e, xt = int(ids[t, j]), x[t].double()
+                g, u = deq[0][e] @ xt, deq[1][e] @ xt
+                exact[t] += float(weights[t, j]) * (deq[2][e] @ (torch.nn.functional.silu(g) * u))
+        assert relative_error(exact.float(), expected) <= 1e-4, f"T={T}: the fixture's reference is off"
+        a = from_folder.forward(x, ids, weights, None)
+        b = from_tensors.forward(x, ids, weights, None)
+        assert torch.equal(a, b), f"T={T}: folder and tensors loads differ"
+        err = relative_error(a, expected)
+        worst = max(worst, err)
+        assert err <= FP8_TOL, f"T={T}: max|err|/max|transformers| = {err:.3e}"
+    print(f"{name} method FP8_PERCHANNEL vs transformers: worst max|err|/max|ref| = {worst:.3e}")
+
+
+def test_fp8_perchannel_method_checks_its_tensors():
+    name = "glm4_moe_channel_fp8"
+    E, k, H, I = testdata.shape(name)
+    moe = KTMoEWrapper(**wrapper_args(E, k, H, I, layer_idx=1, weight_path=None, chunked_prefill_size=8,
+                                      method="FP8_PERCHANNEL"))
+    codes, scales, _ = channel_fp8_experts(name, 1)
+    with pytest.raises(ValueError, match="gate_scale is required"):
+        moe.load_weights_from_tensors(codes[0], codes[1], codes[2], None)
+    with pytest.raises(ValueError, match=r"down_scale must have shape \[E, H\]"):
+        moe.load_weights_from_tensors(codes[0], codes[1], codes[2], None, gate_scale=scales[0],
+                                      up_scale=scales[1], down_scale=scales[0][:, :, 0].contiguous())
+    with pytest.raises(TypeError, match="FP8_PERCHANNEL takes float8_e4m3fn weights"):
+        moe.load_weights_from_tensors(*(torch.zeros(c.shape, dtype=torch.bfloat16) for c in codes), None)
+    assert not moe.weights_loaded
+    # Per-row scales do not fit the GPU's 128 x 128 block-scale layout: the GPU write refuses the method.
+    moe.load_weights_from_tensors(codes[0], codes[1], codes[2], None, gate_scale=scales[0], up_scale=scales[1],
+                                  down_scale=scales[2])
+    with pytest.raises(NotImplementedError, match="FP8_PERCHANNEL"):
+        moe.submit_write_weight_scale_to_buffer(1, 0, [0], [0], [0], [0])
+
+
+def test_mxfp4_method_matches_transformers_deepseek_v4():
+    """deepseek_v4_mxfp4 (DeepSeek-V4-Flash's expert tensors as shipped) with method MXFP4 and the config's
+    swiglu_limit, from the folder and from the raw tensors, against transformers' DeepseekV4Experts over the
+    weights its MXFP4 integration dequantizes (routed_T): within FP8_TOL, and far from it without the limit."""
+    name = "deepseek_v4_mxfp4"
+    ref = testdata.reference(name)
+    E, k, H, I = testdata.shape(name)
+    limit = float(testdata.config(name)["swiglu_limit"])
+    args = wrapper_args(E, k, H, I, layer_idx=0, weight_path=testdata.path(name),
+                        chunked_prefill_size=max(testdata.TOKENS), method="MXFP4")
+    from_folder = KTMoEWrapper(**args, swiglu_limit=limit)
+    from_folder.load_weights(None)
+    assert from_folder.weight_format == "mxfp4"
+    no_limit = KTMoEWrapper(**args)
+    no_limit.load_weights(None)
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+
+    def raw(tensor: str, dtype: str) -> torch.Tensor:
+        entry = st.header[tensor]
+        assert entry["dtype"] == dtype, entry
+        begin, end = entry["data_offsets"]
+        return torch.from_numpy(np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8).reshape(entry["shape"]))
+
+    t = []
+    for p in ("w1", "w3", "w2"):
+        t.append(torch.stack([raw(f"layers.0.ffn.experts.{e}.{p}.weight", "I8") for e in range(E)]).contiguous())
+        t.append(torch.stack([raw(f"layers.0.ffn.experts.{e}.{p}.scale", "F8_E8M0") for e in range(E)]).contiguous())
+    from_tensors = KTMoEWrapper(**args, swiglu_limit=limit)
+    from_tensors.load_weights_from_tensors(t[0].view(torch.int8), t[2], t[4], None, gate_scale=t[1], up_scale=t[3],
+                                           down_scale=t[5])
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        a = from_folder.forward(x, ids, weights, None)
+        assert torch.equal(a, from_tensors.forward(x, ids, weights, None)), f"T={T}: folder and tensors differ"
+        err = relative_error(a, expected)
+        assert err <= FP8_TOL, f"T={T}: max|err|/max|transformers| = {err:.3e}"
+        assert relative_error(no_limit.forward(x, ids, weights, None), expected) > 5 * FP8_TOL
+
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))

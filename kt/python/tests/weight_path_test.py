@@ -31,7 +31,7 @@ TOKENS = testdata.TOKENS
 # Every implemented method; the group ones at group_size 128 (the default of both kt convert and the
 # wrapper), which divides these checkpoints' H = I = 128.
 METHODS = ("BF16", "AMXINT8", "MOE_INT8", "AMXINT4", "MOE_INT4", "AMXINT4_1", "AMXINT4_KGroup",
-           "AMXINT4_1KGroup")
+           "AMXINT4_1KGroup", "MXFP4", "MXFP8")
 
 
 kt_binary = testdata.kt_binary
@@ -143,11 +143,27 @@ def test_fp8_fixture_loads_only_with_method_fp8():
     )
     fp8.load_weights(None)
     assert fp8.weights_loaded and fp8.weight_format == "fp8_block"
-    with pytest.raises(NotImplementedError, match="FP8_PERCHANNEL"):
-        KTMoEWrapper(
-            **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8,
-                           method="FP8_PERCHANNEL")
-        )
+    # Block scales are not per-channel ones: FP8_PERCHANNEL names the method that reads this folder.
+    per_channel = KTMoEWrapper(
+        **wrapper_args(E, k, H, I, layer_idx=1, weight_path=path, chunked_prefill_size=8, method="FP8_PERCHANNEL")
+    )
+    with pytest.raises(ValueError, match=r"load it with method FP8 \(its scales are per 128 x 128 block\)"):
+        per_channel.load_weights(None)
+    assert not per_channel.weights_loaded
+
+
+def test_fp8_perchannel_converted_folder_loads_as_the_checkpoint():
+    # kt convert --method FP8_PERCHANNEL copies the per-channel FP8 folder as stored (kt-fp8-block128-v1, each
+    # row's scale per block): loading it gives the layer loading the checkpoint gives, bit for bit.
+    name = "glm4_moe_channel_fp8"
+    from_hf = make(name, "FP8_PERCHANNEL", testdata.path(name))
+    from_hf.load_weights(None)
+    from_converted = make(name, "FP8_PERCHANNEL", converted(name, "FP8_PERCHANNEL"))
+    from_converted.load_weights(None)
+    assert from_converted.last_load_stats["converted"]
+    for T in TOKENS:
+        x, ids, w, _ = inputs(name, T)
+        assert torch.equal(from_hf.forward(x, ids, w, None), from_converted.forward(x, ids, w, None))
 
 
 def test_bad_folders_give_clear_errors(tmp_path):

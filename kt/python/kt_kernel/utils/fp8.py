@@ -14,7 +14,7 @@ import torch
 from .._checks import check_tensor
 from .native import NativeMoEWrapper
 
-__all__ = ["FP8MoEWrapper"]
+__all__ = ["FP8MoEWrapper", "FP8PerChannelMoEWrapper"]
 
 
 class FP8MoEWrapper(NativeMoEWrapper):
@@ -73,3 +73,63 @@ class FP8MoEWrapper(NativeMoEWrapper):
             gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(), gate_scale_inv.data_ptr(),
             up_scale_inv.data_ptr(), down_scale_inv.data_ptr(), map_ptr, self._pool()
         )
+
+
+class FP8PerChannelMoEWrapper(NativeMoEWrapper):
+    """``FP8_PERCHANNEL``: FP8 E4M3 experts with one fp32 scale per output channel (GLM-4.x FP8's ``weight`` +
+    ``weight_scale`` [N] or [N, 1]). Held as kt-fp8-block128-v1 with each row's scale repeated over its 128-k
+    blocks (the same weights exactly), so the FP8 kernels run it. ``load_weights`` reads such a Hugging Face
+    folder as stored."""
+
+    def load_weights_from_tensors(
+        self,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        physical_to_logical_map_cpu: Optional[torch.Tensor] = None,
+        gate_scale: Optional[torch.Tensor] = None,
+        up_scale: Optional[torch.Tensor] = None,
+        down_scale: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Packs the experts' weights.
+
+        Args:
+            gate_proj, up_proj: torch.float8_e4m3fn (or uint8 E4M3 bytes) CPU tensors [E, I, H]; down_proj
+                [E, H, I]; contiguous.
+            physical_to_logical_map_cpu: int64 CPU tensor [E] or None (identity), as for the other methods.
+            gate_scale, up_scale: float32 (or bf16) CPU tensors [E, I] or [E, I, 1]; down_scale [E, H] or
+                [E, H, 1]: each expert's ``weight_scale`` (the weight is fp8 value * scale[n]).
+        """
+        if gate_proj.dtype == torch.bfloat16:
+            raise TypeError(
+                "FP8_PERCHANNEL takes float8_e4m3fn weights with their per-channel weight_scale (as GLM-4.x FP8 "
+                "ships them), got bfloat16; for bf16 weights use method FP8 (quantized per 128 x 128 block) or "
+                "an integer method"
+            )
+        E, I, H = self.num_experts, self.moe_intermediate_size, self.hidden_size
+        fp8 = getattr(torch, "float8_e4m3fn", torch.uint8)
+        if gate_proj.dtype == torch.uint8:
+            fp8 = torch.uint8
+        check_tensor("gate_proj", gate_proj, fp8, (E, I, H), "[E, I, H]")
+        check_tensor("up_proj", up_proj, fp8, (E, I, H), "[E, I, H]")
+        check_tensor("down_proj", down_proj, fp8, (E, H, I), "[E, H, I]")
+        scales = []
+        for name, t, n in (("gate_scale", gate_scale, I), ("up_scale", up_scale, I), ("down_scale", down_scale, H)):
+            rows = "I" if n == I else "H"
+            if t is None:
+                raise ValueError(f"{name} is required with float8_e4m3fn weights (the per-channel scales, float32 "
+                                 f"[E, {rows}] or [E, {rows}, 1])")
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                t = t.float()  # exact
+            if isinstance(t, torch.Tensor) and t.dim() == 3:
+                check_tensor(name, t, torch.float32, (E, n, 1), f"[E, {rows}, 1]")
+            else:
+                check_tensor(name, t, torch.float32, (E, n), f"[E, {rows}]")
+            scales.append(t)
+        map_ptr = self._check_map(physical_to_logical_map_cpu)
+        self._keep_scales = scales  # the bf16 -> float32 copies must live through the call
+        self._moe.load_weights_coded(
+            "fp8_channel", gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr(),
+            *(s.data_ptr() for s in scales), map_ptr, self._pool()
+        )
+        self._keep_scales = None

@@ -24,15 +24,20 @@ The methods and their formats (the table itself is C++'s: ``kt_kernel.methods``)
   compressed-tensors pack-quantized INT4 (Kimi-K2) and GPTQ (sym, desc_act false). Both are q * scale with
   q in [-8, 7] per group of K, held exactly as kt-int4-group{G}-sym-v1 (G the checkpoint's; docs/FORMATS.md),
   activations int8 per token and group as for AMXINT4_KGroup.
+- ``FP8_PERCHANNEL`` (FP8PerChannelMoEWrapper, ``utils/fp8.py``): FP8 E4M3 with a scale per output channel,
+  held as kt-fp8-block128-v1 (each row's scale repeated per 128-k block); ``MXFP4`` / ``MXFP8``
+  (MXMoEWrapper, ``utils/mx.py``): OCP MX codes with an E8M0 scale per 32 k; ``LLAMAFILE``
+  (LlamafileMoEWrapper, ``utils/llamafile.py``): a GGUF checkpoint's expert blocks as stored.
 
-The other methods of the original kt-kernel (FP8_PERCHANNEL, LLAMAFILE) are not implemented:
-KTMoEWrapper raises NotImplementedError for them.
+Every inference method of the original kt-kernel is implemented.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
+import numbers
 import os
 from typing import Optional
 
@@ -85,6 +90,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
             isa=self._kernel_isa(_native.ISA),
             format=weight_format,
             group_size=_check_group_size(_native_group_size(a), weight_format),
+            swiglu_limit=_check_swiglu("swiglu_limit", a.swiglu_limit, a.method),
+            swiglu_alpha=_check_swiglu("swiglu_alpha", a.swiglu_alpha, a.method),
         )
         if gguf_types is not None:
             layer_args["gguf_types"] = gguf_types
@@ -302,6 +309,27 @@ def _native_group_size(a: InferenceArgs):
     if quant.get("quant_method") not in ("compressed-tensors", "gptq"):
         return a.group_size  # a bf16 checkpoint: quantized at load with group_size
     return _native._kt.hf_int4_group_size(path)
+
+
+#: The methods that take swiglu_limit / swiglu_alpha (as the original kt-kernel: its MXFP4 / MXFP8 models are
+#: the ones trained with them); kt's layer honours them for every format, but other methods refuse them.
+SWIGLU_METHODS = ("MXFP4", "MXFP8")
+
+
+def _check_swiglu(name: str, value, method: str) -> float:
+    """swiglu_limit / swiglu_alpha as the C++ layer takes them: a finite number >= 0 (0: off), non-zero only
+    with the MX methods."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+    if value != 0 and method not in SWIGLU_METHODS:
+        raise ValueError(
+            f"{name}={value!r} is only supported by methods {', '.join(SWIGLU_METHODS)}; method {method} "
+            f"computes silu(gate) * up: pass {name}=0.0"
+        )
+    return value
 
 
 def _check_group_size(group_size, weight_format: str) -> int:

@@ -1,0 +1,360 @@
+// Highway kernels (AVX2, AVX3, AVX3_DL) for the MX GEMMs over kt-mx-panel16-kblock32-v1 panels (gemm_mx.h).
+//
+// One 16-byte row of a panel holds one k of the panel's 16 output rows (MXFP8) or two k (MXFP4: the low
+// nibbles k = 2j, the high ones 2j + 1). The bytes widen to 32-bit lanes (2 vectors on AVX2, 1 on AVX3) and
+// decode to fp32 exactly:
+//   E4M3: fp8_decode-inl.h's Fp8Decoder (the FP8 block kernel's).
+//   E2M1, fast (MXCSR.DAZ clear): the nibble's magnitude bits shifted to bits 22..24 and its sign to bit 31
+//     form the fp32 whose value is the E2M1 value times 2^-126 (0.5 is the subnormal 2^-127); one multiply by
+//     2^126 gives the value. 6 operations per vector.
+//   E2M1, exact under DAZ: magnitudes >= 2 (normal) as (mag << 22) + (126 << 23), 1 as 0.5, 0 as 0, with
+//     integer selects only.
+//   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
+//     per 32 k.
+// Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
+// into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
+// rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
+// (exact: powers of two), into an 8 KiB fp32 buffer that every row block then reads with plain FMAs (no
+// per-block epilogue); y holds the totals. The two orders round differently (fp32 sums, within the tests'
+// 1e-5 of sum |x w|).
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kt/kernels/gemm_mx_hwy.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kt/kernels/gemm_fp8.h"
+#include "kt/kernels/gemm_mx.h"
+#include "kt/kernels/hwy_dispatch.h"
+
+// Per-target helpers, re-included per target, hence after foreach_target.
+#include "kt/kernels/bf16-inl.h"
+#include "kt/kernels/fp8_decode-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kt {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+// Internal linkage: gemm_fp8_hwy.cc has per-target helpers of the same names (PickDecodedRows, ...).
+namespace {
+
+using DF = hn::ScalableTag<float>;
+using DU = hn::ScalableTag<uint32_t>;
+using VF = hn::Vec<DF>;
+using VU = hn::Vec<DU>;
+constexpr size_t kLanes = HWY_MAX_BYTES / sizeof(float);
+constexpr size_t kVecs = kMxPanelRows / kLanes;  // vectors per 16 rows: 1 (AVX3), 2 (AVX2), 4 (128-bit)
+constexpr int kMaxRows = HWY_MAX_BYTES >= 64 ? 8 : 4;
+
+// As in gemm_fp8_hwy.cc: the accumulators stay in registers only with these loops unrolled.
+#ifndef KT_MX_UNROLL
+#define KT_MX_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// kLanes bytes at p, one per 32-bit lane.
+HWY_INLINE VU LoadBytes(const uint8_t* HWY_RESTRICT p) {
+  const hn::Rebind<uint8_t, DU> du8;
+  return hn::PromoteTo(DU(), hn::LoadU(du8, p));
+}
+
+// E2M1 nibbles (in the low 4 bits of each lane, the rest zero) to fp32.
+template <bool kFast>
+struct E2M1Decoder {
+  VU mag_field, sign_field, seven, two, one, rebias, half;
+  VF pow126;
+  // Written out: an implicit constructor would not get the target's attributes (Highway's pragma covers
+  // only functions written in the namespace).
+  E2M1Decoder()
+      : mag_field(hn::Set(DU(), 0x01c00000u)),
+        sign_field(hn::Set(DU(), 0x80000000u)),
+        seven(hn::Set(DU(), 7u)),
+        two(hn::Set(DU(), 2u)),
+        one(hn::Set(DU(), 1u)),
+        rebias(hn::Set(DU(), 126u << 23)),
+        half(hn::Set(DU(), 0x3f000000u)),
+        pow126(hn::Set(DF(), 0x1p126f)) {}
+
+  HWY_INLINE VF Decode(VU nib) const {
+    const DF df;
+    const VU sign = hn::And(hn::ShiftLeft<28>(nib), sign_field);
+    if constexpr (kFast) {
+      const VU lane = hn::Or(hn::And(hn::ShiftLeft<22>(nib), mag_field), sign);
+      return hn::Mul(hn::BitCast(df, lane), pow126);
+    } else {
+      const VU mag = hn::And(nib, seven);
+      const VU normal = hn::Add(hn::ShiftLeft<22>(mag), rebias);
+      VU bits = hn::IfThenElseZero(hn::Eq(mag, one), half);
+      bits = hn::IfThenElse(hn::Lt(mag, two), bits, normal);
+      return hn::BitCast(df, hn::Or(bits, sign));
+    }
+  }
+};
+
+// 16 E8M0 codes of one k block -> their fp32 scales (kLanes at a time).
+HWY_INLINE VF DecodeScales(const uint8_t* HWY_RESTRICT p) {
+  const DU du;
+  const VU e = LoadBytes(p);
+  VU bits = hn::ShiftLeft<23>(e);
+  bits = hn::IfThenElse(hn::Eq(e, hn::Zero(du)), hn::Set(du, 0x00400000u), bits);   // 2^-127
+  bits = hn::IfThenElse(hn::Eq(e, hn::Set(du, 0xffu)), hn::Set(du, 0x7fc00000u), bits);  // NaN
+  return hn::BitCast(DF(), bits);
+}
+
+// x[r][c0 .. c0 + 32) of MR rows as fp32 into xf[r][0 .. 32).
+template <int MR>
+HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, float (*HWY_RESTRICT xf)[kMxBlockK]) {
+  const DF df;
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t c = 0; c < kMxBlockK; c += kLanes) hn::Store(LoadBf16(df, x + r * ldx + c), df, xf[r] + c);
+  }
+}
+
+// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks.
+template <int MR, bool kFp4, bool kFast>
+HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
+                      const uint8_t* HWY_RESTRICT scales, float (*HWY_RESTRICT total)[kMxPanelRows]) {
+  const DF df;
+  const Fp8Decoder<kFast> dec8;
+  const E2M1Decoder<kFast> dec4;
+  const VU low_nibble = hn::Set(DU(), 0x0fu);
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) hn::Store(hn::Zero(df), df, total[r] + s * kLanes);
+  }
+  const size_t blocks = k / kMxBlockK;
+  for (size_t b = 0; b < blocks; ++b) {
+    VF acc[MR][kVecs];
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+    }
+    HWY_ALIGN float xf[MR][kMxBlockK];
+    WidenRows<MR>(x + b * kMxBlockK, ldx, xf);
+    if constexpr (kFp4) {
+      const uint8_t* pb = panel + b * (kMxBlockK / 2) * kMxPanelRows;
+      for (size_t j = 0; j < kMxBlockK / 2; ++j) {
+        VF lo[kVecs], hi[kVecs];
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          const VU code = LoadBytes(pb + j * kMxPanelRows + s * kLanes);
+          lo[s] = dec4.Decode(hn::And(code, low_nibble));
+          hi[s] = dec4.Decode(hn::ShiftRight<4>(code));
+        }
+        KT_MX_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          const VF x0 = hn::Set(df, xf[r][2 * j]), x1 = hn::Set(df, xf[r][2 * j + 1]);
+          KT_MX_UNROLL
+          for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(x1, hi[s], hn::MulAdd(x0, lo[s], acc[r][s]));
+        }
+      }
+    } else {
+      const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
+      for (size_t c = 0; c < kMxBlockK; ++c) {
+        VF w[kVecs];
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) w[s] = dec8.Decode(pb + c * kMxPanelRows + s * kLanes);
+        KT_MX_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          const VF xv = hn::Set(df, xf[r][c]);
+          KT_MX_UNROLL
+          for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, w[s], acc[r][s]);
+        }
+      }
+    }
+    const uint8_t* bs = scales + b * kMxPanelRows;
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      const VF scale = DecodeScales(bs + s * kLanes);
+      KT_MX_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        float* t = total[r] + s * kLanes;
+        hn::Store(hn::MulAdd(acc[r][s], scale, hn::Load(df, t)), df, t);
+      }
+    }
+  }
+}
+
+// Prefill: a panel's k chunk [c0, c1) (whole 32-k blocks) decoded once into w[c1 - c0][16] with each
+// block's scale multiplied in. Exact: the scale is a power of two and every element has at most 4
+// significant bits, so element * 2^(e - 127) is representable (down to 2^-136, above fp32's 2^-149).
+constexpr size_t kChunkK = 128;  // 8 KiB of fp32 per panel chunk: L1, as the FP8 kernel's block
+
+template <bool kFp4, bool kFast>
+void DecodeChunk(const uint8_t* HWY_RESTRICT panel, const uint8_t* HWY_RESTRICT scales, size_t c0, size_t c1,
+                 float* HWY_RESTRICT w) {
+  const DF df;
+  const Fp8Decoder<kFast> dec8;
+  const E2M1Decoder<kFast> dec4;
+  const VU low_nibble = hn::Set(DU(), 0x0fu);
+  for (size_t b = c0 / kMxBlockK; b < c1 / kMxBlockK; ++b) {
+    VF scale[kVecs];
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) scale[s] = DecodeScales(scales + b * kMxPanelRows + s * kLanes);
+    float* wb = w + (b * kMxBlockK - c0) * kMxPanelRows;
+    if constexpr (kFp4) {
+      const uint8_t* pb = panel + b * (kMxBlockK / 2) * kMxPanelRows;
+      for (size_t j = 0; j < kMxBlockK / 2; ++j) {
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          const VU code = LoadBytes(pb + j * kMxPanelRows + s * kLanes);
+          hn::Store(hn::Mul(dec4.Decode(hn::And(code, low_nibble)), scale[s]), df,
+                    wb + (2 * j) * kMxPanelRows + s * kLanes);
+          hn::Store(hn::Mul(dec4.Decode(hn::ShiftRight<4>(code)), scale[s]), df,
+                    wb + (2 * j + 1) * kMxPanelRows + s * kLanes);
+        }
+      }
+    } else {
+      const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
+      for (size_t c = 0; c < kMxBlockK; ++c) {
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          hn::Store(hn::Mul(dec8.Decode(pb + c * kMxPanelRows + s * kLanes), scale[s]), df,
+                    wb + c * kMxPanelRows + s * kLanes);
+        }
+      }
+    }
+  }
+}
+
+// MR rows x one whole panel over a decoded, scaled chunk w[len][16]: y (16 columns of MR rows) becomes the
+// chunk's sum on the first chunk and y + the sum after.
+template <int MR>
+HWY_INLINE void MicroDecoded(size_t len, const bf16_t* HWY_RESTRICT x, size_t ldx, const float* HWY_RESTRICT w,
+                             bool first, float* HWY_RESTRICT y, size_t ldy) {
+  const DF df;
+  VF acc[MR][kVecs];
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+  }
+  HWY_ALIGN float xf[MR][kChunkK];
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    for (size_t c = 0; c < len; c += kLanes) hn::Store(LoadBf16(df, x + r * ldx + c), df, xf[r] + c);
+  }
+  for (size_t c = 0; c < len; ++c) {
+    VF wv[kVecs];
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) wv[s] = hn::Load(df, w + c * kMxPanelRows + s * kLanes);
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const VF xv = hn::Set(df, xf[r][c]);
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, wv[s], acc[r][s]);
+    }
+  }
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      float* t = y + r * ldy + s * kLanes;
+      hn::StoreU(first ? acc[r][s] : hn::Add(acc[r][s], hn::LoadU(df, t)), df, t);
+    }
+  }
+}
+
+using DecodedFn = void (*)(size_t, const bf16_t*, size_t, const float*, bool, float*, size_t);
+
+DecodedFn PickDecodedRows(size_t rows) {
+  switch (rows) {
+    case 1: return &MicroDecoded<1>;
+    case 2: return &MicroDecoded<2>;
+    case 3: return &MicroDecoded<3>;
+    case 4: return &MicroDecoded<4>;
+    case 5: return &MicroDecoded<(kMaxRows >= 5 ? 5 : 4)>;
+    case 6: return &MicroDecoded<(kMaxRows >= 6 ? 6 : 4)>;
+    case 7: return &MicroDecoded<(kMaxRows >= 7 ? 7 : 4)>;
+    default: return &MicroDecoded<kMaxRows>;
+  }
+}
+
+using MicroFn = void (*)(size_t, const bf16_t*, size_t, const uint8_t*, const uint8_t*, float (*)[kMxPanelRows]);
+
+template <bool kFp4, bool kFast>
+MicroFn PickRows(size_t rows) {
+  switch (rows) {
+    case 1: return &Micro<1, kFp4, kFast>;
+    case 2: return &Micro<2, kFp4, kFast>;
+    case 3: return &Micro<3, kFp4, kFast>;
+    case 4: return &Micro<4, kFp4, kFast>;
+    case 5: return &Micro<(kMaxRows >= 5 ? 5 : 4), kFp4, kFast>;
+    case 6: return &Micro<(kMaxRows >= 6 ? 6 : 4), kFp4, kFast>;
+    case 7: return &Micro<(kMaxRows >= 7 ? 7 : 4), kFp4, kFast>;
+    default: return &Micro<kMaxRows, kFp4, kFast>;
+  }
+}
+
+template <bool kFp4>
+void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
+            size_t n_cols, float* y, size_t ldy) {
+  const size_t stride = MxPanelStride(kFp4, k), scale_stride = kMxPanelRows * (k / kMxBlockK);
+  HWY_ALIGN float total[kMaxRows][kMxPanelRows];
+  // The E2M1 and E4M3 fast decodes multiply subnormal fp32 values: exact only with MXCSR.DAZ clear.
+  const bool fast = !internal::Fp8DenormalsAreZero();
+  HWY_ALIGN float decoded[kChunkK * kMxPanelRows];
+  for (size_t p = 0; p * kMxPanelRows < n_cols; ++p) {
+    const size_t c0 = p * kMxPanelRows;
+    const size_t cols = std::min(kMxPanelRows, n_cols - c0);
+    if (m > static_cast<size_t>(kMaxRows) && cols == kMxPanelRows) {
+      // Prefill on a whole panel: decode (and scale) each k chunk once, then every row block reads it.
+      for (size_t k0 = 0; k0 < k; k0 += kChunkK) {
+        const size_t k1 = std::min(k, k0 + kChunkK);
+        if (fast) {
+          DecodeChunk<kFp4, true>(panels + p * stride, scales + p * scale_stride, k0, k1, decoded);
+        } else {
+          DecodeChunk<kFp4, false>(panels + p * stride, scales + p * scale_stride, k0, k1, decoded);
+        }
+        for (size_t i = 0; i < m;) {
+          const size_t rows = std::min<size_t>(kMaxRows, m - i);
+          PickDecodedRows(rows)(k1 - k0, x + i * ldx + k0, ldx, decoded, k0 == 0, y + i * ldy + c0, ldy);
+          i += rows;
+        }
+      }
+      continue;
+    }
+    for (size_t i = 0; i < m;) {
+      const size_t rows = std::min<size_t>(kMaxRows, m - i);
+      const MicroFn fn = fast ? PickRows<kFp4, true>(rows) : PickRows<kFp4, false>(rows);
+      fn(k, x + i * ldx, ldx, panels + p * stride, scales + p * scale_stride, total);
+      for (size_t r = 0; r < rows; ++r) std::memcpy(y + (i + r) * ldy + c0, total[r], cols * sizeof(float));
+      i += rows;
+    }
+  }
+}
+
+}  // namespace
+
+void GemmMxfp4(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
+               size_t n_cols, float* y, size_t ldy) {
+  GemmMx<true>(m, k, x, ldx, panels, scales, n_cols, y, ldy);
+}
+void GemmMxfp8(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
+               size_t n_cols, float* y, size_t ldy) {
+  GemmMx<false>(m, k, x, ldx, panels, scales, n_cols, y, ldy);
+}
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kt
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kt {
+namespace internal {
+
+GemmMxFn GemmMxHwy(bool fp4, Isa isa) {
+  static constexpr HwyFns<GemmMxFn> kFp4 = KT_HWY_FNS(GemmMxFn, GemmMxfp4);
+  static constexpr HwyFns<GemmMxFn> kFp8 = KT_HWY_FNS(GemmMxFn, GemmMxfp8);
+  return (fp4 ? kFp4 : kFp8).At(HwyTargetOf(isa));
+}
+
+}  // namespace internal
+}  // namespace kt
+#endif  // HWY_ONCE
