@@ -296,15 +296,8 @@ void RegisterHfInt4(py::module& m) {
       "cannot read (naming the field).");
 }
 
-}  // namespace
-}  // namespace kt
-
-PYBIND11_MODULE(_kt, m) {
-  using namespace kt;  // NOLINT: the bindings name many kt types.
-  m.doc() =
-      "kt's C++ MoE kernels (private; use kt_kernel.KTMoEWrapper). Tensors are passed as data_ptr() "
-      "addresses: the caller guarantees dtype, shape, contiguity and lifetime.";
-
+// The module-level functions: CPU features and kernel paths, the method table, GGUF and native int4 probes.
+void RegisterModuleFunctions(py::module& m) {
   m.def("cpu_features", []() { return GetCpuFeatures().ToString(); },
         "One line describing the CPU features kt detected.");
   m.def("cpu_brand", []() { return GetCpuFeatures().brand; }, "The CPU's brand string.");
@@ -340,7 +333,18 @@ PYBIND11_MODULE(_kt, m) {
         return *base;
       },
       py::arg("sft_method"), "The inference method whose base weights an SFT method holds (ValueError if none).");
+}
 
+}  // namespace
+}  // namespace kt
+
+PYBIND11_MODULE(_kt, m) {
+  using namespace kt;  // NOLINT: the bindings name many kt types.
+  m.doc() =
+      "kt's C++ MoE kernels (private; use kt_kernel.KTMoEWrapper). Tensors are passed as data_ptr() "
+      "addresses: the caller guarantees dtype, shape, contiguity and lifetime.";
+
+  RegisterModuleFunctions(m);
 
   py::class_<ThreadPool>(m, "ThreadPool",
                          "Persistent worker threads (the caller of a compute call counts as one).")
