@@ -10,9 +10,9 @@
 #include "kt/io/hf_int4.h"
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
-#include "kt/moe/gguf_loader.h"
 #include "kt/kernels/mx.h"
 #include "kt/kernels/quant.h"
+#include "kt/moe/gguf_loader.h"
 
 namespace kt {
 namespace {
