@@ -118,11 +118,13 @@ class MoeLayerTest : public ::testing::TestWithParam<std::tuple<Isa, ExpertForma
       // Quantized formats: a flipped bf16 rounding of an h element can also move its int8 quantization
       // (or its row's scale) by one step, so twice the bf16 allowance and 3e-3 of max|ref|.
       const bool quantized = format() != ExpertFormat::kBf16;
-      // FP8 on AMX: experts with >= kAmxMinRows rows multiply bf16(fp8 * scale) (gemm_fp8.h), a second bf16
-      // rounding (of every weight, up to 2^-8 relative) of the same size as h's: twice the allowance again.
+      // FP8 on AMX: experts with >= kAmxMinRows rows multiply bf16(fp8 * scale) (gemm_fp8.h), a bf16 rounding
+      // of every weight (up to 2^-8 relative) on top of h's. A float64 simulation of this test's layers and
+      // batches (exact FP8 weights against bf16-rounded ones, 20 layers x qlen 1..33) gave errors up to
+      // 1.03e-2 of max|ref|: 1.5e-2.
       const bool bf16_weights = isa() == Isa::kAmx && format() == ExpertFormat::kFp8Block;
       EXPECT_LE(err, std::ldexp(std::fabs(ref[i]), quantized ? -7 : -8) +
-                         (bf16_weights ? 6e-3 : quantized ? 3e-3 : 2e-3) * max_ref)
+                         (bf16_weights ? 1.5e-2 : quantized ? 3e-3 : 2e-3) * max_ref)
           << "element " << i << " token " << i / h << ": got " << Bf16ToF32(out[i]) << " want "
           << ref[i];
       if (HasFailure()) break;
