@@ -4,12 +4,12 @@ peak yardsticks it measures in the same process), the original kt-kernel (its AM
 where there is no AMX) and llama.cpp's CPU MoE graph (ggml MUL_MAT_ID), on the same layer shape, threads and
 token counts, one after the other on this machine.
 
-    tools/peers_bench.py --kt bazel-bin/tools/kt --peers ../shared/peers --shape 30b --threads 2 \
+    tools/peers_bench.py --kt bazel-bin/tools/kt --peers PEERS_DIR --shape 30b --threads 2 \
         --qlens 1,512 --formats bf16,int8
 
 The peers are optional: a peer whose folder is missing, or that refuses this CPU (the original needs AVX-512
 BF16/VNNI, its AMX build AMX), is listed with the reason instead of a figure. Definitions are the peers' own
-and kt bench's, which agree (../shared/peers/README.md): TFLOPS = 2*3*H*I*qlen*top_k / median time; decode
+and kt bench's, which agree (the peers folder's README): TFLOPS = 2*3*H*I*qlen*top_k / median time; decode
 GB/s = bytes of the distinct experts touched (in each system's own storage format) / median time.
 
 Formats compared: bf16 (kt BF16, the original's BF16, llama.cpp bf16 and f16), int8 (kt int8 per channel with
@@ -195,10 +195,10 @@ def cell(seconds: float | None, rate: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--kt", default=os.environ.get("KT_BIN", "kt"), help="the kt binary (bazel-bin/tools/kt)")
-    ap.add_argument("--peers", default=os.environ.get("KT_PEERS", os.path.join(here, "..", "..", "shared", "peers")),
-                    help="folder holding kt-kernel-original/ and llama.cpp/ (../shared/peers)")
+    ap.add_argument("--peers", default=os.environ.get("KT_PEERS", ""),
+                    help="folder holding the peers' kt-kernel-original/ and llama.cpp/ (default $KT_PEERS; none: "
+                    "only kt runs, and the table says the peers were not given)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="30b")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--qlens", default="1,512,4096", help="token counts: 1 is decode, the others prefill")
@@ -233,11 +233,14 @@ def main() -> int:
     if args.python and os.sep not in args.python:
         args.python = shutil.which(args.python) or args.python  # kt bench runs it by path
     skip = set(args.skip.split(",")) - {""}
+    if not args.peers:
+        skip |= {"original", "llama"}
     started = time.time()
     prefill = [q for q in qlens if q > 1]
     kt = {f: kt_runs(args, f, prefill, decode=1 in qlens) for f in fmts}
-    orig, orig_note = ([], "skipped") if "original" in skip else original_rows(args, fmts, qlens)
-    llama, llama_note = ([], "skipped") if "llama" in skip else llama_rows(args, fmts, qlens)
+    why_not = "skipped" if args.peers else "not given: --peers or KT_PEERS names their folder"
+    orig, orig_note = ([], why_not) if "original" in skip else original_rows(args, fmts, qlens)
+    llama, llama_note = ([], why_not) if "llama" in skip else llama_rows(args, fmts, qlens)
 
     first = next((r for rs in kt.values() for r in rs if "cpu" in r), {})
     print(f"## {SHAPES[args.shape]}, {args.threads} threads: {first.get('cpu', '?')}, kt path {first.get('path', '?')}")
