@@ -281,6 +281,7 @@ struct Fp8BlockFormat {
     t.pack_quantized = &Pack;
     t.unpack = &Unpack;
     t.transpose_packed = nullptr;
+    t.amx_converts_weights = true;  // GemmFp8Amx: bf16(fp8 * scale) panels, then the BF16 AMX kernel
     return t;
   }
 };

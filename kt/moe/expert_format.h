@@ -159,6 +159,10 @@ struct ExpertFormatTraits {
   // stored_blocks formats: OK when a projection [n, k] of ggml type `type_id` runs in this format, else
   // InvalidArgument naming `what` (e.g. "gate"), the type and what is expected. nullptr for the others.
   absl::Status (*check_projection)(const char* what, size_t n, size_t k, int type_id) = nullptr;
+  // The AMX kernel converts each call's weight block to bf16 panels before multiplying (gemm_fp8.h): the
+  // layer then gives each gate/up call more rows (kRowChunkConverting), so a block is converted once per
+  // expert's rows rather than once per 64 of them.
+  bool amx_converts_weights = false;
 };
 
 // The table's entry of `format` (every ExpertFormat has one).

@@ -39,7 +39,8 @@ size_t AmxGateUpPanels(size_t k, size_t act_bytes, size_t weight_bytes) {
 }  // namespace
 
 size_t MoeLayer::RowChunk() const {
-  return tiling_.row_chunk > 0 ? static_cast<size_t>(tiling_.row_chunk) : kRowChunk;
+  if (tiling_.row_chunk > 0) return static_cast<size_t>(tiling_.row_chunk);
+  return isa_ == Isa::kAmx && weights_->traits().amx_converts_weights ? kRowChunkConverting : kRowChunk;
 }
 
 size_t MoeLayer::ScratchPerThread() const {

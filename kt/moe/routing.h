@@ -22,6 +22,10 @@ inline constexpr size_t kPanelsPerTaskAmx = 8;
 // Rows of one expert processed together by one kernel call; bounds the per-thread fp32 scratch to
 // 2 x 64 x 128 floats (64 KiB) whatever the batch size.
 inline constexpr size_t kRowChunk = 64;
+// The same for formats whose AMX kernel converts a call's weight block before multiplying
+// (ExpertFormatTraits::amx_converts_weights): a Qwen3-30B expert at qlen 4096 (~256 rows) converts each
+// block once instead of four times; the scratch grows to 2 x 271 x 256 floats per thread on that path only.
+inline constexpr size_t kRowChunkConverting = 256;
 
 // Row stride, in elements of `elem_bytes`, of activation rows of `k` values that a GEMM reads: whole cache
 // lines plus one. Expert K dimensions are powers of two or small multiples of them, so unpadded rows sit
