@@ -36,7 +36,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(arch, threads, seq_tokens, config=None):
+def build(arch, threads, seq_tokens, config=None, kt_roundings=False):
     """(kt model, reference model, kt wrappers): the same base and initial LoRA, kt's experts not yet moved."""
     import hf_models
     from hf_models import RefLoRAExperts, moe_blocks
@@ -69,7 +69,7 @@ def build(arch, threads, seq_tokens, config=None):
     by_layer = {w.layer_idx: w for w in wrappers}
     for idx, block in moe_blocks(ref):
         lora = {n: getattr(by_layer[idx], n) for n in RefLoRAExperts.NAMES}
-        block.experts = RefLoRAExperts(block.experts, lora, 16.0 / 8)
+        block.experts = RefLoRAExperts(block.experts, lora, 16.0 / 8, kt_roundings=kt_roundings)
     return base, ref, wrappers
 
 
@@ -115,7 +115,7 @@ def run(arch, args, device, config=None, batch=2, seq=24, steps=10, check=True):
     import hf_models
 
     vocab = hf_models.VOCAB if config is None else config.vocab_size
-    kt, ref, wrappers = build(arch, args.threads, batch * seq, config)
+    kt, ref, wrappers = build(arch, args.threads, batch * seq, config, kt_roundings=args.ref_kt_roundings)
     kt = with_peft(kt).to(device)  # kt's experts stay on the CPU (KTMoELayerWrapper ignores .to)
     ref = with_peft(ref).to(device)
     assert all(p.device.type == "cpu" for w in wrappers for p in w.lora_parameters())
@@ -123,8 +123,21 @@ def run(arch, args, device, config=None, batch=2, seq=24, steps=10, check=True):
     two = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(2)]
     data = (two * ((steps + 1) // 2))[:steps]
     init = lora_state(ref)
-    kt_losses, kt_times = train(kt, data, device)
-    ref_losses, ref_times = train(ref, data, device)
+    ref2 = None
+    if args.floor:  # the reference computed in float64: how far two correct implementations drift apart
+        from hf_models import RefLoRAExperts
+
+        ref2 = copy.deepcopy(ref)
+        for m in ref2.modules():
+            if isinstance(m, RefLoRAExperts):
+                m.compute_dtype = torch.float64
+    kt_losses, kt_times = train(kt, data, device, args.lr)
+    ref_losses, ref_times = train(ref, data, device, args.lr)
+    floor = ""
+    if ref2 is not None:
+        ref2_losses, _ = train(ref2, data, device, args.lr)
+        floor = f"  floor (fp32 vs fp64 reference) {max(abs(a - b) / b for a, b in zip(ref2_losses, ref_losses)):.2e}"
+    steps_diff = " ".join(f"{abs(a - b) / b:.1e}" for a, b in zip(kt_losses, ref_losses))
     loss_diff = max(abs(a - b) / b for a, b in zip(kt_losses, ref_losses))
     kt_state, ref_state = lora_state(kt), lora_state(ref)
     assert set(kt_state) == set(ref_state), sorted(set(kt_state) ^ set(ref_state))[:4]
@@ -135,7 +148,9 @@ def run(arch, args, device, config=None, batch=2, seq=24, steps=10, check=True):
     ok = (loss_diff < 0.01 and adapter_diff < 0.3 and ref_losses[-1] < ref_losses[0]) if check else True
     print(f"{arch:>14}  loss diff {loss_diff:.2e}  adapter diff {adapter_diff:.3f}  "
           f"kt {kt_sps:7.2f} steps/s  ref ({device.type} experts) {ref_sps:7.2f} steps/s  "
-          f"tokens/step {batch * seq}  {'ok' if ok else 'FAILED'}", flush=True)
+          f"tokens/step {batch * seq}  {'ok' if ok else 'FAILED'}{floor}", flush=True)
+    if args.verbose:
+        print(f"{'':>14}  per step: {steps_diff}", flush=True)
     return ok
 
 
@@ -159,8 +174,8 @@ def run_per_expert(args, device, steps=10):
     two = [torch.randint(0, t.hf_models.VOCAB, (2, 24), generator=g) for _ in range(2)]
     data = (two * ((steps + 1) // 2))[:steps]
     init = {k: v.float().cpu().clone() for k, v in t.peft.get_peft_model_state_dict(ref).items()}
-    kt_losses, kt_times = train(kt, data, device)
-    ref_losses, ref_times = train(ref, data, device)
+    kt_losses, kt_times = train(kt, data, device, args.lr)
+    ref_losses, ref_times = train(ref, data, device, args.lr)
     loss_diff = max(abs(a - b) / b for a, b in zip(kt_losses, ref_losses))
     sd_kt = {k: v.float().cpu() for k, v in t.peft.get_peft_model_state_dict(kt).items()}
     sd_ref = {k: v.float().cpu() for k, v in t.peft.get_peft_model_state_dict(ref).items()}
@@ -186,6 +201,15 @@ def main():
     p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="kt worker threads")
     p.add_argument("--archs", default="qwen3_moe,mixtral,deepseek_v3,qwen2_moe,qwen3_5_moe")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (the CPU test's 5e-3 by default)")
+    p.add_argument("--floor", action="store_true",
+                   help="also train the reference with its experts in float64: the per-step loss difference two "
+                        "correct implementations reach (the noise floor the 1%% bound must clear)")
+    p.add_argument("--ref-kt-roundings", action="store_true",
+                   help="the reference experts round to bf16 where kt does (hf_models.RefLoRAExperts kt_roundings)")
+    p.add_argument("--verbose", action="store_true", help="print every step's loss difference")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) (CUDA: no atomics in index_add/embedding backward)")
     p.add_argument("--no-per-expert", action="store_true", help="skip the per-expert model with PEFT on its experts")
     p.add_argument("--bench", action="store_true",
                    help="also a larger Qwen3-MoE (speed only): --bench-hidden etc. set its size")
@@ -209,6 +233,9 @@ def main():
         # cuBLAS may otherwise reduce bf16 GEMMs in bf16 (torch's default allows it), an error of the
         # device's attention that the CPU runs of this comparison do not have; both models run the same.
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", kt path {kt_kernel.__cpu_variant__}, {args.threads} kt threads", flush=True)

@@ -82,18 +82,53 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
     return model.to(torch.bfloat16)
 
 
+class _RoundForward(torch.autograd.Function):
+    """x rounded to bf16 (kept in x's dtype); the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _RoundBackward(torch.autograd.Function):
+    """x unchanged; the gradient arriving at x rounded to bf16 before it flows further."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(torch.bfloat16).to(grad.dtype)
+
+
 class RefLoRAExperts(nn.Module):
     """Plain PyTorch routed experts with LoRA, called as transformers 5 calls its experts module.
 
     Per routed (token, expert): g = W_g x + s B_g A_g x, u = W_u x + s B_u A_u x, h = silu(g) u,
     y = W_d h + s B_d A_d h; out = sum of routing weight * y. Computed in float32 from the bf16 weights,
     output rounded to the input dtype. LoRA parameters are bf16 [E, r, in] / [E, out, r], as kt's.
+
+    ``kt_roundings``: also round where kt's SFT engine documents it rounds to bf16 (kt/sft/README.md,
+    "Roundings"): h before the down product, and the gradients dy, dg, du before the products that read
+    them. Everything else stays fp32, so the two then differ by accumulation order only: a reference for
+    comparisons whose subject is not the experts' arithmetic (the GPU host's device split,
+    tools/amx_host/sft_gpu_parity.py), where the default fp32 one leaves kt's bf16 roundings amplified
+    by training chaos on top. ``compute_dtype`` float64: the same reference more exactly, to measure how far
+    two correct implementations drift apart over a training run (sft_gpu_parity.py --floor).
     """
 
     NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 
-    def __init__(self, experts: nn.Module, lora: dict, scaling: float):
+    def __init__(self, experts: nn.Module, lora: dict, scaling: float, kt_roundings: bool = False,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.kt_roundings = kt_roundings
+        self.compute_dtype = compute_dtype
         I = experts.down_proj.shape[-1]
         gu = experts.gate_up_proj.detach()
         self.register_buffer("w_gate", gu[:, :I].clone())
@@ -105,19 +140,27 @@ class RefLoRAExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         s = self.scaling
-        x = hidden_states.float()
+        cd = self.compute_dtype
+        x = hidden_states.to(cd)
         out = torch.zeros_like(x)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.where(top_k_index == e)
             xe = x[tok]
 
             def proj(inp, w, a, b):
-                return inp @ w[e].float().T + s * (inp @ a[e].float().T) @ b[e].float().T
+                return inp @ w[e].to(cd).T + s * (inp @ a[e].to(cd).T) @ b[e].to(cd).T
 
             g = proj(xe, self.w_gate, self.gate_lora_a, self.gate_lora_b)
             u = proj(xe, self.w_up, self.up_lora_a, self.up_lora_b)
-            y = proj(F.silu(g) * u, self.w_down, self.down_lora_a, self.down_lora_b)
-            out = out.index_add(0, tok, y * top_k_weights[tok, slot, None].float())
+            if self.kt_roundings:
+                g, u = _RoundBackward.apply(g), _RoundBackward.apply(u)
+            h = F.silu(g) * u
+            if self.kt_roundings:
+                h = _RoundForward.apply(h)
+            y = proj(h, self.w_down, self.down_lora_a, self.down_lora_b)
+            if self.kt_roundings:
+                y = _RoundBackward.apply(y)
+            out = out.index_add(0, tok, y * top_k_weights[tok, slot, None].to(cd))
         return out.to(hidden_states.dtype)
 
 
