@@ -80,6 +80,14 @@ absl::StatusOr<bool> MxCodedFolder(const Checkpoint& ckpt, const MoeArch& arch, 
                                                    names->gate, "\" is E2M1 nibble pairs), which method ",
                                                    want.method.method, " cannot hold; load it with method MXFP4"));
   }
+  if (arch.family == MoeFamily::kMiniMaxM3 && HfMxCoded(ckpt, names->gate, QuantFormat::kMxfp8) &&
+      ckpt.Find(Fp8ScaleInvName(names->gate)).info != nullptr &&
+      ckpt.Find(Fp8ScaleInvName(names->gate)).info->dtype != Dtype::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": the routed experts are MXFP8 (tensor \"",
+                                                   names->gate, "\" is F8_E4M3 with E8M0 scales per 32), which "
+                                                   "method ", want.method.method,
+                                                   " cannot hold; load it with method MXFP8"));
+  }
   return false;
 }
 
