@@ -3,23 +3,28 @@
 it reads the experts' own bytes (docs/FORMATS.md, kt-gguf-rows-v1).
 
 Writes one layer's expert tensors (blk.0.ffn_{gate,up,down}_exps.weight) of the --shape model in the given
-ggml types to a temporary .gguf file (random blocks, their fp16 factors kept finite; written here from the
-GGUF layout, so neither the gguf package nor llama.cpp is needed), loads it with
-KTMoEWrapper(method="LLAMAFILE") and times forward:
-- decode: --batch tokens (default 1) with random top-k routing; "read" counts the distinct experts the step
-  touches, each expert's gate, up and down bytes once;
-- prefill: --prefill tokens (default 512), every expert touched (bytes of all experts).
+ggml types to a temporary .gguf file (random blocks, their fp16 factors kept finite, as llama.cpp's peer
+harness makes its q8_0/q4_0/q4_K weights; written here from the GGUF layout, so neither the gguf package nor
+llama.cpp is needed: numpy and torch only), loads it with KTMoEWrapper(method="LLAMAFILE") and times forward
+for each --tokens count, the way the llama.cpp peer (peers/llama.cpp, moe_peer) times its graph:
+- new uniform random top-k routing for every call; warm-up calls untimed, then the median;
+- 1 token is decode (--decode-iters calls, 5 warm-up), more is prefill (--prefill-iters calls, 1 warm-up);
+- weight GB/s = distinct experts the call touched x one expert's gate, up and down bytes in the file / time;
+  TFLOPS = 2 * 3 * H * I * tokens * top_k / time (the peer's definitions).
 
     PYTHONPATH=<kt_kernel's folder> python3 tools/gguf_bench.py --types Q4_K,Q4_K,Q6_K [--shape qwen3-30b-a3b]
-        [--threads N] [--batch 1] [--prefill 512]
+        [--threads N] [--tokens 1,512] [--json]
 
-Compare its GB/s with the machine's read bandwidth (`kt bench` prints it) and with llama.cpp's
-`llama-bench`/`test-backend-ops -o MUL_MAT_ID` on the same shapes and types.
+--types is one type for all three projections (q8_0, q4_0, q4_K, bf16, f16: llama.cpp's spelling is
+accepted) or three (gate, up, down). --json prints one JSON object per measurement (the peer's field names:
+type, shape, tokens, threads, median_s, weight_gb_s, tflops, experts_touched); tools/peers_bench.py --gguf
+runs this beside llama.cpp's peer and tabulates both.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import struct
 import tempfile
@@ -30,6 +35,7 @@ import torch
 
 SHAPES = {  # name: (experts, top-k, hidden, intermediate)
     "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
     "deepseek-v3": (256, 8, 7168, 2048),
     "tiny": (16, 4, 256, 256),
 }
@@ -85,26 +91,60 @@ def write_layer(path, experts, hidden, inter, types, seed=0):
     return [len(data) // experts for _, _, _, data in tensors]
 
 
-def _time(fn, min_seconds=1.0):
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+def parse_types(text):
+    """Three ggml type names (gate, up, down) from one or three, any case (q4_K, Q4_K, bf16)."""
+    by_upper = {t.upper(): t for t in TYPES}
+    types = [by_upper.get(t.strip().upper()) for t in text.split(",")]
+    if len(types) == 1:
+        types *= 3
+    if len(types) != 3 or None in types:
+        raise ValueError(f"--types: one or three (gate, up, down) of {', '.join(TYPES)}, got {text!r}")
+    return types
+
+
+def _routing(E, K, T, g):
+    return torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :K].contiguous()
+
+
+def measure(moe, E, K, H, I, T, iters, warmup, per_expert, g):
+    """Median of `iters` forward calls of T tokens, each with new random routing, after `warmup` calls."""
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    w = torch.rand(T, K, generator=g)
+    secs, touched = [], []
+    for i in range(warmup + iters):
+        ids = _routing(E, K, T, g)
+        t0 = time.perf_counter()
+        moe.forward(x, ids, w)
+        sec = time.perf_counter() - t0
+        if i >= warmup:
+            secs.append(sec)
+            touched.append(len(torch.unique(ids)))
+    med = float(np.median(secs))
+    experts = float(np.median(touched))
+    return {"median_s": med, "min_s": min(secs), "max_s": max(secs), "runs": iters, "experts_touched": experts,
+            "weight_gb_s": experts * per_expert / med / 1e9, "tflops": 2 * 3 * H * I * T * K / med / 1e12}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--types", default="Q4_K,Q4_K,Q6_K", help="ggml types of gate, up, down")
+    ap.add_argument("--types", default="Q4_K,Q4_K,Q6_K", help="ggml type(s): one for all, or gate,up,down")
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--tokens", default="1,512", help="token counts per call: 1 is decode, more is prefill")
+    ap.add_argument("--decode-iters", type=int, default=50)
+    ap.add_argument("--prefill-iters", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
     args = ap.parse_args()
-    types = args.types.split(",")
-    if len(types) != 3 or any(t not in TYPES for t in types):
-        ap.error(f"--types: three of {', '.join(TYPES)} (gate, up, down), got {args.types!r}")
+    try:
+        types = parse_types(args.types)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t]
+    except ValueError:
+        ap.error(f"--tokens: expected comma-separated integers, got {args.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        ap.error(f"--tokens: expected token counts >= 1, got {args.tokens!r}")
     from kt_kernel import KTMoEWrapper
     import kt_kernel
 
@@ -114,19 +154,24 @@ def main():
         per_expert = sum(write_layer(path, E, H, I, types))
         moe = KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
                            gpu_experts_mask=None, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=path,
-                           chunked_prefill_size=max(args.prefill, args.batch), method="LLAMAFILE")
+                           chunked_prefill_size=max(tokens), method="LLAMAFILE")
         moe.load_weights()
     g = torch.Generator().manual_seed(0)
-    print(f"LLAMAFILE {','.join(types)} {args.shape} (E={E}, k={K}, H={H}, I={I}), {args.threads} threads, "
-          f"path {kt_kernel.__cpu_variant__}")
-    for name, T_ in (("decode", args.batch), ("prefill", args.prefill)):
-        x = torch.randn(T_, H, generator=g).to(torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T_)])
-        w = torch.rand(T_, K, generator=g)
-        sec = _time(lambda: moe.forward(x, ids, w))
-        read = len(torch.unique(ids)) * per_expert
-        print(f"{name:8s} {T_:5d} tokens: {sec * 1e3:8.3f} ms, experts' bytes {read / 2**20:8.1f} MiB -> "
-              f"{read / sec / 1e9:6.2f} GB/s, {2 * 3 * T_ * K * H * I / sec / 1e12:6.3f} TOPS")
+    name = types[0] if len(set(types)) == 1 else ",".join(types)
+    if not args.json:
+        print(f"LLAMAFILE {name} {args.shape} (E={E}, k={K}, H={H}, I={I}), {args.threads} threads, "
+              f"path {kt_kernel.__cpu_variant__}")
+    for T in tokens:
+        iters, warmup = (args.decode_iters, 5) if T == 1 else (args.prefill_iters, 1)
+        r = measure(moe, E, K, H, I, T, iters, warmup, per_expert, g)
+        if args.json:
+            print(json.dumps({"impl": "kt LLAMAFILE", "type": name, "shape": args.shape, "tokens": T,
+                              "threads": args.threads, "path": kt_kernel.__cpu_variant__, **r}), flush=True)
+        else:
+            print(f"{'decode' if T == 1 else 'prefill':8s} {T:5d} tokens: median {r['median_s'] * 1e3:8.3f} ms, "
+                  f"{r['experts_touched']:.0f} experts x {per_expert / 2**20:.2f} MiB -> "
+                  f"{r['weight_gb_s']:6.2f} GB/s, "
+                  f"{r['tflops']:6.3f} TFLOPS", flush=True)
 
 
 if __name__ == "__main__":

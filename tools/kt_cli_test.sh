@@ -103,6 +103,26 @@ for key in cpu path bandwidth_gbs decode_s decode_gbs decode_bw_pct decode_bw_gb
     prefill_peak_pct peak; do
   [[ "$parsed" == *"\"$key\": "* ]] || fail "peers_bench.py found no '$key' in kt bench's output: $parsed"
 done
+# peers_bench.py --gguf tabulates kt's LLAMAFILE lines beside llama.cpp's, matched on (type, shape, tokens),
+# with the bandwidth of this real kt bench output as the decode yardstick.
+RAW="$(mktemp -d)"
+cp "$OUT" "$RAW/kt-bench-yardstick.txt"
+bw="$(/usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["bandwidth_gbs"])' <<<"$parsed")"
+echo '{"impl": "kt LLAMAFILE", "type": "Q4_0", "shape": "qwen3-30b-a3b", "tokens": 1, "median_s": 0.002,'\
+  '"weight_gb_s": 0.1, "tflops": 0.001}' >"$RAW/kt-gguf-30b-q4_0.jsonl"
+echo '{"type": "q4_0", "buffer": "cpu_repack", "shape": "qwen3-30b-a3b", "tokens": 1, "median_s": 0.004,'\
+  '"weight_gb_s": 0.05, "tflops": 0.0005}' >"$RAW/llama-gguf.jsonl"
+table="$(/usr/bin/python3 "$PEERS_BENCH" --gguf q4_0 --shapes 30b --qlens 1,512 --table-from "$RAW")" ||
+  fail "peers_bench.py --gguf --table-from failed"
+want_pct="$(/usr/bin/python3 -c "print(f'kt {100 * 0.1 / $bw:.0f}%; llama.cpp {100 * 0.05 / $bw:.0f}%')")"
+for want in "| q4_0 | qwen3-30b-a3b | 1 | 2.00 ms (0.1 GB/s) | 4.00 ms (0.05 GB/s), cpu_repack | 2.00x | $want_pct |" \
+    "| q4_0 | qwen3-30b-a3b | 512 | – | – | – | – |" "bandwidth yardstick ($(printf %.1f "$bw") GB/s)"; do
+  [[ "$table" == *"$want"* ]] || fail "peers_bench.py --gguf table lacks '$want': $table"
+done
+/usr/bin/python3 "$PEERS_BENCH" --gguf q3_K --table-from "$RAW" >/dev/null 2>"$RAW/err" &&
+  fail "peers_bench.py --gguf q3_K succeeded"
+grep -q -- "--gguf: \['q3_K'\] not in" "$RAW/err" || fail "peers_bench.py --gguf q3_K: $(cat "$RAW/err")"
+rm -rf "$RAW"
 expect 0 bench --weights "$HF/mixtral" --method MOE_INT4 "${QUICK[@]}" &&
   contains "$OUT" "int4 routed experts" && contains "$OUT" "method     MOE_INT4" &&
   contains "$OUT" "int4 format vs the bf16 model"

@@ -16,6 +16,17 @@ Formats compared: bf16 (kt BF16, the original's BF16, llama.cpp bf16 and f16), i
 per-token int8 activations, the original's INT8 (W8A8), llama.cpp q8_0), int4 (kt int4_group_sym group 32,
 llama.cpp q4_0: both 4-bit with a scale per 32 weights). Output: the table on stdout (markdown), every raw
 line (kt bench's text, the peers' JSON) under --raw DIR if given.
+
+GGUF mode (--gguf TYPES): kt's method LLAMAFILE (tools/gguf_bench.py: a synthetic GGUF layer loaded with
+KTMoEWrapper, so --python must have torch and numpy, and kt_kernel with its _kt.so on --kt-pythonpath or
+PYTHONPATH; not the gguf package) beside llama.cpp's peer (moe_peer --mode mmid) on the same ggml types
+(q8_0, q4_0, q4_K, bf16, f16), shapes (--shapes) and token counts, both timed the same way (new random
+routing per call, median), plus the read-bandwidth yardstick of one short `kt bench` run for decode:
+
+    tools/peers_bench.py --gguf q8_0,q4_0,q4_K,bf16,f16 --shapes 30b,235b --qlens 1,512,4096 \
+        --kt bazel-bin/tools/kt --peers PEERS_DIR --python python3.12 --kt-pythonpath STAGE --threads 16
+
+--table-from DIR prints the table again from a --raw DIR of such a run (tools/kt_cli_test.sh checks it).
 """
 
 from __future__ import annotations
@@ -193,6 +204,149 @@ def cell(seconds: float | None, rate: str) -> str:
     return "–" if seconds is None else f"{fmt_time(seconds)} ({rate})"
 
 
+# ---- GGUF mode: kt LLAMAFILE beside llama.cpp on the same ggml types ------------------------------------------
+
+GGUF_TYPES = ["q8_0", "q4_0", "q4_K", "bf16", "f16"]  # the llama.cpp peer's types, all of which kt's GGUF path runs
+
+
+def _gguf_key(row: dict) -> tuple:
+    return str(row.get("type", "")).lower(), row.get("shape"), row.get("tokens")
+
+
+def gguf_kt_rows(args, types: list[str], shapes: list[str], qlens: list[int]) -> tuple[list[dict], str]:
+    """tools/gguf_bench.py --json once per (shape, type); its JSON lines."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_bench.py")
+    env = dict(os.environ)
+    if args.kt_pythonpath:
+        env["PYTHONPATH"] = args.kt_pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    rows, notes = [], []
+    for shape in shapes:
+        for t in types:
+            cmd = [args.python or sys.executable, script, "--json", f"--types={t}", f"--shape={SHAPES[shape]}",
+                   f"--threads={args.threads}", f"--tokens={','.join(map(str, qlens))}",
+                   f"--decode-iters={args.decode_iters}", f"--prefill-iters={args.prefill_iters}"]
+            rc, so, se = run(cmd, args.timeout, env=env)
+            save_raw(args, f"kt-gguf-{shape}-{t}.jsonl", so + "\n--- stderr\n" + se)
+            got = [r for r in json_lines(so) if "median_s" in r]
+            rows += got
+            if rc != 0:
+                tail = [ln for ln in se.strip().splitlines() if ln.strip()]
+                notes.append(f"{shape} {t}: exit {rc}" + (f" ({tail[-1][:160]})" if tail else ""))
+    return rows, "; ".join(notes)
+
+
+def gguf_llama_rows(args, types: list[str], shapes: list[str], qlens: list[int]) -> tuple[list[dict], str]:
+    binary = os.path.join(args.peers, "llama.cpp", "bin", "moe_peer")
+    if not os.path.exists(binary):
+        return [], f"not present ({binary})"
+    cmd = [binary, "-t", str(args.threads), "--mode", "mmid", "--types", ",".join(types), "--shapes",
+           ",".join(SHAPES[s] for s in shapes), "--tokens", ",".join(map(str, qlens)), "--big-types", ",".join(types),
+           "--decode-iters", str(args.decode_iters), "--prefill-iters", str(args.prefill_iters)]
+    rc, so, se = run(cmd, args.timeout * max(1, len(shapes) * len(types)))
+    save_raw(args, "llama-gguf.jsonl", so + "\n--- stderr\n" + se)
+    rows = [r for r in json_lines(so) if "median_s" in r]
+    if rc != 0 and not rows:
+        why = f"killed by signal {-rc}" + (" (SIGILL: this build needs instructions this CPU lacks)" if rc == -4
+                                           else "") if rc < 0 else f"exit {rc}"
+        return [], why
+    return rows, "MUL_MAT_ID graph" + ("" if rc == 0 else f", exit {rc} (partial)")
+
+
+def gguf_yardstick(args) -> dict:
+    """The read bandwidth (and CPU, kt path) from a short `kt bench` run: its yardsticks come first."""
+    cmd = [args.kt, "bench", "--shape=qwen3-30b-a3b", f"--threads={args.threads}", "--format=int8", "--layers=1",
+           "--iters=1", "--prefill-iters=1", "--qlen-prefill=1", "--no-torch"]
+    rc, so, se = run(cmd, args.timeout)
+    save_raw(args, "kt-bench-yardstick.txt", so + "\n--- stderr\n" + se)
+    out = parse_kt_bench(so)
+    if rc != 0 and "bandwidth_gbs" not in out:
+        out["error"] = f"kt bench exit {rc}"
+    return out
+
+
+def _ratio(kt: dict | None, peer: dict | None) -> str:
+    if not kt or not peer:
+        return "–"
+    return f"{peer['median_s'] / kt['median_s']:.2f}x"
+
+
+def gguf_table(types: list[str], shapes: list[str], qlens: list[int], kt: list[dict], llama: list[dict],
+               yard: dict, header: str) -> str:
+    """The markdown table; kt's and llama.cpp's rows matched on (type, shape, tokens)."""
+    kt_by = {_gguf_key(r): r for r in kt}
+    ll_by = {_gguf_key(r): r for r in llama}
+    bw = yard.get("bandwidth_gbs")
+    lines = [header, "",
+             "| type | shape | qlen | kt LLAMAFILE | llama.cpp | kt speed-up (llama.cpp time / kt time) | decode read "
+             f"bandwidth yardstick ({f'{bw:.1f} GB/s' if bw else yard.get('error', 'not measured')}) |",
+             "|---|---|---|---|---|---|---|"]
+    for shape in shapes:
+        for t in types:
+            for q in qlens:
+                key = (t.lower(), SHAPES[shape], q)
+                k, m = kt_by.get(key), ll_by.get(key)
+                unit, rk = ("GB/s", "weight_gb_s") if q == 1 else ("TFLOPS", "tflops")
+                kc = cell(k["median_s"], f"{k[rk]:.3g} {unit}") if k else "–"
+                mc = (cell(m["median_s"], f"{m[rk]:.3g} {unit}") + (f", {m['buffer']}" if m.get("buffer") else "")
+                      if m else "–")
+                yc = "–"
+                if q == 1 and bw:
+                    pairs = (("kt", k), ("llama.cpp", m))
+                    yc = "; ".join(f"{name} {100 * r['weight_gb_s'] / bw:.0f}%" for name, r in pairs if r)
+                lines.append(f"| {t} | {SHAPES[shape]} | {q} | {kc} | {mc} | {_ratio(k, m)} | {yc} |")
+    return "\n".join(lines)
+
+
+def gguf_main(ap, args) -> int:
+    types = [t for t in args.gguf.split(",") if t]
+    canon = {t.lower(): t for t in GGUF_TYPES}
+    if bad := [t for t in types if t.lower() not in canon]:
+        ap.error(f"--gguf: {bad} not in {GGUF_TYPES}")
+    types = [canon[t.lower()] for t in types]
+    shapes = [s for s in args.shapes.split(",") if s]
+    if bad := [s for s in shapes if s not in SHAPES]:
+        ap.error(f"--shapes: {bad} not in {sorted(SHAPES)}")
+    try:
+        qlens = sorted({int(q) for q in args.qlens.split(",") if q})
+    except ValueError:
+        ap.error(f"--qlens: expected comma-separated integers, got {args.qlens!r}")
+    if not qlens or qlens[0] < 1:
+        ap.error(f"--qlens: expected token counts >= 1, got {args.qlens!r}")
+    if args.table_from:
+        def read(name):
+            path = os.path.join(args.table_from, name)
+            return open(path).read() if os.path.exists(path) else ""
+        kt = [r for s in shapes for t in types for r in json_lines(read(f"kt-gguf-{s}-{t}.jsonl"))
+              if "median_s" in r]
+        llama = [r for r in json_lines(read("llama-gguf.jsonl")) if "median_s" in r]
+        yard = parse_kt_bench(read("kt-bench-yardstick.txt"))
+        print(gguf_table(types, shapes, qlens, kt, llama, yard, f"## GGUF: kt LLAMAFILE vs llama.cpp, from "
+                         f"{args.table_from}: {yard.get('cpu', '?')}, kt path {yard.get('path', '?')}"))
+        return 0
+    if shutil.which(args.kt) is None and not os.path.exists(args.kt):
+        ap.error(f"--kt: no kt binary at {args.kt!r} (build //tools:kt, pass bazel-bin/tools/kt)")
+    started = time.time()
+    yard = gguf_yardstick(args)
+    kt, kt_note = gguf_kt_rows(args, types, shapes, qlens)
+    skip = set(args.skip.split(",")) - {""}
+    if not args.peers or "llama" in skip:
+        llama, llama_note = [], "skipped" if args.peers else "not given: --peers or KT_PEERS names their folder"
+    else:
+        llama, llama_note = gguf_llama_rows(args, types, shapes, qlens)
+    path = next((r.get("path") for r in kt if r.get("path")), yard.get("path", "?"))
+    header = (f"## GGUF: kt LLAMAFILE vs llama.cpp, {args.threads} threads: {yard.get('cpu', '?')}, kt path {path}\n\n"
+              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} by tools/peers_bench.py --gguf, "
+              f"one run: kt bench's read-bandwidth yardstick, kt LLAMAFILE (tools/gguf_bench.py"
+              f"{': ' + kt_note if kt_note else ''}), then llama.cpp ({llama_note}). Same synthetic blocks kind (random "
+              "bytes, finite fp16 factors), new random routing per call, median of --decode-iters (decode) or "
+              "--prefill-iters (prefill) calls. Decode: median latency (GB/s of the type's own bytes of the distinct "
+              "experts touched); prefill: median latency (TFLOPS = 2*3*H*I*qlen*8 / time).")
+    print(gguf_table(types, shapes, qlens, kt, llama, yard, header))
+    print()
+    print(f"Wall time of the run: {time.time() - started:.0f} s.")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kt", default=os.environ.get("KT_BIN", "kt"), help="the kt binary (bazel-bin/tools/kt)")
@@ -212,6 +366,10 @@ def main() -> int:
     ap.add_argument("--original-noamx", action="store_true", help="run the original's AVX-512 build on AMX too")
     ap.add_argument("--skip", default="", help="comma list of peers to skip: original, llama")
     ap.add_argument("--raw", default="", help="folder for every raw output")
+    ap.add_argument("--gguf", default="", help="GGUF mode: comma list of ggml types (q8_0, q4_0, q4_K, bf16, f16)")
+    ap.add_argument("--shapes", default="30b,235b", help="GGUF mode: comma list of shapes")
+    ap.add_argument("--kt-pythonpath", default="", help="GGUF mode: folder holding kt_kernel (with _kt.so)")
+    ap.add_argument("--table-from", default="", help="GGUF mode: print the table from a --raw folder of a run")
     ap.add_argument("--parse", default="", help="only print the figures parsed from this saved kt bench output "
                     "(JSON; tools/kt_cli_test.sh checks the parser against the binary's real output)")
     args = ap.parse_args()
@@ -219,6 +377,8 @@ def main() -> int:
         with open(args.parse) as f:
             print(json.dumps(parse_kt_bench(f.read()), sort_keys=True))
         return 0
+    if args.gguf:
+        return gguf_main(ap, args)
     if shutil.which(args.kt) is None and not os.path.exists(args.kt):
         ap.error(f"--kt: no kt binary at {args.kt!r} (build //tools:kt, pass bazel-bin/tools/kt)")
     try:

@@ -186,6 +186,7 @@ constexpr ArchSpec kArchs[] = {
     {"MiniMaxM1ForCausalLM", MoeFamily::kMiniMax, false},
     {"MiniMaxM2ForCausalLM", MoeFamily::kMiniMax, false},
     {"DeepseekV4ForCausalLM", MoeFamily::kDeepseekV4, false},
+    {"MiniMaxM3SparseForConditionalGeneration", MoeFamily::kMiniMaxM3, true},
 };
 
 bool IsQwen(MoeFamily f) {
@@ -195,7 +196,8 @@ bool IsQwen(MoeFamily f) {
 bool IsDeepseekStyle(MoeFamily f) {
   return f == MoeFamily::kDeepseekV2 || f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe;
 }
-bool IsMixtralStyle(MoeFamily f) { return f == MoeFamily::kMixtral || f == MoeFamily::kMiniMax; }
+bool IsMiniMax(MoeFamily f) { return f == MoeFamily::kMiniMax || f == MoeFamily::kMiniMaxM3; }
+bool IsMixtralStyle(MoeFamily f) { return f == MoeFamily::kMixtral || IsMiniMax(f); }
 
 // The routed-expert keys a family reads: the expert count (one of `count_keys`), top-k, intermediate size.
 struct MoeKeys {
@@ -262,16 +264,6 @@ absl::Status ParseQuantization(absl::string_view origin, const json::Value& root
   arch->quantization = std::move(quant);
   return absl::OkStatus();
 }
-
-}  // namespace
-
-std::vector<std::string> KnownMoeArchitectures() {
-  std::vector<std::string> names;
-  for (const ArchSpec& a : kArchs) names.push_back(a.name);
-  return names;
-}
-
-namespace {
 
 // ---- ParseMoeConfig's steps ------------------------------------------------------------------------------
 
@@ -355,6 +347,24 @@ absl::StatusOr<std::string> DeepseekMoeLayers(const Reader& r, const MoeArch& ar
   return absl::StrCat("first_k_dense_replace = ", first_dense, ", moe_layer_freq = ", freq);
 }
 
+// MiniMax-M3 (transformers' MiniMaxM3VLTextConfig): mlp_layer_types where given, else moe_layer_freq (one 0 or
+// 1 per layer, 1 = MoE; the released config's first 3 layers are dense), else every layer.
+absl::StatusOr<std::string> MiniMaxM3MoeLayers(const Reader& r, const MoeArch& arch, std::vector<bool>* is_moe) {
+  if (!r.Has("moe_layer_freq")) return std::string("every layer");
+  const json::Value& freq = *r.Get("moe_layer_freq");
+  const std::string expected =
+      absl::StrCat("an array of num_hidden_layers (", arch.num_layers, ") integers, each 0 (dense) or 1 (MoE)");
+  if (!freq.is_array() || freq.elements().size() != static_cast<size_t>(arch.num_layers)) {
+    return r.Error("moe_layer_freq", expected, freq);
+  }
+  for (int i = 0; i < arch.num_layers; ++i) {
+    const json::Value& v = freq.elements()[i];
+    if (!v.is_int() || (v.as_int() != 0 && v.as_int() != 1)) return r.Error("moe_layer_freq", expected, v);
+    (*is_moe)[i] = v.as_int() == 1;
+  }
+  return std::string("moe_layer_freq");
+}
+
 // arch.moe_layers, by the family's rule.
 absl::Status ReadMoeLayers(const Reader& r, absl::string_view origin, absl::string_view path, MoeArch* arch) {
   const MoeFamily f = arch->family;
@@ -362,10 +372,12 @@ absl::Status ReadMoeLayers(const Reader& r, absl::string_view origin, absl::stri
   absl::StatusOr<std::string> rule = std::string("every layer");
   if (IsQwen(f)) {
     rule = QwenMoeLayers(r, *arch, &is_moe);
-  } else if (IsDeepseekStyle(f) && r.Has("mlp_layer_types")) {
+  } else if ((IsDeepseekStyle(f) || f == MoeFamily::kMiniMaxM3) && r.Has("mlp_layer_types")) {
     rule = MlpLayerTypes(r, origin, *arch, &is_moe);
   } else if (IsDeepseekStyle(f)) {
     rule = DeepseekMoeLayers(r, *arch, &is_moe);
+  } else if (f == MoeFamily::kMiniMaxM3) {
+    rule = MiniMaxM3MoeLayers(r, *arch, &is_moe);
   }
   if (!rule.ok()) return rule.status();
   for (int i = 0; i < arch->num_layers; ++i) {
@@ -411,6 +423,9 @@ absl::Status ReadSharedExperts(const Reader& r, MoeArch* arch) {
   } else if (IsDeepseekStyle(f) || f == MoeFamily::kDeepseekV4) {
     KT_ASSIGN_OR_RETURN(a.num_shared_experts, r.Int("n_shared_experts", 0, 64, 0));
     a.shared_intermediate = a.num_shared_experts * a.intermediate;  // <= 2^6 * 2^20: fits.
+  } else if (f == MoeFamily::kMiniMaxM3) {  // MiniMaxM3VLTextConfig's default: one of 3072
+    KT_ASSIGN_OR_RETURN(a.shared_intermediate, r.Int("shared_intermediate_size", 0, kMaxDim, 3072));
+    a.num_shared_experts = a.shared_intermediate > 0 ? 1 : 0;
   }
   return absl::OkStatus();
 }
@@ -429,11 +444,11 @@ absl::Status ReadRouting(const Reader& r, MoeArch* arch) {
         !(f == MoeFamily::kQwen2Moe || f == MoeFamily::kQwen3Moe || f == MoeFamily::kDeepseekV2);
     KT_ASSIGN_OR_RETURN(a.norm_topk_prob, r.Bool("norm_topk_prob", fallback));
   }
-  const bool sigmoid_default =
-      f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe || a.architecture == "MiniMaxM2ForCausalLM";
+  const bool sigmoid_default = f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe ||
+                               a.architecture == "MiniMaxM2ForCausalLM" || f == MoeFamily::kMiniMaxM3;
   a.scoring = sigmoid_default ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
   if (f == MoeFamily::kDeepseekV4) a.scoring = MoeScoring::kSqrtSoftplus;  // DeepseekV4Config's default
-  if (IsDeepseekStyle(f) || f == MoeFamily::kMiniMax || f == MoeFamily::kDeepseekV4) {
+  if (IsDeepseekStyle(f) || IsMiniMax(f) || f == MoeFamily::kDeepseekV4) {
     std::string scoring;
     KT_ASSIGN_OR_RETURN(scoring, r.String("scoring_func"));
     if (scoring == "softmax") {
@@ -455,6 +470,15 @@ absl::Status ReadRouting(const Reader& r, MoeArch* arch) {
     KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.0f));
   } else if (f == MoeFamily::kDeepseekV4) {
     KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 1.5f));
+  } else if (f == MoeFamily::kMiniMaxM3) {  // MiniMaxM3VLTextConfig's defaults
+    KT_ASSIGN_OR_RETURN(a.routed_scaling_factor, r.PositiveNumber("routed_scaling_factor", 2.0f));
+    KT_ASSIGN_OR_RETURN(a.swiglu_alpha, r.PositiveNumber("swiglu_alpha", 1.702f));
+    KT_ASSIGN_OR_RETURN(a.swiglu_limit, r.PositiveNumber("swiglu_limit", 7.0f));
+    // vLLM reads (up + swiglu_beta); kt computes (up + 1), as transformers does.
+    const json::Value* beta = r.Get("swiglu_beta");
+    if (beta != nullptr && !beta->is_null() && !(beta->is_int() ? beta->as_int() == 1 : beta->as_double() == 1.0)) {
+      return r.Error("swiglu_beta", "1 (kt computes gate * sigmoid(alpha * gate) * (up + 1))", *beta);
+    }
   }
   if (f == MoeFamily::kDeepseekV3 || f == MoeFamily::kGlm4Moe) {
     absl::Status s = CheckRoutingGroups(r, arch);
@@ -533,7 +557,8 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
     if (!tc->is_object()) return top.Error("text_config", "an object", *tc);
     keys_object = tc;
     path = "text_config.";
-    arch.layer_prefix = "model.language_model.layers";
+    arch.layer_prefix =  // MiniMax-M3 ships it under language_model.model (transformers renames it on load)
+        spec->family == MoeFamily::kMiniMaxM3 ? "language_model.model.layers" : "model.language_model.layers";
   } else {
     // DeepSeek-V4 checkpoints keep DeepSeek's own names (transformers renames them on load).
     arch.layer_prefix = spec->family == MoeFamily::kDeepseekV4 ? "layers" : "model.layers";
@@ -566,21 +591,10 @@ absl::StatusOr<MoeArch> ParseMoeConfig(absl::string_view text, absl::string_view
   return arch;
 }
 
-absl::StatusOr<MoeArch> LoadMoeConfig(const std::string& dir) {
-  const std::string path = absl::StrCat(dir, "/config.json");
-  std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::string text;
-  char buf[65536];
-  size_t got = 0;
-  while ((got = std::fread(buf, 1, sizeof(buf), file)) > 0) {
-    text.append(buf, got);
-    if (text.size() > kMaxConfigBytes) break;
-  }
-  const bool failed = std::ferror(file) != 0;
-  std::fclose(file);
-  if (failed) return absl::DataLossError(absl::StrCat(path, ": read error"));
-  return ParseMoeConfig(text, path);
+std::vector<std::string> KnownMoeArchitectures() {
+  std::vector<std::string> names;
+  for (const ArchSpec& a : kArchs) names.push_back(a.name);
+  return names;
 }
 
 }  // namespace kt

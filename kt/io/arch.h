@@ -23,6 +23,11 @@
 //   MixtralForCausalLM, MiniMaxForCausalLM, MiniMaxText01ForCausalLM, MiniMaxM1ForCausalLM,
 //   MiniMaxM2ForCausalLM
 //       model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}.weight  (w1 = gate, w3 = up, w2 = down)
+//   MiniMaxM3SparseForConditionalGeneration (MiniMax-M3; keys under text_config, MoE layers from
+//   moe_layer_freq [0/1 per layer] or mlp_layer_types; swiglu_alpha, swiglu_limit)
+//       language_model.model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}.weight as MiniMax ships them
+//       (transformers' conversion_mapping renames them on load); MiniMax-M3-MXFP8: F8_E4M3 + U8 E8M0
+//       `.weight_scale_inv` [N, K/32] (kt/io/hf_mx.h)
 //
 // In a fused layout the gate rows (or columns) come first, then the up ones: gate_up[e][0:I] is gate and
 // gate_up[e][I:2I] is up ([E, 2I, H]), or gate_up[e][:, 0:I] / [:, I:2I] ([E, H, 2I]).
@@ -61,6 +66,7 @@ enum class MoeFamily {
   kMiniMax,     // MiniMaxForCausalLM, MiniMaxText01ForCausalLM, MiniMaxM1ForCausalLM, MiniMaxM2ForCausalLM.
   kDeepseekV4,  // DeepseekV4ForCausalLM (DeepSeek-V4-Flash/Pro): every layer MoE (hash or learned routing),
                 //   experts as DeepSeek ships them: layers.L.ffn.experts.e.{w1,w3,w2} (MXFP4 + E8M0 `.scale`).
+  kMiniMaxM3,   // MiniMaxM3SparseForConditionalGeneration: sigmoid routing, one shared expert, "swigluoai".
 };
 
 const char* MoeFamilyName(MoeFamily family);
@@ -102,8 +108,11 @@ struct MoeArch {
   bool norm_topk_prob = false;         // Whether the k chosen weights are renormalised to sum to 1.
   float routed_scaling_factor = 1.0f;  // Multiplies the routed experts' sum (DeepSeek, GLM); 1 elsewhere.
   int n_group = 1, topk_group = 1;     // Group-limited routing (DeepSeek-V3, GLM); 1/1 means none.
+  // The experts' activation variant (MoeConfig::swiglu_alpha / swiglu_limit; 0: off): MiniMax-M3's
+  // "swigluoai" gate * sigmoid(alpha * gate) * (up + 1) with gate <= limit, |up| <= limit.
+  float swiglu_alpha = 0.0f, swiglu_limit = 0.0f;
 
-  std::string layer_prefix;  // "model.layers" or "model.language_model.layers".
+  std::string layer_prefix;  // "model.layers", "model.language_model.layers", ... (as the checkpoint names them)
   std::string block;         // "mlp" or "block_sparse_moe".
   ExpertLayout layout = ExpertLayout::kPerExpert;
   std::optional<MoeQuantization> quantization;

@@ -43,6 +43,31 @@ TEST(ArchErrorTest, MlpLayerTypes) {
               HasSubstr("mlp_layer_types says layer 1 is sparse but first_k_dense_replace = 2 says dense"));
 }
 
+// MiniMax-M3 (text_config): moe_layer_freq is one 0 or 1 per layer (mlp_layer_types, where given, wins);
+// swiglu_beta other than 1 is refused (kt computes up + 1); defaults are MiniMaxM3VLTextConfig's.
+TEST(ArchErrorTest, MiniMaxM3) {
+  const std::string base = R"({"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "text_config": {
+      "hidden_size": 64, "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2,
+      "intermediate_size": 32, )";
+  EXPECT_THAT(ErrorOf(base + R"("moe_layer_freq": [0, 1]}})"),
+              HasSubstr("text_config.moe_layer_freq must be an array of num_hidden_layers (3) integers, each 0 "
+                        "(dense) or 1 (MoE), got an array of 2"));
+  EXPECT_THAT(ErrorOf(base + R"("moe_layer_freq": [0, 2, 1]}})"), HasSubstr("got 2"));
+  EXPECT_THAT(ErrorOf(base + R"("swiglu_beta": 0.5}})"),
+              HasSubstr("text_config.swiglu_beta must be 1 (kt computes gate * sigmoid(alpha * gate) * (up + 1))"));
+  EXPECT_THAT(ErrorOf(base + R"("swiglu_limit": -7}})"), HasSubstr("text_config.swiglu_limit must be a positive"));
+  const MoeArch a = MustParse(base + R"("swiglu_beta": 1.0, "mlp_layer_types": ["dense", "sparse", "sparse"],
+      "moe_layer_freq": [0, 0, 1]}})");
+  EXPECT_THAT(a.moe_layers, ElementsAre(1, 2));
+  EXPECT_EQ(a.layer_prefix, "language_model.model.layers");
+  EXPECT_EQ(a.swiglu_alpha, 1.702f);
+  EXPECT_EQ(a.swiglu_limit, 7.0f);
+  EXPECT_EQ(a.routed_scaling_factor, 2.0f);
+  EXPECT_EQ(a.shared_intermediate, 3072);
+  EXPECT_THAT(MustParse(base + R"("moe_layer_freq": [0, 0, 1]}})").moe_layers, ElementsAre(2));
+  EXPECT_THAT(MustParse(base + "\"rms_norm_eps\": 1e-6}}").moe_layers, ElementsAre(0, 1, 2));
+}
+
 constexpr char kMixtralBase[] = R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 64,
     "intermediate_size": 32, "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2})";
 

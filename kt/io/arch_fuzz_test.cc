@@ -34,6 +34,9 @@ const std::vector<std::string>& Seeds() {
       R"({"architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 8,
  "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 3,
  "moe_layer_freq": 2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2})",
+      R"({"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "text_config": {"hidden_size": 128,
+ "intermediate_size": 64, "moe_layer_freq": [0, 1, 1], "num_experts_per_tok": 2, "num_hidden_layers": 3,
+ "num_local_experts": 8, "scoring_func": "sigmoid", "swiglu_alpha": 1.702, "swiglu_limit": 2.0}})",
   };
   return seeds;
 }

@@ -1,5 +1,6 @@
 #include "kt/io/arch.h"
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,8 @@ const char* MoeFamilyName(MoeFamily family) {
       return "MiniMax";
     case MoeFamily::kDeepseekV4:
       return "DeepSeek-V4";
+    case MoeFamily::kMiniMaxM3:
+      return "MiniMax-M3";
   }
   return "?";
 }
@@ -131,5 +134,22 @@ absl::StatusOr<std::string> RouterTensorName(const MoeArch& arch, int layer) {
 }
 
 std::string Fp8ScaleInvName(absl::string_view weight_name) { return absl::StrCat(weight_name, "_scale_inv"); }
+
+absl::StatusOr<MoeArch> LoadMoeConfig(const std::string& dir) {
+  const std::string path = absl::StrCat(dir, "/config.json");
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::string text;
+  char buf[65536];
+  size_t got = 0;
+  while ((got = std::fread(buf, 1, sizeof(buf), file)) > 0) {
+    text.append(buf, got);
+    if (text.size() > (size_t{16} << 20)) break;  // ParseMoeConfig refuses it
+  }
+  const bool failed = std::ferror(file) != 0;
+  std::fclose(file);
+  if (failed) return absl::DataLossError(absl::StrCat(path, ": read error"));
+  return ParseMoeConfig(text, path);
+}
 
 }  // namespace kt

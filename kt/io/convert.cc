@@ -1,5 +1,6 @@
 #include "kt/io/convert.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <sched.h>
 #include <sys/stat.h>
@@ -83,6 +84,7 @@ absl::StatusOr<MethodLayout> CheckMethod(const ConvertOptions& options) {
 absl::Status ValidateLayers(const ConvertJob& job) {
   LayerRequest want;
   want.method = job.layout;
+  want.dequantize_stored = true;  // FP8 / MX checkpoints convert to any method through their dequantized bf16
   for (int layer : job.arch.moe_layers) {
     want.layer = layer;
     absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(job.ckpt, job.arch, job.config_path, want);
@@ -172,7 +174,9 @@ absl::StatusOr<LayerOutputs> ConvertMatrices(const ConvertJob& job, const LayerE
         if (absl::Status s = le.ReadBf16(static_cast<int>(e), m, out.bf16[e * 3 + p].data()); !s.ok()) return s;
         continue;
       }
-      if (le.quantized()) {  // FP8 for method FP8, native int4 for its layout: as they are (no requantization)
+      // FP8 for method FP8, native int4 for its layout, MX for its method: as they are (no requantization).
+      // FP8 / MX for another method come through ReadBf16, dequantized (LayerRequest::dequantize_stored).
+      if (le.quantized()) {
         if (absl::Status s = le.ReadQuantized(static_cast<int>(e), m, &out.quant[e * 3 + p]); !s.ok()) return s;
         continue;
       }
@@ -292,6 +296,7 @@ absl::Status ConvertOrKeepLayer(const ConvertJob& job, int layer, int ordinal, M
   const std::string path = absl::StrCat(options.output, "/", entry.file);
   LayerRequest want;
   want.method = job.layout;
+  want.dequantize_stored = true;
   want.layer = layer;
   absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(job.ckpt, job.arch, job.config_path, want);
   if (!le.ok()) return le.status();
@@ -331,6 +336,27 @@ absl::Status ConvertOrKeepLayer(const ConvertJob& job, int layer, int ordinal, M
   return absl::OkStatus();
 }
 
+// A GGUF checkpoint (a .gguf file, or a folder of them without config.json) is not an input yet: say so
+// rather than "config.json: cannot open".
+absl::Status RefuseGguf(const std::string& input) {
+  struct stat st;
+  bool gguf = input.size() > 5 && input.compare(input.size() - 5, 5, ".gguf") == 0;
+  if (!gguf && ::stat(absl::StrCat(input, "/config.json").c_str(), &st) != 0) {
+    if (DIR* d = ::opendir(input.c_str())) {
+      while (const dirent* ent = ::readdir(d)) {
+        const std::string name = ent->d_name;
+        gguf = gguf || (name.size() > 5 && name.compare(name.size() - 5, 5, ".gguf") == 0);
+      }
+      ::closedir(d);
+    }
+  }
+  if (!gguf) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(
+      "--input ", input, " is a GGUF checkpoint: kt convert reads Hugging Face safetensors folders (bf16, FP8, "
+      "MXFP4/MXFP8, native int4); GGUF experts run as stored with method LLAMAFILE (KTMoEWrapper(method="
+      "\"LLAMAFILE\", weight_path=...)), and converting them to another method is not supported yet"));
+}
+
 }  // namespace
 
 absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
@@ -341,6 +367,7 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
   if (!layout.ok()) return layout.status();
   job.layout = *std::move(layout);
   job.config_path = absl::StrCat(options.input, "/config.json");
+  if (absl::Status g = RefuseGguf(options.input); !g.ok()) return g;
   absl::StatusOr<MoeArch> arch = LoadMoeConfig(options.input);
   if (!arch.ok()) return arch.status();
   job.arch = *std::move(arch);

@@ -313,6 +313,56 @@ TEST(FixturesTest, DeepseekV4Mxfp4LoadsAsStored) {
   EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()), HasSubstr("load it with method FP8"));
 }
 
+// MiniMax-M3-MXFP8's experts as shipped (language_model.model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}
+// .weight F8_E4M3 + .weight_scale_inv U8 E8M0 [N, K/32]; config from transformers' MiniMaxM3VLConfig with
+// moe_layer_freq [0, 1, 1]) for method MXFP8: the codes as stored, each E8M0 code as 2^(e - 127); the
+// values are the file's, read with Python's safetensors. Another method is told to use MXFP8.
+TEST(FixturesTest, MiniMaxM3Mxfp8LoadsAsStored) {
+  const std::string dir = TestdataHf("minimax_m3_mxfp8");
+  absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
+  ASSERT_TRUE(arch.ok()) << arch.status();
+  EXPECT_EQ(arch->family, MoeFamily::kMiniMaxM3);
+  EXPECT_EQ(arch->moe_layers, (std::vector<int>{1, 2}));
+  EXPECT_EQ(arch->num_experts, 8);
+  EXPECT_EQ(arch->top_k, 2);
+  EXPECT_EQ(arch->hidden, 128);
+  EXPECT_EQ(arch->intermediate, 64);
+  EXPECT_EQ(arch->swiglu_alpha, 1.702f);
+  EXPECT_EQ(arch->swiglu_limit, 2.0f);
+  EXPECT_EQ(arch->scoring, MoeScoring::kSigmoid);
+  EXPECT_EQ(arch->routed_scaling_factor, 2.0f);
+  EXPECT_EQ(arch->num_shared_experts, 1);
+  EXPECT_EQ(ExpertTensorNames(*arch, 2, 3)->up, "language_model.model.layers.2.block_sparse_moe.experts.3.w3.weight");
+  EXPECT_EQ(*RouterTensorName(*arch, 1), "language_model.model.layers.1.block_sparse_moe.gate.weight");
+  LayerRequest want;
+  want.layer = 2;
+  want.method = *LayoutOfMethod("MXFP8");
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::Open(dir, want);
+  ASSERT_TRUE(le.ok()) << le.status();
+  EXPECT_TRUE((*le)->quantized());
+  QuantizedMatrix qm;
+  absl::Status s = (*le)->ReadQuantized(3, ExpertMatrix::kGate, &qm);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(qm.spec.format, QuantFormat::kMxfp8);
+  ASSERT_EQ(qm.n, 64u);
+  ASSERT_EQ(qm.k, 128u);
+  ASSERT_EQ(qm.data.size(), 64u * 128u);
+  EXPECT_EQ(qm.data[0], 0x7e);
+  EXPECT_EQ(qm.data[100], 0x5f);
+  EXPECT_EQ(qm.data[64 * 128 - 1], 0x61);
+  ASSERT_EQ(qm.scales.size(), 64u * 4u);
+  EXPECT_EQ(qm.scales[0], 0x1p-11f);  // code 116
+  EXPECT_EQ(qm.scales[1], 0x1p-9f);   // 118
+  EXPECT_EQ(qm.scales[255], 0x1p-10f);  // 117
+  EXPECT_EQ((*le)->SourceTensors().size(), 48u);
+
+  want.method = *LayoutOfMethod("BF16");
+  EXPECT_THAT(std::string(LayerExperts::Open(dir, want).status().message()),
+              HasSubstr("the routed experts are MXFP8 (tensor \"language_model.model.layers.2.block_sparse_moe."
+                        "experts.0.w1.weight\" is F8_E4M3 with E8M0 scales per 32), which method BF16 cannot hold; "
+                        "load it with method MXFP8"));
+}
+
 // Expert 5's canonical gate/up [I, H] and down [H, I] through LayerExperts: elements [3][7] of gate and up,
 // [7][3] of down, and the last element of each.
 struct CanonicalSample {

@@ -80,6 +80,14 @@ absl::StatusOr<bool> MxCodedFolder(const Checkpoint& ckpt, const MoeArch& arch, 
                                                    names->gate, "\" is E2M1 nibble pairs), which method ",
                                                    want.method.method, " cannot hold; load it with method MXFP4"));
   }
+  if (arch.family == MoeFamily::kMiniMaxM3 && HfMxCoded(ckpt, names->gate, QuantFormat::kMxfp8) &&
+      ckpt.Find(Fp8ScaleInvName(names->gate)).info != nullptr &&
+      ckpt.Find(Fp8ScaleInvName(names->gate)).info->dtype != Dtype::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": the routed experts are MXFP8 (tensor \"",
+                                                   names->gate, "\" is F8_E4M3 with E8M0 scales per 32), which "
+                                                   "method ", want.method.method,
+                                                   " cannot hold; load it with method MXFP8"));
+  }
   return false;
 }
 
@@ -232,10 +240,9 @@ MoeArch ResolveExpertLayout(const MoeArch& arch, const Checkpoint& ckpt, int lay
   return resolved;
 }
 
-absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHf(std::shared_ptr<const Checkpoint> ckpt,
-                                                                   const MoeArch& config_arch,
-                                                                   const std::string& config_path,
-                                                                   const LayerRequest& want) {
+absl::StatusOr<std::unique_ptr<LayerExperts>> LayerExperts::OpenHfAsRequested(
+    std::shared_ptr<const Checkpoint> ckpt, const MoeArch& config_arch, const std::string& config_path,
+    const LayerRequest& want) {
   const MoeArch arch = ResolveExpertLayout(config_arch, *ckpt, want.layer);
   // FP8 folders are read as stored (hf_fp8.h), never through a bf16 copy; the folder kind and the method
   // must agree. MX-coded experts likewise (hf_mx.h). Native int4 (compressed-tensors pack-quantized, GPTQ:
@@ -385,6 +392,7 @@ const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
 
 absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) const {
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
+  if (hf_dequantize_) return ReadDequantizedBf16(expert, m, out);
   const int p = static_cast<int>(m);
   const size_t n = Rows(m), k = Cols(m);
   if (hf_fp8_ || hf_mx_) {

@@ -50,6 +50,11 @@ struct LayerRequest {
   int hidden = -1;
   int intermediate = -1;
   MethodLayout method;  // A converted folder must hold method.tag; an HF folder is bf16 whatever the method.
+  // `kt convert`: an HF folder whose experts are stored in a quantized format other than `method`'s (FP8 with
+  // block or per-channel scales, MXFP4, MXFP8) is opened as stored and read by ReadBf16 dequantized (each
+  // element times its scale, exact in fp32, rounded once to bf16), for `method` to quantize or keep as bf16.
+  // load_weights leaves it false: a wrapper of another method refuses such a folder, naming its method.
+  bool dequantize_stored = false;
 };
 
 // `arch` with the expert layout `ckpt` holds for MoE layer `layer`. arch.layout comes from the config alone,
@@ -80,7 +85,11 @@ class LayerExperts {
   size_t Cols(ExpertMatrix m) const { return m == ExpertMatrix::kDown ? i_ : h_; }
   // Whether ReadQuantized is the way to read (a converted quantized folder, or an HF FP8 folder); otherwise
   // ReadBf16.
-  bool quantized() const { return (converted_ && layout_.quantized) || hf_fp8_ || hf_mx_ || hf_int4_exact_; }
+  bool quantized() const {
+    return !hf_dequantize_ && ((converted_ && layout_.quantized) || hf_fp8_ || hf_mx_ || hf_int4_exact_);
+  }
+  // The stored format a dequantize_stored folder is read from (its method's layout), else nullptr.
+  const MethodLayout* dequantized_from() const { return hf_dequantize_ ? &stored_layout_ : nullptr; }
   // G of a native int4 checkpoint (0 for any other folder).
   int hf_int4_group() const { return hf_int4_.empty() ? 0 : hf_int4_group_; }
   // Bytes of expert weights this layer reads from its files (for throughput figures).
@@ -113,6 +122,13 @@ class LayerExperts {
   // Native int4 (layer_experts_int4.cc): every expert's tensors; bf16 by dequantization.
   absl::Status OpenHfInt4(const Checkpoint& ckpt, const HfInt4Config& config, const std::string& config_path);
   absl::Status ReadHfInt4Bf16(int expert, ExpertMatrix m, bf16_t* out) const;
+  // OpenHf for want.method exactly; OpenHf adds the dequantize_stored fallback (layer_experts_dequant.cc).
+  static absl::StatusOr<std::unique_ptr<LayerExperts>> OpenHfAsRequested(std::shared_ptr<const Checkpoint> ckpt,
+                                                                         const MoeArch& arch,
+                                                                         const std::string& config_path,
+                                                                         const LayerRequest& want);
+  // FP8 / MX experts opened with dequantize_stored: their stored matrix, dequantized to bf16.
+  absl::Status ReadDequantizedBf16(int expert, ExpertMatrix m, bf16_t* out) const;
 
   bool converted_ = false;
   int layer_ = 0;
@@ -131,6 +147,10 @@ class LayerExperts {
   // MX-coded experts (MXFP4 / MXFP8 methods, hf_mx.h): per_expert_ the codes, per_expert_scales_ their E8M0.
   bool hf_mx_ = false;
   std::vector<Checkpoint::Located> per_expert_scales_;
+  // dequantize_stored: FP8 / MX experts (hf_fp8_ or hf_mx_, as stored_layout_ reads them) read as bf16 for
+  // layout_, another method.
+  bool hf_dequantize_ = false;
+  MethodLayout stored_layout_;
   // Native int4 (hf_int4.h): [E][3] matrices (per_expert_ are their packed tensors); exact: read quantized.
   HfInt4Config hf_int4_config_;
   std::vector<HfInt4Matrix> hf_int4_;

@@ -71,6 +71,18 @@ absl::StatusOr<FolderLoadStats> LoadFolderInto(Layer& moe, const std::string& di
       }
     }
   }
+  // A checkpoint whose experts compute a SwiGLU variant kt's arch mapping reads (MiniMax-M3: swiglu_alpha,
+  // swiglu_limit) needs a layer created with it; loading it into a plain one would compute another function.
+  // (DeepSeek-V4's swiglu_limit is not read there yet: its caller passes it.)
+  if (absl::StatusOr<MoeArch> arch = LoadMoeConfig(dir);
+      arch.ok() && (arch->swiglu_alpha != 0 || arch->swiglu_limit != 0) &&
+      (arch->swiglu_alpha != cfg.swiglu_alpha || arch->swiglu_limit != cfg.swiglu_limit)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, "/config.json: the ", arch->architecture, " experts compute swiglu_alpha = ", arch->swiglu_alpha,
+        ", swiglu_limit = ", arch->swiglu_limit, ", but this layer was created with swiglu_alpha = ",
+        cfg.swiglu_alpha, ", swiglu_limit = ", cfg.swiglu_limit, " (KTMoEWrapper(swiglu_alpha=",
+        arch->swiglu_alpha, ", swiglu_limit=", arch->swiglu_limit, ") with method MXFP4 or MXFP8)"));
+  }
   LayerRequest want;
   want.layer = layer;
   want.num_experts = cfg.num_experts;
@@ -309,6 +321,8 @@ absl::StatusOr<FolderLayer> OpenLayerFromFolder(const std::string& dir, const Fo
   config.max_len = options.max_len;
   // The per-channel layouts have no groups (spec.group_size 0); MoeConfig ignores the field for them.
   config.group_size = layout->spec.group_size > 0 ? layout->spec.group_size : options.group_size;
+  config.swiglu_alpha = arch->swiglu_alpha;  // MiniMax-M3's "swigluoai" (MX methods only: Create says so)
+  config.swiglu_limit = arch->swiglu_limit;
   absl::StatusOr<std::unique_ptr<MoeLayer>> moe =
       MoeLayer::Create(config, options.isa, ExpertFormatOfLayout(*layout));
   if (!moe.ok()) return moe.status();

@@ -43,6 +43,10 @@ cp tools/sft_bench.py "$out/bin/"
 cp tools/serving_bench.py "$out/bin/"
 # Method LLAMAFILE on a synthetic GGUF layer: PYTHONPATH=.device/python python3 .device/bin/gguf_bench.py
 cp tools/gguf_bench.py "$out/bin/"
+# The same beside llama.cpp's peer, one table (it finds gguf_bench.py beside itself): python3
+# .device/bin/peers_bench.py --gguf q8_0,q4_0,q4_K,bf16,f16 --kt .device/bin/kt --kt-pythonpath .device/python
+#   --peers PEERS_DIR --threads 16
+cp tools/peers_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the checkpoints of

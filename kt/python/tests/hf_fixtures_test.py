@@ -29,7 +29,8 @@ from moe_reference import REL_TOL, TRANSFORMERS_TOL, reference_moe, relative_err
 from safetensors_np import SafeTensorsFile
 
 # The checkpoints with bf16 experts (the others ship a quantized format: FP8, MX, native int4).
-BF16_NAMES = [n for n in testdata.names() if not n.endswith(("_fp8", "_mxfp4", "_rawint4", "_gptq"))]
+BF16_NAMES = [n for n in testdata.names()
+              if not n.endswith(("_fp8", "_mxfp4", "_mxfp8", "_rawint4", "_gptq"))]
 
 
 def test_every_family_is_there():
@@ -38,7 +39,7 @@ def test_every_family_is_there():
         "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v3_fp8", "deepseek_v4_mxfp4", "glm4_moe",
         "glm4_moe_channel_fp8",
         "glm4_moe_lite",
-        "glm4v_moe", "glm_moe_dsa", "minimax", "minimax_m2",
+        "glm4v_moe", "glm_moe_dsa", "minimax", "minimax_m2", "minimax_m3_mxfp8",
         "mixtral", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe",
         "qwen3_vl_moe_resaved",
     }
@@ -313,6 +314,63 @@ def test_mxfp4_method_matches_transformers_deepseek_v4():
         err = relative_error(a, expected)
         assert err <= FP8_TOL, f"T={T}: max|err|/max|transformers| = {err:.3e}"
         assert relative_error(no_limit.forward(x, ids, weights, None), expected) > 5 * FP8_TOL
+
+
+def e4m3_from_spec(codes: np.ndarray) -> np.ndarray:
+    """E4M3 ("e4m3fn") codes to float64 from the format's definition: s.eeee.mmm, bias 7, exponent 0
+    subnormal (m * 2^-9), s.1111.111 NaN."""
+    c = codes.astype(np.int64)
+    e, m = (c >> 3) & 15, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m * 2.0 ** -9, (1 + m / 8) * 2.0 ** (e - 7))
+    mag = np.where((e == 15) & (m == 7), np.nan, mag)
+    return np.where(c >> 7, -mag, mag)
+
+
+def test_mxfp8_method_matches_minimax_m3():
+    """minimax_m3_mxfp8 (MiniMax-M3-MXFP8's expert tensors as shipped) with method MXFP8 and the config's
+    swiglu_alpha / swiglu_limit, read from the folder, against two references: transformers'
+    MiniMaxM3VLExperts (routed_T, fixture time) and this test's float64 swigluoai MoE over the weights
+    dequantized here from the E4M3 and E8M0 definitions (the two agree to float32 rounding). kt's weights are
+    the file's exactly, so its error is the bf16 rounding of h and of the output plus the fp32 sums: within
+    FP8_TOL, as for FP8. A layer made without the config's activation is refused, naming it."""
+    name = "minimax_m3_mxfp8"
+    ref = testdata.reference(name)
+    layer = int(ref["layer"])
+    E, k, H, I = testdata.shape(name)
+    tc = testdata.text_config(name)
+    alpha, limit = float(tc["swiglu_alpha"]), float(tc["swiglu_limit"])
+    args = wrapper_args(E, k, H, I, layer_idx=layer, weight_path=testdata.path(name),
+                        chunked_prefill_size=max(testdata.TOKENS), method="MXFP8")
+    moe = KTMoEWrapper(**args, swiglu_alpha=alpha, swiglu_limit=limit)
+    moe.load_weights(None)
+    assert moe.weight_format == "mxfp8"
+    st = SafeTensorsFile(testdata.path(name) + "/model.safetensors")
+
+    def raw(tensor: str, dtype: str) -> np.ndarray:
+        entry = st.header[tensor]
+        assert entry["dtype"] == dtype, entry
+        begin, end = entry["data_offsets"]
+        return np.frombuffer(st._data[begin:end].tobytes(), dtype=np.uint8).reshape(entry["shape"])
+
+    w = {}
+    for e in range(E):
+        for p in ("w1", "w3", "w2"):
+            base = f"language_model.model.layers.{layer}.block_sparse_moe.experts.{e}.{p}"
+            scale = 2.0 ** (raw(base + ".weight_scale_inv", "U8").astype(np.float64) - 127)
+            w[e, p] = e4m3_from_spec(raw(base + ".weight", "F8_E4M3")) * np.repeat(scale, 32, axis=1)
+    for T in testdata.TOKENS:
+        x, ids, weights, expected = testdata.inputs(ref, T)
+        xd, mine = x.double().numpy(), np.zeros((T, H))
+        for t in range(T):
+            for j in range(k):
+                e = int(ids[t, j])
+                g, u = np.minimum(w[e, "w1"] @ xd[t], limit), np.clip(w[e, "w3"] @ xd[t], -limit, limit)
+                mine[t] += float(weights[t, j]) * (w[e, "w2"] @ (g / (1 + np.exp(-alpha * g)) * (u + 1)))
+        assert relative_error(torch.from_numpy(mine), expected) <= 1e-5, f"T={T}: the two references differ"
+        err = relative_error(moe.forward(x, ids, weights, None), torch.from_numpy(mine))
+        assert err <= FP8_TOL, f"T={T}: max|err|/max|ref| = {err:.3e}"
+    with pytest.raises(ValueError, match="swiglu_alpha = 1.702, swiglu_limit = 2"):
+        KTMoEWrapper(**args).load_weights(None)
 
 
 if __name__ == "__main__":
