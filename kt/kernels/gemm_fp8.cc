@@ -2,6 +2,7 @@
 #include "kt/kernels/gemm_fp8.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -103,11 +104,22 @@ void GemmFp8Scalar(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_
   }
 }
 
+bool Fp8ScalesBf16Safe(const float* scales, size_t count) {
+  bool safe = true;
+  for (size_t i = 0; i < count; ++i) {
+    const float s = std::fabs(scales[i]);
+    safe &= !(s != 0.0f && s <= 0x1p-116f);
+  }
+  return safe;
+}
+
 void GemmFp8Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
                 size_t n_cols, float* y, size_t ldy) {
   static const GemmFp8Fn vec = GemmFp8Hwy(Isa::kAvx512Vnni);
-  static const Fp8PanelsToBf16Fn convert = Fp8PanelsToBf16Hwy(Isa::kAvx512Vnni);
-  if (m < kAmxMinRows || vec == nullptr || convert == nullptr) {
+  static const Fp8PanelsToBf16Fn portable = Fp8PanelsToBf16Hwy(Isa::kAvx512Vnni);
+  // Every AMX CPU has AVX512-BF16; the check keeps a CPU that reports AMX without it correct.
+  static const bool native = GetCpuFeatures().avx512_bf16 && GetCpuFeatures().os_avx512;
+  if (m < kAmxMinRows || vec == nullptr || portable == nullptr) {
     // Decode reads every weight once whatever the kernel: the AVX3_DL one, with exact fp8 * scale products.
     return (vec != nullptr ? vec : &GemmFp8Scalar)(m, k, x, ldx, panels, scales, n_cols, y, ldy);
   }
@@ -123,7 +135,9 @@ void GemmFp8Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* 
     if (buf == nullptr) throw std::bad_alloc();
     capacity = elems;
   }
-  convert(k, panels, scales, n_panels, buf.get());
+  const bool fast = native && !Fp8DenormalsAreZero() &&
+                    Fp8ScalesBf16Safe(scales, n_panels * kFp8PanelRows * Fp8KBlocks(k));
+  (fast ? &Fp8PanelsToBf16Avx512Bf16 : portable)(k, panels, scales, n_panels, buf.get());
   GemmBf16Amx(m, k, x, ldx, buf.get(), n_cols, y, ldy);
 }
 

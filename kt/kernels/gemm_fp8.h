@@ -78,6 +78,13 @@ void GemmFp8Amx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* 
 using Fp8PanelsToBf16Fn = void (*)(size_t k, const uint8_t* panels, const float* scales, size_t n_panels,
                                    bf16_t* out);
 Fp8PanelsToBf16Fn Fp8PanelsToBf16Hwy(Isa isa);
+// The same with AVX512-BF16's vcvtne2ps2bf16 (fp8_bf16_avx512bf16.cc; only where CPUID reports AVX512-BF16):
+// the same bits when MXCSR.DAZ is clear and Fp8ScalesBf16Safe(the call's scales) holds.
+void Fp8PanelsToBf16Avx512Bf16(size_t k, const uint8_t* panels, const float* scales, size_t n_panels,
+                               bf16_t* out);
+// No scale of `count` in (0, 2^-116] in magnitude: then no fp8 * scale product is a subnormal fp32 (the
+// smallest E4M3 magnitude is 2^-9), which vcvtne2ps2bf16 would flush to zero.
+bool Fp8ScalesBf16Safe(const float* scales, size_t count);
 // Whether MXCSR.DAZ (denormals are zero) is set on this thread: the Highway kernels then decode with integer
 // operations only (gemm_fp8_hwy.cc), as their fast decode multiplies a subnormal fp32.
 bool Fp8DenormalsAreZero();

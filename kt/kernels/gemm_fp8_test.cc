@@ -124,6 +124,40 @@ TEST(Fp8PanelsToBf16, EqualsUnpackThenPackBf16) {
   }
 }
 
+// The AVX512-BF16 conversion (vcvtne2ps2bf16) gives the same bits as the portable one under its contract:
+// MXCSR.DAZ clear and no scale small enough for a subnormal product. Runs where CPUID reports AVX512-BF16.
+TEST(Fp8PanelsToBf16, Avx512Bf16EqualsUnpackThenPackBf16) {
+  const CpuFeatures& f = GetCpuFeatures();
+  if (!f.avx512_bf16 || !f.os_avx512) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  std::mt19937 rng(17);
+  for (const auto& [n, k] : std::vector<std::pair<size_t, size_t>>{{16, 128}, {45, 301}, {32, 2}, {17, 1}, {64, 2048}}) {
+    QuantizedMatrix qm = RandomFp8(n, k, rng);
+    qm.data[(n - 1) * k + k / 2] = 0x7f;  // NaN codes of both signs
+    qm.data[k / 3] = 0xff;
+    for (size_t c = 0; c < k; c += 7) qm.data[c] = static_cast<uint8_t>(c % 8);  // subnormal codes
+    for (size_t c = 1; c < k; c += 11) qm.data[k + c] = static_cast<uint8_t>(0x80 | (c % 8));  // negative ones
+    const Packed p = Pack(qm);
+    ASSERT_TRUE(internal::Fp8ScalesBf16Safe(p.scales.data(), p.scales.size()));
+    std::vector<bf16_t> w(n * k);
+    UnpackFp8ToBf16(n, k, p.panels.data(), p.scales.data(), /*transposed=*/false, w.data(), k);
+    std::vector<bf16_t> want(PackedBf16Size(n, k)), got(PackedBf16Size(n, k), bf16_t{0x1234});
+    PackBf16(w.data(), k, n, k, want.data());
+    internal::Fp8PanelsToBf16Avx512Bf16(k, p.panels.data(), p.scales.data(), Fp8NumPanels(n), got.data());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].bits, want[i].bits) << "n=" << n << " k=" << k << " at " << i;
+    }
+  }
+}
+
+TEST(Fp8ScalesBf16Safe, FlagsScalesThatMakeSubnormalProducts) {
+  const float ok[] = {1.0f, 0.0f, -3e-4f, 0x1p-115f, 1e30f};
+  EXPECT_TRUE(internal::Fp8ScalesBf16Safe(ok, 5));
+  const float tiny[] = {1.0f, 0x1p-116f};
+  EXPECT_FALSE(internal::Fp8ScalesBf16Safe(tiny, 2));
+  const float tiny_negative[] = {-1e-36f};
+  EXPECT_FALSE(internal::Fp8ScalesBf16Safe(tiny_negative, 1));
+}
+
 TEST(GetGemmFp8, TableSelectsEveryIsa) {
   gemm_test::ExpectTableSelects(GemmFp8Paths(), &GetGemmFp8,
                                 {"scalar", "hwy_avx2", "hwy_avx512", "hwy_avx512_vnni", "amx"},
