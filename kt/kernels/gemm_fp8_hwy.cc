@@ -29,6 +29,7 @@
 
 #include "kt/kernels/gemm_fp8.h"
 #include "kt/kernels/hwy_dispatch.h"
+#include "kt/kernels/prefetch.h"
 
 // Per-target bf16 helpers (LoadBf16) and the E4M3 decoder (Fp8Decoder): re-included per target, hence after
 // foreach_target.
@@ -67,13 +68,103 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, size_t len,
   }
 }
 
-// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks.
+// One k block [c0, c1) of MR rows x one 16-row panel with Fp8Decoder: acc[r][s] (zeroed here) = sum over the
+// block of x * w, w the exact E4M3 values.
+template <int MR, bool kFast>
+HWY_INLINE void BlockExact(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
+                           const uint8_t* HWY_RESTRICT panel, hn::Vec<DF> (&acc)[MR][kVecs]) {
+  const DF df;
+  using VF = hn::Vec<DF>;
+  const Fp8Decoder<kFast> dec;
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+  }
+  for (size_t c = c0; c < c1; ++c) {
+    VF w[kVecs];
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) w[s] = dec.Decode(panel + c * kFp8PanelRows + s * kLanes);
+    KT_FP8_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const VF xv = hn::Set(df, xf[r][c - c0]);
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, w[s], acc[r][s]);
+    }
+  }
+}
+
+// The same block through Fp8HalfDecoder (no NaN code in it, DAZ clear), two k per step; with few
+// accumulators (MR * kVecs < 4: one row, or two on AVX3) the two k go to separate sets, so that the FMA
+// chains' latency (4-5 cycles) does not bound a step. acc = the exact sum, as BlockExact's (the 2^-8 of
+// the decode taken back: exact).
+#if KT_FP8_HALF_DECODE
+template <int MR>
+HWY_INLINE void BlockHalf(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
+                          const uint8_t* HWY_RESTRICT panel, hn::Vec<DF> (&acc)[MR][kVecs]) {
+  const DF df;
+  using VF = hn::Vec<DF>;
+  const Fp8HalfDecoder dec;
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  VF part[kSets][MR][kVecs];
+  KT_FP8_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_FP8_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_FP8_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
+    }
+  }
+  size_t c = c0;
+  for (; c + 2 <= c1; c += 2) {
+    // 32 bytes: k = c and c + 1 of the 16 rows, as 2 * kVecs vectors (v / kVecs: which k, v % kVecs: rows).
+    VF w[2 * kVecs];
+    KT_FP8_UNROLL
+    for (size_t j = 0; j < kVecs; ++j) dec.Decode2(panel + c * kFp8PanelRows + 2 * j * kLanes, w[2 * j], w[2 * j + 1]);
+    KT_FP8_UNROLL
+    for (size_t kk = 0; kk < 2; ++kk) {
+      KT_FP8_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const VF xv = hn::Set(df, xf[r][c - c0 + kk]);
+        KT_FP8_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          VF& a = part[kk % kSets][r][s];
+          a = hn::MulAdd(xv, w[kk * kVecs + s], a);
+        }
+      }
+    }
+  }
+  if (c < c1) {  // an odd block length (K % 128 odd): the last k with the exact decoder, times 2^-8
+    const Fp8Decoder<true> exact;
+    const VF down = hn::Set(df, 1.0f / Fp8HalfDecoder::kUnscale);
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      const VF w = hn::Mul(exact.Decode(panel + c * kFp8PanelRows + s * kLanes), down);
+      KT_FP8_UNROLL
+      for (int r = 0; r < MR; ++r) part[0][r][s] = hn::MulAdd(hn::Set(df, xf[r][c - c0]), w, part[0][r][s]);
+    }
+  }
+  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      VF sum = part[0][r][s];
+      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
+      acc[r][s] = hn::Mul(sum, up);
+    }
+  }
+}
+#endif  // KT_FP8_HALF_DECODE
+
+// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks. kFast (DAZ clear): each block
+// without a NaN code (checked on its bytes first, which also brings them into L1) through BlockHalf, a block
+// with one through BlockExact's NaN-propagating decode.
 template <int MR, bool kFast>
 HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
                       const float* HWY_RESTRICT scales, float (*HWY_RESTRICT total)[kFp8PanelRows]) {
   const DF df;
   using VF = hn::Vec<DF>;
-  const Fp8Decoder<kFast> dec;
   KT_FP8_UNROLL
   for (int r = 0; r < MR; ++r) {
     KT_FP8_UNROLL
@@ -82,25 +173,18 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
   const size_t blocks = Fp8KBlocks(k);
   for (size_t b = 0; b < blocks; ++b) {
     VF acc[MR][kVecs];
-    KT_FP8_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      KT_FP8_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
-    }
     const size_t c0 = b * kFp8BlockK, c1 = std::min(k, c0 + kFp8BlockK);
     HWY_ALIGN float xf[MR][kFp8BlockK];
     WidenRows<MR>(x + c0, ldx, c1 - c0, xf);
-    for (size_t c = c0; c < c1; ++c) {
-      VF w[kVecs];
-      KT_FP8_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) w[s] = dec.Decode(panel + c * kFp8PanelRows + s * kLanes);
-      KT_FP8_UNROLL
-      for (int r = 0; r < MR; ++r) {
-        const VF xv = hn::Set(df, xf[r][c - c0]);
-        KT_FP8_UNROLL
-        for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, w[s], acc[r][s]);
-      }
+#if KT_FP8_HALF_DECODE
+    if (kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(panel + c0 * kFp8PanelRows, (c1 - c0) * kFp8PanelRows)) {
+      BlockHalf<MR>(c0, c1, xf, panel, acc);
+    } else {
+      BlockExact<MR, kFast>(c0, c1, xf, panel, acc);
     }
+#else
+    BlockExact<MR, kFast>(c0, c1, xf, panel, acc);
+#endif
     const float* bs = scales + b * kFp8PanelRows;
     KT_FP8_UNROLL
     for (size_t s = 0; s < kVecs; ++s) {
