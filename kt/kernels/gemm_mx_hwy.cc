@@ -28,6 +28,7 @@
 #include "kt/kernels/gemm_fp8.h"
 #include "kt/kernels/gemm_mx.h"
 #include "kt/kernels/hwy_dispatch.h"
+#include "kt/kernels/prefetch.h"
 
 // Per-target helpers, re-included per target, hence after foreach_target.
 #include "kt/kernels/bf16-inl.h"
@@ -113,6 +114,55 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, float (*HWY_
   }
 }
 
+#if KT_FP8_HALF_DECODE
+// MXFP8, one 32-k block through Fp8HalfDecoder (DAZ clear, no NaN code in the block: the caller checks),
+// as gemm_fp8_hwy.cc's BlockHalf: two k per step, two accumulator sets when few accumulators;
+// acc += the block's exact sum of x * w (the decode's 2^-8 taken back, a power of two: exact).
+template <int MR>
+HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const uint8_t* HWY_RESTRICT pb,
+                             VF (&acc)[MR][kVecs]) {
+  const DF df;
+  const Fp8HalfDecoder dec;
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  VF part[kSets][MR][kVecs];
+  KT_MX_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
+    }
+  }
+  for (size_t c = 0; c < kMxBlockK; c += 2) {
+    VF w[2 * kVecs];  // k = c and c + 1: v / kVecs which k, v % kVecs which rows
+    KT_MX_UNROLL
+    for (size_t j = 0; j < kVecs; ++j) dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[2 * j], w[2 * j + 1]);
+    KT_MX_UNROLL
+    for (size_t kk = 0; kk < 2; ++kk) {
+      KT_MX_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const VF xv = hn::Set(df, xf[r][c + kk]);
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          VF& a = part[kk % kSets][r][s];
+          a = hn::MulAdd(xv, w[kk * kVecs + s], a);
+        }
+      }
+    }
+  }
+  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      VF sum = part[0][r][s];
+      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
+      acc[r][s] = hn::Mul(sum, up);
+    }
+  }
+}
+#endif  // KT_FP8_HALF_DECODE
+
 // MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks.
 template <int MR, bool kFp4, bool kFast>
 HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
@@ -155,6 +205,12 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
       }
     } else {
       const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
+#if KT_FP8_HALF_DECODE
+      // DAZ clear and no NaN code in the block (the scan also prefetches): the fp16 decode.
+      if (kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
+        Fp8BlockHalf<MR>(xf, pb, acc);
+      } else  // NOLINT(readability/braces)
+#endif
       for (size_t c = 0; c < kMxBlockK; ++c) {
         VF w[kVecs];
         KT_MX_UNROLL
