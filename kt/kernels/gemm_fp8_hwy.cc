@@ -71,15 +71,18 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, size_t len,
 // One k block [c0, c1) of MR rows x one 16-row panel with Fp8Decoder: acc[r][s] (zeroed here) = sum over the
 // block of x * w, w the exact E4M3 values.
 template <int MR, bool kFast>
-HWY_INLINE void BlockExact(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
+HWY_NOINLINE void BlockExact(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
                            const uint8_t* HWY_RESTRICT panel, hn::Vec<DF> (&acc)[MR][kVecs]) {
   const DF df;
   using VF = hn::Vec<DF>;
   const Fp8Decoder<kFast> dec;
+  // Local accumulators, acc written once at the end: a vector type may alias the floats of xf, so GCC
+  // would store every FMA's result through the reference.
+  VF sum[MR][kVecs];
   KT_FP8_UNROLL
   for (int r = 0; r < MR; ++r) {
     KT_FP8_UNROLL
-    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::Zero(df);
+    for (size_t s = 0; s < kVecs; ++s) sum[r][s] = hn::Zero(df);
   }
   for (size_t c = c0; c < c1; ++c) {
     VF w[kVecs];
@@ -89,23 +92,31 @@ HWY_INLINE void BlockExact(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[
     for (int r = 0; r < MR; ++r) {
       const VF xv = hn::Set(df, xf[r][c - c0]);
       KT_FP8_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(xv, w[s], acc[r][s]);
+      for (size_t s = 0; s < kVecs; ++s) sum[r][s] = hn::MulAdd(xv, w[s], sum[r][s]);
     }
+  }
+  KT_FP8_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) acc[r][s] = sum[r][s];
   }
 }
 
+// (Not inlined, as BlockExact: inlined into one loop, the two decoders' constants stayed live together and
+// GCC spilled accumulators at 4 rows on AVX2, 0.6x the old kernel's rate. A call per 128 k costs nothing.)
 // The same block through Fp8HalfDecoder (no NaN code in it, DAZ clear), two k per step; with few
 // accumulators (MR * kVecs < 4: one row, or two on AVX3) the two k go to separate sets, so that the FMA
 // chains' latency (4-5 cycles) does not bound a step. acc = the exact sum, as BlockExact's (the 2^-8 of
 // the decode taken back: exact).
 #if KT_FP8_HALF_DECODE
 template <int MR>
-HWY_INLINE void BlockHalf(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
+HWY_NOINLINE void BlockHalf(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
                           const uint8_t* HWY_RESTRICT panel, hn::Vec<DF> (&acc)[MR][kVecs]) {
   const DF df;
   using VF = hn::Vec<DF>;
   const Fp8HalfDecoder dec;
   constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  constexpr size_t kStep = 2;
   VF part[kSets][MR][kVecs];
   KT_FP8_UNROLL
   for (size_t t = 0; t < kSets; ++t) {
@@ -116,20 +127,21 @@ HWY_INLINE void BlockHalf(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[k
     }
   }
   size_t c = c0;
-  for (; c + 2 <= c1; c += 2) {
-    // 32 bytes: k = c and c + 1 of the 16 rows, as 2 * kVecs vectors (v / kVecs: which k, v % kVecs: rows).
-    VF w[2 * kVecs];
+  for (; c + kStep <= c1; c += kStep) {
+    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
+    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
+    // live, AVX2's 16 registers ran short at 4 rows.
     KT_FP8_UNROLL
-    for (size_t j = 0; j < kVecs; ++j) dec.Decode2(panel + c * kFp8PanelRows + 2 * j * kLanes, w[2 * j], w[2 * j + 1]);
-    KT_FP8_UNROLL
-    for (size_t kk = 0; kk < 2; ++kk) {
+    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
+      VF w[2];
+      dec.Decode2(panel + c * kFp8PanelRows + 2 * j * kLanes, w[0], w[1]);
       KT_FP8_UNROLL
-      for (int r = 0; r < MR; ++r) {
-        const VF xv = hn::Set(df, xf[r][c - c0 + kk]);
+      for (size_t h = 0; h < 2; ++h) {
+        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
         KT_FP8_UNROLL
-        for (size_t s = 0; s < kVecs; ++s) {
+        for (int r = 0; r < MR; ++r) {
           VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(xv, w[kk * kVecs + s], a);
+          a = hn::MulAdd(hn::Set(df, xf[r][c - c0 + kk]), w[h], a);
         }
       }
     }
@@ -171,13 +183,17 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
     for (size_t s = 0; s < kVecs; ++s) hn::Store(hn::Zero(df), df, total[r] + s * kLanes);
   }
   const size_t blocks = Fp8KBlocks(k);
+  constexpr bool kHalfRows = MR * kVecs <= 4;
   for (size_t b = 0; b < blocks; ++b) {
     VF acc[MR][kVecs];
     const size_t c0 = b * kFp8BlockK, c1 = std::min(k, c0 + kFp8BlockK);
     HWY_ALIGN float xf[MR][kFp8BlockK];
     WidenRows<MR>(x + c0, ldx, c1 - c0, xf);
 #if KT_FP8_HALF_DECODE
-    if (kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(panel + c0 * kFp8PanelRows, (c1 - c0) * kFp8PanelRows)) {
+    // The fp16 decode up to 4 accumulator vectors (AVX2: 2 rows, AVX3: 4); with more, the kernel is bound by
+    // its FMAs rather than the decode, and on AVX2 the fp16 loop measured slower at 4 rows (GCC spilled
+    // accumulators), so those row blocks keep BlockExact.
+    if (kHalfRows && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(panel + c0 * kFp8PanelRows, (c1 - c0) * kFp8PanelRows)) {
       BlockHalf<MR>(c0, c1, xf, panel, acc);
     } else {
       BlockExact<MR, kFast>(c0, c1, xf, panel, acc);

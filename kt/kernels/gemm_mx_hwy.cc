@@ -124,6 +124,7 @@ HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const ui
   const DF df;
   const Fp8HalfDecoder dec;
   constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  constexpr size_t kStep = 2;
   VF part[kSets][MR][kVecs];
   KT_MX_UNROLL
   for (size_t t = 0; t < kSets; ++t) {
@@ -133,19 +134,21 @@ HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const ui
       for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
     }
   }
-  for (size_t c = 0; c < kMxBlockK; c += 2) {
-    VF w[2 * kVecs];  // k = c and c + 1: v / kVecs which k, v % kVecs which rows
+  for (size_t c = 0; c < kMxBlockK; c += kStep) {
+    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
+    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
+    // live, AVX2's 16 registers ran short at 4 rows.
     KT_MX_UNROLL
-    for (size_t j = 0; j < kVecs; ++j) dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[2 * j], w[2 * j + 1]);
-    KT_MX_UNROLL
-    for (size_t kk = 0; kk < 2; ++kk) {
+    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
+      VF w[2];
+      dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[0], w[1]);
       KT_MX_UNROLL
-      for (int r = 0; r < MR; ++r) {
-        const VF xv = hn::Set(df, xf[r][c + kk]);
+      for (size_t h = 0; h < 2; ++h) {
+        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
         KT_MX_UNROLL
-        for (size_t s = 0; s < kVecs; ++s) {
+        for (int r = 0; r < MR; ++r) {
           VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(xv, w[kk * kVecs + s], a);
+          a = hn::MulAdd(hn::Set(df, xf[r][c + kk]), w[h], a);
         }
       }
     }
@@ -210,18 +213,18 @@ HWY_INLINE void E2M1BlockLut(const float (*HWY_RESTRICT xf)[kMxBlockK], const ui
   for (size_t j = 0; j < kMxBlockK / 2; ++j) {
     if (MR <= kDecodePrefetchMaxRows && j % 4 == 0) PrefetchAhead(pb + j * kMxPanelRows);
     const auto bytes = hn::LoadU(du8, pb + j * kMxPanelRows);
-    VF w[2][kVecs];
-    I8ToF32(hn::TableLookupBytes(table, hn::BitCast(d8, hn::And(bytes, low))), w[0]);
-    I8ToF32(hn::TableLookupBytes(table, hn::BitCast(d8, hn::And(hn::ShiftRight<4>(bytes), low))), w[1]);
     KT_MX_UNROLL
-    for (size_t kk = 0; kk < 2; ++kk) {
+    for (size_t kk = 0; kk < 2; ++kk) {  // k = 2j (low nibbles), then 2j + 1: one k's vectors live at a time
+      VF w[kVecs];
+      const auto nib = kk == 0 ? hn::And(bytes, low) : hn::And(hn::ShiftRight<4>(bytes), low);
+      I8ToF32(hn::TableLookupBytes(table, hn::BitCast(d8, nib)), w);
       KT_MX_UNROLL
       for (int r = 0; r < MR; ++r) {
         const VF xv = hn::Set(df, xf[r][2 * j + kk]);
         KT_MX_UNROLL
         for (size_t s = 0; s < kVecs; ++s) {
           VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(xv, w[kk][s], a);
+          a = hn::MulAdd(xv, w[s], a);
         }
       }
     }
@@ -289,7 +292,8 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
       const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
 #if KT_FP8_HALF_DECODE
       // DAZ clear and no NaN code in the block (the scan also prefetches): the fp16 decode.
-      if (kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
+      // Up to 4 accumulator vectors, as in gemm_fp8_hwy.cc's Micro.
+      if (MR * kVecs <= 4 && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
         Fp8BlockHalf<MR>(xf, pb, acc);
       } else  // NOLINT(readability/braces)
 #endif
