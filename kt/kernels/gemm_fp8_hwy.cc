@@ -17,7 +17,14 @@
 // array in L1: it is touched once per 128 k). Rows go MR at a time (4 on AVX2, 8 on AVX3). Up to MR rows
 // (decode), the weights are decoded in registers as they stream; with more rows (prefill), each 128-k block of
 // a whole panel is decoded once into an 8 KiB fp32 buffer (L1) that every row block then reads, and y itself
-// holds the totals. Both orders evaluate the same fp32 operations, so they agree bit for bit.
+// holds the totals.
+// Decode of row blocks with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4), DAZ clear, takes a
+// third way per 128-k block (fp8_decode-inl.h, Fp8HalfDecoder): a byte scan of the block for NaN codes (2
+// operations per vector, and the software prefetch 1 KiB ahead that the decode stream otherwise lacked), then
+// the codes through fp16 (3 integer operations per 16 / 32 codes and vcvtph2ps), two k per step on two
+// accumulator sets when there are fewer than 4 accumulators (the FMA latency bounded a step of one row); a
+// block with a NaN code takes the fast decode above. The fp16 values are the weights times 2^-8, taken back on
+// the block's accumulators (exact), so only the order of the fp32 additions differs from the prefill's.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_fp8_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep

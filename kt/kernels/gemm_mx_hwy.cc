@@ -11,6 +11,9 @@
 //     integer selects only.
 //   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
 //     per 32 k.
+// Decode with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4): MXFP8 blocks without a NaN code
+// (DAZ clear) through the FP8 kernel's fp16 decode (Fp8HalfDecoder, with its NaN scan and prefetch); MXFP4
+// on AVX2 / AVX3 at any row count through a pshufb table (E2M1BlockLut below).
 // Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
 // into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
 // rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
