@@ -44,7 +44,7 @@ void BM_GemmFp8(benchmark::State& state) {
 // Qwen3-30B-A3B gate/up and down at M = 1 (decode), 8, 32 (prefill rows per expert); DeepSeek-V3's expert
 // gate/up (N = 2048, K = 7168) and down (N = 7168, K = 2048) at M = 1.
 void Shapes(benchmark::internal::Benchmark* b) {
-  gemm_benchmark::AddExpertShapes(b, GemmFp8Paths().size(), {1, 8, 32});
+  gemm_benchmark::AddExpertShapes(b, GemmFp8Paths().size(), {1, 2, 4, 8, 32});
   for (int path = 0; path < static_cast<int>(GemmFp8Paths().size()); ++path) {
     b->Args({path, 1, 2048, 7168});
     b->Args({path, 1, 7168, 2048});

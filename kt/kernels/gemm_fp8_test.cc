@@ -2,6 +2,7 @@
 // bf16 activations, double sums), over shapes that hit every remainder: M = 1..33 (row blocks of 4 / 8 and
 // tails), N not a multiple of the 16-row panel, K not a multiple of 128 (a short last scale block) and
 // below one block; misaligned x and y. Plus packing round trips and the NaN code.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -226,6 +227,43 @@ TEST_P(GemmFp8PathTest, NanCodePropagatesToItsColumnOnly) {
   fn_(2, 256, x.data(), 256, p.panels.data(), p.scales.data(), 32, y.data(), 32);
   for (size_t i = 0; i < 2; ++i) {
     for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5) << i << "," << j;
+  }
+}
+
+// Every finite code decodes exactly, through whichever decode a block takes (DAZ clear: the fp16 decode of
+// the Highway kernels for NaN-free blocks, the tail k of an odd block with the exact decoder): with x one-hot
+// (row i picks k = (j + 37 i) mod K) each output is one weight times its block scale, a single fp32
+// rounding, so it must equal float(fp8 value) * scale bit for bit. K = 255 (a short second block of odd
+// length), 16 rows x 255 k cycle through all 254 finite codes; m = 1, 3, 5 (the row blocks of AVX2 / AVX3
+// and a tail).
+TEST_P(GemmFp8PathTest, EveryFiniteCodeExactWithOneHotActivations) {
+  std::mt19937 rng(13);
+  const size_t n = 16, k = 255;
+  QuantizedMatrix qm = RandomFp8(n, k, rng);
+  for (size_t i = 0; i < n * k; ++i) {
+    const size_t v = i % 254;
+    qm.data[i] = static_cast<uint8_t>(v < 0x7f ? v : v + 1);
+  }
+  const Packed p = Pack(qm);
+  const size_t blocks = ScalesPerRow(qm.spec, k);
+  for (size_t m : {1, 3, 5}) {
+    std::vector<bf16_t> x(m * k, F32ToBf16(0.0f));
+    std::vector<float> y(m * n);
+    for (size_t j = 0; j < k; ++j) {
+      for (size_t i = 0; i < m; ++i) {
+        std::fill(x.begin() + i * k, x.begin() + (i + 1) * k, F32ToBf16(0.0f));
+        x[i * k + (j + 37 * i) % k] = F32ToBf16(1.0f);
+      }
+      fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
+      for (size_t i = 0; i < m; ++i) {
+        const size_t c = (j + 37 * i) % k;
+        for (size_t r = 0; r < n; ++r) {
+          const float want = Fp8E4M3ToF32(qm.data[r * k + c]) * qm.scales[r * blocks + c / 128];
+          ASSERT_EQ(y[i * n + r], want) << "m=" << m << " row " << i << " col " << r << " k " << c << " code "
+                                        << int{qm.data[r * k + c]};
+        }
+      }
+    }
   }
 }
 

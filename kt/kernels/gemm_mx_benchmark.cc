@@ -45,7 +45,7 @@ void BM_GemmMx(benchmark::State& state) {
 // expert gate/up (N = 2048, K = 4096) and down (N = 4096, K = 2048) at M = 1.
 void Shapes(benchmark::internal::Benchmark* b) {
   const int paths = static_cast<int>(GemmMxfp4Paths().size());
-  gemm_benchmark::AddExpertShapes(b, paths, {1, 8, 32});
+  gemm_benchmark::AddExpertShapes(b, paths, {1, 2, 4, 8, 32});
   for (int path = 0; path < paths; ++path) {
     b->Args({path, 1, 2048, 4096});
     b->Args({path, 1, 4096, 2048});

@@ -11,6 +11,9 @@
 //     integer selects only.
 //   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
 //     per 32 k.
+// Decode with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4): MXFP8 blocks without a NaN code
+// (DAZ clear) through the FP8 kernel's fp16 decode (Fp8HalfDecoder, with its NaN scan and prefetch); MXFP4
+// on AVX2 / AVX3 at any row count through a pshufb table (E2M1BlockLut below).
 // Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
 // into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
 // rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
@@ -28,6 +31,7 @@
 #include "kt/kernels/gemm_fp8.h"
 #include "kt/kernels/gemm_mx.h"
 #include "kt/kernels/hwy_dispatch.h"
+#include "kt/kernels/prefetch.h"
 
 // Per-target helpers, re-included per target, hence after foreach_target.
 #include "kt/kernels/bf16-inl.h"
@@ -113,6 +117,136 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, float (*HWY_
   }
 }
 
+#if KT_FP8_HALF_DECODE
+// MXFP8, one 32-k block through Fp8HalfDecoder (DAZ clear, no NaN code in the block: the caller checks),
+// as gemm_fp8_hwy.cc's BlockHalf: two k per step, two accumulator sets when few accumulators;
+// acc += the block's exact sum of x * w (the decode's 2^-8 taken back, a power of two: exact).
+template <int MR>
+HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const uint8_t* HWY_RESTRICT pb,
+                             VF (&acc)[MR][kVecs]) {
+  const DF df;
+  const Fp8HalfDecoder dec;
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  constexpr size_t kStep = 2;
+  VF part[kSets][MR][kVecs];
+  KT_MX_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
+    }
+  }
+  for (size_t c = 0; c < kMxBlockK; c += kStep) {
+    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
+    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
+    // live, AVX2's 16 registers ran short at 4 rows.
+    KT_MX_UNROLL
+    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
+      VF w[2];
+      dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[0], w[1]);
+      KT_MX_UNROLL
+      for (size_t h = 0; h < 2; ++h) {
+        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
+        KT_MX_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          VF& a = part[kk % kSets][r][s];
+          a = hn::MulAdd(hn::Set(df, xf[r][c + kk]), w[h], a);
+        }
+      }
+    }
+  }
+  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      VF sum = part[0][r][s];
+      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
+      acc[r][s] = hn::Mul(sum, up);
+    }
+  }
+}
+#endif  // KT_FP8_HALF_DECODE
+
+#undef KT_MX_E2M1_LUT
+#if HWY_TARGET != HWY_SCALAR && HWY_MAX_BYTES >= 32
+#define KT_MX_E2M1_LUT 1
+// MXFP4 decode through a byte table (AVX2 and AVX-512 targets): one 16-byte panel row holds k = 2j (low
+// nibbles) and 2j + 1 (high) of the 16 rows; a pshufb (TableLookupBytes) maps each nibble to twice its E2M1
+// value as an int8 (0, 1, 2, 3, 4, 6, 8, 12 and their negatives), which widens and converts to fp32 exactly
+// (vpmovsxbd, vcvtdq2ps). About 9 (AVX3) / 15 (AVX2) operations per 16 bytes against E2M1Decoder's 15 / 30,
+// with no subnormal operand anywhere (so also exact under DAZ); the factor 2 is taken back once per block.
+using D8 = hn::FixedTag<int8_t, 16>;
+// 16 int8 values to kVecs fp32 vectors (lanes s * kLanes ..).
+template <size_t V = kVecs>
+HWY_INLINE void I8ToF32(hn::Vec<D8> v, VF (&out)[kVecs]) {
+  const hn::Simd<int32_t, 16 / V, 0> di;  // depends on V: only the taken branch is instantiated
+  const hn::Simd<float, 16 / V, 0> df;
+  if constexpr (V == 1) {
+    out[0] = hn::ConvertTo(df, hn::PromoteTo(di, v));
+  } else {
+    static_assert(V == 2, "AVX2 has 2 vectors of 8 fp32 per 16 rows");
+    const hn::Half<D8> dh;
+    out[0] = hn::ConvertTo(df, hn::PromoteTo(di, hn::LowerHalf(dh, v)));
+    out[1] = hn::ConvertTo(df, hn::PromoteTo(di, hn::UpperHalf(dh, v)));
+  }
+}
+
+// One 32-k block of MR rows: acc = the block's exact sum of x * element (before the block scale).
+template <int MR>
+HWY_INLINE void E2M1BlockLut(const float (*HWY_RESTRICT xf)[kMxBlockK], const uint8_t* HWY_RESTRICT pb,
+                             VF (&acc)[MR][kVecs]) {
+  const DF df;
+  const D8 d8;
+  const hn::FixedTag<uint8_t, 16> du8;
+  alignas(16) static constexpr int8_t kTwice[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  const auto table = hn::Load(d8, kTwice);
+  const auto low = hn::Set(du8, 0x0f);
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;  // as Fp8BlockHalf: k = 2j and 2j + 1 on separate chains
+  VF part[kSets][MR][kVecs];
+  KT_MX_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
+    }
+  }
+  for (size_t j = 0; j < kMxBlockK / 2; ++j) {
+    if (MR <= kDecodePrefetchMaxRows && j % 4 == 0) PrefetchAhead(pb + j * kMxPanelRows);
+    const auto bytes = hn::LoadU(du8, pb + j * kMxPanelRows);
+    KT_MX_UNROLL
+    for (size_t kk = 0; kk < 2; ++kk) {  // k = 2j (low nibbles), then 2j + 1: one k's vectors live at a time
+      VF w[kVecs];
+      const auto nib = kk == 0 ? hn::And(bytes, low) : hn::And(hn::ShiftRight<4>(bytes), low);
+      I8ToF32(hn::TableLookupBytes(table, hn::BitCast(d8, nib)), w);
+      KT_MX_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const VF xv = hn::Set(df, xf[r][2 * j + kk]);
+        KT_MX_UNROLL
+        for (size_t s = 0; s < kVecs; ++s) {
+          VF& a = part[kk % kSets][r][s];
+          a = hn::MulAdd(xv, w[s], a);
+        }
+      }
+    }
+  }
+  const VF half = hn::Set(df, 0.5f);
+  KT_MX_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_MX_UNROLL
+    for (size_t s = 0; s < kVecs; ++s) {
+      VF sum = part[0][r][s];
+      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
+      acc[r][s] = hn::Mul(sum, half);
+    }
+  }
+}
+#else
+#define KT_MX_E2M1_LUT 0
+#endif
+
 // MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks.
 template <int MR, bool kFp4, bool kFast>
 HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
@@ -138,6 +272,9 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
     WidenRows<MR>(x + b * kMxBlockK, ldx, xf);
     if constexpr (kFp4) {
       const uint8_t* pb = panel + b * (kMxBlockK / 2) * kMxPanelRows;
+#if KT_MX_E2M1_LUT
+      E2M1BlockLut<MR>(xf, pb, acc);
+#else
       for (size_t j = 0; j < kMxBlockK / 2; ++j) {
         VF lo[kVecs], hi[kVecs];
         KT_MX_UNROLL
@@ -153,8 +290,16 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
           for (size_t s = 0; s < kVecs; ++s) acc[r][s] = hn::MulAdd(x1, hi[s], hn::MulAdd(x0, lo[s], acc[r][s]));
         }
       }
+#endif
     } else {
       const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
+#if KT_FP8_HALF_DECODE
+      // DAZ clear and no NaN code in the block (the scan also prefetches): the fp16 decode.
+      // Up to 4 accumulator vectors, as in gemm_fp8_hwy.cc's Micro.
+      if (MR * kVecs <= 4 && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
+        Fp8BlockHalf<MR>(xf, pb, acc);
+      } else  // NOLINT(readability/braces)
+#endif
       for (size_t c = 0; c < kMxBlockK; ++c) {
         VF w[kVecs];
         KT_MX_UNROLL

@@ -2,6 +2,7 @@
 // blocks, packing round trips, and every MXFP4 / MXFP8 GEMM path against a double reference on the
 // canonical form (element value * 2^(e - 127), exact bf16 activations, double sums) over M = 1..33 (row
 // blocks of 4 / 8 and tails), N not a multiple of 16, K = 32 .. 320, misaligned x; NaN scales and DAZ.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -227,6 +228,57 @@ TEST_P(GemmMxPathTest, NanScalePropagatesToItsColumnOnly) {
   fn_(2, 128, x.data(), 128, p.panels.data(), p.scales.data(), 32, y.data(), 32);
   for (size_t i = 0; i < 2; ++i) {
     for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5) << i << "," << j;
+  }
+}
+
+// An E4M3 NaN element code (MXFP8) makes its own output column NaN and no other, whichever decode the
+// Highway kernels take for the other blocks (the fp16 decode takes only blocks without a NaN code).
+TEST_P(GemmMxPathTest, Mxfp8NanCodePropagatesToItsColumnOnly) {
+  if (fp4()) GTEST_SKIP() << "E2M1 has no NaN code";
+  std::mt19937 rng(12);
+  QuantizedMatrix qm = RandomMx(false, 32, 128, rng);
+  qm.data[5 * 128 + 70] = 0x7f;   // row 5, third k block
+  qm.data[20 * 128 + 3] = 0xff;   // row 20, first k block
+  const Packed p = Pack(qm);
+  for (size_t m : {1, 2, 5}) {
+    std::vector<bf16_t> x(m * 128, F32ToBf16(0.5f));
+    std::vector<float> y(m * 32);
+    fn_(m, 128, x.data(), 128, p.panels.data(), p.scales.data(), 32, y.data(), 32);
+    for (size_t i = 0; i < m; ++i) {
+      for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5 || j == 20) << m << ": " << i << "," << j;
+    }
+  }
+}
+
+// Every element code decodes exactly through whichever decode its block takes (DAZ clear): with x one-hot
+// (row i picks k = (j + 37 i) mod K), each output is one element times its power-of-two scale, exact in
+// fp32, so it must equal Dequantize's weight bit for bit. 16 rows x 256 k cycle through all 256 bytes
+// (MXFP8: the two NaN codes replaced by zero); m = 1, 3, 5 (the row blocks of AVX2 / AVX3 and a tail).
+TEST_P(GemmMxPathTest, EveryCodeExactWithOneHotActivations) {
+  std::mt19937 rng(13);
+  const size_t n = 16, k = 256;
+  QuantizedMatrix qm = RandomMx(fp4(), n, k, rng);
+  for (size_t i = 0; i < qm.data.size(); ++i) {
+    const uint8_t c = static_cast<uint8_t>(i % 256);
+    qm.data[i] = !fp4() && (c & 0x7f) == 0x7f ? 0 : c;
+  }
+  const Packed p = Pack(qm);
+  std::vector<float> w(n * k);
+  Dequantize(qm, w.data(), k);
+  for (size_t m : {1, 3, 5}) {
+    std::vector<bf16_t> x(m * k);
+    std::vector<float> y(m * n);
+    for (size_t j = 0; j < k; ++j) {
+      std::fill(x.begin(), x.end(), F32ToBf16(0.0f));
+      for (size_t i = 0; i < m; ++i) x[i * k + (j + 37 * i) % k] = F32ToBf16(1.0f);
+      fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
+      for (size_t i = 0; i < m; ++i) {
+        const size_t c = (j + 37 * i) % k;
+        for (size_t r = 0; r < n; ++r) {
+          ASSERT_EQ(y[i * n + r], w[r * k + c]) << "m=" << m << " row " << i << " col " << r << " k " << c;
+        }
+      }
+    }
   }
 }
 
