@@ -56,10 +56,12 @@ bool DecodeRows(const ExpertRouting& r) {
 // columns; down: the H output columns, all experts at once): about `per_thread` tasks per thread,
 // between 2 and kMaxPanelsPerTask panels, even (the one- and two-row kernels walk two panels at a time, two
 // memory streams; an odd panel count leaves a one-stream panel in every task), preferring a width that
-// divides `cols` (no short block per expert).
+// divides `cols` (no short block per expert); one panel when two would leave threads without tasks (many
+// threads, as the old halving rule allowed).
 size_t DecodePanels(size_t cols, size_t units, size_t threads, size_t per_thread) {
   const size_t panels = (cols + kPanelRows - 1) / kPanelRows;
   const size_t want = units * panels / (per_thread * std::max<size_t>(1, threads));
+  if (want < 2) return 1;
   const size_t cap = std::clamp<size_t>(want / 2 * 2, 2, kMaxPanelsPerTask);
   for (size_t p = cap; p >= 2; p -= 2) {
     if (panels % p == 0) return p;
