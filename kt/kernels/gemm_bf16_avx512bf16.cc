@@ -40,7 +40,9 @@ void Micro(size_t k, const bf16_t* x, size_t ldx, const bf16_t* panels, size_t s
   for (size_t kp = 0; kp < full_pairs; ++kp) {
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v) {
-      if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(w + v * stride + kp * 2 * kPanelRows);
+      if (MR <= kDecodePrefetchMaxRows) {
+        PrefetchPanelAhead(w + v * stride, kp * 2 * kPanelRows * sizeof(bf16_t), stride * sizeof(bf16_t), NV);
+      }
       b[v] = (__m512bh)_mm512_loadu_si512(w + v * stride + kp * 2 * kPanelRows);
     }
     for (int m = 0; m < MR; ++m) {

@@ -17,6 +17,7 @@
 #include "kt/kernels/gemm_bf16.h"
 #include "kt/kernels/gemm_hwy-inl.h"
 #include "kt/kernels/hwy_dispatch.h"
+#include "kt/kernels/prefetch.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -59,6 +60,11 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
     for (int p = 0; p < NP; ++p) {
       const uint32_t* src =
           reinterpret_cast<const uint32_t*>(panels + p * stride + kp * 2 * kPanelRows);
+      // One or two rows (decode) read each weight once, from memory: prefetch ahead in the panel's stream
+      // (kt/kernels/prefetch.h). A k-pair of a panel is 16 rows x 2 bf16 = one 64-byte line.
+      if (MR <= kDecodePrefetchMaxRows) {
+        PrefetchPanelAhead(panels + p * stride, kp * 2 * kPanelRows * sizeof(bf16_t), stride * sizeof(bf16_t), NP);
+      }
       VF w_even[kVecsPerPanel], w_odd[kVecsPerPanel];
       for (size_t s = 0; s < kVecsPerPanel; ++s) {
         const auto w = hn::LoadU(du, src + s * kLanes);

@@ -130,7 +130,7 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
   auto expand = [&](size_t v, hn::Vec<DU8>& lo, hn::Vec<DU8>& hi) {
     const size_t p = v / kVecsPerPanel, s = v % kVecsPerPanel;
     const uint8_t* src = panels + p * stride + b * 64;
-    if (s == 0 && MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+    if (s == 0 && MR <= kDecodePrefetchMaxRows) PrefetchPanelAhead(panels + p * stride, b * 64, stride, NP);
     const auto w = hn::LoadU(du8, src + s * HWY_MAX_BYTES);
     lo = hn::And(w, mask4);
     hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, w))), mask4);
@@ -178,7 +178,7 @@ HWY_INLINE void Int16Block(size_t b, size_t k, bool full, const int8_t* HWY_REST
   #pragma GCC unroll 16
   for (int p = 0; p < NP; ++p) {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
-    if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+    if (MR <= kDecodePrefetchMaxRows) PrefetchPanelAhead(panels + p * stride, b * 64, stride, NP);
     VW w[4][kVecsPerPanel];  // u of quad 2b even/odd k, quad 2b+1 even/odd k
     #pragma GCC unroll 16
     for (size_t s = 0; s < kVecsPerPanel; ++s) {

@@ -60,7 +60,7 @@ void Micro(size_t k, size_t group, const int8_t* qx, size_t ldqx, const float* s
       const bool full = b < full_blocks;
       __m512i lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {
-        if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(panels + v * stride + b * 64);
+        if (MR <= kDecodePrefetchMaxRows) PrefetchPanelAhead(panels + v * stride, b * 64, stride, NV);
         const __m512i w = _mm512_loadu_si512(panels + v * stride + b * 64);
         lo[v] = _mm512_and_si512(w, mask4);
         hi[v] = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask4);

@@ -74,7 +74,9 @@ HWY_INLINE void Micro(size_t k, const int8_t* HWY_RESTRICT qx, size_t ldqx, cons
     for (int p = 0; p < NP; ++p) {
       // Split this panel's weights once; every row reuses them.
       const int32_t* src = reinterpret_cast<const int32_t*>(panels + p * stride + kq * 4 * kInt8PanelRows);
-      if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(src);
+      if (MR <= kDecodePrefetchMaxRows) {
+        PrefetchPanelAhead(panels + p * stride, kq * 4 * kInt8PanelRows, stride, NP);
+      }
       VW w_even[kVecsPerPanel], w_odd[kVecsPerPanel];
       #pragma GCC unroll 16
       for (size_t s = 0; s < kVecsPerPanel; ++s) {

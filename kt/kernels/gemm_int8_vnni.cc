@@ -55,7 +55,9 @@ void Micro(size_t k, const int8_t* qx, size_t ldqx, const float* sx, const int8_
     const bool full = kq < full_quads;
     __m512i b[NV];
     for (int v = 0; v < NV; ++v) {
-      if (MR <= kDecodePrefetchMaxRows) PrefetchAhead(panels + v * stride + kq * 4 * kInt8PanelRows);
+      if (MR <= kDecodePrefetchMaxRows) {
+        PrefetchPanelAhead(panels + v * stride, kq * 4 * kInt8PanelRows, stride, NV);
+      }
       b[v] = _mm512_loadu_si512(panels + v * stride + kq * 4 * kInt8PanelRows);
     }
     for (int m = 0; m < MR; ++m) {

@@ -25,6 +25,20 @@ __attribute__((always_inline)) inline void PrefetchAhead(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + kDecodePrefetchBytes, 0, 3);
 }
 
+// The same for a kernel that walks `np` panels side by side (panel j at panel_j = base + j * stride bytes),
+// now at byte `offset` of each: the line kDecodePrefetchBytes ahead in panel j's stream. Past the panel's end
+// that stream goes on in panel j + np, the same panel of the next block of np panels the caller walks, not in
+// panel j + 1, which this block is reading now: PrefetchAhead there fetched lines already asked for and left
+// the first kDecodePrefetchBytes of every later block's panels but one to demand misses. On the dev box's
+// EPYC a loop reading 6 KiB panels in pairs (the Qwen3-30B down projection's, K = 768 int4) went from 11.1
+// to 12.9 GB/s with the jump, 16 KiB panels from 16.2 to 17.2 GB/s (1 thread; a 4-stream plain read: 19-21).
+__attribute__((always_inline)) inline void PrefetchPanelAhead(const void* panel_j, size_t offset, size_t stride,
+                                                              size_t np) {
+  size_t ahead = offset + kDecodePrefetchBytes;
+  if (ahead >= stride) ahead += (np - 1) * stride;
+  __builtin_prefetch(static_cast<const char*>(panel_j) + ahead, 0, 3);
+}
+
 }  // namespace kt
 
 #endif  // KT_KERNELS_PREFETCH_H_

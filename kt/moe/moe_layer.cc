@@ -35,7 +35,39 @@ size_t AmxGateUpPanels(size_t k, size_t act_bytes, size_t weight_bytes) {
   return std::min<size_t>(kPanelsPerTaskAmx, std::max<size_t>(2, panels));
 }
 
-// Spin-wait hint for the forward pipeline's dependencies (waits last a fraction of one task).
+// Decode: at most this many rows per active expert. The vector kernels then read each weight once per task
+// from memory (no row chunk re-reads a block), and AMX tiles (8 rows and more) are not used.
+constexpr int kDecodeMaxRows = 7;
+// Decode gate/up tasks per thread: enough that dynamic scheduling evens out the threads' ends (a thread's
+// last task is at most a quarter of its share), few enough that each task streams long runs of contiguous
+// weights. The down phase keeps its two tasks per thread (each reads a column block of every active
+// expert: more tasks would cut those runs shorter still).
+constexpr size_t kDecodeGateUpTasksPerThread = 4;
+constexpr size_t kDecodeDownTasksPerThread = 2;
+
+bool DecodeRows(const ExpertRouting& r) {
+  for (int e : r.active) {
+    if (r.begin[e + 1] - r.begin[e] > kDecodeMaxRows) return false;
+  }
+  return true;
+}
+
+// Panels (of 16 columns) per decode task over `units` x `cols` columns (gate/up: each active expert's I
+// columns; down: the H output columns, all experts at once): about `per_thread` tasks per thread,
+// between 2 and kMaxPanelsPerTask panels, even (the one- and two-row kernels walk two panels at a time, two
+// memory streams; an odd panel count leaves a one-stream panel in every task), preferring a width that
+// divides `cols` (no short block per expert); one panel when two would leave threads without tasks (many
+// threads, as the old halving rule allowed).
+size_t DecodePanels(size_t cols, size_t units, size_t threads, size_t per_thread) {
+  const size_t panels = (cols + kPanelRows - 1) / kPanelRows;
+  const size_t want = units * panels / (per_thread * std::max<size_t>(1, threads));
+  if (want < 2) return 1;
+  const size_t cap = std::clamp<size_t>(want / 2 * 2, 2, kMaxPanelsPerTask);
+  for (size_t p = cap; p >= 2; p -= 2) {
+    if (panels % p == 0) return p;
+  }
+  return cap;
+}
 }  // namespace
 
 size_t MoeLayer::RowChunk() const {
@@ -286,18 +318,21 @@ PipelineCall MoeLayer::MakePipelineCall(size_t threads, int qlen, int k, const f
   c.gather_rows = std::clamp<size_t>(rows / (2 * threads), 1, 64);
   // Bytes per value of the A rows and (as an estimate for every format: int4 counts as 1) the weights.
   const size_t elem_bytes = ActivationBytes(experts.traits());
-  const size_t gate_up_panels = isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
-  c.gate_up_cols = (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
+  size_t gate_up_panels = isa_ == Isa::kAmx ? AmxGateUpPanels(h, elem_bytes, elem_bytes) : kPanelsPerTask;
   // Down tasks are column blocks of the whole output (all experts); by default halve the block until
   // there are two per thread (a decode step on 16 threads: 32 blocks of 64 columns at H = 2048).
-  const size_t default_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
-  size_t down_panels = tiling_.down_panels > 0 ? tiling_.down_panels : default_panels;
-  if (tiling_.down_panels == 0) {
-    while (down_panels > 1 && (h + down_panels * kPanelRows - 1) / (down_panels * kPanelRows) < 2 * threads) {
-      down_panels = (down_panels + 1) / 2;
-    }
+  size_t down_panels = isa_ == Isa::kAmx ? kPanelsPerTaskAmx : kPanelsPerTask;
+  while (down_panels > 1 && (h + down_panels * kPanelRows - 1) / (down_panels * kPanelRows) < 2 * threads) {
+    down_panels = (down_panels + 1) / 2;
   }
-  c.down_cols = down_panels * kPanelRows;
+  if (DecodeRows(routing_)) {
+    // Decode: every task streams its weights from memory once, so the widths are set by the memory
+    // streams and the balance, not by L2 (DecodePanels).
+    gate_up_panels = DecodePanels(config_.intermediate, routing_.active.size(), threads, kDecodeGateUpTasksPerThread);
+    down_panels = DecodePanels(h, 1, threads, kDecodeDownTasksPerThread);
+  }
+  c.gate_up_cols = (tiling_.gate_up_panels > 0 ? tiling_.gate_up_panels : gate_up_panels) * kPanelRows;
+  c.down_cols = (tiling_.down_panels > 0 ? tiling_.down_panels : down_panels) * kPanelRows;
   c.row_chunk = RowChunk();
   c.join_short_tail = true;
   c.swiglu = SwigluParams{config_.swiglu_limit, config_.swiglu_alpha};

@@ -257,6 +257,40 @@ TEST_P(MoeLayerTest, TilingDoesNotChangeResults) {
   EXPECT_NE(bad_kb.message().find("k_block must be 0 (automatic)"), absl::string_view::npos) << bad_kb;
 }
 
+// Decode-sized calls (a few rows per expert) pick their task widths from the thread count (MoeLayer's decode
+// widths: about 4 gate/up tasks per thread, up to 16 panels, even): every thread count and every fixed
+// tiling gives the same bits, and the reference's numbers. H and I are not multiples of the 16-row panel,
+// so the widths' last blocks are short.
+TEST_P(MoeLayerTest, DecodeWidthsDoNotChangeResults) {
+  const Layer l = Make(/*e=*/16, /*k=*/8, /*h=*/264, /*i=*/200, /*max_len=*/3, 23);
+  std::mt19937 rng(24);
+  std::vector<Batch> batches;
+  for (int qlen = 1; qlen <= 3; ++qlen) batches.push_back(RandomBatch(l.config, qlen, rng));
+  std::vector<std::vector<bf16_t>> want;
+  for (int threads : {1, 2, 5}) {
+    ThreadPool pool(threads);
+    auto moe = Build(l, pool);
+    for (const MoeTiling t : {MoeTiling{}, MoeTiling{3, 3}, MoeTiling{1, 16}, MoeTiling{7, 2}}) {
+      ASSERT_TRUE(moe->SetTiling(t).ok());
+      for (size_t bi = 0; bi < batches.size(); ++bi) {
+        const Batch& b = batches[bi];
+        std::vector<bf16_t> out(static_cast<size_t>(b.qlen) * l.config.hidden);
+        ASSERT_TRUE(moe->Forward(pool, b.qlen, b.k, b.ids.data(), b.weights.data(), b.input.data(), out.data(),
+                                 nullptr).ok());
+        if (want.size() <= bi) {
+          Compare(l, b, out);
+          want.push_back(out);
+          continue;
+        }
+        for (size_t i = 0; i < out.size(); ++i) {
+          ASSERT_EQ(out[i].bits, want[bi][i].bits) << threads << " threads, tiling " << t.gate_up_panels << ","
+                                                   << t.down_panels << ", qlen " << b.qlen << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 // A NaN or an infinity in one token's input makes that token's output non-finite in every element on every
 // format and path (as the bf16 computation and PyTorch do: every gate/up sum includes it), while the other
 // tokens' outputs are bit for bit those of the same call with a finite value there (each token's

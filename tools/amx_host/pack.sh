@@ -16,7 +16,7 @@ targets=(
   //kt/runtime:thread_pool_test //kt/runtime:memory_test //kt/moe:moe_layer_test
   //kt/sft:sft_reference_test //kt/sft:sft_layer_test //kt/kernels:lora_kernels_test
   //kt/kernels:hwy_dispatch_test //kt/kernels:lora_kernels_benchmark
-  //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt
+  //kt/kernels:gemm_bf16_benchmark //kt/moe:moe_benchmark //tools:kt //tools:decode_probe
   //kt/runtime:task_queue_test //kt/runtime:cuda_stream_gpu_test //kt/moe:serving_test
   //kt/moe:tp_layer_test //kt/moe:moe_layer_load_test //kt/moe:packed_experts_test //kt/moe:expert_format_test
   //kt/moe:routing_test //kt/sft:sft_layer_sharing_test
