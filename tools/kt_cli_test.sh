@@ -61,6 +61,7 @@ contains "$OUT" "tokens per decode call"
 contains "$OUT" "(an integer in [1, 4096])"
 expect 0 bench -h
 expect 0 convert --help && contains "$OUT" "--method" && contains "$OUT" "AMXINT4_KGroup"
+expect 0 convert --help && contains "$OUT" "GGUF" && contains "$OUT" "LLAMAFILE, which runs GGUF as stored"
 expect 0 doctor --help
 
 # Usage errors name the flag or value, exit 2, and print no benchmark.

@@ -5,8 +5,8 @@
 //                      the same run: GB/s beside the machine's read bandwidth, TFLOPS beside the kernel
 //                      path's peak, speed beside PyTorch (tools/bench.h).
 //   kt doctor          CPU, features, kernel paths, what KT_ISA resolves to.
-//   kt convert         Converts a Hugging Face bf16 checkpoint into kt's converted folder for one method
-//                      (kt/io/convert.h): streaming, resumable, atomic, with a checksummed manifest.
+//   kt convert         Converts a Hugging Face checkpoint (or a GGUF one) into kt's converted folder for one
+//                      method (kt/io/convert.h): streaming, resumable, atomic, with a checksummed manifest.
 //   kt --version       The version and the kernel path this process selects.
 //
 // Every flag is an ABSL_FLAG below; each command lists the flags it accepts (kBenchFlags, kConvertFlags) and
@@ -152,7 +152,9 @@ ABSL_FLAG(int, layer, -1, "with --weights: the MoE layer to bench (-1: the folde
 ABSL_FLAG(std::string, input, "",
           "required: Hugging Face folder: config.json + model.safetensors (or a sharded index), bf16 experts "
           "(or FP8 with 128x128 block scales, for --method FP8; or native int4: compressed-tensors pack-quantized "
-          "or GPTQ sym, as stored for RAWINT4 / GPTQ_INT4, dequantized for any other method)");
+          "or GPTQ sym, as stored for RAWINT4 / GPTQ_INT4, dequantized for any other method); or a GGUF "
+          "checkpoint: a .gguf file, a part of a split set, or a folder of .gguf files (expert types Q4_0 .. Q8_0, "
+          "Q2_K .. Q6_K, BF16, F16, F32, dequantized for any method but LLAMAFILE, which runs GGUF as stored)");
 ABSL_FLAG(std::string, output, "",
           "required: created if missing; rerunning into it resumes (layers whose checksums verify are kept)");
 ABSL_FLAG(std::string, method, "",
@@ -193,7 +195,7 @@ commands:
            (--weights DIR), with yardsticks measured in the same run: read bandwidth, the kernel path's
            peak compute, and PyTorch
   doctor   print the CPU, its features, every kernel path (supported or not) and what KT_ISA selects
-  convert  convert a Hugging Face bf16 checkpoint's routed experts for one method
+  convert  convert a checkpoint's routed experts (Hugging Face, or GGUF) for one method
 
 environment:
   KT_ISA   cap the kernel path: scalar | avx2 | avx512 | avx512_vnni | avx512_bf16 | amx
@@ -386,7 +388,7 @@ Progress (one line per layer, with GB/s and ETA) goes to stderr. Exit 0 on succe
 )";
 
 int Convert(const std::vector<std::string>& args) {
-  const std::string usage = CommandUsage("kt convert --input HF_DIR --output OUT_DIR --method METHOD [flags]",
+  const std::string usage = CommandUsage("kt convert --input HF_DIR|MODEL.gguf --output OUT_DIR --method METHOD [flags]",
                                          kConvertFlags, kConvertEpilogue);
   ParsedCommand parsed;
   if (const int code = ParseOrExit("convert", args, kConvertFlags, usage, &parsed); code >= 0) return code;

@@ -27,6 +27,8 @@
 #include "kt/io/hf_int4.h"
 #include "kt/io/convert_resume.h"
 #include "kt/io/file_util.h"
+#include "kt/io/gguf_arch.h"
+#include "kt/io/gguf_experts.h"
 #include "kt/io/layer_experts.h"
 #include "kt/io/manifest.h"
 #include "kt/io/method.h"
@@ -45,15 +47,30 @@ std::string Hms(double s) {
   return absl::StrFormat("%d:%02d:%02d", t / 3600, (t / 60) % 60, t % 60);
 }
 
-// What one conversion works with: the options, the method's layout, the model and its opened checkpoint.
+// What one conversion works with: the options, the method's layout, the model and its opened checkpoint
+// (Hugging Face, or GGUF).
 struct ConvertJob {
   const ConvertOptions* options = nullptr;
   MethodLayout layout;
   MoeArch arch;
   std::shared_ptr<const Checkpoint> ckpt;
-  std::string config_path;
+  std::shared_ptr<const GgufCheckpoint> gguf;
+  std::string config_path;  // HF: the config.json read; GGUF: the file whose metadata gave the shape.
+  std::string config_json;  // GGUF: the config.json the metadata amounts to (gguf_arch.h), written out.
+  std::string hidden_key = "hidden_size", intermediate_key = "moe_intermediate_size";  // for errors
   int threads = 1;
 };
+
+// Layer `layer`'s experts, for the method's layout: HF folders read bf16 or as stored (FP8 / MX dequantized
+// when the method is another), GGUF tensors dequantized.
+absl::StatusOr<std::unique_ptr<LayerExperts>> OpenLayer(const ConvertJob& job, int layer) {
+  LayerRequest want;
+  want.method = job.layout;
+  want.dequantize_stored = true;  // FP8 / MX checkpoints convert to any method through their dequantized bf16
+  want.layer = layer;
+  if (job.gguf != nullptr) return LayerExperts::OpenGguf(job.gguf, job.arch, want);
+  return LayerExperts::OpenHf(job.ckpt, job.arch, job.config_path, want);
+}
 
 // The method's layout, after the checks that need no file.
 absl::StatusOr<MethodLayout> CheckMethod(const ConvertOptions& options) {
@@ -82,18 +99,15 @@ absl::StatusOr<MethodLayout> CheckMethod(const ConvertOptions& options) {
 // Every MoE layer is validated before anything is written: a missing expert in the last layer must not cost
 // an hour of conversion first (and must leave no output).
 absl::Status ValidateLayers(const ConvertJob& job) {
-  LayerRequest want;
-  want.method = job.layout;
-  want.dequantize_stored = true;  // FP8 / MX checkpoints convert to any method through their dequantized bf16
   for (int layer : job.arch.moe_layers) {
-    want.layer = layer;
-    absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(job.ckpt, job.arch, job.config_path, want);
+    absl::StatusOr<std::unique_ptr<LayerExperts>> le = OpenLayer(job, layer);
     if (!le.ok()) return le.status();
     if (job.layout.quantized) {
       if (absl::Status s = ValidateQuantSpec(job.layout.spec, job.arch.hidden); !s.ok())
-        return absl::InvalidArgumentError(absl::StrCat(job.config_path, ": hidden_size: ", s.message()));
+        return absl::InvalidArgumentError(absl::StrCat(job.config_path, ": ", job.hidden_key, ": ", s.message()));
       if (absl::Status s = ValidateQuantSpec(job.layout.spec, job.arch.intermediate); !s.ok())
-        return absl::InvalidArgumentError(absl::StrCat(job.config_path, ": moe_intermediate_size: ", s.message()));
+        return absl::InvalidArgumentError(
+            absl::StrCat(job.config_path, ": ", job.intermediate_key, ": ", s.message()));
     }
   }
   return absl::OkStatus();
@@ -294,11 +308,7 @@ absl::Status ConvertOrKeepLayer(const ConvertJob& job, int layer, int ordinal, M
   const int64_t shapes[3][2] = {{I, H}, {I, H}, {H, I}};
   std::copy(&shapes[0][0], &shapes[0][0] + 6, &entry.shapes[0][0]);
   const std::string path = absl::StrCat(options.output, "/", entry.file);
-  LayerRequest want;
-  want.method = job.layout;
-  want.dequantize_stored = true;
-  want.layer = layer;
-  absl::StatusOr<std::unique_ptr<LayerExperts>> le = LayerExperts::OpenHf(job.ckpt, job.arch, job.config_path, want);
+  absl::StatusOr<std::unique_ptr<LayerExperts>> le = OpenLayer(job, layer);
   if (!le.ok()) return le.status();
   const ResumeDecision resume = DecideResume(path, entry, job.layout.tag, **le, job.threads);
   if (resume.keep) {
@@ -336,9 +346,9 @@ absl::Status ConvertOrKeepLayer(const ConvertJob& job, int layer, int ordinal, M
   return absl::OkStatus();
 }
 
-// A GGUF checkpoint (a .gguf file, or a folder of them without config.json) is not an input yet: say so
-// rather than "config.json: cannot open".
-absl::Status RefuseGguf(const std::string& input) {
+// Whether --input is a GGUF checkpoint: a .gguf file (or part of a split set), or a folder of them without
+// config.json.
+bool IsGgufInput(const std::string& input) {
   struct stat st;
   bool gguf = input.size() > 5 && input.compare(input.size() - 5, 5, ".gguf") == 0;
   if (!gguf && ::stat(absl::StrCat(input, "/config.json").c_str(), &st) != 0) {
@@ -350,11 +360,24 @@ absl::Status RefuseGguf(const std::string& input) {
       ::closedir(d);
     }
   }
-  if (!gguf) return absl::OkStatus();
-  return absl::UnimplementedError(absl::StrCat(
-      "--input ", input, " is a GGUF checkpoint: kt convert reads Hugging Face safetensors folders (bf16, FP8, "
-      "MXFP4/MXFP8, native int4); GGUF experts run as stored with method LLAMAFILE (KTMoEWrapper(method="
-      "\"LLAMAFILE\", weight_path=...)), and converting them to another method is not supported yet"));
+  return gguf;
+}
+
+// A GGUF input: the checkpoint and the model its metadata describes (gguf_arch.h).
+absl::Status OpenGgufInput(ConvertJob* job) {
+  absl::StatusOr<std::unique_ptr<GgufCheckpoint>> opened = GgufCheckpoint::Open(job->options->input);
+  if (!opened.ok()) return opened.status();
+  job->gguf = std::shared_ptr<const GgufCheckpoint>(std::move(*opened));
+  absl::StatusOr<GgufMoeModel> model = GgufMoeArch(*job->gguf);
+  if (!model.ok()) return model.status();
+  job->arch = std::move(model->arch);
+  job->config_json = std::move(model->config_json);
+  job->config_path = absl::StrCat("GGUF ", model->metadata_file);
+  job->hidden_key = absl::StrCat(model->gguf_architecture, ".embedding_length");
+  job->intermediate_key = absl::StrCat(model->gguf_architecture, model->gguf_architecture == "llama"
+                                                                        ? ".feed_forward_length"
+                                                                        : ".expert_feed_forward_length");
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -363,17 +386,27 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
   const Clock::time_point t0 = Clock::now();
   ConvertJob job;
   job.options = &options;
+  const bool gguf = !options.input.empty() && IsGgufInput(options.input);
+  if (gguf && options.method == "LLAMAFILE") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--method LLAMAFILE: ", options.input, " is a GGUF checkpoint, which method LLAMAFILE runs as stored: "
+        "there is nothing to convert; load it directly with KTMoEWrapper(method=\"LLAMAFILE\", weight_path=",
+        json::Quote(options.input), "), or pick another --method to convert it"));
+  }
   absl::StatusOr<MethodLayout> layout = CheckMethod(options);
   if (!layout.ok()) return layout.status();
   job.layout = *std::move(layout);
-  job.config_path = absl::StrCat(options.input, "/config.json");
-  if (absl::Status g = RefuseGguf(options.input); !g.ok()) return g;
-  absl::StatusOr<MoeArch> arch = LoadMoeConfig(options.input);
-  if (!arch.ok()) return arch.status();
-  job.arch = *std::move(arch);
-  absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(options.input);
-  if (!opened.ok()) return opened.status();
-  job.ckpt = std::shared_ptr<const Checkpoint>(std::move(*opened));
+  if (gguf) {
+    if (absl::Status s = OpenGgufInput(&job); !s.ok()) return s;
+  } else {
+    job.config_path = absl::StrCat(options.input, "/config.json");
+    absl::StatusOr<MoeArch> arch = LoadMoeConfig(options.input);
+    if (!arch.ok()) return arch.status();
+    job.arch = *std::move(arch);
+    absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(options.input);
+    if (!opened.ok()) return opened.status();
+    job.ckpt = std::shared_ptr<const Checkpoint>(std::move(*opened));
+  }
   job.threads = options.threads > 0 ? options.threads : DefaultThreads();
   if (absl::Status s = ValidateLayers(job); !s.ok()) return s;
 
@@ -389,7 +422,9 @@ absl::StatusOr<ConvertStats> ConvertCheckpoint(const ConvertOptions& options) {
       return s;
   }
 
-  absl::StatusOr<std::string> config = ReadSmallFile(job.config_path);
+  // The source's config.json (a GGUF's: the one its metadata amounts to), for load_weights and kt bench.
+  absl::StatusOr<std::string> config = job.gguf != nullptr ? absl::StatusOr<std::string>(job.config_json)
+                                                           : ReadSmallFile(job.config_path);
   if (!config.ok()) return config.status();
   if (absl::Status s = WriteFileAtomically(absl::StrCat(options.output, "/config.json"), *config); !s.ok())
     return s;

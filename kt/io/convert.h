@@ -1,4 +1,9 @@
 // `kt convert`: a Hugging Face bf16 checkpoint -> kt's converted folder (manifest.h) for one method.
+// Also from Hugging Face folders stored quantized (FP8, MX, native int4) and from GGUF checkpoints (a .gguf
+// file, a part of a split set, or a folder of .gguf files): llama.cpp's expert-stacked tensors of the types
+// gguf_quants.h lists, each matrix dequantized (ggml's formula in fp32, one rounding to bf16) and quantized by
+// the method, the model's shape from the metadata (gguf_arch.h), whose config.json equivalent the output gets.
+// Method LLAMAFILE runs GGUF as stored: converting for it is refused, saying so.
 //
 // Streaming: one MoE layer at a time. Its expert tensors are read through the checkpoint's memory maps
 // expert by expert (quantized on `threads` threads), and each expert's mapped pages are dropped from the
@@ -35,7 +40,7 @@
 namespace kt {
 
 struct ConvertOptions {
-  std::string input;   // Hugging Face folder (config.json + safetensors).
+  std::string input;   // Hugging Face folder (config.json + safetensors), or a GGUF checkpoint.
   std::string output;  // Created if missing.
   std::string method;  // method.h: BF16, AMXINT8, MOE_INT8, AMXINT4, ...
   int group_size = 0;    // The k-group methods only (0: 128); any other method refuses a non-zero value.

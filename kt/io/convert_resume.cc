@@ -32,12 +32,10 @@ std::string Basename(const std::string& path) {
 
 // Whether the tensors the layer reads now are those recorded (names and sizes; checksums not compared).
 bool SameTensorList(const std::vector<SourceTensor>& recorded, const LayerExperts& le) {
-  const std::vector<Checkpoint::Located> locs = le.SourceTensors();
-  if (recorded.size() != locs.size()) return false;
-  for (size_t i = 0; i < locs.size(); ++i) {
-    if (recorded[i].name != locs[i].info->name ||
-        recorded[i].bytes != static_cast<int64_t>(locs[i].info->num_bytes()))
-      return false;
+  const std::vector<LayerExperts::SourceBytes> spans = le.SourceSpans();
+  if (recorded.size() != spans.size()) return false;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    if (recorded[i].name != spans[i].name || recorded[i].bytes != static_cast<int64_t>(spans[i].bytes)) return false;
   }
   return true;
 }
@@ -144,7 +142,7 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
 
 absl::StatusOr<std::vector<SourceFile>> SourceFilesOf(const LayerExperts& le) {
   std::map<std::string, std::string> paths;  // name -> path
-  for (const Checkpoint::Located& loc : le.SourceTensors()) paths[Basename(loc.file->path())] = loc.file->path();
+  for (const LayerExperts::SourceBytes& span : le.SourceSpans()) paths[Basename(span.path)] = span.path;
   std::vector<SourceFile> files;
   for (const auto& [name, path] : paths) {
     struct stat st;
@@ -163,12 +161,12 @@ absl::StatusOr<std::vector<SourceFile>> SourceFilesOf(const LayerExperts& le) {
 
 // CRC32C of every source tensor, in parallel over tensors (pages dropped once read).
 std::vector<SourceTensor> SourceTensorsOf(const LayerExperts& le, int threads) {
-  const std::vector<Checkpoint::Located> locs = le.SourceTensors();
-  std::vector<SourceTensor> out(locs.size());
-  (void)ParallelTasks(locs.size(), threads, [&](size_t i) {
-    const uint8_t* p = locs[i].file->data(*locs[i].info);
-    const uint64_t n = locs[i].info->num_bytes();
-    out[i].name = locs[i].info->name;
+  const std::vector<LayerExperts::SourceBytes> spans = le.SourceSpans();
+  std::vector<SourceTensor> out(spans.size());
+  (void)ParallelTasks(spans.size(), threads, [&](size_t i) {
+    const uint8_t* p = spans[i].data;
+    const uint64_t n = spans[i].bytes;
+    out[i].name = spans[i].name;
     out[i].bytes = static_cast<int64_t>(n);
     out[i].crc32c = Crc32c(p, n);
     DropMappedPages(p, n);

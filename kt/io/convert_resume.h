@@ -45,7 +45,7 @@ struct SourceTensor {
 };
 struct SourceRecord {
   std::vector<SourceFile> files;      // Sorted by name.
-  std::vector<SourceTensor> tensors;  // LayerExperts::SourceTensors() order.
+  std::vector<SourceTensor> tensors;  // LayerExperts::SourceSpans() order.
 };
 
 // A layer's .done file: the layout it was converted to, its manifest entry and its source.

@@ -365,7 +365,7 @@ absl::Status LayerExperts::Verify(size_t task) const {
 }
 
 const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
-  if (expert < 0 || expert >= e_ || hf_fp8_ || hf_mx_ || !hf_int4_.empty()) return nullptr;
+  if (expert < 0 || expert >= e_ || hf_fp8_ || hf_mx_ || !hf_int4_.empty() || gguf()) return nullptr;
   const int p = static_cast<int>(m);
   const uint8_t* at = nullptr;
   if (converted_) {
@@ -393,6 +393,7 @@ const bf16_t* LayerExperts::MappedBf16(int expert, ExpertMatrix m) const {
 absl::Status LayerExperts::ReadBf16(int expert, ExpertMatrix m, bf16_t* out) const {
   if (absl::Status s = CheckExpert(expert, "ReadBf16"); !s.ok()) return s;
   if (hf_dequantize_) return ReadDequantizedBf16(expert, m, out);
+  if (gguf()) return ReadGgufBf16(expert, m, out);
   const int p = static_cast<int>(m);
   const size_t n = Rows(m), k = Cols(m);
   if (hf_fp8_ || hf_mx_) {
@@ -489,7 +490,7 @@ absl::Status LayerExperts::ReadQuantized(int expert, ExpertMatrix m, QuantizedMa
 }
 
 std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
-  if (converted_) return {};
+  if (converted_ || gguf()) return {};
   if (arch_.fused_experts()) return {fused_[0], fused_[1]};
   if (!hf_int4_.empty()) {
     std::vector<Checkpoint::Located> all;
@@ -508,8 +509,28 @@ std::vector<Checkpoint::Located> LayerExperts::SourceTensors() const {
   return per_expert_;
 }
 
+std::vector<LayerExperts::SourceBytes> LayerExperts::SourceSpans() const {
+  std::vector<SourceBytes> out;
+  if (gguf()) {
+    for (const GgufExpertTensor& t : gguf_tensors_) {
+      out.push_back({t.name, t.file, t.data, t.expert_bytes * t.experts});
+    }
+    return out;
+  }
+  for (const Checkpoint::Located& loc : SourceTensors()) {
+    out.push_back({loc.info->name, loc.file->path(), loc.file->data(*loc.info), loc.info->num_bytes()});
+  }
+  return out;
+}
+
 void LayerExperts::DropPages(int expert) const {
   if (expert < 0 || expert >= e_) return;
+  if (gguf()) {
+    for (const GgufExpertTensor& t : gguf_tensors_) {
+      DropMappedPages(t.data + t.expert_bytes * static_cast<uint64_t>(expert), t.expert_bytes);
+    }
+    return;
+  }
   if (converted_) {
     for (int q = 0; q < 9; ++q) {
       const TensorInfo* t = tensors_[static_cast<size_t>(expert) * 9 + q];

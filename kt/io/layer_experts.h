@@ -11,7 +11,9 @@
 //     native int4 (compressed-tensors pack-quantized or GPTQ sym, hf_int4.h), read as
 //     kt-int4-group{G}-sym-v1 by ReadQuantized when the method holds that layout with the checkpoint's G
 //     (RAWINT4, GPTQ_INT4, AMXINT4_KGroup), else dequantized (q * scale rounded to bf16) by ReadBf16;
-//   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method.
+//   - a kt converted folder (kt_manifest.json, manifest.h), in the layout of one method;
+//   - a GGUF checkpoint (kt convert only: OpenGguf): llama.cpp's expert-stacked tensors (gguf_experts.h) of
+//     any type kGgufTypes lists, read by ReadBf16 dequantized (ggml's formula in fp32, rounded once to bf16).
 // Open checks everything a later read relies on, so that a load never fails half-way: the config's MoE shape
 // against the caller's, every expert tensor's presence, dtype and shape, the manifest's method layout
 // against the caller's, and the layer file's size. Errors name the file, the tensor and the expected value.
@@ -29,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "kt/io/arch.h"
 #include "kt/io/checkpoint.h"
+#include "kt/io/gguf_experts.h"
 #include "kt/io/hf_fp8.h"
 #include "kt/io/hf_int4.h"
 #include "kt/io/manifest.h"
@@ -74,9 +77,16 @@ class LayerExperts {
                                                               const MoeArch& arch, const std::string& config_path,
                                                               const LayerRequest& want);
 
+  // Layer want.layer of a GGUF checkpoint whose shape `arch` gives (gguf_arch.h): blk.L.ffn_{gate,up,down}_exps
+  // checked for presence, type (kGgufTypes; another is an error naming the tensor and listing them) and
+  // ne = [K, N, E]; read by ReadBf16 as bf16(DequantizeGgufRow), one matrix at a time (kt convert).
+  static absl::StatusOr<std::unique_ptr<LayerExperts>> OpenGguf(std::shared_ptr<const GgufCheckpoint> ckpt,
+                                                                const MoeArch& arch, const LayerRequest& want);
+
   ~LayerExperts();
 
   bool converted() const { return converted_; }
+  bool gguf() const { return gguf_ != nullptr; }
   int num_experts() const { return e_; }
   int hidden() const { return h_; }
   int intermediate() const { return i_; }
@@ -112,6 +122,14 @@ class LayerExperts {
   // The checkpoint tensors an HF layer reads (each expert's three, or the two fused ones), in a fixed order;
   // empty for a converted folder. `kt convert` records their checksums to know what a layer was made from.
   std::vector<Checkpoint::Located> SourceTensors() const;
+  // The same for any input kind (a GGUF layer's three expert tensors too), as byte ranges of mapped files.
+  struct SourceBytes {
+    std::string name;  // The tensor.
+    std::string path;  // Its file.
+    const uint8_t* data = nullptr;
+    uint64_t bytes = 0;
+  };
+  std::vector<SourceBytes> SourceSpans() const;
   // Releases the mapped pages of `expert`'s tensors from the resident set (streaming converters).
   void DropPages(int expert) const;
 
@@ -157,6 +175,10 @@ class LayerExperts {
   int hf_int4_group_ = 0;
   bool hf_int4_exact_ = false;
   Checkpoint::Located fused_[2];
+  // GGUF (layer_experts_gguf.cc): gate, up, down, each [E][N][K] in ggml blocks.
+  std::shared_ptr<const GgufCheckpoint> gguf_;
+  GgufExpertTensor gguf_tensors_[3];
+  absl::Status ReadGgufBf16(int expert, ExpertMatrix m, bf16_t* out) const;
   // Converted.
   std::unique_ptr<SafetensorsFile> file_;
   ManifestLayer entry_;

@@ -88,7 +88,9 @@ absl::StatusOr<std::string> SftBaseMethod(absl::string_view sft_method) {
 absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_size) {
   if (method == "LLAMAFILE") {
     return absl::UnimplementedError(
-        "method LLAMAFILE: GGUF expert weights are not supported yet by kt convert / load_weights");
+        "method LLAMAFILE runs a GGUF checkpoint's expert blocks as stored (KTMoEWrapper(method=\"LLAMAFILE\", "
+        "weight_path=<the .gguf>)) and has no converted layout; kt convert turns Hugging Face or GGUF checkpoints "
+        "into the other methods' folders");
   }
   for (const Entry& e : kEntries) {
     if (method != e.method) continue;
@@ -114,7 +116,7 @@ absl::StatusOr<MethodLayout> LayoutOfMethod(absl::string_view method, int group_
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\"; kt can store: ",
                                                  absl::StrJoin(ConvertibleMethods(), ", "),
-                                                 " (LLAMAFILE comes later)"));
+                                                 " (and LLAMAFILE, which runs GGUF checkpoints as stored)"));
 }
 
 }  // namespace kt
