@@ -109,6 +109,59 @@ const GgufFile* MetadataFile(const GgufCheckpoint& ckpt, std::string* arch) {
   return first;
 }
 
+// The Hugging Face config keys of a Qwen2-MoE / Qwen3-MoE GGUF, "architectures" first.
+absl::StatusOr<std::string> QwenKeys(const Meta& m, const std::string& arch, int64_t experts, int64_t inter) {
+  std::string keys;
+  const bool qwen2 = arch == "qwen2moe";
+  int64_t shared = 0;
+  if (qwen2) {
+    KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_feed_forward_length", 0, kMaxDim, 0, ""));
+  }
+  absl::StrAppend(&keys, "\"architectures\": [", qwen2 ? "\"Qwen2MoeForCausalLM\"" : "\"Qwen3MoeForCausalLM\"",
+                  "], \"model_type\": ", qwen2 ? "\"qwen2_moe\"" : "\"qwen3_moe\"", ", \"num_experts\": ", experts,
+                  ", \"moe_intermediate_size\": ", inter,
+                  ", \"decoder_sparse_step\": 1, \"mlp_only_layers\": [], \"norm_topk_prob\": ",
+                  // llama.cpp renormalises the top-k weights for qwen3moe (norm_w true) and not for qwen2moe,
+                  // as the released configs say.
+                  Bool(!qwen2));
+  if (qwen2) absl::StrAppend(&keys, ", \"shared_expert_intermediate_size\": ", shared);
+  return keys;
+}
+
+// The same for a DeepSeek-V2/V3 (deepseek2) or GLM-4 MoE (glm4moe) GGUF.
+absl::StatusOr<std::string> DeepseekKeys(const Meta& m, const std::string& arch, int64_t experts, int64_t inter,
+                                         int64_t first_moe) {
+  std::string keys;
+  const bool glm = arch == "glm4moe";
+  int64_t gating = 0, shared = 0, groups = 1, groups_used = 1;
+  KT_GGUF_ASSIGN_OR_RETURN(gating, m.Int("expert_gating_func", 0, 2, 0, "", "2 (sigmoid)"));
+  // 0 (none, or absent): what llama.cpp assumes then: softmax for DeepSeek-V2/V2.5 files, sigmoid for GLM.
+  const bool sigmoid = gating == 2 || (gating == 0 && glm);
+  const bool v3 = !glm && sigmoid;
+  float scale = 1.0f;
+  bool norm = false;
+  KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_count", 0, 64, 0, ""));
+  KT_GGUF_ASSIGN_OR_RETURN(scale, m.Positive("expert_weights_scale", v3 ? std::nullopt : std::optional<float>(1.0f),
+                                             "DeepSeek-V3 scales the routed experts' sum by it"));
+  KT_GGUF_ASSIGN_OR_RETURN(norm, m.Bool("expert_weights_norm", false));
+  KT_GGUF_ASSIGN_OR_RETURN(groups, m.Int("expert_group_count", 1, experts, 1, "", "expert_count"));
+  KT_GGUF_ASSIGN_OR_RETURN(groups_used, m.Int("expert_group_used_count", 1, groups, groups, "",
+                                              "expert_group_count"));
+  absl::StrAppend(&keys, "\"architectures\": [",
+                  glm  ? "\"Glm4MoeForCausalLM\"], \"model_type\": \"glm4_moe\""
+                  : v3 ? "\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\""
+                       : "\"DeepseekV2ForCausalLM\"], \"model_type\": \"deepseek_v2\"",
+                  ", \"n_routed_experts\": ", experts, ", \"moe_intermediate_size\": ", inter,
+                  ", \"first_k_dense_replace\": ", first_moe, ", \"n_shared_experts\": ", shared,
+                  ", \"routed_scaling_factor\": ", FloatText(scale), ", \"norm_topk_prob\": ", Bool(norm),
+                  ", \"scoring_func\": ", sigmoid ? "\"sigmoid\"" : "\"softmax\"", ", \"n_group\": ", groups,
+                  ", \"topk_group\": ", groups_used);
+  // llama.cpp's deepseek2 has every layer after the leading dense ones MoE.
+  if (!glm) absl::StrAppend(&keys, ", \"moe_layer_freq\": 1");
+  if (!glm && !v3 && groups > 1) absl::StrAppend(&keys, ", \"topk_method\": \"group_limited_greedy\"");
+  return keys;
+}
+
 }  // namespace
 
 std::vector<std::string> GgufMoeArchitectures() {
@@ -174,50 +227,12 @@ absl::StatusOr<GgufMoeModel> GgufMoeArch(const GgufCheckpoint& ckpt) {
   // The family's keys; then one object with "architectures" first, as Hugging Face writes it.
   std::string keys;
   if (qwen) {
-    const bool qwen2 = arch == "qwen2moe";
-    int64_t shared = 0;
-    if (qwen2) {
-      KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_feed_forward_length", 0, kMaxDim, 0, ""));
-    }
-    absl::StrAppend(&keys, "\"architectures\": [", qwen2 ? "\"Qwen2MoeForCausalLM\"" : "\"Qwen3MoeForCausalLM\"",
-                    "], \"model_type\": ", qwen2 ? "\"qwen2_moe\"" : "\"qwen3_moe\"", ", \"num_experts\": ", experts,
-                    ", \"moe_intermediate_size\": ", inter,
-                    ", \"decoder_sparse_step\": 1, \"mlp_only_layers\": [], \"norm_topk_prob\": ",
-                    // llama.cpp renormalises the top-k weights for qwen3moe (norm_w true) and not for qwen2moe,
-                    // as the released configs say.
-                    Bool(!qwen2));
-    if (qwen2) absl::StrAppend(&keys, ", \"shared_expert_intermediate_size\": ", shared);
+    KT_GGUF_ASSIGN_OR_RETURN(keys, QwenKeys(m, arch, experts, inter));
   } else if (deepseek) {
-    const bool glm = arch == "glm4moe";
-    int64_t gating = 0, shared = 0, groups = 1, groups_used = 1;
-    KT_GGUF_ASSIGN_OR_RETURN(gating, m.Int("expert_gating_func", 0, 2, 0, "", "2 (sigmoid)"));
-    // 0 (none, or absent): what llama.cpp assumes then: softmax for DeepSeek-V2/V2.5 files, sigmoid for GLM.
-    const bool sigmoid = gating == 2 || (gating == 0 && glm);
-    const bool v3 = !glm && sigmoid;
-    float scale = 1.0f;
-    bool norm = false;
-    KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_count", 0, 64, 0, ""));
-    KT_GGUF_ASSIGN_OR_RETURN(scale, m.Positive("expert_weights_scale", v3 ? std::nullopt : std::optional<float>(1.0f),
-                                               "DeepSeek-V3 scales the routed experts' sum by it"));
-    KT_GGUF_ASSIGN_OR_RETURN(norm, m.Bool("expert_weights_norm", false));
-    KT_GGUF_ASSIGN_OR_RETURN(groups, m.Int("expert_group_count", 1, experts, 1, "", "expert_count"));
-    KT_GGUF_ASSIGN_OR_RETURN(groups_used, m.Int("expert_group_used_count", 1, groups, groups, "",
-                                                "expert_group_count"));
-    absl::StrAppend(&keys, "\"architectures\": [",
-                    glm  ? "\"Glm4MoeForCausalLM\"], \"model_type\": \"glm4_moe\""
-                    : v3 ? "\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\""
-                         : "\"DeepseekV2ForCausalLM\"], \"model_type\": \"deepseek_v2\"",
-                    ", \"n_routed_experts\": ", experts, ", \"moe_intermediate_size\": ", inter,
-                    ", \"first_k_dense_replace\": ", first_moe, ", \"n_shared_experts\": ", shared,
-                    ", \"routed_scaling_factor\": ", FloatText(scale), ", \"norm_topk_prob\": ", Bool(norm),
-                    ", \"scoring_func\": ", sigmoid ? "\"sigmoid\"" : "\"softmax\"", ", \"n_group\": ", groups,
-                    ", \"topk_group\": ", groups_used);
-    // llama.cpp's deepseek2 has every layer after the leading dense ones MoE.
-    if (!glm) absl::StrAppend(&keys, ", \"moe_layer_freq\": 1");
-    if (!glm && !v3 && groups > 1) absl::StrAppend(&keys, ", \"topk_method\": \"group_limited_greedy\"");
+    KT_GGUF_ASSIGN_OR_RETURN(keys, DeepseekKeys(m, arch, experts, inter, first_moe));
   } else {
-    absl::StrAppend(&keys, "\"architectures\": [\"MixtralForCausalLM\"], \"model_type\": \"mixtral\"",
-                    ", \"num_local_experts\": ", experts, ", \"intermediate_size\": ", inter);
+    keys = absl::StrCat("\"architectures\": [\"MixtralForCausalLM\"], \"model_type\": \"mixtral\"",
+                        ", \"num_local_experts\": ", experts, ", \"intermediate_size\": ", inter);
   }
   model.config_json = absl::StrCat("{", keys, ", \"num_hidden_layers\": ", layers, ", \"hidden_size\": ", hidden,
                                    ", \"num_experts_per_tok\": ", top_k,
