@@ -83,6 +83,15 @@ std::atomic<uint64_t> g_sink{0};
 
 }  // namespace
 
+uint64_t SumReadStreams(const uint8_t* p, size_t bytes, size_t streams) {
+  const CpuFeatures& f = GetCpuFeatures();
+  streams = std::max<size_t>(1, streams);
+  bytes = bytes / (256 * streams) * (256 * streams);
+  if (f.avx512f && f.os_avx512) return SumAvx512(p, bytes, streams);
+  if (f.avx2) return SumAvx2(p, bytes, streams);
+  return SumScalar(p, bytes, streams);
+}
+
 BandwidthResult MeasureReadBandwidth(size_t buffer_bytes, int threads, int reps, bool pin) {
   BandwidthResult result;
   threads = std::max(1, threads);

@@ -24,6 +24,11 @@ struct BandwidthResult {
 // timed passes per stream count on `threads` threads and keeps the fastest. The buffer is freed before returning.
 BandwidthResult MeasureReadBandwidth(size_t buffer_bytes, int threads, int reps, bool pin);
 
+// The reader MeasureReadBandwidth uses on this CPU, for one thread's part of a yardstick timed elsewhere
+// (tools/decode_probe): sums [p, p + bytes) read as `streams` interleaved parts, `bytes` rounded down to a
+// multiple of 256 * streams; p 64-byte aligned. Publish the sum (e.g. into an atomic) so no load is dropped.
+uint64_t SumReadStreams(const uint8_t* p, size_t bytes, size_t streams);
+
 }  // namespace tools
 }  // namespace kt
 

@@ -30,8 +30,6 @@
 #include <string>
 #include <vector>
 
-#include <immintrin.h>
-
 #include "absl/status/statusor.h"
 #include "kt/kernels/cpu_features.h"
 #include "kt/kernels/dtype.h"
@@ -40,6 +38,7 @@
 #include "kt/moe/synthetic.h"
 #include "kt/runtime/memory.h"
 #include "kt/runtime/thread_pool.h"
+#include "tools/bandwidth.h"
 #include "tools/bench_stats.h"
 #include "tools/isa_choice.h"
 
@@ -51,25 +50,6 @@ using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 std::atomic<uint64_t> g_sink{0};
-
-// Sums [p, p + bytes) read as `streams` interleaved parts, 128 bytes of each in turn (AVX2).
-__attribute__((target("avx2"))) uint64_t SumStreams(const uint8_t* p, size_t bytes, size_t streams) {
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  const size_t part = bytes / streams / 128 * 128;
-  for (size_t i = 0; i < part; i += 128) {
-    for (size_t s = 0; s < streams; ++s) {
-      const uint8_t* q = p + s * part + i;
-      a0 = _mm256_add_epi64(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(q)));
-      a1 = _mm256_add_epi64(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32)));
-      a2 = _mm256_add_epi64(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 64)));
-      a3 = _mm256_add_epi64(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 96)));
-    }
-  }
-  a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
-  alignas(32) uint64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a0);
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
-}
 
 double Quantile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
@@ -225,7 +205,7 @@ int Run(int argc, char** argv) {
       offset += share * threads;
       t0 = Clock::now();
       pool.ParallelFor(threads, [&](size_t t, int) {
-        g_sink.fetch_add(SumStreams(base + t * share, share, kStreams[si]), std::memory_order_relaxed);
+        g_sink.fetch_add(tools::SumReadStreams(base + t * share, share, kStreams[si]), std::memory_order_relaxed);
       });
       ys[si] = share * threads / Since(t0) / 1e9;
       best = std::max(best, ys[si]);
