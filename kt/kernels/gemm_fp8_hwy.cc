@@ -190,13 +190,13 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
     for (size_t s = 0; s < kVecs; ++s) hn::Store(hn::Zero(df), df, total[r] + s * kLanes);
   }
   const size_t blocks = Fp8KBlocks(k);
-  constexpr bool kHalfRows = MR * kVecs <= 4;
   for (size_t b = 0; b < blocks; ++b) {
     VF acc[MR][kVecs];
     const size_t c0 = b * kFp8BlockK, c1 = std::min(k, c0 + kFp8BlockK);
     HWY_ALIGN float xf[MR][kFp8BlockK];
     WidenRows<MR>(x + c0, ldx, c1 - c0, xf);
 #if KT_FP8_HALF_DECODE
+    constexpr bool kHalfRows = MR * kVecs <= 4;
     // The fp16 decode up to 4 accumulator vectors (AVX2: 2 rows, AVX3: 4); with more, the kernel is bound by
     // its FMAs rather than the decode, and on AVX2 the fp16 loop measured slower at 4 rows (GCC spilled
     // accumulators), so those row blocks keep BlockExact.
