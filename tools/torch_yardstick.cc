@@ -123,6 +123,10 @@ TorchResult RunTorch(const TorchRequest& flags) {
     } else if (static_cast<int>(qlen) == flags.qlen_prefill) {
       result.prefill_seconds = sec;
       result.prefill_tflops = JsonNumber(line, "tflops");
+      result.dense_seconds = JsonNumber(line, "dense_seconds");
+      result.dense_tflops = JsonNumber(line, "dense_tflops");
+      result.dense_int8_seconds = JsonNumber(line, "dense_int8_seconds");
+      result.dense_int8_tops = JsonNumber(line, "dense_int8_tops");
       ++parsed;
     }
   }
