@@ -551,17 +551,7 @@ void BenchRun::CompareWithTorch() {
         FormatTime(torch.prefill_seconds).c_str(), flop / torch.prefill_seconds / 1e12,
         torch.prefill_seconds / kt_pre);
   }
-  if (!std::isnan(torch.dense_seconds)) {
-    std::printf("  dense    bf16 torch.bmm, balanced routing, same FLOPs: %s (%.3f TFLOPS) -> kt/dense speed %.2fx\n",
-                FormatTime(torch.dense_seconds).c_str(), torch.dense_tflops, torch.dense_seconds / kt_pre);
-  }
-  if (!std::isnan(torch.dense_int8_seconds)) {
-    std::printf("  dense    int8 torch._int_mm per expert, no activation quantization: %s (%.3f TOPS) -> kt/dense "
-                "speed %.2fx\n",
-                FormatTime(torch.dense_int8_seconds).c_str(), torch.dense_int8_tops,
-                torch.dense_int8_seconds / kt_pre);
-  }
-  std::fflush(stdout);
+  PrintDenseComparison(torch, kt_pre);  // and flushes stdout
 }
 
 int Fail(const absl::Status& s) {

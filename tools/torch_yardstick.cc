@@ -136,5 +136,18 @@ TorchResult RunTorch(const TorchRequest& flags) {
   return result;
 }
 
+void PrintDenseComparison(const TorchResult& r, double kt_pre) {
+  if (!std::isnan(r.dense_seconds)) {
+    std::printf("  dense    bf16 torch.bmm, balanced routing, same FLOPs: %.2f ms (%.3f TFLOPS) -> kt/dense speed %.2fx\n",
+                r.dense_seconds * 1e3, r.dense_tflops, r.dense_seconds / kt_pre);
+  }
+  if (!std::isnan(r.dense_int8_seconds)) {
+    std::printf("  dense    int8 torch._int_mm per expert, no activation quantization: %.2f ms (%.3f TOPS) -> kt/dense "
+                "speed %.2fx\n",
+                r.dense_int8_seconds * 1e3, r.dense_int8_tops, r.dense_int8_seconds / kt_pre);
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace tools
 }  // namespace kt

@@ -37,6 +37,9 @@ struct TorchResult {
 // interpreter, or no script found.
 TorchResult RunTorch(const TorchRequest& request);
 
+// The dense GEMM lines of `result` (if it has them) against kt's prefill time per layer; flushes stdout.
+void PrintDenseComparison(const TorchResult& result, double kt_prefill_seconds);
+
 }  // namespace tools
 }  // namespace kt
 
