@@ -11,10 +11,17 @@
 #include <hwy/highway.h>
 
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "kt/kernels/prefetch.h"
+
+// The loops over rows, panels and vectors must be unrolled for the accumulators to live in registers.
+#ifndef KT_FP8_DECODE_UNROLL
+#define KT_FP8_DECODE_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace kt {
@@ -125,6 +132,336 @@ HWY_INLINE bool Fp8AnyNan(const uint8_t* HWY_RESTRICT p, size_t len) {
   auto mx16 = hn::Zero(d16);
   for (; i < len; i += 16) mx16 = hn::Max(mx16, hn::Or(hn::LoadU(d16, p + i), hn::Set(d16, 0x80)));
   return nan || !hn::AllFalse(d16, hn::Eq(mx16, hn::Set(d16, 0xff)));
+}
+
+// ---- Decode (1-2 rows of x) over NP 16-row panels side by side, shared by the FP8 block and MXFP8 kernels.
+// Each panel is its own weight stream (panel p at base + p * stride, k's 16 codes at byte 16 * k), as the int8
+// and int4 decode kernels walk two: one stream per panel left the AVX2 dev box's core at 33-44% of its read
+// bandwidth, and the x broadcasts and per-block work are shared by the NP panels.
+constexpr size_t kFp8DecodeVecs = 16 / (HWY_MAX_BYTES / sizeof(float));  // fp32 vectors per 16 rows
+// Rows of x up to which the kernels take this decode: 2 on AVX2 (with more, the fp16 decode spilled
+// accumulators and the kernels' prefill-style micro-kernels are no slower), 4 on AVX3 (32 registers).
+constexpr int kFp8DecodeMaxRows = HWY_MAX_BYTES >= 64 ? 4 : 2;
+
+// Whether any of the NP panels' bytes [off, off + len) holds a NaN code (Fp8AnyNan, without its own
+// prefetch); each 64-byte line also prefetches kDecodePrefetchBytes ahead in its panel's stream
+// (PrefetchPanelAhead). len is a multiple of 64.
+template <int NP>
+HWY_INLINE bool Fp8PanelsAnyNan(const uint8_t* HWY_RESTRICT base, size_t stride, size_t off, size_t len) {
+  bool nan = false;
+  for (int p = 0; p < NP; ++p) {
+    const uint8_t* panel = base + p * stride;
+    for (size_t i = 0; i < len; i += 64) PrefetchPanelAhead(panel, off + i, stride, NP);
+    nan |= Fp8AnyNan<false>(panel + off, len);
+  }
+  return nan;
+}
+
+// acc[r][p * kVecs + s] = 2^-8 * sum over k in [0, len) of xf[r * ldxf + k] * w_p[k][16 rows, vector s], for the
+// codes of NP panels from byte off of each; no NaN code among them (the caller checks), MXCSR.DAZ clear.
+// Two k per step through Fp8HalfDecoder; with fewer than 4 accumulator vectors per panel (one row on AVX2,
+// two on AVX3) even and odd k go to separate sets, summed at the end: the FMA latency (4-5 cycles) must not
+// bound a step. Each panel's sums are added in the same order whatever NP is. An odd len's last k takes the
+// exact decoder times 2^-8.
+template <int MR, int NP>
+HWY_INLINE void Fp8HalfSums(const float* HWY_RESTRICT xf, size_t ldxf, const uint8_t* HWY_RESTRICT base,
+                            size_t stride, size_t off, size_t len,
+                            hn::Vec<hn::ScalableTag<float>> (&acc)[MR][NP * kFp8DecodeVecs]) {
+  using DF = hn::ScalableTag<float>;
+  using VF = hn::Vec<DF>;
+  const DF df;
+  constexpr size_t kVecs = kFp8DecodeVecs, kLanes = HWY_MAX_BYTES / sizeof(float);
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
+  const Fp8HalfDecoder dec;
+  VF part[kSets][MR][NP * kVecs];
+  KT_FP8_DECODE_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_FP8_DECODE_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_FP8_DECODE_UNROLL
+      for (size_t v = 0; v < NP * kVecs; ++v) part[t][r][v] = hn::Zero(df);
+    }
+  }
+  size_t c = 0;
+  for (; c + 2 <= len; c += 2) {
+    VF xv[MR][2];
+    KT_FP8_DECODE_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      xv[r][0] = hn::Set(df, xf[r * ldxf + c]);
+      xv[r][1] = hn::Set(df, xf[r * ldxf + c + 1]);
+    }
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      const uint8_t* src = base + p * stride + off + c * 16;
+      // 32 bytes: k = c and c + 1 of the 16 rows; vector u = 2j + h holds k = c + u / kVecs, rows from
+      // (u % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded (AVX2 has 16 registers).
+      KT_FP8_DECODE_UNROLL
+      for (size_t j = 0; j < kVecs; ++j) {
+        VF w[2];
+        dec.Decode2(src + 2 * j * kLanes, w[0], w[1]);
+        KT_FP8_DECODE_UNROLL
+        for (size_t h = 0; h < 2; ++h) {
+          const size_t u = 2 * j + h, kk = u / kVecs, v = p * kVecs + u % kVecs;
+          KT_FP8_DECODE_UNROLL
+          for (int r = 0; r < MR; ++r) part[kk % kSets][r][v] = hn::MulAdd(xv[r][kk], w[h], part[kk % kSets][r][v]);
+        }
+      }
+    }
+  }
+  if (c < len) {
+    const Fp8Decoder<true> exact;
+    const VF down = hn::Set(df, 1.0f / Fp8HalfDecoder::kUnscale);
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      KT_FP8_DECODE_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) {
+        const VF w = hn::Mul(exact.Decode(base + p * stride + off + c * 16 + s * kLanes), down);
+        KT_FP8_DECODE_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          part[0][r][p * kVecs + s] = hn::MulAdd(hn::Set(df, xf[r * ldxf + c]), w, part[0][r][p * kVecs + s]);
+        }
+      }
+    }
+  }
+  KT_FP8_DECODE_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_DECODE_UNROLL
+    for (size_t v = 0; v < NP * kVecs; ++v) {
+      acc[r][v] = kSets == 2 ? hn::Add(part[0][r][v], part[kSets - 1][r][v]) : part[0][r][v];
+    }
+  }
+}
+
+// The activations' side of Fp8ScaledSums: xs[i] = xf[i] * 2^112 for i < len (len a multiple of the lane
+// count or the rest scalar); false if some |xf[i]| >= 2^16 (xs would overflow where x * w does not), when the
+// caller takes Fp8HalfSums instead. A NaN x gives a NaN xs (it propagates either way).
+constexpr float kFp8XScale = 0x1p112f;
+HWY_INLINE bool Fp8ScaleActivations(const float* HWY_RESTRICT xf, size_t len, float* HWY_RESTRICT xs) {
+  using DF = hn::ScalableTag<float>;
+  const DF df;
+  const auto up = hn::Set(df, kFp8XScale), limit = hn::Set(df, 0x1p16f);
+  auto big = hn::Zero(df);  // lanes that met a large |x|: all ones
+  size_t i = 0;
+  for (; i + hn::Lanes(df) <= len; i += hn::Lanes(df)) {
+    const auto v = hn::Load(df, xf + i);
+    big = hn::Or(big, hn::VecFromMask(df, hn::Ge(hn::Abs(v), limit)));
+    hn::Store(hn::Mul(v, up), df, xs + i);
+  }
+  bool ok = hn::AllFalse(df, hn::MaskFromVec(big));
+  for (; i < len; ++i) {
+    ok &= !(std::abs(xf[i]) >= 0x1p16f);
+    xs[i] = xf[i] * kFp8XScale;
+  }
+  return ok;
+}
+
+// The throughput decode on AVX2 / AVX3: the same sums as Fp8HalfSums (acc = 2^-8 * sum x w, same fp32
+// operations in the same order: bit for bit), with integer operations only on the weights' side. An E4M3 code
+// sign-extended to 32 bits, shifted left 20 and masked (0x87f00000) is the fp32 of the E4M3 value times 2^-120
+// (a subnormal code a subnormal fp32, exact); the activations come pre-multiplied by 2^112 (xs,
+// Fp8ScaleActivations), so each product is x * w * 2^-8, the very product of the fp16 decode. 3 operations per
+// kLanes codes (vpmovsxbd with its load, vpslld, vpand), none on the FMA ports, against the fp16 decode's
+// vcvtph2ps pair: on the dev box's Zen 3 a loop of 16 codes + 2 FMAs took 1.0 ns this way and 1.5 ns through
+// fp16 (0.62 ns for the FMAs alone). The FMAs read a subnormal operand for subnormal codes: exact only with
+// MXCSR.DAZ clear (the callers' kFast); AMD and Intel cores take FMA subnormal inputs at full speed.
+// NaN codes are found on the way (the bytes of each 32-byte step or-ed with 0x80 and max-ed: a NaN is 0xff,
+// 2 operations per 32 bytes): true if the block holds one, and acc is then to be discarded (the caller takes
+// Fp8ExactSums). Doing this inside the loop rather than as a scan before it (as Fp8HalfSums' callers do) took
+// the kernel from 10.5-11.3 to 13-14 GB/s in cache on the dev box (a scan-free build: 13.6-14.8). The loop also
+// prefetches each panel's stream kDecodePrefetchBytes ahead, one line per 4 k.
+template <int MR, int NP>
+HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const uint8_t* HWY_RESTRICT base,
+                              size_t stride, size_t off, size_t len,
+                              hn::Vec<hn::ScalableTag<float>> (&acc)[MR][NP * kFp8DecodeVecs]) {
+  using DF = hn::ScalableTag<float>;
+  using DI = hn::ScalableTag<int32_t>;
+  using VF = hn::Vec<DF>;
+  const DF df;
+  const DI di;
+  const hn::Rebind<int8_t, DI> di8;
+  const hn::FixedTag<uint8_t, 16> d16;
+  const hn::Simd<uint8_t, HWY_MIN(32, HWY_MAX_BYTES), 0> d32;  // 32 bytes (2 k) on AVX2 and AVX3
+  constexpr size_t kVecs = kFp8DecodeVecs, kLanes = HWY_MAX_BYTES / sizeof(float);
+  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;  // as Fp8HalfSums
+  const auto mask = hn::Set(di, static_cast<int32_t>(0x87f00000u));
+  const auto sign = hn::Set(d32, 0x80);
+  auto top = hn::Zero(d32);  // max of the codes or-ed with 0x80
+  VF part[kSets][MR][NP * kVecs];
+  KT_FP8_DECODE_UNROLL
+  for (size_t t = 0; t < kSets; ++t) {
+    KT_FP8_DECODE_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_FP8_DECODE_UNROLL
+      for (size_t v = 0; v < NP * kVecs; ++v) part[t][r][v] = hn::Zero(df);
+    }
+  }
+  const auto step = [&](size_t c, size_t set) HWY_ATTR {
+    VF xv[MR];
+    KT_FP8_DECODE_UNROLL
+    for (int r = 0; r < MR; ++r) xv[r] = hn::Set(df, xs[r * ldxs + c]);
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      KT_FP8_DECODE_UNROLL
+      for (size_t s = 0; s < kVecs; ++s) {
+        const int8_t* src = reinterpret_cast<const int8_t*>(base + p * stride + off + c * 16 + s * kLanes);
+        const VF w = hn::BitCast(df, hn::And(hn::ShiftLeft<20>(hn::PromoteTo(di, hn::LoadU(di8, src))), mask));
+        KT_FP8_DECODE_UNROLL
+        for (int r = 0; r < MR; ++r) part[set][r][p * kVecs + s] = hn::MulAdd(xv[r], w, part[set][r][p * kVecs + s]);
+      }
+    }
+  };
+  const auto check2 = [&](size_t c) HWY_ATTR {  // k = c, c + 1 of every panel
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {
+#if HWY_MAX_BYTES >= 32
+      top = hn::Max(top, hn::Or(hn::LoadU(d32, base + p * stride + off + c * 16), sign));
+#else
+      top = hn::Max(top, hn::Or(hn::LoadU(d32, base + p * stride + off + c * 16), sign));
+      top = hn::Max(top, hn::Or(hn::LoadU(d32, base + p * stride + off + c * 16 + 16), sign));
+#endif
+    }
+  };
+  size_t c = 0;
+  for (; c + 4 <= len; c += 4) {
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) PrefetchPanelAhead(base + p * stride, off + c * 16, stride, NP);
+    check2(c);
+    step(c, 0);
+    step(c + 1, kSets - 1);
+    check2(c + 2);
+    step(c + 2, 0);
+    step(c + 3, kSets - 1);
+  }
+  for (; c + 2 <= len; c += 2) {
+    check2(c);
+    step(c, 0);
+    step(c + 1, kSets - 1);
+  }
+  bool nan = !hn::AllFalse(d32, hn::Eq(top, hn::Set(d32, 0xff)));
+  if (c < len) {
+    step(c, 0);
+    auto t16 = hn::Zero(d16);
+    for (int p = 0; p < NP; ++p) t16 = hn::Max(t16, hn::Or(hn::LoadU(d16, base + p * stride + off + c * 16), hn::Set(d16, 0x80)));
+    nan |= !hn::AllFalse(d16, hn::Eq(t16, hn::Set(d16, 0xff)));
+  }
+  KT_FP8_DECODE_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_DECODE_UNROLL
+    for (size_t v = 0; v < NP * kVecs; ++v) {
+      acc[r][v] = kSets == 2 ? hn::Add(part[0][r][v], part[kSets - 1][r][v]) : part[0][r][v];
+    }
+  }
+  return nan;
+}
+
+// The same sums with Fp8Decoder<true> (NaN codes propagate), one k per step, without the 2^-8: for the rare
+// block that holds a NaN code.
+template <int MR, int NP>
+HWY_NOINLINE void Fp8ExactSums(const float* HWY_RESTRICT xf, size_t ldxf, const uint8_t* HWY_RESTRICT base,
+                             size_t stride, size_t off, size_t len,
+                             hn::Vec<hn::ScalableTag<float>> (&acc)[MR][NP * kFp8DecodeVecs]) {
+  using DF = hn::ScalableTag<float>;
+  const DF df;
+  constexpr size_t kVecs = kFp8DecodeVecs, kLanes = HWY_MAX_BYTES / sizeof(float);
+  const Fp8Decoder<true> dec;
+  for (int r = 0; r < MR; ++r) {
+    for (size_t v = 0; v < NP * kVecs; ++v) acc[r][v] = hn::Zero(df);
+  }
+  for (size_t c = 0; c < len; ++c) {
+    for (int p = 0; p < NP; ++p) {
+      for (size_t s = 0; s < kVecs; ++s) {
+        const auto w = dec.Decode(base + p * stride + off + c * 16 + s * kLanes);
+        for (int r = 0; r < MR; ++r) {
+          acc[r][p * kVecs + s] = hn::MulAdd(hn::Set(df, xf[r * ldxf + c]), w, acc[r][p * kVecs + s]);
+        }
+      }
+    }
+  }
+}
+// Decode of MR = 1-2 rows of x over NP panels from panels (cols columns of y, the last panel possibly
+// partial), MXCSR.DAZ clear, for a format with a scale per kBlockK k (128: FP8 block; 32: MXFP8) that
+// scale_of(p, b, s) gives as the fp32 vector of panel p, k block b, rows s * kLanes ..; each panel is
+// Fp8PanelStride(k) = 16 k bytes. Per 128 k, x is widened once (and pre-scaled, Fp8ScaleActivations); per
+// k block, Fp8ScaledSums (NaN codes found on the way), or with a large |x| the NaN scan and Fp8HalfSums, or
+// for a block with a NaN code Fp8ExactSums; then total += acc * scale. Per column these are the same fp32
+// operations in the same order as the fp16-decode path of the kernels' 1-2 row micro-kernels had before.
+// Needs bf16-inl.h (LoadBf16) included first.
+template <int MR, int NP, size_t kBlockK, class ScaleOf>
+HWY_NOINLINE void Fp8DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
+                                  const uint8_t* HWY_RESTRICT panels, size_t cols, float* HWY_RESTRICT y,
+                                  size_t ldy, size_t p0, const ScaleOf& scale_of) {
+  using DF = hn::ScalableTag<float>;
+  using VF = hn::Vec<DF>;
+  const DF df;
+  constexpr size_t kVecs = kFp8DecodeVecs, kLanes = HWY_MAX_BYTES / sizeof(float);
+  constexpr size_t kChunkK = 128;  // x widened per 128 k: 512 B per row, L1
+  static_assert(kChunkK % kBlockK == 0, "k blocks tile the x chunk");
+  constexpr size_t kCols = NP * 16;
+  const size_t stride = 16 * k;
+  HWY_ALIGN float total[MR][kCols];
+  KT_FP8_DECODE_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_DECODE_UNROLL
+    for (size_t v = 0; v < NP * kVecs; ++v) hn::Store(hn::Zero(df), df, total[r] + v * kLanes);
+  }
+  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
+  for (size_t k0 = 0; k0 < k; k0 += kChunkK) {
+    const size_t chunk = HWY_MIN(k - k0, kChunkK);
+    HWY_ALIGN float xf[MR][kChunkK];
+    HWY_ALIGN float xs[MR][kChunkK];
+    bool scaled = true;
+    for (int r = 0; r < MR; ++r) {
+      size_t c = 0;
+      for (; c + kLanes <= chunk; c += kLanes) hn::Store(LoadBf16(df, x + r * ldx + k0 + c), df, xf[r] + c);
+      for (; c < chunk; ++c) xf[r][c] = Bf16ToF32(x[r * ldx + k0 + c]);
+      scaled &= Fp8ScaleActivations(xf[r], chunk, xs[r]);
+    }
+    for (size_t c0 = 0; c0 < chunk; c0 += kBlockK) {
+      const size_t len = HWY_MIN(chunk - c0, kBlockK), off = (k0 + c0) * 16, b = (k0 + c0) / kBlockK;
+      VF acc[MR][NP * kVecs];
+      bool nan;
+      if (HWY_LIKELY(scaled)) {
+        nan = Fp8ScaledSums<MR, NP>(xs[0] + c0, kChunkK, panels, stride, off, len, acc);
+      } else {  // some |x| >= 2^16: the fp16 decode, after a NaN scan (which also prefetches)
+        nan = Fp8PanelsAnyNan<NP>(panels, stride, off, len * 16);
+        if (!nan) Fp8HalfSums<MR, NP>(xf[0] + c0, kChunkK, panels, stride, off, len, acc);
+      }
+      if (HWY_LIKELY(!nan)) {
+        KT_FP8_DECODE_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          KT_FP8_DECODE_UNROLL
+          for (size_t v = 0; v < NP * kVecs; ++v) acc[r][v] = hn::Mul(acc[r][v], up);
+        }
+      } else {
+        Fp8ExactSums<MR, NP>(xf[0] + c0, kChunkK, panels, stride, off, len, acc);
+      }
+      KT_FP8_DECODE_UNROLL
+      for (size_t v = 0; v < NP * kVecs; ++v) {
+        const VF scale = scale_of(p0 + v / kVecs, b, v % kVecs);
+        KT_FP8_DECODE_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          float* t = total[r] + v * kLanes;
+          hn::Store(hn::MulAdd(acc[r][v], scale, hn::Load(df, t)), df, t);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, total[r], HWY_MIN(cols, kCols) * sizeof(float));
+}
+
+// All n_cols columns of y: panels two at a time (two weight streams, as the int8 and int4 decode kernels),
+// an odd last one alone.
+template <int MR, size_t kBlockK, class ScaleOf>
+HWY_INLINE void Fp8DecodeRows(size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, size_t n_cols,
+                              float* y, size_t ldy, const ScaleOf& scale_of) {
+  const size_t stride = 16 * k, np = (n_cols + 15) / 16;
+  size_t p = 0;
+  for (; p + 2 <= np; p += 2) {
+    Fp8DecodePanels<MR, 2, kBlockK>(k, x, ldx, panels + p * stride, n_cols - p * 16, y + p * 16, ldy, p, scale_of);
+  }
+  if (p < np) {
+    Fp8DecodePanels<MR, 1, kBlockK>(k, x, ldx, panels + p * stride, n_cols - p * 16, y + p * 16, ldy, p, scale_of);
+  }
 }
 #else
 #define KT_FP8_HALF_DECODE 0

@@ -11,9 +11,10 @@
 //     integer selects only.
 //   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
 //     per 32 k.
-// Decode with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4): MXFP8 blocks without a NaN code
-// (DAZ clear) through the FP8 kernel's fp16 decode (Fp8HalfDecoder, with its NaN scan and prefetch); MXFP4
-// on AVX2 / AVX3 at any row count through a pshufb table (E2M1BlockLut below).
+// Decode of MXFP8 (up to 2 rows on AVX2, 4 on AVX3; DAZ clear): the FP8 block kernel's (fp8_decode-inl.h,
+// Fp8DecodeRows: two panels at a time, integer-only decode against activations pre-scaled by 2^112, NaN codes
+// found in the loop) with the E8M0 scales per 32 k. MXFP4 on AVX2 / AVX3 at any row count through a pshufb
+// table (E2M1BlockLut below).
 // Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
 // into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
 // rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
@@ -117,57 +118,6 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, float (*HWY_
   }
 }
 
-#if KT_FP8_HALF_DECODE
-// MXFP8, one 32-k block through Fp8HalfDecoder (DAZ clear, no NaN code in the block: the caller checks),
-// as gemm_fp8_hwy.cc's BlockHalf: two k per step, two accumulator sets when few accumulators;
-// acc += the block's exact sum of x * w (the decode's 2^-8 taken back, a power of two: exact).
-template <int MR>
-HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const uint8_t* HWY_RESTRICT pb,
-                             VF (&acc)[MR][kVecs]) {
-  const DF df;
-  const Fp8HalfDecoder dec;
-  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
-  constexpr size_t kStep = 2;
-  VF part[kSets][MR][kVecs];
-  KT_MX_UNROLL
-  for (size_t t = 0; t < kSets; ++t) {
-    KT_MX_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      KT_MX_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
-    }
-  }
-  for (size_t c = 0; c < kMxBlockK; c += kStep) {
-    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
-    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
-    // live, AVX2's 16 registers ran short at 4 rows.
-    KT_MX_UNROLL
-    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
-      VF w[2];
-      dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[0], w[1]);
-      KT_MX_UNROLL
-      for (size_t h = 0; h < 2; ++h) {
-        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
-        KT_MX_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(hn::Set(df, xf[r][c + kk]), w[h], a);
-        }
-      }
-    }
-  }
-  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
-  KT_MX_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    KT_MX_UNROLL
-    for (size_t s = 0; s < kVecs; ++s) {
-      VF sum = part[0][r][s];
-      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
-      acc[r][s] = hn::Mul(sum, up);
-    }
-  }
-}
-#endif  // KT_FP8_HALF_DECODE
 
 #undef KT_MX_E2M1_LUT
 #if HWY_TARGET != HWY_SCALAR && HWY_MAX_BYTES >= 32
@@ -293,13 +243,6 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
 #endif
     } else {
       const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
-#if KT_FP8_HALF_DECODE
-      // DAZ clear and no NaN code in the block (the scan also prefetches): the fp16 decode.
-      // Up to 4 accumulator vectors, as in gemm_fp8_hwy.cc's Micro.
-      if (MR * kVecs <= 4 && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
-        Fp8BlockHalf<MR>(xf, pb, acc);
-      } else  // NOLINT(readability/braces)
-#endif
       for (size_t c = 0; c < kMxBlockK; ++c) {
         VF w[kVecs];
         KT_MX_UNROLL
@@ -436,6 +379,19 @@ MicroFn PickRows(size_t rows) {
   }
 }
 
+#if KT_FP8_HALF_DECODE
+// MXFP8 decode (1-2 rows on AVX2, up to 4 on AVX3; DAZ clear): the FP8 block kernel's (fp8_decode-inl.h,
+// Fp8DecodeRows) with a scale per 32 k.
+template <int MR>
+void Mxfp8DecodeRows(size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
+                     size_t n_cols, float* y, size_t ldy) {
+  const size_t scale_stride = kMxPanelRows * (k / kMxBlockK);
+  Fp8DecodeRows<MR, kMxBlockK>(k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
+    return DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * kLanes);
+  });
+}
+#endif  // KT_FP8_HALF_DECODE
+
 template <bool kFp4>
 void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
             size_t n_cols, float* y, size_t ldy) {
@@ -443,6 +399,16 @@ void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pane
   HWY_ALIGN float total[kMaxRows][kMxPanelRows];
   // The E2M1 and E4M3 fast decodes multiply subnormal fp32 values: exact only with MXCSR.DAZ clear.
   const bool fast = !internal::Fp8DenormalsAreZero();
+#if KT_FP8_HALF_DECODE
+  if (!kFp4 && fast && m <= kFp8DecodeMaxRows) {
+    switch (m) {
+      case 1: return Mxfp8DecodeRows<1>(k, x, ldx, panels, scales, n_cols, y, ldy);
+      case 2: return Mxfp8DecodeRows<2>(k, x, ldx, panels, scales, n_cols, y, ldy);
+      case 3: return Mxfp8DecodeRows<(kFp8DecodeMaxRows >= 3 ? 3 : 1)>(k, x, ldx, panels, scales, n_cols, y, ldy);
+      default: return Mxfp8DecodeRows<kFp8DecodeMaxRows>(k, x, ldx, panels, scales, n_cols, y, ldy);
+    }
+  }
+#endif
   HWY_ALIGN float decoded[kChunkK * kMxPanelRows];
   for (size_t p = 0; p * kMxPanelRows < n_cols; ++p) {
     const size_t c0 = p * kMxPanelRows;
