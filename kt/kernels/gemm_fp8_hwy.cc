@@ -21,8 +21,9 @@
 // Decode (up to kFp8DecodeMaxRows rows: 2 on AVX2, 4 on AVX3), DAZ clear, takes a third way
 // (fp8_decode-inl.h, Fp8DecodeRows): two panels side by side, the activations pre-multiplied by 2^112 so that
 // the codes need integer operations only (sign-extend, shift, and: the E4M3 value times 2^-120, products
-// x * w * 2^-8), NaN codes found inside the loop (a block with one is redone with the fast decode above), the
-// 2^-8 taken back per block (exact): bit for bit the sums of the fp16 decode this kernel had before.
+// x * w * 2^-8), NaN codes found inside the loop, the 2^-8 taken back per block (exact): bit for bit the sums
+// of the fp16 decode this kernel had before. A block with a NaN code or an |x| >= 2^16 takes the fast decode
+// above, in one chain.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_fp8_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -219,32 +220,18 @@ MicroFn PickRows(size_t rows) {
   }
 }
 
-#if KT_FP8_HALF_DECODE
-// Decode (1-2 rows, DAZ clear): fp8_decode-inl.h's Fp8DecodeRows, two panels at a time, with the block scales.
-template <int MR>
-void DecodeRows(size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
-                size_t n_cols, float* y, size_t ldy) {
-  const size_t scale_stride = kFp8PanelRows * Fp8KBlocks(k);
-  const DF df;
-  Fp8DecodeRows<MR, kFp8BlockK>(k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
-    return hn::LoadU(df, scales + p * scale_stride + b * kFp8PanelRows + s * kLanes);
-  });
-}
-#endif  // KT_FP8_HALF_DECODE
 
 void GemmFp8(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
              size_t n_cols, float* y, size_t ldy) {
   const size_t stride = Fp8PanelStride(k), scale_stride = kFp8PanelRows * Fp8KBlocks(k);
   HWY_ALIGN float total[kMaxRows][kFp8PanelRows];
   const bool fast = !internal::Fp8DenormalsAreZero();
-#if KT_FP8_HALF_DECODE
-  if (fast && m <= kFp8DecodeMaxRows) {
-    switch (m) {
-      case 1: return DecodeRows<1>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      case 2: return DecodeRows<2>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      case 3: return DecodeRows<(kFp8DecodeMaxRows >= 3 ? 3 : 1)>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      default: return DecodeRows<kFp8DecodeMaxRows>(k, x, ldx, panels, scales, n_cols, y, ldy);
-    }
+#if KT_FP8_DECODE_ROWS
+  if (fast && m <= kFp8DecodeMaxRows) {  // decode: fp8_decode-inl.h's, with the block scales
+    const DF df;
+    return Fp8DecodeRows<kFp8BlockK>(m, k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
+      return hn::LoadU(df, scales + p * scale_stride + b * kFp8PanelRows + s * kLanes);
+    });
   }
 #endif
   HWY_ALIGN float decoded[kFp8BlockK * kFp8PanelRows];

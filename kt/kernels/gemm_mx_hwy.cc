@@ -497,18 +497,6 @@ MicroFn PickRows(size_t rows) {
   }
 }
 
-#if KT_FP8_HALF_DECODE
-// MXFP8 decode (1-2 rows on AVX2, up to 4 on AVX3; DAZ clear): the FP8 block kernel's (fp8_decode-inl.h,
-// Fp8DecodeRows) with a scale per 32 k.
-template <int MR>
-void Mxfp8DecodeRows(size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
-                     size_t n_cols, float* y, size_t ldy) {
-  const size_t scale_stride = kMxPanelRows * (k / kMxBlockK);
-  Fp8DecodeRows<MR, kMxBlockK>(k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
-    return DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * kLanes);
-  });
-}
-#endif  // KT_FP8_HALF_DECODE
 
 template <bool kFp4>
 void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
@@ -522,14 +510,11 @@ void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pane
   // 4.0 GB/s in cache, dev box), which also keeps the two-row results as they were.
   if (kFp4 && m == 1) return Fp4DecodeRow(k, x, panels, scales, n_cols, y);
 #endif
-#if KT_FP8_HALF_DECODE
-  if (!kFp4 && fast && m <= kFp8DecodeMaxRows) {
-    switch (m) {
-      case 1: return Mxfp8DecodeRows<1>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      case 2: return Mxfp8DecodeRows<2>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      case 3: return Mxfp8DecodeRows<(kFp8DecodeMaxRows >= 3 ? 3 : 1)>(k, x, ldx, panels, scales, n_cols, y, ldy);
-      default: return Mxfp8DecodeRows<kFp8DecodeMaxRows>(k, x, ldx, panels, scales, n_cols, y, ldy);
-    }
+#if KT_FP8_DECODE_ROWS
+  if (!kFp4 && fast && m <= kFp8DecodeMaxRows) {  // MXFP8 decode: the FP8 block kernel's, a scale per 32 k
+    return Fp8DecodeRows<kMxBlockK>(m, k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
+      return DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * kLanes);
+    });
   }
 #endif
   HWY_ALIGN float decoded[kChunkK * kMxPanelRows];
