@@ -144,6 +144,10 @@ HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const u
   constexpr size_t kVecs = kFp8DecodeVecs, kLanes = HWY_MAX_BYTES / sizeof(float);
   constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
   const auto mask = hn::Set(di, static_cast<int32_t>(0x87f00000u));
+  const hn::Simd<int16_t, 16, 0> di16;  // AVX2's 16-bit widening (below)
+  const hn::Simd<int8_t, 16, 0> d8x16;
+  (void)di16;
+  (void)d8x16;
   const auto sign = hn::Set(d32, 0x80);
   auto top = hn::Zero(d32);  // max of the codes or-ed with 0x80
   VF part[kSets][MR][NP * kVecs];
@@ -161,6 +165,21 @@ HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const u
     for (int r = 0; r < MR; ++r) xv[r] = hn::Set(df, xs[r * ldxs + c]);
     KT_FP8_DECODE_UNROLL
     for (int p = 0; p < NP; ++p) {
+#if HWY_MAX_BYTES == 32
+      // AVX2: the 16 codes sign-extended to 16 bits at once and shifted left 4: 32-bit lane i then holds row
+      // 2i + 1's code at bits 27..20 (sign copies above) and row 2i's at bits 11..4, so the mask alone gives
+      // the odd rows and a shift by 16 then the mask the even ones: 5 operations per 16 codes instead of 6.
+      // Vector 0 collects the even rows, vector 1 the odd ones (put back in order at the end).
+      const auto h = hn::BitCast(di, hn::ShiftLeft<4>(hn::PromoteTo(
+                                         di16, hn::LoadU(d8x16, reinterpret_cast<const int8_t*>(
+                                                                    base + p * stride + off + c * 16)))));
+      const VF w[2] = {hn::BitCast(df, hn::And(hn::ShiftLeft<16>(h), mask)), hn::BitCast(df, hn::And(h, mask))};
+      KT_FP8_DECODE_UNROLL
+      for (size_t s = 0; s < 2; ++s) {
+        KT_FP8_DECODE_UNROLL
+        for (int r = 0; r < MR; ++r) part[set][r][p * 2 + s] = hn::MulAdd(xv[r], w[s], part[set][r][p * 2 + s]);
+      }
+#else
       KT_FP8_DECODE_UNROLL
       for (size_t s = 0; s < kVecs; ++s) {
         const int8_t* src = reinterpret_cast<const int8_t*>(base + p * stride + off + c * 16 + s * kLanes);
@@ -168,6 +187,7 @@ HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const u
         KT_FP8_DECODE_UNROLL
         for (int r = 0; r < MR; ++r) part[set][r][p * kVecs + s] = hn::MulAdd(xv[r], w, part[set][r][p * kVecs + s]);
       }
+#endif
     }
   };
   const auto check2 = [&](size_t c) HWY_ATTR {  // k = c, c + 1 of every panel
@@ -210,6 +230,15 @@ HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const u
     for (size_t v = 0; v < NP * kVecs; ++v) {
       acc[r][v] = kSets == 2 ? hn::Add(part[0][r][v], part[kSets - 1][r][v]) : part[0][r][v];
     }
+#if HWY_MAX_BYTES == 32
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {  // even rows, odd rows -> rows 0-7, 8-15
+      const VF lo = hn::InterleaveLower(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 0-3 | 8-11
+      const VF hi = hn::InterleaveUpper(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 4-7 | 12-15
+      acc[r][2 * p] = hn::ConcatLowerLower(df, hi, lo);
+      acc[r][2 * p + 1] = hn::ConcatUpperUpper(df, hi, lo);
+    }
+#endif
   }
   return nan;
 }
