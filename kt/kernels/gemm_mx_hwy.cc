@@ -200,11 +200,11 @@ HWY_INLINE void E2M1BlockLut(const float (*HWY_RESTRICT xf)[kMxBlockK], const ui
 // int8/int4 kernels), 256-bit vectors on AVX2 and AVX3 alike (the same code on both). Per 16-byte panel row j (k = 2j in
 // the low nibbles, 2j + 1 in the high ones, of the 16 rows): the row broadcast to both 128-bit halves, the low
 // nibbles indexed in the lower half and the high ones in the upper (one variable shift, one and), two pshufb
-// give the high and low bytes of each element's bf16 (every E2M1 value is a bf16), and byte then word
-// interleaves with zero give fp32: [rows 4i..4i+3 at k = 2j | the same rows at k = 2j + 1], FMAed with
-// [x[2j] x4 | x[2j+1] x4] (one vpermps). 13 operations per 32 elements beside the 4 FMAs, against
+// give the high and low bytes of each element's bf16 (every E2M1 value is a bf16), a byte interleave the
+// bf16 words, a shift or a mask fp32: [4 even (or odd) rows at k = 2j | the same rows at k = 2j + 1], FMAed
+// with [x[2j] x4 | x[2j+1] x4] (one vpermps). 11 operations per 32 elements beside the 4 FMAs, against
 // E2M1BlockLut's ~19 (vpmovsxbd + vcvtdq2ps per 8: on the dev box's Zen 3 a loop of 16 bytes and 4 FMAs took
-// 3.4 ns that way, 2.0 ns through bf16 tables). The lower halves sum the even k and the upper halves the odd k,
+// 3.4 ns that way, 2.0 ns through bf16 tables and word unpacks). The lower halves sum the even k and the upper halves the odd k,
 // added at the end of the block: exactly E2M1BlockLut's two chains at one row (bit for bit; the elements
 // themselves instead of twice them, so no 0.5 after).
 // No subnormal operand anywhere: exact with or without DAZ.
@@ -215,7 +215,6 @@ HWY_NOINLINE void Fp4DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t
                                   float* HWY_RESTRICT y, size_t ldy) {
   const hn::Simd<float, 8, 0> df;
   const hn::Simd<uint8_t, 32, 0> du8;
-  const hn::Simd<uint16_t, 16, 0> du16;
   const hn::Simd<uint32_t, 8, 0> du32;
   const hn::Simd<int32_t, 8, 0> di32;
   using V = hn::Vec<decltype(df)>;
@@ -229,7 +228,9 @@ HWY_NOINLINE void Fp4DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t
   const auto thi = hn::LoadDup128(du8, kHi), tlo = hn::LoadDup128(du8, kLo);
   const auto shift = hn::Load(du32, kShift);
   const auto low = hn::Set(du8, 0x0f);
-  const auto zero16 = hn::Zero(du16);
+  const auto top16 = hn::Set(du32, 0xffff0000u);
+  alignas(32) static constexpr int32_t kRows[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // [even rows | odd rows] -> in order
+  const auto rows = hn::IndicesFromVec(df, hn::Load(di32, kRows));
   const auto pair = hn::IndicesFromVec(df, hn::Load(di32, kPair));
   constexpr size_t kCols = NP * kMxPanelRows;
   HWY_ALIGN float total[MR][kCols];
@@ -265,12 +266,13 @@ HWY_NOINLINE void Fp4DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t
         const auto bytes = hn::LoadDup128(du8, panels + p * stride + b * row_bytes + j * kMxPanelRows);
         const auto idx = hn::And(hn::BitCast(du8, hn::Shr(hn::BitCast(du32, bytes), shift)), low);
         const auto hi = hn::TableLookupBytes(thi, idx), lo = hn::TableLookupBytes(tlo, idx);
-        const auto w01 = hn::BitCast(du16, hn::InterleaveLower(du8, lo, hi));  // rows 0-7: [k even | k odd]
-        const auto w23 = hn::BitCast(du16, hn::InterleaveUpper(du8, lo, hi));  // rows 8-15
-        const V w[4] = {hn::BitCast(df, hn::InterleaveLower(du16, zero16, w01)),
-                        hn::BitCast(df, hn::InterleaveUpper(du16, zero16, w01)),
-                        hn::BitCast(df, hn::InterleaveLower(du16, zero16, w23)),
-                        hn::BitCast(df, hn::InterleaveUpper(du16, zero16, w23))};
+        // bf16 words of rows 0-7 / 8-15, each 128-bit half [k even | k odd]; a 32-bit lane holds rows 2i (low
+        // word) and 2i + 1 (high word): fp32 by a shift and by a mask (integer ports; word unpacks with zero
+        // would load the two shuffle ports, which bound this loop on the dev box's Zen 3).
+        const auto w01 = hn::BitCast(du32, hn::InterleaveLower(du8, lo, hi));
+        const auto w23 = hn::BitCast(du32, hn::InterleaveUpper(du8, lo, hi));
+        const V w[4] = {hn::BitCast(df, hn::ShiftLeft<16>(w01)), hn::BitCast(df, hn::And(w01, top16)),
+                        hn::BitCast(df, hn::ShiftLeft<16>(w23)), hn::BitCast(df, hn::And(w23, top16))};
         KT_MX_UNROLL
         for (int r = 0; r < MR; ++r) {
           KT_MX_UNROLL
@@ -285,8 +287,9 @@ HWY_NOINLINE void Fp4DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t
         const V scale = DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * 8, df);
         KT_MX_UNROLL
         for (int r = 0; r < MR; ++r) {
-          const V a = acc[r][p][2 * s], c = acc[r][p][2 * s + 1];
-          const V sum = hn::Add(hn::ConcatLowerLower(df, c, a), hn::ConcatUpperUpper(df, c, a));  // even + odd k
+          const V a = acc[r][p][2 * s], c = acc[r][p][2 * s + 1];  // rows 8s + {0, 2, 4, 6}, 8s + {1, 3, 5, 7}
+          const V sum = hn::TableLookupLanes(  // even + odd k, rows in order
+              hn::Add(hn::ConcatLowerLower(df, c, a), hn::ConcatUpperUpper(df, c, a)), rows);
           float* t = total[r] + p * kMxPanelRows + s * 8;
           hn::Store(hn::MulAdd(sum, scale, hn::Load(df, t)), df, t);
         }
