@@ -112,6 +112,32 @@ HWY_INLINE bool Fp8ScaleActivations(const float* HWY_RESTRICT xf, size_t len, fl
   return ok;
 }
 
+// Fp8ScaledSums' last step: the kSets partial sums added, and on AVX2 the even-row / odd-row vectors of each
+// panel put back in row order.
+template <int MR, int NP, size_t kSets>
+HWY_INLINE void Fp8FinishSums(const hn::Vec<hn::ScalableTag<float>> (&part)[kSets][MR][NP * kFp8DecodeVecs],
+                              hn::Vec<hn::ScalableTag<float>> (&acc)[MR][NP * kFp8DecodeVecs]) {
+  constexpr size_t kVecs = kFp8DecodeVecs;
+  KT_FP8_DECODE_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    KT_FP8_DECODE_UNROLL
+    for (size_t v = 0; v < NP * kVecs; ++v) {
+      acc[r][v] = kSets == 2 ? hn::Add(part[0][r][v], part[kSets - 1][r][v]) : part[0][r][v];
+    }
+#if HWY_MAX_BYTES == 32
+    using VF = hn::Vec<hn::ScalableTag<float>>;
+    const hn::ScalableTag<float> df;
+    KT_FP8_DECODE_UNROLL
+    for (int p = 0; p < NP; ++p) {  // even rows, odd rows -> rows 0-7, 8-15
+      const VF lo = hn::InterleaveLower(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 0-3 | 8-11
+      const VF hi = hn::InterleaveUpper(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 4-7 | 12-15
+      acc[r][2 * p] = hn::ConcatLowerLower(df, hi, lo);
+      acc[r][2 * p + 1] = hn::ConcatUpperUpper(df, hi, lo);
+    }
+#endif
+  }
+}
+
 // The throughput decode: acc[r][p * kVecs + s] = 2^-8 * sum over k in [0, len) of x[r][k] * w_p[k][rows of
 // vector s], for the codes of NP panels from byte off of each, with integer operations only on the weights'
 // side. An E4M3 code sign-extended to 32 bits, shifted left 20 and masked (0x87f00000) is the fp32 of the E4M3
@@ -224,22 +250,7 @@ HWY_INLINE bool Fp8ScaledSums(const float* HWY_RESTRICT xs, size_t ldxs, const u
     for (int p = 0; p < NP; ++p) t16 = hn::Max(t16, hn::Or(hn::LoadU(d16, base + p * stride + off + c * 16), hn::Set(d16, 0x80)));
     nan |= !hn::AllFalse(d16, hn::Eq(t16, hn::Set(d16, 0xff)));
   }
-  KT_FP8_DECODE_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    KT_FP8_DECODE_UNROLL
-    for (size_t v = 0; v < NP * kVecs; ++v) {
-      acc[r][v] = kSets == 2 ? hn::Add(part[0][r][v], part[kSets - 1][r][v]) : part[0][r][v];
-    }
-#if HWY_MAX_BYTES == 32
-    KT_FP8_DECODE_UNROLL
-    for (int p = 0; p < NP; ++p) {  // even rows, odd rows -> rows 0-7, 8-15
-      const VF lo = hn::InterleaveLower(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 0-3 | 8-11
-      const VF hi = hn::InterleaveUpper(df, acc[r][2 * p], acc[r][2 * p + 1]);  // rows 4-7 | 12-15
-      acc[r][2 * p] = hn::ConcatLowerLower(df, hi, lo);
-      acc[r][2 * p + 1] = hn::ConcatUpperUpper(df, hi, lo);
-    }
-#endif
-  }
+  Fp8FinishSums<MR, NP, kSets>(part, acc);
   return nan;
 }
 
