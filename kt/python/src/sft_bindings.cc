@@ -263,6 +263,40 @@ void RegisterSftBindings(py::module_& m) {
       .def_property_readonly("cache_bytes", [](const PySftLayer& s) { return s.layer().cache_bytes(); })
       .def_property_readonly("cache_pool_bytes", [](const PySftLayer& s) { return s.layer().cache_pool_bytes(); })
       .def_property_readonly("workspace_bytes", [](const PySftLayer& s) { return s.layer().workspace_bytes(); })
+      .def_property(
+          "overlapped_rebuild", [](const PySftLayer& s) { return s.layer().overlapped_rebuild(); },
+          [](PySftLayer& s, bool on) {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(ComputeMutex());
+            s.layer().set_overlapped_rebuild(on);
+          },
+          "Whether Backward rebuilds shared backward weights inside its task list (True, the default) or as "
+          "a phase of its own before it (False; the same bits, kept to compare against).")
+      .def(
+          "last_times",
+          [](const PySftLayer& s) {
+            SftTimes t;
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(ComputeMutex());
+              t = s.layer().last_times();
+            }
+            py::dict d;
+            d["forward"] = t.forward;
+            d["backward"] = t.backward;
+            d["rebuild"] = t.rebuild;
+            d["rebuild_overlapped"] = t.rebuild_overlapped;
+            d["grad_y"] = t.grad_y;
+            d["grad_gate_up"] = t.grad_gate_up;
+            d["prepare"] = t.prepare;
+            d["grad_x"] = t.grad_x;
+            d["lora_grads"] = t.lora_grads;
+            d["wait"] = t.wait;
+            d["sum"] = t.sum;
+            return d;
+          },
+          "Seconds of the last forward and backward and of the backward's parts (SftTimes in sft_layer.h: "
+          "wall seconds, the task kinds as their share of the backward's wall time).")
       .def("cache_bytes_per_forward",
            [](const PySftLayer& s, int qlen) { return s.layer().CacheBytesPerForward(qlen); }, py::arg("qlen"));
 }
