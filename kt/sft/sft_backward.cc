@@ -41,6 +41,24 @@ enum Kind : uint8_t { kRebuild, kGradY, kGradGateUp, kPrepare, kGradX, kLoraGrad
 constexpr size_t kTimeStride = 8;
 static_assert(kKinds <= kTimeStride, "one cache line of doubles per thread");
 
+// The per-thread task times (kTimeStride per thread) into `t`, as shares of the wall time.
+void AddTaskTimes(const std::vector<double>& seconds, size_t threads, bool rebuild, SftTimes* t) {
+  double total[kKinds] = {};
+  for (size_t i = 0; i < threads; ++i) {
+    for (int k = 0; k < kKinds; ++k) total[k] += seconds[i * kTimeStride + k] / static_cast<double>(threads);
+  }
+  if (rebuild) {
+    t->rebuild = total[kRebuild];
+    t->rebuild_overlapped = true;
+  }
+  t->grad_y = total[kGradY];
+  t->grad_gate_up = total[kGradGateUp];
+  t->prepare = total[kPrepare];
+  t->grad_x = total[kGradX];
+  t->lora_grads = total[kLoraGrads];
+  t->wait = total[kWait];
+}
+
 }  // namespace
 
 absl::Status SftMoeLayer::Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
@@ -290,20 +308,7 @@ absl::Status SftMoeLayer::RunBackwardTasks(ThreadPool& pool, const Pass& p, bool
     }
     acc[task.kind] += Since(t0) - aside;
   });
-  double total[kKinds] = {};
-  for (size_t t = 0; t < threads; ++t) {
-    for (int k = 0; k < kKinds; ++k) total[k] += seconds[t * kTimeStride + k] / static_cast<double>(threads);
-  }
-  if (rebuild) {
-    times_.rebuild = total[kRebuild];
-    times_.rebuild_overlapped = true;
-  }
-  times_.grad_y = total[kGradY];
-  times_.grad_gate_up = total[kGradGateUp];
-  times_.prepare = total[kPrepare];
-  times_.grad_x = total[kGradX];
-  times_.lora_grads = total[kLoraGrads];
-  times_.wait = total[kWait];
+  AddTaskTimes(seconds, threads, rebuild, &times_);
   for (const absl::Status& s : failures) {
     if (!s.ok()) return s;
   }
