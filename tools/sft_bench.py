@@ -21,8 +21,9 @@ also printed as a table on stderr. With --share-backward-bb --alternate-layers, 
 transposed backward weights in turn: each backward then rebuilds them (alternating_layers.
 backward_rebuild_seconds: the backward's median against the single layer's), with the rebuild inside the
 backward's task list (overlapped, the default) and, alternating with it in the same run (--rebuild both), as
-a phase before it (serial: kt before 2026-12-07; alternating_layers.serial). Memory per layer: forward weights, transposed backward weights, the activation cache of one forward
-(what max_cache_depth multiplies) and the working memory (shareable by all layers). Prints one JSON line.
+a phase before it (serial: kt before 2026-12-07; alternating_layers.serial). Memory per layer: forward
+weights, transposed backward weights, the activation cache of one forward (what max_cache_depth
+multiplies) and the working memory (shareable by all layers). Prints one JSON line.
 """
 import argparse
 import gc

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -34,6 +36,9 @@ inline void Pause() {
   __builtin_ia32_pause();
 #endif
 }
+
+// Pauses (~20-60 ns each) a waiting task spins before it yields its CPU at every further check.
+constexpr int kSpinsBeforeYield = 1024;
 
 // The kinds of the backward's tasks (SftTimes names each), and the slot of the time spent spinning.
 enum Kind : uint8_t { kRebuild, kGradY, kGradGateUp, kPrepare, kGradX, kLoraGrads, kWait, kKinds };
@@ -172,7 +177,9 @@ SftMoeLayer::BackwardPlan::BackwardPlan(const Pass& p, size_t num_experts, bool 
     for (size_t a = 0; a < rt.active.size(); ++a) {
       first_gate_up[rt.active[a]] = compute.size();
       Add(grad_gate_up, rt.active[a], static_cast<int>(inter_blocks));
-      for (size_t b = 0; b < inter_blocks; ++b) compute.push_back({kGradGateUp, static_cast<uint32_t>(a * inter_blocks + b)});
+      for (size_t b = 0; b < inter_blocks; ++b) {
+        compute.push_back({kGradGateUp, static_cast<uint32_t>(a * inter_blocks + b)});
+      }
     }
     for (size_t t = 0; prepare && t < p.chunks.size(); ++t) {
       compute.push_back({kPrepare, static_cast<uint32_t>(t)});
@@ -180,7 +187,9 @@ SftMoeLayer::BackwardPlan::BackwardPlan(const Pass& p, size_t num_experts, bool 
     }
     for (size_t a = 0; a < rt.active.size(); ++a) {
       first_grad_x[rt.active[a]] = compute.size();
-      for (size_t b = 0; b < hidden_blocks; ++b) compute.push_back({kGradX, static_cast<uint32_t>(a * hidden_blocks + b)});
+      for (size_t b = 0; b < hidden_blocks; ++b) {
+        compute.push_back({kGradX, static_cast<uint32_t>(a * hidden_blocks + b)});
+      }
     }
   }
   for (size_t e = 0; p.r > 0 && e < num_experts; ++e) compute.push_back({kLoraGrads, static_cast<uint32_t>(e)});
@@ -247,15 +256,22 @@ absl::Status SftMoeLayer::RunBackwardTasks(ThreadPool& pool, const Pass& p, bool
     const Clock::time_point t0 = Clock::now();
     double aside = 0;  // seconds of this task spent waiting or helping: not the task's own
     // Until counter `left` is 0: runs unclaimed rebuilds (their own kind's time) while there are any,
-    // then spins (wait time).
+    // then spins (wait time), yielding the CPU after kSpinsBeforeYield pauses: on a machine with more
+    // runnable threads than CPUs (the dev box under other builds) the task waited for may be preempted,
+    // and a thread spinning on its CPU only delays it.
     auto wait_for = [&](const std::atomic<int>& left) {
       if (left.load(std::memory_order_acquire) == 0) return;
       const Clock::time_point w0 = Clock::now();
       double helped = 0;
+      int spins = 0;
       while (left.load(std::memory_order_acquire) != 0) {
         const int64_t id = rebuild ? plan.ClaimNext() : -1;
         if (id < 0) {
-          Pause();
+          if (++spins < kSpinsBeforeYield) {
+            Pause();
+          } else {
+            std::this_thread::yield();
+          }
           continue;
         }
         const Clock::time_point h0 = Clock::now();

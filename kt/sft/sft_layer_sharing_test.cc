@@ -1,7 +1,8 @@
 // SftMoeLayers sharing state, on every kernel path and base format: one transposed-weight copy serving two
-// layers (its rebuild inside the backward's task list bit-identical to the serial one), one cache pool serving two layers (share_cache_pool: bit-identical to per-layer caches in the
-// recompute order, one layer's bytes, a clear error when full that loses nothing), and forwards without
-// save_for_backward sharing the workspace's scratch entry.
+// layers (its rebuild inside the backward's task list bit-identical to the serial one), one cache pool
+// serving two layers (share_cache_pool: bit-identical to per-layer caches in the recompute order, one
+// layer's bytes, a clear error when full that loses nothing), and forwards without save_for_backward
+// sharing the workspace's scratch entry.
 #include <cmath>
 #include <cstring>
 #include <memory>
