@@ -13,10 +13,17 @@ What is timed (seconds per iteration, median):
          LoRA A/B as leaf tensors requiring grad) and autograd .backward(), in this process
 TFLOPS counts only the base-weight GEMMs, 6 per routed row (forward gate, up, down; backward grad_h = grad_y
 W_d and grad_x = grad_g W_g + grad_u W_u), 2 H I flops each; the LoRA products (3% more at rank 16) are not
-counted. With --share-backward-bb --alternate-layers, also two layers sharing the transposed backward weights
-in turn: each backward then rebuilds them (alternating_layers.backward_rebuild_seconds: the backward's
-median against the single layer's). Memory per layer: forward weights, transposed backward weights, the activation cache of one forward
-(what max_cache_depth multiplies) and the working memory (shareable by all layers). Prints one JSON line.
+counted. kt_phases: where kt's step goes (the layer's own clock, SftTimes in kt/sft/sft_layer.h; medians):
+forward and backward wall seconds, and the backward's parts (grad_y; grad_gate_up: grad_h through W_d^T;
+prepare; grad_x through W_g^T, W_u^T; lora_grads: the six LoRA gradients; wait: spinning on inputs; sum:
+grad_input per token; rebuild: of shared backward weights), the task kinds as their share of its wall time;
+also printed as a table on stderr. With --share-backward-bb --alternate-layers, also two layers sharing the
+transposed backward weights in turn: each backward then rebuilds them (alternating_layers.
+backward_rebuild_seconds: the backward's median against the single layer's), with the rebuild inside the
+backward's task list (overlapped, the default) and, alternating with it in the same run (--rebuild both), as
+a phase before it (serial: kt before 2026-12-07; alternating_layers.serial). Memory per layer: forward
+weights, transposed backward weights, the activation cache of one forward (what max_cache_depth
+multiplies) and the working memory (shareable by all layers). Prints one JSON line.
 """
 import argparse
 import gc
@@ -53,6 +60,9 @@ def parse_args():
                    help="with --share-backward-bb: after the timed iterations, time a second layer of the same "
                    "shape alternating with the first, so that every backward rebuilds the shared transposed "
                    "weights from its own layer (what a model pays per layer and step with share_backward_bb)")
+    p.add_argument("--rebuild", choices=["both", "overlapped", "serial"], default="both",
+                   help="with --alternate-layers: the rebuild schedule(s) to time, alternating within each "
+                   "iteration (serial: a phase of its own before the backward, as kt did before 2026-12-07)")
     p.add_argument("--torch-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of the PyTorch peer (torch 1.13's CPU bf16 matmul without AVX512-BF16 is ~50x "
                         "slower than its fp32 one, so on such machines float32 is the meaningful peer)")
@@ -107,13 +117,32 @@ def sft_layer(args, d, layer_idx):
     return layer, load
 
 
+PHASES = ("forward", "backward", "rebuild", "grad_y", "grad_gate_up", "prepare", "grad_x", "lora_grads", "wait",
+          "sum")
+
+
 def step(d, layer):
-    """One forward with save_for_backward and its backward: (forward seconds, backward seconds)."""
+    """One forward with save_for_backward and its backward: (forward seconds, backward seconds, the layer's
+    own breakdown of them)."""
     t = time.perf_counter()
     layer.forward(d.x, d.ids, d.w, save_for_backward=True)
     t1 = time.perf_counter()
     layer.backward(d.gout)
-    return t1 - t, time.perf_counter() - t1
+    t2 = time.perf_counter()
+    return t1 - t, t2 - t1, layer._layer.last_times()
+
+
+def phase_medians(samples):
+    """Median of each part over the steps' breakdowns."""
+    return {k: round(statistics.median(s[k] for s in samples), 4) for k in PHASES}
+
+
+def print_phases(rows):
+    """The breakdowns as a table on stderr (stdout stays one JSON line): one column per (name, medians)."""
+    names = [n for n, _ in rows]
+    print("%-13s" % "seconds" + "".join("%17s" % n for n in names), file=sys.stderr)
+    for k in PHASES:
+        print("%-13s" % k + "".join("%17.4f" % m[k] for _, m in rows), file=sys.stderr)
 
 
 def inference_yardstick(args, d):
@@ -133,37 +162,55 @@ def inference_yardstick(args, d):
 
 def alternating_layers(args, d, moe, bwd):
     """A second layer (same shape and weights, its own memory) sharing the backward copy: in turn, each
-    backward finds the copy built from the other layer and rebuilds it from its own forward weights."""
+    backward finds the copy built from the other layer and rebuilds it from its own forward weights. Each
+    iteration runs every schedule of --rebuild in turn (both layers' steps per schedule), so a drift of the
+    machine shows in both."""
     moe2, _ = sft_layer(args, d, 1)
-    alt_fwd, alt_bwd = [], []
-    for i in range(args.iters + 1):
-        for layer in (moe2, moe):
-            f, b = step(d, layer)
-            if i > 0:
-                alt_fwd.append(f)
-                alt_bwd.append(b)
-    return {
-        "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
-        "kt_backward_seconds": round(statistics.median(alt_bwd), 4),
-        "backward_rebuild_seconds": round(statistics.median(alt_bwd) - statistics.median(bwd), 4),
-    }
+    modes = ("serial", "overlapped") if args.rebuild == "both" else (args.rebuild,)
+    runs = {m: ([], [], []) for m in modes}
+    for i in range(args.iters + 1):  # the first of each schedule is warm-up
+        for m in modes:
+            for layer in (moe2, moe):
+                layer._layer.overlapped_rebuild = m == "overlapped"
+            for layer in (moe2, moe):
+                f, b, t = step(d, layer)
+                if i > 0:
+                    for acc, v in zip(runs[m], (f, b, t)):
+                        acc.append(v)
+    out = {}
+    for m in modes:
+        alt_fwd, alt_bwd, times = runs[m]
+        out[m] = {
+            "kt_forward_seconds": round(statistics.median(alt_fwd), 4),
+            "kt_backward_seconds": round(statistics.median(alt_bwd), 4),
+            "backward_rebuild_seconds": round(statistics.median(alt_bwd) - statistics.median(bwd), 4),
+            "kt_phases": phase_medians(times),
+        }
+    result = dict(out[modes[-1]])  # the default schedule (overlapped) at the top level, as before
+    result["rebuild"] = modes[-1]
+    if "serial" in out and "overlapped" in out:
+        result["serial"] = out["serial"]
+        result["overlapped_saves_seconds"] = round(
+            out["serial"]["kt_backward_seconds"] - out["overlapped"]["kt_backward_seconds"], 4)
+    return result
 
 
 def bench_kt(args, d):
     """kt's SFT forward + backward (and the yardsticks measured beside it): the result's kt fields."""
     moe, load_s = sft_layer(args, d, 0)
     inf = inference_yardstick(args, d)
-    fwd, bwd, inf_times = [], [], []
+    fwd, bwd, inf_times, times = [], [], [], []
     for i in range(args.iters + 1):  # the first is warm-up (allocates the cache and workspace)
         if inf is not None:
             t = time.perf_counter()
             inf.forward(d.x, d.ids, d.w, cuda_stream=None)
             if i > 0:
                 inf_times.append(time.perf_counter() - t)
-        f, b = step(d, moe)
+        f, b, t = step(d, moe)
         if i > 0:
             fwd.append(f)
             bwd.append(b)
+            times.append(t)
     kt_s = statistics.median(a + b for a, b in zip(fwd, bwd))
     d.kt_seconds = kt_s
     mem = moe.memory_bytes()
@@ -179,6 +226,7 @@ def bench_kt(args, d):
         "kt_forward_seconds": round(statistics.median(fwd), 4),
         "kt_backward_seconds": round(statistics.median(bwd), 4),
         "kt_tflops": round(d.flops / kt_s / 1e12, 4),
+        "kt_phases": phase_medians(times),
         "load_seconds": round(load_s, 2),
         "memory_mib": {
             "weights": round(mem["weights"] / 2**20, 1),
@@ -189,8 +237,14 @@ def bench_kt(args, d):
     }
     if inf_times:
         result["kt_inference_forward_seconds"] = round(statistics.median(inf_times), 4)
+    rows = [("one layer", result["kt_phases"])]
     if args.alternate_layers:
-        result["alternating_layers"] = alternating_layers(args, d, moe, bwd)
+        alt = alternating_layers(args, d, moe, bwd)
+        result["alternating_layers"] = alt
+        if "serial" in alt:
+            rows.append(("alt. serial", alt["serial"]["kt_phases"]))
+        rows.append(("alt. " + alt["rebuild"], alt["kt_phases"]))
+    print_phases(rows)
     return result
 
 

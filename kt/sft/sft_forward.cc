@@ -2,6 +2,7 @@
 // hooks: gather x (and A_g x, A_u x), gate/up with LoRA and silu, h prepared (and A_d h), down with LoRA,
 // the weighted sum per token in slot order; the activations the backward needs kept in the cache entry.
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <utility>
 #include <vector>
@@ -146,6 +147,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
     if (save_for_backward) Route(PushEntry(), 0, k, ids);
     return absl::OkStatus();
   }
+  const auto start = std::chrono::steady_clock::now();
   EnsureWorkspace(pool);
   Cache& c = save_for_backward ? PushEntry() : ScratchEntry();
   Route(c, qlen, k, ids);
@@ -163,6 +165,7 @@ absl::Status SftMoeLayer::Forward(ThreadPool& pool, int qlen, int k, const int64
   const Pass p = MakePass(c, base_->quantized_activations());
   ForwardHooks hooks(*this, p, save_for_backward);
   pipeline_->Run(pool, MakePipelineCall(p, output, &hooks), /*busy=*/nullptr);
+  times_.forward = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return absl::OkStatus();
 }
 

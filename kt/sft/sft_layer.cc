@@ -199,42 +199,54 @@ absl::Status SftMoeLayer::LoadWeights(const bf16_t* gate, const bf16_t* up, cons
   return absl::OkStatus();
 }
 
+bool SftMoeLayer::BackwardWeightsCurrent() const {
+  return bwd_->owner_ == this && bwd_->owner_version_ == weights_version_;
+}
+
 absl::Status SftMoeLayer::EnsureBackwardWeights(ThreadPool& pool) {
-  SftBackwardWeights& w = *bwd_;
-  if (w.owner_ == this && w.owner_version_ == weights_version_) return absl::OkStatus();
-  w.owner_ = nullptr;  // a failure below leaves no owner, so the next call rebuilds
-  const size_t e_count = config_.moe.num_experts;
-  std::vector<absl::Status> failures(e_count * 3);
-  // One buffer per thread for the quantized formats' transposed bf16, reused by its tasks and kept with the
-  // backward weights between rebuilds (a fresh one per task or per rebuild would be page-faulted and
-  // zeroed each time: 3 MiB per Qwen3-30B projection).
-  const size_t max_elems = static_cast<size_t>(config_.moe.hidden) * config_.moe.intermediate;
-  const size_t threads = static_cast<size_t>(pool.num_threads());
-  if (w.transposed_.size() < threads) w.transposed_.resize(threads);
-  pool.ParallelFor(e_count * 3, [&](size_t task, int thread) {
-    const int slot = static_cast<int>(task / 3);
-    const auto proj = static_cast<ExpertProj>(task % 3);
-    if (base_->transposes_packed()) {
-      // The format transposes packed to packed (bf16: each 512-byte block of the forward panels is one
-      // 512-byte block of the backward ones, read and written once; about half the time of unpacking,
-      // transposing and packing again; docs/perf-log/2026-11-27-session-10.md).
-      failures[task] = w.t_->LoadExpertTransposed(slot, proj, *base_);
-      return;
-    }
-    // Other formats (the quantized ones) dequantize straight into the transposed order (one pass over the
-    // packed weights; a panel block is a few runs of 16 consecutive values of W^T), then quantize again per
-    // row of W^T.
-    // (A row-major unpack followed by a tiled transpose would take over half of an int8 rebuild.)
-    std::vector<bf16_t>& wt = w.transposed_[thread];
-    wt.resize(max_elems);
-    failures[task] = base_->UnpackExpertTransposed(slot, proj, wt.data());
-    if (!failures[task].ok()) return;
-    // The transposed layer's projection of the same name is this one transposed.
-    failures[task] = w.t_->LoadExpert(slot, proj, wt.data());
-  });
+  if (BackwardWeightsCurrent()) return absl::OkStatus();
+  PrepareRebuild(pool);
+  std::vector<absl::Status> failures(static_cast<size_t>(config_.moe.num_experts) * 3);
+  pool.ParallelFor(failures.size(), [&](size_t task, int thread) { failures[task] = RebuildTask(task, thread); });
   for (const absl::Status& s : failures) {
     if (!s.ok()) return s;
   }
+  return FinishRebuild();
+}
+
+void SftMoeLayer::PrepareRebuild(ThreadPool& pool) {
+  SftBackwardWeights& w = *bwd_;
+  w.owner_ = nullptr;  // a failure before FinishRebuild leaves no owner, so the next call rebuilds
+  // One buffer per thread for the quantized formats' transposed bf16, reused by its tasks and kept with the
+  // backward weights between rebuilds (a fresh one per task or per rebuild would be page-faulted and
+  // zeroed each time: 3 MiB per Qwen3-30B projection).
+  const size_t threads = static_cast<size_t>(pool.num_threads());
+  if (!base_->transposes_packed() && w.transposed_.size() < threads) w.transposed_.resize(threads);
+}
+
+absl::Status SftMoeLayer::RebuildTask(size_t task, int thread) {
+  SftBackwardWeights& w = *bwd_;
+  const int slot = static_cast<int>(task / 3);
+  const auto proj = static_cast<ExpertProj>(task % 3);
+  if (base_->transposes_packed()) {
+    // The format transposes packed to packed (bf16: each 512-byte block of the forward panels is one
+    // 512-byte block of the backward ones, read and written once; about half the time of unpacking,
+    // transposing and packing again; docs/perf-log/2026-11-27-session-10.md).
+    return w.t_->LoadExpertTransposed(slot, proj, *base_);
+  }
+  // Other formats (the quantized ones) dequantize straight into the transposed order (one pass over the
+  // packed weights; a panel block is a few runs of 16 consecutive values of W^T), then quantize again per
+  // row of W^T.
+  // (A row-major unpack followed by a tiled transpose would take over half of an int8 rebuild.)
+  std::vector<bf16_t>& wt = w.transposed_[thread];
+  wt.resize(static_cast<size_t>(config_.moe.hidden) * config_.moe.intermediate);
+  if (absl::Status s = base_->UnpackExpertTransposed(slot, proj, wt.data()); !s.ok()) return s;
+  // The transposed layer's projection of the same name is this one transposed.
+  return w.t_->LoadExpert(slot, proj, wt.data());
+}
+
+absl::Status SftMoeLayer::FinishRebuild() {
+  SftBackwardWeights& w = *bwd_;
   if (absl::Status s = w.t_->FinishLoad(); !s.ok()) return s;
   w.owner_ = this;
   w.owner_version_ = weights_version_;

@@ -139,6 +139,24 @@ class SftWorkspace {
   int threads = 0;
 };
 
+// Where a layer's last Forward and Backward spent their time, for benchmarks (//tools:sft_benchmark prints
+// it beside its totals). Wall seconds, except the backward's task kinds: their tasks run mixed in one task
+// list (sft_backward.cc), so each is its thread-seconds summed over the pool's threads divided by the
+// thread count, i.e. its share of the backward's wall time.
+struct SftTimes {
+  double forward = 0;    // the last Forward (wall)
+  double backward = 0;   // the last Backward (wall), a rebuild of the backward weights included
+  // Rebuild of shared backward weights taken over from another layer (0 when none ran): the serial
+  // phase's wall time, or, overlapped, its tasks' share.
+  double rebuild = 0;
+  bool rebuild_overlapped = false;
+  // Shares of the backward's tasks: grad_y rows (and grad_y B_d); grad_h -> grad_g, grad_u through W_d^T;
+  // their preparation (int8 rows, grad B products); grad_x through W_g^T, W_u^T; the six LoRA gradients;
+  // spinning on a task's inputs.
+  double grad_y = 0, grad_gate_up = 0, prepare = 0, grad_x = 0, lora_grads = 0, wait = 0;
+  double sum = 0;        // grad_input's per-token sum (wall)
+};
+
 class SftMoeLayer;
 
 // share_cache_pool: one store of activation caches for several layers, holding at most max_cache_depth
@@ -212,6 +230,15 @@ class SftMoeLayer {
   absl::Status Backward(ThreadPool& pool, const bf16_t* grad_output, bf16_t* grad_input,
                         float* grad_weights, bool accumulate = false, float grad_scale = 1.0f);
 
+  // A shared SftBackwardWeights last built from another layer is rebuilt by Backward. Overlapped (the
+  // default): the rebuild of each expert's projections runs as tasks of the backward's own task list, a
+  // few tasks ahead of the first task that multiplies by them, so no serial phase remains and the freshly
+  // written copy is read while it is still in cache. Serial: one phase before the backward (what kt did
+  // before 2026-12-07), kept to compare against (benchmark, bit-identity test). Same bits either way.
+  void set_overlapped_rebuild(bool on) { overlapped_rebuild_ = on; }
+  bool overlapped_rebuild() const { return overlapped_rebuild_; }
+  const SftTimes& last_times() const { return times_; }
+
   int cache_depth() const { return static_cast<int>(stack_.size()); }
   // (qlen, k) of the forward the next Backward consumes (the newest cached one): the shapes of its
   // grad_output, grad_input and grad_weights. FailedPrecondition, as Backward's, when none is cached.
@@ -249,15 +276,27 @@ class SftMoeLayer {
   // (LoRA terms, cache; sft_forward.cc) and this call's buffers and policy.
   class ForwardHooks;
   PipelineCall MakePipelineCall(const Pass& p, bf16_t* output, PipelineHooks* hooks) const;
-  // Backward's phases (sft_backward.cc), in order.
-  void BackwardGradY(ThreadPool& pool, const Pass& p, const bf16_t* grad_output, float* grad_weights);
-  void BackwardGradGateUp(ThreadPool& pool, const Pass& p);
-  void BackwardPrepareGradGateUp(ThreadPool& pool, const Pass& p);
-  void BackwardGradX(ThreadPool& pool, const Pass& p);
-  void BackwardLoraGrads(ThreadPool& pool, const Pass& p, bool accumulate, float grad_scale);
+  // Backward's tasks (sft_backward.cc), in the order of its task list: grad_y rows (by row chunk), grad_g
+  // and grad_u (expert, column block of I), their preparation (row chunk), grad_x (expert, column block of
+  // H), the LoRA gradients (expert); with an overlapped rebuild, RebuildTask's among them.
+  struct BackwardPlan;
+  absl::Status RunBackwardTasks(ThreadPool& pool, const Pass& p, bool rebuild, const bf16_t* grad_output,
+                                float* grad_weights, bool accumulate, float grad_scale);
+  void GradYTask(const Pass& p, size_t task, int thread, const bf16_t* grad_output, float* grad_weights) const;
+  void GradGateUpTask(const Pass& p, size_t task, int thread) const;
+  void PrepareTask(const Pass& p, size_t task, int thread) const;
+  void GradXTask(const Pass& p, size_t task, int thread) const;
+  void LoraGradsTask(const Pass& p, size_t e, int thread, bool accumulate, float grad_scale) const;
   void EnsureWorkspace(ThreadPool& pool);
   size_t ScratchPerThread() const;
+  // Whether the backward weights hold this layer's current weights (else a rebuild is due).
+  bool BackwardWeightsCurrent() const;
+  // Rebuild: all of it as one phase, or one (slot, proj) = (task / 3, task % 3) on pool thread `thread`
+  // (PrepareRebuild first, FinishRebuild after the last).
   absl::Status EnsureBackwardWeights(ThreadPool& pool);
+  void PrepareRebuild(ThreadPool& pool);
+  absl::Status RebuildTask(size_t task, int thread);
+  absl::Status FinishRebuild();
   std::string Name() const;    // "layer 3" (layer_idx given) or "unnumbered layer #<creation id>"
   Cache& PushEntry();          // a free entry (this layer's or the pool's) onto stack_
   Cache& ScratchEntry();       // the entry of a forward without save_for_backward
@@ -272,6 +311,8 @@ class SftMoeLayer {
   // formats (MoeLayer::ActivationGroups; the transposed layer's K are the same H and I).
   size_t groups_h_ = 1, groups_i_ = 1;
   uint64_t weights_version_ = 0;
+  bool overlapped_rebuild_ = true;
+  SftTimes times_;
   std::unique_ptr<PackedExperts> base_;  // the forward weights
   std::unique_ptr<ExpertPipeline> pipeline_;  // forward's phases, on base_
   std::shared_ptr<SftBackwardWeights> bwd_;

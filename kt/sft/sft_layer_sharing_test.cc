@@ -1,7 +1,8 @@
 // SftMoeLayers sharing state, on every kernel path and base format: one transposed-weight copy serving two
-// layers, one cache pool serving two layers (share_cache_pool: bit-identical to per-layer caches in the
-// recompute order, one layer's bytes, a clear error when full that loses nothing), and forwards without
-// save_for_backward sharing the workspace's scratch entry.
+// layers (its rebuild inside the backward's task list bit-identical to the serial one), one cache pool
+// serving two layers (share_cache_pool: bit-identical to per-layer caches in the recompute order, one
+// layer's bytes, a clear error when full that loses nothing), and forwards without save_for_backward
+// sharing the workspace's scratch entry.
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -66,6 +67,62 @@ void ExpectSameGrads(const Grads& a, const Grads& b) {
   ExpectSameBits("up_lora_b", a.ub, b.ub);
   ExpectSameBits("down_lora_a", a.da, b.da);
   ExpectSameBits("down_lora_b", a.db, b.db);
+}
+
+// The rebuild of a shared backward copy inside the backward's task list (the default) against the serial
+// phase before the backward: every backward takes the copy over from the other layer, and both schedules
+// give the same bits (outputs, grad_input, grad_weights, LoRA gradients, accumulated too). Batches of 40 and
+// of 5 tokens; MakeBatch never routes to the last expert, whose rebuilds run at the end of the list.
+TEST_P(SftLayerTest, OverlappedRebuildMatchesSerial) {
+  ThreadPool pool(3);
+  const SftConfig c = Config(1, false);
+  const Weights w0 = MakeWeights(kE, H(), I(), kR, 40), w1 = MakeWeights(kE, H(), I(), kR, 41);
+  const Batch big = MakeBatch(kE, kK, H(), kQlen, 42), small = MakeBatch(kE, kK, H(), 5, 43);
+  struct Pair {
+    std::unique_ptr<SftMoeLayer> l0, l1;
+    Grads g0, g1;
+  };
+  Pair run[2];  // [0] serial, [1] overlapped
+  for (int o = 0; o < 2; ++o) {
+    auto bwd = SftBackwardWeights::Create(c.moe, isa(), format());
+    ASSERT_TRUE(bwd.ok()) << bwd.status();
+    run[o].l0 = Build(c, w0, pool, *bwd);
+    run[o].l1 = Build(c, w1, pool, *bwd);
+    run[o].g0 = MakeGrads(w0, 0.5f);
+    run[o].g1 = MakeGrads(w1, 0.5f);
+    ASSERT_TRUE(run[o].l0->SetLora(Tensors(w0, run[o].g0)).ok());
+    ASSERT_TRUE(run[o].l1->SetLora(Tensors(w1, run[o].g1)).ok());
+    EXPECT_TRUE(run[o].l0->overlapped_rebuild()) << "overlapped is the default";
+    run[o].l0->set_overlapped_rebuild(o == 1);
+    run[o].l1->set_overlapped_rebuild(o == 1);
+  }
+  for (const Batch* b : {&big, &small, &big}) {
+    for (bool accumulate : {false, true}) {
+      Result r[2][2];
+      for (int o = 0; o < 2; ++o) {
+        ForwardOnly(*run[o].l0, pool, *b, &r[o][0]);
+        ForwardOnly(*run[o].l1, pool, *b, &r[o][1]);
+        BackwardOnly(*run[o].l1, pool, *b, &r[o][1], accumulate, 0.5f);
+        BackwardOnly(*run[o].l0, pool, *b, &r[o][0], accumulate, 0.5f);
+        const SftTimes& t = run[o].l0->last_times();
+        EXPECT_EQ(t.rebuild_overlapped, o == 1);
+        EXPECT_GT(t.rebuild, 0.0) << "every backward takes the copy over from the other layer";
+        EXPECT_GE(t.backward, t.rebuild);
+      }
+      for (int l = 0; l < 2; ++l) {
+        ExpectSameBits("output", r[0][l].out, r[1][l].out);
+        ExpectSameBits("grad_input", r[0][l].grad_input, r[1][l].grad_input);
+        ExpectSameBits("grad_weights", r[0][l].grad_weights, r[1][l].grad_weights);
+      }
+      ExpectSameGrads(run[0].g0, run[1].g0);
+      ExpectSameGrads(run[0].g1, run[1].g1);
+    }
+  }
+  // And the overlapped one is right (reference of the last backward, not accumulated).
+  Result r;
+  ForwardOnly(*run[1].l1, pool, big, &r);
+  BackwardOnly(*run[1].l1, pool, big, &r);
+  CheckAll("overlapped rebuild(l1)", r, &run[1].g1, Ref(w1, big, 2.0, kR));
 }
 
 // Activation recomputation over two layers: each layer's first forward without save_for_backward (the

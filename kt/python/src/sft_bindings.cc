@@ -165,6 +165,45 @@ py::tuple ReadLayerBf16(const std::string& dir, int layer, int num_experts, int 
   return py::make_tuple(e, h, i);
 }
 
+// The rebuild schedule of shared backward weights and where the last calls' time went (SftTimes).
+py::class_<PySftLayer>& AddSftTimingBindings(py::class_<PySftLayer>& layer) {
+  return layer
+      .def_property(
+          "overlapped_rebuild", [](const PySftLayer& s) { return s.layer().overlapped_rebuild(); },
+          [](PySftLayer& s, bool on) {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(ComputeMutex());
+            s.layer().set_overlapped_rebuild(on);
+          },
+          "Whether Backward rebuilds shared backward weights inside its task list (True, the default) or as "
+          "a phase of its own before it (False; the same bits, kept to compare against).")
+      .def(
+          "last_times",
+          [](const PySftLayer& s) {
+            SftTimes t;
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(ComputeMutex());
+              t = s.layer().last_times();
+            }
+            py::dict d;
+            d["forward"] = t.forward;
+            d["backward"] = t.backward;
+            d["rebuild"] = t.rebuild;
+            d["rebuild_overlapped"] = t.rebuild_overlapped;
+            d["grad_y"] = t.grad_y;
+            d["grad_gate_up"] = t.grad_gate_up;
+            d["prepare"] = t.prepare;
+            d["grad_x"] = t.grad_x;
+            d["lora_grads"] = t.lora_grads;
+            d["wait"] = t.wait;
+            d["sum"] = t.sum;
+            return d;
+          },
+          "Seconds of the last forward and backward and of the backward's parts (SftTimes in sft_layer.h: "
+          "wall seconds, the task kinds as their share of the backward's wall time).");
+}
+
 }  // namespace
 
 void RegisterSftBindings(py::module_& m) {
@@ -175,7 +214,8 @@ void RegisterSftBindings(py::module_& m) {
         "open and check). Shapes of -1 take the folder's. Returns (E, H, I). ValueError for a shape or layout "
         "mismatch, OSError for a missing or corrupt file.");
   RegisterSharedSftObjects(m);
-  py::class_<PySftLayer>(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.")
+  py::class_<PySftLayer> layer(m, "SftMoeLayer", "SFT forward (with activation cache) and backward of one MoE layer.");
+  AddSftTimingBindings(layer)
       .def(py::init<int, int, int, int, int, int, float, int, bool, const std::string&, const std::string&,
                     int, std::shared_ptr<SftBackwardWeights>, std::shared_ptr<SftWorkspace>,
                     std::shared_ptr<SftCachePool>, int>(),
