@@ -480,6 +480,80 @@ void FloatRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
   }
 }
 
+// Float types with 4 rows or more (prefill). FloatRows converts each row's bf16 again for every column and
+// reduces every column across lanes; here a group of 4 rows is converted to fp32 once per chunk of
+// kFloatChunk values (16 KiB on the stack), and tiles of 4 rows x 2 columns keep 8 fp32 accumulators, so
+// a weight vector (converted once) serves 4 rows and an activation vector 2 columns: 8 FMAs per 6 loads.
+constexpr size_t kFloatChunk = 1024;
+
+template <GgufType kT>
+HWY_INLINE VF LoadW(const uint8_t* w, size_t c) {
+  const DF df;
+  if (kT == GgufType::kF32) return hn::LoadU(df, reinterpret_cast<const float*>(w) + c);
+  if (kT == GgufType::kBf16) return LoadBf16(df, reinterpret_cast<const bf16_t*>(w) + c);
+  const hn::FixedTag<hwy::float16_t, 8> dh;
+  return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w) + c));
+}
+
+// Columns wc[0..C) (at the chunk's first value) times the 4 fp32 rows xf over n (a multiple of 8) values,
+// into (add: onto) y[r][col].
+template <GgufType kT, int C>
+HWY_INLINE void FloatTile(const float (*xf)[kFloatChunk], size_t n, const uint8_t* const (&wc)[C],
+                          float* const (&y)[4], bool add) {
+  const DF df;
+  VF acc[4][C];
+  HWY_UNROLL_ROWS for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < C; ++j) acc[r][j] = hn::Zero(df);
+  }
+  for (size_t c = 0; c < n; c += 8) {
+    VF wv[C];
+    for (int j = 0; j < C; ++j) wv[j] = LoadW<kT>(wc[j], c);
+    HWY_UNROLL_ROWS for (int r = 0; r < 4; ++r) {
+      const VF xv = hn::Load(df, xf[r] + c);
+      for (int j = 0; j < C; ++j) acc[r][j] = hn::MulAdd(wv[j], xv, acc[r][j]);
+    }
+  }
+  HWY_UNROLL_ROWS for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < C; ++j) y[r][j] = (add ? y[r][j] : 0.0f) + Total(acc[r][j]);
+  }
+}
+
+template <GgufType kT>
+void FloatGemmTiled(size_t m4, size_t k, const GgufRows& in, const uint8_t* w, size_t cols, float* y, size_t ldy) {
+  constexpr size_t eb = kT == GgufType::kF32 ? 4 : 2;
+  const DF df;
+  alignas(32) float xf[4][kFloatChunk];
+  const size_t k8 = k / 8 * 8;
+  for (size_t r0 = 0; r0 < m4; r0 += 4) {
+    for (size_t kc0 = 0; kc0 < k8; kc0 += kFloatChunk) {
+      const size_t n = std::min(kFloatChunk, k8 - kc0);
+      for (int r = 0; r < 4; ++r) {
+        const bf16_t* xr = in.x + (r0 + r) * in.ld + kc0;
+        for (size_t c = 0; c < n; c += 8) hn::Store(LoadBf16(df, xr + c), df, xf[r] + c);
+      }
+      size_t j = 0;
+      for (; j + 2 <= cols; j += 2) {
+        const uint8_t* wc[2] = {w + j * k * eb + kc0 * eb, w + (j + 1) * k * eb + kc0 * eb};
+        float* yr[4];
+        for (int r = 0; r < 4; ++r) yr[r] = y + (r0 + r) * ldy + j;
+        FloatTile<kT, 2>(xf, n, wc, yr, kc0 > 0);
+      }
+      if (j < cols) {
+        const uint8_t* wc[1] = {w + j * k * eb + kc0 * eb};
+        float* yr[4];
+        for (int r = 0; r < 4; ++r) yr[r] = y + (r0 + r) * ldy + j;
+        FloatTile<kT, 1>(xf, n, wc, yr, kc0 > 0);
+      }
+    }
+    for (size_t r = r0; r < r0 + 4; ++r) {  // values past the last multiple of 8 (and K < 8)
+      for (size_t j = 0; j < cols; ++j) {
+        const float tail = k8 < k ? GgufDotBf16(kT, w + j * k * eb + k8 * eb, k - k8, in.x + r * in.ld + k8) : 0.0f;
+        y[r * ldy + j] = (k8 > 0 ? y[r * ldy + j] : 0.0f) + tail;
+      }
+    }
+  }
+}
+
 template <int R>
 void Rows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t* w, size_t cols, float* y,
           size_t ldy) {
@@ -713,6 +787,14 @@ void GemmGguf(GgufType type, size_t m, size_t k, const GgufRows& in, const uint8
     cols -= cols8;
   }
   size_t r0 = 0;
+  if (m >= 4 && GgufIsFloat(type)) {
+    r0 = m / 4 * 4;
+    switch (type) {
+      case GgufType::kF32: FloatGemmTiled<GgufType::kF32>(r0, k, in, w, cols, y, ldy); break;
+      case GgufType::kF16: FloatGemmTiled<GgufType::kF16>(r0, k, in, w, cols, y, ldy); break;
+      default: FloatGemmTiled<GgufType::kBf16>(r0, k, in, w, cols, y, ldy); break;
+    }
+  }
   for (; r0 + kMaxRows <= m; r0 += kMaxRows) Rows<kMaxRows>(type, k, in, r0, w, cols, y, ldy);
   switch (m - r0) {
     case 3: Rows<3>(type, k, in, r0, w, cols, y, ldy); break;
