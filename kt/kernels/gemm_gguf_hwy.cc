@@ -1,5 +1,7 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
-// up to 4 prepared activation rows at a time, each block decoded once in registers for all of them.
+// up to 4 prepared activation rows at a time, each block decoded once in registers for all of them. With 8
+// rows or more, Q4_0 and Q4_K take the panel path instead (8 columns unpacked once, "The panel path"
+// below), and with 4 rows or more the float types take 4 x 2 FMA tiles (FloatGemmTiled).
 //
 // All products and sums of integers are exact in int32, so every kernel computes the scalar dot's integer
 // sums, scaled in fp32 per block. Two multiplies:
