@@ -1,6 +1,6 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
 // up to 4 prepared activation rows at a time, each block decoded once in registers for all of them. With 8
-// rows or more, Q4_0 and Q4_K take the panel path instead (8 columns unpacked once, "The panel path"
+// rows or more, Q4_0, Q4_K and Q8_0 take the panel path instead (8 columns unpacked once, "The panel path"
 // below), and with 4 rows or more the float types take 4 x 2 FMA tiles (FloatGemmTiled).
 //
 // All products and sums of integers are exact in int32, so every kernel computes the scalar dot's integer
@@ -566,7 +566,7 @@ void Rows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t*
   }
 }
 
-// ---- The panel path (prefill: Q4_0 and Q4_K with kPanelMinRows rows or more). The kernels above decode a
+// ---- The panel path (prefill: Q4_0, Q4_K and Q8_0 with kPanelMinRows rows or more). The kernels above decode a
 // weight block for at most 4 rows and reduce each column's sums across lanes; with many rows the weights of
 // 8 columns are unpacked once per chunk of K into a panel (unsigned quants 0..15 with the 8 columns in the
 // 8 int32 lanes: 4 consecutive values of column c in lane c), and every activation row runs over it: one
@@ -575,14 +575,16 @@ void Rows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t*
 // decoding). Pair sums stay in int16 over a 32-value sub-block (8 of them: at most 8 * 2 * 15 * 127 =
 // 30480), then vpmaddwd with the columns' scales (Q4_K) or ones (Q4_0). The min terms: Q4_K's mins (4
 // vpmaddwd per block of the columns' mins with the row's 32-value sums), Q4_0's -8 (8 times the row's
-// 32-value sum). Integer sums exact as before; the fp32 order differs from the per-column kernels.
+// 32-value sum). Q8_0 keeps its signed bytes: |w| times x with w's sign (vpsignb), widened to int32 every
+// 4 values (a pair sum reaches 2 * 127 * 127). Integer sums exact as before; the fp32 order differs from
+// the per-column kernels.
 constexpr size_t kPanelCols = 8;
 constexpr size_t kPanelK = 2048;     // values of K per panel: 16 KiB of quants, the panel ~24 KiB (L1)
 constexpr size_t kPanelSlab = 64;    // rows whose 32-value activation sums are kept (the layer's row chunk)
 constexpr size_t kPanelMinRows = 8;  // from gemm_gguf_benchmark: below, unpacking costs more than it saves
 
 struct Panel {
-  alignas(32) uint8_t q[kPanelK * kPanelCols];  // per 32-value sub-block: per 4 values (g), 8 columns x 4
+  alignas(32) uint8_t q[kPanelK * kPanelCols];  // per 32-value sub-block: per 4 values (g), 8 columns x 4 (Q8_0: int8)
   alignas(32) int16_t sc[kPanelK / 32][16];     // Q4_K, per sub-block: column c's scale at lanes 2c, 2c + 1
   alignas(32) int16_t mn[kPanelK / 256][4][16];  // Q4_K, per block, vector v: column c's mins 2v, 2v + 1
   alignas(32) float d[kPanelK / 32][8];         // per weight block: column c's d
@@ -611,12 +613,22 @@ HWY_INLINE void TransposeStore(const __m256i (&r)[8], uint8_t* out) {
 }
 
 // 8 columns (rows of row_bytes from w) over nblk weight blocks into p.
-template <bool kK>
+template <GgufType kT>
 HWY_INLINE void UnpackPanel(const uint8_t* w, size_t row_bytes, size_t nblk, Panel& p) {
+  constexpr bool kK = kT == GgufType::kQ4_K, kQ8 = kT == GgufType::kQ8_0;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   const __m256i m4y = _mm256_set1_epi8(0x0F);
   for (size_t b = 0; b < nblk; ++b) {
     __m256i r[8];
+    if (kQ8) {  // signed bytes as stored
+      for (int c = 0; c < 8; ++c) {
+        const uint8_t* blk = w + c * row_bytes + b * 34;
+        r[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        p.d[b][c] = HalfAt(blk);
+      }
+      TransposeStore(r, p.q + 256 * b);
+      continue;
+    }
     if (!kK) {
       for (int c = 0; c < 8; ++c) {
         const uint8_t* blk = w + c * row_bytes + b * 18;
@@ -656,9 +668,10 @@ HWY_INLINE void UnpackPanel(const uint8_t* w, size_t row_bytes, size_t nblk, Pan
 // R rows against the panel's 8 columns over nblk blocks: x[r], dx[r] (one scale per block) and xs[r] (the
 // rows' 32-value sums: int16 for Q4_K, 8 x them in int32 for Q4_0) at the chunk's start; y[r] gets (or, with
 // `add`, adds) the 8 columns.
-template <bool kK, int R>
+template <GgufType kT, int R>
 HWY_INLINE void PanelRows(const Panel& p, size_t nblk, const int8_t* const (&x)[R], const float* const (&dx)[R],
                           const void* const (&xs)[R], float* const (&y)[R], bool add) {
+  constexpr bool kK = kT == GgufType::kQ4_K, kQ8 = kT == GgufType::kQ8_0;
   VF f[R];
   HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) f[r] = hn::Zero(DF());
   const auto bcast = [](const void* at) {
@@ -677,12 +690,22 @@ HWY_INLINE void PanelRows(const Panel& p, size_t nblk, const int8_t* const (&x)[
       HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
       _Pragma("GCC unroll 1") for (int g = 0; g < 8; ++g) {  // unrolled, GCC schedules all 32 products first and spills them
         const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 32 * g));
+        if (kQ8) {  // |w| times x with w's sign (vpsignb, as AddS8); a pair sum reaches 2 * 127 * 127: int32 per group
+          const __m256i aw = _mm256_sign_epi8(wv, wv);
+          HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+            const __m256i xw = _mm256_sign_epi8(bcast(x[r] + 32 * sb + 4 * g), wv);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xw), _mm256_set1_epi16(1)));
+          }
+          continue;
+        }
         HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
           acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(wv, bcast(x[r] + 32 * sb + 4 * g)));
         }
       }
       const __m256i sc = kK ? _mm256_load_si256(reinterpret_cast<const __m256i*>(p.sc[sb])) : _mm256_set1_epi16(1);
-      HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(acc[r], sc));
+      HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+        s[r] = _mm256_add_epi32(s[r], kQ8 ? acc[r] : _mm256_madd_epi16(acc[r], sc));
+      }
     }
     const VF d = hn::Load(DF(), p.d[b]);
     if (kK) {
@@ -703,8 +726,7 @@ HWY_INLINE void PanelRows(const Panel& p, size_t nblk, const int8_t* const (&x)[
       }
     } else {
       HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
-        const auto* off = static_cast<const int32_t*>(xs[r]);
-        const __m256i t = _mm256_sub_epi32(s[r], _mm256_set1_epi32(off[b]));
+        const __m256i t = kQ8 ? s[r] : _mm256_sub_epi32(s[r], _mm256_set1_epi32(static_cast<const int32_t*>(xs[r])[b]));
         f[r] = hn::MulAdd(hn::ConvertTo(DF(), VI32{t}), hn::Mul(d, hn::Set(DF(), dx[r][b])), f[r]);
       }
     }
@@ -715,14 +737,14 @@ HWY_INLINE void PanelRows(const Panel& p, size_t nblk, const int8_t* const (&x)[
 }
 
 // Rows [r0, r0 + R) of the slab (activation rows at slab row rs) for the chunk starting at value kc0.
-template <bool kK, int R>
+template <GgufType kT, int R>
 HWY_INLINE void PanelRowGroup(const Panel& p, size_t nblk, const GgufRows& in, size_t groups, size_t rs, size_t r0,
                               size_t kc0, const void* xs, size_t xs_ld, float* y, size_t ldy, bool add) {
   const int8_t* x[R];
   const float* dx[R];
   const void* s[R];
   float* yr[R];
-  const size_t be = kK ? 256 : 32;
+  const size_t be = kT == GgufType::kQ4_K ? 256 : 32;
   HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
     const size_t row = rs + r0 + r;
     x[r] = in.qx + row * in.ld + kc0;
@@ -730,13 +752,14 @@ HWY_INLINE void PanelRowGroup(const Panel& p, size_t nblk, const GgufRows& in, s
     s[r] = static_cast<const uint8_t*>(xs) + (r0 + r) * xs_ld;
     yr[r] = y + row * ldy;
   }
-  PanelRows<kK, R>(p, nblk, x, dx, s, yr, add);
+  PanelRows<kT, R>(p, nblk, x, dx, s, yr, add);
 }
 
 // y[0..m)[0..cols8) with cols8 a multiple of 8.
-template <bool kK>
+template <GgufType kT>
 void PanelGemm(size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t cols8, float* y, size_t ldy) {
-  const size_t be = kK ? 256 : 32, bb = kK ? 144 : 18, row_bytes = k / be * bb, groups = k / be;
+  constexpr bool kK = kT == GgufType::kQ4_K, kQ8 = kT == GgufType::kQ8_0;
+  const size_t be = GgufBlockElems(kT), bb = GgufBlockBytes(kT), row_bytes = k / be * bb, groups = k / be;
   Panel p;
   // The slab's 32-value activation sums: int16 (Q4_K's vpmaddwd partner) or 8 x them in int32 (Q4_0).
   alignas(32) int32_t xs[kPanelSlab][kPanelK / 32];
@@ -745,7 +768,7 @@ void PanelGemm(size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t 
     const size_t kc = std::min(kPanelK, k - kc0), nblk = kc / be;
     for (size_t rs = 0; rs < m; rs += kPanelSlab) {
       const size_t ms = std::min(kPanelSlab, m - rs);
-      for (size_t r = 0; r < ms; ++r) {
+      for (size_t r = 0; !kQ8 && r < ms; ++r) {  // Q8_0 has no offset
         int16_t s16[kPanelK / 16];
         SumsOf16(in.qx + (rs + r) * in.ld + kc0, kc, s16);
         for (size_t g = 0; g < kc / 32; ++g) {
@@ -758,15 +781,15 @@ void PanelGemm(size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t 
         }
       }
       for (size_t j0 = 0; j0 < cols8; j0 += kPanelCols) {
-        UnpackPanel<kK>(w + j0 * row_bytes + kc0 / be * bb, row_bytes, nblk, p);
+        UnpackPanel<kT>(w + j0 * row_bytes + kc0 / be * bb, row_bytes, nblk, p);
         float* yc = y + j0;
         const bool add = kc0 > 0;
         size_t r0 = 0;
-        for (; r0 + 4 <= ms; r0 += 4) PanelRowGroup<kK, 4>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add);
+        for (; r0 + 4 <= ms; r0 += 4) PanelRowGroup<kT, 4>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add);
         switch (ms - r0) {
-          case 3: PanelRowGroup<kK, 3>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
-          case 2: PanelRowGroup<kK, 2>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
-          case 1: PanelRowGroup<kK, 1>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
+          case 3: PanelRowGroup<kT, 3>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
+          case 2: PanelRowGroup<kT, 2>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
+          case 1: PanelRowGroup<kT, 1>(p, nblk, in, groups, rs, r0, kc0, xs, xs_ld, yc, ldy, add); break;
           default: break;
         }
       }
@@ -776,12 +799,15 @@ void PanelGemm(size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t 
 
 void GemmGguf(GgufType type, size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t cols, float* y,
               size_t ldy) {
-  if (m >= kPanelMinRows && cols >= kPanelCols && (type == GgufType::kQ4_0 || type == GgufType::kQ4_K)) {
+  if (m >= kPanelMinRows && cols >= kPanelCols &&
+      (type == GgufType::kQ4_0 || type == GgufType::kQ4_K || type == GgufType::kQ8_0)) {
     const size_t cols8 = cols / kPanelCols * kPanelCols;
     if (type == GgufType::kQ4_K) {
-      PanelGemm<true>(m, k, in, w, cols8, y, ldy);
+      PanelGemm<GgufType::kQ4_K>(m, k, in, w, cols8, y, ldy);
+    } else if (type == GgufType::kQ4_0) {
+      PanelGemm<GgufType::kQ4_0>(m, k, in, w, cols8, y, ldy);
     } else {
-      PanelGemm<false>(m, k, in, w, cols8, y, ldy);
+      PanelGemm<GgufType::kQ8_0>(m, k, in, w, cols8, y, ldy);
     }
     if (cols8 == cols) return;
     w += cols8 * GgufRowBytes(type, k);
