@@ -18,8 +18,9 @@
 // operations into int16 vectors (no per-sub-block scalar code), take the min terms as one vpmaddwd of the
 // mins with the block's 16 sums, broadcast each sub-block's scale with vpshufb, keep the block's min terms
 // as a vector until the column ends, and prefetch kPrefetchBytes ahead: the scalar per-sub-block scale
-// decoding had held Q4_K decode to a third of its speed now (docs/perf-log/2026-12-07-gguf-kquant-speed.md). A block's fp16 factors convert with F16C (vcvtph2ps): the portable conversion,
-// a call with branches, had cost Q4_0 and Q8_0 more than half their time. Vectors are 256 bits on every
+// decoding had held Q4_K decode to a third of its speed now (docs/perf-log/2026-12-07-gguf-kquant-speed.md).
+// A block's fp16 factors convert with F16C (vcvtph2ps): the portable conversion, a call with branches, had
+// cost Q4_0 and Q8_0 more than half their time. Vectors are 256 bits on every
 // target (x86 intrinsics of AVX2, which the AVX3 targets have too).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_gguf_hwy.cc"
@@ -657,7 +658,8 @@ HWY_INLINE void UnpackPanel(const uint8_t* w, size_t row_bytes, size_t nblk, Pan
     }
     for (int i = 0; i < 8; ++i) {  // sub-block i: low (even i) or high nibbles of qs bytes 32 (i / 2)
       for (int c = 0; c < 8; ++c) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * row_bytes + b * 144 + 16 + 32 * (i / 2)));
+        const uint8_t* qs = w + c * row_bytes + b * 144 + 16 + 32 * (i / 2);
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
         r[c] = _mm256_and_si256(i % 2 == 0 ? q : _mm256_srli_epi16(q, 4), m4y);
       }
       TransposeStore(r, p.q + 256 * (8 * b + i));
@@ -688,7 +690,8 @@ HWY_INLINE void PanelRows(const Panel& p, size_t nblk, const int8_t* const (&x)[
       const uint8_t* qi = p.q + 256 * sb;
       __m256i acc[R];
       HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      _Pragma("GCC unroll 1") for (int g = 0; g < 8; ++g) {  // unrolled, GCC schedules all 32 products first and spills them
+      // Not unrolled: unrolled, GCC schedules all 32 products of 4 rows first and spills them to the stack.
+      _Pragma("GCC unroll 1") for (int g = 0; g < 8; ++g) {
         const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 32 * g));
         if (kQ8) {  // |w| times x with w's sign (vpsignb, as AddS8); a pair sum reaches 2 * 127 * 127: int32 per group
           const __m256i aw = _mm256_sign_epi8(wv, wv);
