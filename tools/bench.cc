@@ -551,7 +551,7 @@ void BenchRun::CompareWithTorch() {
         FormatTime(torch.prefill_seconds).c_str(), flop / torch.prefill_seconds / 1e12,
         torch.prefill_seconds / kt_pre);
   }
-  std::fflush(stdout);
+  PrintDenseComparison(torch, kt_pre);  // and flushes stdout
 }
 
 int Fail(const absl::Status& s) {

@@ -58,250 +58,182 @@ double Quantile(std::vector<double> v, double q) {
 }
 double Median(const std::vector<double>& v) { return Quantile(v, 0.5); }
 
-int Run(int argc, char** argv) {
+struct Flags {
   std::string format_name = "int4", shape_name = "30b";
   int threads = 2, iters = 60, group = 128;
   bool kernel = false, ab = false;
   MoeTiling ab_tiling;
+};
+
+// False (after saying why) on an unknown flag.
+bool ParseFlags(int argc, char** argv, Flags* f) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto val = [&](const char* pre) { return a.substr(std::strlen(pre)); };
-    if (a.rfind("--format=", 0) == 0) format_name = val("--format=");
-    else if (a.rfind("--shape=", 0) == 0) shape_name = val("--shape=");
-    else if (a.rfind("--threads=", 0) == 0) threads = std::atoi(val("--threads=").c_str());
-    else if (a.rfind("--iters=", 0) == 0) iters = std::atoi(val("--iters=").c_str());
-    else if (a.rfind("--group-size=", 0) == 0) group = std::atoi(val("--group-size=").c_str());
-    else if (a == "--kernel") kernel = true;
+    if (a.rfind("--format=", 0) == 0) f->format_name = val("--format=");
+    else if (a.rfind("--shape=", 0) == 0) f->shape_name = val("--shape=");
+    else if (a.rfind("--threads=", 0) == 0) f->threads = std::atoi(val("--threads=").c_str());
+    else if (a.rfind("--iters=", 0) == 0) f->iters = std::atoi(val("--iters=").c_str());
+    else if (a.rfind("--group-size=", 0) == 0) f->group = std::atoi(val("--group-size=").c_str());
+    else if (a == "--kernel") f->kernel = true;
     else if (a.rfind("--ab=", 0) == 0) {
-      ab = true;
-      std::sscanf(a.c_str() + 5, "%d,%d", &ab_tiling.gate_up_panels, &ab_tiling.down_panels);
-    }
-    else {
+      f->ab = true;
+      std::sscanf(a.c_str() + 5, "%d,%d", &f->ab_tiling.gate_up_panels, &f->ab_tiling.down_panels);
+    } else {
       std::fprintf(stderr, "decode_probe: unknown flag %s\n", a.c_str());
-      return 2;
+      return false;
     }
   }
-  absl::StatusOr<ExpertFormat> format = ParseExpertFormat(format_name);
-  if (!format.ok()) {
-    std::fprintf(stderr, "decode_probe: %s\n", std::string(format.status().message()).c_str());
-    return 2;
-  }
-  const bool big = shape_name == "235b";
-  MoeConfig config;
-  config.num_experts = 128;
-  config.top_k = 8;
-  config.hidden = big ? 4096 : 2048;
-  config.intermediate = big ? 1536 : 768;
-  config.max_len = 8;
-  config.group_size = group;
-  const absl::StatusOr<Isa> isa_or = tools::SelectIsa();
-  if (!isa_or.ok()) return 2;
-  const Isa isa = *isa_or;
-  ThreadPool pool(ThreadPoolOptions{threads, false});
+  return true;
+}
 
-  const size_t E = 128, H = config.hidden, I = config.intermediate, n = E * I * H;
+// Copies of one random layer, enough to exceed 4x the last-level cache `llc` (the AMX host's is 300 MiB: one
+// Qwen3-30B int4 layer would fit it).
+absl::StatusOr<std::vector<std::unique_ptr<MoeLayer>>> MakeLayers(const MoeConfig& config, Isa isa,
+                                                                  ExpertFormat format, double llc,
+                                                                  ThreadPool& pool) {
+  const size_t E = config.num_experts, H = config.hidden, I = config.intermediate, n = E * I * H;
   std::vector<bf16_t> gate(n), up(n), down(n);
   FillRandomBf16(pool, 1, n, 1.0f / std::sqrt(static_cast<float>(H)), gate.data());
   FillRandomBf16(pool, 2, n, 1.0f / std::sqrt(static_cast<float>(H)), up.data());
   FillRandomBf16(pool, 3, n, 1.0f / std::sqrt(static_cast<float>(I)), down.data());
   std::vector<std::unique_ptr<MoeLayer>> layers;
   double layer_bytes = 0;
-  // Copies of the layer to exceed 4x the last-level cache (the AMX host's is 300 MiB: one Qwen3-30B int4 layer
-  // would fit it), and routings that avoid the experts of the calls that read 2x the cache before each.
-  const double llc = LastLevelCacheBytes() > 0 ? static_cast<double>(LastLevelCacheBytes()) : 32.0 * (1 << 20);
   do {
-    absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(config, isa, *format);
-    if (!moe.ok()) {
-      std::fprintf(stderr, "decode_probe: %s\n", moe.status().ToString().c_str());
-      return 1;
-    }
-    if (absl::Status s = (*moe)->LoadWeights(gate.data(), up.data(), down.data(), nullptr, pool); !s.ok()) {
-      std::fprintf(stderr, "decode_probe: %s\n", s.ToString().c_str());
-      return 1;
-    }
+    absl::StatusOr<std::unique_ptr<MoeLayer>> moe = MoeLayer::Create(config, isa, format);
+    if (!moe.ok()) return moe.status();
+    if (absl::Status s = (*moe)->LoadWeights(gate.data(), up.data(), down.data(), nullptr, pool); !s.ok()) return s;
     layer_bytes = static_cast<double>((*moe)->weight_bytes());
     layers.push_back(std::move(*moe));
   } while (layer_bytes * layers.size() < 4 * llc);
-  gate = {};
-  up = {};
-  down = {};
-  const double expert_bytes = layer_bytes / E;
-  const int copies = static_cast<int>(layers.size());
+  return layers;
+}
 
-  const size_t buf_bytes = std::max<size_t>(size_t{1} << 30, static_cast<size_t>(8 * llc));
-  uint8_t* buf = static_cast<uint8_t*>(AllocateArray(buf_bytes));
-  pool.ParallelFor(threads, [&](size_t t, int) {
-    std::memset(buf + t * (buf_bytes / threads), static_cast<int>(t + 1), buf_bytes / threads);
-  });
-
-  std::mt19937_64 rng(5);
-  const int warmup = 3;
-  const int window = static_cast<int>(std::ceil(2 * llc / (8 * expert_bytes * copies)));
-  std::vector<Routing> routings = CacheAvoidingRoutings(rng, 2 * (iters + warmup), 1, 8, 128, copies, window);
-  std::vector<bf16_t> x(H), y(H);
-  for (size_t i = 0; i < H; ++i) x[i] = F32ToBf16(std::sqrt(3.0f) * UniformSym(Mix(9), i));
-
-  // Kernel-only scratch: per thread, a prepared row of x and h and an output row.
-  const PackedExperts& pe0 = layers[0]->experts();
-  const bool quant = pe0.quantized_activations();
-  const size_t gx = pe0.ActivationGroups(ExpertProj::kGate), gh = pe0.ActivationGroups(ExpertProj::kDown);
-  std::vector<int8_t> qx(H + 64), qh(I + 64);
-  std::vector<float> sxv(gx), shv(gh);
-  std::vector<int32_t> xs(gx), hs(gh);
-  std::vector<bf16_t> hb(I, F32ToBf16(0.01f));
-  if (quant) {
-    pe0.PrepareRow(ExpertProj::kGate, x.data(), qx.data(), sxv.data(), xs.data());
-    pe0.PrepareRow(ExpertProj::kDown, hb.data(), qh.data(), shv.data(), hs.data());
+// Step 2: a streaming read of `bytes` from `buf` (at *offset, advanced), each thread its share (static split)
+// as S interleaved streams for each S of kStreams; GB/s per S into ys, the best returned.
+constexpr size_t kStreams[] = {1, 2, 4, 8};
+double Yardstick(ThreadPool& pool, int threads, const uint8_t* buf, size_t buf_bytes, size_t* offset,
+                 double bytes, double ys[4]) {
+  const size_t share = (static_cast<size_t>(bytes) / threads) / 4096 * 4096;
+  double best = 0;
+  for (int si = 0; si < 4; ++si) {
+    if (*offset + share * threads > buf_bytes) *offset = 0;
+    const uint8_t* base = buf + *offset;
+    *offset += share * threads;
+    const Clock::time_point t0 = Clock::now();
+    pool.ParallelFor(threads, [&](size_t t, int) {
+      g_sink.fetch_add(tools::SumReadStreams(base + t * share, share, kStreams[si]), std::memory_order_relaxed);
+    });
+    ys[si] = share * threads / Since(t0) / 1e9;
+    best = std::max(best, ys[si]);
   }
-  std::vector<float> yk(static_cast<size_t>(threads) * std::max(H, I));
+  return best;
+}
 
-  size_t offset = 0;
-  const size_t kStreams[] = {1, 2, 4, 8};
-  std::vector<double> cpu0, ctx, wall, hot, dec_quiet, dec_cpu, dec_b;
-  std::vector<double> dec, ker, ratio, kratio, yard[4], yard_best;
-  for (int it = -warmup; it < iters; ++it) {
-    if (ab) {
-      // The same kind of call under tiling B (MoeTiling, bit-identical results), on the next routing.
-      const Routing& rb = routings[iters + 2 * warmup + it];
-      MoeLayer& lb = *layers[(it + warmup + 1) % copies];
-      (void)lb.SetTiling(ab_tiling);
-      Clock::time_point tb = Clock::now();
-      (void)lb.Forward(pool, 1, 8, rb.ids.data(), rb.weights.data(), x.data(), y.data(), nullptr);
-      const double secb = Since(tb);
-      (void)lb.SetTiling(MoeTiling{});
-      if (it >= 0) dec_b.push_back(rb.distinct_experts * expert_bytes / secb / 1e9);
-    }
-    const Routing& r = routings[it + warmup];
-    MoeLayer& layer = *layers[(it + warmup) % copies];
-    const double bytes = r.distinct_experts * expert_bytes;
-    timespec c0, c1;
-    rusage u0, u1;
-    getrusage(RUSAGE_THREAD, &u0);
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-    Clock::time_point t0 = Clock::now();
-    absl::Status s = layer.Forward(pool, 1, 8, r.ids.data(), r.weights.data(), x.data(), y.data(), nullptr);
-    const double sec = Since(t0);
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-    getrusage(RUSAGE_THREAD, &u1);
-    if (it >= 0) {
-      cpu0.push_back((c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec));
-      ctx.push_back(u1.ru_nivcsw - u0.ru_nivcsw + u1.ru_nvcsw - u0.ru_nvcsw);
-      wall.push_back(sec);
-      if (ctx.back() == 0) {
-        dec_quiet.push_back(r.distinct_experts * expert_bytes / sec / 1e9);
-        dec_cpu.push_back(r.distinct_experts * expert_bytes / cpu0.back() / 1e9);
-      }
-    }
-    if (!s.ok()) {
-      std::fprintf(stderr, "decode_probe: %s\n", s.ToString().c_str());
-      return 1;
-    }
-    // Yardstick over the same bytes, each thread its share (static split), on the pool's threads.
-    const size_t share = (static_cast<size_t>(bytes) / threads) / 4096 * 4096;
-    double best = 0, ys[4];
-    for (int si = 0; si < 4; ++si) {
-      if (offset + share * threads > buf_bytes) offset = 0;
-      const uint8_t* base = buf + offset;
-      offset += share * threads;
-      t0 = Clock::now();
-      pool.ParallelFor(threads, [&](size_t t, int) {
-        g_sink.fetch_add(tools::SumReadStreams(base + t * share, share, kStreams[si]), std::memory_order_relaxed);
-      });
-      ys[si] = share * threads / Since(t0) / 1e9;
-      best = std::max(best, ys[si]);
-    }
-    double ksec = 0;
-    if (kernel) {
-      // Each distinct expert's three matrices whole, the experts split over threads statically.
-      std::vector<int> ex;
-      for (int j = 0; j < 8; ++j) ex.push_back(static_cast<int>(r.ids[j]));
-      std::sort(ex.begin(), ex.end());
-      ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
-      const PackedExperts& pe = layer.experts();
-      ProjInput inx, inh;
-      if (quant) {
-        inx.qx = qx.data(); inx.sx = sxv.data(); inx.xsum = xs.data(); inx.ld = H;
-        inh.qx = qh.data(); inh.sx = shv.data(); inh.xsum = hs.data(); inh.ld = I;
-      } else {
-        inx.x = x.data(); inx.ld = H;
-        inh.x = hb.data(); inh.ld = I;
-      }
-      double ksec_cold = 0;
-      for (int pass = 0; pass < 2; ++pass) {
-      t0 = Clock::now();
-      // Column blocks of 192 rows per task so that both threads stay busy.
-      const size_t gblk = 192, dblk = 512;
-      const size_t gtasks = (I + gblk - 1) / gblk, dtasks = (H + dblk - 1) / dblk;
-      const size_t per = 2 * gtasks + dtasks;
-      pool.ParallelFor(ex.size() * per, [&](size_t task, int thread) {
-        const int e = ex[task / per];
-        size_t tk = task % per;
-        float* yo = yk.data() + static_cast<size_t>(thread) * std::max(H, I);
-        if (tk < 2 * gtasks) {
-          const ExpertProj p = tk < gtasks ? ExpertProj::kGate : ExpertProj::kUp;
-          const size_t c0 = (tk % gtasks) * gblk;
-          pe.ProjectBlock(p, e, c0, std::min(gblk, I - c0), inx, 1, yo, I);
-        } else {
-          const size_t c0 = (tk - 2 * gtasks) * dblk;
-          pe.ProjectBlock(ExpertProj::kDown, e, c0, std::min(dblk, H - c0), inh, 1, yo, H);
-        }
-      });
-      ksec = Since(t0);
-      if (pass == 1) hot.push_back(bytes / ksec / 1e9);
-      if (pass == 0) ksec_cold = ksec;
-      }
-      ksec = ksec_cold;
-    }
-    if (it < 0) continue;
-    dec.push_back(bytes / sec / 1e9);
-    for (int si = 0; si < 4; ++si) yard[si].push_back(ys[si]);
-    yard_best.push_back(best);
-    ratio.push_back(bytes / sec / 1e9 / best);
-    if (kernel) {
-      ker.push_back(bytes / ksec / 1e9);
-      kratio.push_back(bytes / ksec / 1e9 / best);
-    }
-  }
-  std::printf("decode_probe: %s %s, %s path, %d threads, %d copies (%.0f MB; last-level cache %.0f MB), %d iterations, "
-              "CPU %s\n", ExpertFormatName(*format), big ? "Qwen3-235B-A22B" : "Qwen3-30B-A3B", IsaName(isa), threads,
-              copies, layer_bytes * copies / 1e6, llc / 1e6, iters, GetCpuFeatures().brand.c_str());
-  std::printf("  decode     median %.2f GB/s (%.0f us per call, %.1f MB); fast quartile (p75) %.2f GB/s\n", Median(dec),
-              8 * expert_bytes * 1e-3 / Median(dec), 8 * expert_bytes / 1e6, Quantile(dec, 0.75));
-  std::printf("  decode, iterations without a context switch on thread 0 (%zu): median %.2f GB/s, by its cpu time %.2f GB/s\n",
-              dec_quiet.size(), Median(dec_quiet), Median(dec_cpu));
-  if (ab) {
-    std::printf("  decode B   tiling %d,%d: median %.2f GB/s, p75 %.2f GB/s (A: median %.2f, p75 %.2f)\n", ab_tiling.gate_up_panels,
-                ab_tiling.down_panels, Median(dec_b), Quantile(dec_b, 0.75), Median(dec), Quantile(dec, 0.75));
-  }
-  std::printf("  thread 0   median wall %.0f us, cpu %.0f us, context switches %.1f\n", 1e6 * Median(wall),
-              1e6 * Median(cpu0), Median(ctx));
-  if (kernel) std::printf("  kernels    median %.2f GB/s (projections alone, no pipeline), p75 %.2f; again at once (L3-hot): %.2f GB/s\n", Median(ker), Quantile(ker, 0.75), Median(hot));
-  std::printf("  yardstick  median GB/s by streams per thread: 1: %.2f  2: %.2f  4: %.2f  8: %.2f; best per iteration %.2f (p75 %.2f)\n",
-              Median(yard[0]), Median(yard[1]), Median(yard[2]), Median(yard[3]), Median(yard_best), Quantile(yard_best, 0.75));
-  std::printf("  fast-quartile ratio (p75 decode / p75 best yardstick) %.1f%%%s\n", 100 * Quantile(dec, 0.75) / Quantile(yard_best, 0.75),
-              kernel ? "" : "");
-  std::printf("  ratio      decode / best yardstick of the same iteration: median %.1f%% (p25 %.1f%%, p75 %.1f%%)\n",
-              100 * Median(ratio), 100 * [&] { auto v = ratio; std::sort(v.begin(), v.end()); return v[v.size() / 4]; }(),
-              100 * [&] { auto v = ratio; std::sort(v.begin(), v.end()); return v[3 * v.size() / 4]; }());
-  if (kernel) std::printf("  ratio      kernels / best yardstick: median %.1f%%\n", 100 * Median(kratio));
-  if (kernel) {
-    // The kernel on a block that stays in L2 (gate rows [0, 128) of expert 0: 128 * H weights), 200 times.
-    const PackedExperts& pe = layers[0]->experts();
-    ProjInput inx;
-    if (quant) {
-      inx.qx = qx.data(); inx.sx = sxv.data(); inx.xsum = xs.data(); inx.ld = H;
+// Step 3's inputs: a prepared row of x and of h (quantized where the format quantizes activations).
+struct KernelInputs {
+  std::vector<int8_t> qx, qh;
+  std::vector<float> sx, sh;
+  std::vector<int32_t> xs, hs;
+  std::vector<bf16_t> hb;
+  ProjInput inx, inh;
+
+  KernelInputs(const PackedExperts& pe, const std::vector<bf16_t>& x, size_t H, size_t I)
+      : qx(H + 64), qh(I + 64), sx(pe.ActivationGroups(ExpertProj::kGate)),
+        sh(pe.ActivationGroups(ExpertProj::kDown)), xs(sx.size()), hs(sh.size()), hb(I, F32ToBf16(0.01f)) {
+    if (pe.quantized_activations()) {
+      pe.PrepareRow(ExpertProj::kGate, x.data(), qx.data(), sx.data(), xs.data());
+      pe.PrepareRow(ExpertProj::kDown, hb.data(), qh.data(), sh.data(), hs.data());
+      inx.qx = qx.data(); inx.sx = sx.data(); inx.xsum = xs.data(); inx.ld = H;
+      inh.qx = qh.data(); inh.sx = sh.data(); inh.xsum = hs.data(); inh.ld = I;
     } else {
       inx.x = x.data(); inx.ld = H;
-    }
-    for (int rep = 0; rep < 3; ++rep) {
-      Clock::time_point t0 = Clock::now();
-      for (int i = 0; i < 200; ++i) pe.ProjectBlock(ExpertProj::kGate, 0, 0, 128, inx, 1, yk.data(), H);
-      const double sec = Since(t0);
-      std::printf("  L2-hot     gate block 128 x %zu of one expert, 200 calls: %.2f GB/s\n", H,
-                  200.0 * expert_bytes / 3 * 128 / I / sec / 1e9);
+      inh.x = hb.data(); inh.ld = I;
     }
   }
-  // Whether the weights and the yardstick's buffer got huge pages (kt/runtime/memory.h advises them).
+};
+
+// Step 3: the call's distinct experts' three matrices whole, column blocks split over the threads (192 rows
+// of gate/up, 512 of down per task, so that every thread stays busy), no pipeline. Seconds of the first
+// (cold) pass; *hot_seconds: the same again at once (L3-hot).
+double KernelPass(ThreadPool& pool, const PackedExperts& pe, const Routing& r, const KernelInputs& in, size_t H,
+                  size_t I, std::vector<float>& scratch, double* hot_seconds) {
+  std::vector<int> ex(r.ids.begin(), r.ids.begin() + 8);
+  std::sort(ex.begin(), ex.end());
+  ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
+  const size_t gblk = 192, dblk = 512;
+  const size_t gtasks = (I + gblk - 1) / gblk, dtasks = (H + dblk - 1) / dblk, per = 2 * gtasks + dtasks;
+  double cold = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const Clock::time_point t0 = Clock::now();
+    pool.ParallelFor(ex.size() * per, [&](size_t task, int thread) {
+      const int e = ex[task / per];
+      const size_t tk = task % per;
+      float* yo = scratch.data() + static_cast<size_t>(thread) * std::max(H, I);
+      if (tk < 2 * gtasks) {
+        const ExpertProj p = tk < gtasks ? ExpertProj::kGate : ExpertProj::kUp;
+        const size_t c0 = (tk % gtasks) * gblk;
+        pe.ProjectBlock(p, e, c0, std::min(gblk, I - c0), in.inx, 1, yo, I);
+      } else {
+        const size_t c0 = (tk - 2 * gtasks) * dblk;
+        pe.ProjectBlock(ExpertProj::kDown, e, c0, std::min(dblk, H - c0), in.inh, 1, yo, H);
+      }
+    });
+    (pass == 0 ? cold : *hot_seconds) = Since(t0);
+  }
+  return cold;
+}
+
+// Everything one run measures, one entry per timed iteration (GB/s unless named otherwise).
+struct Samples {
+  std::vector<double> cpu0, ctx, wall, hot, dec_quiet, dec_cpu, dec_b;
+  std::vector<double> dec, ker, ratio, kratio, yard[4], yard_best;
+};
+
+void Report(const Flags& f, const char* format, const char* shape, Isa isa, int copies, double layer_bytes,
+            double llc, double expert_bytes, const Samples& m) {
+  std::printf("decode_probe: %s %s, %s path, %d threads, %d copies (%.0f MB; last-level cache %.0f MB), %d iterations, "
+              "CPU %s\n", format, shape, IsaName(isa), f.threads, copies, layer_bytes * copies / 1e6, llc / 1e6,
+              f.iters, GetCpuFeatures().brand.c_str());
+  std::printf("  decode     median %.2f GB/s (%.0f us per call, %.1f MB); fast quartile (p75) %.2f GB/s\n",
+              Median(m.dec), 8 * expert_bytes * 1e-3 / Median(m.dec), 8 * expert_bytes / 1e6, Quantile(m.dec, 0.75));
+  std::printf("  decode, iterations without a context switch on thread 0 (%zu): median %.2f GB/s, by its cpu time %.2f GB/s\n",
+              m.dec_quiet.size(), Median(m.dec_quiet), Median(m.dec_cpu));
+  if (f.ab) {
+    std::printf("  decode B   tiling %d,%d: median %.2f GB/s, p75 %.2f GB/s (A: median %.2f, p75 %.2f)\n",
+                f.ab_tiling.gate_up_panels, f.ab_tiling.down_panels, Median(m.dec_b), Quantile(m.dec_b, 0.75),
+                Median(m.dec), Quantile(m.dec, 0.75));
+  }
+  std::printf("  thread 0   median wall %.0f us, cpu %.0f us, context switches %.1f\n", 1e6 * Median(m.wall),
+              1e6 * Median(m.cpu0), Median(m.ctx));
+  if (f.kernel) {
+    std::printf("  kernels    median %.2f GB/s (projections alone, no pipeline), p75 %.2f; again at once (L3-hot): %.2f GB/s\n",
+                Median(m.ker), Quantile(m.ker, 0.75), Median(m.hot));
+  }
+  std::printf("  yardstick  median GB/s by streams per thread: 1: %.2f  2: %.2f  4: %.2f  8: %.2f; best per iteration %.2f (p75 %.2f)\n",
+              Median(m.yard[0]), Median(m.yard[1]), Median(m.yard[2]), Median(m.yard[3]), Median(m.yard_best),
+              Quantile(m.yard_best, 0.75));
+  std::printf("  fast-quartile ratio (p75 decode / p75 best yardstick) %.1f%%\n",
+              100 * Quantile(m.dec, 0.75) / Quantile(m.yard_best, 0.75));
+  std::printf("  ratio      decode / best yardstick of the same iteration: median %.1f%% (p25 %.1f%%, p75 %.1f%%)\n",
+              100 * Median(m.ratio), 100 * Quantile(m.ratio, 0.25), 100 * Quantile(m.ratio, 0.75));
+  if (f.kernel) std::printf("  ratio      kernels / best yardstick: median %.1f%%\n", 100 * Median(m.kratio));
+}
+
+// The kernel on a block that stays in L2 (gate rows [0, 128) of expert 0: 128 * H weights), 200 calls, 3 times.
+void L2HotKernel(const PackedExperts& pe, const KernelInputs& in, size_t H, size_t I, double expert_bytes,
+                 std::vector<float>& scratch) {
+  for (int rep = 0; rep < 3; ++rep) {
+    const Clock::time_point t0 = Clock::now();
+    for (int i = 0; i < 200; ++i) pe.ProjectBlock(ExpertProj::kGate, 0, 0, 128, in.inx, 1, scratch.data(), H);
+    const double sec = Since(t0);
+    std::printf("  L2-hot     gate block 128 x %zu of one expert, 200 calls: %.2f GB/s\n", H,
+                200.0 * expert_bytes / 3 * 128 / I / sec / 1e9);
+  }
+}
+
+// Whether the weights and the yardstick's buffer got huge pages (kt/runtime/memory.h advises them).
+void ReportMemory() {
   if (FILE* f = std::fopen("/proc/self/smaps_rollup", "r")) {
     char line[256];
     while (std::fgets(line, sizeof(line), f)) {
@@ -311,6 +243,122 @@ int Run(int argc, char** argv) {
     }
     std::fclose(f);
   }
+}
+
+// Step 1 (and --ab's call under tiling B before it): one decode call on `layer`, timed with thread 0's cpu
+// time and context switches. Records into m when `record`.
+absl::Status TimedDecode(ThreadPool& pool, MoeLayer& layer, const Routing& r, const std::vector<bf16_t>& x,
+                         std::vector<bf16_t>& y, double bytes, bool record, Samples* m, double* seconds) {
+  timespec c0, c1;
+  rusage u0, u1;
+  getrusage(RUSAGE_THREAD, &u0);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+  const Clock::time_point t0 = Clock::now();
+  absl::Status s = layer.Forward(pool, 1, 8, r.ids.data(), r.weights.data(), x.data(), y.data(), nullptr);
+  *seconds = Since(t0);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+  getrusage(RUSAGE_THREAD, &u1);
+  if (record) {
+    m->cpu0.push_back((c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec));
+    m->ctx.push_back(u1.ru_nivcsw - u0.ru_nivcsw + u1.ru_nvcsw - u0.ru_nvcsw);
+    m->wall.push_back(*seconds);
+    if (m->ctx.back() == 0) {
+      m->dec_quiet.push_back(bytes / *seconds / 1e9);
+      m->dec_cpu.push_back(bytes / m->cpu0.back() / 1e9);
+    }
+  }
+  return s;
+}
+
+int Run(int argc, char** argv) {
+  Flags f;
+  if (!ParseFlags(argc, argv, &f)) return 2;
+  absl::StatusOr<ExpertFormat> format = ParseExpertFormat(f.format_name);
+  if (!format.ok()) {
+    std::fprintf(stderr, "decode_probe: %s\n", std::string(format.status().message()).c_str());
+    return 2;
+  }
+  const bool big = f.shape_name == "235b";
+  MoeConfig config;
+  config.num_experts = 128;
+  config.top_k = 8;
+  config.hidden = big ? 4096 : 2048;
+  config.intermediate = big ? 1536 : 768;
+  config.max_len = 8;
+  config.group_size = f.group;
+  const absl::StatusOr<Isa> isa_or = tools::SelectIsa();
+  if (!isa_or.ok()) return 2;
+  const Isa isa = *isa_or;
+  const int threads = f.threads, iters = f.iters;
+  ThreadPool pool(ThreadPoolOptions{threads, false});
+  const size_t E = config.num_experts, H = config.hidden, I = config.intermediate;
+  const double llc = LastLevelCacheBytes() > 0 ? static_cast<double>(LastLevelCacheBytes()) : 32.0 * (1 << 20);
+  absl::StatusOr<std::vector<std::unique_ptr<MoeLayer>>> made = MakeLayers(config, isa, *format, llc, pool);
+  if (!made.ok()) {
+    std::fprintf(stderr, "decode_probe: %s\n", made.status().ToString().c_str());
+    return 1;
+  }
+  std::vector<std::unique_ptr<MoeLayer>>& layers = *made;
+  const double layer_bytes = static_cast<double>(layers[0]->weight_bytes());
+  const double expert_bytes = layer_bytes / E;
+  const int copies = static_cast<int>(layers.size());
+
+  const size_t buf_bytes = std::max<size_t>(size_t{1} << 30, static_cast<size_t>(8 * llc));
+  uint8_t* buf = static_cast<uint8_t*>(AllocateArray(buf_bytes));
+  pool.ParallelFor(threads, [&](size_t t, int) {
+    std::memset(buf + t * (buf_bytes / threads), static_cast<int>(t + 1), buf_bytes / threads);
+  });
+
+  // Routings that avoid the experts of the calls that read 2x the cache before each.
+  std::mt19937_64 rng(5);
+  const int warmup = 3;
+  const int window = static_cast<int>(std::ceil(2 * llc / (8 * expert_bytes * copies)));
+  std::vector<Routing> routings = CacheAvoidingRoutings(rng, 2 * (iters + warmup), 1, 8, 128, copies, window);
+  std::vector<bf16_t> x(H), y(H);
+  for (size_t i = 0; i < H; ++i) x[i] = F32ToBf16(std::sqrt(3.0f) * UniformSym(Mix(9), i));
+  const KernelInputs kin(layers[0]->experts(), x, H, I);
+  std::vector<float> scratch(static_cast<size_t>(threads) * std::max(H, I));
+
+  size_t offset = 0;
+  Samples m;
+  for (int it = -warmup; it < iters; ++it) {
+    double sec = 0;
+    if (f.ab) {
+      // The same kind of call under tiling B (MoeTiling, bit-identical results), on the next routing.
+      const Routing& rb = routings[iters + 2 * warmup + it];
+      MoeLayer& lb = *layers[(it + warmup + 1) % copies];
+      (void)lb.SetTiling(f.ab_tiling);
+      Samples ignored;
+      (void)TimedDecode(pool, lb, rb, x, y, 0, false, &ignored, &sec);
+      (void)lb.SetTiling(MoeTiling{});
+      if (it >= 0) m.dec_b.push_back(rb.distinct_experts * expert_bytes / sec / 1e9);
+    }
+    const Routing& r = routings[it + warmup];
+    MoeLayer& layer = *layers[(it + warmup) % copies];
+    const double bytes = r.distinct_experts * expert_bytes;
+    if (absl::Status s = TimedDecode(pool, layer, r, x, y, bytes, it >= 0, &m, &sec); !s.ok()) {
+      std::fprintf(stderr, "decode_probe: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    double ys[4];
+    const double best = Yardstick(pool, threads, buf, buf_bytes, &offset, bytes, ys);
+    double ksec = 0, hot = 0;
+    if (f.kernel) ksec = KernelPass(pool, layer.experts(), r, kin, H, I, scratch, &hot);
+    if (it < 0) continue;
+    m.dec.push_back(bytes / sec / 1e9);
+    for (int si = 0; si < 4; ++si) m.yard[si].push_back(ys[si]);
+    m.yard_best.push_back(best);
+    m.ratio.push_back(bytes / sec / 1e9 / best);
+    if (f.kernel) {
+      m.hot.push_back(bytes / hot / 1e9);
+      m.ker.push_back(bytes / ksec / 1e9);
+      m.kratio.push_back(bytes / ksec / 1e9 / best);
+    }
+  }
+  Report(f, ExpertFormatName(*format), big ? "Qwen3-235B-A22B" : "Qwen3-30B-A3B", isa, copies, layer_bytes, llc,
+         expert_bytes, m);
+  if (f.kernel) L2HotKernel(layers[0]->experts(), kin, H, I, expert_bytes, scratch);
+  ReportMemory();
   std::free(buf);
   return 0;
 }

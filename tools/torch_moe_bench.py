@@ -5,6 +5,10 @@ For every activated expert: index its tokens, h = silu(x @ Wg.T) * (x @ Wu.T), y
 y * routing weight into the output with index_add_ (the usual Hugging Face style loop). Weights are random
 (this measures time, not accuracy). Prints one JSON line per qlen:
   {"qlen": 1, "seconds_per_iter": ..., "tflops": ..., ...}
+For qlen >= --dense-min-qlen the line also carries the same FLOPs as dense GEMMs (oneDNN's best case: every
+expert gets exactly qlen*topk/experts rows, no gather or scatter): bf16 torch.bmm for gate+up (one [E, M, H]
+x [E, H, 2I]) and down, "dense_seconds"/"dense_tflops"; and, where torch has CPU torch._int_mm, the int8
+GEMMs of those shapes (one per expert), "dense_int8_seconds"/"dense_int8_tops".
 """
 import argparse
 import json
@@ -27,6 +31,8 @@ def main():
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop timing a qlen after this many seconds (at least one iteration is timed)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dense-min-qlen", type=int, default=256,
+                   help="time the dense GEMMs of the same FLOPs for token counts from this one (0: never)")
     args = p.parse_args()
     if len(args.iters) not in (1, len(args.qlen)):
         p.error("--iters takes one value or one per --qlen")
@@ -93,7 +99,7 @@ def main():
                 times.append(time.perf_counter() - t)
         sec = statistics.median(times)
         flop = 2.0 * 3.0 * H * I * K * qlen
-        print(json.dumps({
+        line = {
             "qlen": qlen,
             "seconds_per_iter": sec,
             "tflops": flop / sec / 1e12,
@@ -101,8 +107,64 @@ def main():
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "setup_seconds": round(setup_s, 2),
-        }), flush=True)
+        }
+        if args.dense_min_qlen and qlen >= args.dense_min_qlen:
+            line.update(dense(torch, F, wg, wu, wd, K, qlen, max(n, 2), args.max_seconds))
+        print(json.dumps(line), flush=True)
     return 0
+
+
+def timed(fn, iters, max_seconds):
+    fn()  # warm-up: oneDNN's first call picks and packs its kernels
+    times = []
+    start = time.perf_counter()
+    while len(times) < iters and (not times or time.perf_counter() - start < max_seconds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def dense(torch, F, wg, wu, wd, topk, qlen, iters, max_seconds):
+    """The layer's FLOPs as dense GEMMs with perfectly balanced routing (the ceiling of a GEMM library):
+    every expert gets M = qlen * topk / E rows (the FLOPs are counted from M, so a rounded M is fair)."""
+    E, I, H = wg.shape
+    M = max(1, round(qlen * topk / E))
+    flop = 2.0 * 3.0 * H * I * E * M
+    out = {"dense_rows_per_expert": M}
+    with torch.inference_mode():
+        w_gu = torch.cat([wg, wu], dim=1).transpose(1, 2).contiguous()  # [E, H, 2I]
+        w_d = wd.transpose(1, 2).contiguous()  # [E, I, H]
+        x = torch.randn(E, M, H).to(torch.bfloat16)
+
+        def bf16():
+            gu = torch.bmm(x, w_gu)
+            h = F.silu(gu[:, :, :I]) * gu[:, :, I:]
+            return torch.bmm(h, w_d)
+
+        sec = timed(bf16, iters, max_seconds)
+        out.update({"dense_seconds": sec, "dense_tflops": flop / sec / 1e12})
+        int_mm = getattr(torch, "_int_mm", None)
+        if int_mm is not None:
+            try:
+                # torch._int_mm: int8 x int8 -> int32 (oneDNN on CPU), one call per expert and GEMM; the
+                # activation quantization between them is left out (a lower bound on the time).
+                q_gu = torch.randint(-127, 128, (E, H, 2 * I), dtype=torch.int8)
+                q_d = torch.randint(-127, 128, (E, I, H), dtype=torch.int8)
+                q_x = torch.randint(-127, 128, (E, max(M, 17), H), dtype=torch.int8)
+                q_h = torch.randint(-127, 128, (E, max(M, 17), I), dtype=torch.int8)
+
+                def int8():
+                    for e in range(E):
+                        int_mm(q_x[e], q_gu[e])
+                        int_mm(q_h[e], q_d[e])
+
+                sec8 = timed(int8, iters, max_seconds)
+                flop8 = 2.0 * 3.0 * H * I * E * max(M, 17)
+                out.update({"dense_int8_seconds": sec8, "dense_int8_tops": flop8 / sec8 / 1e12})
+            except RuntimeError as e:  # no CPU kernel in this build
+                out["dense_int8_error"] = str(e).splitlines()[0][:200]
+    return out
 
 
 if __name__ == "__main__":

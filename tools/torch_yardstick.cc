@@ -123,6 +123,10 @@ TorchResult RunTorch(const TorchRequest& flags) {
     } else if (static_cast<int>(qlen) == flags.qlen_prefill) {
       result.prefill_seconds = sec;
       result.prefill_tflops = JsonNumber(line, "tflops");
+      result.dense_seconds = JsonNumber(line, "dense_seconds");
+      result.dense_tflops = JsonNumber(line, "dense_tflops");
+      result.dense_int8_seconds = JsonNumber(line, "dense_int8_seconds");
+      result.dense_int8_tops = JsonNumber(line, "dense_int8_tops");
       ++parsed;
     }
   }
@@ -130,6 +134,19 @@ TorchResult RunTorch(const TorchRequest& flags) {
   if (rc != 0) std::printf("  the script exited with status %d\n", rc);
   result.ok = parsed > 0;
   return result;
+}
+
+void PrintDenseComparison(const TorchResult& r, double kt_pre) {
+  if (!std::isnan(r.dense_seconds)) {
+    std::printf("  dense    bf16 torch.bmm, balanced routing, same FLOPs: %.2f ms (%.3f TFLOPS) -> kt/dense speed %.2fx\n",
+                r.dense_seconds * 1e3, r.dense_tflops, r.dense_seconds / kt_pre);
+  }
+  if (!std::isnan(r.dense_int8_seconds)) {
+    std::printf("  dense    int8 torch._int_mm per expert, no activation quantization: %.2f ms (%.3f TOPS) -> kt/dense "
+                "speed %.2fx\n",
+                r.dense_int8_seconds * 1e3, r.dense_int8_tops, r.dense_int8_seconds / kt_pre);
+  }
+  std::fflush(stdout);
 }
 
 }  // namespace tools

@@ -25,11 +25,20 @@ struct TorchResult {
   double decode_seconds = std::nan("");
   double prefill_seconds = std::nan("");
   double prefill_tflops = std::nan("");
+  // The prefill's FLOPs as dense GEMMs with balanced routing (torch.bmm bf16; torch._int_mm int8 where the
+  // build has it): the GEMM library's ceiling on this machine, beside kt's layer.
+  double dense_seconds = std::nan("");
+  double dense_tflops = std::nan("");
+  double dense_int8_seconds = std::nan("");
+  double dense_int8_tops = std::nan("");
 };
 
 // Runs the script (printing its output, indented) or says why it was skipped: --no-torch, no torch in the
 // interpreter, or no script found.
 TorchResult RunTorch(const TorchRequest& request);
+
+// The dense GEMM lines of `result` (if it has them) against kt's prefill time per layer; flushes stdout.
+void PrintDenseComparison(const TorchResult& result, double kt_prefill_seconds);
 
 }  // namespace tools
 }  // namespace kt

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "kt/io/json.h"
+#include "kt/io/status_macros.h"
 
 namespace kt {
 namespace {
@@ -147,15 +148,6 @@ class Reader {
   const json::Value* object_;
   std::string path_;
 };
-
-#define KT_ASSIGN_OR_RETURN(lhs, expr) \
-  KT_ASSIGN_OR_RETURN_IMPL(KT_ARCH_CONCAT(status_or_, __LINE__), lhs, expr)
-#define KT_ARCH_CONCAT_INNER(a, b) a##b
-#define KT_ARCH_CONCAT(a, b) KT_ARCH_CONCAT_INNER(a, b)
-#define KT_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
-  auto tmp = (expr);                             \
-  if (!tmp.ok()) return tmp.status();            \
-  lhs = std::move(*tmp)
 
 // ---- The families ---------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kt/io/json.h"
+#include "kt/io/status_macros.h"
 
 namespace kt {
 namespace {
@@ -72,15 +73,6 @@ class Meta {
   std::string arch_;
 };
 
-#define KT_GGUF_ASSIGN_OR_RETURN(lhs, expr) \
-  KT_GGUF_ASSIGN_OR_RETURN_IMPL(KT_GGUF_CONCAT(status_or_, __LINE__), lhs, expr)
-#define KT_GGUF_CONCAT_INNER(a, b) a##b
-#define KT_GGUF_CONCAT(a, b) KT_GGUF_CONCAT_INNER(a, b)
-#define KT_GGUF_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
-  auto tmp = (expr);                                  \
-  if (!tmp.ok()) return tmp.status();                 \
-  lhs = std::move(*tmp)
-
 // A float as JSON text that reads back as the same float (9 significant digits always do).
 std::string FloatText(float f) {
   char buf[32];
@@ -115,7 +107,7 @@ absl::StatusOr<std::string> QwenKeys(const Meta& m, const std::string& arch, int
   const bool qwen2 = arch == "qwen2moe";
   int64_t shared = 0;
   if (qwen2) {
-    KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_feed_forward_length", 0, kMaxDim, 0, ""));
+    KT_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_feed_forward_length", 0, kMaxDim, 0, ""));
   }
   absl::StrAppend(&keys, "\"architectures\": [", qwen2 ? "\"Qwen2MoeForCausalLM\"" : "\"Qwen3MoeForCausalLM\"",
                   "], \"model_type\": ", qwen2 ? "\"qwen2_moe\"" : "\"qwen3_moe\"", ", \"num_experts\": ", experts,
@@ -134,18 +126,18 @@ absl::StatusOr<std::string> DeepseekKeys(const Meta& m, const std::string& arch,
   std::string keys;
   const bool glm = arch == "glm4moe";
   int64_t gating = 0, shared = 0, groups = 1, groups_used = 1;
-  KT_GGUF_ASSIGN_OR_RETURN(gating, m.Int("expert_gating_func", 0, 2, 0, "", "2 (sigmoid)"));
+  KT_ASSIGN_OR_RETURN(gating, m.Int("expert_gating_func", 0, 2, 0, "", "2 (sigmoid)"));
   // 0 (none, or absent): what llama.cpp assumes then: softmax for DeepSeek-V2/V2.5 files, sigmoid for GLM.
   const bool sigmoid = gating == 2 || (gating == 0 && glm);
   const bool v3 = !glm && sigmoid;
   float scale = 1.0f;
   bool norm = false;
-  KT_GGUF_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_count", 0, 64, 0, ""));
-  KT_GGUF_ASSIGN_OR_RETURN(scale, m.Positive("expert_weights_scale", v3 ? std::nullopt : std::optional<float>(1.0f),
+  KT_ASSIGN_OR_RETURN(shared, m.Int("expert_shared_count", 0, 64, 0, ""));
+  KT_ASSIGN_OR_RETURN(scale, m.Positive("expert_weights_scale", v3 ? std::nullopt : std::optional<float>(1.0f),
                                              "DeepSeek-V3 scales the routed experts' sum by it"));
-  KT_GGUF_ASSIGN_OR_RETURN(norm, m.Bool("expert_weights_norm", false));
-  KT_GGUF_ASSIGN_OR_RETURN(groups, m.Int("expert_group_count", 1, experts, 1, "", "expert_count"));
-  KT_GGUF_ASSIGN_OR_RETURN(groups_used, m.Int("expert_group_used_count", 1, groups, groups, "",
+  KT_ASSIGN_OR_RETURN(norm, m.Bool("expert_weights_norm", false));
+  KT_ASSIGN_OR_RETURN(groups, m.Int("expert_group_count", 1, experts, 1, "", "expert_count"));
+  KT_ASSIGN_OR_RETURN(groups_used, m.Int("expert_group_used_count", 1, groups, groups, "",
                                               "expert_group_count"));
   absl::StrAppend(&keys, "\"architectures\": [",
                   glm  ? "\"Glm4MoeForCausalLM\"], \"model_type\": \"glm4_moe\""
@@ -195,24 +187,24 @@ absl::StatusOr<GgufMoeModel> GgufMoeArch(const GgufCheckpoint& ckpt) {
                                                    "has no routed experts to convert"));
   }
   int64_t blocks = 0, nextn = 0, hidden = 0, experts = 0, top_k = 0, first_moe = 0, inter = 0;
-  KT_GGUF_ASSIGN_OR_RETURN(blocks, m.Int("block_count", 1, kMaxLayers, std::nullopt, "the number of decoder layers"));
+  KT_ASSIGN_OR_RETURN(blocks, m.Int("block_count", 1, kMaxLayers, std::nullopt, "the number of decoder layers"));
   // GLM's GGUFs count the multi-token-prediction layers they append in block_count; Hugging Face's
   // num_hidden_layers does not, and kt serves only the decoder layers.
-  KT_GGUF_ASSIGN_OR_RETURN(nextn, m.Int("nextn_predict_layers", 0, blocks - 1, 0, "", "block_count - 1"));
+  KT_ASSIGN_OR_RETURN(nextn, m.Int("nextn_predict_layers", 0, blocks - 1, 0, "", "block_count - 1"));
   const int64_t layers = blocks - nextn;
-  KT_GGUF_ASSIGN_OR_RETURN(hidden, m.Int("embedding_length", 1, kMaxDim, std::nullopt, "the hidden size"));
-  KT_GGUF_ASSIGN_OR_RETURN(experts, m.Int("expert_count", 1, kMaxExperts, std::nullopt, "the routed expert count"));
-  KT_GGUF_ASSIGN_OR_RETURN(top_k, m.Int("expert_used_count", 1, experts, std::nullopt,
+  KT_ASSIGN_OR_RETURN(hidden, m.Int("embedding_length", 1, kMaxDim, std::nullopt, "the hidden size"));
+  KT_ASSIGN_OR_RETURN(experts, m.Int("expert_count", 1, kMaxExperts, std::nullopt, "the routed expert count"));
+  KT_ASSIGN_OR_RETURN(top_k, m.Int("expert_used_count", 1, experts, std::nullopt,
                                         "how many experts each token uses", "expert_count"));
   if (deepseek) {
-    KT_GGUF_ASSIGN_OR_RETURN(first_moe, m.Int("leading_dense_block_count", 0, layers - 1, std::nullopt,
+    KT_ASSIGN_OR_RETURN(first_moe, m.Int("leading_dense_block_count", 0, layers - 1, std::nullopt,
                                               "how many leading layers are dense", "the layer count - 1"));
   }
   if (mixtral) {
-    KT_GGUF_ASSIGN_OR_RETURN(inter, m.Int("feed_forward_length", 1, kMaxDim, std::nullopt,
+    KT_ASSIGN_OR_RETURN(inter, m.Int("feed_forward_length", 1, kMaxDim, std::nullopt,
                                           "the experts' intermediate size"));
   } else if (m.Has("expert_feed_forward_length")) {
-    KT_GGUF_ASSIGN_OR_RETURN(inter, m.Int("expert_feed_forward_length", 1, kMaxDim, std::nullopt, ""));
+    KT_ASSIGN_OR_RETURN(inter, m.Int("expert_feed_forward_length", 1, kMaxDim, std::nullopt, ""));
   } else {
     // Older conversions omit it; llama.cpp then takes the experts' tensors' shape, as here.
     const std::string gate = absl::StrCat("blk.", first_moe, ".ffn_gate_exps.weight");
@@ -227,9 +219,9 @@ absl::StatusOr<GgufMoeModel> GgufMoeArch(const GgufCheckpoint& ckpt) {
   // The family's keys; then one object with "architectures" first, as Hugging Face writes it.
   std::string keys;
   if (qwen) {
-    KT_GGUF_ASSIGN_OR_RETURN(keys, QwenKeys(m, arch, experts, inter));
+    KT_ASSIGN_OR_RETURN(keys, QwenKeys(m, arch, experts, inter));
   } else if (deepseek) {
-    KT_GGUF_ASSIGN_OR_RETURN(keys, DeepseekKeys(m, arch, experts, inter, first_moe));
+    KT_ASSIGN_OR_RETURN(keys, DeepseekKeys(m, arch, experts, inter, first_moe));
   } else {
     keys = absl::StrCat("\"architectures\": [\"MixtralForCausalLM\"], \"model_type\": \"mixtral\"",
                         ", \"num_local_experts\": ", experts, ", \"intermediate_size\": ", inter);

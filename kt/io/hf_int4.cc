@@ -10,18 +10,12 @@
 #include "absl/strings/strip.h"
 #include "kt/io/arch.h"
 #include "kt/io/json.h"
+#include "kt/io/status_macros.h"
 #include "kt/io/safetensors.h"
 #include "kt/kernels/dtype.h"
 
 namespace kt {
 namespace {
-
-#define KT_INT4_RETURN_IF_ERROR(expr)          \
-  do {                                         \
-    if (absl::Status _st = (expr); !_st.ok()) { \
-      return _st;                              \
-    }                                          \
-  } while (0)
 
 std::string Where(const Checkpoint::Located& loc) {
   return absl::StrCat(loc.file->path(), ": tensor \"", loc.info->name, "\"");
@@ -283,13 +277,13 @@ absl::Status FindHfInt4Matrix(const Checkpoint& ckpt, const HfInt4Config& config
   if (!gptq) {
     const Checkpoint::Located p = ckpt.Find(name("weight_packed"));
     const bool bytes = p.info != nullptr && p.info->dtype == Dtype::kU8;
-    KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("weight_packed"), {Dtype::kI32, Dtype::kU8}, {n, bytes ? k / 2 : k / 8}, what,
+    KT_RETURN_IF_ERROR(Need(ckpt, name("weight_packed"), {Dtype::kI32, Dtype::kU8}, {n, bytes ? k / 2 : k / 8}, what,
                             bytes ? "[N, K/2]: 2 nibbles per byte" : "[N, K/8]: 8 nibbles per int32", &out->packed));
-    KT_INT4_RETURN_IF_ERROR(Need(ckpt, scale_name, {Dtype::kBf16, Dtype::kF16, Dtype::kF32}, {n, k / g}, what,
+    KT_RETURN_IF_ERROR(Need(ckpt, scale_name, {Dtype::kBf16, Dtype::kF16, Dtype::kF32}, {n, k / g}, what,
                             absl::StrCat("[N, K/G], G = ", g), &out->scale));
     const Checkpoint::Located s = ckpt.Find(name("weight_shape"));
     const bool i64 = s.info != nullptr && s.info->dtype == Dtype::kI64;
-    KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("weight_shape"), {Dtype::kI32, Dtype::kI64}, {2}, what, "[N, K]", &out->shape));
+    KT_RETURN_IF_ERROR(Need(ckpt, name("weight_shape"), {Dtype::kI32, Dtype::kI64}, {2}, what, "[N, K]", &out->shape));
     const uint8_t* d = out->shape.file->data(*out->shape.info);
     int64_t v[2];
     for (int i = 0; i < 2; ++i) {
@@ -307,16 +301,16 @@ absl::Status FindHfInt4Matrix(const Checkpoint& ckpt, const HfInt4Config& config
     return absl::InvalidArgumentError(absl::StrCat(ckpt.dir(), ": ", what, ": N = ", n,
                                                    " is not a multiple of 8 (GPTQ packs qzeros 8 per int32)"));
   }
-  KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("qweight"), {Dtype::kI32}, {k / 8, n}, what, "[K/8, N]", &out->packed));
-  KT_INT4_RETURN_IF_ERROR(Need(ckpt, scale_name, {Dtype::kF16}, {k / g, n}, what, absl::StrCat("[K/G, N], G = ", g),
+  KT_RETURN_IF_ERROR(Need(ckpt, name("qweight"), {Dtype::kI32}, {k / 8, n}, what, "[K/8, N]", &out->packed));
+  KT_RETURN_IF_ERROR(Need(ckpt, scale_name, {Dtype::kF16}, {k / g, n}, what, absl::StrCat("[K/G, N], G = ", g),
                           &out->scale));
   out->zeros = {};  // optional: sym GPTQ's zero point is 8 whatever it stores (the original ignores qzeros)
   if (ckpt.Find(name("qzeros")).info != nullptr) {
-    KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("qzeros"), {Dtype::kI32}, {k / g, n / 8}, what, "[K/G, N/8]", &out->zeros));
+    KT_RETURN_IF_ERROR(Need(ckpt, name("qzeros"), {Dtype::kI32}, {k / g, n / 8}, what, "[K/G, N/8]", &out->zeros));
   }
   out->g_idx = {};
   if (ckpt.Find(name("g_idx")).info != nullptr) {
-    KT_INT4_RETURN_IF_ERROR(Need(ckpt, name("g_idx"), {Dtype::kI32}, {k}, what, "[K]", &out->g_idx));
+    KT_RETURN_IF_ERROR(Need(ckpt, name("g_idx"), {Dtype::kI32}, {k}, what, "[K]", &out->g_idx));
   }
   return CheckGptqValues(config, *out, k, static_cast<int>(g));
 }
@@ -400,7 +394,7 @@ absl::StatusOr<int> HfInt4GroupSize(const std::string& dir) {
   if (!names.ok()) return names.status();
   int group = 0;
   HfInt4Matrix m;
-  KT_INT4_RETURN_IF_ERROR(FindHfInt4Matrix(**ckpt, *config, names->gate, arch->intermediate, arch->hidden,
+  KT_RETURN_IF_ERROR(FindHfInt4Matrix(**ckpt, *config, names->gate, arch->intermediate, arch->hidden,
                                       "expert 0 gate", &group, &m));
   return group;
 }

@@ -18,13 +18,12 @@
 // (decode), the weights are decoded in registers as they stream; with more rows (prefill), each 128-k block of
 // a whole panel is decoded once into an 8 KiB fp32 buffer (L1) that every row block then reads, and y itself
 // holds the totals.
-// Decode of row blocks with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4), DAZ clear, takes a
-// third way per 128-k block (fp8_decode-inl.h, Fp8HalfDecoder): a byte scan of the block for NaN codes (2
-// operations per vector, and the software prefetch 1 KiB ahead that the decode stream otherwise lacked), then
-// the codes through fp16 (3 integer operations per 16 / 32 codes and vcvtph2ps), two k per step on two
-// accumulator sets when there are fewer than 4 accumulators (the FMA latency bounded a step of one row); a
-// block with a NaN code takes the fast decode above. The fp16 values are the weights times 2^-8, taken back on
-// the block's accumulators (exact), so only the order of the fp32 additions differs from the prefill's.
+// Decode (up to kFp8DecodeMaxRows rows: 2 on AVX2, 4 on AVX3), DAZ clear, takes a third way
+// (fp8_decode-inl.h, Fp8DecodeRows): two panels side by side, the activations pre-multiplied by 2^112 so that
+// the codes need integer operations only (sign-extend, shift, and: the E4M3 value times 2^-120, products
+// x * w * 2^-8), NaN codes found inside the loop, the 2^-8 taken back per block (exact): bit for bit the sums
+// of the fp16 decode this kernel had before. A block with a NaN code or an |x| >= 2^16 takes the fast decode
+// above, in one chain.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_fp8_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -109,76 +108,7 @@ HWY_NOINLINE void BlockExact(size_t c0, size_t c1, const float (*HWY_RESTRICT xf
   }
 }
 
-// (Not inlined, as BlockExact: inlined into one loop, the two decoders' constants stayed live together and
-// GCC spilled accumulators at 4 rows on AVX2, 0.6x the old kernel's rate. A call per 128 k costs nothing.)
-// The same block through Fp8HalfDecoder (no NaN code in it, DAZ clear), two k per step; with few
-// accumulators (MR * kVecs < 4: one row, or two on AVX3) the two k go to separate sets, so that the FMA
-// chains' latency (4-5 cycles) does not bound a step. acc = the exact sum, as BlockExact's (the 2^-8 of
-// the decode taken back: exact).
-#if KT_FP8_HALF_DECODE
-template <int MR>
-HWY_NOINLINE void BlockHalf(size_t c0, size_t c1, const float (*HWY_RESTRICT xf)[kFp8BlockK],
-                          const uint8_t* HWY_RESTRICT panel, hn::Vec<DF> (&acc)[MR][kVecs]) {
-  const DF df;
-  using VF = hn::Vec<DF>;
-  const Fp8HalfDecoder dec;
-  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
-  constexpr size_t kStep = 2;
-  VF part[kSets][MR][kVecs];
-  KT_FP8_UNROLL
-  for (size_t t = 0; t < kSets; ++t) {
-    KT_FP8_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      KT_FP8_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
-    }
-  }
-  size_t c = c0;
-  for (; c + kStep <= c1; c += kStep) {
-    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
-    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
-    // live, AVX2's 16 registers ran short at 4 rows.
-    KT_FP8_UNROLL
-    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
-      VF w[2];
-      dec.Decode2(panel + c * kFp8PanelRows + 2 * j * kLanes, w[0], w[1]);
-      KT_FP8_UNROLL
-      for (size_t h = 0; h < 2; ++h) {
-        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
-        KT_FP8_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(hn::Set(df, xf[r][c - c0 + kk]), w[h], a);
-        }
-      }
-    }
-  }
-  if (c < c1) {  // an odd block length (K % 128 odd): the last k with the exact decoder, times 2^-8
-    const Fp8Decoder<true> exact;
-    const VF down = hn::Set(df, 1.0f / Fp8HalfDecoder::kUnscale);
-    KT_FP8_UNROLL
-    for (size_t s = 0; s < kVecs; ++s) {
-      const VF w = hn::Mul(exact.Decode(panel + c * kFp8PanelRows + s * kLanes), down);
-      KT_FP8_UNROLL
-      for (int r = 0; r < MR; ++r) part[0][r][s] = hn::MulAdd(hn::Set(df, xf[r][c - c0]), w, part[0][r][s]);
-    }
-  }
-  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
-  KT_FP8_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    KT_FP8_UNROLL
-    for (size_t s = 0; s < kVecs; ++s) {
-      VF sum = part[0][r][s];
-      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
-      acc[r][s] = hn::Mul(sum, up);
-    }
-  }
-}
-#endif  // KT_FP8_HALF_DECODE
-
-// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks. kFast (DAZ clear): each block
-// without a NaN code (checked on its bytes first, which also brings them into L1) through BlockHalf, a block
-// with one through BlockExact's NaN-propagating decode.
+// MR rows (x, ldx) x one 16-row panel: total[r][16] over all k blocks, through BlockExact.
 template <int MR, bool kFast>
 HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const uint8_t* HWY_RESTRICT panel,
                       const float* HWY_RESTRICT scales, float (*HWY_RESTRICT total)[kFp8PanelRows]) {
@@ -190,24 +120,12 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
     for (size_t s = 0; s < kVecs; ++s) hn::Store(hn::Zero(df), df, total[r] + s * kLanes);
   }
   const size_t blocks = Fp8KBlocks(k);
-  constexpr bool kHalfRows = MR * kVecs <= 4;
   for (size_t b = 0; b < blocks; ++b) {
     VF acc[MR][kVecs];
     const size_t c0 = b * kFp8BlockK, c1 = std::min(k, c0 + kFp8BlockK);
     HWY_ALIGN float xf[MR][kFp8BlockK];
     WidenRows<MR>(x + c0, ldx, c1 - c0, xf);
-#if KT_FP8_HALF_DECODE
-    // The fp16 decode up to 4 accumulator vectors (AVX2: 2 rows, AVX3: 4); with more, the kernel is bound by
-    // its FMAs rather than the decode, and on AVX2 the fp16 loop measured slower at 4 rows (GCC spilled
-    // accumulators), so those row blocks keep BlockExact.
-    if (kHalfRows && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(panel + c0 * kFp8PanelRows, (c1 - c0) * kFp8PanelRows)) {
-      BlockHalf<MR>(c0, c1, xf, panel, acc);
-    } else {
-      BlockExact<MR, kFast>(c0, c1, xf, panel, acc);
-    }
-#else
     BlockExact<MR, kFast>(c0, c1, xf, panel, acc);
-#endif
     const float* bs = scales + b * kFp8PanelRows;
     KT_FP8_UNROLL
     for (size_t s = 0; s < kVecs; ++s) {
@@ -302,11 +220,20 @@ MicroFn PickRows(size_t rows) {
   }
 }
 
+
 void GemmFp8(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const float* scales,
              size_t n_cols, float* y, size_t ldy) {
   const size_t stride = Fp8PanelStride(k), scale_stride = kFp8PanelRows * Fp8KBlocks(k);
   HWY_ALIGN float total[kMaxRows][kFp8PanelRows];
   const bool fast = !internal::Fp8DenormalsAreZero();
+#if KT_FP8_DECODE_ROWS
+  if (fast && m <= kFp8DecodeMaxRows) {  // decode: fp8_decode-inl.h's, with the block scales
+    const DF df;
+    return Fp8DecodeRows<kFp8BlockK>(m, k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
+      return hn::LoadU(df, scales + p * scale_stride + b * kFp8PanelRows + s * kLanes);
+    });
+  }
+#endif
   HWY_ALIGN float decoded[kFp8BlockK * kFp8PanelRows];
   const size_t blocks = Fp8KBlocks(k);
   for (size_t p = 0; p * kFp8PanelRows < n_cols; ++p) {

@@ -230,12 +230,38 @@ TEST_P(GemmFp8PathTest, NanCodePropagatesToItsColumnOnly) {
   }
 }
 
-// Every finite code decodes exactly, through whichever decode a block takes (DAZ clear: the fp16 decode of
-// the Highway kernels for NaN-free blocks, the tail k of an odd block with the exact decoder): with x one-hot
+// A NaN code makes its column NaN through each decode of the Highway kernels' decode rows: a pair of panels
+// (second panel, first block), a lone last panel, the odd last k of a block, with x = 0.5 (pre-scaled
+// activations, NaN found in the loop) and x = 2^17 (the exact decode).
+TEST_P(GemmFp8PathTest, NanCodeFoundOnEveryDecodeWay) {
+  std::mt19937 rng(10);
+  const size_t n = 48, k = 255;
+  QuantizedMatrix qm = RandomFp8(n, k, rng);
+  qm.data[5 * k + 200] = 0xff;  // panel 0, second block
+  qm.data[20 * k + 3] = 0x7f;   // panel 1, first block
+  qm.data[40 * k + 254] = 0xff;  // panel 2 (alone), the odd last k
+  const Packed p = Pack(qm);
+  for (const float v : {0.5f, 0x1p17f}) {
+    for (size_t m : {1, 2, 3, 5}) {
+      std::vector<bf16_t> x(m * k, F32ToBf16(v));
+      std::vector<float> y(m * n);
+      fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
+      for (size_t i = 0; i < m; ++i) {
+        for (size_t j = 0; j < n; ++j) {
+          EXPECT_EQ(std::isnan(y[i * n + j]), j == 5 || j == 20 || j == 40) << v << " m=" << m << ": " << i << "," << j;
+        }
+      }
+    }
+  }
+}
+
+// Every finite code decodes exactly, through whichever decode a block takes (DAZ clear: the integer decode
+// against pre-scaled activations, or the exact one for |x| >= 2^16, of the Highway kernels' decode rows; the
+// tail k of an odd block): with x one-hot
 // (row i picks k = (j + 37 i) mod K) each output is one weight times its block scale, a single fp32
 // rounding, so it must equal float(fp8 value) * scale bit for bit. K = 255 (a short second block of odd
-// length), 16 rows x 255 k cycle through all 254 finite codes; m = 1, 3, 5 (the row blocks of AVX2 / AVX3
-// and a tail).
+// length), 16 rows x 255 k cycle through all 254 finite codes; m = 1, 2, 3, 5 (the decode rows of AVX2 and
+// AVX3, the row blocks and a tail).
 TEST_P(GemmFp8PathTest, EveryFiniteCodeExactWithOneHotActivations) {
   std::mt19937 rng(13);
   const size_t n = 16, k = 255;
@@ -246,21 +272,24 @@ TEST_P(GemmFp8PathTest, EveryFiniteCodeExactWithOneHotActivations) {
   }
   const Packed p = Pack(qm);
   const size_t blocks = ScalesPerRow(qm.spec, k);
-  for (size_t m : {1, 3, 5}) {
-    std::vector<bf16_t> x(m * k, F32ToBf16(0.0f));
-    std::vector<float> y(m * n);
-    for (size_t j = 0; j < k; ++j) {
-      for (size_t i = 0; i < m; ++i) {
-        std::fill(x.begin() + i * k, x.begin() + (i + 1) * k, F32ToBf16(0.0f));
-        x[i * k + (j + 37 * i) % k] = F32ToBf16(1.0f);
-      }
-      fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
-      for (size_t i = 0; i < m; ++i) {
-        const size_t c = (j + 37 * i) % k;
-        for (size_t r = 0; r < n; ++r) {
-          const float want = Fp8E4M3ToF32(qm.data[r * k + c]) * qm.scales[r * blocks + c / 128];
-          ASSERT_EQ(y[i * n + r], want) << "m=" << m << " row " << i << " col " << r << " k " << c << " code "
-                                        << int{qm.data[r * k + c]};
+  // x = 1, and x = 2^17 (|x| >= 2^16: the decode rows' exact-decode fallback).
+  for (const float one : {1.0f, 0x1p17f}) {
+    for (size_t m : {1, 2, 3, 5}) {
+      std::vector<bf16_t> x(m * k, F32ToBf16(0.0f));
+      std::vector<float> y(m * n);
+      for (size_t j = 0; j < k; ++j) {
+        for (size_t i = 0; i < m; ++i) {
+          std::fill(x.begin() + i * k, x.begin() + (i + 1) * k, F32ToBf16(0.0f));
+          x[i * k + (j + 37 * i) % k] = F32ToBf16(one);
+        }
+        fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
+        for (size_t i = 0; i < m; ++i) {
+          const size_t c = (j + 37 * i) % k;
+          for (size_t r = 0; r < n; ++r) {
+            const float want = Fp8E4M3ToF32(qm.data[r * k + c]) * qm.scales[r * blocks + c / 128] * one;
+            ASSERT_EQ(y[i * n + r], want) << "x=" << one << " m=" << m << " row " << i << " col " << r << " k " << c
+                                          << " code " << int{qm.data[r * k + c]};
+          }
         }
       }
     }

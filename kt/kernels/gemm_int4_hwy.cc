@@ -107,7 +107,7 @@ HWY_INLINE void MaddubsBlock(size_t b, size_t k, const int8_t* HWY_RESTRICT qx, 
                              hn::Vec<DI32> (&acc)[MR][NP * kVecsPerPanel]) {
   constexpr size_t kV = NP * kVecsPerPanel;
   const DI32 di32;
-  const DI16 di16;
+  [[maybe_unused]] const DI16 di16;  // used by the maddubs path only
   const DU8 du8;
   const DU16 du16;
   const auto mask4 = hn::Set(du8, uint8_t{0xF});
@@ -171,10 +171,10 @@ HWY_INLINE void Int16Block(size_t b, size_t k, bool full, const int8_t* HWY_REST
   using VI = hn::Vec<DI32>;
   using VW = hn::Vec<DI16>;
   const DI32 di32;
-  const DI16 di16;
+  [[maybe_unused]] const DI16 di16;  // used by the maddubs path only
   const DU16 du16;
   const auto mask4 = hn::Set(du16, uint16_t{0xF});
-  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  [[maybe_unused]] VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
   #pragma GCC unroll 16
   for (int p = 0; p < NP; ++p) {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(panels + p * stride + b * 64);
@@ -220,10 +220,10 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
                       const uint8_t* HWY_RESTRICT zw, float* HWY_RESTRICT y, size_t ldy, size_t cols) {
   const DF df;
   const DI32 di32;
-  const DI16 di16;
+  [[maybe_unused]] const DI16 di16;  // used by the maddubs path only
   constexpr size_t kV = NP * kVecsPerPanel;
   using VI = hn::Vec<DI32>;
-  using VW = hn::Vec<DI16>;
+  using VW [[maybe_unused]] = hn::Vec<DI16>;
 #if KT_INT4_MADDUBS
   // Blocks summed in int16 before widening: kInt16Blocks where the int16 sums and the int32 accumulators
   // fit the registers beside what MaddubsBlock keeps live (up to 2 rows: the rows' x broadcasts and one
@@ -238,7 +238,7 @@ HWY_INLINE void Micro(size_t k, size_t group, const int8_t* HWY_RESTRICT qx, siz
   const size_t full_blocks = k / 8;
   const size_t blocks_per_group = group == 0 ? blocks : group / 8;
   HWY_ALIGN float out[MR][kV * kLanes];
-  VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
+  [[maybe_unused]] VI unused = hn::Zero(di32);  // ReorderWidenMulAccumulate's sum1: never written on x86.
   for (size_t g = 0; g < groups; ++g) {
     VI acc[MR][kV];
     #pragma GCC unroll 16

@@ -11,9 +11,10 @@
 //     integer selects only.
 //   Scales: the E8M0 byte shifted to the fp32 exponent field (code 0: the subnormal 2^-127; 0xff: NaN), once
 //     per 32 k.
-// Decode with at most 4 accumulator vectors (AVX2: 1-2 rows, AVX3: 1-4): MXFP8 blocks without a NaN code
-// (DAZ clear) through the FP8 kernel's fp16 decode (Fp8HalfDecoder, with its NaN scan and prefetch); MXFP4
-// on AVX2 / AVX3 at any row count through a pshufb table (E2M1BlockLut below).
+// Decode of MXFP8 (up to 2 rows on AVX2, 4 on AVX3; DAZ clear): the FP8 block kernel's (fp8_decode-inl.h,
+// Fp8DecodeRows: two panels at a time, integer-only decode against activations pre-scaled by 2^112, NaN codes
+// found in the loop) with the E8M0 scales per 32 k. MXFP4 on AVX2 / AVX3 at any row count through a pshufb
+// table (E2M1BlockLut below).
 // Up to MR rows (4 on AVX2, 8 on AVX3: decode), the decoded weights are FMAed with the broadcast activation
 // into a per-32-k-block accumulator, added times the block's 16 scales to the rows' totals (L1). With more
 // rows (prefill), each 128-k chunk of a whole panel is decoded once, with its blocks' scales multiplied in
@@ -96,14 +97,16 @@ struct E2M1Decoder {
   }
 };
 
-// 16 E8M0 codes of one k block -> their fp32 scales (kLanes at a time).
-HWY_INLINE VF DecodeScales(const uint8_t* HWY_RESTRICT p) {
-  const DU du;
-  const VU e = LoadBytes(p);
-  VU bits = hn::ShiftLeft<23>(e);
+// Lanes(d) E8M0 codes of one k block -> their fp32 scales (d: the kernels' full vectors, or 8 lanes for
+// Fp4DecodePanels).
+template <class D = DF>
+HWY_INLINE hn::Vec<D> DecodeScales(const uint8_t* HWY_RESTRICT p, D d = D()) {
+  const hn::RebindToUnsigned<D> du;
+  const auto e = hn::PromoteTo(du, hn::LoadU(hn::Rebind<uint8_t, decltype(du)>(), p));
+  auto bits = hn::ShiftLeft<23>(e);
   bits = hn::IfThenElse(hn::Eq(e, hn::Zero(du)), hn::Set(du, 0x00400000u), bits);   // 2^-127
   bits = hn::IfThenElse(hn::Eq(e, hn::Set(du, 0xffu)), hn::Set(du, 0x7fc00000u), bits);  // NaN
-  return hn::BitCast(DF(), bits);
+  return hn::BitCast(d, bits);
 }
 
 // x[r][c0 .. c0 + 32) of MR rows as fp32 into xf[r][0 .. 32).
@@ -117,57 +120,6 @@ HWY_INLINE void WidenRows(const bf16_t* HWY_RESTRICT x, size_t ldx, float (*HWY_
   }
 }
 
-#if KT_FP8_HALF_DECODE
-// MXFP8, one 32-k block through Fp8HalfDecoder (DAZ clear, no NaN code in the block: the caller checks),
-// as gemm_fp8_hwy.cc's BlockHalf: two k per step, two accumulator sets when few accumulators;
-// acc += the block's exact sum of x * w (the decode's 2^-8 taken back, a power of two: exact).
-template <int MR>
-HWY_INLINE void Fp8BlockHalf(const float (*HWY_RESTRICT xf)[kMxBlockK], const uint8_t* HWY_RESTRICT pb,
-                             VF (&acc)[MR][kVecs]) {
-  const DF df;
-  const Fp8HalfDecoder dec;
-  constexpr size_t kSets = MR * kVecs < 4 ? 2 : 1;
-  constexpr size_t kStep = 2;
-  VF part[kSets][MR][kVecs];
-  KT_MX_UNROLL
-  for (size_t t = 0; t < kSets; ++t) {
-    KT_MX_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      KT_MX_UNROLL
-      for (size_t s = 0; s < kVecs; ++s) part[t][r][s] = hn::Zero(df);
-    }
-  }
-  for (size_t c = 0; c < kMxBlockK; c += kStep) {
-    // kStep * 16 bytes: k = c (and c + 1) of the 16 rows; vector v = 2j + h holds k = c + v / kVecs,
-    // rows from (v % kVecs) * kLanes. Each Decode2's pair is used before the next is decoded: with all of them
-    // live, AVX2's 16 registers ran short at 4 rows.
-    KT_MX_UNROLL
-    for (size_t j = 0; j < kStep * kVecs / 2; ++j) {
-      VF w[2];
-      dec.Decode2(pb + c * kMxPanelRows + 2 * j * kLanes, w[0], w[1]);
-      KT_MX_UNROLL
-      for (size_t h = 0; h < 2; ++h) {
-        const size_t v = 2 * j + h, kk = v / kVecs, s = v % kVecs;
-        KT_MX_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          VF& a = part[kk % kSets][r][s];
-          a = hn::MulAdd(hn::Set(df, xf[r][c + kk]), w[h], a);
-        }
-      }
-    }
-  }
-  const VF up = hn::Set(df, Fp8HalfDecoder::kUnscale);
-  KT_MX_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    KT_MX_UNROLL
-    for (size_t s = 0; s < kVecs; ++s) {
-      VF sum = part[0][r][s];
-      if constexpr (kSets == 2) sum = hn::Add(sum, part[kSets - 1][r][s]);
-      acc[r][s] = hn::Mul(sum, up);
-    }
-  }
-}
-#endif  // KT_FP8_HALF_DECODE
 
 #undef KT_MX_E2M1_LUT
 #if HWY_TARGET != HWY_SCALAR && HWY_MAX_BYTES >= 32
@@ -243,6 +195,125 @@ HWY_INLINE void E2M1BlockLut(const float (*HWY_RESTRICT xf)[kMxBlockK], const ui
     }
   }
 }
+
+// MXFP4 decode (one row of x; MR rows kept general): NP panels side by side (two weight streams, as the
+// int8/int4 kernels), 256-bit vectors on AVX2 and AVX3 alike (the same code on both). Per 16-byte panel row j (k = 2j in
+// the low nibbles, 2j + 1 in the high ones, of the 16 rows): the row broadcast to both 128-bit halves, the low
+// nibbles indexed in the lower half and the high ones in the upper (one variable shift, one and), two pshufb
+// give the high and low bytes of each element's bf16 (every E2M1 value is a bf16), a byte interleave the
+// bf16 words, a shift or a mask fp32: [4 even (or odd) rows at k = 2j | the same rows at k = 2j + 1], FMAed
+// with [x[2j] x4 | x[2j+1] x4] (one vpermps). 11 operations per 32 elements beside the 4 FMAs, against
+// E2M1BlockLut's ~19 (vpmovsxbd + vcvtdq2ps per 8: on the dev box's Zen 3 a loop of 16 bytes and 4 FMAs took
+// 3.4 ns that way, 2.0 ns through bf16 tables and word unpacks). The lower halves sum the even k and the upper halves the odd k,
+// added at the end of the block: exactly E2M1BlockLut's two chains at one row (bit for bit; the elements
+// themselves instead of twice them, so no 0.5 after).
+// No subnormal operand anywhere: exact with or without DAZ.
+template <int MR, int NP>
+HWY_NOINLINE void Fp4DecodePanels(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx,
+                                  const uint8_t* HWY_RESTRICT panels, size_t stride,
+                                  const uint8_t* HWY_RESTRICT scales, size_t scale_stride, size_t cols,
+                                  float* HWY_RESTRICT y, size_t ldy) {
+  const hn::Simd<float, 8, 0> df;
+  const hn::Simd<uint8_t, 32, 0> du8;
+  const hn::Simd<uint32_t, 8, 0> du32;
+  const hn::Simd<int32_t, 8, 0> di32;
+  using V = hn::Vec<decltype(df)>;
+  // bf16 of the E2M1 values, by nibble (sign in bit 3; -0 as +0, as E2M1BlockLut's table): high bytes, low bytes.
+  alignas(16) static constexpr uint8_t kHi[16] = {0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+                                                  0x00, 0xbf, 0xbf, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0};
+  alignas(16) static constexpr uint8_t kLo[16] = {0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0,
+                                                  0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0};
+  alignas(32) static constexpr uint32_t kShift[8] = {0, 0, 0, 0, 4, 4, 4, 4};
+  alignas(32) static constexpr int32_t kPair[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+  const auto thi = hn::LoadDup128(du8, kHi), tlo = hn::LoadDup128(du8, kLo);
+  const auto shift = hn::Load(du32, kShift);
+  const auto low = hn::Set(du8, 0x0f);
+  const auto top16 = hn::Set(du32, 0xffff0000u);
+  alignas(32) static constexpr int32_t kRows[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // [even rows | odd rows] -> in order
+  const auto rows = hn::IndicesFromVec(df, hn::Load(di32, kRows));
+  const auto pair = hn::IndicesFromVec(df, hn::Load(di32, kPair));
+  constexpr size_t kCols = NP * kMxPanelRows;
+  HWY_ALIGN float total[MR][kCols];
+  for (int r = 0; r < MR; ++r) std::memset(total[r], 0, sizeof(total[r]));
+  const size_t row_bytes = (kMxBlockK / 2) * kMxPanelRows;  // a 32-k block of one panel: 256 bytes
+  for (size_t b = 0; b < k / kMxBlockK; ++b) {
+    HWY_ALIGN float xf[MR][kMxBlockK + 8];  // + 8: the pair loads at j = 15 read 8 floats from 30
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (size_t c = 0; c < kMxBlockK; c += 8) hn::Store(LoadBf16(df, x + r * ldx + b * kMxBlockK + c), df, xf[r] + c);
+      hn::Store(hn::Zero(df), df, xf[r] + kMxBlockK);
+    }
+    V acc[MR][NP][4];
+    KT_MX_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      KT_MX_UNROLL
+      for (int p = 0; p < NP; ++p) {
+        KT_MX_UNROLL
+        for (size_t i = 0; i < 4; ++i) acc[r][p][i] = hn::Zero(df);
+      }
+    }
+    for (size_t j = 0; j < kMxBlockK / 2; ++j) {
+      if (j % 4 == 0) {
+        KT_MX_UNROLL
+        for (int p = 0; p < NP; ++p) PrefetchPanelAhead(panels + p * stride, b * row_bytes + j * kMxPanelRows, stride, NP);
+      }
+      V xv[MR];
+      KT_MX_UNROLL
+      for (int r = 0; r < MR; ++r) xv[r] = hn::TableLookupLanes(hn::LoadU(df, xf[r] + 2 * j), pair);
+      KT_MX_UNROLL
+      for (int p = 0; p < NP; ++p) {
+        const auto bytes = hn::LoadDup128(du8, panels + p * stride + b * row_bytes + j * kMxPanelRows);
+        const auto idx = hn::And(hn::BitCast(du8, hn::Shr(hn::BitCast(du32, bytes), shift)), low);
+        const auto hi = hn::TableLookupBytes(thi, idx), lo = hn::TableLookupBytes(tlo, idx);
+        // bf16 words of rows 0-7 / 8-15, each 128-bit half [k even | k odd]; a 32-bit lane holds rows 2i (low
+        // word) and 2i + 1 (high word): fp32 by a shift and by a mask (integer ports; word unpacks with zero
+        // would load the two shuffle ports, which bound this loop on the dev box's Zen 3).
+        const auto w01 = hn::BitCast(du32, hn::InterleaveLower(du8, lo, hi));
+        const auto w23 = hn::BitCast(du32, hn::InterleaveUpper(du8, lo, hi));
+        const V w[4] = {hn::BitCast(df, hn::ShiftLeft<16>(w01)), hn::BitCast(df, hn::And(w01, top16)),
+                        hn::BitCast(df, hn::ShiftLeft<16>(w23)), hn::BitCast(df, hn::And(w23, top16))};
+        KT_MX_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          KT_MX_UNROLL
+          for (size_t i = 0; i < 4; ++i) acc[r][p][i] = hn::MulAdd(xv[r], w[i], acc[r][p][i]);
+        }
+      }
+    }
+    KT_MX_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      KT_MX_UNROLL
+      for (size_t s = 0; s < 2; ++s) {  // rows 8s .. 8s + 7
+        const V scale = DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * 8, df);
+        KT_MX_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          const V a = acc[r][p][2 * s], c = acc[r][p][2 * s + 1];  // rows 8s + {0, 2, 4, 6}, 8s + {1, 3, 5, 7}
+          const V sum = hn::TableLookupLanes(  // even + odd k, rows in order
+              hn::Add(hn::ConcatLowerLower(df, c, a), hn::ConcatUpperUpper(df, c, a)), rows);
+          float* t = total[r] + p * kMxPanelRows + s * 8;
+          hn::Store(hn::MulAdd(sum, scale, hn::Load(df, t)), df, t);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, total[r], HWY_MIN(cols, kCols) * sizeof(float));
+}
+
+// All n_cols columns of one row: two panels at a time, an odd last one alone.
+void Fp4DecodeRow(size_t k, const bf16_t* x, const uint8_t* panels, const uint8_t* scales, size_t n_cols,
+                  float* y) {
+  const size_t stride = MxPanelStride(true, k), scale_stride = kMxPanelRows * (k / kMxBlockK);
+  const size_t np = MxNumPanels(n_cols);
+  size_t p = 0;
+  for (; p + 2 <= np; p += 2) {
+    Fp4DecodePanels<1, 2>(k, x, k, panels + p * stride, stride, scales + p * scale_stride, scale_stride,
+                          n_cols - p * kMxPanelRows, y + p * kMxPanelRows, 0);
+  }
+  if (p < np) {
+    Fp4DecodePanels<1, 1>(k, x, k, panels + p * stride, stride, scales + p * scale_stride, scale_stride,
+                          n_cols - p * kMxPanelRows, y + p * kMxPanelRows, 0);
+  }
+}
 #else
 #define KT_MX_E2M1_LUT 0
 #endif
@@ -293,13 +364,6 @@ HWY_INLINE void Micro(size_t k, const bf16_t* HWY_RESTRICT x, size_t ldx, const 
 #endif
     } else {
       const uint8_t* pb = panel + b * kMxBlockK * kMxPanelRows;
-#if KT_FP8_HALF_DECODE
-      // DAZ clear and no NaN code in the block (the scan also prefetches): the fp16 decode.
-      // Up to 4 accumulator vectors, as in gemm_fp8_hwy.cc's Micro.
-      if (MR * kVecs <= 4 && kFast && !Fp8AnyNan<(MR <= kDecodePrefetchMaxRows)>(pb, kMxBlockK * kMxPanelRows)) {
-        Fp8BlockHalf<MR>(xf, pb, acc);
-      } else  // NOLINT(readability/braces)
-#endif
       for (size_t c = 0; c < kMxBlockK; ++c) {
         VF w[kVecs];
         KT_MX_UNROLL
@@ -436,6 +500,7 @@ MicroFn PickRows(size_t rows) {
   }
 }
 
+
 template <bool kFp4>
 void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* panels, const uint8_t* scales,
             size_t n_cols, float* y, size_t ldy) {
@@ -443,6 +508,18 @@ void GemmMx(size_t m, size_t k, const bf16_t* x, size_t ldx, const uint8_t* pane
   HWY_ALIGN float total[kMaxRows][kMxPanelRows];
   // The E2M1 and E4M3 fast decodes multiply subnormal fp32 values: exact only with MXCSR.DAZ clear.
   const bool fast = !internal::Fp8DenormalsAreZero();
+#if KT_MX_E2M1_LUT
+  // One row only: at two rows the 8 accumulators of one panel measured slower than E2M1BlockLut (3.4-3.6 vs
+  // 4.0 GB/s in cache, dev box), which also keeps the two-row results as they were.
+  if (kFp4 && m == 1) return Fp4DecodeRow(k, x, panels, scales, n_cols, y);
+#endif
+#if KT_FP8_DECODE_ROWS
+  if (!kFp4 && fast && m <= kFp8DecodeMaxRows) {  // MXFP8 decode: the FP8 block kernel's, a scale per 32 k
+    return Fp8DecodeRows<kMxBlockK>(m, k, x, ldx, panels, n_cols, y, ldy, [&](size_t p, size_t b, size_t s) HWY_ATTR {
+      return DecodeScales(scales + p * scale_stride + b * kMxPanelRows + s * kLanes);
+    });
+  }
+#endif
   HWY_ALIGN float decoded[kChunkK * kMxPanelRows];
   for (size_t p = 0; p * kMxPanelRows < n_cols; ++p) {
     const size_t c0 = p * kMxPanelRows;

@@ -232,7 +232,7 @@ TEST_P(GemmMxPathTest, NanScalePropagatesToItsColumnOnly) {
 }
 
 // An E4M3 NaN element code (MXFP8) makes its own output column NaN and no other, whichever decode the
-// Highway kernels take for the other blocks (the fp16 decode takes only blocks without a NaN code).
+// Highway kernels take for the other blocks (a block with one is redone with the exact decode).
 TEST_P(GemmMxPathTest, Mxfp8NanCodePropagatesToItsColumnOnly) {
   if (fp4()) GTEST_SKIP() << "E2M1 has no NaN code";
   std::mt19937 rng(12);
@@ -240,12 +240,16 @@ TEST_P(GemmMxPathTest, Mxfp8NanCodePropagatesToItsColumnOnly) {
   qm.data[5 * 128 + 70] = 0x7f;   // row 5, third k block
   qm.data[20 * 128 + 3] = 0xff;   // row 20, first k block
   const Packed p = Pack(qm);
-  for (size_t m : {1, 2, 5}) {
-    std::vector<bf16_t> x(m * 128, F32ToBf16(0.5f));
-    std::vector<float> y(m * 32);
-    fn_(m, 128, x.data(), 128, p.panels.data(), p.scales.data(), 32, y.data(), 32);
-    for (size_t i = 0; i < m; ++i) {
-      for (size_t j = 0; j < 32; ++j) EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5 || j == 20) << m << ": " << i << "," << j;
+  for (const float v : {0.5f, 0x1p17f}) {  // pre-scaled activations; |x| >= 2^16: the exact decode
+    for (size_t m : {1, 2, 3, 5}) {
+      std::vector<bf16_t> x(m * 128, F32ToBf16(v));
+      std::vector<float> y(m * 32);
+      fn_(m, 128, x.data(), 128, p.panels.data(), p.scales.data(), 32, y.data(), 32);
+      for (size_t i = 0; i < m; ++i) {
+        for (size_t j = 0; j < 32; ++j) {
+          EXPECT_EQ(std::isnan(y[i * 32 + j]), j == 5 || j == 20) << v << " m=" << m << ": " << i << "," << j;
+        }
+      }
     }
   }
 }
@@ -253,7 +257,8 @@ TEST_P(GemmMxPathTest, Mxfp8NanCodePropagatesToItsColumnOnly) {
 // Every element code decodes exactly through whichever decode its block takes (DAZ clear): with x one-hot
 // (row i picks k = (j + 37 i) mod K), each output is one element times its power-of-two scale, exact in
 // fp32, so it must equal Dequantize's weight bit for bit. 16 rows x 256 k cycle through all 256 bytes
-// (MXFP8: the two NaN codes replaced by zero); m = 1, 3, 5 (the row blocks of AVX2 / AVX3 and a tail).
+// (MXFP8: the two NaN codes replaced by zero); m = 1, 2, 3, 5 (the decode rows of AVX2 / AVX3, the row
+// blocks and a tail).
 TEST_P(GemmMxPathTest, EveryCodeExactWithOneHotActivations) {
   std::mt19937 rng(13);
   const size_t n = 16, k = 256;
@@ -265,17 +270,21 @@ TEST_P(GemmMxPathTest, EveryCodeExactWithOneHotActivations) {
   const Packed p = Pack(qm);
   std::vector<float> w(n * k);
   Dequantize(qm, w.data(), k);
-  for (size_t m : {1, 3, 5}) {
-    std::vector<bf16_t> x(m * k);
-    std::vector<float> y(m * n);
-    for (size_t j = 0; j < k; ++j) {
-      std::fill(x.begin(), x.end(), F32ToBf16(0.0f));
-      for (size_t i = 0; i < m; ++i) x[i * k + (j + 37 * i) % k] = F32ToBf16(1.0f);
-      fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
-      for (size_t i = 0; i < m; ++i) {
-        const size_t c = (j + 37 * i) % k;
-        for (size_t r = 0; r < n; ++r) {
-          ASSERT_EQ(y[i * n + r], w[r * k + c]) << "m=" << m << " row " << i << " col " << r << " k " << c;
+  // x = 1, and x = 2^17 (MXFP8: the decode rows' exact-decode fallback instead of the pre-scaled activations).
+  for (const float one : {1.0f, 0x1p17f}) {
+    for (size_t m : {1, 2, 3, 5}) {
+      std::vector<bf16_t> x(m * k);
+      std::vector<float> y(m * n);
+      for (size_t j = 0; j < k; ++j) {
+        std::fill(x.begin(), x.end(), F32ToBf16(0.0f));
+        for (size_t i = 0; i < m; ++i) x[i * k + (j + 37 * i) % k] = F32ToBf16(one);
+        fn_(m, k, x.data(), k, p.panels.data(), p.scales.data(), n, y.data(), n);
+        for (size_t i = 0; i < m; ++i) {
+          const size_t c = (j + 37 * i) % k;
+          for (size_t r = 0; r < n; ++r) {
+            ASSERT_EQ(y[i * n + r], w[r * k + c] * one)
+                << "x=" << one << " m=" << m << " row " << i << " col " << r << " k " << c;
+          }
         }
       }
     }
