@@ -52,9 +52,10 @@ void BM_GemmGguf(benchmark::State& state) {
   state.SetLabel(std::string(path->name) + " " + GgufTypeName(type));
 }
 
-// Qwen3-30B-A3B gate/up and down at M = 1 (decode) and 8, every type on every path.
+// Qwen3-30B-A3B gate/up and down at M = 1 (decode), 8 and 32 (an expert's rows in a 512-token prefill of
+// top-8 of 128 experts), every type on every path.
 void Shapes(benchmark::internal::Benchmark* b) {
-  gemm_benchmark::AddExpertShapes(b, GemmGgufPaths().size(), {1, 8}, static_cast<int>(std::size(kGgufTypes)));
+  gemm_benchmark::AddExpertShapes(b, GemmGgufPaths().size(), {1, 8, 32}, static_cast<int>(std::size(kGgufTypes)));
 }
 
 BENCHMARK(BM_GemmGguf)->Apply(Shapes)->ArgNames({"path", "M", "N", "K", "type"});

@@ -1,5 +1,7 @@
 // Highway kernels (AVX2, AVX3, AVX3_DL) of the GGUF GEMM: one output channel's row of ggml blocks against
-// up to 4 prepared activation rows at a time, each block decoded once in registers for all of them.
+// up to 4 prepared activation rows at a time, each block decoded once in registers for all of them. With 8
+// rows or more, Q4_0, Q4_K and Q8_0 take the panel path instead (8 columns unpacked once), and with 4 rows or
+// more the float types take 4 x 2 FMA tiles (FloatGemmTiled): both in gemm_gguf_prefill-inl.h.
 //
 // All products and sums of integers are exact in int32, so every kernel computes the scalar dot's integer
 // sums, scaled in fp32 per block. Two multiplies:
@@ -11,15 +13,21 @@
 // - Q4_1, Q5_1: 16 nibbles (plus bit 4 from qh through a 256-entry byte table) widened to int16 times the
 //   int16-widened activations by ReorderWidenMulAccumulate (vpmaddwd), their mins as min terms.
 // Min terms (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K, and the offsets): min x (sum of the sub-block's activations),
-// exact in int32, from the activations' 16-value sums computed once per call for all columns, subtracted
-// in fp32 once per block. A block's fp16 factors convert with F16C (vcvtph2ps): the portable conversion,
-// a call with branches, had cost Q4_0 and Q8_0 more than half their time. Vectors are 256 bits on every
+// exact in int32, from the activations' 16-value sums (int16) computed once per call for all columns,
+// subtracted in fp32 once per block. The K-quants unpack a block's scales and mins with a few 32-bit word
+// operations into int16 vectors (no per-sub-block scalar code), take the min terms as one vpmaddwd of the
+// mins with the block's 16 sums, broadcast each sub-block's scale with vpshufb, keep the block's min terms
+// as a vector until the column ends, and prefetch kPrefetchBytes ahead: the scalar per-sub-block scale
+// decoding had held Q4_K decode to a third of its speed now (docs/perf-log/2026-12-07-gguf-kquant-speed.md).
+// A block's fp16 factors convert with F16C (vcvtph2ps): the portable conversion, a call with branches, had
+// cost Q4_0 and Q8_0 more than half their time. Vectors are 256 bits on every
 // target (x86 intrinsics of AVX2, which the AVX3 targets have too).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kt/kernels/gemm_gguf_hwy.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <immintrin.h>
@@ -75,10 +83,12 @@ template <int R>
 struct Acc {
   const int8_t* qx[R];
   const float* sx[R];
-  const int32_t* sums[R];  // per row: the activations' sums over each 16 values (QuantCols)
+  const int16_t* sums[R];  // per row: the activations' sums over each 16 values (QuantCols)
   VF f[R];
   VI32 s[R];
-  int32_t m[R];  // the block's sum of min x activation-sum products (exact)
+  VI32 ms[R];    // K-quants: the block's min terms, 8 int32 partial sums (MinsK)
+  int32_t m[R];  // the 32-value types: the block's sum of min x activation-sum products (exact)
+  float mins[R];  // fp32 total of the 32-value types' min terms, subtracted at the end
 
   HWY_INLINE void Begin() {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
@@ -126,8 +136,37 @@ struct Acc {
       if (dmin != 0.0f) mins[r] += dmin * dx * static_cast<float>(m[r]);
     }
   }
-  float mins[R];  // fp32 total of the min terms, subtracted at the end
+  // K-quants, the min terms of 256-value block b in one vpmaddwd per row: mins16 holds the min weight of each
+  // of the block's 16-value groups (a 32-value sub-block's min twice), times the rows' 16 int16 sums. Exact:
+  // |min| <= 128 (Q6_K's scales) times |sum| <= 16 * 127, two per lane.
+  HWY_INLINE void MinsK(__m256i mins16, size_t b) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums[r] + 16 * b));
+      ms[r] = VI32{_mm256_madd_epi16(mins16, bs)};
+    }
+  }
+  // K-quant block `b` done: total += (d sum - dmin msum) * dx, both as 8-lane vectors (no horizontal sum per
+  // block: the lanes are added once per column).
+  HWY_INLINE void EndK(size_t b, float d, float dmin) {
+    HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
+      const float dx = sx[r][b];
+      f[r] = hn::MulAdd(hn::ConvertTo(DF(), s[r]), hn::Set(DF(), d * dx), f[r]);
+      f[r] = hn::MulAdd(hn::ConvertTo(DF(), ms[r]), hn::Set(DF(), -(dmin * dx)), f[r]);
+    }
+  }
 };
+
+// Sub-block scales as vpmaddwd factors: sc8 holds 8 int16 scales in each 128-bit half; the result has scale
+// i in the low half's 8 lanes and scale j in the high half's (vpshufb picks the int16 lane in each half).
+HWY_INLINE __m256i ScalePair(__m256i sc8, int i, int j) {
+  const auto pick = [](int l) { return _mm_set1_epi16(static_cast<int16_t>((2 * l + 1) << 8 | 2 * l)); };
+  return _mm256_shuffle_epi8(sc8, _mm256_set_m128i(pick(j), pick(i)));
+}
+
+// Software prefetch distance of the K-quant kernels, in bytes ahead of the block being decoded: rows are
+// read front to back, so the next blocks (of this row, then the next column's) are the ones to come.
+constexpr size_t kPrefetchBytes = 512;
+HWY_INLINE void Prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
 // 16 bits of a 32-value block's high-bit word (Q5_0 / Q5_1 qh, bits 16 h .. 16 h + 15) as 16 bytes of 0x10
 // (bit set) or 0: bit 4 of the 16 values. Two 8-byte lookups in a 256-entry table built once.
@@ -219,127 +258,170 @@ HWY_INLINE void DotQ8_0B(const uint8_t* w, size_t nb, Acc<R>& a) {
 }
 
 // Q4_K / Q5_K: per 64 values 32 bytes of qs: low nibbles sub-block 2c, high nibbles 2c + 1 (32 values
-// each); Q5_K's bit 4 of sub-block i is bit i of qh[l], l = 0..31.
+// each); Q5_K's bit 4 of sub-block i is bit i of qh[l], l = 0..31. The 8 scales and 8 mins are unpacked from
+// their 12 bytes with 32-bit word operations (GgufScaleMinK4 per sub-block, vectorized): with the words
+// a, b, c of bytes 0-3, 4-7, 8-11, scales 0-3 = a & 63, mins 0-3 = b & 63 (per byte), scales 4-7 = c's low
+// nibbles | a's top 2 bits << 4, mins 4-7 = c's high nibbles | b's top 2 bits << 4.
 template <bool kQ5, int R>
 HWY_INLINE void DotQ45_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
   constexpr size_t kBytes = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
   for (size_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * kBytes;
+    Prefetch(blk + kPrefetchBytes);
+    Prefetch(blk + kPrefetchBytes + 64);
+    if (kQ5) Prefetch(blk + kPrefetchBytes + 128);
+    uint32_t sw[3];
+    std::memcpy(sw, blk + 4, 12);
+    const uint32_t lo6 = 0x3f3f3f3f, lo4 = 0x0f0f0f0f, top2 = 0x30303030;
+    const __m128i scm = _mm_set_epi32(static_cast<int>(((sw[2] >> 4) & lo4) | ((sw[1] >> 2) & top2)),
+                                      static_cast<int>(sw[1] & lo6),
+                                      static_cast<int>((sw[2] & lo4) | ((sw[0] >> 2) & top2)),
+                                      static_cast<int>(sw[0] & lo6));  // bytes: scales 0-7, mins 0-7
+    const __m256i sc8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+    a.MinsK(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scm, scm)), b);  // each min for its two 16-value groups
     const __m256i qh = kQ5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)) : _mm256_setzero_si256();
     a.Begin();
-    for (int c = 0; c < 4; ++c) {
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQs + 32 * c));
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * c + half;
-        int sc, m;
-        GgufScaleMinK4(blk + 4, i, &sc, &m);
-        __m256i v = half == 0 ? _mm256_and_si256(q, m4) : _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        if (kQ5) {
-          const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(i)), one);
-          v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 4));  // 0..31: no carry across bytes
-        }
-        a.AddU8(v, 256 * b + 32 * i, _mm256_set1_epi16(static_cast<int16_t>(sc)));
-        a.AddMin(m, 256 * b + 32 * i, 2);
+      __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+      if (kQ5) {  // bits 2c and 2c + 1 of qh to bit 4 (0..31: no carry across bytes)
+        const __m256i h = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c));
+        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(h, 4), bit4));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(h, 3), bit4));
       }
+      a.AddU8(lo, 256 * b + 64 * c, ScalePair(sc8, 2 * c, 2 * c));
+      a.AddU8(hi, 256 * b + 64 * c + 32, ScalePair(sc8, 2 * c + 1, 2 * c + 1));
     }
-    a.End(b, HalfAt(blk), HalfAt(blk + 2));
+    a.EndK(b, HalfAt(blk), HalfAt(blk + 2));
   }
 }
 
 // Q2_K / Q3_K: values 128 c + 32 s + l (l = 0..31) are bits 2 s of qs[32 c + l]; 16-value sub-blocks
-// i = 8 c + 2 s (l < 16) and i + 1. Q2_K: w = d sc q - dmin m. Q3_K: q + 4 = low bits + 4 (hmask bit
-// 4 c + s of hmask[l]) is unsigned 0..7, so its -4 moves to the min terms: 4 d sc sum(x).
+// i = 8 c + 2 s (l < 16) and i + 1. Q2_K: w = d sc q - dmin m (scales: 16 bytes, low nibble scale, high
+// nibble min). Q3_K: q + 4 = low bits + 4 (hmask bit 4 c + s of hmask[l]) is unsigned 0..7, so its -4 moves
+// to the min terms: 4 d sc sum(x). Q3_K's 16 6-bit scales (GgufScaleQ3K, vectorized): with the words a, b,
+// t of bytes 0-3, 4-7, 8-11, scales 4 g .. 4 g + 3 (g = 0..3) are nibbles (a, b, a >> 4, b >> 4)[g] | bits
+// 2 g of t's bytes << 4, minus 32.
 template <bool kQ3, int R>
 HWY_INLINE void DotLowBitsB(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const __m256i m2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(0x01);
+  const __m256i m2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04);
+  constexpr size_t kBytes = kQ3 ? 110 : 84;
   for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * (kQ3 ? 110 : 84);
+    const uint8_t* blk = w + b * kBytes;
+    Prefetch(blk + kPrefetchBytes);
+    Prefetch(blk + kPrefetchBytes + 64);
     const uint8_t* qs = blk + (kQ3 ? 32 : 16);
+    __m128i sc16;  // 16 int8 scales
+    if (kQ3) {
+      uint32_t sw[3];
+      std::memcpy(sw, blk + 96, 12);
+      const uint32_t lo4 = 0x0f0f0f0f, lo2 = 0x03030303;
+      sc16 = _mm_sub_epi8(
+          _mm_set_epi32(static_cast<int>(((sw[1] >> 4) & lo4) | (((sw[2] >> 6) & lo2) << 4)),
+                        static_cast<int>(((sw[0] >> 4) & lo4) | (((sw[2] >> 4) & lo2) << 4)),
+                        static_cast<int>((sw[1] & lo4) | (((sw[2] >> 2) & lo2) << 4)),
+                        static_cast<int>((sw[0] & lo4) | ((sw[2] & lo2) << 4))),
+          _mm_set1_epi8(32));
+      const __m256i s16 = _mm256_cvtepi8_epi16(sc16);
+      a.MinsK(s16, b);  // the -4 offset: 4 d sc sum(x), dmin = 4 d below
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+      sc16 = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+      a.MinsK(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F))), b);
+    }
+    // Scales 0-7 in both halves, and 8-15 (the two 128-value halves c of the block).
+    const __m256i s16 = kQ3 ? _mm256_cvtepi8_epi16(sc16) : _mm256_cvtepu8_epi16(sc16);
+    const __m256i sc8[2] = {_mm256_permute2x128_si256(s16, s16, 0x00), _mm256_permute2x128_si256(s16, s16, 0x11)};
     const __m256i hmask = kQ3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)) : _mm256_setzero_si256();
     a.Begin();
-    for (int c = 0; c < 2; ++c) {
+    _Pragma("GCC unroll 2") for (int c = 0; c < 2; ++c) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-      for (int sh = 0; sh < 4; ++sh) {
+      _Pragma("GCC unroll 4") for (int sh = 0; sh < 4; ++sh) {
         __m256i v = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * sh)), m2);
-        const int i = 8 * c + 2 * sh;
-        const size_t at = 256 * b + 16 * i;
-        int sc0, sc1;
-        if (kQ3) {
-          const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * c + sh)), one);
-          v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 2));  // 0..7
-          sc0 = GgufScaleQ3K(blk + 96, i);
-          sc1 = GgufScaleQ3K(blk + 96, i + 1);
-          a.AddMin(4 * sc0, at, 1);
-          a.AddMin(4 * sc1, at + 16, 1);
-        } else {
-          sc0 = blk[i] & 0x0F;
-          sc1 = blk[i + 1] & 0x0F;
-          a.AddMin(blk[i] >> 4, at, 1);
-          a.AddMin(blk[i + 1] >> 4, at + 16, 1);
+        if (kQ3) {  // hmask bit 4 c + sh to bit 2
+          const __m256i h = _mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * c + sh));
+          v = _mm256_or_si256(v, _mm256_and_si256(_mm256_slli_epi16(h, 2), bit2));  // 0..7
         }
-        a.AddU8(v, at, _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(sc1)),
-                                        _mm_set1_epi16(static_cast<int16_t>(sc0))));
+        a.AddU8(v, 256 * b + 128 * c + 32 * sh, ScalePair(sc8[c], 2 * sh, 2 * sh + 1));
       }
     }
     if (kQ3) {
       const float d = HalfAt(blk + 108);
-      a.End(b, d, d);
+      a.EndK(b, d, 4.0f * d);
     } else {
-      a.End(b, HalfAt(blk + 80), HalfAt(blk + 82));
+      a.EndK(b, HalfAt(blk + 80), HalfAt(blk + 82));
     }
   }
 }
 
 // Q6_K: values 128 c + 32 p .. + 32 (p = 0..3): ql bytes 64 c + 32 (p % 2) (low nibbles for p < 2), qh bytes
-// 128 + 32 c shifted by 2 p; scales 8 c + 2 p (first 16 values) and 8 c + 2 p + 1. q - 32 = (unsigned q) - 32.
+// 128 + 32 c shifted by 2 p; scales 8 c + 2 p (first 16 values) and 8 c + 2 p + 1. q - 32 = (unsigned q) - 32,
+// the -32 a min term: 32 d sc sum(x).
 template <int R>
 HWY_INLINE void DotQ6_KB(const uint8_t* w, size_t nb, Acc<R>& a) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), hi2 = _mm256_set1_epi8(0x30);
   for (size_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * 210;
-    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    Prefetch(blk + kPrefetchBytes);
+    Prefetch(blk + kPrefetchBytes + 64);
+    Prefetch(blk + kPrefetchBytes + 128);
+    Prefetch(blk + kPrefetchBytes + 192);
+    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    a.MinsK(s16, b);
+    const __m256i sc8[2] = {_mm256_permute2x128_si256(s16, s16, 0x00), _mm256_permute2x128_si256(s16, s16, 0x11)};
     a.Begin();
-    for (int c = 0; c < 2; ++c) {
+    _Pragma("GCC unroll 2") for (int c = 0; c < 2; ++c) {
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * c));
-      for (int p = 0; p < 4; ++p) {
-        const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32 * (p % 2)));
+      const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
+      const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32));
+      _Pragma("GCC unroll 4") for (int p = 0; p < 4; ++p) {
+        const __m256i ql = p % 2 == 0 ? ql0 : ql1;
         const __m256i lo = p < 2 ? _mm256_and_si256(ql, m4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * p)), m2);
-        const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63: no carry across bytes
-        const int g = 8 * c + 2 * p;
-        const size_t at = 256 * b + 128 * c + 32 * p;
-        a.AddU8(q, at, _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g])));
-        a.AddMin(32 * sc[g], at, 1);
-        a.AddMin(32 * sc[g + 1], at + 16, 1);
+        // qh bits 2p, 2p + 1 to bits 4, 5 (0..63: no carry across bytes)
+        const __m256i hb = p < 2 ? _mm256_slli_epi16(qh, 4 - 2 * (p & 1)) : _mm256_srli_epi16(qh, 2 * p - 4);
+        const __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hb, hi2));
+        a.AddU8(q, 256 * b + 128 * c + 32 * p, ScalePair(sc8[c], 2 * p, 2 * p + 1));
       }
     }
     const float d = HalfAt(blk + 208);
-    a.End(b, d, d);
+    a.EndK(b, d, 32.0f * d);
   }
 }
 
 template <int R>
 using DotFn = void (*)(const uint8_t* w, size_t nb, Acc<R>& a);
 
+// The activations' sums over each 16 values of a row of k (a multiple of 32): vpmaddubsw with ones (pair
+// sums), vpmaddwd with ones (sums of 4), then the 4 lanes of each 128-bit half (16 values) added. |sum| <=
+// 16 * 127: int16, as the K-quants' vpmaddwd with their mins takes it.
+HWY_INLINE void SumsOf16(const int8_t* x, size_t k, int16_t* sums) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (size_t c = 0; c < k; c += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+    __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
+    t = _mm256_add_epi32(t, _mm256_shuffle_epi32(t, 0x4e));
+    t = _mm256_add_epi32(t, _mm256_shuffle_epi32(t, 0xb1));
+    sums[c / 16] = static_cast<int16_t>(_mm256_cvtsi256_si32(t));
+    sums[c / 16 + 1] = static_cast<int16_t>(_mm256_extract_epi32(t, 4));
+  }
+}
+
 // Rows r0 .. r0 + R of y for every column: each weight row decoded once for the R rows. kDot is a template
-// argument so that it inlines here and the accumulators live in registers.
-template <int R, DotFn<R> kDot>
+// argument so that it inlines here and the accumulators live in registers. kSums: the kernel reads the
+// activations' 16-value sums (min terms).
+template <int R, DotFn<R> kDot, bool kSums>
 void QuantCols(size_t row_bytes, size_t nb, size_t groups, size_t k, const GgufRows& in, size_t r0,
                const uint8_t* w, size_t cols, float* y, size_t ldy) {
   // The activations' sums per 16 values, once per call for all columns (the min terms need them): K is
-  // bounded by kGgufMaxK (the traits' max_k), so the buffer fits the stack (64 KiB at R = 4).
-  int32_t sums[R][kGgufMaxK / 16];
+  // bounded by kGgufMaxK (the traits' max_k), so the buffer fits the stack (32 KiB at R = 4).
+  int16_t sums[R][kSums ? kGgufMaxK / 16 : 1];
   Acc<R> a;
   HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
     a.qx[r] = in.qx + (r0 + r) * in.ld;
     a.sx[r] = in.sx + (r0 + r) * groups;
     a.sums[r] = sums[r];
-    for (size_t g = 0; g < k / 16; ++g) {
-      int32_t t = 0;
-      for (size_t c = 0; c < 16; ++c) t += a.qx[r][16 * g + c];
-      sums[r][g] = t;
-    }
+    if (kSums) SumsOf16(a.qx[r], k, sums[r]);
   }
   for (size_t j = 0; j < cols; ++j) {
     HWY_UNROLL_ROWS for (int r = 0; r < R; ++r) {
@@ -356,16 +438,16 @@ void QuantRows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uin
                size_t ldy) {
   const size_t rb = GgufRowBytes(type, k), nb = k / GgufBlockElems(type), g = k / GgufActivationBlock(type);
   switch (type) {
-    case GgufType::kQ4_0: return QuantCols<R, &DotQx_0B<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_0: return QuantCols<R, &DotQx_0B<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0B<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ2_K: return QuantCols<R, &DotLowBitsB<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ3_K: return QuantCols<R, &DotLowBitsB<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_KB<false, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_KB<true, R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
-    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_KB<R>>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_0: return QuantCols<R, &DotQx_0B<false, R>, false>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_1: return QuantCols<R, &DotLegacy<false, true, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_0: return QuantCols<R, &DotQx_0B<true, R>, false>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_1: return QuantCols<R, &DotLegacy<true, true, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ8_0: return QuantCols<R, &DotQ8_0B<R>, false>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ2_K: return QuantCols<R, &DotLowBitsB<false, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ3_K: return QuantCols<R, &DotLowBitsB<true, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ4_K: return QuantCols<R, &DotQ45_KB<false, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ5_K: return QuantCols<R, &DotQ45_KB<true, R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
+    case GgufType::kQ6_K: return QuantCols<R, &DotQ6_KB<R>, true>(rb, nb, g, k, in, r0, w, cols, y, ldy);
     default: return;  // float types: FloatRows
   }
 }
@@ -411,9 +493,36 @@ void Rows(GgufType type, size_t k, const GgufRows& in, size_t r0, const uint8_t*
   }
 }
 
+// The prefill paths (the panel for Q4_0 / Q4_K / Q8_0, fp32 tiles for the float types): their own file
+// for size, part of this translation unit (compiled once per target, in this namespace).
+#include "kt/kernels/gemm_gguf_prefill-inl.h"
+
 void GemmGguf(GgufType type, size_t m, size_t k, const GgufRows& in, const uint8_t* w, size_t cols, float* y,
               size_t ldy) {
+  if (m >= kPanelMinRows && cols >= kPanelCols &&
+      (type == GgufType::kQ4_0 || type == GgufType::kQ4_K || type == GgufType::kQ8_0)) {
+    const size_t cols8 = cols / kPanelCols * kPanelCols;
+    if (type == GgufType::kQ4_K) {
+      PanelGemm<GgufType::kQ4_K>(m, k, in, w, cols8, y, ldy);
+    } else if (type == GgufType::kQ4_0) {
+      PanelGemm<GgufType::kQ4_0>(m, k, in, w, cols8, y, ldy);
+    } else {
+      PanelGemm<GgufType::kQ8_0>(m, k, in, w, cols8, y, ldy);
+    }
+    if (cols8 == cols) return;
+    w += cols8 * GgufRowBytes(type, k);
+    y += cols8;
+    cols -= cols8;
+  }
   size_t r0 = 0;
+  if (m >= 4 && GgufIsFloat(type)) {
+    r0 = m / 4 * 4;
+    switch (type) {
+      case GgufType::kF32: FloatGemmTiled<GgufType::kF32>(r0, k, in, w, cols, y, ldy); break;
+      case GgufType::kF16: FloatGemmTiled<GgufType::kF16>(r0, k, in, w, cols, y, ldy); break;
+      default: FloatGemmTiled<GgufType::kBf16>(r0, k, in, w, cols, y, ldy); break;
+    }
+  }
   for (; r0 + kMaxRows <= m; r0 += kMaxRows) Rows<kMaxRows>(type, k, in, r0, w, cols, y, ldy);
   switch (m - r0) {
     case 3: Rows<3>(type, k, in, r0, w, cols, y, ldy); break;

@@ -1,7 +1,9 @@
 // Every GGUF GEMM path, for every supported ggml type, against the scalar dequantize-then-float reference:
 // the weights dequantized by DequantizeGgufRow, the activations as their Q8 partner holds them
 // (q * scale) or as bf16 (float types), the sum in double. Random blocks (every quant bit pattern, scales
-// drawn as fp16) over M = 1, 2, 3, 5, 8 (row blocks of 4 and each remainder), 1..19 columns, several K, misaligned weights; plus hand-made blocks whose
+// drawn as fp16) over M = 1, 2, 3, 5, 8, 9, 14, 67 (row blocks of 4 and each remainder; the panel path from
+// 8 rows, its 64-row slabs), 1..19 columns (panels of 8 and remainders), several K (one panel of K and two),
+// misaligned weights; plus hand-made blocks whose
 // values are worked out from the layouts, and the fp16 conversion.
 #include <cmath>
 #include <cstdint>
@@ -100,10 +102,12 @@ TEST_P(GemmGgufTest, MatchesDequantizedDoubleReference) {
   std::vector<size_t> ks = {256, 768};
   if (be == 32) ks.push_back(96);
   if (be == 1) ks.push_back(37);
+  // Over the Highway kernels' panel of 2048 values (Q4_0 / Q4_K with 8 rows or more): two chunks.
+  if (be > 1) ks.push_back(2304);
   const size_t ab = GgufActivationBlock(type);
   double worst = 0;
   for (size_t k : ks) {
-    for (size_t m : {1, 2, 3, 5, 8}) {
+    for (size_t m : {1, 2, 3, 5, 8, 9, 14, 67}) {
       for (size_t cols : {1, 7, 16, 19}) {
         const size_t row_bytes = GgufRowBytes(type, k);
         // One byte in: the kernels may not assume aligned rows (a GGUF row of Q4_K is 144 bytes per block).

@@ -55,7 +55,7 @@ inline constexpr GgufType kGgufTypes[] = {GgufType::kQ4_0, GgufType::kQ4_1, Gguf
                                           GgufType::kQ5_K, GgufType::kQ6_K, GgufType::kBf16, GgufType::kF16,
                                           GgufType::kF32};
 // The largest K the GEMM takes (its Highway kernels keep the activations' 16-value sums of up to 4 rows on
-// the stack: 64 KiB). Experts have K <= 18432 (Mixtral 8x22B's intermediate size is 16384).
+// the stack as int16: 32 KiB). Experts have K <= 18432 (Mixtral 8x22B's intermediate size is 16384).
 inline constexpr size_t kGgufMaxK = 65536;
 
 // "Q4_0, Q4_1, ..., F32": for errors.
