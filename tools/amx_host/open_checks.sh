@@ -9,7 +9,10 @@
 #           every format at 16 threads with the paired yardstick (decode_probe; issues 15 and 18), AVX-512
 #           prefill without AMX (issue 18), and the 235B layer at 4096 tokens against PyTorch's eager loop and
 #           oneDNN's dense GEMMs of the same FLOPs (issue 18).
-# Usage: tools/amx_host/open_checks.sh tests|bench
+#   sft:    the SFT step at qlen 4096 (bf16, int8, int4 bases) with the share_backward_bb rebuild overlapped
+#           and serial, alternating in one process, with per-phase times (issue 18's SFT item), and the
+#           overlapped-rebuild test on the AMX path.
+# Usage: tools/amx_host/open_checks.sh tests|bench|sft
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kt_checks}
@@ -80,8 +83,20 @@ bench() {
     "$OUT"/avx512_prefill.log "$OUT"/amx_235b.log | head -120
 }
 
+sft() {
+  .device/bin/sft_layer_sharing_test --gtest_filter='*OverlappedRebuild*' 2>&1 | tail -n 3
+  for m in "AMXBF16_SFT --iters 3" "AMXINT8_SFT --iters 3" "AMXINT4_SFT --iters 2"; do
+    echo "=== $m"
+    # shellcheck disable=SC2086
+    PYTHONPATH=.device/python timeout 180 python3 .device/bin/sft_bench.py --qlen 4096 --threads 16 \
+      --share-backward-bb --alternate-layers --torch-iters 0 --method $m 2>&1 | tail -n 25
+  done > "$OUT/sft.log" 2>&1
+  grep -E "===|seconds|phases|TFLOPS" "$OUT/sft.log" | head -60
+}
+
 case "${1:-}" in
   tests) tests ;;
   bench) bench ;;
-  *) echo "usage: $0 tests|bench" >&2; exit 2 ;;
+  sft) sft ;;
+  *) echo "usage: $0 tests|bench|sft" >&2; exit 2 ;;
 esac
