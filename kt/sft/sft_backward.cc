@@ -31,6 +31,17 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// A task over (active expert, column block of `width` columns, `cpt` per block): task = a * blocks + b.
+struct ColumnBlock {
+  int e;
+  size_t c0, cols;
+};
+ColumnBlock BlockOfTask(const std::vector<int>& active, size_t task, size_t width, size_t cpt) {
+  const size_t blocks = (width + cpt - 1) / cpt;
+  const size_t c0 = (task % blocks) * cpt;
+  return {active[task / blocks], c0, std::min(cpt, width - c0)};
+}
+
 inline void Pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -374,10 +385,7 @@ void SftMoeLayer::GradGateUpTask(const Pass& p, size_t task, int thread) const {
   SftWorkspace& w = p.w;
   const PackedExperts& t = *bwd_->t_;
   const size_t inter = p.inter, r = p.r, cpt = p.cpt, ldh = p.ldh, ldi = p.ldi;
-  const size_t inter_blocks = (inter + cpt - 1) / cpt;
-  const int e = c.routing.active[task / inter_blocks];
-  const size_t c0 = (task % inter_blocks) * cpt;
-  const size_t cols = std::min(cpt, inter - c0);
+  const auto [e, c0, cols] = BlockOfTask(c.routing.active, task, inter, cpt);
   float* dh = w.thread_scratch.data() + thread * p.scratch;
   float* ad = dh + kRowChunk * cpt;  // A_d[:, c0:c0+cols], [r, cols]
   for (size_t i = 0; i < r; ++i) {
@@ -428,10 +436,7 @@ void SftMoeLayer::GradXTask(const Pass& p, size_t task, int thread) const {
   SftWorkspace& w = p.w;
   const PackedExperts& t = *bwd_->t_;
   const size_t h = p.h, r = p.r, cpt = p.cpt, ldi = p.ldi;
-  const size_t hidden_blocks = (h + cpt - 1) / cpt;
-  const int e = c.routing.active[task / hidden_blocks];
-  const size_t c0 = (task % hidden_blocks) * cpt;
-  const size_t cols = std::min(cpt, h - c0);
+  const auto [e, c0, cols] = BlockOfTask(c.routing.active, task, h, cpt);
   float* tmp = w.thread_scratch.data() + thread * p.scratch;
   float* ag = tmp + kRowChunk * cpt;  // A_g[:, c0:c0+cols], [r, cols]
   float* au = ag + r * cols;
