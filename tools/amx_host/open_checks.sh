@@ -35,7 +35,7 @@ tests() {
     KT_CUDART=$(python3 -c 'import glob, os, nvidia.cuda_runtime as n
 print(sorted(glob.glob(os.path.join(list(n.__path__)[0], "lib", "libcudart.so*")))[0])' 2>/dev/null) && export KT_CUDART
   fi
-  PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/.device/testdata/hf \
+  PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/testdata/hf \
     timeout 450 python3 tools/amx_host/sft_gpu_parity.py --device cuda --lr 1e-3 --floor --threads 8 \
     > "$OUT/parity_lr1e-3.log" 2>&1
   echo "rc=$?" >> "$OUT/parity_lr1e-3.log"

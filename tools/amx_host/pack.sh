@@ -50,7 +50,8 @@ cp tools/peers_bench.py "$out/bin/"
 
 # The Python package for the AMX host's Python 3.12: the extension built against 3.12's headers (from
 # pyenv here, KT_PY312_INCLUDE to override), the package's .py files, its tests and the checkpoints of
-# testdata/hf they read. KT_PACK_NO_PYTHON=1 skips it (C++-only runs).
+# testdata/hf they read (from the working tree, which travels with every call; a copy here would push the
+# carry past the device tool's 64 MiB). KT_PACK_NO_PYTHON=1 skips it (C++-only runs).
 py312_include="${KT_PY312_INCLUDE:-$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/3.12.1/include/python3.12}"
 if [ -n "${KT_PACK_NO_PYTHON:-}" ]; then
   echo "pack.sh: KT_PACK_NO_PYTHON set; skipping the Python package" >&2
@@ -68,11 +69,10 @@ elif [ -f "$py312_include/Python.h" ]; then
   cp "$bin312/kt/python/kt_kernel/_kt.so" "$out/python/kt_kernel/"
   cp -r kt/python/tests "$out/python/"
   # kt_kernel.sft's integration tests and the GPU parity script built on their tiny models:
-  #   PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/.device/testdata/hf \
+  #   PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/testdata/hf \
   #     python3 .device/bin/sft_gpu_parity.py --device cuda --bench
   cp -r kt/python/tests_integration "$out/python/"
   cp tools/amx_host/sft_gpu_parity.py "$out/bin/"
-  mkdir -p "$out/testdata" && cp -r testdata/hf "$out/testdata/"
 else
   echo "pack.sh: no Python 3.12 headers at $py312_include; skipping the Python package" >&2
 fi

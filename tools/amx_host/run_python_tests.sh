@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_TESTDATA="$PWD/.device/testdata/hf"
+export PYTHONPATH="$PWD/.device/python:$PWD/.device/python/tests" KT_TESTDATA="$PWD/testdata/hf"
 export KT_BIN="$PWD/.device/bin/kt"  # kt convert, for weight_path_test
 status=0
 # KT_SKIP_FULL_SUITE=1: only the capped runs (when the full suite already ran in an earlier call).

@@ -22,7 +22,7 @@ echo "== serving_bench.py ${KT_SERVING_BENCH_ARGS:-}"
 # shellcheck disable=SC2086
 python3 .device/bin/serving_bench.py ${KT_SERVING_BENCH_ARGS:-} || status=1
 echo "== generate.py --device cuda --check"
-hf=.device/testdata/hf
+hf=testdata/hf
 for run in "deepseek_v3 --num-gpu-experts 3 --prompt-ids 22 44 26 19 47 49 18 21" \
            "qwen3_moe --gpu-experts-mask 1,4,6 --prompt-ids 39 11 0 41 11 16 3 2" \
            "mixtral --prompt-ids 47 19 38 53 12 52 24 57"; do

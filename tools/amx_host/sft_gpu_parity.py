@@ -13,7 +13,7 @@ figure. Exits 1 when a bound is missed.
 
 On the GPU host (pack.sh carries the package, the integration tests and testdata/hf into .device/):
 
-    PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/.device/testdata/hf \\
+    PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/testdata/hf \\
         python3 .device/bin/sft_gpu_parity.py --device cuda --bench
 
 Here (CPU): PYTHONPATH=<staged kt_kernel>:kt/python/tests_integration python3 tools/amx_host/sft_gpu_parity.py
