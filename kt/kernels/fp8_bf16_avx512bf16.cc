@@ -6,7 +6,7 @@
 // kernels' fast decode does (sign-extended, shifted left by 20, masked: the value times 2^-120; times 2^120,
 // then times the 16 rows' block scale: the same two exact-or-once-rounded fp32 multiplies as
 // Fp8PanelsToBf16Hwy), vcvtne2ps2bf16 rounds both to nearest even at once, NaN codes become the quiet NaN
-// 0x7fc0 (found on the codes themselves), and one vpermw interleaves the two k into the (k, k + 1) pairs of
+// of their sign, 0x7fc0 or 0xffc0, as the portable conversion gives (found on the codes themselves), and one vpermw interleaves the two k into the (k, k + 1) pairs of
 // the bf16 panel. About half the instructions of the portable conversion per weight. Exact (the Highway
 // conversion's bits) only without MXCSR.DAZ (the fast decode would read subnormal codes as zero) and with no
 // scale in (0, 2^-116] (a subnormal product, which the instruction flushes to zero): GemmFp8Amx checks both
@@ -28,6 +28,7 @@ void Fp8PanelsToBf16Avx512Bf16(size_t k, const uint8_t* panels, const float* sca
   const __m512 pow120 = _mm512_set1_ps(0x1p120f);
   const __m256i mag7 = _mm256_set1_epi8(0x7f);
   const __m512i qnan = _mm512_set1_epi16(0x7fc0);
+  const __m512i neg_qnan = _mm512_set1_epi16(static_cast<int16_t>(0xffc0));
   // vcvtne2ps2bf16(b, a) holds a's 16 values in words 0-15 and b's in 16-31; word 2i of a pair is a_i,
   // 2i + 1 is b_i.
   alignas(64) int16_t idx_words[32];
@@ -55,7 +56,9 @@ void Fp8PanelsToBf16Avx512Bf16(size_t k, const uint8_t* panels, const float* sca
           _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(cb, 20), lane_mask)), pow120), scale);
       __m512i r = (__m512i)_mm512_cvtne2ps_pbh(b, a);
       const __mmask32 nan = _mm256_cmpeq_epi8_mask(_mm256_and_si256(codes, mag7), mag7);
+      const __mmask32 negative = _mm256_movepi8_mask(codes);
       r = _mm512_mask_mov_epi16(r, nan, qnan);
+      r = _mm512_mask_mov_epi16(r, nan & negative, neg_qnan);
       _mm512_storeu_si512(o + kp, _mm512_permutexvar_epi16(interleave, r));
     }
   }
