@@ -8,6 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 
 namespace kt {
 namespace tools {
@@ -16,6 +18,21 @@ namespace {
 constexpr const char* kTorchScript = "tools/torch_moe_bench.py";
 
 bool FileExists(const std::string& path) { return !path.empty() && access(path.c_str(), R_OK) == 0; }
+
+// Whether --python names something the shell can run: a path as given, or a bare name ("python3") found
+// executable in a $PATH folder, as the shell finds it (access() alone takes a bare name as a file in the
+// working directory, which turned `--python python3` into "cannot import torch").
+bool Runnable(const std::string& name) {
+  if (name.empty()) return false;
+  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0;
+  const char* path = std::getenv("PATH");
+  if (path == nullptr) return false;
+  for (absl::string_view dir : absl::StrSplit(path, ':')) {
+    const std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", name);
+    if (access(candidate.c_str(), X_OK) == 0) return true;
+  }
+  return false;
+}
 
 std::string SelfExe() {
   char buf[4096];
@@ -82,7 +99,11 @@ TorchResult RunTorch(const TorchRequest& flags) {
     return result;
   }
   const std::string probe = absl::StrCat(ShellQuote(flags.python), " -c 'import torch' >/dev/null 2>&1");
-  if (access(flags.python.c_str(), X_OK) != 0 || std::system(probe.c_str()) != 0) {
+  if (!Runnable(flags.python)) {
+    std::printf("  skipped: %s is not an executable path nor a command on $PATH\n", flags.python.c_str());
+    return result;
+  }
+  if (std::system(probe.c_str()) != 0) {
     std::printf("  skipped: %s cannot import torch\n", flags.python.c_str());
     return result;
   }
