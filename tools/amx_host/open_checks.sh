@@ -12,9 +12,11 @@
 #   sft:    the SFT step at qlen 4096 (bf16, int8, int4 bases) with the share_backward_bb rebuild overlapped
 #           and serial, alternating in one process, with per-phase times (issue 18's SFT item), and the
 #           overlapped-rebuild test on the AMX path.
-# Usage: tools/amx_host/open_checks.sh tests|bench|sft
+#   dense:  the 235B layer at 4096 tokens beside PyTorch's eager loop and oneDNN's dense GEMMs (issue 18).
+#   gguf:   the GGUF float types' decode, kernel alone and the layer at 1/4/16 threads (issue 15).
+# Usage: tools/amx_host/open_checks.sh tests|bench|sft|dense|gguf
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/kt_checks}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$PWD/.device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -94,9 +96,37 @@ sft() {
   grep -E "===|seconds|phases|TFLOPS" "$OUT/sft.log" | head -60
 }
 
+# The 235B layer at 4096 tokens beside PyTorch's eager loop and oneDNN's dense bf16 and int8 GEMMs of the same
+# FLOPs (issue 18's AMX item; the bench mode's run of it printed no PyTorch figures before `--python python3`
+# was looked up on $PATH).
+dense() {
+  for f in bf16 int8; do
+    echo "=== amx $f qwen3-235b-a22b qlen 4096, PyTorch eager + dense"
+    timeout 240 $K bench --threads 16 --shape qwen3-235b-a22b --format $f --qlen-prefill 4096 --prefill-iters 2 \
+      --iters 10 --python python3 --torch-script .device/bin/torch_moe_bench.py 2>&1 | sed -n '/^Yardsticks/,$p'
+  done > "$OUT/dense_235b.log" 2>&1
+  grep -E "===|compute  |  (decode|prefill|dense) |skipped" "$OUT/dense_235b.log"
+}
+
+# GGUF's float types decode at 16-34% of the read bandwidth on this host (2026-12-07) while the same kernel
+# reads ~7 GB/s per thread on a Zen 3 core: the kernel alone per path (1 thread) and the layer's decode at
+# 1, 4 and 16 threads say whether the kernel or the threads are at fault.
+gguf() {
+  .device/bin/gemm_gguf_benchmark --benchmark_filter='M:1/N:768/K:2048/type:(4|10|11)$' --benchmark_min_time=0.1 \
+    2>/dev/null | grep BM_ | awk '{print $1, $(NF-2), $NF}'
+  for t in bf16 f16 q8_0; do
+    for th in 1 4 16; do
+      PYTHONPATH=.device/python timeout 60 python3 .device/bin/gguf_bench.py --json --types=$t --threads $th \
+        --tokens=1 --decode-iters 20 2>/dev/null | tail -n 1 | cut -c1-240
+    done
+  done
+}
+
 case "${1:-}" in
   tests) tests ;;
   bench) bench ;;
   sft) sft ;;
-  *) echo "usage: $0 tests|bench|sft" >&2; exit 2 ;;
+  dense) dense ;;
+  gguf) gguf ;;
+  *) echo "usage: $0 tests|bench|sft|dense|gguf" >&2; exit 2 ;;
 esac
