@@ -58,7 +58,7 @@ bench() {
   done > "$OUT/fp8_vs_bf16.log" 2>&1
   echo "fp8 vs bf16: $(( $(date +%s) - t0 )) s"
   for s in 30b 235b; do
-    for f in bf16 int8 int4 fp8_block mxfp8 mxfp4; do
+    for f in bf16 int8 int4 int4_group_sym fp8_block mxfp8 mxfp4; do  # int4_group_sym: RAWINT4 / GPTQ_INT4's kernels
       echo "=== decode_probe $f $s 16 threads"
       timeout 60 .device/bin/decode_probe --format=$f --shape=$s --threads=16 --iters=40 2>&1 \
         | grep -E "decode     median|ratio|yardstick"
