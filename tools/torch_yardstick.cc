@@ -19,21 +19,6 @@ constexpr const char* kTorchScript = "tools/torch_moe_bench.py";
 
 bool FileExists(const std::string& path) { return !path.empty() && access(path.c_str(), R_OK) == 0; }
 
-// Whether --python names something the shell can run: a path as given, or a bare name ("python3") found
-// executable in a $PATH folder, as the shell finds it (access() alone takes a bare name as a file in the
-// working directory, which turned `--python python3` into "cannot import torch").
-bool Runnable(const std::string& name) {
-  if (name.empty()) return false;
-  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0;
-  const char* path = std::getenv("PATH");
-  if (path == nullptr) return false;
-  for (absl::string_view dir : absl::StrSplit(path, ':')) {
-    const std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", name);
-    if (access(candidate.c_str(), X_OK) == 0) return true;
-  }
-  return false;
-}
-
 std::string SelfExe() {
   char buf[4096];
   const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
@@ -90,6 +75,20 @@ double JsonNumber(const std::string& line, const std::string& key) {
 }
 
 }  // namespace
+
+// A bare name is looked up in $PATH's folders: access() alone would take it as a file in the working
+// directory, which turned `--python python3` into "cannot import torch" (2026-12-07, the AMX host).
+bool Runnable(const std::string& name) {
+  if (name.empty()) return false;
+  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0;
+  const char* path = std::getenv("PATH");
+  if (path == nullptr) return false;
+  for (absl::string_view dir : absl::StrSplit(path, ':')) {
+    const std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", name);
+    if (access(candidate.c_str(), X_OK) == 0) return true;
+  }
+  return false;
+}
 
 TorchResult RunTorch(const TorchRequest& flags) {
   TorchResult result;

@@ -33,8 +33,12 @@ struct TorchResult {
   double dense_int8_tops = std::nan("");
 };
 
-// Runs the script (printing its output, indented) or says why it was skipped: --no-torch, no torch in the
-// interpreter, or no script found.
+// Whether `name` is something the shell can run: a path (it has a '/') that is executable, or a bare name
+// found executable in a folder of $PATH, as the shell looks it up. RunTorch checks --python with it.
+bool Runnable(const std::string& name);
+
+// Runs the script (printing its output, indented) or says why it was skipped: --no-torch, an interpreter
+// that is neither an executable path nor a command on $PATH, no torch in it, or no script found.
 TorchResult RunTorch(const TorchRequest& request);
 
 // The dense GEMM lines of `result` (if it has them) against kt's prefill time per layer; flushes stdout.

@@ -6,8 +6,8 @@
 // kernels' fast decode does (sign-extended, shifted left by 20, masked: the value times 2^-120; times 2^120,
 // then times the 16 rows' block scale: the same two exact-or-once-rounded fp32 multiplies as
 // Fp8PanelsToBf16Hwy), vcvtne2ps2bf16 rounds both to nearest even at once, NaN codes become the quiet NaN
-// of their sign, 0x7fc0 or 0xffc0, as the portable conversion gives (found on the codes themselves), and one vpermw interleaves the two k into the (k, k + 1) pairs of
-// the bf16 panel. About half the instructions of the portable conversion per weight. Exact (the Highway
+// of their sign, 0x7fc0 or 0xffc0, as the portable conversion gives (found on the codes themselves), and
+// one vpermw interleaves the two k into the (k, k + 1) pairs of the bf16 panel. About half the instructions of the portable conversion per weight. Exact (the Highway
 // conversion's bits) only without MXCSR.DAZ (the fast decode would read subnormal codes as zero) and with no
 // scale in (0, 2^-116] (a subnormal product, which the instruction flushes to zero): GemmFp8Amx checks both
 // (Fp8ScalesBf16Safe) and otherwise runs the Highway conversion.

@@ -11,7 +11,8 @@ relative loss difference (bound 1%, the issue's), the worst adapter difference r
 (bound 0.3, as test_sft_hf), and steps/s of both runs; with --bench also a larger Qwen3-MoE for the speed
 figure. Exits 1 when a bound is missed.
 
-On the GPU host (pack.sh carries the package, the integration tests and testdata/hf into .device/):
+On the GPU host (pack.sh carries the package and the integration tests into .device/; testdata/hf is the
+working tree's):
 
     PYTHONPATH=.device/python:.device/python/tests_integration KT_TESTDATA=$PWD/testdata/hf \\
         python3 .device/bin/sft_gpu_parity.py --device cuda --bench
