@@ -42,6 +42,14 @@ ColumnBlock BlockOfTask(const std::vector<int>& active, size_t task, size_t widt
   return {active[task / blocks], c0, std::min(cpt, width - c0)};
 }
 
+// Columns [b.c0, b.c0 + b.cols) of expert b.e's LoRA A ([E][r][width] bf16) as fp32 [r][b.cols]: the slice a
+// column-block task multiplies with its rows' (grad B) products.
+void LoraASlice(Isa isa, const bf16_t* a, size_t r, size_t width, const ColumnBlock& b, float* out) {
+  for (size_t i = 0; i < r; ++i) {
+    ConvertBf16ToF32(isa, a + (static_cast<size_t>(b.e) * r + i) * width + b.c0, out + i * b.cols, b.cols);
+  }
+}
+
 inline void Pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -385,12 +393,11 @@ void SftMoeLayer::GradGateUpTask(const Pass& p, size_t task, int thread) const {
   SftWorkspace& w = p.w;
   const PackedExperts& t = *bwd_->t_;
   const size_t inter = p.inter, r = p.r, cpt = p.cpt, ldh = p.ldh, ldi = p.ldi;
-  const auto [e, c0, cols] = BlockOfTask(c.routing.active, task, inter, cpt);
+  const ColumnBlock block = BlockOfTask(c.routing.active, task, inter, cpt);
+  const auto [e, c0, cols] = block;
   float* dh = w.thread_scratch.data() + thread * p.scratch;
   float* ad = dh + kRowChunk * cpt;  // A_d[:, c0:c0+cols], [r, cols]
-  for (size_t i = 0; i < r; ++i) {
-    ConvertBf16ToF32(isa_, lora_.down_a + (e * r + i) * inter + c0, ad + i * cols, cols);
-  }
+  LoraASlice(isa_, lora_.down_a, r, inter, block, ad);
   const size_t rb = c.routing.begin[e], re = c.routing.begin[e + 1];
   for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
     const size_t m = std::min(kRowChunk, re - r0);
@@ -436,14 +443,13 @@ void SftMoeLayer::GradXTask(const Pass& p, size_t task, int thread) const {
   SftWorkspace& w = p.w;
   const PackedExperts& t = *bwd_->t_;
   const size_t h = p.h, r = p.r, cpt = p.cpt, ldi = p.ldi;
-  const auto [e, c0, cols] = BlockOfTask(c.routing.active, task, h, cpt);
+  const ColumnBlock block = BlockOfTask(c.routing.active, task, h, cpt);
+  const auto [e, c0, cols] = block;
   float* tmp = w.thread_scratch.data() + thread * p.scratch;
   float* ag = tmp + kRowChunk * cpt;  // A_g[:, c0:c0+cols], [r, cols]
   float* au = ag + r * cols;
-  for (size_t i = 0; i < r; ++i) {
-    ConvertBf16ToF32(isa_, lora_.gate_a + (e * r + i) * h + c0, ag + i * cols, cols);
-    ConvertBf16ToF32(isa_, lora_.up_a + (e * r + i) * h + c0, au + i * cols, cols);
-  }
+  LoraASlice(isa_, lora_.gate_a, r, h, block, ag);
+  LoraASlice(isa_, lora_.up_a, r, h, block, au);
   const size_t rb = c.routing.begin[e], re = c.routing.begin[e + 1];
   for (size_t r0 = rb; r0 < re; r0 += kRowChunk) {
     const size_t m = std::min(kRowChunk, re - r0);
